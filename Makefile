@@ -1,0 +1,31 @@
+# Two-command quickstart: `make demo` and `make test`. Both build their own
+# virtualenv in .venv from nothing but the system python3.11.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test venv bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/proctor demo
+
+test: $(STAMP)
+	@command -v curl >/dev/null || { echo "make test: curl is required for the proxy tests (apt-get install curl)"; exit 1; }
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .proctor build *.egg-info

@@ -1,0 +1,299 @@
+"""Proctor configuration: pydantic models for `proctor.yaml` and the embedded default.
+
+Every path in a config file is resolved relative to the file's directory, so a
+config can be moved together with its policies and connectors. With no config
+file, `default_config()` describes the embedded default: state in
+`./.proctor/`, the bundled connectors and policies, the dev token issuer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+DEFAULTS_DIR = PACKAGE_DIR / "defaults"
+
+# Asymmetric algorithms only: an HMAC key shared with every verifier is not an
+# identity, and accepting HS* next to RS* is the classic key-confusion attack.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+DEV_ISSUER = "proctor-dev"
+DEV_AUDIENCE = "proctor"
+
+
+class Strict(BaseModel):
+    """Base model: unknown keys are an error, so a typo never silently disables a control."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Listen(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class IssuerConfig(Strict):
+    """One trusted token issuer (the enterprise IdP, or the embedded dev issuer)."""
+
+    issuer: str
+    audience: str | list[str]
+    jwks_file: Path | None = None
+    jwks_url: str | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["RS256", "ES256", "EdDSA"])
+    allow_symmetric: bool = False
+    # How long a fetched JWKS is trusted before it is refetched in the background.
+    jwks_cache_seconds: int = Field(300, ge=10)
+    # An unknown `kid` triggers a refetch at most this often (an attacker must
+    # not be able to turn us into a JWKS-fetching amplifier).
+    jwks_min_refetch_seconds: int = Field(30, ge=1)
+    jwks_ca_file: Path | None = None
+    # Dev only: allow http:// JWKS URLs (never in production).
+    jwks_allow_http: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "IssuerConfig":
+        if (self.jwks_file is None) == (self.jwks_url is None):
+            raise ValueError(f"issuer {self.issuer!r}: set exactly one of jwks_file or jwks_url")
+        if self.jwks_url and not self.jwks_url.startswith("https://") and not self.jwks_allow_http:
+            raise ValueError(f"issuer {self.issuer!r}: jwks_url must be https:// (set jwks_allow_http for tests)")
+        if not self.algorithms:
+            raise ValueError(f"issuer {self.issuer!r}: algorithms must not be empty")
+        for alg in self.algorithms:
+            if alg.lower() == "none":
+                raise ValueError("algorithm 'none' is never accepted")
+            if alg not in ASYMMETRIC_ALGORITHMS and not self.allow_symmetric:
+                raise ValueError(
+                    f"issuer {self.issuer!r}: algorithm {alg!r} is not asymmetric; "
+                    "set allow_symmetric: true only if you understand key confusion"
+                )
+        return self
+
+
+class PrincipalMapping(Strict):
+    """How verified claims become the Cedar principal `Agent::"<id>"`."""
+
+    agent_id_claim: str = "sub"
+    # Cedar attribute name -> claim name. Missing claims are simply absent
+    # (declare them optional in the schema).
+    attributes: dict[str, str] = Field(default_factory=dict)
+    # A claim holding a list (or a single string) of group names; each becomes
+    # a parent entity `<group_entity_type>::"<name>"`.
+    groups_claim: str | None = "groups"
+    group_entity_type: str = "AgentGroup"
+
+
+class IdentityConfig(Strict):
+    issuers: list[IssuerConfig]
+    principal: PrincipalMapping = Field(default_factory=PrincipalMapping)
+    # The username in http://<agent-id>:<jwt>@proxy must equal the agent id
+    # derived from the token ("must_match"), or is ignored ("ignore").
+    proxy_username: Literal["must_match", "ignore"] = "must_match"
+    leeway_seconds: int = Field(30, ge=0, le=300)
+    max_token_bytes: int = Field(8192, ge=256, le=65536)
+    # Tokens without `exp` are refused: every agent credential must expire.
+    require_exp: bool = True
+    # Verified tokens are cached (by SHA-256 of the token) until they expire.
+    cache_size: int = Field(10000, ge=0)
+
+
+class DevIssuerConfig(Strict):
+    """The embedded dev issuer: a key pair generated on first run in the state directory."""
+
+    enabled: bool = True
+    issuer: str = DEV_ISSUER
+    audience: str = DEV_AUDIENCE
+    default_ttl: str = "1h"
+    max_ttl: str = "24h"
+
+
+class Route(Strict):
+    """Reverse (gateway) mode: requests to `host` (optional) under `prefix` go to `upstream`."""
+
+    prefix: str = "/"
+    host: str | None = None
+    upstream: str
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("route prefix must start with '/'")
+        return v
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, v: str) -> str:
+        if not (v.startswith("http://") or v.startswith("https://")):
+            raise ValueError("route upstream must be an http:// or https:// base URL")
+        return v
+
+
+class GatewayConfig(Strict):
+    enabled: bool = False
+    listen: Listen = Field(default_factory=lambda: Listen(port=8082))
+    routes: list[Route] = Field(default_factory=list)
+
+
+class EgressConfig(Strict):
+    """What happens to requests no connector classifies.
+
+    `default: deny` refuses them (egress default-deny). Hosts listed in
+    `unclassified_hosts` are classified generically (action `http.request`,
+    resource `HttpHost::"<host>"`) and still go through Cedar.
+    """
+
+    default: Literal["deny", "generic"] = "deny"
+    unclassified_hosts: list[str] = Field(default_factory=list)
+
+
+class PolicyConfig(Strict):
+    dir: Path
+    schema_file: Path | None = None  # default: <dir>/schema.cedarschema
+    entities_file: Path | None = None  # default: <dir>/entities.json if present
+    reload_interval_seconds: float = Field(1.0, gt=0)
+
+
+class RequestLimits(Strict):
+    # Bodies up to this size are parsed into Cedar context; larger ones are refused (413).
+    max_body_bytes: int = Field(1024 * 1024, ge=0)
+    max_json_depth: int = Field(32, ge=1, le=256)
+    # Request headers copied into Cedar context (lower-case names).
+    context_headers: list[str] = Field(
+        default_factory=lambda: ["content-type", "user-agent", "idempotency-key", "x-request-id"]
+    )
+
+
+class UpstreamConfig(Strict):
+    # Upstream TLS is verified against the system store, plus this bundle if set.
+    ca_file: Path | None = None
+    # Never verify upstream TLS (tests against self-signed servers only). Loud warning.
+    insecure_skip_verify: bool = False
+
+
+class RecordConfig(Strict):
+    decisions_file: Path | None = None  # default: <state_dir>/decisions.jsonl
+
+
+class ControlConfig(Strict):
+    listen: Listen = Field(default_factory=lambda: Listen(port=8081))
+    enabled: bool = True
+
+
+class ProctorConfig(Strict):
+    state_dir: Path = Path(".proctor")
+    listen: Listen = Field(default_factory=Listen)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    identity: IdentityConfig | None = None  # None: the dev issuer only
+    dev_issuer: DevIssuerConfig = Field(default_factory=DevIssuerConfig)
+    connectors_dir: Path = DEFAULTS_DIR / "connectors"
+    policies: PolicyConfig = Field(default_factory=lambda: PolicyConfig(dir=DEFAULTS_DIR / "policies"))
+    egress: EgressConfig = Field(default_factory=EgressConfig)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
+    record: RecordConfig = Field(default_factory=RecordConfig)
+
+    # -- derived paths ---------------------------------------------------------
+    @property
+    def ca_dir(self) -> Path:
+        return self.state_dir / "ca"
+
+    @property
+    def dev_issuer_dir(self) -> Path:
+        return self.state_dir / "dev-issuer"
+
+    @property
+    def decisions_path(self) -> Path:
+        return self.record.decisions_file or (self.state_dir / "decisions.jsonl")
+
+    @property
+    def schema_path(self) -> Path:
+        return self.policies.schema_file or (self.policies.dir / "schema.cedarschema")
+
+    @property
+    def entities_path(self) -> Path | None:
+        if self.policies.entities_file:
+            return self.policies.entities_file
+        candidate = self.policies.dir / "entities.json"
+        return candidate if candidate.exists() else None
+
+    def effective_issuers(self) -> list[IssuerConfig]:
+        """Configured issuers, plus the dev issuer when it is enabled."""
+        issuers = list(self.identity.issuers) if self.identity else []
+        if self.dev_issuer.enabled:
+            issuers.append(
+                IssuerConfig(
+                    issuer=self.dev_issuer.issuer,
+                    audience=self.dev_issuer.audience,
+                    jwks_file=self.dev_issuer_dir / "jwks.json",
+                    algorithms=["ES256"],
+                )
+            )
+        return issuers
+
+    def identity_settings(self) -> IdentityConfig:
+        return self.identity or IdentityConfig(issuers=[])
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message says what and where."""
+
+
+def _resolve_paths(raw: dict, base: Path) -> dict:
+    """Make relative paths in a raw config dict relative to the config file's directory."""
+
+    def fix(d: dict, key: str) -> None:
+        if isinstance(d, dict) and isinstance(d.get(key), str):
+            p = Path(os.path.expanduser(d[key]))
+            d[key] = str(p if p.is_absolute() else base / p)
+
+    fix(raw, "state_dir")
+    fix(raw, "connectors_dir")
+    pol = raw.get("policies")
+    if isinstance(pol, dict):
+        for k in ("dir", "schema_file", "entities_file"):
+            fix(pol, k)
+    up = raw.get("upstream")
+    if isinstance(up, dict):
+        fix(up, "ca_file")
+    rec = raw.get("record")
+    if isinstance(rec, dict):
+        fix(rec, "decisions_file")
+    ident = raw.get("identity")
+    if isinstance(ident, dict):
+        for iss in ident.get("issuers") or []:
+            if isinstance(iss, dict):
+                fix(iss, "jwks_file")
+                fix(iss, "jwks_ca_file")
+    return raw
+
+
+def load_config(path: str | Path | None) -> ProctorConfig:
+    """Load `proctor.yaml` (or the embedded default when `path` is None)."""
+    if path is None:
+        return default_config()
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {p}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    raw = _resolve_paths(raw, p.resolve().parent)
+    try:
+        return ProctorConfig.model_validate(raw)
+    except Exception as e:  # pydantic.ValidationError: list every problem
+        raise ConfigError(f"{p}: invalid configuration:\n{e}") from None
+
+
+def default_config() -> ProctorConfig:
+    """The embedded default: everything bundled, state in ./.proctor."""
+    return ProctorConfig(state_dir=Path(".proctor").resolve())

@@ -1,0 +1,209 @@
+"""Classify a request: which connector, Cedar action and resource it means.
+
+Paths are matched segment by segment after strict normalisation: each segment
+is percent-decoded once, and a request whose path cannot be read unambiguously
+(dot segments, encoded slashes or backslashes, empty segments, control
+characters, `;` path parameters) is refused rather than matched, so no spelling
+of a path can reach a laxer route than its plain form would.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from ..core.model import Classification
+from .manifest import ConnectorManifest, RouteSpec
+
+GENERIC_CONNECTOR = "generic-http"
+GENERIC_ACTION = "http.request"
+GENERIC_RESOURCE_TYPE = "HttpHost"
+
+
+class PathRejected(Exception):
+    """The request path is ambiguous or malicious; the message says why."""
+
+
+def normalise_path(raw_path: str) -> list[str]:
+    """Split a raw request path into decoded segments, refusing anything ambiguous."""
+    if not raw_path.startswith("/"):
+        raise PathRejected("request path must start with '/'")
+    body = raw_path[1:]
+    if body == "":
+        return []
+    if body.endswith("/"):
+        # A trailing slash is tolerated once: /a/b/ is /a/b.
+        body = body[:-1]
+    segments = []
+    for raw in body.split("/"):
+        if raw == "":
+            raise PathRejected("empty path segment (double slash)")
+        if ";" in raw:
+            raise PathRejected("';' path parameters are not accepted")
+        lowered = raw.lower()
+        if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
+            raise PathRejected("encoded slash or backslash in path")
+        seg = unquote(raw, errors="strict")
+        if seg in (".", ".."):
+            raise PathRejected("dot segment in path")
+        if "%" in seg and unquote(seg) != seg:
+            # double encoding such as %252e%252e
+            raise PathRejected("double percent-encoding in path")
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in seg):
+            raise PathRejected("control character in path")
+        segments.append(seg)
+    return segments
+
+
+@dataclass
+class _CompiledRoute:
+    connector: str
+    spec: RouteSpec
+    segments: list[str | None]  # None = parameter
+    params: list[str | None]
+    wildcard_tail: bool
+    risk: str
+    # Routes with more literal segments win; ties go to declaration order.
+    specificity: tuple[int, int] = (0, 0)
+
+    def match(self, segs: list[str]) -> dict[str, str] | None:
+        n = len(self.segments)
+        if self.wildcard_tail:
+            if len(segs) < n:
+                return None
+        elif len(segs) != n:
+            return None
+        values: dict[str, str] = {}
+        for i, lit in enumerate(self.segments):
+            if lit is None:
+                name = self.params[i]
+                if name is not None:
+                    values[name] = segs[i]
+            elif lit != segs[i]:
+                return None
+        if self.wildcard_tail:
+            values["*"] = "/".join(segs[n:])
+        return values
+
+
+def _compile(connector: ConnectorManifest, spec: RouteSpec, index: int) -> _CompiledRoute:
+    parts = [p for p in spec.path.strip("/").split("/") if p != ""]
+    wildcard = bool(parts) and parts[-1] == "{*}"
+    if wildcard:
+        parts = parts[:-1]
+    segments: list[str | None] = []
+    params: list[str | None] = []
+    for p in parts:
+        if p.startswith("{") and p.endswith("}"):
+            segments.append(None)
+            params.append(p[1:-1])
+        else:
+            segments.append(p)
+            params.append(None)
+    literals = sum(1 for s in segments if s is not None)
+    return _CompiledRoute(
+        connector=connector.name,
+        spec=spec,
+        segments=segments,
+        params=params,
+        wildcard_tail=wildcard,
+        risk=spec.risk or connector.risk,
+        specificity=(literals, 0 if wildcard else 1),
+    )
+
+
+def split_host_pattern(pattern: str) -> tuple[str, int | None]:
+    """'host', 'host:port', '[v6]' or '[v6]:port' -> (host, port or None)."""
+    if pattern.startswith("["):
+        end = pattern.index("]")
+        host, rest = pattern[1:end], pattern[end + 1 :]
+        return host, int(rest[1:]) if rest.startswith(":") else None
+    if pattern.count(":") == 1:
+        host, port = pattern.split(":")
+        return host, int(port)
+    return pattern, None
+
+
+def host_matches(pattern: str, host: str, port: int) -> bool:
+    """`pattern` is host or host:port; `*` globs one or more labels (e.g. *.service-now.com)."""
+    pat_host, pat_port = split_host_pattern(pattern)
+    if pat_port is not None and pat_port != port:
+        return False
+    if "*" in pat_host:
+        return fnmatch.fnmatchcase(host, pat_host) and host.count(".") >= pat_host.count(".")
+    return host == pat_host
+
+
+@dataclass
+class Classifier:
+    connectors: list[ConnectorManifest]
+    unclassified_hosts: list[str] = field(default_factory=list)
+    generic_default: bool = False
+    _routes: dict[str, list[_CompiledRoute]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        for c in self.connectors:
+            compiled = [_compile(c, r, i) for i, r in enumerate(c.routes)]
+            # stable sort: most literal segments first, exact before wildcard tails
+            compiled.sort(key=lambda r: r.specificity, reverse=True)
+            self._routes[c.name] = compiled
+
+    def connector_for(self, host: str, port: int) -> ConnectorManifest | None:
+        for c in self.connectors:
+            if any(host_matches(p, host, port) for p in c.hosts):
+                return c
+        return None
+
+    def knows_host(self, host: str, port: int) -> bool:
+        """Could any request to host:port be classified? (CONNECT is refused early otherwise.)"""
+        host = host.lower().rstrip(".")
+        return (
+            self.connector_for(host, port) is not None
+            or self.generic_default
+            or any(host_matches(p, host, port) for p in self.unclassified_hosts)
+        )
+
+    def classify(self, method: str, host: str, port: int, raw_path: str) -> Classification | None:
+        """The request's meaning, or None if nothing classifies it (egress default-deny)."""
+        host = host.lower().rstrip(".")
+        method = method.upper()
+        connector = self.connector_for(host, port)
+        if connector is not None:
+            segs = normalise_path(raw_path)
+            for route in self._routes[connector.name]:
+                if route.spec.method not in ("*", method):
+                    continue
+                values = route.match(segs)
+                if values is None:
+                    continue
+                resource_id = route.spec.resource.id
+                for name, value in values.items():
+                    resource_id = resource_id.replace("{" + name + "}", value)
+                return Classification(
+                    connector=connector.name,
+                    action=route.spec.action,
+                    resource_type=route.spec.resource.type,
+                    resource_id=resource_id,
+                    resource_attrs=dict(route.spec.attributes),
+                    risk=route.risk,
+                    route=f"{route.spec.method} {route.spec.path}",
+                )
+            return None
+        if self.generic_default or any(host_matches(p, host, port) for p in self.unclassified_hosts):
+            normalise_path(raw_path)
+            return Classification(
+                connector=GENERIC_CONNECTOR,
+                action=GENERIC_ACTION,
+                resource_type=GENERIC_RESOURCE_TYPE,
+                resource_id=host,
+                resource_attrs={},
+                risk="medium",
+                route="*",
+            )
+        return None
+
+
+def attrs_for_record(attrs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in attrs.items() if isinstance(v, (str, int, bool))}

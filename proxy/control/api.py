@@ -1,0 +1,69 @@
+"""Control API (aiohttp) on the control port: health, readiness, policy status, reload.
+
+Issue-scoped for now: later capabilities (approvals, agents, metrics) mount
+their routes on the same application.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .. import __version__
+
+if TYPE_CHECKING:
+    from ..server import ProctorRuntime
+
+
+def build_app(runtime: "ProctorRuntime") -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    started = time.time()
+
+    async def healthz(_: web.Request) -> web.Response:
+        """Liveness plus the policy reload status (a rejected reload shows here)."""
+        status = runtime.policies.status
+        body = {
+            "status": "ok" if status.ok else "degraded",
+            "version": __version__,
+            "uptime_seconds": round(time.time() - started, 1),
+            "policy": status.as_dict(),
+            "engine_running": runtime.addon.running_event_seen,
+        }
+        return web.json_response(body, status=200)
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready = runtime.addon.running_event_seen
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+    async def policy_status(_: web.Request) -> web.Response:
+        b = runtime.policies.bundle
+        return web.json_response(
+            {
+                "active_revision": b.revision,
+                "policy_count": b.policy_count,
+                "loaded_at": b.loaded_at,
+                "files": list(b.files),
+                "reload": runtime.policies.status.as_dict(),
+            }
+        )
+
+    async def policy_reload(request: web.Request) -> web.Response:
+        if request.remote not in ("127.0.0.1", "::1"):
+            return web.json_response({"title": "forbidden", "detail": "reload is loopback-only"}, status=403)
+        ok = runtime.policies.reload()
+        return web.json_response(
+            {"reloaded": ok, "active_revision": runtime.policies.bundle.revision, "reload": runtime.policies.status.as_dict()},
+            status=200 if ok else 422,
+        )
+
+    async def stats(_: web.Request) -> web.Response:
+        return web.json_response({"engine": dict(runtime.addon.stats), "records_written": runtime.recorder.written})
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/policies", policy_status)
+    app.router.add_post("/v1/policies/reload", policy_reload)
+    app.router.add_get("/v1/stats", stats)
+    return app

@@ -1,0 +1,122 @@
+"""Build the Cedar principal, resource and context for one request.
+
+Cedar's JSON value format has no floats and no null: integers outside the i64
+range, floats that are not exact decimals with at most four places, and nulls
+are converted as documented in docs/policies.md (decimal extension where exact,
+otherwise omitted), never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from ..config import PrincipalMapping
+from .model import AgentIdentity, AgentRequest, Classification
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+_OMIT = object()
+
+
+class BodyRejected(Exception):
+    """The body cannot be read as the JSON its content type promises (or is too deep)."""
+
+
+def to_cedar(value: Any, depth: int = 0, max_depth: int = 32) -> Any:
+    """A JSON value as a Cedar JSON value (records, sets, Long, String, Bool, decimal)."""
+    if depth > max_depth:
+        raise BodyRejected(f"JSON nested deeper than {max_depth} levels")
+    if isinstance(value, bool) or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value if I64_MIN <= value <= I64_MAX else _OMIT
+    if isinstance(value, float):
+        text = f"{value:.4f}".rstrip("0")
+        if text.endswith("."):
+            text += "0"
+        if abs(value) < 9e14 and float(text) == value:
+            return {"__extn": {"fn": "decimal", "arg": text}}
+        return _OMIT
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if k == "__extn" or k == "__entity":  # never let a body smuggle an escape
+                continue
+            cv = to_cedar(v, depth + 1, max_depth)
+            if cv is not _OMIT:
+                out[str(k)] = cv
+        return out
+    if isinstance(value, list):
+        items = [to_cedar(v, depth + 1, max_depth) for v in value]
+        return [v for v in items if v is not _OMIT]
+    return _OMIT
+
+
+def parse_json_body(req: AgentRequest, max_depth: int) -> Any:
+    """The body as Cedar JSON if it is JSON, else None; malformed JSON is refused."""
+    if not req.body:
+        return None
+    ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (ctype == "application/json" or ctype.endswith("+json")):
+        return None
+    try:
+        doc = json.loads(req.body)
+    except (ValueError, UnicodeDecodeError):
+        raise BodyRejected("request body is not valid JSON although Content-Type says it is") from None
+    converted = to_cedar(doc, 0, max_depth)
+    return None if converted is _OMIT else converted
+
+
+def principal_entity(identity: AgentIdentity, mapping: PrincipalMapping) -> dict:
+    attrs: dict[str, Any] = {}
+    for attr, claim in mapping.attributes.items():
+        if claim in identity.claims:
+            v = to_cedar(identity.claims[claim])
+            if v is not _OMIT:
+                attrs[attr] = v
+    parents = []
+    if mapping.groups_claim:
+        groups = identity.claims.get(mapping.groups_claim)
+        if isinstance(groups, str):
+            groups = [groups]
+        if isinstance(groups, list):
+            parents = [{"type": mapping.group_entity_type, "id": g} for g in groups if isinstance(g, str) and g]
+    return {"uid": {"type": "Agent", "id": identity.agent_id}, "attrs": attrs, "parents": parents}
+
+
+def resource_entity(cls: Classification) -> dict:
+    attrs = {k: v for k, v in ((k, to_cedar(v)) for k, v in cls.resource_attrs.items()) if v is not _OMIT}
+    return {"uid": {"type": cls.resource_type, "id": cls.resource_id}, "attrs": attrs, "parents": []}
+
+
+def request_context(
+    req: AgentRequest,
+    cls: Classification,
+    body: Any,
+    header_allowlist: list[str],
+    now: float | None = None,
+) -> dict:
+    now = time.time() if now is None else now
+    dt = datetime.fromtimestamp(now, tz=timezone.utc)
+    ctx: dict[str, Any] = {
+        "method": req.method,
+        "path": req.path,
+        "query": req.query,
+        "host": req.host,
+        "headers": {h: req.headers[h] for h in header_allowlist if h in req.headers},
+        "connector": cls.connector,
+        "risk": cls.risk,
+        "time": {
+            "now": {"__extn": {"fn": "datetime", "arg": dt.strftime("%Y-%m-%dT%H:%M:%SZ")}},
+            "epoch": int(now),
+            "hour": dt.hour,
+            "weekday": dt.isoweekday(),
+        },
+        "source_ip": {"__extn": {"fn": "ip", "arg": req.client_ip}},
+        "mode": req.mode,
+    }
+    if body is not None:
+        ctx["body"] = body
+    return ctx

@@ -1,0 +1,114 @@
+"""Engine-agnostic request and decision types.
+
+Engine adapters (mitmproxy today) translate their flows into `AgentRequest`
+and apply the `Verdict` they get back; nothing in here knows about an engine.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Mode = Literal["forward", "reverse"]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentIdentity:
+    """A verified agent: who it is and the claims its token proved."""
+
+    agent_id: str
+    issuer: str
+    claims: dict[str, Any]
+    expires_at: float | None  # epoch seconds, from `exp`
+
+
+@dataclass(slots=True)
+class AgentRequest:
+    """One HTTP request as the agent sent it, before any decision.
+
+    `headers` keys are lower-case; multi-valued headers are joined with ", ".
+    `path` is the raw request path without the query string.
+    """
+
+    method: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+    client_ip: str
+    mode: Mode
+    # Set when the identity was proven earlier on the same connection (CONNECT).
+    connection_identity: AgentIdentity | None = None
+    # The Host header's host part, when it differs from `host` (checked by the pipeline).
+    host_header: str | None = None
+    tls_sni: str | None = None
+
+    @property
+    def url(self) -> str:
+        default = (self.scheme == "https" and self.port == 443) or (self.scheme == "http" and self.port == 80)
+        authority = self.host if default else f"{self.host}:{self.port}"
+        return f"{self.scheme}://{authority}{self.path}" + (f"?{self.query}" if self.query else "")
+
+
+class Decision(str, enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """What a request means in business terms, as a connector understood it."""
+
+    connector: str
+    action: str  # Cedar action id, e.g. "ticketing.incident.create"
+    resource_type: str  # Cedar entity type, e.g. "Incident"
+    resource_id: str
+    resource_attrs: dict[str, Any] = field(default_factory=dict)
+    risk: str = "low"
+    route: str = ""  # the matched route template, for the record
+
+    @property
+    def resource_uid(self) -> str:
+        return f'{self.resource_type}::"{self.resource_id}"'
+
+
+@dataclass(slots=True)
+class Refusal:
+    """A request Proctor will not forward, with everything needed to explain it."""
+
+    status: int
+    title: str
+    detail: str
+    reasons: list[str] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+    # Machine-readable category for the record: authentication, policy, classification, ...
+    kind: str = "policy"
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The pipeline's answer for one request.
+
+    Either `refusal` is set (answer the agent with it), or the request is to be
+    forwarded with `strip_headers` removed.
+    """
+
+    decision_id: str
+    decision: Decision
+    started: float  # time.perf_counter() at the start of the pipeline
+    timestamp: float  # epoch seconds
+    identity: AgentIdentity | None = None
+    classification: Classification | None = None
+    reasons: list[str] = field(default_factory=list)
+    refusal: Refusal | None = None
+    strip_headers: tuple[str, ...] = ()
+    policy_revision: str = ""
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def allowed(self) -> bool:
+        return self.refusal is None

@@ -1,0 +1,214 @@
+"""The request pipeline: authenticate -> classify -> build context -> authorize.
+
+Engine-agnostic: an `AgentRequest` in, an `Outcome` out. Every stage either
+passes the request on or produces a `Refusal`; any unexpected exception is a
+503 refusal (fail closed), never a forwarded request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+import uuid
+
+from ..config import ProctorConfig
+from ..connectors.classifier import Classifier, PathRejected
+from ..identity.credentials import AUTHORIZATION, PROXY_AUTHORIZATION, extract_credential
+from ..identity.errors import AuthError, IdentityUnavailable
+from ..identity.verifier import TokenVerifier
+from ..policy.engine import PolicyStore
+from .context import BodyRejected, parse_json_body, principal_entity, request_context, resource_entity
+from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
+
+log = logging.getLogger("proctor.pipeline")
+
+
+def new_decision_id() -> str:
+    # time-ordered prefix (ms) + randomness: sortable in logs, unguessable
+    return f"{int(time.time() * 1000):012x}-{uuid.uuid4().hex[:20]}"
+
+
+def normalise_ip(ip: str) -> str:
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return "0.0.0.0"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        config: ProctorConfig,
+        verifier: TokenVerifier,
+        classifier: Classifier,
+        policies: PolicyStore,
+    ) -> None:
+        self.config = config
+        self.verifier = verifier
+        self.classifier = classifier
+        self.policies = policies
+        self.identity_settings = config.identity_settings()
+
+    # -- authentication ---------------------------------------------------------
+    def _auth_refusal(self, req: AgentRequest, detail: str) -> Refusal:
+        if req.mode == "reverse":
+            return Refusal(
+                401,
+                "Agent authentication required",
+                detail,
+                headers={"WWW-Authenticate": 'Bearer realm="proctor"'},
+                kind="authentication",
+            )
+        return Refusal(
+            407,
+            "Proxy authentication required",
+            detail,
+            headers={"Proxy-Authenticate": 'Basic realm="proctor", Bearer realm="proctor"'},
+            kind="authentication",
+        )
+
+    async def authenticate(self, req: AgentRequest) -> tuple[AgentIdentity | None, Refusal | None, tuple[str, ...]]:
+        """The verified identity (or a refusal) and the headers that carried the agent's credential."""
+        if req.connection_identity is not None:
+            ident = req.connection_identity
+            leeway = self.identity_settings.leeway_seconds
+            if ident.expires_at is not None and time.time() > ident.expires_at + leeway:
+                return None, self._auth_refusal(
+                    req, "the token this connection was authenticated with has expired; reconnect with a fresh token"
+                ), (PROXY_AUTHORIZATION,)
+            return ident, None, (PROXY_AUTHORIZATION,)
+        try:
+            cred = extract_credential(req.headers, reverse_mode=req.mode == "reverse")
+            identity = await self.verifier.verify(cred.token)
+        except AuthError as e:
+            return None, self._auth_refusal(req, str(e)), (PROXY_AUTHORIZATION,)
+        except IdentityUnavailable as e:
+            return None, Refusal(503, "Identity provider unavailable", str(e), kind="fail-closed"), (PROXY_AUTHORIZATION,)
+        if (
+            cred.username is not None
+            and self.identity_settings.proxy_username == "must_match"
+            and cred.username != identity.agent_id
+        ):
+            return None, self._auth_refusal(
+                req, "the proxy username must equal the agent id in the token (subject)"
+            ), (PROXY_AUTHORIZATION,)
+        strip = [PROXY_AUTHORIZATION]
+        if cred.header.lower() == AUTHORIZATION or req.headers.get(AUTHORIZATION, "").endswith(cred.token):
+            strip.append(AUTHORIZATION)
+        return identity, None, tuple(strip)
+
+    # -- the whole decision -----------------------------------------------------
+    async def decide(self, req: AgentRequest) -> Outcome:
+        outcome = Outcome(
+            decision_id=new_decision_id(),
+            decision=Decision.DENY,
+            started=time.perf_counter(),
+            timestamp=time.time(),
+            strip_headers=(PROXY_AUTHORIZATION,),
+        )
+        try:
+            await self._decide(req, outcome)
+        except Exception as e:  # fail closed on anything unexpected
+            log.exception("pipeline error (decision %s); refusing", outcome.decision_id)
+            outcome.decision = Decision.DENY
+            outcome.errors.append(f"{type(e).__name__}: {e}")
+            outcome.refusal = Refusal(
+                503,
+                "Proctor could not decide",
+                "an internal error occurred while deciding this request; it was not forwarded "
+                "(fail closed). Quote the decision_id to your Proctor operator.",
+                reasons=[],
+                kind="fail-closed",
+            )
+        return outcome
+
+    async def _decide(self, req: AgentRequest, outcome: Outcome) -> None:
+        identity, refusal, strip = await self.authenticate(req)
+        outcome.strip_headers = strip
+        outcome.identity = identity
+        if refusal is not None:
+            outcome.refusal = refusal
+            return
+        assert identity is not None
+
+        target = req.host.lower().rstrip(".")
+        for name, value in (("Host header", req.host_header), ("TLS SNI", req.tls_sni)):
+            if value and value.lower().rstrip(".") != target:
+                outcome.refusal = Refusal(
+                    421,
+                    "Misdirected request",
+                    f"the {name} ({value}) does not match the request target ({req.host})",
+                    kind="request",
+                )
+                return
+
+        try:
+            cls = self.classifier.classify(req.method, req.host, req.port, req.path)
+        except PathRejected as e:
+            outcome.refusal = Refusal(400, "Request path refused", f"{e}; the request was not forwarded", kind="request")
+            return
+        if cls is None:
+            outcome.refusal = Refusal(
+                403,
+                "Egress not permitted",
+                f"no connector classifies {req.method} {req.host}:{req.port}{req.path}; "
+                "unclassified egress is denied by default",
+                reasons=["egress-default-deny"],
+                kind="egress",
+            )
+            return
+        outcome.classification = cls
+
+        limits = self.config.limits
+        if len(req.body) > limits.max_body_bytes:
+            outcome.refusal = Refusal(
+                413,
+                "Request body too large",
+                f"the body is {len(req.body)} bytes; at most {limits.max_body_bytes} bytes are inspected and forwarded",
+                kind="request",
+            )
+            return
+        try:
+            body = parse_json_body(req, limits.max_json_depth)
+        except BodyRejected as e:
+            outcome.refusal = Refusal(400, "Request body refused", str(e), kind="request")
+            return
+
+        bundle = self.policies.bundle
+        outcome.policy_revision = bundle.revision
+        principal = principal_entity(identity, self.identity_settings.principal)
+        resource = resource_entity(cls)
+        context = request_context(req, cls, body, limits.context_headers, now=outcome.timestamp)
+        result = self.policies.authorize(
+            principal, cls.action, resource, context, [principal, resource], bundle=bundle
+        )
+        outcome.reasons = result.reasons
+        if result.errors:
+            outcome.errors = result.errors
+            outcome.refusal = Refusal(
+                403,
+                "Denied: policy evaluation error",
+                "a policy could not be evaluated for this request, so it is denied (fail closed): "
+                + "; ".join(result.errors),
+                reasons=sorted(set(result.error_policies)) or result.reasons,
+                kind="policy-error",
+            )
+            return
+        if not result.allowed:
+            if result.reasons:
+                detail = f"forbidden by policy {', '.join(result.reasons)}"
+            else:
+                detail = "no policy permits this request (default deny)"
+            outcome.refusal = Refusal(
+                403,
+                "Denied by policy",
+                f"{identity.agent_id} may not {cls.action} on {cls.resource_uid}: {detail}",
+                reasons=result.reasons,
+                kind="policy",
+            )
+            return
+        outcome.decision = Decision.ALLOW

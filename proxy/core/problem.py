@@ -1,0 +1,44 @@
+"""RFC 9457 problem+json bodies for refusals (the format ARCHITECTURE.md fixes)."""
+
+from __future__ import annotations
+
+import json
+
+from .model import Outcome
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+DECISION_HEADER = "X-Proctor-Decision-Id"
+
+
+def problem_body(outcome: Outcome) -> dict:
+    """The refusal as a problem+json object: title, detail, decision_id, action, resource, reasons."""
+    refusal = outcome.refusal
+    assert refusal is not None
+    cls = outcome.classification
+    body = {
+        "type": f"https://proctor.dev/problems/{refusal.kind}",
+        "title": refusal.title,
+        "status": refusal.status,
+        "detail": refusal.detail,
+        "decision_id": outcome.decision_id,
+        "action": cls.action if cls else None,
+        "resource": cls.resource_uid if cls else None,
+        "reasons": list(refusal.reasons),
+    }
+    if outcome.identity is not None:
+        body["agent"] = outcome.identity.agent_id
+    return body
+
+
+def problem_response(outcome: Outcome) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body bytes for a refused outcome."""
+    refusal = outcome.refusal
+    assert refusal is not None
+    headers = {
+        "Content-Type": PROBLEM_CONTENT_TYPE,
+        "Cache-Control": "no-store",
+        DECISION_HEADER: outcome.decision_id,
+    }
+    headers.update(refusal.headers)
+    body = json.dumps(problem_body(outcome), separators=(",", ":")).encode()
+    return refusal.status, headers, body

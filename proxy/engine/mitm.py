@@ -1,0 +1,337 @@
+"""The mitmproxy engine adapter: translate flows to `AgentRequest`, apply the `Outcome`.
+
+mitmproxy is embedded as a library (a `Master` with only the addons a proxy
+needs). This module is the only place that imports mitmproxy types.
+
+Fail-closed rules enforced here rather than in the pipeline, because they are
+about the engine's plumbing:
+- the upstream connection is opened lazily, i.e. only after a request on it was
+  allowed (`connection_strategy=lazy`);
+- inside a CONNECT tunnel only TLS is accepted; anything else (plaintext HTTP,
+  unknown bytes) is refused and recorded, never tunnelled uninspected; raw TCP
+  relaying is disabled outright;
+- a client that rejects our certificate is recorded and disconnected;
+- request bodies are always buffered so the decision happens before a single
+  byte reaches the upstream (streaming is only enabled for responses).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from typing import Any
+
+from mitmproxy import connection, http, tls
+from mitmproxy.net.http import url as mitm_url
+from mitmproxy.proxy import commands, layer, layers, mode_specs
+from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.tcp import TCPFlow
+from mitmproxy.udp import UDPFlow
+
+from ..core.model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
+from ..core.pipeline import Pipeline, new_decision_id, normalise_ip
+from ..core.problem import DECISION_HEADER, problem_response
+from ..record.decisions import DecisionRecorder, decision_record
+from .gateway import GatewayRouter
+
+log = logging.getLogger("proctor.engine")
+
+META = "proctor"
+STREAM_RESPONSES_OVER = 256 * 1024
+
+
+class _RefuseConnection(layer.Layer):
+    """A layer that answers (if the client spoke HTTP) and closes: used for non-TLS bytes in a tunnel."""
+
+    def __init__(self, context, reply: bytes) -> None:
+        super().__init__(context)
+        self.reply = reply
+
+    def _handle_event(self, event):
+        if self.reply:
+            yield commands.SendData(self.context.client, self.reply)
+        yield commands.CloseConnection(self.context.client)
+
+
+def _headers(req: http.Request) -> dict[str, str]:
+    h = req.headers
+    return {k.lower(): ", ".join(h.get_all(k)) for k in h.keys()}
+
+
+def _split_authority(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        host, _port = mitm_url.parse_authority(value, check=False)
+    except ValueError:
+        return value
+    return host
+
+
+class ProctorAddon:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        recorder: DecisionRecorder,
+        router: GatewayRouter | None,
+        reverse_listen_ports: set[int],
+    ) -> None:
+        self.pipeline = pipeline
+        self.recorder = recorder
+        self.router = router
+        self.reverse_ports = reverse_listen_ports
+        # Identity proven on CONNECT, bound to that client connection.
+        self.tunnel_identity: weakref.WeakKeyDictionary[connection.Client, AgentIdentity] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.running_event_seen = False
+        self.stats = {"requests": 0, "allowed": 0, "refused": 0, "tunnels_refused": 0}
+
+    # -- lifecycle -----------------------------------------------------------------
+    def running(self) -> None:
+        self.running_event_seen = True
+
+    # -- helpers -------------------------------------------------------------------
+    @staticmethod
+    def _is_reverse(flow: http.HTTPFlow) -> bool:
+        return isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
+
+    def _record(
+        self,
+        outcome: Outcome,
+        req: AgentRequest | None,
+        status: int | None,
+        upstream_status: int | None = None,
+        error: str | None = None,
+        decision_ms: float | None = None,
+    ) -> None:
+        latency_ms = (time.perf_counter() - outcome.started) * 1000
+        self.recorder.write(decision_record(outcome, req, status, upstream_status, latency_ms, decision_ms, error))
+
+    def _refuse(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
+        status, headers, body = problem_response(outcome)
+        flow.response = http.Response.make(status, body, headers)
+
+    def _standalone_refusal(self, refusal: Refusal, identity: AgentIdentity | None = None) -> Outcome:
+        return Outcome(
+            decision_id=new_decision_id(),
+            decision=Decision.DENY,
+            started=time.perf_counter(),
+            timestamp=time.time(),
+            identity=identity,
+            refusal=refusal,
+        )
+
+    def _agent_request(self, flow: http.HTTPFlow, reverse: bool) -> AgentRequest:
+        r = flow.request
+        raw = r.path
+        path, _, query = raw.partition("?")
+        return AgentRequest(
+            method=r.method.upper(),
+            scheme=r.scheme,
+            host=r.host,
+            port=r.port,
+            path=path,
+            query=query,
+            headers=_headers(r),
+            body=r.raw_content or b"",
+            client_ip=normalise_ip(flow.client_conn.peername[0]) if flow.client_conn.peername else "0.0.0.0",
+            mode="reverse" if reverse else "forward",
+            connection_identity=self.tunnel_identity.get(flow.client_conn),
+            host_header=None if reverse else _split_authority(r.host_header),
+            tls_sni=flow.client_conn.sni if (flow.client_conn.tls and not reverse) else None,
+        )
+
+    # -- CONNECT: authenticate once, bind to the connection ------------------------
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        req = AgentRequest(
+            method="CONNECT",
+            scheme="https",
+            host=flow.request.host,
+            port=flow.request.port,
+            path="",
+            query="",
+            headers=_headers(flow.request),
+            body=b"",
+            client_ip=normalise_ip(flow.client_conn.peername[0]) if flow.client_conn.peername else "0.0.0.0",
+            mode="forward",
+        )
+        outcome = self._standalone_refusal(Refusal(0, "", ""))
+        outcome.refusal = None
+        identity, refusal, _ = await self.pipeline.authenticate(req)
+        outcome.identity = identity
+        if refusal is None and not self.pipeline.classifier.knows_host(req.host, req.port):
+            refusal = Refusal(
+                403,
+                "Egress not permitted",
+                f"no connector covers {req.host}:{req.port}; tunnels to unclassified hosts are refused",
+                reasons=["egress-default-deny"],
+                kind="egress",
+            )
+        flow.request.headers.pop("proxy-authorization", None)
+        if refusal is not None:
+            outcome.refusal = refusal
+            self.stats["tunnels_refused"] += 1
+            self._refuse(flow, outcome)
+            self._record(outcome, req, refusal.status)
+            return
+        assert identity is not None
+        self.tunnel_identity[flow.client_conn] = identity
+
+    # -- non-TLS inside a tunnel, raw TCP/UDP: refuse -----------------------------
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        ctx = nextlayer.context
+        chosen = nextlayer.layer
+        if chosen is None:
+            return  # NextLayer is still waiting for more bytes
+        # The chosen layer (stack) has already appended itself to ctx.layers:
+        # the layer it sits on is the one just before it.
+        idx = next((i for i, lyr in enumerate(ctx.layers) if lyr is chosen), len(ctx.layers))
+        parent = ctx.layers[idx - 1] if idx > 0 else None
+        in_tunnel = isinstance(parent, layers.HttpLayer) and parent.mode == HTTPMode.regular
+        if isinstance(chosen, (layers.TCPLayer, layers.UDPLayer)) or (
+            in_tunnel and not isinstance(chosen, layers.ServerTLSLayer)
+        ):
+            data = nextlayer.data_client()
+            looks_http = data[:16].split(b" ")[0].isalpha() and b" " in data[:16]
+            target = ctx.server.address
+            outcome = self._standalone_refusal(
+                Refusal(
+                    403,
+                    "Uninspectable traffic refused",
+                    f"only TLS is accepted inside a CONNECT tunnel to {target[0]}:{target[1]}"
+                    if target
+                    else "raw TCP/UDP relaying is disabled",
+                    reasons=["tls-interception-required"],
+                    kind="tls",
+                ),
+                identity=self.tunnel_identity.get(ctx.client),
+            )
+            reply = b""
+            if looks_http:
+                status, headers, body = problem_response(outcome)
+                head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                reply = (
+                    f"HTTP/1.1 {status} Forbidden\r\n{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                ).encode() + body
+            self.stats["tunnels_refused"] += 1
+            self.recorder.write(
+                decision_record(outcome, None, 403, None, None, None, error="non-TLS traffic in tunnel")
+                | {"client_ip": normalise_ip(ctx.client.peername[0]) if ctx.client.peername else None,
+                   "host": target[0] if target else None, "port": target[1] if target else None}
+            )
+            nextlayer.layer = _RefuseConnection(ctx, reply)
+
+    def tcp_start(self, flow: TCPFlow) -> None:  # belt and braces: never relay raw TCP
+        flow.kill()
+
+    def udp_start(self, flow: UDPFlow) -> None:
+        flow.kill()
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        client = data.context.client
+        err = getattr(client, "error", None) or "TLS handshake with the agent failed"
+        outcome = self._standalone_refusal(
+            Refusal(
+                0,
+                "TLS interception failed",
+                f"the agent did not accept Proctor's certificate for {client.sni or '?'} ({err}); "
+                "the connection was closed, nothing was forwarded. Install the CA from `proctor ca export`.",
+                reasons=["tls-interception-required"],
+                kind="tls",
+            ),
+            identity=self.tunnel_identity.get(client),
+        )
+        rec = decision_record(outcome, None, None, None, None, None, error="client rejected interception certificate")
+        rec.update(
+            {
+                "client_ip": normalise_ip(client.peername[0]) if client.peername else None,
+                "host": client.sni,
+            }
+        )
+        self.stats["tunnels_refused"] += 1
+        self.recorder.write(rec)
+
+    # -- requests ------------------------------------------------------------------
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Decisions need the whole body: never let a request stream past us.
+        flow.request.stream = False
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.error is not None:
+            return
+        self.stats["requests"] += 1
+        reverse = self._is_reverse(flow)
+        target = None
+        if reverse:
+            target = self.router.route(flow.request.host_header, flow.request.path.partition("?")[0]) if self.router else None
+            if target is None:
+                outcome = self._standalone_refusal(
+                    Refusal(
+                        404,
+                        "No gateway route",
+                        f"no gateway route matches {flow.request.host_header or ''}{flow.request.path.partition('?')[0]}",
+                        reasons=["no-route"],
+                        kind="route",
+                    )
+                )
+                self._refuse(flow, outcome)
+                self._record(outcome, self._agent_request(flow, reverse), 404)
+                self.stats["refused"] += 1
+                return
+            query = flow.request.path.partition("?")[2]
+            flow.request.scheme = target.scheme
+            flow.request.host = target.host
+            flow.request.port = target.port
+            flow.request.path = target.path + (f"?{query}" if query else "")
+        req = self._agent_request(flow, reverse)
+        outcome = await self.pipeline.decide(req)
+        decision_ms = (time.perf_counter() - outcome.started) * 1000
+        flow.metadata[META] = (outcome, req, decision_ms)
+        for h in outcome.strip_headers:
+            flow.request.headers.pop(h, None)
+        if outcome.refusal is not None:
+            self.stats["refused"] += 1
+            self._refuse(flow, outcome)
+            self._record(outcome, req, outcome.refusal.status, decision_ms=decision_ms)
+            return
+        self.stats["allowed"] += 1
+        if reverse and target is not None:
+            flow.request.host_header = mitm_url.hostport(target.scheme, target.host, target.port)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        resp = flow.response
+        if resp is None:
+            return
+        meta = flow.metadata.get(META)
+        if meta is not None:
+            resp.headers[DECISION_HEADER] = meta[0].decision_id
+        cl = resp.headers.get("content-length")
+        if cl is None or (cl.isdigit() and int(cl) > STREAM_RESPONSES_OVER):
+            resp.stream = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        if meta is None:
+            return
+        outcome, req, decision_ms = meta
+        if outcome.refusal is not None:
+            return  # recorded when refused
+        assert flow.response is not None
+        self._record(outcome, req, flow.response.status_code, flow.response.status_code, decision_ms=decision_ms)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        meta = flow.metadata.get(META)
+        if meta is None:
+            return
+        outcome, req, decision_ms = meta
+        if outcome.refusal is not None:
+            return
+        msg = flow.error.msg if flow.error else "upstream error"
+        status = 504 if "timed out" in msg.lower() or "timeout" in msg.lower() else 502
+        self._record(outcome, req, status, None, error=msg, decision_ms=decision_ms)
+
+
+def addon_summary(addon: ProctorAddon) -> dict[str, Any]:
+    return dict(addon.stats)

@@ -1,0 +1,163 @@
+"""JWKS key sources: a file on disk, or an HTTPS URL of the IdP.
+
+Both cache the parsed key set. On an unknown `kid` they reload, at most once per
+`min_refetch` seconds, so a stream of tokens with random key ids cannot make us
+hammer the IdP. An HTTPS source that cannot be fetched keeps serving the keys it
+last fetched; with none at all, verification fails closed (IdentityUnavailable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from pathlib import Path
+from typing import Protocol
+
+import jwt
+from jwt import PyJWK, PyJWKSet
+
+from .errors import AuthError, IdentityUnavailable
+
+log = logging.getLogger("proctor.identity")
+
+MAX_JWKS_BYTES = 512 * 1024
+
+
+def parse_jwks(data: bytes | str) -> dict[str | None, PyJWK]:
+    """Parse a JWKS document into {kid: key}, skipping keys not meant for signatures."""
+    doc = json.loads(data)
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError("JWKS must be an object with a 'keys' array")
+    keys: dict[str | None, PyJWK] = {}
+    for raw in doc["keys"]:
+        if not isinstance(raw, dict) or raw.get("use", "sig") != "sig":
+            continue
+        try:
+            key = PyJWK.from_dict(raw)
+        except (jwt.PyJWKError, jwt.InvalidKeyError, ValueError, TypeError) as e:
+            log.warning("skipping unusable JWKS key kid=%r: %s", raw.get("kid"), e)
+            continue
+        keys[raw.get("kid")] = key
+    if not keys:
+        raise ValueError("JWKS contains no usable signing keys")
+    return keys
+
+
+class KeySource(Protocol):
+    async def get_key(self, kid: str | None) -> PyJWK: ...
+
+
+def _select(keys: dict[str | None, PyJWK], kid: str | None) -> PyJWK | None:
+    if kid is not None:
+        return keys.get(kid)
+    # A token without `kid` is acceptable only when the choice is unambiguous.
+    if len(keys) == 1:
+        return next(iter(keys.values()))
+    return None
+
+
+class FileKeySource:
+    """Keys from a JWKS file; re-read when the file changes (checked on unknown kid)."""
+
+    def __init__(self, path: Path, min_refetch_seconds: float = 1.0) -> None:
+        self.path = Path(path)
+        self.min_refetch = min_refetch_seconds
+        self._keys: dict[str | None, PyJWK] = {}
+        self._mtime: float | None = None
+        self._last_check = 0.0
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            log.error("JWKS file %s does not exist", self.path)
+            return
+        if st.st_mtime == self._mtime:
+            return
+        try:
+            self._keys = parse_jwks(self.path.read_bytes())
+            self._mtime = st.st_mtime
+        except (OSError, ValueError) as e:
+            log.error("JWKS file %s unusable, keeping previous keys: %s", self.path, e)
+
+    async def get_key(self, kid: str | None) -> PyJWK:
+        key = _select(self._keys, kid)
+        if key is None:
+            now = time.monotonic()
+            if now - self._last_check >= self.min_refetch:
+                self._last_check = now
+                self._load()
+                key = _select(self._keys, kid)
+        if key is None:
+            if not self._keys:
+                raise IdentityUnavailable("no signing keys available for this issuer")
+            raise AuthError("token key id (kid) is not known to this issuer")
+        return key
+
+
+class UrlKeySource:
+    """Keys from the IdP's JWKS URL (HTTPS), cached for `cache_seconds`."""
+
+    def __init__(
+        self,
+        url: str,
+        cache_seconds: float = 300,
+        min_refetch_seconds: float = 30,
+        ca_file: Path | None = None,
+        timeout_seconds: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.cache_seconds = cache_seconds
+        self.min_refetch = min_refetch_seconds
+        self.timeout = timeout_seconds
+        self._ssl: ssl.SSLContext | bool = True
+        if url.startswith("https://"):
+            self._ssl = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        self._keys: dict[str | None, PyJWK] = {}
+        self._fetched_at = float("-inf")
+        self._attempted_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def _fetch(self) -> None:
+        import aiohttp
+
+        self._attempted_at = time.monotonic()
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.timeout)
+            async with aiohttp.ClientSession(timeout=timeout) as session:
+                async with session.get(self.url, ssl=self._ssl, allow_redirects=False) as resp:
+                    if resp.status != 200:
+                        raise ValueError(f"HTTP {resp.status}")
+                    data = await resp.content.read(MAX_JWKS_BYTES + 1)
+                    if len(data) > MAX_JWKS_BYTES:
+                        raise ValueError("JWKS document too large")
+            self._keys = parse_jwks(data)
+            self._fetched_at = time.monotonic()
+            log.info("fetched JWKS from %s (%d keys)", self.url, len(self._keys))
+        except Exception as e:  # network, TLS, JSON: keep what we had
+            log.warning("JWKS fetch from %s failed: %s", self.url, e)
+
+    async def _refresh(self, force: bool) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            stale = now - self._fetched_at >= self.cache_seconds
+            may_retry = now - self._attempted_at >= self.min_refetch
+            if (stale or force) and may_retry:
+                await self._fetch()
+
+    async def get_key(self, kid: str | None) -> PyJWK:
+        if time.monotonic() - self._fetched_at >= self.cache_seconds:
+            await self._refresh(force=False)
+        key = _select(self._keys, kid)
+        if key is None and self._keys:
+            await self._refresh(force=True)
+            key = _select(self._keys, kid)
+        if key is None:
+            if not self._keys:
+                raise IdentityUnavailable("identity provider keys are unavailable (JWKS unreachable)")
+            raise AuthError("token key id (kid) is not known to this issuer")
+        return key

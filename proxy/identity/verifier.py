@@ -1,0 +1,136 @@
+"""Verify agent JWTs: allow-listed algorithms, required iss/aud/exp, bounded leeway and size.
+
+Verified tokens are cached by their SHA-256 until they expire, so steady-state
+requests skip the signature check (an RSA/ECDSA verify costs tens of
+microseconds); expiry is re-checked on every use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import jwt
+
+from ..config import IdentityConfig, IssuerConfig
+from ..core.model import AgentIdentity
+from .errors import AuthError
+from .jwks import FileKeySource, KeySource, UrlKeySource
+
+MAX_AGENT_ID_LENGTH = 256
+
+
+@dataclass
+class _Issuer:
+    config: IssuerConfig
+    keys: KeySource
+
+
+def _key_source(cfg: IssuerConfig) -> KeySource:
+    if cfg.jwks_file is not None:
+        return FileKeySource(cfg.jwks_file)
+    assert cfg.jwks_url is not None
+    return UrlKeySource(
+        cfg.jwks_url,
+        cache_seconds=cfg.jwks_cache_seconds,
+        min_refetch_seconds=cfg.jwks_min_refetch_seconds,
+        ca_file=cfg.jwks_ca_file,
+    )
+
+
+def _valid_agent_id(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_AGENT_ID_LENGTH
+        and value.isprintable()
+        and value.strip() == value
+    )
+
+
+class TokenVerifier:
+    def __init__(self, issuers: list[IssuerConfig], settings: IdentityConfig) -> None:
+        self.settings = settings
+        self._issuers = {cfg.issuer: _Issuer(cfg, _key_source(cfg)) for cfg in issuers}
+        self._cache: OrderedDict[bytes, AgentIdentity] = OrderedDict()
+
+    async def verify(self, token: str) -> AgentIdentity:
+        s = self.settings
+        if len(token) > s.max_token_bytes:
+            raise AuthError(f"token is larger than {s.max_token_bytes} bytes")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        now = time.time()
+        cached = self._cache.get(digest)
+        if cached is not None:
+            if cached.expires_at is None or now <= cached.expires_at + s.leeway_seconds:
+                return cached
+            del self._cache[digest]
+            raise AuthError("token has expired")
+        identity = await self._verify_uncached(token)
+        if s.cache_size:
+            self._cache[digest] = identity
+            if len(self._cache) > s.cache_size:
+                self._cache.popitem(last=False)
+        return identity
+
+    async def _verify_uncached(self, token: str) -> AgentIdentity:
+        s = self.settings
+        try:
+            header = jwt.get_unverified_header(token)
+            unverified = jwt.decode(token, options={"verify_signature": False})
+        except jwt.DecodeError:
+            raise AuthError("token is not a well-formed JWT") from None
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg.lower() == "none":
+            raise AuthError("token algorithm 'none' is not accepted")
+        iss = unverified.get("iss")
+        issuer = self._issuers.get(iss) if isinstance(iss, str) else None
+        if issuer is None:
+            raise AuthError("token issuer is not trusted")
+        cfg = issuer.config
+        if alg not in cfg.algorithms:
+            raise AuthError(f"token algorithm {alg} is not allowed for this issuer")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise AuthError("token key id (kid) is malformed")
+        key = await issuer.keys.get_key(kid)
+        required = ["iss", "aud", s.principal.agent_id_claim]
+        if s.require_exp:
+            required.append("exp")
+        try:
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=[alg],
+                audience=cfg.audience,
+                issuer=cfg.issuer,
+                leeway=s.leeway_seconds,
+                options={"require": required, "verify_signature": True},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError("token is not valid yet (nbf/iat in the future)") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("token audience is not accepted") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("token issuer is not trusted") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise AuthError(f"token lacks the required claim {e.claim!r}") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("token signature is invalid") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError("token algorithm does not match the issuer's key") from None
+        except jwt.PyJWTError as e:
+            raise AuthError(f"token is invalid ({type(e).__name__})") from None
+        agent_id = claims.get(s.principal.agent_id_claim)
+        if not _valid_agent_id(agent_id):
+            raise AuthError(f"token claim {s.principal.agent_id_claim!r} is not a valid agent id")
+        exp = claims.get("exp")
+        return AgentIdentity(
+            agent_id=agent_id,
+            issuer=cfg.issuer,
+            claims=claims,
+            expires_at=float(exp) if isinstance(exp, (int, float)) else None,
+        )

@@ -1,0 +1,319 @@
+"""Cedar policies: load once, validate strictly, evaluate fast, swap atomically on reload.
+
+A `PolicyBundle` is immutable: the cedarpy Schema, PolicySet and Entities
+handles are parsed once and reused for every request. `PolicyStore.reload()`
+builds a new bundle off to the side and swaps a single reference, so a request
+always sees one consistent set; a bundle that fails to parse or validate is
+rejected and the last good one stays active (and the failure is reported on
+the control API's health endpoints).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cedarpy
+
+log = logging.getLogger("proctor.policy")
+
+_POLICY_REF_RE = re.compile(r"`(policy\d+)`")
+
+
+class PolicyLoadError(Exception):
+    """The policy directory cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class PolicySource:
+    schema_path: Path
+    policy_dir: Path
+    entities_path: Path | None = None
+
+    def files(self) -> list[Path]:
+        files = [self.schema_path, *sorted(self.policy_dir.glob("*.cedar"))]
+        if self.entities_path is not None:
+            files.append(self.entities_path)
+        return files
+
+    def fingerprint(self) -> tuple:
+        """Cheap change detection: (path, mtime_ns, size) of every input file."""
+        out = []
+        for f in self.files():
+            try:
+                st = f.stat()
+                out.append((str(f), st.st_mtime_ns, st.st_size))
+            except FileNotFoundError:
+                out.append((str(f), None, None))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    policy_id: str  # the @id annotation
+    effect: str  # permit | forbid
+    file: str
+    annotations: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PolicyBundle:
+    revision: str
+    schema: Any  # cedarpy.Schema
+    policy_set: Any  # cedarpy.PolicySet
+    entities: Any  # cedarpy.Entities
+    static_uids: frozenset[tuple[str, str]]
+    by_internal_id: dict[str, PolicyInfo]  # "policy3" -> info
+    loaded_at: float
+    files: tuple[str, ...]
+
+    @property
+    def policy_count(self) -> int:
+        return len(self.by_internal_id)
+
+    def public_id(self, internal: str) -> str:
+        info = self.by_internal_id.get(internal)
+        return info.policy_id if info else internal
+
+
+@dataclass(frozen=True)
+class AuthzDecision:
+    allowed: bool
+    reasons: list[str]  # @ids of the determining policies
+    errors: list[str]  # evaluation errors (any error means deny)
+    error_policies: list[str] = field(default_factory=list)  # @ids of policies that errored
+
+
+def _read(path: Path, what: str, problems: list[str]) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        problems.append(f"{what} {path} does not exist")
+    except OSError as e:
+        problems.append(f"{what} {path}: {e}")
+    return None
+
+
+def _parse_schema(path: Path, text: str) -> Any:
+    if path.suffix == ".json":
+        return cedarpy.Schema.from_json_str(text)
+    return cedarpy.Schema.from_str(text)
+
+
+def load_bundle(source: PolicySource) -> PolicyBundle:
+    """Parse and strictly validate a policy directory; raise PolicyLoadError with every problem."""
+    problems: list[str] = []
+    hasher = hashlib.sha256()
+
+    schema_text = _read(source.schema_path, "schema", problems)
+    schema = None
+    if schema_text is not None:
+        hasher.update(schema_text.encode())
+        try:
+            schema = _parse_schema(source.schema_path, schema_text)
+        except ValueError as e:
+            problems.append(f"schema {source.schema_path.name}: {e}")
+
+    if not source.policy_dir.is_dir():
+        raise PolicyLoadError([*problems, f"policy directory {source.policy_dir} does not exist"])
+    policy_files = sorted(source.policy_dir.glob("*.cedar"))
+    if not policy_files:
+        problems.append(f"no *.cedar policy files in {source.policy_dir}")
+
+    # Parse each file on its own first, so syntax errors and missing @ids name their file.
+    texts: list[str] = []
+    owners: list[tuple[str, PolicyInfo | None]] = []  # per policy, in concatenation order
+    seen_ids: dict[str, str] = {}
+    for f in policy_files:
+        text = _read(f, "policy file", problems)
+        if text is None:
+            continue
+        hasher.update(f.name.encode() + b"\0" + text.encode())
+        try:
+            est = json.loads(cedarpy.policies_to_json_str(text))
+        except ValueError as e:
+            problems.append(f"{f.name}: syntax error: {e}")
+            continue
+        if est.get("templates"):
+            problems.append(f"{f.name}: policy templates are not supported yet")
+        for internal, pol in (est.get("staticPolicies") or {}).items():
+            annotations = pol.get("annotations") or {}
+            pid = annotations.get("id")
+            loc = f"{f.name} ({internal} in file order)"
+            if not pid:
+                problems.append(f"{loc}: every policy must carry a non-empty @id(\"...\") annotation")
+                owners.append((internal, None))
+                continue
+            if pid in seen_ids:
+                problems.append(f"{f.name}: duplicate @id {pid!r} (also in {seen_ids[pid]})")
+            seen_ids[pid] = f.name
+            owners.append(
+                (internal, PolicyInfo(policy_id=pid, effect=pol.get("effect", "?"), file=f.name, annotations=annotations))
+            )
+        texts.append(text)
+
+    entities_json = "[]"
+    if source.entities_path is not None:
+        ent_text = _read(source.entities_path, "entities file", problems)
+        if ent_text is not None:
+            hasher.update(ent_text.encode())
+            entities_json = ent_text
+
+    if problems:
+        raise PolicyLoadError(problems)
+
+    combined = "\n".join(texts)
+    result = cedarpy.validate_policies(combined, schema)
+    if not result.validation_passed:
+        for err in result.errors:
+            pid = result.id_annotations_by_policy_id.get(err.policy_id, err.policy_id)
+            problems.append(f"schema validation: policy {pid!r}: {err.error}")
+        raise PolicyLoadError(problems)
+
+    try:
+        policy_set = cedarpy.PolicySet.from_str(combined)
+    except ValueError as e:
+        raise PolicyLoadError([f"policy set: {e}"]) from None
+
+    # Map the combined set's positional ids to @ids via the EST of the combined text.
+    est = json.loads(cedarpy.policies_to_json_str(combined))
+    info_by_pid = {info.policy_id: info for _, info in owners if info is not None}
+    by_internal: dict[str, PolicyInfo] = {}
+    for internal, pol in (est.get("staticPolicies") or {}).items():
+        pid = (pol.get("annotations") or {}).get("id")
+        if pid in info_by_pid:
+            by_internal[internal] = info_by_pid[pid]
+
+    try:
+        entities = cedarpy.Entities.from_json_str(entities_json, schema)
+        raw_entities = json.loads(entities_json)
+    except ValueError as e:
+        raise PolicyLoadError([f"entities {source.entities_path}: {e}"]) from None
+    static_uids = frozenset(
+        (e["uid"]["type"], e["uid"]["id"]) for e in raw_entities if isinstance(e, dict) and "uid" in e
+    )
+
+    return PolicyBundle(
+        revision=hasher.hexdigest()[:16],
+        schema=schema,
+        policy_set=policy_set,
+        entities=entities,
+        static_uids=static_uids,
+        by_internal_id=by_internal,
+        loaded_at=time.time(),
+        files=tuple(str(f) for f in source.files()),
+    )
+
+
+@dataclass
+class ReloadStatus:
+    ok: bool = True
+    revision: str | None = None
+    loaded_at: float | None = None
+    last_attempt_at: float | None = None
+    last_error: list[str] = field(default_factory=list)
+    reloads: int = 0
+    failed_reloads: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "revision": self.revision,
+            "loaded_at": self.loaded_at,
+            "last_attempt_at": self.last_attempt_at,
+            "last_error": self.last_error,
+            "reloads": self.reloads,
+            "failed_reloads": self.failed_reloads,
+        }
+
+
+class PolicyStore:
+    """Holds the active bundle; evaluates requests against it."""
+
+    def __init__(self, source: PolicySource) -> None:
+        self.source = source
+        self.status = ReloadStatus()
+        self._fingerprint = source.fingerprint()
+        self.bundle = load_bundle(source)  # the first load must succeed: fail to start, loudly
+        self.status.revision = self.bundle.revision
+        self.status.loaded_at = self.bundle.loaded_at
+        log.info("loaded policy revision %s (%d policies)", self.bundle.revision, self.bundle.policy_count)
+
+    def reload_if_changed(self) -> bool | None:
+        """Reload when input files changed. True: swapped; False: rejected; None: unchanged."""
+        fp = self.source.fingerprint()
+        if fp == self._fingerprint:
+            return None
+        self._fingerprint = fp
+        return self.reload()
+
+    def reload(self) -> bool:
+        self.status.last_attempt_at = time.time()
+        try:
+            bundle = load_bundle(self.source)
+        except PolicyLoadError as e:
+            self.status.ok = False
+            self.status.last_error = e.problems
+            self.status.failed_reloads += 1
+            log.error(
+                "POLICY RELOAD REJECTED; still enforcing revision %s. Problems:\n  %s",
+                self.bundle.revision,
+                "\n  ".join(e.problems),
+            )
+            return False
+        except Exception as e:  # never let a reload crash the proxy
+            self.status.ok = False
+            self.status.last_error = [f"unexpected error: {e!r}"]
+            self.status.failed_reloads += 1
+            log.exception("POLICY RELOAD FAILED; still enforcing revision %s", self.bundle.revision)
+            return False
+        self.bundle = bundle  # the atomic swap: one reference assignment
+        self.status.ok = True
+        self.status.last_error = []
+        self.status.revision = bundle.revision
+        self.status.loaded_at = bundle.loaded_at
+        self.status.reloads += 1
+        log.warning("policy reloaded: now enforcing revision %s (%d policies)", bundle.revision, bundle.policy_count)
+        return True
+
+    def authorize(
+        self,
+        principal: dict,
+        action: str,
+        resource: dict,
+        context: dict,
+        extra_entities: list[dict],
+        bundle: PolicyBundle | None = None,
+    ) -> AuthzDecision:
+        """Evaluate one request. Errors and NoDecision are denials."""
+        b = bundle or self.bundle
+        dynamic = [e for e in extra_entities if (e["uid"]["type"], e["uid"]["id"]) not in b.static_uids]
+        entities = b.entities.with_added_json_str(json.dumps(dynamic)) if dynamic else b.entities
+        request = {
+            "principal": principal["uid"],
+            "action": {"type": "Action", "id": action},
+            "resource": resource["uid"],
+            "context": context,
+        }
+        result = cedarpy.is_authorized(request, b.policy_set, entities)
+        diag = result.diagnostics
+        reasons = [b.public_id(r) for r in diag.reasons]
+        errors: list[str] = []
+        error_policies: list[str] = []
+        for e in diag.errors:
+            text = str(e)
+            for m in _POLICY_REF_RE.finditer(text):
+                error_policies.append(b.public_id(m.group(1)))
+            errors.append(_POLICY_REF_RE.sub(lambda m: f"`{b.public_id(m.group(1))}`", text))
+        allowed = result.decision == cedarpy.Decision.Allow and not errors
+        return AuthzDecision(allowed=allowed, reasons=reasons, errors=errors, error_policies=error_policies)

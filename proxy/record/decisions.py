@@ -1,0 +1,99 @@
+"""The decision record: one JSON line per request, appended to a file.
+
+Each line is written with a single `write(2)` on an O_APPEND descriptor, so
+lines from one process never interleave and a crash loses at most the line
+being written. Only the fields below are ever written: no headers, no query
+string, no body, no token; secrets cannot reach this file by construction.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ..core.model import AgentRequest, Outcome
+
+log = logging.getLogger("proctor.record")
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def decision_record(
+    outcome: Outcome,
+    req: AgentRequest | None,
+    status: int | None,
+    upstream_status: int | None,
+    latency_ms: float | None,
+    decision_ms: float | None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    cls = outcome.classification
+    refusal = outcome.refusal
+    rec: dict[str, Any] = {
+        "decision_id": outcome.decision_id,
+        "time": iso(outcome.timestamp),
+        "agent": outcome.identity.agent_id if outcome.identity else None,
+        "issuer": outcome.identity.issuer if outcome.identity else None,
+        "action": cls.action if cls else None,
+        "resource": cls.resource_uid if cls else None,
+        "connector": cls.connector if cls else None,
+        "risk": cls.risk if cls else None,
+        "decision": outcome.decision.value,
+        "reasons": outcome.reasons if refusal is None else refusal.reasons,
+        "policy_revision": outcome.policy_revision or None,
+        "status": status,
+        "upstream_status": upstream_status,
+        "latency_ms": None if latency_ms is None else round(latency_ms, 3),
+        "decision_ms": None if decision_ms is None else round(decision_ms, 3),
+    }
+    if req is not None:
+        rec.update(
+            {
+                "method": req.method,
+                "host": req.host,
+                "port": req.port,
+                "path": req.path,
+                "mode": req.mode,
+                "client_ip": req.client_ip,
+            }
+        )
+    if refusal is not None:
+        rec["refusal"] = {"kind": refusal.kind, "title": refusal.title, "detail": refusal.detail}
+    if outcome.errors:
+        rec["errors"] = outcome.errors
+    if error:
+        rec["error"] = error
+    return rec
+
+
+class DecisionRecorder:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        self._lock = threading.Lock()
+        self.written = 0
+        self.failures = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+        try:
+            with self._lock:
+                os.write(self._fd, line)
+            self.written += 1
+        except OSError:
+            self.failures += 1
+            log.exception("cannot append to decision record %s", self.path)
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass

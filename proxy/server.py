@@ -1,0 +1,154 @@
+"""Wire the pieces together and run: `proctor run`.
+
+One asyncio loop hosts mitmproxy (agent listeners), the control API and the
+policy hot-reload watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+from mitmproxy import options as mitm_options
+from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+from .ca import ensure_ca
+from .config import ProctorConfig
+from .connectors.classifier import Classifier
+from .connectors.manifest import load_manifests
+from .control.api import build_app
+from .core.pipeline import Pipeline
+from .engine.gateway import GatewayRouter
+from .engine.mitm import ProctorAddon
+from .identity.dev_issuer import DevIssuer
+from .identity.verifier import TokenVerifier
+from .policy.engine import PolicySource, PolicyStore
+from .record.decisions import DecisionRecorder
+
+log = logging.getLogger("proctor")
+
+# Hard ceiling on any buffered HTTP message (memory protection). Request bodies
+# above `limits.max_body_bytes` are refused by the pipeline long before this.
+ENGINE_BODY_LIMIT = "64m"
+
+
+@dataclass
+class ProctorRuntime:
+    config: ProctorConfig
+    policies: PolicyStore
+    pipeline: Pipeline
+    recorder: DecisionRecorder
+    addon: ProctorAddon
+
+
+def build_runtime(config: ProctorConfig) -> ProctorRuntime:
+    """Everything but the network: fails fast (and clearly) on bad config, policies or connectors."""
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    if config.dev_issuer.enabled:
+        DevIssuer(config.dev_issuer_dir, config.dev_issuer).ensure()
+    ensure_ca(config.ca_dir)
+    policies = PolicyStore(PolicySource(config.schema_path, config.policies.dir, config.entities_path))
+    classifier = Classifier(
+        load_manifests(config.connectors_dir),
+        unclassified_hosts=config.egress.unclassified_hosts,
+        generic_default=config.egress.default == "generic",
+    )
+    verifier = TokenVerifier(config.effective_issuers(), config.identity_settings())
+    pipeline = Pipeline(config, verifier, classifier, policies)
+    recorder = DecisionRecorder(config.decisions_path)
+    router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
+    reverse_ports = {config.gateway.listen.port} if config.gateway.enabled else set()
+    addon = ProctorAddon(pipeline, recorder, router, reverse_ports)
+    return ProctorRuntime(config, policies, pipeline, recorder, addon)
+
+
+def mitm_options_for(config: ProctorConfig) -> dict:
+    """mitmproxy options (applied after the addons that declare them are loaded)."""
+    modes = [f"regular@{config.listen.host}:{config.listen.port}"]
+    if config.gateway.enabled:
+        gw = config.gateway.listen
+        # The reverse target is a placeholder: every request is re-targeted by
+        # the gateway router after it is allowed (lazy connect never dials it).
+        modes.append(f"reverse:http://127.0.0.1:9@{gw.host}:{gw.port}")
+    return dict(
+        mode=modes,
+        confdir=str(config.ca_dir),
+        connection_strategy="lazy",
+        rawtcp=False,
+        keep_host_header=True,
+        body_size_limit=ENGINE_BODY_LIMIT,
+        ssl_insecure=config.upstream.insecure_skip_verify,
+        ssl_verify_upstream_trusted_ca=str(config.upstream.ca_file) if config.upstream.ca_file else None,
+        websocket=True,
+        http3=False,
+    )
+
+
+async def _watch_policies(runtime: ProctorRuntime) -> None:
+    interval = runtime.config.policies.reload_interval_seconds
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            runtime.policies.reload_if_changed()
+        except Exception:
+            log.exception("policy watcher error")
+
+
+async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> None:
+    runtime = build_runtime(config)
+    if config.upstream.insecure_skip_verify:
+        log.warning("UPSTREAM TLS VERIFICATION IS DISABLED (upstream.insecure_skip_verify); never do this in production")
+
+    master = Master(mitm_options.Options(), with_termlog=False)
+    master.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        disable_h2c.DisableH2C(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        runtime.addon,
+    )
+    master.options.update(**mitm_options_for(config))
+
+    runner = None
+    if config.control.enabled:
+        runner = web.AppRunner(build_app(runtime), access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, config.control.listen.host, config.control.listen.port)
+        await site.start()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, master.shutdown)
+        except (NotImplementedError, RuntimeError):
+            pass
+
+    watcher = asyncio.create_task(_watch_policies(runtime))
+    b = runtime.policies.bundle
+    gw = f", gateway on {config.gateway.listen.host}:{config.gateway.listen.port}" if config.gateway.enabled else ""
+    log.info(
+        "proctor listening for agents on %s:%d%s; control API on %s:%d; policy revision %s (%d policies); "
+        "decisions -> %s",
+        config.listen.host,
+        config.listen.port,
+        gw,
+        config.control.listen.host,
+        config.control.listen.port,
+        b.revision,
+        b.policy_count,
+        config.decisions_path,
+    )
+    if ready is not None:
+        ready.set()
+    try:
+        await master.run()
+    finally:
+        watcher.cancel()
+        if runner is not None:
+            await runner.cleanup()
+        runtime.recorder.close()
