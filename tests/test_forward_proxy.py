@@ -1,0 +1,233 @@
+"""Forward-proxy mode through a real proxy process to a real upstream, with real clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import httpx
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+
+def _client_env(proxy_url: str, ca: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")}
+    # curl honours only the lower-case http_proxy (httpoxy protection): set both, as agents must.
+    env.update(
+        HTTP_PROXY=proxy_url, HTTPS_PROXY=proxy_url, http_proxy=proxy_url, https_proxy=proxy_url,
+        SSL_CERT_FILE=ca, REQUESTS_CA_BUNDLE=ca, CURL_CA_BUNDLE=ca,
+    )
+    return env
+
+
+def curl(env: dict, *args: str) -> tuple[int, dict, str]:
+    """Run curl with only environment configuration (like an unmodified agent)."""
+    out = subprocess.run(
+        ["curl", "-sS", "-i", "--max-time", "15", *args], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0, out.stderr
+    raw = out.stdout.replace("\r\n", "\n")
+    # skip the "HTTP/1.1 200 Connection established" block of a CONNECT
+    blocks = raw.split("\n\n")
+    while blocks and blocks[0].startswith("HTTP/") and " Connection established" in blocks[0].split("\n")[0]:
+        blocks = blocks[1:]
+    head, body = blocks[0], "\n\n".join(blocks[1:])
+    lines = head.split("\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, body
+
+
+@pytest.fixture
+def reader_token(idp):
+    return idp.token("reader-bot", groups=["readers"], team="ops")
+
+
+@pytest.fixture
+def writer_token(idp):
+    return idp.token("writer-bot", groups=["writers"])
+
+
+# ------------------------------------------------------------------ plain HTTP
+def test_curl_http_allowed_and_token_never_reaches_upstream(proctor, upstream, reader_token):
+    upstream.clear()
+    env = _client_env(proctor.proxy_url_with("reader-bot", reader_token), str(proctor.ca_pem))
+    status, headers, body = curl(env, f"http://127.0.0.1:{upstream.port}/items/42")
+    assert status == 200, body
+    assert json.loads(body)["path"] == "/items/42"
+    decision_id = headers["x-proctor-decision-id"]
+    got = upstream.last()
+    up_headers = upstream.headers_of(got)
+    assert "proxy-authorization" not in up_headers
+    assert reader_token not in json.dumps(got)
+    rec = proctor.decision(decision_id)
+    assert rec["decision"] == "allow"
+    assert rec["agent"] == "reader-bot"
+    assert rec["action"] == "test.item.read"
+    assert rec["resource"] == 'Item::"42"'
+    assert rec["reasons"] == ["agents-read-items"]
+    assert rec["upstream_status"] == 200
+    assert rec["latency_ms"] is not None
+
+
+def test_requests_http_denied_names_policy(proctor, upstream, reader_token):
+    upstream.clear()
+    proxies = {"http": proctor.proxy_url_with("reader-bot", reader_token)}
+    r = requests.delete(f"http://127.0.0.1:{upstream.port}/items/7", proxies=proxies, timeout=10)
+    assert r.status_code == 403
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["reasons"] == ["no-item-deletes"]
+    assert body["action"] == "test.item.delete"
+    assert body["resource"] == 'Item::"7"'
+    assert body["decision_id"] == r.headers["x-proctor-decision-id"]
+    assert body["title"] and body["detail"]
+    assert upstream.received() == [], "a denied request must not reach the upstream"
+    assert proctor.decision(body["decision_id"])["decision"] == "deny"
+
+
+def test_default_deny_when_no_policy_permits(proctor, upstream, reader_token):
+    proxies = {"http": proctor.proxy_url_with("reader-bot", reader_token)}
+    r = requests.get(f"http://127.0.0.1:{upstream.port}/secret/1", proxies=proxies, timeout=10)
+    assert r.status_code == 403
+    assert r.json()["reasons"] == []
+    assert "default deny" in r.json()["detail"]
+
+
+def test_json_body_reaches_policy_context(proctor, upstream, writer_token):
+    upstream.clear()
+    proxies = {"http": proctor.proxy_url_with("writer-bot", writer_token)}
+    small = requests.post(f"http://127.0.0.1:{upstream.port}/items", json={"amount": 10}, proxies=proxies, timeout=10)
+    assert small.status_code == 200
+    assert json.loads(upstream.last()["body"]) == {"amount": 10}
+    big = requests.post(f"http://127.0.0.1:{upstream.port}/items", json={"amount": 5000}, proxies=proxies, timeout=10)
+    assert big.status_code == 403
+    assert big.json()["reasons"] == ["no-big-orders"]
+
+
+def test_malformed_json_body_refused(proctor, upstream, writer_token):
+    proxies = {"http": proctor.proxy_url_with("writer-bot", writer_token)}
+    r = requests.post(
+        f"http://127.0.0.1:{upstream.port}/items",
+        data=b"{not json",
+        headers={"Content-Type": "application/json"},
+        proxies=proxies,
+        timeout=10,
+    )
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json()["detail"]
+
+
+def test_body_over_limit_refused(proctor, upstream, writer_token):
+    proxies = {"http": proctor.proxy_url_with("writer-bot", writer_token)}
+    r = requests.post(
+        f"http://127.0.0.1:{upstream.port}/items", data=b"x" * (1024 * 1024 + 1), proxies=proxies, timeout=10
+    )
+    assert r.status_code == 413
+    assert r.json()["decision_id"]
+
+
+def test_evaluation_error_denies(proctor, upstream, reader_token):
+    """Cedar skips an erroring forbid and would allow; Proctor must deny and name it."""
+    upstream.clear()
+    proxies = {"http": proctor.proxy_url_with("reader-bot", reader_token)}
+    r = requests.get(f"http://127.0.0.1:{upstream.port}/boom", proxies=proxies, timeout=10)
+    assert r.status_code == 403
+    body = r.json()
+    assert body["reasons"] == ["boom-overflow"]
+    assert "overflow" in body["detail"]
+    assert upstream.received() == []
+
+
+def test_unmapped_host_refused(proctor, reader_token):
+    proxies = {"http": proctor.proxy_url_with("reader-bot", reader_token)}
+    r = requests.get("http://127.0.0.1:9/anything", proxies=proxies, timeout=10)
+    assert r.status_code == 403
+    assert r.json()["reasons"] == ["egress-default-deny"]
+
+
+def test_unmapped_route_on_known_host_refused(proctor, upstream, reader_token):
+    proxies = {"http": proctor.proxy_url_with("reader-bot", reader_token)}
+    r = requests.get(f"http://127.0.0.1:{upstream.port}/admin/users", proxies=proxies, timeout=10)
+    assert r.status_code == 403
+    assert r.json()["reasons"] == ["egress-default-deny"]
+
+
+def test_bearer_proxy_authorization(proctor, upstream, reader_token):
+    r = httpx.Client(proxy=proctor.proxy_url, timeout=10).get(
+        f"http://127.0.0.1:{upstream.port}/items/1", headers={"Proxy-Authorization": f"Bearer {reader_token}"}
+    )
+    assert r.status_code == 200
+
+
+def test_username_must_match_subject(proctor, upstream, reader_token):
+    proxies = {"http": proctor.proxy_url_with("someone-else", reader_token)}
+    r = requests.get(f"http://127.0.0.1:{upstream.port}/items/1", proxies=proxies, timeout=10)
+    assert r.status_code == 407
+    assert "username must equal" in r.json()["detail"]
+
+
+def test_dev_issuer_token_works(proctor, upstream):
+    tok = proctor.dev_token("dev-agent", groups=["readers"])
+    proxies = {"http": proctor.proxy_url_with("dev-agent", tok)}
+    r = requests.get(f"http://127.0.0.1:{upstream.port}/items/1", proxies=proxies, timeout=10)
+    assert r.status_code == 200
+    assert proctor.decision(r.headers["x-proctor-decision-id"])["issuer"] == "proctor-dev"
+
+
+# ------------------------------------------------------------------ HTTPS (CONNECT + interception)
+def test_curl_https_through_connect(proctor, upstream_tls, reader_token):
+    upstream_tls.clear()
+    env = _client_env(proctor.proxy_url_with("reader-bot", reader_token), str(proctor.ca_pem))
+    status, headers, body = curl(env, f"https://localhost:{upstream_tls.port}/items/9")
+    assert status == 200, body
+    assert "x-proctor-decision-id" in headers
+    got = upstream_tls.last()
+    assert got["scheme"] == "https"
+    assert "proxy-authorization" not in upstream_tls.headers_of(got)
+    assert reader_token not in json.dumps(got)
+
+
+def test_requests_https_denied(proctor, upstream_tls, reader_token):
+    upstream_tls.clear()
+    proxies = {"https": proctor.proxy_url_with("reader-bot", reader_token)}
+    r = requests.delete(
+        f"https://localhost:{upstream_tls.port}/items/9", proxies=proxies, verify=str(proctor.ca_pem), timeout=10
+    )
+    assert r.status_code == 403
+    assert r.json()["reasons"] == ["no-item-deletes"]
+    assert upstream_tls.received() == []
+
+
+def test_httpx_https_allowed(proctor, upstream_tls, reader_token):
+    with httpx.Client(proxy=proctor.proxy_url_with("reader-bot", reader_token), verify=str(proctor.ca_pem), timeout=10) as c:
+        r1 = c.get(f"https://localhost:{upstream_tls.port}/items/1")
+        r2 = c.get(f"https://localhost:{upstream_tls.port}/items/2")  # same tunnel, bound identity
+    assert r1.status_code == 200 and r2.status_code == 200
+    rec = proctor.decision(r2.headers["x-proctor-decision-id"])
+    assert rec["agent"] == "reader-bot" and rec["resource"] == 'Item::"2"'
+
+
+def test_https_without_token_refused_at_connect(proctor, upstream_tls):
+    env = _client_env(proctor.proxy_url, str(proctor.ca_pem))
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_connect}", "--max-time", "10", f"https://localhost:{upstream_tls.port}/items/1"],
+        env=env, capture_output=True, text=True,
+    )
+    assert out.stdout.strip() == "407"
+
+
+def test_connect_to_unclassified_host_refused(proctor, reader_token):
+    env = _client_env(proctor.proxy_url_with("reader-bot", reader_token), str(proctor.ca_pem))
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_connect}", "--max-time", "10", "https://127.0.0.1:1/x"],
+        env=env, capture_output=True, text=True,
+    )
+    assert out.stdout.strip() == "403"
+
