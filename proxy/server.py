@@ -23,7 +23,7 @@ from .connectors.manifest import load_manifests
 from .control.api import build_app
 from .core.pipeline import Pipeline
 from .engine.gateway import GatewayRouter
-from .engine.mitm import ProctorAddon
+from .engine.mitm import ProctorAddon, install_error_responses
 from .identity.dev_issuer import DevIssuer
 from .identity.verifier import TokenVerifier
 from .policy.engine import PolicySource, PolicyStore
@@ -103,6 +103,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     if config.upstream.insecure_skip_verify:
         log.warning("UPSTREAM TLS VERIFICATION IS DISABLED (upstream.insecure_skip_verify); never do this in production")
 
+    install_error_responses()
     master = Master(mitm_options.Options(), with_termlog=False)
     master.addons.add(
         core.Core(),

@@ -231,3 +231,4 @@ def test_connect_to_unclassified_host_refused(proctor, reader_token):
     )
     assert out.stdout.strip() == "403"
 
+

@@ -17,6 +17,8 @@ about the engine's plumbing:
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
 import time
 import weakref
@@ -24,8 +26,10 @@ from typing import Any
 
 from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url as mitm_url
+from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, layer, layers, mode_specs
-from mitmproxy.proxy.layers.http import HTTPMode
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
 from mitmproxy.tcp import TCPFlow
 from mitmproxy.udp import UDPFlow
 
@@ -39,6 +43,47 @@ log = logging.getLogger("proctor.engine")
 
 META = "proctor"
 STREAM_RESPONSES_OVER = 256 * 1024
+
+
+# The decision behind an upstream failure, handed from our `error` hook to the
+# engine's error-response builder. mitmproxy runs a hook and the layer events
+# that follow it in one task, so a context variable carries it safely.
+_UPSTREAM_FAILURE: contextvars.ContextVar[tuple[str, str | None, str | None] | None] = contextvars.ContextVar(
+    "proctor_upstream_failure", default=None
+)
+
+
+def _is_timeout(message: str) -> bool:
+    m = message.lower()
+    return "timed out" in m or "timeout" in m
+
+
+def problem_error_response(status_code: int, message: str = "") -> bytes:
+    """Replacement for mitmproxy's HTML error page: problem+json with the decision id."""
+    failure = _UPSTREAM_FAILURE.get()
+    if failure is not None and status_code == 502 and _is_timeout(message):
+        status_code = 504
+    titles = {502: "Upstream unavailable", 504: "Upstream timed out", 400: "Bad request", 413: "Message too large"}
+    decision_id, action, resource = failure if failure is not None else (None, None, None)
+    body = {
+        "type": "https://proctor.dev/problems/upstream" if failure else "https://proctor.dev/problems/protocol",
+        "title": titles.get(status_code, "Proxy error"),
+        "status": status_code,
+        "detail": message,
+        "decision_id": decision_id,
+        "action": action,
+        "resource": resource,
+        "reasons": [],
+    }
+    headers = {"Content-Type": "application/problem+json", "Connection": "close", "Cache-Control": "no-store"}
+    if decision_id:
+        headers[DECISION_HEADER] = decision_id
+    resp = http.Response.make(status_code, json.dumps(body, separators=(",", ":")).encode(), headers)
+    return http1.assemble_response(resp)
+
+
+def install_error_responses() -> None:
+    _http1.make_error_response = problem_error_response
 
 
 class _RefuseConnection(layer.Layer):
@@ -189,7 +234,8 @@ class ProctorAddon:
         # the layer it sits on is the one just before it.
         idx = next((i for i, lyr in enumerate(ctx.layers) if lyr is chosen), len(ctx.layers))
         parent = ctx.layers[idx - 1] if idx > 0 else None
-        in_tunnel = isinstance(parent, layers.HttpLayer) and parent.mode == HTTPMode.regular
+        # A CONNECT tunnel's payload sits on the HttpStream that handled the CONNECT.
+        in_tunnel = isinstance(parent, HttpStream) and parent.mode == HTTPMode.regular
         if isinstance(chosen, (layers.TCPLayer, layers.UDPLayer)) or (
             in_tunnel and not isinstance(chosen, layers.ServerTLSLayer)
         ):
@@ -329,7 +375,9 @@ class ProctorAddon:
         if outcome.refusal is not None:
             return
         msg = flow.error.msg if flow.error else "upstream error"
-        status = 504 if "timed out" in msg.lower() or "timeout" in msg.lower() else 502
+        status = 504 if _is_timeout(msg) else 502
+        cls = outcome.classification
+        _UPSTREAM_FAILURE.set((outcome.decision_id, cls.action if cls else None, cls.resource_uid if cls else None))
         self._record(outcome, req, status, None, error=msg, decision_ms=decision_ms)
 
 
