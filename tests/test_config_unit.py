@@ -1,0 +1,40 @@
+"""Config validation: typos and dangerous settings are errors, paths resolve relative to the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import ConfigError, IssuerConfig, load_config
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("listen: {host: 127.0.0.1, prot: 1}\n")
+    with pytest.raises(ConfigError, match="prot"):
+        load_config(f)
+
+
+def test_paths_resolve_relative_to_config(tmp_path):
+    f = tmp_path / "sub" / "p.yaml"
+    f.parent.mkdir()
+    f.write_text("state_dir: st\npolicies: {dir: pol}\nconnectors_dir: con\n")
+    cfg = load_config(f)
+    assert cfg.state_dir == tmp_path / "sub" / "st"
+    assert cfg.policies.dir == tmp_path / "sub" / "pol"
+    assert cfg.schema_path == tmp_path / "sub" / "pol" / "schema.cedarschema"
+
+
+@pytest.mark.parametrize("alg", ["none", "HS256"])
+def test_insecure_algorithms_rejected(alg):
+    with pytest.raises(ValueError):
+        IssuerConfig(issuer="i", audience="a", jwks_file="x.json", algorithms=[alg])
+
+
+def test_jwks_url_must_be_https():
+    with pytest.raises(ValueError, match="https"):
+        IssuerConfig(issuer="i", audience="a", jwks_url="http://idp/jwks")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,53 @@
+"""Cedar context building and JSON conversion (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import PrincipalMapping
+from proxy.core.context import BodyRejected, parse_json_body, principal_entity, to_cedar
+from proxy.core.model import AgentIdentity, AgentRequest
+
+
+def req(body: bytes, ctype: str = "application/json") -> AgentRequest:
+    return AgentRequest("POST", "https", "h", 443, "/", "", {"content-type": ctype}, body, "127.0.0.1", "forward")
+
+
+def test_json_conversion():
+    assert to_cedar({"a": 1, "b": [True, "x"], "c": None, "d": 1.5, "e": 0.12345, "f": 2**70}) == {
+        "a": 1,
+        "b": [True, "x"],
+        "d": {"__extn": {"fn": "decimal", "arg": "1.5"}},
+    }
+
+
+def test_body_cannot_smuggle_extension_or_entity_escapes():
+    out = to_cedar({"__extn": {"fn": "ip", "arg": "10.0.0.1"}, "x": {"__entity": {"type": "Agent", "id": "admin"}}})
+    assert out == {"x": {}}
+
+
+def test_malformed_json_refused():
+    with pytest.raises(BodyRejected):
+        parse_json_body(req(b"{nope"), 32)
+
+
+def test_non_json_body_not_parsed():
+    assert parse_json_body(req(b"a=b", "application/x-www-form-urlencoded"), 32) is None
+
+
+def test_depth_limit():
+    deep = b"[" * 50 + b"]" * 50
+    with pytest.raises(BodyRejected, match="deeper"):
+        parse_json_body(req(deep), 32)
+
+
+def test_vendor_json_content_type_parsed():
+    assert parse_json_body(req(b'{"a": 1}', "application/vnd.api+json; charset=utf-8"), 32) == {"a": 1}
+
+
+def test_principal_mapping():
+    ident = AgentIdentity("bot", "iss", {"team": "ops", "groups": ["a", "", 3, "b"], "score": 1.25}, None)
+    ent = principal_entity(ident, PrincipalMapping(attributes={"team": "team", "score": "score", "missing": "nope"}))
+    assert ent["uid"] == {"type": "Agent", "id": "bot"}
+    assert ent["attrs"] == {"team": "ops", "score": {"__extn": {"fn": "decimal", "arg": "1.25"}}}
+    assert ent["parents"] == [{"type": "AgentGroup", "id": "a"}, {"type": "AgentGroup", "id": "b"}]
