@@ -1,0 +1,181 @@
+"""`proctor demo`: a mock ticketing system, the proxy on the embedded default, and scripted agents.
+
+Everything runs as separate processes on loopback, exactly as a user would run
+them: the agents are plain `requests` programs configured only through
+HTTP_PROXY/HTTPS_PROXY (see proxy/demo/agents.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..config import default_config
+from ..identity.dev_issuer import DevIssuer
+
+MOCK_PORT = 9101
+
+AGENTS = [
+    # (script, agent id, claims or None for "no token")
+    ("support", "support-bot", {"groups": ["support"], "team": "it-ops"}),
+    ("intern", "intern-bot", {"groups": ["interns"]}),
+    ("rogue", "rogue-script", None),
+]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail}")
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _http_ok(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:  # noqa: S310 - loopback only
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def _fmt_table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(out)
+
+
+def run_demo(keep_running: bool = False) -> int:
+    cfg = default_config()
+    busy = [p for p in (cfg.listen.port, cfg.control.listen.port, MOCK_PORT) if not _port_free(p)]
+    if busy:
+        print(f"proctor demo: port(s) {busy} on 127.0.0.1 are in use; stop whatever uses them and retry", file=sys.stderr)
+        return 2
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    logs = cfg.state_dir / "demo-logs"
+    logs.mkdir(exist_ok=True)
+    decisions = cfg.decisions_path
+    start_offset = decisions.stat().st_size if decisions.exists() else 0
+    py = sys.executable
+    procs: list[subprocess.Popen] = []
+    try:
+        mock_log = logs / "mock-ticketing.log"
+        procs.append(
+            subprocess.Popen(
+                [py, "-m", "proxy.demo.mock_ticketing", "--port", str(MOCK_PORT)],
+                stdout=open(mock_log, "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
+        proxy_log = logs / "proctor.log"
+        proxy = subprocess.Popen([py, "-m", "proxy.cli", "run"], stdout=open(proxy_log, "w"), stderr=subprocess.STDOUT)
+        procs.append(proxy)
+        print("proctor demo: starting the mock ticketing system (ServiceNow-style) and the proxy ...")
+        _wait(lambda: not _port_free(MOCK_PORT), 20, "mock ticketing", procs[0], mock_log)
+        _wait(lambda: _http_ok(f"http://127.0.0.1:{cfg.control.listen.port}/readyz"), 30, "proctor", proxy, proxy_log)
+
+        issuer = DevIssuer(cfg.dev_issuer_dir, cfg.dev_issuer)
+        ca_pem = cfg.ca_dir / "mitmproxy-ca-cert.pem"
+        results: list[dict] = []
+        for script, agent_id, claims in AGENTS:
+            if claims is None:
+                proxy_url = f"http://127.0.0.1:{cfg.listen.port}"
+            else:
+                token = issuer.issue(agent_id, claims, "15m")
+                proxy_url = f"http://{agent_id}:{token}@127.0.0.1:{cfg.listen.port}"
+            env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "no_proxy", "all_proxy")}
+            env.update(
+                HTTP_PROXY=proxy_url,
+                HTTPS_PROXY=proxy_url,
+                http_proxy=proxy_url,
+                https_proxy=proxy_url,
+                SSL_CERT_FILE=str(ca_pem),
+                REQUESTS_CA_BUNDLE=str(ca_pem),
+            )
+            out = subprocess.run([py, "-m", "proxy.demo.agents", script], env=env, capture_output=True, text=True, timeout=60)
+            if out.returncode != 0:
+                print(out.stderr, file=sys.stderr)
+                raise RuntimeError(f"demo agent {script} failed")
+            results += [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+
+        time.sleep(0.2)  # let the last records land
+        with open(decisions, "rb") as f:
+            f.seek(start_offset)
+            recs = {r["decision_id"]: r for r in (json.loads(x) for x in f.read().decode().splitlines() if x.strip())}
+        rows = []
+        for res in results:
+            rec = recs.get(res["decision_id"] or "", {})
+            outcome = rec.get("decision", "?")
+            if outcome == "allow":
+                verdict = "ALLOWED"
+            elif res["status"] in (401, 407):
+                verdict = "REFUSED (auth)"
+            else:
+                verdict = "DENIED"
+            why = ", ".join(rec.get("reasons") or [])
+            if not why and (rec.get("refusal") or {}).get("kind") == "policy":
+                why = "no policy permits it (default deny)"
+            why = why or (rec.get("refusal") or {}).get("title", "")
+            rows.append(
+                [res["agent"], res["step"], rec.get("action") or "-", verdict, str(res["status"]), why or "-"]
+            )
+        print()
+        print(_fmt_table(rows, ["agent", "what it tried", "action", "decision", "status", "policy / reason"]))
+        print()
+        print(f"Every decision is in {decisions} (one JSON line each); look one up by its X-Proctor-Decision-Id.")
+        allowed = sum(1 for r in rows if r[3] == "ALLOWED")
+        print(f"{len(rows)} calls: {allowed} allowed, {len(rows) - allowed} refused.")
+        if keep_running:
+            print(
+                f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on 127.0.0.1:{cfg.control.listen.port}, "
+                f"mock ticketing on 127.0.0.1:{MOCK_PORT}. Try:\n"
+                f"  export TOKEN=$(proctor token issue --agent support-bot --claim 'groups=[\"support\"]')\n"
+                f"  curl -x http://support-bot:$TOKEN@127.0.0.1:{cfg.listen.port} http://127.0.0.1:{MOCK_PORT}/api/now/table/incident\n"
+                "Press Ctrl-C to stop."
+            )
+            try:
+                while all(p.poll() is None for p in procs):
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                pass
+        return 0
+    except RuntimeError as e:
+        print(f"proctor demo failed: {e}\nlogs: {logs}", file=sys.stderr)
+        return 1
+    finally:
+        _stop(procs)
