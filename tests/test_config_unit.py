@@ -38,3 +38,11 @@ def test_jwks_url_must_be_https():
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_deploy_example_config_is_valid():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "deploy" / "proctor.yaml")
+    assert cfg.dev_issuer.enabled is False
+    assert [i.issuer for i in cfg.effective_issuers()] == ["https://idp.example.com/"]
