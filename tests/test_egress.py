@@ -18,7 +18,7 @@ def test_unclassified_host_allowlisted_goes_through_cedar_and_502s_when_down(pro
     r = requests.get(f"http://127.0.0.1:{dead}/x", proxies={"http": p.proxy_url_with("outsider", outsider)}, timeout=10)
     assert r.status_code == 403
     assert r.json()["action"] == "http.request"
-    assert r.json()["resource"] == f'HttpHost::"127.0.0.1"'
+    assert r.json()["resource"] == 'HttpHost::"127.0.0.1"'
     # permitted agent: allowed, upstream is down -> 502 problem+json with the decision id
     tok = idp.token("egress-bot", groups=["egress"])
     r = requests.get(f"http://127.0.0.1:{dead}/x", proxies={"http": p.proxy_url_with("egress-bot", tok)}, timeout=10)

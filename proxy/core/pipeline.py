@@ -29,6 +29,18 @@ def new_decision_id() -> str:
     return f"{int(time.time() * 1000):012x}-{uuid.uuid4().hex[:20]}"
 
 
+def new_outcome(refusal: Refusal | None = None, identity: AgentIdentity | None = None) -> Outcome:
+    return Outcome(
+        decision_id=new_decision_id(),
+        decision=Decision.DENY,
+        started=time.perf_counter(),
+        timestamp=time.time(),
+        identity=identity,
+        refusal=refusal,
+        strip_headers=(PROXY_AUTHORIZATION,),
+    )
+
+
 def normalise_ip(ip: str) -> str:
     try:
         addr = ipaddress.ip_address(ip.split("%")[0])
@@ -101,15 +113,37 @@ class Pipeline:
             strip.append(AUTHORIZATION)
         return identity, None, tuple(strip)
 
+    # -- CONNECT: admit a tunnel ------------------------------------------------
+    async def admit_tunnel(self, req: AgentRequest) -> Outcome:
+        """Authenticate a CONNECT and refuse tunnels to hosts nothing could classify.
+
+        An admitted tunnel carries no decision of its own: every request inside it
+        is decided separately, with the identity proven here.
+        """
+        outcome = new_outcome()
+        try:
+            identity, refusal, _ = await self.authenticate(req)
+        except Exception as e:
+            log.exception("CONNECT authentication error (decision %s); refusing", outcome.decision_id)
+            outcome.errors.append(f"{type(e).__name__}: {e}")
+            identity, refusal = None, Refusal(503, "Proctor could not decide", "internal error; tunnel refused (fail closed)", kind="fail-closed")
+        outcome.identity = identity
+        if refusal is None and not self.classifier.knows_host(req.host, req.port):
+            refusal = Refusal(
+                403,
+                "Egress not permitted",
+                f"no connector covers {req.host}:{req.port}; tunnels to unclassified hosts are refused",
+                reasons=["egress-default-deny"],
+                kind="egress",
+            )
+        outcome.refusal = refusal
+        if refusal is None:
+            outcome.decision = Decision.ALLOW
+        return outcome
+
     # -- the whole decision -----------------------------------------------------
     async def decide(self, req: AgentRequest) -> Outcome:
-        outcome = Outcome(
-            decision_id=new_decision_id(),
-            decision=Decision.DENY,
-            started=time.perf_counter(),
-            timestamp=time.time(),
-            strip_headers=(PROXY_AUTHORIZATION,),
-        )
+        outcome = new_outcome()
         try:
             await self._decide(req, outcome)
         except Exception as e:  # fail closed on anything unexpected

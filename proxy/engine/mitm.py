@@ -33,8 +33,8 @@ from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
 from mitmproxy.tcp import TCPFlow
 from mitmproxy.udp import UDPFlow
 
-from ..core.model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
-from ..core.pipeline import Pipeline, new_decision_id, normalise_ip
+from ..core.model import AgentIdentity, AgentRequest, Outcome, Refusal
+from ..core.pipeline import Pipeline, new_outcome, normalise_ip
 from ..core.problem import DECISION_HEADER, problem_response
 from ..record.decisions import DecisionRecorder, decision_record
 from .gateway import GatewayRouter
@@ -158,15 +158,9 @@ class ProctorAddon:
         status, headers, body = problem_response(outcome)
         flow.response = http.Response.make(status, body, headers)
 
-    def _standalone_refusal(self, refusal: Refusal, identity: AgentIdentity | None = None) -> Outcome:
-        return Outcome(
-            decision_id=new_decision_id(),
-            decision=Decision.DENY,
-            started=time.perf_counter(),
-            timestamp=time.time(),
-            identity=identity,
-            refusal=refusal,
-        )
+    @staticmethod
+    def _standalone_refusal(refusal: Refusal, identity: AgentIdentity | None = None) -> Outcome:
+        return new_outcome(refusal, identity)
 
     def _agent_request(self, flow: http.HTTPFlow, reverse: bool) -> AgentRequest:
         r = flow.request
@@ -202,25 +196,14 @@ class ProctorAddon:
             client_ip=normalise_ip(flow.client_conn.peername[0]) if flow.client_conn.peername else "0.0.0.0",
             mode="forward",
         )
-        outcome = self._standalone_refusal(Refusal(0, "", ""))
-        outcome.refusal = None
-        identity, refusal, _ = await self.pipeline.authenticate(req)
-        outcome.identity = identity
-        if refusal is None and not self.pipeline.classifier.knows_host(req.host, req.port):
-            refusal = Refusal(
-                403,
-                "Egress not permitted",
-                f"no connector covers {req.host}:{req.port}; tunnels to unclassified hosts are refused",
-                reasons=["egress-default-deny"],
-                kind="egress",
-            )
+        outcome = await self.pipeline.admit_tunnel(req)
         flow.request.headers.pop("proxy-authorization", None)
-        if refusal is not None:
-            outcome.refusal = refusal
+        if outcome.refusal is not None:
             self.stats["tunnels_refused"] += 1
             self._refuse(flow, outcome)
-            self._record(outcome, req, refusal.status)
+            self._record(outcome, req, outcome.refusal.status)
             return
+        identity = outcome.identity
         assert identity is not None
         self.tunnel_identity[flow.client_conn] = identity
 
