@@ -77,7 +77,7 @@ def token_issue(agent: str, claims: tuple[str, ...], ttl: str | None, config_pat
     from .identity.dev_issuer import DevIssuer
 
     config = _load(config_path)
-    if not config.dev_issuer.enabled:
+    if not config.dev_issuer_enabled:
         raise click.ClickException("the dev issuer is disabled in this config (dev_issuer.enabled: false)")
     extra = {}
     for c in claims:
@@ -136,7 +136,7 @@ def policy_validate(config_path: str | None, policy_dir: str | None, schema_file
     schema = Path(schema_file) if schema_file else (pdir / "schema.cedarschema" if policy_dir else config.schema_path)
     entities = pdir / "entities.json" if policy_dir else config.entities_path
     try:
-        bundle = load_bundle(PolicySource(schema, pdir, entities if entities and entities.exists() else None))
+        bundle = load_bundle(PolicySource(schema, pdir, entities))
     except PolicyLoadError as e:
         for p in e.problems:
             click.echo(f"error: {p}", err=True)

@@ -105,7 +105,10 @@ class IdentityConfig(Strict):
 class DevIssuerConfig(Strict):
     """The embedded dev issuer: a key pair generated on first run in the state directory."""
 
-    enabled: bool = True
+    # Default: on only when no `identity` section names a real issuer. Anyone who
+    # can read the state directory can mint dev tokens, so never leave it on in
+    # production.
+    enabled: bool | None = None
     issuer: str = DEV_ISSUER
     audience: str = DEV_AUDIENCE
     default_ttl: str = "1h"
@@ -167,10 +170,23 @@ class RequestLimits(Strict):
     context_headers: list[str] = Field(
         default_factory=lambda: ["content-type", "user-agent", "idempotency-key", "x-request-id"]
     )
+    # Engine ceiling for any buffered HTTP message, requests and responses alike
+    # (responses with a larger Content-Length get 502; chunked ones are streamed).
+    engine_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
+    @field_validator("context_headers")
+    @classmethod
+    def _lower(cls, v: list[str]) -> list[str]:
+        names = [h.strip().lower() for h in v]
+        for forbidden in ("authorization", "proxy-authorization", "cookie"):
+            if forbidden in names:
+                raise ValueError(f"{forbidden} may not be copied into the policy context (it carries secrets)")
+        return names
 
 
 class UpstreamConfig(Strict):
-    # Upstream TLS is verified against the system store, plus this bundle if set.
+    # Upstream TLS is verified against the Mozilla CA bundle (certifi), or, when
+    # set, against this PEM bundle instead.
     ca_file: Path | None = None
     # Never verify upstream TLS (tests against self-signed servers only). Loud warning.
     insecure_skip_verify: bool = False
@@ -201,6 +217,12 @@ class ProctorConfig(Strict):
 
     # -- derived paths ---------------------------------------------------------
     @property
+    def dev_issuer_enabled(self) -> bool:
+        if self.dev_issuer.enabled is None:
+            return self.identity is None
+        return self.dev_issuer.enabled
+
+    @property
     def ca_dir(self) -> Path:
         return self.state_dir / "ca"
 
@@ -217,16 +239,14 @@ class ProctorConfig(Strict):
         return self.policies.schema_file or (self.policies.dir / "schema.cedarschema")
 
     @property
-    def entities_path(self) -> Path | None:
-        if self.policies.entities_file:
-            return self.policies.entities_file
-        candidate = self.policies.dir / "entities.json"
-        return candidate if candidate.exists() else None
+    def entities_path(self) -> Path:
+        """Static entities; an absent file means none (and is picked up when created)."""
+        return self.policies.entities_file or (self.policies.dir / "entities.json")
 
     def effective_issuers(self) -> list[IssuerConfig]:
         """Configured issuers, plus the dev issuer when it is enabled."""
         issuers = list(self.identity.issuers) if self.identity else []
-        if self.dev_issuer.enabled:
+        if self.dev_issuer_enabled:
             issuers.append(
                 IssuerConfig(
                     issuer=self.dev_issuer.issuer,
@@ -253,6 +273,8 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
             p = Path(os.path.expanduser(d[key]))
             d[key] = str(p if p.is_absolute() else base / p)
 
+    # Without an explicit state_dir, state lives next to the config file.
+    raw.setdefault("state_dir", ".proctor")
     fix(raw, "state_dir")
     fix(raw, "connectors_dir")
     pol = raw.get("policies")

@@ -31,9 +31,6 @@ from .record.decisions import DecisionRecorder
 
 log = logging.getLogger("proctor")
 
-# Hard ceiling on any buffered HTTP message (memory protection). Request bodies
-# above `limits.max_body_bytes` are refused by the pipeline long before this.
-ENGINE_BODY_LIMIT = "64m"
 
 
 @dataclass
@@ -48,7 +45,7 @@ class ProctorRuntime:
 def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     """Everything but the network: fails fast (and clearly) on bad config, policies or connectors."""
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    if config.dev_issuer.enabled:
+    if config.dev_issuer_enabled:
         DevIssuer(config.dev_issuer_dir, config.dev_issuer).ensure()
     ensure_ca(config.ca_dir)
     policies = PolicyStore(PolicySource(config.schema_path, config.policies.dir, config.entities_path))
@@ -80,10 +77,16 @@ def mitm_options_for(config: ProctorConfig) -> dict:
         connection_strategy="lazy",
         rawtcp=False,
         keep_host_header=True,
-        body_size_limit=ENGINE_BODY_LIMIT,
+        # Hard ceiling on any buffered HTTP message (memory protection, enforced by
+        # the engine before authentication). Request bodies above
+        # limits.max_body_bytes are refused by the pipeline long before this.
+        body_size_limit=str(config.limits.engine_max_message_bytes),
         ssl_insecure=config.upstream.insecure_skip_verify,
         ssl_verify_upstream_trusted_ca=str(config.upstream.ca_file) if config.upstream.ca_file else None,
         websocket=True,
+        # HTTP/1.1 only towards agents and upstreams: ALPN never offers h2, so every
+        # refusal and engine error reaches the agent as problem+json.
+        http2=False,
         http3=False,
     )
 

@@ -318,6 +318,8 @@ def start_proctor(
             ],
             "principal": {"attributes": {"team": "team"}, "groups_claim": "groups"},
         },
+        # on beside the test IdP so tests can also use `proctor token issue`
+        "dev_issuer": {"enabled": True},
         "connectors_dir": "connectors",
         "policies": {"dir": "policies", "reload_interval_seconds": 0.2},
         "upstream": {"ca_file": str(pki.ca_pem)},

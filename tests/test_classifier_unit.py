@@ -115,3 +115,18 @@ def test_bundled_connectors_load():
     from proxy.config import default_config
 
     assert {m.name for m in load_manifests(default_config().connectors_dir)} >= {"ticketing"}
+
+
+def test_invalid_utf8_percent_encoding_refused(clf):
+    with pytest.raises(PathRejected, match="UTF-8"):
+        clf.classify("GET", "api.example.com", 443, "/items/%ff")
+
+
+def test_default_resource_id_is_the_path():
+    m = manifest(routes=[{"method": "GET", "path": "/reports/{year}", "action": "r", "resource": {"type": "Report"}}])
+    assert Classifier([m]).classify("GET", "api.example.com", 443, "/reports/2026").resource_id == "/reports/2026"
+
+
+def test_star_id_needs_a_tail():
+    with pytest.raises(Exception, match="no \\{\\*\\} tail"):
+        manifest(routes=[{"method": "GET", "path": "/a", "action": "x", "resource": {"type": "T", "id": "{*}"}}])

@@ -46,3 +46,24 @@ def test_deploy_example_config_is_valid():
     cfg = load_config(Path(__file__).resolve().parent.parent / "deploy" / "proctor.yaml")
     assert cfg.dev_issuer.enabled is False
     assert [i.issuer for i in cfg.effective_issuers()] == ["https://idp.example.com/"]
+
+
+def test_dev_issuer_off_when_a_real_issuer_is_configured(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("identity:\n  issuers:\n    - {issuer: https://idp, audience: a, jwks_file: j.json}\n")
+    cfg = load_config(f)
+    assert cfg.dev_issuer_enabled is False
+    assert [i.issuer for i in cfg.effective_issuers()] == ["https://idp"]
+    (tmp_path / "q.yaml").write_text("{}\n")
+    assert load_config(tmp_path / "q.yaml").dev_issuer_enabled is True
+
+
+def test_state_dir_defaults_next_to_config(tmp_path):
+    (tmp_path / "p.yaml").write_text("{}\n")
+    assert load_config(tmp_path / "p.yaml").state_dir == tmp_path / ".proctor"
+
+
+def test_secret_headers_cannot_enter_policy_context(tmp_path):
+    (tmp_path / "p.yaml").write_text("limits: {context_headers: [X-Team, Authorization]}\n")
+    with pytest.raises(ConfigError, match="authorization"):
+        load_config(tmp_path / "p.yaml")

@@ -141,7 +141,10 @@ def test_evaluation_error_denies(proctor, upstream, reader_token):
     assert r.status_code == 403
     body = r.json()
     assert body["reasons"] == ["boom-overflow"]
-    assert "overflow" in body["detail"]
+    assert "overflow" in body["detail"] and "@boom-overflow" in body["detail"]
+    # Cedar quotes the operands it failed on (they may come from a body or a claim): elided
+    assert "9223372036854775807" not in body["detail"]
+    assert "9223372036854775807" not in json.dumps(proctor.decision(body["decision_id"]))
     assert upstream.received() == []
 
 
@@ -232,3 +235,19 @@ def test_connect_to_unclassified_host_refused(proctor, reader_token):
     assert out.stdout.strip() == "403"
 
 
+
+
+def test_message_over_engine_ceiling_is_refused_and_recorded(proctor_factory, upstream, writer_token):
+    p = proctor_factory({"limits": {"engine_max_message_bytes": 2 * 1024 * 1024}})
+    before = len(p.decisions())
+    r = requests.post(
+        f"http://127.0.0.1:{upstream.port}/items",
+        data=b"x" * (3 * 1024 * 1024),
+        proxies={"http": p.proxy_url_with("writer-bot", writer_token)},
+        timeout=15,
+    )
+    assert r.status_code == 413
+    assert r.headers["content-type"] == "application/problem+json"
+    assert r.json()["decision_id"] == r.headers["x-proctor-decision-id"]
+    recs = p.decisions()[before:]
+    assert any(rec["status"] == 413 and rec["decision"] == "deny" for rec in recs)

@@ -51,6 +51,12 @@ def test_gateway_no_token_is_401(proctor, upstream):
     assert r.json()["decision_id"] == r.headers["x-proctor-decision-id"]
 
 
+def test_gateway_unknown_route_needs_authentication_first(proctor):
+    """Anonymous callers cannot probe which routes exist."""
+    r = requests.get(f"{proctor.gateway_url}/nothing/here", timeout=10)
+    assert r.status_code == 401
+
+
 def test_gateway_unknown_route_404(proctor, idp):
     tok = idp.token("gw-bot", groups=["readers"])
     r = requests.get(f"{proctor.gateway_url}/nothing/here", headers={"Authorization": f"Bearer {tok}"}, timeout=10)

@@ -45,7 +45,10 @@ def normalise_path(raw_path: str) -> list[str]:
         lowered = raw.lower()
         if "%2f" in lowered or "%5c" in lowered or "\\" in raw:
             raise PathRejected("encoded slash or backslash in path")
-        seg = unquote(raw, errors="strict")
+        try:
+            seg = unquote(raw, errors="strict")
+        except UnicodeDecodeError:
+            raise PathRejected("percent-encoding in path is not valid UTF-8") from None
         if seg in (".", ".."):
             raise PathRejected("dot segment in path")
         if "%" in seg and unquote(seg) != seg:
@@ -179,6 +182,8 @@ class Classifier:
                 if values is None:
                     continue
                 resource_id = route.spec.resource.id
+                if resource_id is None:  # default: the request path itself
+                    resource_id = "/" + "/".join(segs)
                 for name, value in values.items():
                     resource_id = resource_id.replace("{" + name + "}", value)
                 return Classification(

@@ -36,7 +36,8 @@ class _Strict(BaseModel):
 
 class ResourceSpec(_Strict):
     type: str
-    id: str = "{*}"
+    # Template such as "{sys_id}" or a literal; default: the normalised request path.
+    id: str | None = None
 
     @field_validator("type")
     @classmethod
@@ -82,7 +83,9 @@ class RouteSpec(_Strict):
     @model_validator(mode="after")
     def _resource_params(self) -> "RouteSpec":
         params = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.path))
-        for used in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.resource.id):
+        if self.resource.id is not None and "{*}" in self.resource.id and not self.path.rstrip("/").endswith("{*}"):
+            raise ValueError(f"resource id uses {{*}}, but the path {self.path!r} has no {{*}} tail")
+        for used in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.resource.id or ""):
             if used not in params:
                 raise ValueError(f"resource id uses {{{used}}}, which the path {self.path!r} does not define")
         return self

@@ -73,7 +73,10 @@ def principal_entity(identity: AgentIdentity, mapping: PrincipalMapping) -> dict
     attrs: dict[str, Any] = {}
     for attr, claim in mapping.attributes.items():
         if claim in identity.claims:
-            v = to_cedar(identity.claims[claim])
+            try:
+                v = to_cedar(identity.claims[claim])
+            except BodyRejected:  # absurdly nested claim: leave the attribute out
+                continue
             if v is not _OMIT:
                 attrs[attr] = v
     parents = []

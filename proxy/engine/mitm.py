@@ -66,7 +66,7 @@ def problem_error_response(status_code: int, message: str = "") -> bytes:
     titles = {502: "Upstream unavailable", 504: "Upstream timed out", 400: "Bad request", 413: "Message too large"}
     decision_id, action, resource = failure if failure is not None else (None, None, None)
     body = {
-        "type": "https://proctor.dev/problems/upstream" if failure else "https://proctor.dev/problems/protocol",
+        "type": "https://proctor.dev/problems/" + ("upstream" if status_code in (502, 504) else "protocol"),
         "title": titles.get(status_code, "Proxy error"),
         "status": status_code,
         "detail": message,
@@ -296,18 +296,7 @@ class ProctorAddon:
         if reverse:
             target = self.router.route(flow.request.host_header, flow.request.path.partition("?")[0]) if self.router else None
             if target is None:
-                outcome = self._standalone_refusal(
-                    Refusal(
-                        404,
-                        "No gateway route",
-                        f"no gateway route matches {flow.request.host_header or ''}{flow.request.path.partition('?')[0]}",
-                        reasons=["no-route"],
-                        kind="route",
-                    )
-                )
-                self._refuse(flow, outcome)
-                self._record(outcome, self._agent_request(flow, reverse), 404)
-                self.stats["refused"] += 1
+                await self._refuse_unrouted(flow)
                 return
             query = flow.request.path.partition("?")[2]
             flow.request.scheme = target.scheme
@@ -328,6 +317,29 @@ class ProctorAddon:
         self.stats["allowed"] += 1
         if reverse and target is not None:
             flow.request.host_header = mitm_url.hostport(target.scheme, target.host, target.port)
+
+    async def _refuse_unrouted(self, flow: http.HTTPFlow) -> None:
+        """No gateway route: authenticate first (so routes cannot be probed anonymously), then 404."""
+        req = self._agent_request(flow, reverse=True)
+        host, port = flow.request.host_header or "", 0
+        try:
+            host, port = mitm_url.parse_authority(host, check=False)
+        except ValueError:
+            pass
+        req.host, req.port = host or "", port or (flow.client_conn.sockname[1] if flow.client_conn.sockname else 0)
+        identity, refusal, _ = await self.pipeline.authenticate(req)
+        if refusal is None:
+            refusal = Refusal(
+                404,
+                "No gateway route",
+                f"no gateway route matches {req.host}{req.path}",
+                reasons=["no-route"],
+                kind="route",
+            )
+        outcome = self._standalone_refusal(refusal, identity)
+        self.stats["refused"] += 1
+        self._refuse(flow, outcome)
+        self._record(outcome, req, refusal.status)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
@@ -353,6 +365,7 @@ class ProctorAddon:
     def error(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
         if meta is None:
+            self._engine_refusal(flow)
             return
         outcome, req, decision_ms = meta
         if outcome.refusal is not None:
@@ -362,6 +375,21 @@ class ProctorAddon:
         cls = outcome.classification
         _UPSTREAM_FAILURE.set((outcome.decision_id, cls.action if cls else None, cls.resource_uid if cls else None))
         self._record(outcome, req, status, None, error=msg, decision_ms=decision_ms)
+
+
+    def _engine_refusal(self, flow: http.HTTPFlow) -> None:
+        """The engine refused before any decision (message over the engine's size ceiling): record it."""
+        msg = flow.error.msg if flow.error else ""
+        if "body_size_limit" not in msg:
+            return  # e.g. the client went away mid-request: nothing was decided or forwarded
+        outcome = self._standalone_refusal(
+            Refusal(413, "Message too large", msg.replace("mitmproxy's ", "the engine's "), kind="request")
+        )
+        _UPSTREAM_FAILURE.set((outcome.decision_id, None, None))
+        reverse = self._is_reverse(flow)
+        self.recorder.write(
+            decision_record(outcome, self._agent_request(flow, reverse), 413, None, None, None, error=msg)
+        )
 
 
 def addon_summary(addon: ProctorAddon) -> dict[str, Any]:

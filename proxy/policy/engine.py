@@ -24,6 +24,21 @@ import cedarpy
 log = logging.getLogger("proctor.policy")
 
 _POLICY_REF_RE = re.compile(r"`(policy\d+)`")
+_QUOTED_RE = re.compile(r"`[^`]*`")
+
+
+def sanitise_error(text: str, bundle: "PolicyBundle") -> str:
+    """A Cedar evaluation error with policy ids mapped to @ids and every quoted value elided.
+
+    Cedar quotes the operands it failed on, which may come from a request body
+    or a claim: those must not reach the agent, the decision record or logs.
+    """
+    text = _POLICY_REF_RE.sub(lambda m: f"@{b_id(bundle, m.group(1))}", text)
+    return _QUOTED_RE.sub("`…`", text)
+
+
+def b_id(bundle: "PolicyBundle", internal: str) -> str:
+    return bundle.public_id(internal)
 
 
 class PolicyLoadError(Exception):
@@ -163,7 +178,7 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         texts.append(text)
 
     entities_json = "[]"
-    if source.entities_path is not None:
+    if source.entities_path is not None and source.entities_path.exists():
         ent_text = _read(source.entities_path, "entities file", problems)
         if ent_text is not None:
             hasher.update(ent_text.encode())
@@ -211,7 +226,7 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         static_uids=static_uids,
         by_internal_id=by_internal,
         loaded_at=time.time(),
-        files=tuple(str(f) for f in source.files()),
+        files=tuple(str(f) for f in source.files() if f.exists()),
     )
 
 
@@ -314,6 +329,6 @@ class PolicyStore:
             text = str(e)
             for m in _POLICY_REF_RE.finditer(text):
                 error_policies.append(b.public_id(m.group(1)))
-            errors.append(_POLICY_REF_RE.sub(lambda m: f"`{b.public_id(m.group(1))}`", text))
+            errors.append(sanitise_error(text, b))
         allowed = result.decision == cedarpy.Decision.Allow and not errors
         return AuthzDecision(allowed=allowed, reasons=reasons, errors=errors, error_policies=error_policies)
