@@ -80,6 +80,17 @@ class RouteSpec(_Strict):
             raise ValueError(f"action {v!r} may contain only letters, digits and . _ : -")
         return v
 
+    @field_validator("attributes")
+    @classmethod
+    def _attributes(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from ..core.context import BodyRejected, to_cedar
+
+        try:
+            to_cedar(v)
+        except BodyRejected as e:
+            raise ValueError(f"attributes: {e}") from None
+        return v
+
     @model_validator(mode="after")
     def _resource_params(self) -> "RouteSpec":
         params = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.path))

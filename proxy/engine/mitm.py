@@ -66,10 +66,11 @@ def problem_error_response(status_code: int, message: str = "") -> bytes:
     titles = {502: "Upstream unavailable", 504: "Upstream timed out", 400: "Bad request", 413: "Message too large"}
     decision_id, action, resource = failure if failure is not None else (None, None, None)
     body = {
-        "type": "https://proctor.dev/problems/" + ("upstream" if status_code in (502, 504) else "protocol"),
+        "type": "https://proctor.dev/problems/"
+        + ("upstream" if status_code in (502, 504) else "request" if status_code == 413 else "protocol"),
         "title": titles.get(status_code, "Proxy error"),
         "status": status_code,
-        "detail": message,
+        "detail": message.replace("mitmproxy's ", "the engine's "),
         "decision_id": decision_id,
         "action": action,
         "resource": resource,
@@ -321,12 +322,7 @@ class ProctorAddon:
     async def _refuse_unrouted(self, flow: http.HTTPFlow) -> None:
         """No gateway route: authenticate first (so routes cannot be probed anonymously), then 404."""
         req = self._agent_request(flow, reverse=True)
-        host, port = flow.request.host_header or "", 0
-        try:
-            host, port = mitm_url.parse_authority(host, check=False)
-        except ValueError:
-            pass
-        req.host, req.port = host or "", port or (flow.client_conn.sockname[1] if flow.client_conn.sockname else 0)
+        req.host, req.port = self._addressed(flow)
         identity, refusal, _ = await self.pipeline.authenticate(req)
         if refusal is None:
             refusal = Refusal(
@@ -387,9 +383,20 @@ class ProctorAddon:
         )
         _UPSTREAM_FAILURE.set((outcome.decision_id, None, None))
         reverse = self._is_reverse(flow)
-        self.recorder.write(
-            decision_record(outcome, self._agent_request(flow, reverse), 413, None, None, None, error=msg)
-        )
+        req = self._agent_request(flow, reverse)
+        if reverse:  # refused before routing: name what the agent addressed, not the placeholder target
+            req.host, req.port = self._addressed(flow)
+        self.recorder.write(decision_record(outcome, req, 413, None, None, None, error=msg))
+
+    @staticmethod
+    def _addressed(flow: http.HTTPFlow) -> tuple[str, int]:
+        """Host and port from the Host header (gateway mode), defaulting to the listening port."""
+        host, port = flow.request.host_header or "", None
+        try:
+            host, port = mitm_url.parse_authority(host, check=False)
+        except ValueError:
+            pass
+        return host or "", port or (flow.client_conn.sockname[1] if flow.client_conn.sockname else 0)
 
 
 def addon_summary(addon: ProctorAddon) -> dict[str, Any]:
