@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 import jwt
-from jwt import PyJWK, PyJWKSet
+from jwt import PyJWK
 
 from .errors import AuthError, IdentityUnavailable
 
@@ -60,35 +60,61 @@ def _select(keys: dict[str | None, PyJWK], kid: str | None) -> PyJWK | None:
 
 
 class FileKeySource:
-    """Keys from a JWKS file; re-read when the file changes (checked on unknown kid)."""
+    """Keys from a JWKS file, re-read when the file changes.
+
+    The file is re-read (a few kB, parsed only if its content changed) at most
+    once per `min_refetch` seconds on any lookup, so removing a key from the
+    file (revocation) takes effect without a restart; an unknown `kid`
+    (rotation) also triggers a re-read, at most once per `min_refetch`.
+    """
 
     def __init__(self, path: Path, min_refetch_seconds: float = 1.0) -> None:
         self.path = Path(path)
         self.min_refetch = min_refetch_seconds
         self._keys: dict[str | None, PyJWK] = {}
-        self._mtime: float | None = None
-        self._last_check = 0.0
+        # The bytes the current keys were parsed from, and the last unusable
+        # content seen (compared by content, not mtime: a same-size rewrite
+        # within one timestamp tick must still be noticed).
+        self._raw: bytes | None = None
+        self._bad: bytes | None = None
+        self._missing = False
+        self._last_check = time.monotonic()
+        self._last_miss_check = float("-inf")
         self._load()
 
     def _load(self) -> None:
         try:
-            st = self.path.stat()
+            data = self.path.read_bytes()
         except FileNotFoundError:
-            log.error("JWKS file %s does not exist", self.path)
+            if not self._missing:
+                log.error("JWKS file %s does not exist%s", self.path, ", keeping previous keys" if self._keys else "")
+            self._missing = True
             return
-        if st.st_mtime == self._mtime:
+        except OSError as e:
+            log.error("JWKS file %s unreadable, keeping previous keys: %s", self.path, e)
+            return
+        self._missing = False
+        if data == self._raw or data == self._bad:
             return
         try:
-            self._keys = parse_jwks(self.path.read_bytes())
-            self._mtime = st.st_mtime
-        except (OSError, ValueError) as e:
+            self._keys = parse_jwks(data)
+            self._raw, self._bad = data, None
+            log.info("loaded JWKS file %s (%d keys)", self.path, len(self._keys))
+        except (ValueError, RecursionError) as e:  # includes JSON errors
+            self._bad = data
             log.error("JWKS file %s unusable, keeping previous keys: %s", self.path, e)
 
     async def get_key(self, kid: str | None) -> PyJWK:
+        now = time.monotonic()
+        checked = False
+        if now - self._last_check >= self.min_refetch:
+            self._last_check = now
+            self._load()
+            checked = True
         key = _select(self._keys, kid)
-        if key is None:
-            now = time.monotonic()
-            if now - self._last_check >= self.min_refetch:
+        if key is None and now - self._last_miss_check >= self.min_refetch:
+            self._last_miss_check = now
+            if not checked:
                 self._last_check = now
                 self._load()
                 key = _select(self._keys, kid)
@@ -132,9 +158,16 @@ class UrlKeySource:
                 async with session.get(self.url, ssl=self._ssl, allow_redirects=False) as resp:
                     if resp.status != 200:
                         raise ValueError(f"HTTP {resp.status}")
-                    data = await resp.content.read(MAX_JWKS_BYTES + 1)
-                    if len(data) > MAX_JWKS_BYTES:
+                    if (resp.content_length or 0) > MAX_JWKS_BYTES:
                         raise ValueError("JWKS document too large")
+                    # Read to the end, bounded: `content.read(n)` returns whatever
+                    # is buffered (up to n), which truncates multi-chunk documents.
+                    buf = bytearray()
+                    async for chunk in resp.content.iter_chunked(64 * 1024):
+                        buf += chunk
+                        if len(buf) > MAX_JWKS_BYTES:
+                            raise ValueError("JWKS document too large")
+                    data = bytes(buf)
             self._keys = parse_jwks(data)
             self._fetched_at = time.monotonic()
             log.info("fetched JWKS from %s (%d keys)", self.url, len(self._keys))

@@ -2,17 +2,20 @@
 
 Verified tokens are cached by their SHA-256 until they expire, so steady-state
 requests skip the signature check (an RSA/ECDSA verify costs tens of
-microseconds); expiry is re-checked on every use.
+microseconds); expiry, and that the signing key is still in the issuer's key
+set, are re-checked on every use.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import jwt
+from jwt import PyJWK
 
 from ..config import IdentityConfig, IssuerConfig
 from ..core.model import AgentIdentity
@@ -26,6 +29,16 @@ MAX_AGENT_ID_LENGTH = 256
 class _Issuer:
     config: IssuerConfig
     keys: KeySource
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """A verified token, and the key that verified it (checked again on cache hits)."""
+
+    identity: AgentIdentity
+    keys: KeySource
+    kid: str | None
+    key: PyJWK
 
 
 def _key_source(cfg: IssuerConfig) -> KeySource:
@@ -53,36 +66,58 @@ class TokenVerifier:
     def __init__(self, issuers: list[IssuerConfig], settings: IdentityConfig) -> None:
         self.settings = settings
         self._issuers = {cfg.issuer: _Issuer(cfg, _key_source(cfg)) for cfg in issuers}
-        self._cache: OrderedDict[bytes, AgentIdentity] = OrderedDict()
+        self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
 
     async def verify(self, token: str) -> AgentIdentity:
         s = self.settings
-        if len(token) > s.max_token_bytes:
+        raw = token.encode("utf-8", "surrogateescape")
+        if len(raw) > s.max_token_bytes:
             raise AuthError(f"token is larger than {s.max_token_bytes} bytes")
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-        now = time.time()
+        # A compact JWS is base64url segments and dots: pure ASCII. Anything else
+        # (including undecodable header bytes, which arrive as surrogates) is not a token.
+        if not token.isascii():
+            raise AuthError("token is not a well-formed JWT")
+        digest = hashlib.sha256(raw).digest()
         cached = self._cache.get(digest)
         if cached is not None:
-            if cached.expires_at is None or now <= cached.expires_at + s.leeway_seconds:
-                return cached
-            del self._cache[digest]
-            raise AuthError("token has expired")
-        identity = await self._verify_uncached(token)
+            exp = cached.identity.expires_at
+            if exp is not None and time.time() > exp + s.leeway_seconds:
+                self._cache.pop(digest, None)
+                raise AuthError("token has expired")
+            # The key must still be the issuer's (a key removed from the JWKS
+            # revokes the tokens it signed, cached or not). A refetched but
+            # otherwise unchanged key set simply re-verifies once.
+            try:
+                current = await cached.keys.get_key(cached.kid)
+            except AuthError:
+                self._cache.pop(digest, None)
+                raise
+            if current is cached.key:
+                self._cache.move_to_end(digest)
+                return cached.identity
+            self._cache.pop(digest, None)
+        verified = await self._verify_uncached(token)
         if s.cache_size:
-            self._cache[digest] = identity
-            if len(self._cache) > s.cache_size:
+            self._cache[digest] = verified
+            while len(self._cache) > s.cache_size:
                 self._cache.popitem(last=False)
-        return identity
+        return verified.identity
 
-    async def _verify_uncached(self, token: str) -> AgentIdentity:
+    async def _verify_uncached(self, token: str) -> _Verified:
         s = self.settings
         try:
             header = jwt.get_unverified_header(token)
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.DecodeError:
             raise AuthError("token is not a well-formed JWT") from None
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError, RecursionError) as e:
+            # e.g. a non-string `kid` or an unsupported `crit` header (InvalidTokenError):
+            # still the agent's bad credential (401/407), never an internal error.
+            raise AuthError(f"token is not a well-formed JWT ({type(e).__name__})") from None
         alg = header.get("alg")
-        if not isinstance(alg, str) or alg.lower() == "none":
+        if not isinstance(alg, str) or not alg:
+            raise AuthError("token header has no algorithm (alg)")
+        if alg.lower() == "none":
             raise AuthError("token algorithm 'none' is not accepted")
         iss = unverified.get("iss")
         issuer = self._issuers.get(iss) if isinstance(iss, str) else None
@@ -124,13 +159,26 @@ class TokenVerifier:
             raise AuthError("token algorithm does not match the issuer's key") from None
         except jwt.PyJWTError as e:
             raise AuthError(f"token is invalid ({type(e).__name__})") from None
+        except (ValueError, TypeError, OverflowError, RecursionError) as e:
+            raise AuthError(f"token is invalid ({type(e).__name__})") from None
         agent_id = claims.get(s.principal.agent_id_claim)
         if not _valid_agent_id(agent_id):
             raise AuthError(f"token claim {s.principal.agent_id_claim!r} is not a valid agent id")
         exp = claims.get("exp")
-        return AgentIdentity(
+        expires_at: float | None = None
+        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
+            try:
+                expires_at = float(exp)
+            except OverflowError:  # an integer beyond float range: effectively never
+                expires_at = float("inf")
+            if math.isnan(expires_at):  # NaN never compares as expired: refuse it
+                raise AuthError("token claim 'exp' is not a valid time")
+        elif exp is not None:
+            raise AuthError("token claim 'exp' is not a valid time")
+        identity = AgentIdentity(
             agent_id=agent_id,
             issuer=cfg.issuer,
             claims=claims,
-            expires_at=float(exp) if isinstance(exp, (int, float)) else None,
+            expires_at=expires_at,
         )
+        return _Verified(identity, issuer.keys, kid, key)
