@@ -251,3 +251,29 @@ def test_message_over_engine_ceiling_is_refused_and_recorded(proctor_factory, up
     assert r.json()["decision_id"] == r.headers["x-proctor-decision-id"]
     recs = p.decisions()[before:]
     assert any(rec["status"] == 413 and rec["decision"] == "deny" for rec in recs)
+
+
+def test_tunnel_token_sent_as_authorization_is_stripped(proctor, upstream_tls, reader_token):
+    """Inside a CONNECT tunnel the agent's JWT must not reach the upstream, whatever header carries it."""
+    upstream_tls.clear()
+    with httpx.Client(proxy=proctor.proxy_url_with("reader-bot", reader_token), verify=str(proctor.ca_pem), timeout=10) as c:
+        r = c.get(f"https://localhost:{upstream_tls.port}/items/1", headers={"Authorization": f"Bearer {reader_token}"})
+        other = c.get(f"https://localhost:{upstream_tls.port}/items/2", headers={"Authorization": "Bearer upstream-api-key"})
+    assert r.status_code == 200 and other.status_code == 200
+    first, second = upstream_tls.received()[-2:]
+    assert "authorization" not in upstream_tls.headers_of(first)
+    assert reader_token not in json.dumps(first)
+    # an unrelated upstream credential is the agent's business (until credential injection): kept
+    assert upstream_tls.headers_of(second)["authorization"] == "Bearer upstream-api-key"
+
+
+def test_plain_http_token_sent_as_authorization_is_stripped(proctor, upstream, reader_token):
+    upstream.clear()
+    r = requests.get(
+        f"http://127.0.0.1:{upstream.port}/items/1",
+        headers={"Authorization": f"Bearer {reader_token}"},
+        proxies={"http": proctor.proxy_url_with("reader-bot", reader_token)},
+        timeout=10,
+    )
+    assert r.status_code == 200
+    assert reader_token not in json.dumps(upstream.last())

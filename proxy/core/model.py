@@ -41,8 +41,10 @@ class AgentRequest:
     body: bytes
     client_ip: str
     mode: Mode
-    # Set when the identity was proven earlier on the same connection (CONNECT).
+    # Set when the identity was proven earlier on the same connection (CONNECT),
+    # with the SHA-256 of the token that proved it.
     connection_identity: AgentIdentity | None = None
+    connection_token_digest: bytes | None = None
     # The Host header's host part, when it differs from `host` (checked by the pipeline).
     host_header: str | None = None
     tls_sni: str | None = None
@@ -108,6 +110,7 @@ class Outcome:
     strip_headers: tuple[str, ...] = ()
     policy_revision: str = ""
     errors: list[str] = field(default_factory=list)
+    credential_digest: bytes | None = None  # CONNECT: binds the tunnel to this token
 
     @property
     def allowed(self) -> bool:

@@ -7,10 +7,12 @@ passes the request on or produces a `Refusal`; any unexpected exception is a
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 from ..config import ProctorConfig
 from ..connectors.classifier import Classifier, PathRejected
@@ -22,6 +24,31 @@ from .context import BodyRejected, parse_json_body, principal_entity, request_co
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 
 log = logging.getLogger("proctor.pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class Authentication:
+    identity: AgentIdentity | None
+    refusal: Refusal | None
+    strip_headers: tuple[str, ...] = (PROXY_AUTHORIZATION,)
+    token_digest: bytes | None = None  # SHA-256 of the agent's token (to bind and strip it)
+
+
+def _credential_digest(header_value: str) -> bytes | None:
+    """SHA-256 of the credential in an Authorization value (Bearer token or Basic password)."""
+    scheme, _, param = header_value.strip().partition(" ")
+    param = param.strip()
+    if not param:
+        return None
+    if scheme.lower() == "basic":
+        import base64
+        import binascii
+
+        try:
+            param = base64.b64decode(param, validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError, ValueError):
+            return None
+    return hashlib.sha256(param.encode("utf-8", "surrogateescape")).digest()
 
 
 def new_decision_id() -> str:
@@ -83,35 +110,45 @@ class Pipeline:
             kind="authentication",
         )
 
-    async def authenticate(self, req: AgentRequest) -> tuple[AgentIdentity | None, Refusal | None, tuple[str, ...]]:
+    async def authenticate(self, req: AgentRequest) -> Authentication:
         """The verified identity (or a refusal) and the headers that carried the agent's credential."""
         if req.connection_identity is not None:
             ident = req.connection_identity
+            strip = [PROXY_AUTHORIZATION]
+            # The tunnel's token must not reach the upstream even if the agent also
+            # sends it as Authorization inside the tunnel.
+            if req.connection_token_digest and _credential_digest(req.headers.get(AUTHORIZATION, "")) == req.connection_token_digest:
+                strip.append(AUTHORIZATION)
             leeway = self.identity_settings.leeway_seconds
             if ident.expires_at is not None and time.time() > ident.expires_at + leeway:
-                return None, self._auth_refusal(
-                    req, "the token this connection was authenticated with has expired; reconnect with a fresh token"
-                ), (PROXY_AUTHORIZATION,)
-            return ident, None, (PROXY_AUTHORIZATION,)
+                return Authentication(
+                    None,
+                    self._auth_refusal(
+                        req, "the token this connection was authenticated with has expired; reconnect with a fresh token"
+                    ),
+                    tuple(strip),
+                )
+            return Authentication(ident, None, tuple(strip), req.connection_token_digest)
         try:
             cred = extract_credential(req.headers, reverse_mode=req.mode == "reverse")
             identity = await self.verifier.verify(cred.token)
         except AuthError as e:
-            return None, self._auth_refusal(req, str(e)), (PROXY_AUTHORIZATION,)
+            return Authentication(None, self._auth_refusal(req, str(e)))
         except IdentityUnavailable as e:
-            return None, Refusal(503, "Identity provider unavailable", str(e), kind="fail-closed"), (PROXY_AUTHORIZATION,)
+            return Authentication(None, Refusal(503, "Identity provider unavailable", str(e), kind="fail-closed"))
         if (
             cred.username is not None
             and self.identity_settings.proxy_username == "must_match"
             and cred.username != identity.agent_id
         ):
-            return None, self._auth_refusal(
-                req, "the proxy username must equal the agent id in the token (subject)"
-            ), (PROXY_AUTHORIZATION,)
+            return Authentication(
+                None, self._auth_refusal(req, "the proxy username must equal the agent id in the token (subject)")
+            )
+        digest = hashlib.sha256(cred.token.encode()).digest()
         strip = [PROXY_AUTHORIZATION]
-        if cred.header.lower() == AUTHORIZATION or req.headers.get(AUTHORIZATION, "").endswith(cred.token):
+        if cred.header.lower() == AUTHORIZATION or _credential_digest(req.headers.get(AUTHORIZATION, "")) == digest:
             strip.append(AUTHORIZATION)
-        return identity, None, tuple(strip)
+        return Authentication(identity, None, tuple(strip), digest)
 
     # -- CONNECT: admit a tunnel ------------------------------------------------
     async def admit_tunnel(self, req: AgentRequest) -> Outcome:
@@ -122,7 +159,9 @@ class Pipeline:
         """
         outcome = new_outcome()
         try:
-            identity, refusal, _ = await self.authenticate(req)
+            auth = await self.authenticate(req)
+            identity, refusal = auth.identity, auth.refusal
+            outcome.credential_digest = auth.token_digest
         except Exception as e:
             log.exception("CONNECT authentication error (decision %s); refusing", outcome.decision_id)
             outcome.errors.append(f"{type(e).__name__}: {e}")
@@ -161,8 +200,9 @@ class Pipeline:
         return outcome
 
     async def _decide(self, req: AgentRequest, outcome: Outcome) -> None:
-        identity, refusal, strip = await self.authenticate(req)
-        outcome.strip_headers = strip
+        auth = await self.authenticate(req)
+        identity, refusal = auth.identity, auth.refusal
+        outcome.strip_headers = auth.strip_headers
         outcome.identity = identity
         if refusal is not None:
             outcome.refusal = refusal

@@ -128,7 +128,7 @@ class ProctorAddon:
         self.router = router
         self.reverse_ports = reverse_listen_ports
         # Identity proven on CONNECT, bound to that client connection.
-        self.tunnel_identity: weakref.WeakKeyDictionary[connection.Client, AgentIdentity] = (
+        self.tunnel_identity: weakref.WeakKeyDictionary[connection.Client, tuple[AgentIdentity, bytes | None]] = (
             weakref.WeakKeyDictionary()
         )
         self.running_event_seen = False
@@ -139,6 +139,10 @@ class ProctorAddon:
         self.running_event_seen = True
 
     # -- helpers -------------------------------------------------------------------
+    def _bound_identity(self, client: connection.Client) -> AgentIdentity | None:
+        bound = self.tunnel_identity.get(client)
+        return bound[0] if bound else None
+
     @staticmethod
     def _is_reverse(flow: http.HTTPFlow) -> bool:
         return isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
@@ -165,6 +169,7 @@ class ProctorAddon:
 
     def _agent_request(self, flow: http.HTTPFlow, reverse: bool) -> AgentRequest:
         r = flow.request
+        bound = self.tunnel_identity.get(flow.client_conn)
         raw = r.path
         path, _, query = raw.partition("?")
         return AgentRequest(
@@ -178,7 +183,8 @@ class ProctorAddon:
             body=r.raw_content or b"",
             client_ip=normalise_ip(flow.client_conn.peername[0]) if flow.client_conn.peername else "0.0.0.0",
             mode="reverse" if reverse else "forward",
-            connection_identity=self.tunnel_identity.get(flow.client_conn),
+            connection_identity=bound[0] if bound else None,
+            connection_token_digest=bound[1] if bound else None,
             host_header=None if reverse else _split_authority(r.host_header),
             tls_sni=flow.client_conn.sni if (flow.client_conn.tls and not reverse) else None,
         )
@@ -206,7 +212,7 @@ class ProctorAddon:
             return
         identity = outcome.identity
         assert identity is not None
-        self.tunnel_identity[flow.client_conn] = identity
+        self.tunnel_identity[flow.client_conn] = (identity, outcome.credential_digest)
 
     # -- non-TLS inside a tunnel, raw TCP/UDP: refuse -----------------------------
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
@@ -236,7 +242,7 @@ class ProctorAddon:
                     reasons=["tls-interception-required"],
                     kind="tls",
                 ),
-                identity=self.tunnel_identity.get(ctx.client),
+                identity=self._bound_identity(ctx.client),
             )
             reply = b""
             if looks_http:
@@ -271,7 +277,7 @@ class ProctorAddon:
                 reasons=["tls-interception-required"],
                 kind="tls",
             ),
-            identity=self.tunnel_identity.get(client),
+            identity=self._bound_identity(client),
         )
         rec = decision_record(outcome, None, None, None, None, None, error="client rejected interception certificate")
         rec.update(
@@ -323,7 +329,8 @@ class ProctorAddon:
         """No gateway route: authenticate first (so routes cannot be probed anonymously), then 404."""
         req = self._agent_request(flow, reverse=True)
         req.host, req.port = self._addressed(flow)
-        identity, refusal, _ = await self.pipeline.authenticate(req)
+        auth = await self.pipeline.authenticate(req)
+        identity, refusal = auth.identity, auth.refusal
         if refusal is None:
             refusal = Refusal(
                 404,
