@@ -137,7 +137,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     gw = f", gateway on {config.gateway.listen.host}:{config.gateway.listen.port}" if config.gateway.enabled else ""
     log.info(
         "proctor listening for agents on %s:%d%s; control API on %s:%d; policy revision %s (%d policies); "
-        "decisions -> %s",
+        "decisions -> %s; interception CA: %s",
         config.listen.host,
         config.listen.port,
         gw,
@@ -146,6 +146,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         b.revision,
         b.policy_count,
         config.decisions_path,
+        config.ca_dir / "mitmproxy-ca-cert.pem",
     )
     if ready is not None:
         ready.set()
