@@ -1,0 +1,85 @@
+"""Bare mitmproxy: the baseline Proctor is compared against.
+
+mitmproxy 11 embedded as a library exactly as `proxy/server.py:serve()` embeds
+it -- the same minimal addon set (Core, Proxyserver, DisableH2C, NextLayer,
+TlsConfig) and the same engine options (regular mode, lazy connection
+strategy, rawtcp off, keep_host_header, body size limit, websocket, no HTTP/3)
+-- plus one addon whose async `request` and `response` hooks do nothing. The
+difference between this process and `proctor run` is therefore Proctor's own
+work (identity, classification, Cedar, decision record, header handling).
+
+    python bench/bare_mitm.py --port 18001 --confdir /tmp/bare-ca
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from mitmproxy import options as mitm_options
+from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+
+class NoopAddon:
+    """Async hooks that do nothing: the cost of mitmproxy invoking an addon."""
+
+    def __init__(self) -> None:
+        self.running_seen = False
+
+    def running(self) -> None:
+        self.running_seen = True
+        print("bare mitmproxy running", flush=True)
+
+    async def request(self, flow) -> None:
+        return None
+
+    async def response(self, flow) -> None:
+        return None
+
+
+def options_for(host: str, port: int, confdir: str) -> dict:
+    # Mirrors proxy/server.py:mitm_options_for() for a forward-proxy-only config.
+    return {
+        "mode": [f"regular@{host}:{port}"],
+        "confdir": confdir,
+        "connection_strategy": "lazy",
+        "rawtcp": False,
+        "keep_host_header": True,
+        "body_size_limit": "64m",
+        "ssl_insecure": False,
+        "ssl_verify_upstream_trusted_ca": None,
+        "websocket": True,
+        "http3": False,
+    }
+
+
+async def serve(host: str, port: int, confdir: str) -> None:
+    master = Master(mitm_options.Options(), with_termlog=False)
+    master.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        disable_h2c.DisableH2C(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        NoopAddon(),
+    )
+    master.options.update(**options_for(host, port, confdir))
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, master.shutdown)
+    await master.run()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--confdir", required=True, help="where mitmproxy keeps (generates) its CA")
+    a = ap.parse_args()
+    # Same logging posture as `proctor run --log-level info` (mitmproxy at WARNING).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    asyncio.run(serve(a.host, a.port, a.confdir))
