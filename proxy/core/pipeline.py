@@ -7,6 +7,7 @@ passes the request on or produces a `Refusal`; any unexpected exception is a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -68,6 +69,7 @@ def new_outcome(refusal: Refusal | None = None, identity: AgentIdentity | None =
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_ip(ip: str) -> str:
     try:
         addr = ipaddress.ip_address(ip.split("%")[0])

@@ -101,8 +101,13 @@ class _RefuseConnection(layer.Layer):
 
 
 def _headers(req: http.Request) -> dict[str, str]:
-    h = req.headers
-    return {k.lower(): ", ".join(h.get_all(k)) for k in h.keys()}
+    """Lower-cased header names; repeated headers joined with ", " (one pass over the raw fields)."""
+    out: dict[str, str] = {}
+    for raw_name, raw_value in req.headers.fields:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
 
 
 def _split_authority(value: str | None) -> str | None:

@@ -15,30 +15,40 @@ import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cedarpy
 
+from .index import PolicyPart, build_parts
+
 log = logging.getLogger("proctor.policy")
 
-_POLICY_REF_RE = re.compile(r"`(policy\d+)`")
+ENTITY_CACHE_SIZE = 1024
+# Each cached handle holds its own copy of the static entities: only cache when they are few.
+ENTITY_CACHE_MAX_STATIC = 1000
+
+_POLICY_REF_RE = re.compile(r"policy `([^`]*)`")
 _QUOTED_RE = re.compile(r"`[^`]*`")
 
 
-def sanitise_error(text: str, bundle: "PolicyBundle") -> str:
-    """A Cedar evaluation error with policy ids mapped to @ids and every quoted value elided.
+def error_policy_ids(text: str) -> list[str]:
+    return _POLICY_REF_RE.findall(text)
+
+
+def sanitise_error(text: str) -> str:
+    """A Cedar evaluation error with policy ids shown as @id and every quoted value elided.
 
     Cedar quotes the operands it failed on, which may come from a request body
     or a claim: those must not reach the agent, the decision record or logs.
     """
-    text = _POLICY_REF_RE.sub(lambda m: f"@{b_id(bundle, m.group(1))}", text)
-    return _QUOTED_RE.sub("`…`", text)
-
-
-def b_id(bundle: "PolicyBundle", internal: str) -> str:
-    return bundle.public_id(internal)
+    parts = _POLICY_REF_RE.split(text)  # [text, id, text, id, ...]
+    out = []
+    for i, piece in enumerate(parts):
+        out.append(f"policy @{piece}" if i % 2 else _QUOTED_RE.sub("`…`", piece))
+    return "".join(out)
 
 
 class PolicyLoadError(Exception):
@@ -85,20 +95,21 @@ class PolicyInfo:
 class PolicyBundle:
     revision: str
     schema: Any  # cedarpy.Schema
-    policy_set: Any  # cedarpy.PolicySet
+    policy_set: Any  # cedarpy.PolicySet: every policy, keyed by @id
     entities: Any  # cedarpy.Entities
     static_uids: frozenset[tuple[str, str]]
-    by_internal_id: dict[str, PolicyInfo]  # "policy3" -> info
+    policies: dict[str, PolicyInfo]  # @id -> info
+    parts: dict[str, PolicyPart]  # action id -> the policies that can match it
+    default_part: PolicyPart  # for actions no policy names
     loaded_at: float
     files: tuple[str, ...]
 
     @property
     def policy_count(self) -> int:
-        return len(self.by_internal_id)
+        return len(self.policies)
 
-    def public_id(self, internal: str) -> str:
-        info = self.by_internal_id.get(internal)
-        return info.policy_id if info else internal
+    def part_for(self, action: str) -> PolicyPart:
+        return self.parts.get(action, self.default_part)
 
 
 @dataclass(frozen=True)
@@ -195,19 +206,18 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
             problems.append(f"schema validation: policy {pid!r}: {err.error}")
         raise PolicyLoadError(problems)
 
+    # Re-key every policy by its @id (Cedar then reports @ids directly), and
+    # partition by action (see index.py: a pure optimisation).
+    est = json.loads(cedarpy.policies_to_json_str(combined))
+    by_id = {pol["annotations"]["id"]: pol for pol in (est.get("staticPolicies") or {}).values()}
+    info_by_pid = {info.policy_id: info for _, info in owners if info is not None}
     try:
-        policy_set = cedarpy.PolicySet.from_str(combined)
+        policy_set = cedarpy.PolicySet.from_json_str(
+            json.dumps({"staticPolicies": by_id, "templates": {}, "templateLinks": []})
+        )
+        parts, default_part = build_parts(by_id, schema_text or "", source.schema_path.suffix == ".json")
     except ValueError as e:
         raise PolicyLoadError([f"policy set: {e}"]) from None
-
-    # Map the combined set's positional ids to @ids via the EST of the combined text.
-    est = json.loads(cedarpy.policies_to_json_str(combined))
-    info_by_pid = {info.policy_id: info for _, info in owners if info is not None}
-    by_internal: dict[str, PolicyInfo] = {}
-    for internal, pol in (est.get("staticPolicies") or {}).items():
-        pid = (pol.get("annotations") or {}).get("id")
-        if pid in info_by_pid:
-            by_internal[internal] = info_by_pid[pid]
 
     try:
         entities = cedarpy.Entities.from_json_str(entities_json, schema)
@@ -224,7 +234,9 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         policy_set=policy_set,
         entities=entities,
         static_uids=static_uids,
-        by_internal_id=by_internal,
+        policies={pid: info_by_pid[pid] for pid in by_id},
+        parts=parts,
+        default_part=default_part,
         loaded_at=time.time(),
         files=tuple(str(f) for f in source.files() if f.exists()),
     )
@@ -258,6 +270,7 @@ class PolicyStore:
     def __init__(self, source: PolicySource) -> None:
         self.source = source
         self.status = ReloadStatus()
+        self._entity_cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._fingerprint = source.fingerprint()
         self.bundle = load_bundle(source)  # the first load must succeed: fail to start, loudly
         self.status.revision = self.bundle.revision
@@ -312,23 +325,45 @@ class PolicyStore:
     ) -> AuthzDecision:
         """Evaluate one request. Errors and NoDecision are denials."""
         b = bundle or self.bundle
+        part = b.part_for(action)
+        if part.context_keys is not None:
+            context = {k: v for k, v in context.items() if k in part.context_keys}
         dynamic = [e for e in extra_entities if (e["uid"]["type"], e["uid"]["id"]) not in b.static_uids]
-        entities = b.entities.with_added_json_str(json.dumps(dynamic)) if dynamic else b.entities
+        entities = self._entities(b, dynamic) if dynamic else b.entities
         request = {
             "principal": principal["uid"],
             "action": {"type": "Action", "id": action},
             "resource": resource["uid"],
             "context": context,
         }
-        result = cedarpy.is_authorized(request, b.policy_set, entities)
+        result = cedarpy.is_authorized(request, part.policy_set, entities)
         diag = result.diagnostics
-        reasons = [b.public_id(r) for r in diag.reasons]
         errors: list[str] = []
         error_policies: list[str] = []
         for e in diag.errors:
             text = str(e)
-            for m in _POLICY_REF_RE.finditer(text):
-                error_policies.append(b.public_id(m.group(1)))
-            errors.append(sanitise_error(text, b))
+            error_policies.extend(error_policy_ids(text))
+            errors.append(sanitise_error(text))
         allowed = result.decision == cedarpy.Decision.Allow and not errors
-        return AuthzDecision(allowed=allowed, reasons=reasons, errors=errors, error_policies=error_policies)
+        return AuthzDecision(allowed=allowed, reasons=list(diag.reasons), errors=errors, error_policies=error_policies)
+
+    def _entities(self, b: PolicyBundle, dynamic: list[dict]) -> Any:
+        """Static entities plus this request's principal and resource, cached by content.
+
+        Agents tend to touch the same resources repeatedly; reusing the merged
+        handle skips cedarpy's per-call entity parsing. Keyed by the bundle
+        revision too, so a reload never sees stale static entities.
+        """
+        delta = json.dumps(dynamic, sort_keys=True, separators=(",", ":"))
+        if len(b.static_uids) > ENTITY_CACHE_MAX_STATIC:
+            return b.entities.with_added_json_str(delta)
+        key = (b.revision, delta)
+        cached = self._entity_cache.get(key)
+        if cached is not None:
+            self._entity_cache.move_to_end(key)
+            return cached
+        handle = b.entities.with_added_json_str(delta)
+        self._entity_cache[key] = handle
+        if len(self._entity_cache) > ENTITY_CACHE_SIZE:
+            self._entity_cache.popitem(last=False)
+        return handle

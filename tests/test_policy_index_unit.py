@@ -1,0 +1,116 @@
+"""Action partitioning and context pruning never change a decision.
+
+Compares, for many random requests against the benchmark's 500-policy set,
+Proctor's evaluation (action part + pruned context + cached entities) with
+plain Cedar over the whole set and the whole context.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import cedarpy
+import pytest
+
+from proxy.policy.engine import PolicySource, PolicyStore
+from proxy.policy.index import context_keys_used, schema_has_action_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import policygen  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> PolicyStore:
+    d = tmp_path_factory.mktemp("gen")
+    policygen.generate(d, count=500)
+    return PolicyStore(PolicySource(d / "schema.cedarschema", d, d / "entities.json"))
+
+
+def _request(rng: random.Random):
+    action = rng.choice(policygen.actions() + ["bench.item.read", "bench.item.delete", "unknown.action"])
+    agent = {
+        "uid": {"type": "Agent", "id": rng.choice([f"agent-{i:04d}" for i in range(0, 500, 7)] + ["bench-agent"])},
+        "attrs": {k: v for k, v in (("team", f"team-{rng.randrange(23)}"), ("level", rng.randrange(6))) if rng.random() < 0.7},
+        "parents": [{"type": "AgentGroup", "id": f"group-{rng.randrange(37)}"} for _ in range(rng.randrange(3))],
+    }
+    resource = {
+        "uid": {"type": rng.choice(["Record", "Item"]), "id": str(rng.randrange(5))},
+        "attrs": {k: v for k, v in (("kind", rng.choice(policygen.KINDS)), ("owner", f"team-{rng.randrange(23)}")) if rng.random() < 0.7},
+        "parents": [],
+    }
+    svc = action.split(".")[0]
+    hour = rng.randrange(24)
+    headers = {"user-agent": f"agent-sdk/{rng.randrange(9)}"} if rng.random() < 0.5 else {}
+    if rng.random() < 0.5:
+        headers["x-request-id"] = "r"
+    context = {
+        "method": rng.choice(["GET", "POST", "DELETE", "PATCH"]),
+        "path": rng.choice([f"/{svc}/admin/x", "/items/1", f"/{svc}/records/2"]),
+        "query": "",
+        "host": "h",
+        "headers": headers,
+        "connector": rng.choice([svc, "other"]),
+        "risk": rng.choice(policygen.RISKS),
+        "time": {
+            "now": {"__extn": {"fn": "datetime", "arg": f"20{rng.choice([26, 30, 33])}-01-01T{hour:02d}:00:00Z"}},
+            "epoch": rng.choice([1_600_000_000, 1_800_000_000]),
+            "hour": hour,
+            "weekday": rng.randrange(1, 8),
+        },
+        "source_ip": {"__extn": {"fn": "ip", "arg": rng.choice(["127.0.0.1", "10.3.1.1", "192.168.1.1"])}},
+        "mode": rng.choice(["forward", "reverse"]),
+    }
+    if rng.random() < 0.25:  # the benchmark's allowed request, so both outcomes are well represented
+        agent["uid"]["id"], action, resource["uid"]["type"] = "bench-agent", "bench.item.read", "Item"
+        context.update(method="GET", risk="low")
+    return agent, action, resource, context
+
+
+def test_partitioned_evaluation_equals_full_evaluation(store):
+    rng = random.Random(7)
+    b = store.bundle
+    allowed = denied = 0
+    for _ in range(1500):
+        agent, action, resource, context = _request(rng)
+        got = store.authorize(agent, action, resource, context, [agent, resource])
+        full = cedarpy.is_authorized(
+            {"principal": agent["uid"], "action": {"type": "Action", "id": action}, "resource": resource["uid"], "context": context},
+            b.policy_set,
+            b.entities.with_added_json_str(__import__("json").dumps([agent, resource])),
+        )
+        want_allowed = full.decision == cedarpy.Decision.Allow and not full.diagnostics.errors
+        assert got.allowed == want_allowed, (action, got, full.diagnostics.reasons)
+        assert sorted(got.reasons) == sorted(full.diagnostics.reasons)
+        assert bool(got.errors) == bool(full.diagnostics.errors)
+        allowed += got.allowed
+        denied += not got.allowed
+    assert allowed > 50 and denied > 50, (allowed, denied)  # the sample exercises both outcomes
+
+
+def test_parts_are_smaller_than_the_whole(store):
+    b = store.bundle
+    assert b.policy_count == 500
+    assert max(len(p.policy_ids) for p in b.parts.values()) < 200
+    assert b.part_for("no.such.action").policy_ids == b.default_part.policy_ids
+
+
+def test_context_keys_used():
+    import json
+
+    def keys(cond: str):
+        text = f'@id("x") permit (principal, action, resource) when {{ {cond} }};'
+        est = json.loads(cedarpy.policies_to_json_str(text))
+        return context_keys_used(next(iter(est["staticPolicies"].values()))["conditions"])
+
+    assert keys('context.time.hour > 3 && context has body') == {"time", "body"}
+    assert keys('context["risk"] == "low"') == {"risk"}
+    assert keys("principal == resource") == set()
+    assert keys("context == {}") is None  # the whole record: no pruning
+
+
+def test_action_groups_disable_static_resolution():
+    assert schema_has_action_groups('action "read" in ["readers"] appliesTo {};', False)
+    assert not schema_has_action_groups('action "read" appliesTo { principal: A, resource: B };\n// in', False)
+    assert schema_has_action_groups('{"actions": {"r": {"memberOf": [{"id": "g"}]}}}', True)
