@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 
 import httpx
@@ -209,7 +210,7 @@ def test_requests_https_denied(proctor, upstream_tls, reader_token):
 
 
 def test_httpx_https_allowed(proctor, upstream_tls, reader_token):
-    with httpx.Client(proxy=proctor.proxy_url_with("reader-bot", reader_token), verify=str(proctor.ca_pem), timeout=10) as c:
+    with httpx.Client(proxy=proctor.proxy_url_with("reader-bot", reader_token), verify=ssl.create_default_context(cafile=str(proctor.ca_pem)), timeout=10) as c:
         r1 = c.get(f"https://localhost:{upstream_tls.port}/items/1")
         r2 = c.get(f"https://localhost:{upstream_tls.port}/items/2")  # same tunnel, bound identity
     assert r1.status_code == 200 and r2.status_code == 200
@@ -256,7 +257,7 @@ def test_message_over_engine_ceiling_is_refused_and_recorded(proctor_factory, up
 def test_tunnel_token_sent_as_authorization_is_stripped(proctor, upstream_tls, reader_token):
     """Inside a CONNECT tunnel the agent's JWT must not reach the upstream, whatever header carries it."""
     upstream_tls.clear()
-    with httpx.Client(proxy=proctor.proxy_url_with("reader-bot", reader_token), verify=str(proctor.ca_pem), timeout=10) as c:
+    with httpx.Client(proxy=proctor.proxy_url_with("reader-bot", reader_token), verify=ssl.create_default_context(cafile=str(proctor.ca_pem)), timeout=10) as c:
         r = c.get(f"https://localhost:{upstream_tls.port}/items/1", headers={"Authorization": f"Bearer {reader_token}"})
         other = c.get(f"https://localhost:{upstream_tls.port}/items/2", headers={"Authorization": "Bearer upstream-api-key"})
     assert r.status_code == 200 and other.status_code == 200
