@@ -45,9 +45,12 @@ class AgentRequest:
     # with the SHA-256 of the token that proved it.
     connection_identity: AgentIdentity | None = None
     connection_token_digest: bytes | None = None
-    # The Host header's host part, when it differs from `host` (checked by the pipeline).
-    host_header: str | None = None
+    # Where else the request says it is going (forward mode; see core/target.py):
+    host_header: str | None = None  # raw Host header value; None when absent
+    request_authority: str = ""  # authority of an absolute-form request line inside a tunnel
     tls_sni: str | None = None
+    # Set by the adapter when a header value carries CR, LF or NUL (refused).
+    header_problem: str | None = None
 
     @property
     def url(self) -> str:

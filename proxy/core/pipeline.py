@@ -23,6 +23,7 @@ from ..identity.verifier import TokenVerifier
 from ..policy.engine import PolicyStore
 from .context import BodyRejected, parse_json_body, principal_entity, request_context, resource_entity
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
+from .target import check_target
 
 log = logging.getLogger("proctor.pipeline")
 
@@ -211,16 +212,10 @@ class Pipeline:
             return
         assert identity is not None
 
-        target = req.host.lower().rstrip(".")
-        for name, value in (("Host header", req.host_header), ("TLS SNI", req.tls_sni)):
-            if value and value.lower().rstrip(".") != target:
-                outcome.refusal = Refusal(
-                    421,
-                    "Misdirected request",
-                    f"the {name} ({value}) does not match the request target ({req.host})",
-                    kind="request",
-                )
-                return
+        target_refusal = check_target(req)
+        if target_refusal is not None:
+            outcome.refusal = target_refusal
+            return
 
         try:
             cls = self.classifier.classify(req.method, req.host, req.port, req.path)

@@ -18,6 +18,7 @@ about the engine's plumbing:
 from __future__ import annotations
 
 import contextvars
+from http import HTTPStatus
 import json
 import logging
 import time
@@ -100,24 +101,21 @@ class _RefuseConnection(layer.Layer):
         yield commands.CloseConnection(self.context.client)
 
 
-def _headers(req: http.Request) -> dict[str, str]:
-    """Lower-cased header names; repeated headers joined with ", " (one pass over the raw fields)."""
+_BAD_HEADER_BYTES = (b"\r", b"\n", b"\x00")
+
+
+def _headers(req: http.Request) -> tuple[dict[str, str], str | None]:
+    """Lower-cased header names, repeated headers joined with ", " (one pass over the raw fields),
+    and a problem description if any value carries CR, LF or NUL (obs-fold, bare CR)."""
     out: dict[str, str] = {}
+    problem = None
     for raw_name, raw_value in req.headers.fields:
         name = raw_name.decode("latin-1").lower()
+        if problem is None and any(b in raw_value for b in _BAD_HEADER_BYTES):
+            problem = f"the {name} header value contains CR, LF or NUL (folded or smuggled header lines are refused)"
         value = raw_value.decode("latin-1")
         out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
-
-
-def _split_authority(value: str | None) -> str | None:
-    if not value:
-        return None
-    try:
-        host, _port = mitm_url.parse_authority(value, check=False)
-    except ValueError:
-        return value
-    return host
+    return out, problem
 
 
 class ProctorAddon:
@@ -167,6 +165,8 @@ class ProctorAddon:
     def _refuse(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
         status, headers, body = problem_response(outcome)
         flow.response = http.Response.make(status, body, headers)
+        if not flow.response.reason:  # mitmproxy's table lacks e.g. 421
+            flow.response.reason = HTTPStatus(status).phrase
 
     @staticmethod
     def _standalone_refusal(refusal: Refusal, identity: AgentIdentity | None = None) -> Outcome:
@@ -177,6 +177,7 @@ class ProctorAddon:
         bound = self.tunnel_identity.get(flow.client_conn)
         raw = r.path
         path, _, query = raw.partition("?")
+        headers, header_problem = _headers(r)
         return AgentRequest(
             method=r.method.upper(),
             scheme=r.scheme,
@@ -184,14 +185,16 @@ class ProctorAddon:
             port=r.port,
             path=path,
             query=query,
-            headers=_headers(r),
+            headers=headers,
             body=r.raw_content or b"",
             client_ip=normalise_ip(flow.client_conn.peername[0]) if flow.client_conn.peername else "0.0.0.0",
             mode="reverse" if reverse else "forward",
             connection_identity=bound[0] if bound else None,
             connection_token_digest=bound[1] if bound else None,
-            host_header=None if reverse else _split_authority(r.host_header),
+            host_header=None if reverse else r.headers.get("host"),
+            request_authority="" if reverse else r.authority,
             tls_sni=flow.client_conn.sni if (flow.client_conn.tls and not reverse) else None,
+            header_problem=header_problem,
         )
 
     # -- CONNECT: authenticate once, bind to the connection ------------------------
@@ -203,7 +206,7 @@ class ProctorAddon:
             port=flow.request.port,
             path="",
             query="",
-            headers=_headers(flow.request),
+            headers=_headers(flow.request)[0],
             body=b"",
             client_ip=normalise_ip(flow.client_conn.peername[0]) if flow.client_conn.peername else "0.0.0.0",
             mode="forward",
@@ -327,8 +330,12 @@ class ProctorAddon:
             self._record(outcome, req, outcome.refusal.status, decision_ms=decision_ms)
             return
         self.stats["allowed"] += 1
+        # Forward exactly what was decided: origin-form request line, Host naming the target.
+        flow.request.authority = ""
         if reverse and target is not None:
             flow.request.host_header = mitm_url.hostport(target.scheme, target.host, target.port)
+        elif flow.request.host_header is None:
+            flow.request.host_header = mitm_url.hostport(flow.request.scheme, flow.request.host, flow.request.port)
 
     async def _refuse_unrouted(self, flow: http.HTTPFlow) -> None:
         """No gateway route: authenticate first (so routes cannot be probed anonymously), then 404."""
