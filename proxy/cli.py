@@ -25,11 +25,15 @@ def _load(config_path: str | None) -> ProctorConfig:
 
 
 def _setup_logging(level: str) -> None:
+    from .logredact import install
+
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        install(handler)
     # mitmproxy logs every client connect/disconnect at INFO; keep them for -v debug.
     if level.upper() != "DEBUG":
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)

@@ -287,6 +287,7 @@ def start_proctor(
     upstream_tls: Upstream,
     overrides: dict | None = None,
     policies_src: Path = DATA / "policies",
+    log_level: str = "info",
 ) -> Proctor:
     base.mkdir(parents=True, exist_ok=True)
     policies_dir = base / "policies"
@@ -334,7 +335,7 @@ def start_proctor(
     log_path = base / "proctor.log"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "proxy.cli", "run", "-c", str(config_path), "--log-level", "info"],
+        [sys.executable, "-m", "proxy.cli", "run", "-c", str(config_path), "--log-level", log_level],
         stdout=open(log_path, "w"),
         stderr=subprocess.STDOUT,
         cwd=str(base),

@@ -130,3 +130,15 @@ def test_default_resource_id_is_the_path():
 def test_star_id_needs_a_tail():
     with pytest.raises(Exception, match="no \\{\\*\\} tail"):
         manifest(routes=[{"method": "GET", "path": "/a", "action": "x", "resource": {"type": "T", "id": "{*}"}}])
+
+
+def test_resource_template_is_substituted_once():
+    m = manifest(routes=[{"method": "GET", "path": "/t/{table}/{sys_id}", "action": "r", "resource": {"type": "Rec", "id": "{table}/{sys_id}"}}])
+    c = Classifier([m]).classify("GET", "api.example.com", 443, "/t/%7Bsys_id%7D/incident")
+    assert c.resource_id == "{sys_id}/incident"
+
+
+def test_resource_uid_escapes_quotes():
+    m = manifest(routes=[{"method": "GET", "path": "/t/{id}", "action": "r", "resource": {"type": "Rec", "id": "{id}"}}])
+    c = Classifier([m]).classify("GET", "api.example.com", 443, '/t/%22%20or%20x')
+    assert c.resource_uid == 'Rec::"\\" or x"'

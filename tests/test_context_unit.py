@@ -51,3 +51,8 @@ def test_principal_mapping():
     assert ent["uid"] == {"type": "Agent", "id": "bot"}
     assert ent["attrs"] == {"team": "ops", "score": {"__extn": {"fn": "decimal", "arg": "1.25"}}}
     assert ent["parents"] == [{"type": "AgentGroup", "id": "a"}, {"type": "AgentGroup", "id": "b"}]
+
+
+def test_pathologically_deep_json_is_a_clean_refusal():
+    with pytest.raises(BodyRejected, match="deeper"):
+        parse_json_body(req(b"[" * 200_000), 32)

@@ -278,3 +278,25 @@ def test_plain_http_token_sent_as_authorization_is_stripped(proctor, upstream, r
     )
     assert r.status_code == 200
     assert reader_token not in json.dumps(upstream.last())
+
+
+def test_no_credential_in_debug_logs(proctor_factory, upstream, idp):
+    """Even at debug level, and even when mitmproxy logs a raw partial request, no credential is logged."""
+    import socket
+    import time
+
+    p = proctor_factory(log_level="debug")
+    tok = idp.token("log-bot", groups=["readers"])
+    cred = __import__("base64").b64encode(f"log-bot:{tok}".encode()).decode()
+    # a client that hangs up mid-headers makes mitmproxy log the partial buffer
+    with socket.create_connection(("127.0.0.1", p.port)) as s:
+        s.sendall(f"GET http://127.0.0.1:{upstream.port}/items/1 HTTP/1.1\r\nProxy-Authorization: Basic {cred}\r\nCookie: sess=cookie-secret\r\n".encode())
+        time.sleep(0.3)
+    # plus ordinary traffic, allowed and refused
+    requests.get(f"http://127.0.0.1:{upstream.port}/items/1", proxies={"http": p.proxy_url_with("log-bot", tok)}, timeout=10)
+    requests.get(f"http://127.0.0.1:{upstream.port}/items/1", proxies={"http": p.proxy_url_with("log-bot", tok[:-4] + "AAAA")}, timeout=10)
+    time.sleep(0.5)
+    text = p.log() + json.dumps(p.decisions())
+    assert "DEBUG" in p.log()  # the log level really was debug
+    for secret in (tok, tok.split(".")[2], cred, "cookie-secret"):
+        assert secret not in text

@@ -10,12 +10,15 @@ of a path can reach a laxer route than its plain form would.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
 from ..core.model import Classification
 from .manifest import ConnectorManifest, RouteSpec
+
+_TEMPLATE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*|\*)\}")
 
 GENERIC_CONNECTOR = "generic-http"
 GENERIC_ACTION = "http.request"
@@ -181,11 +184,12 @@ class Classifier:
                 values = route.match(segs)
                 if values is None:
                     continue
-                resource_id = route.spec.resource.id
-                if resource_id is None:  # default: the request path itself
+                template = route.spec.resource.id
+                if template is None:  # default: the request path itself
                     resource_id = "/" + "/".join(segs)
-                for name, value in values.items():
-                    resource_id = resource_id.replace("{" + name + "}", value)
+                else:
+                    # one pass, so a parameter value that looks like "{other}" stays literal
+                    resource_id = _TEMPLATE_RE.sub(lambda m: values.get(m.group(1), m.group(0)), template)
                 return Classification(
                     connector=connector.name,
                     action=route.spec.action,

@@ -65,6 +65,8 @@ def parse_json_body(req: AgentRequest, max_depth: int) -> Any:
         doc = json.loads(req.body)
     except (ValueError, UnicodeDecodeError):
         raise BodyRejected("request body is not valid JSON although Content-Type says it is") from None
+    except RecursionError:
+        raise BodyRejected(f"JSON nested deeper than {max_depth} levels") from None
     converted = to_cedar(doc, 0, max_depth)
     return None if converted is _OMIT else converted
 

@@ -7,6 +7,7 @@ and apply the `Verdict` they get back; nothing in here knows about an engine.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -78,7 +79,8 @@ class Classification:
 
     @property
     def resource_uid(self) -> str:
-        return f'{self.resource_type}::"{self.resource_id}"'
+        # Cedar's entity-uid syntax: the id is a quoted, escaped string literal.
+        return f"{self.resource_type}::{json.dumps(self.resource_id, ensure_ascii=False)}"
 
 
 @dataclass(slots=True)

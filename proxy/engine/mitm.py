@@ -197,8 +197,53 @@ class ProctorAddon:
             header_problem=header_problem,
         )
 
-    # -- CONNECT: authenticate once, bind to the connection ------------------------
+    # -- fail-closed hook entry points ----------------------------------------------
+    # mitmproxy logs an exception raised by an addon hook and then carries on with
+    # the flow, which would forward an undecided request. Every hook that gates
+    # traffic therefore turns any exception into a refusal.
+    def _fail_closed(self, flow: http.HTTPFlow, where: str) -> None:
+        outcome = self._standalone_refusal(
+            Refusal(
+                503,
+                "Proctor could not decide",
+                "an internal error occurred while deciding this request; it was not forwarded "
+                "(fail closed). Quote the decision_id to your Proctor operator.",
+                kind="fail-closed",
+            )
+        )
+        log.exception("%s hook failed (decision %s); refusing", where, outcome.decision_id)
+        outcome.errors.append(f"internal error in {where}")
+        flow.metadata[META] = (outcome, None, None)
+        self.stats["refused"] += 1
+        try:
+            self._refuse(flow, outcome)
+            self.recorder.write(decision_record(outcome, None, 503, None, None, None, error=f"internal error in {where}"))
+        except Exception:  # last resort: no answer at all rather than an undecided one
+            log.exception("could not even build the refusal; killing the flow")
+            flow.kill()
+
     async def http_connect(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._http_connect(flow)
+        except Exception:
+            self.tunnel_identity.pop(flow.client_conn, None)
+            self._fail_closed(flow, "CONNECT")
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._request(flow)
+        except Exception:
+            self._fail_closed(flow, "request")
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        try:
+            self._next_layer(nextlayer)
+        except Exception:
+            log.exception("next_layer hook failed; closing the connection")
+            nextlayer.layer = _RefuseConnection(nextlayer.context, b"")
+
+    # -- CONNECT: authenticate once, bind to the connection ------------------------
+    async def _http_connect(self, flow: http.HTTPFlow) -> None:
         req = AgentRequest(
             method="CONNECT",
             scheme="https",
@@ -223,7 +268,7 @@ class ProctorAddon:
         self.tunnel_identity[flow.client_conn] = (identity, outcome.credential_digest)
 
     # -- non-TLS inside a tunnel, raw TCP/UDP: refuse -----------------------------
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+    def _next_layer(self, nextlayer: layer.NextLayer) -> None:
         ctx = nextlayer.context
         chosen = nextlayer.layer
         if chosen is None:
@@ -302,7 +347,7 @@ class ProctorAddon:
         # Decisions need the whole body: never let a request stream past us.
         flow.request.stream = False
 
-    async def request(self, flow: http.HTTPFlow) -> None:
+    async def _request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
         self.stats["requests"] += 1

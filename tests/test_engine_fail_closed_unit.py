@@ -1,0 +1,58 @@
+"""Adapter-level: an exception inside a gating hook refuses the flow (mitmproxy would otherwise continue it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from mitmproxy.test import tflow
+
+from proxy.engine.mitm import ProctorAddon
+
+
+class _Recorder:
+    def __init__(self):
+        self.records = []
+
+    def write(self, rec):
+        self.records.append(rec)
+
+
+class _ExplodingPipeline:
+    classifier = None
+
+    async def decide(self, req):
+        raise AssertionError("decide must not be reached")
+
+    async def admit_tunnel(self, req):
+        raise RuntimeError("simulated bug in admission")
+
+
+@pytest.fixture
+def addon(monkeypatch):
+    a = ProctorAddon(_ExplodingPipeline(), _Recorder(), router=None, reverse_listen_ports=set())
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated bug in the adapter")
+
+    monkeypatch.setattr(a, "_agent_request", boom)
+    return a
+
+
+def test_request_hook_exception_refuses_with_503(addon):
+    flow = tflow.tflow()
+    asyncio.run(addon.request(flow))
+    assert flow.response is not None and flow.response.status_code == 503
+    body = json.loads(flow.response.content)
+    assert body["decision_id"] and body["title"] == "Proctor could not decide"
+    assert addon.recorder.records[-1]["status"] == 503
+    assert addon.recorder.records[-1]["decision"] == "deny"
+
+
+def test_connect_hook_exception_refuses_and_binds_nothing(addon):
+    flow = tflow.tflow()
+    flow.request.method = "CONNECT"
+    asyncio.run(addon.http_connect(flow))
+    assert flow.response.status_code == 503
+    assert flow.client_conn not in addon.tunnel_identity
