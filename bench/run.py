@@ -14,14 +14,22 @@ core of its own (see `cpu_layout`).
 
 Phases: pre-flight checks (Proctor answers 200 with X-Proctor-Decision-Id for
 the benchmarked request, 403 for a forbidden one, 407 without a token) ->
-max throughput at high concurrency for each config -> latency at moderate load
-(a fixed, low request rate, the same for every config) -> a py-spy profile of
-Proctor under load (if py-spy is installed) -> the in-process per-stage
-micro-benchmark (bench/micro.py). Non-2xx responses and socket errors are
-counted in every phase and reported; a phase with any is marked invalid.
+max throughput at high concurrency: direct once, then bare and proctor
+--repeats times each, interleaved (bare, proctor, bare, proctor, ...) -> latency
+at moderate load (a fixed, low request rate, the same for every config), with
+the same interleaving -> a py-spy profile of both proxies under load (if py-spy
+is installed) -> the in-process per-stage micro-benchmark (bench/micro.py).
+Non-2xx responses and socket errors are counted in every phase and reported; a
+phase with any is marked invalid.
 
-    python bench/run.py                 # ~2 minutes; writes docs/performance.md
-    python bench/run.py --no-write-docs --duration 5
+Run-to-run variation on a small VM is large, so bare and proctor figures are
+reported as the median and min-max range across the repeats, and the verdicts
+against the targets use the median of the per-repeat ratio (throughput) and of
+the per-repeat difference (p50), where each repeat pairs a bare phase with the
+proctor phase run right after it.
+
+    python bench/run.py                 # ~3-4 minutes; writes docs/performance.md
+    python bench/run.py --no-write-docs --duration 5 --repeats 1
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ import resource
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -241,7 +250,8 @@ class Phase:
     other_cpu_s: float  # CPU-seconds used by processes outside the benchmark during the phase
     wall_s: float
     steal_s: float = 0.0  # CPU-seconds the hypervisor stole from this VM during the phase
-    repeated: bool = False  # the first attempt was noisy and this is the cleaner of two
+    retried: bool = False  # the first attempt was noisy and this is the cleaner of two
+    repeat: int | None = None  # 1..--repeats for bare/proctor throughput and latency; None for phases run once
 
     @property
     def other_cores(self) -> float:
@@ -262,7 +272,7 @@ class Phase:
         d.update(config=self.config, kind=self.kind, rps=round(self.result.rps, 1), proxy_cpu_s=self.proxy_cpu_s,
                  proxy_us_per_req=self.proxy_us_per_req, other_cpu_s=round(self.other_cpu_s, 2),
                  wall_s=round(self.wall_s, 2), steal_s=round(self.steal_s, 2), valid=self.valid,
-                 other_cores=round(self.other_cores, 3), repeated=self.repeated)
+                 other_cores=round(self.other_cores, 3), retried=self.retried, repeat=self.repeat)
         return d
 
 
@@ -288,22 +298,36 @@ def measure(config: str, kind: str, gen: str, target: loadgen.Target, conns: int
 
 
 def measure_clean(args: argparse.Namespace, *a, **kw) -> Phase:
-    """measure(), repeated once (after waiting for quiet) if other processes competed for the CPUs."""
+    """measure(), retried once (after waiting for quiet) if other processes competed for the CPUs."""
     ph = measure(*a, **kw)
-    if ph.other_cores > args.noise_threshold and args.retry_noisy and args._repeats_left > 0:
-        args._repeats_left -= 1
+    if ph.other_cores > args.noise_threshold and args.retry_noisy and args._retries_left > 0:
+        args._retries_left -= 1
         bench_pids = a[9] if len(a) > 9 else kw["bench_pids"]
         print(f"    other processes used {ph.other_cores:.2f} cores during {ph.config}/{ph.kind}; "
-              f"waiting for quiet (<= {args.quiet_wait:g} s) and repeating it once")
+              f"waiting for quiet (<= {args.quiet_wait:g} s) and retrying it once")
         wait_quiet(bench_pids, args.quiet_wait, args.noise_threshold)
         again = measure(*a, **kw)
         ph = min(ph, again, key=lambda p: p.other_cores)
-        ph.repeated = True
+        ph.retried = True
     return ph
 
 
 def fmt(v: float | None, nd: int = 2) -> str:
     return "n/a" if v is None else f"{v:,.{nd}f}"
+
+
+def median(vals: list[float]) -> float:
+    return statistics.median(vals) if vals else float("nan")
+
+
+def med_range(vals: list[float], nd: int = 3, fmt_one=None) -> str:
+    """'median (min–max)', or just the value when there is only one."""
+    f = fmt_one or (lambda v: f"{v:,.{nd}f}")
+    if not vals:
+        return "n/a"
+    if len(vals) == 1:
+        return f(vals[0])
+    return f"{f(median(vals))} ({f(min(vals))}–{f(max(vals))})"
 
 
 # -------------------------------------------------------------- machine info
@@ -374,9 +398,15 @@ class Run:
     started: str = ""
     elapsed_s: float = 0
     quiet_wait: tuple[float, float] | None = None
+    repeats: int = 1
 
-    def phase(self, config: str, kind: str) -> Phase | None:
-        return next((p for p in self.phases if p.config == config and p.kind == kind), None)
+    def phase(self, config: str, kind: str, repeat: int | None = None) -> Phase | None:
+        return next((p for p in self.phases if p.config == config and p.kind == kind
+                     and (repeat is None or p.repeat == repeat)), None)
+
+    def phases_of(self, config: str, kind: str) -> list[Phase]:
+        """Every phase of one config and kind, in the order run (one per repeat for bare/proctor)."""
+        return [p for p in self.phases if p.config == config and p.kind == kind]
 
 
 def run(args: argparse.Namespace) -> Run:
@@ -388,7 +418,7 @@ def run(args: argparse.Namespace) -> Run:
         raise SystemExit("--generator wrk: wrk is not installed (apt-get install wrk)")
     layout = cpu_layout(not args.no_pin)
     r = Run(args={k: v for k, v in vars(args).items() if not k.startswith("_")}, machine=machine_info(), generator=gen, layout=layout,
-            started=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))
+            started=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), repeats=args.repeats)
     print(f"load generator: {gen}" + (" (wrk found on PATH)" if gen == "wrk" else " (Python asyncio fallback)"))
     print(f"CPU layout: {layout}")
 
@@ -437,18 +467,24 @@ def run(args: argparse.Namespace) -> Run:
             r.quiet_wait = (waited, level)
             print(f"waited {waited:.0f} s for a quiet machine (other processes now use {level:.2f} cores)")
 
+        # direct once, then bare and proctor interleaved, --repeats times: (name, repeat) in run order
+        schedule = [("direct", None)] + [(name, i) for i in range(1, args.repeats + 1) for name in ("bare", "proctor")]
+
         # -- (a) max throughput at high concurrency
-        print(f"\nmax throughput: {args.connections} connections, {args.duration:g} s each (after {args.warmup:g} s warm-up)")
-        for name in CONFIGS:
+        print(f"\nmax throughput: {args.connections} connections, {args.duration:g} s each (after {args.warmup:g} s warm-up); "
+              f"direct once, bare and proctor {args.repeats}x interleaved")
+        for name, i in schedule:
             loadgen.run_load(gen, targets[name], args.connections, args.warmup, 0, cpus=client_cpus[name], py_procs=args.py_procs)
             ph = measure_clean(args, name, "throughput", gen, targets[name], args.connections, args.duration, 0, client_cpus[name],
                          proxies[name], bench_pids, args.py_procs)
+            ph.repeat = i
             r.phases.append(ph)
-            print(f"  {name:8s} {ph.result.rps:10,.0f} req/s   non-2xx {ph.result.non2xx}  errors {ph.result.errors}"
+            tag = f"#{i}" if i else ""
+            print(f"  {name:8s}{tag:>3s} {ph.result.rps:10,.0f} req/s   non-2xx {ph.result.non2xx}  errors {ph.result.errors}"
                   f"   proxy CPU/req {fmt(ph.proxy_us_per_req, 0)} µs   other processes {ph.other_cores:.2f} cores")
 
         # -- (b) latency at moderate load: same fixed offered rate for every config
-        slowest = min(p.result.rps for p in r.phases if p.kind == "throughput" and p.config != "direct")
+        slowest = min(median([p.result.rps for p in r.phases_of(name, "throughput")]) for name in ("bare", "proctor"))
         if args.think_ms is not None:
             think = float(args.think_ms)
         else:
@@ -458,14 +494,16 @@ def run(args: argparse.Namespace) -> Run:
         r.moderate_target_rps = args.latency_connections / (think / 1000)
         print(f"\nlatency at moderate load: {args.latency_connections} connections, mean {think:g} ms random think time per "
               f"connection (offered <= {r.moderate_target_rps:,.0f} req/s, "
-              f"{r.moderate_target_rps / slowest * 100:.0f}% of the slowest proxy's max), {args.latency_duration:g} s each")
-        for name in CONFIGS:
+              f"{r.moderate_target_rps / slowest * 100:.0f}% of the slowest proxy's median max), {args.latency_duration:g} s each")
+        for name, i in schedule:
             loadgen.run_load(gen, targets[name], args.latency_connections, 1, think, cpus=client_cpus[name], py_procs=args.py_procs)
             ph = measure_clean(args, name, "latency", gen, targets[name], args.latency_connections, args.latency_duration, think,
                          client_cpus[name], proxies[name], bench_pids, args.py_procs)
+            ph.repeat = i
             r.phases.append(ph)
             res = ph.result
-            print(f"  {name:8s} {res.rps:8,.0f} req/s   p50 {res.p50_ms:.3f}  p90 {res.p90_ms:.3f}  p99 {res.p99_ms:.3f} ms"
+            tag = f"#{i}" if i else ""
+            print(f"  {name:8s}{tag:>3s} {res.rps:8,.0f} req/s   p50 {res.p50_ms:.3f}  p90 {res.p90_ms:.3f}  p99 {res.p99_ms:.3f} ms"
                   f"   non-2xx {res.non2xx}  errors {res.errors}   other processes {ph.other_cores:.2f} cores")
 
         # -- profile both proxies under load (py-spy samples the real processes from outside)
@@ -511,56 +549,120 @@ def run(args: argparse.Namespace) -> Run:
 
 # ---------------------------------------------------------------- report
 def results_table(r: Run) -> str:
+    """One row per configuration: the median across its repeats, with the min–max range in parentheses."""
     lines = [
-        "| configuration | max throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) | non-2xx / errors |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| configuration | runs | max throughput (req/s) | p50 (ms) | p90 (ms) | p99 (ms) | non-2xx / errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name in CONFIGS:
-        t, l = r.phase(name, "throughput"), r.phase(name, "latency")
-        if t is None or l is None:
+        ts, ls = r.phases_of(name, "throughput"), r.phases_of(name, "latency")
+        if not ts or not ls:
             continue
-        bad = f"{t.result.non2xx + l.result.non2xx} / {t.result.errors + l.result.errors}"
-        lines.append(f"| {LABELS[name]} | {t.result.rps:,.0f} | {l.result.p50_ms:.3f} | {l.result.p90_ms:.3f} | "
-                     f"{l.result.p99_ms:.3f} | {bad} |")
+        bad = f"{sum(p.result.non2xx for p in ts + ls)} / {sum(p.result.errors for p in ts + ls)}"
+        lines.append(
+            f"| {LABELS[name]} | {len(ts)} | {med_range([p.result.rps for p in ts], 0)} | "
+            f"{med_range([p.result.p50_ms for p in ls])} | {med_range([p.result.p90_ms for p in ls])} | "
+            f"{med_range([p.result.p99_ms for p in ls])} | {bad} |")
+    return "\n".join(lines)
+
+
+def repeats_table(r: Run) -> str:
+    """Per repeat: the paired bare/Proctor figures the verdicts are computed from, then their medians."""
+    tg = targets(r)
+    yes = lambda ok: "yes" if ok else "no"
+    lines = [
+        (f"| repeat | bare (req/s) | Proctor (req/s) | Proctor / bare | ≥ {TARGET_THROUGHPUT_RATIO:.0%} | "
+         f"bare p50 (ms) | Proctor p50 (ms) | added p50 (ms) | < {TARGET_ADDED_P50_MS:g} ms | added p90 (ms) | added p99 (ms) |"),
+        "|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
+    ]
+    sgn = lambda v: f"{v:+.3f}"
+    for x in tg["repeats"]:
+        cells = [str(x["repeat"])]
+        if x.get("ratio") is not None:
+            cells += [f"{x['bare_rps']:,.0f}", f"{x['proctor_rps']:,.0f}", f"{x['ratio']:.1%}", yes(x["throughput_met"])]
+        else:
+            cells += ["n/a"] * 4
+        if x.get("added_p50_ms") is not None:
+            cells += [f"{x['bare_p50_ms']:.3f}", f"{x['proctor_p50_ms']:.3f}", sgn(x["added_p50_ms"]),
+                      yes(x["added_p50_met"]), sgn(x["added_p90_ms"]), sgn(x["added_p99_ms"])]
+        else:
+            cells += ["n/a"] * 6
+        lines.append("| " + " | ".join(cells) + " |")
+    rs = tg["repeats"]
+    col = lambda k: [x[k] for x in rs if x.get(k) is not None]
+    lines.append(
+        f"| **median** | {median(col('bare_rps')):,.0f} | {median(col('proctor_rps')):,.0f} | "
+        f"**{tg['throughput_ratio']:.1%}** | {tg['throughput_met_count']} of {tg['n_throughput']} | "
+        f"{median(col('bare_p50_ms')):.3f} | {median(col('proctor_p50_ms')):.3f} | **{sgn(tg['added_p50_ms'])}** | "
+        f"{tg['added_p50_met_count']} of {tg['n_latency']} | {sgn(tg['added_p90_ms'])} | {sgn(tg['added_p99_ms'])} |")
     return "\n".join(lines)
 
 
 def detail_table(r: Run) -> str:
     lines = [
         (
-            "| config | phase | conns | think (ms) | requests | duration (s) | req/s | mean (ms) | max (ms) | "
+            "| config | phase | repeat | conns | think (ms) | requests | duration (s) | req/s | p50 (ms) | mean (ms) | max (ms) | "
             "proxy CPU per request (µs) | other processes (CPU cores) |"
         ),
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     phases = list(r.phases) + list(r.profile_phases.values())
     for p in phases:
         x = p.result
-        kind = p.kind + (" (repeated)" if p.repeated else "")
-        lines.append(f"| {p.config} | {kind} | {x.connections} | {x.think_ms:g} | {x.requests:,} | {x.duration_s:.1f} | "
-                     f"{x.rps:,.0f} | {x.mean_ms:.3f} | {x.max_ms:.1f} | {fmt(p.proxy_us_per_req, 0)} | "
+        kind = p.kind + (" (retried)" if p.retried else "")
+        rep = str(p.repeat) if p.repeat else "once"
+        lines.append(f"| {p.config} | {kind} | {rep} | {x.connections} | {x.think_ms:g} | {x.requests:,} | {x.duration_s:.1f} | "
+                     f"{x.rps:,.0f} | {x.p50_ms:.3f} | {x.mean_ms:.3f} | {x.max_ms:.1f} | {fmt(p.proxy_us_per_req, 0)} | "
                      f"{p.other_cores:.2f} |")
     return "\n".join(lines)
 
 
 def targets(r: Run) -> dict:
-    bt, pt = r.phase("bare", "throughput"), r.phase("proctor", "throughput")
-    bl, pl = r.phase("bare", "latency"), r.phase("proctor", "latency")
-    ratio = pt.result.rps / bt.result.rps if bt and pt and bt.result.rps else float("nan")
-    added = (pl.result.p50_ms - bl.result.p50_ms) if bl and pl else float("nan")
-    cpu_b, cpu_p = (bt.proxy_us_per_req if bt else None), (pt.proxy_us_per_req if pt else None)
-    valid = all(p.valid for p in r.phases)
+    """Verdicts from the MEDIAN of the per-repeat values (each repeat pairs a bare phase with the Proctor phase after it)."""
+    per: list[dict] = []
+    for i in range(1, r.repeats + 1):
+        x: dict = {"repeat": i}
+        bt, pt = r.phase("bare", "throughput", i), r.phase("proctor", "throughput", i)
+        if bt and pt and bt.result.rps:
+            ratio = pt.result.rps / bt.result.rps
+            x.update(bare_rps=bt.result.rps, proctor_rps=pt.result.rps, ratio=ratio,
+                     throughput_met=ratio >= TARGET_THROUGHPUT_RATIO,
+                     cpu_bare_us=bt.proxy_us_per_req, cpu_proctor_us=pt.proxy_us_per_req)
+        bl, pl = r.phase("bare", "latency", i), r.phase("proctor", "latency", i)
+        if bl and pl:
+            added = pl.result.p50_ms - bl.result.p50_ms
+            x.update(bare_p50_ms=bl.result.p50_ms, proctor_p50_ms=pl.result.p50_ms, added_p50_ms=added,
+                     added_p50_met=added < TARGET_ADDED_P50_MS,
+                     added_p90_ms=pl.result.p90_ms - bl.result.p90_ms, added_p99_ms=pl.result.p99_ms - bl.result.p99_ms,
+                     lat_cpu_bare_us=bl.proxy_us_per_req, lat_cpu_proctor_us=pl.proxy_us_per_req)
+        per.append(x)
+    col = lambda k: [x[k] for x in per if x.get(k) is not None]
+    ratios, added = col("ratio"), col("added_p50_ms")
+    ratio, added_p50 = median(ratios), median(added)
+    med_or_none = lambda k: median(col(k)) if col(k) else None
+    cpu_b, cpu_p = med_or_none("cpu_bare_us"), med_or_none("cpu_proctor_us")
     return {
-        "throughput_ratio": ratio,
+        "repeats": per,
+        "n_throughput": len(ratios),
+        "n_latency": len(added),
+        "throughput_ratio": ratio,  # median of the per-repeat ratios
+        "throughput_ratio_min": min(ratios, default=float("nan")),
+        "throughput_ratio_max": max(ratios, default=float("nan")),
         "throughput_met": ratio >= TARGET_THROUGHPUT_RATIO,
-        "added_p50_ms": added,
-        "added_p50_met": added < TARGET_ADDED_P50_MS,
-        "added_p90_ms": (pl.result.p90_ms - bl.result.p90_ms) if bl and pl else float("nan"),
-        "added_p99_ms": (pl.result.p99_ms - bl.result.p99_ms) if bl and pl else float("nan"),
-        "cpu_bare_us": cpu_b,
+        "throughput_met_count": sum(1 for x in per if x.get("throughput_met")),
+        "added_p50_ms": added_p50,  # median of the per-repeat differences
+        "added_p50_min_ms": min(added, default=float("nan")),
+        "added_p50_max_ms": max(added, default=float("nan")),
+        "added_p50_met": added_p50 < TARGET_ADDED_P50_MS,
+        "added_p50_met_count": sum(1 for x in per if x.get("added_p50_met")),
+        "added_p90_ms": median(col("added_p90_ms")),
+        "added_p99_ms": median(col("added_p99_ms")),
+        "cpu_bare_us": cpu_b,  # medians across repeats, max-throughput phases
         "cpu_proctor_us": cpu_p,
         "cpu_added_us": (cpu_p - cpu_b) if cpu_b is not None and cpu_p is not None else None,
-        "valid": valid,
+        "lat_cpu_bare_us": med_or_none("lat_cpu_bare_us"),  # medians across repeats, moderate-load phases
+        "lat_cpu_proctor_us": med_or_none("lat_cpu_proctor_us"),
+        "valid": all(p.valid for p in r.phases),
     }
 
 
@@ -574,7 +676,7 @@ def render_cost(r: Run) -> list[str]:
     cpu_p = php.proxy_us_per_req if php else None
     cpu_b = phb.proxy_us_per_req if phb else None
     if pp and pp.get("samples") and cpu_p:
-        w(f"py-spy sampled the running proxy processes from outside ({a['profile_seconds']:g} s each at 250 Hz, "
+        w(f"py-spy sampled the running proxy processes from outside (once per proxy, not repeated: {a['profile_seconds']:g} s each at 250 Hz, "
           f"non-blocking, so the target is never paused) while each served {a['connections']} connections at full "
           f"speed: Proctor {php.result.rps:,.0f} req/s with {cpu_p:.0f} µs of CPU per request ({pp['samples']:,} busy "
           "samples)" + (f", bare mitmproxy {phb.result.rps:,.0f} req/s with {cpu_b:.0f} µs ({pb['samples']:,} samples)"
@@ -667,12 +769,12 @@ def render_cost(r: Run) -> list[str]:
     w("3. Merged `cedarpy.Entities` handles cached by (revision, principal, resource) content; header copy in one pass; "
       "peer-IP normalisation cached.")
     w("")
-    w("Before these, the same benchmark measured 43% of bare mitmproxy's throughput and +1.6 ms median latency "
-      "(617 vs 1,420 req/s).")
+    w("Before these, a single run of the same benchmark (before it had `--repeats`) measured 43% of bare "
+      "mitmproxy's throughput and +1.6 ms median latency (617 vs 1,420 req/s).")
     w("")
     if tg_cpu_b := targets(r).get("cpu_bare_us"):
         budget = tg_cpu_b * (1 / TARGET_THROUGHPUT_RATIO - 1)
-        w(f"Left: 85% of bare mitmproxy's throughput leaves ≈{budget:.0f} µs of CPU per request for Proctor on this "
+        w(f"Left: {TARGET_THROUGHPUT_RATIO:.0%} of bare mitmproxy's throughput leaves ≈{budget:.0f} µs of CPU per request for Proctor on this "
           f"machine, less than one small Cedar call ({tiny or 0:.0f} µs) plus Proctor's other per-request work "
           f"(≈{rest:.0f} µs), so the throughput target is out of reach for an in-process, single-threaded Cedar on "
           f"this engine. cedarpy {r.machine.get('cedarpy', '')}'s `is_authorized` holds the GIL, so a thread pool "
@@ -707,11 +809,15 @@ def render_markdown(r: Run, command: str) -> str:
     )
     met = lambda ok: "**met**" if ok else "**not met**"
     other_cores = max((p.other_cores for p in r.phases), default=0.0)
-    repeated = [f"{p.config}/{p.kind}" for p in r.phases if p.repeated]
+    tag = lambda p: f"{p.config}/{p.kind}" + (f" #{p.repeat}" if p.repeat else "")
+    retried = [tag(p) for p in r.phases if p.retried]
+    still = [f"{tag(p)} ({p.other_cores:.2f} cores)" for p in r.phases if p.other_cores > a["noise_threshold"]]
     noise = (
         f"Other processes on the machine used at most {other_cores:.2f} CPU cores during any measured phase "
         "(column *other processes* below)"
-        + (f"; phases repeated once because the first attempt was noisy: {', '.join(repeated)}" if repeated else "")
+        + (f"; phases retried once because the first attempt was noisy (the cleaner attempt is the one kept and shown): "
+           f"{', '.join(retried)}" if retried else "")
+        + (f"; kept phases still above the {a['noise_threshold']:g}-core noise threshold: {', '.join(still)}" if still else "")
         + (". The machine was shared while this ran: treat small differences with care." if other_cores > 0.1 else ".")
     )
     out: list[str] = []
@@ -730,18 +836,32 @@ def render_markdown(r: Run, command: str) -> str:
     w(f"- Load generator: {gen_text}")
     w(f"- CPU layout: {layout_text}")
     w(f"- {noise}\n")
+    n = r.repeats
     w("## Results\n")
+    if n > 1:
+        w(f"Run-to-run variation on a small VM is large (single runs of this script have differed by several points of "
+          f"throughput ratio and by tenths of a millisecond of median latency), so bare mitmproxy and Proctor are each "
+          f"measured {n} times (`--repeats {n}`). Each cell is the **median across the repeats**, with the min–max range "
+          "in parentheses; *runs* is how many phases of each kind the row summarises (direct, the ceiling, runs once). "
+          "Per-repeat values are under *Against the targets* and *All phases*.\n")
     w(results_table(r) + "\n")
+    interleave = (
+        f" Direct runs once; bare mitmproxy and Proctor run {n} times each, interleaved (bare, Proctor, bare, Proctor, …), "
+        "so slow drift in the VM's speed affects both alike and each Proctor phase is paired with the bare phase "
+        "just before it." if n > 1 else " Each configuration runs once (`--repeats 1`)."
+    )
     w(f"Max throughput: {a['connections']} keep-alive connections, closed loop (each sends its next request as soon "
-      f"as the previous response is complete), {a['duration']:g} s per configuration after a {a['warmup']:g} s warm-up.\n")
+      f"as the previous response is complete), {a['duration']:g} s per phase after a {a['warmup']:g} s warm-up."
+      + interleave + "\n")
     w(f"Latency at moderate load: {a['latency_connections']} keep-alive connections, each pausing a random think "
       f"time after every response (exponentially distributed, mean {r.think_ms:g} ms, so arrivals are Poisson-like "
       "and the connections never fall into lock-step bursts), i.e. about "
       f"{r.moderate_target_rps:,.0f} req/s offered to every configuration — "
-      f"{a['moderate_fraction'] * 100:.0f}% of the slowest proxy's measured maximum, chosen automatically "
-      f"(`--think-ms` fixes it), so every proxy is well below saturation. {a['latency_duration']:g} s per configuration "
-      "after a 1 s warm-up. Latency is from writing the request to reading the last byte of the response; "
-      "think time is not included.\n")
+      f"{a['moderate_fraction'] * 100:.0f}% of the slowest proxy's {'median ' if n > 1 else ''}measured maximum, "
+      "chosen automatically (`--think-ms` fixes it), so every proxy is well below saturation. "
+      f"{a['latency_duration']:g} s per phase after a 1 s warm-up"
+      + (", with the same order as above (all throughput phases run first)" if n > 1 else "")
+      + ". Latency is from writing the request to reading the last byte of the response; think time is not included.\n")
     w("Every request in every phase is `GET /items/1` on the upstream; through Proctor it is classified as "
       f"`bench.item.read` on `Item::\"1\"` and evaluated against {r.policy_stats.get('policies', '?')} Cedar policies "
       f"({r.policy_stats.get('permits', '?')} permits, {r.policy_stats.get('forbids', '?')} forbids, "
@@ -751,29 +871,46 @@ def render_markdown(r: Run, command: str) -> str:
       "carries `Proxy-Authorization: Bearer <jwt>` (which Proctor strips before forwarding); the `direct` and `bare` "
       "requests are the same GET without it.\n")
     w("## Against the targets\n")
+    nt, nl = tg["n_throughput"], tg["n_latency"]
+    if n > 1:
+        w(f"Each repeat pairs a bare mitmproxy phase with the Proctor phase run right after it. The verdicts use the "
+          f"**median of the {nt} per-repeat throughput ratios** (Proctor / bare) and the **median of the {nl} per-repeat "
+          "added p50s** (Proctor p50 − bare p50) — not the ratio or difference of the medians in the table above, "
+          "which can differ slightly — and each line also says in how many repeats the target was met on its own.\n")
+    sgn = lambda v: f"{v:+.3f}"
+    tp_spread = (f" (median of {nt} repeats; per repeat {tg['throughput_ratio_min']:.1%} to {tg['throughput_ratio_max']:.1%})"
+                 if nt > 1 else "")
+    p50_spread = (f"median of {nl} repeats; per repeat {sgn(tg['added_p50_min_ms'])} to {sgn(tg['added_p50_max_ms'])} ms; "
+                  if nl > 1 else "")
     w(f"- Full-pipeline throughput at least {TARGET_THROUGHPUT_RATIO:.0%} of bare mitmproxy: "
-      f"{tg['throughput_ratio']:.1%} — {met(tg['throughput_met'])}.")
+      f"{tg['throughput_ratio']:.1%}{tp_spread} — {met(tg['throughput_met'])}"
+      + (f"; met in {tg['throughput_met_count']} of {nt} repeats." if nt > 1 else "."))
     w(f"- Added median latency under {TARGET_ADDED_P50_MS:g} ms over bare mitmproxy at moderate load: "
-      f"+{tg['added_p50_ms']:.3f} ms (p90 +{tg['added_p90_ms']:.3f} ms, p99 +{tg['added_p99_ms']:.3f} ms) — "
-      f"{met(tg['added_p50_met'])}.")
+      f"{sgn(tg['added_p50_ms'])} ms ({p50_spread}p90 {sgn(tg['added_p90_ms'])} ms, p99 {sgn(tg['added_p99_ms'])} ms"
+      + (", also medians of the per-repeat differences" if nl > 1 else "") + ") — "
+      f"{met(tg['added_p50_met'])}" + (f"; met in {tg['added_p50_met_count']} of {nl} repeats." if nl > 1 else "."))
     if tg["cpu_added_us"] is not None:
-        w(f"- Proxy CPU per request at max throughput: bare mitmproxy {tg['cpu_bare_us']:.0f} µs, Proctor "
-          f"{tg['cpu_proctor_us']:.0f} µs, so Proctor adds {tg['cpu_added_us']:.0f} µs of CPU per request "
-          "(throughput of a single-threaded proxy is the inverse of this).")
+        w(f"- Proxy CPU per request at max throughput{' (medians across repeats)' if nt > 1 else ''}: bare mitmproxy "
+          f"{tg['cpu_bare_us']:.0f} µs, Proctor {tg['cpu_proctor_us']:.0f} µs, so Proctor adds "
+          f"{tg['cpu_added_us']:.0f} µs of CPU per request (throughput of a single-threaded proxy is the inverse of this).")
         budget = tg["cpu_bare_us"] * (1 / TARGET_THROUGHPUT_RATIO - 1)
         w(f"- What the throughput target leaves for Proctor: at {TARGET_THROUGHPUT_RATIO:.0%} of bare mitmproxy's "
           f"throughput Proctor may add at most {budget:.0f} µs of CPU per request on this machine "
           f"({1 / TARGET_THROUGHPUT_RATIO - 1:.1%} of bare mitmproxy's {tg['cpu_bare_us']:.0f} µs); it adds "
           f"{tg['cpu_added_us']:.0f} µs.")
-    bl_, pl_ = r.phase("bare", "latency"), r.phase("proctor", "latency")
-    if bl_ and pl_ and bl_.proxy_us_per_req and pl_.proxy_us_per_req:
-        w(f"- At moderate load the proxies used {bl_.proxy_us_per_req:.0f} µs (bare) and {pl_.proxy_us_per_req:.0f} µs "
-          f"(Proctor) of CPU per request — more than at saturation, where work is batched per event-loop pass — so "
-          f"Proctor's service time alone is ≈{(pl_.proxy_us_per_req - bl_.proxy_us_per_req) / 1000:.2f} ms longer per "
-          "request, which is what the added median latency mostly is.")
+    lb, lp = tg["lat_cpu_bare_us"], tg["lat_cpu_proctor_us"]
+    if lb and lp:
+        w(f"- At moderate load the proxies used {lb:.0f} µs (bare) and {lp:.0f} µs (Proctor) of CPU per request"
+          + (" (medians across repeats)" if nl > 1 else "")
+          + f" — more than at saturation, where work is batched per event-loop pass — so Proctor's service time alone "
+          f"is ≈{(lp - lb) / 1000:.2f} ms longer per request, which is what the added median latency mostly is.")
     if not tg["valid"]:
         w("- **Some phase saw non-2xx responses or socket errors: those numbers are not valid measurements.**")
     w("")
+    if n > 1:
+        w("Per repeat (the values the verdicts are computed from; the last row holds the medians and how many repeats "
+          "met each target):\n")
+        w(repeats_table(r) + "\n")
     w("Checks before measuring (the benchmark refuses to run if any fails):\n")
     for line in r.preflight:
         w(f"- {line}")
@@ -783,17 +920,19 @@ def render_markdown(r: Run, command: str) -> str:
           f"{st.get('refused', 0):,} refused (the pre-flight's DELETE and token-less request), "
           f"{r.proctor_stats.get('records_written', 0):,} decision records written.")
     w("\n### All phases\n")
+    w("In the order they ran: one row per phase, and per repeat for bare mitmproxy and Proctor (*repeat*; *once* "
+      "for phases that run a single time).\n")
     w(detail_table(r) + "\n")
     w("*proxy CPU per request* is the proxy process's user+system CPU time during the phase divided by the "
       "responses received. *other processes* is the machine's user+system CPU time during the phase minus that of "
       "the benchmark's own processes, as average cores: non-zero means something else competed for the CPUs "
-      f"(a phase above {a['noise_threshold']:g} cores is repeated once and the cleaner attempt kept). "
-      "In the profile phase it includes py-spy itself.\n")
+      f"(a phase above {a['noise_threshold']:g} cores is retried once, after waiting for quiet, and the cleaner attempt "
+      f"kept; at most {a['max_retries']} retries per run). In the profile phase it includes py-spy itself.\n")
 
     out.extend(render_cost(r))
     w("## Reproducing\n")
     w("```\nmake bench                         # or: .venv/bin/python bench/run.py\n"
-      ".venv/bin/python bench/run.py --help   # durations, connections, think time, --no-write-docs\n"
+      ".venv/bin/python bench/run.py --help   # repeats, durations, connections, think time, --no-write-docs\n"
       ".venv/bin/python bench/micro.py        # the per-stage micro-benchmark alone\n```\n")
     w("`wrk` is used when it is on `PATH` (`apt-get install wrk`), otherwise the Python load generator; "
       "py-spy (`.venv/bin/pip install py-spy`) enables the process profile. Only loopback addresses are used, "
@@ -805,6 +944,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
                     help="load generator (auto: wrk if installed, else Python)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="run the bare and proctor throughput and latency phases this many times each, interleaved "
+                         "(bare, proctor, bare, ...); results are medians and verdicts use the median of the per-repeat "
+                         "values (default 3; direct, the profile and the micro-benchmark run once)")
     ap.add_argument("--duration", type=float, default=10, help="seconds per max-throughput phase")
     ap.add_argument("--connections", type=int, default=64, help="connections for max throughput")
     ap.add_argument("--warmup", type=float, default=2, help="seconds of warm-up before each throughput phase")
@@ -821,12 +964,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--noise-threshold", type=float, default=0.15,
                     help="a phase during which other processes used more CPU cores than this is noisy")
     ap.add_argument("--retry-noisy", type=int, choices=[0, 1], default=1,
-                    help="repeat a noisy phase once and keep the cleaner attempt (default 1)")
-    ap.add_argument("--max-repeats", type=int, default=3, help="at most this many noisy phases are repeated per run")
+                    help="retry a noisy phase once and keep the cleaner attempt (default 1)")
+    ap.add_argument("--max-retries", "--max-repeats", dest="max_retries", type=int, default=None,
+                    help="at most this many noisy phases are retried per run (default: max(3, 2 x --repeats); "
+                         "--max-repeats is the old name)")
     ap.add_argument("--wait-quiet", type=float, default=10,
                     help="before measuring, wait up to this many seconds for other processes to go quiet")
     ap.add_argument("--quiet-wait", type=float, default=5,
-                    help="before repeating a noisy phase, wait up to this many seconds for quiet")
+                    help="before retrying a noisy phase, wait up to this many seconds for quiet")
     ap.add_argument("--no-profile", action="store_true", help="skip the py-spy profile of Proctor")
     ap.add_argument("--profile-seconds", type=float, default=5, help="py-spy sampling time per proxy")
     ap.add_argument("--no-micro", action="store_true", help="skip the in-process micro-benchmark")
@@ -838,17 +983,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results as JSON")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temporary deployment directory (logs, profile)")
     args = ap.parse_args(argv)
-    args._repeats_left = args.max_repeats
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
+    if args.max_retries is None:
+        args.max_retries = max(3, 2 * args.repeats)
+    args._retries_left = args.max_retries
 
     r = run(args)
     tg = targets(r)
     print("\n" + results_table(r))
+    if r.repeats > 1:
+        print("\n" + repeats_table(r))
+    nt, nl = tg["n_throughput"], tg["n_latency"]
     print(f"\nthroughput Proctor / bare mitmproxy: {tg['throughput_ratio']:.1%} "
-          f"(target >= {TARGET_THROUGHPUT_RATIO:.0%}: {'met' if tg['throughput_met'] else 'NOT met'})")
+          + (f"(median of {nt}; {tg['throughput_ratio_min']:.1%} to {tg['throughput_ratio_max']:.1%}) " if nt > 1 else "")
+          + f"(target >= {TARGET_THROUGHPUT_RATIO:.0%}: {'met' if tg['throughput_met'] else 'NOT met'}"
+          + (f"; met in {tg['throughput_met_count']} of {nt} repeats)" if nt > 1 else ")"))
     print(f"added p50 latency over bare mitmproxy: {tg['added_p50_ms']:+.3f} ms "
-          f"(target < {TARGET_ADDED_P50_MS:g} ms: {'met' if tg['added_p50_met'] else 'NOT met'})")
+          + (f"(median of {nl}; {tg['added_p50_min_ms']:+.3f} to {tg['added_p50_max_ms']:+.3f}) " if nl > 1 else "")
+          + f"(target < {TARGET_ADDED_P50_MS:g} ms: {'met' if tg['added_p50_met'] else 'NOT met'}"
+          + (f"; met in {tg['added_p50_met_count']} of {nl} repeats)" if nl > 1 else ")"))
     if tg["cpu_added_us"] is not None:
-        print(f"proxy CPU per request: bare {tg['cpu_bare_us']:.0f} µs, proctor {tg['cpu_proctor_us']:.0f} µs")
+        print(f"proxy CPU per request (median): bare {tg['cpu_bare_us']:.0f} µs, proctor {tg['cpu_proctor_us']:.0f} µs")
     for name, prof in r.profiles.items():
         ph = r.profile_phases.get(name)
         cpu = ph.proxy_us_per_req if ph else None
@@ -867,7 +1023,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": r.machine, "generator": r.generator, "layout": r.layout, "preflight": r.preflight,
             "phases": [p.as_dict() for p in r.phases] + [p.as_dict() for p in r.profile_phases.values()],
             "targets": tg, "profiles": r.profiles, "micro": r.micro, "proctor_stats": r.proctor_stats,
-            "think_ms": r.think_ms, "started": r.started,
+            "think_ms": r.think_ms, "started": r.started, "repeats": r.repeats,
         }, indent=2, default=str))
     if args.write_docs:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
