@@ -97,7 +97,9 @@ async def _watch_policies(runtime: ProctorRuntime) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
-            runtime.policies.reload_if_changed()
+            # Parsing, validating and indexing a large set takes a while: do it off
+            # the event loop so traffic keeps flowing; the swap itself is atomic.
+            await asyncio.to_thread(runtime.policies.reload_if_changed)
         except Exception:
             log.exception("policy watcher error")
 

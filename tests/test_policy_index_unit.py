@@ -15,7 +15,7 @@ import cedarpy
 import pytest
 
 from proxy.policy.engine import PolicySource, PolicyStore
-from proxy.policy.index import context_keys_used, schema_has_action_groups
+from proxy.policy.index import context_keys_used
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import policygen  # noqa: E402
@@ -92,8 +92,9 @@ def test_partitioned_evaluation_equals_full_evaluation(store):
 def test_parts_are_smaller_than_the_whole(store):
     b = store.bundle
     assert b.policy_count == 500
-    assert max(len(p.policy_ids) for p in b.parts.values()) < 200
-    assert b.part_for("no.such.action").policy_ids == b.default_part.policy_ids
+    assert len(b.index.cached_actions) >= 100  # warmed at load for every action the policies name
+    assert max(len(b.part_for(a).policy_ids) for a in b.index.cached_actions) < 200
+    assert len(b.part_for("no.such.action").policy_ids) < 200
 
 
 def test_context_keys_used():
@@ -110,7 +111,59 @@ def test_context_keys_used():
     assert keys("context == {}") is None  # the whole record: no pruning
 
 
-def test_action_groups_disable_static_resolution():
-    assert schema_has_action_groups('action "read" in ["readers"] appliesTo {};', False)
-    assert not schema_has_action_groups('action "read" appliesTo { principal: A, resource: B };\n// in', False)
-    assert schema_has_action_groups('{"actions": {"r": {"memberOf": [{"id": "g"}]}}}', True)
+GROUP_POLICIES = """
+@id("permit-all-deletes")
+permit (principal, action == Action::"ticketing.incident.delete", resource);
+
+@id("forbid-destructive")
+forbid (principal, action in Action::"destructive", resource);
+
+@id("forbid-listed")
+forbid (principal, action in [Action::"read", Action::"destructive"], resource) when { context.risk == "high" };
+"""
+
+HUMAN_SCHEMA = """
+entity Agent; entity R;
+action "destructive";
+@doc("see https://docs.example.com/delete") action "ticketing.incident.delete" in [Action::"destructive"] appliesTo { principal: Agent, resource: R, context: {risk: String} };
+action "read" appliesTo { principal: Agent, resource: R, context: {risk: String} };
+"""
+
+JSON_SCHEMA = {
+    "": {
+        "entityTypes": {"Agent": {}, "R": {}},
+        "actions": {
+            "destructive": {},
+            "ticketing.incident.delete": {
+                "member\u004ff": [{"id": "destructive"}],
+                "appliesTo": {"principalTypes": ["Agent"], "resourceTypes": ["R"],
+                              "context": {"type": "Record", "attributes": {"risk": {"type": "String"}}}},
+            },
+            "read": {"appliesTo": {"principalTypes": ["Agent"], "resourceTypes": ["R"],
+                                   "context": {"type": "Record", "attributes": {"risk": {"type": "String"}}}}},
+        },
+    }
+}
+
+
+@pytest.mark.parametrize("schema_kind", ["human-with-url-annotation", "json-with-escaped-key"])
+def test_action_groups_are_resolved_by_cedar_not_by_text(tmp_path, schema_kind):
+    """A forbid on an action group applies to its members, however the schema spells the group."""
+    import json
+
+    if schema_kind.startswith("human"):
+        schema = tmp_path / "schema.cedarschema"
+        schema.write_text(HUMAN_SCHEMA)
+    else:
+        schema = tmp_path / "schema.json"
+        text = json.dumps(JSON_SCHEMA).replace('"memberOf"', '"member\\u004ff"')
+        assert "memberOf" not in text  # the key is spelled with a JSON escape in the file
+        schema.write_text(text)
+    (tmp_path / "p.cedar").write_text(GROUP_POLICIES)
+    store = PolicyStore(PolicySource(schema, tmp_path, tmp_path / "entities.json"))
+    agent = {"uid": {"type": "Agent", "id": "a"}, "attrs": {}, "parents": []}
+    res = {"uid": {"type": "R", "id": "r"}, "attrs": {}, "parents": []}
+    d = store.authorize(agent, "ticketing.incident.delete", res, {"risk": "low"}, [agent, res])
+    assert not d.allowed and d.reasons == ["forbid-destructive"]
+    d = store.authorize(agent, "ticketing.incident.delete", res, {"risk": "high"}, [agent, res])
+    assert sorted(d.reasons) == ["forbid-destructive", "forbid-listed"]

@@ -6,6 +6,7 @@ their routes on the same application.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -52,7 +53,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     async def policy_reload(request: web.Request) -> web.Response:
         if request.remote not in ("127.0.0.1", "::1"):
             return web.json_response({"title": "forbidden", "detail": "reload is loopback-only"}, status=403)
-        ok = runtime.policies.reload()
+        ok = await asyncio.to_thread(runtime.policies.reload)
         return web.json_response(
             {"reloaded": ok, "active_revision": runtime.policies.bundle.revision, "reload": runtime.policies.status.as_dict()},
             status=200 if ok else 422,

@@ -22,7 +22,7 @@ from typing import Any
 
 import cedarpy
 
-from .index import PolicyPart, build_parts
+from .index import PolicyIndex, PolicyPart
 
 log = logging.getLogger("proctor.policy")
 
@@ -99,8 +99,7 @@ class PolicyBundle:
     entities: Any  # cedarpy.Entities
     static_uids: frozenset[tuple[str, str]]
     policies: dict[str, PolicyInfo]  # @id -> info
-    parts: dict[str, PolicyPart]  # action id -> the policies that can match it
-    default_part: PolicyPart  # for actions no policy names
+    index: PolicyIndex  # action id -> the policies whose scope can match it
     loaded_at: float
     files: tuple[str, ...]
 
@@ -109,7 +108,7 @@ class PolicyBundle:
         return len(self.policies)
 
     def part_for(self, action: str) -> PolicyPart:
-        return self.parts.get(action, self.default_part)
+        return self.index.part_for(action)
 
 
 @dataclass(frozen=True)
@@ -199,7 +198,7 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         raise PolicyLoadError(problems)
 
     combined = "\n".join(texts)
-    result = cedarpy.validate_policies(combined, schema)
+    result = cedarpy.validate_policies(combined, schema, release_gil=True)
     if not result.validation_passed:
         for err in result.errors:
             pid = result.id_annotations_by_policy_id.get(err.policy_id, err.policy_id)
@@ -213,20 +212,23 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
     info_by_pid = {info.policy_id: info for _, info in owners if info is not None}
     try:
         policy_set = cedarpy.PolicySet.from_json_str(
-            json.dumps({"staticPolicies": by_id, "templates": {}, "templateLinks": []})
+            json.dumps({"staticPolicies": by_id, "templates": {}, "templateLinks": []}), release_gil=True
         )
-        parts, default_part = build_parts(by_id, schema_text or "", source.schema_path.suffix == ".json")
     except ValueError as e:
         raise PolicyLoadError([f"policy set: {e}"]) from None
 
     try:
-        entities = cedarpy.Entities.from_json_str(entities_json, schema)
+        entities = cedarpy.Entities.from_json_str(entities_json, schema, release_gil=True)
         raw_entities = json.loads(entities_json)
     except ValueError as e:
         raise PolicyLoadError([f"entities {source.entities_path}: {e}"]) from None
     static_uids = frozenset(
         (e["uid"]["type"], e["uid"]["id"]) for e in raw_entities if isinstance(e, dict) and "uid" in e
     )
+    try:
+        index = PolicyIndex(by_id, entities)
+    except ValueError as e:
+        raise PolicyLoadError([f"policy index: {e}"]) from None
 
     return PolicyBundle(
         revision=hasher.hexdigest()[:16],
@@ -235,8 +237,7 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         entities=entities,
         static_uids=static_uids,
         policies={pid: info_by_pid[pid] for pid in by_id},
-        parts=parts,
-        default_part=default_part,
+        index=index,
         loaded_at=time.time(),
         files=tuple(str(f) for f in source.files() if f.exists()),
     )

@@ -3,9 +3,13 @@
 Both are pure optimisations that cannot change a decision:
 
 - Cedar never evaluates a policy whose scope does not match the request, so
-  evaluating only the policies whose action constraint can match the request's
-  action gives the same answer as evaluating all of them (policies with no action
-  constraint, or one we cannot resolve statically, go into every part).
+  evaluating only the policies whose action scope can match the request's
+  action gives the same answer as evaluating all of them. Which `action in X`
+  scopes match an action is not guessed from the schema's text: Cedar itself
+  answers it, once per action, by evaluating scope-only copies of those
+  policies against the entity store built with the schema (which holds the
+  schema's action hierarchy). Policies with no action constraint go into
+  every part.
 - A policy can only read the context attributes it names (`context.x`,
   `context has x`); a policy that uses `context` as a whole value makes its part
   receive the full context. Sending Cedar fewer attributes matters because
@@ -18,13 +22,15 @@ errors name them directly.
 from __future__ import annotations
 
 import json
-import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import cedarpy
 
-ALL_CONTEXT = None  # marker: this part needs the whole context
+MAX_CACHED_PARTS = 4096
+_ACTION_TYPE = "Action"
+_PROBE_UID = {"type": "__proctor_probe", "id": "probe"}
 
 
 @dataclass(frozen=True)
@@ -62,56 +68,91 @@ def context_keys_used(node: Any) -> set[str] | None:
     return None if whole else keys
 
 
-def schema_has_action_groups(schema_text: str, is_json: bool) -> bool:
-    """Does the schema put actions into groups? Then `action in X` is resolved at runtime only."""
-    if is_json:
-        return '"memberOf"' in schema_text
-    stripped = re.sub(r"//[^\n]*", "", schema_text)
-    return re.search(r"\baction\b[^;{]*\bin\b", stripped) is not None
+def _policy_set(policies: dict[str, dict]) -> Any:
+    return cedarpy.PolicySet.from_json_str(
+        json.dumps({"staticPolicies": policies, "templates": {}, "templateLinks": []}), release_gil=True
+    )
 
 
-def _actions_of(constraint: dict, groups: bool) -> set[str] | None:
-    """The action ids a scope constraint can match, or None for 'any / unknown statically'."""
-    op = constraint.get("op")
-    if op == "==":
-        return {constraint["entity"]["id"]}
-    if op == "in" and not groups:
-        ents = constraint.get("entities") or ([constraint["entity"]] if "entity" in constraint else [])
-        return {e["id"] for e in ents}
-    return None
+class PolicyIndex:
+    """Per-action parts of one immutable policy bundle, built on first use and cached."""
 
+    def __init__(self, policies: dict[str, dict], entities: Any) -> None:
+        self._policies = policies
+        self._entities = entities
+        self._ctx_needs = {pid: context_keys_used(est.get("conditions") or []) for pid, est in policies.items()}
+        self._by_action: dict[str, list[str]] = {}  # `action == Action::"a"`
+        self._wildcard: list[str] = []  # no action constraint (or one we do not index)
+        probes: dict[str, dict] = {}  # `action in ...`: resolved by Cedar per action
+        for pid, est in policies.items():
+            scope = est.get("action") or {"op": "All"}
+            op = scope.get("op")
+            if op == "==" and scope.get("entity", {}).get("type") == _ACTION_TYPE:
+                self._by_action.setdefault(scope["entity"]["id"], []).append(pid)
+            elif op == "==":
+                pass  # a namespaced action type never equals a request's `Action::"..."`
+            elif op == "in":
+                probes[pid] = {
+                    "effect": "permit",
+                    "principal": {"op": "All"},
+                    "action": scope,
+                    "resource": {"op": "All"},
+                    "conditions": [],
+                }
+            else:
+                self._wildcard.append(pid)
+        self._probe_set = _policy_set(probes) if probes else None
+        self._parts: OrderedDict[str, PolicyPart] = OrderedDict()
+        # Warm the actions the policies name, so the first requests pay nothing.
+        named = set(self._by_action)
+        for est in probes.values():
+            scope = est["action"]
+            for ent in scope.get("entities") or [scope.get("entity") or {}]:
+                if ent.get("type") == _ACTION_TYPE:
+                    named.add(ent["id"])
+        for action in sorted(named):
+            self.part_for(action)
 
-def build_parts(
-    policies: dict[str, dict], schema_text: str, schema_is_json: bool
-) -> tuple[dict[str, PolicyPart], PolicyPart]:
-    """Parts keyed by action id, plus the part for actions no policy names."""
-    groups = schema_has_action_groups(schema_text, schema_is_json)
-    wildcard: list[str] = []
-    by_action: dict[str, list[str]] = {}
-    ctx_needs: dict[str, set[str] | None] = {}
-    for pid, est in policies.items():
-        ctx_needs[pid] = context_keys_used(est.get("conditions") or [])
-        actions = _actions_of(est.get("action") or {"op": "All"}, groups)
-        if actions is None:
-            wildcard.append(pid)
-        else:
-            for a in actions:
-                by_action.setdefault(a, []).append(pid)
+    def _matching_in_policies(self, action: str) -> list[str]:
+        if self._probe_set is None:
+            return []
+        result = cedarpy.is_authorized(
+            {"principal": _PROBE_UID, "action": {"type": _ACTION_TYPE, "id": action}, "resource": _PROBE_UID, "context": {}},
+            self._probe_set,
+            self._entities,
+        )
+        if result.diagnostics.errors:  # cannot happen for scope-only policies; never guess
+            return list(self._probe_set_ids())
+        return list(result.diagnostics.reasons)
 
-    def make(ids: list[str]) -> PolicyPart:
+    def _probe_set_ids(self) -> list[str]:
+        return [pid for pid, est in self._policies.items() if (est.get("action") or {}).get("op") == "in"]
+
+    def part_for(self, action: str) -> PolicyPart:
+        part = self._parts.get(action)
+        if part is not None:
+            return part
+        ids = self._by_action.get(action, []) + self._matching_in_policies(action) + self._wildcard
+        part = self._make(ids)
+        self._parts[action] = part
+        if len(self._parts) > MAX_CACHED_PARTS:
+            self._parts.popitem(last=False)
+        return part
+
+    def _make(self, ids: list[str]) -> PolicyPart:
         keys: set[str] | None = set()
         for pid in ids:
-            need = ctx_needs[pid]
+            need = self._ctx_needs[pid]
             if need is None:
                 keys = None
                 break
             keys |= need
-        doc = {"staticPolicies": {pid: policies[pid] for pid in ids}, "templates": {}, "templateLinks": []}
         return PolicyPart(
-            policy_set=cedarpy.PolicySet.from_json_str(json.dumps(doc)),
+            policy_set=_policy_set({pid: self._policies[pid] for pid in ids}),
             policy_ids=frozenset(ids),
             context_keys=None if keys is None else frozenset(keys),
         )
 
-    parts = {action: make(ids + wildcard) for action, ids in by_action.items()}
-    return parts, make(wildcard)
+    @property
+    def cached_actions(self) -> list[str]:
+        return list(self._parts)
