@@ -300,3 +300,70 @@ def test_no_credential_in_debug_logs(proctor_factory, upstream, idp):
     assert "DEBUG" in p.log()  # the log level really was debug
     for secret in (tok, tok.split(".")[2], cred, "cookie-secret"):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Content-Type": "text/plain"}, {}, {"Content-Type": "text/json"}, {"Content-Type": "application/x-www-form-urlencoded"}],
+    ids=["text-plain", "no-content-type", "text-json", "form-label"],
+)
+def test_mislabelled_json_body_is_still_seen_by_policy(proctor, upstream, writer_token, headers):
+    upstream.clear()
+    r = requests.post(
+        f"http://127.0.0.1:{upstream.port}/items",
+        data=b'{"amount": 5000}',
+        headers=headers,
+        proxies={"http": proctor.proxy_url_with("writer-bot", writer_token)},
+        timeout=10,
+    )
+    assert r.status_code == 403 and r.json()["reasons"] == ["no-big-orders"]
+    assert upstream.received() == []
+
+
+def test_repeated_content_type_refused(proctor, upstream, writer_token):
+    import base64
+    import socket
+
+    upstream.clear()
+    cred = base64.b64encode(f"writer-bot:{writer_token}".encode()).decode()
+    body = b'{"amount": 5000}'
+    raw = (
+        f"POST http://127.0.0.1:{upstream.port}/items HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+        f"Content-Type: text/plain\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        f"Proxy-Authorization: Basic {cred}\r\n\r\n"
+    ).encode() + body
+    with socket.create_connection(("127.0.0.1", proctor.port), timeout=10) as s:
+        s.sendall(raw)
+        reply = s.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 400"), reply
+    assert upstream.received() == []
+
+
+def test_compressed_body_refused(proctor, upstream, writer_token):
+    import gzip
+
+    r = requests.post(
+        f"http://127.0.0.1:{upstream.port}/items",
+        data=gzip.compress(b'{"amount": 5000}'),
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+        proxies={"http": proctor.proxy_url_with("writer-bot", writer_token)},
+        timeout=10,
+    )
+    assert r.status_code == 415
+
+
+def test_other_agent_tokens_in_authorization_are_stripped(proctor, upstream_tls, idp, reader_token):
+    """A refreshed or second agent token in Authorization (even among repeated fields) never goes upstream."""
+    upstream_tls.clear()
+    refreshed = idp.token("reader-bot", groups=["readers"])
+    other = idp.token("someone-else")
+    with httpx.Client(proxy=proctor.proxy_url_with("reader-bot", reader_token), verify=ssl.create_default_context(cafile=str(proctor.ca_pem)), timeout=10) as c:
+        r1 = c.get(f"https://localhost:{upstream_tls.port}/items/1", headers={"Authorization": f"Bearer {refreshed}"})
+        r2 = c.get(
+            f"https://localhost:{upstream_tls.port}/items/2",
+            headers=[("Authorization", "Bearer upstream-key"), ("Authorization", f"Bearer {other}")],
+        )
+    assert r1.status_code == 200 and r2.status_code == 200
+    dumped = json.dumps(upstream_tls.received())
+    for tok in (reader_token, refreshed, other):
+        assert tok not in dumped

@@ -54,17 +54,33 @@ def to_cedar(value: Any, depth: int = 0, max_depth: int = 32) -> Any:
     return _OMIT
 
 
+JSON_MEDIA_TYPES = ("application/json", "text/json")
+
+
+def _declares_json(ctype: str) -> bool:
+    media = ctype.split(";")[0].strip().lower()
+    return media in JSON_MEDIA_TYPES or media.endswith("+json")
+
+
 def parse_json_body(req: AgentRequest, max_depth: int) -> Any:
-    """The body as Cedar JSON if it is JSON, else None; malformed JSON is refused."""
+    """The body as Cedar JSON whenever it is JSON, else None.
+
+    A body that declares a JSON media type must parse (else it is refused). A
+    body that does not declare one is still parsed when it looks like JSON: many
+    upstreams parse JSON whatever the Content-Type says, so a policy on
+    `context.body` must not be dodged by mislabelling the body.
+    """
     if not req.body:
         return None
-    ctype = req.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (ctype == "application/json" or ctype.endswith("+json")):
+    declared = _declares_json(req.headers.get("content-type", ""))
+    if not declared and req.body.lstrip()[:1] not in (b"{", b"["):
         return None
     try:
         doc = json.loads(req.body)
     except (ValueError, UnicodeDecodeError):
-        raise BodyRejected("request body is not valid JSON although Content-Type says it is") from None
+        if declared:
+            raise BodyRejected("request body is not valid JSON although Content-Type says it is") from None
+        return None
     except RecursionError:
         raise BodyRejected(f"JSON nested deeper than {max_depth} levels") from None
     converted = to_cedar(doc, 0, max_depth)

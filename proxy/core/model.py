@@ -52,6 +52,7 @@ class AgentRequest:
     tls_sni: str | None = None
     # Set by the adapter when a header value carries CR, LF or NUL (refused).
     header_problem: str | None = None
+    repeated_headers: frozenset[str] = frozenset()  # lower-case names that appeared more than once
 
     @property
     def url(self) -> str:

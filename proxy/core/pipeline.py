@@ -7,6 +7,8 @@ passes the request on or produces a `Refusal`; any unexpected exception is a
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import hashlib
 import ipaddress
@@ -36,21 +38,18 @@ class Authentication:
     token_digest: bytes | None = None  # SHA-256 of the agent's token (to bind and strip it)
 
 
-def _credential_digest(header_value: str) -> bytes | None:
-    """SHA-256 of the credential in an Authorization value (Bearer token or Basic password)."""
+def _credential(header_value: str) -> str | None:
+    """The credential in one Authorization value: a Bearer token or a Basic password."""
     scheme, _, param = header_value.strip().partition(" ")
     param = param.strip()
     if not param:
         return None
     if scheme.lower() == "basic":
-        import base64
-        import binascii
-
         try:
             param = base64.b64decode(param, validate=True).decode("utf-8").partition(":")[2]
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return None
-    return hashlib.sha256(param.encode("utf-8", "surrogateescape")).digest()
+    return param
 
 
 def new_decision_id() -> str:
@@ -120,7 +119,7 @@ class Pipeline:
             strip = [PROXY_AUTHORIZATION]
             # The tunnel's token must not reach the upstream even if the agent also
             # sends it as Authorization inside the tunnel.
-            if req.connection_token_digest and _credential_digest(req.headers.get(AUTHORIZATION, "")) == req.connection_token_digest:
+            if self._carries_agent_token(req.headers.get(AUTHORIZATION, ""), req.connection_token_digest):
                 strip.append(AUTHORIZATION)
             leeway = self.identity_settings.leeway_seconds
             if ident.expires_at is not None and time.time() > ident.expires_at + leeway:
@@ -149,9 +148,28 @@ class Pipeline:
             )
         digest = hashlib.sha256(cred.token.encode()).digest()
         strip = [PROXY_AUTHORIZATION]
-        if cred.header.lower() == AUTHORIZATION or _credential_digest(req.headers.get(AUTHORIZATION, "")) == digest:
+        if cred.header.lower() == AUTHORIZATION or self._carries_agent_token(req.headers.get(AUTHORIZATION, ""), digest):
             strip.append(AUTHORIZATION)
         return Authentication(identity, None, tuple(strip), digest)
+
+    def _carries_agent_token(self, authorization: str, digest: bytes | None) -> bool:
+        """Does any credential in an Authorization value (repeated fields are joined with ", ")
+        equal the authenticating token, or look like a token from an issuer Proctor trusts?
+
+        Such a value is an agent credential, never an upstream one: it is removed
+        (with every Authorization field) before forwarding.
+        """
+        if not authorization:
+            return False
+        for piece in authorization.split(","):
+            token = _credential(piece)
+            if token is None:
+                continue
+            if digest is not None and hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest() == digest:
+                return True
+            if self.verifier.looks_like_agent_token(token):
+                return True
+        return False
 
     # -- CONNECT: admit a tunnel ------------------------------------------------
     async def admit_tunnel(self, req: AgentRequest) -> Outcome:

@@ -49,9 +49,25 @@ def _misdirected(what: str, value: str, req: AgentRequest) -> Refusal:
     )
 
 
+# Headers whose repetition makes the request ambiguous between Proctor and the
+# upstream (which copy wins differs between servers).
+SINGLE_VALUED = ("content-type", "content-encoding", "host")
+
+
 def check_target(req: AgentRequest) -> Refusal | None:
     if req.header_problem:
         return Refusal(400, "Malformed header", req.header_problem, kind="request")
+    for name in SINGLE_VALUED:
+        if name in req.repeated_headers:
+            return Refusal(400, "Ambiguous request", f"the {name} header appears more than once", kind="request")
+    encoding = req.headers.get("content-encoding", "identity").strip().lower()
+    if req.body and encoding not in ("", "identity"):
+        return Refusal(
+            415,
+            "Encoded request body refused",
+            f"request bodies with Content-Encoding {encoding!r} cannot be inspected by policy; send them unencoded",
+            kind="request",
+        )
     if req.mode != "forward":
         return None  # the gateway router re-targets every request itself
     target = req.host.lower().rstrip(".")

@@ -104,18 +104,24 @@ class _RefuseConnection(layer.Layer):
 _BAD_HEADER_BYTES = (b"\r", b"\n", b"\x00")
 
 
-def _headers(req: http.Request) -> tuple[dict[str, str], str | None]:
-    """Lower-cased header names, repeated headers joined with ", " (one pass over the raw fields),
-    and a problem description if any value carries CR, LF or NUL (obs-fold, bare CR)."""
+def _headers(req: http.Request) -> tuple[dict[str, str], str | None, frozenset[str]]:
+    """Lower-cased header names with repeated headers joined by ", " (one pass over the raw
+    fields), a problem description if any value carries CR, LF or NUL (obs-fold, bare CR),
+    and the names that were repeated."""
     out: dict[str, str] = {}
+    repeated: set[str] = set()
     problem = None
     for raw_name, raw_value in req.headers.fields:
         name = raw_name.decode("latin-1").lower()
         if problem is None and any(b in raw_value for b in _BAD_HEADER_BYTES):
             problem = f"the {name} header value contains CR, LF or NUL (folded or smuggled header lines are refused)"
         value = raw_value.decode("latin-1")
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    return out, problem
+        if name in out:
+            repeated.add(name)
+            out[name] = f"{out[name]}, {value}"
+        else:
+            out[name] = value
+    return out, problem, frozenset(repeated)
 
 
 class ProctorAddon:
@@ -177,7 +183,7 @@ class ProctorAddon:
         bound = self.tunnel_identity.get(flow.client_conn)
         raw = r.path
         path, _, query = raw.partition("?")
-        headers, header_problem = _headers(r)
+        headers, header_problem, repeated = _headers(r)
         return AgentRequest(
             method=r.method.upper(),
             scheme=r.scheme,
@@ -195,6 +201,7 @@ class ProctorAddon:
             request_authority="" if reverse else r.authority,
             tls_sni=flow.client_conn.sni if (flow.client_conn.tls and not reverse) else None,
             header_problem=header_problem,
+            repeated_headers=repeated,
         )
 
     # -- fail-closed hook entry points ----------------------------------------------

@@ -68,6 +68,19 @@ class TokenVerifier:
         self._issuers = {cfg.issuer: _Issuer(cfg, _key_source(cfg)) for cfg in issuers}
         self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
 
+    def looks_like_agent_token(self, token: str) -> bool:
+        """Unverified check: is this a JWT naming one of our trusted issuers?
+
+        Used only to decide what to strip before forwarding (never to authenticate).
+        """
+        if token.count(".") != 2 or len(token) > self.settings.max_token_bytes or not token.isascii():
+            return False
+        try:
+            iss = jwt.decode(token, options={"verify_signature": False}).get("iss")
+        except Exception:
+            return False
+        return isinstance(iss, str) and iss in self._issuers
+
     async def verify(self, token: str) -> AgentIdentity:
         s = self.settings
         raw = token.encode("utf-8", "surrogateescape")
