@@ -173,6 +173,8 @@ class RequestLimits(Strict):
     # Engine ceiling for any buffered HTTP message, requests and responses alike
     # (responses with a larger Content-Length get 502; chunked ones are streamed).
     engine_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Request line plus headers; larger heads are refused (431) before authentication.
+    max_request_head_bytes: int = Field(64 * 1024, ge=8 * 1024, le=16 * 1024 * 1024)
 
     @field_validator("context_headers")
     @classmethod

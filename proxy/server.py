@@ -109,7 +109,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     if config.upstream.insecure_skip_verify:
         log.warning("UPSTREAM TLS VERIFICATION IS DISABLED (upstream.insecure_skip_verify); never do this in production")
 
-    install_error_responses()
+    install_error_responses(config.limits.max_request_head_bytes)
     master = Master(mitm_options.Options(), with_termlog=False)
     master.addons.add(
         core.Core(),

@@ -135,3 +135,30 @@ def test_smuggling_shaped_header_values_refused(proctor, upstream, token, header
     )
     assert reply[:12] in (b"HTTP/1.1 400",), reply
     assert upstream.received() == []
+
+
+def test_header_flood_is_cut_off_early(proctor):
+    """An unauthenticated client streaming header lines forever gets 431 and is disconnected."""
+    import os
+    import time
+
+    import httpx
+
+    with socket.create_connection(("127.0.0.1", proctor.port), timeout=10) as s:
+        s.sendall(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\n")
+        sent = 0
+        reply = b""
+        try:
+            while sent < 8 * 1024 * 1024:
+                s.sendall(b"X-Flood: " + os.urandom(16).hex().encode() * 60 + b"\r\n")
+                sent += 2000
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            reply = s.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            pass
+    assert sent < 4 * 1024 * 1024, "the proxy kept accepting header bytes"
+    assert reply.startswith(b"HTTP/1.1 431") or reply == b"", reply[:100]
+    time.sleep(0.2)
+    assert httpx.get(f"{proctor.control_url}/healthz", timeout=5).status_code == 200  # still serving

@@ -28,7 +28,7 @@ from typing import Any
 from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url as mitm_url
 from mitmproxy.net.http import http1
-from mitmproxy.proxy import commands, layer, layers, mode_specs
+from mitmproxy.proxy import commands, events, layer, layers, mode_specs
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
 from mitmproxy.tcp import TCPFlow
@@ -64,7 +64,13 @@ def problem_error_response(status_code: int, message: str = "") -> bytes:
     failure = _UPSTREAM_FAILURE.get()
     if failure is not None and status_code == 502 and _is_timeout(message):
         status_code = 504
-    titles = {502: "Upstream unavailable", 504: "Upstream timed out", 400: "Bad request", 413: "Message too large"}
+    titles = {
+        502: "Upstream unavailable",
+        504: "Upstream timed out",
+        400: "Bad request",
+        413: "Message too large",
+        431: "Request header fields too large",
+    }
     decision_id, action, resource = failure if failure is not None else (None, None, None)
     body = {
         "type": "https://proctor.dev/problems/"
@@ -81,11 +87,41 @@ def problem_error_response(status_code: int, message: str = "") -> bytes:
     if decision_id:
         headers[DECISION_HEADER] = decision_id
     resp = http.Response.make(status_code, json.dumps(body, separators=(",", ":")).encode(), headers)
+    if not resp.reason:
+        resp.reason = HTTPStatus(status_code).phrase
     return http1.assemble_response(resp)
 
 
-def install_error_responses() -> None:
+# Request heads (request line + headers) larger than this are refused with 431
+# before they are buffered any further: mitmproxy itself has no such bound, so a
+# client could otherwise grow the proxy's memory without ever authenticating.
+MAX_REQUEST_HEAD_BYTES = 64 * 1024
+_original_read_headers = _http1.Http1Server.read_headers
+
+
+def _bounded_read_headers(self, event):
+    if isinstance(event, events.DataReceived) and len(self.buf) > MAX_REQUEST_HEAD_BYTES:
+        head_end = bytes(self.buf)[: MAX_REQUEST_HEAD_BYTES + 4].find(b"\r\n\r\n")
+        if head_end < 0:
+            log.warning(
+                "refusing a request head over %d bytes from %s", MAX_REQUEST_HEAD_BYTES, self.conn.peername
+            )
+            yield commands.SendData(
+                self.conn,
+                problem_error_response(431, f"the request line and headers exceed {MAX_REQUEST_HEAD_BYTES} bytes"),
+            )
+            yield commands.CloseConnection(self.conn)
+            self.state = self.done
+            return
+    yield from _original_read_headers(self, event)
+
+
+def install_error_responses(max_request_head_bytes: int = MAX_REQUEST_HEAD_BYTES) -> None:
+    """Engine patches: problem+json error pages and a bound on request heads."""
+    global MAX_REQUEST_HEAD_BYTES
+    MAX_REQUEST_HEAD_BYTES = max_request_head_bytes
     _http1.make_error_response = problem_error_response
+    _http1.Http1Server.read_headers = _bounded_read_headers
 
 
 class _RefuseConnection(layer.Layer):
