@@ -56,3 +56,11 @@ def test_principal_mapping():
 def test_pathologically_deep_json_is_a_clean_refusal():
     with pytest.raises(BodyRejected, match="deeper"):
         parse_json_body(req(b"[" * 200_000), 32)
+
+
+def test_context_carries_the_target_port():
+    from proxy.core.context import request_context
+    from proxy.core.model import Classification
+
+    ctx = request_context(req(b""), Classification("c", "a", "T", "i"), None, [])
+    assert ctx["port"] == 443 and ctx["host"] == "h"

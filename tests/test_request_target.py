@@ -162,3 +162,21 @@ def test_header_flood_is_cut_off_early(proctor):
     assert reply.startswith(b"HTTP/1.1 431") or reply == b"", reply[:100]
     time.sleep(0.2)
     assert httpx.get(f"{proctor.control_url}/healthz", timeout=5).status_code == 200  # still serving
+
+
+def test_chunked_trailers_are_a_clean_protocol_error(proctor, upstream, token):
+    upstream.clear()
+    before = proctor.log()
+    cred = base64.b64encode(f"reader-bot:{token}".encode()).decode()
+    reply = _plain(
+        proctor,
+        f"POST http://127.0.0.1:{upstream.port}/items HTTP/1.1\r\nHost: 127.0.0.1:{upstream.port}\r\n"
+        f"Proxy-Authorization: Basic {cred}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "5\r\nhello\r\n0\r\nX-Trailer: y\r\n\r\n".encode(),
+    )
+    assert reply == b"" or reply.startswith(b"HTTP/1.1 400"), reply
+    assert upstream.received() == []
+    import time
+
+    time.sleep(0.3)
+    assert "has crashed" not in proctor.log()[len(before):]

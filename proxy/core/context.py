@@ -126,6 +126,7 @@ def request_context(
         "path": req.path,
         "query": req.query,
         "host": req.host,
+        "port": req.port,
         "headers": {h: req.headers[h] for h in header_allowlist if h in req.headers},
         "connector": cls.connector,
         "risk": cls.risk,

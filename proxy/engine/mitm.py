@@ -30,6 +30,7 @@ from mitmproxy.net.http import url as mitm_url
 from mitmproxy.net.http import http1
 from mitmproxy.proxy import commands, events, layer, layers, mode_specs
 from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.layers.http._base import ReceiveHttp
 from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
 from mitmproxy.tcp import TCPFlow
 from mitmproxy.udp import UDPFlow
@@ -116,12 +117,27 @@ def _bounded_read_headers(self, event):
     yield from _original_read_headers(self, event)
 
 
+_original_read_body = _http1.Http1Connection.read_body
+
+
+def _read_body_without_trailer_crash(self, event):
+    """mitmproxy 11 raises NotImplementedError on HTTP/1 chunked trailers, which
+    crashes the whole connection handler (logged as a crash, no answer). Treat
+    it as the protocol error it is: the message is refused, nothing forwarded."""
+    try:
+        yield from _original_read_body(self, event)
+    except NotImplementedError as e:
+        yield commands.CloseConnection(self.conn)
+        yield ReceiveHttp(self.ReceiveProtocolError(self.stream_id, f"HTTP/1 protocol error: {e}"))
+
+
 def install_error_responses(max_request_head_bytes: int = MAX_REQUEST_HEAD_BYTES) -> None:
     """Engine patches: problem+json error pages and a bound on request heads."""
     global MAX_REQUEST_HEAD_BYTES
     MAX_REQUEST_HEAD_BYTES = max_request_head_bytes
     _http1.make_error_response = problem_error_response
     _http1.Http1Server.read_headers = _bounded_read_headers
+    _http1.Http1Connection.read_body = _read_body_without_trailer_crash
 
 
 class _RefuseConnection(layer.Layer):
