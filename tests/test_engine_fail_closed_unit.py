@@ -56,3 +56,23 @@ def test_connect_hook_exception_refuses_and_binds_nothing(addon):
     asyncio.run(addon.http_connect(flow))
     assert flow.response.status_code == 503
     assert flow.client_conn not in addon.tunnel_identity
+
+
+def test_next_layer_exception_closes_and_records(addon, monkeypatch):
+    from mitmproxy.proxy import layer
+    from mitmproxy.test import tflow as tf
+
+    from proxy.engine.mitm import _RefuseConnection
+
+    class Ctx:
+        layers = []
+        client = tf.tclient_conn()
+
+    nl = layer.NextLayer.__new__(layer.NextLayer)
+    nl.context = Ctx()
+    nl.layer = object()  # NextLayer chose something; our check then blows up
+    monkeypatch.setattr(addon, "_next_layer", lambda _nl: (_ for _ in ()).throw(RuntimeError("simulated")))
+    monkeypatch.setattr(_RefuseConnection, "__init__", lambda self, ctx, reply: None)
+    addon.next_layer(nl)
+    assert isinstance(nl.layer, _RefuseConnection)
+    assert addon.recorder.records[-1]["error"] == "internal error in next_layer"

@@ -298,8 +298,17 @@ class ProctorAddon:
         try:
             self._next_layer(nextlayer)
         except Exception:
-            log.exception("next_layer hook failed; closing the connection")
+            outcome = self._standalone_refusal(
+                Refusal(503, "Proctor could not decide", "internal error; connection closed (fail closed)", kind="fail-closed")
+            )
+            log.exception("next_layer hook failed (decision %s); closing the connection", outcome.decision_id)
             nextlayer.layer = _RefuseConnection(nextlayer.context, b"")
+            try:
+                self.recorder.write(
+                    decision_record(outcome, None, None, None, None, None, error="internal error in next_layer")
+                )
+            except Exception:
+                log.exception("could not record the refusal")
 
     # -- CONNECT: authenticate once, bind to the connection ------------------------
     async def _http_connect(self, flow: http.HTTPFlow) -> None:
