@@ -167,3 +167,25 @@ def test_action_groups_are_resolved_by_cedar_not_by_text(tmp_path, schema_kind):
     assert not d.allowed and d.reasons == ["forbid-destructive"]
     d = store.authorize(agent, "ticketing.incident.delete", res, {"risk": "high"}, [agent, res])
     assert sorted(d.reasons) == ["forbid-destructive", "forbid-listed"]
+
+
+def test_nested_context_pruning():
+    import json
+
+    from proxy.policy.index import context_paths_used, prune
+
+    def need(cond: str):
+        text = f'@id("x") permit (principal, action, resource) when {{ {cond} }};'
+        est = json.loads(cedarpy.policies_to_json_str(text))
+        return context_paths_used(next(iter(est["staticPolicies"].values()))["conditions"])
+
+    ctx = {
+        "time": {"now": {"__extn": {"fn": "datetime", "arg": "2026-01-01T00:00:00Z"}}, "epoch": 5, "hour": 3},
+        "headers": {"user-agent": "x", "x-request-id": "r"},
+        "risk": "low",
+    }
+    assert prune(ctx, need("context.time.hour > 1 && context.risk == \"low\"")) == {"time": {"hour": 3}, "risk": "low"}
+    assert prune(ctx, need('context.headers has "x-request-id"')) == {"headers": {"x-request-id": "r"}}
+    # a record used as a whole keeps everything below it, whatever else is read
+    assert prune(ctx, need("context.time.hour > 1 && context.time == context.time")) == {"time": ctx["time"]}
+    assert need("context == {}") is None

@@ -327,8 +327,7 @@ class PolicyStore:
         """Evaluate one request. Errors and NoDecision are denials."""
         b = bundle or self.bundle
         part = b.part_for(action)
-        if part.context_keys is not None:
-            context = {k: v for k, v in context.items() if k in part.context_keys}
+        context = part.context_for(context)
         dynamic = [e for e in extra_entities if (e["uid"]["type"], e["uid"]["id"]) not in b.static_uids]
         entities = self._entities(b, dynamic) if dynamic else b.entities
         request = {

@@ -37,23 +37,61 @@ _PROBE_UID = {"type": "__proctor_probe", "id": "probe"}
 class PolicyPart:
     policy_set: Any  # cedarpy.PolicySet over the @id-keyed policies
     policy_ids: frozenset[str]
-    context_keys: frozenset[str] | None  # None: pass the whole context
+    context_need: "_Need | None"  # None: pass the whole context
+
+    def context_for(self, context: dict) -> dict:
+        return context if self.context_need is None else prune(context, self.context_need)
 
 
-def context_keys_used(node: Any) -> set[str] | None:
-    """Top-level context attributes an EST condition reads; None if it uses `context` whole."""
-    keys: set[str] = set()
+class _Need(dict):
+    """A tree of context paths a policy reads: {attr: _Need} ; an empty _Need with whole=True keeps everything below."""
+
+    whole: bool = False
+
+
+def _access_path(n: Any) -> list[str] | None:
+    """For `context.a.b` (EST '.' chains, `["x"]` included) the path [a, b]; None if not rooted at context."""
+    path: list[str] = []
+    while isinstance(n, dict) and isinstance(n.get("."), dict):
+        inner = n["."]
+        if not isinstance(inner.get("attr"), str):
+            return None
+        path.append(inner["attr"])
+        n = inner.get("left")
+    if n == {"Var": "context"}:
+        return list(reversed(path))
+    return None
+
+
+def context_paths_used(node: Any) -> _Need | None:
+    """The context paths an EST condition reads, as a tree; None if it uses `context` whole."""
+    need = _Need()
     whole = False
+
+    def add(path: list[str], keep_subtree: bool) -> None:
+        cur = need
+        for attr in path:
+            if cur.whole:
+                return
+            cur = cur.setdefault(attr, _Need())
+        if keep_subtree:
+            cur.whole = True
+            cur.clear()
 
     def walk(n: Any) -> None:
         nonlocal whole
         if whole:
             return
         if isinstance(n, dict):
-            for op in (".", "has"):
-                inner = n.get(op)
-                if isinstance(inner, dict) and inner.get("left") == {"Var": "context"} and isinstance(inner.get("attr"), str):
-                    keys.add(inner["attr"])
+            path = _access_path(n)
+            if path is not None and path:
+                add(path, keep_subtree=True)  # the value at the end of the chain is used as a whole
+                return
+            has = n.get("has")
+            if isinstance(has, dict) and isinstance(has.get("attr"), str):
+                base = [] if has.get("left") == {"Var": "context"} else _access_path(has.get("left"))
+                if base is not None:
+                    add([*base, has["attr"]], keep_subtree=False)  # only presence is read
                     return
             if n.get("Var") == "context":
                 whole = True
@@ -65,7 +103,40 @@ def context_keys_used(node: Any) -> set[str] | None:
                 walk(v)
 
     walk(node)
-    return None if whole else keys
+    return None if whole else need
+
+
+def context_keys_used(node: Any) -> set[str] | None:
+    """Top-level context attributes an EST condition reads; None if it uses `context` whole."""
+    need = context_paths_used(node)
+    return None if need is None else set(need)
+
+
+def merge_needs(a: _Need, b: _Need) -> _Need:
+    if a.whole or b.whole:
+        out = _Need()
+        out.whole = True
+        return out
+    out = _Need(a)
+    for k, v in b.items():
+        out[k] = merge_needs(out[k], v) if k in out else v
+    return out
+
+
+def prune(value: Any, need: _Need) -> Any:
+    """`value` restricted to the paths in `need` (records only; anything else is kept whole)."""
+    if need.whole or not isinstance(value, dict) or "__extn" in value:
+        return value
+    out = {}
+    for k, sub in need.items():
+        if k in value:
+            out[k] = prune(value[k], sub) if sub else (value[k] if sub.whole else _presence(value[k]))
+    return out
+
+
+def _presence(value: Any) -> Any:
+    # `has` only needs the attribute to exist; keep it whole (cheap and type-correct).
+    return value
 
 
 def _policy_set(policies: dict[str, dict]) -> Any:
@@ -80,7 +151,7 @@ class PolicyIndex:
     def __init__(self, policies: dict[str, dict], entities: Any) -> None:
         self._policies = policies
         self._entities = entities
-        self._ctx_needs = {pid: context_keys_used(est.get("conditions") or []) for pid, est in policies.items()}
+        self._ctx_needs = {pid: context_paths_used(est.get("conditions") or []) for pid, est in policies.items()}
         self._by_action: dict[str, list[str]] = {}  # `action == Action::"a"`
         self._wildcard: list[str] = []  # no action constraint (or one we do not index)
         probes: dict[str, dict] = {}  # `action in ...`: resolved by Cedar per action
@@ -140,17 +211,17 @@ class PolicyIndex:
         return part
 
     def _make(self, ids: list[str]) -> PolicyPart:
-        keys: set[str] | None = set()
+        need: _Need | None = _Need()
         for pid in ids:
-            need = self._ctx_needs[pid]
-            if need is None:
-                keys = None
+            own = self._ctx_needs[pid]
+            if own is None:
+                need = None
                 break
-            keys |= need
+            need = merge_needs(need, own)
         return PolicyPart(
             policy_set=_policy_set({pid: self._policies[pid] for pid in ids}),
             policy_ids=frozenset(ids),
-            context_keys=None if keys is None else frozenset(keys),
+            context_need=need,
         )
 
     @property
