@@ -764,8 +764,9 @@ def render_cost(r: Run) -> list[str]:
     w("1. Policies partitioned by action at load (`proxy/policy/index.py`); each part keyed by `@id`, so Cedar "
       "reports `@id`s directly. Action groups in the schema make `action in` constraints go to every part "
       "(resolved at runtime by Cedar), so grouping never loses a policy.")
-    w("2. Context pruned per part to the top-level attributes its policies read (`context.x`, `context has x`); a "
-      "policy that uses `context` as a whole value disables pruning for its part.")
+    w("2. Context pruned per part to the paths its policies read, nested records included (`context.time.hour` "
+      "keeps only `time.hour`, `context has x` keeps `x`); a policy that uses `context` as a whole value disables "
+      "pruning for its part.")
     w("3. Merged `cedarpy.Entities` handles cached by (revision, principal, resource) content; header copy in one pass; "
       "peer-IP normalisation cached.")
     w("")
@@ -779,8 +780,7 @@ def render_cost(r: Run) -> list[str]:
           f"(≈{rest:.0f} µs), so the throughput target is out of reach for an in-process, single-threaded Cedar on "
           f"this engine. cedarpy {r.machine.get('cedarpy', '')}'s `is_authorized` holds the GIL, so a thread pool "
           "does not help. Candidates, in order of expected gain: slicing parts further by principal scope "
-          "(`principal == ...`, `principal in Group`), pruning nested context records (e.g. dropping `time.now` "
-          "when only `time.hour` is read), memoising decisions keyed by the exact pruned Cedar request (exact by "
+          "(`principal == ...`, `principal in Group`), memoising decisions keyed by the exact pruned Cedar request (exact by "
           "construction, but it only pays off for repeated identical requests), and running several engine "
           "processes behind `SO_REUSEPORT` to use more cores.")
     w("")
