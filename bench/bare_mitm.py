@@ -18,9 +18,6 @@ import asyncio
 import logging
 import signal
 
-from mitmproxy import options as mitm_options
-from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
-from mitmproxy.master import Master
 
 
 class NoopAddon:
@@ -41,32 +38,20 @@ class NoopAddon:
 
 
 def options_for(host: str, port: int, confdir: str) -> dict:
-    # Mirrors proxy/server.py:mitm_options_for() for a forward-proxy-only config.
-    return {
-        "mode": [f"regular@{host}:{port}"],
-        "confdir": confdir,
-        "connection_strategy": "lazy",
-        "rawtcp": False,
-        "keep_host_header": True,
-        "body_size_limit": "64m",
-        "ssl_insecure": False,
-        "ssl_verify_upstream_trusted_ca": None,
-        "websocket": True,
-        "http3": False,
-    }
+    """Proctor's own engine options (proxy/server.py:mitm_options_for) for a forward-proxy-only config."""
+    from pathlib import Path
+
+    from proxy.config import Listen, ProctorConfig
+    from proxy.server import mitm_options_for
+
+    config = ProctorConfig(state_dir=Path(confdir).parent, listen=Listen(host=host, port=port))
+    return {**mitm_options_for(config), "confdir": confdir}
 
 
 async def serve(host: str, port: int, confdir: str) -> None:
-    master = Master(mitm_options.Options(), with_termlog=False)
-    master.addons.add(
-        core.Core(),
-        proxyserver.Proxyserver(),
-        disable_h2c.DisableH2C(),
-        next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
-        NoopAddon(),
-    )
-    master.options.update(**options_for(host, port, confdir))
+    from proxy.server import engine_master
+
+    master = engine_master(options_for(host, port, confdir), NoopAddon())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, master.shutdown)

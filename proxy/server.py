@@ -92,6 +92,23 @@ def mitm_options_for(config: ProctorConfig) -> dict:
     )
 
 
+def engine_master(options: dict, gating_addon: object) -> Master:
+    """mitmproxy with only the addons a proxy needs, then `gating_addon` (last, so it
+    sees every flow after the engine's own addons). The benchmark's bare-mitmproxy
+    baseline is built by this same function, with a no-op addon."""
+    master = Master(mitm_options.Options(), with_termlog=False)
+    master.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        disable_h2c.DisableH2C(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        gating_addon,
+    )
+    master.options.update(**options)
+    return master
+
+
 async def _watch_policies(runtime: ProctorRuntime) -> None:
     interval = runtime.config.policies.reload_interval_seconds
     while True:
@@ -110,16 +127,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         log.warning("UPSTREAM TLS VERIFICATION IS DISABLED (upstream.insecure_skip_verify); never do this in production")
 
     install_error_responses(config.limits.max_request_head_bytes)
-    master = Master(mitm_options.Options(), with_termlog=False)
-    master.addons.add(
-        core.Core(),
-        proxyserver.Proxyserver(),
-        disable_h2c.DisableH2C(),
-        next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
-        runtime.addon,
-    )
-    master.options.update(**mitm_options_for(config))
+    master = engine_master(mitm_options_for(config), runtime.addon)
 
     runner = None
     if config.control.enabled:
