@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from proxy.demo import MOCK_PORT, port_free
+
 pytestmark = pytest.mark.integration
 
 
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def test_demo_runs_and_explains_each_call(tmp_path):
-    busy = [p for p in (8080, 8081, 9101) if not _free(p)]
+    busy = [p for p in (8080, 8081, MOCK_PORT) if not port_free(p)]
     if busy:
         pytest.skip(f"demo ports {busy} are in use on this machine")
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120)

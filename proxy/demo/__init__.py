@@ -29,7 +29,7 @@ AGENTS = [
 ]
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -82,7 +82,7 @@ def _fmt_table(rows: list[list[str]], headers: list[str]) -> str:
 
 def run_demo(keep_running: bool = False) -> int:
     cfg = default_config()
-    busy = [p for p in (cfg.listen.port, cfg.control.listen.port, MOCK_PORT) if not _port_free(p)]
+    busy = [p for p in (cfg.listen.port, cfg.control.listen.port, MOCK_PORT) if not port_free(p)]
     if busy:
         print(f"proctor demo: port(s) {busy} on 127.0.0.1 are in use; stop whatever uses them and retry", file=sys.stderr)
         return 2
@@ -106,7 +106,7 @@ def run_demo(keep_running: bool = False) -> int:
         proxy = subprocess.Popen([py, "-m", "proxy.cli", "run"], stdout=open(proxy_log, "w"), stderr=subprocess.STDOUT)
         procs.append(proxy)
         print("proctor demo: starting the mock ticketing system (ServiceNow-style) and the proxy ...")
-        _wait(lambda: not _port_free(MOCK_PORT), 20, "mock ticketing", procs[0], mock_log)
+        _wait(lambda: not port_free(MOCK_PORT), 20, "mock ticketing", procs[0], mock_log)
         _wait(lambda: _http_ok(f"http://127.0.0.1:{cfg.control.listen.port}/readyz"), 30, "proctor", proxy, proxy_log)
 
         issuer = DevIssuer(cfg.dev_issuer_dir, cfg.dev_issuer)
