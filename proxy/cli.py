@@ -127,25 +127,141 @@ def policy() -> None:
     """Policy authoring tools."""
 
 
-@policy.command("validate")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-@click.option("--dir", "policy_dir", type=click.Path(file_okay=False), help="Policy directory (default: from config).")
-@click.option("--schema", "schema_file", type=click.Path(dir_okay=False), help="Schema (default: <dir>/schema.cedarschema).")
-def policy_validate(config_path: str | None, policy_dir: str | None, schema_file: str | None) -> None:
-    """Strictly validate the policies against the schema; every policy needs an @id."""
-    from .policy.engine import PolicyLoadError, PolicySource, load_bundle
+def _policy_source(config_path: str | None, policy_dir: str | None, schema_file: str | None):
+    from .policy.engine import PolicySource
 
     config = _load(config_path)
     pdir = Path(policy_dir) if policy_dir else config.policies.dir
     schema = Path(schema_file) if schema_file else (pdir / "schema.cedarschema" if policy_dir else config.schema_path)
     entities = pdir / "entities.json" if policy_dir else config.entities_path
+    return PolicySource(schema, pdir, entities)
+
+
+def _load_bundle_or_exit(source, exit_code: int):
+    from .policy.engine import PolicyLoadError, load_bundle
+
     try:
-        bundle = load_bundle(PolicySource(schema, pdir, entities))
+        return load_bundle(source)
     except PolicyLoadError as e:
         for p in e.problems:
             click.echo(f"error: {p}", err=True)
+        sys.exit(exit_code)
+
+
+_POLICY_OPTIONS = [
+    click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP),
+    click.option("--dir", "policy_dir", type=click.Path(file_okay=False), help="Policy directory (default: from config)."),
+    click.option("--schema", "schema_file", type=click.Path(dir_okay=False), help="Schema (default: <dir>/schema.cedarschema)."),
+]
+
+
+def policy_options(f):
+    for option in reversed(_POLICY_OPTIONS):
+        f = option(f)
+    return f
+
+
+@policy.command("validate")
+@policy_options
+def policy_validate(config_path: str | None, policy_dir: str | None, schema_file: str | None) -> None:
+    """Strictly validate the policies against the schema; every policy needs a unique @id,
+    and every file must be formatted canonically (see `proctor policy fmt`).
+
+    Exit status: 0 valid, 1 invalid."""
+    from .policy.formatting import unformatted
+
+    source = _policy_source(config_path, policy_dir, schema_file)
+    bundle = _load_bundle_or_exit(source, 1)
+    badly_formatted = unformatted(source.policy_dir)
+    for f, _ in badly_formatted:
+        click.echo(f"error: {f} is not formatted canonically; run `proctor policy fmt`", err=True)
+    if badly_formatted:
         sys.exit(1)
     click.echo(f"ok: {bundle.policy_count} policies, revision {bundle.revision}")
+
+
+@policy.command("fmt")
+@click.option("--check", is_flag=True, help="Only report files that are not formatted (exit 1); change nothing.")
+@policy_options
+def policy_fmt(check: bool, config_path: str | None, policy_dir: str | None, schema_file: str | None) -> None:
+    """Format the *.cedar files in place (Cedar's formatter; comments are kept).
+
+    Exit status: 0 formatted (or nothing to do), 1 with --check when a file would change,
+    2 when a file cannot be parsed."""
+    from .policy.formatting import format_text
+
+    source = _policy_source(config_path, policy_dir, schema_file)
+    changed, broken = [], []
+    for f in sorted(source.policy_dir.glob("*.cedar")):
+        text = f.read_text()
+        try:
+            formatted = format_text(text)
+        except ValueError as e:
+            broken.append(f)
+            click.echo(f"error: {f}: cannot be parsed: {e}", err=True)
+            continue
+        if formatted != text:
+            changed.append(f)
+            if check:
+                click.echo(f"would reformat {f}")
+            else:
+                f.write_text(formatted)
+                click.echo(f"reformatted {f}")
+    if broken:
+        sys.exit(2)
+    if check and changed:
+        sys.exit(1)
+    if not changed:
+        click.echo("all policy files are formatted")
+
+
+@policy.command("test")
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False, exists=True))
+@click.option("-v", "--verbose", is_flag=True, help="List passing cases too.")
+@click.option(
+    "--no-validate-request",
+    is_flag=True,
+    help="Do not validate test requests against the schema (e.g. contexts copied from live traffic, "
+    "which may carry attributes the schema does not declare).",
+)
+@policy_options
+def policy_test(
+    files: tuple[str, ...],
+    verbose: bool,
+    no_validate_request: bool,
+    config_path: str | None,
+    policy_dir: str | None,
+    schema_file: str | None,
+) -> None:
+    """Run policy tests in the Cedar CLI's run-tests JSON format (default: <dir>/tests/*.test.json).
+
+    Each case names a request, its entities, the expected decision, the expected
+    reasons (policy @ids) and optionally num_errors / has_error.
+    Exit status: 0 all passed, 1 a case failed, 2 the policies or a test file are unusable."""
+    from .policy.testing import TestFileError, run_files
+
+    source = _policy_source(config_path, policy_dir, schema_file)
+    bundle = _load_bundle_or_exit(source, 2)
+    paths = [Path(f) for f in files] or sorted((source.policy_dir / "tests").glob("*.test.json"))
+    if not paths:
+        raise click.ClickException(f"no test files given and none in {source.policy_dir / 'tests'}")
+    try:
+        results = run_files(bundle, paths, validate_request=not no_validate_request)
+    except TestFileError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    failed = [r for r in results if not r.passed]
+    for r in results:
+        if r.passed and not verbose:
+            continue
+        click.echo(f"{'PASS' if r.passed else 'FAIL'}  {r.file} :: {r.name}")
+        for p in r.problems:
+            click.echo(f"      {p}")
+        if r.note:
+            click.echo(f"      note: {r.note}")
+    click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        sys.exit(1)
 
 
 @main.command()
