@@ -264,6 +264,67 @@ def policy_test(
         sys.exit(1)
 
 
+@policy.command("explain", context_settings={"ignore_unknown_options": True})
+@click.option("--agent", required=True, help="Agent id to explain the request for (no token needed).")
+@click.option("--claim", "claims", multiple=True, metavar="K=V", help="A claim of the agent's token; V is parsed as JSON when it can be.")
+@click.option("--request", "request_file", type=click.Path(dir_okay=False, exists=True),
+              help='A JSON request: {"method", "url", "headers", "body"}.')
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.argument("curl", nargs=-1, type=click.UNPROCESSED)
+def policy_explain(
+    agent: str, claims: tuple[str, ...], request_file: str | None, as_json: bool, config_path: str | None, curl: tuple[str, ...]
+) -> None:
+    """Explain a request: what Proctor derives from it and which policies decide it.
+
+    Give the request as a curl-like line after `--`, or with --request FILE:
+
+    \b
+      proctor policy explain --agent support-bot --claim 'groups=["support"]' -- \\
+          curl -X DELETE https://acme.service-now.com/api/now/table/incident/INC1
+
+    Exit status: 0 explained (whatever the decision), 2 unusable input."""
+    from .connectors.classifier import Classifier
+    from .connectors.manifest import ManifestError, load_manifests
+    from .core.model import AgentIdentity
+    from .policy.engine import PolicyLoadError, PolicySource, PolicyStore
+    from .policy.explain import ExplainInputError, build_request, explain, parse_curl, parse_request_json, render_text
+
+    config = _load(config_path)
+    try:
+        if request_file:
+            method, url, headers, body = parse_request_json(json.loads(Path(request_file).read_text()))
+        elif curl:
+            method, url, headers, body = parse_curl(list(curl))
+        else:
+            raise ExplainInputError("give the request as a curl line after `--`, or with --request FILE")
+        req = build_request(method, url, headers, body)
+        store = PolicyStore(PolicySource(config.schema_path, config.policies.dir, config.entities_path))
+        classifier = Classifier(
+            load_manifests(config.connectors_dir),
+            unclassified_hosts=config.egress.unclassified_hosts,
+            generic_default=config.egress.default == "generic",
+        )
+    except (ExplainInputError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except (PolicyLoadError, ManifestError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    token_claims = {"sub": agent}
+    for c in claims:
+        k, sep, v = c.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{c!r}: expected K=V", param_hint="--claim")
+        try:
+            token_claims[k] = json.loads(v)
+        except ValueError:
+            token_claims[k] = v
+    identity = AgentIdentity(agent_id=agent, issuer="(explain)", claims=token_claims, expires_at=None)
+    result = explain(config, store, classifier, req, identity)
+    click.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else render_text(result))
+
+
 @main.command()
 @click.option("--keep-running", is_flag=True, help="Leave the proxy and demo systems up afterwards.")
 def demo(keep_running: bool) -> None:

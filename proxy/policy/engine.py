@@ -99,6 +99,7 @@ class PolicyBundle:
     entities: Any  # cedarpy.Entities
     static_uids: frozenset[tuple[str, str]]
     policies: dict[str, PolicyInfo]  # @id -> info
+    policy_est: dict[str, dict]  # @id -> the policy in Cedar's JSON form
     index: PolicyIndex  # action id -> the policies whose scope can match it
     loaded_at: float
     files: tuple[str, ...]
@@ -237,6 +238,7 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         entities=entities,
         static_uids=static_uids,
         policies={pid: info_by_pid[pid] for pid in by_id},
+        policy_est=by_id,
         index=index,
         loaded_at=time.time(),
         files=tuple(str(f) for f in source.files() if f.exists()),
