@@ -24,6 +24,20 @@ def _load(config_path: str | None) -> ProctorConfig:
         raise click.ClickException(str(e)) from None
 
 
+def _parse_claims(claims: tuple[str, ...]) -> dict:
+    """--claim K=V options; V is parsed as JSON when it can be (so groups='["a"]' is a list)."""
+    out = {}
+    for c in claims:
+        k, sep, v = c.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{c!r}: expected K=V", param_hint="--claim")
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
 def _setup_logging(level: str) -> None:
     from .logredact import install
 
@@ -83,15 +97,7 @@ def token_issue(agent: str, claims: tuple[str, ...], ttl: str | None, config_pat
     config = _load(config_path)
     if not config.dev_issuer_enabled:
         raise click.ClickException("the dev issuer is disabled in this config (dev_issuer.enabled: false)")
-    extra = {}
-    for c in claims:
-        k, sep, v = c.partition("=")
-        if not sep or not k:
-            raise click.BadParameter(f"{c!r}: expected K=V", param_hint="--claim")
-        try:
-            extra[k] = json.loads(v)
-        except ValueError:
-            extra[k] = v
+    extra = _parse_claims(claims)
     reserved = {"iss", "aud", "sub", "exp", "nbf", "iat", "jti"} & extra.keys()
     if reserved:
         raise click.BadParameter(f"reserved claims cannot be set: {sorted(reserved)}", param_hint="--claim")
@@ -311,15 +317,7 @@ def policy_explain(
     except (PolicyLoadError, ManifestError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    token_claims = {"sub": agent}
-    for c in claims:
-        k, sep, v = c.partition("=")
-        if not sep or not k:
-            raise click.BadParameter(f"{c!r}: expected K=V", param_hint="--claim")
-        try:
-            token_claims[k] = json.loads(v)
-        except ValueError:
-            token_claims[k] = v
+    token_claims = {"sub": agent, **_parse_claims(claims)}
     identity = AgentIdentity(agent_id=agent, issuer="(explain)", claims=token_claims, expires_at=None)
     result = explain(config, store, classifier, req, identity)
     click.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else render_text(result))
