@@ -26,6 +26,7 @@ from .core.pipeline import Pipeline
 from .engine.gateway import GatewayRouter
 from .engine.mitm import ProctorAddon, install_error_responses
 from .identity.dev_issuer import DevIssuer
+from .observability.metrics import Metrics, runtime_families
 from .identity.verifier import TokenVerifier
 from .policy.engine import PolicySource, PolicyStore
 from .record.decisions import DecisionRecorder
@@ -41,6 +42,7 @@ class ProctorRuntime:
     pipeline: Pipeline
     recorder: DecisionRecorder
     addon: ProctorAddon
+    metrics: Metrics
 
 
 def build_runtime(config: ProctorConfig) -> ProctorRuntime:
@@ -60,8 +62,11 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     recorder = DecisionRecorder(config.decisions_path)
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     reverse_ports = {config.gateway.listen.port} if config.gateway.enabled else set()
-    addon = ProctorAddon(pipeline, recorder, router, reverse_ports)
-    return ProctorRuntime(config, policies, pipeline, recorder, addon)
+    metrics = Metrics()
+    addon = ProctorAddon(pipeline, recorder, router, reverse_ports, metrics)
+    runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics)
+    metrics.add_collector(lambda: runtime_families(runtime))
+    return runtime
 
 
 def mitm_options_for(config: ProctorConfig) -> dict:

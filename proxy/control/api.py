@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 
@@ -66,5 +67,10 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/policies", policy_status)
     app.router.add_post("/v1/policies/reload", policy_reload)
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(runtime.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app.router.add_get("/v1/stats", stats)
+    app.router.add_get("/metrics", metrics)
     return app

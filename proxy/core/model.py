@@ -117,6 +117,7 @@ class Outcome:
     policy_revision: str = ""
     errors: list[str] = field(default_factory=list)
     credential_digest: bytes | None = None  # CONNECT: binds the tunnel to this token
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds (for metrics)
 
     @property
     def allowed(self) -> bool:

@@ -206,6 +206,7 @@ class Pipeline:
         outcome = new_outcome()
         try:
             await self._decide(req, outcome)
+            outcome.timings["decision"] = time.perf_counter() - outcome.started
         except Exception as e:  # fail closed on anything unexpected
             log.exception("pipeline error (decision %s); refusing", outcome.decision_id)
             outcome.decision = Decision.DENY
@@ -221,7 +222,10 @@ class Pipeline:
         return outcome
 
     async def _decide(self, req: AgentRequest, outcome: Outcome) -> None:
+        clock = time.perf_counter
+        t0 = clock()
         auth = await self.authenticate(req)
+        outcome.timings["authenticate"] = clock() - t0
         identity, refusal = auth.identity, auth.refusal
         outcome.strip_headers = auth.strip_headers
         outcome.identity = identity
@@ -235,6 +239,7 @@ class Pipeline:
             outcome.refusal = target_refusal
             return
 
+        t0 = clock()
         try:
             cls = self.classifier.classify(req.method, req.host, req.port, req.path)
         except PathRejected as e:
@@ -251,6 +256,7 @@ class Pipeline:
             )
             return
         outcome.classification = cls
+        outcome.timings["classify"] = clock() - t0
 
         limits = self.config.limits
         if len(req.body) > limits.max_body_bytes:
@@ -272,9 +278,11 @@ class Pipeline:
         principal = principal_entity(identity, self.identity_settings.principal)
         resource = resource_entity(cls)
         context = request_context(req, cls, body, limits.context_headers, now=outcome.timestamp)
+        t0 = clock()
         result = self.policies.authorize(
             principal, cls.action, resource, context, [principal, resource], bundle=bundle
         )
+        outcome.timings["authorize"] = clock() - t0
         outcome.reasons = result.reasons
         if result.errors:
             outcome.errors = result.errors

@@ -39,6 +39,7 @@ from ..core.model import AgentIdentity, AgentRequest, Outcome, Refusal
 from ..core.pipeline import Pipeline, new_outcome, normalise_ip
 from ..core.problem import DECISION_HEADER, problem_response
 from ..record.decisions import DecisionRecorder, decision_record
+from ..observability.metrics import Metrics
 from .gateway import GatewayRouter
 
 log = logging.getLogger("proctor.engine")
@@ -183,7 +184,9 @@ class ProctorAddon:
         recorder: DecisionRecorder,
         router: GatewayRouter | None,
         reverse_listen_ports: set[int],
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.pipeline = pipeline
         self.recorder = recorder
         self.router = router
@@ -217,14 +220,20 @@ class ProctorAddon:
         error: str | None = None,
         decision_ms: float | None = None,
     ) -> None:
-        latency_ms = (time.perf_counter() - outcome.started) * 1000
-        self.recorder.write(decision_record(outcome, req, status, upstream_status, latency_ms, decision_ms, error))
+        elapsed = time.perf_counter() - outcome.started
+        self.recorder.write(decision_record(outcome, req, status, upstream_status, elapsed * 1000, decision_ms, error))
+        if self.metrics is not None:
+            self.metrics.observe_request(outcome, status, upstream_status, elapsed)
 
     def _refuse(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
         status, headers, body = problem_response(outcome)
         flow.response = http.Response.make(status, body, headers)
         if not flow.response.reason:  # mitmproxy's table lacks e.g. 421
             flow.response.reason = HTTPStatus(status).phrase
+
+    def _count_connection_refusal(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connections_refused.labels(reason).inc()
 
     @staticmethod
     def _standalone_refusal(refusal: Refusal, identity: AgentIdentity | None = None) -> Outcome:
@@ -303,6 +312,7 @@ class ProctorAddon:
             )
             log.exception("next_layer hook failed (decision %s); closing the connection", outcome.decision_id)
             nextlayer.layer = _RefuseConnection(nextlayer.context, b"")
+            self._count_connection_refusal("internal-error")
             try:
                 self.recorder.write(
                     decision_record(outcome, None, None, None, None, None, error="internal error in next_layer")
@@ -373,6 +383,7 @@ class ProctorAddon:
                     f"HTTP/1.1 {status} Forbidden\r\n{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
                 ).encode() + body
             self.stats["tunnels_refused"] += 1
+            self._count_connection_refusal("non-tls-in-tunnel")
             self.recorder.write(
                 decision_record(outcome, None, 403, None, None, None, error="non-TLS traffic in tunnel")
                 | {"client_ip": normalise_ip(ctx.client.peername[0]) if ctx.client.peername else None,
@@ -408,6 +419,7 @@ class ProctorAddon:
             }
         )
         self.stats["tunnels_refused"] += 1
+        self._count_connection_refusal("interception-rejected")
         self.recorder.write(rec)
 
     # -- requests ------------------------------------------------------------------

@@ -1,0 +1,111 @@
+"""Prometheus metrics, served at GET /metrics on the control port.
+
+Hot-path cost is a few counter/histogram updates per request; everything that
+can be read from existing state (policy reload status, record failures, cache
+sizes) is collected at scrape time instead of being updated per request.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from ..core.model import Outcome
+
+# 50 µs .. 10 s: decisions live in the sub-millisecond range, upstream calls far above.
+LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+NO_ACTION = "none"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "proctor_decisions",
+            "Requests decided, by Cedar action, decision and refusal kind (allowed for allowed requests).",
+            ["action", "decision", "kind"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "proctor_stage_duration_seconds",
+            "Time spent in each pipeline stage (authenticate, classify, authorize) and in the whole decision.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "proctor_request_duration_seconds",
+            "From the start of the decision to the agent's answer (includes the upstream for allowed requests).",
+            ["decision"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_responses = Counter(
+            "proctor_upstream_responses",
+            "Upstream answers to allowed requests by status class (2xx..5xx), or 'error' when none came.",
+            ["status_class"],
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "proctor_connections_refused",
+            "Connections refused outside a request decision (non-TLS in a tunnel, failed interception, hook errors).",
+            ["reason"],
+            registry=r,
+        )
+
+    def observe_request(self, outcome: "Outcome", status: int | None, upstream_status: int | None, total_seconds: float) -> None:
+        cls = outcome.classification
+        action = cls.action if cls else NO_ACTION
+        refusal = outcome.refusal
+        kind = refusal.kind if refusal is not None else "allowed"
+        decision = outcome.decision.value
+        self.decisions.labels(action, decision, kind).inc()
+        for stage, seconds in outcome.timings.items():
+            self.stage_seconds.labels(stage).observe(seconds)
+        self.request_seconds.labels(decision).observe(total_seconds)
+        if refusal is None:
+            if upstream_status is not None:
+                self.upstream_responses.labels(f"{upstream_status // 100}xx").inc()
+            else:
+                self.upstream_responses.labels("error").inc()
+
+    def add_collector(self, collect: Callable[[], list]) -> None:
+        """Register scrape-time metrics: `collect()` returns metric families."""
+
+        class _Collector:
+            def collect(self):  # noqa: D401 - prometheus_client protocol
+                return collect()
+
+        self.registry.register(_Collector())
+
+
+def runtime_families(runtime) -> list:
+    """Scrape-time metrics read from the running proxy's state."""
+    status = runtime.policies.status
+    bundle = runtime.policies.bundle
+    out = []
+    g = GaugeMetricFamily("proctor_policy_reload_ok", "1 when the last policy load or reload succeeded, 0 when it was rejected.")
+    g.add_metric([], 1 if status.ok else 0)
+    out.append(g)
+    info = GaugeMetricFamily("proctor_policy_info", "The policy set being enforced (always 1).", labels=["revision"])
+    info.add_metric([bundle.revision], 1)
+    out.append(info)
+    n = GaugeMetricFamily("proctor_policies", "Policies in the enforced set.")
+    n.add_metric([], bundle.policy_count)
+    out.append(n)
+    reloads = CounterMetricFamily("proctor_policy_reloads", "Policy reloads by result.", labels=["result"])
+    reloads.add_metric(["ok"], status.reloads)
+    reloads.add_metric(["rejected"], status.failed_reloads)
+    out.append(reloads)
+    rec = CounterMetricFamily("proctor_decision_records", "Decision-record lines by result.", labels=["result"])
+    rec.add_metric(["written"], runtime.recorder.written)
+    rec.add_metric(["failed"], runtime.recorder.failures)
+    out.append(rec)
+    tunnels = GaugeMetricFamily("proctor_tunnels_open", "CONNECT tunnels with a bound agent identity.")
+    tunnels.add_metric([], len(runtime.addon.tunnel_identity))
+    out.append(tunnels)
+    return out
