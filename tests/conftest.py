@@ -201,6 +201,7 @@ def connector_manifest(http_port: int, https_port: int) -> dict:
         ("DELETE", "/items/{id}", "test.item.delete", "{id}"),
         ("GET", "/boom", "test.boom", "boom"),
         ("GET", "/secret/{id}", "test.secret.read", "{id}"),
+        ("GET", "/ctx/{id}", "test.ctx.read", "{id}"),
     ]
     return {
         "name": "testsvc",
@@ -306,6 +307,8 @@ def start_proctor(
             "routes": [
                 {"prefix": "/svc", "upstream": f"http://127.0.0.1:{upstream.port}"},
                 {"prefix": "/secure", "upstream": f"https://localhost:{upstream_tls.port}"},
+                # host-specific: everything addressed to svc.internal goes to the plain upstream
+                {"host": "svc.internal", "prefix": "/", "upstream": f"http://127.0.0.1:{upstream.port}"},
             ],
         },
         "identity": {

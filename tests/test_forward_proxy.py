@@ -6,6 +6,7 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -367,3 +368,61 @@ def test_other_agent_tokens_in_authorization_are_stripped(proctor, upstream_tls,
     dumped = json.dumps(upstream_tls.received())
     for tok in (reader_token, refreshed, other):
         assert tok not in dumped
+
+
+# ------------------------------------------------------------------ the Cedar context, end to end
+def test_context_method_source_ip_time_port_mode(proctor, upstream, reader_token):
+    """The permit only holds if method, source_ip, time.{epoch,hour,weekday,now}, port and mode are right."""
+    r = requests.get(f"http://127.0.0.1:{upstream.port}/ctx/1", proxies={"http": proctor.proxy_url_with("reader-bot", reader_token)}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert proctor.decision(r.headers["x-proctor-decision-id"])["reasons"] == ["ctx-permit-when-context-is-complete"]
+
+
+def test_context_query(proctor, upstream, reader_token):
+    proxies = {"http": proctor.proxy_url_with("reader-bot", reader_token)}
+    r = requests.get(f"http://127.0.0.1:{upstream.port}/ctx/1?a=b&forbidden=1", proxies=proxies, timeout=10)
+    assert r.status_code == 403 and r.json()["reasons"] == ["ctx-forbid-query"]
+
+
+def test_context_allowlisted_headers_only(proctor, upstream, reader_token):
+    proxies = {"http": proctor.proxy_url_with("reader-bot", reader_token)}
+    r = requests.get(f"http://127.0.0.1:{upstream.port}/ctx/1", headers={"X-Request-Id": "block-me"}, proxies=proxies, timeout=10)
+    assert r.status_code == 403 and r.json()["reasons"] == ["ctx-forbid-request-id"]
+    # Authorization (and the proxy credential) never enter the context
+    r = requests.get(f"http://127.0.0.1:{upstream.port}/ctx/1", headers={"Authorization": "Bearer upstream-key"}, proxies=proxies, timeout=10)
+    assert r.status_code == 200, r.text
+
+
+# ------------------------------------------------------------------ unmodified clients, environment only
+CLIENT_SCRIPT = r"""
+import json, sys
+lib, url = sys.argv[1], sys.argv[2]
+if lib == "requests":
+    import requests
+    r = requests.get(url, timeout=10)          # proxies and CA from the environment only
+    print(json.dumps({"status": r.status_code, "decision": r.headers.get("x-proctor-decision-id")}))
+else:
+    import httpx
+    r = httpx.get(url, timeout=10)             # trust_env: HTTP(S)_PROXY and SSL_CERT_FILE
+    print(json.dumps({"status": r.status_code, "decision": r.headers.get("x-proctor-decision-id")}))
+"""
+
+
+@pytest.mark.parametrize("lib", ["requests", "httpx"])
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_unmodified_clients_routed_by_environment(proctor, upstream, upstream_tls, reader_token, tmp_path, lib, tls):
+    out = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "ca", "export", str(tmp_path / "ca.pem"), "-c", str(proctor.config_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    env = _client_env(proctor.proxy_url_with("reader-bot", reader_token), str(tmp_path / "ca.pem"))
+    url = f"https://localhost:{upstream_tls.port}/items/5" if tls else f"http://127.0.0.1:{upstream.port}/items/5"
+    (upstream_tls if tls else upstream).clear()
+    run = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, lib, url], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["status"] == 200 and result["decision"]
+    assert proctor.decision(result["decision"])["agent"] == "reader-bot"
+    received = (upstream_tls if tls else upstream).last()
+    assert reader_token not in json.dumps(received)

@@ -83,3 +83,17 @@ def test_gateway_dot_segments_refused(proctor, idp, upstream):
         r = c.send(req)
     assert r.status_code == 400
     assert upstream.received() == []
+
+
+def test_gateway_host_specific_route(proctor, upstream, idp):
+    upstream.clear()
+    tok = idp.token("gw-bot", groups=["readers"])
+    r = requests.get(
+        f"{proctor.gateway_url}/items/3", headers={"Host": "svc.internal", "Authorization": f"Bearer {tok}"}, timeout=10
+    )
+    assert r.status_code == 200, r.text
+    assert upstream.last()["path"] == "/items/3"
+    assert upstream.headers_of(upstream.last())["host"] == f"127.0.0.1:{upstream.port}"
+    # the same path without that Host matches no route
+    r = requests.get(f"{proctor.gateway_url}/items/3", headers={"Authorization": f"Bearer {tok}"}, timeout=10)
+    assert r.status_code == 404

@@ -58,11 +58,14 @@ def test_garbage_bytes_inside_connect_refused(proctor, upstream_tls, idp):
     upstream_tls.clear()
     tok = idp.token("tls-bot", groups=["readers"])
     s = _connect(proctor, "localhost", upstream_tls.port, tok)
+    before = len(proctor.decisions())
     s.sendall(b"\x00\x01\x02\x03 binary protocol \xff\xfe\r\n\r\n")
     reply = _recv_all(s)
     s.close()
     assert not reply.startswith(b"HTTP/1.1 200")
     assert upstream_tls.received() == []
+    recs = [r for r in proctor.decisions()[before:] if r.get("error") == "non-TLS traffic in tunnel"]
+    assert recs and recs[-1]["agent"] == "tls-bot" and recs[-1]["port"] == upstream_tls.port
 
 
 def test_client_rejecting_our_certificate_is_recorded(proctor, upstream_tls, idp, pki):
@@ -84,6 +87,7 @@ def test_client_rejecting_our_certificate_is_recorded(proctor, upstream_tls, idp
     assert recs, "the failed interception was not recorded"
     assert recs[-1]["agent"] == "tls-bot"
     assert recs[-1]["reasons"] == ["tls-interception-required"]
+    assert recs[-1]["host"] == "localhost" and recs[-1]["port"] == upstream_tls.port
     assert upstream_tls.received() == []
 
 

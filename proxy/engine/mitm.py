@@ -412,10 +412,12 @@ class ProctorAddon:
             identity=self._bound_identity(client),
         )
         rec = decision_record(outcome, None, None, None, None, None, error="client rejected interception certificate")
+        target = data.context.server.address  # the CONNECT target, when there was one
         rec.update(
             {
                 "client_ip": normalise_ip(client.peername[0]) if client.peername else None,
-                "host": client.sni,
+                "host": client.sni or (target[0] if target else None),
+                "port": target[1] if target else None,
             }
         )
         self.stats["tunnels_refused"] += 1
