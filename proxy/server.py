@@ -24,7 +24,8 @@ from .connectors.manifest import load_manifests
 from .control.api import build_app
 from .core.pipeline import Pipeline
 from .engine.gateway import GatewayRouter
-from .engine.mitm import ProctorAddon, install_error_responses
+from .engine.mitm import ProctorAddon
+from .engine.patches import install_engine_patches
 from .identity.dev_issuer import DevIssuer
 from .observability.metrics import Metrics, runtime_families
 from .identity.verifier import TokenVerifier
@@ -131,7 +132,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     if config.upstream.insecure_skip_verify:
         log.warning("UPSTREAM TLS VERIFICATION IS DISABLED (upstream.insecure_skip_verify); never do this in production")
 
-    install_error_responses(config.limits.max_request_head_bytes)
+    install_engine_patches(config.limits.max_request_head_bytes)
     master = engine_master(mitm_options_for(config), runtime.addon)
 
     runner = None
