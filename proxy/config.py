@@ -160,6 +160,10 @@ class PolicyConfig(Strict):
     schema_file: Path | None = None  # default: <dir>/schema.cedarschema
     entities_file: Path | None = None  # default: <dir>/entities.json if present
     reload_interval_seconds: float = Field(1.0, gt=0)
+    # Shadow mode: a candidate policy directory (with its own schema.cedarschema and
+    # optional entities.json) evaluated beside the active set on every request. Only
+    # the active decision is enforced; disagreements are recorded and counted.
+    shadow_dir: Path | None = None
 
 
 class RequestLimits(Strict):
@@ -281,7 +285,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     fix(raw, "connectors_dir")
     pol = raw.get("policies")
     if isinstance(pol, dict):
-        for k in ("dir", "schema_file", "entities_file"):
+        for k in ("dir", "schema_file", "entities_file", "shadow_dir"):
             fix(pol, k)
     up = raw.get("upstream")
     if isinstance(up, dict):

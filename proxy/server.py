@@ -30,6 +30,7 @@ from .identity.dev_issuer import DevIssuer
 from .observability.metrics import Metrics, runtime_families
 from .identity.verifier import TokenVerifier
 from .policy.engine import PolicySource, PolicyStore
+from .policy.shadow import ShadowPolicies
 from .record.decisions import DecisionRecorder
 
 log = logging.getLogger("proctor")
@@ -59,7 +60,11 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         generic_default=config.egress.default == "generic",
     )
     verifier = TokenVerifier(config.effective_issuers(), config.identity_settings())
-    pipeline = Pipeline(config, verifier, classifier, policies)
+    shadow = None
+    if config.policies.shadow_dir is not None:
+        sdir = config.policies.shadow_dir
+        shadow = ShadowPolicies(PolicySource(sdir / "schema.cedarschema", sdir, sdir / "entities.json"))
+    pipeline = Pipeline(config, verifier, classifier, policies, shadow)
     recorder = DecisionRecorder(config.decisions_path)
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     reverse_ports = {config.gateway.listen.port} if config.gateway.enabled else set()
@@ -123,6 +128,8 @@ async def _watch_policies(runtime: ProctorRuntime) -> None:
             # Parsing, validating and indexing a large set takes a while: do it off
             # the event loop so traffic keeps flowing; the swap itself is atomic.
             await asyncio.to_thread(runtime.policies.reload_if_changed)
+            if runtime.pipeline.shadow is not None:
+                await asyncio.to_thread(runtime.pipeline.shadow.reload_if_changed)
         except Exception:
             log.exception("policy watcher error")
 

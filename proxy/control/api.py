@@ -48,6 +48,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
                 "loaded_at": b.loaded_at,
                 "files": list(b.files),
                 "reload": runtime.policies.status.as_dict(),
+                "shadow": runtime.pipeline.shadow.status() if runtime.pipeline.shadow else None,
             }
         )
 

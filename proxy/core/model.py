@@ -118,6 +118,7 @@ class Outcome:
     errors: list[str] = field(default_factory=list)
     credential_digest: bytes | None = None  # CONNECT: binds the tunnel to this token
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds (for metrics)
+    shadow: dict[str, Any] | None = None  # the candidate set's verdict when it disagrees (shadow mode)
 
     @property
     def allowed(self) -> bool:

@@ -23,6 +23,7 @@ from ..identity.credentials import AUTHORIZATION, PROXY_AUTHORIZATION, extract_c
 from ..identity.errors import AuthError, IdentityUnavailable
 from ..identity.verifier import TokenVerifier
 from ..policy.engine import PolicyStore
+from ..policy.shadow import ShadowPolicies
 from .context import BodyRejected, parse_json_body, principal_entity, request_context, resource_entity
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from .target import check_target
@@ -87,11 +88,13 @@ class Pipeline:
         verifier: TokenVerifier,
         classifier: Classifier,
         policies: PolicyStore,
+        shadow: ShadowPolicies | None = None,
     ) -> None:
         self.config = config
         self.verifier = verifier
         self.classifier = classifier
         self.policies = policies
+        self.shadow = shadow
         self.identity_settings = config.identity_settings()
 
     # -- authentication ---------------------------------------------------------
@@ -283,6 +286,10 @@ class Pipeline:
             principal, cls.action, resource, context, [principal, resource], bundle=bundle
         )
         outcome.timings["authorize"] = clock() - t0
+        if self.shadow is not None:
+            shadow = self.shadow.compare(result, principal, cls.action, resource, context)
+            if shadow is not None:
+                outcome.shadow = shadow.as_dict()
         outcome.reasons = result.reasons
         if result.errors:
             outcome.errors = result.errors

@@ -50,6 +50,12 @@ class Metrics:
             ["status_class"],
             registry=r,
         )
+        self.shadow_disagreements = Counter(
+            "proctor_shadow_disagreements",
+            "Requests on which the shadow (candidate) policy set decided differently from the active one.",
+            ["action", "active", "shadow"],
+            registry=r,
+        )
         self.connections_refused = Counter(
             "proctor_connections_refused",
             "Connections refused outside a request decision (non-TLS in a tunnel, failed interception, hook errors).",
@@ -67,6 +73,8 @@ class Metrics:
         for stage, seconds in outcome.timings.items():
             self.stage_seconds.labels(stage).observe(seconds)
         self.request_seconds.labels(decision).observe(total_seconds)
+        if outcome.shadow is not None:
+            self.shadow_disagreements.labels(action, decision, outcome.shadow["decision"]).inc()
         if refusal is None:
             if upstream_status is not None:
                 self.upstream_responses.labels(f"{upstream_status // 100}xx").inc()
@@ -105,6 +113,14 @@ def runtime_families(runtime) -> list:
     rec.add_metric(["written"], runtime.recorder.written)
     rec.add_metric(["failed"], runtime.recorder.failures)
     out.append(rec)
+    shadow = getattr(runtime.pipeline, "shadow", None)
+    if shadow is not None:
+        ev = CounterMetricFamily("proctor_shadow_evaluations", "Requests also evaluated against the shadow policy set.")
+        ev.add_metric([], shadow.evaluations)
+        out.append(ev)
+        loaded = GaugeMetricFamily("proctor_shadow_loaded", "1 when the shadow policy set is loaded and being evaluated.")
+        loaded.add_metric([], 1 if shadow.store is not None else 0)
+        out.append(loaded)
     tunnels = GaugeMetricFamily("proctor_tunnels_open", "CONNECT tunnels with a bound agent identity.")
     tunnels.add_metric([], len(runtime.addon.tunnel_identity))
     out.append(tunnels)

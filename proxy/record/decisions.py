@@ -68,6 +68,8 @@ def decision_record(
         rec["refusal"] = {"kind": refusal.kind, "title": refusal.title, "detail": refusal.detail}
     if outcome.errors:
         rec["errors"] = outcome.errors
+    if outcome.shadow is not None:
+        rec["shadow"] = outcome.shadow
     if error:
         rec["error"] = error
     return rec
