@@ -203,6 +203,19 @@ def connector_manifest(http_port: int, https_port: int) -> dict:
         ("GET", "/secret/{id}", "test.secret.read", "{id}"),
         ("GET", "/ctx/{id}", "test.ctx.read", "{id}"),
     ]
+    order_route = {
+        "method": "POST",
+        "path": "/tenants/{tenant}/orders",
+        "action": "test.order.create",
+        "resource": {"type": "Order", "id": "new"},
+        "params": {"tenant": {"type": "long", "min": 1}},
+        "query": {"dry_run": {"type": "bool"}},
+        "body": {
+            "total": {"path": "order.total", "type": "decimal", "required": True},
+            "skus": {"path": "order.items[*].sku", "type": "string"},
+        },
+        "resource_attributes": ["total"],
+    }
     return {
         "name": "testsvc",
         "description": "test upstream",
@@ -210,7 +223,8 @@ def connector_manifest(http_port: int, https_port: int) -> dict:
         "routes": [
             {"method": m, "path": p, "action": a, "resource": {"type": "Item", "id": rid}, "attributes": {"kind": "widget"}}
             for m, p, a, rid in routes
-        ],
+        ]
+        + [order_route],
     }
 
 

@@ -426,3 +426,43 @@ def test_unmodified_clients_routed_by_environment(proctor, upstream, upstream_tl
     assert proctor.decision(result["decision"])["agent"] == "reader-bot"
     received = (upstream_tls if tls else upstream).last()
     assert reader_token not in json.dumps(received)
+
+
+# ------------------------------------------------------------------ typed connector values, end to end
+def _order(proctor, upstream, token, tenant, body, query=""):
+    return requests.post(
+        f"http://127.0.0.1:{upstream.port}/tenants/{tenant}/orders{query}",
+        json=body,
+        proxies={"http": proctor.proxy_url_with("writer-bot", token)},
+        timeout=10,
+    )
+
+
+def test_typed_values_reach_policy(proctor, upstream, writer_token):
+    ok = _order(proctor, upstream, writer_token, 7, {"order": {"total": "250.00", "items": [{"sku": "A"}, {"sku": "B"}]}})
+    assert ok.status_code == 200, ok.text
+    big = _order(proctor, upstream, writer_token, 7, {"order": {"total": 1000.01}})
+    assert big.status_code == 403 and big.json()["reasons"] == ["orders-over-1000-forbidden"]
+    widget = _order(proctor, upstream, writer_token, 666, {"order": {"total": 10, "items": [{"sku": "WIDGET"}]}})
+    assert widget.status_code == 403 and widget.json()["reasons"] == ["tenant-666-no-widgets"]
+    dry = _order(proctor, upstream, writer_token, 7, {"order": {"total": 600}}, "?dry_run=true")
+    assert dry.status_code == 403 and dry.json()["reasons"] == ["dry-runs-over-500-forbidden"]
+    assert _order(proctor, upstream, writer_token, 7, {"order": {"total": 600}}, "?dry_run=false").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "tenant, body, query, message",
+    [
+        ("seven", {"order": {"total": 1}}, "", "path parameter 'tenant' must be an integer"),
+        (7, {"order": {}}, "", "body field 'total'"),
+        (7, {"order": {"total": "1.23456"}}, "", "more than 4 decimal places"),
+        (7, {"order": {"total": 1}}, "?dry_run=maybe", "query parameter 'dry_run' must be true or false"),
+    ],
+    ids=["path-type", "missing-required", "decimal-precision", "query-type"],
+)
+def test_values_of_the_wrong_type_are_refused_before_policy(proctor, upstream, writer_token, tenant, body, query, message):
+    upstream.clear()
+    r = _order(proctor, upstream, writer_token, tenant, body, query)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["detail"]
+    assert upstream.received() == []

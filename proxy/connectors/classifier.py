@@ -17,6 +17,7 @@ from urllib.parse import unquote
 
 from ..core.model import Classification
 from .manifest import ConnectorManifest, RouteSpec
+from .values import path_values, query_values
 
 _TEMPLATE_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*|\*)\}")
 
@@ -67,12 +68,15 @@ def normalise_path(raw_path: str) -> list[str]:
 class _CompiledRoute:
     connector: str
     spec: RouteSpec
-    segments: list[str | None]  # None = parameter
+    # per segment: a literal string, None for a whole-segment {param}, or a compiled
+    # pattern for literal text around placeholders (OData keys: A_PurchaseOrder('{po}'))
+    segments: list[str | re.Pattern | None]
     params: list[str | None]
     wildcard_tail: bool
     risk: str
-    # Routes with more literal segments win; ties go to declaration order.
-    specificity: tuple[int, int] = (0, 0)
+    # Routes with more literal segments win, then more partly-literal ones; exact
+    # before wildcard tails; ties go to declaration order.
+    specificity: tuple[int, int, int] = (0, 0, 0)
 
     def match(self, segs: list[str]) -> dict[str, str] | None:
         n = len(self.segments)
@@ -82,16 +86,33 @@ class _CompiledRoute:
         elif len(segs) != n:
             return None
         values: dict[str, str] = {}
-        for i, lit in enumerate(self.segments):
-            if lit is None:
+        for i, matcher in enumerate(self.segments):
+            if matcher is None:
                 name = self.params[i]
                 if name is not None:
                     values[name] = segs[i]
-            elif lit != segs[i]:
-                return None
+            elif isinstance(matcher, str):
+                if matcher != segs[i]:
+                    return None
+            else:
+                m = matcher.fullmatch(segs[i])
+                if m is None:
+                    return None
+                values.update(m.groupdict())
         if self.wildcard_tail:
             values["*"] = "/".join(segs[n:])
         return values
+
+
+def _segment_pattern(segment: str) -> re.Pattern:
+    """Literal text around {name} placeholders; a placeholder never spans a quote or paren."""
+    out, pos = [], 0
+    for m in re.finditer(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", segment):
+        out.append(re.escape(segment[pos : m.start()]))
+        out.append(f"(?P<{m.group(1)}>[^'()]+)")
+        pos = m.end()
+    out.append(re.escape(segment[pos:]))
+    return re.compile("".join(out))
 
 
 def _compile(connector: ConnectorManifest, spec: RouteSpec, index: int) -> _CompiledRoute:
@@ -99,16 +120,20 @@ def _compile(connector: ConnectorManifest, spec: RouteSpec, index: int) -> _Comp
     wildcard = bool(parts) and parts[-1] == "{*}"
     if wildcard:
         parts = parts[:-1]
-    segments: list[str | None] = []
+    segments: list[str | re.Pattern | None] = []
     params: list[str | None] = []
     for p in parts:
-        if p.startswith("{") and p.endswith("}"):
+        if re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", p):
             segments.append(None)
             params.append(p[1:-1])
+        elif "{" in p:
+            segments.append(_segment_pattern(p))
+            params.append(None)
         else:
             segments.append(p)
             params.append(None)
-    literals = sum(1 for s in segments if s is not None)
+    literals = sum(1 for s in segments if isinstance(s, str))
+    partial = sum(1 for s in segments if isinstance(s, re.Pattern))
     return _CompiledRoute(
         connector=connector.name,
         spec=spec,
@@ -116,7 +141,7 @@ def _compile(connector: ConnectorManifest, spec: RouteSpec, index: int) -> _Comp
         params=params,
         wildcard_tail=wildcard,
         risk=spec.risk or connector.risk,
-        specificity=(literals, 0 if wildcard else 1),
+        specificity=(literals, partial, 0 if wildcard else 1),
     )
 
 
@@ -171,8 +196,11 @@ class Classifier:
             or any(host_matches(p, host, port) for p in self.unclassified_hosts)
         )
 
-    def classify(self, method: str, host: str, port: int, raw_path: str) -> Classification | None:
-        """The request's meaning, or None if nothing classifies it (egress default-deny)."""
+    def classify(self, method: str, host: str, port: int, raw_path: str, query: str = "") -> Classification | None:
+        """The request's meaning, or None if nothing classifies it (egress default-deny).
+
+        Raises PathRejected for an ambiguous path, ValueRejected for a declared value
+        of the wrong type (both are refusals, never a fall-through to another route)."""
         host = host.lower().rstrip(".")
         method = method.upper()
         connector = self.connector_for(host, port)
@@ -190,14 +218,27 @@ class Classifier:
                 else:
                     # one pass, so a parameter value that looks like "{other}" stays literal
                     resource_id = _TEMPLATE_RE.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+                spec = route.spec
+                params = path_values(spec.params, values)
+                query_params = query_values(spec.query, query)
+                attrs = dict(spec.attributes)
+                for name in spec.resource_attributes:
+                    if name in params:
+                        attrs[name] = params[name]
+                    elif name in query_params:
+                        attrs[name] = query_params[name]
                 return Classification(
                     connector=connector.name,
-                    action=route.spec.action,
-                    resource_type=route.spec.resource.type,
+                    action=spec.action,
+                    resource_type=spec.resource.type,
                     resource_id=resource_id,
-                    resource_attrs=dict(route.spec.attributes),
+                    resource_attrs=attrs,
                     risk=route.risk,
-                    route=f"{route.spec.method} {route.spec.path}",
+                    route=f"{spec.method} {spec.path}",
+                    params=params,
+                    query_params=query_params,
+                    body_specs=spec.body,
+                    resource_attribute_names=tuple(spec.resource_attributes),
                 )
             return None
         if self.generic_default or any(host_matches(p, host, port) for p in self.unclassified_hosts):

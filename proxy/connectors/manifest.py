@@ -47,6 +47,50 @@ class ResourceSpec(_Strict):
         return v
 
 
+ValueType = Literal["string", "long", "decimal", "bool"]
+
+
+class ValueSpec(_Strict):
+    """A typed value from the path, the query string or the JSON body.
+
+    `long`/`decimal` also accept numbers sent as strings (OData sends many
+    numbers that way); anything that does not convert exactly is refused (400).
+    """
+
+    type: ValueType = "string"
+    pattern: str | None = None  # strings: must match entirely
+    min: int | None = None  # long: inclusive bounds
+    max: int | None = None
+    required: bool = False  # query and body values: refuse the request when missing
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise ValueError(f"pattern {v!r} is not a valid regular expression: {e}") from None
+        return v
+
+
+class BodyFieldSpec(ValueSpec):
+    # Dotted path into the JSON body; `[*]` takes every element of an array and
+    # makes the value a set, `[N]` takes one element: "order.items[*].sku".
+    path: str
+
+    @field_validator("path")
+    @classmethod
+    def _body_path(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_$@-]+(\[(\*|\d+)\])*(\.[A-Za-z0-9_$@-]+(\[(\*|\d+)\])*)*", v):
+            raise ValueError(f"body path {v!r}: use dotted names with optional [*] or [N], e.g. order.items[*].sku")
+        return v
+
+
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_QUERY_NAME_RE = re.compile(r"^[A-Za-z0-9_$.@-]+$")
+
+
 class RouteSpec(_Strict):
     method: str
     path: str
@@ -54,6 +98,12 @@ class RouteSpec(_Strict):
     resource: ResourceSpec
     attributes: dict[str, Any] = Field(default_factory=dict)
     risk: Literal["low", "medium", "high", "critical"] | None = None
+    # Typed values, delivered to Cedar as context.params / context.query_params / context.fields.
+    params: dict[str, ValueSpec] = Field(default_factory=dict)  # path parameters
+    query: dict[str, ValueSpec] = Field(default_factory=dict)
+    body: dict[str, BodyFieldSpec] = Field(default_factory=dict)
+    # Names of params/query/body values also copied into the resource's attributes.
+    resource_attributes: list[str] = Field(default_factory=list)
 
     @field_validator("method")
     @classmethod
@@ -68,9 +118,19 @@ class RouteSpec(_Strict):
     def _path(cls, v: str) -> str:
         if not v.startswith("/"):
             raise ValueError("route path must start with '/'")
-        for seg in v.strip("/").split("/"):
-            if "{" in seg and not _PARAM_RE.match(seg) and seg != "{*}":
-                raise ValueError(f"path segment {seg!r}: a parameter must be a whole segment like {{name}}")
+        segments = v.strip("/").split("/")
+        for i, seg in enumerate(segments):
+            if seg == "{*}":
+                if i != len(segments) - 1:
+                    raise ValueError("{*} may only be the last path segment")
+                continue
+            if "{" in seg or "}" in seg:
+                # a whole-segment {name}, or literal text around placeholders: A_PurchaseOrder('{po}')
+                rest = re.sub(r"\{[A-Za-z_][A-Za-z0-9_]*\}", "", seg)
+                if "{" in rest or "}" in rest:
+                    raise ValueError(f"path segment {seg!r}: placeholders look like {{name}}")
+                if re.search(r"\}\{", seg):
+                    raise ValueError(f"path segment {seg!r}: two placeholders need literal text between them")
         return v
 
     @field_validator("action")
@@ -94,6 +154,19 @@ class RouteSpec(_Strict):
     @model_validator(mode="after")
     def _resource_params(self) -> "RouteSpec":
         params = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.path))
+        for name in self.params:
+            if name not in params:
+                raise ValueError(f"params declares {name!r}, which the path {self.path!r} does not define")
+        for name in list(self.params) + list(self.body):
+            if not _NAME_RE.match(name):
+                raise ValueError(f"value name {name!r} must be a plain identifier")
+        for name in self.query:  # query names keep their own spelling ($top, sap-client)
+            if not _QUERY_NAME_RE.match(name):
+                raise ValueError(f"query parameter name {name!r} may contain letters, digits and _ $ . @ -")
+        known = params | set(self.query) | set(self.body)
+        for name in self.resource_attributes:
+            if name not in known:
+                raise ValueError(f"resource_attributes names {name!r}, which is not a path, query or body value")
         if self.resource.id is not None and "{*}" in self.resource.id and not self.path.rstrip("/").endswith("{*}"):
             raise ValueError(f"resource id uses {{*}}, but the path {self.path!r} has no {{*}} tail")
         for used in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.resource.id or ""):

@@ -63,7 +63,20 @@ def _declares_json(ctype: str) -> bool:
 
 
 def parse_json_body(req: AgentRequest, max_depth: int) -> Any:
-    """The body as Cedar JSON whenever it is JSON, else None.
+    """The body as Cedar JSON whenever it is JSON, else None (see parse_json_document)."""
+    doc = parse_json_document(req, max_depth)
+    return body_to_cedar(doc, max_depth)
+
+
+def body_to_cedar(doc: Any, max_depth: int) -> Any:
+    if doc is None:
+        return None
+    converted = to_cedar(doc, 0, max_depth)
+    return None if converted is _OMIT else converted
+
+
+def parse_json_document(req: AgentRequest, max_depth: int) -> Any:
+    """The body as parsed JSON whenever it is JSON, else None.
 
     A body that declares a JSON media type must parse (else it is refused). A
     body that does not declare one is still parsed when it looks like JSON: many
@@ -83,8 +96,8 @@ def parse_json_body(req: AgentRequest, max_depth: int) -> Any:
         return None
     except RecursionError:
         raise BodyRejected(f"JSON nested deeper than {max_depth} levels") from None
-    converted = to_cedar(doc, 0, max_depth)
-    return None if converted is _OMIT else converted
+    to_cedar(doc, 0, max_depth)  # enforce the depth bound before anyone walks the document
+    return doc
 
 
 def principal_entity(identity: AgentIdentity, mapping: PrincipalMapping) -> dict:
@@ -141,4 +154,11 @@ def request_context(
     }
     if body is not None:
         ctx["body"] = body
+    # Typed values the connector route declares (manifest: params, query, body).
+    if cls.params:
+        ctx["params"] = cls.params
+    if cls.query_params:
+        ctx["query_params"] = cls.query_params
+    if cls.fields:
+        ctx["fields"] = cls.fields
     return ctx

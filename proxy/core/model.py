@@ -77,6 +77,12 @@ class Classification:
     resource_attrs: dict[str, Any] = field(default_factory=dict)
     risk: str = "low"
     route: str = ""  # the matched route template, for the record
+    # Typed values declared by the route, as Cedar JSON (context.params / query_params / fields).
+    params: dict[str, Any] = field(default_factory=dict)
+    query_params: dict[str, Any] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+    body_specs: Any = None  # the route's declared body fields (applied once the body is parsed)
+    resource_attribute_names: tuple[str, ...] = ()
 
     @property
     def resource_uid(self) -> str:

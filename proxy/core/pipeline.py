@@ -24,7 +24,8 @@ from ..identity.errors import AuthError, IdentityUnavailable
 from ..identity.verifier import TokenVerifier
 from ..policy.engine import PolicyStore
 from ..policy.shadow import ShadowPolicies
-from .context import BodyRejected, parse_json_body, principal_entity, request_context, resource_entity
+from ..connectors.values import ValueRejected, with_body_fields
+from .context import BodyRejected, body_to_cedar, parse_json_document, principal_entity, request_context, resource_entity
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from .target import check_target
 
@@ -244,9 +245,12 @@ class Pipeline:
 
         t0 = clock()
         try:
-            cls = self.classifier.classify(req.method, req.host, req.port, req.path)
+            cls = self.classifier.classify(req.method, req.host, req.port, req.path, req.query)
         except PathRejected as e:
             outcome.refusal = Refusal(400, "Request path refused", f"{e}; the request was not forwarded", kind="request")
+            return
+        except ValueRejected as e:
+            outcome.refusal = Refusal(400, "Request value refused", f"{e}; the request was not forwarded", kind="request")
             return
         if cls is None:
             outcome.refusal = Refusal(
@@ -271,10 +275,16 @@ class Pipeline:
             )
             return
         try:
-            body = parse_json_body(req, limits.max_json_depth)
+            doc = parse_json_document(req, limits.max_json_depth)
+            body = body_to_cedar(doc, limits.max_json_depth)
+            cls = with_body_fields(cls, doc)
         except BodyRejected as e:
             outcome.refusal = Refusal(400, "Request body refused", str(e), kind="request")
             return
+        except ValueRejected as e:
+            outcome.refusal = Refusal(400, "Request value refused", f"{e}; the request was not forwarded", kind="request")
+            return
+        outcome.classification = cls
 
         bundle = self.policies.bundle
         outcome.policy_revision = bundle.revision

@@ -19,7 +19,8 @@ import cedarpy
 
 from ..config import ProctorConfig
 from ..connectors.classifier import Classifier, PathRejected
-from ..core.context import BodyRejected, parse_json_body, principal_entity, request_context, resource_entity
+from ..connectors.values import ValueRejected, with_body_fields
+from ..core.context import BodyRejected, body_to_cedar, parse_json_document, principal_entity, request_context, resource_entity
 from ..core.model import AgentIdentity, AgentRequest, Classification
 from .engine import PolicyStore
 
@@ -163,19 +164,27 @@ def explain(
     principal = principal_entity(identity, settings.principal)
     ex = Explanation(request=req, principal=principal, policies_total=store.bundle.policy_count)
     try:
-        cls = classifier.classify(req.method, req.host, req.port, req.path)
+        cls = classifier.classify(req.method, req.host, req.port, req.path, req.query)
     except PathRejected as e:
         ex.refused_before_policy = f"400 request path refused: {e}"
+        return ex
+    except ValueRejected as e:
+        ex.refused_before_policy = f"400 request value refused: {e}"
         return ex
     if cls is None:
         ex.refused_before_policy = f"403 egress-default-deny: no connector classifies {req.method} {req.host}:{req.port}{req.path}"
         return ex
-    ex.classification = cls
     try:
-        body = parse_json_body(req, config.limits.max_json_depth)
+        doc = parse_json_document(req, config.limits.max_json_depth)
+        body = body_to_cedar(doc, config.limits.max_json_depth)
+        cls = with_body_fields(cls, doc)
     except BodyRejected as e:
         ex.refused_before_policy = f"400 request body refused: {e}"
         return ex
+    except ValueRejected as e:
+        ex.refused_before_policy = f"400 request value refused: {e}"
+        return ex
+    ex.classification = cls
     ex.resource = resource_entity(cls)
     ex.context = request_context(req, cls, body, config.limits.context_headers)
     result = store.authorize(principal, cls.action, ex.resource, ex.context, [principal, ex.resource])

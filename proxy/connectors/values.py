@@ -1,0 +1,167 @@
+"""Typed values from path parameters, the query string and JSON bodies, as Cedar JSON.
+
+A connector route declares what it expects (`params`, `query`, `body` in the
+manifest); a value that does not convert exactly to its declared type is a
+refusal (400) that names the value, never a guess and never a fall-through to
+another route.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Any
+from urllib.parse import parse_qsl
+
+from dataclasses import replace
+
+from ..core.model import Classification
+from .manifest import BodyFieldSpec, ValueSpec
+
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+DECIMAL_LIMIT = Decimal("922337203685477.5807")  # Cedar decimal: i64 with 4 fractional digits
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_MISSING = object()
+
+
+class ValueRejected(Exception):
+    """A declared value is missing or does not have its declared type; the message says which."""
+
+
+def typed(spec: ValueSpec, raw: Any, what: str) -> Any:
+    """`raw` converted to `spec.type` as a Cedar JSON value, or ValueRejected."""
+    t = spec.type
+    if t == "string":
+        if not isinstance(raw, str):
+            raise ValueRejected(f"{what} must be a string")
+        if spec.pattern is not None and not re.fullmatch(spec.pattern, raw):
+            raise ValueRejected(f"{what} does not match the pattern {spec.pattern!r}")
+        return raw
+    if t == "bool":
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        raise ValueRejected(f"{what} must be true or false")
+    if t == "long":
+        if isinstance(raw, bool):
+            raise ValueRejected(f"{what} must be an integer")
+        if isinstance(raw, int):
+            value = raw
+        elif isinstance(raw, str) and _INT_RE.match(raw.strip()):
+            value = int(raw.strip())
+        else:
+            raise ValueRejected(f"{what} must be an integer")
+        if not I64_MIN <= value <= I64_MAX:
+            raise ValueRejected(f"{what} is out of range for a Cedar Long")
+        if spec.min is not None and value < spec.min:
+            raise ValueRejected(f"{what} must be at least {spec.min}")
+        if spec.max is not None and value > spec.max:
+            raise ValueRejected(f"{what} must be at most {spec.max}")
+        return value
+    # decimal
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+        raise ValueRejected(f"{what} must be a decimal number")
+    try:
+        value = Decimal(str(raw).strip())
+    except InvalidOperation:
+        raise ValueRejected(f"{what} must be a decimal number") from None
+    if not value.is_finite() or abs(value) > DECIMAL_LIMIT:
+        raise ValueRejected(f"{what} is out of range for a Cedar decimal")
+    if value != value.quantize(Decimal("0.0001")):
+        raise ValueRejected(f"{what} has more than 4 decimal places")
+    text = format(value.quantize(Decimal("0.0001")).normalize(), "f")
+    if "." not in text:
+        text += ".0"
+    return {"__extn": {"fn": "decimal", "arg": text}}
+
+
+def path_values(specs: dict[str, ValueSpec], raw: dict[str, str]) -> dict[str, Any]:
+    """Path parameters: declared ones typed, the others as strings."""
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "*":
+            continue
+        spec = specs.get(name)
+        out[name] = typed(spec, value, f"path parameter {name!r}") if spec else value
+    return out
+
+
+def query_values(specs: dict[str, ValueSpec], query: str) -> dict[str, Any]:
+    """Declared query parameters, typed. Undeclared ones are left to `context.query`."""
+    if not specs:
+        return {}
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise ValueRejected("the query string is not valid UTF-8") from None
+    seen: dict[str, str] = {}
+    for name, value in pairs:
+        if name in specs:
+            if name in seen:
+                raise ValueRejected(f"query parameter {name!r} appears more than once")
+            seen[name] = value
+    out: dict[str, Any] = {}
+    for name, spec in specs.items():
+        if name in seen:
+            out[name] = typed(spec, seen[name], f"query parameter {name!r}")
+        elif spec.required:
+            raise ValueRejected(f"query parameter {name!r} is required")
+    return out
+
+
+_STEP_RE = re.compile(r"([^.\[\]]+)|\[(\*|\d+)\]")
+
+
+def _walk(doc: Any, steps: list[str]) -> tuple[Any, bool]:
+    """Follow `steps` into `doc`; returns (value or list of values, is_set)."""
+    current: list[Any] = [doc]
+    is_set = False
+    for step in steps:
+        nxt: list[Any] = []
+        for node in current:
+            if step == "*":
+                if isinstance(node, list):
+                    nxt.extend(node)
+                is_set = True
+            elif step.isdigit():
+                if isinstance(node, list) and int(step) < len(node):
+                    nxt.append(node[int(step)])
+            elif isinstance(node, dict) and step in node:
+                nxt.append(node[step])
+        current = nxt
+    if is_set:
+        return current, True
+    return (current[0] if current else _MISSING), False
+
+
+def body_values(specs: dict[str, BodyFieldSpec], doc: Any) -> dict[str, Any]:
+    """Declared JSON body fields, typed; `[*]` paths become sets."""
+    out: dict[str, Any] = {}
+    for name, spec in specs.items():
+        steps = [m.group(1) or m.group(2) for m in _STEP_RE.finditer(spec.path)]
+        value, is_set = _walk(doc, steps) if doc is not None else (_MISSING, False)
+        what = f"body field {name!r} ({spec.path})"
+        if is_set:
+            items = [v for v in value if v is not None]
+            if not items and spec.required:
+                raise ValueRejected(f"{what} is required")
+            out[name] = [typed(spec, v, what) for v in items]
+        elif value is _MISSING or value is None:
+            if spec.required:
+                raise ValueRejected(f"{what} is required")
+        else:
+            out[name] = typed(spec, value, what)
+    return out
+
+
+def with_body_fields(cls: Classification, doc: Any) -> Classification:
+    """The classification with the route's declared body fields extracted from `doc` (the parsed JSON)."""
+    if not cls.body_specs:
+        return cls
+    fields = body_values(cls.body_specs, doc)
+    attrs = dict(cls.resource_attrs)
+    for name in cls.resource_attribute_names:
+        if name in fields:
+            attrs[name] = fields[name]
+    return replace(cls, fields=fields, resource_attrs=attrs)
