@@ -140,6 +140,16 @@ def idp(tmp_path_factory) -> Idp:
     return Idp(jwks, rsa_key, ec_key)
 
 
+@pytest.fixture
+def reader_token(idp) -> str:
+    return idp.token("reader-bot", groups=["readers"], team="ops")
+
+
+@pytest.fixture
+def writer_token(idp) -> str:
+    return idp.token("writer-bot", groups=["writers"])
+
+
 # ------------------------------------------------------------------ upstreams
 @dataclass
 class Upstream:
@@ -216,6 +226,20 @@ def connector_manifest(http_port: int, https_port: int) -> dict:
         },
         "resource_attributes": ["total"],
     }
+    mcp_route = {
+        "method": "POST",
+        "path": "/mcp",
+        "jsonrpc": [
+            {"method": "tools/list", "action": "test.mcp.list", "resource": {"type": "McpTool", "id": "*"}},
+            {
+                "method": "tools/call",
+                "tool": "create_ticket",
+                "action": "test.mcp.create_ticket",
+                "resource": {"type": "McpTool", "id": "{tool}"},
+                "body": {"priority": {"path": "params.arguments.priority", "type": "long"}},
+            },
+        ],
+    }
     return {
         "name": "testsvc",
         "description": "test upstream",
@@ -224,7 +248,7 @@ def connector_manifest(http_port: int, https_port: int) -> dict:
             {"method": m, "path": p, "action": a, "resource": {"type": "Item", "id": rid}, "attributes": {"kind": "widget"}}
             for m, p, a, rid in routes
         ]
-        + [order_route],
+        + [order_route, mcp_route],
     }
 
 

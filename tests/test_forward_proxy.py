@@ -46,16 +46,6 @@ def curl(env: dict, *args: str) -> tuple[int, dict, str]:
     return status, headers, body
 
 
-@pytest.fixture
-def reader_token(idp):
-    return idp.token("reader-bot", groups=["readers"], team="ops")
-
-
-@pytest.fixture
-def writer_token(idp):
-    return idp.token("writer-bot", groups=["writers"])
-
-
 # ------------------------------------------------------------------ plain HTTP
 def test_curl_http_allowed_and_token_never_reaches_upstream(proctor, upstream, reader_token):
     upstream.clear()

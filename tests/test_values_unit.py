@@ -146,3 +146,64 @@ def test_manifest_rejects_bad_declarations():
     bad = dict(ERP["routes"][1], body={"x": {"path": "a..b", "type": "string"}})
     with pytest.raises(Exception, match="body path"):
         ConnectorManifest.model_validate(dict(ERP, routes=[bad]))
+
+
+MCP = {
+    "name": "mcp",
+    "hosts": ["tools.example.com"],
+    "routes": [
+        {
+            "method": "POST",
+            "path": "/mcp",
+            "jsonrpc": [
+                {"method": "tools/call", "action": "mcp.call.any", "resource": {"type": "Tool"}},
+                {
+                    "method": "tools/call",
+                    "tool": "refund",
+                    "action": "mcp.refund",
+                    "resource": {"type": "Tool", "id": "{tool}"},
+                    "body": {"amount": {"path": "params.arguments.amount", "type": "decimal", "required": True}},
+                    "resource_attributes": ["amount"],
+                },
+            ],
+        }
+    ],
+}
+
+
+def _mcp(doc):
+    c = Classifier([ConnectorManifest.model_validate(MCP)]).classify("POST", "tools.example.com", 443, "/mcp", "")
+    assert c.action == "" and c.rpc_ops
+    return with_body_fields(c, doc)
+
+
+def test_jsonrpc_tool_specific_operation_wins():
+    c = _mcp({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "refund", "arguments": {"amount": "12.5", "note": "x"}}})
+    assert (c.action, c.resource_uid) == ("mcp.refund", 'Tool::"refund"')
+    assert c.fields == {"amount": {"__extn": {"fn": "decimal", "arg": "12.5"}}}
+    assert c.resource_attrs["amount"] == c.fields["amount"]
+    assert c.rpc == {"method": "tools/call", "tool": "refund"}
+    assert c.arguments == {"amount": "12.5", "note": "x"}
+
+
+def test_jsonrpc_generic_operation_and_default_id():
+    c = _mcp({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "lookup", "arguments": {}}})
+    assert (c.action, c.resource_uid) == ("mcp.call.any", 'Tool::"lookup"')
+
+
+def test_jsonrpc_unmapped_and_malformed():
+    assert _mcp({"jsonrpc": "2.0", "id": 1, "method": "prompts/get"}).action == ""
+    with pytest.raises(ValueRejected, match="batches"):
+        _mcp([{"jsonrpc": "2.0", "id": 1, "method": "tools/call"}])
+    with pytest.raises(ValueRejected, match="JSON-RPC 2.0"):
+        _mcp({"method": "tools/call"})
+    with pytest.raises(ValueRejected, match="required"):
+        _mcp({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "refund", "arguments": {}}})
+
+
+def test_jsonrpc_route_declaration_rules():
+    bad = dict(MCP["routes"][0], action="x")
+    with pytest.raises(Exception, match="operations, not the route"):
+        ConnectorManifest.model_validate(dict(MCP, routes=[bad]))
+    with pytest.raises(Exception, match="needs an action and a resource"):
+        ConnectorManifest.model_validate(dict(MCP, routes=[{"method": "GET", "path": "/x"}]))

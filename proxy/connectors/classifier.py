@@ -212,6 +212,18 @@ class Classifier:
                 values = route.match(segs)
                 if values is None:
                     continue
+                if route.spec.jsonrpc is not None:
+                    return Classification(
+                        connector=connector.name,
+                        action="",  # decided by the JSON-RPC operation in the body
+                        resource_type="",
+                        resource_id="",
+                        risk=route.risk,
+                        route=f"{route.spec.method} {route.spec.path}",
+                        params=path_values(route.spec.params, values),
+                        query_params=query_values(route.spec.query, query),
+                        rpc_ops=route.spec.jsonrpc,
+                    )
                 template = route.spec.resource.id
                 if template is None:  # default: the request path itself
                     resource_id = "/" + "/".join(segs)

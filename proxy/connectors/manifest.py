@@ -87,6 +87,38 @@ class BodyFieldSpec(ValueSpec):
         return v
 
 
+class RpcOperation(_Strict):
+    """One JSON-RPC operation on a route (the operation is in the body, not the path).
+
+    `method` is the JSON-RPC method (e.g. MCP's `tools/call`); `tool` narrows
+    `tools/call` to one tool (`params.name`). Body paths are relative to the
+    JSON-RPC message, e.g. `params.arguments.amount`.
+    """
+
+    method: str
+    tool: str | None = None
+    action: str
+    resource: ResourceSpec
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    risk: Literal["low", "medium", "high", "critical"] | None = None
+    body: dict[str, BodyFieldSpec] = Field(default_factory=dict)
+    resource_attributes: list[str] = Field(default_factory=list)
+
+    @field_validator("action")
+    @classmethod
+    def _action(cls, v: str) -> str:
+        if not _ACTION_RE.match(v):
+            raise ValueError(f"action {v!r} may contain only letters, digits and . _ : -")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "RpcOperation":
+        for name in self.resource_attributes:
+            if name not in self.body:
+                raise ValueError(f"resource_attributes names {name!r}, which is not a body value of this operation")
+        return self
+
+
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUERY_NAME_RE = re.compile(r"^[A-Za-z0-9_$.@-]+$")
 
@@ -94,8 +126,10 @@ _QUERY_NAME_RE = re.compile(r"^[A-Za-z0-9_$.@-]+$")
 class RouteSpec(_Strict):
     method: str
     path: str
-    action: str
-    resource: ResourceSpec
+    # For a JSON-RPC endpoint (`jsonrpc:` below) the action and resource come from
+    # the matched operation instead.
+    action: str = ""
+    resource: ResourceSpec | None = None
     attributes: dict[str, Any] = Field(default_factory=dict)
     risk: Literal["low", "medium", "high", "critical"] | None = None
     # Typed values, delivered to Cedar as context.params / context.query_params / context.fields.
@@ -104,6 +138,8 @@ class RouteSpec(_Strict):
     body: dict[str, BodyFieldSpec] = Field(default_factory=dict)
     # Names of params/query/body values also copied into the resource's attributes.
     resource_attributes: list[str] = Field(default_factory=list)
+    # JSON-RPC endpoint (e.g. MCP Streamable HTTP): operations matched on the body.
+    jsonrpc: list[RpcOperation] | None = None
 
     @field_validator("method")
     @classmethod
@@ -136,7 +172,7 @@ class RouteSpec(_Strict):
     @field_validator("action")
     @classmethod
     def _action(cls, v: str) -> str:
-        if not _ACTION_RE.match(v):
+        if v and not _ACTION_RE.match(v):
             raise ValueError(f"action {v!r} may contain only letters, digits and . _ : -")
         return v
 
@@ -153,6 +189,13 @@ class RouteSpec(_Strict):
 
     @model_validator(mode="after")
     def _resource_params(self) -> "RouteSpec":
+        if self.jsonrpc is not None:
+            if self.action or self.resource is not None or self.body:
+                raise ValueError("a jsonrpc route takes action, resource and body from its operations, not the route")
+            if not self.jsonrpc:
+                raise ValueError("jsonrpc needs at least one operation")
+        elif not self.action or self.resource is None:
+            raise ValueError("a route needs an action and a resource (or jsonrpc operations)")
         params = set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.path))
         for name in self.params:
             if name not in params:
@@ -167,9 +210,10 @@ class RouteSpec(_Strict):
         for name in self.resource_attributes:
             if name not in known:
                 raise ValueError(f"resource_attributes names {name!r}, which is not a path, query or body value")
-        if self.resource.id is not None and "{*}" in self.resource.id and not self.path.rstrip("/").endswith("{*}"):
+        rid = self.resource.id if self.resource is not None else None
+        if rid is not None and "{*}" in rid and not self.path.rstrip("/").endswith("{*}"):
             raise ValueError(f"resource id uses {{*}}, but the path {self.path!r} has no {{*}} tail")
-        for used in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.resource.id or ""):
+        for used in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", rid or ""):
             if used not in params:
                 raise ValueError(f"resource id uses {{{used}}}, which the path {self.path!r} does not define")
         return self

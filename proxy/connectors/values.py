@@ -156,7 +156,10 @@ def body_values(specs: dict[str, BodyFieldSpec], doc: Any) -> dict[str, Any]:
 
 
 def with_body_fields(cls: Classification, doc: Any) -> Classification:
-    """The classification with the route's declared body fields extracted from `doc` (the parsed JSON)."""
+    """The classification completed from `doc` (the parsed JSON body): a JSON-RPC route's
+    operation, or the route's declared body fields."""
+    if cls.rpc_ops:
+        return resolve_jsonrpc(cls, doc)
     if not cls.body_specs:
         return cls
     fields = body_values(cls.body_specs, doc)
@@ -165,3 +168,46 @@ def with_body_fields(cls: Classification, doc: Any) -> Classification:
         if name in fields:
             attrs[name] = fields[name]
     return replace(cls, fields=fields, resource_attrs=attrs)
+
+
+def resolve_jsonrpc(cls: Classification, doc: Any) -> Classification:
+    """For a JSON-RPC route: the operation the body calls, with its action, resource and fields.
+
+    The returned classification keeps `action == ""` when no operation matches
+    (the caller refuses it, like an unmapped route). Batches are refused: each
+    call must be decided on its own.
+    """
+    if not cls.rpc_ops:
+        return cls
+    if isinstance(doc, list):
+        raise ValueRejected("JSON-RPC batches are not accepted; send one call per request")
+    if not isinstance(doc, dict) or doc.get("jsonrpc") != "2.0" or not isinstance(doc.get("method"), str):
+        raise ValueRejected("this endpoint takes JSON-RPC 2.0 requests (an object with jsonrpc and method)")
+    method = doc["method"]
+    params = doc.get("params")
+    tool = params.get("name") if isinstance(params, dict) and isinstance(params.get("name"), str) else None
+    rpc = {"method": method} | ({"tool": tool} if tool is not None else {})
+    # operations naming a tool are more specific than the method alone
+    ops = sorted(cls.rpc_ops, key=lambda op: op.tool is None)
+    op = next((o for o in ops if o.method == method and (o.tool is None or o.tool == tool)), None)
+    if op is None:
+        return replace(cls, rpc=rpc)
+    fields = body_values(op.body, doc)
+    attrs = dict(op.attributes)
+    for name in op.resource_attributes:
+        if name in fields:
+            attrs[name] = fields[name]
+    rid = op.resource.id or (tool if tool is not None else method)
+    rid = rid.replace("{tool}", tool or "").replace("{method}", method)
+    arguments = params.get("arguments") if isinstance(params, dict) else None
+    return replace(
+        cls,
+        action=op.action,
+        resource_type=op.resource.type,
+        resource_id=rid,
+        resource_attrs=attrs,
+        risk=op.risk or cls.risk,
+        fields=fields,
+        rpc=rpc,
+        arguments=arguments if isinstance(arguments, dict) else None,
+    )

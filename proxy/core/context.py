@@ -161,4 +161,10 @@ def request_context(
         ctx["query_params"] = cls.query_params
     if cls.fields:
         ctx["fields"] = cls.fields
+    if cls.rpc is not None:  # JSON-RPC endpoints: the call, and (MCP tools/call) its arguments
+        ctx["rpc"] = cls.rpc
+        if cls.arguments is not None:
+            converted = to_cedar(cls.arguments)
+            if converted is not _OMIT:
+                ctx["arguments"] = converted
     return ctx

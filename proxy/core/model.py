@@ -83,6 +83,11 @@ class Classification:
     fields: dict[str, Any] = field(default_factory=dict)
     body_specs: Any = None  # the route's declared body fields (applied once the body is parsed)
     resource_attribute_names: tuple[str, ...] = ()
+    # JSON-RPC endpoints: the operations to match on the body, and the matched call
+    # ({"method", "tool"?}); `action` stays "" until an operation matches.
+    rpc_ops: Any = None
+    rpc: dict[str, Any] | None = None
+    arguments: Any = None  # the call's params.arguments (MCP tools/call), as Cedar JSON
 
     @property
     def resource_uid(self) -> str:
@@ -125,6 +130,8 @@ class Outcome:
     credential_digest: bytes | None = None  # CONNECT: binds the tunnel to this token
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds (for metrics)
     shadow: dict[str, Any] | None = None  # the candidate set's verdict when it disagrees (shadow mode)
+    jsonrpc_id: Any = None  # set (possibly to None) for JSON-RPC endpoints: refusals become JSON-RPC errors
+    is_jsonrpc: bool = False
 
     @property
     def allowed(self) -> bool:

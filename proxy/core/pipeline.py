@@ -264,6 +264,7 @@ class Pipeline:
             return
         outcome.classification = cls
         outcome.timings["classify"] = clock() - t0
+        outcome.is_jsonrpc = bool(cls.rpc_ops)
 
         limits = self.config.limits
         if len(req.body) > limits.max_body_bytes:
@@ -276,6 +277,8 @@ class Pipeline:
             return
         try:
             doc = parse_json_document(req, limits.max_json_depth)
+            if outcome.is_jsonrpc and isinstance(doc, dict):
+                outcome.jsonrpc_id = doc.get("id")
             body = body_to_cedar(doc, limits.max_json_depth)
             cls = with_body_fields(cls, doc)
         except BodyRejected as e:
@@ -285,6 +288,17 @@ class Pipeline:
             outcome.refusal = Refusal(400, "Request value refused", f"{e}; the request was not forwarded", kind="request")
             return
         outcome.classification = cls
+        if outcome.is_jsonrpc and not cls.action:
+            rpc = cls.rpc or {}
+            what = rpc.get("method", "?") + (f" (tool {rpc['tool']})" if "tool" in rpc else "")
+            outcome.refusal = Refusal(
+                403,
+                "JSON-RPC operation not permitted",
+                f"no connector operation maps the JSON-RPC call {what}; unmapped operations are denied by default",
+                reasons=["egress-default-deny"],
+                kind="egress",
+            )
+            return
 
         bundle = self.policies.bundle
         outcome.policy_revision = bundle.revision

@@ -42,3 +42,36 @@ def problem_response(outcome: Outcome) -> tuple[int, dict[str, str], bytes]:
     headers.update(refusal.headers)
     body = json.dumps(problem_body(outcome), separators=(",", ":")).encode()
     return refusal.status, headers, body
+
+
+# JSON-RPC error codes for refusals (the -32000..-32099 range is for servers).
+JSONRPC_CODES = {
+    "policy": -32001,
+    "policy-error": -32001,
+    "egress": -32601,  # no operation maps the call: "method not found"
+    "request": -32602,  # invalid params / values
+    "fail-closed": -32603,
+}
+
+
+def jsonrpc_error_response(outcome: Outcome) -> tuple[int, dict[str, str], bytes]:
+    """A refusal on a JSON-RPC endpoint, as the JSON-RPC error object agent loops understand.
+
+    HTTP 200 with `{"jsonrpc": "2.0", "id": <the call's id>, "error": {...}}`; the
+    problem fields (decision_id, action, resource, reasons, and the HTTP status the
+    refusal stands for) are in `error.data`.
+    """
+    refusal = outcome.refusal
+    assert refusal is not None
+    problem = problem_body(outcome)
+    body = {
+        "jsonrpc": "2.0",
+        "id": outcome.jsonrpc_id,
+        "error": {
+            "code": JSONRPC_CODES.get(refusal.kind, -32000),
+            "message": f"{refusal.title}: {refusal.detail}",
+            "data": problem,
+        },
+    }
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", DECISION_HEADER: outcome.decision_id}
+    return 200, headers, json.dumps(body, separators=(",", ":")).encode()

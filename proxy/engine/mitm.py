@@ -32,7 +32,7 @@ from mitmproxy.udp import UDPFlow
 
 from ..core.model import AgentIdentity, AgentRequest, Outcome, Refusal
 from ..core.pipeline import Pipeline, new_outcome, normalise_ip
-from ..core.problem import DECISION_HEADER, problem_response
+from ..core.problem import DECISION_HEADER, jsonrpc_error_response, problem_response
 from ..record.decisions import DecisionRecorder, decision_record
 from ..observability.metrics import Metrics
 from .gateway import GatewayRouter
@@ -129,7 +129,11 @@ class ProctorAddon:
             self.metrics.observe_request(outcome, status, upstream_status, elapsed)
 
     def _refuse(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
-        status, headers, body = problem_response(outcome)
+        # JSON-RPC endpoints get JSON-RPC errors (authentication stays HTTP: 401/407).
+        if outcome.is_jsonrpc and outcome.refusal is not None and outcome.refusal.kind != "authentication":
+            status, headers, body = jsonrpc_error_response(outcome)
+        else:
+            status, headers, body = problem_response(outcome)
         flow.response = http.Response.make(status, body, headers)
         if not flow.response.reason:  # mitmproxy's table lacks e.g. 421
             flow.response.reason = HTTPStatus(status).phrase

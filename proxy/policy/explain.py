@@ -185,6 +185,9 @@ def explain(
         ex.refused_before_policy = f"400 request value refused: {e}"
         return ex
     ex.classification = cls
+    if cls.rpc_ops and not cls.action:
+        ex.refused_before_policy = f"403 egress-default-deny: no operation maps the JSON-RPC call {cls.rpc}"
+        return ex
     ex.resource = resource_entity(cls)
     ex.context = request_context(req, cls, body, config.limits.context_headers)
     result = store.authorize(principal, cls.action, ex.resource, ex.context, [principal, ex.resource])

@@ -70,6 +70,8 @@ def decision_record(
         rec["errors"] = outcome.errors
     if outcome.shadow is not None:
         rec["shadow"] = outcome.shadow
+    if cls is not None and cls.rpc is not None:
+        rec["rpc"] = cls.rpc  # JSON-RPC method and tool (never the arguments)
     if error:
         rec["error"] = error
     return rec
