@@ -20,6 +20,7 @@ from mitmproxy.master import Master
 from .ca import ensure_ca
 from .config import ProctorConfig
 from .connectors.classifier import Classifier
+from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
 from .control.api import build_app
 from .core.pipeline import Pipeline
@@ -54,8 +55,10 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         DevIssuer(config.dev_issuer_dir, config.dev_issuer).ensure()
     ensure_ca(config.ca_dir)
     policies = PolicyStore(PolicySource(config.schema_path, config.policies.dir, config.entities_path))
+    manifests = load_manifests(config.connectors_dir)
+    injector = CredentialInjector({m.name: m.auth for m in manifests if m.auth is not None})
     classifier = Classifier(
-        load_manifests(config.connectors_dir),
+        manifests,
         unclassified_hosts=config.egress.unclassified_hosts,
         generic_default=config.egress.default == "generic",
     )
@@ -69,7 +72,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     reverse_ports = {config.gateway.listen.port} if config.gateway.enabled else set()
     metrics = Metrics()
-    addon = ProctorAddon(pipeline, recorder, router, reverse_ports, metrics)
+    addon = ProctorAddon(pipeline, recorder, router, reverse_ports, metrics, injector)
     runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics)
     metrics.add_collector(lambda: runtime_families(runtime))
     return runtime

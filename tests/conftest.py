@@ -327,6 +327,8 @@ def start_proctor(
     overrides: dict | None = None,
     policies_src: Path = DATA / "policies",
     log_level: str = "info",
+    extra_connectors: list[dict] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Proctor:
     base.mkdir(parents=True, exist_ok=True)
     policies_dir = base / "policies"
@@ -334,6 +336,8 @@ def start_proctor(
     connectors = base / "connectors"
     connectors.mkdir()
     (connectors / "testsvc.yaml").write_text(yaml.safe_dump(connector_manifest(upstream.port, upstream_tls.port)))
+    for extra in extra_connectors or []:
+        (connectors / f"{extra['name']}.yaml").write_text(yaml.safe_dump(extra))
     port, control_port, gateway_port = free_port(), free_port(), free_port()
     cfg: dict[str, Any] = {
         "state_dir": "state",
@@ -374,7 +378,7 @@ def start_proctor(
     config_path = base / "proctor.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
     log_path = base / "proctor.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "run", "-c", str(config_path), "--log-level", log_level],
         stdout=open(log_path, "w"),

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .credentials import UpstreamAuth
+
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 RISK_TIERS = ("low", "medium", "high", "critical")
 _PARAM_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -225,6 +227,8 @@ class ConnectorManifest(_Strict):
     hosts: list[str]
     risk: Literal["low", "medium", "high", "critical"] = "low"
     routes: list[RouteSpec]
+    # The upstream credential Proctor injects (secrets referenced, never inline).
+    auth: UpstreamAuth | None = None
 
     @field_validator("hosts")
     @classmethod

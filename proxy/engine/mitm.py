@@ -30,7 +30,8 @@ from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
 from mitmproxy.tcp import TCPFlow
 from mitmproxy.udp import UDPFlow
 
-from ..core.model import AgentIdentity, AgentRequest, Outcome, Refusal
+from ..connectors.credentials import CredentialInjector, CredentialUnavailable
+from ..core.model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from ..core.pipeline import Pipeline, new_outcome, normalise_ip
 from ..core.problem import DECISION_HEADER, jsonrpc_error_response, problem_response
 from ..record.decisions import DecisionRecorder, decision_record
@@ -88,8 +89,10 @@ class ProctorAddon:
         router: GatewayRouter | None,
         reverse_listen_ports: set[int],
         metrics: Metrics | None = None,
+        injector: CredentialInjector | None = None,
     ) -> None:
         self.metrics = metrics
+        self.injector = injector
         self.pipeline = pipeline
         self.recorder = recorder
         self.router = router
@@ -363,6 +366,8 @@ class ProctorAddon:
             self._refuse(flow, outcome)
             self._record(outcome, req, outcome.refusal.status, decision_ms=decision_ms)
             return
+        if not await self._inject_credential(flow, outcome, req, decision_ms):
+            return
         self.stats["allowed"] += 1
         # Forward exactly what was decided: origin-form request line, Host naming the target.
         flow.request.authority = ""
@@ -370,6 +375,33 @@ class ProctorAddon:
             flow.request.host_header = mitm_url.hostport(target.scheme, target.host, target.port)
         elif flow.request.host_header is None:
             flow.request.host_header = mitm_url.hostport(flow.request.scheme, flow.request.host, flow.request.port)
+
+    async def _inject_credential(self, flow: http.HTTPFlow, outcome: Outcome, req: AgentRequest, decision_ms: float) -> bool:
+        """Swap whatever credential the agent sent for the connector's own. False: refused."""
+        cls = outcome.classification
+        auth = self.injector.configured(cls.connector) if (self.injector and cls) else None
+        if auth is None:
+            return True
+        try:
+            headers = await self.injector.headers_for(cls.connector)
+        except CredentialUnavailable as e:
+            outcome.decision = Decision.DENY
+            outcome.refusal = Refusal(
+                503,
+                "Upstream credential unavailable",
+                f"{e}; the request was allowed by policy but not forwarded without its credential (fail closed)",
+                reasons=["upstream-credential-unavailable"],
+                kind="fail-closed",
+            )
+            self.stats["refused"] += 1
+            self._refuse(flow, outcome)
+            self._record(outcome, req, 503, decision_ms=decision_ms)
+            return False
+        for name in auth.headers_to_remove():
+            flow.request.headers.pop(name, None)
+        for name, value in headers.items():
+            flow.request.headers[name] = value
+        return True
 
     async def _refuse_unrouted(self, flow: http.HTTPFlow) -> None:
         """No gateway route: authenticate first (so routes cannot be probed anonymously), then 404."""
