@@ -323,6 +323,40 @@ def policy_explain(
     click.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else render_text(result))
 
 
+@main.group()
+def connector() -> None:
+    """Connector manifests."""
+
+
+@connector.command("import-openapi")
+@click.argument("spec", type=click.Path(dir_okay=False, exists=True))
+@click.option("--name", help="Connector name (default: from the document's title).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the manifest here instead of printing it.")
+def connector_import_openapi(spec: str, name: str | None, output: str | None) -> None:
+    """Draft a connector manifest from an OpenAPI 3 or Swagger 2 document (YAML or JSON).
+
+    operationId becomes the action, path parameters the resource id, query
+    parameters and the JSON request body's schema typed values. Review the draft:
+    resource types, risk tiers and the Cedar schema are yours to refine."""
+    import yaml
+
+    from .connectors.openapi import OpenApiError, manifest_from_openapi
+
+    try:
+        doc = yaml.safe_load(Path(spec).read_text())
+        manifest = manifest_from_openapi(doc, name)
+    except (yaml.YAMLError, OpenApiError, ValueError) as e:
+        raise click.ClickException(f"{spec}: {e}") from None
+    text = "# Drafted by `proctor connector import-openapi`; review before use.\n" + yaml.safe_dump(
+        manifest, sort_keys=False, width=120
+    )
+    if output:
+        Path(output).write_text(text)
+        click.echo(f"wrote {output}: {len(manifest['routes'])} routes", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
 @main.command()
 @click.option("--keep-running", is_flag=True, help="Leave the proxy and demo systems up afterwards.")
 def demo(keep_running: bool) -> None:
