@@ -18,14 +18,14 @@ import uuid
 from dataclasses import dataclass
 
 from ..config import ProctorConfig
-from ..connectors.classifier import Classifier, PathRejected
+from ..connectors.classifier import Classifier
 from ..identity.credentials import AUTHORIZATION, PROXY_AUTHORIZATION, extract_credential
 from ..identity.errors import AuthError, IdentityUnavailable
 from ..identity.verifier import TokenVerifier
 from ..policy.engine import PolicyStore
 from ..policy.shadow import ShadowPolicies
-from ..connectors.values import ValueRejected, with_body_fields
-from .context import BodyRejected, body_to_cedar, parse_json_document, principal_entity, request_context, resource_entity
+from .context import principal_entity, request_context, resource_entity
+from .derive import derive_request
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from .target import check_target
 
@@ -244,61 +244,18 @@ class Pipeline:
             return
 
         t0 = clock()
-        try:
-            cls = self.classifier.classify(req.method, req.host, req.port, req.path, req.query)
-        except PathRejected as e:
-            outcome.refusal = Refusal(400, "Request path refused", f"{e}; the request was not forwarded", kind="request")
-            return
-        except ValueRejected as e:
-            outcome.refusal = Refusal(400, "Request value refused", f"{e}; the request was not forwarded", kind="request")
-            return
-        if cls is None:
-            outcome.refusal = Refusal(
-                403,
-                "Egress not permitted",
-                f"no connector classifies {req.method} {req.host}:{req.port}{req.path}; "
-                "unclassified egress is denied by default",
-                reasons=["egress-default-deny"],
-                kind="egress",
-            )
-            return
-        outcome.classification = cls
+        derived = derive_request(self.classifier, self.config.limits, req)
         outcome.timings["classify"] = clock() - t0
-        outcome.is_jsonrpc = bool(cls.rpc_ops)
-
+        outcome.classification = derived.classification
+        outcome.is_jsonrpc = derived.is_jsonrpc
+        outcome.jsonrpc_id = derived.jsonrpc_id
+        if derived.refusal is not None:
+            outcome.refusal = derived.refusal
+            return
+        cls = derived.classification
+        assert cls is not None
+        body = derived.body
         limits = self.config.limits
-        if len(req.body) > limits.max_body_bytes:
-            outcome.refusal = Refusal(
-                413,
-                "Request body too large",
-                f"the body is {len(req.body)} bytes; at most {limits.max_body_bytes} bytes are inspected and forwarded",
-                kind="request",
-            )
-            return
-        try:
-            doc = parse_json_document(req, limits.max_json_depth)
-            if outcome.is_jsonrpc and isinstance(doc, dict):
-                outcome.jsonrpc_id = doc.get("id")
-            body = body_to_cedar(doc, limits.max_json_depth)
-            cls = with_body_fields(cls, doc)
-        except BodyRejected as e:
-            outcome.refusal = Refusal(400, "Request body refused", str(e), kind="request")
-            return
-        except ValueRejected as e:
-            outcome.refusal = Refusal(400, "Request value refused", f"{e}; the request was not forwarded", kind="request")
-            return
-        outcome.classification = cls
-        if outcome.is_jsonrpc and not cls.action:
-            rpc = cls.rpc or {}
-            what = rpc.get("method", "?") + (f" (tool {rpc['tool']})" if "tool" in rpc else "")
-            outcome.refusal = Refusal(
-                403,
-                "JSON-RPC operation not permitted",
-                f"no connector operation maps the JSON-RPC call {what}; unmapped operations are denied by default",
-                reasons=["egress-default-deny"],
-                kind="egress",
-            )
-            return
 
         bundle = self.policies.bundle
         outcome.policy_revision = bundle.revision

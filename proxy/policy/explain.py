@@ -18,9 +18,9 @@ from urllib.parse import urlsplit
 import cedarpy
 
 from ..config import ProctorConfig
-from ..connectors.classifier import Classifier, PathRejected
-from ..connectors.values import ValueRejected, with_body_fields
-from ..core.context import BodyRejected, body_to_cedar, parse_json_document, principal_entity, request_context, resource_entity
+from ..connectors.classifier import Classifier
+from ..core.context import principal_entity, request_context, resource_entity
+from ..core.derive import derive_request
 from ..core.model import AgentIdentity, AgentRequest, Classification
 from .engine import PolicyStore
 
@@ -163,31 +163,16 @@ def explain(
     settings = config.identity_settings()
     principal = principal_entity(identity, settings.principal)
     ex = Explanation(request=req, principal=principal, policies_total=store.bundle.policy_count)
-    try:
-        cls = classifier.classify(req.method, req.host, req.port, req.path, req.query)
-    except PathRejected as e:
-        ex.refused_before_policy = f"400 request path refused: {e}"
+    derived = derive_request(classifier, config.limits, req)
+    ex.classification = derived.classification
+    if derived.refusal is not None:
+        r = derived.refusal
+        tag = r.reasons[0] if r.reasons else r.title.lower()
+        ex.refused_before_policy = f"{r.status} {tag}: {r.detail}"
         return ex
-    except ValueRejected as e:
-        ex.refused_before_policy = f"400 request value refused: {e}"
-        return ex
-    if cls is None:
-        ex.refused_before_policy = f"403 egress-default-deny: no connector classifies {req.method} {req.host}:{req.port}{req.path}"
-        return ex
-    try:
-        doc = parse_json_document(req, config.limits.max_json_depth)
-        body = body_to_cedar(doc, config.limits.max_json_depth)
-        cls = with_body_fields(cls, doc)
-    except BodyRejected as e:
-        ex.refused_before_policy = f"400 request body refused: {e}"
-        return ex
-    except ValueRejected as e:
-        ex.refused_before_policy = f"400 request value refused: {e}"
-        return ex
-    ex.classification = cls
-    if cls.rpc_ops and not cls.action:
-        ex.refused_before_policy = f"403 egress-default-deny: no operation maps the JSON-RPC call {cls.rpc}"
-        return ex
+    cls = derived.classification
+    assert cls is not None
+    body = derived.body
     ex.resource = resource_entity(cls)
     ex.context = request_context(req, cls, body, config.limits.context_headers)
     result = store.authorize(principal, cls.action, ex.resource, ex.context, [principal, ex.resource])
