@@ -29,6 +29,7 @@ from .engine.mitm import ProctorAddon
 from .engine.patches import install_engine_patches
 from .identity.dev_issuer import DevIssuer
 from .observability.metrics import Metrics, runtime_families
+from .observability.tracing import Tracing
 from .identity.verifier import TokenVerifier
 from .policy.engine import PolicySource, PolicyStore
 from .policy.shadow import ShadowPolicies
@@ -72,7 +73,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     reverse_ports = {config.gateway.listen.port} if config.gateway.enabled else set()
     metrics = Metrics()
-    addon = ProctorAddon(pipeline, recorder, router, reverse_ports, metrics, injector)
+    addon = ProctorAddon(pipeline, recorder, router, reverse_ports, metrics, injector, Tracing())
     runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics)
     metrics.add_collector(lambda: runtime_families(runtime))
     return runtime
@@ -189,3 +190,5 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         if runner is not None:
             await runner.cleanup()
         runtime.recorder.close()
+        if runtime.addon.tracing is not None:
+            runtime.addon.tracing.shutdown()

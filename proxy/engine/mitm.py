@@ -36,12 +36,14 @@ from ..core.pipeline import Pipeline, new_outcome, normalise_ip
 from ..core.problem import DECISION_HEADER, jsonrpc_error_response, problem_response
 from ..record.decisions import DecisionRecorder, decision_record
 from ..observability.metrics import Metrics
+from ..observability.tracing import Tracing
 from .gateway import GatewayRouter
 from .patches import UPSTREAM_FAILURE, is_timeout
 
 log = logging.getLogger("proctor.engine")
 
 META = "proctor"
+TRACE = "proctor_trace"
 STREAM_RESPONSES_OVER = 256 * 1024
 
 
@@ -90,9 +92,11 @@ class ProctorAddon:
         reverse_listen_ports: set[int],
         metrics: Metrics | None = None,
         injector: CredentialInjector | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.metrics = metrics
         self.injector = injector
+        self.tracing = tracing if tracing is not None and tracing.enabled else None
         self.pipeline = pipeline
         self.recorder = recorder
         self.router = router
@@ -140,6 +144,14 @@ class ProctorAddon:
         flow.response = http.Response.make(status, body, headers)
         if not flow.response.reason:  # mitmproxy's table lacks e.g. 421
             flow.response.reason = HTTPStatus(status).phrase
+
+    def _finish_trace(self, flow: http.HTTPFlow, status: int | None, error: str | None = None) -> None:
+        spans = flow.metadata.pop(TRACE, None)
+        if spans is not None and self.tracing is not None:
+            try:
+                self.tracing.finish(spans[0], spans[1], status, error)
+            except Exception:  # tracing must never disturb the request path
+                log.exception("could not finish the trace spans")
 
     def _count_connection_refusal(self, reason: str) -> None:
         if self.metrics is not None:
@@ -342,6 +354,7 @@ class ProctorAddon:
     async def _request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
+        start_ns = time.time_ns()
         self.stats["requests"] += 1
         reverse = self._is_reverse(flow)
         target = None
@@ -359,16 +372,30 @@ class ProctorAddon:
         outcome = await self.pipeline.decide(req)
         decision_ms = (time.perf_counter() - outcome.started) * 1000
         flow.metadata[META] = (outcome, req, decision_ms)
+        if self.tracing is not None:
+            span = self.tracing.start_request(req.headers, req.method, req.host, req.port, req.path, start_ns)
+            self.tracing.decided(span, outcome)
+            flow.metadata[TRACE] = [span, None]
         for h in outcome.strip_headers:
             flow.request.headers.pop(h, None)
         if outcome.refusal is not None:
             self.stats["refused"] += 1
             self._refuse(flow, outcome)
             self._record(outcome, req, outcome.refusal.status, decision_ms=decision_ms)
+            self._finish_trace(flow, outcome.refusal.status)
             return
         if not await self._inject_credential(flow, outcome, req, decision_ms):
+            self._finish_trace(flow, 503)
             return
         self.stats["allowed"] += 1
+        if TRACE in flow.metadata:
+            # the upstream joins the agent's trace through Proctor's client span
+            upstream_span, carrier = self.tracing.start_upstream(flow.metadata[TRACE][0], req.method, req.host)
+            flow.metadata[TRACE][1] = upstream_span
+            for name in ("traceparent", "tracestate", "baggage"):
+                flow.request.headers.pop(name, None)
+            for name, value in carrier.items():
+                flow.request.headers[name] = value
         # Forward exactly what was decided: origin-form request line, Host naming the target.
         flow.request.authority = ""
         if reverse and target is not None:
@@ -442,6 +469,7 @@ class ProctorAddon:
             return  # recorded when refused
         assert flow.response is not None
         self._record(outcome, req, flow.response.status_code, flow.response.status_code, decision_ms=decision_ms)
+        self._finish_trace(flow, flow.response.status_code)
 
     def error(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
@@ -456,6 +484,7 @@ class ProctorAddon:
         cls = outcome.classification
         UPSTREAM_FAILURE.set((outcome.decision_id, cls.action if cls else None, cls.resource_uid if cls else None))
         self._record(outcome, req, status, None, error=msg, decision_ms=decision_ms)
+        self._finish_trace(flow, status, msg)
 
 
     def _engine_refusal(self, flow: http.HTTPFlow) -> None:
