@@ -71,9 +71,8 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     pipeline = Pipeline(config, verifier, classifier, policies, shadow)
     recorder = DecisionRecorder(config.decisions_path)
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
-    reverse_ports = {config.gateway.listen.port} if config.gateway.enabled else set()
     metrics = Metrics()
-    addon = ProctorAddon(pipeline, recorder, router, reverse_ports, metrics, injector, Tracing())
+    addon = ProctorAddon(pipeline, recorder, router, metrics, injector, Tracing())
     runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics)
     metrics.add_collector(lambda: runtime_families(runtime))
     return runtime

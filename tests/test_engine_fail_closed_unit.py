@@ -31,7 +31,7 @@ class _ExplodingPipeline:
 
 @pytest.fixture
 def addon(monkeypatch):
-    a = ProctorAddon(_ExplodingPipeline(), _Recorder(), router=None, reverse_listen_ports=set())
+    a = ProctorAddon(_ExplodingPipeline(), _Recorder(), router=None)
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated bug in the adapter")
@@ -76,3 +76,27 @@ def test_next_layer_exception_closes_and_records(addon, monkeypatch):
     addon.next_layer(nl)
     assert isinstance(nl.layer, _RefuseConnection)
     assert addon.recorder.records[-1]["error"] == "internal error in next_layer"
+
+
+def test_a_tracing_failure_never_changes_the_decision():
+    from proxy.core.model import Decision
+    from proxy.core.pipeline import new_outcome
+
+    class _AllowingPipeline:
+        classifier = None
+
+        async def decide(self, req):
+            outcome = new_outcome()
+            outcome.decision = Decision.ALLOW
+            return outcome
+
+    class _BrokenTracing:
+        enabled = True
+
+        def start_request(self, *args, **kwargs):
+            raise RuntimeError("exporter exploded")
+
+    a = ProctorAddon(_AllowingPipeline(), _Recorder(), router=None, tracing=_BrokenTracing())
+    flow = tflow.tflow()
+    asyncio.run(a.request(flow))
+    assert flow.response is None  # still allowed and forwarded, not a 503

@@ -27,7 +27,6 @@ from .credentials import UpstreamAuth
 
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 RISK_TIERS = ("low", "medium", "high", "critical")
-_PARAM_RE = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _ACTION_RE = re.compile(r"^[A-Za-z0-9_.:-]+$")
 _TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
 

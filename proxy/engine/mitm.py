@@ -21,7 +21,6 @@ import logging
 import time
 import weakref
 from http import HTTPStatus
-from typing import Any
 
 from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url as mitm_url
@@ -89,7 +88,6 @@ class ProctorAddon:
         pipeline: Pipeline,
         recorder: DecisionRecorder,
         router: GatewayRouter | None,
-        reverse_listen_ports: set[int],
         metrics: Metrics | None = None,
         injector: CredentialInjector | None = None,
         tracing: Tracing | None = None,
@@ -100,7 +98,6 @@ class ProctorAddon:
         self.pipeline = pipeline
         self.recorder = recorder
         self.router = router
-        self.reverse_ports = reverse_listen_ports
         # Identity proven on CONNECT, bound to that client connection.
         self.tunnel_identity: weakref.WeakKeyDictionary[connection.Client, tuple[AgentIdentity, bytes | None]] = (
             weakref.WeakKeyDictionary()
@@ -373,9 +370,12 @@ class ProctorAddon:
         decision_ms = (time.perf_counter() - outcome.started) * 1000
         flow.metadata[META] = (outcome, req, decision_ms)
         if self.tracing is not None:
-            span = self.tracing.start_request(req.headers, req.method, req.host, req.port, req.path, start_ns)
-            self.tracing.decided(span, outcome)
-            flow.metadata[TRACE] = [span, None]
+            try:  # tracing observes; it must never change what happens to the request
+                span = self.tracing.start_request(req.headers, req.method, req.host, req.port, req.path, start_ns)
+                self.tracing.decided(span, outcome)
+                flow.metadata[TRACE] = [span, None]
+            except Exception:
+                log.exception("tracing failed for decision %s (the request is unaffected)", outcome.decision_id)
         for h in outcome.strip_headers:
             flow.request.headers.pop(h, None)
         if outcome.refusal is not None:
@@ -390,12 +390,16 @@ class ProctorAddon:
         self.stats["allowed"] += 1
         if TRACE in flow.metadata:
             # the upstream joins the agent's trace through Proctor's client span
-            upstream_span, carrier = self.tracing.start_upstream(flow.metadata[TRACE][0], req.method, req.host)
-            flow.metadata[TRACE][1] = upstream_span
-            for name in ("traceparent", "tracestate", "baggage"):
-                flow.request.headers.pop(name, None)
-            for name, value in carrier.items():
-                flow.request.headers[name] = value
+            try:
+                upstream_span, carrier = self.tracing.start_upstream(flow.metadata[TRACE][0], req.method, req.host)
+            except Exception:
+                log.exception("tracing failed for decision %s (the request is unaffected)", outcome.decision_id)
+            else:
+                flow.metadata[TRACE][1] = upstream_span
+                for name in ("traceparent", "tracestate", "baggage"):
+                    flow.request.headers.pop(name, None)
+                for name, value in carrier.items():
+                    flow.request.headers[name] = value
         # Forward exactly what was decided: origin-form request line, Host naming the target.
         flow.request.authority = ""
         if reverse and target is not None:
@@ -512,6 +516,3 @@ class ProctorAddon:
             pass
         return host or "", port or (flow.client_conn.sockname[1] if flow.client_conn.sockname else 0)
 
-
-def addon_summary(addon: ProctorAddon) -> dict[str, Any]:
-    return dict(addon.stats)

@@ -130,13 +130,9 @@ def prune(value: Any, need: _Need) -> Any:
     out = {}
     for k, sub in need.items():
         if k in value:
-            out[k] = prune(value[k], sub) if sub else (value[k] if sub.whole else _presence(value[k]))
+            # an empty need is a `has` check or a whole-value read: keep the value as it is
+            out[k] = prune(value[k], sub) if sub else value[k]
     return out
-
-
-def _presence(value: Any) -> Any:
-    # `has` only needs the attribute to exist; keep it whole (cheap and type-correct).
-    return value
 
 
 def _policy_set(policies: dict[str, dict]) -> Any:
