@@ -134,13 +134,16 @@ def policy() -> None:
 
 
 def _policy_source(config_path: str | None, policy_dir: str | None, schema_file: str | None):
-    from .policy.engine import PolicySource
+    from .connectors.manifest import ManifestError
+    from .policy.sources import policy_source
 
     config = _load(config_path)
-    pdir = Path(policy_dir) if policy_dir else config.policies.dir
-    schema = Path(schema_file) if schema_file else (pdir / "schema.cedarschema" if policy_dir else config.schema_path)
-    entities = pdir / "entities.json" if policy_dir else config.entities_path
-    return PolicySource(schema, pdir, entities)
+    pdir = Path(policy_dir) if policy_dir else None
+    try:
+        return policy_source(config, pdir, Path(schema_file) if schema_file else None)
+    except ManifestError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 def _load_bundle_or_exit(source, exit_code: int):
@@ -293,8 +296,9 @@ def policy_explain(
     from .connectors.classifier import Classifier
     from .connectors.manifest import ManifestError, load_manifests
     from .core.model import AgentIdentity
-    from .policy.engine import PolicyLoadError, PolicySource, PolicyStore
+    from .policy.engine import PolicyLoadError, PolicyStore
     from .policy.explain import ExplainInputError, build_request, explain, parse_curl, parse_request_json, render_text
+    from .policy.sources import policy_source
 
     config = _load(config_path)
     try:
@@ -305,9 +309,10 @@ def policy_explain(
         else:
             raise ExplainInputError("give the request as a curl line after `--`, or with --request FILE")
         req = build_request(method, url, headers, body)
-        store = PolicyStore(PolicySource(config.schema_path, config.policies.dir, config.entities_path))
+        manifests = load_manifests(config.connectors_dir)
+        store = PolicyStore(policy_source(config, manifests=manifests))
         classifier = Classifier(
-            load_manifests(config.connectors_dir),
+            manifests,
             unclassified_hosts=config.egress.unclassified_hosts,
             generic_default=config.egress.default == "generic",
         )
@@ -326,6 +331,26 @@ def policy_explain(
 @main.group()
 def connector() -> None:
     """Connector manifests."""
+
+
+@connector.command("schema")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def connector_schema(config_path: str | None) -> None:
+    """Print the Cedar schema generated from the connector manifests.
+
+    The policy loader appends it to the schema file; a type or action declared
+    in the schema file is left out here (the hand-written declaration wins)."""
+    from .connectors.manifest import ManifestError, load_manifests
+    from .connectors.schema_gen import declared_in, generate_schema
+
+    config = _load(config_path)
+    try:
+        manifests = load_manifests(config.connectors_dir)
+        base = config.schema_path.read_text() if config.schema_path.exists() else ""
+        click.echo(generate_schema(manifests, declared_in(base)), nl=False)
+    except ManifestError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
 
 
 @connector.command("import-openapi")

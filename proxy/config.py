@@ -81,7 +81,9 @@ class PrincipalMapping(Strict):
     agent_id_claim: str = "sub"
     # Cedar attribute name -> claim name. Missing claims are simply absent
     # (declare them optional in the schema).
-    attributes: dict[str, str] = Field(default_factory=dict)
+    attributes: dict[str, str] = Field(
+        default_factory=lambda: {"team": "team", "assignment_group": "assignment_group"}
+    )
     # A claim holding a list (or a single string) of group names; each becomes
     # a parent entity `<group_entity_type>::"<name>"`.
     groups_claim: str | None = "groups"
@@ -164,6 +166,9 @@ class PolicyConfig(Strict):
     # optional entities.json) evaluated beside the active set on every request. Only
     # the active decision is enforced; disagreements are recorded and counted.
     shadow_dir: Path | None = None
+    # Generate the Cedar declarations of connector actions and resource types from
+    # the manifests and validate the policies against them plus the schema file.
+    schema_from_connectors: bool = True
 
 
 class RequestLimits(Strict):
@@ -202,6 +207,26 @@ class RecordConfig(Strict):
     decisions_file: Path | None = None  # default: <state_dir>/decisions.jsonl
 
 
+class StoreConfig(Strict):
+    """Durable state (approvals, resource creators, agent registry, suspensions).
+
+    `url`: `sqlite:///name.db` (relative to state_dir), `sqlite:////abs/path.db`, or
+    `postgresql://...`. A DSN carrying a password belongs in the environment:
+    name the variable with `url_env` instead.
+    """
+
+    url: str | None = None  # default: sqlite:///<state_dir>/proctor.db
+    url_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "StoreConfig":
+        if self.url and self.url_env:
+            raise ValueError("store: give url or url_env, not both")
+        if self.url and "@" in self.url and ":" in self.url.split("@", 1)[0].split("//", 1)[-1]:
+            raise ValueError("store.url carries a password; put the DSN in an environment variable and use url_env")
+        return self
+
+
 class ControlConfig(Strict):
     listen: Listen = Field(default_factory=lambda: Listen(port=8081))
     enabled: bool = True
@@ -220,6 +245,7 @@ class ProctorConfig(Strict):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     record: RecordConfig = Field(default_factory=RecordConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
 
     # -- derived paths ---------------------------------------------------------
     @property
@@ -227,6 +253,21 @@ class ProctorConfig(Strict):
         if self.dev_issuer.enabled is None:
             return self.identity is None
         return self.dev_issuer.enabled
+
+    @property
+    def store_url(self) -> str:
+        if self.store.url_env:
+            url = os.environ.get(self.store.url_env)
+            if not url:
+                raise ValueError(f"store.url_env names {self.store.url_env}, which is not set")
+            return url
+        url = self.store.url or "sqlite:///proctor.db"
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            path = Path(url[len("sqlite:///"):])
+            if not path.is_absolute():
+                path = self.state_dir / path
+            return f"sqlite://{path.resolve()}"  # the store takes sqlite:// + an absolute path
+        return url
 
     @property
     def ca_dir(self) -> Path:

@@ -22,7 +22,9 @@ from .config import ProctorConfig
 from .connectors.classifier import Classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
+from .connectors.lookup import LookupClient
 from .control.api import build_app
+from .core.enrich import Enricher
 from .core.pipeline import Pipeline
 from .engine.gateway import GatewayRouter
 from .engine.mitm import ProctorAddon
@@ -31,7 +33,9 @@ from .identity.dev_issuer import DevIssuer
 from .observability.metrics import Metrics, runtime_families
 from .observability.tracing import Tracing
 from .identity.verifier import TokenVerifier
-from .policy.engine import PolicySource, PolicyStore
+from .policy.engine import PolicyStore
+from .policy.sources import policy_source
+from .store import Store, StoreError, open_store
 from .policy.shadow import ShadowPolicies
 from .record.decisions import DecisionRecorder
 
@@ -47,6 +51,8 @@ class ProctorRuntime:
     recorder: DecisionRecorder
     addon: ProctorAddon
     metrics: Metrics
+    store: Store
+    lookups: LookupClient
 
 
 def build_runtime(config: ProctorConfig) -> ProctorRuntime:
@@ -55,8 +61,8 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     if config.dev_issuer_enabled:
         DevIssuer(config.dev_issuer_dir, config.dev_issuer).ensure()
     ensure_ca(config.ca_dir)
-    policies = PolicyStore(PolicySource(config.schema_path, config.policies.dir, config.entities_path))
     manifests = load_manifests(config.connectors_dir)
+    policies = PolicyStore(policy_source(config, manifests=manifests))
     injector = CredentialInjector({m.name: m.auth for m in manifests if m.auth is not None})
     classifier = Classifier(
         manifests,
@@ -66,14 +72,16 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     verifier = TokenVerifier(config.effective_issuers(), config.identity_settings())
     shadow = None
     if config.policies.shadow_dir is not None:
-        sdir = config.policies.shadow_dir
-        shadow = ShadowPolicies(PolicySource(sdir / "schema.cedarschema", sdir, sdir / "entities.json"))
-    pipeline = Pipeline(config, verifier, classifier, policies, shadow)
+        shadow = ShadowPolicies(policy_source(config, config.policies.shadow_dir, manifests=manifests))
+    store = open_store(config.store_url)
+    lookups = LookupClient(config.upstream, injector)
+    enricher = Enricher(manifests, creator_of=store.creator_of, fetch_json=lookups.fetch_json)
+    pipeline = Pipeline(config, verifier, classifier, policies, shadow, enricher)
     recorder = DecisionRecorder(config.decisions_path)
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     metrics = Metrics()
-    addon = ProctorAddon(pipeline, recorder, router, metrics, injector, Tracing())
-    runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics)
+    addon = ProctorAddon(pipeline, recorder, router, metrics, injector, Tracing(), store=store)
+    runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics, store, lookups)
     metrics.add_collector(lambda: runtime_families(runtime))
     return runtime
 
@@ -142,6 +150,11 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     if config.upstream.insecure_skip_verify:
         log.warning("UPSTREAM TLS VERIFICATION IS DISABLED (upstream.insecure_skip_verify); never do this in production")
 
+    try:
+        await runtime.store.open()
+    except StoreError as e:
+        raise SystemExit(f"proctor: cannot open the state store: {e}") from None
+
     install_engine_patches(config.limits.max_request_head_bytes)
     master = engine_master(mitm_options_for(config), runtime.addon)
 
@@ -189,5 +202,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         if runner is not None:
             await runner.cleanup()
         runtime.recorder.close()
+        await runtime.lookups.close()
+        await runtime.store.close()
         if runtime.addon.tracing is not None:
             runtime.addon.tracing.shutdown()

@@ -251,6 +251,7 @@ class Classifier:
                     query_params=query_params,
                     body_specs=spec.body,
                     resource_attribute_names=tuple(spec.resource_attributes),
+                    spec=spec,
                 )
             return None
         if self.generic_default or any(host_matches(p, host, port) for p in self.unclassified_hosts):

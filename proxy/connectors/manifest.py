@@ -79,6 +79,33 @@ class BodyFieldSpec(ValueSpec):
     # Dotted path into the JSON body; `[*]` takes every element of an array and
     # makes the value a set, `[N]` takes one element: "order.items[*].sku".
     path: str
+    # Fold a `[*]` path into one number instead of a set: `sum`, `min`, `max` of
+    # the values, or `count` of the elements. Policies cannot add up a set, so a
+    # threshold on an order's total needs the connector to compute it.
+    aggregate: Literal["sum", "min", "max", "count"] | None = None
+    # With `sum`: multiply each value by this field of the same element first
+    # (quantity x unit price). A path relative to the element the last `[*]` selects.
+    weight: str | None = None
+
+    @model_validator(mode="after")
+    def _aggregate(self) -> "BodyFieldSpec":
+        if self.aggregate is None:
+            if self.weight is not None:
+                raise ValueError("weight needs aggregate: sum")
+            return self
+        if "[*]" not in self.path:
+            raise ValueError(f"aggregate needs a [*] path (it folds a set), not {self.path!r}")
+        if self.aggregate == "count":
+            if self.type != "long":
+                raise ValueError("aggregate: count gives a long; declare type: long")
+        elif self.type not in ("long", "decimal"):
+            raise ValueError(f"aggregate: {self.aggregate} needs type long or decimal")
+        if self.weight is not None:
+            if self.aggregate != "sum":
+                raise ValueError("weight is only meaningful with aggregate: sum")
+            if not re.fullmatch(r"[A-Za-z0-9_$@-]+(\.[A-Za-z0-9_$@-]+)*", self.weight):
+                raise ValueError(f"weight {self.weight!r}: a dotted field path inside each element")
+        return self
 
     @field_validator("path")
     @classmethod
@@ -120,6 +147,55 @@ class RpcOperation(_Strict):
         return self
 
 
+class TrackCreator(_Strict):
+    """Remember which agent created a resource: after an allowed create answered 2xx,
+    Proctor reads the new resource's id from the JSON response and stores
+    (resource type, id) -> agent. Later requests on that resource see it as the
+    resource attribute `created_by` (an `Agent`), so a policy can say "no agent
+    approves an order it created"."""
+
+    id_from: str  # dotted path into the JSON response, e.g. d.PurchaseOrder or result.sys_id
+
+    @field_validator("id_from")
+    @classmethod
+    def _id_from(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_$@-]+(\[\d+\])*(\.[A-Za-z0-9_$@-]+(\[\d+\])*)*", v):
+            raise ValueError(f"id_from {v!r}: a dotted path such as d.PurchaseOrder")
+        return v
+
+
+class LookupSpec(_Strict):
+    """Read attributes of the existing resource from the upstream before deciding
+    (a policy information point): Proctor GETs `path` on the same upstream with the
+    connector's own credential and copies the declared values into the resource's
+    attributes. A failed lookup (network error, 5xx, a value of the wrong type)
+    refuses the request (503); a 404 leaves the attributes absent."""
+
+    path: str  # template over the route's path parameters: /api/now/table/incident/{sys_id}
+    attributes: dict[str, BodyFieldSpec]
+    cache_seconds: float = Field(0.0, ge=0, le=3600)
+    timeout_seconds: float = Field(5.0, gt=0, le=60)
+
+    @field_validator("path")
+    @classmethod
+    def _lookup_path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("lookup path must start with '/'")
+        return v
+
+    @field_validator("attributes")
+    @classmethod
+    def _lookup_attrs(cls, v: dict[str, BodyFieldSpec]) -> dict[str, BodyFieldSpec]:
+        if not v:
+            raise ValueError("lookup needs at least one attribute")
+        for name, spec in v.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise ValueError(f"lookup attribute name {name!r} must be a plain identifier")
+            if name == "created_by":
+                raise ValueError("created_by is reserved for track_creator")
+        return v
+
+
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUERY_NAME_RE = re.compile(r"^[A-Za-z0-9_$.@-]+$")
 
@@ -141,6 +217,8 @@ class RouteSpec(_Strict):
     resource_attributes: list[str] = Field(default_factory=list)
     # JSON-RPC endpoint (e.g. MCP Streamable HTTP): operations matched on the body.
     jsonrpc: list[RpcOperation] | None = None
+    track_creator: TrackCreator | None = None
+    lookup: LookupSpec | None = None
 
     @field_validator("method")
     @classmethod
@@ -211,6 +289,15 @@ class RouteSpec(_Strict):
         for name in self.resource_attributes:
             if name not in known:
                 raise ValueError(f"resource_attributes names {name!r}, which is not a path, query or body value")
+        if self.jsonrpc is not None and (self.track_creator or self.lookup):
+            raise ValueError("track_creator and lookup are not supported on jsonrpc routes")
+        if self.lookup is not None:
+            for used in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.lookup.path):
+                if used not in params:
+                    raise ValueError(f"lookup path uses {{{used}}}, which the path {self.path!r} does not define")
+            clash = set(self.lookup.attributes) & (set(self.resource_attributes) | set(self.attributes))
+            if clash:
+                raise ValueError(f"lookup attributes {sorted(clash)} are also set by the route")
         rid = self.resource.id if self.resource is not None else None
         if rid is not None and "{*}" in rid and not self.path.rstrip("/").endswith("{*}"):
             raise ValueError(f"resource id uses {{*}}, but the path {self.path!r} has no {{*}} tail")

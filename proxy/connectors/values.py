@@ -9,7 +9,7 @@ another route.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -135,11 +135,79 @@ def _walk(doc: Any, steps: list[str]) -> tuple[Any, bool]:
     return (current[0] if current else _MISSING), False
 
 
+def _steps(path: str) -> list[str]:
+    return [m.group(1) or m.group(2) for m in _STEP_RE.finditer(path)]
+
+
+def _as_number(spec: ValueSpec, raw: Any, what: str) -> Decimal:
+    """One element of an aggregate, checked against the declared type, as an exact Decimal."""
+    cedar = typed(spec, raw, what)
+    if isinstance(cedar, dict):  # decimal extension value
+        return Decimal(cedar["__extn"]["arg"])
+    return Decimal(cedar)
+
+
+def _cedar_number(spec: BodyFieldSpec, value: Decimal, what: str) -> Any:
+    """An aggregate's result in the declared type; decimals are rounded half-up to
+    Cedar's 4 places (a product of two 4-place numbers can have 8)."""
+    if spec.type == "long":
+        if value != value.to_integral_value():
+            raise ValueRejected(f"{what}: the {spec.aggregate} is not an integer")
+        result = int(value)
+        if not I64_MIN <= result <= I64_MAX:
+            raise ValueRejected(f"{what}: the {spec.aggregate} is out of range for a Cedar Long")
+        return result
+    value = value.quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP)
+    if abs(value) > DECIMAL_LIMIT:
+        raise ValueRejected(f"{what}: the {spec.aggregate} is out of range for a Cedar decimal")
+    text = format(value.normalize(), "f")
+    return {"__extn": {"fn": "decimal", "arg": text if "." in text else text + ".0"}}
+
+
+def _aggregate(spec: BodyFieldSpec, doc: Any, what: str) -> Any:
+    steps = _steps(spec.path)
+    last_star = len(steps) - 1 - steps[::-1].index("*")
+    elements, _ = _walk(doc, steps[: last_star + 1]) if doc is not None else ([], True)
+    elements = [e for e in elements if e is not None]
+    if spec.required and not elements:
+        raise ValueRejected(f"{what} is required")
+    if spec.aggregate == "count":
+        return len(elements)
+    if not elements:
+        return _MISSING  # no sum/min/max of nothing: the value is absent
+    tail = steps[last_star + 1 :]
+    weight_steps = _steps(spec.weight) if spec.weight else None
+    numbers: list[Decimal] = []
+    for i, element in enumerate(elements):
+        raw, _ = _walk(element, tail)
+        if raw is _MISSING or raw is None:
+            raise ValueRejected(f"{what}: element {i} has no value")
+        number = _as_number(spec, raw, f"{what} element {i}")
+        if weight_steps is not None:
+            w, _ = _walk(element, weight_steps)
+            if w is _MISSING or w is None:
+                raise ValueRejected(f"{what}: element {i} has no {spec.weight}")
+            number *= _as_number(ValueSpec(type="decimal"), w, f"{what} element {i} {spec.weight}")
+        numbers.append(number)
+    if spec.aggregate == "sum":
+        result = sum(numbers, Decimal(0))
+    elif spec.aggregate == "min":
+        result = min(numbers)
+    else:
+        result = max(numbers)
+    return _cedar_number(spec, result, what)
+
+
 def body_values(specs: dict[str, BodyFieldSpec], doc: Any) -> dict[str, Any]:
-    """Declared JSON body fields, typed; `[*]` paths become sets."""
+    """Declared JSON body fields, typed; `[*]` paths become sets (or one number, aggregated)."""
     out: dict[str, Any] = {}
     for name, spec in specs.items():
-        steps = [m.group(1) or m.group(2) for m in _STEP_RE.finditer(spec.path)]
+        if spec.aggregate is not None:
+            value = _aggregate(spec, doc, f"body field {name!r} ({spec.aggregate} of {spec.path})")
+            if value is not _MISSING:
+                out[name] = value
+            continue
+        steps = _steps(spec.path)
         value, is_set = _walk(doc, steps) if doc is not None else (_MISSING, False)
         what = f"body field {name!r} ({spec.path})"
         if is_set:

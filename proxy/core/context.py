@@ -122,6 +122,8 @@ def principal_entity(identity: AgentIdentity, mapping: PrincipalMapping) -> dict
 
 def resource_entity(cls: Classification) -> dict:
     attrs = {k: v for k, v in ((k, to_cedar(v)) for k, v in cls.resource_attrs.items()) if v is not _OMIT}
+    for name, (etype, eid) in cls.resource_refs.items():  # after to_cedar, which drops __entity
+        attrs[name] = {"__entity": {"type": etype, "id": eid}}
     return {"uid": {"type": cls.resource_type, "id": cls.resource_id}, "attrs": attrs, "parents": []}
 
 

@@ -88,6 +88,9 @@ class Classification:
     rpc_ops: Any = None
     rpc: dict[str, Any] | None = None
     arguments: Any = None  # the call's params.arguments (MCP tools/call), as Cedar JSON
+    spec: Any = None  # the matched RouteSpec (lookup, track_creator)
+    # Entity references among the resource's attributes (attr -> (type, id)), e.g. created_by.
+    resource_refs: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def resource_uid(self) -> str:

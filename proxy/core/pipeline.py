@@ -26,6 +26,7 @@ from ..policy.engine import PolicyStore
 from ..policy.shadow import ShadowPolicies
 from .context import principal_entity, request_context, resource_entity
 from .derive import derive_request
+from .enrich import Enricher
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from .target import check_target
 
@@ -90,8 +91,10 @@ class Pipeline:
         classifier: Classifier,
         policies: PolicyStore,
         shadow: ShadowPolicies | None = None,
+        enricher: Enricher | None = None,
     ) -> None:
         self.config = config
+        self.enricher = enricher
         self.verifier = verifier
         self.classifier = classifier
         self.policies = policies
@@ -254,6 +257,14 @@ class Pipeline:
             return
         cls = derived.classification
         assert cls is not None
+        if self.enricher is not None and self.enricher.needed(cls):
+            t0 = clock()
+            cls, refusal = await self.enricher.enrich(req, cls)
+            outcome.timings["enrich"] = clock() - t0
+            outcome.classification = cls
+            if refusal is not None:
+                outcome.refusal = refusal
+                return
         body = derived.body
         limits = self.config.limits
 

@@ -1,5 +1,8 @@
 """A small stateful mock of a ServiceNow-style Table API (incidents), for the demo and tests.
 
+States are ServiceNow's codes as strings: "1" New, "2" In Progress, "3" On Hold,
+"6" Resolved, "7" Closed. `sysparm_fields` narrows a single-record answer.
+
     python -m proxy.demo.mock_ticketing --port 9101
 """
 
@@ -26,7 +29,7 @@ def build_app() -> web.Application:
             "number": f"INC{next(numbers)}",
             "short_description": short,
             "assignment_group": group,
-            "state": "new",
+            "state": "1",
             "opened_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
 
@@ -40,6 +43,10 @@ def build_app() -> web.Application:
         inc = incidents.get(request.match_info["sys_id"])
         if inc is None:
             return web.json_response({"error": {"message": "No Record found"}}, status=404)
+        fields = request.query.get("sysparm_fields")
+        if fields:
+            wanted = set(fields.split(","))
+            inc = {k: v for k, v in inc.items() if k in wanted}
         return web.json_response({"result": inc})
 
     async def create(request: web.Request) -> web.Response:
@@ -51,7 +58,7 @@ def build_app() -> web.Application:
         inc = {
             "sys_id": sys_id,
             "number": f"INC{next(numbers)}",
-            "state": "new",
+            "state": "1",
             "opened_at": time.strftime("%Y-%m-%d %H:%M:%S"),
             **{k: v for k, v in body.items() if k not in ("sys_id", "number")},
         }

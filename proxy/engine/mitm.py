@@ -17,9 +17,11 @@ about the engine's plumbing:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import weakref
+from typing import Any
 from http import HTTPStatus
 
 from mitmproxy import connection, http, tls
@@ -30,6 +32,7 @@ from mitmproxy.tcp import TCPFlow
 from mitmproxy.udp import UDPFlow
 
 from ..connectors.credentials import CredentialInjector, CredentialUnavailable
+from ..core.enrich import created_id
 from ..core.model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from ..core.pipeline import Pipeline, new_outcome, normalise_ip
 from ..core.problem import DECISION_HEADER, jsonrpc_error_response, problem_response
@@ -44,6 +47,7 @@ log = logging.getLogger("proctor.engine")
 META = "proctor"
 TRACE = "proctor_trace"
 STREAM_RESPONSES_OVER = 256 * 1024
+TRACK_CREATOR_MAX_BODY = 1024 * 1024
 
 
 class _RefuseConnection(layer.Layer):
@@ -91,7 +95,9 @@ class ProctorAddon:
         metrics: Metrics | None = None,
         injector: CredentialInjector | None = None,
         tracing: Tracing | None = None,
+        store: Any = None,
     ) -> None:
+        self.store = store  # records resource creators (manifest track_creator)
         self.metrics = metrics
         self.injector = injector
         self.tracing = tracing if tracing is not None and tracing.enabled else None
@@ -103,7 +109,7 @@ class ProctorAddon:
             weakref.WeakKeyDictionary()
         )
         self.running_event_seen = False
-        self.stats = {"requests": 0, "allowed": 0, "refused": 0, "tunnels_refused": 0}
+        self.stats = {"requests": 0, "allowed": 0, "refused": 0, "tunnels_refused": 0, "creator_record_failures": 0}
 
     # -- lifecycle -----------------------------------------------------------------
     def running(self) -> None:
@@ -461,10 +467,45 @@ class ProctorAddon:
         if meta is not None:
             resp.headers[DECISION_HEADER] = meta[0].decision_id
         cl = resp.headers.get("content-length")
+        if meta is not None and self._tracks_creator(meta[0]) and 200 <= resp.status_code < 300:
+            # the new resource's id is in this body: buffer it (bounded) to read the id
+            if cl is None or (cl.isdigit() and int(cl) <= TRACK_CREATOR_MAX_BODY):
+                return
         if cl is None or (cl.isdigit() and int(cl) > STREAM_RESPONSES_OVER):
             resp.stream = True
 
-    def response(self, flow: http.HTTPFlow) -> None:
+    @staticmethod
+    def _tracks_creator(outcome: Outcome) -> bool:
+        cls = outcome.classification
+        return outcome.refusal is None and cls is not None and cls.spec is not None and cls.spec.track_creator is not None
+
+    async def _record_creator(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
+        """After an allowed create answered 2xx: remember which agent created what."""
+        cls = outcome.classification
+        resp = flow.response
+        if resp is None or not 200 <= resp.status_code < 300 or outcome.identity is None:
+            return
+        try:
+            content = resp.content
+            if content is None or len(content) > TRACK_CREATOR_MAX_BODY:
+                raise ValueError("the response body was streamed or too large to read the new id from")
+            new_id = created_id(json.loads(content), cls.spec.track_creator.id_from)
+            if new_id is None:
+                raise ValueError(f"no id at {cls.spec.track_creator.id_from} in the response")
+            if self.store is None:
+                raise ValueError("no store is configured")
+            await self.store.record_creator(cls.resource_type, new_id, outcome.identity.agent_id, outcome.decision_id, time.time())
+        except Exception as e:
+            # The upstream already created the resource: the answer still goes back to
+            # the agent, but without a creator record "no self-approval" cannot apply
+            # to it. Say so loudly and count it.
+            self.stats["creator_record_failures"] += 1
+            log.error(
+                "decision %s: could not record the creator of a new %s (%s); policies on created_by "
+                "will not see it", outcome.decision_id, cls.resource_type, e,
+            )
+
+    async def response(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
         if meta is None:
             return
@@ -472,6 +513,8 @@ class ProctorAddon:
         if outcome.refusal is not None:
             return  # recorded when refused
         assert flow.response is not None
+        if self._tracks_creator(outcome):
+            await self._record_creator(flow, outcome)
         self._record(outcome, req, flow.response.status_code, flow.response.status_code, decision_ms=decision_ms)
         self._finish_trace(flow, flow.response.status_code)
 

@@ -22,6 +22,9 @@ from typing import Any
 
 import cedarpy
 
+from ..connectors.manifest import ManifestError
+from ..connectors.schema_gen import declared_in, generate_schema
+
 from .index import PolicyIndex, PolicyPart
 
 log = logging.getLogger("proctor.policy")
@@ -64,6 +67,9 @@ class PolicySource:
     schema_path: Path
     policy_dir: Path
     entities_path: Path | None = None
+    # Connector manifests whose actions and resource types are generated into the
+    # schema (connectors/schema_gen.py); empty: the schema file says everything.
+    manifests: tuple = ()
 
     def files(self) -> list[Path]:
         files = [self.schema_path, *sorted(self.policy_dir.glob("*.cedar"))]
@@ -145,10 +151,24 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
     schema = None
     if schema_text is not None:
         hasher.update(schema_text.encode())
+        generated = ""
+        if source.manifests:
+            if source.schema_path.suffix == ".json":
+                problems.append(
+                    f"schema {source.schema_path.name}: connector schema generation needs a human-format "
+                    ".cedarschema file (or policies.schema_from_connectors: false)"
+                )
+            else:
+                try:
+                    generated = generate_schema(list(source.manifests), declared_in(schema_text))
+                except ManifestError as e:
+                    problems.append(f"schema from connectors: {e}")
+        hasher.update(generated.encode())
         try:
-            schema = _parse_schema(source.schema_path, schema_text)
+            schema = _parse_schema(source.schema_path, schema_text + ("\n" + generated if generated else ""))
         except ValueError as e:
-            problems.append(f"schema {source.schema_path.name}: {e}")
+            where = f"{source.schema_path.name} + the schema generated from connectors" if generated else source.schema_path.name
+            problems.append(f"schema {where}: {e}")
 
     if not source.policy_dir.is_dir():
         raise PolicyLoadError([*problems, f"policy directory {source.policy_dir} does not exist"])

@@ -1,0 +1,330 @@
+"""The store interface: state that must survive a restart or be shared by replicas.
+
+Every backend failure surfaces as `StoreError` (with the original exception
+chained) so callers can fail closed; argument mistakes raise ValueError.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from .models import (
+    SUSPENSION_KINDS,
+    AgentRecord,
+    Approval,
+    PolicyRevision,
+    Suspension,
+    Vote,
+)
+
+
+class StoreError(Exception):
+    """A state-store operation failed (connection, schema, constraint, I/O...)."""
+
+
+class Store(abc.ABC):
+    """Async, engine-agnostic state store. Construct, then `await open()` before use."""
+
+    # ---- lifecycle -------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create/migrate the schema (idempotent)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; safe to call twice or on a store that never opened."""
+
+    # ---- approvals -------------------------------------------------------
+    @abc.abstractmethod
+    async def create_approval(self, a: Approval) -> None: ...
+
+    @abc.abstractmethod
+    async def get_approval(self, id: str) -> Approval | None: ...
+
+    @abc.abstractmethod
+    async def list_approvals(
+        self,
+        *,
+        states: list[str] | None = None,
+        agent_id: str | None = None,
+        action: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Approval]:
+        """Newest first (created_at, then id, descending)."""
+
+    @abc.abstractmethod
+    async def count_approvals(self, *, states: list[str] | None = None) -> int: ...
+
+    @abc.abstractmethod
+    async def find_open_approval(
+        self, *, agent_id: str, fingerprint: str, idempotency_key: str | None
+    ) -> Approval | None:
+        """Newest approval of this agent in pending|approved|denied that matches
+        `idempotency_key` when one is given, else `fingerprint`."""
+
+    @abc.abstractmethod
+    async def update_approval(self, a: Approval, *, expect_version: int) -> bool:
+        """Compare-and-set: write every field but `id` and set version to
+        expect_version + 1, only if the stored version is still expect_version.
+        Returns False (and leaves `a` untouched) when someone else changed it first
+        or it does not exist; on success sets `a.version`."""
+
+    @abc.abstractmethod
+    async def due_approvals(self, now: float) -> list[Approval]:
+        """Pending approvals whose expires_at <= now, or whose escalate_at <= now
+        and that are not escalated yet; oldest first."""
+
+    # ---- resource creators -----------------------------------------------
+    @abc.abstractmethod
+    async def record_creator(
+        self, resource_type: str, resource_id: str, agent_id: str, decision_id: str, at: float
+    ) -> None:
+        """Upsert: the latest record for (resource_type, resource_id) wins."""
+
+    @abc.abstractmethod
+    async def creator_of(self, resource_type: str, resource_id: str) -> str | None: ...
+
+    # ---- agent registry --------------------------------------------------
+    @abc.abstractmethod
+    async def upsert_agent(self, rec: AgentRecord) -> None:
+        """Registration: writes owner/team/description and registered=True;
+        keeps the activity counters and first/last seen."""
+
+    @abc.abstractmethod
+    async def record_agent_activity(self, batch: dict[str, tuple[float, float, int, int, int]]) -> None:
+        """agent_id -> (first_seen, last_seen, requests, allowed, denied) seen in this
+        batch: adds the counts, keeps the min first_seen and max last_seen, creates
+        unknown (unregistered) agents."""
+
+    @abc.abstractmethod
+    async def get_agent(self, id: str) -> AgentRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_agents(self) -> list[AgentRecord]:
+        """Ordered by id."""
+
+    # ---- suspensions (kill switch) ---------------------------------------
+    @abc.abstractmethod
+    async def suspend(self, s: Suspension) -> None:
+        """Upsert by (kind, target); bumps suspensions_version."""
+
+    @abc.abstractmethod
+    async def resume(self, kind: str, target: str) -> bool:
+        """False (and no version bump) if it was not suspended."""
+
+    @abc.abstractmethod
+    async def list_suspensions(self) -> list[Suspension]:
+        """Ordered by kind, then target."""
+
+    @abc.abstractmethod
+    async def suspensions_version(self) -> int:
+        """Increases on every suspend and every resume that removed something."""
+
+    # ---- policy revisions ------------------------------------------------
+    @abc.abstractmethod
+    async def save_revision(self, r: PolicyRevision, keep: int = 20) -> None:
+        """Upsert `r`, mark it the only active revision, then delete the oldest
+        inactive revisions so at most `keep` remain (the active one is never
+        deleted, so keep+1 remain when the active one is not among the newest)."""
+
+    @abc.abstractmethod
+    async def list_revisions(self) -> list[PolicyRevision]:
+        """Newest first (loaded_at, then revision, descending), files included."""
+
+    @abc.abstractmethod
+    async def get_revision(self, revision: str) -> PolicyRevision | None: ...
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the backends (not part of the public API).
+
+SCHEMA_VERSION = 1
+SUSPENSIONS_VERSION_KEY = "suspensions_version"
+
+# (column, kind) in table order; kind: text | float | json | bool | int
+APPROVAL_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "text"),
+    ("state", "text"),
+    ("created_at", "float"),
+    ("expires_at", "float"),
+    ("agent_id", "text"),
+    ("action", "text"),
+    ("resource_type", "text"),
+    ("resource_id", "text"),
+    ("connector", "text"),
+    ("required_groups", "json"),  # Approval.groups ("groups" is an SQL keyword)
+    ("fingerprint", "text"),
+    ("idempotency_key", "text"),
+    ("mode", "text"),
+    ("decision_id", "text"),
+    ("request", "json"),
+    ("derived", "json"),
+    ("escalate_at", "float"),
+    ("escalated", "bool"),
+    ("votes", "json"),
+    ("decided_at", "float"),
+    ("decided_by", "text"),
+    ("reason", "text"),
+    ("forwarded_at", "float"),
+    ("version", "int"),
+)
+APPROVAL_COLUMN_NAMES = tuple(c for c, _ in APPROVAL_COLUMNS)
+APPROVAL_SELECT = ", ".join(APPROVAL_COLUMN_NAMES)
+AGENT_SELECT = "id, owner, team, description, registered, first_seen, last_seen, requests, allowed, denied"
+SUSPENSION_SELECT = "kind, target, since, suspended_by, reason"
+REVISION_SELECT = "revision, loaded_at, files, active"
+
+
+def dump_json(value: Any) -> str:
+    # ASCII-only output: lone surrogates and NULs survive every engine's text type.
+    return json.dumps(value, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+def _opt_float(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def approval_params(a: Approval) -> list[Any]:
+    """Values in APPROVAL_COLUMNS order."""
+    for name in ("created_at", "expires_at", "escalate_at", "decided_at", "forwarded_at"):
+        v = getattr(a, name)
+        if v is not None and not math.isfinite(float(v)):
+            raise ValueError(f"approval {name} must be finite")
+    return [
+        a.id,
+        a.state,
+        float(a.created_at),
+        float(a.expires_at),
+        a.agent_id,
+        a.action,
+        a.resource_type,
+        a.resource_id,
+        a.connector,
+        dump_json({str(k): int(v) for k, v in a.groups.items()}),
+        a.fingerprint,
+        a.idempotency_key,
+        a.mode,
+        a.decision_id,
+        dump_json(a.request),
+        dump_json(a.derived),
+        _opt_float(a.escalate_at),
+        bool(a.escalated),
+        dump_json([asdict(v) if isinstance(v, Vote) else dict(v) for v in a.votes]),
+        _opt_float(a.decided_at),
+        a.decided_by,
+        a.reason,
+        _opt_float(a.forwarded_at),
+        int(a.version),
+    ]
+
+
+def approval_from_row(row: Sequence[Any]) -> Approval:
+    (
+        id_, state, created_at, expires_at, agent_id, action, resource_type, resource_id,
+        connector, groups, fingerprint, idempotency_key, mode, decision_id, request, derived,
+        escalate_at, escalated, votes, decided_at, decided_by, reason, forwarded_at, version,
+    ) = tuple(row)
+    return Approval(
+        id=id_,
+        state=state,
+        created_at=float(created_at),
+        expires_at=float(expires_at),
+        agent_id=agent_id,
+        action=action,
+        resource_type=resource_type,
+        resource_id=resource_id,
+        connector=connector,
+        groups=json.loads(groups),
+        fingerprint=fingerprint,
+        idempotency_key=idempotency_key,
+        mode=mode,
+        decision_id=decision_id,
+        request=json.loads(request),
+        derived=json.loads(derived),
+        escalate_at=_opt_float(escalate_at),
+        escalated=bool(escalated),
+        votes=[Vote(**v) for v in json.loads(votes)],
+        decided_at=_opt_float(decided_at),
+        decided_by=decided_by,
+        reason=reason,
+        forwarded_at=_opt_float(forwarded_at),
+        version=int(version),
+    )
+
+
+def agent_from_row(row: Sequence[Any]) -> AgentRecord:
+    id_, owner, team, description, registered, first_seen, last_seen, requests, allowed, denied = tuple(row)
+    return AgentRecord(
+        id=id_,
+        owner=owner,
+        team=team,
+        description=description,
+        registered=bool(registered),
+        first_seen=_opt_float(first_seen),
+        last_seen=_opt_float(last_seen),
+        requests=int(requests),
+        allowed=int(allowed),
+        denied=int(denied),
+    )
+
+
+def suspension_from_row(row: Sequence[Any]) -> Suspension:
+    kind, target, since, by, reason = tuple(row)
+    return Suspension(kind=kind, target=target, since=float(since), by=by, reason=reason)
+
+
+def revision_from_row(row: Sequence[Any]) -> PolicyRevision:
+    revision, loaded_at, files, active = tuple(row)
+    return PolicyRevision(revision=revision, loaded_at=float(loaded_at), files=json.loads(files), active=bool(active))
+
+
+Activity = tuple[float, float, int, int, int]
+
+
+def activity_rows(batch: dict[str, Activity]) -> list[tuple[str, float, float, int, int, int]]:
+    """Batch as rows sorted by agent id (a stable lock order for concurrent writers)."""
+    rows = []
+    for agent_id in sorted(batch):
+        first, last, requests, allowed, denied = batch[agent_id]
+        rows.append((agent_id, float(first), float(last), int(requests), int(allowed), int(denied)))
+    return rows
+
+
+def check_kind(kind: str) -> None:
+    if kind not in SUSPENSION_KINDS:
+        raise ValueError(f"suspension kind must be one of {', '.join(SUSPENSION_KINDS)}, not {kind!r}")
+
+
+def check_page(limit: int, offset: int) -> None:
+    if limit < 0 or offset < 0:
+        raise ValueError("limit and offset must be >= 0")
+
+
+def check_keep(keep: int) -> None:
+    if keep < 0:
+        raise ValueError("keep must be >= 0")
+
+
+@contextlib.contextmanager
+def backend_errors(op: str) -> Iterator[None]:
+    """Turn any backend failure inside the block into StoreError (original chained)."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - fail closed: every backend failure is a StoreError
+        raise StoreError(f"state store: {op} failed: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,500 @@
+"""PostgreSQL backend (scale-out): an asyncpg pool shared by every replica.
+
+Tables live in one schema (`schema=`, default "public"), set as the
+`search_path` of every pooled connection. Schema creation and migration run in
+one transaction behind `pg_advisory_xact_lock`, so replicas starting together
+do not race. Concurrency between replicas relies on row locks: the approval
+compare-and-set is a single `UPDATE ... WHERE version = $n`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from .base import (
+    AGENT_SELECT,
+    APPROVAL_COLUMN_NAMES,
+    APPROVAL_SELECT,
+    REVISION_SELECT,
+    SCHEMA_VERSION,
+    SUSPENSION_SELECT,
+    SUSPENSIONS_VERSION_KEY,
+    Store,
+    StoreError,
+    activity_rows,
+    agent_from_row,
+    approval_from_row,
+    approval_params,
+    backend_errors,
+    check_keep,
+    check_kind,
+    check_page,
+    dump_json,
+    revision_from_row,
+    suspension_from_row,
+)
+from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
+
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# pg_advisory_xact_lock(int4, int4): this constant + hashtext(schema name).
+_MIGRATION_LOCK = 0x50524F43  # "PROC"
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE proctor_approvals (
+            id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            agent_id TEXT NOT NULL,
+            action TEXT NOT NULL,
+            resource_type TEXT NOT NULL,
+            resource_id TEXT NOT NULL,
+            connector TEXT NOT NULL,
+            required_groups JSON NOT NULL,
+            fingerprint TEXT NOT NULL,
+            idempotency_key TEXT,
+            mode TEXT NOT NULL,
+            decision_id TEXT NOT NULL,
+            request JSON NOT NULL,
+            derived JSON NOT NULL,
+            escalate_at DOUBLE PRECISION,
+            escalated BOOLEAN NOT NULL DEFAULT FALSE,
+            votes JSON NOT NULL,
+            decided_at DOUBLE PRECISION,
+            decided_by TEXT,
+            reason TEXT,
+            forwarded_at DOUBLE PRECISION,
+            version INTEGER NOT NULL
+        )""",
+        "CREATE INDEX proctor_approvals_state_created ON proctor_approvals (state, created_at)",
+        "CREATE INDEX proctor_approvals_created ON proctor_approvals (created_at)",
+        "CREATE INDEX proctor_approvals_agent_fp ON proctor_approvals (agent_id, fingerprint)",
+        "CREATE INDEX proctor_approvals_agent_idem ON proctor_approvals (agent_id, idempotency_key)",
+        """CREATE TABLE proctor_resource_creators (
+            resource_type TEXT NOT NULL,
+            resource_id TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            decision_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (resource_type, resource_id)
+        )""",
+        """CREATE TABLE proctor_agents (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL DEFAULT '',
+            team TEXT NOT NULL DEFAULT '',
+            description TEXT NOT NULL DEFAULT '',
+            registered BOOLEAN NOT NULL DEFAULT FALSE,
+            first_seen DOUBLE PRECISION,
+            last_seen DOUBLE PRECISION,
+            requests BIGINT NOT NULL DEFAULT 0,
+            allowed BIGINT NOT NULL DEFAULT 0,
+            denied BIGINT NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE proctor_suspensions (
+            kind TEXT NOT NULL,
+            target TEXT NOT NULL,
+            since DOUBLE PRECISION NOT NULL,
+            suspended_by TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            PRIMARY KEY (kind, target)
+        )""",
+        """CREATE TABLE proctor_policy_revisions (
+            revision TEXT PRIMARY KEY,
+            loaded_at DOUBLE PRECISION NOT NULL,
+            files JSON NOT NULL,
+            active BOOLEAN NOT NULL DEFAULT FALSE
+        )""",
+        "CREATE INDEX proctor_policy_revisions_loaded ON proctor_policy_revisions (loaded_at)",
+        "CREATE TABLE proctor_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+        f"INSERT INTO proctor_meta (key, value) VALUES ('{SUSPENSIONS_VERSION_KEY}', 0)",
+    ),
+}
+assert max(_MIGRATIONS) == SCHEMA_VERSION
+
+_N = len(APPROVAL_COLUMN_NAMES)
+_INSERT_APPROVAL = (
+    f"INSERT INTO proctor_approvals ({APPROVAL_SELECT}) VALUES ({', '.join(f'${i}' for i in range(1, _N + 1))})"
+)
+# $1 = id, $2..$N = every other column (version last), $N+1 = expected version
+_UPDATE_APPROVAL = (
+    "UPDATE proctor_approvals SET "
+    + ", ".join(f"{c} = ${i}" for i, c in enumerate(APPROVAL_COLUMN_NAMES[1:], start=2))
+    + f" WHERE id = $1 AND version = ${_N + 1}"
+)
+_FIND_OPEN_BY_KEY = (
+    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
+    "WHERE agent_id = $1 AND idempotency_key = $2 AND state = ANY($3::text[]) "
+    "ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+_FIND_OPEN_BY_FP = (
+    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
+    "WHERE agent_id = $1 AND fingerprint = $2 AND state = ANY($3::text[]) "
+    "ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+_DUE = (
+    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
+    "WHERE state = $1 AND (expires_at <= $2 OR (escalate_at <= $2 AND NOT escalated)) "
+    "ORDER BY created_at, id"
+)
+_RECORD_CREATOR = (
+    "INSERT INTO proctor_resource_creators (resource_type, resource_id, agent_id, decision_id, created_at) "
+    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (resource_type, resource_id) DO UPDATE SET "
+    "agent_id = EXCLUDED.agent_id, decision_id = EXCLUDED.decision_id, created_at = EXCLUDED.created_at"
+)
+_UPSERT_AGENT = (
+    "INSERT INTO proctor_agents (id, owner, team, description, registered) VALUES ($1, $2, $3, $4, TRUE) "
+    "ON CONFLICT (id) DO UPDATE SET owner = EXCLUDED.owner, team = EXCLUDED.team, "
+    "description = EXCLUDED.description, registered = TRUE"
+)
+# One statement for the whole batch; rows in id order so concurrent replicas lock rows in the same order.
+_AGENT_ACTIVITY = (
+    "INSERT INTO proctor_agents AS a (id, first_seen, last_seen, requests, allowed, denied) "
+    "SELECT t.id, t.first_seen, t.last_seen, t.requests, t.allowed, t.denied "
+    "FROM unnest($1::text[], $2::float8[], $3::float8[], $4::int8[], $5::int8[], $6::int8[]) "
+    "AS t(id, first_seen, last_seen, requests, allowed, denied) ORDER BY t.id "
+    "ON CONFLICT (id) DO UPDATE SET "
+    "first_seen = LEAST(a.first_seen, EXCLUDED.first_seen), "
+    "last_seen = GREATEST(a.last_seen, EXCLUDED.last_seen), "
+    "requests = a.requests + EXCLUDED.requests, "
+    "allowed = a.allowed + EXCLUDED.allowed, "
+    "denied = a.denied + EXCLUDED.denied"
+)
+_BUMP_SUSPENSIONS = "UPDATE proctor_meta SET value = value + 1 WHERE key = $1"
+
+
+def _split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
+    """Remove Proctor's own query parameters (schema, connect_timeout) from a DSN:
+    asyncpg would send unknown ones to the server as settings."""
+    parts = urlsplit(dsn)
+    ours: dict[str, str] = {}
+    rest: list[tuple[str, str]] = []
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if k in ("schema", "connect_timeout"):
+            ours[k] = v
+        else:
+            rest.append((k, v))
+    return urlunsplit(parts._replace(query=urlencode(rest))), ours
+
+
+class PostgresStore(Store):
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str | None = None,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout: float | None = None,
+        command_timeout: float | None = 30.0,
+    ) -> None:
+        self._dsn, extra = _split_dsn(dsn)
+        schema = schema if schema is not None else extra.get("schema", "public")
+        if not _SCHEMA_RE.match(schema):
+            raise ValueError(f"PostgreSQL schema name must match {_SCHEMA_RE.pattern}, got {schema!r}")
+        if connect_timeout is None:
+            try:
+                connect_timeout = float(extra.get("connect_timeout", 10.0))
+            except ValueError:
+                raise ValueError("connect_timeout in the PostgreSQL URL must be a number of seconds") from None
+        self.schema = schema
+        self.min_size = min_size
+        self.max_size = max_size
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._pool: asyncpg.Pool | None = None
+
+    def __repr__(self) -> str:  # never shows the DSN: it may hold a password
+        return f"PostgresStore(schema={self.schema!r})"
+
+    # ---- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        with backend_errors("open"):
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self.min_size,
+                max_size=self.max_size,
+                timeout=self.connect_timeout,
+                command_timeout=self.command_timeout,
+                server_settings={"search_path": self.schema, "application_name": "proctor"},
+            )
+            try:
+                await self._migrate(pool)
+            except BaseException:
+                pool.terminate()
+                raise
+        self._pool = pool
+
+    async def _migrate(self, pool: asyncpg.Pool) -> None:
+        async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _MIGRATION_LOCK, self.schema)
+            exists = await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema)
+            if not exists:
+                # Identifier, not a value: validated against _SCHEMA_RE above and quoted.
+                await conn.execute(f'CREATE SCHEMA "{self.schema}"')
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS proctor_schema_version "
+                "(version INTEGER NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            current = await conn.fetchval("SELECT max(version) FROM proctor_schema_version")
+            current = int(current or 0)
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"state store schema version {current} is newer than this Proctor supports ({SCHEMA_VERSION})"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for stmt in _MIGRATIONS[version]:
+                    await conn.execute(stmt)
+                await conn.execute(
+                    "INSERT INTO proctor_schema_version (version, applied_at) VALUES ($1, $2)", version, time.time()
+                )
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        with backend_errors("close"):
+            await pool.close()
+
+    # ---- plumbing --------------------------------------------------------
+    def _p(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("state store is not open")
+        return self._pool
+
+    async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
+        pool = self._p()
+        with backend_errors(op):
+            return await pool.fetch(sql, *args)
+
+    async def _fetchrow(self, op: str, sql: str, *args: Any) -> Any:
+        pool = self._p()
+        with backend_errors(op):
+            return await pool.fetchrow(sql, *args)
+
+    async def _execute(self, op: str, sql: str, *args: Any) -> str:
+        pool = self._p()
+        with backend_errors(op):
+            return await pool.execute(sql, *args)
+
+    @staticmethod
+    def _rowcount(status: str) -> int:
+        # "UPDATE 1", "DELETE 0", "INSERT 0 1"
+        try:
+            return int(status.rsplit(" ", 1)[-1])
+        except (ValueError, AttributeError):
+            return 0
+
+    # ---- approvals -------------------------------------------------------
+    async def create_approval(self, a: Approval) -> None:
+        with backend_errors("create_approval"):
+            params = approval_params(a)
+        await self._execute("create_approval", _INSERT_APPROVAL, *params)
+
+    async def get_approval(self, id: str) -> Approval | None:
+        row = await self._fetchrow(
+            "get_approval", f"SELECT {APPROVAL_SELECT} FROM proctor_approvals WHERE id = $1", id
+        )
+        return None if row is None else approval_from_row(row)
+
+    @staticmethod
+    def _approval_filter(
+        states: list[str] | None, agent_id: str | None = None, action: str | None = None
+    ) -> tuple[str, list[Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if states is not None:
+            params.append(list(states))
+            where.append(f"state = ANY(${len(params)}::text[])")
+        if agent_id is not None:
+            params.append(agent_id)
+            where.append(f"agent_id = ${len(params)}")
+        if action is not None:
+            params.append(action)
+            where.append(f"action = ${len(params)}")
+        return (" WHERE " + " AND ".join(where) if where else ""), params
+
+    async def list_approvals(
+        self,
+        *,
+        states: list[str] | None = None,
+        agent_id: str | None = None,
+        action: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Approval]:
+        check_page(limit, offset)
+        if states is not None and not states:
+            return []
+        where, params = self._approval_filter(states, agent_id, action)
+        n = len(params)
+        rows = await self._fetch(
+            "list_approvals",
+            f"SELECT {APPROVAL_SELECT} FROM proctor_approvals{where} "
+            f"ORDER BY created_at DESC, id DESC LIMIT ${n + 1} OFFSET ${n + 2}",
+            *params,
+            int(limit),
+            int(offset),
+        )
+        return [approval_from_row(r) for r in rows]
+
+    async def count_approvals(self, *, states: list[str] | None = None) -> int:
+        if states is not None and not states:
+            return 0
+        where, params = self._approval_filter(states)
+        row = await self._fetchrow("count_approvals", f"SELECT count(*) FROM proctor_approvals{where}", *params)
+        return int(row[0])
+
+    async def find_open_approval(
+        self, *, agent_id: str, fingerprint: str, idempotency_key: str | None
+    ) -> Approval | None:
+        if idempotency_key is not None:
+            sql, key = _FIND_OPEN_BY_KEY, idempotency_key
+        else:
+            sql, key = _FIND_OPEN_BY_FP, fingerprint
+        row = await self._fetchrow("find_open_approval", sql, agent_id, key, list(OPEN_APPROVAL_STATES))
+        return None if row is None else approval_from_row(row)
+
+    async def update_approval(self, a: Approval, *, expect_version: int) -> bool:
+        expect_version = int(expect_version)
+        with backend_errors("update_approval"):
+            params = approval_params(a)
+        params[-1] = expect_version + 1
+        status = await self._execute("update_approval", _UPDATE_APPROVAL, *params, expect_version)
+        changed = self._rowcount(status) == 1
+        if changed:
+            a.version = expect_version + 1
+        return changed
+
+    async def due_approvals(self, now: float) -> list[Approval]:
+        rows = await self._fetch("due_approvals", _DUE, "pending", float(now))
+        return [approval_from_row(r) for r in rows]
+
+    # ---- resource creators -----------------------------------------------
+    async def record_creator(
+        self, resource_type: str, resource_id: str, agent_id: str, decision_id: str, at: float
+    ) -> None:
+        await self._execute(
+            "record_creator", _RECORD_CREATOR, resource_type, resource_id, agent_id, decision_id, float(at)
+        )
+
+    async def creator_of(self, resource_type: str, resource_id: str) -> str | None:
+        row = await self._fetchrow(
+            "creator_of",
+            "SELECT agent_id FROM proctor_resource_creators WHERE resource_type = $1 AND resource_id = $2",
+            resource_type,
+            resource_id,
+        )
+        return None if row is None else row[0]
+
+    # ---- agent registry --------------------------------------------------
+    async def upsert_agent(self, rec: AgentRecord) -> None:
+        await self._execute("upsert_agent", _UPSERT_AGENT, rec.id, rec.owner, rec.team, rec.description)
+
+    async def record_agent_activity(self, batch: dict[str, tuple[float, float, int, int, int]]) -> None:
+        if not batch:
+            return
+        with backend_errors("record_agent_activity"):
+            rows = activity_rows(batch)
+        columns = [list(c) for c in zip(*rows)]
+        await self._execute("record_agent_activity", _AGENT_ACTIVITY, *columns)
+
+    async def get_agent(self, id: str) -> AgentRecord | None:
+        row = await self._fetchrow("get_agent", f"SELECT {AGENT_SELECT} FROM proctor_agents WHERE id = $1", id)
+        return None if row is None else agent_from_row(row)
+
+    async def list_agents(self) -> list[AgentRecord]:
+        rows = await self._fetch("list_agents", f"SELECT {AGENT_SELECT} FROM proctor_agents ORDER BY id")
+        return [agent_from_row(r) for r in rows]
+
+    # ---- suspensions -----------------------------------------------------
+    async def suspend(self, s: Suspension) -> None:
+        check_kind(s.kind)
+        pool = self._p()
+        with backend_errors("suspend"):
+            async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(
+                    "INSERT INTO proctor_suspensions (kind, target, since, suspended_by, reason) "
+                    "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kind, target) DO UPDATE SET "
+                    "since = EXCLUDED.since, suspended_by = EXCLUDED.suspended_by, reason = EXCLUDED.reason",
+                    s.kind,
+                    s.target,
+                    float(s.since),
+                    s.by,
+                    s.reason,
+                )
+                await conn.execute(_BUMP_SUSPENSIONS, SUSPENSIONS_VERSION_KEY)
+
+    async def resume(self, kind: str, target: str) -> bool:
+        check_kind(kind)
+        pool = self._p()
+        with backend_errors("resume"):
+            async with pool.acquire() as conn, conn.transaction():
+                status = await conn.execute(
+                    "DELETE FROM proctor_suspensions WHERE kind = $1 AND target = $2", kind, target
+                )
+                removed = self._rowcount(status) > 0
+                if removed:
+                    await conn.execute(_BUMP_SUSPENSIONS, SUSPENSIONS_VERSION_KEY)
+        return removed
+
+    async def list_suspensions(self) -> list[Suspension]:
+        rows = await self._fetch(
+            "list_suspensions", f"SELECT {SUSPENSION_SELECT} FROM proctor_suspensions ORDER BY kind, target"
+        )
+        return [suspension_from_row(r) for r in rows]
+
+    async def suspensions_version(self) -> int:
+        row = await self._fetchrow(
+            "suspensions_version", "SELECT value FROM proctor_meta WHERE key = $1", SUSPENSIONS_VERSION_KEY
+        )
+        return 0 if row is None else int(row[0])
+
+    # ---- policy revisions ------------------------------------------------
+    async def save_revision(self, r: PolicyRevision, keep: int = 20) -> None:
+        check_keep(keep)
+        pool = self._p()
+        with backend_errors("save_revision"):
+            files = dump_json(dict(r.files))
+            async with pool.acquire() as conn, conn.transaction():
+                # One writer at a time, so two replicas never leave two active revisions.
+                await conn.execute("LOCK TABLE proctor_policy_revisions IN SHARE ROW EXCLUSIVE MODE")
+                await conn.execute(
+                    "UPDATE proctor_policy_revisions SET active = FALSE WHERE active AND revision <> $1", r.revision
+                )
+                await conn.execute(
+                    "INSERT INTO proctor_policy_revisions (revision, loaded_at, files, active) "
+                    "VALUES ($1, $2, $3, TRUE) ON CONFLICT (revision) DO UPDATE SET "
+                    "loaded_at = EXCLUDED.loaded_at, files = EXCLUDED.files, active = TRUE",
+                    r.revision,
+                    float(r.loaded_at),
+                    files,
+                )
+                await conn.execute(
+                    "DELETE FROM proctor_policy_revisions WHERE NOT active AND revision NOT IN ("
+                    "SELECT revision FROM proctor_policy_revisions ORDER BY loaded_at DESC, revision DESC LIMIT $1)",
+                    int(keep),
+                )
+        r.active = True
+
+    async def list_revisions(self) -> list[PolicyRevision]:
+        rows = await self._fetch(
+            "list_revisions",
+            f"SELECT {REVISION_SELECT} FROM proctor_policy_revisions ORDER BY loaded_at DESC, revision DESC",
+        )
+        return [revision_from_row(r) for r in rows]
+
+    async def get_revision(self, revision: str) -> PolicyRevision | None:
+        row = await self._fetchrow(
+            "get_revision",
+            f"SELECT {REVISION_SELECT} FROM proctor_policy_revisions WHERE revision = $1",
+            revision,
+        )
+        return None if row is None else revision_from_row(row)

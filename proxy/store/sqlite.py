@@ -1,0 +1,460 @@
+"""SQLite backend (the embedded default): one aiosqlite connection in WAL mode.
+
+Every operation holds one asyncio.Lock, so a read never sees another task's
+half-done write transaction on the shared connection, and every write runs
+in its own `BEGIN IMMEDIATE` transaction (rolled back on any failure or
+cancellation). `busy_timeout` covers other processes (e.g. the CLI) on the
+same file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from .base import (
+    AGENT_SELECT,
+    APPROVAL_COLUMN_NAMES,
+    APPROVAL_SELECT,
+    REVISION_SELECT,
+    SCHEMA_VERSION,
+    SUSPENSION_SELECT,
+    SUSPENSIONS_VERSION_KEY,
+    Store,
+    StoreError,
+    activity_rows,
+    agent_from_row,
+    approval_from_row,
+    approval_params,
+    backend_errors,
+    check_keep,
+    check_kind,
+    check_page,
+    dump_json,
+    revision_from_row,
+    suspension_from_row,
+)
+from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
+
+MEMORY = ":memory:"
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE proctor_approvals (
+            id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            agent_id TEXT NOT NULL,
+            action TEXT NOT NULL,
+            resource_type TEXT NOT NULL,
+            resource_id TEXT NOT NULL,
+            connector TEXT NOT NULL,
+            required_groups TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            idempotency_key TEXT,
+            mode TEXT NOT NULL,
+            decision_id TEXT NOT NULL,
+            request TEXT NOT NULL,
+            derived TEXT NOT NULL,
+            escalate_at REAL,
+            escalated INTEGER NOT NULL DEFAULT 0,
+            votes TEXT NOT NULL,
+            decided_at REAL,
+            decided_by TEXT,
+            reason TEXT,
+            forwarded_at REAL,
+            version INTEGER NOT NULL
+        )""",
+        "CREATE INDEX proctor_approvals_state_created ON proctor_approvals (state, created_at)",
+        "CREATE INDEX proctor_approvals_created ON proctor_approvals (created_at)",
+        "CREATE INDEX proctor_approvals_agent_fp ON proctor_approvals (agent_id, fingerprint)",
+        "CREATE INDEX proctor_approvals_agent_idem ON proctor_approvals (agent_id, idempotency_key)",
+        """CREATE TABLE proctor_resource_creators (
+            resource_type TEXT NOT NULL,
+            resource_id TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            decision_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (resource_type, resource_id)
+        )""",
+        """CREATE TABLE proctor_agents (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL DEFAULT '',
+            team TEXT NOT NULL DEFAULT '',
+            description TEXT NOT NULL DEFAULT '',
+            registered INTEGER NOT NULL DEFAULT 0,
+            first_seen REAL,
+            last_seen REAL,
+            requests INTEGER NOT NULL DEFAULT 0,
+            allowed INTEGER NOT NULL DEFAULT 0,
+            denied INTEGER NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE proctor_suspensions (
+            kind TEXT NOT NULL,
+            target TEXT NOT NULL,
+            since REAL NOT NULL,
+            suspended_by TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            PRIMARY KEY (kind, target)
+        )""",
+        """CREATE TABLE proctor_policy_revisions (
+            revision TEXT PRIMARY KEY,
+            loaded_at REAL NOT NULL,
+            files TEXT NOT NULL,
+            active INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX proctor_policy_revisions_loaded ON proctor_policy_revisions (loaded_at)",
+        "CREATE TABLE proctor_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        f"INSERT INTO proctor_meta (key, value) VALUES ('{SUSPENSIONS_VERSION_KEY}', 0)",
+    ),
+}
+assert max(_MIGRATIONS) == SCHEMA_VERSION
+
+_INSERT_APPROVAL = (
+    f"INSERT INTO proctor_approvals ({APPROVAL_SELECT}) "
+    f"VALUES ({', '.join('?' for _ in APPROVAL_COLUMN_NAMES)})"
+)
+# Every column but id; then WHERE id = ? AND version = ?
+_UPDATE_APPROVAL = (
+    "UPDATE proctor_approvals SET "
+    + ", ".join(f"{c} = ?" for c in APPROVAL_COLUMN_NAMES[1:])
+    + " WHERE id = ? AND version = ?"
+)
+_OPEN_IN = ", ".join("?" for _ in OPEN_APPROVAL_STATES)
+_FIND_OPEN_BY_KEY = (
+    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
+    f"WHERE agent_id = ? AND idempotency_key = ? AND state IN ({_OPEN_IN}) "
+    "ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+_FIND_OPEN_BY_FP = (
+    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
+    f"WHERE agent_id = ? AND fingerprint = ? AND state IN ({_OPEN_IN}) "
+    "ORDER BY created_at DESC, id DESC LIMIT 1"
+)
+_DUE = (
+    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
+    "WHERE state = ? AND (expires_at <= ? OR (escalate_at IS NOT NULL AND escalate_at <= ? AND escalated = 0)) "
+    "ORDER BY created_at, id"
+)
+_RECORD_CREATOR = (
+    "INSERT INTO proctor_resource_creators (resource_type, resource_id, agent_id, decision_id, created_at) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (resource_type, resource_id) DO UPDATE SET "
+    "agent_id = excluded.agent_id, decision_id = excluded.decision_id, created_at = excluded.created_at"
+)
+_UPSERT_AGENT = (
+    "INSERT INTO proctor_agents (id, owner, team, description, registered) VALUES (?, ?, ?, ?, 1) "
+    "ON CONFLICT (id) DO UPDATE SET owner = excluded.owner, team = excluded.team, "
+    "description = excluded.description, registered = 1"
+)
+_AGENT_ACTIVITY = (
+    "INSERT INTO proctor_agents (id, first_seen, last_seen, requests, allowed, denied) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (id) DO UPDATE SET "
+    "first_seen = min(coalesce(proctor_agents.first_seen, excluded.first_seen), "
+    "coalesce(excluded.first_seen, proctor_agents.first_seen)), "
+    "last_seen = max(coalesce(proctor_agents.last_seen, excluded.last_seen), "
+    "coalesce(excluded.last_seen, proctor_agents.last_seen)), "
+    "requests = proctor_agents.requests + excluded.requests, "
+    "allowed = proctor_agents.allowed + excluded.allowed, "
+    "denied = proctor_agents.denied + excluded.denied"
+)
+_BUMP_SUSPENSIONS = "UPDATE proctor_meta SET value = value + 1 WHERE key = ?"
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
+        path = os.fspath(path)
+        if path != MEMORY and not os.path.isabs(path):
+            raise ValueError(f"SQLite store path must be absolute (or {MEMORY}), got {path!r}")
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._db: aiosqlite.Connection | None = None
+        self._lock: asyncio.Lock | None = None
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    # ---- lifecycle -------------------------------------------------------
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        with backend_errors("open"):
+            if self.path != MEMORY:
+                self._prepare_file()
+            db = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+            try:
+                await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                await db.execute("PRAGMA journal_mode = WAL")
+                await db.execute("PRAGMA synchronous = NORMAL")
+                await self._migrate(db)
+            except BaseException:
+                await db.close()
+                raise
+        self._db = db
+        self._lock = asyncio.Lock()
+
+    def _prepare_file(self) -> None:
+        parent = Path(self.path).parent
+        if not parent.exists():
+            parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Approval summaries live here: create the file private to this user.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            await db.execute(
+                "CREATE TABLE IF NOT EXISTS proctor_schema_version (version INTEGER NOT NULL, applied_at REAL NOT NULL)"
+            )
+            async with db.execute("SELECT max(version) FROM proctor_schema_version") as cur:
+                row = await cur.fetchone()
+            current = int(row[0]) if row and row[0] is not None else 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"state store schema version {current} is newer than this Proctor supports ({SCHEMA_VERSION})"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for stmt in _MIGRATIONS[version]:
+                    await db.execute(stmt)
+                await db.execute(
+                    "INSERT INTO proctor_schema_version (version, applied_at) VALUES (?, ?)", (version, time.time())
+                )
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await db.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        db, self._db = self._db, None
+        if db is None:
+            return
+        with backend_errors("close"):
+            await db.close()
+
+    # ---- plumbing --------------------------------------------------------
+    def _conn(self) -> tuple[aiosqlite.Connection, asyncio.Lock]:
+        if self._db is None or self._lock is None:
+            raise StoreError("state store is not open")
+        return self._db, self._lock
+
+    async def _fetchall(self, op: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        db, lock = self._conn()
+        with backend_errors(op):
+            async with lock:
+                return list(await db.execute_fetchall(sql, params))
+
+    async def _fetchone(self, op: str, sql: str, params: Sequence[Any] = ()) -> Any:
+        rows = await self._fetchall(op, sql, params)
+        return rows[0] if rows else None
+
+    @contextlib.asynccontextmanager
+    async def _write(self, op: str) -> AsyncIterator[aiosqlite.Connection]:
+        """Serialised write transaction; rolled back on any error or cancellation."""
+        db, lock = self._conn()
+        with backend_errors(op):
+            async with lock:
+                try:
+                    await db.execute("BEGIN IMMEDIATE")
+                    yield db
+                    await db.execute("COMMIT")
+                except BaseException:
+                    # The worker thread runs queued statements in order, so this lands
+                    # after anything already sent even if this task is being cancelled
+                    # (and fails harmlessly when BEGIN or COMMIT never took effect).
+                    with contextlib.suppress(Exception):
+                        await db.execute("ROLLBACK")
+                    raise
+
+    # ---- approvals -------------------------------------------------------
+    async def create_approval(self, a: Approval) -> None:
+        async with self._write("create_approval") as db:
+            await db.execute(_INSERT_APPROVAL, approval_params(a))
+
+    async def get_approval(self, id: str) -> Approval | None:
+        row = await self._fetchone(
+            "get_approval", f"SELECT {APPROVAL_SELECT} FROM proctor_approvals WHERE id = ?", (id,)
+        )
+        return None if row is None else approval_from_row(row)
+
+    @staticmethod
+    def _approval_filter(
+        states: list[str] | None, agent_id: str | None = None, action: str | None = None
+    ) -> tuple[str, list[Any]]:
+        where: list[str] = []
+        params: list[Any] = []
+        if states is not None:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            params.extend(states)
+        if agent_id is not None:
+            where.append("agent_id = ?")
+            params.append(agent_id)
+        if action is not None:
+            where.append("action = ?")
+            params.append(action)
+        return (" WHERE " + " AND ".join(where) if where else ""), params
+
+    async def list_approvals(
+        self,
+        *,
+        states: list[str] | None = None,
+        agent_id: str | None = None,
+        action: str | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Approval]:
+        check_page(limit, offset)
+        if states is not None and not states:
+            return []
+        where, params = self._approval_filter(states, agent_id, action)
+        rows = await self._fetchall(
+            "list_approvals",
+            f"SELECT {APPROVAL_SELECT} FROM proctor_approvals{where} "
+            "ORDER BY created_at DESC, id DESC LIMIT ? OFFSET ?",
+            [*params, int(limit), int(offset)],
+        )
+        return [approval_from_row(r) for r in rows]
+
+    async def count_approvals(self, *, states: list[str] | None = None) -> int:
+        if states is not None and not states:
+            return 0
+        where, params = self._approval_filter(states)
+        row = await self._fetchone("count_approvals", f"SELECT count(*) FROM proctor_approvals{where}", params)
+        return int(row[0])
+
+    async def find_open_approval(
+        self, *, agent_id: str, fingerprint: str, idempotency_key: str | None
+    ) -> Approval | None:
+        if idempotency_key is not None:
+            sql, key = _FIND_OPEN_BY_KEY, idempotency_key
+        else:
+            sql, key = _FIND_OPEN_BY_FP, fingerprint
+        row = await self._fetchone("find_open_approval", sql, (agent_id, key, *OPEN_APPROVAL_STATES))
+        return None if row is None else approval_from_row(row)
+
+    async def update_approval(self, a: Approval, *, expect_version: int) -> bool:
+        expect_version = int(expect_version)
+        async with self._write("update_approval") as db:
+            params = approval_params(a)
+            params[-1] = expect_version + 1
+            async with db.execute(_UPDATE_APPROVAL, [*params[1:], a.id, expect_version]) as cur:
+                changed = cur.rowcount == 1
+        if changed:
+            a.version = expect_version + 1
+        return changed
+
+    async def due_approvals(self, now: float) -> list[Approval]:
+        now = float(now)
+        rows = await self._fetchall("due_approvals", _DUE, ("pending", now, now))
+        return [approval_from_row(r) for r in rows]
+
+    # ---- resource creators -----------------------------------------------
+    async def record_creator(
+        self, resource_type: str, resource_id: str, agent_id: str, decision_id: str, at: float
+    ) -> None:
+        async with self._write("record_creator") as db:
+            await db.execute(_RECORD_CREATOR, (resource_type, resource_id, agent_id, decision_id, float(at)))
+
+    async def creator_of(self, resource_type: str, resource_id: str) -> str | None:
+        row = await self._fetchone(
+            "creator_of",
+            "SELECT agent_id FROM proctor_resource_creators WHERE resource_type = ? AND resource_id = ?",
+            (resource_type, resource_id),
+        )
+        return None if row is None else row[0]
+
+    # ---- agent registry --------------------------------------------------
+    async def upsert_agent(self, rec: AgentRecord) -> None:
+        async with self._write("upsert_agent") as db:
+            await db.execute(_UPSERT_AGENT, (rec.id, rec.owner, rec.team, rec.description))
+
+    async def record_agent_activity(self, batch: dict[str, tuple[float, float, int, int, int]]) -> None:
+        if not batch:
+            return
+        async with self._write("record_agent_activity") as db:
+            await db.executemany(_AGENT_ACTIVITY, activity_rows(batch))
+
+    async def get_agent(self, id: str) -> AgentRecord | None:
+        row = await self._fetchone("get_agent", f"SELECT {AGENT_SELECT} FROM proctor_agents WHERE id = ?", (id,))
+        return None if row is None else agent_from_row(row)
+
+    async def list_agents(self) -> list[AgentRecord]:
+        rows = await self._fetchall("list_agents", f"SELECT {AGENT_SELECT} FROM proctor_agents ORDER BY id")
+        return [agent_from_row(r) for r in rows]
+
+    # ---- suspensions -----------------------------------------------------
+    async def suspend(self, s: Suspension) -> None:
+        check_kind(s.kind)
+        async with self._write("suspend") as db:
+            await db.execute(
+                "INSERT INTO proctor_suspensions (kind, target, since, suspended_by, reason) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (kind, target) DO UPDATE SET since = excluded.since, "
+                "suspended_by = excluded.suspended_by, reason = excluded.reason",
+                (s.kind, s.target, float(s.since), s.by, s.reason),
+            )
+            await db.execute(_BUMP_SUSPENSIONS, (SUSPENSIONS_VERSION_KEY,))
+
+    async def resume(self, kind: str, target: str) -> bool:
+        check_kind(kind)
+        async with self._write("resume") as db:
+            async with db.execute(
+                "DELETE FROM proctor_suspensions WHERE kind = ? AND target = ?", (kind, target)
+            ) as cur:
+                removed = cur.rowcount > 0
+            if removed:
+                await db.execute(_BUMP_SUSPENSIONS, (SUSPENSIONS_VERSION_KEY,))
+        return removed
+
+    async def list_suspensions(self) -> list[Suspension]:
+        rows = await self._fetchall(
+            "list_suspensions", f"SELECT {SUSPENSION_SELECT} FROM proctor_suspensions ORDER BY kind, target"
+        )
+        return [suspension_from_row(r) for r in rows]
+
+    async def suspensions_version(self) -> int:
+        row = await self._fetchone(
+            "suspensions_version", "SELECT value FROM proctor_meta WHERE key = ?", (SUSPENSIONS_VERSION_KEY,)
+        )
+        return 0 if row is None else int(row[0])
+
+    # ---- policy revisions ------------------------------------------------
+    async def save_revision(self, r: PolicyRevision, keep: int = 20) -> None:
+        check_keep(keep)
+        async with self._write("save_revision") as db:
+            files = dump_json(dict(r.files))
+            await db.execute(
+                "UPDATE proctor_policy_revisions SET active = 0 WHERE active <> 0 AND revision <> ?", (r.revision,)
+            )
+            await db.execute(
+                "INSERT INTO proctor_policy_revisions (revision, loaded_at, files, active) VALUES (?, ?, ?, 1) "
+                "ON CONFLICT (revision) DO UPDATE SET "
+                "loaded_at = excluded.loaded_at, files = excluded.files, active = 1",
+                (r.revision, float(r.loaded_at), files),
+            )
+            await db.execute(
+                "DELETE FROM proctor_policy_revisions WHERE active = 0 AND revision NOT IN ("
+                "SELECT revision FROM proctor_policy_revisions ORDER BY loaded_at DESC, revision DESC LIMIT ?)",
+                (int(keep),),
+            )
+        r.active = True
+
+    async def list_revisions(self) -> list[PolicyRevision]:
+        rows = await self._fetchall(
+            "list_revisions",
+            f"SELECT {REVISION_SELECT} FROM proctor_policy_revisions ORDER BY loaded_at DESC, revision DESC",
+        )
+        return [revision_from_row(r) for r in rows]
+
+    async def get_revision(self, revision: str) -> PolicyRevision | None:
+        row = await self._fetchone(
+            "get_revision", f"SELECT {REVISION_SELECT} FROM proctor_policy_revisions WHERE revision = ?", (revision,)
+        )
+        return None if row is None else revision_from_row(row)
