@@ -7,20 +7,34 @@ import sys
 
 import pytest
 
-from proxy.demo import MOCK_PORT, port_free
+from proxy.demo import MOCK_PORTS, port_free
 
 pytestmark = pytest.mark.integration
 
 
 def test_demo_runs_and_explains_each_call(tmp_path):
-    busy = [p for p in (8080, 8081, MOCK_PORT) if not port_free(p)]
+    busy = [p for p in (8080, 8081, *MOCK_PORTS) if not port_free(p)]
     if busy:
         pytest.skip(f"demo ports {busy} are in use on this machine")
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    assert "7 calls: 3 allowed, 4 refused." in text
-    assert "agents-never-delete-incidents" in text
-    assert "egress-default-deny" in text
-    assert "no policy permits it (default deny)" in text
+    assert "17 calls: 9 allowed, 8 refused." in text
+    rows = {line.split("  ")[0].strip() + "|" + line[17:57].strip(): line for line in text.splitlines() if "-bot" in line or "rogue" in line}
+    def row(agent: str, step: str) -> str:
+        return rows[f"{agent}|{step}"]
+    # ticketing: the incident's group is looked up on the upstream
+    assert "ALLOWED" in row("support-bot", "work its own incident")
+    assert "no policy permits it (default deny)" in row("support-bot", "work the network team's incident")
+    assert "resolve-needs-close-code" in row("support-bot", "resolve without a close code")
+    assert "agents-never-delete-incidents" in row("support-bot", "delete the incident")
+    assert "egress-default-deny" in row("support-bot", "send data to an unknown host")
+    # ERP: threshold, creator tracking
+    assert "ALLOWED" in row("procurement-bot", "order 4 laptops (EUR 4,799.96)")
+    assert "po-over-10k-needs-approval" in row("procurement-bot", "order 5 servers (EUR 26,000)")
+    assert "no-self-approval" in row("procurement-bot", "release the order it created")
+    assert "approvers-release-orders" in row("finance-bot", "release order 4500000002")
+    # CRM
+    assert "agents-never-close-won" in row("sales-bot", "mark the deal Closed Won")
+    assert "407" in row("rogue-script", "call the ticketing API without a token")
     assert (tmp_path / ".proctor" / "decisions.jsonl").exists()

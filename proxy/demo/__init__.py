@@ -1,4 +1,5 @@
-"""`proctor demo`: a mock ticketing system, the proxy on the embedded default, and scripted agents.
+"""`proctor demo`: mock ticketing, CRM and ERP systems, the proxy on the embedded default,
+and scripted agents.
 
 Everything runs as separate processes on loopback, exactly as a user would run
 them: the agents are plain `requests` programs configured only through
@@ -19,12 +20,21 @@ from pathlib import Path
 from ..config import default_config
 from ..identity.dev_issuer import DevIssuer
 
-MOCK_PORT = 9101
+MOCK_PORT = 9101  # ticketing
+MOCKS = [
+    # (module, port, what)
+    ("proxy.demo.mock_ticketing", 9101, "ticketing (ServiceNow-style)"),
+    ("proxy.demo.mock_crm", 9102, "CRM (Salesforce-style)"),
+    ("proxy.demo.mock_erp", 9103, "ERP (SAP S/4HANA-style)"),
+]
+MOCK_PORTS = [port for _, port, _ in MOCKS]
 
 AGENTS = [
     # (script, agent id, claims or None for "no token")
-    ("support", "support-bot", {"groups": ["support"], "team": "it-ops"}),
-    ("intern", "intern-bot", {"groups": ["interns"]}),
+    ("support", "support-bot", {"groups": ["support"], "team": "it-ops", "assignment_group": "service-desk"}),
+    ("procurement", "procurement-bot", {"groups": ["procurement", "procurement-approvers"], "team": "purchasing"}),
+    ("finance", "finance-bot", {"groups": ["procurement-approvers"], "team": "finance"}),
+    ("sales", "sales-bot", {"groups": ["sales"], "team": "sales"}),
     ("rogue", "rogue-script", None),
 ]
 
@@ -82,7 +92,7 @@ def _fmt_table(rows: list[list[str]], headers: list[str]) -> str:
 
 def run_demo(keep_running: bool = False) -> int:
     cfg = default_config()
-    busy = [p for p in (cfg.listen.port, cfg.control.listen.port, MOCK_PORT) if not port_free(p)]
+    busy = [p for p in (cfg.listen.port, cfg.control.listen.port, *MOCK_PORTS) if not port_free(p)]
     if busy:
         print(f"proctor demo: port(s) {busy} on 127.0.0.1 are in use; stop whatever uses them and retry", file=sys.stderr)
         return 2
@@ -94,19 +104,18 @@ def run_demo(keep_running: bool = False) -> int:
     py = sys.executable
     procs: list[subprocess.Popen] = []
     try:
-        mock_log = logs / "mock-ticketing.log"
-        procs.append(
-            subprocess.Popen(
-                [py, "-m", "proxy.demo.mock_ticketing", "--port", str(MOCK_PORT)],
-                stdout=open(mock_log, "w"),
-                stderr=subprocess.STDOUT,
-            )
-        )
+        mocks = []
+        for module, port, what in MOCKS:
+            mock_log = logs / f"{module.rsplit('.', 1)[-1]}.log"
+            proc = subprocess.Popen([py, "-m", module, "--port", str(port)], stdout=open(mock_log, "w"), stderr=subprocess.STDOUT)
+            procs.append(proc)
+            mocks.append((proc, port, what, mock_log))
         proxy_log = logs / "proctor.log"
         proxy = subprocess.Popen([py, "-m", "proxy.cli", "run"], stdout=open(proxy_log, "w"), stderr=subprocess.STDOUT)
         procs.append(proxy)
-        print("proctor demo: starting the mock ticketing system (ServiceNow-style) and the proxy ...")
-        _wait(lambda: not port_free(MOCK_PORT), 20, "mock ticketing", procs[0], mock_log)
+        print("proctor demo: starting mock " + ", ".join(w for _, _, w in MOCKS) + " systems and the proxy ...")
+        for proc, port, what, mock_log in mocks:
+            _wait(lambda port=port: not port_free(port), 20, f"mock {what}", proc, mock_log)
         _wait(lambda: _http_ok(f"http://127.0.0.1:{cfg.control.listen.port}/readyz"), 30, "proctor", proxy, proxy_log)
 
         issuer = DevIssuer(cfg.dev_issuer_dir, cfg.dev_issuer)
@@ -127,7 +136,10 @@ def run_demo(keep_running: bool = False) -> int:
                 SSL_CERT_FILE=str(ca_pem),
                 REQUESTS_CA_BUNDLE=str(ca_pem),
             )
-            out = subprocess.run([py, "-m", "proxy.demo.agents", script], env=env, capture_output=True, text=True, timeout=60)
+            argv = [py, "-m", "proxy.demo.agents", script]
+            if script == "finance":  # releases the order the procurement agent created
+                argv.append(next((r["created"] for r in results if r["agent"] == "procurement-bot" and r.get("created")), "0000000000"))
+            out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
             if out.returncode != 0:
                 print(out.stderr, file=sys.stderr)
                 raise RuntimeError(f"demo agent {script} failed")
@@ -157,13 +169,18 @@ def run_demo(keep_running: bool = False) -> int:
         print()
         print(_fmt_table(rows, ["agent", "what it tried", "action", "decision", "status", "policy / reason"]))
         print()
+        print(
+            "The 26,000 EUR order is refused outright for now: the policy that stops it carries\n"
+            "@approval(\"procurement-managers\"); with approvals enabled it is held for a human instead."
+        )
+        print()
         print(f"Every decision is in {decisions} (one JSON line each); look one up by its X-Proctor-Decision-Id.")
         allowed = sum(1 for r in rows if r[3] == "ALLOWED")
         print(f"{len(rows)} calls: {allowed} allowed, {len(rows) - allowed} refused.")
         if keep_running:
             print(
                 f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on 127.0.0.1:{cfg.control.listen.port}, "
-                f"mock ticketing on 127.0.0.1:{MOCK_PORT}. Try:\n"
+                f"mock ticketing/CRM/ERP on 127.0.0.1:9101/9102/9103. Try:\n"
                 f"  export TOKEN=$(proctor token issue --agent support-bot --claim 'groups=[\"support\"]')\n"
                 f"  curl -x http://support-bot:$TOKEN@127.0.0.1:{cfg.listen.port} http://127.0.0.1:{MOCK_PORT}/api/now/table/incident\n"
                 "Press Ctrl-C to stop."

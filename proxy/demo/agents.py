@@ -2,8 +2,10 @@
 knows about Proctor. They reach it only because the environment says
 HTTP_PROXY/HTTPS_PROXY=http://<agent-id>:<jwt>@127.0.0.1:8080.
 
-    python -m proxy.demo.agents support|intern|rogue
-Each step prints one JSON line: {"agent", "step", "method", "url", "status", "decision_id", "detail"}.
+    python -m proxy.demo.agents support|procurement|finance|sales|rogue [ARG]
+
+Each step prints one JSON line:
+{"agent", "step", "method", "url", "status", "decision_id", "detail", "created"?}.
 """
 
 from __future__ import annotations
@@ -13,14 +15,18 @@ import sys
 
 import requests
 
-BASE = "http://127.0.0.1:9101/api/now/table/incident"
+TICKETING = "http://127.0.0.1:9101/api/now/table/incident"
+CRM = "http://127.0.0.1:9102/services/data/v60.0"
+ERP_PO = "http://127.0.0.1:9103/sap/opu/odata/sap/API_PURCHASEORDER_PROCESS_SRV/A_PurchaseOrder"
+ERP_SUPPLIER = "http://127.0.0.1:9103/sap/opu/odata/sap/API_BUSINESS_PARTNER/A_Supplier"
+TIMEOUT = 15
 
 
-def emit(agent: str, step: str, resp: requests.Response) -> dict:
+def emit(agent: str, step: str, resp: requests.Response, created: str | None = None) -> dict:
     detail = ""
-    if resp.headers.get("content-type", "").startswith("application/problem+json"):
-        body = resp.json()
-        detail = body.get("detail", "")
+    ctype = resp.headers.get("content-type", "")
+    if ctype.startswith("application/problem+json"):
+        detail = resp.json().get("detail", "")
     line = {
         "agent": agent,
         "step": step,
@@ -30,34 +36,97 @@ def emit(agent: str, step: str, resp: requests.Response) -> dict:
         "decision_id": resp.headers.get("X-Proctor-Decision-Id"),
         "detail": detail,
     }
+    if created:
+        line["created"] = created
     print(json.dumps(line), flush=True)
     return line
 
 
 def support() -> None:
     a = "support-bot"
-    r = requests.get(BASE, timeout=10)
-    emit(a, "list open incidents", r)
-    r = requests.post(BASE, json={"short_description": "Printer on floor 3 offline", "assignment_group": "service-desk", "urgency": "3"}, timeout=10)
-    emit(a, "open a new incident", r)
-    sys_id = r.json()["result"]["sys_id"] if r.status_code == 201 else "unknown"
-    r = requests.patch(f"{BASE}/{sys_id}", json={"state": "in_progress", "work_notes": "Rebooted spooler"}, timeout=10)
-    emit(a, "update the incident", r)
-    r = requests.delete(f"{BASE}/{sys_id}", timeout=10)
+    r = requests.get(TICKETING, timeout=TIMEOUT)
+    emit(a, "list incidents", r)
+    incidents = r.json().get("result", []) if r.ok else []
+    other = next((i["sys_id"] for i in incidents if i.get("assignment_group") == "network"), "0" * 32)
+    r = requests.post(
+        TICKETING,
+        json={"short_description": "Printer on floor 3 offline", "assignment_group": "service-desk", "urgency": "3"},
+        timeout=TIMEOUT,
+    )
+    sys_id = r.json()["result"]["sys_id"] if r.status_code == 201 else "0" * 32
+    emit(a, "open an incident for its queue", r, created=sys_id)
+    r = requests.patch(f"{TICKETING}/{sys_id}", json={"state": "2", "work_notes": "Rebooted the spooler"}, timeout=TIMEOUT)
+    emit(a, "work its own incident", r)
+    r = requests.patch(f"{TICKETING}/{other}", json={"state": "2", "work_notes": "Looking into it"}, timeout=TIMEOUT)
+    emit(a, "work the network team's incident", r)
+    r = requests.patch(f"{TICKETING}/{sys_id}", json={"state": "6"}, timeout=TIMEOUT)
+    emit(a, "resolve without a close code", r)
+    r = requests.patch(
+        f"{TICKETING}/{sys_id}", json={"state": "6", "close_code": "Solved (Permanently)"}, timeout=TIMEOUT
+    )
+    emit(a, "resolve with a close code", r)
+    r = requests.delete(f"{TICKETING}/{sys_id}", timeout=TIMEOUT)
     emit(a, "delete the incident", r)
-    r = requests.post("http://127.0.0.1:9/upload", data=b"customer list", timeout=10)
+    r = requests.post("http://127.0.0.1:9/upload", data=b"customer list", timeout=TIMEOUT)
     emit(a, "send data to an unknown host", r)
 
 
-def intern() -> None:
-    r = requests.get(BASE, timeout=10)
-    emit("intern-bot", "list incidents (not in the support group)", r)
+def procurement() -> None:
+    a = "procurement-bot"
+    r = requests.get(f"{ERP_SUPPLIER}('17300001')", timeout=TIMEOUT)
+    emit(a, "read supplier 17300001", r)
+    order = {
+        "CompanyCode": "1010",
+        "PurchaseOrderType": "NB",
+        "Supplier": "17300001",
+        "DocumentCurrency": "EUR",
+        "to_PurchaseOrderItem": [
+            {"Material": "LAPTOP-14", "OrderQuantity": "4", "NetPriceAmount": "1150.00"},
+            {"Material": "DOCK-USB-C", "OrderQuantity": "4", "NetPriceAmount": "49.99"},
+        ],
+    }
+    r = requests.post(ERP_PO, json=order, timeout=TIMEOUT)
+    po = r.json()["d"]["PurchaseOrder"] if r.status_code == 201 else None
+    emit(a, "order 4 laptops (EUR 4,799.96)", r, created=po)
+    big = dict(order, to_PurchaseOrderItem=[{"Material": "SERVER-2U", "OrderQuantity": "5", "NetPriceAmount": "5200.00"}])
+    r = requests.post(ERP_PO, json=big, timeout=TIMEOUT)
+    emit(a, "order 5 servers (EUR 26,000)", r)
+    r = requests.post(f"{ERP_PO}('{po or '0000000000'}')/Release", timeout=TIMEOUT)
+    emit(a, "release the order it created", r)
+
+
+def finance(po: str) -> None:
+    a = "finance-bot"
+    r = requests.post(f"{ERP_PO}('{po}')/Release", timeout=TIMEOUT)
+    emit(a, f"release order {po}", r)
+
+
+def sales() -> None:
+    a = "sales-bot"
+    r = requests.get(f"{CRM}/query", params={"q": "SELECT Id, Name FROM Account LIMIT 5"}, timeout=TIMEOUT)
+    emit(a, "query accounts (SOQL)", r)
+    accounts = r.json().get("records", []) if r.ok else []
+    account_id = accounts[0]["Id"] if accounts else "001000000000000AAA"
+    r = requests.post(
+        f"{CRM}/sobjects/Opportunity",
+        json={"Name": "Renewal 2027", "AccountId": account_id, "StageName": "Prospecting", "Amount": 48000,
+              "CloseDate": "2027-03-31"},
+        timeout=TIMEOUT,
+    )
+    opp = r.json().get("id") if r.status_code == 201 else "006000000000000AAA"
+    emit(a, "create an opportunity", r, created=opp)
+    r = requests.patch(f"{CRM}/sobjects/Opportunity/{opp}", json={"StageName": "Closed Won"}, timeout=TIMEOUT)
+    emit(a, "mark the deal Closed Won", r)
 
 
 def rogue() -> None:
-    r = requests.get(BASE, timeout=10)
-    emit("rogue-script", "call the API without a token", r)
+    r = requests.get(TICKETING, timeout=TIMEOUT)
+    emit("rogue-script", "call the ticketing API without a token", r)
 
 
 if __name__ == "__main__":
-    {"support": support, "intern": intern, "rogue": rogue}[sys.argv[1]]()
+    script = sys.argv[1]
+    if script == "finance":
+        finance(sys.argv[2])
+    else:
+        {"support": support, "procurement": procurement, "sales": sales, "rogue": rogue}[script]()
