@@ -86,14 +86,24 @@ def token() -> None:
 
 
 @token.command("issue")
-@click.option("--agent", required=True, help="Agent id (becomes the token subject and Agent::\"<id>\").")
+@click.option("--agent", default=None, help="Agent id (becomes the token subject and Agent::\"<id>\").")
+@click.option("--approver", default=None, help="Instead of an agent token: a token for a human approver with this id.")
+@click.option("--group", "groups", multiple=True, help="With --approver: an approval group (repeatable).")
 @click.option("--claim", "claims", multiple=True, metavar="K=V", help="Extra claim; V is parsed as JSON when it can be.")
 @click.option("--ttl", default=None, help="Lifetime such as 15m, 1h, 2d (default: the dev issuer's default_ttl).")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
-def token_issue(agent: str, claims: tuple[str, ...], ttl: str | None, config_path: str | None) -> None:
-    """Print a JWT for AGENT from the dev issuer."""
+def token_issue(
+    agent: str | None, approver: str | None, groups: tuple[str, ...], claims: tuple[str, ...], ttl: str | None,
+    config_path: str | None,
+) -> None:
+    """Print a JWT from the dev issuer: for an agent (--agent), or for a human
+    approver (--approver, --group) to use with the approvals API, CLI and console."""
     from .identity.dev_issuer import DevIssuer
 
+    if (agent is None) == (approver is None):
+        raise click.UsageError("give exactly one of --agent or --approver")
+    if groups and approver is None:
+        raise click.UsageError("--group goes with --approver")
     config = _load(config_path)
     if not config.dev_issuer_enabled:
         raise click.ClickException("the dev issuer is disabled in this config (dev_issuer.enabled: false)")
@@ -101,8 +111,13 @@ def token_issue(agent: str, claims: tuple[str, ...], ttl: str | None, config_pat
     reserved = {"iss", "aud", "sub", "exp", "nbf", "iat", "jti"} & extra.keys()
     if reserved:
         raise click.BadParameter(f"reserved claims cannot be set: {sorted(reserved)}", param_hint="--claim")
+    audience = None
+    if approver is not None:
+        extra[config.approvals.approver_groups_claim] = list(groups)
+        audience = config.approvals.approver_audience
     try:
-        click.echo(DevIssuer(config.dev_issuer_dir, config.dev_issuer).issue(agent, extra, ttl))
+        issuer = DevIssuer(config.dev_issuer_dir, config.dev_issuer)
+        click.echo(issuer.issue(agent or approver, extra, ttl, audience=audience))
     except ValueError as e:
         raise click.ClickException(str(e)) from None
 

@@ -227,6 +227,42 @@ class StoreConfig(Strict):
         return self
 
 
+class ApprovalsConfig(Strict):
+    """Human approval of held requests (see docs/approvals.md).
+
+    A request denied only by `forbid` policies annotated `@approval("group")` is
+    held until people from those groups approve it, then re-evaluated with the
+    approval in `context.approval`.
+    """
+
+    enabled: bool = True
+    # How a held agent waits (a connector or route may override): `sync` keeps the
+    # connection open up to sync_wait_seconds; `async` answers 202 with a status URL
+    # and the agent's retry of the same request proceeds once approved.
+    mode: Literal["sync", "async"] = "sync"
+    sync_wait_seconds: float = Field(120.0, gt=0, le=3600)
+    expire_after_seconds: float = Field(3600.0, gt=0)
+    # After this long still pending, notify `escalate_to` as well (webhooks with the
+    # `escalated` event); approvers from that group may then decide too.
+    escalate_after_seconds: float | None = Field(None, gt=0)
+    escalate_to: str | None = None
+    retry_after_seconds: int = Field(5, ge=1, le=3600)  # advertised to async agents
+    # Approvers authenticate with JWTs from the same issuers as agents, but for this
+    # audience, so an agent token can never approve and an approver token never acts as an agent.
+    approver_audience: str = "proctor-approvers"
+    approver_groups_claim: str = "approval_groups"
+    console_url: str | None = None  # default: http://<control listen>/console
+    webhooks: list[dict] = Field(default_factory=list)  # see proxy/approvals/notify.py WebhookConfig
+    # Held request bodies shown to approvers are cut at this size.
+    preview_body_bytes: int = Field(16 * 1024, ge=0, le=1024 * 1024)
+
+    @model_validator(mode="after")
+    def _escalation(self) -> "ApprovalsConfig":
+        if (self.escalate_after_seconds is None) != (self.escalate_to is None):
+            raise ValueError("approvals: escalate_after_seconds and escalate_to go together")
+        return self
+
+
 class ControlConfig(Strict):
     listen: Listen = Field(default_factory=lambda: Listen(port=8081))
     enabled: bool = True
@@ -246,6 +282,7 @@ class ProctorConfig(Strict):
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     record: RecordConfig = Field(default_factory=RecordConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    approvals: ApprovalsConfig = Field(default_factory=ApprovalsConfig)
 
     # -- derived paths ---------------------------------------------------------
     @property

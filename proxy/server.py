@@ -22,6 +22,8 @@ from .config import ProctorConfig
 from .connectors.classifier import Classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
+from .approvals.notify import Notifier, WebhookConfig
+from .approvals.service import ApprovalService
 from .connectors.lookup import LookupClient
 from .control.api import build_app
 from .core.enrich import Enricher
@@ -53,6 +55,8 @@ class ProctorRuntime:
     metrics: Metrics
     store: Store
     lookups: LookupClient
+    approvals: ApprovalService | None = None
+    notifier: Notifier | None = None
 
 
 def build_runtime(config: ProctorConfig) -> ProctorRuntime:
@@ -76,12 +80,30 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     store = open_store(config.store_url)
     lookups = LookupClient(config.upstream, injector)
     enricher = Enricher(manifests, creator_of=store.creator_of, fetch_json=lookups.fetch_json)
-    pipeline = Pipeline(config, verifier, classifier, policies, shadow, enricher)
     recorder = DecisionRecorder(config.decisions_path)
+    approvals = notifier = None
+    if config.approvals.enabled:
+        control = f"http://{config.control.listen.host}:{config.control.listen.port}"
+        notifier = Notifier(
+            [WebhookConfig.model_validate(h) for h in config.approvals.webhooks],
+            config.approvals.console_url or f"{control}/console",
+        )
+        approvals = ApprovalService(
+            store,
+            config.approvals,
+            recorder.write,
+            notifier,
+            status_base_url=control,
+            shared_store=not config.store_url.startswith("sqlite:"),
+        )
+        approvals.extra_secret_headers = frozenset(
+            h.lower() for m in manifests if m.auth is not None for h in m.auth.headers_to_remove()
+        )
+    pipeline = Pipeline(config, verifier, classifier, policies, shadow, enricher, approvals)
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     metrics = Metrics()
     addon = ProctorAddon(pipeline, recorder, router, metrics, injector, Tracing(), store=store)
-    runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics, store, lookups)
+    runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics, store, lookups, approvals, notifier)
     metrics.add_collector(lambda: runtime_families(runtime))
     return runtime
 
@@ -173,6 +195,11 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
             pass
 
     watcher = asyncio.create_task(_watch_policies(runtime))
+    timers = None
+    if runtime.approvals is not None:
+        timers = asyncio.create_task(runtime.approvals.run_timers())
+    if runtime.notifier is not None:
+        await runtime.notifier.start()
     b = runtime.policies.bundle
     gw = f", gateway on {config.gateway.listen.host}:{config.gateway.listen.port}" if config.gateway.enabled else ""
     log.info(
@@ -199,6 +226,10 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         await master.run()
     finally:
         watcher.cancel()
+        if timers is not None:
+            timers.cancel()
+        if runtime.notifier is not None:
+            await runtime.notifier.close()
         if runner is not None:
             await runner.cleanup()
         runtime.recorder.close()

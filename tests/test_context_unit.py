@@ -64,3 +64,21 @@ def test_context_carries_the_target_port():
 
     ctx = request_context(req(b""), Classification("c", "a", "T", "i"), None, [])
     assert ctx["port"] == 443 and ctx["host"] == "h"
+
+
+def test_typed_decimal_resource_attributes_survive_as_decimals():
+    """Regression: typed decimals copied into resource attributes were stripped to {}
+    (to_cedar drops __extn keys from agent JSON) and reached Cedar as empty records."""
+    from proxy.core.context import resource_entity
+    from proxy.core.model import Classification
+
+    dec = {"__extn": {"fn": "decimal", "arg": "26000.0"}}
+    cls = Classification(
+        connector="erp", action="erp.purchase_order.create", resource_type="PurchaseOrder", resource_id="new",
+        resource_attrs={"net_amount": dec, "prices": [dec], "static_ratio": 0.5, "supplier": "17300001"},
+    )
+    attrs = resource_entity(cls)["attrs"]
+    assert attrs["net_amount"] == dec
+    assert attrs["prices"] == [dec]
+    assert attrs["static_ratio"] == {"__extn": {"fn": "decimal", "arg": "0.5"}}
+    assert attrs["supplier"] == "17300001"

@@ -19,7 +19,7 @@ def test_demo_runs_and_explains_each_call(tmp_path):
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    assert "17 calls: 9 allowed, 8 refused." in text
+    assert "18 calls: 9 allowed, 2 held for approval, 7 refused." in text
     rows = {line.split("  ")[0].strip() + "|" + line[17:57].strip(): line for line in text.splitlines() if "-bot" in line or "rogue" in line}
     def row(agent: str, step: str) -> str:
         return rows[f"{agent}|{step}"]
@@ -31,7 +31,11 @@ def test_demo_runs_and_explains_each_call(tmp_path):
     assert "egress-default-deny" in row("support-bot", "send data to an unknown host")
     # ERP: threshold, creator tracking
     assert "ALLOWED" in row("procurement-bot", "order 4 laptops (EUR 4,799.96)")
-    assert "po-over-10k-needs-approval" in row("procurement-bot", "order 5 servers (EUR 26,000)")
+    # held for a manager, who approves one (forwarded: 201) and denies the other
+    assert "HELD, APPROVED" in row("procurement-bot", "order 5 servers (EUR 26,000)")
+    assert "201" in row("procurement-bot", "order 5 servers (EUR 26,000)")
+    assert "HELD, DENIED" in row("procurement-bot", "order 20 servers (EUR 104,000)")
+    assert "403" in row("procurement-bot", "order 20 servers (EUR 104,000)")
     assert "no-self-approval" in row("procurement-bot", "release the order it created")
     assert "approvers-release-orders" in row("finance-bot", "release order 4500000002")
     # CRM

@@ -74,6 +74,7 @@ class _CompiledRoute:
     params: list[str | None]
     wildcard_tail: bool
     risk: str
+    approval: Any = None  # ApprovalWait merged from the route and its connector
     # Routes with more literal segments win, then more partly-literal ones; exact
     # before wildcard tails; ties go to declaration order.
     specificity: tuple[int, int, int] = (0, 0, 0)
@@ -141,8 +142,15 @@ def _compile(connector: ConnectorManifest, spec: RouteSpec, index: int) -> _Comp
         params=params,
         wildcard_tail=wildcard,
         risk=spec.risk or connector.risk,
+        approval=_merge_wait(connector.approval, spec.approval),
         specificity=(literals, partial, 0 if wildcard else 1),
     )
+
+
+def _merge_wait(connector_wait: Any, route_wait: Any) -> Any:
+    if connector_wait is None or route_wait is None:
+        return route_wait or connector_wait
+    return connector_wait.model_copy(update={k: v for k, v in route_wait.model_dump().items() if v is not None})
 
 
 def split_host_pattern(pattern: str) -> tuple[str, int | None]:
@@ -219,6 +227,7 @@ class Classifier:
                         resource_type="",
                         resource_id="",
                         risk=route.risk,
+                        approval_mode=route.approval,
                         route=f"{route.spec.method} {route.spec.path}",
                         params=path_values(route.spec.params, values),
                         query_params=query_values(route.spec.query, query),
@@ -252,6 +261,7 @@ class Classifier:
                     body_specs=spec.body,
                     resource_attribute_names=tuple(spec.resource_attributes),
                     spec=spec,
+                    approval_mode=route.approval,
                 )
             return None
         if self.generic_default or any(host_matches(p, host, port) for p in self.unclassified_hosts):

@@ -196,6 +196,14 @@ class LookupSpec(_Strict):
         return v
 
 
+class ApprovalWait(_Strict):
+    """How an agent waits when a request on this route (or connector) is held for approval.
+    Unset values fall back to the `approvals` section of the config."""
+
+    mode: Literal["sync", "async"] | None = None
+    wait_seconds: float | None = Field(None, gt=0, le=3600)
+
+
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUERY_NAME_RE = re.compile(r"^[A-Za-z0-9_$.@-]+$")
 
@@ -219,6 +227,7 @@ class RouteSpec(_Strict):
     jsonrpc: list[RpcOperation] | None = None
     track_creator: TrackCreator | None = None
     lookup: LookupSpec | None = None
+    approval: ApprovalWait | None = None
 
     @field_validator("method")
     @classmethod
@@ -315,6 +324,7 @@ class ConnectorManifest(_Strict):
     routes: list[RouteSpec]
     # The upstream credential Proctor injects (secrets referenced, never inline).
     auth: UpstreamAuth | None = None
+    approval: ApprovalWait | None = None  # default for the connector's routes
 
     @field_validator("hosts")
     @classmethod

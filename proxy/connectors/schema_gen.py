@@ -37,8 +37,9 @@ BASE_CONTEXT_FIELDS = (
     ("source_ip", "ipaddr"),
     ("mode", "String"),
 )
-# Optional keys some requests carry; declared in every generated context type.
-OPTIONAL_CONTEXT_FIELDS: tuple[tuple[str, str], ...] = ()
+# Optional keys some requests carry; declared in every generated context type
+# whose schema declares the named common type (the bundled one does).
+OPTIONAL_CONTEXT_FIELDS: tuple[tuple[str, str], ...] = (("approval", "Approval"),)
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -224,7 +225,7 @@ def generate_schema(
             continue
         decl = actions[action]
         ctx_fields: list[str] = [f"{k}: {t}" for k, t in BASE_CONTEXT_FIELDS]
-        ctx_fields += [f"{k}?: {t}" for k, t in OPTIONAL_CONTEXT_FIELDS]
+        ctx_fields += [f"{k}?: {t}" for k, t in OPTIONAL_CONTEXT_FIELDS if t in declared.types]
         extra = False
         for group in ("params", "query_params", "fields"):
             types: dict[str, str] = {}

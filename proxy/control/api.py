@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from .approvals_api import add_approval_routes
 
 if TYPE_CHECKING:
     from ..server import ProctorRuntime
@@ -74,4 +75,6 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
 
     app.router.add_get("/v1/stats", stats)
     app.router.add_get("/metrics", metrics)
+    if runtime.approvals is not None:
+        add_approval_routes(app, runtime)
     return app

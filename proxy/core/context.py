@@ -120,8 +120,20 @@ def principal_entity(identity: AgentIdentity, mapping: PrincipalMapping) -> dict
     return {"uid": {"type": "Agent", "id": identity.agent_id}, "attrs": attrs, "parents": parents}
 
 
+def _resource_value(value: Any) -> Any:
+    """A resource attribute as Cedar JSON. Typed values (connectors/values.py) are
+    Cedar JSON already (decimals as extension values, which to_cedar would strip as
+    a smuggling attempt); static manifest attributes are plain JSON."""
+    if isinstance(value, dict) and len(value) == 1 and "__extn" in value:
+        return value
+    if isinstance(value, list):
+        items = [_resource_value(v) for v in value]
+        return [v for v in items if v is not _OMIT]
+    return to_cedar(value)
+
+
 def resource_entity(cls: Classification) -> dict:
-    attrs = {k: v for k, v in ((k, to_cedar(v)) for k, v in cls.resource_attrs.items()) if v is not _OMIT}
+    attrs = {k: v for k, v in ((k, _resource_value(v)) for k, v in cls.resource_attrs.items()) if v is not _OMIT}
     for name, (etype, eid) in cls.resource_refs.items():  # after to_cedar, which drops __entity
         attrs[name] = {"__entity": {"type": etype, "id": eid}}
     return {"uid": {"type": cls.resource_type, "id": cls.resource_id}, "attrs": attrs, "parents": []}

@@ -53,6 +53,9 @@ class AgentRequest:
     # Set by the adapter when a header value carries CR, LF or NUL (refused).
     header_problem: str | None = None
     repeated_headers: frozenset[str] = frozenset()  # lower-case names that appeared more than once
+    # Engine callback: is the agent still connected? (a held request must not be
+    # forwarded for an agent that hung up; the approval then applies to its retry)
+    client_alive: Any = None
 
     @property
     def url(self) -> str:
@@ -64,6 +67,7 @@ class AgentRequest:
 class Decision(str, enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
+    HOLD = "hold"  # held for human approval and not (yet) forwarded
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +93,7 @@ class Classification:
     rpc: dict[str, Any] | None = None
     arguments: Any = None  # the call's params.arguments (MCP tools/call), as Cedar JSON
     spec: Any = None  # the matched RouteSpec (lookup, track_creator)
+    approval_mode: Any = None  # the route's (or connector's) ApprovalWait, if it sets one
     # Entity references among the resource's attributes (attr -> (type, id)), e.g. created_by.
     resource_refs: dict[str, tuple[str, str]] = field(default_factory=dict)
 
@@ -109,6 +114,7 @@ class Refusal:
     headers: dict[str, str] = field(default_factory=dict)
     # Machine-readable category for the record: authentication, policy, classification, ...
     kind: str = "policy"
+    extra: dict[str, Any] = field(default_factory=dict)  # more problem fields (approval_id, status_url)
 
 
 @dataclass(slots=True)
@@ -135,6 +141,7 @@ class Outcome:
     shadow: dict[str, Any] | None = None  # the candidate set's verdict when it disagrees (shadow mode)
     jsonrpc_id: Any = None  # set (possibly to None) for JSON-RPC endpoints: refusals become JSON-RPC errors
     is_jsonrpc: bool = False
+    approval_id: str | None = None  # the approval that held (or released) this request
 
     @property
     def allowed(self) -> bool:

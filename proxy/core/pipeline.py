@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..config import ProctorConfig
 from ..connectors.classifier import Classifier
@@ -24,9 +25,13 @@ from ..identity.errors import AuthError, IdentityUnavailable
 from ..identity.verifier import TokenVerifier
 from ..policy.engine import PolicyStore
 from ..policy.shadow import ShadowPolicies
+
+if TYPE_CHECKING:
+    from ..approvals.service import ApprovalService
 from .context import principal_entity, request_context, resource_entity
 from .derive import derive_request
 from .enrich import Enricher
+from ..approvals.policy import hold_groups
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from .target import check_target
 
@@ -92,9 +97,11 @@ class Pipeline:
         policies: PolicyStore,
         shadow: ShadowPolicies | None = None,
         enricher: Enricher | None = None,
+        approvals: "ApprovalService | None" = None,
     ) -> None:
         self.config = config
         self.enricher = enricher
+        self.approvals = approvals
         self.verifier = verifier
         self.classifier = classifier
         self.policies = policies
@@ -294,6 +301,16 @@ class Pipeline:
                 kind="policy-error",
             )
             return
+        if not result.allowed and self.approvals is not None:
+            groups = hold_groups(result.reasons, bundle.approvals)
+            if groups:
+                t0 = clock()
+                handled = await self._approval_flow(
+                    req, outcome, identity, cls, principal, resource, context, bundle, groups, result.reasons
+                )
+                outcome.timings["approval"] = clock() - t0
+                if handled:
+                    return
         if not result.allowed:
             if result.reasons:
                 detail = f"forbidden by policy {', '.join(result.reasons)}"
@@ -308,3 +325,129 @@ class Pipeline:
             )
             return
         outcome.decision = Decision.ALLOW
+
+    # -- human approval ---------------------------------------------------------------
+    def _wait_settings(self, cls) -> tuple[str, float]:
+        cfg = self.config.approvals
+        wait = cls.approval_mode
+        mode = (wait.mode if wait is not None and wait.mode else None) or cfg.mode
+        seconds = (wait.wait_seconds if wait is not None and wait.wait_seconds else None) or cfg.sync_wait_seconds
+        return mode, seconds
+
+    async def _approval_flow(self, req, outcome, identity, cls, principal, resource, context, bundle, groups, reasons) -> bool:
+        """A deny that only @approval policies caused. True: the outcome is settled here
+        (held, released after approval, or refused because of the approval); False:
+        treat it as the ordinary deny it is."""
+        approvals = self.approvals
+        assert approvals is not None
+        mode, wait_seconds = self._wait_settings(cls)
+        approval = await approvals.find_for_retry(identity, req)
+        if approval is None:
+            # Hold only what an approval could actually let through.
+            prospective = dict(context, approval=approvals.prospective_context(groups))
+            check = self.policies.authorize(principal, cls.action, resource, prospective, [principal, resource], bundle=bundle)
+            if not check.allowed or check.errors:
+                return False
+            derived = {
+                "action": cls.action,
+                "resource": cls.resource_uid,
+                "resource_attributes": resource.get("attrs", {}),
+                "connector": cls.connector,
+                "risk": cls.risk,
+                "route": cls.route,
+                "context": {k: context[k] for k in ("params", "query_params", "fields", "rpc") if k in context},
+            }
+            approval = await approvals.hold(
+                decision_id=outcome.decision_id, identity=identity, req=req, cls=cls, groups=groups,
+                policy_ids=list(reasons), mode=mode, derived=derived,
+            )
+        outcome.approval_id = approval.id
+        if approval.state == "pending":
+            if mode == "async":
+                self._held_answer(outcome, approval, 202, "Held for approval")
+                return True
+            approval = await approvals.wait(approval, wait_seconds, req.client_alive)
+        return await self._after_approval(req, outcome, identity, cls, principal, resource, context, bundle, approval)
+
+    def _held_answer(self, outcome, approval, status: int, title: str) -> None:
+        approvals = self.approvals
+        retry = str(self.config.approvals.retry_after_seconds)
+        groups = ", ".join(f"{g} ({n})" if n > 1 else g for g, n in approval.groups.items())
+        if status == 202:
+            detail = (
+                f"this request needs approval by {groups}; retry the same request (or poll the status URL) "
+                f"after {retry} s: once approved, the retry goes through"
+            )
+        else:
+            detail = (
+                f"this request is waiting for approval by {groups} and was not forwarded; retry the same "
+                f"request later: once approved, the retry goes through"
+            )
+        outcome.decision = Decision.HOLD
+        outcome.refusal = Refusal(
+            status,
+            title,
+            detail,
+            reasons=list(approval.derived.get("policies", [])),
+            headers={"Retry-After": retry, "Location": approvals.status_url(approval.id)},
+            kind="approval-pending",
+            extra={
+                "approval_id": approval.id,
+                "approval_state": approval.state,
+                "status_url": approvals.status_url(approval.id),
+                "approval_groups": approval.groups,
+                "expires_at": approval.expires_at,
+            },
+        )
+
+    async def _after_approval(self, req, outcome, identity, cls, principal, resource, context, bundle, approval) -> bool:
+        approvals = self.approvals
+        policies = list(approval.derived.get("policies", []))
+        if approval.state == "pending":
+            self._held_answer(outcome, approval, 403, "Approval pending")
+            return True
+        if approval.state == "denied":
+            outcome.refusal = Refusal(
+                403, "Approval denied",
+                f"{approval.decided_by} denied this request: {approval.reason}",
+                reasons=policies, kind="approval-denied",
+                extra={"approval_id": approval.id, "approval_state": "denied"},
+            )
+            return True
+        if approval.state != "approved":  # expired (or forwarded by a concurrent retry)
+            title = "Approval expired" if approval.state == "expired" else "Already forwarded"
+            detail = (
+                "nobody approved this request in time; send it again to ask anew"
+                if approval.state == "expired"
+                else "this approved request was already forwarded once; an approval releases one request"
+            )
+            outcome.refusal = Refusal(409 if approval.state == "forwarded" else 403, title, detail, reasons=policies,
+                                      kind="approval-expired", extra={"approval_id": approval.id, "approval_state": approval.state})
+            return True
+        # Approved: decide again, with the approval in context (policies may constrain who approved).
+        approved_ctx = dict(context, approval=approvals.cedar_context(approval))
+        result = self.policies.authorize(principal, cls.action, resource, approved_ctx, [principal, resource], bundle=bundle)
+        outcome.reasons = result.reasons
+        if result.errors or not result.allowed:
+            # e.g. a policy that constrains who may approve what: the approval stays unused
+            why = "; ".join(result.errors) if result.errors else (
+                f"forbidden by policy {', '.join(result.reasons)}" if result.reasons else "no policy permits it"
+            )
+            outcome.refusal = Refusal(
+                403, "Denied by policy after approval",
+                f"{identity.agent_id} may not {cls.action} on {cls.resource_uid} even with approval {approval.id} "
+                f"by {approval.decided_by}: {why}",
+                reasons=result.reasons, kind="policy",
+                extra={"approval_id": approval.id, "approval_state": approval.state},
+            )
+            return True
+        if req.client_alive is not None and not req.client_alive():
+            # The agent hung up while waiting: keep the approval for its retry.
+            self._held_answer(outcome, approval, 403, "Approval pending")
+            return True
+        claimed, approval = await approvals.claim_for_forwarding(approval)
+        if not claimed:
+            return await self._after_approval(req, outcome, identity, cls, principal, resource, context, bundle, approval)
+        outcome.decision = Decision.ALLOW
+        outcome.refusal = None
+        return True

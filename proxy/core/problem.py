@@ -27,6 +27,7 @@ def problem_body(outcome: Outcome) -> dict:
     }
     if outcome.identity is not None:
         body["agent"] = outcome.identity.agent_id
+    body.update(refusal.extra)
     return body
 
 
@@ -35,7 +36,8 @@ def problem_response(outcome: Outcome) -> tuple[int, dict[str, str], bytes]:
     refusal = outcome.refusal
     assert refusal is not None
     headers = {
-        "Content-Type": PROBLEM_CONTENT_TYPE,
+        # a 202 "held for approval" answer is not a problem: plain JSON, same fields
+        "Content-Type": PROBLEM_CONTENT_TYPE if refusal.status >= 400 else "application/json",
         "Cache-Control": "no-store",
         DECISION_HEADER: outcome.decision_id,
     }
@@ -51,6 +53,9 @@ JSONRPC_CODES = {
     "egress": -32601,  # no operation maps the call: "method not found"
     "request": -32602,  # invalid params / values
     "fail-closed": -32603,
+    "approval-pending": -32002,
+    "approval-denied": -32001,
+    "approval-expired": -32001,
 }
 
 

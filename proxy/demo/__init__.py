@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -90,6 +91,38 @@ def _fmt_table(rows: list[list[str]], headers: list[str]) -> str:
     return "\n".join(out)
 
 
+MANAGER = "maria.manager"
+
+
+def _manager(control: str, token: str, stop: threading.Event) -> None:
+    """A procurement manager working the approvals inbox through the control API:
+    approves orders up to EUR 50,000, denies bigger ones (each with a reason)."""
+    import urllib.request
+
+    def call(method: str, path: str, body: dict | None = None) -> dict:
+        req = urllib.request.Request(
+            control + path, method=method, data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 - loopback only
+            return json.loads(r.read())
+
+    while not stop.is_set():
+        try:
+            for item in call("GET", "/v1/approvals?state=pending")["approvals"]:
+                detail = call("GET", f"/v1/approvals/{item['id']}")
+                amount = (detail.get("derived", {}).get("resource_attributes", {}).get("net_amount") or {})
+                value = float(((amount.get("__extn") or {}).get("arg")) or 0)
+                stop.wait(1.0)  # a human takes a moment
+                if value <= 50_000:
+                    call("POST", f"/v1/approvals/{item['id']}/approve", {"reason": f"EUR {value:,.0f} is within the FY27 hardware budget"})
+                else:
+                    call("POST", f"/v1/approvals/{item['id']}/deny", {"reason": f"EUR {value:,.0f} exceeds what I can sign off"})
+        except OSError:
+            pass
+        stop.wait(0.3)
+
+
 def run_demo(keep_running: bool = False) -> int:
     cfg = default_config()
     busy = [p for p in (cfg.listen.port, cfg.control.listen.port, *MOCK_PORTS) if not port_free(p)]
@@ -121,6 +154,15 @@ def run_demo(keep_running: bool = False) -> int:
         issuer = DevIssuer(cfg.dev_issuer_dir, cfg.dev_issuer)
         ca_pem = cfg.ca_dir / "mitmproxy-ca-cert.pem"
         results: list[dict] = []
+        manager_token = issuer.issue(
+            MANAGER, {cfg.approvals.approver_groups_claim: ["procurement-managers"]}, "15m",
+            audience=cfg.approvals.approver_audience,
+        )
+        stop_manager = threading.Event()
+        manager = threading.Thread(
+            target=_manager, args=(f"http://127.0.0.1:{cfg.control.listen.port}", manager_token, stop_manager), daemon=True
+        )
+        manager.start()
         for script, agent_id, claims in AGENTS:
             if claims is None:
                 proxy_url = f"http://127.0.0.1:{cfg.listen.port}"
@@ -145,14 +187,26 @@ def run_demo(keep_running: bool = False) -> int:
                 raise RuntimeError(f"demo agent {script} failed")
             results += [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
+        stop_manager.set()
         time.sleep(0.2)  # let the last records land
         with open(decisions, "rb") as f:
             f.seek(start_offset)
-            recs = {r["decision_id"]: r for r in (json.loads(x) for x in f.read().decode().splitlines() if x.strip())}
+            lines = [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
+        recs = {r["decision_id"]: r for r in lines if "type" not in r}
+        approval_events = {}
+        for r in lines:
+            if r.get("type") == "approval" and r["event"] in ("approved", "denied", "expired"):
+                approval_events[r["approval_id"]] = r
         rows = []
         for res in results:
             rec = recs.get(res["decision_id"] or "", {})
             outcome = rec.get("decision", "?")
+            settled = approval_events.get(rec.get("approval_id") or "")
+            if settled is not None:
+                verdict = f"HELD, {settled['event'].upper()}"
+                rows.append([res["agent"], res["step"], rec.get("action") or "-", verdict, str(res["status"]),
+                             f"{settled.get('by', '?')}: {settled.get('reason', '')}"])
+                continue
             if outcome == "allow":
                 verdict = "ALLOWED"
             elif res["status"] in (401, 407):
@@ -170,13 +224,15 @@ def run_demo(keep_running: bool = False) -> int:
         print(_fmt_table(rows, ["agent", "what it tried", "action", "decision", "status", "policy / reason"]))
         print()
         print(
-            "The 26,000 EUR order is refused outright for now: the policy that stops it carries\n"
-            "@approval(\"procurement-managers\"); with approvals enabled it is held for a human instead."
+            f"Orders over EUR 10,000 are held for a procurement manager (policy po-over-10k-needs-approval);\n"
+            f"here {MANAGER} approves up to EUR 50,000 through the approvals API and denies the rest.\n"
+            "The held agent's connection simply waits; once approved, its request goes through exactly once."
         )
         print()
         print(f"Every decision is in {decisions} (one JSON line each); look one up by its X-Proctor-Decision-Id.")
         allowed = sum(1 for r in rows if r[3] == "ALLOWED")
-        print(f"{len(rows)} calls: {allowed} allowed, {len(rows) - allowed} refused.")
+        held = sum(1 for r in rows if r[3].startswith("HELD"))
+        print(f"{len(rows)} calls: {allowed} allowed, {held} held for approval, {len(rows) - allowed - held} refused.")
         if keep_running:
             print(
                 f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on 127.0.0.1:{cfg.control.listen.port}, "

@@ -89,8 +89,11 @@ def procurement() -> None:
     po = r.json()["d"]["PurchaseOrder"] if r.status_code == 201 else None
     emit(a, "order 4 laptops (EUR 4,799.96)", r, created=po)
     big = dict(order, to_PurchaseOrderItem=[{"Material": "SERVER-2U", "OrderQuantity": "5", "NetPriceAmount": "5200.00"}])
-    r = requests.post(ERP_PO, json=big, timeout=TIMEOUT)
+    r = requests.post(ERP_PO, json=big, timeout=120)  # held for a manager: the connection waits
     emit(a, "order 5 servers (EUR 26,000)", r)
+    huge = dict(order, to_PurchaseOrderItem=[{"Material": "SERVER-2U", "OrderQuantity": "20", "NetPriceAmount": "5200.00"}])
+    r = requests.post(ERP_PO, json=huge, timeout=120)
+    emit(a, "order 20 servers (EUR 104,000)", r)
     r = requests.post(f"{ERP_PO}('{po or '0000000000'}')/Release", timeout=TIMEOUT)
     emit(a, "release the order it created", r)
 

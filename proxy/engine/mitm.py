@@ -188,6 +188,7 @@ class ProctorAddon:
             tls_sni=flow.client_conn.sni if (flow.client_conn.tls and not reverse) else None,
             header_problem=header_problem,
             repeated_headers=repeated,
+            client_alive=lambda conn=flow.client_conn: bool(conn.state & connection.ConnectionState.CAN_READ),
         )
 
     # -- fail-closed hook entry points ----------------------------------------------

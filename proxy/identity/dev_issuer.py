@@ -64,7 +64,9 @@ class DevIssuer:
     def _kid(self) -> str:
         return json.loads(self.jwks_path.read_text())["keys"][0]["kid"]
 
-    def issue(self, agent_id: str, claims: dict[str, Any] | None = None, ttl: str | None = None) -> str:
+    def issue(
+        self, agent_id: str, claims: dict[str, Any] | None = None, ttl: str | None = None, audience: str | None = None
+    ) -> str:
         self.ensure()
         seconds = parse_ttl(ttl or self.config.default_ttl)
         if seconds > parse_ttl(self.config.max_ttl):
@@ -74,7 +76,7 @@ class DevIssuer:
         payload.update(
             {
                 "iss": self.config.issuer,
-                "aud": self.config.audience,
+                "aud": audience or self.config.audience,
                 "sub": agent_id,
                 "iat": now,
                 "nbf": now,

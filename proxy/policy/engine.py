@@ -23,6 +23,7 @@ from typing import Any
 import cedarpy
 
 from ..connectors.manifest import ManifestError
+from ..approvals.policy import approval_requirements
 from ..connectors.schema_gen import declared_in, generate_schema
 
 from .index import PolicyIndex, PolicyPart
@@ -109,6 +110,7 @@ class PolicyBundle:
     index: PolicyIndex  # action id -> the policies whose scope can match it
     loaded_at: float
     files: tuple[str, ...]
+    approvals: dict = field(default_factory=dict)  # @id -> ApprovalRequirement (@approval policies)
 
     @property
     def policy_count(self) -> int:
@@ -231,6 +233,9 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
     est = json.loads(cedarpy.policies_to_json_str(combined))
     by_id = {pol["annotations"]["id"]: pol for pol in (est.get("staticPolicies") or {}).values()}
     info_by_pid = {info.policy_id: info for _, info in owners if info is not None}
+    approvals, approval_problems = approval_requirements(info_by_pid)
+    if approval_problems:
+        raise PolicyLoadError(approval_problems)
     try:
         policy_set = cedarpy.PolicySet.from_json_str(
             json.dumps({"staticPolicies": by_id, "templates": {}, "templateLinks": []}), release_gil=True
@@ -262,6 +267,7 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         index=index,
         loaded_at=time.time(),
         files=tuple(str(f) for f in source.files() if f.exists()),
+        approvals=approvals,
     )
 
 

@@ -72,6 +72,8 @@ def decision_record(
         rec["shadow"] = outcome.shadow
     if cls is not None and cls.rpc is not None:
         rec["rpc"] = cls.rpc  # JSON-RPC method and tool (never the arguments)
+    if outcome.approval_id:
+        rec["approval_id"] = outcome.approval_id
     if error:
         rec["error"] = error
     return rec

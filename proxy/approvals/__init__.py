@@ -1,0 +1,1 @@
+"""Human approval of held requests (policy-driven holds, waiting, deciding, notifying)."""

@@ -1,0 +1,403 @@
+"""The approval workflow: hold, wait, vote, decide, expire, escalate, forward once.
+
+State lives in the store (so a restart or another replica sees it); this
+module only adds what cannot be stored: the events that wake requests held
+open on this process. Every state change is written to the decision record
+with the approval id (`type: "approval"` lines) and sent to the notifier.
+
+States: pending -> approved | denied | expired; approved -> forwarded (the
+single request that reached the upstream) or expired (never used in time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..config import ApprovalsConfig
+from ..core.model import AgentIdentity, AgentRequest, Classification
+from ..record.decisions import iso
+from ..store import Approval, Store, StoreError, Vote
+
+log = logging.getLogger("proctor.approvals")
+
+CAS_ATTEMPTS = 8
+MAX_REASON_CHARS = 2000
+# Request headers never shown to approvers (credentials; the agent's are stripped anyway).
+SECRET_HEADERS = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "x-auth-token"}
+)
+
+
+class ApprovalError(Exception):
+    """A vote that cannot be accepted; `status` is the HTTP status for the control API."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Approver:
+    """A verified human approver."""
+
+    id: str
+    groups: frozenset[str]
+    issuer: str = ""
+
+
+def request_fingerprint(agent_id: str, req: AgentRequest) -> str:
+    """What makes a retry "the same request": agent, method, target URL and body."""
+    h = hashlib.sha256()
+    for part in (agent_id, req.method, req.scheme, req.host, str(req.port), req.path, req.query):
+        h.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    h.update(req.body)
+    return h.hexdigest()
+
+
+def new_approval_id() -> str:
+    return "apr_" + secrets.token_urlsafe(15)
+
+
+def _preview(req: AgentRequest, limit: int, extra_secret_headers: frozenset[str]) -> dict[str, Any]:
+    """The held request as an approver sees it: no credentials, the body pretty-printed and bounded."""
+    import json
+
+    headers = {
+        k: ("[redacted]" if k in SECRET_HEADERS or k in extra_secret_headers else v) for k, v in req.headers.items()
+    }
+    body_text: str | None = None
+    truncated = False
+    if req.body:
+        raw = req.body
+        try:
+            doc = json.loads(raw)
+            text = json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=False)
+        except (ValueError, UnicodeDecodeError):
+            text = raw.decode("utf-8", "replace")
+        if len(text) > limit:
+            text, truncated = text[:limit], True
+        body_text = text
+    return {
+        "method": req.method,
+        "url": req.url,
+        "headers": headers,
+        "body": body_text,
+        "body_bytes": len(req.body),
+        "body_truncated": truncated,
+    }
+
+
+class ApprovalService:
+    def __init__(
+        self,
+        store: Store,
+        config: ApprovalsConfig,
+        record: Callable[[dict], None],
+        notifier: Any = None,
+        status_base_url: str = "",
+        shared_store: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.record = record
+        self.notifier = notifier
+        self.status_base_url = status_base_url.rstrip("/")
+        # With a store shared by replicas, a decision may be taken elsewhere: poll.
+        self.poll_seconds = 1.0 if shared_store else None
+        self.clock = clock
+        self._events: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, int] = {}
+        self.listeners: list[Callable[[str, Approval], None]] = []  # console live updates
+        self.extra_secret_headers: frozenset[str] = frozenset()
+
+    # -- helpers ---------------------------------------------------------------------
+    def status_url(self, approval_id: str) -> str:
+        return f"{self.status_base_url}/v1/approvals/{approval_id}/status"
+
+    def _event(self, approval: Approval, event: str, **extra: Any) -> None:
+        """Record, notify and publish one state change."""
+        rec = {
+            "type": "approval",
+            "event": event,
+            "time": iso(self.clock()),
+            "approval_id": approval.id,
+            "decision_id": approval.decision_id,
+            "agent": approval.agent_id,
+            "action": approval.action,
+            "resource": f"{approval.resource_type}::\"{approval.resource_id}\"",
+            "state": approval.state,
+            "groups": approval.groups,
+        }
+        rec.update({k: v for k, v in extra.items() if v is not None})
+        try:
+            self.record(rec)
+        except Exception:
+            log.exception("could not record approval event %s for %s", event, approval.id)
+        if self.notifier is not None:
+            try:
+                self.notifier.notify(event, approval, extra or None)
+            except Exception:
+                log.exception("could not queue the %s notification for %s", event, approval.id)
+        for listener in list(self.listeners):
+            try:
+                listener(event, approval)
+            except Exception:
+                log.exception("approval listener failed")
+
+    def _wake(self, approval_id: str) -> None:
+        ev = self._events.get(approval_id)
+        if ev is not None:
+            ev.set()
+
+    @property
+    def waiting(self) -> int:
+        return sum(self._waiting.values())
+
+    # -- holding ---------------------------------------------------------------------
+    async def find_for_retry(self, identity: AgentIdentity, req: AgentRequest) -> Approval | None:
+        key = req.headers.get("idempotency-key") or None
+        return await self.store.find_open_approval(
+            agent_id=identity.agent_id, fingerprint=request_fingerprint(identity.agent_id, req), idempotency_key=key
+        )
+
+    async def hold(
+        self,
+        *,
+        decision_id: str,
+        identity: AgentIdentity,
+        req: AgentRequest,
+        cls: Classification,
+        groups: dict[str, int],
+        policy_ids: list[str],
+        mode: str,
+        derived: dict[str, Any],
+    ) -> Approval:
+        now = self.clock()
+        escalate_at = now + self.config.escalate_after_seconds if self.config.escalate_after_seconds else None
+        approval = Approval(
+            id=new_approval_id(),
+            state="pending",
+            created_at=now,
+            expires_at=now + self.config.expire_after_seconds,
+            agent_id=identity.agent_id,
+            action=cls.action,
+            resource_type=cls.resource_type,
+            resource_id=cls.resource_id,
+            connector=cls.connector,
+            groups=dict(groups),
+            fingerprint=request_fingerprint(identity.agent_id, req),
+            idempotency_key=req.headers.get("idempotency-key") or None,
+            mode=mode,
+            decision_id=decision_id,
+            request=_preview(req, self.config.preview_body_bytes, self.extra_secret_headers),
+            derived={**derived, "policies": list(policy_ids)},
+            escalate_at=escalate_at,
+        )
+        await self.store.create_approval(approval)
+        self._event(approval, "requested", policies=list(policy_ids), mode=mode)
+        return approval
+
+    async def wait(self, approval: Approval, timeout: float, alive: Callable[[], bool] | None = None) -> Approval:
+        """Wait (at most `timeout`) for a pending approval to be decided; the latest state.
+
+        Returns early, with the approval still pending, if `alive()` turns false
+        (the agent hung up: the approval can still be decided and applies to a retry)."""
+        deadline = time.monotonic() + min(timeout, max(0.0, approval.expires_at - self.clock()) + 0.5)
+        ev = self._events.setdefault(approval.id, asyncio.Event())
+        self._waiting[approval.id] = self._waiting.get(approval.id, 0) + 1
+        try:
+            current = approval
+            while current.state == "pending":
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                step = remaining if self.poll_seconds is None else min(remaining, self.poll_seconds)
+                if alive is not None:
+                    step = min(step, 1.0)  # notice a hung-up agent within a second
+                try:
+                    await asyncio.wait_for(ev.wait(), step)
+                except asyncio.TimeoutError:
+                    pass
+                ev.clear()
+                latest = await self.store.get_approval(approval.id)
+                if latest is None:
+                    break
+                current = latest
+                if alive is not None and not alive():
+                    break
+            return current
+        finally:
+            n = self._waiting.get(approval.id, 1) - 1
+            if n <= 0:
+                self._waiting.pop(approval.id, None)
+                self._events.pop(approval.id, None)
+            else:
+                self._waiting[approval.id] = n
+
+    async def claim_for_forwarding(self, approval: Approval) -> tuple[bool, Approval]:
+        """Atomically turn an approved approval into a forwarded one: True exactly once."""
+        current = approval
+        for _ in range(CAS_ATTEMPTS):
+            if current.state != "approved":
+                return False, current
+            now = self.clock()
+            if now > current.expires_at:
+                expired = await self._transition(current, "expired", None, "approved but not used before it expired")
+                return False, expired
+            version = current.version
+            current.state = "forwarded"
+            current.forwarded_at = now
+            if await self.store.update_approval(current, expect_version=version):
+                self._event(current, "forwarded")
+                return True, current
+            latest = await self.store.get_approval(approval.id)
+            if latest is None:
+                return False, current
+            current = latest
+        raise StoreError("approval kept changing while claiming it for forwarding")
+
+    # -- deciding ---------------------------------------------------------------------
+    def eligible_groups(self, approval: Approval, approver: Approver) -> set[str]:
+        groups = set(approval.groups)
+        if approval.escalated and self.config.escalate_to:
+            groups.add(self.config.escalate_to)
+        return groups & set(approver.groups)
+
+    async def decide(self, approval_id: str, approver: Approver, decision: str, reason: str) -> Approval:
+        if decision not in ("approve", "deny"):
+            raise ApprovalError(400, "decision must be approve or deny")
+        reason = (reason or "").strip()
+        if not reason:
+            raise ApprovalError(400, "a reason is required to approve or deny")
+        if len(reason) > MAX_REASON_CHARS:
+            raise ApprovalError(400, f"the reason is longer than {MAX_REASON_CHARS} characters")
+        for _ in range(CAS_ATTEMPTS):
+            current = await self.store.get_approval(approval_id)
+            if current is None:
+                raise ApprovalError(404, f"no approval {approval_id}")
+            if current.state != "pending":
+                raise ApprovalError(409, f"approval {approval_id} is already {current.state}")
+            now = self.clock()
+            if now >= current.expires_at:
+                await self._transition(current, "expired", None, "expired before it was decided")
+                raise ApprovalError(409, f"approval {approval_id} has expired")
+            if approver.id == current.agent_id:
+                raise ApprovalError(403, "nobody approves their own request")
+            groups = self.eligible_groups(current, approver)
+            if not groups:
+                needed = sorted(current.groups) + ([self.config.escalate_to] if current.escalated and self.config.escalate_to else [])
+                raise ApprovalError(403, f"{approver.id} is not in an approving group for this request (needs one of {needed})")
+            if any(v.approver == approver.id for v in current.votes):
+                raise ApprovalError(409, f"{approver.id} has already voted on {approval_id}")
+            version = current.version
+            current.votes.append(Vote(approver=approver.id, group=",".join(sorted(groups)), decision=decision, reason=reason, at=now))
+            new_state = "denied" if decision == "deny" else ("approved" if self._quorum_met(current) else "pending")
+            if new_state != "pending":
+                current.state = new_state
+                current.decided_at = now
+                current.decided_by = approver.id
+                current.reason = reason
+            if await self.store.update_approval(current, expect_version=version):
+                if new_state == "pending":
+                    self._event(current, "voted", by=approver.id, reason=reason)
+                else:
+                    self._event(current, new_state, by=approver.id, reason=reason)
+                    self._wake(approval_id)
+                return current
+        raise ApprovalError(409, "the approval changed while voting; try again")
+
+    def _quorum_met(self, approval: Approval) -> bool:
+        approvals = [v for v in approval.votes if v.decision == "approve"]
+        if self.config.escalate_to and approval.escalated:
+            if any(self.config.escalate_to in v.group.split(",") for v in approvals):
+                return True  # the escalation group decides alone
+        for group, needed in approval.groups.items():
+            have = {v.approver for v in approvals if group in v.group.split(",")}
+            if len(have) < needed:
+                return False
+        return True
+
+    async def _transition(self, approval: Approval, state: str, by: str | None, reason: str) -> Approval:
+        current = approval
+        for _ in range(CAS_ATTEMPTS):
+            version = current.version
+            prior = current.state
+            if prior not in ("pending", "approved"):
+                return current
+            current.state = state
+            current.decided_at = current.decided_at or self.clock()
+            current.reason = current.reason or reason
+            if await self.store.update_approval(current, expect_version=version):
+                self._event(current, state, by=by, reason=reason)
+                self._wake(current.id)
+                return current
+            latest = await self.store.get_approval(approval.id)
+            if latest is None:
+                return current
+            current = latest
+        return current
+
+    # -- Cedar ----------------------------------------------------------------------
+    def cedar_context(self, approval: Approval) -> dict[str, Any]:
+        """`context.approval` for re-evaluating an approved request."""
+        approvers = sorted({v.approver for v in approval.votes if v.decision == "approve"})
+        satisfied = set()
+        for group, needed in approval.groups.items():
+            have = {v.approver for v in approval.votes if v.decision == "approve" and group in v.group.split(",")}
+            if len(have) >= needed:
+                satisfied.add(group)
+        if approval.escalated and self.config.escalate_to:
+            if any(self.config.escalate_to in v.group.split(",") for v in approval.votes if v.decision == "approve"):
+                satisfied |= set(approval.groups) | {self.config.escalate_to}
+        at = approval.decided_at or self.clock()
+        return {
+            "id": approval.id,
+            "approver": approval.decided_by or "",
+            "approvers": approvers,
+            "groups": sorted(satisfied),
+            "time": {"__extn": {"fn": "datetime", "arg": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))}},
+            "note": approval.reason or "",
+        }
+
+    @staticmethod
+    def prospective_context(groups: dict[str, int]) -> dict[str, Any]:
+        """A stand-in approval by every named group, to ask "would approval let this through?"."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        return {
+            "id": "prospective",
+            "approver": "(any approver)",
+            "approvers": ["(any approver)"],
+            "groups": sorted(groups),
+            "time": {"__extn": {"fn": "datetime", "arg": now}},
+            "note": "",
+        }
+
+    # -- timers ---------------------------------------------------------------------
+    async def run_timers(self, interval: float = 1.0) -> None:
+        """Expire and escalate pending approvals (runs for the life of the proxy)."""
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                log.exception("approval timer error")
+            await asyncio.sleep(interval)
+
+    async def tick(self) -> None:
+        now = self.clock()
+        for approval in await self.store.due_approvals(now):
+            if approval.state != "pending":
+                continue
+            if approval.expires_at <= now:
+                await self._transition(approval, "expired", None, "nobody decided before it expired")
+            elif approval.escalate_at is not None and approval.escalate_at <= now and not approval.escalated:
+                version = approval.version
+                approval.escalated = True
+                if await self.store.update_approval(approval, expect_version=version):
+                    self._event(approval, "escalated", to=self.config.escalate_to)
