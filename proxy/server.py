@@ -104,6 +104,8 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     metrics = Metrics()
     addon = ProctorAddon(pipeline, recorder, router, metrics, injector, Tracing(), store=store)
     runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics, store, lookups, approvals, notifier)
+    if approvals is not None:
+        approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
     metrics.add_collector(lambda: runtime_families(runtime))
     return runtime
 

@@ -447,8 +447,6 @@ def test_empty_aggregates():
         body_values({"x": BodyFieldSpec(path="a[*]", aggregate="count", type="long", required=True)}, {"a": []})
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: values._walk leaves is_set False when the array's parent key is "
-                   "absent, so _aggregate iterates the _MISSING sentinel (TypeError instead of count 0 / absent)")
 @pytest.mark.parametrize("doc", [{}, {"Supplier": "17300001"}, [1, 2]])
 def test_aggregate_when_the_array_is_absent(doc):
     assert body_values({"net": NET, "n": COUNT}, doc) == {"n": 0}
@@ -524,9 +522,8 @@ def test_bundled_erp_create_and_release_lookup():
         "supplier": "17300001", "currency": "EUR", "net_amount": dec("210.0"), "release_status": "NOT_RELEASED"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: core/context.py resource_entity() runs to_cedar() over the typed manifest "
-                   "values, and to_cedar drops '__extn' keys: a decimal resource attribute (net_amount, amount, "
-                   "annual_revenue, lookup net_amount) reaches Cedar as an empty record, so a policy on it errors (deny)")
+# Regression: resource_entity() once ran to_cedar() over typed manifest values, which
+# drops '__extn' keys, so a decimal resource attribute reached Cedar as an empty record.
 def test_typed_decimal_resource_attribute_reaches_cedar_as_decimal(pdir, bundled):
     from proxy.core.context import resource_entity
     from proxy.policy.engine import PolicyStore

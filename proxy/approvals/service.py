@@ -115,6 +115,9 @@ class ApprovalService:
         self._events: dict[str, asyncio.Event] = {}
         self._waiting: dict[str, int] = {}
         self.listeners: list[Callable[[str, Approval], None]] = []  # console live updates
+        self.event_counts: dict[str, int] = {}
+        self.pending_count = 0  # refreshed by the timer (for metrics)
+        self.on_settled: Callable[[str, float], None] | None = None  # (state, seconds since requested)
         self.extra_secret_headers: frozenset[str] = frozenset()
 
     # -- helpers ---------------------------------------------------------------------
@@ -136,6 +139,12 @@ class ApprovalService:
             "groups": approval.groups,
         }
         rec.update({k: v for k, v in extra.items() if v is not None})
+        self.event_counts[event] = self.event_counts.get(event, 0) + 1
+        if event in ("approved", "denied", "expired") and self.on_settled is not None:
+            try:
+                self.on_settled(event, max(0.0, self.clock() - approval.created_at))
+            except Exception:
+                log.exception("approval metrics hook failed")
         try:
             self.record(rec)
         except Exception:
@@ -391,6 +400,7 @@ class ApprovalService:
 
     async def tick(self) -> None:
         now = self.clock()
+        self.pending_count = await self.store.count_approvals(states=["pending"])
         for approval in await self.store.due_approvals(now):
             if approval.state != "pending":
                 continue

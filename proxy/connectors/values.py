@@ -118,6 +118,8 @@ def _walk(doc: Any, steps: list[str]) -> tuple[Any, bool]:
     current: list[Any] = [doc]
     is_set = False
     for step in steps:
+        if step == "*":
+            is_set = True  # even when nothing reaches this step: an absent array is an empty set
         nxt: list[Any] = []
         for node in current:
             if step == "*":

@@ -56,6 +56,13 @@ class Metrics:
             ["action", "active", "shadow"],
             registry=r,
         )
+        self.approval_wait = Histogram(
+            "proctor_approval_decision_seconds",
+            "Time from a hold to its decision (approved, denied or expired).",
+            ["outcome"],
+            buckets=(1, 5, 15, 30, 60, 120, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600),
+            registry=self.registry,
+        )
         self.connections_refused = Counter(
             "proctor_connections_refused",
             "Connections refused outside a request decision (non-TLS in a tunnel, failed interception, hook errors).",
@@ -121,6 +128,33 @@ def runtime_families(runtime) -> list:
         loaded = GaugeMetricFamily("proctor_shadow_loaded", "1 when the shadow policy set is loaded and being evaluated.")
         loaded.add_metric([], 1 if shadow.store is not None else 0)
         out.append(loaded)
+    approvals = getattr(runtime, "approvals", None)
+    if approvals is not None:
+        pending = GaugeMetricFamily("proctor_approvals_pending", "Approvals waiting for a decision (all replicas; refreshed every second).")
+        pending.add_metric([], approvals.pending_count)
+        out.append(pending)
+        waiting = GaugeMetricFamily("proctor_approvals_held_connections", "Agent connections held open on this process waiting for an approval.")
+        waiting.add_metric([], approvals.waiting)
+        out.append(waiting)
+        events = CounterMetricFamily("proctor_approval_events", "Approval state changes on this process.", labels=["event"])
+        for event, n in sorted(approvals.event_counts.items()):
+            events.add_metric([event], n)
+        out.append(events)
+    notifier = getattr(runtime, "notifier", None)
+    if notifier is not None:
+        notes = CounterMetricFamily("proctor_approval_notifications", "Webhook notifications by result.", labels=["result"])
+        for result in ("sent", "failed", "retried", "dropped"):
+            notes.add_metric([result], notifier.stats.get(result, 0))
+        out.append(notes)
+    enricher = getattr(runtime.pipeline, "enricher", None)
+    if enricher is not None:
+        lk = CounterMetricFamily("proctor_resource_lookups", "Resource attribute lookups on the upstream by result.", labels=["result"])
+        lk.add_metric(["fetched"], enricher.lookups)
+        lk.add_metric(["failed"], enricher.lookup_failures)
+        out.append(lk)
+    creators = CounterMetricFamily("proctor_creator_record_failures", "Allowed creates whose creator could not be recorded.")
+    creators.add_metric([], runtime.addon.stats.get("creator_record_failures", 0))
+    out.append(creators)
     tunnels = GaugeMetricFamily("proctor_tunnels_open", "CONNECT tunnels with a bound agent identity.")
     tunnels.add_metric([], len(runtime.addon.tunnel_identity))
     out.append(tunnels)
