@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	@command -v curl >/dev/null || { echo "make test: curl is required for the proxy tests (apt-get install curl)"; exit 1; }
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		echo "make test: installing Debian's chromium and chromium-driver (console browser tests)"; \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

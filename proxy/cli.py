@@ -406,5 +406,16 @@ def demo(keep_running: bool) -> None:
     sys.exit(run_demo(keep_running=keep_running))
 
 
+def _register_subcommands() -> None:
+    from .approvals.cli import approvals
+    from .governance.cli import agents
+
+    main.add_command(approvals)
+    main.add_command(agents)
+
+
+_register_subcommands()
+
+
 if __name__ == "__main__":
     main()

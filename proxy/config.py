@@ -266,6 +266,18 @@ class ApprovalsConfig(Strict):
 class ControlConfig(Strict):
     listen: Listen = Field(default_factory=lambda: Listen(port=8081))
     enabled: bool = True
+    # Operators (agent registry, kill switch) authenticate like approvers (same
+    # audience and groups claim) and must be in this group.
+    admin_group: str = "proctor-admins"
+
+
+class AgentRegistration(Strict):
+    """A pre-registered agent (the registry also records every agent it sees)."""
+
+    id: str = Field(min_length=1, max_length=256)
+    owner: str = ""
+    team: str = ""
+    description: str = ""
 
 
 class ProctorConfig(Strict):
@@ -283,6 +295,7 @@ class ProctorConfig(Strict):
     record: RecordConfig = Field(default_factory=RecordConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     approvals: ApprovalsConfig = Field(default_factory=ApprovalsConfig)
+    agents: list[AgentRegistration] = Field(default_factory=list)
 
     # -- derived paths ---------------------------------------------------------
     @property

@@ -25,6 +25,7 @@ from .connectors.manifest import load_manifests
 from .approvals.notify import Notifier, WebhookConfig
 from .approvals.service import ApprovalService
 from .connectors.lookup import LookupClient
+from .governance.registry import Governance, Registration
 from .control.api import build_app
 from .core.enrich import Enricher
 from .core.pipeline import Pipeline
@@ -57,6 +58,7 @@ class ProctorRuntime:
     lookups: LookupClient
     approvals: ApprovalService | None = None
     notifier: Notifier | None = None
+    governance: Governance | None = None
 
 
 def build_runtime(config: ProctorConfig) -> ProctorRuntime:
@@ -99,11 +101,17 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         approvals.extra_secret_headers = frozenset(
             h.lower() for m in manifests if m.auth is not None for h in m.auth.headers_to_remove()
         )
-    pipeline = Pipeline(config, verifier, classifier, policies, shadow, enricher, approvals)
+    governance = Governance(store)
+    if approvals is not None:
+        governance.on_change.append(approvals.wake_all)
+        approvals.interrupt = lambda a: governance.suspension_for(a.agent_id, a.connector, a.action) is not None
+    pipeline = Pipeline(config, verifier, classifier, policies, shadow, enricher, approvals, governance)
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     metrics = Metrics()
     addon = ProctorAddon(pipeline, recorder, router, metrics, injector, Tracing(), store=store)
-    runtime = ProctorRuntime(config, policies, pipeline, recorder, addon, metrics, store, lookups, approvals, notifier)
+    runtime = ProctorRuntime(
+        config, policies, pipeline, recorder, addon, metrics, store, lookups, approvals, notifier, governance
+    )
     if approvals is not None:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
     metrics.add_collector(lambda: runtime_families(runtime))
@@ -176,6 +184,9 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
 
     try:
         await runtime.store.open()
+        await runtime.governance.load(
+            [Registration(a.id, a.owner, a.team, a.description) for a in config.agents]
+        )
     except StoreError as e:
         raise SystemExit(f"proctor: cannot open the state store: {e}") from None
 
@@ -197,6 +208,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
             pass
 
     watcher = asyncio.create_task(_watch_policies(runtime))
+    governance_task = asyncio.create_task(runtime.governance.run())
     timers = None
     if runtime.approvals is not None:
         timers = asyncio.create_task(runtime.approvals.run_timers())
@@ -228,6 +240,11 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         await master.run()
     finally:
         watcher.cancel()
+        governance_task.cancel()
+        try:
+            await runtime.governance.flush()
+        except Exception:
+            log.exception("could not record the last agent activity")
         if timers is not None:
             timers.cancel()
         if runtime.notifier is not None:

@@ -118,6 +118,8 @@ class ApprovalService:
         self.event_counts: dict[str, int] = {}
         self.pending_count = 0  # refreshed by the timer (for metrics)
         self.on_settled: Callable[[str, float], None] | None = None  # (state, seconds since requested)
+        # Stop waiting early for a held request this returns True for (kill switch).
+        self.interrupt: Callable[[Approval], bool] | None = None
         self.extra_secret_headers: frozenset[str] = frozenset()
 
     # -- helpers ---------------------------------------------------------------------
@@ -163,6 +165,11 @@ class ApprovalService:
     def _wake(self, approval_id: str) -> None:
         ev = self._events.get(approval_id)
         if ev is not None:
+            ev.set()
+
+    def wake_all(self) -> None:
+        """Wake every held request on this process (they re-check suspensions)."""
+        for ev in list(self._events.values()):
             ev.set()
 
     @property
@@ -235,6 +242,8 @@ class ApprovalService:
                 except asyncio.TimeoutError:
                     pass
                 ev.clear()
+                if self.interrupt is not None and self.interrupt(current):
+                    break
                 latest = await self.store.get_approval(approval.id)
                 if latest is None:
                     break

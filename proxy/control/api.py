@@ -15,6 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from .approvals_api import add_approval_routes
+from .governance_api import add_governance_routes
+from .openapi import add_openapi_route
 
 if TYPE_CHECKING:
     from ..server import ProctorRuntime
@@ -77,4 +79,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     app.router.add_get("/metrics", metrics)
     if runtime.approvals is not None:
         add_approval_routes(app, runtime)
+    if runtime.governance is not None:
+        add_governance_routes(app, runtime)
+    add_openapi_route(app)
     return app

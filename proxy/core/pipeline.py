@@ -28,11 +28,13 @@ from ..policy.shadow import ShadowPolicies
 
 if TYPE_CHECKING:
     from ..approvals.service import ApprovalService
+    from ..governance.registry import Governance
 from .context import principal_entity, request_context, resource_entity
 from .derive import derive_request
 from .enrich import Enricher
 from ..approvals.policy import hold_groups
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
+from ..governance.registry import suspension_refusal
 from .target import check_target
 
 log = logging.getLogger("proctor.pipeline")
@@ -98,10 +100,12 @@ class Pipeline:
         shadow: ShadowPolicies | None = None,
         enricher: Enricher | None = None,
         approvals: "ApprovalService | None" = None,
+        governance: "Governance | None" = None,
     ) -> None:
         self.config = config
         self.enricher = enricher
         self.approvals = approvals
+        self.governance = governance
         self.verifier = verifier
         self.classifier = classifier
         self.policies = policies
@@ -202,6 +206,10 @@ class Pipeline:
             outcome.errors.append(f"{type(e).__name__}: {e}")
             identity, refusal = None, Refusal(503, "Proctor could not decide", "internal error; tunnel refused (fail closed)", kind="fail-closed")
         outcome.identity = identity
+        if refusal is None and identity is not None and self.governance is not None:
+            suspended = self.governance.agent_suspension(identity.agent_id)
+            if suspended is not None:
+                refusal = suspension_refusal(suspended)
         if refusal is None and not self.classifier.knows_host(req.host, req.port):
             refusal = Refusal(
                 403,
@@ -221,6 +229,8 @@ class Pipeline:
         try:
             await self._decide(req, outcome)
             outcome.timings["decision"] = time.perf_counter() - outcome.started
+            if self.governance is not None and outcome.identity is not None:
+                self.governance.seen(outcome.identity.agent_id, outcome.decision == Decision.ALLOW)
         except Exception as e:  # fail closed on anything unexpected
             log.exception("pipeline error (decision %s); refusing", outcome.decision_id)
             outcome.decision = Decision.DENY
@@ -247,6 +257,12 @@ class Pipeline:
             outcome.refusal = refusal
             return
         assert identity is not None
+        gov = self.governance
+        if gov is not None:
+            suspended = gov.agent_suspension(identity.agent_id)
+            if suspended is not None:
+                outcome.refusal = suspension_refusal(suspended)
+                return
 
         target_refusal = check_target(req)
         if target_refusal is not None:
@@ -264,6 +280,11 @@ class Pipeline:
             return
         cls = derived.classification
         assert cls is not None
+        if gov is not None:
+            suspended = gov.target_suspension(cls)
+            if suspended is not None:
+                outcome.refusal = suspension_refusal(suspended)
+                return
         if self.enricher is not None and self.enricher.needed(cls):
             t0 = clock()
             cls, refusal = await self.enricher.enrich(req, cls)
@@ -367,6 +388,11 @@ class Pipeline:
                 self._held_answer(outcome, approval, 202, "Held for approval")
                 return True
             approval = await approvals.wait(approval, wait_seconds, req.client_alive)
+            if self.governance is not None:  # suspended while it waited: refuse at once
+                suspended = self.governance.suspension_for(identity.agent_id, cls.connector, cls.action)
+                if suspended is not None:
+                    outcome.refusal = suspension_refusal(suspended)
+                    return True
         return await self._after_approval(req, outcome, identity, cls, principal, resource, context, bundle, approval)
 
     def _held_answer(self, outcome, approval, status: int, title: str) -> None:

@@ -1,0 +1,223 @@
+"""Control API routes for the agent registry and the kill switch.
+
+Operators authenticate like approvers (a Bearer JWT for the approver audience)
+and must belong to `control.admin_group`. Every suspension and resumption is
+written to the decision record (`type: "suspension"` lines).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..identity.errors import AuthError, IdentityUnavailable
+from ..identity.verifier import TokenVerifier
+from ..record.decisions import iso
+from ..store import AgentRecord, StoreError, Suspension
+
+if TYPE_CHECKING:
+    from ..server import ProctorRuntime
+
+log = logging.getLogger("proctor.control")
+_TARGET_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
+
+
+def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status=status, content_type="application/problem+json", headers=headers,
+    )
+
+
+def suspension_json(s: Suspension) -> dict[str, Any]:
+    return {"kind": s.kind, "target": s.target, "since": iso(s.since), "by": s.by, "reason": s.reason}
+
+
+def agent_json(a: AgentRecord, suspended: Suspension | None) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "owner": a.owner,
+        "team": a.team,
+        "description": a.description,
+        "registered": a.registered,
+        "first_seen": iso(a.first_seen) if a.first_seen else None,
+        "last_seen": iso(a.last_seen) if a.last_seen else None,
+        "requests": a.requests,
+        "allowed": a.allowed,
+        "denied": a.denied,
+        "status": "suspended" if suspended else "active",
+        "suspension": suspension_json(suspended) if suspended else None,
+    }
+
+
+def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
+    cfg = runtime.config
+    gov = runtime.governance
+    assert gov is not None
+    issuers = [i.model_copy(update={"audience": cfg.approvals.approver_audience}) for i in cfg.effective_issuers()]
+    verifier = TokenVerifier(issuers, cfg.identity_settings())
+    claim = cfg.approvals.approver_groups_claim
+    admin_group = cfg.control.admin_group
+
+    async def operator(request: web.Request) -> str | web.Response:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _problem(401, "Operator authentication required", "send an operator token as Authorization: Bearer",
+                            {"WWW-Authenticate": 'Bearer realm="proctor-control"'})
+        try:
+            ident = await verifier.verify(token.strip())
+        except AuthError as e:
+            return _problem(401, "Operator authentication failed", str(e), {"WWW-Authenticate": 'Bearer realm="proctor-control", error="invalid_token"'})
+        except IdentityUnavailable as e:
+            return _problem(503, "Identity provider unavailable", str(e))
+        groups = ident.claims.get(claim, [])
+        groups = [groups] if isinstance(groups, str) else groups if isinstance(groups, list) else []
+        if admin_group not in groups:
+            return _problem(403, "Not an operator", f"{ident.agent_id} is not in the {admin_group!r} group")
+        return ident.agent_id
+
+    async def json_body(request: web.Request) -> dict | web.Response:
+        if request.headers.get("Origin") and request.headers["Origin"].rstrip("/") != f"{request.scheme}://{request.host}":
+            return _problem(403, "Cross-origin request refused", "the kill switch is operated from the console, CLI or API")
+        if request.content_type != "application/json":
+            return _problem(415, "JSON required", "send a JSON object as application/json")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _problem(400, "Bad JSON", "the body is not valid JSON")
+        if not isinstance(body, dict):
+            return _problem(400, "Bad JSON", "the body must be a JSON object")
+        return body
+
+    def record(event: str, s: Suspension | None, kind: str, target: str, by: str, reason: str) -> None:
+        runtime.recorder.write({
+            "type": "suspension", "event": event, "time": iso(time.time()), "kind": kind, "target": target,
+            "by": by, "reason": reason,
+        })
+
+    def unavailable(e: Exception) -> web.Response:
+        log.error("store error: %s", e)
+        return _problem(503, "Store unavailable", "the state store cannot be reached; try again")
+
+    async def do_suspend(kind: str, target: str, who: str, body: dict) -> web.Response:
+        reason = body.get("reason")
+        if not isinstance(reason, str) or not reason.strip():
+            return _problem(400, "Reason required", 'a reason is mandatory: {"reason": "..."}')
+        if not _TARGET_RE.match(target):
+            return _problem(400, "Bad target", "the target must be 1-256 printable characters")
+        try:
+            s = await gov.suspend(kind, target, who, reason.strip()[:2000])
+        except StoreError as e:
+            return unavailable(e)
+        record("suspended", s, kind, target, who, s.reason)
+        return web.json_response(suspension_json(s), status=201)
+
+    async def do_resume(kind: str, target: str, who: str, reason: str) -> web.Response:
+        try:
+            removed = await gov.resume(kind, target, who)
+        except StoreError as e:
+            return unavailable(e)
+        if not removed:
+            return _problem(404, "Not suspended", f"{kind} {target!r} is not suspended")
+        record("resumed", None, kind, target, who, reason)
+        return web.json_response({"kind": kind, "target": target, "resumed_by": who})
+
+    async def list_agents(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        try:
+            agents = await runtime.store.list_agents()
+        except StoreError as e:
+            return unavailable(e)
+        return web.json_response({"agents": [agent_json(a, gov.agent_suspension(a.id)) for a in agents]})
+
+    async def show_agent(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        try:
+            a = await runtime.store.get_agent(request.match_info["id"])
+        except StoreError as e:
+            return unavailable(e)
+        if a is None:
+            return _problem(404, "No such agent", f"no agent {request.match_info['id']!r} has been seen or registered")
+        return web.json_response(agent_json(a, gov.agent_suspension(a.id)))
+
+    async def register_agent(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        aid = body.get("id")
+        if not isinstance(aid, str) or not _TARGET_RE.match(aid):
+            return _problem(400, "Bad agent id", "id must be 1-256 printable characters")
+        fields = {k: body.get(k, "") for k in ("owner", "team", "description")}
+        if not all(isinstance(v, str) and len(v) <= 1000 for v in fields.values()):
+            return _problem(400, "Bad field", "owner, team and description are strings (at most 1000 characters)")
+        try:
+            await runtime.store.upsert_agent(AgentRecord(id=aid, **fields))
+            a = await runtime.store.get_agent(aid)
+        except StoreError as e:
+            return unavailable(e)
+        return web.json_response(agent_json(a, gov.agent_suspension(aid)), status=201)
+
+    async def suspend_agent(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        return await do_suspend("agent", request.match_info["id"], who, body)
+
+    async def resume_agent(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        return await do_resume("agent", request.match_info["id"], who, str(body.get("reason") or ""))
+
+    async def list_suspensions(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        return web.json_response({"suspensions": [suspension_json(s) for s in gov.suspensions()]})
+
+    async def create_suspension(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        kind, target = body.get("kind"), body.get("target")
+        if kind not in ("agent", "connector", "action") or not isinstance(target, str):
+            return _problem(400, "Bad suspension", 'send {"kind": "agent|connector|action", "target": "...", "reason": "..."}')
+        return await do_suspend(kind, target, who, body)
+
+    async def delete_suspension(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        kind = request.match_info["kind"]
+        if kind not in ("agent", "connector", "action"):
+            return _problem(404, "No such kind", "kind is agent, connector or action")
+        return await do_resume(kind, request.match_info["target"], who, request.query.get("reason", ""))
+
+    app.router.add_get("/v1/agents", list_agents)
+    app.router.add_post("/v1/agents", register_agent)
+    app.router.add_get("/v1/agents/{id}", show_agent)
+    app.router.add_post("/v1/agents/{id}/suspend", suspend_agent)
+    app.router.add_post("/v1/agents/{id}/resume", resume_agent)
+    app.router.add_get("/v1/suspensions", list_suspensions)
+    app.router.add_post("/v1/suspensions", create_suspension)
+    app.router.add_delete("/v1/suspensions/{kind}/{target}", delete_suspension)

@@ -1,0 +1,134 @@
+"""`proctor agents list|show|register|suspend|resume` and `proctor suspensions`: the
+agent registry and the kill switch, through the control API (operator token:
+an approver-audience token in the `control.admin_group` group)."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+
+import click
+
+from ..approvals.cli import _client, _conn, _connection_options, _fail, _print_json, _relative, _safe, _table
+
+
+def _quote(value: str) -> str:
+    value = value.strip()
+    if not value:
+        _fail("an id is required")
+    return urllib.parse.quote(value, safe="")
+
+
+@click.group()
+def agents() -> None:
+    """The agent registry and the kill switch (suspend/resume an agent, a connector or an action).
+
+    Needs an operator token (approver audience, group `proctor-admins` by default):
+    --token / $PROCTOR_TOKEN, or with the dev issuer `--as olga --group proctor-admins`."""
+
+
+@agents.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+@_connection_options
+def list_cmd(as_json: bool, **kw) -> None:
+    """Every agent seen or registered, with its status and request counts."""
+    client = _client(_conn(kw))
+    doc = client.call("GET", "/v1/agents")
+    if as_json:
+        _print_json(doc)
+        return
+    rows = [
+        [
+            _safe(a["id"]), a["status"].upper() if a["status"] != "active" else "active", _safe(a.get("owner") or "-"),
+            _safe(a.get("team") or "-"), str(a["requests"]), str(a["allowed"]), str(a["denied"]),
+            _relative(a.get("last_seen")) if a.get("last_seen") else "never",
+        ]
+        for a in doc["agents"]
+    ]
+    if not rows:
+        click.echo("no agents seen or registered yet")
+        return
+    _table(rows, ["agent", "status", "owner", "team", "requests", "allowed", "denied", "last seen"],
+           [28, 10, 16, 14, 8, 8, 8, 14])
+    for a in doc["agents"]:
+        s = a.get("suspension")
+        if s:
+            click.echo(f"  {_safe(a['id'])}: suspended since {s['since']} by {_safe(s['by'])}: {_safe(s['reason'])}")
+
+
+@agents.command("show")
+@click.argument("agent_id", metavar="AGENT")
+@_connection_options
+def show_cmd(agent_id: str, **kw) -> None:
+    """One agent's registry entry (JSON)."""
+    _print_json(_client(_conn(kw)).call("GET", f"/v1/agents/{_quote(agent_id)}"))
+
+
+@agents.command("register")
+@click.argument("agent_id", metavar="AGENT")
+@click.option("--owner", default="", help="Who answers for this agent.")
+@click.option("--team", default="")
+@click.option("--description", default="")
+@_connection_options
+def register_cmd(agent_id: str, owner: str, team: str, description: str, **kw) -> None:
+    """Pre-register an agent (owner, team, description)."""
+    doc = _client(_conn(kw)).call("POST", "/v1/agents", {"id": agent_id, "owner": owner, "team": team,
+                                                          "description": description})
+    click.echo(f"registered {_safe(doc['id'])}")
+
+
+def _target(agent_id: str | None, connector: str | None, action: str | None) -> tuple[str, str]:
+    given = [(k, v) for k, v in (("agent", agent_id), ("connector", connector), ("action", action)) if v]
+    if len(given) != 1:
+        _fail("name exactly one of: an AGENT, --connector NAME or --action ACTION")
+    return given[0]
+
+
+@agents.command("suspend")
+@click.argument("agent_id", metavar="[AGENT]", required=False)
+@click.option("--connector", default=None, help="Suspend every request to this connector instead.")
+@click.option("--action", default=None, help="Suspend this Cedar action instead (e.g. erp.purchase_order.approve).")
+@click.option("--reason", default=None, help="Why (mandatory; recorded and shown to the refused agent).")
+@_connection_options
+def suspend_cmd(agent_id: str | None, connector: str | None, action: str | None, reason: str | None, **kw) -> None:
+    """Kill switch: refuse the next request of an agent, to a connector, or for an action
+    (including requests waiting for approval). Takes effect within a second."""
+    kind, target = _target(agent_id, connector, action)
+    if not reason or not reason.strip():
+        _fail("--reason is required")
+    client = _client(_conn(kw))
+    s = client.call("POST", "/v1/suspensions", {"kind": kind, "target": target, "reason": reason})
+    click.echo(f"suspended {kind} {_safe(s['target'])} since {s['since']} by {_safe(s['by'])}")
+
+
+@agents.command("resume")
+@click.argument("agent_id", metavar="[AGENT]", required=False)
+@click.option("--connector", default=None)
+@click.option("--action", default=None)
+@click.option("--reason", default="", help="Why (recorded).")
+@_connection_options
+def resume_cmd(agent_id: str | None, connector: str | None, action: str | None, reason: str, **kw) -> None:
+    """Lift a suspension."""
+    kind, target = _target(agent_id, connector, action)
+    client = _client(_conn(kw))
+    path = f"/v1/suspensions/{kind}/{_quote(target)}"
+    if reason:
+        path += "?" + urllib.parse.urlencode({"reason": reason})
+    client.call("DELETE", path)
+    click.echo(f"resumed {kind} {_safe(target)}")
+
+
+@agents.command("suspensions")
+@click.option("--json", "as_json", is_flag=True)
+@_connection_options
+def suspensions_cmd(as_json: bool, **kw) -> None:
+    """Everything suspended right now."""
+    doc = _client(_conn(kw)).call("GET", "/v1/suspensions")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if not doc["suspensions"]:
+        click.echo("nothing is suspended")
+        return
+    for s in doc["suspensions"]:
+        click.echo(f"{s['kind']:<10} {_safe(s['target'])}  since {s['since']} by {_safe(s['by'])}: {_safe(s['reason'])}")
