@@ -289,7 +289,9 @@ def policy_test(
 
 
 @policy.command("explain", context_settings={"ignore_unknown_options": True})
-@click.option("--agent", required=True, help="Agent id to explain the request for (no token needed).")
+@click.option("--agent", default=None, help="Agent id to explain the request for (no token needed).")
+@click.option("--decision", "decision_id", default=None, metavar="DECISION_ID",
+              help="Explain a recorded decision (from the decision record) under the current policies.")
 @click.option("--claim", "claims", multiple=True, metavar="K=V", help="A claim of the agent's token; V is parsed as JSON when it can be.")
 @click.option("--request", "request_file", type=click.Path(dir_okay=False, exists=True),
               help='A JSON request: {"method", "url", "headers", "body"}.')
@@ -297,7 +299,8 @@ def policy_test(
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.argument("curl", nargs=-1, type=click.UNPROCESSED)
 def policy_explain(
-    agent: str, claims: tuple[str, ...], request_file: str | None, as_json: bool, config_path: str | None, curl: tuple[str, ...]
+    agent: str | None, decision_id: str | None, claims: tuple[str, ...], request_file: str | None, as_json: bool,
+    config_path: str | None, curl: tuple[str, ...],
 ) -> None:
     """Explain a request: what Proctor derives from it and which policies decide it.
 
@@ -307,7 +310,19 @@ def policy_explain(
       proctor policy explain --agent support-bot --claim 'groups=["support"]' -- \\
           curl -X DELETE https://acme.service-now.com/api/now/table/incident/INC1
 
+    Or explain a recorded decision by its X-Proctor-Decision-Id:
+
+    
+      proctor policy explain --decision 01a1fd0fa646-97d0262bc7aa4a17a25e
+
     Exit status: 0 explained (whatever the decision), 2 unusable input."""
+    if decision_id is not None:
+        if agent or claims or request_file or curl:
+            raise click.UsageError("--decision explains a recorded request: give no --agent, --claim or request")
+        _explain_recorded(config_path, decision_id, as_json)
+        return
+    if agent is None:
+        raise click.UsageError("give --agent (and the request), or --decision DECISION_ID")
     from .connectors.classifier import Classifier
     from .connectors.manifest import ManifestError, load_manifests
     from .core.model import AgentIdentity
@@ -341,6 +356,68 @@ def policy_explain(
     identity = AgentIdentity(agent_id=agent, issuer="(explain)", claims=token_claims, expires_at=None)
     result = explain(config, store, classifier, req, identity)
     click.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else render_text(result))
+
+
+def _explain_recorded(config_path: str | None, decision_id: str, as_json: bool) -> None:
+    from .policy.engine import PolicyLoadError, PolicyStore
+    from .policy.explain import recorded_explanation, render_recorded
+    from .policy.replay import ReplayInputError, find_record
+    from .policy.sources import policy_source
+
+    config = _load(config_path)
+    try:
+        rec = find_record(config.decisions_path, decision_id.strip())
+        if rec is None:
+            raise ReplayInputError(f"no decision {decision_id} in {config.decisions_path}")
+        if "cedar" not in rec:
+            kind = (rec.get("refusal") or {}).get("kind", "?")
+            raise ReplayInputError(
+                f"decision {decision_id} was refused before any policy ran ({kind}: "
+                f"{(rec.get('refusal') or {}).get('detail', '')}), or recorded without policy inputs"
+            )
+        store = PolicyStore(policy_source(config))
+    except (ReplayInputError, PolicyLoadError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    result = recorded_explanation(store, rec)
+    click.echo(json.dumps(result, indent=2, default=str) if as_json else render_recorded(result))
+
+
+@policy.command("replay")
+@click.option("--candidate", "candidate_dir", required=True, type=click.Path(file_okay=False, exists=True),
+              help="Candidate policy directory (with its schema.cedarschema).")
+@click.option("--since", default=None, help="Only decisions since this time (ISO 8601, or 30m, 24h, 7d ago).")
+@click.option("--until", default=None, help="Only decisions before this time.")
+@click.option("--decisions", "decisions_file", default=None, type=click.Path(dir_okay=False),
+              help="Decision record to replay (default: the config's).")
+@click.option("--limit", default=50, show_default=True, help="Changes listed in the text report.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
+@click.option("--fail-on-change", is_flag=True, help="Exit 1 when any decision would change (for CI).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+def policy_replay(
+    candidate_dir: str, since: str | None, until: str | None, decisions_file: str | None, limit: int, as_json: bool,
+    fail_on_change: bool, config_path: str | None,
+) -> None:
+    """Re-evaluate recorded decisions against a candidate policy set; report what would change.
+
+    Exit status: 0 replayed (1 with --fail-on-change when something changes), 2 unusable input."""
+    from .policy.engine import PolicyLoadError, PolicyStore
+    from .policy.replay import ReplayInputError, parse_time, read_records, render_report, replay
+    from .policy.sources import policy_source
+
+    config = _load(config_path)
+    try:
+        lo = parse_time(since) if since else None
+        hi = parse_time(until) if until else None
+        candidate = PolicyStore(policy_source(config, Path(candidate_dir)))
+        path = Path(decisions_file) if decisions_file else config.decisions_path
+        report = replay(read_records(path, lo, hi), candidate)
+    except (ReplayInputError, PolicyLoadError, ValueError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else render_report(report, limit))
+    if fail_on_change and report.changes:
+        sys.exit(1)
 
 
 @main.group()

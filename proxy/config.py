@@ -205,6 +205,10 @@ class UpstreamConfig(Strict):
 
 class RecordConfig(Strict):
     decisions_file: Path | None = None  # default: <state_dir>/decisions.jsonl
+    # Keep the Cedar principal, resource and context of each decision (without the
+    # raw body, raw query string or tool arguments) so `proctor policy replay` and
+    # `explain --decision` can re-evaluate it. See docs/decision-record.md.
+    policy_inputs: bool = True
 
 
 class StoreConfig(Strict):

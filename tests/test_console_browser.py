@@ -437,6 +437,12 @@ def test_attacker_controlled_request_data_is_shown_as_text(env, driver):
         assert not driver.find_elements(By.CSS_SELECTOR, ".approval-row")
         driver.refresh()
         wait_el(driver, "#login-view")
+        # an agent token is not an approver token
+        driver.find_element(By.CSS_SELECTOR, "#token").send_keys(env.agent_token())
+        driver.find_element(By.CSS_SELECTOR, "#login").click()
+        assert "Approver authentication failed" in wait_text(driver, "#login-error", bool)
+        assert driver.find_element(By.CSS_SELECTOR, "#login-view").is_displayed()
+        assert driver.execute_script("return sessionStorage.length") == 0
     finally:
         env.api("POST", f"/v1/approvals/{aid}/deny", alice, {"reason": "test cleanup"})
     assert agent.result().status_code == 403

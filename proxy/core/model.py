@@ -142,6 +142,9 @@ class Outcome:
     jsonrpc_id: Any = None  # set (possibly to None) for JSON-RPC endpoints: refusals become JSON-RPC errors
     is_jsonrpc: bool = False
     approval_id: str | None = None  # the approval that held (or released) this request
+    # (principal, resource, context) as last given to Cedar: recorded (sanitised) for replay and explain
+    policy_inputs: tuple | None = None
+    policy_decision: str | None = None  # what Cedar said: allow | deny | hold (None: refused before policy)
 
     @property
     def allowed(self) -> bool:

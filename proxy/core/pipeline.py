@@ -302,6 +302,7 @@ class Pipeline:
         resource = resource_entity(cls)
         context = request_context(req, cls, body, limits.context_headers, now=outcome.timestamp)
         t0 = clock()
+        outcome.policy_inputs = (principal, resource, context)
         result = self.policies.authorize(
             principal, cls.action, resource, context, [principal, resource], bundle=bundle
         )
@@ -311,6 +312,7 @@ class Pipeline:
             if shadow is not None:
                 outcome.shadow = shadow.as_dict()
         outcome.reasons = result.reasons
+        outcome.policy_decision = "allow" if result.allowed and not result.errors else "deny"
         if result.errors:
             outcome.errors = result.errors
             outcome.refusal = Refusal(
@@ -383,6 +385,7 @@ class Pipeline:
                 policy_ids=list(reasons), mode=mode, derived=derived,
             )
         outcome.approval_id = approval.id
+        outcome.policy_decision = "hold"
         if approval.state == "pending":
             if mode == "async":
                 self._held_answer(outcome, approval, 202, "Held for approval")
@@ -451,6 +454,8 @@ class Pipeline:
                                       kind="approval-expired", extra={"approval_id": approval.id, "approval_state": approval.state})
             return True
         # Approved: decide again, with the approval in context (policies may constrain who approved).
+        # (the record keeps the request's own inputs and "hold": replay asks whether the
+        # request itself would need approval under other policies)
         approved_ctx = dict(context, approval=approvals.cedar_context(approval))
         result = self.policies.authorize(principal, cls.action, resource, approved_ctx, [principal, resource], bundle=bundle)
         outcome.reasons = result.reasons

@@ -98,6 +98,7 @@ class ProctorAddon:
         store: Any = None,
     ) -> None:
         self.store = store  # records resource creators (manifest track_creator)
+        self.record_inputs = pipeline.config.record.policy_inputs
         self.metrics = metrics
         self.injector = injector
         self.tracing = tracing if tracing is not None and tracing.enabled else None
@@ -134,7 +135,10 @@ class ProctorAddon:
         decision_ms: float | None = None,
     ) -> None:
         elapsed = time.perf_counter() - outcome.started
-        self.recorder.write(decision_record(outcome, req, status, upstream_status, elapsed * 1000, decision_ms, error))
+        self.recorder.write(
+            decision_record(outcome, req, status, upstream_status, elapsed * 1000, decision_ms, error,
+                            with_inputs=self.record_inputs)
+        )
         if self.metrics is not None:
             self.metrics.observe_request(outcome, status, upstream_status, elapsed)
 

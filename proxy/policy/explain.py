@@ -225,3 +225,72 @@ def render_text(ex: Explanation) -> str:
             lines.append(f"          {v.error}")
     lines.append("context    " + json.dumps(ex.context, sort_keys=True))
     return "\n".join(lines)
+
+
+def recorded_explanation(store: PolicyStore, rec: dict) -> dict[str, Any]:
+    """A recorded decision re-evaluated under the current policies, policy by policy."""
+    from .replay import evaluate, unrecorded_reads
+
+    cedar = rec["cedar"]
+    principal, resource, context = cedar["principal"], cedar["resource"], cedar["context"]
+    action = rec["action"]
+    now, reasons, errors = evaluate(store, rec)
+    b = store.bundle
+    dynamic = [e for e in (principal, resource) if (e["uid"]["type"], e["uid"]["id"]) not in b.static_uids]
+    entities = b.entities.with_added_json_str(json.dumps(dynamic)) if dynamic else b.entities
+    request = {"principal": principal["uid"], "action": {"type": "Action", "id": action}, "resource": resource["uid"],
+               "context": context}
+    verdicts = _verdicts(store, action, request, entities)
+    missing = sorted(unrecorded_reads(b, action) & set(cedar.get("unrecorded", [])))
+    return {
+        "decision_id": rec["decision_id"],
+        "time": rec.get("time"),
+        "agent": rec.get("agent"),
+        "request": f"{rec.get('method', '?')} {rec.get('host', '?')}:{rec.get('port', '?')}{rec.get('path', '')}",
+        "action": action,
+        "resource": resource,
+        "principal": principal,
+        "context": context,
+        "recorded": {"decision": rec.get("policy_decision"), "reasons": rec.get("reasons") or [],
+                     "policy_revision": rec.get("policy_revision"), "status": rec.get("status")},
+        "now": {"decision": now, "reasons": reasons, "errors": errors, "policy_revision": b.revision},
+        "same_revision": rec.get("policy_revision") == b.revision,
+        "approximate_because_unrecorded": missing,
+        "policies": [v.__dict__ for v in verdicts],
+    }
+
+
+def render_recorded(r: dict[str, Any]) -> str:
+    rec, now = r["recorded"], r["now"]
+    parents = ", ".join(p["id"] for p in r["principal"].get("parents", []))
+    lines = [
+        f"decision   {r['decision_id']} at {r['time']}",
+        f"request    {r['request']}",
+        f"principal  Agent::{json.dumps(r['principal']['uid']['id'])}" + (f"  (groups: {parents})" if parents else ""),
+        f"action     {r['action']}",
+        f"resource   {r['resource']['uid']['type']}::{json.dumps(r['resource']['uid']['id'])}",
+    ]
+    if r["resource"].get("attrs"):
+        lines.append(f"  attrs    {json.dumps(r['resource']['attrs'], sort_keys=True)}")
+    for key in ("params", "query_params", "fields", "approval"):
+        if key in r["context"]:
+            lines.append(f"context.{key}  {json.dumps(r['context'][key], sort_keys=True)}")
+    lines.append(
+        f"recorded   {rec['decision']} ({', '.join(rec['reasons']) or 'default'}) under revision {rec['policy_revision']}"
+    )
+    lines.append(
+        f"now        {now['decision']} ({', '.join(now['reasons']) or 'default'}) under revision {now['policy_revision']}"
+        + ("" if r["same_revision"] else "  [policies changed since]")
+    )
+    if now["errors"]:
+        lines.append(f"errors     {'; '.join(now['errors'])}")
+    if r["approximate_because_unrecorded"]:
+        lines.append(
+            f"note       policies for this action read context.{', context.'.join(r['approximate_because_unrecorded'])}, "
+            "which the record does not keep: this re-evaluation is approximate"
+        )
+    lines.append("policies in scope:")
+    for v in r["policies"]:
+        state = "APPLIES" if v["applies"] else ("ERROR  " if v["error"] else "-      ")
+        lines.append(f"  {state} {v['effect']:<7} {v['policy_id']}  ({v['file']})" + (f"  {v['error']}" if v["error"] else ""))
+    return "\n".join(lines)

@@ -25,6 +25,22 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+# Context keys never recorded: the raw body, the raw query string and MCP tool
+# arguments may carry anything (credentials, personal data). Connector-declared
+# typed values (params, query_params, fields) are what policies should use.
+UNRECORDED_CONTEXT_KEYS = ("body", "query", "arguments")
+
+
+def policy_inputs_record(inputs: tuple) -> dict[str, Any]:
+    principal, resource, context = inputs
+    ctx = {k: v for k, v in context.items() if k not in UNRECORDED_CONTEXT_KEYS}
+    dropped = [k for k in UNRECORDED_CONTEXT_KEYS if context.get(k) not in (None, "")]
+    out: dict[str, Any] = {"principal": principal, "resource": resource, "context": ctx}
+    if dropped:
+        out["unrecorded"] = dropped
+    return out
+
+
 def decision_record(
     outcome: Outcome,
     req: AgentRequest | None,
@@ -33,6 +49,7 @@ def decision_record(
     latency_ms: float | None,
     decision_ms: float | None,
     error: str | None = None,
+    with_inputs: bool = True,
 ) -> dict[str, Any]:
     cls = outcome.classification
     refusal = outcome.refusal
@@ -74,6 +91,10 @@ def decision_record(
         rec["rpc"] = cls.rpc  # JSON-RPC method and tool (never the arguments)
     if outcome.approval_id:
         rec["approval_id"] = outcome.approval_id
+    if outcome.policy_decision is not None:
+        rec["policy_decision"] = outcome.policy_decision
+    if with_inputs and outcome.policy_inputs is not None:
+        rec["cedar"] = policy_inputs_record(outcome.policy_inputs)
     if error:
         rec["error"] = error
     return rec

@@ -358,9 +358,13 @@
         (data && Array.isArray(data.approvals) ? data.approvals : []).forEach(function (a) {
           if (a && typeof a.id === "string") rows.set(a.id, a);
         });
+        var total = data && typeof data.total === "number" ? data.total : null;
+        // Polling re-reads the list every 3 s: leave the DOM alone when nothing changed.
+        var sig = JSON.stringify([total, Array.from(rows.values())]);
+        var current = JSON.stringify([S.total, Array.from(S.rows.values())]);
         S.rows = rows;
-        S.total = data && typeof data.total === "number" ? data.total : null;
-        renderInbox();
+        S.total = total;
+        if (sig !== current || !$("approval-rows").firstChild) renderInbox();
       },
       function (e) {
         if (authFailed(e)) return;
