@@ -485,10 +485,12 @@ def demo(keep_running: bool) -> None:
 
 def _register_subcommands() -> None:
     from .approvals.cli import approvals
-    from .governance.cli import agents
+    from .governance.cli import agents, policy_revisions, policy_rollback
 
     main.add_command(approvals)
     main.add_command(agents)
+    policy.add_command(policy_revisions)
+    policy.add_command(policy_rollback)
 
 
 _register_subcommands()

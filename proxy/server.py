@@ -37,6 +37,7 @@ from .observability.metrics import Metrics, runtime_families
 from .observability.tracing import Tracing
 from .identity.verifier import TokenVerifier
 from .policy.engine import PolicyStore
+from .policy.revisions import record_revision
 from .policy.sources import policy_source
 from .store import Store, StoreError, open_store
 from .policy.shadow import ShadowPolicies
@@ -170,7 +171,10 @@ async def _watch_policies(runtime: ProctorRuntime) -> None:
         try:
             # Parsing, validating and indexing a large set takes a while: do it off
             # the event loop so traffic keeps flowing; the swap itself is atomic.
+            before = runtime.policies.bundle.revision
             await asyncio.to_thread(runtime.policies.reload_if_changed)
+            if runtime.policies.bundle.revision != before:
+                await record_revision(runtime.store, runtime.policies.bundle)
             if runtime.pipeline.shadow is not None:
                 await asyncio.to_thread(runtime.pipeline.shadow.reload_if_changed)
         except Exception:
@@ -184,6 +188,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
 
     try:
         await runtime.store.open()
+        await record_revision(runtime.store, runtime.policies.bundle)
         await runtime.governance.load(
             [Registration(a.id, a.owner, a.team, a.description) for a in config.agents]
         )

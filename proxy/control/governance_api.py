@@ -7,6 +7,7 @@ written to the decision record (`type: "suspension"` lines).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from ..identity.errors import AuthError, IdentityUnavailable
 from ..identity.verifier import TokenVerifier
+from ..policy.revisions import record_revision, restore_files
 from ..record.decisions import iso
 from ..store import AgentRecord, StoreError, Suspension
 
@@ -213,6 +215,61 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             return _problem(404, "No such kind", "kind is agent, connector or action")
         return await do_resume(kind, request.match_info["target"], who, request.query.get("reason", ""))
 
+    async def list_revisions(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        try:
+            revisions = await runtime.store.list_revisions()
+        except StoreError as e:
+            return unavailable(e)
+        active = runtime.policies.bundle.revision
+        return web.json_response({
+            "active_revision": active,
+            "revisions": [
+                {"revision": r.revision, "loaded_at": iso(r.loaded_at), "active": r.revision == active,
+                 "files": sorted(r.files)}
+                for r in revisions
+            ],
+        })
+
+    async def rollback(request: web.Request) -> web.Response:
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        body = await json_body(request)
+        if isinstance(body, web.Response):
+            return body
+        revision, reason = body.get("revision"), body.get("reason")
+        if not isinstance(revision, str) or not revision:
+            return _problem(400, "Revision required", 'send {"revision": "...", "reason": "..."}')
+        if not isinstance(reason, str) or not reason.strip():
+            return _problem(400, "Reason required", "a reason is mandatory for a rollback")
+        try:
+            stored = await runtime.store.get_revision(revision)
+        except StoreError as e:
+            return unavailable(e)
+        if stored is None:
+            return _problem(404, "No such revision", f"revision {revision} is not in the kept history")
+        before = runtime.policies.bundle.revision
+        try:
+            changed = await asyncio.to_thread(restore_files, runtime.policies.source, stored.files)
+        except (OSError, ValueError) as e:
+            return _problem(409, "Cannot write the policy directory", f"{e}; nothing was reloaded")
+        ok = await asyncio.to_thread(runtime.policies.reload)
+        now = runtime.policies.bundle.revision
+        if not ok or now != revision:
+            detail = "; ".join(runtime.policies.status.last_error) if not ok else (
+                f"the files were restored but load as revision {now} (the connectors changed since?)")
+            return _problem(409, "Rollback did not take effect", detail)
+        await record_revision(runtime.store, runtime.policies.bundle)
+        runtime.recorder.write({"type": "policy", "event": "rollback", "time": iso(time.time()), "from_revision": before,
+                                "to_revision": now, "by": who, "reason": reason.strip(), "files_changed": changed})
+        log.warning("policy rollback %s -> %s by %s: %s", before, now, who, reason.strip())
+        return web.json_response({"active_revision": now, "previous_revision": before, "files_changed": changed})
+
+    app.router.add_get("/v1/policies/revisions", list_revisions)
+    app.router.add_post("/v1/policies/rollback", rollback)
     app.router.add_get("/v1/agents", list_agents)
     app.router.add_post("/v1/agents", register_agent)
     app.router.add_get("/v1/agents/{id}", show_agent)

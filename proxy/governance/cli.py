@@ -132,3 +132,31 @@ def suspensions_cmd(as_json: bool, **kw) -> None:
         return
     for s in doc["suspensions"]:
         click.echo(f"{s['kind']:<10} {_safe(s['target'])}  since {s['since']} by {_safe(s['by'])}: {_safe(s['reason'])}")
+
+
+@click.command("revisions")
+@click.option("--json", "as_json", is_flag=True)
+@_connection_options
+def policy_revisions(as_json: bool, **kw) -> None:
+    """The policy sets the running proxy has enforced (newest first; the last 20 are kept)."""
+    doc = _client(_conn(kw)).call("GET", "/v1/policies/revisions")
+    if as_json:
+        _print_json(doc)
+        return
+    for r in doc["revisions"]:
+        mark = "*" if r["active"] else " "
+        click.echo(f"{mark} {r['revision']}  loaded {r['loaded_at']}  ({len(r['files'])} files)")
+
+
+@click.command("rollback")
+@click.argument("revision")
+@click.option("--reason", default=None, help="Why (mandatory; recorded).")
+@_connection_options
+def policy_rollback(revision: str, reason: str | None, **kw) -> None:
+    """Restore an earlier policy revision: its files are written back into the policy
+    directory and loaded (operator token)."""
+    if not reason or not reason.strip():
+        _fail("--reason is required")
+    doc = _client(_conn(kw)).call("POST", "/v1/policies/rollback", {"revision": revision, "reason": reason})
+    click.echo(f"rolled back {doc['previous_revision']} -> {doc['active_revision']}"
+               + (f" ({', '.join(doc['files_changed'])})" if doc["files_changed"] else ""))

@@ -111,6 +111,7 @@ class PolicyBundle:
     loaded_at: float
     files: tuple[str, ...]
     approvals: dict = field(default_factory=dict)  # @id -> ApprovalRequirement (@approval policies)
+    sources: dict = field(default_factory=dict)  # file name -> text of every input (schema, policies, entities)
 
     @property
     def policy_count(self) -> int:
@@ -149,7 +150,10 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
     problems: list[str] = []
     hasher = hashlib.sha256()
 
+    sources: dict[str, str] = {}  # file name -> text, for the revision history (rollback)
     schema_text = _read(source.schema_path, "schema", problems)
+    if schema_text is not None:
+        sources[source.schema_path.name] = schema_text
     schema = None
     if schema_text is not None:
         hasher.update(schema_text.encode())
@@ -187,6 +191,7 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         if text is None:
             continue
         hasher.update(f.name.encode() + b"\0" + text.encode())
+        sources[f.name] = text
         try:
             est = json.loads(cedarpy.policies_to_json_str(text))
         except ValueError as e:
@@ -216,6 +221,7 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         if ent_text is not None:
             hasher.update(ent_text.encode())
             entities_json = ent_text
+            sources[source.entities_path.name] = ent_text
 
     if problems:
         raise PolicyLoadError(problems)
@@ -268,6 +274,7 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
         loaded_at=time.time(),
         files=tuple(str(f) for f in source.files() if f.exists()),
         approvals=approvals,
+        sources=sources,
     )
 
 
