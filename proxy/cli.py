@@ -487,8 +487,11 @@ def _register_subcommands() -> None:
     from .approvals.cli import approvals
     from .governance.cli import agents, policy_revisions, policy_rollback
 
+    from .audit.cli import audit
+
     main.add_command(approvals)
     main.add_command(agents)
+    main.add_command(audit)
     policy.add_command(policy_revisions)
     policy.add_command(policy_rollback)
 

@@ -9,6 +9,7 @@ file, `default_config()` describes the embedded default: state in
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -267,6 +268,52 @@ class ApprovalsConfig(Strict):
         return self
 
 
+DEFAULT_REDACT_KEYS = [
+    "password", "passwd", "secret", "client_secret", "token", "access_token", "refresh_token", "api_key", "apikey",
+    "authorization", "cookie", "set-cookie", "ssn", "card_number", "cardnumber", "cvv", "iban",
+]
+# Payment card numbers (13-19 digits, optionally grouped by spaces or dashes).
+DEFAULT_REDACT_PATTERNS = [r"\b(?:\d[ -]?){12,18}\d\b"]
+
+
+class AuditFileConfig(Strict):
+    path: Path = Path("audit.jsonl")  # relative to state_dir
+    max_bytes: int = Field(100 * 1024 * 1024, ge=0)  # rotate at this size (0: never)
+    max_age_seconds: float = Field(86400.0, ge=0)  # rotate files older than this (0: never)
+    keep: int = Field(30, ge=0)  # rotated files kept (0: all)
+    fsync: bool = False  # fsync after every event (survives a power loss; much slower)
+    overflow: Literal["block", "drop", "fail_closed"] = "fail_closed"
+
+
+class RedactConfig(Strict):
+    """Values that never reach the decision record, the audit trail or its sinks."""
+
+    keys: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_KEYS))  # object keys, any depth
+    patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_PATTERNS))  # regexes over strings
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"redact pattern {p!r}: {e}") from None
+        return v
+
+
+class AuditConfig(Strict):
+    """The OCSF audit trail (docs/siem.md)."""
+
+    enabled: bool = True
+    file: AuditFileConfig | None = Field(default_factory=AuditFileConfig)
+    sinks: list[dict] = Field(default_factory=list)  # stdout / syslog / http (proxy/audit/netsinks.py)
+    # Requests refused while a fail_closed sink is unhealthy (default: writes only).
+    fail_closed_methods: list[str] = Field(default_factory=lambda: ["POST", "PUT", "PATCH", "DELETE"])
+    block_timeout_seconds: float = Field(5.0, gt=0, le=300)
+    redact: RedactConfig = Field(default_factory=RedactConfig)
+
+
 class ControlConfig(Strict):
     listen: Listen = Field(default_factory=lambda: Listen(port=8081))
     enabled: bool = True
@@ -300,6 +347,7 @@ class ProctorConfig(Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     approvals: ApprovalsConfig = Field(default_factory=ApprovalsConfig)
     agents: list[AgentRegistration] = Field(default_factory=list)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     # -- derived paths ---------------------------------------------------------
     @property
@@ -334,6 +382,13 @@ class ProctorConfig(Strict):
     @property
     def decisions_path(self) -> Path:
         return self.record.decisions_file or (self.state_dir / "decisions.jsonl")
+
+    @property
+    def audit_path(self) -> Path | None:
+        if self.audit.file is None:
+            return None
+        p = self.audit.file.path
+        return p if p.is_absolute() else self.state_dir / p
 
     @property
     def schema_path(self) -> Path:

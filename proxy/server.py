@@ -23,6 +23,8 @@ from .connectors.classifier import Classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
 from .approvals.notify import Notifier, WebhookConfig
+from .audit.setup import build_audit
+from .audit.trail import AuditTrail
 from .approvals.service import ApprovalService
 from .connectors.lookup import LookupClient
 from .governance.registry import Governance, Registration
@@ -60,6 +62,7 @@ class ProctorRuntime:
     approvals: ApprovalService | None = None
     notifier: Notifier | None = None
     governance: Governance | None = None
+    audit: AuditTrail | None = None
 
 
 def build_runtime(config: ProctorConfig) -> ProctorRuntime:
@@ -84,6 +87,10 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     lookups = LookupClient(config.upstream, injector)
     enricher = Enricher(manifests, creator_of=store.creator_of, fetch_json=lookups.fetch_json)
     recorder = DecisionRecorder(config.decisions_path)
+    audit, redactor = build_audit(config)
+    recorder.redact = redactor
+    if audit is not None:
+        recorder.listeners.append(audit.emit)
     approvals = notifier = None
     if config.approvals.enabled:
         control = f"http://{config.control.listen.host}:{config.control.listen.port}"
@@ -110,8 +117,9 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     metrics = Metrics()
     addon = ProctorAddon(pipeline, recorder, router, metrics, injector, Tracing(), store=store)
+    addon.audit = audit
     runtime = ProctorRuntime(
-        config, policies, pipeline, recorder, addon, metrics, store, lookups, approvals, notifier, governance
+        config, policies, pipeline, recorder, addon, metrics, store, lookups, approvals, notifier, governance, audit
     )
     if approvals is not None:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
@@ -219,6 +227,8 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         timers = asyncio.create_task(runtime.approvals.run_timers())
     if runtime.notifier is not None:
         await runtime.notifier.start()
+    if runtime.audit is not None:
+        await runtime.audit.start()
     b = runtime.policies.bundle
     gw = f", gateway on {config.gateway.listen.host}:{config.gateway.listen.port}" if config.gateway.enabled else ""
     log.info(
@@ -256,6 +266,8 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
             await runtime.notifier.close()
         if runner is not None:
             await runner.cleanup()
+        if runtime.audit is not None:
+            await runtime.audit.close()  # SIGTERM: deliver what the sinks still hold (bounded)
         runtime.recorder.close()
         await runtime.lookups.close()
         await runtime.store.close()

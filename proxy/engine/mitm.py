@@ -99,6 +99,7 @@ class ProctorAddon:
     ) -> None:
         self.store = store  # records resource creators (manifest track_creator)
         self.record_inputs = pipeline.config.record.policy_inputs
+        self.audit: Any = None  # AuditTrail: may refuse forwarding while it cannot record (fail closed)
         self.metrics = metrics
         self.injector = injector
         self.tracing = tracing if tracing is not None and tracing.enabled else None
@@ -395,6 +396,16 @@ class ProctorAddon:
             self._record(outcome, req, outcome.refusal.status, decision_ms=decision_ms)
             self._finish_trace(flow, outcome.refusal.status)
             return
+        if self.audit is not None:
+            audit_refusal = await self.audit.admit(req.method)
+            if audit_refusal is not None:
+                outcome.decision = Decision.DENY
+                outcome.refusal = audit_refusal
+                self.stats["refused"] += 1
+                self._refuse(flow, outcome)
+                self._record(outcome, req, audit_refusal.status, decision_ms=decision_ms)
+                self._finish_trace(flow, audit_refusal.status)
+                return
         if not await self._inject_credential(flow, outcome, req, decision_ms):
             self._finish_trace(flow, 503)
             return

@@ -108,8 +108,14 @@ class DecisionRecorder:
         self._lock = threading.Lock()
         self.written = 0
         self.failures = 0
+        # redacts configured sensitive values (audit.redact) out of the recorded policy inputs
+        self.redact: Any = None
+        # called with every record after it is written (the OCSF audit trail)
+        self.listeners: list[Any] = []
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.redact is not None and "cedar" in record:
+            record["cedar"] = self.redact(record["cedar"])
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
         try:
             with self._lock:
@@ -118,6 +124,8 @@ class DecisionRecorder:
         except OSError:
             self.failures += 1
             log.exception("cannot append to decision record %s", self.path)
+        for listener in self.listeners:
+            listener(record)
 
     def close(self) -> None:
         try:

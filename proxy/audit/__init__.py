@@ -1,0 +1,1 @@
+"""Tamper-evident OCSF audit trail: events, hash chain, sinks (see docs/siem.md)."""

@@ -1,0 +1,791 @@
+"""Audit sinks that ship events off the host: stdout, syslog (TCP/TLS) and HTTP (Splunk HEC / JSON).
+
+Every sink follows `proxy.audit.sink.Sink`: `submit()` is synchronous and never
+blocks (it appends to a bounded in-memory queue, or drops and counts when the
+queue is full); one writer task per sink delivers from the head of the queue.
+An event leaves the queue only once it was delivered (or, for HTTP, rejected
+with a non-retryable 4xx), so a failing destination holds events in order and
+they are delivered after it recovers. Network failures are retried forever
+with exponential backoff and full jitter (`min_backoff` .. `max_backoff`);
+HTTP honours `Retry-After` on 429/503.
+
+`healthy` is False while the queue is full, or while the last delivery attempt
+failed and the sink is retrying; it becomes True again after a success.
+
+Delivery is at-least-once: a batch that failed half-way is sent again. Syslog
+over TCP has no acknowledgements (RFC 6587/5425), so lines written into the
+socket just before the receiver died can be lost; the sink watches the
+connection for EOF to reconnect as early as possible.
+
+Secrets are referenced, never inline: the HTTP token is read from the
+environment variable named by `token_env` and is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import email.utils
+import itertools
+import json
+import logging
+import os
+import random
+import socket
+import ssl
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, BinaryIO, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+import certifi
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..logredact import redact
+from .sink import Overflow, Sink
+
+log = logging.getLogger("proctor.audit.sinks")
+
+USER_AGENT = "Proctor-Audit/1"
+_DROP_LOG_INTERVAL = 60.0
+_MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------- configs
+class _SinkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=100)
+    queue_size: int = Field(default=10000, ge=1, le=10_000_000)
+    overflow: Overflow = "drop"
+    min_backoff: float = Field(default=0.5, gt=0, le=60)
+    max_backoff: float = Field(default=30.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _check_backoff(self):
+        if self.max_backoff < self.min_backoff:
+            raise ValueError("max_backoff must be >= min_backoff")
+        return self
+
+
+class StdoutSinkConfig(_SinkConfig):
+    type: Literal["stdout"] = "stdout"
+
+
+class SyslogSinkConfig(_SinkConfig):
+    type: Literal["syslog"] = "syslog"
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(ge=1, le=65535)
+    transport: Literal["tcp", "tls"] = "tls"
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
+    app_name: str = Field(default="proctor", min_length=1, max_length=48)
+    # RFC 5424 table 1: 13 = "log audit". 10 (authpriv) is the other usual choice.
+    facility: int = Field(default=13, ge=0, le=23)
+    hostname: str | None = Field(default=None, min_length=1, max_length=255)
+    msgid: str = Field(default="ocsf", min_length=1, max_length=32)
+    utf8_bom: bool = False
+    connect_timeout: float = Field(default=5.0, gt=0, le=300)
+    write_timeout: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("app_name", "msgid", "hostname")
+    @classmethod
+    def _printusascii(cls, v: str | None) -> str | None:
+        if v is not None and not all(33 <= ord(c) <= 126 for c in v):
+            raise ValueError("must be printable US-ASCII without spaces (RFC 5424)")
+        return v
+
+    @model_validator(mode="after")
+    def _check_tls(self):
+        if self.transport == "tcp" and (self.ca_file or self.insecure_skip_verify):
+            raise ValueError("ca_file / insecure_skip_verify require transport: tls")
+        return self
+
+
+class HttpSinkConfig(_SinkConfig):
+    type: Literal["http"] = "http"
+    url: str
+    format: Literal["splunk_hec", "json"] = "splunk_hec"
+    token_env: str | None = None
+    ca_file: str | None = None
+    insecure_skip_verify: bool = False
+    batch_max_events: int = Field(default=500, ge=1, le=100_000)
+    batch_max_bytes: int = Field(default=_MiB, ge=1024, le=100 * _MiB)
+    flush_interval_seconds: float = Field(default=1.0, gt=0, le=3600)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    sourcetype: str = "ocsf:api_activity"
+    source: str = "proctor"
+    index: str | None = None
+    hostname: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("token", "password", "secret", "api_key"):
+                if key in data:
+                    raise ValueError(
+                        f"inline `{key}` is not allowed in an audit sink: put the token in an "
+                        "environment variable and name it with `token_env`"
+                    )
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str) -> str:
+        v = v.strip()
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError as e:
+            raise ValueError(f"invalid audit sink URL: {e}") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError("audit sink URL must use http or https")
+        if not parts.hostname:
+            raise ValueError("audit sink URL must name a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("audit sink URL must not carry credentials; use token_env")
+        if any(c.isspace() for c in v):
+            raise ValueError("audit sink URL must not contain whitespace")
+        return v
+
+    @field_validator("token_env")
+    @classmethod
+    def _check_token_env(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("token_env must name an environment variable")
+        return v
+
+    @model_validator(mode="after")
+    def _check_tls(self):
+        if urlsplit(self.url).scheme != "https" and (self.ca_file or self.insecure_skip_verify):
+            raise ValueError("ca_file / insecure_skip_verify require an https URL")
+        return self
+
+
+SinkConfig = StdoutSinkConfig | SyslogSinkConfig | HttpSinkConfig
+
+
+# --------------------------------------------------------------------- helpers
+def _label(url: str) -> str:
+    """scheme://host[:port] — safe to log."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+
+
+def _event_seconds(event: dict[str, Any] | None) -> float:
+    """The event's time in epoch seconds (OCSF `time` is epoch milliseconds)."""
+    t = event.get("time") if isinstance(event, dict) else None
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and t == t and t > 0:
+        return t / 1000.0 if t > 1e11 else float(t)
+    return time.time()
+
+
+def _retry_after(value: str | None, cap: float) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = when.timestamp() - time.time()
+    if seconds != seconds:  # NaN
+        return None
+    return min(max(seconds, 0.0), cap)
+
+
+def _ssl_context(ca_file: str | None, insecure: bool, what: str) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file or certifi.where())
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"{what}: cannot load ca_file {ca_file!r}: {e}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        log.warning("%s: insecure_skip_verify is set: the server certificate is NOT verified", what)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _strip_newline(line: bytes) -> bytes:
+    return line.rstrip(b"\r\n")
+
+
+@dataclass(slots=True)
+class _Item:
+    data: bytes  # what the writer sends for this event (frame, HEC object, JSON line)
+    enqueued: float  # loop-independent monotonic time
+
+
+# ------------------------------------------------------------------ base class
+class _QueuedSink(Sink):
+    """Bounded queue + one writer task; items leave the queue only once handled."""
+
+    kind = "queued"
+
+    def __init__(self, config: _SinkConfig, default_name: str) -> None:
+        super().__init__()
+        self.config = config
+        self.name = config.name or default_name
+        self.overflow = config.overflow
+        self._maxsize = config.queue_size
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_bytes = 0
+        self._wake = asyncio.Event()  # writer: something to do
+        self._space = asyncio.Event()  # wait_for_capacity: items left the queue
+        self._empty = asyncio.Event()  # close: queue drained
+        self._empty.set()
+        self._failing = False
+        self._closed = False
+        self._task: asyncio.Task | None = None
+        self._last_drop_log = float("-inf")
+
+    # -- Sink interface ---------------------------------------------------
+    def submit(self, line: bytes, event: dict[str, Any]) -> bool:
+        self.stats["submitted"] += 1
+        if self._closed:
+            self._drop("sink closed")
+            return False
+        if len(self._queue) >= self._maxsize:
+            self._drop("queue full")
+            return False
+        try:
+            data = self._prepare(line, event)
+        except Exception:  # noqa: BLE001 - submit never raises
+            log.exception("audit sink %s: cannot encode an event; counting it as failed", self.name)
+            self.stats["failed"] += 1
+            return False
+        was_empty = not self._queue
+        self._queue.append(_Item(data, time.monotonic()))
+        self._queued_bytes += len(data)
+        self._empty.clear()
+        if self._should_wake(was_empty):
+            self._wake.set()
+        return True
+
+    @property
+    def healthy(self) -> bool:
+        return not self._closed and not self._failing and len(self._queue) < self._maxsize
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    async def wait_for_capacity(self, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while len(self._queue) >= self._maxsize:
+            if self._closed:
+                return False
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._space.clear()
+            try:
+                await asyncio.wait_for(self._space.wait(), remaining)
+            except asyncio.TimeoutError:
+                return len(self._queue) < self._maxsize
+        return not self._closed
+
+    async def start(self) -> None:
+        if self._task is not None or self._closed:
+            return
+        await self._open()
+        self._task = asyncio.create_task(self._run_forever(), name=f"proctor-audit-{self.name}")
+        if self._queue:
+            self._wake.set()
+
+    async def close(self, drain_seconds: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        started = time.monotonic()
+        if self._task is not None and self._queue and drain_seconds > 0:
+            try:
+                await asyncio.wait_for(self._empty.wait(), drain_seconds)
+            except asyncio.TimeoutError:
+                pass
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        try:
+            await self._shutdown()
+        except Exception:  # noqa: BLE001
+            log.debug("audit sink %s: error while shutting down", self.name, exc_info=True)
+        left = len(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._empty.set()
+        self._space.set()  # release anyone waiting for capacity
+        if left:
+            self.stats["dropped"] += left
+            log.warning(
+                "audit sink %s closed after %.1fs with %d undelivered event(s) (lost)",
+                self.name, time.monotonic() - started, left,
+            )
+        else:
+            log.info("audit sink %s closed; all events delivered", self.name)
+
+    # -- for subclasses ---------------------------------------------------
+    def _prepare(self, line: bytes, event: dict[str, Any]) -> bytes:
+        raise NotImplementedError
+
+    def _should_wake(self, was_empty: bool) -> bool:
+        return was_empty
+
+    async def _open(self) -> None:
+        """Create loop-bound resources (sessions)."""
+
+    async def _shutdown(self) -> None:
+        """Release connections and sessions."""
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
+    async def _run_forever(self) -> None:
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - keep delivering whatever happens
+                log.exception("audit sink %s: writer crashed; restarting", self.name)
+                await asyncio.sleep(self.config.min_backoff)
+
+    async def _wait_items(self) -> None:
+        while not self._queue:
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _batch(self, max_events: int, max_bytes: int, overhead: int = 0) -> tuple[int, list[bytes]]:
+        """The head of the queue, up to max_events / max_bytes (at least one item)."""
+        out: list[bytes] = []
+        size = 0
+        for item in itertools.islice(self._queue, max_events):
+            n = len(item.data) + overhead
+            if out and size + n > max_bytes:
+                break
+            out.append(item.data)
+            size += n
+        return len(out), out
+
+    def _remove(self, n: int) -> None:
+        for _ in range(min(n, len(self._queue))):
+            self._queued_bytes -= len(self._queue.popleft().data)
+        self._space.set()
+        if not self._queue:
+            self._empty.set()
+
+    def _delivered(self, n: int) -> None:
+        self._remove(n)
+        self.stats["sent"] += n
+        if self._failing:
+            self._failing = False
+            log.info("audit sink %s: delivery recovered", self.name)
+
+    def _retrying(self, why: str) -> None:
+        self.stats["retried"] += 1
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "audit sink %s: delivery failing (%s); holding %d event(s) and retrying with backoff",
+                self.name, redact(why), len(self._queue),
+            )
+        else:
+            log.debug("audit sink %s: still failing (%s)", self.name, redact(why))
+
+    def _backoff(self, attempt: int) -> float:
+        cfg = self.config
+        ceiling = min(cfg.max_backoff, cfg.min_backoff * 2.0 ** max(0, attempt - 1))
+        return random.uniform(0, ceiling)
+
+    async def _pause(self, delay: float) -> None:
+        """Back off; while closing, retry at the minimum pace to drain in time."""
+        if self._closed:
+            delay = min(delay, self.config.min_backoff)
+        await asyncio.sleep(delay)
+
+    def _drop(self, why: str) -> None:
+        self.stats["dropped"] += 1
+        now = time.monotonic()
+        if now - self._last_drop_log >= _DROP_LOG_INTERVAL:
+            self._last_drop_log = now
+            log.warning(
+                "audit sink %s: dropping events (%s); %d dropped so far",
+                self.name, why, self.stats["dropped"],
+            )
+
+
+# ---------------------------------------------------------------------- stdout
+class StdoutSink(_QueuedSink):
+    """JSON lines on standard output, written from a worker thread."""
+
+    kind = "stdout"
+
+    def __init__(self, config: StdoutSinkConfig, stream: BinaryIO | None = None) -> None:
+        super().__init__(config, "stdout")
+        self._stream = stream
+
+    def _prepare(self, line: bytes, event: dict[str, Any]) -> bytes:
+        return line if line.endswith(b"\n") else line + b"\n"
+
+    def _write(self, data: bytes) -> None:
+        stream = self._stream
+        if stream is None:
+            stream = getattr(sys.stdout, "buffer", None)
+        if stream is None:  # a text-only stdout replacement
+            sys.stdout.write(data.decode("utf-8", "replace"))
+            sys.stdout.flush()
+            return
+        stream.write(data)
+        stream.flush()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            await self._wait_items()
+            n, chunks = self._batch(1000, _MiB)
+            try:
+                await loop.run_in_executor(None, self._write, b"".join(chunks))
+            except (OSError, ValueError) as e:
+                attempt += 1
+                self._retrying(f"{type(e).__name__}: {e}")
+                await self._pause(self._backoff(attempt))
+                continue
+            attempt = 0
+            self._delivered(n)
+
+
+# ---------------------------------------------------------------------- syslog
+def syslog_severity(event: dict[str, Any] | None) -> int:
+    """RFC 5424 severity for an OCSF event.
+
+    severity_id 0/1 (unknown/informational) -> 6 informational, 2 (low) -> 5 notice,
+    3 (medium) -> 4 warning, 4..6 (high/critical/fatal) -> 3 error, 99 (other) -> 5 notice;
+    status_id 2 (failure) raises it to at least 4 warning.
+    """
+    event = event if isinstance(event, dict) else {}
+    try:
+        sid = int(event.get("severity_id") or 1)
+    except (TypeError, ValueError):
+        sid = 1
+    if sid == 99:
+        sev = 5
+    elif sid >= 4:
+        sev = 3
+    elif sid == 3:
+        sev = 4
+    elif sid == 2:
+        sev = 5
+    else:
+        sev = 6
+    if event.get("status_id") == 2:
+        sev = min(sev, 4)
+    return sev
+
+
+def _rfc3339(seconds: float) -> str:
+    dt = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _header_field(value: str, limit: int) -> str:
+    cleaned = "".join(c for c in value if 33 <= ord(c) <= 126)[:limit]
+    return cleaned or "-"
+
+
+class SyslogSink(_QueuedSink):
+    """RFC 5424 messages, RFC 6587 octet-counted, over TCP or TLS (RFC 5425)."""
+
+    kind = "syslog"
+    _BATCH_EVENTS = 500
+    _BATCH_BYTES = 256 * 1024
+
+    def __init__(self, config: SyslogSinkConfig) -> None:
+        super().__init__(config, f"syslog:{config.host}:{config.port}")
+        self.config: SyslogSinkConfig = config
+        self._hostname = _header_field(config.hostname or socket.gethostname(), 255)
+        self._procid = str(os.getpid())
+        self._ssl = (
+            _ssl_context(config.ca_file, config.insecure_skip_verify, f"audit sink {self.name}")
+            if config.transport == "tls"
+            else None
+        )
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._watch: asyncio.Task | None = None
+
+    def format_message(self, line: bytes, event: dict[str, Any]) -> bytes:
+        """One RFC 5424 SYSLOG-MSG (without framing)."""
+        cfg = self.config
+        pri = cfg.facility * 8 + syslog_severity(event)
+        header = f"<{pri}>1 {_rfc3339(_event_seconds(event))} {self._hostname} {cfg.app_name} {self._procid} {cfg.msgid} - "
+        msg = _strip_newline(line)
+        return header.encode("ascii") + (b"\xef\xbb\xbf" if cfg.utf8_bom else b"") + msg
+
+    def _prepare(self, line: bytes, event: dict[str, Any]) -> bytes:
+        msg = self.format_message(line, event)
+        return str(len(msg)).encode("ascii") + b" " + msg
+
+    def _connected(self) -> bool:
+        return self._writer is not None and not self._writer.is_closing()
+
+    async def _connect(self) -> None:
+        cfg = self.config
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(
+                cfg.host,
+                cfg.port,
+                ssl=self._ssl,
+                server_hostname=cfg.host if self._ssl is not None else None,
+                ssl_handshake_timeout=cfg.connect_timeout if self._ssl is not None else None,
+            ),
+            cfg.connect_timeout,
+        )
+        self._reader, self._writer = reader, writer
+        self._watch = asyncio.create_task(self._watch_eof(reader, writer), name=f"proctor-audit-{self.name}-eof")
+        log.info("audit sink %s: connected (%s)", self.name, cfg.transport)
+
+    async def _watch_eof(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The receiver never talks; EOF or an error means the connection is gone."""
+        try:
+            while await reader.read(4096):
+                pass
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        if self._writer is writer:
+            log.info("audit sink %s: receiver closed the connection", self.name)
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        writer, self._writer, self._reader = self._writer, None, None
+        watch, self._watch = self._watch, None
+        if watch is not None and watch is not asyncio.current_task():
+            watch.cancel()
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def _shutdown(self) -> None:
+        writer = self._writer
+        self._disconnect()
+        if writer is not None:
+            try:
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+            except (Exception, asyncio.TimeoutError):  # noqa: BLE001
+                pass
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            await self._wait_items()
+            try:
+                if not self._connected():
+                    self._disconnect()
+                    await self._connect()
+                n, frames = self._batch(self._BATCH_EVENTS, self._BATCH_BYTES)
+                assert self._writer is not None
+                self._writer.write(b"".join(frames))
+                await asyncio.wait_for(self._writer.drain(), self.config.write_timeout)
+                if not self._connected():
+                    raise ConnectionResetError("connection closed while writing")
+            except (OSError, ssl.SSLError, asyncio.TimeoutError, EOFError) as e:
+                self._disconnect()
+                attempt += 1
+                self._retrying(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+                await self._pause(self._backoff(attempt))
+                continue
+            attempt = 0
+            self._delivered(n)
+
+
+# ------------------------------------------------------------------------ HTTP
+class HttpSink(_QueuedSink):
+    """Batches to Splunk HEC (`splunk_hec`) or a generic JSON-array endpoint (`json`)."""
+
+    kind = "http"
+
+    def __init__(self, config: HttpSinkConfig) -> None:
+        super().__init__(config, f"http:{_label(config.url)}")
+        self.config: HttpSinkConfig = config
+        self._label = _label(config.url)
+        self._hostname = config.hostname or socket.gethostname()
+        self._ssl: ssl.SSLContext | bool | None = None
+        if urlsplit(config.url).scheme == "https":
+            self._ssl = (
+                False
+                if config.insecure_skip_verify
+                else _ssl_context(config.ca_file, False, f"audit sink {self.name}")
+            )
+            if config.insecure_skip_verify:
+                log.warning("audit sink %s: insecure_skip_verify is set: the server certificate is NOT verified", self.name)
+        elif config.token_env and urlsplit(config.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+            log.warning("audit sink %s: the token is sent over plain http", self.name)
+        if config.token_env and not os.environ.get(config.token_env):
+            log.warning(
+                "audit sink %s: token variable %s is not set; events are held until it is",
+                self.name, config.token_env,
+            )
+        self._session: aiohttp.ClientSession | None = None
+        # HEC: the static part of each event object; `event` is the line itself
+        # (exactly the bytes that were chained), spliced in, not re-serialised.
+        meta: dict[str, Any] = {"host": self._hostname, "source": config.source, "sourcetype": config.sourcetype}
+        if config.index:
+            meta["index"] = config.index
+        self._hec_meta = json.dumps(meta, ensure_ascii=False, separators=(",", ":"))[1:-1].encode()
+
+    def _prepare(self, line: bytes, event: dict[str, Any]) -> bytes:
+        body = _strip_newline(line)
+        if self.config.format == "json":
+            return body
+        t = f"{_event_seconds(event):.3f}".encode()
+        return b'{"time":' + t + b"," + self._hec_meta + b',"event":' + body + b"}"
+
+    def _should_wake(self, was_empty: bool) -> bool:
+        cfg = self.config
+        return (
+            was_empty
+            or len(self._queue) == cfg.batch_max_events
+            or self._queued_bytes - len(self._queue[-1].data) < cfg.batch_max_bytes <= self._queued_bytes
+        )
+
+    async def _open(self) -> None:
+        self._session = aiohttp.ClientSession(
+            trust_env=False,
+            headers={"User-Agent": USER_AGENT},
+            connector=aiohttp.TCPConnector(limit=2, ssl=self._ssl if self._ssl is not None else True),
+        )
+
+    async def _shutdown(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _wait_batch(self) -> None:
+        cfg = self.config
+        while True:
+            await self._wait_items()
+            if self._closed or len(self._queue) >= cfg.batch_max_events or self._queued_bytes >= cfg.batch_max_bytes:
+                return
+            remaining = self._queue[0].enqueued + cfg.flush_interval_seconds - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                return
+
+    def _body(self, chunks: list[bytes]) -> bytes:
+        if self.config.format == "json":
+            return b"[" + b",".join(chunks) + b"]"
+        return b"\n".join(chunks)
+
+    async def _run(self) -> None:
+        cfg = self.config
+        overhead = 1
+        while True:
+            await self._wait_batch()
+            n, chunks = self._batch(cfg.batch_max_events, cfg.batch_max_bytes - 2, overhead)
+            body = self._body(chunks)
+            attempt = 0
+            while True:
+                attempt += 1
+                outcome, why, wait = await self._post(body)
+                if outcome == "ok":
+                    self._delivered(n)
+                    break
+                if outcome == "reject":
+                    self._remove(n)
+                    self.stats["failed"] += n
+                    log.error(
+                        "audit sink %s refused %d event(s) (%s); not retrying, they are lost",
+                        self.name, n, why,
+                    )
+                    break
+                self._retrying(why)
+                await self._pause(wait if wait is not None else self._backoff(attempt))
+
+    def _scrub(self, text: str, token: str | None) -> str:
+        text = text.replace(self.config.url, self._label)
+        if token:
+            text = text.replace(token, "[REDACTED]")
+        return redact(text)
+
+    async def _post(self, body: bytes) -> tuple[str, str, float | None]:
+        """('ok'|'retry'|'reject', reason, Retry-After)."""
+        cfg = self.config
+        assert self._session is not None
+        headers = {"Content-Type": "application/json"}
+        token: str | None = None
+        if cfg.token_env:
+            token = os.environ.get(cfg.token_env)
+            if not token:
+                return "retry", f"token variable {cfg.token_env} is not set", None
+            headers["Authorization"] = f"{'Splunk' if cfg.format == 'splunk_hec' else 'Bearer'} {token}"
+        try:
+            async with self._session.post(
+                cfg.url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=cfg.timeout_seconds),
+                allow_redirects=False,
+            ) as resp:
+                status = resp.status
+                if 200 <= status < 300:
+                    return "ok", "", None
+                try:
+                    detail = (await resp.content.read(300)).decode("utf-8", "replace").strip()
+                except Exception:  # noqa: BLE001
+                    detail = ""
+                why = f"HTTP {status}" + (f": {detail}" if detail else "")
+                if 300 <= status < 400:
+                    # Redirects are never followed (they would carry the token elsewhere);
+                    # the events are held so that fixing the URL loses nothing.
+                    location = resp.headers.get("Location", "")
+                    where = _label(location) if "://" in location else "a relative URL"
+                    return "retry", self._scrub(f"HTTP {status} redirect to {where} (not followed)", token), None
+                if status in (408, 429) or status >= 500:
+                    wait = _retry_after(resp.headers.get("Retry-After"), cfg.max_backoff) if status in (429, 503) else None
+                    return "retry", self._scrub(why, token), wait
+                return "reject", self._scrub(why, token), None
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError) as e:
+            text = str(e)
+            return "retry", self._scrub(f"{type(e).__name__}: {text}" if text else type(e).__name__, token), None
+
+
+# ----------------------------------------------------------------------- build
+_TYPES: dict[str, tuple[type[_SinkConfig], type[_QueuedSink]]] = {
+    "stdout": (StdoutSinkConfig, StdoutSink),
+    "syslog": (SyslogSinkConfig, SyslogSink),
+    "http": (HttpSinkConfig, HttpSink),
+}
+
+
+def build_sink(cfg: dict[str, Any]) -> Sink:
+    """A sink from its config mapping (`type`: stdout, syslog or http).
+
+    Raises ValueError for an unknown type and pydantic.ValidationError (a
+    ValueError) for an invalid config.
+    """
+    if not isinstance(cfg, dict):
+        raise ValueError("an audit sink config must be a mapping")
+    kind = cfg.get("type")
+    if kind not in _TYPES:
+        raise ValueError(f"unknown audit sink type {kind!r}; expected one of: {', '.join(_TYPES)}")
+    model, cls = _TYPES[kind]
+    return cls(model.model_validate(cfg))  # type: ignore[arg-type]
