@@ -144,6 +144,7 @@ class Outcome:
     approval_id: str | None = None  # the approval that held (or released) this request
     # (principal, resource, context) as last given to Cedar: recorded (sanitised) for replay and explain
     policy_inputs: tuple | None = None
+    trace_ids: tuple[str, str] | None = None  # (trace id, span id) when tracing is on
     policy_decision: str | None = None  # what Cedar said: allow | deny | hold (None: refused before policy)
 
     @property

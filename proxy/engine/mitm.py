@@ -385,6 +385,9 @@ class ProctorAddon:
             try:  # tracing observes; it must never change what happens to the request
                 span = self.tracing.start_request(req.headers, req.method, req.host, req.port, req.path, start_ns)
                 self.tracing.decided(span, outcome)
+                if span is not None:  # the audit event names the trace it belongs to
+                    sc = span.span.get_span_context()
+                    outcome.trace_ids = (format(sc.trace_id, "032x"), format(sc.span_id, "016x"))
                 flow.metadata[TRACE] = [span, None]
             except Exception:
                 log.exception("tracing failed for decision %s (the request is unaffected)", outcome.decision_id)

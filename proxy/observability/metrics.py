@@ -155,6 +155,23 @@ def runtime_families(runtime) -> list:
     creators = CounterMetricFamily("proctor_creator_record_failures", "Allowed creates whose creator could not be recorded.")
     creators.add_metric([], runtime.addon.stats.get("creator_record_failures", 0))
     out.append(creators)
+    audit = getattr(runtime, "audit", None)
+    if audit is not None:
+        depth = GaugeMetricFamily("proctor_audit_queue_depth", "Audit events queued per sink.", labels=["sink"])
+        lost = CounterMetricFamily("proctor_audit_lost_events", "Audit events a sink dropped or could not deliver.", labels=["sink", "reason"])
+        sent = CounterMetricFamily("proctor_audit_events_delivered", "Audit events delivered per sink.", labels=["sink"])
+        healthy = GaugeMetricFamily("proctor_audit_sink_healthy", "1 while the sink can take events, 0 while it is failing or full.", labels=["sink"])
+        for i, sink in enumerate(audit.sinks):
+            name = f"{sink.name}{i}" if sink.name != "file" else "file"
+            depth.add_metric([name], sink.queue_depth)
+            lost.add_metric([name, "dropped"], sink.stats.get("dropped", 0))
+            lost.add_metric([name, "failed"], sink.stats.get("failed", 0))
+            sent.add_metric([name], sink.stats.get("sent", 0))
+            healthy.add_metric([name], 1 if sink.healthy else 0)
+        out += [depth, lost, sent, healthy]
+        refused = CounterMetricFamily("proctor_audit_refusals", "Requests refused because the audit trail could not record them.")
+        refused.add_metric([], audit.refused)
+        out.append(refused)
     tunnels = GaugeMetricFamily("proctor_tunnels_open", "CONNECT tunnels with a bound agent identity.")
     tunnels.add_metric([], len(runtime.addon.tunnel_identity))
     out.append(tunnels)

@@ -93,6 +93,8 @@ def decision_record(
         rec["approval_id"] = outcome.approval_id
     if outcome.policy_decision is not None:
         rec["policy_decision"] = outcome.policy_decision
+    if outcome.trace_ids is not None:
+        rec["trace_id"], rec["span_id"] = outcome.trace_ids
     if with_inputs and outcome.policy_inputs is not None:
         rec["cedar"] = policy_inputs_record(outcome.policy_inputs)
     if error:
