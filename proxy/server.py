@@ -10,7 +10,7 @@ import asyncio
 import gc
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from mitmproxy import options as mitm_options
@@ -63,6 +63,8 @@ class ProctorRuntime:
     notifier: Notifier | None = None
     governance: Governance | None = None
     audit: AuditTrail | None = None
+    # Held by the file watcher and by a rollback, so the watcher never loads a half-restored directory.
+    policy_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 def build_runtime(config: ProctorConfig) -> ProctorRuntime:
@@ -179,10 +181,11 @@ async def _watch_policies(runtime: ProctorRuntime) -> None:
         try:
             # Parsing, validating and indexing a large set takes a while: do it off
             # the event loop so traffic keeps flowing; the swap itself is atomic.
-            before = runtime.policies.bundle.revision
-            await asyncio.to_thread(runtime.policies.reload_if_changed)
-            if runtime.policies.bundle.revision != before:
-                await record_revision(runtime.store, runtime.policies.bundle)
+            async with runtime.policy_lock:
+                before = runtime.policies.bundle.revision
+                await asyncio.to_thread(runtime.policies.reload_if_changed)
+                if runtime.policies.bundle.revision != before:
+                    await record_revision(runtime.store, runtime.policies.bundle)
             if runtime.pipeline.shadow is not None:
                 await asyncio.to_thread(runtime.pipeline.shadow.reload_if_changed)
         except Exception:

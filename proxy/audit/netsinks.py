@@ -246,6 +246,7 @@ class _QueuedSink(Sink):
         self._empty.set()
         self._failing = False
         self._closed = False
+        self._stop = False  # the writer must exit (set after the drain deadline)
         self._task: asyncio.Task | None = None
         self._last_drop_log = float("-inf")
 
@@ -315,10 +316,16 @@ class _QueuedSink(Sink):
                 await asyncio.wait_for(self._empty.wait(), drain_seconds)
             except asyncio.TimeoutError:
                 pass
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        self._stop = True
+        task, self._task = self._task, None
+        if task is not None:
+            # asyncio.wait_for (3.11) can swallow a cancellation that races with the
+            # inner operation completing; keep cancelling until the writer is gone.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
+            if not task.cancelled() and task.exception() is not None:
+                log.debug("audit sink %s: writer ended with %r", self.name, task.exception())
         try:
             await self._shutdown()
         except Exception:  # noqa: BLE001
@@ -353,8 +360,13 @@ class _QueuedSink(Sink):
     async def _run(self) -> None:
         raise NotImplementedError
 
+    def _check_stop(self) -> None:
+        if self._stop:
+            raise asyncio.CancelledError
+
     async def _run_forever(self) -> None:
         while True:
+            self._check_stop()
             try:
                 await self._run()
             except asyncio.CancelledError:
@@ -364,6 +376,7 @@ class _QueuedSink(Sink):
                 await asyncio.sleep(self.config.min_backoff)
 
     async def _wait_items(self) -> None:
+        self._check_stop()
         while not self._queue:
             self._wake.clear()
             await self._wake.wait()
@@ -412,9 +425,11 @@ class _QueuedSink(Sink):
 
     async def _pause(self, delay: float) -> None:
         """Back off; while closing, retry at the minimum pace to drain in time."""
+        self._check_stop()
         if self._closed:
             delay = min(delay, self.config.min_backoff)
         await asyncio.sleep(delay)
+        self._check_stop()
 
     def _drop(self, why: str) -> None:
         self.stats["dropped"] += 1
@@ -704,6 +719,7 @@ class HttpSink(_QueuedSink):
             body = self._body(chunks)
             attempt = 0
             while True:
+                self._check_stop()
                 attempt += 1
                 outcome, why, wait = await self._post(body)
                 if outcome == "ok":

@@ -17,6 +17,7 @@ from .. import __version__
 from ..policy.revisions import record_revision
 from .approvals_api import add_approval_routes
 from .governance_api import add_governance_routes
+from .console_routes import add_console_routes
 from .openapi import add_openapi_route
 
 if TYPE_CHECKING:
@@ -59,10 +60,11 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     async def policy_reload(request: web.Request) -> web.Response:
         if request.remote not in ("127.0.0.1", "::1"):
             return web.json_response({"title": "forbidden", "detail": "reload is loopback-only"}, status=403)
-        before = runtime.policies.bundle.revision
-        ok = await asyncio.to_thread(runtime.policies.reload)
-        if ok and runtime.policies.bundle.revision != before:
-            await record_revision(runtime.store, runtime.policies.bundle)
+        async with runtime.policy_lock:
+            before = runtime.policies.bundle.revision
+            ok = await asyncio.to_thread(runtime.policies.reload)
+            if ok and runtime.policies.bundle.revision != before:
+                await record_revision(runtime.store, runtime.policies.bundle)
         return web.json_response(
             {"reloaded": ok, "active_revision": runtime.policies.bundle.revision, "reload": runtime.policies.status.as_dict()},
             status=200 if ok else 422,
@@ -86,4 +88,5 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     if runtime.governance is not None:
         add_governance_routes(app, runtime)
     add_openapi_route(app)
+    add_console_routes(app)
     return app

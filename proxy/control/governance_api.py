@@ -136,6 +136,11 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             agents = await runtime.store.list_agents()
         except StoreError as e:
             return unavailable(e)
+        listed = {a.id for a in agents}
+        # a suspended agent that has not been seen or registered yet still shows up
+        for s in gov.suspensions():
+            if s.kind == "agent" and s.target not in listed:
+                agents.append(AgentRecord(id=s.target))
         return web.json_response({"agents": [agent_json(a, gov.agent_suspension(a.id)) for a in agents]})
 
     async def show_agent(request: web.Request) -> web.Response:
@@ -183,9 +188,11 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         who = await operator(request)
         if isinstance(who, web.Response):
             return who
-        body = await json_body(request)
-        if isinstance(body, web.Response):
-            return body
+        body: dict | web.Response = {}
+        if request.can_read_body:  # the reason is optional: an empty body is fine
+            body = await json_body(request)
+            if isinstance(body, web.Response):
+                return body
         return await do_resume("agent", request.match_info["id"], who, str(body.get("reason") or ""))
 
     async def list_suspensions(request: web.Request) -> web.Response:
@@ -251,18 +258,21 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             return unavailable(e)
         if stored is None:
             return _problem(404, "No such revision", f"revision {revision} is not in the kept history")
-        before = runtime.policies.bundle.revision
-        try:
-            changed = await asyncio.to_thread(restore_files, runtime.policies.source, stored.files)
-        except (OSError, ValueError) as e:
-            return _problem(409, "Cannot write the policy directory", f"{e}; nothing was reloaded")
-        ok = await asyncio.to_thread(runtime.policies.reload)
-        now = runtime.policies.bundle.revision
+        async with runtime.policy_lock:
+            before = runtime.policies.bundle.revision
+            try:
+                changed = await asyncio.to_thread(restore_files, runtime.policies.source, stored.files)
+            except (OSError, ValueError) as e:
+                return _problem(409, "Cannot write the policy directory", f"{e}; nothing was reloaded")
+            ok = await asyncio.to_thread(runtime.policies.reload)
+            now = runtime.policies.bundle.revision
+            if ok and now == revision:
+                await record_revision(runtime.store, runtime.policies.bundle)
         if not ok or now != revision:
             detail = "; ".join(runtime.policies.status.last_error) if not ok else (
-                f"the files were restored but load as revision {now} (the connectors changed since?)")
+                f"the restored files load as revision {now}, not {revision}: the schema generated from the "
+                "connectors has changed since that revision")
             return _problem(409, "Rollback did not take effect", detail)
-        await record_revision(runtime.store, runtime.policies.bundle)
         runtime.recorder.write({"type": "policy", "event": "rollback", "time": iso(time.time()), "from_revision": before,
                                 "to_revision": now, "by": who, "reason": reason.strip(), "files_changed": changed})
         log.warning("policy rollback %s -> %s by %s: %s", before, now, who, reason.strip())

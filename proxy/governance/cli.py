@@ -9,7 +9,7 @@ import urllib.parse
 
 import click
 
-from ..approvals.cli import _client, _conn, _connection_options, _fail, _print_json, _relative, _safe, _table
+from ..approvals.cli import _age, _client, _conn, _connection_options, _fail, _print_json, _safe, _table
 
 
 def _quote(value: str) -> str:
@@ -41,7 +41,7 @@ def list_cmd(as_json: bool, **kw) -> None:
         [
             _safe(a["id"]), a["status"].upper() if a["status"] != "active" else "active", _safe(a.get("owner") or "-"),
             _safe(a.get("team") or "-"), str(a["requests"]), str(a["allowed"]), str(a["denied"]),
-            _relative(a.get("last_seen")) if a.get("last_seen") else "never",
+            (_age(a.get("last_seen")) + " ago") if a.get("last_seen") else "never",
         ]
         for a in doc["agents"]
     ]

@@ -59,6 +59,9 @@ class Governance:
         self._activity: dict[str, list] = {}  # agent -> [first, last, requests, allowed, denied]
         self.on_change: list[Callable[[], None]] = []  # e.g. wake requests held for approval
         self.flush_failures = 0
+        # Bumped by every local suspend/resume: a refresh whose store read started
+        # before one of them must not apply its (stale) list.
+        self._local_changes = 0
 
     # -- startup ----------------------------------------------------------------------
     async def load(self, registrations: list[Registration] = ()) -> None:
@@ -105,6 +108,7 @@ class Governance:
             raise ValueError(f"kind must be one of {KINDS}")
         s = Suspension(kind=kind, target=target, since=self.clock(), by=by, reason=reason)
         await self.store.suspend(s)
+        self._local_changes += 1
         self._suspended[(kind, target)] = s  # effective here at once, before any refresh
         log.warning("suspended %s %r by %s: %s", kind, target, by, reason)
         self._changed()
@@ -112,6 +116,7 @@ class Governance:
 
     async def resume(self, kind: str, target: str, by: str) -> bool:
         removed = await self.store.resume(kind, target)
+        self._local_changes += 1
         self._suspended.pop((kind, target), None)
         if removed:
             log.warning("resumed %s %r by %s", kind, target, by)
@@ -130,10 +135,13 @@ class Governance:
 
     # -- background ----------------------------------------------------------------------
     async def refresh(self, force: bool = False) -> None:
+        started_with = self._local_changes
         version = await self.store.suspensions_version()
         if not force and version == self._version:
             return
         current = {(s.kind, s.target): s for s in await self.store.list_suspensions()}
+        if self._local_changes != started_with:
+            return  # a local change landed meanwhile: this list may predate it; the next refresh re-reads
         added = current.keys() - self._suspended.keys()
         self._suspended = current
         self._version = version

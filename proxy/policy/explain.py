@@ -229,10 +229,10 @@ def render_text(ex: Explanation) -> str:
 
 def recorded_explanation(store: PolicyStore, rec: dict) -> dict[str, Any]:
     """A recorded decision re-evaluated under the current policies, policy by policy."""
-    from .replay import evaluate, unrecorded_reads
+    from .replay import evaluate, replay_context, unrecorded_reads
 
     cedar = rec["cedar"]
-    principal, resource, context = cedar["principal"], cedar["resource"], cedar["context"]
+    principal, resource, context = cedar["principal"], cedar["resource"], replay_context(cedar["context"])
     action = rec["action"]
     now, reasons, errors = evaluate(store, rec)
     b = store.bundle

@@ -78,10 +78,15 @@ def find_record(path: Path, decision_id: str) -> dict | None:
     return None
 
 
+def replay_context(context: dict) -> dict:
+    """The recorded context, with `query` (a required string the record may drop) defaulted to ""."""
+    return context if "query" in context else {**context, "query": ""}
+
+
 def evaluate(store: PolicyStore, rec: dict) -> tuple[str, list[str], list[str]]:
     """(allow | deny | hold, reasons, errors) of a recorded request under `store`'s policies."""
     cedar = rec["cedar"]
-    principal, resource, context = cedar["principal"], cedar["resource"], cedar["context"]
+    principal, resource, context = cedar["principal"], cedar["resource"], replay_context(cedar["context"])
     result = store.authorize(principal, rec["action"], resource, context, [principal, resource])
     if result.errors:
         return "deny", result.reasons, result.errors

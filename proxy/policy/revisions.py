@@ -72,4 +72,7 @@ def restore_files(source: PolicySource, files: dict[str, str]) -> list[str]:
         if extra not in targets:
             extra.unlink()
             changed.append(f"-{extra.name}")
+    if source.entities_path is not None and source.entities_path not in targets and source.entities_path.exists():
+        source.entities_path.unlink()  # the revision had no entities file
+        changed.append(f"-{source.entities_path.name}")
     return changed

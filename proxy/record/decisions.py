@@ -33,7 +33,8 @@ UNRECORDED_CONTEXT_KEYS = ("body", "query", "arguments")
 
 def policy_inputs_record(inputs: tuple) -> dict[str, Any]:
     principal, resource, context = inputs
-    ctx = {k: v for k, v in context.items() if k not in UNRECORDED_CONTEXT_KEYS}
+    # (an empty value is kept: it carries nothing, and replay then sees exactly what policy saw)
+    ctx = {k: v for k, v in context.items() if k not in UNRECORDED_CONTEXT_KEYS or v in (None, "")}
     dropped = [k for k in UNRECORDED_CONTEXT_KEYS if context.get(k) not in (None, "")]
     out: dict[str, Any] = {"principal": principal, "resource": resource, "context": ctx}
     if dropped:
