@@ -78,6 +78,8 @@ def run(config_path: str | None, log_level: str) -> None:
         raise click.ClickException(str(e)) from None
     except OSError as e:
         raise click.ClickException(f"cannot start: {e}") from None
+    except ValueError as e:  # e.g. store.url_env names an unset variable
+        raise click.ClickException(f"cannot start: {e}") from None
 
 
 @main.group()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULTS_DIR = PACKAGE_DIR / "defaults"
@@ -468,8 +468,13 @@ def load_config(path: str | Path | None) -> ProctorConfig:
     raw = _resolve_paths(raw, p.resolve().parent)
     try:
         return ProctorConfig.model_validate(raw)
-    except Exception as e:  # pydantic.ValidationError: list every problem
-        raise ConfigError(f"{p}: invalid configuration:\n{e}") from None
+    except ValidationError as e:
+        # every problem, by location, without echoing values (a config may hold a DSN with a password)
+        problems = [
+            f"  {'.'.join(str(x) for x in err['loc']) or '(top level)'}: {err['msg']}"
+            for err in e.errors(include_url=False, include_input=False)
+        ]
+        raise ConfigError(f"{p}: invalid configuration:\n" + "\n".join(problems)) from None
 
 
 def default_config() -> ProctorConfig:

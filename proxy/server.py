@@ -214,7 +214,15 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         runner = web.AppRunner(build_app(runtime), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, config.control.listen.host, config.control.listen.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError:
+            # release what is already open (the store's thread would keep the process alive)
+            await runner.cleanup()
+            await runtime.lookups.close()
+            await runtime.store.close()
+            runtime.recorder.close()
+            raise
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

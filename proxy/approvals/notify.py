@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proctor.approvals.notify")
 
-EVENTS = ("requested", "escalated", "approved", "denied", "expired", "forwarded")
+EVENTS = ("requested", "voted", "escalated", "approved", "denied", "expired", "forwarded")
 USER_AGENT = "Proctor-Notifier/1"
 _DROP_LOG_INTERVAL = 60.0
 _MAX_VALUE = 300  # longest value (agent, action, resource...) shown in a Slack message
@@ -318,7 +318,7 @@ class Notifier:
             if event not in EVENTS:
                 log.warning("ignoring unknown approval event %r", event)
                 return
-            hooks = self._matching(event, approval)
+            hooks = self._matching(event, approval, (extra or {}).get("to"))
             if not hooks:
                 return
             items = self._items(event, approval, extra, hooks)
@@ -335,12 +335,15 @@ class Notifier:
         except Exception:  # noqa: BLE001 - notifications must never break a request
             log.exception("approval notification for %r failed", event)
 
-    def _matching(self, event: str, approval: Approval) -> list[_Hook]:
+    def _matching(self, event: str, approval: Approval, extra_group: str | None = None) -> list[_Hook]:
         out = []
         for h in self._hooks:
             if event not in h.config.events:
                 continue
-            if h.groups is not None and not h.groups.intersection(approval.groups or {}):
+            groups = set(approval.groups or {})
+            if event == "escalated" and extra_group is not None:
+                groups.add(extra_group)  # a hook for the escalation group hears about escalations
+            if h.groups is not None and not h.groups.intersection(groups):
                 continue
             out.append(h)
         return out

@@ -726,15 +726,19 @@ class HttpSink(_QueuedSink):
                     self._delivered(n)
                     break
                 if outcome == "reject":
+                    # Not retried, so not "failing" in the `healthy` sense: the events
+                    # are counted as failed and logged; the next batch goes on.
                     self._remove(n)
                     self.stats["failed"] += n
+                    self._failing = False
                     log.error(
                         "audit sink %s refused %d event(s) (%s); not retrying, they are lost",
                         self.name, n, why,
                     )
                     break
                 self._retrying(why)
-                await self._pause(wait if wait is not None else self._backoff(attempt))
+                # Retry-After is honoured (capped at max_backoff), but never below min_backoff.
+                await self._pause(max(wait, cfg.min_backoff) if wait is not None else self._backoff(attempt))
 
     def _scrub(self, text: str, token: str | None) -> str:
         text = text.replace(self.config.url, self._label)

@@ -208,6 +208,12 @@ def generate_schema(
                     except _Conflict as e:
                         raise ManifestError(f"resource type {r.resource.type}: {e}") from None
 
+    namespaced = sorted(t for t in entities if "::" in t and t not in declared.entities)
+    if namespaced:
+        raise ManifestError(
+            f"resource types {namespaced} are namespaced: declare them in schema.cedarschema (inside their "
+            "namespace) — generated declarations are top-level only"
+        )
     lines = ["// Generated from the connector manifests by Proctor; do not edit.",
              "// Declare a type or action in schema.cedarschema to override it."]
     for rtype in sorted(entities):

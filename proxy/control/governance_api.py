@@ -266,8 +266,8 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
                 return _problem(409, "Cannot write the policy directory", f"{e}; nothing was reloaded")
             ok = await asyncio.to_thread(runtime.policies.reload)
             now = runtime.policies.bundle.revision
-            if ok and now == revision:
-                await record_revision(runtime.store, runtime.policies.bundle)
+            if ok and now != before:
+                await record_revision(runtime.store, runtime.policies.bundle)  # whatever is enforced is in the history
         if not ok or now != revision:
             detail = "; ".join(runtime.policies.status.last_error) if not ok else (
                 f"the restored files load as revision {now}, not {revision}: the schema generated from the "

@@ -546,6 +546,34 @@ OPENAPI: dict[str, Any] = {
                 PUBLIC, ["policies"], "reloadPolicies",
             )
         },
+        "/v1/policies/revisions": {
+            "get": _op(
+                "The policy revisions kept (newest first) and the active one",
+                {"200": _json({"type": "object", "required": ["active_revision", "revisions"], "properties": {
+                    "active_revision": {"type": "string"},
+                    "revisions": {"type": "array", "items": {"type": "object", "properties": {
+                        "revision": {"type": "string"}, "loaded_at": {"type": "string", "format": "date-time"},
+                        "active": {"type": "boolean"}, "files": {"type": "array", "items": {"type": "string"}}}}}}},
+                    "Revisions."),
+                 "401": _problem("Unauthorized"), "403": _problem("Forbidden"), "503": _problem("Unavailable")},
+                OPERATOR_ONLY, ["policies"], "policyRevisions",
+            )
+        },
+        "/v1/policies/rollback": {
+            "post": _op(
+                "Restore an earlier revision: its files are written back into the policy directory and loaded",
+                {"200": _json({"type": "object", "properties": {
+                    "active_revision": {"type": "string"}, "previous_revision": {"type": "string"},
+                    "files_changed": {"type": "array", "items": {"type": "string"}}}}, "Rolled back."),
+                 "400": _problem("BadRequest"), "401": _problem("Unauthorized"),
+                 "403": _problem("Forbidden"), "404": _problem("NotFound"),
+                 "409": _problem("Conflict"),
+                 "415": _problem("UnsupportedMediaType"), "503": _problem("Unavailable")},
+                OPERATOR_ONLY, ["policies"], "rollbackPolicies",
+                requestBody=_json_body({"type": "object", "required": ["revision", "reason"], "properties": {
+                    "revision": {"type": "string"}, "reason": {"type": "string", "minLength": 1}}}),
+            )
+        },
         "/v1/whoami": {
             "get": _op(
                 "The calling approver and their approval groups",

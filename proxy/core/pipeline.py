@@ -33,6 +33,8 @@ from .context import principal_entity, request_context, resource_entity
 from .derive import derive_request
 from .enrich import Enricher
 from ..approvals.policy import hold_groups
+from ..approvals.service import request_fingerprint
+from ..record.decisions import iso
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from ..governance.registry import suspension_refusal
 from .target import check_target
@@ -365,6 +367,16 @@ class Pipeline:
         assert approvals is not None
         mode, wait_seconds = self._wait_settings(cls)
         approval = await approvals.find_for_retry(identity, req)
+        if approval is not None and approval.fingerprint != request_fingerprint(identity.agent_id, req):
+            # matched by Idempotency-Key, but not the request that was approved: never release it
+            outcome.refusal = Refusal(
+                422, "Idempotency-Key reused",
+                f"the Idempotency-Key of this request belongs to another held request ({approval.id}: "
+                f"{approval.request.get('method')} {approval.request.get('url')}) with a different method, URL or "
+                "body; an approval releases only the request that was approved. Use a new key for a new request.",
+                reasons=list(reasons), kind="request", extra={"approval_id": approval.id},
+            )
+            return True
         if approval is None:
             # Hold only what an approval could actually let through.
             prospective = dict(context, approval=approvals.prospective_context(groups))
@@ -425,7 +437,7 @@ class Pipeline:
                 "approval_state": approval.state,
                 "status_url": approvals.status_url(approval.id),
                 "approval_groups": approval.groups,
-                "expires_at": approval.expires_at,
+                "expires_at": iso(approval.expires_at),
             },
         )
 
@@ -451,7 +463,8 @@ class Pipeline:
                 else "this approved request was already forwarded once; an approval releases one request"
             )
             outcome.refusal = Refusal(409 if approval.state == "forwarded" else 403, title, detail, reasons=policies,
-                                      kind="approval-expired", extra={"approval_id": approval.id, "approval_state": approval.state})
+                                      kind="approval-expired" if approval.state == "expired" else "approval-used",
+                                      extra={"approval_id": approval.id, "approval_state": approval.state})
             return True
         # Approved: decide again, with the approval in context (policies may constrain who approved).
         # (the record keeps the request's own inputs and "hold": replay asks whether the

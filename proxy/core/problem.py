@@ -56,6 +56,7 @@ JSONRPC_CODES = {
     "approval-pending": -32002,
     "approval-denied": -32001,
     "approval-expired": -32001,
+    "approval-used": -32001,
 }
 
 

@@ -1,4 +1,4 @@
-"""`proctor agents list|show|register|suspend|resume` and `proctor suspensions`: the
+"""`proctor agents list|show|register|suspend|resume|suspensions`: the
 agent registry and the kill switch, through the control API (operator token:
 an approver-audience token in the `control.admin_group` group)."""
 

@@ -92,8 +92,15 @@ def evaluate(store: PolicyStore, rec: dict) -> tuple[str, list[str], list[str]]:
         return "deny", result.reasons, result.errors
     if result.allowed:
         return "allow", result.reasons, []
-    if "approval" not in context and hold_groups(result.reasons, store.bundle.approvals):
-        return "hold", result.reasons, []
+    groups = hold_groups(result.reasons, store.bundle.approvals) if "approval" not in context else None
+    if groups:
+        # as the proxy does: a hold only if an approval could let it through
+        from ..approvals.service import ApprovalService
+
+        prospective = {**context, "approval": ApprovalService.prospective_context(groups)}
+        check = store.authorize(principal, rec["action"], resource, prospective, [principal, resource])
+        if check.allowed and not check.errors:
+            return "hold", result.reasons, []
     return "deny", result.reasons, []
 
 

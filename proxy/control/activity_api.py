@@ -1,0 +1,336 @@
+"""Control API route for the activity view: the newest audit-trail events.
+
+`GET /v1/activity?limit=100&agent=&action=&decision=&record=&before_sequence=` answers
+the newest OCSF events of the audit file (`audit.file`, proxy/audit/) that
+match the filters, newest first, as flat summaries:
+
+    {"events": [{"sequence": 812, "time": "...Z", "agent": "...", ...}, ...],
+     "next_before_sequence": 713 | null}
+
+Pass `next_before_sequence` back as `before_sequence` for the page before
+(null: nothing older). Filters (all optional, combined with AND):
+
+- `agent`: the agent the event is about: the acting agent of a decision, the
+  agent of an approval, the target of an agent suspension;
+- `action`: `api.operation` or the action an approval is for; exact, or a
+  prefix when it ends with `*` (`erp.*`);
+- `decision`: comma-separated; `allow` / `deny` / `hold` match decisions,
+  anything else a state change (`requested`, `approved`, `suspended`, ...);
+- `record`: comma-separated among `decision`, `approval`, `suspension`, `policy`.
+
+The file is read from its end in blocks, never whole: a page costs the bytes
+back to its oldest match (bounded by SCAN_BUDGET per request; when the budget
+runs out the answer is a short page with `next_before_sequence` set, so the
+caller simply asks again). With `before_sequence` the starting point is found
+by binary search on the (ascending) sequence numbers. Rotated files are read
+after the current one, newest first.
+
+Authentication: any valid approver-audience token (approvers and operators).
+Audit disabled, or no file yet: `{"events": [], "audit": "disabled"}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from aiohttp import web
+
+from ..identity.errors import AuthError, IdentityUnavailable
+from ..identity.verifier import TokenVerifier
+from ..record.decisions import iso
+from .approvals_api import APPROVER_KEY
+
+if TYPE_CHECKING:
+    from ..server import ProctorRuntime
+
+log = logging.getLogger("proctor.control")
+
+BLOCK = 64 * 1024
+SCAN_BUDGET = 32 * 1024 * 1024  # bytes of events read per request (the binary search is extra, and tiny)
+MAX_LINE = 4 * 1024 * 1024  # a longer "line" is not an event (the reader drops it rather than grow without end)
+MAX_LIMIT = 1000
+RECORDS = ("decision", "approval", "suspension", "policy")
+
+
+def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        status=status, content_type="application/problem+json", headers=headers,
+    )
+
+
+# ----------------------------------------------------------------------------- reading
+def _seq_of(line: bytes) -> int | None:
+    try:
+        ev = json.loads(line)
+        return int(ev["metadata"]["sequence"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _end_before(f, size: int, before: int) -> int:
+    """A line start E such that every line starting at or after E has sequence >= before
+    (the scan backwards from E then sees only older lines, plus a few it skips)."""
+    lo, hi = 0, size
+    while hi - lo > BLOCK:
+        mid = (lo + hi) // 2
+        f.seek(mid)
+        f.readline(MAX_LINE)  # the rest of the line mid falls into
+        start = f.tell()
+        if start >= hi:
+            break
+        line = f.readline(MAX_LINE)
+        seq = _seq_of(line)
+        if seq is None:
+            break  # a damaged line: scan from hi, skipping
+        if seq >= before:
+            hi = start
+        else:
+            lo = start + len(line)
+    return hi
+
+
+def _lines_backwards(f, end: int, budget: list[int]) -> Iterator[bytes]:
+    """Complete lines of f[0:end], last first. Stops when the byte budget is spent."""
+    pos = end
+    carry = b""
+    while pos > 0:
+        if budget[0] <= 0:
+            return
+        n = min(BLOCK, pos)
+        pos -= n
+        f.seek(pos)
+        chunk = f.read(n)
+        budget[0] -= n
+        data = chunk + carry
+        parts = data.split(b"\n")
+        carry = parts[0]
+        for line in reversed(parts[1:]):
+            if line:
+                yield line
+        if len(carry) > MAX_LINE:
+            carry = b""  # not an event; resynchronise at the next newline
+    if carry:
+        yield carry
+
+
+def audit_files(path: Path) -> list[Path]:
+    """The current audit file, then the rotated ones (`<stem>-<UTC time><suffix>`), newest first."""
+    rotated = sorted(path.parent.glob(f"{path.stem}-*{path.suffix}"), reverse=True)
+    return [p for p in [path, *rotated] if p.is_file()]
+
+
+class Filters:
+    def __init__(self, agent: str | None, action: str | None, decisions: list[str], records: list[str] | None = None) -> None:
+        self.agent = agent
+        self.records = set(records or [])
+        self.action_prefix = action[:-1] if action and action.endswith("*") else None
+        self.action = None if self.action_prefix is not None else action
+        self.decisions = set(decisions)
+        # cheap byte tests before parsing: a matching line must contain these
+        needles = []
+        if agent:
+            needles.append(json.dumps(agent, ensure_ascii=False).encode())
+        if self.action:
+            needles.append(json.dumps(self.action, ensure_ascii=False).encode())
+        elif self.action_prefix:
+            needles.append(json.dumps(self.action_prefix, ensure_ascii=False)[:-1].encode())
+        self.needles = needles
+
+    def quick(self, line: bytes) -> bool:
+        return all(n in line for n in self.needles)
+
+    def match(self, s: dict[str, Any]) -> bool:
+        if self.agent and s.get("agent") != self.agent:
+            return False
+        if self.action or self.action_prefix is not None:
+            ops = [o for o in (s.get("operation"), s.get("action")) if isinstance(o, str)]
+            if self.action and self.action not in ops:
+                return False
+            if self.action_prefix is not None and not any(o.startswith(self.action_prefix) for o in ops):
+                return False
+        if self.decisions and s.get("decision") not in self.decisions:
+            return False
+        if self.records and s.get("record") not in self.records:
+            return False
+        return True
+
+
+def summarize(ev: dict[str, Any]) -> dict[str, Any]:
+    """One OCSF event as the flat summary the console shows (no request context, no chain)."""
+    meta = ev.get("metadata") if isinstance(ev.get("metadata"), dict) else {}
+    unmapped = ev.get("unmapped") if isinstance(ev.get("unmapped"), dict) else {}
+    p = unmapped.get("proctor") if isinstance(unmapped.get("proctor"), dict) else {}
+    actor = ev.get("actor") if isinstance(ev.get("actor"), dict) else {}
+    user = actor.get("user") if isinstance(actor.get("user"), dict) else {}
+    api = ev.get("api") if isinstance(ev.get("api"), dict) else {}
+    response = api.get("response") if isinstance(api.get("response"), dict) else {}
+    service = api.get("service") if isinstance(api.get("service"), dict) else {}
+    resources = ev.get("resources") if isinstance(ev.get("resources"), list) else []
+    first = resources[0] if resources and isinstance(resources[0], dict) else {}
+    http = ev.get("http_request") if isinstance(ev.get("http_request"), dict) else {}
+    url = http.get("url") if isinstance(http.get("url"), dict) else {}
+    record = p.get("record") or "decision"
+    t = ev.get("time")
+    out: dict[str, Any] = {
+        "sequence": meta.get("sequence"),
+        "time": iso(t / 1000) if isinstance(t, (int, float)) and t > 0 else None,
+        "record": record,
+        "operation": api.get("operation"),
+        "severity": ev.get("severity"),
+        "message": ev.get("message"),
+    }
+    if record == "decision":
+        out.update({
+            "agent": user.get("uid"),
+            "action": api.get("operation"),
+            "resource": first.get("name") or first.get("uid"),
+            "connector": service.get("name"),
+            "decision": p.get("decision"),
+            "status": response.get("code"),
+            "refusal": response.get("error"),
+            "detail": ev.get("status_detail"),
+            "reasons": p.get("reasons") or [],
+            "policy_decision": p.get("policy_decision"),
+            "policy_revision": p.get("policy_revision"),
+            "approval_id": p.get("approval_id"),
+            "decision_id": meta.get("correlation_uid") or (api.get("request") or {}).get("uid"),
+            "method": http.get("http_method"),
+            "host": url.get("hostname"),
+            "path": url.get("path"),
+            "mode": p.get("mode"),
+            "risk": p.get("risk"),
+            "latency_ms": p.get("latency_ms"),
+            "shadow": p.get("shadow"),
+            "error": p.get("error"),
+        })
+    else:
+        event = p.get("event")
+        out.update({
+            "decision": event,
+            "event": event,
+            "by": p.get("by"),
+            "reason": p.get("reason"),
+        })
+        if record == "approval":
+            out.update({
+                "agent": p.get("agent"),
+                "action": p.get("action"),
+                "resource": p.get("resource"),
+                "connector": p.get("connector"),
+                "approval_id": p.get("approval_id"),
+                "decision_id": p.get("decision_id") or meta.get("correlation_uid"),
+            })
+        elif record == "suspension":
+            kind, target = p.get("kind"), p.get("target")
+            out.update({
+                "agent": target if kind == "agent" else None,
+                "action": target if kind == "action" else None,
+                "connector": target if kind == "connector" else None,
+                "resource": f"{kind}:{target}",
+                "kind": kind,
+                "target": target,
+            })
+        else:  # policy
+            out.update({
+                "agent": None,
+                "resource": p.get("to_revision"),
+                "from_revision": p.get("from_revision"),
+                "to_revision": p.get("to_revision"),
+            })
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def read_activity(path: Path, limit: int, filters: Filters, before: int | None) -> tuple[list[dict[str, Any]], int | None]:
+    """The newest `limit` matching summaries (newest first), and where the next page starts."""
+    found: list[dict[str, Any]] = []
+    budget = [SCAN_BUDGET]
+    lowest: int | None = None  # the oldest sequence looked at
+    for file in audit_files(path):
+        try:
+            f = open(file, "rb")
+        except OSError:
+            continue
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            end = _end_before(f, size, before) if before is not None else size
+            for line in _lines_backwards(f, end, budget):
+                if not filters.quick(line):
+                    continue
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue  # a line still being written, or damaged
+                if not isinstance(ev, dict):
+                    continue
+                s = summarize(ev)
+                seq = s.get("sequence")
+                if not isinstance(seq, int) or (before is not None and seq >= before):
+                    continue
+                lowest = seq if lowest is None else min(lowest, seq)
+                if filters.match(s):
+                    found.append(s)
+                    if len(found) >= limit:
+                        return found, seq
+            if budget[0] <= 0:
+                # not the end of the trail: the caller goes on from where the scan stopped
+                return found, lowest if lowest is not None else before
+    return found, None
+
+
+# ----------------------------------------------------------------------------- route
+def add_activity_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
+    cfg = runtime.config
+    verifier = app.get(APPROVER_KEY) if APPROVER_KEY in app else None
+    if verifier is None:
+        issuers = [i.model_copy(update={"audience": cfg.approvals.approver_audience}) for i in cfg.effective_issuers()]
+        verifier = TokenVerifier(issuers, cfg.identity_settings())
+
+    async def authenticated(request: web.Request) -> web.Response | None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _problem(401, "Approver authentication required", "send an approver or operator token as Authorization: Bearer",
+                            {"WWW-Authenticate": 'Bearer realm="proctor-control"'})
+        try:
+            await verifier.verify(token.strip())
+        except AuthError as e:
+            return _problem(401, "Approver authentication failed", str(e),
+                            {"WWW-Authenticate": 'Bearer realm="proctor-control", error="invalid_token"'})
+        except IdentityUnavailable as e:
+            return _problem(503, "Identity provider unavailable", str(e))
+        return None
+
+    async def activity(request: web.Request) -> web.Response:
+        refused = await authenticated(request)
+        if refused is not None:
+            return refused
+        q = request.query
+        try:
+            limit = min(max(int(q.get("limit", "100")), 1), MAX_LIMIT)
+            before = int(q["before_sequence"]) if q.get("before_sequence") else None
+        except ValueError:
+            return _problem(400, "Bad paging", "limit and before_sequence are integers")
+        decisions = [d.strip() for d in q.get("decision", "").split(",") if d.strip()]
+        records = [r.strip() for r in q.get("record", "").split(",") if r.strip()]
+        if not set(records) <= set(RECORDS):
+            return _problem(400, "Bad filter", f"record must be among {list(RECORDS)}")
+        agent, action = q.get("agent", "").strip() or None, q.get("action", "").strip() or None
+        if any(len(v) > 256 for v in [*decisions, agent or "", action or ""]):
+            return _problem(400, "Bad filter", "filters are at most 256 characters")
+        path = cfg.audit_path if cfg.audit.enabled else None
+        if runtime.audit is None or path is None or not audit_files(path):
+            return web.json_response({"events": [], "next_before_sequence": None, "audit": "disabled"})
+        filters = Filters(agent, action, decisions, records)
+        try:
+            events, nxt = await asyncio.to_thread(read_activity, path, limit, filters, before)
+        except OSError as e:
+            log.error("cannot read the audit file %s: %s", path, e)
+            return _problem(503, "Audit trail unreadable", "the audit file cannot be read; see the proxy log")
+        return web.json_response({"events": events, "next_before_sequence": nxt, "limit": limit})
+
+    app.router.add_get("/v1/activity", activity)
