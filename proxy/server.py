@@ -118,7 +118,9 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     pipeline = Pipeline(config, verifier, classifier, policies, shadow, enricher, approvals, governance)
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     metrics = Metrics()
-    addon = ProctorAddon(pipeline, recorder, router, metrics, injector, Tracing(), store=store)
+    addon = ProctorAddon(
+        pipeline, recorder, router, metrics, injector, Tracing(), store=store, record_inputs=config.record.policy_inputs
+    )
     addon.audit = audit
     runtime = ProctorRuntime(
         config, policies, pipeline, recorder, addon, metrics, store, lookups, approvals, notifier, governance, audit

@@ -96,9 +96,10 @@ class ProctorAddon:
         injector: CredentialInjector | None = None,
         tracing: Tracing | None = None,
         store: Any = None,
+        record_inputs: bool = True,
     ) -> None:
         self.store = store  # records resource creators (manifest track_creator)
-        self.record_inputs = pipeline.config.record.policy_inputs
+        self.record_inputs = record_inputs  # keep the sanitised Cedar inputs in the record (replay)
         self.audit: Any = None  # AuditTrail: may refuse forwarding while it cannot record (fail closed)
         self.metrics = metrics
         self.injector = injector
