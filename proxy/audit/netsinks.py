@@ -779,7 +779,8 @@ class HttpSink(_QueuedSink):
                     location = resp.headers.get("Location", "")
                     where = _label(location) if "://" in location else "a relative URL"
                     return "retry", self._scrub(f"HTTP {status} redirect to {where} (not followed)", token), None
-                if status in (408, 429) or status >= 500:
+                if status in (401, 403, 408, 429) or status >= 500:
+                    # 401/403: a wrong or revoked token is fixed by an operator; hold the events until then
                     wait = _retry_after(resp.headers.get("Retry-After"), cfg.max_backoff) if status in (429, 503) else None
                     return "retry", self._scrub(why, token), wait
                 return "reject", self._scrub(why, token), None

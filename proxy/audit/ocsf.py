@@ -169,6 +169,7 @@ def decision_event(rec: dict[str, Any]) -> dict[str, Any]:
         "rpc": rec.get("rpc"),
         "context": cedar.get("context"),
         "error": rec.get("error"),
+        "errors": rec.get("errors"),
     }
     ev["unmapped"] = {"proctor": {k: v for k, v in proctor.items() if v is not None}}
     return ev

@@ -65,11 +65,19 @@ class FileSink(Sink):
         self._size = 0
         self._opened_at = time.time()
         self._failing = False
+        self._closed = False
         self._open()
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         st = os.fstat(self._fd)
+        if st.st_size:
+            # a torn last line (crash mid-write) must not swallow the next event: end it
+            with open(self.path, "rb") as f:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    os.write(self._fd, b"\n")
+                    st = os.fstat(self._fd)
         self._size = st.st_size
         # age counts from the file's first event (its creation), not from this process
         self._opened_at = st.st_mtime if st.st_size else time.time()
@@ -94,6 +102,9 @@ class FileSink(Sink):
 
     def submit(self, line: bytes, event: dict[str, Any]) -> bool:
         self.stats["submitted"] += 1
+        if self._closed:
+            self.stats["dropped"] += 1  # after shutdown closed the file (counted, never written elsewhere)
+            return False
         try:
             if self._fd is None:
                 self._open()
@@ -128,7 +139,23 @@ class FileSink(Sink):
     def healthy(self) -> bool:
         return not self._failing
 
+    async def wait_for_capacity(self, timeout: float) -> bool:
+        """A file has no queue: `block` waits (bounded) for it to be writable again."""
+        import asyncio
+
+        deadline = time.monotonic() + timeout
+        while self._failing and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            try:
+                if self._fd is None:
+                    self._open()
+                    self._failing = False  # reopened: the next event shows whether it really writes
+            except OSError:
+                pass
+        return not self._failing
+
     async def close(self, drain_seconds: float = 5.0) -> None:
+        self._closed = True
         if self._fd is not None:
             try:
                 os.fsync(self._fd)
@@ -155,11 +182,26 @@ class AuditTrail:
         self.emitted = 0
         self.errors = 0
         self.refused = 0
+        import socket
+
+        # which writer (replica) produced the event: each writer has its own chain
+        self.logger = {"name": "proctor", "uid": f"{socket.gethostname()}:{os.getpid()}",
+                       "product": {"name": "Proctor", "vendor_name": "Proctor"}}
 
     def emit(self, record: dict[str, Any]) -> None:
         """One decision-record line -> one chained OCSF event on every sink (never raises)."""
         try:
-            event = self.redact(to_ocsf(record))
+            event = to_ocsf(record)
+            # only the parts that can carry request data need the (costly) walk
+            for key in ("resources", "status_detail", "message", "http_request"):
+                if key in event:
+                    event[key] = self.redact(event[key])
+            proctor = event.get("unmapped", {}).get("proctor")
+            if proctor is not None:
+                for key in ("context", "reason", "error"):
+                    if key in proctor:
+                        proctor[key] = self.redact(proctor[key])
+            event["metadata"]["loggers"] = [self.logger]
             line = self.chain.link(event)
         except Exception:
             self.errors += 1

@@ -259,7 +259,9 @@ def read_activity(path: Path, limit: int, filters: Filters, before: int | None) 
         with f:
             size = os.fstat(f.fileno()).st_size
             end = _end_before(f, size, before) if before is not None else size
+            oldest_line = b""
             for line in _lines_backwards(f, end, budget):
+                oldest_line = line
                 if not filters.quick(line):
                     continue
                 try:
@@ -279,6 +281,9 @@ def read_activity(path: Path, limit: int, filters: Filters, before: int | None) 
                         return found, seq
             if budget[0] <= 0:
                 # not the end of the trail: the caller goes on from where the scan stopped
+                seq = _seq_of(oldest_line) if oldest_line else None
+                if seq is not None and (lowest is None or seq < lowest):
+                    lowest = seq
                 return found, lowest if lowest is not None else before
     return found, None
 

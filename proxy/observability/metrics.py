@@ -162,7 +162,7 @@ def runtime_families(runtime) -> list:
         sent = CounterMetricFamily("proctor_audit_events_delivered", "Audit events delivered per sink.", labels=["sink"])
         healthy = GaugeMetricFamily("proctor_audit_sink_healthy", "1 while the sink can take events, 0 while it is failing or full.", labels=["sink"])
         for i, sink in enumerate(audit.sinks):
-            name = f"{sink.name}{i}" if sink.name != "file" else "file"
+            name = sink.name if i == 0 else f"{sink.name}#{i}"
             depth.add_metric([name], sink.queue_depth)
             lost.add_metric([name, "dropped"], sink.stats.get("dropped", 0))
             lost.add_metric([name, "failed"], sink.stats.get("failed", 0))
@@ -172,6 +172,9 @@ def runtime_families(runtime) -> list:
         refused = CounterMetricFamily("proctor_audit_refusals", "Requests refused because the audit trail could not record them.")
         refused.add_metric([], audit.refused)
         out.append(refused)
+        build = CounterMetricFamily("proctor_audit_build_errors", "Records that could not be turned into an audit event (lost).")
+        build.add_metric([], audit.errors)
+        out.append(build)
     tunnels = GaugeMetricFamily("proctor_tunnels_open", "CONNECT tunnels with a bound agent identity.")
     tunnels.add_metric([], len(runtime.addon.tunnel_identity))
     out.append(tunnels)

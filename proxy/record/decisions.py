@@ -122,6 +122,8 @@ class DecisionRecorder:
         line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
         try:
             with self._lock:
+                if self._fd is None:  # closed at shutdown: never write to a reused descriptor number
+                    raise OSError("the decision record is closed (shutting down)")
                 os.write(self._fd, line)
             self.written += 1
         except OSError:
@@ -131,7 +133,10 @@ class DecisionRecorder:
             listener(record)
 
     def close(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        with self._lock:
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,4 +1,4 @@
-/* Proctor approvals console: vanilla JS, no dependencies, no external URLs.
+/* Proctor console (approvals, activity, agents): vanilla JS, no dependencies, no external URLs.
  *
  * Security notes:
  * - Everything shown comes from agents (attacker-controlled): values are only
@@ -8,6 +8,10 @@
  * - Live updates: GET /v1/approvals/events read with fetch() and a stream
  *   reader (EventSource cannot send the Authorization header); if the stream
  *   fails, the console polls every 3 s and retries the stream with backoff.
+ * - Activity (GET /v1/activity, the audit trail) and Agents (GET /v1/agents,
+ *   /v1/suspensions: operators only; others get the API's 403 detail as a
+ *   read-only note) poll every 3 s while shown. Views: /console/ (approvals),
+ *   /console/#activity, /console/#agents, /console/approvals/{id}.
  */
 (function () {
   "use strict";
@@ -32,8 +36,13 @@
     retryTimer: null,
     pollTimer: null,
     tickTimer: null,
+    viewTimer: null,
     view: null,
+    act: { events: [], limit: 100, sig: null, maxSeq: null, fresh: new Set(), selected: null, loading: false, gen: 0, debounce: null, shownQuery: null },
+    ag: { agents: [], suspensions: [], sig: null, operator: null, suspendTarget: null, busy: false, loading: false, gen: 0 },
   };
+  var ACTIVITY_STEP = 100;
+  var ACTIVITY_MAX = 1000;
 
   // ------------------------------------------------------------------ DOM helpers
   function $(id) {
@@ -236,11 +245,31 @@
 
   // ------------------------------------------------------------------ views and routing
   function setView(name) {
+    if (S.view !== name) stopViewPolling();
     S.view = name;
     show($("login-view"), name === "login");
     show($("inbox-view"), name === "inbox");
     show($("detail-view"), name === "detail");
+    show($("activity-view"), name === "activity");
+    show($("agents-view"), name === "agents");
     show($("session"), name !== "login");
+    show($("nav"), name !== "login");
+    var current = name === "activity" || name === "agents" ? name : "approvals";
+    Array.prototype.forEach.call($("nav").querySelectorAll("a"), function (a) {
+      if (a.getAttribute("data-view") === current) a.setAttribute("aria-current", "page");
+      else a.removeAttribute("aria-current");
+    });
+  }
+
+  /* Activity and Agents refresh themselves every 3 s while shown. */
+  function startViewPolling(fn) {
+    stopViewPolling();
+    S.viewTimer = setInterval(fn, POLL_MS);
+  }
+
+  function stopViewPolling() {
+    if (S.viewTimer) clearInterval(S.viewTimer);
+    S.viewTimer = null;
   }
 
   function detailIdFromPath() {
@@ -254,7 +283,7 @@
   }
 
   function navigate(path) {
-    if (location.pathname !== path) history.pushState(null, "", path);
+    if (location.pathname + location.hash !== path) history.pushState(null, "", path);
     route();
   }
 
@@ -265,6 +294,8 @@
     }
     var id = detailIdFromPath();
     if (id) openDetail(id);
+    else if (location.hash === "#activity") openActivity();
+    else if (location.hash === "#agents") openAgents();
     else openInbox();
   }
 
@@ -327,9 +358,11 @@
     S.detailId = null;
     clear($("approval-rows"));
     resetDetail();
+    resetActivity();
+    resetAgents();
     setText($("whoami"), "");
     setLive("off");
-    if (location.pathname !== "/console/") history.replaceState(null, "", "/console/");
+    if (location.pathname + location.hash !== "/console/") history.replaceState(null, "", "/console/");
     showLoginError(message || "");
     setView("login");
     $("token").focus();
@@ -638,6 +671,457 @@
     });
   }
 
+  // ------------------------------------------------------------------ activity (the audit trail)
+  var DECISION_CLASS = {
+    allow: "d-allow", approved: "d-allow", forwarded: "d-allow", resumed: "d-allow",
+    deny: "d-deny", denied: "d-deny", expired: "d-deny", suspended: "d-deny",
+    hold: "d-hold", requested: "d-hold", voted: "d-hold", escalated: "d-hold",
+  };
+  var EVENT_FIELDS = [
+    ["sequence", "Sequence"], ["time", "Time"], ["record", "Record"], ["agent", "Agent"], ["operation", "Operation"],
+    ["action", "Action"], ["resource", "Resource"], ["connector", "Connector"], ["decision", "Decision"],
+    ["status", "Status"], ["refusal", "Refusal"], ["detail", "Detail"], ["reasons", "Reasons"],
+    ["policy_decision", "Policy decision"], ["policy_revision", "Policy revision"], ["approval_id", "Approval"],
+    ["decision_id", "Decision record"], ["method", "Method"], ["host", "Host"], ["path", "Path"], ["mode", "Mode"],
+    ["risk", "Risk"], ["latency_ms", "Latency (ms)"], ["by", "By"], ["reason", "Reason"], ["kind", "Kind"],
+    ["target", "Target"], ["severity", "Severity"], ["message", "Message"],
+  ];
+
+  function decisionClass(d) {
+    return Object.prototype.hasOwnProperty.call(DECISION_CLASS, d) ? DECISION_CLASS[d] : "d-event";
+  }
+
+  function valueText(v) {
+    if (v === null || v === undefined || v === "") return "\u2014";
+    if (Array.isArray(v)) return v.length ? v.map(valueText).join(", ") : "(none)";
+    if (isPlainObject(v)) return JSON.stringify(v);
+    return String(v);
+  }
+
+  function activityQuery() {
+    var parts = ["limit=" + S.act.limit];
+    var agent = $("f-agent").value.trim();
+    var action = $("f-action").value.trim();
+    var d = $("f-decision").value;
+    if (agent) parts.push("agent=" + encodeURIComponent(agent));
+    if (action) parts.push("action=" + encodeURIComponent(action));
+    if (d.indexOf("record:") === 0) parts.push("record=" + encodeURIComponent(d.slice(7)));
+    else if (d) parts.push("decision=" + encodeURIComponent(d));
+    return parts.join("&");
+  }
+
+  function resetActivity() {
+    S.act.events = [];
+    S.act.sig = null;
+    S.act.maxSeq = null;
+    S.act.fresh = new Set();
+    S.act.selected = null;
+    S.act.shownQuery = null;
+    clear($("activity-rows"));
+    clear($("event-fields"));
+    show($("event-detail"), false);
+    show($("activity-empty"), false);
+    show($("activity-more"), false);
+    show($("activity-error"), false);
+    show($("activity-note"), false);
+    setText($("activity-count"), "");
+  }
+
+  function openActivity() {
+    S.detailId = null;
+    setView("activity");
+    loadActivity(true);
+    startViewPolling(loadActivity);
+  }
+
+  /* Polls skip while a load is under way; `force` (new filters) starts one anyway and the older answer is dropped. */
+  function loadActivity(force) {
+    if (S.act.loading && force !== true) return Promise.resolve();
+    var gen = ++S.act.gen;
+    S.act.loading = true;
+    var q = activityQuery();
+    return api("GET", "/v1/activity?" + q).then(
+      function (data) {
+        if (gen !== S.act.gen) return;
+        S.act.loading = false;
+        if (S.view !== "activity" || q !== activityQuery()) return;
+        show($("activity-error"), false);
+        var disabled = !!(data && data.audit === "disabled");
+        setText($("activity-note"), disabled ? "The audit trail is disabled (or has no file yet), so there is no activity to show. " +
+          "Enable audit.file in the configuration to record every decision." : "");
+        show($("activity-note"), disabled);
+        var events = (data && Array.isArray(data.events) ? data.events : []).filter(function (e) {
+          return isPlainObject(e) && typeof e.sequence === "number";
+        });
+        var more = !!(data && data.next_before_sequence !== null && data.next_before_sequence !== undefined) &&
+          events.length >= S.act.limit && S.act.limit < ACTIVITY_MAX;
+        show($("activity-more"), more);
+        var sig = JSON.stringify(events);
+        if (sig === S.act.sig && S.act.shownQuery === q) return;
+        // rows newer than what this same query showed before are marked as new
+        var fresh = new Set();
+        if (S.act.shownQuery === q && S.act.maxSeq !== null) {
+          events.forEach(function (e) { if (e.sequence > S.act.maxSeq) fresh.add(e.sequence); });
+        }
+        S.act.fresh = fresh;
+        S.act.maxSeq = events.reduce(function (m, e) { return Math.max(m, e.sequence); }, S.act.maxSeq === null || S.act.shownQuery !== q ? 0 : S.act.maxSeq);
+        S.act.sig = sig;
+        S.act.shownQuery = q;
+        S.act.events = events;
+        renderActivity();
+      },
+      function (e) {
+        if (gen !== S.act.gen) return;
+        S.act.loading = false;
+        if (authFailed(e) || S.view !== "activity") return;
+        setText($("activity-error"), "Could not load the activity: " + e.message);
+        show($("activity-error"), true);
+      }
+    );
+  }
+
+  function renderActivity() {
+    var tbody = $("activity-rows");
+    clear(tbody);
+    S.act.events.forEach(function (e) { tbody.appendChild(activityRow(e)); });
+    show($("activity-empty"), S.act.events.length === 0);
+    var n = S.act.events.length;
+    setText($("activity-count"), n + (n === 1 ? " event" : " events") + " (newest first)");
+    if (S.act.selected !== null) {
+      var sel = S.act.events.filter(function (e) { return e.sequence === S.act.selected; })[0];
+      if (sel) renderEvent(sel);
+    }
+  }
+
+  /* Refused before it was classified (no resource): what it asked for. */
+  function requestLine(e) {
+    if (!e.method && !e.host) return "";
+    return [e.method, (e.host || "") + (e.path || "")].filter(function (x) { return x; }).join(" ");
+  }
+
+  function activityRow(e) {
+    var d = e.decision || e.event || "";
+    var cls = "activity-row " + decisionClass(d);
+    if (S.act.fresh.has(e.sequence)) cls += " is-new";
+    if (S.act.selected === e.sequence) cls += " is-selected";
+    var tr = el("tr", {
+      cls: cls,
+      data: { seq: e.sequence, decision: d, agent: e.agent || "", record: e.record || "", testid: "activity-row" },
+      attrs: { tabindex: "0" },
+    }, [
+      el("td", { cls: "time" }, [e.time ? timeNode(e.time, "rel") : el("span", { text: "\u2014" })]),
+      el("td", { cls: "agent", text: e.agent || "\u2014" }),
+      el("td", { cls: "operation", text: e.operation || "\u2014" }),
+      el("td", { cls: "resource", text: e.resource || requestLine(e) || "\u2014" }),
+      el("td", { cls: "decision" }, [el("span", { cls: "badge " + decisionClass(d), text: d || "?" })]),
+      el("td", { cls: "status", text: e.status === undefined ? "\u2014" : e.status }),
+      el("td", { cls: "reasons", text: Array.isArray(e.reasons) && e.reasons.length ? e.reasons.join(", ") : (e.reason || "") }),
+    ]);
+    function select() {
+      S.act.selected = e.sequence;
+      Array.prototype.forEach.call($("activity-rows").querySelectorAll(".activity-row"), function (r) {
+        r.classList.toggle("is-selected", r === tr);
+      });
+      renderEvent(e);
+    }
+    tr.addEventListener("click", select);
+    tr.addEventListener("keydown", function (ev) { if (ev.key === "Enter") select(); });
+    return tr;
+  }
+
+  function renderEvent(e) {
+    setText($("event-seq"), "#" + e.sequence);
+    var dl = $("event-fields");
+    clear(dl);
+    var done = {};
+    EVENT_FIELDS.forEach(function (f) {
+      done[f[0]] = true;
+      if (!Object.prototype.hasOwnProperty.call(e, f[0])) return;
+      var v = f[0] === "time" && e.time ? e.time + " (" + absTime(e.time) + ")" : valueText(e[f[0]]);
+      dlRow(dl, f[1], v, f[0]);
+    });
+    Object.keys(e).sort().forEach(function (k) {
+      if (!done[k]) dlRow(dl, k, valueText(e[k]), k);
+    });
+    show($("event-detail"), true);
+  }
+
+  function activityFiltersChanged() {
+    S.act.limit = ACTIVITY_STEP;
+    S.act.selected = null;
+    show($("event-detail"), false);
+    loadActivity(true);
+  }
+
+  function initActivity() {
+    function debounced() {
+      if (S.act.debounce) clearTimeout(S.act.debounce);
+      S.act.debounce = setTimeout(activityFiltersChanged, 300);
+    }
+    $("f-agent").addEventListener("input", debounced);
+    $("f-action").addEventListener("input", debounced);
+    $("f-decision").addEventListener("change", activityFiltersChanged);
+    $("activity-filters").addEventListener("submit", function (ev) {
+      ev.preventDefault();
+      if (S.act.debounce) clearTimeout(S.act.debounce);
+      activityFiltersChanged();
+    });
+    $("f-clear").addEventListener("click", function () {
+      $("f-agent").value = "";
+      $("f-action").value = "";
+      $("f-decision").value = "";
+      activityFiltersChanged();
+    });
+    $("activity-more").addEventListener("click", function () {
+      S.act.limit = Math.min(S.act.limit + ACTIVITY_STEP, ACTIVITY_MAX);
+      loadActivity(true);
+    });
+    $("event-close").addEventListener("click", function () {
+      S.act.selected = null;
+      show($("event-detail"), false);
+      Array.prototype.forEach.call($("activity-rows").querySelectorAll(".is-selected"), function (r) {
+        r.classList.remove("is-selected");
+      });
+    });
+  }
+
+  // ------------------------------------------------------------------ agents and the kill switch
+  function resetAgents() {
+    S.ag.agents = [];
+    S.ag.suspensions = [];
+    S.ag.sig = null;
+    S.ag.operator = null;
+    S.ag.suspendTarget = null;
+    clear($("agent-rows"));
+    clear($("suspension-rows"));
+    show($("agents-panel"), false);
+    show($("agents-readonly"), false);
+    show($("suspend-form"), false);
+    ["agents-error", "agents-notice", "suspend-error", "ns-error"].forEach(function (id) { showMsg(id, ""); });
+    setText($("agents-count"), "");
+  }
+
+  function showMsg(id, msg) {
+    setText($(id), msg);
+    show($(id), !!msg);
+  }
+
+  function openAgents() {
+    S.detailId = null;
+    setView("agents");
+    loadAgents(true);
+    startViewPolling(loadAgents);
+  }
+
+  function loadAgents(force) {
+    if (S.ag.loading && force !== true) return Promise.resolve();
+    var gen = ++S.ag.gen;
+    S.ag.loading = true;
+    return api("GET", "/v1/agents").then(
+      function (data) {
+        return api("GET", "/v1/suspensions").then(function (susp) {
+          if (gen !== S.ag.gen) return;
+          S.ag.loading = false;
+          if (S.view !== "agents") return;
+          S.ag.operator = true;
+          showMsg("agents-error", "");
+          show($("agents-readonly"), false);
+          show($("agents-panel"), true);
+          var agents = (data && Array.isArray(data.agents) ? data.agents : []).filter(function (a) {
+            return isPlainObject(a) && typeof a.id === "string";
+          });
+          var suspensions = (susp && Array.isArray(susp.suspensions) ? susp.suspensions : []).filter(isPlainObject);
+          var sig = JSON.stringify([agents, suspensions]);
+          if (sig === S.ag.sig) return;
+          S.ag.sig = sig;
+          S.ag.agents = agents;
+          S.ag.suspensions = suspensions;
+          renderAgents();
+        });
+      }
+    ).catch(function (e) {
+      if (gen !== S.ag.gen) return;
+      S.ag.loading = false;
+      if (authFailed(e) || S.view !== "agents") return;
+      if (e.status === 403) {
+        // not an operator: the registry and the kill switch are for operators; say why (the API's detail)
+        S.ag.operator = false;
+        S.ag.sig = null;
+        clear($("agent-rows"));
+        clear($("suspension-rows"));
+        show($("agents-panel"), false);
+        show($("suspend-form"), false);
+        showMsg("agents-error", "");
+        setText($("agents-count"), "");
+        showMsg("agents-readonly", "Read-only: the agent registry and the kill switch are for operators. " + e.message);
+        return;
+      }
+      showMsg("agents-error", "Could not load the agents: " + e.message);
+    });
+  }
+
+  function renderAgents() {
+    var tbody = $("agent-rows");
+    clear(tbody);
+    var agents = S.ag.agents.slice().sort(function (a, b) {
+      return String(b.last_seen || "").localeCompare(String(a.last_seen || "")) || a.id.localeCompare(b.id);
+    });
+    agents.forEach(function (a) { tbody.appendChild(agentRow(a)); });
+    show($("agents-empty"), agents.length === 0);
+    var suspended = agents.filter(function (a) { return a.status === "suspended"; }).length;
+    setText($("agents-count"), agents.length + (agents.length === 1 ? " agent" : " agents") + (suspended ? ", " + suspended + " suspended" : ""));
+
+    var stb = $("suspension-rows");
+    clear(stb);
+    S.ag.suspensions.forEach(function (s) { stb.appendChild(suspensionRow(s)); });
+    show($("suspensions"), S.ag.suspensions.length > 0);
+    show($("suspensions-empty"), S.ag.suspensions.length === 0);
+  }
+
+  function num(v) {
+    return typeof v === "number" ? String(v) : "\u2014";
+  }
+
+  function agentRow(a) {
+    var suspended = a.status === "suspended";
+    var s = isPlainObject(a.suspension) ? a.suspension : {};
+    var status = el("td", { cls: "status" }, [
+      el("span", { cls: "badge " + (suspended ? "state-denied" : "state-approved"), text: a.status || "?" }),
+    ]);
+    if (suspended) {
+      status.appendChild(el("div", { cls: "sub muted", data: { testid: "agent-suspension" },
+        text: "by " + (s.by || "?") + (s.reason ? ": " + s.reason : "") }));
+    }
+    var owner = [a.owner, a.team].filter(function (x) { return x; }).join(" \u00b7 ");
+    var action = suspended
+      ? el("button", { cls: "btn btn-approve btn-small", text: "Resume", data: { testid: "agent-resume" }, attrs: { type: "button" } })
+      : el("button", { cls: "btn btn-deny btn-small", text: "Suspend", data: { testid: "agent-suspend" }, attrs: { type: "button" } });
+    action.addEventListener("click", function () {
+      if (suspended) resumeAgent(a.id, action);
+      else openSuspend(a.id);
+    });
+    return el("tr", { cls: "agent-row", data: { id: a.id, status: a.status || "", testid: "agent-row" } }, [
+      el("td", { cls: "agent mono", text: a.id, attrs: a.description ? { title: a.description } : {} }),
+      el("td", { cls: "owner", text: owner || "\u2014" }),
+      status,
+      el("td", { cls: "num requests", text: num(a.requests) }),
+      el("td", { cls: "num allowed", text: num(a.allowed) }),
+      el("td", { cls: "num denied", text: num(a.denied) }),
+      el("td", { cls: "last-seen" }, [a.last_seen ? timeNode(a.last_seen, "rel") : el("span", { cls: "muted", text: "never" })]),
+      el("td", { cls: "row-actions" }, [action]),
+    ]);
+  }
+
+  function suspensionRow(s) {
+    var btn = el("button", { cls: "btn btn-approve btn-small", text: "Resume", data: { testid: "suspension-resume" }, attrs: { type: "button" } });
+    btn.addEventListener("click", function () { resumeSuspension(s.kind, s.target, btn); });
+    return el("tr", { cls: "suspension-row", data: { kind: s.kind || "", target: s.target || "", testid: "suspension-row" } }, [
+      el("td", { text: s.kind }),
+      el("td", { cls: "mono", text: s.target }),
+      el("td", {}, [s.since ? timeNode(s.since, "rel") : el("span", { text: "\u2014" })]),
+      el("td", { text: s.by }),
+      el("td", { text: s.reason }),
+      el("td", { cls: "row-actions" }, [btn]),
+    ]);
+  }
+
+  function openSuspend(id) {
+    S.ag.suspendTarget = id;
+    setText($("suspend-target"), id);
+    $("suspend-reason").value = "";
+    showMsg("suspend-error", "");
+    showMsg("agents-notice", "");
+    show($("suspend-form"), true);
+    $("suspend-reason").focus();
+  }
+
+  function closeSuspend() {
+    S.ag.suspendTarget = null;
+    show($("suspend-form"), false);
+    showMsg("suspend-error", "");
+  }
+
+  /* One kill-switch call: disables `buttons` meanwhile, reports errors in `errId`, reloads the lists. */
+  function govCall(method, path, body, buttons, errId, done) {
+    if (S.ag.busy) return;
+    S.ag.busy = true;
+    buttons.forEach(function (b) { b.disabled = true; });
+    showMsg(errId, "");
+    api(method, path, body).then(
+      function (res) {
+        S.ag.sig = null;
+        done(res);
+        return loadAgents(true);
+      },
+      function (e) {
+        if (authFailed(e)) return;
+        showMsg(errId, e.message);
+        if (e.status === 404) {
+          S.ag.sig = null;
+          loadAgents(true);
+        }
+      }
+    ).then(function () {
+      S.ag.busy = false;
+      buttons.forEach(function (b) { b.disabled = false; });
+    });
+  }
+
+  function confirmSuspend() {
+    var id = S.ag.suspendTarget;
+    if (!id) return;
+    var reason = $("suspend-reason").value.trim();
+    if (!reason) {
+      showMsg("suspend-error", "A reason is required to suspend an agent (it is recorded and shown to the agent).");
+      $("suspend-reason").focus();
+      return;
+    }
+    govCall("POST", "/v1/agents/" + encodeURIComponent(id) + "/suspend", { reason: reason },
+      [$("suspend-confirm"), $("suspend-cancel")], "suspend-error", function () {
+        closeSuspend();
+        showMsg("agents-notice", "Suspended " + id + ". Its requests are refused until it is resumed.");
+      });
+  }
+
+  function resumeAgent(id, btn) {
+    showMsg("agents-notice", "");
+    govCall("POST", "/v1/agents/" + encodeURIComponent(id) + "/resume", {}, [btn], "agents-error", function () {
+      showMsg("agents-notice", "Resumed " + id + ".");
+    });
+  }
+
+  function resumeSuspension(kind, target, btn) {
+    showMsg("agents-notice", "");
+    govCall("DELETE", "/v1/suspensions/" + encodeURIComponent(kind) + "/" + encodeURIComponent(target), undefined, [btn],
+      "ns-error", function () {
+        showMsg("agents-notice", "Resumed " + kind + " " + target + ".");
+      });
+  }
+
+  function createSuspension(ev) {
+    ev.preventDefault();
+    var kind = $("ns-kind").value;
+    var target = $("ns-target").value.trim();
+    var reason = $("ns-reason").value.trim();
+    if (!target || !reason) {
+      showMsg("ns-error", "A target and a reason are both required.");
+      return;
+    }
+    showMsg("agents-notice", "");
+    govCall("POST", "/v1/suspensions", { kind: kind, target: target, reason: reason }, [$("ns-submit")], "ns-error", function () {
+      $("ns-target").value = "";
+      $("ns-reason").value = "";
+      showMsg("agents-notice", "Suspended " + kind + " " + target + ".");
+    });
+  }
+
+  function initAgents() {
+    $("suspend-confirm").addEventListener("click", confirmSuspend);
+    $("suspend-cancel").addEventListener("click", closeSuspend);
+    $("suspend-reason").addEventListener("input", function () { if ($("suspend-reason").value.trim()) showMsg("suspend-error", ""); });
+    $("new-suspension").addEventListener("submit", createSuspension);
+  }
+
   // ------------------------------------------------------------------ live updates
   function setLive(mode) {
     var n = $("live-status");
@@ -668,6 +1152,8 @@
     if (!S.token) return;
     if (S.view === "inbox") loadInbox();
     else if (S.view === "detail") refreshDetail();
+    else if (S.view === "activity") loadActivity();
+    else if (S.view === "agents") loadAgents();
   }
 
   function startPolling() {
@@ -774,6 +1260,15 @@
     $("approve").addEventListener("click", function () { decide("approve"); });
     $("deny").addEventListener("click", function () { decide("deny"); });
     $("reason").addEventListener("input", function () { if ($("reason").value.trim()) showError(""); });
+    Array.prototype.forEach.call($("nav").querySelectorAll("a"), function (a) {
+      a.addEventListener("click", function (ev) {
+        if (ev.button !== 0 || ev.metaKey || ev.ctrlKey || ev.shiftKey || ev.altKey) return;
+        ev.preventDefault();
+        navigate(a.getAttribute("href"));
+      });
+    });
+    initActivity();
+    initAgents();
     window.addEventListener("popstate", route);
 
     var saved = sessionStorage.getItem(TOKEN_KEY);
