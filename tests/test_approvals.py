@@ -103,6 +103,7 @@ def make(tmp_path, idp, pki, upstream, upstream_tls, hold_policies):
         started.append(p)
         return p
 
+    start.started = started  # relaunch() adds the processes it starts, so they are stopped too
     yield start
     for p in started:
         p.stop()
@@ -216,9 +217,10 @@ def in_thread(fn, *args, **kw):
     return result
 
 
-def relaunch(p: Proctor, approvals: dict | None = None) -> Proctor:
+def relaunch(p: Proctor, started: list[Proctor], approvals: dict | None = None) -> Proctor:
     """Stop `p` (SIGTERM) and start a new process on the same config and state dir
-    (same ports), optionally changing the `approvals` section first."""
+    (same ports), optionally changing the `approvals` section first; the new one
+    joins `started` (stopped at teardown)."""
     p.stop()
     cfg = yaml.safe_load(p.config_path.read_text())
     if approvals:
@@ -233,6 +235,7 @@ def relaunch(p: Proctor, approvals: dict | None = None) -> Proctor:
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     new = Proctor(p.dir, p.config_path, p.port, p.control_port, p.gateway_port, proc, log_path, p.ca_pem, p.policies_dir)
+    started.append(new)
 
     def ready() -> bool:
         if proc.poll() is not None:
@@ -428,7 +431,7 @@ def test_restart_with_pending_approvals(make, idp, upstream):
             ids.append(r.json()["approval_id"])
 
     # restart; the new process waits synchronously (a pending retry is held open)
-    p = relaunch(p, {"mode": "sync", "sync_wait_seconds": 15})
+    p = relaunch(p, make.started, {"mode": "sync", "sync_wait_seconds": 15})
     assert sorted(pending_ids(p, alice)) == sorted(ids)
     for aid in ids:
         assert vote(p, aid, alice).status_code == 200
@@ -445,7 +448,7 @@ def test_restart_with_pending_approvals(make, idp, upstream):
     got = in_thread(c.post, order_url(upstream), json=order(mark))
     (aid,) = wait_pending(p, alice)
     t0 = time.monotonic()
-    p = relaunch(p)
+    p = relaunch(p, make.started)
     assert time.monotonic() - t0 < 20
     with pytest.raises(httpx.HTTPError):
         got()
