@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..policy.revisions import record_revision
+from .activity_api import add_activity_routes
 from .approvals_api import add_approval_routes
 from .governance_api import add_governance_routes
 from .console_routes import add_console_routes
@@ -87,6 +88,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
         add_approval_routes(app, runtime)
     if runtime.governance is not None:
         add_governance_routes(app, runtime)
+    add_activity_routes(app, runtime)
     add_openapi_route(app)
     add_console_routes(app)
     return app

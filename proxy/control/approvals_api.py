@@ -233,6 +233,7 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
                 pass
 
         service.listeners.append(listener)
+        streams.add(request)
         try:
             await resp.write(b": connected\n\n")
             while True:
@@ -246,8 +247,18 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
             pass
         finally:
             service.listeners.remove(listener)
+            streams.discard(request)
         return resp
 
+    streams: set[web.Request] = set()
+
+    async def close_streams(_: web.Application) -> None:
+        # open event streams would otherwise hold shutdown until their next keep-alive
+        for request in list(streams):
+            if request.transport is not None:
+                request.transport.close()
+
+    app.on_shutdown.append(close_streams)
     app.router.add_get("/v1/whoami", whoami)
     app.router.add_get("/v1/approvals", list_)
     app.router.add_get("/v1/approvals/events", events)

@@ -574,6 +574,24 @@ OPENAPI: dict[str, Any] = {
                     "revision": {"type": "string"}, "reason": {"type": "string", "minLength": 1}}}),
             )
         },
+        "/v1/activity": {
+            "get": _op(
+                "Recent audit events (newest first), summarised",
+                {"200": _json({"type": "object", "required": ["events"], "properties": {
+                    "events": {"type": "array", "items": {"type": "object"}},
+                    "next_before_sequence": {"type": ["integer", "null"]},
+                    "limit": {"type": "integer"},
+                    "audit": {"type": "string", "description": "\"disabled\" when no audit file is configured."}}},
+                    "A page of events."),
+                 "400": _problem("BadRequest"), "401": _problem("Unauthorized"), "503": _problem("Unavailable")},
+                APPROVER_ONLY, ["governance"], "activity",
+                parameters=[
+                    {"name": n, "in": "query", "schema": {"type": t}} for n, t in (
+                        ("limit", "integer"), ("agent", "string"), ("action", "string"), ("decision", "string"),
+                        ("record", "string"), ("before_sequence", "integer"))
+                ],
+            )
+        },
         "/v1/whoami": {
             "get": _op(
                 "The calling approver and their approval groups",
