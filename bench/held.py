@@ -28,6 +28,12 @@ RLIMIT_NOFILE: the soft limit is raised to the hard limit here and in every
 child (`preexec_fn`); with N held agents the proxy needs N client sockets plus
 the upstream sockets of the requests it is forwarding, so N must stay well
 under the hard limit (checked up front).
+
+Bounded: `--budget` (default 280 s) caps the wall time. When approving is too
+slow to release all N in time, the approvals not yet sent are skipped, the
+agents still waiting are told to stop, and the summary says how many were
+released (`approve.statuses`, `agents.errors.unanswered`, `ok: false`); what
+was released is still checked for exactly-once delivery.
 """
 
 from __future__ import annotations

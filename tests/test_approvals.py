@@ -25,7 +25,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -397,21 +396,26 @@ def test_async_hold_retry_and_idempotency_key(make, idp, upstream):
         assert fresh.json()["approval_id"] != aid
         assert len(hits(upstream, mark)) == 1
 
-        # Idempotency-Key: the key wins over the body. A retry with the same key but
-        # another body attaches to the same approval, and what is forwarded after
-        # approval is the retry's body (re-evaluated with the approval in context).
+        # Idempotency-Key: a retry with the key attaches to the held request (even if
+        # a header differs), but the key never carries an approval over to another
+        # request: the same key with another body is refused (422), before and after approval.
         key = uuid.uuid4().hex
         first, second = marker(), marker()
         r1 = c.post(order_url(upstream), json=order(first), headers={"Idempotency-Key": key})
         assert r1.status_code == 202
         kid = r1.json()["approval_id"]
-        r2 = c.post(order_url(upstream), json=order(second, total=999), headers={"Idempotency-Key": key})
+        r2 = c.post(order_url(upstream), json=order(first), headers={"Idempotency-Key": key, "X-Attempt": "2"})
         assert r2.status_code == 202 and r2.json()["approval_id"] == kid
-        assert first in show(p, kid, alice)["request"]["body"]  # the approver saw the first body
+        swapped = c.post(order_url(upstream), json=order(second, total=999), headers={"Idempotency-Key": key})
+        assert swapped.status_code == 422, swapped.text
+        assert swapped.json()["title"] == "Idempotency-Key reused" and swapped.json()["approval_id"] == kid
         assert vote(p, kid, alice).status_code == 200
-        r3 = c.post(order_url(upstream), json=order(second, total=999), headers={"Idempotency-Key": key})
+        swapped = c.post(order_url(upstream), json=order(second, total=999), headers={"Idempotency-Key": key})
+        assert swapped.status_code == 422, swapped.text  # approval or not
+        r3 = c.post(order_url(upstream), json=order(first), headers={"Idempotency-Key": key})
         assert r3.status_code == 200, r3.text
-    assert hits(upstream, first) == [] and len(hits(upstream, second)) == 1
+    assert len(hits(upstream, first)) == 1 and hits(upstream, second) == []
+    assert events(p, kid) == ["requested", "approved", "forwarded"]
 
     assert events(p, aid) == ["requested", "approved", "forwarded"]
     recs = request_records(p, aid)
@@ -639,12 +643,8 @@ def _epoch(iso_time: str) -> float:
     return datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an Idempotency-Key match ignores the method/URL/action: an approval for one order "
-    "(1 manager) releases a different request with the same key (tenant 42, which needs 2 managers)",
-)
 def test_idempotency_key_does_not_carry_an_approval_to_another_request(make, idp, upstream):
+    """The same key on another URL (which needs a 2-of-2 quorum) does not ride on a 1-of-1 approval."""
     p = make({"mode": "async"})
     tok = agent_token(idp)
     alice = approver_token(idp, "alice", MANAGERS)
@@ -654,5 +654,7 @@ def test_idempotency_key_does_not_carry_an_approval_to_another_request(make, idp
         aid = c.post(order_url(upstream, 7), json=order(small), headers={"Idempotency-Key": key}).json()["approval_id"]
         assert vote(p, aid, alice).status_code == 200
         r = c.post(order_url(upstream, 42), json=order(big), headers={"Idempotency-Key": key})
-    assert hits(upstream, big) == [], "a 1-of-1 approval for tenant 7 let a 2-of-2 tenant-42 order through"
-    assert r.status_code in (202, 409, 422), r.text
+    # (this was a quorum bypass: a 1-of-1 approval for tenant 7 released a 2-of-2 tenant-42 order)
+    assert hits(upstream, big) == []
+    assert r.status_code == 422 and r.json()["approval_id"] == aid, r.text
+    assert show(p, aid, alice)["state"] == "approved"  # still there for the request it approved

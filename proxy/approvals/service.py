@@ -16,6 +16,7 @@ import hashlib
 import logging
 import secrets
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,6 +33,12 @@ MAX_REASON_CHARS = 2000
 SECRET_HEADERS = frozenset(
     {"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "x-auth-token"}
 )
+
+
+@dataclass(eq=False)
+class _Waiter:
+    event: asyncio.Event
+    alive: Callable[[], bool] | None
 
 
 class ApprovalError(Exception):
@@ -110,10 +117,10 @@ class ApprovalService:
         self.notifier = notifier
         self.status_base_url = status_base_url.rstrip("/")
         # With a store shared by replicas, a decision may be taken elsewhere: poll.
-        self.poll_seconds = 1.0 if shared_store else None
+        self.poll_seconds = 2.0 if shared_store else None
         self.clock = clock
-        self._events: dict[str, asyncio.Event] = {}
-        self._waiting: dict[str, int] = {}
+        self._waiters: dict[str, set[_Waiter]] = {}
+        self._hold_locks: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
         self.listeners: list[Callable[[str, Approval], None]] = []  # console live updates
         self.event_counts: dict[str, int] = {}
         self.pending_count = 0  # refreshed by the timer (for metrics)
@@ -163,18 +170,16 @@ class ApprovalService:
                 log.exception("approval listener failed")
 
     def _wake(self, approval_id: str) -> None:
-        ev = self._events.get(approval_id)
-        if ev is not None:
-            ev.set()
+        for w in list(self._waiters.get(approval_id, ())):
+            w.event.set()
 
     def wake_all(self) -> None:
         """Wake every held request on this process (they re-check suspensions)."""
-        for ev in list(self._events.values()):
-            ev.set()
+        self.sweep(poll_store=True)
 
     @property
     def waiting(self) -> int:
-        return sum(self._waiting.values())
+        return sum(len(w) for w in self._waiters.values())
 
     # -- holding ---------------------------------------------------------------------
     async def find_for_retry(self, identity: AgentIdentity, req: AgentRequest) -> Approval | None:
@@ -224,40 +229,55 @@ class ApprovalService:
         """Wait (at most `timeout`) for a pending approval to be decided; the latest state.
 
         Returns early, with the approval still pending, if `alive()` turns false
-        (the agent hung up: the approval can still be decided and applies to a retry)."""
+        (the agent hung up: the approval can still be decided and applies to a retry).
+        A waiter costs one event and one timer: it reads the store only when woken
+        (a decision, the once-a-second sweep finding its agent gone, a suspension, or
+        the shared-store poll) or at its deadline, so thousands can wait at once."""
         deadline = time.monotonic() + min(timeout, max(0.0, approval.expires_at - self.clock()) + 0.5)
-        ev = self._events.setdefault(approval.id, asyncio.Event())
-        self._waiting[approval.id] = self._waiting.get(approval.id, 0) + 1
+        waiter = _Waiter(asyncio.Event(), alive)
+        waiters = self._waiters.setdefault(approval.id, set())
+        waiters.add(waiter)
         try:
             current = approval
             while current.state == "pending":
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                step = remaining if self.poll_seconds is None else min(remaining, self.poll_seconds)
-                if alive is not None:
-                    step = min(step, 1.0)  # notice a hung-up agent within a second
                 try:
-                    await asyncio.wait_for(ev.wait(), step)
+                    await asyncio.wait_for(waiter.event.wait(), remaining)
                 except asyncio.TimeoutError:
                     pass
-                ev.clear()
+                waiter.event.clear()
                 if self.interrupt is not None and self.interrupt(current):
                     break
                 latest = await self.store.get_approval(approval.id)
                 if latest is None:
                     break
                 current = latest
-                if alive is not None and not alive():
+                if alive is not None and current.state == "pending" and not alive():
                     break
             return current
         finally:
-            n = self._waiting.get(approval.id, 1) - 1
-            if n <= 0:
-                self._waiting.pop(approval.id, None)
-                self._events.pop(approval.id, None)
-            else:
-                self._waiting[approval.id] = n
+            waiters.discard(waiter)
+            if not waiters:
+                self._waiters.pop(approval.id, None)
+
+    def sweep(self, poll_store: bool = False) -> None:
+        """Once a second: wake waiters whose agent hung up (and, with a shared store, all
+        of them, to notice decisions taken on another replica)."""
+        for waiters in list(self._waiters.values()):
+            for w in list(waiters):
+                if poll_store or (w.alive is not None and not w.alive()):
+                    w.event.set()
+
+    def hold_lock(self, agent_id: str, key: str) -> asyncio.Lock:
+        """Serialises "find an open approval, else create one" for identical requests,
+        so simultaneous duplicates attach to one approval instead of each making their own."""
+        k = (agent_id, key)
+        lock = self._hold_locks.get(k)
+        if lock is None:
+            lock = self._hold_locks[k] = asyncio.Lock()
+        return lock
 
     async def claim_for_forwarding(self, approval: Approval) -> tuple[bool, Approval]:
         """Atomically turn an approved approval into a forwarded one: True exactly once."""
@@ -399,9 +419,14 @@ class ApprovalService:
 
     # -- timers ---------------------------------------------------------------------
     async def run_timers(self, interval: float = 1.0) -> None:
-        """Expire and escalate pending approvals (runs for the life of the proxy)."""
+        """Expire and escalate pending approvals, and sweep held connections (for the life of the proxy)."""
+        last_poll = 0.0
         while True:
             try:
+                poll = self.poll_seconds is not None and time.monotonic() - last_poll >= self.poll_seconds
+                if poll:
+                    last_poll = time.monotonic()
+                self.sweep(poll_store=poll)
                 await self.tick()
             except Exception:
                 log.exception("approval timer error")

@@ -366,36 +366,38 @@ class Pipeline:
         approvals = self.approvals
         assert approvals is not None
         mode, wait_seconds = self._wait_settings(cls)
-        approval = await approvals.find_for_retry(identity, req)
-        if approval is not None and approval.fingerprint != request_fingerprint(identity.agent_id, req):
-            # matched by Idempotency-Key, but not the request that was approved: never release it
-            outcome.refusal = Refusal(
-                422, "Idempotency-Key reused",
-                f"the Idempotency-Key of this request belongs to another held request ({approval.id}: "
-                f"{approval.request.get('method')} {approval.request.get('url')}) with a different method, URL or "
-                "body; an approval releases only the request that was approved. Use a new key for a new request.",
-                reasons=list(reasons), kind="request", extra={"approval_id": approval.id},
-            )
-            return True
-        if approval is None:
-            # Hold only what an approval could actually let through.
-            prospective = dict(context, approval=approvals.prospective_context(groups))
-            check = self.policies.authorize(principal, cls.action, resource, prospective, [principal, resource], bundle=bundle)
-            if not check.allowed or check.errors:
-                return False
-            derived = {
-                "action": cls.action,
-                "resource": cls.resource_uid,
-                "resource_attributes": resource.get("attrs", {}),
-                "connector": cls.connector,
-                "risk": cls.risk,
-                "route": cls.route,
-                "context": {k: context[k] for k in ("params", "query_params", "fields", "rpc") if k in context},
-            }
-            approval = await approvals.hold(
-                decision_id=outcome.decision_id, identity=identity, req=req, cls=cls, groups=groups,
-                policy_ids=list(reasons), mode=mode, derived=derived,
-            )
+        lock_key = req.headers.get("idempotency-key") or request_fingerprint(identity.agent_id, req)
+        async with approvals.hold_lock(identity.agent_id, lock_key):
+            approval = await approvals.find_for_retry(identity, req)
+            if approval is not None and approval.fingerprint != request_fingerprint(identity.agent_id, req):
+                # matched by Idempotency-Key, but not the request that was approved: never release it
+                outcome.refusal = Refusal(
+                    422, "Idempotency-Key reused",
+                    f"the Idempotency-Key of this request belongs to another held request ({approval.id}: "
+                    f"{approval.request.get('method')} {approval.request.get('url')}) with a different method, URL or "
+                    "body; an approval releases only the request that was approved. Use a new key for a new request.",
+                    reasons=list(reasons), kind="request", extra={"approval_id": approval.id},
+                )
+                return True
+            if approval is None:
+                # Hold only what an approval could actually let through.
+                prospective = dict(context, approval=approvals.prospective_context(groups))
+                check = self.policies.authorize(principal, cls.action, resource, prospective, [principal, resource], bundle=bundle)
+                if not check.allowed or check.errors:
+                    return False
+                derived = {
+                    "action": cls.action,
+                    "resource": cls.resource_uid,
+                    "resource_attributes": resource.get("attrs", {}),
+                    "connector": cls.connector,
+                    "risk": cls.risk,
+                    "route": cls.route,
+                    "context": {k: context[k] for k in ("params", "query_params", "fields", "rpc") if k in context},
+                }
+                approval = await approvals.hold(
+                    decision_id=outcome.decision_id, identity=identity, req=req, cls=cls, groups=groups,
+                    policy_ids=list(reasons), mode=mode, derived=derived,
+                )
         outcome.approval_id = approval.id
         outcome.policy_decision = "hold"
         if approval.state == "pending":
