@@ -140,7 +140,7 @@ def test_config_validation():
         build_sink({"type": "stdout", "min_backoff": 5, "max_backoff": 1})
     s = build_sink({"type": "syslog", "host": "h", "port": 6514})
     assert isinstance(s, SyslogSink) and s.config.transport == "tls" and s.config.facility == 13
-    assert s.overflow == "drop" and s.healthy and s.queue_depth == 0
+    assert s.overflow == "fail_closed" and s.healthy and s.queue_depth == 0
     h = build_sink({"type": "http", "url": "https://splunk:8088/services/collector/event", "token_env": "X", "overflow": "block"})
     assert isinstance(h, HttpSink) and h.overflow == "block"
     assert isinstance(build_sink({"type": "stdout"}), StdoutSink)

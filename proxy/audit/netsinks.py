@@ -60,7 +60,7 @@ class _SinkConfig(BaseModel):
 
     name: str | None = Field(default=None, min_length=1, max_length=100)
     queue_size: int = Field(default=10000, ge=1, le=10_000_000)
-    overflow: Overflow = "drop"
+    overflow: Overflow = "fail_closed"  # as the file sink: writes stop while the trail cannot be delivered
     min_backoff: float = Field(default=0.5, gt=0, le=60)
     max_backoff: float = Field(default=30.0, gt=0, le=3600)
 
