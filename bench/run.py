@@ -787,6 +787,22 @@ def render_cost(r: Run) -> list[str]:
     return out
 
 
+# Sections other benchmarks append to performance.md (bench/held.py, bench/audit.py):
+# this run replaces everything before the first of them and keeps them.
+KEPT_SECTIONS = ("## Audit trail and tracing cost", "## 10,000 requests held for approval")
+
+
+def merge_docs(path: Path, rendered: str) -> str:
+    try:
+        old = path.read_text()
+    except OSError:
+        return rendered
+    starts = [old.find(h) for h in KEPT_SECTIONS if old.find(h) >= 0]
+    if not starts:
+        return rendered
+    return rendered.rstrip() + "\n\n" + old[min(starts):].lstrip()
+
+
 def render_markdown(r: Run, command: str) -> str:
     m, a, tg = r.machine, r.args, targets(r)
     lay = r.layout
@@ -1027,7 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
         }, indent=2, default=str))
     if args.write_docs:
         args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text(render_markdown(r, command.strip()))
+        args.docs.write_text(merge_docs(args.docs, render_markdown(r, command.strip())))
         print(f"wrote {args.docs}")
     return 0 if tg["valid"] else 1
 
