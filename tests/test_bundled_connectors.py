@@ -248,9 +248,11 @@ def test_erp_small_order_is_created_with_its_net_amount(env):
         "procurement-bot", "erp.purchase_order.create", 'PurchaseOrder::"new"', "allow")
     assert rec["reasons"] == ["procurement-create-orders"] and rec["status"] == rec["upstream_status"] == 201
     assert rec["risk"] == "high" and rec["connector"] == "erp"
-    # The decision record carries no resource attributes or fields (by design: no body
-    # values); `proctor policy explain` shows what Cedar saw for the same request.
-    assert "net_amount" not in json.dumps(rec)
+    # The decision record keeps what Cedar saw (typed values, not the raw body), and
+    # `proctor policy explain` derives the same for the same request.
+    assert rec["cedar"]["context"]["fields"]["net_amount"] == {"__extn": {"fn": "decimal", "arg": "1404.98"}}
+    assert rec["cedar"]["resource"]["attrs"]["net_amount"] == {"__extn": {"fn": "decimal", "arg": "1404.98"}}
+    assert "body" not in rec["cedar"]["context"] and rec["cedar"]["unrecorded"] == ["body"]
     out = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "policy", "explain", "--json", "-c", str(env.config_path),
          "--agent", "procurement-bot", "--claim", 'groups=["procurement"]', "--",

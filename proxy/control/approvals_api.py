@@ -233,7 +233,7 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
                 pass
 
         service.listeners.append(listener)
-        streams.add(request)
+        streams[id(request)] = request
         try:
             await resp.write(b": connected\n\n")
             while True:
@@ -247,14 +247,14 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
             pass
         finally:
             service.listeners.remove(listener)
-            streams.discard(request)
+            streams.pop(id(request), None)
         return resp
 
-    streams: set[web.Request] = set()
+    streams: dict[int, web.Request] = {}  # (aiohttp requests are not hashable)
 
     async def close_streams(_: web.Application) -> None:
         # open event streams would otherwise hold shutdown until their next keep-alive
-        for request in list(streams):
+        for request in list(streams.values()):
             if request.transport is not None:
                 request.transport.close()
 

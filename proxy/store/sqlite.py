@@ -10,6 +10,7 @@ same file.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import contextlib
 import os
 import time
@@ -191,7 +192,7 @@ class SQLiteStore(Store):
             db = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
             try:
                 await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                await db.execute("PRAGMA journal_mode = WAL")
+                await self._enable_wal(db)
                 await db.execute("PRAGMA synchronous = NORMAL")
                 await self._migrate(db)
             except BaseException:
@@ -199,6 +200,19 @@ class SQLiteStore(Store):
                 raise
         self._db = db
         self._lock = asyncio.Lock()
+
+    async def _enable_wal(self, db: aiosqlite.Connection) -> None:
+        # Switching to WAL needs a moment of exclusive access and SQLite does not run
+        # the busy handler for it: two processes opening a new file together retry here.
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                await db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
 
     def _prepare_file(self) -> None:
         parent = Path(self.path).parent
