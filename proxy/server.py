@@ -108,6 +108,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
             status_base_url=control,
             shared_store=not config.store_url.startswith("sqlite:"),
         )
+        approvals.redact = redactor
         approvals.extra_secret_headers = frozenset(
             h.lower() for m in manifests if m.auth is not None for h in m.auth.headers_to_remove()
         )
@@ -122,6 +123,8 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         pipeline, recorder, router, metrics, injector, Tracing(), store=store, record_inputs=config.record.policy_inputs
     )
     addon.audit = audit
+    if audit is not None:
+        pipeline.pre_forward = audit.admit
     runtime = ProctorRuntime(
         config, policies, pipeline, recorder, addon, metrics, store, lookups, approvals, notifier, governance, audit
     )

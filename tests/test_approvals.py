@@ -658,3 +658,21 @@ def test_idempotency_key_does_not_carry_an_approval_to_another_request(make, idp
     assert hits(upstream, big) == []
     assert r.status_code == 422 and r.json()["approval_id"] == aid, r.text
     assert show(p, aid, alice)["state"] == "approved"  # still there for the request it approved
+
+
+def test_approvers_see_the_body_with_sensitive_values_redacted(make, idp, upstream):
+    """The held request shown to approvers (and kept in the store) goes through the
+    same redaction as the record and the audit trail."""
+    p = make({"mode": "async"})
+    body = order(marker())
+    body["payment"] = {"password": "hunter2-secret", "note": "card 4111 1111 1111 1111 on file"}
+    with agent_client(p, agent_token(idp)) as c:
+        resp = c.post(order_url(upstream), json=body)
+    assert resp.status_code == 202, resp.text
+    shown = show(p, resp.json()["approval_id"], approver_token(idp, "alice", MANAGERS))
+    text = json.dumps(shown)
+    assert "hunter2-secret" not in text and "4111 1111 1111 1111" not in text
+    assert '"password": "[redacted]"' in shown["request"]["body"] and "card [redacted] on file" in shown["request"]["body"]
+    assert '"total": 750' in shown["request"]["body"]  # the rest is shown as sent
+    for f in (p.dir / "state").glob("proctor.db*"):  # the database and its WAL
+        assert b"hunter2-secret" not in f.read_bytes(), f

@@ -71,7 +71,7 @@ def new_approval_id() -> str:
     return "apr_" + secrets.token_urlsafe(15)
 
 
-def _preview(req: AgentRequest, limit: int, extra_secret_headers: frozenset[str]) -> dict[str, Any]:
+def _preview(req: AgentRequest, limit: int, extra_secret_headers: frozenset[str], redact: Any = None) -> dict[str, Any]:
     """The held request as an approver sees it: no credentials, the body pretty-printed and bounded."""
     import json
 
@@ -84,9 +84,13 @@ def _preview(req: AgentRequest, limit: int, extra_secret_headers: frozenset[str]
         raw = req.body
         try:
             doc = json.loads(raw)
+            if redact is not None:  # audit.redact keys and patterns (passwords, card numbers) stay out of the store
+                doc = redact(doc)
             text = json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=False)
         except (ValueError, UnicodeDecodeError):
             text = raw.decode("utf-8", "replace")
+            if redact is not None:
+                text = redact(text)
         if len(text) > limit:
             text, truncated = text[:limit], True
         body_text = text
@@ -128,6 +132,7 @@ class ApprovalService:
         # Stop waiting early for a held request this returns True for (kill switch).
         self.interrupt: Callable[[Approval], bool] | None = None
         self.extra_secret_headers: frozenset[str] = frozenset()
+        self.redact: Any = None  # the audit Redactor: applied to the JSON body shown to approvers
 
     # -- helpers ---------------------------------------------------------------------
     def status_url(self, approval_id: str) -> str:
@@ -217,7 +222,7 @@ class ApprovalService:
             idempotency_key=req.headers.get("idempotency-key") or None,
             mode=mode,
             decision_id=decision_id,
-            request=_preview(req, self.config.preview_body_bytes, self.extra_secret_headers),
+            request=_preview(req, self.config.preview_body_bytes, self.extra_secret_headers, self.redact),
             derived={**derived, "policies": list(policy_ids)},
             escalate_at=escalate_at,
         )

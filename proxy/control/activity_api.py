@@ -40,10 +40,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from aiohttp import web
 
-from ..identity.errors import AuthError, IdentityUnavailable
-from ..identity.verifier import TokenVerifier
 from ..record.decisions import iso
-from .approvals_api import APPROVER_KEY
+from .auth import control_auth, problem
 
 if TYPE_CHECKING:
     from ..server import ProctorRuntime
@@ -55,13 +53,6 @@ SCAN_BUDGET = 32 * 1024 * 1024  # bytes of events read per request (the binary s
 MAX_LINE = 4 * 1024 * 1024  # a longer "line" is not an event (the reader drops it rather than grow without end)
 MAX_LIMIT = 1000
 RECORDS = ("decision", "approval", "suspension", "policy")
-
-
-def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
-        status=status, content_type="application/problem+json", headers=headers,
-    )
 
 
 # ----------------------------------------------------------------------------- reading
@@ -291,24 +282,11 @@ def read_activity(path: Path, limit: int, filters: Filters, before: int | None) 
 # ----------------------------------------------------------------------------- route
 def add_activity_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
     cfg = runtime.config
-    verifier = app.get(APPROVER_KEY) if APPROVER_KEY in app else None
-    if verifier is None:
-        issuers = [i.model_copy(update={"audience": cfg.approvals.approver_audience}) for i in cfg.effective_issuers()]
-        verifier = TokenVerifier(issuers, cfg.identity_settings())
+    auth = control_auth(app, cfg)
 
     async def authenticated(request: web.Request) -> web.Response | None:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _problem(401, "Approver authentication required", "send an approver or operator token as Authorization: Bearer",
-                            {"WWW-Authenticate": 'Bearer realm="proctor-control"'})
-        try:
-            await verifier.verify(token.strip())
-        except AuthError as e:
-            return _problem(401, "Approver authentication failed", str(e),
-                            {"WWW-Authenticate": 'Bearer realm="proctor-control", error="invalid_token"'})
-        except IdentityUnavailable as e:
-            return _problem(503, "Identity provider unavailable", str(e))
-        return None
+        who = await auth.person(request, "Approver")
+        return who if isinstance(who, web.Response) else None
 
     async def activity(request: web.Request) -> web.Response:
         refused = await authenticated(request)
@@ -319,14 +297,14 @@ def add_activity_routes(app: web.Application, runtime: "ProctorRuntime") -> None
             limit = min(max(int(q.get("limit", "100")), 1), MAX_LIMIT)
             before = int(q["before_sequence"]) if q.get("before_sequence") else None
         except ValueError:
-            return _problem(400, "Bad paging", "limit and before_sequence are integers")
+            return problem(400, "Bad paging", "limit and before_sequence are integers")
         decisions = [d.strip() for d in q.get("decision", "").split(",") if d.strip()]
         records = [r.strip() for r in q.get("record", "").split(",") if r.strip()]
         if not set(records) <= set(RECORDS):
-            return _problem(400, "Bad filter", f"record must be among {list(RECORDS)}")
+            return problem(400, "Bad filter", f"record must be among {list(RECORDS)}")
         agent, action = q.get("agent", "").strip() or None, q.get("action", "").strip() or None
         if any(len(v) > 256 for v in [*decisions, agent or "", action or ""]):
-            return _problem(400, "Bad filter", "filters are at most 256 characters")
+            return problem(400, "Bad filter", "filters are at most 256 characters")
         path = cfg.audit_path if cfg.audit.enabled else None
         if runtime.audit is None or path is None or not audit_files(path):
             return web.json_response({"events": [], "next_before_sequence": None, "audit": "disabled"})
@@ -335,7 +313,7 @@ def add_activity_routes(app: web.Application, runtime: "ProctorRuntime") -> None
             events, nxt = await asyncio.to_thread(read_activity, path, limit, filters, before)
         except OSError as e:
             log.error("cannot read the audit file %s: %s", path, e)
-            return _problem(503, "Audit trail unreadable", "the audit file cannot be read; see the proxy log")
+            return problem(503, "Audit trail unreadable", "the audit file cannot be read; see the proxy log")
         return web.json_response({"events": events, "next_before_sequence": nxt, "limit": limit})
 
     app.router.add_get("/v1/activity", activity)

@@ -21,16 +21,15 @@ from aiohttp import web
 
 from ..approvals.service import ApprovalError, Approver
 from ..identity.errors import AuthError, IdentityUnavailable
-from ..identity.verifier import TokenVerifier
 from ..record.decisions import iso
 from ..store import APPROVAL_STATES, Approval, StoreError
+from .auth import bearer, control_auth, foreign_origin, problem
 
 if TYPE_CHECKING:
     from ..server import ProctorRuntime
 
 log = logging.getLogger("proctor.control")
 
-APPROVER_KEY = web.AppKey("approver_verifier", TokenVerifier)
 
 
 def approval_json(a: Approval, full: bool = True) -> dict[str, Any]:
@@ -65,56 +64,17 @@ def approval_json(a: Approval, full: bool = True) -> dict[str, Any]:
     return out
 
 
-def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
-        status=status,
-        content_type="application/problem+json",
-        headers=headers,
-    )
-
-
-def _bearer(request: web.Request) -> str | None:
-    value = request.headers.get("Authorization", "")
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-
 def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
     cfg = runtime.config
     service = runtime.approvals
-    approver_issuers = [i.model_copy(update={"audience": cfg.approvals.approver_audience}) for i in cfg.effective_issuers()]
-    approver_verifier = TokenVerifier(approver_issuers, cfg.identity_settings())
-    app[APPROVER_KEY] = approver_verifier
-    claim = cfg.approvals.approver_groups_claim
+    auth = control_auth(app, cfg)
 
     async def approver_of(request: web.Request) -> Approver | web.Response:
-        token = _bearer(request)
-        if token is None:
-            return _problem(401, "Approver authentication required", "send an approver token as Authorization: Bearer",
-                            {"WWW-Authenticate": 'Bearer realm="proctor-approvals"'})
-        try:
-            ident = await approver_verifier.verify(token)
-        except AuthError as e:
-            return _problem(401, "Approver authentication failed", str(e), {"WWW-Authenticate": 'Bearer realm="proctor-approvals", error="invalid_token"'})
-        except IdentityUnavailable as e:
-            return _problem(503, "Identity provider unavailable", str(e))
-        groups = ident.claims.get(claim, [])
-        if isinstance(groups, str):
-            groups = [groups]
-        if not isinstance(groups, list):
-            groups = []
-        return Approver(ident.agent_id, frozenset(g for g in groups if isinstance(g, str) and g), ident.issuer)
-
-    def foreign_origin(request: web.Request) -> bool:
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return False
-        return origin.rstrip("/") not in (f"{request.scheme}://{request.host}",)
+        return await auth.person(request, "Approver", "proctor-approvals")
 
     def unavailable(e: Exception) -> web.Response:
         log.error("approval store error: %s", e)
-        return _problem(503, "Approval store unavailable", "the approval store cannot be reached; try again")
+        return problem(503, "Approval store unavailable", "the approval store cannot be reached; try again")
 
     async def whoami(request: web.Request) -> web.Response:
         who = await approver_of(request)
@@ -129,12 +89,12 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
         q = request.query
         states = [s for s in q.get("state", "").split(",") if s] or None
         if states and not set(states) <= set(APPROVAL_STATES):
-            return _problem(400, "Bad filter", f"state must be among {sorted(APPROVAL_STATES)}")
+            return problem(400, "Bad filter", f"state must be among {sorted(APPROVAL_STATES)}")
         try:
             limit = min(max(int(q.get("limit", "100")), 1), 1000)
             offset = max(int(q.get("offset", "0")), 0)
         except ValueError:
-            return _problem(400, "Bad paging", "limit and offset are integers")
+            return problem(400, "Bad paging", "limit and offset are integers")
         try:
             items = await service.store.list_approvals(
                 states=states, agent_id=q.get("agent") or None, action=q.get("action") or None, limit=limit, offset=offset
@@ -154,7 +114,7 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
         except StoreError as e:
             return unavailable(e)
         if a is None:
-            return _problem(404, "No such approval", f"no approval {request.match_info['id']}")
+            return problem(404, "No such approval", f"no approval {request.match_info['id']}")
         body = approval_json(a)
         body["you_may_decide"] = a.state == "pending" and who.id != a.agent_id and bool(service.eligible_groups(a, who)) \
             and not any(v.approver == who.id for v in a.votes)
@@ -166,20 +126,20 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
             if isinstance(who, web.Response):
                 return who
             if foreign_origin(request):
-                return _problem(403, "Cross-origin request refused", "approvals are decided from the console or the API, not from other sites")
+                return problem(403, "Cross-origin request refused", "approvals are decided from the console or the API, not from other sites")
             if request.content_type != "application/json":
-                return _problem(415, "JSON required", 'send {"reason": "..."} as application/json')
+                return problem(415, "JSON required", 'send {"reason": "..."} as application/json')
             try:
                 body = await request.json()
             except ValueError:
-                return _problem(400, "Bad JSON", "the body is not valid JSON")
+                return problem(400, "Bad JSON", "the body is not valid JSON")
             reason = body.get("reason") if isinstance(body, dict) else None
             if not isinstance(reason, str):
-                return _problem(400, "Reason required", 'a reason is mandatory: {"reason": "..."}')
+                return problem(400, "Reason required", 'a reason is mandatory: {"reason": "..."}')
             try:
                 a = await service.decide(request.match_info["id"], who, decision, reason)
             except ApprovalError as e:
-                return _problem(e.status, "Cannot " + decision, str(e))
+                return problem(e.status, "Cannot " + decision, str(e))
             except StoreError as e:
                 return unavailable(e)
             return web.json_response(approval_json(a))
@@ -188,9 +148,9 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
 
     async def status(request: web.Request) -> web.Response:
         """For the held agent (its agent token) or an approver: the approval's state."""
-        token = _bearer(request) or _proxy_bearer(request)
+        token = bearer(request) or bearer(request, "Proxy-Authorization")
         if token is None:
-            return _problem(401, "Authentication required", "send your agent token as Authorization: Bearer",
+            return problem(401, "Authentication required", "send your agent token as Authorization: Bearer",
                             {"WWW-Authenticate": 'Bearer realm="proctor"'})
         agent_id = None
         try:
@@ -204,7 +164,7 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
         except StoreError as e:
             return unavailable(e)
         if a is None or (agent_id is not None and a.agent_id != agent_id):
-            return _problem(404, "No such approval", "no approval with that id for you")
+            return problem(404, "No such approval", "no approval with that id for you")
         body = {
             "id": a.id,
             "state": a.state,
@@ -267,8 +227,3 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
     app.router.add_post("/v1/approvals/{id}/approve", decide("approve"))
     app.router.add_post("/v1/approvals/{id}/deny", decide("deny"))
 
-
-def _proxy_bearer(request: web.Request) -> str | None:
-    value = request.headers.get("Proxy-Authorization", "")
-    scheme, _, token = value.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None

@@ -15,24 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from ..identity.errors import AuthError, IdentityUnavailable
-from ..identity.verifier import TokenVerifier
 from ..policy.revisions import record_revision, restore_files
 from ..record.decisions import iso
 from ..store import AgentRecord, StoreError, Suspension
+from .auth import control_auth, foreign_origin, problem
 
 if TYPE_CHECKING:
     from ..server import ProctorRuntime
 
 log = logging.getLogger("proctor.control")
 _TARGET_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
-
-
-def _problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
-        status=status, content_type="application/problem+json", headers=headers,
-    )
 
 
 def suspension_json(s: Suspension) -> dict[str, Any]:
@@ -60,39 +52,23 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
     cfg = runtime.config
     gov = runtime.governance
     assert gov is not None
-    issuers = [i.model_copy(update={"audience": cfg.approvals.approver_audience}) for i in cfg.effective_issuers()]
-    verifier = TokenVerifier(issuers, cfg.identity_settings())
-    claim = cfg.approvals.approver_groups_claim
-    admin_group = cfg.control.admin_group
+    auth = control_auth(app, cfg)
 
     async def operator(request: web.Request) -> str | web.Response:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            return _problem(401, "Operator authentication required", "send an operator token as Authorization: Bearer",
-                            {"WWW-Authenticate": 'Bearer realm="proctor-control"'})
-        try:
-            ident = await verifier.verify(token.strip())
-        except AuthError as e:
-            return _problem(401, "Operator authentication failed", str(e), {"WWW-Authenticate": 'Bearer realm="proctor-control", error="invalid_token"'})
-        except IdentityUnavailable as e:
-            return _problem(503, "Identity provider unavailable", str(e))
-        groups = ident.claims.get(claim, [])
-        groups = [groups] if isinstance(groups, str) else groups if isinstance(groups, list) else []
-        if admin_group not in groups:
-            return _problem(403, "Not an operator", f"{ident.agent_id} is not in the {admin_group!r} group")
-        return ident.agent_id
+        who = await auth.operator(request)
+        return who if isinstance(who, web.Response) else who.id
 
     async def json_body(request: web.Request) -> dict | web.Response:
-        if request.headers.get("Origin") and request.headers["Origin"].rstrip("/") != f"{request.scheme}://{request.host}":
-            return _problem(403, "Cross-origin request refused", "the kill switch is operated from the console, CLI or API")
+        if foreign_origin(request):
+            return problem(403, "Cross-origin request refused", "the kill switch is operated from the console, CLI or API")
         if request.content_type != "application/json":
-            return _problem(415, "JSON required", "send a JSON object as application/json")
+            return problem(415, "JSON required", "send a JSON object as application/json")
         try:
             body = await request.json()
         except ValueError:
-            return _problem(400, "Bad JSON", "the body is not valid JSON")
+            return problem(400, "Bad JSON", "the body is not valid JSON")
         if not isinstance(body, dict):
-            return _problem(400, "Bad JSON", "the body must be a JSON object")
+            return problem(400, "Bad JSON", "the body must be a JSON object")
         return body
 
     def record(event: str, s: Suspension | None, kind: str, target: str, by: str, reason: str) -> None:
@@ -103,14 +79,14 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
 
     def unavailable(e: Exception) -> web.Response:
         log.error("store error: %s", e)
-        return _problem(503, "Store unavailable", "the state store cannot be reached; try again")
+        return problem(503, "Store unavailable", "the state store cannot be reached; try again")
 
     async def do_suspend(kind: str, target: str, who: str, body: dict) -> web.Response:
         reason = body.get("reason")
         if not isinstance(reason, str) or not reason.strip():
-            return _problem(400, "Reason required", 'a reason is mandatory: {"reason": "..."}')
+            return problem(400, "Reason required", 'a reason is mandatory: {"reason": "..."}')
         if not _TARGET_RE.match(target):
-            return _problem(400, "Bad target", "the target must be 1-256 printable characters")
+            return problem(400, "Bad target", "the target must be 1-256 printable characters")
         try:
             s = await gov.suspend(kind, target, who, reason.strip()[:2000])
         except StoreError as e:
@@ -124,7 +100,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         except StoreError as e:
             return unavailable(e)
         if not removed:
-            return _problem(404, "Not suspended", f"{kind} {target!r} is not suspended")
+            return problem(404, "Not suspended", f"{kind} {target!r} is not suspended")
         record("resumed", None, kind, target, who, reason)
         return web.json_response({"kind": kind, "target": target, "resumed_by": who})
 
@@ -152,7 +128,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         except StoreError as e:
             return unavailable(e)
         if a is None:
-            return _problem(404, "No such agent", f"no agent {request.match_info['id']!r} has been seen or registered")
+            return problem(404, "No such agent", f"no agent {request.match_info['id']!r} has been seen or registered")
         return web.json_response(agent_json(a, gov.agent_suspension(a.id)))
 
     async def register_agent(request: web.Request) -> web.Response:
@@ -164,10 +140,10 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             return body
         aid = body.get("id")
         if not isinstance(aid, str) or not _TARGET_RE.match(aid):
-            return _problem(400, "Bad agent id", "id must be 1-256 printable characters")
+            return problem(400, "Bad agent id", "id must be 1-256 printable characters")
         fields = {k: body.get(k, "") for k in ("owner", "team", "description")}
         if not all(isinstance(v, str) and len(v) <= 1000 for v in fields.values()):
-            return _problem(400, "Bad field", "owner, team and description are strings (at most 1000 characters)")
+            return problem(400, "Bad field", "owner, team and description are strings (at most 1000 characters)")
         try:
             await runtime.store.upsert_agent(AgentRecord(id=aid, **fields))
             a = await runtime.store.get_agent(aid)
@@ -210,7 +186,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             return body
         kind, target = body.get("kind"), body.get("target")
         if kind not in ("agent", "connector", "action") or not isinstance(target, str):
-            return _problem(400, "Bad suspension", 'send {"kind": "agent|connector|action", "target": "...", "reason": "..."}')
+            return problem(400, "Bad suspension", 'send {"kind": "agent|connector|action", "target": "...", "reason": "..."}')
         return await do_suspend(kind, target, who, body)
 
     async def delete_suspension(request: web.Request) -> web.Response:
@@ -219,7 +195,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             return who
         kind = request.match_info["kind"]
         if kind not in ("agent", "connector", "action"):
-            return _problem(404, "No such kind", "kind is agent, connector or action")
+            return problem(404, "No such kind", "kind is agent, connector or action")
         return await do_resume(kind, request.match_info["target"], who, request.query.get("reason", ""))
 
     async def list_revisions(request: web.Request) -> web.Response:
@@ -249,21 +225,21 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             return body
         revision, reason = body.get("revision"), body.get("reason")
         if not isinstance(revision, str) or not revision:
-            return _problem(400, "Revision required", 'send {"revision": "...", "reason": "..."}')
+            return problem(400, "Revision required", 'send {"revision": "...", "reason": "..."}')
         if not isinstance(reason, str) or not reason.strip():
-            return _problem(400, "Reason required", "a reason is mandatory for a rollback")
+            return problem(400, "Reason required", "a reason is mandatory for a rollback")
         try:
             stored = await runtime.store.get_revision(revision)
         except StoreError as e:
             return unavailable(e)
         if stored is None:
-            return _problem(404, "No such revision", f"revision {revision} is not in the kept history")
+            return problem(404, "No such revision", f"revision {revision} is not in the kept history")
         async with runtime.policy_lock:
             before = runtime.policies.bundle.revision
             try:
                 changed = await asyncio.to_thread(restore_files, runtime.policies.source, stored.files)
             except (OSError, ValueError) as e:
-                return _problem(409, "Cannot write the policy directory", f"{e}; nothing was reloaded")
+                return problem(409, "Cannot write the policy directory", f"{e}; nothing was reloaded")
             ok = await asyncio.to_thread(runtime.policies.reload)
             now = runtime.policies.bundle.revision
             if ok and now != before:
@@ -272,7 +248,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             detail = "; ".join(runtime.policies.status.last_error) if not ok else (
                 f"the restored files load as revision {now}, not {revision}: the schema generated from the "
                 "connectors has changed since that revision")
-            return _problem(409, "Rollback did not take effect", detail)
+            return problem(409, "Rollback did not take effect", detail)
         runtime.recorder.write({"type": "policy", "event": "rollback", "time": iso(time.time()), "from_revision": before,
                                 "to_revision": now, "by": who, "reason": reason.strip(), "files_changed": changed})
         log.warning("policy rollback %s -> %s by %s: %s", before, now, who, reason.strip())

@@ -108,6 +108,8 @@ class Pipeline:
         self.enricher = enricher
         self.approvals = approvals
         self.governance = governance
+        # Last gate before an approval is spent (set to the audit trail's `admit`).
+        self.pre_forward = None
         self.verifier = verifier
         self.classifier = classifier
         self.policies = policies
@@ -491,6 +493,13 @@ class Pipeline:
             # The agent hung up while waiting: keep the approval for its retry.
             self._held_answer(outcome, approval, 403, "Approval pending")
             return True
+        if self.pre_forward is not None:
+            # e.g. the audit trail cannot record it: refuse before claiming, so the
+            # approval stays usable for a retry instead of being spent on nothing
+            blocked = await self.pre_forward(req.method)
+            if blocked is not None:
+                outcome.refusal = blocked
+                return True
         claimed, approval = await approvals.claim_for_forwarding(approval)
         if not claimed:
             return await self._after_approval(req, outcome, identity, cls, principal, resource, context, bundle, approval)
