@@ -109,8 +109,9 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
             shared_store=not config.store_url.startswith("sqlite:"),
         )
         approvals.redact = redactor
-        approvals.extra_secret_headers = frozenset(
-            h.lower() for m in manifests if m.auth is not None for h in m.auth.headers_to_remove()
+        approvals.bind_headers(  # what an approval is bound to; see approvals/service.py
+            config.limits.context_headers,
+            replaced=[h for m in manifests if m.auth is not None for h in m.auth.headers_to_remove()],
         )
     governance = Governance(store)
     if approvals is not None:

@@ -323,6 +323,11 @@ def test_approve_in_console_releases_the_held_request(env, driver):
     body = text_of(driver, "#req-body")
     assert "SERVER-2U" in body and '"NetPriceAmount": "5200.00"' in body, body
     assert "application/json" in text_of(driver, "#req-headers")
+    # the headers the approval is bound to: present ones with their values, the rest must stay absent
+    bound = text_of(driver, "#req-bound-headers")
+    assert "content-type" in bound and "application/json" in bound, bound
+    assert "authorization" not in bound.lower(), bound
+    assert "x-http-method-override" in text_of(driver, "#req-bound-absent")
     attrs = text_of(driver, "#derived-attributes")
     assert "net_amount" in attrs and "26,000" in attrs and "__extn" not in attrs, attrs
     assert "17300001" in attrs and "EUR" in attrs
@@ -405,7 +410,7 @@ def test_attacker_controlled_request_data_is_shown_as_text(env, driver):
     agent = Agent(
         env,
         order((XSS_IMG, "2", "9000.00"), Note=XSS_SCRIPT),
-        headers={"X-Note": XSS_SCRIPT},
+        headers={"X-Note": XSS_SCRIPT, "User-Agent": XSS_IMG},  # User-Agent: a bound header
     )
     agent.start()
     aid = new_pending(env, alice, before, agent)
@@ -416,6 +421,7 @@ def test_attacker_controlled_request_data_is_shown_as_text(env, driver):
         body = wait_text(driver, "#req-body", lambda t: XSS_IMG in t)
         assert XSS_SCRIPT in body
         assert XSS_SCRIPT in text_of(driver, "#req-headers")
+        assert XSS_IMG in text_of(driver, "#req-bound-headers")
         assert XSS_IMG in text_of(driver, "#derived-fields")
         no_alert(driver)
         assert driver.execute_script("return document.querySelectorAll('img').length") == 0

@@ -318,6 +318,20 @@ def _field(name: str, value: Any) -> None:
     click.echo(f"  {name:<11}{_safe(value)}")
 
 
+def render_bound_headers(bound: Any) -> None:
+    """The headers the approval is bound to: a retry is released only with exactly these
+    values, and with the listed absent ones still absent."""
+    if not isinstance(bound, dict) or not bound:
+        return  # an approval stored before headers were bound (fingerprint v1)
+    click.echo("  bound headers (the approval releases only a request with exactly these):")
+    present = {k: v for k, v in bound.items() if v is not None}
+    for k, v in present.items():
+        click.echo(f"    {_safe(k)}: {_safe(v)}")
+    absent = [_safe(k) for k, v in bound.items() if v is None]
+    if absent:
+        click.echo(f"    absent: {', '.join(absent)}")
+
+
 def render_approval(a: dict) -> None:
     click.echo(f"Approval {_safe(a.get('id'))}  [{_safe(a.get('state'))}]")
     _field("agent", a.get("agent"))
@@ -346,6 +360,7 @@ def render_approval(a: dict) -> None:
     click.echo(f"  {_safe(req.get('method', a.get('method')))} {_safe(req.get('url', a.get('url')))}")
     for k, v in (req.get("headers") or {}).items():
         click.echo(f"  {_safe(k)}: {_safe(v)}")
+    render_bound_headers(req.get("bound_headers"))
     body = req.get("body")
     if body is not None:
         note = f"{req.get('body_bytes', len(body))} bytes" + (", truncated" if req.get("body_truncated") else "")

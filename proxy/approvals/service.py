@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
+import json
 import logging
 import secrets
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from ..config import ApprovalsConfig
+from ..connectors.credentials import AGENT_CREDENTIAL_HEADERS
 from ..core.model import AgentIdentity, AgentRequest, Classification
 from ..record.decisions import iso
 from ..store import Approval, Store, StoreError, Vote
@@ -58,8 +61,60 @@ class Approver:
     issuer: str = ""
 
 
-def request_fingerprint(agent_id: str, req: AgentRequest) -> str:
-    """What makes a retry "the same request": agent, method, target URL and body."""
+# Fingerprints carry their format: "v2:<sha256 hex>". Approvals stored before v2 have
+# a bare hex digest (method, URL and body only); see ApprovalService.matches.
+FINGERPRINT_VERSION = "v2"
+# Headers that change what the upstream does with the same method, URL and bytes:
+# how it reads the body (media type and charset, coding, framing, language) or which
+# method it really runs (the override headers many web frameworks honour).
+SECURITY_HEADERS: tuple[str, ...] = (
+    "content-type",
+    "content-encoding",
+    "transfer-encoding",
+    "content-language",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+)
+
+
+def fingerprint_header_names(context_headers: Iterable[str] = (), replaced: Iterable[str] = ()) -> tuple[str, ...]:
+    """The headers an approval is bound to: SECURITY_HEADERS plus every header policies
+    read (`limits.context_headers`), minus the ones Proctor strips or replaces before
+    forwarding (the agent's credentials, a connector's injected credential header):
+    those never reach the upstream as sent, and a retry with a refreshed token must match."""
+    names = {h.strip().lower() for h in (*SECURITY_HEADERS, *context_headers) if h.strip()}
+    names -= set(AGENT_CREDENTIAL_HEADERS) | {h.strip().lower() for h in replaced}
+    return tuple(sorted(names))
+
+
+def request_fingerprint(agent_id: str, req: AgentRequest, header_names: Iterable[str] = SECURITY_HEADERS) -> str:
+    """What makes a retry "the same request" (format v2): agent, method, canonical
+    target (scheme, host, port, path, query), the values of `header_names` (an absent
+    header differs from an empty one) and the body. The names themselves are hashed
+    too, so changing the bound set (config) never matches an approval made under another."""
+    names = sorted({h.lower() for h in header_names})
+    head = json.dumps(
+        {
+            "agent": agent_id,
+            "method": req.method,
+            "target": [req.scheme.lower(), req.host.lower().rstrip("."), int(req.port), req.path, req.query],
+            "headers": [[name, req.headers.get(name)] for name in names],
+        },
+        ensure_ascii=True,
+        separators=(",", ":"),
+        sort_keys=True,
+    ).encode("ascii")
+    h = hashlib.sha256()
+    h.update(len(head).to_bytes(8, "big"))  # length-prefixed: the body cannot pose as part of the head
+    h.update(head)
+    h.update(req.body)
+    return f"{FINGERPRINT_VERSION}:{h.hexdigest()}"
+
+
+def legacy_request_fingerprint(agent_id: str, req: AgentRequest) -> str:
+    """The format-1 fingerprint (before v2): agent, method, target URL and body, no headers.
+    Only used to find approvals stored before the upgrade."""
     h = hashlib.sha256()
     for part in (agent_id, req.method, req.scheme, req.host, str(req.port), req.path, req.query):
         h.update(part.encode("utf-8", "surrogateescape") + b"\0")
@@ -71,13 +126,26 @@ def new_approval_id() -> str:
     return "apr_" + secrets.token_urlsafe(15)
 
 
-def _preview(req: AgentRequest, limit: int, extra_secret_headers: frozenset[str], redact: Any = None) -> dict[str, Any]:
-    """The held request as an approver sees it: no credentials, the body pretty-printed and bounded."""
-    import json
+def _preview(
+    req: AgentRequest,
+    limit: int,
+    extra_secret_headers: frozenset[str],
+    redact: Any = None,
+    bound_headers: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The held request as an approver sees it: no credentials, header values and the
+    body redacted like the record (audit.redact), the body pretty-printed and bounded,
+    and the headers the approval is bound to (None: must be absent)."""
 
-    headers = {
-        k: ("[redacted]" if k in SECRET_HEADERS or k in extra_secret_headers else v) for k, v in req.headers.items()
-    }
+    def shown(name: str, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return "[redacted]" if name in SECRET_HEADERS or name in extra_secret_headers else value
+
+    headers = {k: shown(k, v) for k, v in req.headers.items()}
+    bound = {name: shown(name, req.headers.get(name)) for name in sorted(bound_headers)}
+    if redact is not None:
+        headers, bound = redact(headers), redact(bound)
     body_text: str | None = None
     truncated = False
     if req.body:
@@ -98,6 +166,9 @@ def _preview(req: AgentRequest, limit: int, extra_secret_headers: frozenset[str]
         "method": req.method,
         "url": req.url,
         "headers": headers,
+        # A retry is released only with exactly these values (None: the header must be absent).
+        "bound_headers": bound,
+        "fingerprint_version": FINGERPRINT_VERSION,
         "body": body_text,
         "body_bytes": len(req.body),
         "body_truncated": truncated,
@@ -132,9 +203,39 @@ class ApprovalService:
         # Stop waiting early for a held request this returns True for (kill switch).
         self.interrupt: Callable[[Approval], bool] | None = None
         self.extra_secret_headers: frozenset[str] = frozenset()
-        self.redact: Any = None  # the audit Redactor: applied to the JSON body shown to approvers
+        self.redact: Any = None  # the audit Redactor: applied to the headers and JSON body shown to approvers
+        # The headers a held request's approval is bound to (see bind_headers).
+        self.fingerprint_headers: tuple[str, ...] = fingerprint_header_names()
 
     # -- helpers ---------------------------------------------------------------------
+    def bind_headers(self, context_headers: Iterable[str], replaced: Iterable[str] = ()) -> None:
+        """Bind approvals to the security headers, every header policies read
+        (`limits.context_headers`) and nothing Proctor strips or replaces (`replaced`:
+        the connectors' injected credential headers)."""
+        self.extra_secret_headers = frozenset(h.lower() for h in replaced)
+        self.fingerprint_headers = fingerprint_header_names(context_headers, self.extra_secret_headers)
+
+    def fingerprint(self, agent_id: str, req: AgentRequest) -> str:
+        return request_fingerprint(agent_id, req, self.fingerprint_headers)
+
+    def matches(self, approval: Approval, agent_id: str, req: AgentRequest) -> bool:
+        """Would releasing `approval` for `req` forward exactly the request that was approved?"""
+        if approval.agent_id != agent_id:
+            return False
+        stored = approval.fingerprint
+        if stored.startswith(FINGERPRINT_VERSION + ":"):
+            return hmac.compare_digest(stored, self.fingerprint(agent_id, req))
+        if ":" in stored:
+            return False  # a format this version does not know: never release on a guess
+        # Format 1 (stored before v2): method, URL and body, checked by the old digest;
+        # the bound headers are checked against the ones the approver was shown.
+        if not hmac.compare_digest(stored, legacy_request_fingerprint(agent_id, req)):
+            return False
+        shown = approval.request.get("headers") if isinstance(approval.request, dict) else None
+        if not isinstance(shown, dict):
+            return False
+        return all(shown.get(name) == req.headers.get(name) for name in self.fingerprint_headers)
+
     def status_url(self, approval_id: str) -> str:
         return f"{self.status_base_url}/v1/approvals/{approval_id}/status"
 
@@ -188,10 +289,22 @@ class ApprovalService:
 
     # -- holding ---------------------------------------------------------------------
     async def find_for_retry(self, identity: AgentIdentity, req: AgentRequest) -> Approval | None:
+        """The open approval this request is a retry of: the newest one with its
+        Idempotency-Key (the caller must still check `matches`: a key never carries an
+        approval over to another request), else the newest one with its fingerprint."""
+        agent_id = identity.agent_id
         key = req.headers.get("idempotency-key") or None
-        return await self.store.find_open_approval(
-            agent_id=identity.agent_id, fingerprint=request_fingerprint(identity.agent_id, req), idempotency_key=key
+        found = await self.store.find_open_approval(
+            agent_id=agent_id, fingerprint=self.fingerprint(agent_id, req), idempotency_key=key
         )
+        if found is None and key is None:
+            # an approval stored before fingerprint v2 (an upgrade while it was open)
+            legacy = await self.store.find_open_approval(
+                agent_id=agent_id, fingerprint=legacy_request_fingerprint(agent_id, req), idempotency_key=None
+            )
+            if legacy is not None and self.matches(legacy, agent_id, req):
+                found = legacy
+        return found
 
     async def hold(
         self,
@@ -218,11 +331,13 @@ class ApprovalService:
             resource_id=cls.resource_id,
             connector=cls.connector,
             groups=dict(groups),
-            fingerprint=request_fingerprint(identity.agent_id, req),
+            fingerprint=self.fingerprint(identity.agent_id, req),
             idempotency_key=req.headers.get("idempotency-key") or None,
             mode=mode,
             decision_id=decision_id,
-            request=_preview(req, self.config.preview_body_bytes, self.extra_secret_headers, self.redact),
+            request=_preview(
+                req, self.config.preview_body_bytes, self.extra_secret_headers, self.redact, self.fingerprint_headers
+            ),
             derived={**derived, "policies": list(policy_ids)},
             escalate_at=escalate_at,
         )

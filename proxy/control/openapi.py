@@ -145,6 +145,13 @@ _HELD_REQUEST = {
         "method": {"type": "string"},
         "url": {"type": "string"},
         "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+        "bound_headers": {
+            "type": "object",
+            "additionalProperties": _nullable("string"),
+            "description": "The headers the approval is bound to: a retry is released only with exactly these "
+            "values (null: the header must be absent). Missing on approvals stored before fingerprint v2.",
+        },
+        "fingerprint_version": {"type": "string", "description": "v2 (missing: stored before headers were bound)."},
         "body": _nullable("string"),
         "body_bytes": {"type": "integer"},
         "body_truncated": {"type": "boolean"},

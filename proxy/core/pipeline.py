@@ -371,7 +371,7 @@ class Pipeline:
         lock_key = req.headers.get("idempotency-key") or request_fingerprint(identity.agent_id, req)
         async with approvals.hold_lock(identity.agent_id, lock_key):
             approval = await approvals.find_for_retry(identity, req)
-            if approval is not None and approval.fingerprint != request_fingerprint(identity.agent_id, req):
+            if approval is not None and not approvals.matches(approval, identity.agent_id, req):
                 # matched by Idempotency-Key, but not the request that was approved: never release it
                 outcome.refusal = Refusal(
                     422, "Idempotency-Key reused",

@@ -452,7 +452,7 @@
 
   // ------------------------------------------------------------------ detail
   function resetDetail() {
-    ["detail-action", "req-method", "req-url", "req-body", "req-body-note", "cannot-decide"].forEach(function (id) {
+    ["detail-action", "req-method", "req-url", "req-body", "req-body-note", "req-bound-note", "req-bound-absent", "cannot-decide"].forEach(function (id) {
       setText($(id), "");
     });
     setText($("detail-state"), "");
@@ -461,6 +461,8 @@
       clear($(id));
     });
     clear($("req-headers").tBodies[0]);
+    clear($("req-bound-headers").tBodies[0]);
+    show($("req-bound-absent"), false);
     clear($("votes").tBodies[0]);
     $("reason").value = "";
     show($("decide-form"), false);
@@ -508,6 +510,27 @@
     dl.appendChild(dd);
   }
 
+  /* The headers the approval is bound to (null: must be absent); text nodes only. */
+  function renderBoundHeaders(bound) {
+    var tb = $("req-bound-headers").tBodies[0];
+    clear(tb);
+    var names = isPlainObject(bound) ? Object.keys(bound).sort() : [];
+    if (!names.length) {
+      setText($("req-bound-note"), "This approval predates bound headers: it is matched on method, URL and body.");
+      show($("req-bound-absent"), false);
+      return;
+    }
+    setText($("req-bound-note"), "Approving releases only a request with exactly these header values.");
+    var absent = [];
+    names.forEach(function (k) {
+      if (bound[k] === null || bound[k] === undefined) absent.push(k);
+      else tb.appendChild(el("tr", { data: { header: k } }, [el("th", { text: k }), el("td", { text: bound[k] })]));
+    });
+    if (!tb.rows.length) tb.appendChild(el("tr", {}, [el("td", { cls: "muted", text: "(none present)" })]));
+    setText($("req-bound-absent"), absent.length ? "Must be absent: " + absent.join(", ") : "");
+    show($("req-bound-absent"), absent.length > 0);
+  }
+
   function renderDetail(a) {
     setText($("detail-action"), a.action);
     var st = $("detail-state");
@@ -547,6 +570,7 @@
       var v = headers[k];
       htb.appendChild(el("tr", {}, [el("th", { text: k }), el("td", { text: Array.isArray(v) ? v.join(", ") : v })]));
     });
+    renderBoundHeaders(req.bound_headers);
     var body = typeof req.body === "string" ? req.body : null;
     setText($("req-body"), body === null ? "(no body)" : body);
     $("req-body").classList.toggle("muted", body === null);
