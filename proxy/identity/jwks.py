@@ -4,6 +4,11 @@ Both cache the parsed key set. On an unknown `kid` they reload, at most once per
 `min_refetch` seconds, so a stream of tokens with random key ids cannot make us
 hammer the IdP. An HTTPS source that cannot be fetched keeps serving the keys it
 last fetched; with none at all, verification fails closed (IdentityUnavailable).
+
+Fetches are single-flight: verifications that need keys while a fetch is under
+way wait for that fetch and use its result, however long it takes, and one URL
+source serves every verifier in the process (`shared_url_source`), so N
+concurrent tokens cost one request to the IdP.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import ssl
 import time
+import weakref
 from pathlib import Path
 from typing import Protocol
 
@@ -126,7 +132,7 @@ class FileKeySource:
 
 
 class UrlKeySource:
-    """Keys from the IdP's JWKS URL (HTTPS), cached for `cache_seconds`."""
+    """Keys from the IdP's JWKS URL (HTTPS), cached for `cache_seconds`; fetches are single-flight."""
 
     def __init__(
         self,
@@ -146,12 +152,15 @@ class UrlKeySource:
         self._keys: dict[str | None, PyJWK] = {}
         self._fetched_at = float("-inf")
         self._attempted_at = float("-inf")
-        self._lock = asyncio.Lock()
+        # The fetch under way, shared by everyone who needs keys meanwhile.
+        self._inflight: asyncio.Task | None = None
+        self.fetches = 0  # attempts made (observability and tests)
 
     async def _fetch(self) -> None:
         import aiohttp
 
         self._attempted_at = time.monotonic()
+        self.fetches += 1
         try:
             timeout = aiohttp.ClientTimeout(total=self.timeout)
             async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -175,12 +184,18 @@ class UrlKeySource:
             log.warning("JWKS fetch from %s failed: %s", self.url, e)
 
     async def _refresh(self, force: bool) -> None:
-        async with self._lock:
+        loop = asyncio.get_running_loop()
+        fetch = self._inflight
+        if fetch is None or fetch.done() or fetch.get_loop() is not loop:
             now = time.monotonic()
             stale = now - self._fetched_at >= self.cache_seconds
             may_retry = now - self._attempted_at >= self.min_refetch
-            if (stale or force) and may_retry:
-                await self._fetch()
+            if not ((stale or force) and may_retry):
+                return
+            # One task per fetch: a waiter that gives up (its client hung up) is
+            # cancelled alone, the fetch goes on for the others (shield).
+            fetch = self._inflight = loop.create_task(self._fetch(), name=f"JWKS fetch {self.url}")
+        await asyncio.shield(fetch)
 
     async def get_key(self, kid: str | None) -> PyJWK:
         if time.monotonic() - self._fetched_at >= self.cache_seconds:
@@ -194,3 +209,22 @@ class UrlKeySource:
                 raise IdentityUnavailable("identity provider keys are unavailable (JWKS unreachable)")
             raise AuthError("token key id (kid) is not known to this issuer")
         return key
+
+
+_SHARED_URL_SOURCES: "weakref.WeakValueDictionary[tuple, UrlKeySource]" = weakref.WeakValueDictionary()
+
+
+def shared_url_source(
+    url: str,
+    cache_seconds: float = 300,
+    min_refetch_seconds: float = 30,
+    ca_file: Path | None = None,
+) -> UrlKeySource:
+    """The process's one source for this JWKS URL (and trust), so that every verifier
+    (agents, approvers, operators) shares one cache and one fetch in flight."""
+    key = (url, cache_seconds, min_refetch_seconds, str(ca_file) if ca_file else None)
+    source = _SHARED_URL_SOURCES.get(key)
+    if source is None:
+        source = UrlKeySource(url, cache_seconds, min_refetch_seconds, ca_file)
+        _SHARED_URL_SOURCES[key] = source
+    return source

@@ -20,7 +20,7 @@ from jwt import PyJWK
 from ..config import IdentityConfig, IssuerConfig
 from ..core.model import AgentIdentity
 from .errors import AuthError
-from .jwks import FileKeySource, KeySource, UrlKeySource
+from .jwks import FileKeySource, KeySource, shared_url_source
 
 MAX_AGENT_ID_LENGTH = 256
 
@@ -45,7 +45,7 @@ def _key_source(cfg: IssuerConfig) -> KeySource:
     if cfg.jwks_file is not None:
         return FileKeySource(cfg.jwks_file)
     assert cfg.jwks_url is not None
-    return UrlKeySource(
+    return shared_url_source(
         cfg.jwks_url,
         cache_seconds=cfg.jwks_cache_seconds,
         min_refetch_seconds=cfg.jwks_min_refetch_seconds,
