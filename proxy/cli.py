@@ -38,7 +38,14 @@ def _parse_claims(claims: tuple[str, ...]) -> dict:
     return out
 
 
+# Libraries whose DEBUG output is request data and nothing else: aiosqlite logs every
+# SQL statement with its parameters (a held request's preview), hpack/h2 every header.
+QUIET_LOGGERS = ("aiosqlite", "hpack", "h2")
+
+
 def _setup_logging(level: str) -> None:
+    import threading
+
     from .logredact import install
 
     logging.basicConfig(
@@ -46,11 +53,33 @@ def _setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Every line goes through the redacting filter (docs/security.md#no-secret-in-free-text).
     for handler in logging.getLogger().handlers:
         install(handler)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # library warnings go through the filter too
     # mitmproxy logs every client connect/disconnect at INFO; keep them for -v debug.
     if level.upper() != "DEBUG":
         logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+
+    # Uncaught exceptions would be printed straight to stderr, past the filter: log them.
+    def log_uncaught(exc_type, exc, tb) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        logging.getLogger("proctor").critical("uncaught exception", exc_info=(exc_type, exc, tb))
+
+    def log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        logging.getLogger("proctor").error(
+            "uncaught exception in thread %s", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback)
+        )
+
+    sys.excepthook = log_uncaught
+    threading.excepthook = log_uncaught_in_thread
 
 
 @click.group()

@@ -410,7 +410,8 @@ def test_attacker_controlled_request_data_is_shown_as_text(env, driver):
     agent = Agent(
         env,
         order((XSS_IMG, "2", "9000.00"), Note=XSS_SCRIPT),
-        headers={"X-Note": XSS_SCRIPT, "User-Agent": XSS_IMG},  # User-Agent: a bound header
+        # bound headers (limits.context_headers): the only header values approvers are shown
+        headers={"X-Request-Id": XSS_SCRIPT, "User-Agent": XSS_IMG},
     )
     agent.start()
     aid = new_pending(env, alice, before, agent)

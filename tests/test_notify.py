@@ -203,7 +203,8 @@ def test_generic_payload_shape_and_no_request_secrets():
         "decided_by": None,
         "reason": None,
         "decision_id": "dec_123",
-        "request": {"method": "DELETE", "url": "https://crm.example.com/contacts/003XYZ?force=1"},
+        # no userinfo, no query values (docs/security.md#no-secret-in-free-text)
+        "request": {"method": "DELETE", "url": "https://crm.example.com/contacts/003XYZ?[REDACTED]"},
     }
     assert r.headers["Content-Type"] == "application/json"
     assert r.headers["X-Proctor-Event"] == "proctor.approval.requested"

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 from ..config import ApprovalsConfig
 from ..connectors.credentials import AGENT_CREDENTIAL_HEADERS
 from ..core.model import AgentIdentity, AgentRequest, Classification
+from ..logredact import url_with_query_names
 from ..record.decisions import iso
 from ..store import Approval, Store, StoreError, Vote
 
@@ -142,7 +143,9 @@ def _preview(
             return None
         return "[redacted]" if name in SECRET_HEADERS or name in extra_secret_headers else value
 
-    headers = {k: shown(k, v) for k, v in req.headers.items()}
+    # other header values and query values are never shown or stored (docs/security.md#no-secret-in-free-text)
+    visible = {*bound_headers, "host", "content-length"}
+    headers = {k: shown(k, v) if k in visible else "[redacted]" for k, v in req.headers.items()}
     bound = {name: shown(name, req.headers.get(name)) for name in sorted(bound_headers)}
     if redact is not None:
         headers, bound = redact(headers), redact(bound)
@@ -164,7 +167,7 @@ def _preview(
         body_text = text
     return {
         "method": req.method,
-        "url": req.url,
+        "url": url_with_query_names(req.url),
         "headers": headers,
         # A retry is released only with exactly these values (None: the header must be absent).
         "bound_headers": bound,

@@ -376,7 +376,8 @@ class Pipeline:
                 outcome.refusal = Refusal(
                     422, "Idempotency-Key reused",
                     f"the Idempotency-Key of this request belongs to another held request ({approval.id}: "
-                    f"{approval.request.get('method')} {approval.request.get('url')}) with a different method, URL or "
+                    f"{approval.request.get('method')} {str(approval.request.get('url') or '').partition('?')[0]}) "  # no query
+                    "with a different method, URL or "
                     "body; an approval releases only the request that was approved. Use a new key for a new request.",
                     reasons=list(reasons), kind="request", extra={"approval_id": approval.id},
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from ..logredact import redact
 from .model import Outcome
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -19,7 +20,8 @@ def problem_body(outcome: Outcome) -> dict:
         "type": f"https://proctor.dev/problems/{refusal.kind}",
         "title": refusal.title,
         "status": refusal.status,
-        "detail": refusal.detail,
+        # a detail never quotes a query string, userinfo or header value (docs/security.md)
+        "detail": redact(refusal.detail),
         "decision_id": outcome.decision_id,
         "action": cls.action if cls else None,
         "resource": cls.resource_uid if cls else None,
@@ -75,7 +77,7 @@ def jsonrpc_error_response(outcome: Outcome) -> tuple[int, dict[str, str], bytes
         "id": outcome.jsonrpc_id,
         "error": {
             "code": JSONRPC_CODES.get(refusal.kind, -32000),
-            "message": f"{refusal.title}: {refusal.detail}",
+            "message": f"{refusal.title}: {problem['detail']}",
             "data": problem,
         },
     }

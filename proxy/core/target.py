@@ -65,7 +65,9 @@ def check_target(req: AgentRequest) -> Refusal | None:
         return Refusal(
             415,
             "Encoded request body refused",
-            f"request bodies with Content-Encoding {encoding!r} cannot be inspected by policy; send them unencoded",
+            # (the header's value is not quoted: refusals never echo request header values)
+            "request bodies with a Content-Encoding other than identity cannot be inspected by policy; "
+            "send them unencoded",
             kind="request",
         )
     if req.mode != "forward":

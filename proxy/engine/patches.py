@@ -25,6 +25,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._base import ReceiveHttp
 
 from ..core.problem import DECISION_HEADER
+from ..logredact import redact
 
 log = logging.getLogger("proctor.engine")
 
@@ -60,7 +61,7 @@ def problem_error_response(status_code: int, message: str = "") -> bytes:
         + ("upstream" if status_code in (502, 504) else "request" if status_code == 413 else "protocol"),
         "title": titles.get(status_code, "Proxy error"),
         "status": status_code,
-        "detail": message.replace("mitmproxy's ", "the engine's "),
+        "detail": redact(message).replace("mitmproxy's ", "the engine's "),  # it may quote the raw request
         "decision_id": decision_id,
         "action": action,
         "resource": resource,

@@ -3,7 +3,8 @@
 Each line is written with a single `write(2)` on an O_APPEND descriptor, so
 lines from one process never interleave and a crash loses at most the line
 being written. Only the fields below are ever written: no headers, no query
-string, no body, no token; secrets cannot reach this file by construction.
+string, no body, no token; secrets cannot reach this file by construction, and
+the free-text fields (refusal detail, errors) pass through proxy.logredact.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.model import AgentRequest, Outcome
+from ..logredact import redact
 
 log = logging.getLogger("proctor.record")
 
@@ -82,10 +84,12 @@ def decision_record(
                 "client_ip": req.client_ip,
             }
         )
+    # Free text (details, engine and upstream error messages) may quote request data:
+    # no query string, userinfo or header value is recorded from it.
     if refusal is not None:
-        rec["refusal"] = {"kind": refusal.kind, "title": refusal.title, "detail": refusal.detail}
+        rec["refusal"] = {"kind": refusal.kind, "title": refusal.title, "detail": redact(refusal.detail)}
     if outcome.errors:
-        rec["errors"] = outcome.errors
+        rec["errors"] = [redact(e) if isinstance(e, str) else e for e in outcome.errors]
     if outcome.shadow is not None:
         rec["shadow"] = outcome.shadow
     if cls is not None and cls.rpc is not None:
@@ -99,7 +103,7 @@ def decision_record(
     if with_inputs and outcome.policy_inputs is not None:
         rec["cedar"] = policy_inputs_record(outcome.policy_inputs)
     if error:
-        rec["error"] = error
+        rec["error"] = redact(error)
     return rec
 
 
