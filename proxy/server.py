@@ -32,6 +32,7 @@ from .control.api import build_app
 from .core.enrich import Enricher
 from .core.pipeline import Pipeline
 from .engine.gateway import GatewayRouter
+from .engine.listeners import ListenerWatch
 from .engine.mitm import ProctorAddon
 from .engine.patches import install_engine_patches
 from .identity.dev_issuer import DevIssuer
@@ -42,6 +43,7 @@ from .policy.engine import PolicyStore
 from .policy.revisions import record_revision
 from .policy.sources import policy_source
 from .store import Store, StoreError, open_store
+from .store.guard import MARKER_NAME, open_verified, watch_store
 from .policy.shadow import ShadowPolicies
 from .record.decisions import DecisionRecorder
 
@@ -63,6 +65,7 @@ class ProctorRuntime:
     notifier: Notifier | None = None
     governance: Governance | None = None
     audit: AuditTrail | None = None
+    listeners: ListenerWatch | None = None  # set by serve() once the engine exists
     # Held by the file watcher and by a rollback, so the watcher never loads a half-restored directory.
     policy_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -204,7 +207,8 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         log.warning("UPSTREAM TLS VERIFICATION IS DISABLED (upstream.insecure_skip_verify); never do this in production")
 
     try:
-        await runtime.store.open()
+        # refuses a missing, emptied or different store where one existed (see store/guard.py)
+        await open_verified(runtime.store, config.state_dir / MARKER_NAME)
         await record_revision(runtime.store, runtime.policies.bundle)
         await runtime.governance.load(
             [Registration(a.id, a.owner, a.team, a.description) for a in config.agents]
@@ -213,7 +217,14 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         raise SystemExit(f"proctor: cannot open the state store: {e}") from None
 
     install_engine_patches(config.limits.max_request_head_bytes)
-    master = engine_master(mitm_options_for(config), runtime.addon)
+    options = mitm_options_for(config)
+    master = engine_master(options, runtime.addon)
+    # mitmproxy runs on without a listener it cannot bind: this stops it instead (exit below)
+    listened = {options["mode"][0]: ("agents", f"{config.listen.host}:{config.listen.port}")}
+    if config.gateway.enabled:
+        listened[options["mode"][1]] = ("gateway", f"{config.gateway.listen.host}:{config.gateway.listen.port}")
+    runtime.listeners = ListenerWatch(master, listened)
+    master.addons.add(runtime.listeners)
 
     runner = None
     if config.control.enabled:
@@ -222,13 +233,16 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         site = web.TCPSite(runner, config.control.listen.host, config.control.listen.port)
         try:
             await site.start()
-        except OSError:
+        except OSError as e:
             # release what is already open (the store's thread would keep the process alive)
             await runner.cleanup()
             await runtime.lookups.close()
             await runtime.store.close()
             runtime.recorder.close()
-            raise
+            raise SystemExit(
+                f"proctor: cannot listen on {config.control.listen.host}:{config.control.listen.port} "
+                f"(control API): {e}"
+            ) from None
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -239,6 +253,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
 
     watcher = asyncio.create_task(_watch_policies(runtime))
     governance_task = asyncio.create_task(runtime.governance.run())
+    store_watch = asyncio.create_task(watch_store(runtime.store))
     timers = None
     if runtime.approvals is not None:
         timers = asyncio.create_task(runtime.approvals.run_timers())
@@ -273,6 +288,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     finally:
         watcher.cancel()
         governance_task.cancel()
+        store_watch.cancel()
         try:
             await runtime.governance.flush()
         except Exception:
@@ -290,3 +306,5 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         await runtime.store.close()
         if runtime.addon.tracing is not None:
             runtime.addon.tracing.shutdown()
+    if runtime.listeners.failures:
+        raise SystemExit(f"proctor: {runtime.listeners.failure_message()}")

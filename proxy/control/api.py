@@ -1,5 +1,7 @@
 """Control API (aiohttp) on the control port: health, readiness, policy status, reload.
 
+Health and readiness are computed by control/health.py.
+
 Issue-scoped for now: later capabilities (approvals, agents, metrics) mount
 their routes on the same application.
 """
@@ -18,6 +20,7 @@ from ..policy.revisions import record_revision
 from .activity_api import add_activity_routes
 from .approvals_api import add_approval_routes
 from .governance_api import add_governance_routes
+from .health import health, not_ready_reasons
 from .console_routes import add_console_routes
 from .openapi import add_openapi_route
 
@@ -30,20 +33,27 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
-        """Liveness plus the policy reload status (a rejected reload shows here)."""
+        """Liveness (always 200 while the process answers), the policy reload status and
+        every component's state; `status` is degraded whenever one is not ok."""
         status = runtime.policies.status
+        components = health(runtime)
+        reasons = not_ready_reasons(components)
+        all_ok = status.ok and all(c.status in ("ok", "disabled") for c in components.values())
         body = {
-            "status": "ok" if status.ok else "degraded",
+            "status": "ok" if all_ok else "degraded",
             "version": __version__,
             "uptime_seconds": round(time.time() - started, 1),
             "policy": status.as_dict(),
             "engine_running": runtime.addon.running_event_seen,
+            "ready": not reasons,
+            "components": {name: c.as_dict() for name, c in components.items()},
         }
         return web.json_response(body, status=200)
 
     async def readyz(_: web.Request) -> web.Response:
-        ready = runtime.addon.running_event_seen
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        """200 only while every required part is up; else 503 with the reasons."""
+        reasons = not_ready_reasons(health(runtime))
+        return web.json_response({"ready": not reasons, "reasons": reasons}, status=503 if reasons else 200)
 
     async def policy_status(_: web.Request) -> web.Response:
         b = runtime.policies.bundle

@@ -240,15 +240,36 @@ _PROBLEM = {
     },
 }
 
+_COMPONENT = {
+    "type": "object",
+    "required": ["status"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "degraded", "down", "disabled"]},
+        "reasons": {"type": "array", "items": {"type": "string"}, "description": "Why it keeps Proctor from being ready."},
+    },
+    "additionalProperties": True,
+    "description": "One component; its other fields depend on the component (see docs/configuration.md).",
+}
+
 _HEALTH = {
     "type": "object",
-    "required": ["status", "version", "uptime_seconds", "policy", "engine_running"],
+    "required": ["status", "version", "uptime_seconds", "policy", "engine_running", "ready", "components"],
     "properties": {
-        "status": {"type": "string", "enum": ["ok", "degraded"], "description": "degraded: the last policy reload was rejected."},
+        "status": {
+            "type": "string",
+            "enum": ["ok", "degraded"],
+            "description": "degraded: the last policy reload was rejected, or a component is not ok.",
+        },
         "version": {"type": "string"},
         "uptime_seconds": {"type": "number"},
         "policy": _ref("ReloadStatus"),
         "engine_running": {"type": "boolean"},
+        "ready": {"type": "boolean", "description": "What /readyz answers."},
+        "components": {
+            "type": "object",
+            "required": ["listeners", "store", "policies", "audit", "identity"],
+            "properties": {k: _COMPONENT for k in ("listeners", "store", "policies", "audit", "identity")},
+        },
     },
 }
 
@@ -511,15 +532,16 @@ OPENAPI: dict[str, Any] = {
     ],
     "paths": {
         "/healthz": {
-            "get": _op("Liveness and the policy reload status", {"200": _json(_ref("Health"), "Alive.")}, PUBLIC,
+            "get": _op("Liveness, the policy reload status and each component's state",
+                       {"200": _json(_ref("Health"), "Alive (always 200 while the process answers).")}, PUBLIC,
                        ["health"], "healthz")
         },
         "/readyz": {
             "get": _op(
-                "Readiness: the proxy engine is running",
+                "Readiness: listeners bound, store verified, policies loaded, audit gate open",
                 {
                     "200": _json(_ref("Ready"), "Ready to take agent traffic."),
-                    "503": _json(_ref("Ready"), "Not ready yet."),
+                    "503": _json(_ref("Ready"), "Not ready: `reasons` says which part is down."),
                 },
                 PUBLIC, ["health"], "readyz",
             )
@@ -726,7 +748,14 @@ OPENAPI: dict[str, Any] = {
             "Problem": _PROBLEM,
             "WhoAmI": _WHOAMI,
             "Health": _HEALTH,
-            "Ready": {"type": "object", "required": ["ready"], "properties": {"ready": {"type": "boolean"}}},
+            "Ready": {
+                "type": "object",
+                "required": ["ready", "reasons"],
+                "properties": {
+                    "ready": {"type": "boolean"},
+                    "reasons": {"type": "array", "items": {"type": "string"}, "description": "Empty when ready."},
+                },
+            },
             "Stats": _STATS,
             "PolicyStatus": _POLICY_STATUS,
             "ReloadStatus": _RELOAD_STATUS,

@@ -10,6 +10,13 @@
   approval), one made on another replica within `refresh_seconds` (the store's
   suspension version is polled). Suspensions live in the store, so they survive
   a restart; if the store cannot be read at startup the proxy does not start.
+  A suspension is acknowledged only once the store has committed it durably.
+- **A store in trouble refuses.** While the store is lost (its file deleted or
+  replaced) or down (its last check failed), the in-memory set cannot be
+  trusted to match what operators decided (another replica may have suspended
+  someone; a fresh file would have no suspensions at all), so every check
+  raises StoreError and the request is refused as fail-closed (503). After the
+  store recovers, requests stay refused until the set has been re-read.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from typing import Callable
 
 from ..core.model import Classification, Refusal
 from ..record.decisions import iso
-from ..store import AgentRecord, Store, Suspension
+from ..store import AgentRecord, Store, StoreError, Suspension
 
 log = logging.getLogger("proctor.governance")
 
@@ -62,6 +69,8 @@ class Governance:
         # Bumped by every local suspend/resume: a refresh whose store read started
         # before one of them must not apply its (stale) list.
         self._local_changes = 0
+        # Set while the store had a problem: cleared only by a full re-read of the suspensions.
+        self._stale = False
 
     # -- startup ----------------------------------------------------------------------
     async def load(self, registrations: list[Registration] = ()) -> None:
@@ -70,17 +79,29 @@ class Governance:
         await self.refresh(force=True)
 
     # -- the request path -----------------------------------------------------------------
+    def _require_trusted(self) -> None:
+        """Fail closed while the suspension set may not match the store (see module doc)."""
+        problem = getattr(self.store, "problem", None)
+        if problem is not None:
+            self._stale = True
+            raise StoreError(f"suspensions cannot be checked: {problem}")
+        if self._stale:
+            raise StoreError("suspensions cannot be checked: the state store recovered and they are being re-read")
+
     def agent_suspension(self, agent_id: str) -> Suspension | None:
+        self._require_trusted()
         if not self._suspended:
             return None
         return self._suspended.get(("agent", agent_id))
 
     def target_suspension(self, cls: Classification) -> Suspension | None:
+        self._require_trusted()
         if not self._suspended:
             return None
         return self._suspended.get(("connector", cls.connector)) or self._suspended.get(("action", cls.action))
 
     def suspension_for(self, agent_id: str, connector: str, action: str) -> Suspension | None:
+        self._require_trusted()
         if not self._suspended:
             return None
         return (
@@ -104,6 +125,7 @@ class Governance:
 
     # -- operators ---------------------------------------------------------------------
     async def suspend(self, kind: str, target: str, by: str, reason: str) -> Suspension:
+        """Returns once the suspension is durably committed (StoreError otherwise: not suspended)."""
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
         s = Suspension(kind=kind, target=target, since=self.clock(), by=by, reason=reason)
@@ -135,6 +157,9 @@ class Governance:
 
     # -- background ----------------------------------------------------------------------
     async def refresh(self, force: bool = False) -> None:
+        if getattr(self.store, "problem", None) is not None:
+            self._stale = True  # whatever is read now may not be what operators decided
+        force = force or self._stale
         started_with = self._local_changes
         version = await self.store.suspensions_version()
         if not force and version == self._version:
@@ -145,6 +170,8 @@ class Governance:
         added = current.keys() - self._suspended.keys()
         self._suspended = current
         self._version = version
+        if getattr(self.store, "problem", None) is None:
+            self._stale = False
         if added:
             self._changed()
 
@@ -172,13 +199,20 @@ class Governance:
     async def run(self) -> None:
         """Poll suspensions (other replicas) and flush activity, for the life of the proxy."""
         last_flush = 0.0
+        refresh_failing = False
         while True:
             await asyncio.sleep(self.refresh_seconds)
             try:
                 await self.refresh()
-            except Exception:
-                log.exception("could not refresh suspensions from the store (keeping the last known set)")
-            if time.monotonic() - last_flush >= 1.0:
+                refresh_failing = False
+            except Exception as e:
+                self._stale = True  # the set may be missing changes made meanwhile
+                if not refresh_failing:  # once per outage, not twice a second
+                    log.error("could not refresh suspensions from the store (requests are refused until it "
+                              "answers again): %s", e)
+                refresh_failing = True
+            # (while the store is in trouble the counts wait in memory: no error every second)
+            if time.monotonic() - last_flush >= 1.0 and getattr(self.store, "problem", None) is None:
                 last_flush = time.monotonic()
                 try:
                     await self.flush()

@@ -2,16 +2,25 @@
 
 Every backend failure surfaces as `StoreError` (with the original exception
 chained) so callers can fail closed; argument mistakes raise ValueError.
+
+Every store carries an identity (a random id written when it is created). A
+store that is no longer the one Proctor opened (its file deleted or replaced,
+its tables dropped, another id) is *lost*: every later operation raises
+`StoreLostError` until Proctor restarts, because whatever it answers now
+(no suspensions, no approvals) is not the state operators set.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
 import json
+import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .models import (
@@ -24,21 +33,113 @@ from .models import (
 )
 
 
+log = logging.getLogger("proctor.store")
+
+
 class StoreError(Exception):
     """A state-store operation failed (connection, schema, constraint, I/O...)."""
+
+
+class StoreLostError(StoreError):
+    """The store is not the one expected: missing, emptied, replaced or carrying another id."""
+
+
+@dataclass(frozen=True)
+class StoreIdentity:
+    """Written once, when a store is created; tells one store from another."""
+
+    store_id: str
+    created_at: float
 
 
 class Store(abc.ABC):
     """Async, engine-agnostic state store. Construct, then `await open()` before use."""
 
+    kind: str = "store"  # "sqlite" | "postgresql"
+    identity: StoreIdentity | None = None  # set by open()
+    _lost: str | None = None  # sticky: why this store can no longer be trusted
+    _down: str | None = None  # why the last check failed (cleared by the next good one)
+    last_check: float | None = None  # epoch seconds of the last check()
+    check_timeout: float = 5.0
+
     # ---- lifecycle -------------------------------------------------------
     @abc.abstractmethod
-    async def open(self) -> None:
-        """Connect and create/migrate the schema (idempotent)."""
+    async def open(self, *, create: bool = True) -> None:
+        """Connect and create/migrate the schema (idempotent). With `create=False`
+        a store that does not exist yet (no file, an empty file, no tables) is not
+        created: StoreLostError instead."""
 
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections; safe to call twice or on a store that never opened."""
+
+    @property
+    def persistent(self) -> bool:
+        """False for stores that cannot outlive the process (SQLite :memory:)."""
+        return True
+
+    @property
+    def location(self) -> str:
+        """Where the store is, for messages (never a password)."""
+        return self.kind
+
+    # ---- health ------------------------------------------------------------
+    @property
+    def lost(self) -> str | None:
+        return self._lost
+
+    @property
+    def problem(self) -> str | None:
+        """Why the store cannot be trusted right now (None: it can). Cheap; read per request."""
+        return self._lost or self._down
+
+    def mark_lost(self, reason: str) -> None:
+        if self._lost is None:
+            self._lost = reason
+            log.critical(
+                "STATE STORE LOST: %s. Requests are refused (fail closed) and /readyz reports not ready "
+                "until Proctor is restarted with its own store.",
+                reason,
+            )
+
+    def _raise_if_lost(self) -> None:
+        if self._lost is not None:
+            raise StoreLostError(f"state store lost: {self._lost}")
+
+    async def check(self) -> None:
+        """Verify the store is reachable and still the one opened; updates `problem`. Never raises."""
+        if self._lost is not None:
+            return
+        try:
+            await asyncio.wait_for(self._verify(), self.check_timeout)
+        except StoreLostError as e:
+            self.mark_lost(str(e))
+        except Exception as e:  # noqa: BLE001 - any failure means: not usable right now
+            if isinstance(e, asyncio.TimeoutError):
+                reason = f"the state store did not answer a check within {self.check_timeout:g} s"
+            else:
+                reason = str(e) if isinstance(e, StoreError) else f"{type(e).__name__}: {e}"
+            if self._down is None:
+                log.error("state store unavailable: %s", reason)
+            self._down = reason
+        else:
+            if self._down is not None:
+                log.warning("state store reachable again")
+            self._down = None
+        self.last_check = time.time()
+
+    @abc.abstractmethod
+    async def _verify(self) -> None:
+        """Raise StoreLostError if this is no longer the store opened, StoreError if it cannot be reached."""
+
+    def _check_identity(self, found: str | None) -> None:
+        expected = self.identity.store_id if self.identity else None
+        if found is None:
+            raise StoreLostError(f"the state store {self.location} no longer holds its store id (emptied?)")
+        if found != expected:
+            raise StoreLostError(
+                f"the state store {self.location} now carries store id {found}, not {expected} as when it was opened"
+            )
 
     # ---- approvals -------------------------------------------------------
     @abc.abstractmethod
@@ -152,7 +253,7 @@ class Store(abc.ABC):
 # ---------------------------------------------------------------------------
 # Helpers shared by the backends (not part of the public API).
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SUSPENSIONS_VERSION_KEY = "suspensions_version"
 
 # (column, kind) in table order; kind: text | float | json | bool | int

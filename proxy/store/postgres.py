@@ -5,12 +5,19 @@ Tables live in one schema (`schema=`, default "public"), set as the
 one transaction behind `pg_advisory_xact_lock`, so replicas starting together
 do not race. Concurrency between replicas relies on row locks: the approval
 compare-and-set is a single `UPDATE ... WHERE version = $n`.
+
+The store's identity (a row written when the schema is created) is read back
+by `check()`: a schema that was dropped, emptied or swapped for another
+store's is noticed and the store is marked lost. Suspensions and resumptions
+commit with `synchronous_commit = on` whatever the server's default, so an
+acknowledged one survives a server crash.
 """
 
 from __future__ import annotations
 
 import re
 import time
+import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -26,6 +33,8 @@ from .base import (
     SUSPENSIONS_VERSION_KEY,
     Store,
     StoreError,
+    StoreIdentity,
+    StoreLostError,
     activity_rows,
     agent_from_row,
     approval_from_row,
@@ -114,6 +123,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE proctor_meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
         f"INSERT INTO proctor_meta (key, value) VALUES ('{SUSPENSIONS_VERSION_KEY}', 0)",
     ),
+    2: (
+        # One row, written when the store is created (see _migrate): the store's identity.
+        """CREATE TABLE proctor_store_identity (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            store_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+    ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -166,6 +183,9 @@ _AGENT_ACTIVITY = (
     "denied = a.denied + EXCLUDED.denied"
 )
 _BUMP_SUSPENSIONS = "UPDATE proctor_meta SET value = value + 1 WHERE key = $1"
+_SELECT_IDENTITY = "SELECT store_id, created_at FROM proctor_store_identity WHERE id = 1"
+# Inside a transaction: this commit is acknowledged only once it is flushed (whatever the server default).
+_DURABLE_COMMIT = "SET LOCAL synchronous_commit = on"
 
 
 def _split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
@@ -183,6 +203,8 @@ def _split_dsn(dsn: str) -> tuple[str, dict[str, str]]:
 
 
 class PostgresStore(Store):
+    kind = "postgresql"
+
     def __init__(
         self,
         dsn: str,
@@ -212,8 +234,18 @@ class PostgresStore(Store):
     def __repr__(self) -> str:  # never shows the DSN: it may hold a password
         return f"PostgresStore(schema={self.schema!r})"
 
+    @property
+    def location(self) -> str:
+        parts = urlsplit(self._dsn)
+        try:
+            port = parts.port or 5432
+        except ValueError:
+            port = "?"
+        where = f"{parts.hostname or 'localhost'}:{port}{parts.path or ''}"
+        return f"postgresql {where} schema {self.schema}"  # never user or password
+
     # ---- lifecycle -------------------------------------------------------
-    async def open(self) -> None:
+    async def open(self, *, create: bool = True) -> None:
         if self._pool is not None:
             return
         with backend_errors("open"):
@@ -226,15 +258,23 @@ class PostgresStore(Store):
                 server_settings={"search_path": self.schema, "application_name": "proctor"},
             )
             try:
-                await self._migrate(pool)
+                identity = await self._migrate(pool, create)
             except BaseException:
                 pool.terminate()
                 raise
         self._pool = pool
+        self.identity = identity
 
-    async def _migrate(self, pool: asyncpg.Pool) -> None:
+    async def _migrate(self, pool: asyncpg.Pool, create: bool) -> StoreIdentity:
         async with pool.acquire(timeout=self.connect_timeout) as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _MIGRATION_LOCK, self.schema)
+            if not create:
+                found = await conn.fetchval(
+                    "SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = 'proctor_schema_version'",
+                    self.schema,
+                )
+                if not found:
+                    raise StoreLostError(f"the state store {self.location} holds no Proctor state")
             exists = await conn.fetchval("SELECT 1 FROM pg_namespace WHERE nspname = $1", self.schema)
             if not exists:
                 # Identifier, not a value: validated against _SCHEMA_RE above and quoted.
@@ -255,6 +295,15 @@ class PostgresStore(Store):
                 await conn.execute(
                     "INSERT INTO proctor_schema_version (version, applied_at) VALUES ($1, $2)", version, time.time()
                 )
+            # A new store (or one from before store ids) gets its id now; an existing one keeps it.
+            await conn.execute(
+                "INSERT INTO proctor_store_identity (id, store_id, created_at) VALUES (1, $1, $2) "
+                "ON CONFLICT (id) DO NOTHING",
+                str(uuid.uuid4()),
+                time.time(),
+            )
+            row = await conn.fetchrow(_SELECT_IDENTITY)
+        return StoreIdentity(store_id=str(row[0]), created_at=float(row[1]))
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -263,10 +312,22 @@ class PostgresStore(Store):
         with backend_errors("close"):
             await pool.close()
 
+    # ---- health ------------------------------------------------------------
+    async def _verify(self) -> None:
+        pool = self._p()
+        try:
+            row = await pool.fetchrow(_SELECT_IDENTITY, timeout=self.check_timeout)
+        except asyncpg.UndefinedTableError:
+            raise StoreLostError(f"the state store {self.location} has no Proctor tables any more") from None
+        except Exception as e:  # noqa: BLE001 - unreachable, not lost
+            raise StoreError(f"state store: check failed: {type(e).__name__}: {e}") from e
+        self._check_identity(None if row is None else str(row[0]))
+
     # ---- plumbing --------------------------------------------------------
     def _p(self) -> asyncpg.Pool:
         if self._pool is None:
             raise StoreError("state store is not open")
+        self._raise_if_lost()
         return self._pool
 
     async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
@@ -420,6 +481,7 @@ class PostgresStore(Store):
         pool = self._p()
         with backend_errors("suspend"):
             async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(_DURABLE_COMMIT)
                 await conn.execute(
                     "INSERT INTO proctor_suspensions (kind, target, since, suspended_by, reason) "
                     "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (kind, target) DO UPDATE SET "
@@ -437,6 +499,7 @@ class PostgresStore(Store):
         pool = self._p()
         with backend_errors("resume"):
             async with pool.acquire() as conn, conn.transaction():
+                await conn.execute(_DURABLE_COMMIT)
                 status = await conn.execute(
                     "DELETE FROM proctor_suspensions WHERE kind = $1 AND target = $2", kind, target
                 )

@@ -5,15 +5,32 @@ half-done write transaction on the shared connection, and every write runs
 in its own `BEGIN IMMEDIATE` transaction (rolled back on any failure or
 cancellation). `busy_timeout` covers other processes (e.g. the CLI) on the
 same file.
+
+The connection keeps the file it opened even after that file is deleted or
+replaced on disk, and would go on answering from (and writing into) a file
+nobody will ever open again. So every operation first checks that the path
+still names the file (and write-ahead log) that was opened, and every write
+checks again after COMMIT: a write is acknowledged only if it landed in the
+store that a restart will read. When the store is lost, its write-ahead log
+and shared-memory index, if still at the path, are renamed `*.lost-<time>`:
+SQLite would otherwise replay that log onto whatever file is at the path
+next (a mixture of two stores that might even carry the old store id).
+
+Writes that must survive a power loss once acknowledged (suspensions and
+resumptions, approval state changes) run with `synchronous = FULL` (the WAL is
+fsynced at COMMIT); others keep `NORMAL`, which survives a crash of the
+process but may lose the last commits on a power loss.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import contextlib
+import logging
 import os
+import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +47,8 @@ from .base import (
     SUSPENSIONS_VERSION_KEY,
     Store,
     StoreError,
+    StoreIdentity,
+    StoreLostError,
     activity_rows,
     agent_from_row,
     approval_from_row,
@@ -43,6 +62,8 @@ from .base import (
     suspension_from_row,
 )
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
+
+log = logging.getLogger("proctor.store")
 
 MEMORY = ":memory:"
 
@@ -116,6 +137,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE TABLE proctor_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
         f"INSERT INTO proctor_meta (key, value) VALUES ('{SUSPENSIONS_VERSION_KEY}', 0)",
     ),
+    2: (
+        # One row, written when the store is created (see open()): the store's identity.
+        """CREATE TABLE proctor_store_identity (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            store_id TEXT NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+    ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -167,9 +196,22 @@ _AGENT_ACTIVITY = (
     "denied = proctor_agents.denied + excluded.denied"
 )
 _BUMP_SUSPENSIONS = "UPDATE proctor_meta SET value = value + 1 WHERE key = ?"
+_SELECT_IDENTITY = "SELECT store_id, created_at FROM proctor_store_identity WHERE id = 1"
+
+FileId = tuple[int, int]  # (st_dev, st_ino)
+
+
+def _file_id(path: str) -> FileId | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 class SQLiteStore(Store):
+    kind = "sqlite"
+
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 5.0) -> None:
         path = os.fspath(path)
         if path != MEMORY and not os.path.isabs(path):
@@ -178,28 +220,57 @@ class SQLiteStore(Store):
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._lock: asyncio.Lock | None = None
+        # What the path and its write-ahead log named when the store was opened.
+        self._file: FileId | None = None
+        self._wal: FileId | None = None
+        self._shm: FileId | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
 
+    @property
+    def persistent(self) -> bool:
+        return self.path != MEMORY
+
+    @property
+    def location(self) -> str:
+        return f"sqlite {self.path}"
+
     # ---- lifecycle -------------------------------------------------------
-    async def open(self) -> None:
+    async def open(self, *, create: bool = True) -> None:
         if self._db is not None:
             return
         with backend_errors("open"):
             if self.path != MEMORY:
+                if not create:
+                    self._require_existing()
                 self._prepare_file()
             db = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
             try:
                 await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
                 await self._enable_wal(db)
                 await db.execute("PRAGMA synchronous = NORMAL")
-                await self._migrate(db)
+                identity = await self._migrate(db, create)
+                if self.path != MEMORY:
+                    # After the migration's COMMIT the write-ahead log exists: remember both files.
+                    self._file = _file_id(self.path)
+                    self._wal = _file_id(self.path + "-wal")
+                    self._shm = _file_id(self.path + "-shm")
             except BaseException:
                 await db.close()
                 raise
         self._db = db
         self._lock = asyncio.Lock()
+        self.identity = identity
+
+    def _require_existing(self) -> None:
+        """open(create=False): an absent or empty file is a store that was lost, not one to create."""
+        try:
+            size = os.stat(self.path).st_size
+        except FileNotFoundError:
+            raise StoreLostError(f"the state store file {self.path} does not exist") from None
+        if size == 0:
+            raise StoreLostError(f"the state store file {self.path} is empty")
 
     async def _enable_wal(self, db: aiosqlite.Connection) -> None:
         # Switching to WAL needs a moment of exclusive access and SQLite does not run
@@ -222,9 +293,15 @@ class SQLiteStore(Store):
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
+    async def _migrate(self, db: aiosqlite.Connection, create: bool) -> StoreIdentity:
         try:
             await db.execute("BEGIN IMMEDIATE")
+            async with db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'proctor_schema_version'"
+            ) as cur:
+                has_schema = await cur.fetchone() is not None
+            if not has_schema and not create:
+                raise StoreLostError(f"the state store file {self.path} holds no Proctor state")
             await db.execute(
                 "CREATE TABLE IF NOT EXISTS proctor_schema_version (version INTEGER NOT NULL, applied_at REAL NOT NULL)"
             )
@@ -241,11 +318,19 @@ class SQLiteStore(Store):
                 await db.execute(
                     "INSERT INTO proctor_schema_version (version, applied_at) VALUES (?, ?)", (version, time.time())
                 )
+            # A new store (or one from before store ids) gets its id now; an existing one keeps it.
+            await db.execute(
+                "INSERT OR IGNORE INTO proctor_store_identity (id, store_id, created_at) VALUES (1, ?, ?)",
+                (str(uuid.uuid4()), time.time()),
+            )
+            async with db.execute(_SELECT_IDENTITY) as cur:
+                row = await cur.fetchone()
             await db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(Exception):
                 await db.execute("ROLLBACK")
             raise
+        return StoreIdentity(store_id=str(row[0]), created_at=float(row[1]))
 
     async def close(self) -> None:
         db, self._db = self._db, None
@@ -254,10 +339,49 @@ class SQLiteStore(Store):
         with backend_errors("close"):
             await db.close()
 
+    # ---- health ------------------------------------------------------------
+    def _check_files(self) -> None:
+        """The path (and its write-ahead log) still name the files opened; else the store is lost.
+        Two stat() calls: cheap enough for every operation."""
+        self._raise_if_lost()
+        if self.path == MEMORY or self._file is None:
+            return
+        now = _file_id(self.path)
+        if now != self._file:
+            how = "deleted" if now is None else "replaced by another file"
+            self.mark_lost(f"the state store file {self.path} was {how} while Proctor was running")
+        elif self._wal is not None and _file_id(self.path + "-wal") != self._wal:
+            # Recent commits live only in the log until a checkpoint: without it they are gone.
+            self.mark_lost(f"the state store's write-ahead log {self.path}-wal was deleted or replaced")
+        if self._lost is not None:
+            self._set_aside_own_log()
+            self._raise_if_lost()
+
+    def _set_aside_own_log(self) -> None:
+        """Rename this store's -wal/-shm (only if the path still names them) out of the way, so
+        SQLite never replays them onto another file at the path. Our open handles keep working,
+        and SQLite does not checkpoint or delete a log whose database file has moved."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for suffix, mine in (("-wal", self._wal), ("-shm", self._shm)):
+            name = self.path + suffix
+            if mine is None or _file_id(name) != mine:
+                continue
+            try:
+                os.replace(name, f"{name}.lost-{stamp}")
+                log.warning("renamed %s to %s.lost-%s (it belongs to the lost store)", name, name, stamp)
+            except OSError as e:
+                log.error("could not rename %s out of the way: %s", name, e)
+        self._wal = self._shm = None
+
+    async def _verify(self) -> None:
+        row = await self._fetchone("check", _SELECT_IDENTITY)  # also checks the files
+        self._check_identity(None if row is None else str(row[0]))
+
     # ---- plumbing --------------------------------------------------------
     def _conn(self) -> tuple[aiosqlite.Connection, asyncio.Lock]:
         if self._db is None or self._lock is None:
             raise StoreError("state store is not open")
+        self._check_files()
         return self._db, self._lock
 
     async def _fetchall(self, op: str, sql: str, params: Sequence[Any] = ()) -> list[Any]:
@@ -271,12 +395,17 @@ class SQLiteStore(Store):
         return rows[0] if rows else None
 
     @contextlib.asynccontextmanager
-    async def _write(self, op: str) -> AsyncIterator[aiosqlite.Connection]:
-        """Serialised write transaction; rolled back on any error or cancellation."""
+    async def _write(self, op: str, *, durable: bool = False) -> AsyncIterator[aiosqlite.Connection]:
+        """Serialised write transaction; rolled back on any error or cancellation.
+
+        Returns only once the commit is in the store's file (checked after COMMIT);
+        `durable=True` also fsyncs it (synchronous = FULL for this transaction)."""
         db, lock = self._conn()
         with backend_errors(op):
             async with lock:
                 try:
+                    if durable:
+                        await db.execute("PRAGMA synchronous = FULL")
                     await db.execute("BEGIN IMMEDIATE")
                     yield db
                     await db.execute("COMMIT")
@@ -287,6 +416,12 @@ class SQLiteStore(Store):
                     with contextlib.suppress(Exception):
                         await db.execute("ROLLBACK")
                     raise
+                finally:
+                    if durable:
+                        with contextlib.suppress(Exception):
+                            await db.execute("PRAGMA synchronous = NORMAL")
+                # Committed, but into the file a restart will read? (it may have been replaced meanwhile)
+                self._check_files()
 
     # ---- approvals -------------------------------------------------------
     async def create_approval(self, a: Approval) -> None:
@@ -356,7 +491,7 @@ class SQLiteStore(Store):
 
     async def update_approval(self, a: Approval, *, expect_version: int) -> bool:
         expect_version = int(expect_version)
-        async with self._write("update_approval") as db:
+        async with self._write("update_approval", durable=True) as db:
             params = approval_params(a)
             params[-1] = expect_version + 1
             async with db.execute(_UPDATE_APPROVAL, [*params[1:], a.id, expect_version]) as cur:
@@ -407,7 +542,7 @@ class SQLiteStore(Store):
     # ---- suspensions -----------------------------------------------------
     async def suspend(self, s: Suspension) -> None:
         check_kind(s.kind)
-        async with self._write("suspend") as db:
+        async with self._write("suspend", durable=True) as db:
             await db.execute(
                 "INSERT INTO proctor_suspensions (kind, target, since, suspended_by, reason) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (kind, target) DO UPDATE SET since = excluded.since, "
@@ -418,7 +553,7 @@ class SQLiteStore(Store):
 
     async def resume(self, kind: str, target: str) -> bool:
         check_kind(kind)
-        async with self._write("resume") as db:
+        async with self._write("resume", durable=True) as db:
             async with db.execute(
                 "DELETE FROM proctor_suspensions WHERE kind = ? AND target = ?", (kind, target)
             ) as cur:

@@ -1,0 +1,110 @@
+"""What `/healthz` and `/readyz` report: each component's state, and whether Proctor is ready.
+
+Ready means every part a request needs is up:
+
+- **listeners**: every agent-facing listener (forward proxy, gateway) is bound;
+- **store**: open, still the store it opened, and answering its checks;
+- **policies**: a policy set is loaded (a rejected reload keeps the last good
+  set: still ready, reported as degraded);
+- **audit**: no sink whose overflow policy holds or refuses requests
+  (`fail_closed`, `block`) is unhealthy, i.e. the audit gate would admit writes.
+
+Identity (JWKS keys per issuer) is reported but does not decide readiness: a
+JWKS URL is fetched on the first token, and an issuer without keys refuses its
+own agents (503) without affecting the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..server import ProctorRuntime
+
+
+@dataclass
+class Component:
+    status: str  # ok | degraded | down | disabled
+    detail: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)  # why it keeps Proctor from being ready
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"status": self.status, **self.detail, **({"reasons": self.reasons} if self.reasons else {})}
+
+
+def listeners_component(runtime: "ProctorRuntime") -> Component:
+    watch = runtime.listeners
+    if watch is None:
+        return Component("down", {"listeners": []}, ["the proxy engine is not running"])
+    states = watch.states()
+    reasons = [f"listener {s.name} ({s.address}) is not listening: {s.error}" for s in states if not s.up]
+    if not runtime.addon.running_event_seen and not reasons:
+        reasons.append("the proxy engine is not running yet")
+    return Component("down" if reasons else "ok", {"listeners": [s.as_dict() for s in states]}, reasons)
+
+
+def store_component(runtime: "ProctorRuntime") -> Component:
+    store = runtime.store
+    detail: dict[str, Any] = {
+        "backend": store.kind,
+        "location": store.location,
+        "store_id": store.identity.store_id if store.identity else None,
+        "last_check": store.last_check,
+    }
+    if store.identity is None:
+        return Component("down", detail, ["the state store is not open"])
+    if store.lost is not None:
+        return Component("down", {**detail, "lost": True}, [f"state store lost: {store.lost}"])
+    if store.problem is not None:
+        return Component("down", detail, [f"state store unavailable: {store.problem}"])
+    return Component("ok", detail)
+
+
+def policies_component(runtime: "ProctorRuntime") -> Component:
+    bundle = runtime.policies.bundle
+    status = runtime.policies.status
+    if bundle is None:
+        return Component("down", {}, ["no policy set is loaded"])
+    detail = {"revision": bundle.revision, "policy_count": bundle.policy_count, "reload_ok": status.ok}
+    # a rejected reload keeps enforcing the last good set: degraded, not down
+    return Component("ok" if status.ok else "degraded", detail)
+
+
+def audit_component(runtime: "ProctorRuntime") -> Component:
+    trail = runtime.audit
+    if trail is None:
+        return Component("disabled")
+    sinks, reasons = [], []
+    for sink in trail.sinks:
+        healthy = bool(sink.healthy)
+        sinks.append({"name": sink.name, "overflow": sink.overflow, "healthy": healthy, "queue_depth": sink.queue_depth})
+        if not healthy and sink.overflow in ("fail_closed", "block"):
+            reasons.append(
+                f"audit sink {sink.name!r} cannot take events (overflow {sink.overflow}: requests are held or refused)"
+            )
+    status = "down" if reasons else ("ok" if all(s["healthy"] for s in sinks) else "degraded")
+    return Component(status, {"sinks": sinks}, reasons)
+
+
+def identity_component(runtime: "ProctorRuntime") -> Component:
+    # Informational: the key count each issuer holds right now (a JWKS URL is fetched lazily).
+    issuers = []
+    for name, issuer in getattr(runtime.pipeline.verifier, "_issuers", {}).items():
+        keys = getattr(issuer.keys, "_keys", None)
+        issuers.append({"issuer": name, "keys": None if keys is None else len(keys)})
+    return Component("ok", {"issuers": issuers})
+
+
+def health(runtime: "ProctorRuntime") -> dict[str, Component]:
+    return {
+        "listeners": listeners_component(runtime),
+        "store": store_component(runtime),
+        "policies": policies_component(runtime),
+        "audit": audit_component(runtime),
+        "identity": identity_component(runtime),
+    }
+
+
+def not_ready_reasons(components: dict[str, Component]) -> list[str]:
+    return [r for c in components.values() for r in c.reasons]
