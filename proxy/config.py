@@ -283,6 +283,11 @@ class AuditFileConfig(Strict):
     keep: int = Field(30, ge=0)  # rotated files kept (0: all)
     fsync: bool = False  # fsync after every event (survives a power loss; much slower)
     overflow: Literal["block", "drop", "fail_closed"] = "fail_closed"
+    # Full disk (docs/siem.md#full-disk): preallocated next to the file and given back when a
+    # write hits ENOSPC, so events of requests already forwarded still land (0: no reserve) ...
+    reserve_bytes: int = Field(1024 * 1024, ge=0)
+    # ... and below this much free space the sink is unhealthy: writes are refused before forwarding (0: off).
+    min_free_bytes: int = Field(16 * 1024 * 1024, ge=0)
 
 
 class RedactConfig(Strict):
@@ -312,6 +317,20 @@ class AuditConfig(Strict):
     fail_closed_methods: list[str] = Field(default_factory=lambda: ["POST", "PUT", "PATCH", "DELETE"])
     block_timeout_seconds: float = Field(5.0, gt=0, le=300)
     redact: RedactConfig = Field(default_factory=RedactConfig)
+    # The hash chain is keyed (HMAC-SHA256) so an intruder cannot re-sign a rewritten trail.
+    # Key: chain_key_env (a variable), else chain_key_file (relative to state_dir), else
+    # <state_dir>/audit-chain.key, generated on first start. `sha256`: unkeyed (not recommended).
+    chain_alg: Literal["hmac-sha256", "sha256"] = "hmac-sha256"
+    chain_key_file: Path | None = None
+    chain_key_env: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_key_source(self):
+        if self.chain_key_file is not None and self.chain_key_env is not None:
+            raise ValueError("audit: set chain_key_file or chain_key_env, not both")
+        if self.chain_alg == "sha256" and (self.chain_key_file is not None or self.chain_key_env is not None):
+            raise ValueError("audit: chain_alg sha256 is unkeyed; remove chain_key_file / chain_key_env")
+        return self
 
 
 class ControlConfig(Strict):

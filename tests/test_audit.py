@@ -99,15 +99,16 @@ def test_every_decision_is_one_valid_ocsf_event(audited, ocsf_validator):
 def test_chain_verifies_and_each_kind_of_tampering_is_located(audited, tmp_path):
     wait_events(audited, 5)
     path = audited.dir / "state" / "audit.jsonl"
-    out = run_cli("audit", "verify", str(path))
+    key = ["--key-file", str(audited.dir / "state" / "audit-chain.key")]  # generated on first start (0600)
+    out = run_cli("audit", "verify", *key, str(path))
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "ok: 5 events, sequence 1..5" in out.stdout
+    assert "ok: 5 events, sequence 1..5, keyed (HMAC-SHA256)" in out.stdout
     lines = path.read_text().splitlines(keepends=True)
 
     def check(name: str, new_lines: list[str]) -> str:
         f = tmp_path / name
         f.write_text("".join(new_lines))
-        r = run_cli("audit", "verify", str(f))
+        r = run_cli("audit", "verify", *key, str(f))
         assert r.returncode == 1, r.stdout
         return r.stdout
 
@@ -161,29 +162,48 @@ def test_chain_continues_across_a_restart(proctor_factory, idp, upstream):
         proc.terminate()
         proc.wait(10)
     assert [e["metadata"]["sequence"] for e in events] == [1, 2]
-    assert verify([p.dir / "state" / "audit.jsonl"]).ok
+    from proxy.audit.keys import read_key_file
+
+    assert verify([p.dir / "state" / "audit.jsonl"], [read_key_file(p.dir / "state" / "audit-chain.key")]).ok
 
 
-def test_unwritable_file_sink_turns_unhealthy_and_the_gate_refuses_writes(tmp_path):
+def test_unwritable_file_sink_turns_unhealthy_the_gate_refuses_writes_and_the_gap_is_declared(tmp_path):
     import asyncio
+    import time
 
     from proxy.audit.trail import AuditTrail, FileSink
 
-    target = tmp_path / "audit.jsonl"
+    d = tmp_path / "audit"
+    target = d / "audit.jsonl"
     sink = FileSink(target, 0, 0, 0, False, "fail_closed")
     trail = AuditTrail([sink], Redactor([], []), Chain(), frozenset({"POST"}), 1.0)
     trail.emit({"decision_id": "d1", "time": "2026-11-21T10:00:00Z", "decision": "allow", "method": "GET"})
     assert sink.healthy
-    os.close(sink._fd)  # the disk goes away under the writer
-    sink._fd = os.open("/dev/full", os.O_WRONLY)
+    # the directory goes away under the writer (a file where it was: every open fails)
+    os.close(sink._fd)
+    sink._fd = None
+    d.rename(tmp_path / "away")
+    d.write_text("")
     trail.emit({"decision_id": "d2", "time": "2026-11-21T10:00:01Z", "decision": "allow", "method": "GET"})
     assert not sink.healthy and sink.stats["failed"] == 1
     assert asyncio.run(trail.admit("GET")) is None  # reads still flow (fail_closed_methods: writes)
     refusal = asyncio.run(trail.admit("POST"))
     assert refusal is not None and refusal.status == 503 and refusal.reasons == ["audit-unavailable"]
-    sink._fd = None  # recovers: the next event reopens the file
+    d.unlink()
+    (tmp_path / "away").rename(d)
+    deadline = time.monotonic() + 5
+    while not sink.healthy:  # recovers by itself (probing with backoff), writing the gap marker first
+        assert time.monotonic() < deadline, "the file sink did not recover"
+        time.sleep(0.02)
+    assert asyncio.run(trail.admit("POST")) is None
     trail.emit({"decision_id": "d3", "time": "2026-11-21T10:00:02Z", "decision": "allow", "method": "GET"})
-    assert sink.healthy and asyncio.run(trail.admit("POST")) is None
+    events = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [e["metadata"]["sequence"] for e in events] == [1, 3, 4]
+    gap = events[1]["unmapped"]["proctor"]
+    assert (gap["record"], gap["event"], gap["from"], gap["to"], gap["decisions"]) == ("audit", "gap", 2, 2, {"allow": 1})
+    report = verify([target])
+    assert report.ok, report.problems
+    assert any("1 event(s) (sequence 2..2) were not written to this file" in n for n in report.notes)
 
 
 def test_state_change_events_are_valid_ocsf(ocsf_validator):

@@ -413,7 +413,7 @@ def test_hec_auth_body_shape_batch_by_count_and_close_flush():
             assert isinstance(obj["time"], float)
             assert (obj["sourcetype"], obj["source"], obj["host"], obj["index"]) == ("ocsf:api_activity", "proctor", "gw-1", "sec")
             assert obj["event"] == ev
-        assert sink.stats == {"submitted": 7, "sent": 7, "dropped": 0, "failed": 0, "retried": 0}
+        assert sink.stats == {"submitted": 7, "sent": 7, "dropped": 0, "failed": 0, "retried": 0, "dead_lettered": 0}
         await c.stop()
 
     run(main())

@@ -20,21 +20,31 @@ def audit() -> None:
 @audit.command("verify")
 @click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--key-file", "key_files", multiple=True, type=click.Path(dir_okay=False),
+              help="The chain key (repeat for a trail that spans a key change).")
+@click.option("--key-env", "key_envs", multiple=True, help="An environment variable holding the chain key (repeatable).")
+@click.option("--allow-unkeyed", is_flag=True,
+              help="Accept plain SHA-256 events before the first keyed one (a trail older than its key).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-def verify_cmd(files: tuple[str, ...], config_path: str | None, as_json: bool) -> None:
+def verify_cmd(files: tuple[str, ...], config_path: str | None, key_files: tuple[str, ...], key_envs: tuple[str, ...],
+               allow_unkeyed: bool, as_json: bool) -> None:
     """Check the hash chain of an audit trail: report every modified, deleted or
     reordered event and where it is.
 
     Give the files oldest first (rotated files, then the current one); with no
     FILES, the configured audit file and its rotated predecessors are checked.
+    A keyed chain (the default) needs its key: --key-file / --key-env, or the
+    config's (used with -c, or when no FILES are given).
 
-    Exit status: 0 intact, 1 tampering found, 2 unusable input."""
+    Exit status: 0 intact, 1 tampering found, 2 unusable input (or no key)."""
     from .chain import verify
+    from .keys import ChainKey, read_key_env, read_key_file
 
+    config = load_config_or_exit(config_path) if (config_path or not files) else None
     if files:
         paths = [Path(f) for f in files]
     else:
-        config = load_config_or_exit(config_path)
+        assert config is not None
         current = config.audit_path
         if current is None:
             click.echo("error: no audit file is configured (audit.file)", err=True)
@@ -45,11 +55,29 @@ def verify_cmd(files: tuple[str, ...], config_path: str | None, as_json: bool) -
     if missing:
         click.echo(f"error: no such file: {', '.join(map(str, missing))}", err=True)
         sys.exit(2)
-    report = verify(paths)
+    keys: list[ChainKey] = []
+    try:
+        keys += [read_key_file(Path(k)) for k in key_files]
+        keys += [read_key_env(name) for name in key_envs]
+    except ValueError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    if not keys and config is not None:
+        from .setup import configured_key
+
+        try:
+            key = configured_key(config, create=False)
+        except ValueError:
+            key = None  # reported below if the chain turns out to be keyed
+        if key is not None:
+            keys.append(key)
+    report = verify(paths, keys, allow_unkeyed=allow_unkeyed)
     if as_json:
         click.echo(json.dumps({
             "ok": report.ok, "events": report.events, "first_sequence": report.first_sequence,
             "last_sequence": report.last_sequence, "last_hash": report.last_hash,
+            "keyed": report.keyed, "unkeyed": report.unkeyed, "unverified": report.unverified,
+            "missing_key_ids": sorted(report.missing_kids),
             "problems": [p.__dict__ for p in report.problems], "notes": report.notes,
         }, indent=2))
     else:
@@ -58,11 +86,19 @@ def verify_cmd(files: tuple[str, ...], config_path: str | None, as_json: bool) -
         for p in report.problems:
             click.echo(f"TAMPERED {p}")
         if report.ok:
+            kind = "keyed (HMAC-SHA256)" if report.keyed and not report.unkeyed else (
+                "NOT keyed (plain SHA-256)" if not report.keyed else "partly keyed")
             click.echo(f"ok: {report.events} events, sequence {report.first_sequence}..{report.last_sequence}, "
-                       f"last hash {report.last_hash}")
-        else:
+                       f"{kind}, last hash {report.last_hash}")
+        elif report.problems:
             click.echo(f"{len(report.problems)} problem(s) in {report.events} events")
-    sys.exit(0 if report.ok else 1)
+    if report.needs_key:
+        given = ", ".join(sorted(k.kid for k in keys))
+        click.echo(
+            f"error: {report.unverified} event(s) are keyed (HMAC-SHA256, key id {', '.join(sorted(report.missing_kids))})"
+            + (f" and the key given (id {given}) is not theirs" if keys else " and no key was given")
+            + ": pass --key-file PATH or --key-env NAME (or -c CONFIG)", err=True)
+    sys.exit(1 if report.problems else (2 if report.needs_key else 0))
 
 
 def _matches(ev: dict, agent: str | None, action: str | None, decision: str | None, text: str | None) -> bool:

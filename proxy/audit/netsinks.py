@@ -4,18 +4,25 @@ Every sink follows `proxy.audit.sink.Sink`: `submit()` is synchronous and never
 blocks (it appends to a bounded in-memory queue, or drops and counts when the
 queue is full); one writer task per sink delivers from the head of the queue.
 An event leaves the queue only once it was delivered (or, for HTTP, rejected
-with a non-retryable 4xx), so a failing destination holds events in order and
-they are delivered after it recovers. Network failures are retried forever
+with a non-retryable 4xx: then it is kept in the sink's dead-letter file, see
+proxy/audit/deadletter.py), so a failing destination holds events in order and
+they are delivered after it recovers. With HEC indexer acknowledgement (`ack`)
+"delivered" means indexed: a batch HEC accepted stays held (and counted in the
+queue) until its ackId is reported indexed, and is sent again if it is not
+within `ack_timeout_seconds`. Network failures are retried forever
 with exponential backoff and full jitter (`min_backoff` .. `max_backoff`);
 HTTP honours `Retry-After` on 429/503.
 
-`healthy` is False while the queue is full, or while the last delivery attempt
-failed and the sink is retrying; it becomes True again after a success.
+`healthy` is False while the queue is full, while the last delivery attempt
+failed and the sink is retrying, or after a batch was refused for good (dead
+letters); it becomes True again after the next successful delivery.
 
 Delivery is at-least-once: a batch that failed half-way is sent again. Syslog
 over TCP has no acknowledgements (RFC 6587/5425), so lines written into the
 socket just before the receiver died can be lost; the sink watches the
-connection for EOF to reconnect as early as possible.
+connection for EOF to reconnect as early as possible. A syslog event larger
+than `max_message_bytes` is reduced by a fixed rule (proxy/audit/truncate.py),
+never split.
 
 Secrets are referenced, never inline: the HTTP token is read from the
 environment variable named by `token_env` and is never logged.
@@ -35,17 +42,21 @@ import socket
 import ssl
 import sys
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, BinaryIO, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import certifi
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..logredact import redact
+from .deadletter import DeadLetterFile
 from .sink import Overflow, Sink
+from .truncate import fit_event
 
 log = logging.getLogger("proctor.audit.sinks")
 
@@ -90,6 +101,9 @@ class SyslogSinkConfig(_SinkConfig):
     utf8_bom: bool = False
     connect_timeout: float = Field(default=5.0, gt=0, le=300)
     write_timeout: float = Field(default=30.0, gt=0, le=3600)
+    # Largest SYSLOG-MSG (header + event) sent; a larger event is reduced by the rule in
+    # proxy/audit/truncate.py, never split. RFC 5425 receivers must accept 2048, should 8192.
+    max_message_bytes: int = Field(default=8192, ge=2048, le=16 * _MiB)
 
     @field_validator("app_name", "msgid", "hostname")
     @classmethod
@@ -120,6 +134,16 @@ class HttpSinkConfig(_SinkConfig):
     source: str = "proctor"
     index: str | None = None
     hostname: str | None = Field(default=None, min_length=1, max_length=255)
+    # Events refused for good (a non-retryable 4xx) go here instead of being lost.
+    # Default: <state_dir>/audit-dead-letter-<sink name>.jsonl; relative paths are relative to state_dir.
+    dead_letter_file: str | None = Field(default=None, min_length=1)
+    dead_letter_max_bytes: int = Field(default=64 * _MiB, ge=0, le=1 << 40)  # 0: no dead letters (lost, counted)
+    # Splunk HEC indexer acknowledgement: delivered = indexed (needs the token's "indexer acknowledgement").
+    ack: bool = False
+    channel: str | None = None  # X-Splunk-Request-Channel (a GUID); default: a new random one per start
+    ack_url: str | None = None  # default: <scheme>://<host:port>/services/collector/ack
+    ack_poll_interval_seconds: float = Field(default=1.0, gt=0, le=60)
+    ack_timeout_seconds: float = Field(default=300.0, ge=1, le=3600)  # then the batch is sent again
 
     @model_validator(mode="before")
     @classmethod
@@ -133,9 +157,11 @@ class HttpSinkConfig(_SinkConfig):
                     )
         return data
 
-    @field_validator("url")
+    @field_validator("url", "ack_url")
     @classmethod
-    def _check_url(cls, v: str) -> str:
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         v = v.strip()
         try:
             parts = urlsplit(v)
@@ -163,6 +189,20 @@ class HttpSinkConfig(_SinkConfig):
     def _check_tls(self):
         if urlsplit(self.url).scheme != "https" and (self.ca_file or self.insecure_skip_verify):
             raise ValueError("ca_file / insecure_skip_verify require an https URL")
+        return self
+
+    @model_validator(mode="after")
+    def _check_ack(self):
+        if (self.ack or self.channel or self.ack_url) and self.format != "splunk_hec":
+            raise ValueError("ack / channel / ack_url are Splunk HEC settings (format: splunk_hec)")
+        if self.channel is not None:
+            try:
+                uuid.UUID(self.channel)
+            except ValueError:
+                raise ValueError("channel must be a GUID, e.g. 0b5a5f3e-7a63-4d1c-9d1e-3f2c8a1b6e70") from None
+        if self.ack_url is not None:
+            if urlsplit(self.ack_url).netloc != urlsplit(self.url).netloc:
+                raise ValueError("ack_url must be on the same host and port as url (it carries the token)")
         return self
 
 
@@ -245,6 +285,8 @@ class _QueuedSink(Sink):
         self._empty = asyncio.Event()  # close: queue drained
         self._empty.set()
         self._failing = False
+        self._rejected = False  # a batch was refused for good (dead letters) since the last delivery
+        self._inflight_n = 0  # events sent but not yet confirmed (HEC ack), still held
         self._closed = False
         self._stop = False  # the writer must exit (set after the drain deadline)
         self._task: asyncio.Task | None = None
@@ -256,7 +298,7 @@ class _QueuedSink(Sink):
         if self._closed:
             self._drop("sink closed")
             return False
-        if len(self._queue) >= self._maxsize:
+        if self._held() >= self._maxsize:
             self._drop("queue full")
             return False
         try:
@@ -273,18 +315,21 @@ class _QueuedSink(Sink):
             self._wake.set()
         return True
 
+    def _held(self) -> int:
+        return len(self._queue) + self._inflight_n
+
     @property
     def healthy(self) -> bool:
-        return not self._closed and not self._failing and len(self._queue) < self._maxsize
+        return not self._closed and not self._failing and not self._rejected and self._held() < self._maxsize
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        return self._held()
 
     async def wait_for_capacity(self, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
-        while len(self._queue) >= self._maxsize:
+        while self._held() >= self._maxsize:
             if self._closed:
                 return False
             remaining = deadline - loop.time()
@@ -294,7 +339,7 @@ class _QueuedSink(Sink):
             try:
                 await asyncio.wait_for(self._space.wait(), remaining)
             except asyncio.TimeoutError:
-                return len(self._queue) < self._maxsize
+                return self._held() < self._maxsize
         return not self._closed
 
     async def start(self) -> None:
@@ -311,7 +356,7 @@ class _QueuedSink(Sink):
         self._closed = True
         self._wake.set()
         started = time.monotonic()
-        if self._task is not None and self._queue and drain_seconds > 0:
+        if self._task is not None and self._held() and drain_seconds > 0:
             try:
                 await asyncio.wait_for(self._empty.wait(), drain_seconds)
             except asyncio.TimeoutError:
@@ -330,7 +375,8 @@ class _QueuedSink(Sink):
             await self._shutdown()
         except Exception:  # noqa: BLE001
             log.debug("audit sink %s: error while shutting down", self.name, exc_info=True)
-        left = len(self._queue)
+        left = self._held()
+        self._forget_inflight()
         self._queue.clear()
         self._queued_bytes = 0
         self._empty.set()
@@ -356,6 +402,10 @@ class _QueuedSink(Sink):
 
     async def _shutdown(self) -> None:
         """Release connections and sessions."""
+
+    def _forget_inflight(self) -> None:
+        """At close: drop what was sent but never confirmed (counted as lost by the caller)."""
+        self._inflight_n = 0
 
     async def _run(self) -> None:
         raise NotImplementedError
@@ -393,18 +443,25 @@ class _QueuedSink(Sink):
             size += n
         return len(out), out
 
-    def _remove(self, n: int) -> None:
-        for _ in range(min(n, len(self._queue))):
-            self._queued_bytes -= len(self._queue.popleft().data)
+    def _remove(self, n: int) -> list[_Item]:
+        out = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+        for item in out:
+            self._queued_bytes -= len(item.data)
+        self._released()
+        return out
+
+    def _released(self) -> None:
+        """Events left the held set: wake whoever waits for room or for the drain."""
         self._space.set()
-        if not self._queue:
+        if not self._queue and not self._inflight_n:
             self._empty.set()
 
-    def _delivered(self, n: int) -> None:
-        self._remove(n)
+    def _delivered(self, n: int, remove: bool = True) -> None:
+        if remove:
+            self._remove(n)
         self.stats["sent"] += n
-        if self._failing:
-            self._failing = False
+        if self._failing or self._rejected:
+            self._failing = self._rejected = False
             log.info("audit sink %s: delivery recovered", self.name)
 
     def _retrying(self, why: str) -> None:
@@ -543,12 +600,15 @@ class SyslogSink(_QueuedSink):
         self._watch: asyncio.Task | None = None
 
     def format_message(self, line: bytes, event: dict[str, Any]) -> bytes:
-        """One RFC 5424 SYSLOG-MSG (without framing)."""
+        """One RFC 5424 SYSLOG-MSG (without framing), at most `max_message_bytes`."""
         cfg = self.config
         pri = cfg.facility * 8 + syslog_severity(event)
         header = f"<{pri}>1 {_rfc3339(_event_seconds(event))} {self._hostname} {cfg.app_name} {self._procid} {cfg.msgid} - "
-        msg = _strip_newline(line)
-        return header.encode("ascii") + (b"\xef\xbb\xbf" if cfg.utf8_bom else b"") + msg
+        head = header.encode("ascii") + (b"\xef\xbb\xbf" if cfg.utf8_bom else b"")
+        msg, reduced = fit_event(line, event, cfg.max_message_bytes - len(head))
+        if reduced:
+            self.stats["truncated"] = self.stats.get("truncated", 0) + 1
+        return head + msg
 
     def _prepare(self, line: bytes, event: dict[str, Any]) -> bytes:
         msg = self.format_message(line, event)
@@ -629,14 +689,59 @@ class SyslogSink(_QueuedSink):
 
 
 # ------------------------------------------------------------------------ HTTP
+@dataclass(slots=True)
+class _Answer:
+    """What one POST came to."""
+
+    outcome: Literal["ok", "retry", "reject"]
+    why: str = ""
+    wait: float | None = None  # Retry-After
+    status: int = 0
+    ack_id: int | None = None  # HEC indexer acknowledgement id of an accepted batch
+    invalid_event: int | None = None  # HEC: index of the first event it refused (those before were accepted)
+
+
+@dataclass(slots=True)
+class _Unacked:
+    items: list[_Item]
+    sent: float  # monotonic
+    attempts: int = 1
+
+
+def _hec_json(text: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def default_ack_url(url: str) -> str:
+    """`/services/collector/ack` on the event URL's host (whatever the event path was)."""
+    parts = urlsplit(url)
+    path = parts.path
+    i = path.find("/services/collector")
+    prefix = path[:i] if i >= 0 else ""
+    return urlunsplit((parts.scheme, parts.netloc, prefix + "/services/collector/ack", "", ""))
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._") or "http"
+
+
 class HttpSink(_QueuedSink):
     """Batches to Splunk HEC (`splunk_hec`) or a generic JSON-array endpoint (`json`)."""
 
     kind = "http"
 
-    def __init__(self, config: HttpSinkConfig) -> None:
+    def __init__(self, config: HttpSinkConfig, state_dir: Path | None = None) -> None:
         super().__init__(config, f"http:{_label(config.url)}")
         self.config: HttpSinkConfig = config
+        self.stats["dead_lettered"] = 0
         self._label = _label(config.url)
         self._hostname = config.hostname or socket.gethostname()
         self._ssl: ssl.SSLContext | bool | None = None
@@ -662,6 +767,22 @@ class HttpSink(_QueuedSink):
         if config.index:
             meta["index"] = config.index
         self._hec_meta = json.dumps(meta, ensure_ascii=False, separators=(",", ":"))[1:-1].encode()
+        # dead letters: events refused for good are kept, not dropped
+        dl = Path(config.dead_letter_file) if config.dead_letter_file else Path(f"audit-dead-letter-{_slug(self.name)}.jsonl")
+        limit = config.dead_letter_max_bytes
+        if not dl.is_absolute():
+            if state_dir is None:
+                limit = 0  # built outside Proctor's runtime (no state dir): nowhere to keep them
+            dl = (state_dir or Path(".")) / dl
+        self.dead_letters = DeadLetterFile(dl, limit, self.name)
+        self._batch_cap = config.batch_max_events  # halved on 413 until a batch fits
+        # HEC indexer acknowledgement: batches accepted but not yet reported indexed
+        self._channel = config.channel or (str(uuid.uuid4()) if config.ack else None)
+        self._ack_url = config.ack_url or default_ack_url(config.url)
+        self._unacked: dict[int, _Unacked] = {}
+        self._ack_task: asyncio.Task | None = None
+        self._ack_wake = asyncio.Event()
+        self._warned_no_ack = False
 
     def _prepare(self, line: bytes, event: dict[str, Any]) -> bytes:
         body = _strip_newline(line)
@@ -685,10 +806,24 @@ class HttpSink(_QueuedSink):
             connector=aiohttp.TCPConnector(limit=2, ssl=self._ssl if self._ssl is not None else True),
         )
 
+    async def start(self) -> None:
+        await super().start()
+        if self.config.ack and self._ack_task is None and self._session is not None:
+            self._ack_task = asyncio.create_task(self._poll_acks_forever(), name=f"proctor-audit-{self.name}-ack")
+
     async def _shutdown(self) -> None:
+        task, self._ack_task = self._ack_task, None
+        if task is not None:
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def _forget_inflight(self) -> None:
+        self._unacked.clear()
+        self._inflight_n = 0
 
     async def _wait_batch(self) -> None:
         cfg = self.config
@@ -715,48 +850,183 @@ class HttpSink(_QueuedSink):
         overhead = 1
         while True:
             await self._wait_batch()
-            n, chunks = self._batch(cfg.batch_max_events, cfg.batch_max_bytes - 2, overhead)
+            n, chunks = self._batch(min(self._batch_cap, cfg.batch_max_events), cfg.batch_max_bytes - 2, overhead)
             body = self._body(chunks)
             attempt = 0
             while True:
                 self._check_stop()
                 attempt += 1
-                outcome, why, wait = await self._post(body)
-                if outcome == "ok":
-                    self._delivered(n)
+                answer = await self._post(body)
+                if answer.outcome == "ok":
+                    self._accepted(n, answer)
                     break
-                if outcome == "reject":
-                    # Not retried, so not "failing" in the `healthy` sense: the events
-                    # are counted as failed and logged; the next batch goes on.
-                    self._remove(n)
-                    self.stats["failed"] += n
-                    self._failing = False
-                    log.error(
-                        "audit sink %s refused %d event(s) (%s); not retrying, they are lost",
-                        self.name, n, why,
-                    )
+                if answer.outcome == "reject":
+                    self._refused(n, chunks, answer)
                     break
-                self._retrying(why)
+                self._retrying(answer.why)
                 # Retry-After is honoured (capped at max_backoff), but never below min_backoff.
-                await self._pause(max(wait, cfg.min_backoff) if wait is not None else self._backoff(attempt))
+                await self._pause(max(answer.wait, cfg.min_backoff) if answer.wait is not None else self._backoff(attempt))
 
+    # -- outcomes --------------------------------------------------------------
+    def _accepted(self, n: int, answer: _Answer) -> None:
+        self._batch_cap = self.config.batch_max_events
+        if not self.config.ack:
+            self._delivered(n)
+            return
+        if answer.ack_id is None:
+            # the token has indexer acknowledgement off: HEC's 200 is all there is
+            if not self._warned_no_ack:
+                self._warned_no_ack = True
+                log.warning("audit sink %s: ack is on but HEC returned no ackId (indexer acknowledgement is off for "
+                            "this token): events count as delivered when HEC accepts them", self.name)
+            self._delivered(n)
+            return
+        items = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+        for item in items:
+            self._queued_bytes -= len(item.data)
+        old = self._unacked.pop(answer.ack_id, None)
+        if old is not None:  # HEC reused an id it never confirmed (channel reset): send that batch again
+            self._requeue(old)
+        self._unacked[answer.ack_id] = _Unacked(items, time.monotonic())
+        self._inflight_n += len(items)
+        self._failing = False  # HEC is answering; health now follows the acks
+        self._ack_wake.set()
+
+    def _refused(self, n: int, chunks: list[bytes], answer: _Answer) -> None:
+        """A non-retryable 4xx: split an oversized batch, else keep the refused events as dead letters."""
+        if answer.status == 413 and n > 1:
+            self._batch_cap = max(1, n // 2)
+            log.warning("audit sink %s: batch of %d events too large (HTTP 413); sending %d at a time",
+                        self.name, n, self._batch_cap)
+            return
+        k = answer.invalid_event
+        if k is not None and 0 <= k < n:
+            # HEC handles a batch in order and stops at the first bad event: the ones before it
+            # were accepted (not acknowledged: HEC gives no ackId with an error), the ones after
+            # it were never looked at and stay queued for the next batch.
+            if k:
+                self._delivered(k)
+            chunks, n = [chunks[k]], 1
+        self._remove(n)
+        kept = self.dead_letters.keep(chunks, answer.why)
+        self.stats["dead_lettered"] += kept
+        self.stats["failed"] += n - kept
+        self._rejected = True  # unhealthy (fail_closed stops writes) until a later delivery succeeds
+        log.error(
+            "audit sink %s refused %d event(s) (%s); not retrying: %s", self.name, n, answer.why,
+            f"kept in {self.dead_letters.path}" if kept == n else f"{n - kept} lost (dead-letter file full or off)",
+        )
+
+    def _requeue(self, batch: _Unacked) -> None:
+        """Put a batch back at the head of the queue (it goes out again before newer events)."""
+        self._inflight_n -= len(batch.items)
+        self._queue.extendleft(reversed(batch.items))
+        self._queued_bytes += sum(len(i.data) for i in batch.items)
+        self._empty.clear()
+        self.stats["retried"] += 1
+        self._wake.set()
+
+    # -- HEC indexer acknowledgement ------------------------------------------
+    async def _poll_acks_forever(self) -> None:
+        cfg = self.config
+        attempt = 0
+        while True:
+            if not self._unacked:
+                self._ack_wake.clear()
+                await self._ack_wake.wait()
+            # Splunk answers for an ack a little after indexing; poll at the configured pace
+            # (faster while draining at shutdown)
+            await asyncio.sleep(min(cfg.ack_poll_interval_seconds, 0.2) if self._closed else cfg.ack_poll_interval_seconds)
+            if not self._unacked:
+                continue
+            try:
+                ok, why = await self._check_acks()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - keep polling whatever happens
+                ok, why = False, f"{type(e).__name__}: {e}"
+            if ok:
+                attempt = 0
+            else:
+                attempt += 1
+                self._retrying(f"ack query failed: {why}")
+                await asyncio.sleep(self._backoff(attempt))
+            self._resend_overdue()
+
+    async def _check_acks(self) -> tuple[bool, str]:
+        ids = sorted(self._unacked)[:1000]
+        status, doc, why = await self._request(self._ack_url, json.dumps({"acks": ids}).encode())
+        if status != 200:
+            return False, why
+        acks = doc.get("acks")
+        if not isinstance(acks, dict):
+            return False, "ack response without an `acks` object"
+        done = 0
+        for key, indexed in acks.items():
+            try:
+                ack_id = int(key)
+            except ValueError:
+                continue
+            if indexed is True and ack_id in self._unacked:
+                batch = self._unacked.pop(ack_id)
+                self._inflight_n -= len(batch.items)
+                done += len(batch.items)
+        if done:
+            self._delivered(done, remove=False)
+            self._released()
+        return True, ""
+
+    def _resend_overdue(self) -> None:
+        now = time.monotonic()
+        for ack_id in [i for i, b in self._unacked.items() if now - b.sent >= self.config.ack_timeout_seconds]:
+            batch = self._unacked.pop(ack_id)
+            log.warning("audit sink %s: %d event(s) not reported indexed within %.0fs (ackId %d); sending them again",
+                        self.name, len(batch.items), self.config.ack_timeout_seconds, ack_id)
+            self._requeue(batch)
+
+    # -- HTTP ------------------------------------------------------------------
     def _scrub(self, text: str, token: str | None) -> str:
         text = text.replace(self.config.url, self._label)
         if token:
             text = text.replace(token, "[REDACTED]")
         return redact(text)
 
-    async def _post(self, body: bytes) -> tuple[str, str, float | None]:
-        """('ok'|'retry'|'reject', reason, Retry-After)."""
+    def _headers(self) -> tuple[dict[str, str], str | None, str | None]:
+        """(headers, token, why not) — why not: the token variable is unset."""
         cfg = self.config
-        assert self._session is not None
         headers = {"Content-Type": "application/json"}
         token: str | None = None
         if cfg.token_env:
             token = os.environ.get(cfg.token_env)
             if not token:
-                return "retry", f"token variable {cfg.token_env} is not set", None
+                return headers, None, f"token variable {cfg.token_env} is not set"
             headers["Authorization"] = f"{'Splunk' if cfg.format == 'splunk_hec' else 'Bearer'} {token}"
+        if self._channel:
+            headers["X-Splunk-Request-Channel"] = self._channel
+        return headers, token, None
+
+    async def _request(self, url: str, body: bytes) -> tuple[int, dict[str, Any], str]:
+        """POST to the ack endpoint: (status, JSON answer, reason)."""
+        headers, token, why_not = self._headers()
+        if why_not:
+            return 0, {}, why_not
+        assert self._session is not None
+        try:
+            async with self._session.post(
+                url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=self.config.timeout_seconds),
+                allow_redirects=False,
+            ) as resp:
+                text = (await resp.content.read(1 << 20)).decode("utf-8", "replace")
+                return resp.status, _hec_json(text), self._scrub(f"HTTP {resp.status}: {text[:300]}".strip(), token)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError) as e:
+            return 0, {}, self._scrub(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__, token)
+
+    async def _post(self, body: bytes) -> _Answer:
+        cfg = self.config
+        assert self._session is not None
+        headers, token, why_not = self._headers()
+        if why_not:
+            return _Answer("retry", why_not)
         try:
             async with self._session.post(
                 cfg.url,
@@ -767,26 +1037,33 @@ class HttpSink(_QueuedSink):
             ) as resp:
                 status = resp.status
                 if 200 <= status < 300:
-                    return "ok", "", None
+                    ack_id = None
+                    if cfg.ack:
+                        try:
+                            ack_id = _int_or_none(_hec_json((await resp.content.read(4096)).decode("utf-8", "replace")).get("ackId"))
+                        except Exception:  # noqa: BLE001 - accepted either way
+                            ack_id = None
+                    return _Answer("ok", status=status, ack_id=ack_id)
                 try:
-                    detail = (await resp.content.read(300)).decode("utf-8", "replace").strip()
+                    detail = (await resp.content.read(4096)).decode("utf-8", "replace").strip()
                 except Exception:  # noqa: BLE001
                     detail = ""
-                why = f"HTTP {status}" + (f": {detail}" if detail else "")
+                why = f"HTTP {status}" + (f": {detail[:300]}" if detail else "")
                 if 300 <= status < 400:
                     # Redirects are never followed (they would carry the token elsewhere);
                     # the events are held so that fixing the URL loses nothing.
                     location = resp.headers.get("Location", "")
                     where = _label(location) if "://" in location else "a relative URL"
-                    return "retry", self._scrub(f"HTTP {status} redirect to {where} (not followed)", token), None
+                    return _Answer("retry", self._scrub(f"HTTP {status} redirect to {where} (not followed)", token))
                 if status in (401, 403, 408, 429) or status >= 500:
                     # 401/403: a wrong or revoked token is fixed by an operator; hold the events until then
                     wait = _retry_after(resp.headers.get("Retry-After"), cfg.max_backoff) if status in (429, 503) else None
-                    return "retry", self._scrub(why, token), wait
-                return "reject", self._scrub(why, token), None
+                    return _Answer("retry", self._scrub(why, token), wait, status)
+                invalid = _int_or_none(_hec_json(detail).get("invalid-event-number")) if cfg.format == "splunk_hec" else None
+                return _Answer("reject", self._scrub(why, token), None, status, invalid_event=invalid)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ssl.SSLError) as e:
             text = str(e)
-            return "retry", self._scrub(f"{type(e).__name__}: {text}" if text else type(e).__name__, token), None
+            return _Answer("retry", self._scrub(f"{type(e).__name__}: {text}" if text else type(e).__name__, token))
 
 
 # ----------------------------------------------------------------------- build
@@ -797,8 +1074,9 @@ _TYPES: dict[str, tuple[type[_SinkConfig], type[_QueuedSink]]] = {
 }
 
 
-def build_sink(cfg: dict[str, Any]) -> Sink:
-    """A sink from its config mapping (`type`: stdout, syslog or http).
+def build_sink(cfg: dict[str, Any], state_dir: Path | None = None) -> Sink:
+    """A sink from its config mapping (`type`: stdout, syslog or http); `state_dir`
+    anchors relative paths (the HTTP sink's dead-letter file).
 
     Raises ValueError for an unknown type and pydantic.ValidationError (a
     ValueError) for an invalid config.
@@ -809,4 +1087,7 @@ def build_sink(cfg: dict[str, Any]) -> Sink:
     if kind not in _TYPES:
         raise ValueError(f"unknown audit sink type {kind!r}; expected one of: {', '.join(_TYPES)}")
     model, cls = _TYPES[kind]
-    return cls(model.model_validate(cfg))  # type: ignore[arg-type]
+    config = model.model_validate(cfg)
+    if cls is HttpSink:
+        return HttpSink(config, state_dir)  # type: ignore[arg-type]
+    return cls(config)  # type: ignore[arg-type]

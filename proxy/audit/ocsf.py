@@ -1,7 +1,7 @@
 """Decision-record lines as OCSF 1.3.0 API Activity events (class 6003).
 
 One event per decision and per state change (approval, suspension, policy
-rollback). The mapping is documented field by field in docs/siem.md; Proctor
+rollback), plus the trail's own `audit` events (a gap in a file, a repair). The mapping is documented field by field in docs/siem.md; Proctor
 specifics that OCSF has no attribute for live under `unmapped.proctor`.
 """
 
@@ -195,6 +195,18 @@ def state_change_event(rec: dict[str, Any]) -> dict[str, Any]:
                      "request": {"uid": f"{rec.get('kind')}:{rec.get('target')}"}, "service": {"name": "proctor.governance"}}
         ev["resources"] = [{"uid": str(rec.get("target")), "type": str(rec.get("kind"))}]
         ev["message"] = f"{rec.get('kind')} {rec.get('target')} {event} by {by}: {rec.get('reason', '')}"
+    elif rtype == "audit":
+        # the trail about itself: events a file could not take (gap), a torn line cut off (repaired)
+        ev = _base(99, _ms(rec.get("time")), 4 if event == "gap" else 2, True)
+        ev["actor"] = {"user": {"uid": "proctor", "name": "proctor", "type_id": 3, "type": "System"}}
+        ev["api"] = {"operation": f"proctor.audit.{event}", "request": {"uid": str(rec.get("path") or "")},
+                     "service": {"name": "proctor.audit"}}
+        ev["resources"] = [{"uid": str(rec.get("path") or ""), "type": "AuditFile"}]
+        if event == "gap":
+            ev["message"] = (f"audit file {rec.get('path')}: {rec.get('count')} event(s) (sequence {rec.get('from')}.."
+                             f"{rec.get('to')}) not written: {rec.get('reason')}")
+        else:
+            ev["message"] = f"audit file {rec.get('path')}: {rec.get('reason')} ({rec.get('removed_bytes')} bytes)"
     else:
         ev["actor"] = {"user": {"uid": by or "?", "name": by or "?", "type_id": 1, "type": "User"}}
         ev["api"] = {"operation": f"proctor.policy.{event}", "request": {"uid": str(rec.get("to_revision") or "")},

@@ -161,14 +161,25 @@ def runtime_families(runtime) -> list:
         lost = CounterMetricFamily("proctor_audit_lost_events", "Audit events a sink dropped or could not deliver.", labels=["sink", "reason"])
         sent = CounterMetricFamily("proctor_audit_events_delivered", "Audit events delivered per sink.", labels=["sink"])
         healthy = GaugeMetricFamily("proctor_audit_sink_healthy", "1 while the sink can take events, 0 while it is failing or full.", labels=["sink"])
+        dead = CounterMetricFamily("proctor_audit_dead_letter_events", "Audit events a destination refused for good, kept in the sink's dead-letter file.", labels=["sink"])
+        truncated = CounterMetricFamily("proctor_audit_truncated_events", "Audit events reduced to fit a sink's size limit (syslog max_message_bytes).", labels=["sink"])
         for i, sink in enumerate(audit.sinks):
             name = sink.name if i == 0 else f"{sink.name}#{i}"
             depth.add_metric([name], sink.queue_depth)
             lost.add_metric([name, "dropped"], sink.stats.get("dropped", 0))
             lost.add_metric([name, "failed"], sink.stats.get("failed", 0))
+            if "skipped" in sink.stats:  # file: not written while the disk was full (declared in a gap marker)
+                lost.add_metric([name, "not_written"], sink.stats["skipped"])
+            if "dead_lettered" in sink.stats:
+                dead.add_metric([name], sink.stats["dead_lettered"])
+            if "truncated" in sink.stats:
+                truncated.add_metric([name], sink.stats["truncated"])
             sent.add_metric([name], sink.stats.get("sent", 0))
             healthy.add_metric([name], 1 if sink.healthy else 0)
-        out += [depth, lost, sent, healthy]
+        out += [depth, lost, sent, healthy, dead, truncated]
+        gaps = CounterMetricFamily("proctor_audit_gap_markers", "Gap markers written: events the audit file could not take, accounted for in the chain.")
+        gaps.add_metric([], getattr(audit, "gaps", 0))
+        out.append(gaps)
         refused = CounterMetricFamily("proctor_audit_refusals", "Requests refused because the audit trail could not record them.")
         refused.add_metric([], audit.refused)
         out.append(refused)
