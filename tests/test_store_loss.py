@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -404,14 +405,20 @@ def test_postgres_other_store_is_refused_and_a_swapped_id_is_lost(tmp_path: Path
 
 # ------------------------------------------------------------- the kill switch's cache
 class FlakyStore(SQLiteStore):
-    """A real SQLite store whose health check can be made to fail (the store 'down')."""
+    """A real SQLite store whose health check (the store 'down') or suspension reads can be made to fail."""
 
     failing = False
+    reads_failing = False
 
     async def _verify(self) -> None:
         if self.failing:
             raise StoreError("state store: connection refused")
         await super()._verify()
+
+    async def suspensions_version(self) -> int:
+        if self.reads_failing:
+            raise StoreError("state store: suspensions_version failed: disk I/O error")
+        return await super().suspensions_version()
 
 
 def test_kill_switch_refuses_while_the_store_is_in_trouble_and_until_re_read(tmp_path: Path):
@@ -436,12 +443,44 @@ def test_kill_switch_refuses_while_the_store_is_in_trouble_and_until_re_read(tmp
         store.failing = False
         await store.check()
         assert store.problem is None
+        assert gov.stale
         with pytest.raises(StoreError, match="being re-read"):
             gov.agent_suspension("bot")  # recovered, but the set is not re-read yet
         await gov.refresh()
+        assert not gov.stale
         s = gov.agent_suspension("bot")
         assert s is not None and s.reason == "from replica 2"
         await store.close()
+
+    run(main())
+
+
+def test_kill_switch_refuses_while_its_set_cannot_be_refreshed(tmp_path: Path):
+    """The store answers its health check, but reading the suspensions fails: the set may
+    miss a suspension made on another replica, so requests are refused until a read succeeds."""
+
+    async def main():
+        store = FlakyStore(str(tmp_path / "proctor.db"))
+        await store.open()
+        gov = Governance(store, refresh_seconds=0.02)
+        await gov.load()
+        poller = asyncio.create_task(gov.run())
+        try:
+            store.reads_failing = True
+            deadline = time.monotonic() + 3
+            while not gov.stale and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert gov.stale and store.problem is None
+            with pytest.raises(StoreError, match="being re-read"):
+                gov.agent_suspension("bot")
+            store.reads_failing = False
+            deadline = time.monotonic() + 3
+            while gov.stale and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert gov.agent_suspension("bot") is None
+        finally:
+            poller.cancel()
+            await store.close()
 
     run(main())
 
@@ -541,7 +580,7 @@ def test_acknowledged_suspension_survives_kill_9(proctor_factory, idp, upstream)
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
 def test_store_file_lost_while_running_fails_closed_and_blocks_a_silent_restart(
-    proctor_factory, idp, upstream, how: str
+    proctor_factory, idp, upstream, upstream_tls, how: str
 ):
     p = proctor_factory()
     state = p.dir / "state"
@@ -579,6 +618,15 @@ def test_store_file_lost_while_running_fails_closed_and_blocks_a_silent_restart(
     assert r.headers["x-proctor-decision-id"] == body["decision_id"]
     with httpx.Client(proxy=p.proxy_url_with(agent, tok), timeout=10) as c:
         assert c.post(f"http://127.0.0.1:{upstream.port}/items", json={"m": m}).status_code == 503
+    # the gateway and CONNECT tunnels too
+    r = httpx.get(f"{p.gateway_url}/svc/items/{m}-gw", headers={"Authorization": f"Bearer {tok}"}, timeout=10)
+    assert r.status_code == 503 and r.json()["type"].endswith("/fail-closed"), r.text
+    tls_before = len(upstream_tls.received())
+    with pytest.raises(httpx.ProxyError, match="503"):
+        with httpx.Client(proxy=p.proxy_url_with(agent, tok), verify=ssl.create_default_context(cafile=str(p.ca_pem)),
+                          timeout=10) as c:
+            c.get(f"https://localhost:{upstream_tls.port}/items/{m}-tls")
+    assert len(upstream_tls.received()) == tls_before
     assert [e["path"] for e in hits(upstream, m)] == [f"/items/{m}-0"]
     (rec,) = [d for d in p.decisions() if d.get("decision_id") == body["decision_id"]]
     assert rec["refusal"]["kind"] == "fail-closed" and any(str(db) in e for e in rec["errors"]), rec

@@ -3,7 +3,8 @@
 Ready means every part a request needs is up:
 
 - **listeners**: every agent-facing listener (forward proxy, gateway) is bound;
-- **store**: open, still the store it opened, and answering its checks;
+- **store**: open, still the store it opened, answering its checks, and the
+  kill switch's suspension set read from it since any trouble;
 - **policies**: a policy set is loaded (a rejected reload keeps the last good
   set: still ready, reported as degraded);
 - **audit**: no sink whose overflow policy holds or refuses requests
@@ -58,6 +59,8 @@ def store_component(runtime: "ProctorRuntime") -> Component:
         return Component("down", {**detail, "lost": True}, [f"state store lost: {store.lost}"])
     if store.problem is not None:
         return Component("down", detail, [f"state store unavailable: {store.problem}"])
+    if runtime.governance is not None and runtime.governance.stale:
+        return Component("down", detail, ["suspensions are being re-read from the state store"])
     return Component("ok", detail)
 
 

@@ -78,6 +78,11 @@ class Governance:
             await self.store.upsert_agent(AgentRecord(id=r.id, owner=r.owner, team=r.team, description=r.description))
         await self.refresh(force=True)
 
+    @property
+    def stale(self) -> bool:
+        """True while the suspension set waits to be re-read after a store problem (requests refused)."""
+        return self._stale
+
     # -- the request path -----------------------------------------------------------------
     def _require_trusted(self) -> None:
         """Fail closed while the suspension set may not match the store (see module doc)."""
