@@ -193,7 +193,7 @@ def test_syslog_tcp_delivers_rfc5424_octet_counted_frames():
             sink.submit(*event(i))
         await until(lambda: len(rx.frames) == 10 and sink.stats["sent"] == 10, what="10 frames")
         assert rx.connections == 1  # persistent connection
-        assert sink.stats == {"submitted": 10, "sent": 10, "dropped": 0, "failed": 0, "retried": 0}
+        assert sink.stats == {"submitted": 10, "sent": 10, "dropped": 0, "failed": 0, "retried": 0, "truncated": 0}
         await sink.close(1)
         await rx.stop()
 

@@ -588,6 +588,7 @@ class SyslogSink(_QueuedSink):
     def __init__(self, config: SyslogSinkConfig) -> None:
         super().__init__(config, f"syslog:{config.host}:{config.port}")
         self.config: SyslogSinkConfig = config
+        self.stats["truncated"] = 0  # events reduced to fit max_message_bytes
         self._hostname = _header_field(config.hostname or socket.gethostname(), 255)
         self._procid = str(os.getpid())
         self._ssl = (
@@ -607,7 +608,7 @@ class SyslogSink(_QueuedSink):
         head = header.encode("ascii") + (b"\xef\xbb\xbf" if cfg.utf8_bom else b"")
         msg, reduced = fit_event(line, event, cfg.max_message_bytes - len(head))
         if reduced:
-            self.stats["truncated"] = self.stats.get("truncated", 0) + 1
+            self.stats["truncated"] += 1
         return head + msg
 
     def _prepare(self, line: bytes, event: dict[str, Any]) -> bytes:
