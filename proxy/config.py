@@ -185,6 +185,17 @@ class RequestLimits(Strict):
     engine_max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
     # Request line plus headers; larger heads are refused (431) before authentication.
     max_request_head_bytes: int = Field(64 * 1024, ge=8 * 1024, le=16 * 1024 * 1024)
+    # All request bodies still being received, process-wide; past it new bodies get 503.
+    max_inflight_body_bytes: int = Field(256 * 1024 * 1024, ge=64 * 1024)
+    # A client connection with nothing in flight (no request, or a request or TLS
+    # handshake that stopped arriving) is closed after this long.
+    client_idle_timeout_seconds: float = Field(60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _inflight_holds_one_body(self) -> "RequestLimits":
+        if self.max_inflight_body_bytes < self.max_body_bytes:
+            raise ValueError("max_inflight_body_bytes must be at least max_body_bytes (one body must fit)")
+        return self
 
     @field_validator("context_headers")
     @classmethod
@@ -202,6 +213,11 @@ class UpstreamConfig(Strict):
     ca_file: Path | None = None
     # Never verify upstream TLS (tests against self-signed servers only). Loud warning.
     insecure_skip_verify: bool = False
+    # Connecting (DNS + TCP) to an upstream; then 504.
+    connect_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    # An upstream connection that sends nothing for this long is closed; a request
+    # still waiting for (the rest of) its answer gets 504.
+    read_timeout_seconds: float = Field(60.0, gt=0, le=3600)
 
 
 class RecordConfig(Strict):

@@ -34,7 +34,7 @@ from .core.pipeline import Pipeline
 from .engine.gateway import GatewayRouter
 from .engine.listeners import ListenerWatch
 from .engine.mitm import ProctorAddon
-from .engine.patches import install_engine_patches
+from .engine.patches import EngineTimeouts, install_engine_patches
 from .identity.dev_issuer import DevIssuer
 from .observability.metrics import Metrics, runtime_families
 from .observability.tracing import Tracing
@@ -216,7 +216,14 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     except StoreError as e:
         raise SystemExit(f"proctor: cannot open the state store: {e}") from None
 
-    install_engine_patches(config.limits.max_request_head_bytes)
+    install_engine_patches(
+        config.limits.max_request_head_bytes,
+        EngineTimeouts(
+            upstream_connect=config.upstream.connect_timeout_seconds,
+            upstream_read=config.upstream.read_timeout_seconds,
+            client_idle=config.limits.client_idle_timeout_seconds,
+        ),
+    )
     options = mitm_options_for(config)
     master = engine_master(options, runtime.addon)
     # mitmproxy runs on without a listener it cannot bind: this stops it instead (exit below)

@@ -26,6 +26,7 @@ from http import HTTPStatus
 
 from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url as mitm_url
+from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.proxy import commands, layer, layers, mode_specs
 from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
 from mitmproxy.tcp import TCPFlow
@@ -40,12 +41,16 @@ from ..record.decisions import DecisionRecorder, decision_record
 from ..observability.metrics import Metrics
 from ..observability.tracing import Tracing
 from .gateway import GatewayRouter
-from .patches import UPSTREAM_FAILURE, is_timeout
+from .bodylimits import BodyBudget, BodyGuard, Verdict
+from .patches import BODY_GUARD, EARLY_ANSWER, UPSTREAM_FAILURE, is_timeout
 
 log = logging.getLogger("proctor.engine")
 
 META = "proctor"
 TRACE = "proctor_trace"
+# The Authentication proven in `requestheaders` (before the body was read), reused
+# by the decision so a token is verified once per request.
+PROVEN = "proctor_proven"
 STREAM_RESPONSES_OVER = 256 * 1024
 TRACK_CREATOR_MAX_BODY = 1024 * 1024
 
@@ -97,7 +102,11 @@ class ProctorAddon:
         tracing: Tracing | None = None,
         store: Any = None,
         record_inputs: bool = True,
+        body_budget: BodyBudget | None = None,
     ) -> None:
+        # Request body bytes being received, process-wide (limits.max_inflight_body_bytes);
+        # built from the pipeline's config on first use when not given.
+        self.body_budget = body_budget
         self.store = store  # records resource creators (manifest track_creator)
         self.record_inputs = record_inputs  # keep the sanitised Cedar inputs in the record (replay)
         self.audit: Any = None  # AuditTrail: may refuse forwarding while it cannot record (fail closed)
@@ -357,9 +366,104 @@ class ProctorAddon:
         self.recorder.write(rec)
 
     # -- requests ------------------------------------------------------------------
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow):
+        """No work before authentication: a request announcing a body is authenticated
+        here, from its head, before the body is read or `100 Continue` is sent; a
+        refusal is answered at once (patches.py sends it and stops reading). A request
+        without a body has nothing to read and is authenticated by the decision."""
         # Decisions need the whole body: never let a request stream past us.
         flow.request.stream = False
+        if flow.response is not None or flow.error is not None:
+            return None  # the engine refused it already (e.g. over its size ceiling)
+        try:
+            declared = expected_http_body_size(flow.request)  # 0: none, None: chunked
+            if declared == 0:
+                return None
+        except Exception:
+            self._fail_closed(flow, "requestheaders")
+            flow.metadata[EARLY_ANSWER] = 0
+            return None
+        return self._admit_body(flow, declared)
+
+    async def _admit_body(self, flow: http.HTTPFlow, declared: int | None) -> None:
+        try:
+            await self._authenticate_before_body(flow, declared)
+        except Exception:
+            self._fail_closed(flow, "requestheaders")
+            flow.metadata[EARLY_ANSWER] = 0
+
+    async def _authenticate_before_body(self, flow: http.HTTPFlow, declared: int | None) -> None:
+        reverse = self._is_reverse(flow)
+        req = self._agent_request(flow, reverse)  # the head only: body b""
+        if reverse:  # not routed yet: name what the agent addressed, not the placeholder target
+            req.host, req.port = self._addressed(flow)
+        limits = self.pipeline.config.limits
+        fits = declared is None or declared <= limits.max_body_bytes
+        auth = await self.pipeline.authenticate(req)
+        if auth.refusal is not None:
+            # a small body still on its way is read and discarded, so the client sees the 401/407
+            self._refuse_early(flow, new_outcome(auth.refusal), req, limits.max_body_bytes if fits else 0)
+            return
+        if self.body_budget is None:
+            self.body_budget = BodyBudget(limits.max_inflight_body_bytes)
+        guard = BodyGuard(self.body_budget, limits.max_body_bytes, declared)
+        if guard.verdict is not None:
+            outcome = new_outcome(self._body_refusal(guard.verdict), auth.identity)
+            self._refuse_early(flow, outcome, req, limits.max_body_bytes if fits else 0)
+            return
+        identity = auth.identity
+        guard.refuse = lambda verdict: self._refuse_body(flow, req, identity, verdict)
+        flow.metadata[BODY_GUARD] = guard
+        flow.metadata[PROVEN] = auth
+
+    def _body_refusal(self, verdict: Verdict) -> Refusal:
+        limits = self.pipeline.config.limits
+        if verdict == "too-large":
+            return Refusal(
+                413,
+                "Request body too large",
+                f"the body is larger than {limits.max_body_bytes} bytes (limits.max_body_bytes); it was refused "
+                "before being read in full and nothing was forwarded. Send a smaller body.",
+                kind="request",
+            )
+        return Refusal(
+            503,
+            "Proctor is busy",
+            "too many request bodies are being received at once (limits.max_inflight_body_bytes); nothing was "
+            "forwarded. Retry shortly.",
+            headers={"Retry-After": "1"},
+            kind="fail-closed",
+        )
+
+    def _refuse_early(self, flow: http.HTTPFlow, outcome: Outcome, req: AgentRequest, drain: int) -> None:
+        """Refused from the head alone: the engine answers before reading the body."""
+        self.stats["requests"] += 1
+        self.stats["refused"] += 1
+        flow.metadata[META] = (outcome, req, None)
+        self._refuse(flow, outcome)
+        flow.metadata[EARLY_ANSWER] = drain
+        assert outcome.refusal is not None
+        self._record(outcome, req, outcome.refusal.status)
+
+    def _refuse_body(self, flow: http.HTTPFlow, req: AgentRequest, identity: AgentIdentity | None, verdict: Verdict) -> None:
+        """A body broke its bound while arriving (called by the engine, patches.py)."""
+        outcome = new_outcome(self._body_refusal(verdict), identity)
+        self.stats["requests"] += 1
+        self.stats["refused"] += 1
+        flow.metadata[META] = (outcome, req, None)
+        self._refuse(flow, outcome)
+        assert outcome.refusal is not None
+        self._record(outcome, req, outcome.refusal.status)
+
+    def _use_proven_identity(self, flow: http.HTTPFlow, req: AgentRequest) -> None:
+        """The identity `requestheaders` proved for this request, so the decision does not verify
+        the token again. It enters the pipeline like a tunnel's identity: expiry is re-checked, and
+        an Authorization header carrying the same token is still stripped (by its digest)."""
+        auth = flow.metadata.pop(PROVEN, None)
+        if auth is not None and auth.identity is not None and req.connection_identity is None:
+            req.connection_identity = auth.identity
+            req.connection_token_digest = auth.token_digest
+
 
     async def _request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
@@ -379,6 +483,7 @@ class ProctorAddon:
             flow.request.port = target.port
             flow.request.path = target.path + (f"?{query}" if query else "")
         req = self._agent_request(flow, reverse)
+        self._use_proven_identity(flow, req)
         outcome = await self.pipeline.decide(req)
         decision_ms = (time.perf_counter() - outcome.started) * 1000
         flow.metadata[META] = (outcome, req, decision_ms)
