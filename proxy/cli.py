@@ -354,7 +354,7 @@ def policy_explain(
         return
     if agent is None:
         raise click.UsageError("give --agent (and the request), or --decision DECISION_ID")
-    from .connectors.classifier import Classifier
+    from .connectors.classifier import build_classifier
     from .connectors.manifest import ManifestError, load_manifests
     from .core.model import AgentIdentity
     from .policy.engine import PolicyLoadError, PolicyStore
@@ -372,11 +372,7 @@ def policy_explain(
         req = build_request(method, url, headers, body)
         manifests = load_manifests(config.connectors_dir)
         store = PolicyStore(policy_source(config, manifests=manifests))
-        classifier = Classifier(
-            manifests,
-            unclassified_hosts=config.egress.unclassified_hosts,
-            generic_default=config.egress.default == "generic",
-        )
+        classifier = build_classifier(manifests, config.egress)
     except (ExplainInputError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -156,6 +156,9 @@ class EgressConfig(Strict):
 
     default: Literal["deny", "generic"] = "deny"
     unclassified_hosts: list[str] = Field(default_factory=list)
+    # Generic egress refuses (415) bodies Proctor cannot read (not JSON, a form or
+    # multipart); true forwards them as opaque (policies see context.payload).
+    opaque_bodies: bool = False
 
 
 class PolicyConfig(Strict):
@@ -176,6 +179,11 @@ class RequestLimits(Strict):
     # Bodies up to this size are parsed into Cedar context; larger ones are refused (413).
     max_body_bytes: int = Field(1024 * 1024, ge=0)
     max_json_depth: int = Field(32, ge=1, le=256)
+    # A body number Cedar cannot hold exactly (more than 4 decimal places, beyond
+    # 64 bits, 1e400): `refuse` (400, default) or `omit` it from context.body
+    # (declared body fields are always exact). `omit` lets a forbid on that value
+    # be dodged: use it only where no policy reads such numbers.
+    inexact_numbers: Literal["refuse", "omit"] = "refuse"
     # Request headers copied into Cedar context (lower-case names).
     context_headers: list[str] = Field(
         default_factory=lambda: ["content-type", "user-agent", "idempotency-key", "x-request-id"]

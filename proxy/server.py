@@ -19,7 +19,8 @@ from mitmproxy.master import Master
 
 from .ca import ensure_ca
 from .config import ProctorConfig
-from .connectors.classifier import Classifier
+from .connectors.aliases import ConnectorAliases
+from .connectors.classifier import build_classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
 from .approvals.notify import Notifier, WebhookConfig
@@ -79,11 +80,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     manifests = load_manifests(config.connectors_dir)
     policies = PolicyStore(policy_source(config, manifests=manifests))
     injector = CredentialInjector({m.name: m.auth for m in manifests if m.auth is not None})
-    classifier = Classifier(
-        manifests,
-        unclassified_hosts=config.egress.unclassified_hosts,
-        generic_default=config.egress.default == "generic",
-    )
+    classifier = build_classifier(manifests, config.egress)
     verifier = TokenVerifier(config.effective_issuers(), config.identity_settings())
     shadow = None
     if config.policies.shadow_dir is not None:
@@ -120,7 +117,8 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     if approvals is not None:
         governance.on_change.append(approvals.wake_all)
         approvals.interrupt = lambda a: governance.suspension_for(a.agent_id, a.connector, a.action) is not None
-    pipeline = Pipeline(config, verifier, classifier, policies, shadow, enricher, approvals, governance)
+    aliases = ConnectorAliases(manifests) if classifier.has_generic_egress else None
+    pipeline = Pipeline(config, verifier, classifier, policies, shadow, enricher, approvals, governance, aliases)
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     metrics = Metrics()
     addon = ProctorAddon(

@@ -419,12 +419,13 @@ def test_weighted_sum_and_count():
 def test_weighted_sum_rounds_half_up_to_four_places():
     assert body_values({"net": NET}, items(("0.5", "0.3333"))) == {"net": dec("0.1667")}  # 0.16665
     assert body_values({"net": NET}, items(("0.5", "0.0001"))) == {"net": dec("0.0001")}  # 0.00005
-    assert body_values({"net": NET}, items(("0.5", "-0.0001"))) == {"net": dec("-0.0001")}  # away from zero
+    credit = NET.model_copy(update={"min": -1})  # a manifest that allows credit lines
+    assert body_values({"net": credit}, items(("0.5", "-0.0001"))) == {"net": dec("-0.0001")}  # away from zero
     assert body_values({"net": NET}, items(("0.3333", "0.3333"))) == {"net": dec("0.1111")}  # 0.11108889
 
 
 def test_min_max_and_long_sums():
-    s = lambda agg, t: BodyFieldSpec(path="a[*].p", aggregate=agg, type=t)
+    s = lambda agg, t: BodyFieldSpec(path="a[*].p", aggregate=agg, type=t, min=-10)
     doc = {"a": [{"p": 3}, {"p": "9.5"}, {"p": -1.25}]}
     assert body_values({"x": s("min", "decimal")}, doc) == {"x": dec("-1.25")}
     assert body_values({"x": s("max", "decimal")}, doc) == {"x": dec("9.5")}
@@ -434,6 +435,29 @@ def test_min_max_and_long_sums():
     assert body_values({"x": nested}, {"o": [{"i": [{"p": 1}, {"p": 2}]}, {"i": [{"p": 3}]}]}) == {"x": 6}
     # null elements are skipped, as for sets
     assert body_values({"x": BodyFieldSpec(path="a[*]", aggregate="max", type="long")}, {"a": [3, None, 9, 1]}) == {"x": 9}
+
+
+def test_negative_elements_and_weights_are_refused_unless_the_manifest_allows_them():
+    """A negative line must not offset an order's total below an approval threshold."""
+    with pytest.raises(ValueRejected, match="element 1 must be at least 0"):
+        body_values({"net": NET}, items(("10", "5000"), ("1", "-4000")))
+    with pytest.raises(ValueRejected, match="OrderQuantity must be at least 0"):
+        body_values({"net": NET}, items(("10", "5000"), ("-8", "1000")))
+    allowed = NET.model_copy(update={"min": -10000, "weight_min": -100})
+    assert body_values({"net": allowed}, items(("10", "5000"), ("-8", "1000"))) == {"net": dec("42000.0")}
+    # explicit bounds apply to decimals and longs alike, outside aggregates too
+    bounded = BodyFieldSpec(path="amount", type="decimal", min=1, max="99.5")
+    assert body_values({"a": bounded}, {"amount": "99.5"}) == {"a": dec("99.5")}
+    for bad in ("0.5", "99.6"):
+        with pytest.raises(ValueRejected, match="must be at"):
+            body_values({"a": bounded}, {"amount": bad})
+
+
+def test_decimal_strings_are_plain_digits():
+    spec = BodyFieldSpec(path="amount", type="decimal")
+    for bad in ("1_000", "1e3", "NaN", " 5", "٥", "Infinity", "0x10"):
+        with pytest.raises(ValueRejected):
+            body_values({"a": spec}, {"amount": bad})
 
 
 def test_empty_aggregates():

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
+from ..core.hosts import canonical_host
 from ..core.model import Classification
 from .manifest import ConnectorManifest, RouteSpec
 from .values import path_values, query_values
@@ -172,7 +173,8 @@ def host_matches(pattern: str, host: str, port: int) -> bool:
         return False
     if "*" in pat_host:
         return fnmatch.fnmatchcase(host, pat_host) and host.count(".") >= pat_host.count(".")
-    return host == pat_host
+    # `host` is canonical (core/hosts.py); so is the pattern, e.g. [::ffff:7f00:1] -> 127.0.0.1
+    return host == canonical_host(pat_host)
 
 
 @dataclass
@@ -180,6 +182,7 @@ class Classifier:
     connectors: list[ConnectorManifest]
     unclassified_hosts: list[str] = field(default_factory=list)
     generic_default: bool = False
+    generic_opaque_bodies: bool = False  # egress.opaque_bodies: generic egress forwards unreadable bodies
     _routes: dict[str, list[_CompiledRoute]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -189,6 +192,11 @@ class Classifier:
             compiled.sort(key=lambda r: r.specificity, reverse=True)
             self._routes[c.name] = compiled
 
+    @property
+    def has_generic_egress(self) -> bool:
+        """Can any request be classified as generic egress (egress.default generic or unclassified_hosts)?"""
+        return self.generic_default or bool(self.unclassified_hosts)
+
     def connector_for(self, host: str, port: int) -> ConnectorManifest | None:
         for c in self.connectors:
             if any(host_matches(p, host, port) for p in c.hosts):
@@ -197,7 +205,7 @@ class Classifier:
 
     def knows_host(self, host: str, port: int) -> bool:
         """Could any request to host:port be classified? (CONNECT is refused early otherwise.)"""
-        host = host.lower().rstrip(".")
+        host = canonical_host(host)
         return (
             self.connector_for(host, port) is not None
             or self.generic_default
@@ -209,7 +217,7 @@ class Classifier:
 
         Raises PathRejected for an ambiguous path, ValueRejected for a declared value
         of the wrong type (both are refusals, never a fall-through to another route)."""
-        host = host.lower().rstrip(".")
+        host = canonical_host(host)  # raises HostRejected (a refusal) for an invalid host
         method = method.upper()
         connector = self.connector_for(host, port)
         if connector is not None:
@@ -262,6 +270,7 @@ class Classifier:
                     resource_attribute_names=tuple(spec.resource_attributes),
                     spec=spec,
                     approval_mode=route.approval,
+                    opaque_body=spec.opaque_body,
                 )
             return None
         if self.generic_default or any(host_matches(p, host, port) for p in self.unclassified_hosts):
@@ -274,8 +283,19 @@ class Classifier:
                 resource_attrs={},
                 risk="medium",
                 route="*",
+                opaque_body=self.generic_opaque_bodies,
             )
         return None
+
+
+def build_classifier(manifests: list[ConnectorManifest], egress: Any) -> Classifier:
+    """The classifier for `manifests` and the config's `egress` section (one place for proxy and explain)."""
+    return Classifier(
+        manifests,
+        unclassified_hosts=egress.unclassified_hosts,
+        generic_default=egress.default == "generic",
+        generic_opaque_bodies=egress.opaque_bodies,
+    )
 
 
 def attrs_for_record(attrs: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ routes:
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,9 +61,26 @@ class ValueSpec(_Strict):
 
     type: ValueType = "string"
     pattern: str | None = None  # strings: must match entirely
-    min: int | None = None  # long: inclusive bounds
-    max: int | None = None
+    # long/decimal: inclusive bounds. For an aggregate they bound every element,
+    # and default to 0 there (a negative line must not offset a total).
+    min: Decimal | None = None
+    max: Decimal | None = None
     required: bool = False  # query and body values: refuse the request when missing
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ValueSpec":
+        if (self.min is not None or self.max is not None) and self.type not in ("long", "decimal"):
+            raise ValueError("min and max apply to long and decimal values")
+        for bound in (self.min, self.max):
+            if bound is not None and (not bound.is_finite() or bound != bound.quantize(Decimal("0.0001"))):
+                raise ValueError("min and max must be finite numbers with at most 4 decimal places")
+        if self.type == "long":
+            for bound in (self.min, self.max):
+                if bound is not None and bound != bound.to_integral_value():
+                    raise ValueError("min and max of a long must be integers")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError("min is greater than max")
+        return self
 
     @field_validator("pattern")
     @classmethod
@@ -86,13 +104,20 @@ class BodyFieldSpec(ValueSpec):
     # With `sum`: multiply each value by this field of the same element first
     # (quantity x unit price). A path relative to the element the last `[*]` selects.
     weight: str | None = None
+    # Inclusive lower bound of each weight (default 0: a negative quantity would
+    # turn a line into a credit that offsets the total).
+    weight_min: Decimal | None = None
 
     @model_validator(mode="after")
     def _aggregate(self) -> "BodyFieldSpec":
         if self.aggregate is None:
             if self.weight is not None:
                 raise ValueError("weight needs aggregate: sum")
+            if self.weight_min is not None:
+                raise ValueError("weight_min needs aggregate: sum and a weight")
             return self
+        if self.weight_min is not None and self.weight is None:
+            raise ValueError("weight_min needs a weight")
         if "[*]" not in self.path:
             raise ValueError(f"aggregate needs a [*] path (it folds a set), not {self.path!r}")
         if self.aggregate == "count":
@@ -228,6 +253,10 @@ class RouteSpec(_Strict):
     track_creator: TrackCreator | None = None
     lookup: LookupSpec | None = None
     approval: ApprovalWait | None = None
+    # Uploads: a body Proctor cannot read (not JSON, a form or multipart) is forwarded
+    # as opaque instead of refused (415); policies see context.payload.format == "opaque",
+    # its size and media type. A route that reads body fields cannot be opaque.
+    opaque_body: bool = False
 
     @field_validator("method")
     @classmethod
@@ -298,6 +327,8 @@ class RouteSpec(_Strict):
         for name in self.resource_attributes:
             if name not in known:
                 raise ValueError(f"resource_attributes names {name!r}, which is not a path, query or body value")
+        if self.opaque_body and (self.body or self.jsonrpc is not None):
+            raise ValueError("opaque_body: a route that reads body fields (or JSON-RPC) needs bodies Proctor can read")
         if self.jsonrpc is not None and (self.track_creator or self.lookup):
             raise ValueError("track_creator and lookup are not supported on jsonrpc routes")
         if self.lookup is not None:
@@ -331,6 +362,20 @@ class ConnectorManifest(_Strict):
     def _hosts(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("a connector needs at least one host pattern")
+        from ..core.hosts import HostRejected, canonical_host
+
+        for pattern in v:
+            host, sep, port = pattern.rpartition(":") if not pattern.endswith("]") else ("", "", "")
+            if not sep or (host.count(":") and not host.endswith("]")):
+                host, port = pattern, ""
+            if port and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"host pattern {pattern!r}: invalid port")
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            if "*" not in host:
+                try:
+                    canonical_host(host)
+                except HostRejected as e:
+                    raise ValueError(f"host pattern {pattern!r}: {e}") from None
         return [h.lower() for h in v]
 
 

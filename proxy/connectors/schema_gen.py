@@ -39,7 +39,7 @@ BASE_CONTEXT_FIELDS = (
 )
 # Optional keys some requests carry; declared in every generated context type
 # whose schema declares the named common type (the bundled one does).
-OPTIONAL_CONTEXT_FIELDS: tuple[tuple[str, str], ...] = (("approval", "Approval"),)
+OPTIONAL_CONTEXT_FIELDS: tuple[tuple[str, str], ...] = (("approval", "Approval"), ("payload", "Payload"))
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -20,7 +20,8 @@ from .manifest import BodyFieldSpec, ValueSpec
 
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 DECIMAL_LIMIT = Decimal("922337203685477.5807")  # Cedar decimal: i64 with 4 fractional digits
-_INT_RE = re.compile(r"^[+-]?\d+$")
+_INT_RE = re.compile(r"[+-]?[0-9]+")  # ASCII digits only, used with fullmatch
+_DECIMAL_RE = re.compile(r"[+-]?[0-9]+(\.[0-9]+)?")
 _MISSING = object()
 
 
@@ -48,8 +49,8 @@ def typed(spec: ValueSpec, raw: Any, what: str) -> Any:
             raise ValueRejected(f"{what} must be an integer")
         if isinstance(raw, int):
             value = raw
-        elif isinstance(raw, str) and _INT_RE.match(raw.strip()):
-            value = int(raw.strip())
+        elif isinstance(raw, str) and _INT_RE.fullmatch(raw):
+            value = int(raw)
         else:
             raise ValueRejected(f"{what} must be an integer")
         if not I64_MIN <= value <= I64_MAX:
@@ -60,16 +61,25 @@ def typed(spec: ValueSpec, raw: Any, what: str) -> Any:
             raise ValueRejected(f"{what} must be at most {spec.max}")
         return value
     # decimal
-    if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+    if isinstance(raw, bool) or not isinstance(raw, (int, float, str, Decimal)):
         raise ValueRejected(f"{what} must be a decimal number")
+    if isinstance(raw, float):  # never rounded through a float: bodies parse numbers as Decimal
+        raw = repr(raw)
+    elif isinstance(raw, str) and not _DECIMAL_RE.fullmatch(raw):
+        # Decimal() also takes "1_000", "1e3", "NaN": an upstream may read those differently
+        raise ValueRejected(f"{what} must be a decimal number (digits with an optional '.' part)")
     try:
-        value = Decimal(str(raw).strip())
+        value = Decimal(raw)
     except InvalidOperation:
         raise ValueRejected(f"{what} must be a decimal number") from None
     if not value.is_finite() or abs(value) > DECIMAL_LIMIT:
         raise ValueRejected(f"{what} is out of range for a Cedar decimal")
     if value != value.quantize(Decimal("0.0001")):
         raise ValueRejected(f"{what} has more than 4 decimal places")
+    if spec.min is not None and value < spec.min:
+        raise ValueRejected(f"{what} must be at least {spec.min}")
+    if spec.max is not None and value > spec.max:
+        raise ValueRejected(f"{what} must be at most {spec.max}")
     text = format(value.quantize(Decimal("0.0001")).normalize(), "f")
     if "." not in text:
         text += ".0"
@@ -166,7 +176,7 @@ def _cedar_number(spec: BodyFieldSpec, value: Decimal, what: str) -> Any:
     return {"__extn": {"fn": "decimal", "arg": text if "." in text else text + ".0"}}
 
 
-def _aggregate(spec: BodyFieldSpec, doc: Any, what: str) -> Any:
+def _aggregate(spec: BodyFieldSpec, doc: Any, what: str, agent_supplied: bool = True) -> Any:
     steps = _steps(spec.path)
     last_star = len(steps) - 1 - steps[::-1].index("*")
     elements, _ = _walk(doc, steps[: last_star + 1]) if doc is not None else ([], True)
@@ -179,17 +189,23 @@ def _aggregate(spec: BodyFieldSpec, doc: Any, what: str) -> Any:
         return _MISSING  # no sum/min/max of nothing: the value is absent
     tail = steps[last_star + 1 :]
     weight_steps = _steps(spec.weight) if spec.weight else None
+    # In what an agent sends, elements (and weights) are bounded below by 0 unless the
+    # manifest says otherwise: a negative line would offset the total below a threshold
+    # a policy checks. (A lookup reads the upstream's own data, credit lines included.)
+    floor = Decimal(0) if agent_supplied else None
+    element_spec = spec if spec.min is not None else spec.model_copy(update={"min": floor})
+    weight_spec = ValueSpec(type="decimal", min=spec.weight_min if spec.weight_min is not None else floor)
     numbers: list[Decimal] = []
     for i, element in enumerate(elements):
         raw, _ = _walk(element, tail)
         if raw is _MISSING or raw is None:
             raise ValueRejected(f"{what}: element {i} has no value")
-        number = _as_number(spec, raw, f"{what} element {i}")
+        number = _as_number(element_spec, raw, f"{what} element {i}")
         if weight_steps is not None:
             w, _ = _walk(element, weight_steps)
             if w is _MISSING or w is None:
                 raise ValueRejected(f"{what}: element {i} has no {spec.weight}")
-            number *= _as_number(ValueSpec(type="decimal"), w, f"{what} element {i} {spec.weight}")
+            number *= _as_number(weight_spec, w, f"{what} element {i} {spec.weight}")
         numbers.append(number)
     if spec.aggregate == "sum":
         result = sum(numbers, Decimal(0))
@@ -200,12 +216,13 @@ def _aggregate(spec: BodyFieldSpec, doc: Any, what: str) -> Any:
     return _cedar_number(spec, result, what)
 
 
-def body_values(specs: dict[str, BodyFieldSpec], doc: Any) -> dict[str, Any]:
-    """Declared JSON body fields, typed; `[*]` paths become sets (or one number, aggregated)."""
+def body_values(specs: dict[str, BodyFieldSpec], doc: Any, agent_supplied: bool = True) -> dict[str, Any]:
+    """Declared body fields, typed; `[*]` paths become sets (or one number, aggregated).
+    `agent_supplied=False` for documents the upstream itself returned (lookups)."""
     out: dict[str, Any] = {}
     for name, spec in specs.items():
         if spec.aggregate is not None:
-            value = _aggregate(spec, doc, f"body field {name!r} ({spec.aggregate} of {spec.path})")
+            value = _aggregate(spec, doc, f"body field {name!r} ({spec.aggregate} of {spec.path})", agent_supplied)
             if value is not _MISSING:
                 out[name] = value
             continue

@@ -8,30 +8,63 @@ otherwise omitted), never guessed.
 
 from __future__ import annotations
 
-import json
 import time
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 from ..config import PrincipalMapping
+from .body import BodyRejected, read_body
 from .model import AgentIdentity, AgentRequest, Classification
 
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
 _OMIT = object()
 
 
-class BodyRejected(Exception):
-    """The body cannot be read as the JSON its content type promises (or is too deep)."""
+DECIMAL_LIMIT = Decimal("922337203685477.5807")  # Cedar decimal: i64 with 4 fractional digits
+_FOUR_PLACES = Decimal("0.0001")
 
 
-def to_cedar(value: Any, depth: int = 0, max_depth: int = 32) -> Any:
-    """A JSON value as a Cedar JSON value (records, sets, Long, String, Bool, decimal)."""
+class InexactNumber(BodyRejected):
+    """A body number Cedar cannot hold exactly (refused: a policy must never see a rounded value)."""
+
+
+def _decimal_text(value: Decimal) -> str | None:
+    """Cedar decimal literal for `value`, or None when it is not exactly representable."""
+    if not value.is_finite() or abs(value) > DECIMAL_LIMIT:
+        return None
+    if value != value.quantize(_FOUR_PLACES):
+        return None
+    text = format(value.quantize(_FOUR_PLACES).normalize(), "f")
+    return text if "." in text else text + ".0"
+
+
+def to_cedar(value: Any, depth: int = 0, max_depth: int = 32, exact: bool = False, where: str = "$") -> Any:
+    """A JSON value as a Cedar JSON value (records, sets, Long, String, Bool, decimal).
+
+    With `exact` (request bodies), a number Cedar cannot represent exactly
+    (an integer outside i64, more than 4 decimal places, out of the decimal
+    range) raises InexactNumber; otherwise such a value is omitted.
+    """
     if depth > max_depth:
         raise BodyRejected(f"JSON nested deeper than {max_depth} levels")
     if isinstance(value, bool) or isinstance(value, str):
         return value
     if isinstance(value, int):
-        return value if I64_MIN <= value <= I64_MAX else _OMIT
+        if I64_MIN <= value <= I64_MAX:
+            return value
+        if exact:
+            raise InexactNumber(f"the number at {where} is outside the range policies can compare exactly "
+                                "(64-bit integer); send it as a string")
+        return _OMIT
+    if isinstance(value, Decimal):
+        text = _decimal_text(value)
+        if text is not None:
+            return {"__extn": {"fn": "decimal", "arg": text}}
+        if exact:
+            raise InexactNumber(f"the number at {where} cannot be represented exactly for policy evaluation "
+                                f"(at most 4 decimal places, magnitude up to {DECIMAL_LIMIT}); send it as a string")
+        return _OMIT
     if isinstance(value, float):
         text = f"{value:.4f}".rstrip("0")
         if text.endswith("."):
@@ -44,60 +77,29 @@ def to_cedar(value: Any, depth: int = 0, max_depth: int = 32) -> Any:
         for k, v in value.items():
             if k == "__extn" or k == "__entity":  # never let a body smuggle an escape
                 continue
-            cv = to_cedar(v, depth + 1, max_depth)
+            cv = to_cedar(v, depth + 1, max_depth, exact, f"{where}.{k}" if exact else where)
             if cv is not _OMIT:
                 out[str(k)] = cv
         return out
     if isinstance(value, list):
-        items = [to_cedar(v, depth + 1, max_depth) for v in value]
+        items = [to_cedar(v, depth + 1, max_depth, exact, f"{where}[{i}]" if exact else where)
+                 for i, v in enumerate(value)]
         return [v for v in items if v is not _OMIT]
     return _OMIT
 
 
-JSON_MEDIA_TYPES = ("application/json", "text/json")
-
-
-def _declares_json(ctype: str) -> bool:
-    media = ctype.split(";")[0].strip().lower()
-    return media in JSON_MEDIA_TYPES or media.endswith("+json")
-
-
 def parse_json_body(req: AgentRequest, max_depth: int) -> Any:
-    """The body as Cedar JSON whenever it is JSON, else None (see parse_json_document)."""
-    doc = parse_json_document(req, max_depth)
-    return body_to_cedar(doc, max_depth)
+    """context.body for `req` when its body is read as JSON, else None (see core/body.py)."""
+    read = read_body(req.body, req.headers.get("content-type"))
+    return body_to_cedar(read.doc, max_depth) if read.format == "json" else None
 
 
-def body_to_cedar(doc: Any, max_depth: int) -> Any:
+def body_to_cedar(doc: Any, max_depth: int, exact: bool = True) -> Any:
+    """A parsed body document as Cedar JSON (context.body)."""
     if doc is None:
         return None
-    converted = to_cedar(doc, 0, max_depth)
+    converted = to_cedar(doc, 0, max_depth, exact)
     return None if converted is _OMIT else converted
-
-
-def parse_json_document(req: AgentRequest, max_depth: int) -> Any:
-    """The body as parsed JSON whenever it is JSON, else None.
-
-    A body that declares a JSON media type must parse (else it is refused). A
-    body that does not declare one is still parsed when it looks like JSON: many
-    upstreams parse JSON whatever the Content-Type says, so a policy on
-    `context.body` must not be dodged by mislabelling the body.
-    """
-    if not req.body:
-        return None
-    declared = _declares_json(req.headers.get("content-type", ""))
-    if not declared and req.body.lstrip()[:1] not in (b"{", b"["):
-        return None
-    try:
-        doc = json.loads(req.body)
-    except (ValueError, UnicodeDecodeError):
-        if declared:
-            raise BodyRejected("request body is not valid JSON although Content-Type says it is") from None
-        return None
-    except RecursionError:
-        raise BodyRejected(f"JSON nested deeper than {max_depth} levels") from None
-    to_cedar(doc, 0, max_depth)  # enforce the depth bound before anyone walks the document
-    return doc
 
 
 def principal_entity(identity: AgentIdentity, mapping: PrincipalMapping) -> dict:
@@ -145,6 +147,7 @@ def request_context(
     body: Any,
     header_allowlist: list[str],
     now: float | None = None,
+    payload: dict[str, Any] | None = None,
 ) -> dict:
     now = time.time() if now is None else now
     dt = datetime.fromtimestamp(now, tz=timezone.utc)
@@ -168,6 +171,8 @@ def request_context(
     }
     if body is not None:
         ctx["body"] = body
+    if payload is not None:  # how the body was read: format (json/form/multipart/opaque/none), size, media type
+        ctx["payload"] = payload
     # Typed values the connector route declares (manifest: params, query, body).
     if cls.params:
         ctx["params"] = cls.params

@@ -9,12 +9,15 @@ of the wrong type, an unmapped JSON-RPC call) comes back as a `Refusal`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from ..config import RequestLimits
 from ..connectors.classifier import Classifier, PathRejected
 from ..connectors.values import ValueRejected, with_body_fields
-from .context import BodyRejected, body_to_cedar, parse_json_document
+from .body import METHOD_OVERRIDE_FIELD, BodyRejected, ReadBody, read_body
+from .context import body_to_cedar
+from .hosts import HostRejected
 from .model import AgentRequest, Classification, Refusal
 
 
@@ -22,6 +25,7 @@ from .model import AgentRequest, Classification, Refusal
 class Derivation:
     classification: Classification | None = None  # set as soon as a route matched
     body: Any = None  # the body as Cedar JSON (context.body)
+    payload: ReadBody | None = None  # how the body was read (context.payload)
     jsonrpc_id: Any = None
     refusal: Refusal | None = None
 
@@ -40,6 +44,9 @@ def derive_request(classifier: Classifier, limits: RequestLimits, req: AgentRequ
         cls = classifier.classify(req.method, req.host, req.port, req.path, req.query)
     except PathRejected as e:
         d.refusal = Refusal(400, "Request path refused", f"{e}; the request was not forwarded", kind="request")
+        return d
+    except HostRejected as e:
+        d.refusal = Refusal(400, "Invalid host", f"{e}; the request was not forwarded", kind="request")
         return d
     except ValueRejected as e:
         d.refusal = _value_refusal(e)
@@ -64,13 +71,23 @@ def derive_request(classifier: Classifier, limits: RequestLimits, req: AgentRequ
         )
         return d
     try:
-        doc = parse_json_document(req, limits.max_json_depth)
+        read = read_body(req.body, req.headers.get("content-type"))
+    except BodyRejected as e:
+        d.refusal = _body_refusal(e)
+        return d
+    d.payload = read
+    refusal = _unreadable(read, cls, d.is_jsonrpc)
+    if refusal is not None:
+        d.refusal = refusal
+        return d
+    doc = read.doc
+    try:
         if d.is_jsonrpc and isinstance(doc, dict):
-            d.jsonrpc_id = doc.get("id")
-        d.body = body_to_cedar(doc, limits.max_json_depth)
+            d.jsonrpc_id = _plain_id(doc.get("id"))
+        d.body = body_to_cedar(doc, limits.max_json_depth, exact=limits.inexact_numbers == "refuse")
         d.classification = cls = with_body_fields(cls, doc)
     except BodyRejected as e:
-        d.refusal = Refusal(400, "Request body refused", str(e), kind="request")
+        d.refusal = _body_refusal(e)
         return d
     except ValueRejected as e:
         d.refusal = _value_refusal(e)
@@ -86,3 +103,43 @@ def derive_request(classifier: Classifier, limits: RequestLimits, req: AgentRequ
             kind="egress",
         )
     return d
+
+
+def _body_refusal(e: BodyRejected) -> Refusal:
+    if e.status == 415:
+        return Refusal(415, "Unsupported request body", f"{e}; the request was not forwarded", kind="request")
+    return Refusal(400, "Request body refused", f"{e}; the request was not forwarded", kind="request")
+
+
+_READABLE = "JSON (application/json, UTF-8), a form (application/x-www-form-urlencoded) or multipart/form-data"
+
+
+def _unreadable(read: ReadBody, cls: Classification, is_jsonrpc: bool) -> Refusal | None:
+    """Refuse a body the policy could not read (unless the route accepts opaque bodies)
+    and method overrides hidden in form fields."""
+    what = cls.action or cls.route or cls.connector
+    if is_jsonrpc and read.format not in ("json", "none"):
+        return Refusal(415, "Unsupported request body",
+                       f"this endpoint takes JSON-RPC 2.0 as application/json; a {read.media_type or 'untyped'} "
+                       "body was not forwarded", kind="request")
+    if read.format == "opaque" and not cls.opaque_body:
+        return Refusal(
+            415,
+            "Unsupported request body",
+            f"Proctor cannot read a {read.media_type or 'body without Content-Type'} body, so no policy could "
+            f"judge this {what} request and it was not forwarded; send {_READABLE}"
+            + (" (this route reads body fields)" if cls.body_specs else ""),
+            kind="request",
+        )
+    if read.format in ("form", "multipart") and isinstance(read.doc, dict) and METHOD_OVERRIDE_FIELD in read.doc:
+        return Refusal(400, "Method override refused",
+                       f"the body field {METHOD_OVERRIDE_FIELD!r} asks the server to use another HTTP method than "
+                       "the one policy judged; send the request with its real method", kind="request")
+    return None
+
+
+def _plain_id(value: Any) -> Any:
+    """A JSON-RPC id as plain JSON (ids are echoed in error responses; bodies parse numbers as Decimal)."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value

@@ -130,7 +130,7 @@ class Enricher:
             values: dict[str, Any] = {}
         elif 200 <= status < 300:
             try:
-                values = body_values(spec.attributes, doc)
+                values = body_values(spec.attributes, doc, agent_supplied=False)
             except ValueRejected as e:
                 raise LookupFailed(f"the upstream's answer does not fit the manifest: {e}") from None
         else:

@@ -96,6 +96,8 @@ class Classification:
     approval_mode: Any = None  # the route's (or connector's) ApprovalWait, if it sets one
     # Entity references among the resource's attributes (attr -> (type, id)), e.g. created_by.
     resource_refs: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # The route lets bodies Proctor cannot read through as opaque (uploads); otherwise they are refused (415).
+    opaque_body: bool = False
 
     @property
     def resource_uid(self) -> str:

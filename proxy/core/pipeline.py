@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import ProctorConfig
-from ..connectors.classifier import Classifier
+from ..connectors.classifier import GENERIC_CONNECTOR, Classifier
 from ..identity.credentials import AUTHORIZATION, PROXY_AUTHORIZATION, extract_credential
 from ..identity.errors import AuthError, IdentityUnavailable
 from ..identity.verifier import TokenVerifier
@@ -28,6 +28,7 @@ from ..policy.shadow import ShadowPolicies
 
 if TYPE_CHECKING:
     from ..approvals.service import ApprovalService
+    from ..connectors.aliases import ConnectorAliases
     from ..governance.registry import Governance
 from .context import principal_entity, request_context, resource_entity
 from .derive import derive_request
@@ -37,7 +38,7 @@ from ..approvals.service import request_fingerprint
 from ..record.decisions import iso
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from ..governance.registry import suspension_refusal
-from .target import check_target
+from .target import canonicalise_target, check_target
 
 log = logging.getLogger("proctor.pipeline")
 
@@ -103,8 +104,11 @@ class Pipeline:
         enricher: Enricher | None = None,
         approvals: "ApprovalService | None" = None,
         governance: "Governance | None" = None,
+        aliases: "ConnectorAliases | None" = None,
     ) -> None:
         self.config = config
+        # Generic egress to another name of a connector's upstream is refused (connectors/aliases.py).
+        self.aliases = aliases
         self.enricher = enricher
         self.approvals = approvals
         self.governance = governance
@@ -214,6 +218,8 @@ class Pipeline:
             suspended = self.governance.agent_suspension(identity.agent_id)
             if suspended is not None:
                 refusal = suspension_refusal(suspended)
+        if refusal is None:
+            refusal = canonicalise_target(req)
         if refusal is None and not self.classifier.knows_host(req.host, req.port):
             refusal = Refusal(
                 403,
@@ -268,7 +274,7 @@ class Pipeline:
                 outcome.refusal = suspension_refusal(suspended)
                 return
 
-        target_refusal = check_target(req)
+        target_refusal = canonicalise_target(req) or check_target(req)
         if target_refusal is not None:
             outcome.refusal = target_refusal
             return
@@ -284,6 +290,11 @@ class Pipeline:
             return
         cls = derived.classification
         assert cls is not None
+        if self.aliases is not None and cls.connector == GENERIC_CONNECTOR:
+            alias_refusal = await self._connector_alias(req)
+            if alias_refusal is not None:
+                outcome.refusal = alias_refusal
+                return
         if gov is not None:
             suspended = gov.target_suspension(cls)
             if suspended is not None:
@@ -304,7 +315,8 @@ class Pipeline:
         outcome.policy_revision = bundle.revision
         principal = principal_entity(identity, self.identity_settings.principal)
         resource = resource_entity(cls)
-        context = request_context(req, cls, body, limits.context_headers, now=outcome.timestamp)
+        payload = derived.payload.describe() if derived.payload is not None else None
+        context = request_context(req, cls, body, limits.context_headers, now=outcome.timestamp, payload=payload)
         t0 = clock()
         outcome.policy_inputs = (principal, resource, context)
         result = self.policies.authorize(
@@ -352,6 +364,29 @@ class Pipeline:
             )
             return
         outcome.decision = Decision.ALLOW
+
+    async def _connector_alias(self, req: AgentRequest) -> Refusal | None:
+        """Generic egress must not reach a connector's upstream under another name."""
+        from ..connectors.aliases import AliasUnresolvable
+
+        assert self.aliases is not None
+        try:
+            alias = await self.aliases.alias_of(req.host, req.port)
+        except AliasUnresolvable as e:
+            return Refusal(502, "Upstream host unresolvable",
+                           f"{e}; its addresses could not be checked, so the request was not forwarded",
+                           reasons=["egress-unresolvable"], kind="egress")
+        if alias is None:
+            return None
+        where = f"{alias.host}:{alias.port}" if alias.port is not None else alias.host
+        return Refusal(
+            403,
+            "Egress not permitted",
+            f"{req.host}:{req.port} reaches the upstream of connector {alias.connector!r}, whose requests are "
+            f"decided by that connector's policies; address it as {where} instead",
+            reasons=["connector-alias"],
+            kind="egress",
+        )
 
     # -- human approval ---------------------------------------------------------------
     def _wait_settings(self, cls) -> tuple[str, float]:

@@ -13,13 +13,29 @@ read them as extra header lines (request smuggling past the decision).
 
 from __future__ import annotations
 
+from urllib.parse import parse_qsl
+
+from .hosts import HostRejected, canonical_host
 from .model import AgentRequest, Refusal
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+def canonicalise_target(req: AgentRequest) -> Refusal | None:
+    """Rewrite `req.host` to its canonical spelling (core/hosts.py), or refuse an invalid host.
+
+    Everything after this (connector matching, policy, the dial, the Host header
+    Proctor forwards) uses the canonical host, so no alias reaches a connector's
+    upstream around the connector's policies."""
+    try:
+        req.host = canonical_host(req.host)
+    except HostRejected as e:
+        return Refusal(400, "Invalid host", f"{e}; the request was not forwarded", kind="request")
+    return None
+
+
 def split_authority(value: str, scheme: str) -> tuple[str, int | None]:
-    """'host', 'host:port', '[v6]:port' -> (lower-case host without trailing dot, port or None)."""
+    """'host', 'host:port', '[v6]:port' -> (canonical host, port or None); raises HostRejected."""
     value = value.strip()
     if value.startswith("["):
         end = value.find("]")
@@ -33,11 +49,11 @@ def split_authority(value: str, scheme: str) -> tuple[str, int | None]:
         host, rest = value, ""
     port: int | None = None
     if rest.startswith(":"):
-        try:
-            port = int(rest[1:])
-        except ValueError:
-            port = -1
-    return host.lower().rstrip("."), port
+        digits = rest[1:]
+        port = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 5 else -1
+    elif rest:
+        port = -1
+    return canonical_host(host), port
 
 
 def _misdirected(what: str, value: str, req: AgentRequest) -> Refusal:
@@ -51,7 +67,21 @@ def _misdirected(what: str, value: str, req: AgentRequest) -> Refusal:
 
 # Headers whose repetition makes the request ambiguous between Proctor and the
 # upstream (which copy wins differs between servers).
-SINGLE_VALUED = ("content-type", "content-encoding", "host")
+SINGLE_VALUED = ("content-type", "content-encoding", "transfer-encoding", "host")
+# Headers (and a query/body field) asking a server to act as if the request had
+# another method than the one policy judged (Rails, Laravel, Express, ASP.NET...).
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+METHOD_OVERRIDE_PARAM = "_method"
+
+
+def _method_override_in_query(query: str) -> bool:
+    if "method" not in query.lower():
+        return False
+    try:
+        names = [k for k, _ in parse_qsl(query, keep_blank_values=True)]
+    except ValueError:
+        return True  # unreadable query naming "method": refuse rather than guess
+    return any(n.strip().lower() == METHOD_OVERRIDE_PARAM for n in names)
 
 
 def check_target(req: AgentRequest) -> Refusal | None:
@@ -70,22 +100,52 @@ def check_target(req: AgentRequest) -> Refusal | None:
             "send them unencoded",
             kind="request",
         )
+    transfer = req.headers.get("transfer-encoding")
+    if transfer is not None and transfer.strip().lower() != "chunked":
+        return Refusal(
+            415,
+            "Transfer-Encoding refused",
+            "a Transfer-Encoding other than 'chunked' is not accepted: an upstream could decode the body into "
+            "something policy did not see; send the body unencoded",
+            kind="request",
+        )
+    for name in METHOD_OVERRIDE_HEADERS:
+        if name in req.headers:
+            return Refusal(
+                400,
+                "Method override refused",
+                f"the {name} header asks the server to use another method than {req.method}, which policy judged; "
+                "send the request with its real method",
+                kind="request",
+            )
+    if req.query and _method_override_in_query(req.query):
+        return Refusal(
+            400,
+            "Method override refused",
+            f"the query parameter {METHOD_OVERRIDE_PARAM!r} asks the server to use another method than {req.method}, "
+            "which policy judged; send the request with its real method",
+            kind="request",
+        )
     if req.mode != "forward":
         return None  # the gateway router re-targets every request itself
-    target = req.host.lower().rstrip(".")
+    target = req.host
     default_port = DEFAULT_PORTS.get(req.scheme)
 
     def agrees(value: str) -> bool:
         host, port = split_authority(value, req.scheme)
         return host == target and (port if port is not None else default_port) == req.port
 
-    if req.request_authority and not agrees(req.request_authority):
-        return _misdirected("request-line authority", req.request_authority, req)
-    if req.host_header is not None:
-        if not req.host_header.strip():
-            return Refusal(400, "Empty Host header", "the Host header is present but empty", kind="request")
-        if not agrees(req.host_header):
-            return _misdirected("Host header", req.host_header, req)
-    if req.tls_sni and req.tls_sni.lower().rstrip(".") != target:
-        return _misdirected("TLS SNI", req.tls_sni, req)
+    try:
+        if req.request_authority and not agrees(req.request_authority):
+            return _misdirected("request-line authority", req.request_authority, req)
+        if req.host_header is not None:
+            if not req.host_header.strip():
+                return Refusal(400, "Empty Host header", "the Host header is present but empty", kind="request")
+            if not agrees(req.host_header):
+                return _misdirected("Host header", req.host_header, req)
+        if req.tls_sni and canonical_host(req.tls_sni) != target:
+            return _misdirected("TLS SNI", req.tls_sni, req)
+    except HostRejected:
+        return Refusal(400, "Invalid host", "the Host header, request-line authority or TLS SNI names an invalid host; "
+                       "the request was not forwarded", kind="request")
     return None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..config import Route
+from ..core.hosts import HostRejected, canonical_host
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,7 @@ class GatewayRouter:
             port = u.port or (443 if u.scheme == "https" else 80)
             compiled.append(
                 _Compiled(
-                    host=r.host.lower() if r.host else None,
+                    host=canonical_host(r.host) if r.host else None,
                     prefix=r.prefix.rstrip("/") or "",
                     scheme=u.scheme,
                     up_host=u.hostname,
@@ -50,11 +51,15 @@ class GatewayRouter:
         self._routes = compiled
 
     def route(self, host_header: str | None, path: str) -> RouteTarget | None:
-        host = (host_header or "").lower()
+        host = (host_header or "").strip()
         if host.startswith("["):
             host = host[1 : host.find("]")]
         else:
             host = host.split(":")[0]
+        try:  # SVC.internal. is svc.internal (core/hosts.py); an invalid host matches no host route
+            host = canonical_host(host) if host else ""
+        except HostRejected:
+            host = ""
         for c in self._routes:
             if c.host is not None and c.host != host:
                 continue

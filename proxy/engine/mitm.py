@@ -34,6 +34,7 @@ from mitmproxy.udp import UDPFlow
 
 from ..connectors.credentials import CredentialInjector, CredentialUnavailable
 from ..core.enrich import created_id
+from ..core.hosts import authority
 from ..core.model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from ..core.pipeline import Pipeline, new_outcome, normalise_ip
 from ..core.problem import DECISION_HEADER, jsonrpc_error_response, problem_response
@@ -277,6 +278,7 @@ class ProctorAddon:
         )
         outcome = await self.pipeline.admit_tunnel(req)
         flow.request.headers.pop("proxy-authorization", None)
+        flow.request.host = req.host  # the tunnel dials the canonical host (core/hosts.py)
         if outcome.refusal is not None:
             self.stats["tunnels_refused"] += 1
             self._refuse(flow, outcome)
@@ -464,7 +466,6 @@ class ProctorAddon:
             req.connection_identity = auth.identity
             req.connection_token_digest = auth.token_digest
 
-
     async def _request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
@@ -532,11 +533,14 @@ class ProctorAddon:
                 for name, value in carrier.items():
                     flow.request.headers[name] = value
         # Forward exactly what was decided: origin-form request line, Host naming the target.
+        # The dial target and Host are the canonical host the decision was made for
+        # (core/hosts.py), never an alias spelling such as 127.1 or EXAMPLE.com.
         flow.request.authority = ""
+        flow.request.host = req.host
         if reverse and target is not None:
-            flow.request.host_header = mitm_url.hostport(target.scheme, target.host, target.port)
-        elif flow.request.host_header is None:
-            flow.request.host_header = mitm_url.hostport(flow.request.scheme, flow.request.host, flow.request.port)
+            flow.request.host_header = authority(req.host, target.port, target.scheme)
+        else:
+            flow.request.host_header = authority(req.host, flow.request.port, flow.request.scheme)
 
     async def _inject_credential(self, flow: http.HTTPFlow, outcome: Outcome, req: AgentRequest, decision_ms: float) -> bool:
         """Swap whatever credential the agent sent for the connector's own. False: refused."""

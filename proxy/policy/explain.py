@@ -174,7 +174,8 @@ def explain(
     assert cls is not None
     body = derived.body
     ex.resource = resource_entity(cls)
-    ex.context = request_context(req, cls, body, config.limits.context_headers)
+    payload = derived.payload.describe() if derived.payload is not None else None
+    ex.context = request_context(req, cls, body, config.limits.context_headers, payload=payload)
     result = store.authorize(principal, cls.action, ex.resource, ex.context, [principal, ex.resource])
     ex.decision = "allow" if result.allowed else "deny"
     ex.reasons = result.reasons

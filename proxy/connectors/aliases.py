@@ -1,0 +1,102 @@
+"""Is a generic-egress host really a connector's upstream under another name?
+
+Canonical spelling (core/hosts.py) folds every *syntactic* alias of a host.
+A *semantic* alias is another name or address that reaches the same listener:
+`localhost` or `127.0.0.2` for a connector on `127.0.0.1`, a DNS name that
+resolves to the connector's address. With `egress.default: generic` (or a
+matching `unclassified_hosts` pattern) such a request would be judged as a
+generic `http.request` and reach the connector's upstream around its policies.
+
+So before a request is decided as generic egress, its host is resolved and its
+addresses compared with the connectors' addresses (loopback addresses, and the
+unspecified address, count as one: a server bound to 0.0.0.0 answers on all of
+them). A match is refused, naming the host the agent should use instead.
+
+Resolution happens at decision time; a DNS answer that changes between the
+decision and the dial (rebinding) is not covered (see docs/security.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from dataclasses import dataclass
+
+from ..core.hosts import address_key, canonical_host, is_ip
+from .classifier import split_host_pattern
+from .manifest import ConnectorManifest
+
+RESOLVE_TTL_SECONDS = 30.0
+RESOLVE_TIMEOUT_SECONDS = 5.0
+
+
+class AliasUnresolvable(Exception):
+    """The host could not be resolved (refused: its addresses cannot be checked)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _ConnectorAddress:
+    connector: str
+    host: str  # canonical host of the pattern
+    port: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    connector: str
+    host: str  # the connector host the agent should address instead
+    port: int | None
+
+
+class ConnectorAliases:
+    def __init__(self, manifests: list[ConnectorManifest]) -> None:
+        self._targets: list[_ConnectorAddress] = []
+        for m in manifests:
+            for pattern in m.hosts:
+                host, port = split_host_pattern(pattern)
+                if "*" in host:
+                    continue  # a glob names no address
+                self._targets.append(_ConnectorAddress(m.name, canonical_host(host), port))
+        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+
+    async def _addresses(self, host: str) -> frozenset[str]:
+        if is_ip(host):
+            return frozenset({address_key(host)})
+        now = time.monotonic()
+        hit = self._cache.get(host)
+        if hit is not None and hit[0] > now:
+            if not hit[1]:
+                raise AliasUnresolvable(f"{host} could not be resolved")
+            return hit[1]
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT_SECONDS
+            )
+        except (OSError, asyncio.TimeoutError) as e:
+            self._remember(host, now, frozenset())  # negative answers are cached too (no retry storm)
+            raise AliasUnresolvable(f"{host} could not be resolved ({type(e).__name__})") from None
+        keys = frozenset(address_key(str(info[4][0]).split("%")[0]) for info in infos)
+        self._remember(host, now, keys)
+        return keys
+
+    def _remember(self, host: str, now: float, keys: frozenset[str]) -> None:
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[host] = (now + RESOLVE_TTL_SECONDS, keys)
+
+    async def alias_of(self, host: str, port: int) -> Alias | None:
+        """The connector whose upstream `host:port` reaches, if any."""
+        candidates = [t for t in self._targets if t.port is None or t.port == port]
+        if not candidates:
+            return None
+        mine = await self._addresses(host)
+        for target in candidates:
+            try:
+                theirs = await self._addresses(target.host)
+            except AliasUnresolvable:
+                continue  # a connector host that does not resolve cannot be reached through it either
+            if mine & theirs:
+                return Alias(target.connector, target.host, target.port)
+        return None
