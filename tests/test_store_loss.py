@@ -446,6 +446,7 @@ def test_kill_switch_refuses_while_the_store_is_in_trouble_and_until_re_read(tmp
         assert gov.stale
         with pytest.raises(StoreError, match="being re-read"):
             gov.agent_suspension("bot")  # recovered, but the set is not re-read yet
+        assert "being re-read" in gov.stale_reason
         await gov.refresh()
         assert not gov.stale
         s = gov.agent_suspension("bot")
@@ -471,7 +472,7 @@ def test_kill_switch_refuses_while_its_set_cannot_be_refreshed(tmp_path: Path):
             while not gov.stale and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert gov.stale and store.problem is None
-            with pytest.raises(StoreError, match="being re-read"):
+            with pytest.raises(StoreError, match="cannot be read from the state store: .*disk I/O error"):
                 gov.agent_suspension("bot")
             store.reads_failing = False
             deadline = time.monotonic() + 3
@@ -654,3 +655,37 @@ def test_store_file_lost_while_running_fails_closed_and_blocks_a_silent_restart(
         assert r.status_code == 200, r.text
     finally:
         p.stop()
+
+
+@pytest.mark.skipif(not PG_DSN, reason=PG_SKIP)
+def test_postgres_schema_dropped_under_a_running_proxy(proctor_factory, idp, upstream, pg_schema: str):
+    sep = "&" if "?" in PG_DSN else "?"
+    p = proctor_factory({"store": {"url_env": "PROCTOR_TEST_STORE_URL"}},
+                        env={"PROCTOR_TEST_STORE_URL": f"{PG_DSN}{sep}schema={pg_schema}"})
+    agent, op = "sl-pg-bot", operator_token(idp)
+    tok = idp.token(agent, groups=["readers"], ttl=600)
+    m = "sl-" + uuid.uuid4().hex[:12]
+    assert get_item(p, upstream, agent, tok, f"{m}-0").status_code == 200
+    assert p.health()["components"]["store"]["backend"] == "postgresql"
+    assert "@" not in p.health()["components"]["store"]["location"]  # never the user (or a password)
+    expected = json.loads((p.dir / "state" / MARKER_NAME).read_text())["store_id"]
+
+    run(_pg(f'DROP SCHEMA "{pg_schema}" CASCADE'))  # e.g. a migration gone wrong, a wrong restore
+
+    def lost() -> bool:
+        r = httpx.get(f"{p.control_url}/readyz", timeout=2)
+        return r.status_code == 503 and any("state store lost" in x for x in r.json()["reasons"])
+
+    wait_for(lost, timeout=5, interval=0.1, what="/readyz to report the dropped schema")
+    reasons = httpx.get(f"{p.control_url}/readyz", timeout=2).json()["reasons"]
+    assert any("no Proctor tables" in r and pg_schema in r for r in reasons), reasons
+    r = get_item(p, upstream, agent, tok, f"{m}-1")
+    assert r.status_code == 503 and r.json()["type"].endswith("/fail-closed"), r.text
+    assert suspend(p, op, "sl-late-bot").status_code == 503
+    assert [e["path"] for e in hits(upstream, m)] == [f"/items/{m}-0"]
+
+    p.stop()
+    env = dict(os.environ, PROCTOR_TEST_STORE_URL=f"{PG_DSN}{sep}schema={pg_schema}")
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "run", "-c", str(p.config_path)],
+                         cwd=str(p.dir), capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode != 0 and "refusing to start" in out.stderr and expected in out.stderr, out.stderr

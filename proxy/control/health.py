@@ -59,8 +59,9 @@ def store_component(runtime: "ProctorRuntime") -> Component:
         return Component("down", {**detail, "lost": True}, [f"state store lost: {store.lost}"])
     if store.problem is not None:
         return Component("down", detail, [f"state store unavailable: {store.problem}"])
-    if runtime.governance is not None and runtime.governance.stale:
-        return Component("down", detail, ["suspensions are being re-read from the state store"])
+    stale = runtime.governance.stale_reason if runtime.governance is not None else None
+    if stale is not None:
+        return Component("down", detail, [stale])
     return Component("ok", detail)
 
 

@@ -71,6 +71,7 @@ class Governance:
         self._local_changes = 0
         # Set while the store had a problem: cleared only by a full re-read of the suspensions.
         self._stale = False
+        self._refresh_error: str | None = None  # why the last background refresh failed
 
     # -- startup ----------------------------------------------------------------------
     async def load(self, registrations: list[Registration] = ()) -> None:
@@ -83,6 +84,14 @@ class Governance:
         """True while the suspension set waits to be re-read after a store problem (requests refused)."""
         return self._stale
 
+    @property
+    def stale_reason(self) -> str | None:
+        if not self._stale:
+            return None
+        if self._refresh_error is not None:
+            return f"suspensions cannot be read from the state store: {self._refresh_error}"
+        return "the state store recovered and the suspensions are being re-read"
+
     # -- the request path -----------------------------------------------------------------
     def _require_trusted(self) -> None:
         """Fail closed while the suspension set may not match the store (see module doc)."""
@@ -91,7 +100,7 @@ class Governance:
             self._stale = True
             raise StoreError(f"suspensions cannot be checked: {problem}")
         if self._stale:
-            raise StoreError("suspensions cannot be checked: the state store recovered and they are being re-read")
+            raise StoreError(f"suspensions cannot be checked: {self.stale_reason}")
 
     def agent_suspension(self, agent_id: str) -> Suspension | None:
         self._require_trusted()
@@ -210,8 +219,10 @@ class Governance:
             try:
                 await self.refresh()
                 refresh_failing = False
+                self._refresh_error = None
             except Exception as e:
                 self._stale = True  # the set may be missing changes made meanwhile
+                self._refresh_error = str(e)
                 if not refresh_failing:  # once per outage, not twice a second
                     log.error("could not refresh suspensions from the store (requests are refused until it "
                               "answers again): %s", e)
