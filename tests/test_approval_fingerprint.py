@@ -182,6 +182,21 @@ def test_preview_shows_bound_headers_redacted_and_never_credentials():
     assert pv["fingerprint_version"] == "v2"
 
 
+def test_preview_shows_form_multipart_and_utf16_bodies_as_read_and_redacts_their_keys():
+    redact = Redactor(keys=["password"], patterns=[r"\b\d{16}\b"])
+    form = request(headers={"content-type": "application/x-www-form-urlencoded"},
+                   body=b"user=ann&password=hunter2&card=4111111111111111&order[total]=12.50")
+    pv = _preview(form, 1000, frozenset(), redact, BOUND)
+    assert pv["body"].startswith("(form fields)")
+    assert "hunter2" not in pv["body"] and "4111111111111111" not in pv["body"]
+    assert '"total": "12.50"' in pv["body"]  # form values are strings, shown as sent
+    utf16 = request(headers={"content-type": "application/json; charset=utf-16le"},
+                    body='{"amount": 10000.000000000000000001, "password": "x"}'.encode("utf-16-le"))
+    pv = _preview(utf16, 1000, frozenset(), redact, BOUND)
+    assert '"amount": "10000.000000000000000001"' in pv["body"]  # exact, never rounded for the approver
+    assert '"password": "[redacted]"' in pv["body"]
+
+
 def _service(tmp_path: Path) -> tuple[ApprovalService, SQLiteStore]:
     store = SQLiteStore(str(tmp_path / "state.db"))
     svc = ApprovalService(store, ApprovalsConfig(), record=lambda rec: None)

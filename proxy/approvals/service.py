@@ -20,10 +20,12 @@ import secrets
 import time
 import weakref
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Callable, Iterable
 
 from ..config import ApprovalsConfig
 from ..connectors.credentials import AGENT_CREDENTIAL_HEADERS
+from ..core.body import BodyRejected, read_body
 from ..core.model import AgentIdentity, AgentRequest, Classification
 from ..logredact import url_with_query_names
 from ..record.decisions import iso
@@ -127,6 +129,21 @@ def new_approval_id() -> str:
     return "apr_" + secrets.token_urlsafe(15)
 
 
+def _displayable(value: Any) -> Any:
+    """A parsed body with exact Decimal numbers as JSON-serialisable values (a number
+    a float cannot show exactly stays a string, so approvers see what was sent)."""
+    if isinstance(value, Decimal):
+        if value == value.to_integral_value() and abs(value) < 2**63:
+            return int(value)
+        f = float(value)
+        return f if Decimal(repr(f)) == value else str(value)
+    if isinstance(value, dict):
+        return {k: _displayable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_displayable(v) for v in value]
+    return value
+
+
 def _preview(
     req: AgentRequest,
     limit: int,
@@ -154,11 +171,18 @@ def _preview(
     if req.body:
         raw = req.body
         try:
-            doc = json.loads(raw)
+            # the body as policy read it (core/body.py): JSON in its charset, form and
+            # multipart fields as a document, so redaction by key applies to all three
+            read = read_body(raw, req.headers.get("content-type"))
+            if read.doc is None:
+                raise ValueError("not a document")
+            doc = _displayable(read.doc)
             if redact is not None:  # audit.redact keys and patterns (passwords, card numbers) stay out of the store
                 doc = redact(doc)
             text = json.dumps(doc, indent=2, ensure_ascii=False, sort_keys=False)
-        except (ValueError, UnicodeDecodeError):
+            if read.format != "json":
+                text = f"({read.format} fields)\n{text}"
+        except (BodyRejected, ValueError, UnicodeDecodeError):
             text = raw.decode("utf-8", "replace")
             if redact is not None:
                 text = redact(text)
