@@ -66,6 +66,7 @@ import run as benchrun  # noqa: E402  (process, port and CPU helpers of bench/ru
 import yaml  # noqa: E402
 
 from proxy.audit.chain import Chain, verify  # noqa: E402
+from proxy.audit.keys import read_key_file  # noqa: E402
 from proxy.audit.ocsf import to_ocsf  # noqa: E402
 from proxy.audit.trail import AuditTrail, FileSink, Redactor  # noqa: E402
 from proxy.config import DEFAULT_REDACT_KEYS, DEFAULT_REDACT_PATTERNS, AuditFileConfig  # noqa: E402
@@ -437,7 +438,8 @@ def part_b(args: argparse.Namespace, tmp: Path) -> dict:
                 continue
             state = env.dir / "state"
             files = sorted(state.glob("audit-*.jsonl")) + [state / "audit.jsonl"]
-            rep = verify([f for f in files if f.exists()])
+            keys = [read_key_file(state / "audit-chain.key")] if (state / "audit-chain.key").exists() else []
+            rep = verify([f for f in files if f.exists()], keys)  # the trail is keyed (HMAC-SHA256) by default
             decisions = sum(1 for _ in open(state / "decisions.jsonl", "rb"))
             res["checks"].append(f"{key}: {rep.events:,} audit events for {decisions:,} decision-record lines; "
                                  f"proctor audit verify: {'ok' if rep.ok else 'PROBLEMS ' + '; '.join(map(str, rep.problems[:3]))}")

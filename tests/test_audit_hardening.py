@@ -198,6 +198,16 @@ def test_resume_marks_a_file_whose_end_cannot_be_read_as_a_restart(tmp_path):
 
 
 # ------------------------------------------------------------------ file sink (unit)
+def test_only_rotated_audit_files_belong_to_the_trail(tmp_path):
+    from proxy.audit.filesink import rotated_files
+
+    for name in ("audit.jsonl", "audit-20261121T080242161922Z.jsonl", "audit-20261121T090242161922Z.jsonl",
+                 "audit-dead-letter-splunk.jsonl", "audit-old.jsonl", "audit-2026.jsonl"):
+        (tmp_path / name).write_text("")
+    assert [p.name for p in rotated_files(tmp_path / "audit.jsonl")] == [
+        "audit-20261121T080242161922Z.jsonl", "audit-20261121T090242161922Z.jsonl"]
+
+
 def test_a_torn_last_line_is_cut_off_at_open_and_recorded(tmp_path):
     path = tmp_path / "audit.jsonl"
     write_chain(path, 2, None)

@@ -265,7 +265,7 @@ def test_invalid_event_number_keeps_the_accepted_ones_dead_letters_one_and_resen
         await until(lambda: sink.stats["sent"] == 4, what="the good events")
         assert [e["metadata"]["sequence"] for e in hec.events()] == [0, 1, 3, 4]
         assert sink.stats["dead_lettered"] == 1 and sink.stats["failed"] == 0
-        letters = dead_letters(tmp_path / "audit-dead-letter-splunk.jsonl")
+        letters = dead_letters(tmp_path / "dead-letters" / "splunk.jsonl")
         assert len(letters) == 1 and letters[0]["payload"]["event"]["metadata"]["sequence"] == 2
         assert "Invalid data format" in letters[0]["reason"] and letters[0]["sink"] == "splunk"
         assert sink.healthy  # the later delivery succeeded
@@ -312,7 +312,7 @@ def test_a_token_that_needs_a_channel_dead_letters_and_the_token_never_reaches_t
         await until(lambda: sink.stats["dead_lettered"] + sink.stats["failed"] == 6, what="6 refusals")
         # bounded: what does not fit in dead_letter_max_bytes is counted as failed (lost), never written
         assert sink.stats["failed"] >= 1 and sink.stats["dead_lettered"] >= 1
-        path = tmp_path / "audit-dead-letter-needs-channel.jsonl"
+        path = tmp_path / "dead-letters" / "needs-channel.jsonl"
         assert path.stat().st_size <= 5000
         text = path.read_text()
         assert "Data channel is missing" in text and TOKEN not in text
@@ -383,7 +383,7 @@ def test_wrong_index_keeps_dead_letters_and_stops_writes_until_hec_accepts_again
     wait_for(lambda: metric(p, "proctor_audit_dead_letter_events_total", sink="splunk#1") == 1, timeout=10,
              what="the refused event kept")
     assert metric(p, "proctor_audit_sink_healthy", sink="splunk#1") == 0
-    letters = dead_letters(p.dir / "state" / "audit-dead-letter-splunk.jsonl")
+    letters = dead_letters(p.dir / "state" / "dead-letters" / "splunk.jsonl")
     assert letters[0]["payload"]["index"] == "proctor" and "Incorrect index" in letters[0]["reason"]
     assert letters[0]["payload"]["event"] == audit_lines(p)[0]  # the chained event, byte for byte the file's
     with httpx.Client(proxy=p.proxy_url_with("writer-bot", writer), timeout=10) as c:

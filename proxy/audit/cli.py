@@ -49,8 +49,9 @@ def verify_cmd(files: tuple[str, ...], config_path: str | None, key_files: tuple
         if current is None:
             click.echo("error: no audit file is configured (audit.file)", err=True)
             sys.exit(2)
-        rotated = sorted(current.parent.glob(f"{current.stem}-*{current.suffix}"))
-        paths = rotated + [current]
+        from .filesink import rotated_files
+
+        paths = rotated_files(current) + [current]
     missing = [p for p in paths if not p.exists()]
     if missing:
         click.echo(f"error: no such file: {', '.join(map(str, missing))}", err=True)

@@ -2,8 +2,8 @@
 
 A non-retryable rejection (HEC 400 "Incorrect index", 413 for a single event,
 a token that needs a channel, ...) used to lose the batch. Now each refused
-event is appended to a JSON-lines file next to the audit trail, bounded in
-size, one line per event:
+event is appended to a JSON-lines file (default `<state_dir>/dead-letters/<sink>.jsonl`),
+bounded in size, one line per event:
 
     {"time": "...Z", "sink": "splunk", "reason": "HTTP 400: {...}", "payload": <exactly what was sent>}
 
@@ -42,7 +42,7 @@ class DeadLetterFile:
         head = (b'{"time":' + json.dumps(now).encode() + b',"sink":' + json.dumps(self.sink_name).encode()
                 + b',"reason":' + json.dumps(reason, ensure_ascii=False).encode() + b',"payload":')
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         except OSError as e:
             log.error("audit sink %s: dead-letter file %s cannot be opened: %s", self.sink_name, self.path, e)

@@ -32,6 +32,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,16 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 # land are written. broken: a write failed; nothing is written until a probe finds room
 # and the file open again (trial), and then only the gap marker, whose landing proves it.
 Mode = Literal["ok", "reserve", "broken", "trial"]
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """`<stem>-<YYYYMMDD>T<HHMMSS><micros>Z<suffix>` next to `path`, oldest first (names sort by time).
+    Only names of that shape: another `audit-*.jsonl` in the directory is not part of the trail."""
+    return sorted(p for p in path.parent.glob(f"{path.stem}-[0-9]*T[0-9]*Z{path.suffix}")
+                  if _ROTATED.fullmatch(p.name[len(path.stem) + 1: len(p.name) - len(path.suffix)]))
+
+
+_ROTATED = re.compile(r"\d{8}T\d{12}Z")
 
 
 def must_land(event: dict[str, Any] | None) -> bool:
@@ -219,7 +230,7 @@ class FileSink(Sink):
         return cut
 
     def rotated_files(self) -> list[Path]:
-        return sorted(self.path.parent.glob(f"{self.path.stem}-*{self.path.suffix}"))
+        return rotated_files(self.path)
 
     def _rotate(self) -> None:
         if self._fd is not None:

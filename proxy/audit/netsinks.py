@@ -135,7 +135,7 @@ class HttpSinkConfig(_SinkConfig):
     index: str | None = None
     hostname: str | None = Field(default=None, min_length=1, max_length=255)
     # Events refused for good (a non-retryable 4xx) go here instead of being lost.
-    # Default: <state_dir>/audit-dead-letter-<sink name>.jsonl; relative paths are relative to state_dir.
+    # Default: <state_dir>/dead-letters/<sink name>.jsonl; relative paths are relative to state_dir.
     dead_letter_file: str | None = Field(default=None, min_length=1)
     dead_letter_max_bytes: int = Field(default=64 * _MiB, ge=0, le=1 << 40)  # 0: no dead letters (lost, counted)
     # Splunk HEC indexer acknowledgement: delivered = indexed (needs the token's "indexer acknowledgement").
@@ -769,7 +769,8 @@ class HttpSink(_QueuedSink):
             meta["index"] = config.index
         self._hec_meta = json.dumps(meta, ensure_ascii=False, separators=(",", ":"))[1:-1].encode()
         # dead letters: events refused for good are kept, not dropped
-        dl = Path(config.dead_letter_file) if config.dead_letter_file else Path(f"audit-dead-letter-{_slug(self.name)}.jsonl")
+        # (a directory of their own: never mistaken for rotated audit files, never pruned with them)
+        dl = Path(config.dead_letter_file) if config.dead_letter_file else Path("dead-letters") / f"{_slug(self.name)}.jsonl"
         limit = config.dead_letter_max_bytes
         if not dl.is_absolute():
             if state_dir is None:
