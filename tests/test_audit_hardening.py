@@ -388,6 +388,53 @@ def test_below_the_free_space_floor_writes_are_refused_before_anything_is_lost(
     assert out.returncode == 0 and "not written" not in out.stdout, out.stdout + out.stderr
 
 
+def test_starting_on_a_full_disk_refuses_writes_until_there_is_room(proctor_factory, idp, upstream, small_disk):
+    audit_file = small_disk / "audit.jsonl"
+    p = proctor_factory({"audit": {"file": {"path": str(audit_file), "reserve_bytes": 64 * 1024, "min_free_bytes": 0}}})
+    p.stop()
+    (small_disk / ".audit.jsonl.reserve").unlink()
+    filler = fill(small_disk)
+    log = p.dir / "restart.log"
+    proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "run", "-c", str(p.config_path)], cwd=str(p.dir),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        def answers() -> bool:
+            try:
+                return httpx.get(f"{p.control_url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, timeout=30, what="proctor to answer")
+        wait_for(lambda: "no room for the 65536-byte reserve" in log.read_text(), timeout=5, what="the log line")
+        assert httpx.get(f"{p.control_url}/readyz", timeout=5).status_code == 503  # not ready to audit writes
+        base = f"http://127.0.0.1:{upstream.port}"
+        run = uuid.uuid4().hex[:8]
+        writer = idp.token("writer-bot", groups=["writers"])
+        with httpx.Client(proxy=p.proxy_url_with("writer-bot", writer), timeout=10) as c:
+            r = create_item(c, base, f"{run}-full")
+            assert r.status_code == 503 and r.json()["reasons"] == ["audit-unavailable"], r.text
+            assert not reached_upstream(upstream, f"{run}-full")
+            filler.unlink()
+            wait_for(lambda: file_sink_healthy(p), timeout=5, what="room for the reserve")
+            assert create_item(c, base, f"{run}-after").status_code == 200
+        assert (small_disk / ".audit.jsonl.reserve").stat().st_size == 64 * 1024
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    out = run_cli("audit", "verify", "-c", str(p.config_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_an_event_that_cannot_be_serialised_takes_no_sequence_number():
+    chain = Chain()
+    chain.link({"n": 1})
+    with pytest.raises(TypeError):
+        chain.link({"n": object()})
+    ev = {"n": 2}
+    chain.link(ev)
+    assert ev["metadata"]["sequence"] == 2
+
+
 def test_keyed_trail_through_the_proxy_detects_an_intruder_and_never_shows_the_key(proctor_factory, idp, upstream):
     p = proctor_factory({"audit": {"chain_key_env": "PROCTOR_AUDIT_KEY"}}, env={"PROCTOR_AUDIT_KEY": KEY})
     base = f"http://127.0.0.1:{upstream.port}"

@@ -73,17 +73,19 @@ class Chain:
 
     def link(self, event: dict[str, Any]) -> bytes:
         """Stamp `event` with its sequence and hashes; its serialised line (newline-terminated)."""
-        self.seq += 1
-        event.setdefault("metadata", {})["sequence"] = self.seq
+        seq = self.seq + 1
+        event.setdefault("metadata", {})["sequence"] = seq
         chain: dict[str, Any] = {**self._head, "prev": self.prev}
         if self.restart is not None:
-            chain["restart"], self.restart = self.restart, None
+            chain["restart"] = self.restart
         event.setdefault("unmapped", {})["chain"] = chain
         data = canonical(event)
         digest = self.key.mac(data) if self.key is not None else hashlib.sha256(data).hexdigest()
         chain["hash"] = digest
-        self.prev = digest
-        return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+        # only an event that could be serialised takes its number: no silent hole in the sequence
+        self.seq, self.prev, self.restart = seq, digest, None
+        return line
 
     @classmethod
     def resume(cls, candidates: Iterable[Path], key: ChainKey | None = None) -> "Chain":

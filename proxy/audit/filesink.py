@@ -181,9 +181,11 @@ class FileSink(Sink):
         self._probe_delay = 0.0
         self._open()
         if not self.reserve.ensure():
-            log.error("audit file %s: no room for the %d-byte reserve; the file system is full or nearly so",
-                      self.path, self.reserve.size)
-            self._mode = "broken"
+            # as if the reserve were already spent: writes are refused, events that must land
+            # are written while they fit, and the probe recreates the reserve once there is room
+            log.error("audit file %s: no room for the %d-byte reserve; the file system is full or nearly so: "
+                      "write requests are refused until there is", self.path, self.reserve.size)
+            self._mode = "reserve"
 
     # -- opening, repairing, rotating --------------------------------------
     def _open(self) -> None:
