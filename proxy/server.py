@@ -269,7 +269,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     b = runtime.policies.bundle
     gw = f", gateway on {config.gateway.listen.host}:{config.gateway.listen.port}" if config.gateway.enabled else ""
     log.info(
-        "proctor listening for agents on %s:%d%s; control API on %s:%d; policy revision %s (%d policies); "
+        "proctor starting: agents on %s:%d%s; control API on %s:%d; policy revision %s (%d policies); "
         "decisions -> %s; interception CA: %s",
         config.listen.host,
         config.listen.port,

@@ -568,6 +568,8 @@ class ApprovalService:
     async def run_timers(self, interval: float = 1.0) -> None:
         """Expire and escalate pending approvals, and sweep held connections (for the life of the proxy)."""
         last_poll = 0.0
+        failing_since: float | None = None  # a store outage is logged once, then once a minute, not every tick
+        last_logged = 0.0
         while True:
             try:
                 poll = self.poll_seconds is not None and time.monotonic() - last_poll >= self.poll_seconds
@@ -575,6 +577,15 @@ class ApprovalService:
                     last_poll = time.monotonic()
                 self.sweep(poll_store=poll)
                 await self.tick()
+                if failing_since is not None:
+                    log.warning("approval timers recovered after %.0f s", time.monotonic() - failing_since)
+                    failing_since = None
+            except StoreError as e:
+                now = time.monotonic()
+                if failing_since is None or now - last_logged >= 60:
+                    log.error("approval timers cannot reach the store (%s); expiry and escalation wait for it", e)
+                    last_logged = now
+                failing_since = failing_since or now
             except Exception:
                 log.exception("approval timer error")
             await asyncio.sleep(interval)

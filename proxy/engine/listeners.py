@@ -67,6 +67,8 @@ class ListenerWatch:
             log.error("cannot listen on %s (%s listener): %s", s.address, s.name, s.error)
         if self.failures:
             self.master.shutdown()  # `proctor run` then exits non-zero (see server.serve)
+        else:
+            log.info("listening: %s", ", ".join(f"{s.name} on {s.address}" for s in self.states()))
 
     def done(self) -> None:
         self.started = False  # shut down: nothing listens any more
