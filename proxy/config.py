@@ -180,10 +180,11 @@ class RequestLimits(Strict):
     max_body_bytes: int = Field(1024 * 1024, ge=0)
     max_json_depth: int = Field(32, ge=1, le=256)
     # A body number Cedar cannot hold exactly (more than 4 decimal places, beyond
-    # 64 bits, 1e400): `refuse` (400, default) or `omit` it from context.body
-    # (declared body fields are always exact). `omit` lets a forbid on that value
-    # be dodged: use it only where no policy reads such numbers.
-    inexact_numbers: Literal["refuse", "omit"] = "refuse"
+    # 64 bits, 1e400): `refuse` (400, default), or `text`: context.body holds its
+    # exact decimal text as a String, so a numeric test of it fails evaluation and
+    # the request is denied (coordinates, rates and scores pass where no policy
+    # compares them). Declared body fields are always exact.
+    inexact_numbers: Literal["refuse", "text"] = "refuse"
     # Request headers copied into Cedar context (lower-case names).
     context_headers: list[str] = Field(
         default_factory=lambda: ["content-type", "user-agent", "idempotency-key", "x-request-id"]

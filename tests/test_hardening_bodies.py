@@ -170,6 +170,59 @@ def test_json_that_parsers_disagree_on_is_400(stack, body):
     nothing_reached(stack)
 
 
+# -- parser differentials found by red-teaming against Werkzeug, Starlette and undici ------
+def multipart(parts: list[tuple[str, bytes]], boundary: str = "XyZ") -> tuple[bytes, str]:
+    out = b"".join(f"--{boundary}\r\n{h}\r\n\r\n".encode() + data + b"\r\n" for h, data in parts)
+    return out + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+@pytest.mark.parametrize("part_charset", ["utf-16le", "utf-16be", "utf-32"])
+def test_multipart_part_charset_cannot_hide_a_value(stack, part_charset):
+    """Flask, FastAPI and Node read these ASCII bytes as "Closed Won" whatever the part says."""
+    raw, ctype = multipart([(f'Content-Disposition: form-data; name="StageName"\r\n'
+                             f"Content-Type: text/plain; charset={part_charset}", b"Closed Won")])
+    r = crm(stack, raw, ctype)
+    assert r.status_code == 415, r.text
+    nothing_reached(stack)
+
+
+def test_multipart_level_charset_and_charset_field_are_refused(stack):
+    raw, ctype = multipart([('Content-Disposition: form-data; name="StageName"', b"Closed +AFc-on")])
+    assert crm(stack, raw, ctype + "; charset=utf-7").status_code == 415
+    raw, ctype = multipart([('Content-Disposition: form-data; name="_charset_"', b"utf-7"),
+                            ('Content-Disposition: form-data; name="StageName"', b"Closed +AFc-on")])
+    assert crm(stack, raw, ctype).status_code == 415
+    assert crm(stack, b"_charset_=utf-7&StageName=Closed+%2BAFc-on", "application/x-www-form-urlencoded").status_code == 415
+    nothing_reached(stack)
+
+
+def test_rfc2231_continuation_names_are_refused(stack):
+    """Werkzeug reads name*0="StageName" as the field name."""
+    raw, ctype = multipart([('Content-Disposition: form-data; name="Note"; name*0="StageName"', b"Closed Won")])
+    r = crm(stack, raw, ctype)
+    assert r.status_code == 400, r.text
+    nothing_reached(stack)
+
+
+@pytest.mark.parametrize("body", [b'{"stagename": "Closed Won"}', b'{"StageName": "Prospecting", "stageName": "Closed Won"}',
+                                  rb'{"\u017ftageName": "Closed Won"}'])
+def test_a_field_in_another_case_cannot_hide(stack, body):
+    """Go's encoding/json, ASP.NET and Salesforce match field names ignoring case."""
+    r = crm(stack, body, "application/json")
+    assert r.status_code == 400, r.text
+    nothing_reached(stack)
+
+
+def test_body_field_in_the_query_string_is_refused(stack):
+    """Flask's request.values, Rails params, PHP $_REQUEST merge the query into the body."""
+    for path in (OPP + "?StageName=Closed+Won", OPP + "?stagename=Closed+Won", OPP + "?StageName%00=Closed+Won"):
+        r = crm(stack, b"Description=x", "application/x-www-form-urlencoded", path=path)
+        assert r.status_code == 400, (path, r.text)
+    nothing_reached(stack)
+    ok = crm(stack, b'{"StageName": "Prospecting"}', "application/json", path=OPP + "?other=1")
+    assert ok.status_code == 200
+
+
 # -- encodings and method overrides ---------------------------------------------------
 def raw_request(stack, head: str, body: bytes) -> bytes:
     """Send bytes through the proxy as-is (clients refuse to send some of these)."""
@@ -207,7 +260,8 @@ def test_transfer_codings_other_than_chunked_are_refused(stack, coding, expected
     nothing_reached(stack)
 
 
-@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"])
+@pytest.mark.parametrize("header", ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override",
+                                    "X_HTTP_METHOD_OVERRIDE", "x_http_method"])
 def test_method_override_headers_are_refused(stack, header):
     r = crm(stack, json.dumps({"StageName": "Prospecting"}).encode(), "application/json", extra={header: "DELETE"})
     assert r.status_code == 400 and "method" in r.json()["detail"]
@@ -221,6 +275,20 @@ def test_method_override_in_query_or_form_is_refused(stack):
     assert r.status_code == 400
     r = crm(stack, b"StageName=Prospecting&_method=DELETE", "application/x-www-form-urlencoded")
     assert r.status_code == 400
+    for path in (OPP + "?.method=DELETE", OPP + "?_HttpMethod=DELETE", OPP + "?_%6Dethod=DELETE", OPP + "?_method[]=x"):
+        r = crm(stack, b'{"StageName": "Prospecting"}', "application/json", path=path)
+        assert r.status_code == 400, path
+    r = crm(stack, b'{"StageName": "Prospecting", "_method": "DELETE"}', "application/json")
+    assert r.status_code == 400
+    r = crm(stack, b"StageName=Prospecting&_method%00=DELETE", "application/x-www-form-urlencoded")
+    assert r.status_code == 400
+    nothing_reached(stack)
+
+
+def test_underscore_spellings_of_headers_proctor_reads_are_refused(stack):
+    for name in ("Content_Type", "Idempotency_Key", "X_Request_Id", "Transfer_Encoding"):
+        r = crm(stack, b'{"StageName": "Prospecting"}', "application/json", extra={name: "x"})
+        assert r.status_code == 400, name
     nothing_reached(stack)
 
 
@@ -247,6 +315,19 @@ def test_big_order_is_held(stack):
 def test_a_negative_line_cannot_offset_the_total_below_the_threshold(stack, lines):
     r = erp(stack, json.dumps(order(*lines)).encode(), "application/json")
     assert r.status_code == 400 and "must be at least 0" in r.json()["detail"], r.text
+    nothing_reached(stack, "erp")
+
+
+@pytest.mark.parametrize("items", [{"results": [{"OrderQuantity": "3", "NetPriceAmount": "5000"}]},
+                                   {"0": {"OrderQuantity": "3", "NetPriceAmount": "5000"}},
+                                   {"OrderQuantity": "3", "NetPriceAmount": "5000"}])
+def test_an_object_where_the_item_array_belongs_is_refused_not_read_as_no_items(stack, items):
+    body = {"Supplier": "17300001", "CompanyCode": "1010", "to_PurchaseOrderItem": items}
+    r = erp(stack, json.dumps(body).encode(), "application/json")
+    assert r.status_code == 400 and "expected an array" in r.json()["detail"], r.text
+    form = b"Supplier=17300001&CompanyCode=1010&to_PurchaseOrderItem[a][OrderQuantity]=3&to_PurchaseOrderItem[a][NetPriceAmount]=5000"
+    r = erp(stack, form, "application/x-www-form-urlencoded")
+    assert r.status_code == 400 and "expected an array" in r.json()["detail"], r.text
     nothing_reached(stack, "erp")
 
 
@@ -301,3 +382,21 @@ def test_route_without_opaque_refuses_what_it_cannot_read(stack):
     nothing_reached(stack, "files")
     ok = files(stack, "/notes", b"text=hello", "application/x-www-form-urlencoded")
     assert ok.status_code == 200
+
+
+def test_inexact_numbers_as_text_never_dodge_a_numeric_policy(proctor_factory, upstream, writer_token):
+    """limits.inexact_numbers: text lets such numbers through where no policy compares them,
+    and a policy comparing one fails evaluation: denied, never judged on a rounded value."""
+    p = proctor_factory({"limits": {"inexact_numbers": "text"}})
+    proxy = p.proxy_url_with("writer-bot", writer_token)
+    with httpx.Client(proxy=proxy, timeout=15) as c:
+        upstream.clear()
+        r = c.post(f"http://127.0.0.1:{upstream.port}/items", content=b'{"amount": 5000.000001}',
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 403 and r.json()["reasons"] == ["no-big-orders"], r.text
+        assert upstream.received() == []
+        ok = c.post(f"http://127.0.0.1:{upstream.port}/items", content=b'{"amount": 5, "lat": 52.520008}',
+                    headers={"Content-Type": "application/json"})
+        assert ok.status_code == 200, ok.text
+    rec = p.decision(ok.headers["x-proctor-decision-id"])
+    assert rec["decision"] == "allow"

@@ -460,9 +460,25 @@ def test_decimal_strings_are_plain_digits():
             body_values({"a": spec}, {"amount": bad})
 
 
+def test_a_name_in_another_case_is_refused_in_what_agents_send():
+    spec = {"stage": BodyFieldSpec(path="StageName", type="string")}
+    with pytest.raises(ValueRejected, match="another case"):
+        body_values(spec, {"stagename": "Closed Won"})
+    with pytest.raises(ValueRejected, match="another case"):
+        body_values({"net": NET}, {"to_purchaseorderitem": [{"OrderQuantity": "1", "NetPriceAmount": "1"}]})
+    assert body_values(spec, {"stagename": "x"}, agent_supplied=False) == {}  # the upstream's own data: as is
+    assert body_values(spec, {"Other": "x"}) == {}
+
+
 def test_empty_aggregates():
     assert body_values({"net": NET, "n": COUNT}, {"to_PurchaseOrderItem": []}) == {"n": 0}  # no sum of nothing
-    assert body_values({"n": COUNT}, {"to_PurchaseOrderItem": "not a list"}) == {"n": 0}
+    assert body_values({"n": COUNT}, {"to_PurchaseOrderItem": None}) == {"n": 0}  # null is absent
+    # an object (or a scalar) where the array belongs is refused, never read as "no items":
+    # PHP, Rack and qs iterate {"0": {...}} / items[a][sku] as if it were the array
+    for shape in ("not a list", {"results": [{"OrderQuantity": "3", "NetPriceAmount": "5000"}]},
+                  {"0": {"OrderQuantity": "3", "NetPriceAmount": "5000"}}):
+        with pytest.raises(ValueRejected, match="expected an array"):
+            body_values({"net": NET, "n": COUNT}, {"to_PurchaseOrderItem": shape})
     assert body_values({"net": NET, "n": COUNT}, None) == {"n": 0}
     required = BodyFieldSpec(path="a[*].p", aggregate="sum", type="decimal", required=True)
     with pytest.raises(ValueRejected, match="is required"):

@@ -120,11 +120,18 @@ def query_values(specs: dict[str, ValueSpec], query: str) -> dict[str, Any]:
     return out
 
 
-_STEP_RE = re.compile(r"([^.\[\]]+)|\[(\*|\d+)\]")
+_STEP_RE = re.compile(r"([^.\[\]]+)|\[(\*|[0-9]+)\]")
 
 
-def _walk(doc: Any, steps: list[str]) -> tuple[Any, bool]:
-    """Follow `steps` into `doc`; returns (value or list of values, is_set)."""
+def _walk(doc: Any, steps: list[str], what: str = "a body value", exact_case: bool = False) -> tuple[Any, bool]:
+    """Follow `steps` into `doc`; returns (value or list of values, is_set).
+
+    An array step (`[*]`, `[N]`) that meets something other than an array (or null)
+    is refused: many servers iterate an object where an array belongs (PHP, Rack and
+    qs build one from `items[a][sku]`), so "no elements" would be a guess. With
+    `exact_case` (what an agent sent), a missing name whose key exists in another
+    case is refused too: servers that match names case-insensitively would read it.
+    """
     current: list[Any] = [doc]
     is_set = False
     for step in steps:
@@ -132,15 +139,21 @@ def _walk(doc: Any, steps: list[str]) -> tuple[Any, bool]:
             is_set = True  # even when nothing reaches this step: an absent array is an empty set
         nxt: list[Any] = []
         for node in current:
-            if step == "*":
-                if isinstance(node, list):
+            if step == "*" or step.isdigit():
+                if node is None:
+                    continue
+                if not isinstance(node, list):
+                    found = "an object" if isinstance(node, dict) else f"a {type(node).__name__} value"
+                    raise ValueRejected(f"{what}: expected an array where the body has {found}")
+                if step == "*":
                     nxt.extend(node)
-                is_set = True
-            elif step.isdigit():
-                if isinstance(node, list) and int(step) < len(node):
+                elif int(step) < len(node):
                     nxt.append(node[int(step)])
-            elif isinstance(node, dict) and step in node:
-                nxt.append(node[step])
+            elif isinstance(node, dict):
+                if step in node:
+                    nxt.append(node[step])
+                elif exact_case and any(k.casefold() == step.casefold() for k in node):
+                    raise ValueRejected(f"{what}: the body spells {step!r} in another case; use the exact name")
         current = nxt
     if is_set:
         return current, True
@@ -179,7 +192,7 @@ def _cedar_number(spec: BodyFieldSpec, value: Decimal, what: str) -> Any:
 def _aggregate(spec: BodyFieldSpec, doc: Any, what: str, agent_supplied: bool = True) -> Any:
     steps = _steps(spec.path)
     last_star = len(steps) - 1 - steps[::-1].index("*")
-    elements, _ = _walk(doc, steps[: last_star + 1]) if doc is not None else ([], True)
+    elements, _ = _walk(doc, steps[: last_star + 1], what, agent_supplied) if doc is not None else ([], True)
     elements = [e for e in elements if e is not None]
     if spec.required and not elements:
         raise ValueRejected(f"{what} is required")
@@ -197,12 +210,12 @@ def _aggregate(spec: BodyFieldSpec, doc: Any, what: str, agent_supplied: bool = 
     weight_spec = ValueSpec(type="decimal", min=spec.weight_min if spec.weight_min is not None else floor)
     numbers: list[Decimal] = []
     for i, element in enumerate(elements):
-        raw, _ = _walk(element, tail)
+        raw, _ = _walk(element, tail, f"{what} element {i}", agent_supplied)
         if raw is _MISSING or raw is None:
             raise ValueRejected(f"{what}: element {i} has no value")
         number = _as_number(element_spec, raw, f"{what} element {i}")
         if weight_steps is not None:
-            w, _ = _walk(element, weight_steps)
+            w, _ = _walk(element, weight_steps, f"{what} element {i}", agent_supplied)
             if w is _MISSING or w is None:
                 raise ValueRejected(f"{what}: element {i} has no {spec.weight}")
             number *= _as_number(weight_spec, w, f"{what} element {i} {spec.weight}")
@@ -227,8 +240,8 @@ def body_values(specs: dict[str, BodyFieldSpec], doc: Any, agent_supplied: bool 
                 out[name] = value
             continue
         steps = _steps(spec.path)
-        value, is_set = _walk(doc, steps) if doc is not None else (_MISSING, False)
         what = f"body field {name!r} ({spec.path})"
+        value, is_set = _walk(doc, steps, what, agent_supplied) if doc is not None else (_MISSING, False)
         if is_set:
             items = [v for v in value if v is not None]
             if not items and spec.required:

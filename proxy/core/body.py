@@ -125,7 +125,18 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         dupe = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
         raise BodyRejected(f"the JSON body repeats the key {json.dumps(dupe)[:80]} in one object "
                            "(servers disagree about which copy wins)")
+    if len(out) > 1:
+        _no_case_twins(out, "JSON object")
     return out
+
+
+def _no_case_twins(keys: Any, what: str) -> None:
+    """Keys equal but for case (Go, ASP.NET, Salesforce match names case-insensitively;
+    Unicode folding too: "ſ" is "s") are one key to some servers: refused."""
+    folded = {k.casefold() for k in keys}
+    if len(folded) != len(keys):
+        raise BodyRejected(f"a {what} has two keys that differ only by case (servers that ignore case "
+                           "disagree about which one wins)")
 
 
 def _no_constants(name: str) -> Any:
@@ -206,7 +217,7 @@ def _key_steps(key: str) -> list[Any]:
             steps.append(s.group(2))
         elif s.group(1) == "":
             steps.append(_APPEND)
-        elif s.group(1).isdigit():
+        elif s.group(1).isascii() and s.group(1).isdigit():
             if len(s.group(1)) > 1 and s.group(1).startswith("0"):
                 raise BodyRejected(f"form field name {key[:80]!r} has a zero-padded index")
             steps.append(int(s.group(1)))
@@ -294,6 +305,8 @@ def _finish(node: Any) -> Any:
     if isinstance(node, _Leaf):
         return node.values[0] if len(node.values) == 1 else list(node.values)
     if isinstance(node, dict):
+        if len(node) > 1:
+            _no_case_twins(node, "form")
         return {k: _finish(v) for k, v in node.items()}
     if isinstance(node, _Seq):
         if not node.indexed:
@@ -306,16 +319,28 @@ def _finish(node: Any) -> Any:
 
 # -- application/x-www-form-urlencoded ------------------------------------------------
 MAX_FORM_FIELDS = 10_000
-METHOD_OVERRIDE_FIELD = "_method"
+# HTML's _charset_ field: some servers decode the other fields in the charset it names.
+CHARSET_FIELD = "_charset_"
 
 
 def _form_component(raw: str) -> str:
-    if "%" in raw and re.search(r"%(?![0-9A-Fa-f]{2})", raw):
-        raise BodyRejected("the form body has a malformed percent-escape")
+    # WHATWG application/x-www-form-urlencoded: "+" is a space, a "%" not followed
+    # by two hex digits stays literal, the bytes are UTF-8 (strictly).
     try:
         return unquote_to_bytes(raw.replace("+", " ")).decode("utf-8")
     except UnicodeDecodeError:
         raise BodyRejected("the form body is not valid UTF-8 after percent-decoding") from None
+
+
+_NAME_TROUBLE = re.compile(r"[\x00-\x1f\x7f]|^\s|\s$")
+
+
+def check_field_name(name: str, what: str) -> str:
+    """Field names some servers rewrite (PHP drops leading spaces, cuts at NUL, turns
+    '.' and ' ' into '_') could reach another field than the one policy read: refused."""
+    if _NAME_TROUBLE.search(name):
+        raise BodyRejected(f"a {what} name has control characters or surrounding spaces (servers rewrite such names)")
+    return name
 
 
 def parse_form(raw: bytes, media: MediaType) -> dict[str, Any]:
@@ -323,9 +348,9 @@ def parse_form(raw: bytes, media: MediaType) -> dict[str, Any]:
     if charset not in (None, "utf-8", "utf8", "us-ascii"):
         raise BodyRejected(f"form bodies in charset {charset!r} are not decoded by Proctor; send UTF-8", status=415)
     try:
-        text = raw.decode("ascii")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise BodyRejected("the form body contains raw non-ASCII bytes; percent-encode them") from None
+        raise BodyRejected("the form body is not valid UTF-8") from None
     if ";" in text:
         raise BodyRejected("the form body contains ';', which some servers read as a separator; percent-encode it")
     tree = _Tree()
@@ -334,7 +359,10 @@ def parse_form(raw: bytes, media: MediaType) -> dict[str, Any]:
         raise BodyRejected(f"the form body has more than {MAX_FORM_FIELDS} fields")
     for pair in pairs:
         name, _, value = pair.partition("=")
-        tree.add(_form_component(name), _form_component(value))
+        name = check_field_name(_form_component(name), "form field")
+        if name.casefold() == CHARSET_FIELD:
+            raise BodyRejected("a form _charset_ field is not accepted; send UTF-8", status=415)
+        tree.add(name, _form_component(value))
     return tree.document()
 
 
@@ -343,14 +371,19 @@ MAX_MULTIPART_PARTS = 1_000
 _ALLOWED_TRANSFER_ENCODINGS = ("7bit", "8bit", "binary")
 
 
+_TEXT_CHARSETS = (None, "utf-8", "utf8", "us-ascii")
+
+
 def _disposition(value: str) -> tuple[str, str | None]:
     m = _DISPOSITION_RE.match(value)
     if m is None or m.group(1).lower() != "form-data":
         raise BodyRejected("a multipart part is not form-data")
     params = _parameters(value, m.end(), "part Content-Disposition")
     extra = set(params) - {"name", "filename"}
-    if extra & {"name*", "filename*"}:
-        raise BodyRejected("multipart name*/filename* parameters are not accepted (servers decode them differently)")
+    if extra:
+        # name*, name*0 (RFC 2231 continuations), filename*...: some servers read them as the name
+        raise BodyRejected("a multipart Content-Disposition may carry only name and filename "
+                           "(servers decode other parameters differently)")
     name = params.get("name")
     if name is None or name == "":
         raise BodyRejected("a multipart part has no name")
@@ -364,6 +397,9 @@ def parse_multipart(raw: bytes, media: MediaType, max_depth: int) -> dict[str, A
     boundary = media.params.get("boundary")
     if not boundary:
         raise BodyRejected("multipart/form-data without a boundary parameter")
+    if media.charset not in _TEXT_CHARSETS:
+        raise BodyRejected(f"multipart bodies in charset {media.charset!r} are not decoded by Proctor; send UTF-8",
+                           status=415)
     if not raw.startswith(b"--" + boundary.encode("latin-1")):
         raise BodyRejected("the multipart body must start with its boundary (no preamble)")
     tree = _Tree()
@@ -395,8 +431,15 @@ def parse_multipart(raw: bytes, media: MediaType, max_depth: int) -> dict[str, A
         if cte not in _ALLOWED_TRANSFER_ENCODINGS:
             raise BodyRejected(f"multipart Content-Transfer-Encoding {cte!r} is not accepted", status=415)
         name, filename = _disposition(segment.header("Content-Disposition") or "")
+        check_field_name(name, "multipart part")
+        if name.casefold() == CHARSET_FIELD:
+            # HTML's _charset_ field makes some servers decode the other fields in its charset
+            raise BodyRejected("a multipart _charset_ field is not accepted; send UTF-8", status=415)
         ctype = segment.header("Content-Type")
         part_media = parse_media_type(ctype, "part Content-Type") if ctype else MediaType("text/plain")
+        if filename is None and part_media.charset not in _TEXT_CHARSETS:
+            raise BodyRejected(f"multipart part {name!r} declares charset {part_media.charset!r}; "
+                               "only UTF-8 parts are decoded", status=415)
         value: Any
         if filename is not None:
             value = {"filename": filename, "content_type": part_media.essence, "size": len(data)}

@@ -39,13 +39,16 @@ def _decimal_text(value: Decimal) -> str | None:
     return text if "." in text else text + ".0"
 
 
-def to_cedar(value: Any, depth: int = 0, max_depth: int = 32, exact: bool = False, where: str = "$") -> Any:
+def to_cedar(value: Any, depth: int = 0, max_depth: int = 32, inexact: str = "omit", where: str = "$") -> Any:
     """A JSON value as a Cedar JSON value (records, sets, Long, String, Bool, decimal).
 
-    With `exact` (request bodies), a number Cedar cannot represent exactly
-    (an integer outside i64, more than 4 decimal places, out of the decimal
-    range) raises InexactNumber; otherwise such a value is omitted.
+    A number Cedar cannot represent exactly (an integer outside i64, more than 4
+    decimal places, out of the decimal range) is, by `inexact`: "refuse" (request
+    bodies by default): InexactNumber; "text": its exact decimal text as a String
+    (any numeric test of it is a type error, which Proctor denies; equality with
+    a number stays false, which is true); "omit" (claims, static attributes): left out.
     """
+    exact = inexact != "omit"
     if depth > max_depth:
         raise BodyRejected(f"JSON nested deeper than {max_depth} levels")
     if isinstance(value, bool) or isinstance(value, str):
@@ -53,6 +56,8 @@ def to_cedar(value: Any, depth: int = 0, max_depth: int = 32, exact: bool = Fals
     if isinstance(value, int):
         if I64_MIN <= value <= I64_MAX:
             return value
+        if inexact == "text":
+            return str(value)
         if exact:
             raise InexactNumber(f"the number at {where} is outside the range policies can compare exactly "
                                 "(64-bit integer); send it as a string")
@@ -61,6 +66,8 @@ def to_cedar(value: Any, depth: int = 0, max_depth: int = 32, exact: bool = Fals
         text = _decimal_text(value)
         if text is not None:
             return {"__extn": {"fn": "decimal", "arg": text}}
+        if inexact == "text":
+            return str(value)
         if exact:
             raise InexactNumber(f"the number at {where} cannot be represented exactly for policy evaluation "
                                 f"(at most 4 decimal places, magnitude up to {DECIMAL_LIMIT}); send it as a string")
@@ -77,12 +84,12 @@ def to_cedar(value: Any, depth: int = 0, max_depth: int = 32, exact: bool = Fals
         for k, v in value.items():
             if k == "__extn" or k == "__entity":  # never let a body smuggle an escape
                 continue
-            cv = to_cedar(v, depth + 1, max_depth, exact, f"{where}.{k}" if exact else where)
+            cv = to_cedar(v, depth + 1, max_depth, inexact, f"{where}.{k}" if exact else where)
             if cv is not _OMIT:
                 out[str(k)] = cv
         return out
     if isinstance(value, list):
-        items = [to_cedar(v, depth + 1, max_depth, exact, f"{where}[{i}]" if exact else where)
+        items = [to_cedar(v, depth + 1, max_depth, inexact, f"{where}[{i}]" if exact else where)
                  for i, v in enumerate(value)]
         return [v for v in items if v is not _OMIT]
     return _OMIT
@@ -94,11 +101,11 @@ def parse_json_body(req: AgentRequest, max_depth: int) -> Any:
     return body_to_cedar(read.doc, max_depth) if read.format == "json" else None
 
 
-def body_to_cedar(doc: Any, max_depth: int, exact: bool = True) -> Any:
+def body_to_cedar(doc: Any, max_depth: int, inexact: str = "refuse") -> Any:
     """A parsed body document as Cedar JSON (context.body)."""
     if doc is None:
         return None
-    converted = to_cedar(doc, 0, max_depth, exact)
+    converted = to_cedar(doc, 0, max_depth, inexact)
     return None if converted is _OMIT else converted
 
 
@@ -148,6 +155,7 @@ def request_context(
     header_allowlist: list[str],
     now: float | None = None,
     payload: dict[str, Any] | None = None,
+    inexact: str = "refuse",
 ) -> dict:
     now = time.time() if now is None else now
     dt = datetime.fromtimestamp(now, tz=timezone.utc)
@@ -182,8 +190,8 @@ def request_context(
         ctx["fields"] = cls.fields
     if cls.rpc is not None:  # JSON-RPC endpoints: the call, and (MCP tools/call) its arguments
         ctx["rpc"] = cls.rpc
-        if cls.arguments is not None:
-            converted = to_cedar(cls.arguments)
+        if cls.arguments is not None:  # part of the body: numbers as exact as context.body's
+            converted = to_cedar(cls.arguments, inexact=inexact)
             if converted is not _OMIT:
                 ctx["arguments"] = converted
     return ctx

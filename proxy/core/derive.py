@@ -8,6 +8,7 @@ of the wrong type, an unmapped JSON-RPC call) comes back as a `Refusal`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -15,9 +16,12 @@ from typing import Any
 from ..config import RequestLimits
 from ..connectors.classifier import Classifier, PathRejected
 from ..connectors.values import ValueRejected, with_body_fields
-from .body import METHOD_OVERRIDE_FIELD, BodyRejected, ReadBody, read_body
+from .body import BodyRejected, ReadBody, read_body
 from .context import body_to_cedar
 from .hosts import HostRejected
+from .overrides import override_in, query_names, server_name
+
+_STEP_HEAD = re.compile(r"[.\[]")
 from .model import AgentRequest, Classification, Refusal
 
 
@@ -62,6 +66,10 @@ def derive_request(classifier: Classifier, limits: RequestLimits, req: AgentRequ
         )
         return d
     d.classification = cls
+    refusal = _body_field_in_query(cls, req.query)
+    if refusal is not None:
+        d.refusal = refusal
+        return d
     if len(req.body) > limits.max_body_bytes:
         d.refusal = Refusal(
             413,
@@ -84,7 +92,7 @@ def derive_request(classifier: Classifier, limits: RequestLimits, req: AgentRequ
     try:
         if d.is_jsonrpc and isinstance(doc, dict):
             d.jsonrpc_id = _plain_id(doc.get("id"))
-        d.body = body_to_cedar(doc, limits.max_json_depth, exact=limits.inexact_numbers == "refuse")
+        d.body = body_to_cedar(doc, limits.max_json_depth, limits.inexact_numbers)
         d.classification = cls = with_body_fields(cls, doc)
     except BodyRejected as e:
         d.refusal = _body_refusal(e)
@@ -131,11 +139,28 @@ def _unreadable(read: ReadBody, cls: Classification, is_jsonrpc: bool) -> Refusa
             + (" (this route reads body fields)" if cls.body_specs else ""),
             kind="request",
         )
-    if read.format in ("form", "multipart") and isinstance(read.doc, dict) and METHOD_OVERRIDE_FIELD in read.doc:
-        return Refusal(400, "Method override refused",
-                       f"the body field {METHOD_OVERRIDE_FIELD!r} asks the server to use another HTTP method than "
-                       "the one policy judged; send the request with its real method", kind="request")
+    if read.format in ("json", "form", "multipart") and isinstance(read.doc, dict):
+        override = override_in(list(read.doc))
+        if override is not None:
+            return Refusal(400, "Method override refused",
+                           f"the body field {override[:40]!r} asks the server to use another HTTP method than "
+                           "the one policy judged; send the request with its real method", kind="request")
     return None
+
+
+def _body_field_in_query(cls: Classification, query: str) -> Refusal | None:
+    """A declared body field also sent as a query parameter: servers that merge the two
+    (Flask request.values, Rails params, PHP $_REQUEST, Spring binding) could act on
+    the query's value, which policy did not read as the field."""
+    if not query or not cls.body_specs:
+        return None
+    heads = {server_name(_STEP_HEAD.split(spec.path, 1)[0]) for spec in cls.body_specs.values()}
+    clash = next((n for n in query_names(query) if server_name(n) in heads), None)
+    if clash is None:
+        return None
+    return Refusal(400, "Body field in the query string",
+                   f"the query parameter {clash[:60]!r} names a body field of this route; servers that merge "
+                   "query and body parameters could act on it unseen: send it in the body only", kind="request")
 
 
 def _plain_id(value: Any) -> Any:

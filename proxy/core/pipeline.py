@@ -119,6 +119,7 @@ class Pipeline:
         self.policies = policies
         self.shadow = shadow
         self.identity_settings = config.identity_settings()
+        self._policy_headers = frozenset(config.limits.context_headers)
 
     # -- authentication ---------------------------------------------------------
     def _auth_refusal(self, req: AgentRequest, detail: str) -> Refusal:
@@ -274,7 +275,7 @@ class Pipeline:
                 outcome.refusal = suspension_refusal(suspended)
                 return
 
-        target_refusal = canonicalise_target(req) or check_target(req)
+        target_refusal = canonicalise_target(req) or check_target(req, self._policy_headers)
         if target_refusal is not None:
             outcome.refusal = target_refusal
             return
@@ -316,7 +317,8 @@ class Pipeline:
         principal = principal_entity(identity, self.identity_settings.principal)
         resource = resource_entity(cls)
         payload = derived.payload.describe() if derived.payload is not None else None
-        context = request_context(req, cls, body, limits.context_headers, now=outcome.timestamp, payload=payload)
+        context = request_context(req, cls, body, limits.context_headers, now=outcome.timestamp, payload=payload,
+                                  inexact=limits.inexact_numbers)
         t0 = clock()
         outcome.policy_inputs = (principal, resource, context)
         result = self.policies.authorize(

@@ -13,10 +13,9 @@ read them as extra header lines (request smuggling past the decision).
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl
-
 from .hosts import HostRejected, canonical_host
 from .model import AgentRequest, Refusal
+from .overrides import OVERRIDE_HEADERS, override_in, query_names
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -68,23 +67,20 @@ def _misdirected(what: str, value: str, req: AgentRequest) -> Refusal:
 # Headers whose repetition makes the request ambiguous between Proctor and the
 # upstream (which copy wins differs between servers).
 SINGLE_VALUED = ("content-type", "content-encoding", "transfer-encoding", "host")
-# Headers (and a query/body field) asking a server to act as if the request had
-# another method than the one policy judged (Rails, Laravel, Express, ASP.NET...).
-METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
-METHOD_OVERRIDE_PARAM = "_method"
+METHOD_OVERRIDE_HEADERS = OVERRIDE_HEADERS
+# Headers Proctor reads or that decide what the upstream does: a variant spelled
+# with "_" (X_HTTP_METHOD_OVERRIDE, Content_Type) is the same header to CGI-style
+# servers (Rack, Puma, PHP), so it is refused rather than passed unseen.
+_UNDERSCORE_SENSITIVE = frozenset(
+    {*OVERRIDE_HEADERS, *SINGLE_VALUED, "content-length", "authorization", "proxy-authorization", "cookie",
+     "idempotency-key", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-original-url",
+     "x-rewrite-url"}
+)
 
 
-def _method_override_in_query(query: str) -> bool:
-    if "method" not in query.lower():
-        return False
-    try:
-        names = [k for k, _ in parse_qsl(query, keep_blank_values=True)]
-    except ValueError:
-        return True  # unreadable query naming "method": refuse rather than guess
-    return any(n.strip().lower() == METHOD_OVERRIDE_PARAM for n in names)
-
-
-def check_target(req: AgentRequest) -> Refusal | None:
+def check_target(req: AgentRequest, policy_headers: frozenset[str] = frozenset()) -> Refusal | None:
+    """Refusals for a request whose framing, headers or target could be read two ways.
+    `policy_headers`: headers policies read (limits.context_headers), guarded like the built-in ones."""
     if req.header_problem:
         return Refusal(400, "Malformed header", req.header_problem, kind="request")
     for name in SINGLE_VALUED:
@@ -118,14 +114,27 @@ def check_target(req: AgentRequest) -> Refusal | None:
                 "send the request with its real method",
                 kind="request",
             )
-    if req.query and _method_override_in_query(req.query):
-        return Refusal(
-            400,
-            "Method override refused",
-            f"the query parameter {METHOD_OVERRIDE_PARAM!r} asks the server to use another method than {req.method}, "
-            "which policy judged; send the request with its real method",
-            kind="request",
-        )
+    for name in req.headers:
+        if "_" in name:
+            dashed = name.replace("_", "-")
+            if dashed in _UNDERSCORE_SENSITIVE or dashed in policy_headers or dashed in req.headers:
+                return Refusal(
+                    400,
+                    "Ambiguous header",
+                    f"the header {name} is {dashed} to servers that read '_' as '-' (Rack, Puma, PHP); "
+                    f"send {dashed} itself",
+                    kind="request",
+                )
+    if req.query:
+        override = override_in(query_names(req.query))
+        if override is not None:
+            return Refusal(
+                400,
+                "Method override refused",
+                f"a query parameter ({override[:40]!r}) asks the server to use another method than {req.method}, "
+                "which policy judged; send the request with its real method",
+                kind="request",
+            )
     if req.mode != "forward":
         return None  # the gateway router re-targets every request itself
     target = req.host

@@ -175,7 +175,8 @@ def explain(
     body = derived.body
     ex.resource = resource_entity(cls)
     payload = derived.payload.describe() if derived.payload is not None else None
-    ex.context = request_context(req, cls, body, config.limits.context_headers, payload=payload)
+    ex.context = request_context(req, cls, body, config.limits.context_headers, payload=payload,
+                                 inexact=config.limits.inexact_numbers)
     result = store.authorize(principal, cls.action, ex.resource, ex.context, [principal, ex.resource])
     ex.decision = "allow" if result.allowed else "deny"
     ex.reasons = result.reasons
