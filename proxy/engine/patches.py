@@ -148,22 +148,49 @@ def _upstream_silence_message() -> str:
 
 
 class _UpstreamReader:
-    """An upstream socket reader that gives up after `timeout` seconds without data."""
+    """An upstream socket reader that gives up after `timeout` seconds without data.
 
-    __slots__ = ("_inner", "_server", "_timeout")
+    One timer per connection instead of one per read (reads are hot): each read only
+    moves the deadline; the timer, when it fires early, re-arms itself for the rest."""
+
+    __slots__ = ("_inner", "_server", "_timeout", "_deadline", "_reading", "_timer", "_loop")
 
     def __init__(self, inner, server: Server, timeout: float) -> None:
         self._inner, self._server, self._timeout = inner, server, timeout
+        self._deadline = 0.0
+        self._reading: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def _check(self) -> None:
+        self._timer = None
+        task = self._reading
+        if task is None or task.done():
+            return
+        remaining = self._deadline - self._loop.time()
+        if remaining > 0:
+            self._timer = self._loop.call_later(remaining, self._check)
+            return
+        _UPSTREAM_TIMED_OUT.add(self._server)
+        task.cancel("upstream read timeout")
 
     async def read(self, n: int) -> bytes:
-        deadline = asyncio.timeout(self._timeout)
+        self._deadline = self._loop.time() + self._timeout
+        self._reading = asyncio.current_task()
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._timeout, self._check)
         try:
-            async with deadline:
-                return await self._inner.read(n)
-        except TimeoutError:
-            if deadline.expired():
-                _UPSTREAM_TIMED_OUT.add(self._server)
-            raise  # an OSError: the engine treats the connection as closed
+            return await self._inner.read(n)
+        except asyncio.CancelledError:
+            if self._server in _UPSTREAM_TIMED_OUT:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # our own cancellation, turned into the error below
+                # an OSError: the engine treats the connection as closed (and reports the timeout)
+                raise TimeoutError("upstream read timed out") from None
+            raise
+        finally:
+            self._reading = None
 
 
 class _ClientTurn:
@@ -182,15 +209,22 @@ class _ClientTurn:
         self.readable = asyncio.Event()
         self.readable.set()
         self._watchdog = watchdog
-        self._disarmed = None
+        self._disarmed = False
 
     def waiting_for_us(self, waiting: bool) -> None:
-        if waiting and self._disarmed is None:
-            self._disarmed = self._watchdog.disarm()
-            self._disarmed.__enter__()
-        elif not waiting and self._disarmed is not None:
-            disarmed, self._disarmed = self._disarmed, None
-            disarmed.__exit__(None, None, None)
+        # What TimeoutWatchdog.disarm() does on enter and exit (its blocker count
+        # nests with the engine's own disarms), without a context manager per request.
+        wd = self._watchdog
+        if waiting and not self._disarmed:
+            self._disarmed = True
+            wd.can_timeout.clear()
+            wd.blocker += 1
+        elif not waiting and self._disarmed:
+            self._disarmed = False
+            wd.blocker -= 1
+            if wd.blocker == 0:
+                wd.register_activity()
+                wd.can_timeout.set()
 
 
 _CLIENT_TURNS: "weakref.WeakKeyDictionary[Client, _ClientTurn]" = weakref.WeakKeyDictionary()
@@ -396,7 +430,10 @@ _original_wait_for_request_headers = HttpStream.state_wait_for_request_headers
 def _wait_for_request_headers(self, event):
     """mitmproxy's request-head handling, with reading paused until the `requestheaders`
     hook is done, and the hook's early answer sent instead of reading the body."""
-    turn = None if event.end_stream else _CLIENT_TURNS.get(self.context.client)
+    if event.end_stream:
+        # no body: nothing to hold back, and the addon answers such requests in `request`
+        return (yield from _original_wait_for_request_headers(self, event))
+    turn = _CLIENT_TURNS.get(self.context.client)
     if turn is not None:
         turn.readable.clear()
     try:
