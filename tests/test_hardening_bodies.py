@@ -12,7 +12,6 @@ import json
 import shutil
 import socket
 import uuid
-from pathlib import Path
 
 import httpx
 import pytest

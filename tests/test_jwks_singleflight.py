@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import ssl
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -26,58 +23,17 @@ from jwt.algorithms import RSAAlgorithm
 from proxy.config import IdentityConfig, IssuerConfig
 from proxy.identity.jwks import UrlKeySource, shared_url_source
 from proxy.identity.verifier import TokenVerifier
-
-
-class SlowJwks:
-    """HTTPS JWKS endpoint that answers after `delay` seconds and counts requests."""
-
-    def __init__(self, pki, doc: dict, delay: float) -> None:
-        self.doc = doc
-        self.delay = delay
-        self.hits = 0
-        self._lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                with server._lock:
-                    server.hits += 1
-                time.sleep(server.delay)
-                body = json.dumps(server.doc).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(pki.cert_pem), str(pki.key_pem))
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self.url = f"https://localhost:{self.httpd.server_address[1]}/jwks.json"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def count(self) -> int:
-        with self._lock:
-            return self.hits
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+from support.jwks_server import JwksServer
 
 
 @pytest.fixture
 def slow_jwks(pki, idp):
-    srv = SlowJwks(pki, json.loads(idp.jwks_path.read_text()), delay=0.5)
+    srv = JwksServer(pki, json.loads(idp.jwks_path.read_text()), delay=0.5)
     yield srv
     srv.stop()
 
 
-def _source(srv: SlowJwks, pki, **kw) -> UrlKeySource:
+def _source(srv: JwksServer, pki, **kw) -> UrlKeySource:
     return UrlKeySource(srv.url, ca_file=pki.ca_pem, **kw)
 
 

@@ -18,10 +18,7 @@ import gc
 import json
 import select
 import socket
-import ssl
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -33,6 +30,7 @@ from proxy.core.pipeline import Authentication, new_outcome
 from proxy.engine.bodylimits import BodyBudget, BodyGuard
 from proxy.engine.mitm import ProctorAddon
 from proxy.engine.patches import BODY_GUARD, EARLY_ANSWER
+from support.jwks_server import JwksServer
 
 
 # ----------------------------------------------------------------- helpers
@@ -237,46 +235,12 @@ def test_gateway_bearer_is_stripped_from_a_forwarded_body_request(proctor, upstr
 
 
 # ---------------------------------------------------- the body waits for the IdP
-class _StalledJwks:
-    """HTTPS JWKS endpoint that answers only once released."""
-
-    def __init__(self, pki, doc: dict) -> None:
-        self.release = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server.release.wait(30)
-                body = json.dumps(doc).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(pki.cert_pem), str(pki.key_pem))
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self.url = f"https://localhost:{self.httpd.server_address[1]}/jwks.json"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.mark.integration
 def test_the_body_stays_in_the_socket_while_authentication_waits(proctor_factory, pki, idp, upstream):
     """While the token's keys are being fetched, Proctor reads nothing past the head:
     the client can push only what the kernel's socket buffers hold, not its 48 MiB."""
     upstream.clear()
-    jwks = _StalledJwks(pki, json.loads(idp.jwks_path.read_text()))
+    jwks = JwksServer(pki, json.loads(idp.jwks_path.read_text()), hold=True)  # answers once released
     try:
         issuer = {"issuer": idp.issuer, "audience": idp.audience, "jwks_url": jwks.url,
                   "jwks_ca_file": str(pki.ca_pem), "algorithms": ["RS256", "ES256"]}

@@ -15,10 +15,8 @@ import asyncio
 import base64
 import json
 import socket
-import ssl
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
@@ -29,6 +27,7 @@ from mitmproxy.proxy.server import TimeoutWatchdog
 
 from proxy.config import RequestLimits, UpstreamConfig
 from proxy.engine.patches import _watch_respecting_disarm
+from support.jwks_server import JwksServer
 
 CONNECT_TIMEOUT, READ_TIMEOUT, IDLE_TIMEOUT = 1.0, 1.5, 1.0
 
@@ -103,36 +102,6 @@ class Unconnectable:
         for c in self.fillers:
             c.close()
         self.sock.close()
-
-
-class StalledJwks:
-    """HTTPS JWKS endpoint that answers `delay` seconds after each request."""
-
-    def __init__(self, pki, doc: dict, delay: float) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                time.sleep(delay)
-                body = json.dumps(doc).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(pki.cert_pem), str(pki.key_pem))
-        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
-        self.url = f"https://localhost:{self.httpd.server_address[1]}/jwks.json"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +187,7 @@ def test_an_upstream_that_never_completes_tls_is_a_recorded_504(timed, stubs, id
 @pytest.fixture(scope="module")
 def patient(tmp_path_factory, idp, pki, upstream, upstream_tls, stubs):
     """Idle timeout 1 s, read timeout 5 s, and JWKS keys that take 2.5 s to arrive."""
-    jwks = StalledJwks(pki, json.loads(idp.jwks_path.read_text()), delay=2.5)
+    jwks = JwksServer(pki, json.loads(idp.jwks_path.read_text()), delay=2.5)
     issuer = {"issuer": idp.issuer, "audience": idp.audience, "jwks_url": jwks.url,
               "jwks_ca_file": str(pki.ca_pem), "algorithms": ["RS256", "ES256"]}
     p = start_proctor(
