@@ -247,3 +247,10 @@ def test_other_bodies_are_opaque(ctype):
 
 def test_empty_body_is_none():
     assert read_body(b"", "application/json").format == "none"
+
+
+def test_deep_form_names_and_deep_surrogate_json_are_clean_refusals():
+    rejected(b"a" + b"[x]" * 40 + b"=1", "application/x-www-form-urlencoded", 400, "deeper")
+    deep = b'{"a":' * 900 + b'"\\ud800"' + b"}" * 900
+    with pytest.raises(BodyRejected):
+        read_body(deep, "application/json")

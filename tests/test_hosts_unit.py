@@ -92,3 +92,13 @@ def test_semantic_aliases_are_found():
     assert asyncio.run(check("::1", 9103)) is not None
     assert asyncio.run(check("127.0.0.1", 9104)) is None  # another port is another service
     assert asyncio.run(check("10.1.2.3", 9103)) is None
+
+
+def test_overlong_hosts_are_refused_before_the_cache():
+    from proxy.core.hosts import _canonical_host
+
+    before = _canonical_host.cache_info().currsize
+    for i in range(50):
+        with pytest.raises(HostRejected, match="longer than 255"):
+            canonical_host(f"{i}" + "a" * 60_000 + ".com")
+    assert _canonical_host.cache_info().currsize == before

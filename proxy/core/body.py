@@ -186,7 +186,10 @@ def parse_json_text(text: str, what: str = "the JSON body") -> Any:
             raise
         raise BodyRejected(f"{what} is not valid JSON ({_json_error(e)})") from None
     if _SURROGATE_ESCAPE.search(text):
-        _check_strings(doc)
+        try:
+            _check_strings(doc)
+        except RecursionError:
+            raise BodyRejected(f"{what} is JSON nested deeper than the parser allows") from None
     return doc
 
 
@@ -200,6 +203,7 @@ def _json_error(e: ValueError) -> str:
 _KEY_BASE = re.compile(r"[^.\[\]]+")
 _KEY_STEP = re.compile(r"\[([^\[\]]*)\]|\.([^.\[\]]+)")
 _APPEND = object()
+MAX_KEY_DEPTH = 32  # a[b][c]...: deeper names are refused (the document is walked recursively)
 
 
 def _key_steps(key: str) -> list[Any]:
@@ -210,6 +214,8 @@ def _key_steps(key: str) -> list[Any]:
     steps: list[Any] = [m.group(0)]
     pos = m.end()
     while pos < len(key):
+        if len(steps) > MAX_KEY_DEPTH:
+            raise BodyRejected(f"form field name {key[:80]!r} nests deeper than {MAX_KEY_DEPTH} levels")
         s = _KEY_STEP.match(key, pos)
         if s is None:
             raise BodyRejected(f"form field name {key[:80]!r} is malformed (unbalanced brackets or dots)")
@@ -393,7 +399,7 @@ def _disposition(value: str) -> tuple[str, str | None]:
     return name, params.get("filename")
 
 
-def parse_multipart(raw: bytes, media: MediaType, max_depth: int) -> dict[str, Any]:
+def parse_multipart(raw: bytes, media: MediaType) -> dict[str, Any]:
     boundary = media.params.get("boundary")
     if not boundary:
         raise BodyRejected("multipart/form-data without a boundary parameter")
@@ -487,7 +493,7 @@ def read_body(raw: bytes, content_type: str | None) -> ReadBody:
         return ReadBody("form", parse_form(raw, media), essence, len(raw))
     if essence == "multipart/form-data":
         assert media is not None
-        return ReadBody("multipart", parse_multipart(raw, media, 0), essence, len(raw))
+        return ReadBody("multipart", parse_multipart(raw, media), essence, len(raw))
     # Many upstreams parse JSON whatever the Content-Type says: a body that looks
     # like JSON and parses strictly is read as JSON, so a mislabel dodges nothing.
     charset = media.charset if media is not None else None

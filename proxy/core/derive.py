@@ -19,10 +19,10 @@ from ..connectors.values import ValueRejected, with_body_fields
 from .body import BodyRejected, ReadBody, read_body
 from .context import body_to_cedar
 from .hosts import HostRejected
+from .model import AgentRequest, Classification, Refusal
 from .overrides import override_in, query_names, server_name
 
-_STEP_HEAD = re.compile(r"[.\[]")
-from .model import AgentRequest, Classification, Refusal
+_STEP_HEAD = re.compile(r"[.\[]")  # where a body path's first name ends
 
 
 @dataclass
@@ -124,7 +124,7 @@ _READABLE = "JSON (application/json, UTF-8), a form (application/x-www-form-urle
 
 def _unreadable(read: ReadBody, cls: Classification, is_jsonrpc: bool) -> Refusal | None:
     """Refuse a body the policy could not read (unless the route accepts opaque bodies)
-    and method overrides hidden in form fields."""
+    and method overrides hidden in its top-level fields."""
     what = cls.action or cls.route or cls.connector
     if is_jsonrpc and read.format not in ("json", "none"):
         return Refusal(415, "Unsupported request body",

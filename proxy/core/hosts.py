@@ -77,9 +77,21 @@ def _canonical_ipv6(text: str) -> str:
     return str(addr)
 
 
-@functools.lru_cache(maxsize=8192)
+# A DNS name is at most 253 characters (255 leaves room for a trailing dot and
+# brackets); longer input is refused before the cache, so an unauthenticated
+# client cannot fill the cache with 64 KiB Host headers.
+MAX_HOST_LENGTH = 255
+
+
 def canonical_host(host: str) -> str:
     """The canonical spelling of `host` (no brackets, no port); raises HostRejected."""
+    if len(host) > MAX_HOST_LENGTH:
+        raise HostRejected("the host is longer than 255 characters")
+    return _canonical_host(host)
+
+
+@functools.lru_cache(maxsize=8192)
+def _canonical_host(host: str) -> str:
     if not host:
         raise HostRejected("the host is empty")
     if host.startswith("[") and host.endswith("]"):
