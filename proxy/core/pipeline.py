@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import ProctorConfig
+from ..connectors.aliases import AliasUnresolvable, ConnectorAliases
 from ..connectors.classifier import GENERIC_CONNECTOR, Classifier
 from ..identity.credentials import AUTHORIZATION, PROXY_AUTHORIZATION, extract_credential
 from ..identity.errors import AuthError, IdentityUnavailable
@@ -28,7 +29,6 @@ from ..policy.shadow import ShadowPolicies
 
 if TYPE_CHECKING:
     from ..approvals.service import ApprovalService
-    from ..connectors.aliases import ConnectorAliases
     from ..governance.registry import Governance
 from .context import principal_entity, request_context, resource_entity
 from .derive import derive_request
@@ -104,7 +104,7 @@ class Pipeline:
         enricher: Enricher | None = None,
         approvals: "ApprovalService | None" = None,
         governance: "Governance | None" = None,
-        aliases: "ConnectorAliases | None" = None,
+        aliases: ConnectorAliases | None = None,
     ) -> None:
         self.config = config
         # Generic egress to another name of a connector's upstream is refused (connectors/aliases.py).
@@ -369,8 +369,6 @@ class Pipeline:
 
     async def _connector_alias(self, req: AgentRequest) -> Refusal | None:
         """Generic egress must not reach a connector's upstream under another name."""
-        from ..connectors.aliases import AliasUnresolvable
-
         assert self.aliases is not None
         try:
             alias = await self.aliases.alias_of(req.host, req.port)
