@@ -111,7 +111,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         approvals.redact = redactor
         approvals.bind_headers(  # what an approval is bound to; see approvals/service.py
             config.limits.context_headers,
-            replaced=[h for m in manifests if m.auth is not None for h in m.auth.headers_to_remove()],
+            replaced={m.name: m.auth.headers_to_remove() for m in manifests if m.auth is not None},
         )
     governance = Governance(store)
     if approvals is not None:

@@ -34,6 +34,7 @@ from proxy.approvals.service import (
     ApprovalService,
     _preview,
     fingerprint_header_names,
+    forwarded_view,
     legacy_request_fingerprint,
     request_fingerprint,
 )
@@ -92,19 +93,21 @@ def with_headers(**changes: str | None) -> AgentRequest:
     return request(headers=headers)
 
 
-BOUND = fingerprint_header_names(DEFAULT_CONTEXT_HEADERS + ["x-change-ticket"], replaced=["x-api-key"])
+BOUND = fingerprint_header_names(DEFAULT_CONTEXT_HEADERS + ["x-change-ticket"], credentials=["x-api-key"])
 
 
 def fp(req: AgentRequest, agent: str = "bot") -> str:
     return request_fingerprint(agent, req, BOUND)
 
 
-def test_bound_header_set_comes_from_config_minus_what_proctor_replaces():
+def test_bound_header_set_comes_from_config_and_the_credentials():
     assert set(SECURITY_HEADERS) <= set(BOUND)
     assert {"user-agent", "idempotency-key", "x-request-id", "x-change-ticket"} <= set(BOUND)
-    for replaced in ("authorization", "proxy-authorization", "cookie", "x-api-key"):
-        assert replaced not in BOUND
-    assert fingerprint_header_names(["X-Tenant "]) == tuple(sorted({*SECURITY_HEADERS, "x-tenant"}))
+    # credentials are bound by what reaches the upstream (forwarded_view); Proxy-Authorization never does
+    assert {"authorization", "cookie", "x-api-key"} <= set(BOUND) and "proxy-authorization" not in BOUND
+    assert {"forwarded", "x-forwarded-host", "x-original-url", "x-rewrite-url"} <= set(SECURITY_HEADERS)
+    assert fingerprint_header_names(["X-Tenant "]) == tuple(
+        sorted({*SECURITY_HEADERS, "x-tenant", "authorization", "cookie"}))
     assert list(BOUND) == sorted(BOUND)
 
 
@@ -121,6 +124,9 @@ def test_bound_header_set_comes_from_config_minus_what_proctor_replaces():
         {"x_method_override": "DELETE"},
         {"user_agent": "other-agent/2"},
         {"x_change_ticket": "CHG-2"},
+        {"x_original_url": "/admin"},
+        {"x_forwarded_host": "other.example"},
+        {"forwarded": "host=other.example"},
         {"content_type": None},  # absent differs from present
         {"content_type": ""},  # ... and from empty
     ],
@@ -130,13 +136,25 @@ def test_a_bound_header_change_changes_the_fingerprint(changed):
 
 
 def test_what_is_not_bound_does_not_change_the_fingerprint():
-    base = fp(with_headers())
-    assert base.startswith("v2:") and len(base) == 3 + 64
-    assert fp(with_headers(authorization="Bearer refreshed-token")) == base
-    assert fp(with_headers(authorization=None, proxy_authorization="Basic Ym90OnRvaw==")) == base
-    assert fp(with_headers(x_api_key="agent-supplied", cookie="s=1", x_attempt="2")) == base
+    # the agent's own token is stripped before forwarding (gateway mode: Authorization),
+    # a connector's injected credential replaces X-Api-Key: neither reaches the upstream as sent
+    unbound = {"authorization", "x-api-key"}
+    base = fp(forwarded_view(with_headers(), unbound))
+    assert base.startswith("v3:") and len(base) == 3 + 64
+    assert fp(forwarded_view(with_headers(authorization="Bearer refreshed-token"), unbound)) == base
+    assert fp(forwarded_view(with_headers(authorization=None, proxy_authorization="Basic Ym90OnRvaw=="), unbound)) == base
+    assert fp(forwarded_view(with_headers(x_api_key="agent-supplied", x_attempt="2"), unbound)) == base
+
+
+def test_credentials_that_reach_the_upstream_as_sent_are_bound():
+    """An approval for one account never releases the request with another account's credentials."""
+    base = fp(forwarded_view(with_headers(authorization="Bearer acct-A", cookie="session=A"), ()))
+    assert fp(forwarded_view(with_headers(authorization="Bearer acct-B", cookie="session=A"), ())) != base
+    assert fp(forwarded_view(with_headers(authorization="Bearer acct-A", cookie="session=B"), ())) != base
+    assert fp(forwarded_view(with_headers(authorization="Bearer acct-A", cookie="session=A",
+                                          proxy_authorization="Basic other"), ())) == base
     # the canonical target: host case and a trailing dot name the same host
-    assert fp(request(host="ERP.Example.", headers=with_headers().headers)) == base
+    assert fp(request(host="ERP.Example.", headers=with_headers().headers)) == fp(with_headers())
 
 
 def test_method_target_body_agent_and_bound_set_change_the_fingerprint():
@@ -170,16 +188,18 @@ def test_preview_shows_bound_headers_redacted_and_never_credentials():
     )
     pv = _preview(req, 1000, frozenset({"x-api-key"}), redact, BOUND)
     bound = pv["bound_headers"]
-    assert list(bound) == sorted(BOUND)
+    # every bound header, except credentials that do not go through (cookie is absent here)
+    assert list(bound) == sorted(set(BOUND) - {"cookie"})
+    assert bound["authorization"] == "[redacted]"  # sent as is in this request: bound, never shown
     assert bound["content-type"] == "application/json"
     assert bound["user-agent"] == "bot/1 card [redacted]"  # a configured pattern (card numbers)
     assert bound["x-change-ticket"] == "[redacted]"  # a configured sensitive key
     assert bound["content-encoding"] is None and bound["x-http-method-override"] is None  # must stay absent
-    for secret in ("authorization", "proxy-authorization", "x-api-key"):
-        assert secret not in bound
+    assert bound["x-api-key"] == "[redacted]"  # bound, never shown
+    assert "proxy-authorization" not in bound
     assert pv["headers"]["proxy-authorization"] == "[redacted]" and pv["headers"]["x-api-key"] == "[redacted]"
-    assert "4111111111111111" not in json.dumps(pv)
-    assert pv["fingerprint_version"] == "v2"
+    assert "agent-key" not in json.dumps(pv) and "4111111111111111" not in json.dumps(pv)
+    assert pv["fingerprint_version"] == "v3"
 
 
 def test_preview_shows_form_multipart_and_utf16_bodies_as_read_and_redacts_their_keys():
@@ -200,7 +220,7 @@ def test_preview_shows_form_multipart_and_utf16_bodies_as_read_and_redacts_their
 def _service(tmp_path: Path) -> tuple[ApprovalService, SQLiteStore]:
     store = SQLiteStore(str(tmp_path / "state.db"))
     svc = ApprovalService(store, ApprovalsConfig(), record=lambda rec: None)
-    svc.bind_headers(DEFAULT_CONTEXT_HEADERS + ["x-change-ticket"], replaced=["x-api-key"])
+    svc.bind_headers(DEFAULT_CONTEXT_HEADERS + ["x-change-ticket"], replaced={"erp": ["x-api-key"]})
     return svc, store
 
 
@@ -215,20 +235,30 @@ def test_service_matches_only_the_approved_request(tmp_path):
         await store.open()
         try:
             ident = AgentIdentity(agent_id="bot", issuer="i", claims={}, expires_at=None)
+            # as the pipeline does: the agent's token in Authorization is stripped (gateway mode)
+            fwd = lambda r: svc.forwarded_view(r, "erp", ("authorization",))  # noqa: E731
             approved = with_headers()
             a = await svc.hold(decision_id="d1", identity=ident, req=approved, cls=CLS, groups={MANAGERS: 1},
-                               policy_ids=["p"], mode="async", derived={})
-            assert a.fingerprint == request_fingerprint("bot", approved, svc.fingerprint_headers)
+                               policy_ids=["p"], mode="async", derived={}, forwarded=fwd(approved))
+            assert a.fingerprint == request_fingerprint("bot", fwd(approved), svc.fingerprint_headers)
             assert a.request["bound_headers"]["content-type"] == "application/json"
+            assert "authorization" not in a.request["bound_headers"]  # stripped: not bound, not listed
             # a refreshed agent token is the same request
-            retry = with_headers(authorization="Bearer refreshed")
+            retry = fwd(with_headers(authorization="Bearer refreshed"))
             assert (await svc.find_for_retry(ident, retry)).id == a.id and svc.matches(a, "bot", retry)
             for changed in ({"content_type": "text/plain"}, {"x_http_method_override": "DELETE"},
                             {"x_change_ticket": "CHG-9"}):
-                other = with_headers(**changed)
+                other = fwd(with_headers(**changed))
                 assert await svc.find_for_retry(ident, other) is None
                 assert not svc.matches(a, "bot", other)
-            assert not svc.matches(a, "other-bot", approved)
+            assert not svc.matches(a, "other-bot", fwd(approved))
+            # a credential the agent sends for the upstream itself is bound: another account is not released
+            own = svc.forwarded_view(with_headers(authorization="Basic YWNjdC1BOng="), "other", ())
+            b = await svc.hold(decision_id="d2", identity=ident, req=own, cls=CLS, groups={MANAGERS: 1},
+                               policy_ids=["p"], mode="async", derived={}, forwarded=own)
+            assert b.request["bound_headers"]["authorization"] == "[redacted]"
+            assert svc.matches(b, "bot", own)
+            assert not svc.matches(b, "bot", with_headers(authorization="Basic YWNjdC1COng="))
         finally:
             await store.close()
 
@@ -280,6 +310,10 @@ VARIANTS = [
     {"X-Method-Override": "DELETE"},
     {"X-Change-Ticket": "CHG-2"},  # allow-listed in limits.context_headers below
     {"User-Agent": "sneaky/1"},  # allow-listed by default
+    {"Authorization": "Basic YWNjdC1COng="},  # an upstream credential of another account, sent as is
+    {"Cookie": "session=other-account"},
+    {"X-Original-URL": "/admin/delete-all"},  # path rewrite headers some frameworks honour
+    {"X-Forwarded-Host": "other.example"},
 ]
 TICKETS = {"limits": {"context_headers": DEFAULT_CONTEXT_HEADERS + ["x-change-ticket"]}}
 

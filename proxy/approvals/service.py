@@ -12,6 +12,7 @@ single request that reached the upstream) or expired (never used in time).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterable
 from ..config import ApprovalsConfig
 from ..connectors.credentials import AGENT_CREDENTIAL_HEADERS
 from ..core.body import BodyRejected, read_body
+from ..core.overrides import OVERRIDE_HEADERS, ROUTING_HEADERS
 from ..core.model import AgentIdentity, AgentRequest, Classification
 from ..logredact import url_with_query_names
 from ..record.decisions import iso
@@ -64,31 +66,44 @@ class Approver:
     issuer: str = ""
 
 
-# Fingerprints carry their format: "v2:<sha256 hex>". Approvals stored before v2 have
-# a bare hex digest (method, URL and body only); see ApprovalService.matches.
-FINGERPRINT_VERSION = "v2"
+# Fingerprints carry their format: "v3:<sha256 hex>". Approvals stored before v2 have
+# a bare hex digest (method, URL and body only); see ApprovalService.matches. (v2 did
+# not bind credentials that reach the upstream as sent, nor the routing headers: a v2
+# approval is never released, the agent is held anew.)
+FINGERPRINT_VERSION = "v3"
 # Headers that change what the upstream does with the same method, URL and bytes:
-# how it reads the body (media type and charset, coding, framing, language) or which
-# method it really runs (the override headers many web frameworks honour).
+# how it reads the body (media type and charset, coding, framing, language), which
+# method it really runs (the override headers many web frameworks honour), or which
+# host, path or client it is for (forwarding and rewrite headers).
 SECURITY_HEADERS: tuple[str, ...] = (
     "content-type",
     "content-encoding",
     "transfer-encoding",
     "content-language",
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
+    *OVERRIDE_HEADERS,
+    *ROUTING_HEADERS,
 )
 
 
-def fingerprint_header_names(context_headers: Iterable[str] = (), replaced: Iterable[str] = ()) -> tuple[str, ...]:
-    """The headers an approval is bound to: SECURITY_HEADERS plus every header policies
-    read (`limits.context_headers`), minus the ones Proctor strips or replaces before
-    forwarding (the agent's credentials, a connector's injected credential header):
-    those never reach the upstream as sent, and a retry with a refreshed token must match."""
-    names = {h.strip().lower() for h in (*SECURITY_HEADERS, *context_headers) if h.strip()}
-    names -= set(AGENT_CREDENTIAL_HEADERS) | {h.strip().lower() for h in replaced}
+def fingerprint_header_names(context_headers: Iterable[str] = (), credentials: Iterable[str] = ()) -> tuple[str, ...]:
+    """The headers an approval is bound to: SECURITY_HEADERS, every header policies read
+    (`limits.context_headers`) and the credential headers (Authorization, Cookie, the
+    connectors' credential headers). The fingerprint is taken over the request as it
+    will reach the upstream (`forwarded_view`): a credential Proctor strips or replaces
+    is absent there (so a retry with a refreshed agent token matches), and one that
+    goes through as sent is bound (so an approval never releases it with another account)."""
+    names = {h.strip().lower() for h in (*SECURITY_HEADERS, *context_headers, *credentials) if h.strip()}
+    names |= set(AGENT_CREDENTIAL_HEADERS)
+    names.discard("proxy-authorization")  # always removed before forwarding
     return tuple(sorted(names))
+
+
+def forwarded_view(req: AgentRequest, unbound: Iterable[str]) -> AgentRequest:
+    """`req` without the headers Proctor removes or replaces before forwarding it."""
+    drop = {h.lower() for h in unbound} | {"proxy-authorization"}
+    if not any(h in req.headers for h in drop):
+        return req
+    return dataclasses.replace(req, headers={k: v for k, v in req.headers.items() if k not in drop})
 
 
 def request_fingerprint(agent_id: str, req: AgentRequest, header_names: Iterable[str] = SECURITY_HEADERS) -> str:
@@ -150,10 +165,12 @@ def _preview(
     extra_secret_headers: frozenset[str],
     redact: Any = None,
     bound_headers: Iterable[str] = (),
+    forwarded: AgentRequest | None = None,
 ) -> dict[str, Any]:
     """The held request as an approver sees it: no credentials, header values and the
     body redacted like the record (audit.redact), the body pretty-printed and bounded,
-    and the headers the approval is bound to (None: must be absent)."""
+    and the headers the approval is bound to, as they reach the upstream (`forwarded`;
+    None: must be absent). A credential is listed (redacted) only when it goes through."""
 
     def shown(name: str, value: str | None) -> str | None:
         if value is None:
@@ -163,7 +180,13 @@ def _preview(
     # other header values and query values are never shown or stored (docs/security.md#no-secret-in-free-text)
     visible = {*bound_headers, "host", "content-length"}
     headers = {k: shown(k, v) if k in visible else "[redacted]" for k, v in req.headers.items()}
-    bound = {name: shown(name, req.headers.get(name)) for name in sorted(bound_headers)}
+    fwd = forwarded if forwarded is not None else req
+    secret = SECRET_HEADERS | extra_secret_headers
+    bound = {
+        name: shown(name, fwd.headers.get(name))
+        for name in sorted(bound_headers)
+        if name not in secret or name in fwd.headers
+    }
     if redact is not None:
         headers, bound = redact(headers), redact(bound)
     body_text: str | None = None
@@ -230,17 +253,25 @@ class ApprovalService:
         # Stop waiting early for a held request this returns True for (kill switch).
         self.interrupt: Callable[[Approval], bool] | None = None
         self.extra_secret_headers: frozenset[str] = frozenset()
+        self.replaced_by_connector: dict[str, frozenset[str]] = {}
         self.redact: Any = None  # the audit Redactor: applied to the headers and JSON body shown to approvers
         # The headers a held request's approval is bound to (see bind_headers).
         self.fingerprint_headers: tuple[str, ...] = fingerprint_header_names()
 
     # -- helpers ---------------------------------------------------------------------
-    def bind_headers(self, context_headers: Iterable[str], replaced: Iterable[str] = ()) -> None:
+    def bind_headers(self, context_headers: Iterable[str], replaced: dict[str, Iterable[str]] | None = None) -> None:
         """Bind approvals to the security headers, every header policies read
-        (`limits.context_headers`) and nothing Proctor strips or replaces (`replaced`:
-        the connectors' injected credential headers)."""
-        self.extra_secret_headers = frozenset(h.lower() for h in replaced)
+        (`limits.context_headers`) and the credentials that reach the upstream as sent.
+        `replaced`: connector -> the headers its injected credential replaces."""
+        self.replaced_by_connector = {c: frozenset(h.lower() for h in hs) for c, hs in (replaced or {}).items()}
+        self.extra_secret_headers = frozenset(h for hs in self.replaced_by_connector.values() for h in hs)
         self.fingerprint_headers = fingerprint_header_names(context_headers, self.extra_secret_headers)
+
+    def forwarded_view(self, req: AgentRequest, connector: str, stripped: Iterable[str]) -> AgentRequest:
+        """The request as it will reach `connector`'s upstream: without the agent's
+        credentials Proctor strips (`stripped`) and the headers the connector's
+        injected credential replaces. Approvals are fingerprinted over this view."""
+        return forwarded_view(req, {*stripped, *self.replaced_by_connector.get(connector, ())})
 
     def fingerprint(self, agent_id: str, req: AgentRequest) -> str:
         return request_fingerprint(agent_id, req, self.fingerprint_headers)
@@ -261,7 +292,9 @@ class ApprovalService:
         shown = approval.request.get("headers") if isinstance(approval.request, dict) else None
         if not isinstance(shown, dict):
             return False
-        return all(shown.get(name) == req.headers.get(name) for name in self.fingerprint_headers)
+        # (credential values were never stored in format 1: those are compared as before, not at all)
+        secret = SECRET_HEADERS | self.extra_secret_headers
+        return all(shown.get(name) == req.headers.get(name) for name in self.fingerprint_headers if name not in secret)
 
     def status_url(self, approval_id: str) -> str:
         return f"{self.status_base_url}/v1/approvals/{approval_id}/status"
@@ -344,7 +377,10 @@ class ApprovalService:
         policy_ids: list[str],
         mode: str,
         derived: dict[str, Any],
+        forwarded: AgentRequest | None = None,
     ) -> Approval:
+        """Hold `req`; its approval is bound to `forwarded` (the request as it will reach
+        the upstream, see forwarded_view; default: `req` itself)."""
         now = self.clock()
         escalate_at = now + self.config.escalate_after_seconds if self.config.escalate_after_seconds else None
         approval = Approval(
@@ -358,12 +394,13 @@ class ApprovalService:
             resource_id=cls.resource_id,
             connector=cls.connector,
             groups=dict(groups),
-            fingerprint=self.fingerprint(identity.agent_id, req),
+            fingerprint=self.fingerprint(identity.agent_id, forwarded if forwarded is not None else req),
             idempotency_key=req.headers.get("idempotency-key") or None,
             mode=mode,
             decision_id=decision_id,
             request=_preview(
-                req, self.config.preview_body_bytes, self.extra_secret_headers, self.redact, self.fingerprint_headers
+                req, self.config.preview_body_bytes, self.extra_secret_headers, self.redact, self.fingerprint_headers,
+                forwarded,
             ),
             derived={**derived, "policies": list(policy_ids)},
             escalate_at=escalate_at,

@@ -151,7 +151,7 @@ _HELD_REQUEST = {
             "description": "The headers the approval is bound to: a retry is released only with exactly these "
             "values (null: the header must be absent). Missing on approvals stored before fingerprint v2.",
         },
-        "fingerprint_version": {"type": "string", "description": "v2 (missing: stored before headers were bound)."},
+        "fingerprint_version": {"type": "string", "description": "v3 (missing: stored before headers were bound)."},
         "body": _nullable("string"),
         "body_bytes": {"type": "integer"},
         "body_truncated": {"type": "boolean"},

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl
 
+# Headers that tell an upstream (or a framework in front of it) which host, scheme
+# or path the request is "really" for: they change what the same bytes do.
+ROUTING_HEADERS = ("forwarded", "x-forwarded-host", "x-forwarded-proto", "x-original-url", "x-rewrite-url")
+
 # Parameters (query or top-level body) that ask for another HTTP method.
 OVERRIDE_PARAMS = frozenset({"_method", "_httpmethod"})
 # Headers that do the same (matched after folding "_" to "-": CGI-style servers

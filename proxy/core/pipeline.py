@@ -34,7 +34,6 @@ from .context import principal_entity, request_context, resource_entity
 from .derive import derive_request
 from .enrich import Enricher
 from ..approvals.policy import hold_groups
-from ..approvals.service import request_fingerprint
 from ..record.decisions import iso
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from ..governance.registry import suspension_refusal
@@ -403,10 +402,14 @@ class Pipeline:
         approvals = self.approvals
         assert approvals is not None
         mode, wait_seconds = self._wait_settings(cls)
-        lock_key = req.headers.get("idempotency-key") or request_fingerprint(identity.agent_id, req)
+        # The approval is bound to the request as it will reach the upstream: the agent's
+        # own credentials (stripped) and the connector's injected one are not part of it,
+        # an upstream credential the agent sends itself is.
+        forwarded = approvals.forwarded_view(req, cls.connector, outcome.strip_headers)
+        lock_key = req.headers.get("idempotency-key") or approvals.fingerprint(identity.agent_id, forwarded)
         async with approvals.hold_lock(identity.agent_id, lock_key):
-            approval = await approvals.find_for_retry(identity, req)
-            if approval is not None and not approvals.matches(approval, identity.agent_id, req):
+            approval = await approvals.find_for_retry(identity, forwarded)
+            if approval is not None and not approvals.matches(approval, identity.agent_id, forwarded):
                 # matched by Idempotency-Key, but not the request that was approved: never release it
                 outcome.refusal = Refusal(
                     422, "Idempotency-Key reused",
@@ -434,7 +437,7 @@ class Pipeline:
                 }
                 approval = await approvals.hold(
                     decision_id=outcome.decision_id, identity=identity, req=req, cls=cls, groups=groups,
-                    policy_ids=list(reasons), mode=mode, derived=derived,
+                    policy_ids=list(reasons), mode=mode, derived=derived, forwarded=forwarded,
                 )
         outcome.approval_id = approval.id
         outcome.policy_decision = "hold"

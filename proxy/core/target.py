@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .hosts import HostRejected, canonical_host
 from .model import AgentRequest, Refusal
-from .overrides import OVERRIDE_HEADERS, override_in, query_names
+from .overrides import OVERRIDE_HEADERS, ROUTING_HEADERS, override_in, query_names
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -72,9 +72,8 @@ METHOD_OVERRIDE_HEADERS = OVERRIDE_HEADERS
 # with "_" (X_HTTP_METHOD_OVERRIDE, Content_Type) is the same header to CGI-style
 # servers (Rack, Puma, PHP), so it is refused rather than passed unseen.
 _UNDERSCORE_SENSITIVE = frozenset(
-    {*OVERRIDE_HEADERS, *SINGLE_VALUED, "content-length", "authorization", "proxy-authorization", "cookie",
-     "idempotency-key", "forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-original-url",
-     "x-rewrite-url"}
+    {*OVERRIDE_HEADERS, *ROUTING_HEADERS, *SINGLE_VALUED, "x-forwarded-for", "content-length", "authorization",
+     "proxy-authorization", "cookie", "idempotency-key"}
 )
 
 
