@@ -204,6 +204,9 @@ class RequestLimits(Strict):
     def _inflight_holds_one_body(self) -> "RequestLimits":
         if self.max_inflight_body_bytes < self.max_body_bytes:
             raise ValueError("max_inflight_body_bytes must be at least max_body_bytes (one body must fit)")
+        if self.engine_max_message_bytes < self.max_body_bytes:
+            # otherwise the engine refuses such bodies itself, past the pre-authentication bookkeeping
+            raise ValueError("engine_max_message_bytes must be at least max_body_bytes")
         return self
 
     @field_validator("context_headers")

@@ -54,10 +54,17 @@ _VERSION = re.compile(rb"^ HTTP/\d(?:\.\d)?$")
 _STATUS_LINE = re.compile(rb"^HTTP/\d(?:\.\d)? \d{3}(?: [\x20-\x7e]*)?$")
 _HEADER_LINE = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z-]+)[ \t]*:")
 
+# Every pattern here runs on text an unauthenticated client controls (mitmproxy
+# quotes unparsable request lines), so each must be linear: a match may only start
+# where the previous character cannot continue it (no rescan from every position).
+
 # `scheme://userinfo@` anywhere.
-_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/?#@'\"<>\\]*@")
-# A query string (and fragment) after a path or authority: `/…?…` up to whitespace or a quote.
-_QUERY = re.compile(r"(/[^\s?#'\"<>\\]*)[?#][^\s'\"<>\\]+")
+_USERINFO = re.compile(r"(?<![a-zA-Z0-9+.-])([a-zA-Z][a-zA-Z0-9+.-]*://)[^\s/?#@'\"<>\\]*@")
+# A token (up to whitespace or a quote) in which a query string or fragment follows a path.
+_TOKEN = re.compile(r"[^\s'\"<>\\]+")
+_QUERY_START = re.compile(r"[?#]")
+# Text longer than this is cut before redaction (a backstop on the cost per line).
+MAX_REDACT_CHARS = 32 * 1024
 # Headers whose whole value is a credential, in "Name: value" or "name=value" form,
 # quoted or not (a dict's repr, JSON, a header line).
 _SECRET_HEADER = re.compile(
@@ -72,18 +79,31 @@ _SECRET_KEY = re.compile(
 # A header line after a CRLF, real or escaped (text that quotes raw protocol data).
 _CRLF_HEADER = re.compile(r"(\r\n|\\r\\n)([!#$%&'*+.^_`|~0-9A-Za-z-]+)([ \t]*:[ \t]*)((?:(?!\\r|\\n)[^\r\n'\"])*)")
 # A JWT anywhere (three base64url segments, the first starting like a JSON header).
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+_JWT = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
+
+
+def _cut_query(m: re.Match) -> str:
+    token = m.group(0)
+    slash = token.find("/")
+    if slash < 0:
+        return token
+    q = _QUERY_START.search(token, slash)
+    if q is None or q.end() == len(token):
+        return token
+    return token[: q.start()] + "?" + REDACTED
 
 
 def redact(text: str) -> str:
     """`text` without query strings, URL userinfo, header values, credentials or JWTs."""
+    if len(text) > MAX_REDACT_CHARS:
+        text = f"{text[:MAX_REDACT_CHARS]}…[{len(text) - MAX_REDACT_CHARS} more characters cut]"
     if "b'" in text or 'b"' in text:
         text = _BYTES_LITERAL.sub(_redact_bytes_literal, text)
         text = _BYTES_UNTERMINATED.sub("b'" + REDACTED + "'", text)
     if "://" in text:
         text = _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
     if "?" in text or "#" in text:
-        text = _QUERY.sub(lambda m: f"{m.group(1)}?{REDACTED}", text)
+        text = _TOKEN.sub(_cut_query, text)
     text = _SECRET_HEADER.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     text = _SECRET_KEY.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     if "\n" in text or "\\n" in text:  # a real or an escaped line break

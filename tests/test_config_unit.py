@@ -67,3 +67,10 @@ def test_secret_headers_cannot_enter_policy_context(tmp_path):
     (tmp_path / "p.yaml").write_text("limits: {context_headers: [X-Team, Authorization]}\n")
     with pytest.raises(ConfigError, match="authorization"):
         load_config(tmp_path / "p.yaml")
+
+
+def test_engine_ceiling_must_hold_one_inspected_body():
+    from proxy.config import RequestLimits
+
+    with pytest.raises(ValueError, match="engine_max_message_bytes"):
+        RequestLimits(max_body_bytes=8 * 1024 * 1024, engine_max_message_bytes=4 * 1024 * 1024)

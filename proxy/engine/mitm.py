@@ -35,6 +35,7 @@ from mitmproxy.udp import UDPFlow
 from ..connectors.credentials import CredentialInjector, CredentialUnavailable
 from ..core.enrich import created_id
 from ..core.hosts import authority
+from ..logredact import redact
 from ..core.model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from ..core.pipeline import Pipeline, new_outcome, normalise_ip
 from ..core.problem import DECISION_HEADER, jsonrpc_error_response, problem_response
@@ -660,7 +661,7 @@ class ProctorAddon:
         cls = outcome.classification
         UPSTREAM_FAILURE.set((outcome.decision_id, cls.action if cls else None, cls.resource_uid if cls else None))
         self._record(outcome, req, status, None, error=msg, decision_ms=decision_ms)
-        self._finish_trace(flow, status, msg)
+        self._finish_trace(flow, status, redact(msg))  # engine errors can quote raw upstream bytes
 
 
     def _engine_refusal(self, flow: http.HTTPFlow) -> None:

@@ -255,7 +255,13 @@ async def _handle_connection_with_limits(self, connection) -> None:
         io.reader = _GatedReader(io.reader, turn.readable)
     elif isinstance(connection, Server) and TIMEOUTS.upstream_read:
         io.reader = _UpstreamReader(io.reader, connection, TIMEOUTS.upstream_read)
-    await _original_handle_connection(self, connection)
+    try:
+        await _original_handle_connection(self, connection)
+    finally:
+        # The turn holds the watchdog, whose callback holds the handler, which holds the
+        # client: the weak key would never die on its own (every connection kept forever).
+        if connection is self.client:
+            _CLIENT_TURNS.pop(connection, None)
 
 
 _original_open_connection = mitm_server.ConnectionHandler.open_connection
