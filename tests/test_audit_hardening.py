@@ -153,6 +153,32 @@ def test_unkeyed_trail_still_verifies_with_a_warning_and_is_refused_when_a_key_i
     assert [p.sequence for p in report.problems] == [5] and "after keyed events" in report.problems[0].what
 
 
+def test_allow_unkeyed_never_passes_a_trail_with_no_keyed_event_when_a_key_is_given(tmp_path):
+    """An intruder who rewrites every event with plain SHA-256 hashes gets no "ok" from
+    an operator who verifies with the key and --allow-unkeyed (kept from the upgrade)."""
+    path = tmp_path / "rewritten.jsonl"
+    write_chain(path, 3, None)
+    report = verify([path], [ChainKey.from_text(KEY, "test")], allow_unkeyed=True)
+    assert not report.ok and "no event is keyed" in report.problems[0].what
+
+
+def test_a_failed_key_write_leaves_no_key_file(tmp_path, monkeypatch):
+    """A full disk at first start must not leave an empty key file that blocks every later start."""
+    from proxy.audit import keys
+
+    def full(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(keys.os, "write", full)
+    with pytest.raises(OSError):
+        keys.generate_key_file(tmp_path / "audit-chain.key")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    key = keys.generate_key_file(tmp_path / "audit-chain.key")  # space is back: the key is created
+    assert keys.read_key_file(tmp_path / "audit-chain.key").kid == key.kid
+    assert [p.name for p in tmp_path.iterdir()] == ["audit-chain.key"]
+
+
 def test_a_chain_restarting_mid_file_is_rejected_unless_the_writer_marked_it(tmp_path):
     key = ChainKey.from_text(KEY, "test")
     path = tmp_path / "audit.jsonl"

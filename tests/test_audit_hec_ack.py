@@ -254,6 +254,37 @@ def test_a_batch_never_acknowledged_is_sent_again_after_the_timeout(tmp_path):
     run(main())
 
 
+def test_a_resend_while_another_batch_is_in_flight_loses_nothing(tmp_path):
+    """The ack poller finds a batch overdue while the writer is mid-POST with the next
+    one: the writer must remove what it sent, not the requeued batch (which was lost
+    and counted as delivered before)."""
+
+    class SlowHec(FakeHec):
+        async def _event(self, request):
+            if len(self.posts) >= 1:
+                await asyncio.sleep(1.5)  # the second POST is in flight when the first batch goes overdue
+            return await super()._event(request)
+
+    async def main():
+        hec = SlowHec(ack=True)
+        hec.forget = {0}  # the first batch is never reported indexed
+        await hec.start()
+        sink = build_sink(hec_cfg(hec.url, ack=True, ack_poll_interval_seconds=0.05, ack_timeout_seconds=1),
+                          state_dir=tmp_path)
+        await sink.start()
+        sink.submit(*event(100))
+        await until(lambda: len(hec.posts) == 1, what="the first post")
+        await asyncio.sleep(0.5)
+        sink.submit(*event(200))
+        await until(lambda: sorted(e["metadata"]["sequence"] for e in hec.events()) == [100, 200], timeout=10,
+                    what="both events indexed")
+        await until(lambda: sink.stats["sent"] == 2 and sink.queue_depth == 0, what="both acknowledged")
+        await sink.close(1)
+        await hec.stop()
+
+    run(main(), timeout=25)
+
+
 def test_invalid_event_number_keeps_the_accepted_ones_dead_letters_one_and_resends_the_rest(tmp_path):
     async def main():
         hec = FakeHec()

@@ -303,6 +303,12 @@ def verify(files: Iterable[Path], keys: Sequence[ChainKey] = (), allow_unkeyed: 
             "the chain is not keyed (plain SHA-256): it shows damage, but whoever can write the file can rewrite "
             "events and recompute every hash undetected"
         )
+    elif expect_keyed and allow_unkeyed and report.unkeyed and not keyed_seen:
+        # --allow-unkeyed accepts unkeyed events *before* the first keyed one: a trail with
+        # none keyed at all, verified with a key, is what a rewrite with plain hashes looks like
+        report.problems.append(Problem(
+            "(whole trail)", 0, None, "no event is keyed although a key was given: a trail rewritten with plain SHA-256 "
+                         "hashes looks like this (verify a trail from before keying without a key)"))
     elif report.unkeyed and allow_unkeyed and not any("not keyed" in p.what for p in report.problems):
         report.notes.append(f"{report.unkeyed} event(s) before the first keyed one are not keyed (accepted: --allow-unkeyed)")
     return report

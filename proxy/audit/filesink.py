@@ -407,6 +407,10 @@ class FileSink(Sink):
         self._mode = "ok"
         self._probe_delay = 0.0
 
+    def probe_now(self) -> None:
+        """At shutdown: try the file once more, whatever the backoff says."""
+        self._next_probe = 0.0
+
     def ready_for_gap(self, event: dict[str, Any] | None) -> bool:
         """Events are missing and the file can take a gap marker before `event` (None: now)."""
         if self.missing is None or self._closed:

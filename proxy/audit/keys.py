@@ -73,15 +73,25 @@ def generate_key_file(path: Path) -> ChainKey:
     """Create `path` (mode 0600) with a new random key; an existing file is read instead."""
     path.parent.mkdir(parents=True, exist_ok=True)
     text = secrets.token_hex(32)
+    data = (text + "\n").encode()
+    # Written whole to a private temporary file, then linked into place: a failed
+    # write (a full disk) never leaves an empty key file behind, and a second
+    # process starting at the same moment sees either no key or the whole key.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return read_key_file(path)  # another process created it first
-    try:
-        os.write(fd, (text + "\n").encode())
-        os.fsync(fd)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write to {tmp}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)  # atomic, and never replaces an existing key
+        except FileExistsError:
+            return read_key_file(path)  # another process created it first
     finally:
-        os.close(fd)
+        tmp.unlink(missing_ok=True)
     log.info("generated a new audit chain key in %s (keep a copy where `proctor audit verify` runs)", path)
     return ChainKey.from_text(text, str(path))
 

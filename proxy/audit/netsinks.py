@@ -782,6 +782,9 @@ class HttpSink(_QueuedSink):
         self._channel = config.channel or (str(uuid.uuid4()) if config.ack else None)
         self._ack_url = config.ack_url or default_ack_url(config.url)
         self._unacked: dict[int, _Unacked] = {}
+        # Overdue batches the ack poller hands back: only the writer task touches the queue
+        # (it may be mid-POST, about to remove the head it sent), so they wait here.
+        self._resend: list[_Unacked] = []
         self._ack_task: asyncio.Task | None = None
         self._ack_wake = asyncio.Event()
         self._warned_no_ack = False
@@ -825,12 +828,24 @@ class HttpSink(_QueuedSink):
 
     def _forget_inflight(self) -> None:
         self._unacked.clear()
+        self._resend.clear()
         self._inflight_n = 0
+
+    def _take_resends(self) -> None:
+        """Writer task only: put the batches the ack poller found overdue back at the head."""
+        while self._resend:
+            self._requeue(self._resend.pop())
 
     async def _wait_batch(self) -> None:
         cfg = self.config
         while True:
-            await self._wait_items()
+            self._take_resends()
+            self._check_stop()
+            if not self._queue:
+                self._wake.clear()
+                if not self._resend:
+                    await self._wake.wait()
+                continue
             if self._closed or len(self._queue) >= cfg.batch_max_events or self._queued_bytes >= cfg.batch_max_bytes:
                 return
             remaining = self._queue[0].enqueued + cfg.flush_interval_seconds - time.monotonic()
@@ -984,7 +999,8 @@ class HttpSink(_QueuedSink):
             batch = self._unacked.pop(ack_id)
             log.warning("audit sink %s: %d event(s) not reported indexed within %.0fs (ackId %d); sending them again",
                         self.name, len(batch.items), self.config.ack_timeout_seconds, ack_id)
-            self._requeue(batch)
+            self._resend.append(batch)  # the writer requeues it between two POSTs
+            self._wake.set()
 
     # -- HTTP ------------------------------------------------------------------
     def _scrub(self, text: str, token: str | None) -> str:

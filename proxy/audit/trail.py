@@ -133,8 +133,9 @@ class AuditTrail:
             while sink.notices:
                 self._emit_internal(sink.notices.pop(0))
             if sink.ready_for_gap(before):
-                self.gaps += 1
                 self._emit_internal(sink.gap_record(self.chain.seq))
+                if sink.missing is None:  # the marker landed (counted only then)
+                    self.gaps += 1
 
     async def _tick(self) -> None:
         # a recovered file gets its gap marker even when no request comes
@@ -178,6 +179,21 @@ class AuditTrail:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+        # Events a file missed get their gap marker before it closes: the next start
+        # continues the chain from the file's last event, and without the marker that
+        # event's successors (already sent to network sinks) would be numbered again.
+        for sink in self._files:
+            sink.probe_now()
+        try:
+            self._account_for_files(None)
+        except Exception:  # noqa: BLE001 - closing must go on
+            log.exception("could not write the audit gap marker at shutdown")
+        for sink in self._files:
+            m = sink.missing
+            if m is not None:
+                log.error("audit file %s lacks events %d to %d and no gap marker could be written before shutdown "
+                          "(%s); the next start numbers its events after the file's last one", sink.path, m.first,
+                          self.chain.seq, m.reason)
         for sink in self.sinks:
             try:
                 await sink.close(drain_seconds)
