@@ -631,8 +631,15 @@ def test_store_file_lost_while_running_fails_closed_and_blocks_a_silent_restart(
     assert [e["path"] for e in hits(upstream, m)] == [f"/items/{m}-0"]
     (rec,) = [d for d in p.decisions() if d.get("decision_id") == body["decision_id"]]
     assert rec["refusal"]["kind"] == "fail-closed" and any(str(db) in e for e in rec["errors"]), rec
+    # the refusal says why (not "internal error"), and the log is not a traceback per request
+    assert body["title"] == "State store unavailable" and body["reasons"] == ["store-unavailable"], body
+    assert get_item(p, upstream, agent, tok, f"{m}-2").headers["retry-after"] == "5"
+    assert p.log().count("Traceback") == 0 and p.log().count("refusing requests while the state store") == 1
     # the kill switch cannot be written into a file nobody will read: 5xx, not 201
     r = suspend(p, op, "sl-late-bot")
+    assert r.status_code == 503, r.text
+    # the operator views answer 503 (not 500, not a stale "not suspended")
+    r = httpx.get(f"{p.control_url}/v1/agents", headers={"Authorization": f"Bearer {op}"}, timeout=10)
     assert r.status_code == 503, r.text
 
     # a restart refuses the store it finds (missing, or another one) instead of starting empty

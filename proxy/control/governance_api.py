@@ -110,14 +110,15 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             return who
         try:
             agents = await runtime.store.list_agents()
+            listed = {a.id for a in agents}
+            # a suspended agent that has not been seen or registered yet still shows up
+            for s in gov.suspensions():
+                if s.kind == "agent" and s.target not in listed:
+                    agents.append(AgentRecord(id=s.target))
+            # (the suspension lookups refuse while the store cannot be trusted: 503, not a guess)
+            return web.json_response({"agents": [agent_json(a, gov.agent_suspension(a.id)) for a in agents]})
         except StoreError as e:
             return unavailable(e)
-        listed = {a.id for a in agents}
-        # a suspended agent that has not been seen or registered yet still shows up
-        for s in gov.suspensions():
-            if s.kind == "agent" and s.target not in listed:
-                agents.append(AgentRecord(id=s.target))
-        return web.json_response({"agents": [agent_json(a, gov.agent_suspension(a.id)) for a in agents]})
 
     async def show_agent(request: web.Request) -> web.Response:
         who = await operator(request)
@@ -125,11 +126,11 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             return who
         try:
             a = await runtime.store.get_agent(request.match_info["id"])
+            if a is None:
+                return problem(404, "No such agent", f"no agent {request.match_info['id']!r} has been seen or registered")
+            return web.json_response(agent_json(a, gov.agent_suspension(a.id)))
         except StoreError as e:
             return unavailable(e)
-        if a is None:
-            return problem(404, "No such agent", f"no agent {request.match_info['id']!r} has been seen or registered")
-        return web.json_response(agent_json(a, gov.agent_suspension(a.id)))
 
     async def register_agent(request: web.Request) -> web.Response:
         who = await operator(request)
@@ -147,9 +148,9 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         try:
             await runtime.store.upsert_agent(AgentRecord(id=aid, **fields))
             a = await runtime.store.get_agent(aid)
+            return web.json_response(agent_json(a, gov.agent_suspension(aid)), status=201)
         except StoreError as e:
             return unavailable(e)
-        return web.json_response(agent_json(a, gov.agent_suspension(aid)), status=201)
 
     async def suspend_agent(request: web.Request) -> web.Response:
         who = await operator(request)

@@ -35,6 +35,7 @@ from .derive import derive_request
 from .enrich import Enricher
 from ..approvals.policy import hold_groups
 from ..record.decisions import iso
+from ..store.base import StoreError
 from .model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
 from ..governance.registry import suspension_refusal
 from .target import canonicalise_target, check_target
@@ -215,7 +216,10 @@ class Pipeline:
             identity, refusal = None, Refusal(503, "Proctor could not decide", "internal error; tunnel refused (fail closed)", kind="fail-closed")
         outcome.identity = identity
         if refusal is None and identity is not None and self.governance is not None:
-            suspended = self.governance.agent_suspension(identity.agent_id)
+            try:
+                suspended = self.governance.agent_suspension(identity.agent_id)
+            except StoreError as e:
+                suspended, refusal = None, self._store_refusal(outcome, e)
             if suspended is not None:
                 refusal = suspension_refusal(suspended)
         if refusal is None:
@@ -241,6 +245,9 @@ class Pipeline:
             outcome.timings["decision"] = time.perf_counter() - outcome.started
             if self.governance is not None and outcome.identity is not None:
                 self.governance.seen(outcome.identity.agent_id, outcome.decision == Decision.ALLOW)
+        except StoreError as e:  # the state store is lost or down: fail closed, say so
+            outcome.decision = Decision.DENY
+            outcome.refusal = self._store_refusal(outcome, e)
         except Exception as e:  # fail closed on anything unexpected
             log.exception("pipeline error (decision %s); refusing", outcome.decision_id)
             outcome.decision = Decision.DENY
@@ -365,6 +372,26 @@ class Pipeline:
             )
             return
         outcome.decision = Decision.ALLOW
+
+    _store_logged_at = 0.0
+
+    def _store_refusal(self, outcome: Outcome, e: StoreError) -> Refusal:
+        """503 while the state store cannot be trusted (lost, down, suspensions not re-read).
+        Logged once a minute, not once per request: /readyz and /healthz say why."""
+        outcome.errors.append(f"{type(e).__name__}: {e}")
+        now = time.monotonic()
+        if now - self._store_logged_at >= 60:
+            self._store_logged_at = now
+            log.error("refusing requests while the state store is unavailable (decision %s): %s", outcome.decision_id, e)
+        return Refusal(
+            503,
+            "State store unavailable",
+            "Proctor cannot check its state (suspensions, approvals) right now, so this request was not forwarded "
+            "(fail closed); retry later",
+            reasons=["store-unavailable"],
+            headers={"Retry-After": "5"},
+            kind="fail-closed",
+        )
 
     async def _connector_alias(self, req: AgentRequest) -> Refusal | None:
         """Generic egress must not reach a connector's upstream under another name."""

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,17 +64,22 @@ def read_marker(path: Path) -> Marker | None:
 
 def write_marker(path: Path, marker: Marker) -> None:
     """Atomically (temporary file, fsync, rename) and private to this user."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     body = json.dumps(
         {"store_id": marker.store_id, "created_at": marker.created_at, "location": marker.location}, indent=2
-    )
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    ).encode() + b"\n"
+    # a unique name: two containers sharing a state_dir are both pid 1
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
     try:
-        os.write(fd, body.encode() + b"\n")
-        os.fsync(fd)
+        try:
+            if os.write(fd, body) != len(body):
+                raise OSError(f"short write to {tmp}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
     finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        tmp.unlink(missing_ok=True)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -206,6 +206,8 @@ def _file_id(path: str) -> FileId | None:
         st = os.stat(path)
     except FileNotFoundError:
         return None
+    except OSError as e:  # EACCES, EIO, ESTALE: every backend failure is a StoreError
+        raise StoreError(f"cannot check the state store file {path}: {e.strerror or e}") from None
     return (st.st_dev, st.st_ino)
 
 
