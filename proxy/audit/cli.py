@@ -86,7 +86,9 @@ def verify_cmd(files: tuple[str, ...], config_path: str | None, key_files: tuple
             click.echo(f"note: {note}")
         for p in report.problems:
             click.echo(f"TAMPERED {p}")
-        if report.ok:
+        if report.ok and report.events == 0:
+            click.echo("ok: no events (an empty trail)")
+        elif report.ok:
             kind = "keyed (HMAC-SHA256)" if report.keyed and not report.unkeyed else (
                 "NOT keyed (plain SHA-256)" if not report.keyed else "partly keyed")
             click.echo(f"ok: {report.events} events, sequence {report.first_sequence}..{report.last_sequence}, "

@@ -238,7 +238,8 @@ class FileSink(Sink):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:].replace(".", "")
+        now = time.time()  # one clock read: names must sort in rotation order
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int((now % 1) * 1_000_000):06d}"
         target = self.path.with_name(f"{self.path.stem}-{stamp}Z{self.path.suffix}")
         os.replace(self.path, target)
         self._open()
