@@ -30,11 +30,12 @@ from .approvals.service import ApprovalService
 from .connectors.lookup import LookupClient
 from .governance.registry import Governance, Registration
 from .control.api import build_app
-from .core.enrich import Enricher
-from .core.pipeline import Pipeline
+from .connectors.enrich import Enricher
 from .engine.gateway import GatewayRouter
 from .engine.listeners import ListenerWatch
 from .engine.mitm import ProctorAddon
+from .identity.stage import Authenticator
+from .request_path import Parts, RequestPath, build_request_path
 from .engine.patches import EngineTimeouts, install_engine_patches
 from .identity.dev_issuer import DevIssuer
 from .observability.metrics import Metrics, runtime_families
@@ -56,12 +57,15 @@ log = logging.getLogger("proctor")
 class ProctorRuntime:
     config: ProctorConfig
     policies: PolicyStore
-    pipeline: Pipeline
+    path: RequestPath
     recorder: DecisionRecorder
     addon: ProctorAddon
     metrics: Metrics
     store: Store
     lookups: LookupClient
+    verifier: TokenVerifier
+    shadow: ShadowPolicies | None = None
+    enricher: Enricher | None = None
     approvals: ApprovalService | None = None
     notifier: Notifier | None = None
     governance: Governance | None = None
@@ -69,6 +73,13 @@ class ProctorRuntime:
     listeners: ListenerWatch | None = None  # set by serve() once the engine exists
     # Held by the file watcher and by a rollback, so the watcher never loads a half-restored directory.
     policy_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    tracing: Tracing | None = None
+
+    def stats(self) -> dict[str, int]:
+        """The engine's request counters (GET /v1/stats)."""
+        out = dict(self.path.stage("metrics").stats)  # type: ignore[attr-defined]
+        out["creator_record_failures"] = self.path.stage("track-creator").failures  # type: ignore[attr-defined]
+        return out
 
 
 def build_runtime(config: ProctorConfig) -> ProctorRuntime:
@@ -118,17 +129,30 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         governance.on_change.append(approvals.wake_all)
         approvals.interrupt = lambda a: governance.suspension_for(a.agent_id, a.connector, a.action) is not None
     aliases = ConnectorAliases(manifests) if classifier.has_generic_egress else None
-    pipeline = Pipeline(config, verifier, classifier, policies, shadow, enricher, approvals, governance, aliases)
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     metrics = Metrics()
-    addon = ProctorAddon(
-        pipeline, recorder, router, metrics, injector, Tracing(), store=store, record_inputs=config.record.policy_inputs
-    )
-    addon.audit = audit
-    if audit is not None:
-        pipeline.pre_forward = audit.admit
+    tracing = Tracing()
+    path = build_request_path(Parts(
+        config=config,
+        authenticator=Authenticator(verifier, config.identity_settings()),
+        classifier=classifier,
+        policies=policies,
+        recorder=recorder,
+        metrics=metrics,
+        store=store,
+        shadow=shadow,
+        enricher=enricher,
+        aliases=aliases,
+        governance=governance,
+        approvals=approvals,
+        injector=injector,
+        audit=audit,
+        tracing=tracing,
+    ))
+    addon = ProctorAddon(path.requests, path.tunnels, router, config.limits)
     runtime = ProctorRuntime(
-        config, policies, pipeline, recorder, addon, metrics, store, lookups, approvals, notifier, governance, audit
+        config, policies, path, recorder, addon, metrics, store, lookups, verifier, shadow, enricher,
+        approvals, notifier, governance, audit, tracing=tracing,
     )
     if approvals is not None:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
@@ -193,8 +217,8 @@ async def _watch_policies(runtime: ProctorRuntime) -> None:
                 await asyncio.to_thread(runtime.policies.reload_if_changed)
                 if runtime.policies.bundle.revision != before:
                     await record_revision(runtime.store, runtime.policies.bundle)
-            if runtime.pipeline.shadow is not None:
-                await asyncio.to_thread(runtime.pipeline.shadow.reload_if_changed)
+            if runtime.shadow is not None:
+                await asyncio.to_thread(runtime.shadow.reload_if_changed)
         except Exception:
             log.exception("policy watcher error")
 
@@ -291,6 +315,10 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     try:
         await master.run()
     finally:
+        try:
+            await asyncio.wait_for(runtime.addon.drain(), 5)  # refusals still being recorded
+        except Exception:
+            log.exception("could not finish recording every refusal")
         watcher.cancel()
         governance_task.cancel()
         store_watch.cancel()
@@ -309,7 +337,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         runtime.recorder.close()
         await runtime.lookups.close()
         await runtime.store.close()
-        if runtime.addon.tracing is not None:
-            runtime.addon.tracing.shutdown()
+        if runtime.tracing is not None:
+            runtime.tracing.shutdown()
     if runtime.listeners.failures:
         raise SystemExit(f"proctor: {runtime.listeners.failure_message()}")

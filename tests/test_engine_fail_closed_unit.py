@@ -1,4 +1,8 @@
-"""Adapter-level: an exception inside a gating hook refuses the flow (mitmproxy would otherwise continue it)."""
+"""Adapter-level: an exception inside a gating hook refuses the flow (mitmproxy would otherwise continue it).
+
+The chains here are real `Chain`s of small fake stages; the record stage is the
+real one, writing to an in-memory recorder.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,11 @@ import json
 import pytest
 from mitmproxy.test import tflow
 
+from proxy.config import RequestLimits
+from proxy.core.chain import Chain, Stage
+from proxy.core.exchange import Exchange
 from proxy.engine.mitm import ProctorAddon
+from proxy.record.stage import RecordDecision
 
 
 class _Recorder:
@@ -19,24 +27,37 @@ class _Recorder:
         self.records.append(rec)
 
 
-class _ExplodingPipeline:
-    classifier = None
+class _Allow(Stage):
+    name = "allow"
 
-    async def decide(self, req):
-        raise AssertionError("decide must not be reached")
+    def on_request(self, ex: Exchange) -> None:
+        pass
 
-    async def admit_tunnel(self, req):
+
+class _Explode(Stage):
+    name = "explode"
+
+    def on_request(self, ex: Exchange) -> None:
         raise RuntimeError("simulated bug in admission")
+
+
+def _addon(request_stages=(), tunnel_stages=()):
+    recorder = _Recorder()
+    record = RecordDecision(recorder)
+    a = ProctorAddon(Chain([record, *request_stages]), Chain([record, *tunnel_stages]), router=None,
+                     limits=RequestLimits())
+    return a, recorder
 
 
 @pytest.fixture
 def addon(monkeypatch):
-    a = ProctorAddon(_ExplodingPipeline(), _Recorder(), router=None)
+    a, recorder = _addon([_Allow()], [_Explode()])
 
     def boom(*args, **kwargs):
         raise RuntimeError("simulated bug in the adapter")
 
     monkeypatch.setattr(a, "_agent_request", boom)
+    a.recorder = recorder
     return a
 
 
@@ -48,14 +69,16 @@ def test_request_hook_exception_refuses_with_503(addon):
     assert body["decision_id"] and body["title"] == "Proctor could not decide"
     assert addon.recorder.records[-1]["status"] == 503
     assert addon.recorder.records[-1]["decision"] == "deny"
+    assert addon.recorder.records[-1]["error"] == "internal error in request"
 
 
-def test_connect_hook_exception_refuses_and_binds_nothing(addon):
+def test_connect_admission_exception_refuses_and_binds_nothing(addon):
     flow = tflow.tflow()
     flow.request.method = "CONNECT"
     asyncio.run(addon.http_connect(flow))
     assert flow.response.status_code == 503
     assert flow.client_conn not in addon.tunnel_identity
+    assert addon.recorder.records[-1]["status"] == 503
 
 
 def test_next_layer_exception_closes_and_records(addon, monkeypatch):
@@ -78,17 +101,17 @@ def test_next_layer_exception_closes_and_records(addon, monkeypatch):
     assert addon.recorder.records[-1]["error"] == "internal error in next_layer"
 
 
+def test_a_stage_exception_refuses_the_flow_with_503_and_records_it():
+    a, recorder = _addon([_Explode()])
+    flow = tflow.tflow()
+    asyncio.run(a.request(flow))
+    assert flow.response is not None and flow.response.status_code == 503
+    assert recorder.records[-1]["decision"] == "deny" and recorder.records[-1]["status"] == 503
+    assert any("simulated bug" in e for e in recorder.records[-1]["errors"])
+
+
 def test_a_tracing_failure_never_changes_the_decision():
-    from proxy.core.model import Decision
-    from proxy.core.pipeline import new_outcome
-
-    class _AllowingPipeline:
-        classifier = None
-
-        async def decide(self, req):
-            outcome = new_outcome()
-            outcome.decision = Decision.ALLOW
-            return outcome
+    from proxy.observability.stages import Trace
 
     class _BrokenTracing:
         enabled = True
@@ -96,7 +119,7 @@ def test_a_tracing_failure_never_changes_the_decision():
         def start_request(self, *args, **kwargs):
             raise RuntimeError("exporter exploded")
 
-    a = ProctorAddon(_AllowingPipeline(), _Recorder(), router=None, tracing=_BrokenTracing())
+    a, recorder = _addon([Trace(_BrokenTracing()), _Allow()])
     flow = tflow.tflow()
     asyncio.run(a.request(flow))
     assert flow.response is None  # still allowed and forwarded, not a 503

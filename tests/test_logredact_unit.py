@@ -152,17 +152,19 @@ def test_refusal_detail_is_redacted_in_the_answer_and_the_record():
     import time
 
     from proxy.audit.ocsf import to_ocsf
-    from proxy.core.model import Decision, Outcome, Refusal
+    from proxy.core.exchange import Exchange, ResponseSummary
+    from proxy.core.model import Refusal
     from proxy.core.problem import jsonrpc_error_response, problem_response
     from proxy.engine.patches import problem_error_response
     from proxy.record.decisions import decision_record
 
     detail = "bad: b'GET /x?api_key=QSECRET HTTP/1.1\\r\\nX-Key: HSECRET\\r\\n' from http://u:USECRET@h/p?t=QSECRET2"
-    outcome = Outcome("d-1", Decision.DENY, time.perf_counter(), time.time(),
-                      refusal=Refusal(400, "Bad request", detail, kind="request"), errors=[detail])
+    outcome = Exchange(None, decision_id="d-1", errors=[detail])
+    outcome.refuse(Refusal(400, "Bad request", detail, kind="request"))
+    outcome.response = ResponseSummary(400, error=detail)
     _, _, body = problem_response(outcome)
     _, _, rpc = jsonrpc_error_response(outcome)
-    rec = decision_record(outcome, None, 400, None, 1.0, 1.0, error=detail)
+    rec = decision_record(outcome)
     engine = problem_error_response(400, detail)
     for text in (body.decode(), rpc.decode(), json.dumps(rec), json.dumps(to_ocsf(rec)), engine.decode()):
         for secret in ("QSECRET", "HSECRET", "USECRET"):

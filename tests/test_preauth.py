@@ -25,8 +25,9 @@ import pytest
 from mitmproxy.test import tflow
 
 from proxy.config import RequestLimits
-from proxy.core.model import AgentIdentity, Decision
-from proxy.core.pipeline import Authentication, new_outcome
+from proxy.core.chain import Chain, Stage
+from proxy.core.exchange import Exchange
+from proxy.core.model import AgentIdentity
 from proxy.engine.bodylimits import BodyBudget, BodyGuard
 from proxy.engine.mitm import ProctorAddon
 from proxy.engine.patches import BODY_GUARD, EARLY_ANSWER
@@ -401,24 +402,25 @@ def test_inflight_budget_must_hold_one_body():
         RequestLimits(max_body_bytes=2 * 1024 * 1024, max_inflight_body_bytes=1024 * 1024)
 
 
-class _CountingPipeline:
-    """Authenticates (counting), and records what the decision was asked."""
+class _CountingAuthentication(Stage):
+    """Authenticates (counting) from the head or in the request phase, like the real stage."""
+
+    name = "authenticate"
 
     def __init__(self) -> None:
-        self.config = SimpleNamespace(limits=RequestLimits())
         self.identity = AgentIdentity(agent_id="writer-bot", issuer="https://idp.test", claims={}, expires_at=None)
         self.authentications = 0
-        self.decided = []
+        self.decided: list = []
 
-    async def authenticate(self, req):
+    def on_head(self, ex: Exchange) -> None:
         self.authentications += 1
-        return Authentication(self.identity, None, ("proxy-authorization",), b"digest")
+        ex.identity = self.identity
+        ex.stage_data["proven"] = True
 
-    async def decide(self, req):
-        self.decided.append(req)
-        outcome = new_outcome(None, req.connection_identity)
-        outcome.decision = Decision.ALLOW
-        return outcome
+    def on_request(self, ex: Exchange) -> None:
+        if not ex.stage_data.pop("proven", False):
+            self.authentications += 1
+        self.decided.append((ex.request, ex.identity))
 
 
 class _Recorder:
@@ -429,9 +431,16 @@ class _Recorder:
         self.records.append(rec)
 
 
+def _addon(stage):
+    from proxy.record.stage import RecordDecision
+
+    record = RecordDecision(_Recorder())
+    return ProctorAddon(Chain([record, stage]), Chain([record]), router=None, limits=RequestLimits())
+
+
 def test_identity_proven_from_the_head_is_used_by_the_decision():
-    pipeline = _CountingPipeline()
-    addon = ProctorAddon(pipeline, _Recorder(), router=None)
+    stage = _CountingAuthentication()
+    addon = _addon(stage)
     flow = tflow.tflow()
     flow.request.method = "POST"
     flow.request.headers["content-length"] = "5"
@@ -445,20 +454,20 @@ def test_identity_proven_from_the_head_is_used_by_the_decision():
         await addon.request(flow)
 
     asyncio.run(scenario())
-    assert pipeline.authentications == 1  # once, from the head
-    assert len(pipeline.decided) == 1  # and still a full decision before forwarding
-    req = pipeline.decided[0]
-    assert req.connection_identity is pipeline.identity and req.connection_token_digest == b"digest"
+    assert stage.authentications == 1  # once, from the head
+    assert len(stage.decided) == 1  # and still a full decision before forwarding
+    req, identity = stage.decided[0]
+    assert identity is stage.identity
     assert req.body == b"hello"
+    assert flow.response is None  # allowed: forwarded
 
 
 def test_a_request_without_a_body_is_authenticated_by_the_decision_only():
-    pipeline = _CountingPipeline()
-    addon = ProctorAddon(pipeline, _Recorder(), router=None)
+    stage = _CountingAuthentication()
+    addon = _addon(stage)
     flow = tflow.tflow()
     del flow.request.headers["content-length"]  # a GET without a body
     flow.request.content = b""
     assert addon.requestheaders(flow) is None
     asyncio.run(addon.request(flow))
-    assert pipeline.authentications == 0 and len(pipeline.decided) == 1
-    assert pipeline.decided[0].connection_identity is None
+    assert stage.authentications == 1 and len(stage.decided) == 1

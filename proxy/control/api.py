@@ -64,7 +64,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
                 "loaded_at": b.loaded_at,
                 "files": list(b.files),
                 "reload": runtime.policies.status.as_dict(),
-                "shadow": runtime.pipeline.shadow.status() if runtime.pipeline.shadow else None,
+                "shadow": runtime.shadow.status() if runtime.shadow else None,
             }
         )
 
@@ -82,7 +82,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
         )
 
     async def stats(_: web.Request) -> web.Response:
-        return web.json_response({"engine": dict(runtime.addon.stats), "records_written": runtime.recorder.written})
+        return web.json_response({"engine": runtime.stats(), "records_written": runtime.recorder.written})
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -154,7 +154,7 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
                             {"WWW-Authenticate": 'Bearer realm="proctor"'})
         agent_id = None
         try:
-            agent_id = (await runtime.pipeline.verifier.verify(token)).agent_id
+            agent_id = (await runtime.verifier.verify(token)).agent_id
         except (AuthError, IdentityUnavailable):
             who = await approver_of(request)
             if isinstance(who, web.Response):

@@ -94,7 +94,7 @@ def audit_component(runtime: "ProctorRuntime") -> Component:
 def identity_component(runtime: "ProctorRuntime") -> Component:
     # Informational: the key count each issuer holds right now (a JWKS URL is fetched lazily).
     issuers = []
-    for name, issuer in getattr(runtime.pipeline.verifier, "_issuers", {}).items():
+    for name, issuer in getattr(runtime.verifier, "_issuers", {}).items():
         keys = getattr(issuer.keys, "_keys", None)
         issuers.append({"issuer": name, "keys": None if keys is None else len(keys)})
     return Component("ok", {"issuers": issuers})

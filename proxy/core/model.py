@@ -1,7 +1,7 @@
 """Engine-agnostic request and decision types.
 
 Engine adapters (mitmproxy today) translate their flows into `AgentRequest`
-and apply the `Verdict` they get back; nothing in here knows about an engine.
+and apply what the stage chain decided (core/exchange.py); nothing in here knows about an engine.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class AgentRequest:
     # Engine callback: is the agent still connected? (a held request must not be
     # forwarded for an agent that hung up; the approval then applies to its retry)
     client_alive: Any = None
+    # Gateway mode: no route matched this request (host and path are what the agent
+    # addressed); the gateway-route stage refuses it after authentication.
+    unrouted: bool = False
 
     @property
     def url(self) -> str:
@@ -117,38 +120,3 @@ class Refusal:
     # Machine-readable category for the record: authentication, policy, classification, ...
     kind: str = "policy"
     extra: dict[str, Any] = field(default_factory=dict)  # more problem fields (approval_id, status_url)
-
-
-@dataclass(slots=True)
-class Outcome:
-    """The pipeline's answer for one request.
-
-    Either `refusal` is set (answer the agent with it), or the request is to be
-    forwarded with `strip_headers` removed.
-    """
-
-    decision_id: str
-    decision: Decision
-    started: float  # time.perf_counter() at the start of the pipeline
-    timestamp: float  # epoch seconds
-    identity: AgentIdentity | None = None
-    classification: Classification | None = None
-    reasons: list[str] = field(default_factory=list)
-    refusal: Refusal | None = None
-    strip_headers: tuple[str, ...] = ()
-    policy_revision: str = ""
-    errors: list[str] = field(default_factory=list)
-    credential_digest: bytes | None = None  # CONNECT: binds the tunnel to this token
-    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds (for metrics)
-    shadow: dict[str, Any] | None = None  # the candidate set's verdict when it disagrees (shadow mode)
-    jsonrpc_id: Any = None  # set (possibly to None) for JSON-RPC endpoints: refusals become JSON-RPC errors
-    is_jsonrpc: bool = False
-    approval_id: str | None = None  # the approval that held (or released) this request
-    # (principal, resource, context) as last given to Cedar: recorded (sanitised) for replay and explain
-    policy_inputs: tuple | None = None
-    trace_ids: tuple[str, str] | None = None  # (trace id, span id) when tracing is on
-    policy_decision: str | None = None  # what Cedar said: allow | deny | hold (None: refused before policy)
-
-    @property
-    def allowed(self) -> bool:
-        return self.refusal is None

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 from ..logredact import redact
-from .model import Outcome
+from .exchange import Exchange
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 DECISION_HEADER = "X-Proctor-Decision-Id"
 
 
-def problem_body(outcome: Outcome) -> dict:
+def problem_body(outcome: Exchange) -> dict:
     """The refusal as a problem+json object: title, detail, decision_id, action, resource, reasons."""
     refusal = outcome.refusal
     assert refusal is not None
@@ -33,7 +33,7 @@ def problem_body(outcome: Outcome) -> dict:
     return body
 
 
-def problem_response(outcome: Outcome) -> tuple[int, dict[str, str], bytes]:
+def problem_response(outcome: Exchange) -> tuple[int, dict[str, str], bytes]:
     """Status, headers and body bytes for a refused outcome."""
     refusal = outcome.refusal
     assert refusal is not None
@@ -62,7 +62,7 @@ JSONRPC_CODES = {
 }
 
 
-def jsonrpc_error_response(outcome: Outcome) -> tuple[int, dict[str, str], bytes]:
+def jsonrpc_error_response(outcome: Exchange) -> tuple[int, dict[str, str], bytes]:
     """A refusal on a JSON-RPC endpoint, as the JSON-RPC error object agent loops understand.
 
     HTTP 200 with `{"jsonrpc": "2.0", "id": <the call's id>, "error": {...}}`; the

@@ -22,6 +22,9 @@ import weakref
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+from ..config import RequestLimits
+from ..core.model import Refusal
+
 Verdict = Literal["too-large", "busy"]
 
 
@@ -98,3 +101,23 @@ class BodyGuard:
     def release(self) -> None:
         """The body is complete (or the request is over): return its reservation."""
         _give_back(self.budget, self._held)
+
+
+def body_refusal(verdict: Verdict, limits: RequestLimits) -> Refusal:
+    """The answer for a body refused while (or before) it arrives."""
+    if verdict == "too-large":
+        return Refusal(
+            413,
+            "Request body too large",
+            f"the body is larger than {limits.max_body_bytes} bytes (limits.max_body_bytes); it was refused "
+            "before being read in full and nothing was forwarded. Send a smaller body.",
+            kind="request",
+        )
+    return Refusal(
+        503,
+        "Proctor is busy",
+        "too many request bodies are being received at once (limits.max_inflight_body_bytes); nothing was "
+        "forwarded. Retry shortly.",
+        headers={"Retry-After": "1"},
+        kind="fail-closed",
+    )

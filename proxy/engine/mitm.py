@@ -1,10 +1,14 @@
-"""The mitmproxy engine adapter: translate flows to `AgentRequest`, apply the `Outcome`.
+"""The mitmproxy engine adapter: flows in, the stage chain decides, the adapter applies.
 
 mitmproxy is embedded as a library (a `Master` with only the addons a proxy
-needs). This module is the only place that imports mitmproxy types.
+needs). This module is the only place that imports mitmproxy types, and it holds
+no policy, audit, credential or approval logic: it translates a flow into an
+`Exchange`, runs the chain (proxy/request_path.py), and then either answers the
+refusal or forwards the request with the forward plan applied, and finally
+reports the response (or the error) back to the chain.
 
-Fail-closed rules enforced here rather than in the pipeline, because they are
-about the engine's plumbing:
+Fail-closed rules enforced here rather than in a stage, because they are about
+the engine's plumbing:
 - the upstream connection is opened lazily, i.e. only after a request on it was
   allowed (`connection_strategy=lazy`);
 - inside a CONNECT tunnel only TLS is accepted; anything else (plaintext HTTP,
@@ -12,17 +16,19 @@ about the engine's plumbing:
   relaying is disabled outright;
 - a client that rejects our certificate is recorded and disconnected;
 - request bodies are always buffered so the decision happens before a single
-  byte reaches the upstream (streaming is only enabled for responses).
+  byte reaches the upstream (streaming is only enabled for responses);
+- an exception in a hook refuses the flow (mitmproxy would otherwise carry on
+  and forward an undecided request).
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import time
 import weakref
-from typing import Any
+from collections.abc import Coroutine
 from http import HTTPStatus
+from typing import Any
 
 from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url as mitm_url
@@ -32,29 +38,21 @@ from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
 from mitmproxy.tcp import TCPFlow
 from mitmproxy.udp import UDPFlow
 
-from ..connectors.credentials import CredentialInjector, CredentialUnavailable
-from ..core.enrich import created_id
-from ..core.hosts import authority
-from ..logredact import redact
-from ..core.model import AgentIdentity, AgentRequest, Decision, Outcome, Refusal
-from ..core.pipeline import Pipeline, new_outcome, normalise_ip
+from ..config import RequestLimits
+from ..core.chain import Chain, internal_error_refusal
+from ..core.exchange import Connection, Exchange, Kind, ResponseSummary, refused_exchange
+from ..core.model import AgentIdentity, AgentRequest, Refusal
+from ..core.net import normalise_ip
 from ..core.problem import DECISION_HEADER, jsonrpc_error_response, problem_response
-from ..record.decisions import DecisionRecorder, decision_record
-from ..observability.metrics import Metrics
-from ..observability.tracing import Tracing
+from ..logredact import redact
+from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
 from .gateway import GatewayRouter
-from .bodylimits import BodyBudget, BodyGuard, Verdict
 from .patches import BODY_GUARD, EARLY_ANSWER, UPSTREAM_FAILURE, is_timeout
 
 log = logging.getLogger("proctor.engine")
 
-META = "proctor"
-TRACE = "proctor_trace"
-# The Authentication proven in `requestheaders` (before the body was read), reused
-# by the decision so a token is verified once per request.
-PROVEN = "proctor_proven"
+EXCHANGE = "proctor"  # flow.metadata key of the flow's Exchange
 STREAM_RESPONSES_OVER = 256 * 1024
-TRACK_CREATOR_MAX_BODY = 1024 * 1024
 
 
 class _RefuseConnection(layer.Layer):
@@ -93,41 +91,50 @@ def _headers(req: http.Request) -> tuple[dict[str, str], str | None, frozenset[s
     return out, problem, frozenset(repeated)
 
 
+def refusal_answer(ex: Exchange) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body for a refused exchange: problem+json, or a JSON-RPC error
+    on JSON-RPC endpoints (authentication stays HTTP: 401/407)."""
+    assert ex.refusal is not None
+    if ex.is_jsonrpc and ex.refusal.kind != "authentication":
+        status, headers, body = jsonrpc_error_response(ex)
+    else:
+        status, headers, body = problem_response(ex)
+    for name, value in ex.plan.response_headers.items():
+        headers.setdefault(name, value)
+    return status, headers, body
+
+
 class ProctorAddon:
     def __init__(
         self,
-        pipeline: Pipeline,
-        recorder: DecisionRecorder,
+        requests: Chain,
+        tunnels: Chain,
         router: GatewayRouter | None,
-        metrics: Metrics | None = None,
-        injector: CredentialInjector | None = None,
-        tracing: Tracing | None = None,
-        store: Any = None,
-        record_inputs: bool = True,
+        limits: RequestLimits,
         body_budget: BodyBudget | None = None,
     ) -> None:
-        # Request body bytes being received, process-wide (limits.max_inflight_body_bytes);
-        # built from the pipeline's config on first use when not given.
-        self.body_budget = body_budget
-        self.store = store  # records resource creators (manifest track_creator)
-        self.record_inputs = record_inputs  # keep the sanitised Cedar inputs in the record (replay)
-        self.audit: Any = None  # AuditTrail: may refuse forwarding while it cannot record (fail closed)
-        self.metrics = metrics
-        self.injector = injector
-        self.tracing = tracing if tracing is not None and tracing.enabled else None
-        self.pipeline = pipeline
-        self.recorder = recorder
+        self.requests = requests
+        self.tunnels = tunnels
         self.router = router
+        self.limits = limits
+        # Request body bytes being received, process-wide (limits.max_inflight_body_bytes).
+        self.body_budget = body_budget or BodyBudget(limits.max_inflight_body_bytes)
         # Identity proven on CONNECT, bound to that client connection.
         self.tunnel_identity: weakref.WeakKeyDictionary[connection.Client, tuple[AgentIdentity, bytes | None]] = (
             weakref.WeakKeyDictionary()
         )
         self.running_event_seen = False
-        self.stats = {"requests": 0, "allowed": 0, "refused": 0, "tunnels_refused": 0, "creator_record_failures": 0}
+        # response phases started from synchronous hooks (kept referenced until done)
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lifecycle -----------------------------------------------------------------
     def running(self) -> None:
         self.running_event_seen = True
+
+    async def drain(self) -> None:
+        """Wait for response phases started from synchronous hooks (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     # -- helpers -------------------------------------------------------------------
     def _bound_identity(self, client: connection.Client) -> AgentIdentity | None:
@@ -138,54 +145,31 @@ class ProctorAddon:
     def _is_reverse(flow: http.HTTPFlow) -> bool:
         return isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
 
-    def _record(
-        self,
-        outcome: Outcome,
-        req: AgentRequest | None,
-        status: int | None,
-        upstream_status: int | None = None,
-        error: str | None = None,
-        decision_ms: float | None = None,
-    ) -> None:
-        elapsed = time.perf_counter() - outcome.started
-        self.recorder.write(
-            decision_record(outcome, req, status, upstream_status, elapsed * 1000, decision_ms, error,
-                            with_inputs=self.record_inputs)
-        )
-        if self.metrics is not None:
-            self.metrics.observe_request(outcome, status, upstream_status, elapsed)
+    def _finish_later(self, chain: Chain, ex: Exchange) -> None:
+        """Run the response phase from a synchronous hook."""
+        coro: Coroutine[Any, Any, None] = chain.response(ex)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (unit tests calling a hook directly)
+            asyncio.run(coro)
+            return
+        task = loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    def _refuse(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
-        # JSON-RPC endpoints get JSON-RPC errors (authentication stays HTTP: 401/407).
-        if outcome.is_jsonrpc and outcome.refusal is not None and outcome.refusal.kind != "authentication":
-            status, headers, body = jsonrpc_error_response(outcome)
-        else:
-            status, headers, body = problem_response(outcome)
+    @staticmethod
+    def _answer(flow: http.HTTPFlow, ex: Exchange, error: str | None = None) -> None:
+        """Answer the agent with the exchange's refusal."""
+        status, headers, body = refusal_answer(ex)
         flow.response = http.Response.make(status, body, headers)
         if not flow.response.reason:  # mitmproxy's table lacks e.g. 421
             flow.response.reason = HTTPStatus(status).phrase
-
-    def _finish_trace(self, flow: http.HTTPFlow, status: int | None, error: str | None = None) -> None:
-        spans = flow.metadata.pop(TRACE, None)
-        if spans is not None and self.tracing is not None:
-            try:
-                self.tracing.finish(spans[0], spans[1], status, error)
-            except Exception:  # tracing must never disturb the request path
-                log.exception("could not finish the trace spans")
-
-    def _count_connection_refusal(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.connections_refused.labels(reason).inc()
-
-    @staticmethod
-    def _standalone_refusal(refusal: Refusal, identity: AgentIdentity | None = None) -> Outcome:
-        return new_outcome(refusal, identity)
+        ex.response = ResponseSummary(status, error=error)
 
     def _agent_request(self, flow: http.HTTPFlow, reverse: bool) -> AgentRequest:
         r = flow.request
         bound = self.tunnel_identity.get(flow.client_conn)
-        raw = r.path
-        path, _, query = raw.partition("?")
+        path, _, query = r.path.partition("?")
         headers, header_problem, repeated = _headers(r)
         return AgentRequest(
             method=r.method.upper(),
@@ -208,58 +192,63 @@ class ProctorAddon:
             client_alive=lambda conn=flow.client_conn: bool(conn.state & connection.ConnectionState.CAN_READ),
         )
 
+    def _unrouted_request(self, flow: http.HTTPFlow) -> AgentRequest:
+        """A gateway request before routing: name what the agent addressed, not the placeholder target."""
+        req = self._agent_request(flow, reverse=True)
+        req.host, req.port = self._addressed(flow)
+        req.unrouted = True
+        return req
+
     # -- fail-closed hook entry points ----------------------------------------------
-    # mitmproxy logs an exception raised by an addon hook and then carries on with
-    # the flow, which would forward an undecided request. Every hook that gates
-    # traffic therefore turns any exception into a refusal.
-    def _fail_closed(self, flow: http.HTTPFlow, where: str) -> None:
-        outcome = self._standalone_refusal(
-            Refusal(
-                503,
-                "Proctor could not decide",
-                "an internal error occurred while deciding this request; it was not forwarded "
-                "(fail closed). Quote the decision_id to your Proctor operator.",
-                kind="fail-closed",
-            )
-        )
-        log.exception("%s hook failed (decision %s); refusing", where, outcome.decision_id)
-        outcome.errors.append(f"internal error in {where}")
-        flow.metadata[META] = (outcome, None, None)
-        self.stats["refused"] += 1
+    def _fail_closed(self, flow: http.HTTPFlow, where: str, kind: Kind = Kind.REQUEST) -> Exchange | None:
+        """Refuse the flow after an adapter error; the caller runs the response phase (records it)."""
+        ex = refused_exchange(internal_error_refusal(), kind=kind)
+        log.exception("%s hook failed (decision %s); refusing", where, ex.decision_id)
+        ex.errors.append(f"internal error in {where}")
+        flow.metadata[EXCHANGE] = ex
         try:
-            self._refuse(flow, outcome)
-            self.recorder.write(decision_record(outcome, None, 503, None, None, None, error=f"internal error in {where}"))
+            self._answer(flow, ex, error=f"internal error in {where}")
         except Exception:  # last resort: no answer at all rather than an undecided one
             log.exception("could not even build the refusal; killing the flow")
             flow.kill()
+            return None
+        return ex
+
+    async def _finish_failed(self, chain: Chain, ex: Exchange | None) -> None:
+        if ex is None:
+            return
+        try:
+            await chain.response(ex)
+        except Exception:
+            log.exception("could not record the refusal of decision %s", ex.decision_id)
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         try:
             await self._http_connect(flow)
         except Exception:
             self.tunnel_identity.pop(flow.client_conn, None)
-            self._fail_closed(flow, "CONNECT")
+            await self._finish_failed(self.tunnels, self._fail_closed(flow, "CONNECT", Kind.TUNNEL))
 
     async def request(self, flow: http.HTTPFlow) -> None:
         try:
             await self._request(flow)
         except Exception:
-            self._fail_closed(flow, "request")
+            await self._finish_failed(self.requests, self._fail_closed(flow, "request"))
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         try:
             self._next_layer(nextlayer)
         except Exception:
-            outcome = self._standalone_refusal(
-                Refusal(503, "Proctor could not decide", "internal error; connection closed (fail closed)", kind="fail-closed")
+            ex = refused_exchange(
+                Refusal(503, "Proctor could not decide", "internal error; connection closed (fail closed)", kind="fail-closed"),
+                kind=Kind.CONNECTION,
             )
-            log.exception("next_layer hook failed (decision %s); closing the connection", outcome.decision_id)
+            ex.connection = Connection(None, None, None, "internal-error")
+            ex.response = ResponseSummary(None, error="internal error in next_layer")
+            log.exception("next_layer hook failed (decision %s); closing the connection", ex.decision_id)
             nextlayer.layer = _RefuseConnection(nextlayer.context, b"")
-            self._count_connection_refusal("internal-error")
             try:
-                self.recorder.write(
-                    decision_record(outcome, None, None, None, None, None, error="internal error in next_layer")
-                )
+                self._finish_later(self.tunnels, ex)
             except Exception:
                 log.exception("could not record the refusal")
 
@@ -277,19 +266,26 @@ class ProctorAddon:
             client_ip=normalise_ip(flow.client_conn.peername[0]) if flow.client_conn.peername else "0.0.0.0",
             mode="forward",
         )
-        outcome = await self.pipeline.admit_tunnel(req)
+        ex = Exchange(req, kind=Kind.TUNNEL)
+        flow.metadata[EXCHANGE] = ex
+        await self.tunnels.request(ex)
         flow.request.headers.pop("proxy-authorization", None)
         flow.request.host = req.host  # the tunnel dials the canonical host (core/hosts.py)
-        if outcome.refusal is not None:
-            self.stats["tunnels_refused"] += 1
-            self._refuse(flow, outcome)
-            self._record(outcome, req, outcome.refusal.status)
-            return
-        identity = outcome.identity
-        assert identity is not None
-        self.tunnel_identity[flow.client_conn] = (identity, outcome.credential_digest)
+        if ex.refusal is not None:
+            self._answer(flow, ex)
+        else:
+            assert ex.identity is not None
+            self.tunnel_identity[flow.client_conn] = (ex.identity, ex.credential_digest)
+        await self.tunnels.response(ex)
 
     # -- non-TLS inside a tunnel, raw TCP/UDP: refuse -----------------------------
+    def _connection_refusal(self, client: connection.Client, refusal: Refusal, host: str | None, port: int | None,
+                            reason: str, status: int | None, error: str) -> Exchange:
+        ex = refused_exchange(refusal, identity=self._bound_identity(client), kind=Kind.CONNECTION)
+        ex.connection = Connection(normalise_ip(client.peername[0]) if client.peername else None, host, port, reason)
+        ex.response = ResponseSummary(status, error=error)
+        return ex
+
     def _next_layer(self, nextlayer: layer.NextLayer) -> None:
         ctx = nextlayer.context
         chosen = nextlayer.layer
@@ -307,7 +303,8 @@ class ProctorAddon:
             data = nextlayer.data_client()
             looks_http = data[:16].split(b" ")[0].isalpha() and b" " in data[:16]
             target = ctx.server.address
-            outcome = self._standalone_refusal(
+            ex = self._connection_refusal(
+                ctx.client,
                 Refusal(
                     403,
                     "Uninspectable traffic refused",
@@ -317,23 +314,18 @@ class ProctorAddon:
                     reasons=["tls-interception-required"],
                     kind="tls",
                 ),
-                identity=self._bound_identity(ctx.client),
+                target[0] if target else None, target[1] if target else None,
+                "non-tls-in-tunnel", 403, "non-TLS traffic in tunnel",
             )
             reply = b""
             if looks_http:
-                status, headers, body = problem_response(outcome)
+                status, headers, body = problem_response(ex)
                 head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
                 reply = (
                     f"HTTP/1.1 {status} Forbidden\r\n{head}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
                 ).encode() + body
-            self.stats["tunnels_refused"] += 1
-            self._count_connection_refusal("non-tls-in-tunnel")
-            self.recorder.write(
-                decision_record(outcome, None, 403, None, None, None, error="non-TLS traffic in tunnel")
-                | {"client_ip": normalise_ip(ctx.client.peername[0]) if ctx.client.peername else None,
-                   "host": target[0] if target else None, "port": target[1] if target else None}
-            )
             nextlayer.layer = _RefuseConnection(ctx, reply)
+            self._finish_later(self.tunnels, ex)
 
     def tcp_start(self, flow: TCPFlow) -> None:  # belt and braces: never relay raw TCP
         flow.kill()
@@ -344,7 +336,9 @@ class ProctorAddon:
     def tls_failed_client(self, data: tls.TlsData) -> None:
         client = data.context.client
         err = getattr(client, "error", None) or "TLS handshake with the agent failed"
-        outcome = self._standalone_refusal(
+        target = data.context.server.address  # the CONNECT target, when there was one
+        ex = self._connection_refusal(
+            client,
             Refusal(
                 0,
                 "TLS interception failed",
@@ -353,27 +347,17 @@ class ProctorAddon:
                 reasons=["tls-interception-required"],
                 kind="tls",
             ),
-            identity=self._bound_identity(client),
+            client.sni or (target[0] if target else None), target[1] if target else None,
+            "interception-rejected", None, "client rejected interception certificate",
         )
-        rec = decision_record(outcome, None, None, None, None, None, error="client rejected interception certificate")
-        target = data.context.server.address  # the CONNECT target, when there was one
-        rec.update(
-            {
-                "client_ip": normalise_ip(client.peername[0]) if client.peername else None,
-                "host": client.sni or (target[0] if target else None),
-                "port": target[1] if target else None,
-            }
-        )
-        self.stats["tunnels_refused"] += 1
-        self._count_connection_refusal("interception-rejected")
-        self.recorder.write(rec)
+        self._finish_later(self.tunnels, ex)
 
     # -- requests ------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow):
         """No work before authentication: a request announcing a body is authenticated
-        here, from its head, before the body is read or `100 Continue` is sent; a
-        refusal is answered at once (patches.py sends it and stops reading). A request
-        without a body has nothing to read and is authenticated by the decision."""
+        here, from its head (the chain's head phase), before the body is read or
+        `100 Continue` is sent; a refusal is answered at once (patches.py sends it and
+        stops reading). A request without a body is authenticated by the request phase."""
         # Decisions need the whole body: never let a request stream past us.
         flow.request.stream = False
         if flow.response is not None or flow.error is not None:
@@ -383,301 +367,160 @@ class ProctorAddon:
             if declared == 0:
                 return None
         except Exception:
-            self._fail_closed(flow, "requestheaders")
+            ex = self._fail_closed(flow, "requestheaders")
             flow.metadata[EARLY_ANSWER] = 0
+            if ex is not None:
+                self._finish_later(self.requests, ex)
             return None
         return self._admit_body(flow, declared)
 
     async def _admit_body(self, flow: http.HTTPFlow, declared: int | None) -> None:
         try:
-            await self._authenticate_before_body(flow, declared)
+            await self._head_phase(flow, declared)
         except Exception:
-            self._fail_closed(flow, "requestheaders")
+            ex = self._fail_closed(flow, "requestheaders")
             flow.metadata[EARLY_ANSWER] = 0
+            await self._finish_failed(self.requests, ex)
 
-    async def _authenticate_before_body(self, flow: http.HTTPFlow, declared: int | None) -> None:
+    async def _head_phase(self, flow: http.HTTPFlow, declared: int | None) -> None:
         reverse = self._is_reverse(flow)
-        req = self._agent_request(flow, reverse)  # the head only: body b""
-        if reverse:  # not routed yet: name what the agent addressed, not the placeholder target
-            req.host, req.port = self._addressed(flow)
-        limits = self.pipeline.config.limits
+        # the head only (body b""); a gateway request is not routed yet
+        req = self._unrouted_request(flow) if reverse else self._agent_request(flow, reverse)
+        ex = Exchange(req)
+        flow.metadata[EXCHANGE] = ex
+        limits = self.limits
         fits = declared is None or declared <= limits.max_body_bytes
-        auth = await self.pipeline.authenticate(req)
-        if auth.refusal is not None:
+        await self.requests.head(ex)
+        if ex.refusal is not None:
             # a small body still on its way is read and discarded, so the client sees the 401/407
-            self._refuse_early(flow, new_outcome(auth.refusal), req, limits.max_body_bytes if fits else 0)
+            await self._refuse_early(flow, ex, limits.max_body_bytes if fits else 0)
             return
-        if self.body_budget is None:
-            self.body_budget = BodyBudget(limits.max_inflight_body_bytes)
         guard = BodyGuard(self.body_budget, limits.max_body_bytes, declared)
         if guard.verdict is not None:
-            outcome = new_outcome(self._body_refusal(guard.verdict), auth.identity)
-            self._refuse_early(flow, outcome, req, limits.max_body_bytes if fits else 0)
+            ex.refuse(body_refusal(guard.verdict, limits))
+            await self._refuse_early(flow, ex, limits.max_body_bytes if fits else 0)
             return
-        identity = auth.identity
-        guard.refuse = lambda verdict: self._refuse_body(flow, req, identity, verdict)
+        guard.refuse = lambda verdict: self._refuse_body(flow, ex, verdict)
         flow.metadata[BODY_GUARD] = guard
-        flow.metadata[PROVEN] = auth
 
-    def _body_refusal(self, verdict: Verdict) -> Refusal:
-        limits = self.pipeline.config.limits
-        if verdict == "too-large":
-            return Refusal(
-                413,
-                "Request body too large",
-                f"the body is larger than {limits.max_body_bytes} bytes (limits.max_body_bytes); it was refused "
-                "before being read in full and nothing was forwarded. Send a smaller body.",
-                kind="request",
-            )
-        return Refusal(
-            503,
-            "Proctor is busy",
-            "too many request bodies are being received at once (limits.max_inflight_body_bytes); nothing was "
-            "forwarded. Retry shortly.",
-            headers={"Retry-After": "1"},
-            kind="fail-closed",
-        )
-
-    def _refuse_early(self, flow: http.HTTPFlow, outcome: Outcome, req: AgentRequest, drain: int) -> None:
+    async def _refuse_early(self, flow: http.HTTPFlow, ex: Exchange, drain: int) -> None:
         """Refused from the head alone: the engine answers before reading the body."""
-        self.stats["requests"] += 1
-        self.stats["refused"] += 1
-        flow.metadata[META] = (outcome, req, None)
-        self._refuse(flow, outcome)
+        self._answer(flow, ex)
         flow.metadata[EARLY_ANSWER] = drain
-        assert outcome.refusal is not None
-        self._record(outcome, req, outcome.refusal.status)
+        await self.requests.response(ex)
 
-    def _refuse_body(self, flow: http.HTTPFlow, req: AgentRequest, identity: AgentIdentity | None, verdict: Verdict) -> None:
+    def _refuse_body(self, flow: http.HTTPFlow, ex: Exchange, verdict: Verdict) -> None:
         """A body broke its bound while arriving (called by the engine, patches.py)."""
-        outcome = new_outcome(self._body_refusal(verdict), identity)
-        self.stats["requests"] += 1
-        self.stats["refused"] += 1
-        flow.metadata[META] = (outcome, req, None)
-        self._refuse(flow, outcome)
-        assert outcome.refusal is not None
-        self._record(outcome, req, outcome.refusal.status)
-
-    def _use_proven_identity(self, flow: http.HTTPFlow, req: AgentRequest) -> None:
-        """The identity `requestheaders` proved for this request, so the decision does not verify
-        the token again. It enters the pipeline like a tunnel's identity: expiry is re-checked, and
-        an Authorization header carrying the same token is still stripped (by its digest)."""
-        auth = flow.metadata.pop(PROVEN, None)
-        if auth is not None and auth.identity is not None and req.connection_identity is None:
-            req.connection_identity = auth.identity
-            req.connection_token_digest = auth.token_digest
+        ex.refuse(body_refusal(verdict, self.limits))
+        self._answer(flow, ex)
+        self._finish_later(self.requests, ex)
 
     async def _request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
             return
-        start_ns = time.time_ns()
-        self.stats["requests"] += 1
         reverse = self._is_reverse(flow)
-        target = None
         if reverse:
             target = self.router.route(flow.request.host_header, flow.request.path.partition("?")[0]) if self.router else None
             if target is None:
-                await self._refuse_unrouted(flow)
-                return
-            query = flow.request.path.partition("?")[2]
-            flow.request.scheme = target.scheme
-            flow.request.host = target.host
-            flow.request.port = target.port
-            flow.request.path = target.path + (f"?{query}" if query else "")
-        req = self._agent_request(flow, reverse)
-        self._use_proven_identity(flow, req)
-        outcome = await self.pipeline.decide(req)
-        decision_ms = (time.perf_counter() - outcome.started) * 1000
-        flow.metadata[META] = (outcome, req, decision_ms)
-        if self.tracing is not None:
-            try:  # tracing observes; it must never change what happens to the request
-                span = self.tracing.start_request(req.headers, req.method, req.host, req.port, req.path, start_ns)
-                self.tracing.decided(span, outcome)
-                if span is not None:  # the audit event names the trace it belongs to
-                    sc = span.span.get_span_context()
-                    outcome.trace_ids = (format(sc.trace_id, "032x"), format(sc.span_id, "016x"))
-                flow.metadata[TRACE] = [span, None]
-            except Exception:
-                log.exception("tracing failed for decision %s (the request is unaffected)", outcome.decision_id)
-        for h in outcome.strip_headers:
-            flow.request.headers.pop(h, None)
-        if outcome.refusal is not None:
-            self.stats["refused"] += 1
-            self._refuse(flow, outcome)
-            self._record(outcome, req, outcome.refusal.status, decision_ms=decision_ms)
-            self._finish_trace(flow, outcome.refusal.status)
-            return
-        if self.audit is not None:
-            audit_refusal = await self.audit.admit(req.method)
-            if audit_refusal is not None:
-                outcome.decision = Decision.DENY
-                outcome.refusal = audit_refusal
-                self.stats["refused"] += 1
-                self._refuse(flow, outcome)
-                self._record(outcome, req, audit_refusal.status, decision_ms=decision_ms)
-                self._finish_trace(flow, audit_refusal.status)
-                return
-        if not await self._inject_credential(flow, outcome, req, decision_ms):
-            self._finish_trace(flow, 503)
-            return
-        self.stats["allowed"] += 1
-        if TRACE in flow.metadata:
-            # the upstream joins the agent's trace through Proctor's client span
-            try:
-                upstream_span, carrier = self.tracing.start_upstream(flow.metadata[TRACE][0], req.method, req.host)
-            except Exception:
-                log.exception("tracing failed for decision %s (the request is unaffected)", outcome.decision_id)
+                req = self._unrouted_request(flow)
             else:
-                flow.metadata[TRACE][1] = upstream_span
-                for name in ("traceparent", "tracestate", "baggage"):
-                    flow.request.headers.pop(name, None)
-                for name, value in carrier.items():
-                    flow.request.headers[name] = value
-        # Forward exactly what was decided: origin-form request line, Host naming the target.
-        # The dial target and Host are the canonical host the decision was made for
-        # (core/hosts.py), never an alias spelling such as 127.1 or EXAMPLE.com.
+                query = flow.request.path.partition("?")[2]
+                flow.request.scheme = target.scheme
+                flow.request.host = target.host
+                flow.request.port = target.port
+                flow.request.path = target.path + (f"?{query}" if query else "")
+                req = self._agent_request(flow, reverse)
+        else:
+            req = self._agent_request(flow, reverse)
+        ex = flow.metadata.get(EXCHANGE)
+        if ex is None:
+            ex = flow.metadata[EXCHANGE] = Exchange(req)
+        else:
+            ex.request = req  # the head phase's exchange, now with the body (and the route)
+        await self.requests.request(ex)
+        if ex.refusal is not None:
+            self._answer(flow, ex)
+            await self.requests.response(ex)
+            return
+        # Forward exactly what was decided: the plan's header edits, origin-form request
+        # line, and Host naming the canonical target the decision was made for.
+        headers = flow.request.headers
+        for name in ex.plan.remove_headers:
+            headers.pop(name, None)
+        for name, value in ex.plan.set_headers.items():
+            headers[name] = value
         flow.request.authority = ""
         flow.request.host = req.host
-        if reverse and target is not None:
-            flow.request.host_header = authority(req.host, target.port, target.scheme)
-        else:
-            flow.request.host_header = authority(req.host, flow.request.port, flow.request.scheme)
-
-    async def _inject_credential(self, flow: http.HTTPFlow, outcome: Outcome, req: AgentRequest, decision_ms: float) -> bool:
-        """Swap whatever credential the agent sent for the connector's own. False: refused."""
-        cls = outcome.classification
-        auth = self.injector.configured(cls.connector) if (self.injector and cls) else None
-        if auth is None:
-            return True
-        try:
-            headers = await self.injector.headers_for(cls.connector)
-        except CredentialUnavailable as e:
-            outcome.decision = Decision.DENY
-            outcome.refusal = Refusal(
-                503,
-                "Upstream credential unavailable",
-                f"{e}; the request was allowed by policy but not forwarded without its credential (fail closed)",
-                reasons=["upstream-credential-unavailable"],
-                kind="fail-closed",
-            )
-            self.stats["refused"] += 1
-            self._refuse(flow, outcome)
-            self._record(outcome, req, 503, decision_ms=decision_ms)
-            return False
-        for name in auth.headers_to_remove():
-            flow.request.headers.pop(name, None)
-        for name, value in headers.items():
-            flow.request.headers[name] = value
-        return True
-
-    async def _refuse_unrouted(self, flow: http.HTTPFlow) -> None:
-        """No gateway route: authenticate first (so routes cannot be probed anonymously), then 404."""
-        req = self._agent_request(flow, reverse=True)
-        req.host, req.port = self._addressed(flow)
-        auth = await self.pipeline.authenticate(req)
-        identity, refusal = auth.identity, auth.refusal
-        if refusal is None:
-            refusal = Refusal(
-                404,
-                "No gateway route",
-                f"no gateway route matches {req.host}{req.path}",
-                reasons=["no-route"],
-                kind="route",
-            )
-        outcome = self._standalone_refusal(refusal, identity)
-        self.stats["refused"] += 1
-        self._refuse(flow, outcome)
-        self._record(outcome, req, refusal.status)
+        flow.request.host_header = ex.host_header()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         resp = flow.response
         if resp is None:
             return
-        meta = flow.metadata.get(META)
-        if meta is not None:
-            resp.headers[DECISION_HEADER] = meta[0].decision_id
+        ex: Exchange | None = flow.metadata.get(EXCHANGE)
+        if ex is not None:
+            resp.headers[DECISION_HEADER] = ex.decision_id
+            for name, value in ex.plan.response_headers.items():
+                resp.headers[name] = value
         cl = resp.headers.get("content-length")
-        if meta is not None and self._tracks_creator(meta[0]) and 200 <= resp.status_code < 300:
-            # the new resource's id is in this body: buffer it (bounded) to read the id
-            if cl is None or (cl.isdigit() and int(cl) <= TRACK_CREATOR_MAX_BODY):
+        wanted = ex.plan.read_response_body if ex is not None and ex.allowed else 0
+        if wanted and 200 <= resp.status_code < 300:
+            # a stage reads this body (bounded): buffer it
+            if cl is None or (cl.isdigit() and int(cl) <= wanted):
                 return
         if cl is None or (cl.isdigit() and int(cl) > STREAM_RESPONSES_OVER):
             resp.stream = True
 
-    @staticmethod
-    def _tracks_creator(outcome: Outcome) -> bool:
-        cls = outcome.classification
-        return outcome.refusal is None and cls is not None and cls.spec is not None and cls.spec.track_creator is not None
-
-    async def _record_creator(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
-        """After an allowed create answered 2xx: remember which agent created what."""
-        cls = outcome.classification
-        resp = flow.response
-        if resp is None or not 200 <= resp.status_code < 300 or outcome.identity is None:
-            return
-        try:
-            content = resp.content
-            if content is None or len(content) > TRACK_CREATOR_MAX_BODY:
-                raise ValueError("the response body was streamed or too large to read the new id from")
-            new_id = created_id(json.loads(content), cls.spec.track_creator.id_from)
-            if new_id is None:
-                raise ValueError(f"no id at {cls.spec.track_creator.id_from} in the response")
-            if self.store is None:
-                raise ValueError("no store is configured")
-            await self.store.record_creator(cls.resource_type, new_id, outcome.identity.agent_id, outcome.decision_id, time.time())
-        except Exception as e:
-            # The upstream already created the resource: the answer still goes back to
-            # the agent, but without a creator record "no self-approval" cannot apply
-            # to it. Say so loudly and count it.
-            self.stats["creator_record_failures"] += 1
-            log.error(
-                "decision %s: could not record the creator of a new %s (%s); policies on created_by "
-                "will not see it", outcome.decision_id, cls.resource_type, e,
-            )
-
     async def response(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get(META)
-        if meta is None:
-            return
-        outcome, req, decision_ms = meta
-        if outcome.refusal is not None:
-            return  # recorded when refused
-        assert flow.response is not None
-        if self._tracks_creator(outcome):
-            await self._record_creator(flow, outcome)
-        self._record(outcome, req, flow.response.status_code, flow.response.status_code, decision_ms=decision_ms)
-        self._finish_trace(flow, flow.response.status_code)
+        ex: Exchange | None = flow.metadata.get(EXCHANGE)
+        if ex is None or ex.refusal is not None:
+            return  # refusals ran their response phase when they were answered
+        resp = flow.response
+        assert resp is not None
+        body = None
+        if ex.plan.read_response_body and not resp.stream:
+            try:
+                body = resp.content  # decoded (Content-Encoding)
+            except ValueError:
+                body = None
+        ex.response = ResponseSummary(
+            resp.status_code,
+            upstream_status=resp.status_code,
+            headers={k.lower(): v for k, v in resp.headers.items()},
+            body=body,
+        )
+        await self.requests.response(ex)
 
-    def error(self, flow: http.HTTPFlow) -> None:
-        meta = flow.metadata.get(META)
-        if meta is None:
-            self._engine_refusal(flow)
+    async def error(self, flow: http.HTTPFlow) -> None:
+        ex: Exchange | None = flow.metadata.get(EXCHANGE)
+        if ex is None or (ex.refusal is None and not ex.decided):
+            await self._engine_refusal(flow, ex)  # failed before any decision
             return
-        outcome, req, decision_ms = meta
-        if outcome.refusal is not None:
-            return
+        if ex.refusal is not None or ex.response is not None:
+            return  # answered (and recorded) already
         msg = flow.error.msg if flow.error else "upstream error"
         status = 504 if is_timeout(msg) else 502
-        cls = outcome.classification
-        UPSTREAM_FAILURE.set((outcome.decision_id, cls.action if cls else None, cls.resource_uid if cls else None))
-        self._record(outcome, req, status, None, error=msg, decision_ms=decision_ms)
-        self._finish_trace(flow, status, redact(msg))  # engine errors can quote raw upstream bytes
+        cls = ex.classification
+        UPSTREAM_FAILURE.set((ex.decision_id, cls.action if cls else None, cls.resource_uid if cls else None))
+        ex.response = ResponseSummary(status, error=msg)
+        await self.requests.response(ex)
 
-
-    def _engine_refusal(self, flow: http.HTTPFlow) -> None:
+    async def _engine_refusal(self, flow: http.HTTPFlow, ex: Exchange | None) -> None:
         """The engine refused before any decision (message over the engine's size ceiling): record it."""
         msg = flow.error.msg if flow.error else ""
         if "body_size_limit" not in msg:
             return  # e.g. the client went away mid-request: nothing was decided or forwarded
-        outcome = self._standalone_refusal(
-            Refusal(413, "Message too large", msg.replace("mitmproxy's ", "the engine's "), kind="request")
-        )
-        UPSTREAM_FAILURE.set((outcome.decision_id, None, None))
-        reverse = self._is_reverse(flow)
-        req = self._agent_request(flow, reverse)
-        if reverse:  # refused before routing: name what the agent addressed, not the placeholder target
-            req.host, req.port = self._addressed(flow)
-        self.recorder.write(decision_record(outcome, req, 413, None, None, None, error=msg))
+        refusal = Refusal(413, "Message too large", msg.replace("mitmproxy's ", "the engine's "), kind="request")
+        if ex is None:
+            reverse = self._is_reverse(flow)
+            req = self._unrouted_request(flow) if reverse else self._agent_request(flow, reverse)
+            req.unrouted = False
+            ex = refused_exchange(refusal, req)
+        else:
+            ex.refuse(refusal)
+        UPSTREAM_FAILURE.set((ex.decision_id, None, None))
+        ex.response = ResponseSummary(413, error=msg)
+        await self.requests.response(ex)
 
     @staticmethod
     def _addressed(flow: http.HTTPFlow) -> tuple[str, int]:
@@ -688,4 +531,3 @@ class ProctorAddon:
         except ValueError:
             pass
         return host or "", port or (flow.client_conn.sockname[1] if flow.client_conn.sockname else 0)
-

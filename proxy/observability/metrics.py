@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from ..core.model import Outcome
+    from ..core.exchange import Exchange
 
 # 50 µs .. 10 s: decisions live in the sub-millisecond range, upstream calls far above.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -70,7 +70,7 @@ class Metrics:
             registry=r,
         )
 
-    def observe_request(self, outcome: "Outcome", status: int | None, upstream_status: int | None, total_seconds: float) -> None:
+    def observe_request(self, outcome: "Exchange", status: int | None, upstream_status: int | None, total_seconds: float) -> None:
         cls = outcome.classification
         action = cls.action if cls else NO_ACTION
         refusal = outcome.refusal
@@ -79,6 +79,8 @@ class Metrics:
         self.decisions.labels(action, decision, kind).inc()
         for stage, seconds in outcome.timings.items():
             self.stage_seconds.labels(stage).observe(seconds)
+        if outcome.decision_ms is not None:
+            self.stage_seconds.labels("decision").observe(outcome.decision_ms / 1000)
         self.request_seconds.labels(decision).observe(total_seconds)
         if outcome.shadow is not None:
             self.shadow_disagreements.labels(action, decision, outcome.shadow["decision"]).inc()
@@ -120,7 +122,7 @@ def runtime_families(runtime) -> list:
     rec.add_metric(["written"], runtime.recorder.written)
     rec.add_metric(["failed"], runtime.recorder.failures)
     out.append(rec)
-    shadow = getattr(runtime.pipeline, "shadow", None)
+    shadow = getattr(runtime, "shadow", None)
     if shadow is not None:
         ev = CounterMetricFamily("proctor_shadow_evaluations", "Requests also evaluated against the shadow policy set.")
         ev.add_metric([], shadow.evaluations)
@@ -146,14 +148,14 @@ def runtime_families(runtime) -> list:
         for result in ("sent", "failed", "retried", "dropped"):
             notes.add_metric([result], notifier.stats.get(result, 0))
         out.append(notes)
-    enricher = getattr(runtime.pipeline, "enricher", None)
+    enricher = getattr(runtime, "enricher", None)
     if enricher is not None:
         lk = CounterMetricFamily("proctor_resource_lookups", "Resource attribute lookups on the upstream by result.", labels=["result"])
         lk.add_metric(["fetched"], enricher.lookups)
         lk.add_metric(["failed"], enricher.lookup_failures)
         out.append(lk)
     creators = CounterMetricFamily("proctor_creator_record_failures", "Allowed creates whose creator could not be recorded.")
-    creators.add_metric([], runtime.addon.stats.get("creator_record_failures", 0))
+    creators.add_metric([], runtime.stats().get("creator_record_failures", 0))
     out.append(creators)
     audit = getattr(runtime, "audit", None)
     if audit is not None:

@@ -20,7 +20,7 @@ import cedarpy
 from ..config import ProctorConfig
 from ..connectors.classifier import Classifier
 from ..core.context import principal_entity, request_context, resource_entity
-from ..core.derive import derive_request
+from ..connectors.derive import derive_request
 from ..core.model import AgentIdentity, AgentRequest, Classification
 from .engine import PolicyStore
 

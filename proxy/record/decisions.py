@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..core.model import AgentRequest, Outcome
+from ..core.exchange import Exchange, Kind
 from ..logredact import redact
 
 log = logging.getLogger("proctor.record")
@@ -44,34 +44,32 @@ def policy_inputs_record(inputs: tuple) -> dict[str, Any]:
     return out
 
 
-def decision_record(
-    outcome: Outcome,
-    req: AgentRequest | None,
-    status: int | None,
-    upstream_status: int | None,
-    latency_ms: float | None,
-    decision_ms: float | None,
-    error: str | None = None,
-    with_inputs: bool = True,
-) -> dict[str, Any]:
-    cls = outcome.classification
-    refusal = outcome.refusal
+def decision_record(ex: Exchange, with_inputs: bool = True) -> dict[str, Any]:
+    """The decision record of one exchange (what the agent was answered, and why)."""
+    cls = ex.classification
+    refusal = ex.refusal
+    resp = ex.response
+    req = ex.request
+    if resp is not None:
+        status, upstream_status, error = resp.status, resp.upstream_status, resp.error
+    else:
+        status, upstream_status, error = (refusal.status or None) if refusal is not None else None, None, None
     rec: dict[str, Any] = {
-        "decision_id": outcome.decision_id,
-        "time": iso(outcome.timestamp),
-        "agent": outcome.identity.agent_id if outcome.identity else None,
-        "issuer": outcome.identity.issuer if outcome.identity else None,
+        "decision_id": ex.decision_id,
+        "time": iso(ex.timestamp),
+        "agent": ex.identity.agent_id if ex.identity else None,
+        "issuer": ex.identity.issuer if ex.identity else None,
         "action": cls.action if cls else None,
         "resource": cls.resource_uid if cls else None,
         "connector": cls.connector if cls else None,
         "risk": cls.risk if cls else None,
-        "decision": outcome.decision.value,
-        "reasons": outcome.reasons if refusal is None else refusal.reasons,
-        "policy_revision": outcome.policy_revision or None,
+        "decision": ex.decision.value,
+        "reasons": ex.reasons if refusal is None else refusal.reasons,
+        "policy_revision": ex.policy_revision or None,
         "status": status,
         "upstream_status": upstream_status,
-        "latency_ms": None if latency_ms is None else round(latency_ms, 3),
-        "decision_ms": None if decision_ms is None else round(decision_ms, 3),
+        "latency_ms": None if ex.kind is Kind.CONNECTION else round(ex.elapsed_ms(), 3),
+        "decision_ms": None if ex.decision_ms is None else round(ex.decision_ms, 3),
     }
     if req is not None:
         rec.update(
@@ -84,24 +82,27 @@ def decision_record(
                 "client_ip": req.client_ip,
             }
         )
+    elif ex.connection is not None:
+        conn = ex.connection
+        rec.update({"client_ip": conn.client_ip, "host": conn.host, "port": conn.port})
     # Free text (details, engine and upstream error messages) may quote request data:
     # no query string, userinfo or header value is recorded from it.
     if refusal is not None:
         rec["refusal"] = {"kind": refusal.kind, "title": refusal.title, "detail": redact(refusal.detail)}
-    if outcome.errors:
-        rec["errors"] = [redact(e) if isinstance(e, str) else e for e in outcome.errors]
-    if outcome.shadow is not None:
-        rec["shadow"] = outcome.shadow
+    if ex.errors:
+        rec["errors"] = [redact(e) if isinstance(e, str) else e for e in ex.errors]
+    if ex.shadow is not None:
+        rec["shadow"] = ex.shadow
     if cls is not None and cls.rpc is not None:
         rec["rpc"] = cls.rpc  # JSON-RPC method and tool (never the arguments)
-    if outcome.approval_id:
-        rec["approval_id"] = outcome.approval_id
-    if outcome.policy_decision is not None:
-        rec["policy_decision"] = outcome.policy_decision
-    if outcome.trace_ids is not None:
-        rec["trace_id"], rec["span_id"] = outcome.trace_ids
-    if with_inputs and outcome.policy_inputs is not None:
-        rec["cedar"] = policy_inputs_record(outcome.policy_inputs)
+    if ex.approval_id:
+        rec["approval_id"] = ex.approval_id
+    if ex.policy_decision is not None:
+        rec["policy_decision"] = ex.policy_decision
+    if ex.trace_ids is not None:
+        rec["trace_id"], rec["span_id"] = ex.trace_ids
+    if with_inputs and ex.policy_inputs is not None:
+        rec["cedar"] = policy_inputs_record(ex.policy_inputs)
     if error:
         rec["error"] = redact(error)
     return rec

@@ -24,9 +24,9 @@ from dataclasses import replace
 from typing import Any, Awaitable, Callable
 from urllib.parse import quote
 
-from ..connectors.manifest import ConnectorManifest, LookupSpec
-from ..connectors.values import ValueRejected, body_values
-from .model import AgentRequest, Classification, Refusal
+from .manifest import ConnectorManifest, LookupSpec
+from .values import ValueRejected, body_values
+from ..core.model import AgentRequest, Classification, Refusal
 
 log = logging.getLogger("proctor.enrich")
 

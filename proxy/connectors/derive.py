@@ -14,13 +14,13 @@ from decimal import Decimal
 from typing import Any
 
 from ..config import RequestLimits
-from ..connectors.classifier import Classifier, PathRejected
-from ..connectors.values import ValueRejected, with_body_fields
-from .body import BodyRejected, ReadBody, read_body
-from .context import body_to_cedar
-from .hosts import HostRejected
-from .model import AgentRequest, Classification, Refusal
-from .overrides import override_in, query_names, server_name
+from .classifier import Classifier, PathRejected
+from .values import ValueRejected, with_body_fields
+from ..core.body import BodyRejected, ReadBody, read_body
+from ..core.context import body_to_cedar
+from ..core.hosts import HostRejected
+from ..core.model import AgentRequest, Classification, Refusal
+from ..core.overrides import override_in, query_names, server_name
 
 _STEP_HEAD = re.compile(r"[.\[]")  # where a body path's first name ends
 

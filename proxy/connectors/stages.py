@@ -1,0 +1,199 @@
+"""Connector stages: what a request means, and what the connector adds to it.
+
+- `Classify`       the connector route, action and resource; the body read strictly
+                   into the typed values policies see (connectors/derive.py);
+- `ConnectorAlias` generic egress must not reach a connector's upstream under another name;
+- `Enrich`         resource attributes from the store (creator) or an upstream lookup;
+- `InjectCredential` the agent's credential out, the connector's in;
+- `TrackCreator`   after an allowed create answered 2xx, remember which agent created what;
+- `TunnelTarget`   a CONNECT is admitted only to a host some connector (or egress rule) covers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from ..config import RequestLimits
+from ..core.chain import Stage
+from ..core.exchange import Exchange
+from ..core.model import Refusal
+from ..core.target import canonicalise_target
+from .aliases import AliasUnresolvable, ConnectorAliases
+from .classifier import GENERIC_CONNECTOR, Classifier
+from .credentials import CredentialInjector, CredentialUnavailable
+from .derive import derive_request
+from .enrich import Enricher, created_id
+
+log = logging.getLogger("proctor.connectors")
+
+# A create's response is read (bounded) to learn the new resource's id.
+TRACK_CREATOR_MAX_BODY = 1024 * 1024
+
+
+class Classify(Stage):
+    name = "classify"
+
+    def __init__(self, classifier: Classifier, limits: RequestLimits) -> None:
+        self.classifier = classifier
+        self.limits = limits
+
+    def on_request(self, ex: Exchange) -> None:
+        assert ex.request is not None
+        derived = derive_request(self.classifier, self.limits, ex.request)
+        ex.classification = derived.classification
+        ex.is_jsonrpc = derived.is_jsonrpc
+        ex.jsonrpc_id = derived.jsonrpc_id
+        ex.body = derived.body
+        ex.payload = derived.payload
+        if derived.refusal is not None:
+            ex.refuse(derived.refusal)
+
+
+class ConnectorAlias(Stage):
+    name = "connector-alias"
+
+    def __init__(self, aliases: ConnectorAliases) -> None:
+        self.aliases = aliases
+
+    async def on_request(self, ex: Exchange) -> None:
+        req, cls = ex.request, ex.classification
+        assert req is not None and cls is not None
+        if cls.connector != GENERIC_CONNECTOR:
+            return
+        try:
+            alias = await self.aliases.alias_of(req.host, req.port)
+        except AliasUnresolvable as e:
+            ex.refuse(Refusal(502, "Upstream host unresolvable",
+                              f"{e}; its addresses could not be checked, so the request was not forwarded",
+                              reasons=["egress-unresolvable"], kind="egress"))
+            return
+        if alias is None:
+            return
+        where = f"{alias.host}:{alias.port}" if alias.port is not None else alias.host
+        ex.refuse(Refusal(
+            403,
+            "Egress not permitted",
+            f"{req.host}:{req.port} reaches the upstream of connector {alias.connector!r}, whose requests are "
+            f"decided by that connector's policies; address it as {where} instead",
+            reasons=["connector-alias"],
+            kind="egress",
+        ))
+
+
+class Enrich(Stage):
+    name = "enrich"
+
+    def __init__(self, enricher: Enricher) -> None:
+        self.enricher = enricher
+
+    async def on_request(self, ex: Exchange) -> None:
+        req, cls = ex.request, ex.classification
+        assert req is not None and cls is not None
+        if not self.enricher.needed(cls):
+            return
+        cls, refusal = await self.enricher.enrich(req, cls)
+        ex.classification = cls
+        if refusal is not None:
+            ex.refuse(refusal)
+
+
+class InjectCredential(Stage):
+    """Swap whatever credential the agent sent for the connector's own (fail closed if unavailable)."""
+
+    name = "credential"
+
+    def __init__(self, injector: CredentialInjector) -> None:
+        self.injector = injector
+
+    async def on_request(self, ex: Exchange) -> None:
+        cls = ex.classification
+        assert cls is not None
+        auth = self.injector.configured(cls.connector)
+        if auth is None:
+            return
+        try:
+            headers = await self.injector.headers_for(cls.connector)
+        except CredentialUnavailable as e:
+            ex.refuse(Refusal(
+                503,
+                "Upstream credential unavailable",
+                f"{e}; the request was allowed by policy but not forwarded without its credential (fail closed)",
+                reasons=["upstream-credential-unavailable"],
+                kind="fail-closed",
+            ))
+            return
+        ex.plan.remove(*auth.headers_to_remove())
+        for name, value in headers.items():
+            ex.plan.set(name, value)
+
+
+class TrackCreator(Stage):
+    name = "track-creator"
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.failures = 0
+
+    @staticmethod
+    def _tracks(ex: Exchange) -> bool:
+        cls = ex.classification
+        return cls is not None and cls.spec is not None and cls.spec.track_creator is not None
+
+    def on_request(self, ex: Exchange) -> None:
+        # runs last among the request stages that matter: ask the engine to buffer the id-bearing body
+        if self._tracks(ex):
+            ex.plan.read_response_body = max(ex.plan.read_response_body, TRACK_CREATOR_MAX_BODY)
+
+    async def on_response(self, ex: Exchange) -> None:
+        resp = ex.response
+        if not ex.allowed or not self._tracks(ex) or resp is None or ex.identity is None:
+            return
+        if resp.upstream_status is None or not 200 <= resp.upstream_status < 300:
+            return
+        cls = ex.classification
+        assert cls is not None and cls.spec is not None and cls.spec.track_creator is not None
+        try:
+            if resp.body is None or len(resp.body) > TRACK_CREATOR_MAX_BODY:
+                raise ValueError("the response body was streamed or too large to read the new id from")
+            new_id = created_id(json.loads(resp.body), cls.spec.track_creator.id_from)
+            if new_id is None:
+                raise ValueError(f"no id at {cls.spec.track_creator.id_from} in the response")
+            if self.store is None:
+                raise ValueError("no store is configured")
+            await self.store.record_creator(cls.resource_type, new_id, ex.identity.agent_id, ex.decision_id, time.time())
+        except Exception as e:
+            # The upstream already created the resource: the answer still goes back to
+            # the agent, but without a creator record "no self-approval" cannot apply
+            # to it. Say so loudly and count it.
+            self.failures += 1
+            log.error(
+                "decision %s: could not record the creator of a new %s (%s); policies on created_by "
+                "will not see it", ex.decision_id, cls.resource_type, e,
+            )
+
+
+class TunnelTarget(Stage):
+    """CONNECT: the tunnel dials the canonical host, and only hosts something could classify."""
+
+    name = "tunnel-target"
+
+    def __init__(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+
+    def on_request(self, ex: Exchange) -> None:
+        req = ex.request
+        assert req is not None
+        refusal = canonicalise_target(req)
+        if refusal is None and not self.classifier.knows_host(req.host, req.port):
+            refusal = Refusal(
+                403,
+                "Egress not permitted",
+                f"no connector covers {req.host}:{req.port}; tunnels to unclassified hosts are refused",
+                reasons=["egress-default-deny"],
+                kind="egress",
+            )
+        if refusal is not None:
+            ex.refuse(refusal)

@@ -1,0 +1,126 @@
+"""The request path, top to bottom: the one place the stages are put in order.
+
+`on_request` runs down the list (any stage may refuse or hold, which ends the
+phase); `on_response` runs back up it, for forwarded and refused requests alike.
+That is why the stages that observe (trace, metrics, record) come first: their
+`on_response` runs last, after everything else has had its say.
+
+To add a stage: write one class in its feature's package (see core/chain.py for
+the protocol and docs/architecture.md for a recipe) and put it in the list below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .approvals.service import ApprovalService
+from .approvals.stage import HoldForApproval, SpendApproval
+from .audit.stage import AuditGate
+from .audit.trail import AuditTrail
+from .config import ProctorConfig
+from .connectors.aliases import ConnectorAliases
+from .connectors.classifier import Classifier
+from .connectors.credentials import CredentialInjector
+from .connectors.enrich import Enricher
+from .connectors.stages import Classify, ConnectorAlias, Enrich, InjectCredential, TrackCreator, TunnelTarget
+from .core.chain import Chain, Stage
+from .core.model import Refusal
+from .core.stages import GatewayRoute, TargetCheck
+from .governance.registry import Governance, suspension_refusal
+from .governance.stage import AgentSuspended, TargetSuspended
+from .identity.stage import Authenticate, Authenticator
+from .observability.metrics import Metrics
+from .observability.stages import CountMetrics, Trace, TracePropagation
+from .observability.tracing import Tracing
+from .policy.engine import PolicyStore
+from .policy.shadow import ShadowPolicies
+from .policy.stage import Authorize
+from .record.decisions import DecisionRecorder
+from .record.stage import RecordDecision
+from .store.refusal import store_unavailable
+
+
+@dataclass
+class Parts:
+    """What the stages are built from (server.py builds these once)."""
+
+    config: ProctorConfig
+    authenticator: Authenticator
+    classifier: Classifier
+    policies: PolicyStore
+    recorder: DecisionRecorder
+    metrics: Metrics
+    store: Any
+    shadow: ShadowPolicies | None = None
+    enricher: Enricher | None = None
+    aliases: ConnectorAliases | None = None
+    governance: Governance | None = None
+    approvals: ApprovalService | None = None
+    injector: CredentialInjector | None = None
+    audit: AuditTrail | None = None
+    tracing: Tracing | None = None
+
+
+@dataclass
+class RequestPath:
+    """The chains the engines run: one for requests, one for CONNECT tunnels."""
+
+    requests: Chain
+    tunnels: Chain
+
+    def stage(self, name: str) -> Stage:
+        return next(s for s in self.requests.stages if s.name == name)
+
+
+def _present(*stages: Stage | None) -> list[Stage]:
+    return [s for s in stages if s is not None]
+
+
+def build_request_path(p: Parts) -> RequestPath:
+    cfg = p.config
+    gov = p.governance
+    tracing = p.tracing if p.tracing is not None and p.tracing.enabled else None
+
+    def suspended_meanwhile(agent: str, connector: str, action: str) -> Refusal | None:
+        assert gov is not None
+        s = gov.suspension_for(agent, connector, action)
+        return suspension_refusal(s) if s is not None else None
+
+    # observers first: their on_response runs last
+    trace = Trace(tracing) if tracing else None
+    count = CountMetrics(p.metrics)
+    record = RecordDecision(p.recorder, with_inputs=cfg.record.policy_inputs)
+    authenticate = Authenticate(p.authenticator)
+    agent_suspended = AgentSuspended(gov) if gov else None
+
+    requests = Chain(_present(
+        trace,                                                     # server span around everything
+        count,                                                     # counters and histograms
+        record,                                                    # decision record + OCSF audit event
+        authenticate,                                              # who is calling (agent JWT)
+        GatewayRoute(),                                            # gateway mode: 404 when no route matched
+        agent_suspended,                                           # kill switch: the agent
+        TargetCheck(cfg.limits.context_headers),                   # one target, canonical host, no smuggling
+        Classify(p.classifier, cfg.limits),                        # connector, action, resource, body values
+        ConnectorAlias(p.aliases) if p.aliases else None,          # generic egress to a connector's upstream
+        TargetSuspended(gov) if gov else None,                     # kill switch: connector and action
+        Enrich(p.enricher) if p.enricher else None,                # resource attributes (creator, lookup)
+        TrackCreator(p.store),                                     # on the way back: who created what
+        Authorize(p.policies, p.shadow, cfg.identity_settings(), cfg.limits),  # Cedar (and shadow)
+        HoldForApproval(p.approvals, p.policies, cfg.approvals,
+                        suspended_meanwhile if gov else None) if p.approvals else None,  # deny -> hold
+        InjectCredential(p.injector) if p.injector else None,      # the connector's credential
+        AuditGate(p.audit) if p.audit else None,                   # forwarded only if it can be recorded
+        SpendApproval(p.approvals, cfg.approvals) if p.approvals else None,  # an approval releases one request
+        TracePropagation(tracing) if tracing else None,            # the upstream joins the trace
+    ), error_refusals=[store_unavailable])
+
+    tunnels = Chain(_present(
+        count,
+        record,
+        authenticate,
+        agent_suspended,
+        TunnelTarget(p.classifier),
+    ), error_refusals=[store_unavailable])
+    return RequestPath(requests, tunnels)
