@@ -83,3 +83,17 @@ def jsonrpc_error_response(outcome: Exchange) -> tuple[int, dict[str, str], byte
     }
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store", DECISION_HEADER: outcome.decision_id}
     return 200, headers, json.dumps(body, separators=(",", ":")).encode()
+
+
+def refusal_answer(ex: Exchange) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and body for a refused exchange, whichever engine answers it:
+    problem+json, or a JSON-RPC error on JSON-RPC endpoints (authentication stays
+    HTTP: 401/407). The plan's response headers are added."""
+    assert ex.refusal is not None
+    if ex.is_jsonrpc and ex.refusal.kind != "authentication":
+        status, headers, body = jsonrpc_error_response(ex)
+    else:
+        status, headers, body = problem_response(ex)
+    for name, value in ex.plan.response_headers.items():
+        headers.setdefault(name, value)
+    return status, headers, body

@@ -43,7 +43,7 @@ from ..core.chain import Chain, internal_error_refusal
 from ..core.exchange import Connection, Exchange, Kind, ResponseSummary, refused_exchange
 from ..core.model import AgentIdentity, AgentRequest, Refusal
 from ..core.net import normalise_ip
-from ..core.problem import DECISION_HEADER, jsonrpc_error_response, problem_response
+from ..core.problem import DECISION_HEADER, problem_response, refusal_answer
 from ..logredact import redact
 from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
 from .gateway import GatewayRouter
@@ -89,19 +89,6 @@ def _headers(req: http.Request) -> tuple[dict[str, str], str | None, frozenset[s
         else:
             out[name] = value
     return out, problem, frozenset(repeated)
-
-
-def refusal_answer(ex: Exchange) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and body for a refused exchange: problem+json, or a JSON-RPC error
-    on JSON-RPC endpoints (authentication stays HTTP: 401/407)."""
-    assert ex.refusal is not None
-    if ex.is_jsonrpc and ex.refusal.kind != "authentication":
-        status, headers, body = jsonrpc_error_response(ex)
-    else:
-        status, headers, body = problem_response(ex)
-    for name, value in ex.plan.response_headers.items():
-        headers.setdefault(name, value)
-    return status, headers, body
 
 
 class ProctorAddon:
