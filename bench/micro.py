@@ -117,7 +117,8 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
         request_context,
         resource_entity,
     )
-    from proxy.core.pipeline import new_decision_id
+    from proxy.audit.ocsf import to_ocsf
+    from proxy.core.exchange import Exchange, ResponseSummary, new_decision_id
     from proxy.record.decisions import decision_record
     from proxy.server import build_runtime
 
@@ -125,16 +126,27 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
         env = proctor_env.build(Path(tmp), UPSTREAM_PORT, 18998, 18997, policy_count)
         config = load_config(str(env.config_path))
         rt = build_runtime(config)
-        pipeline, addon, policies = rt.pipeline, rt.addon, rt.policies
+        chain, addon, policies = rt.path.requests, rt.addon, rt.policies
+        authenticator = rt.path.stage("authenticate").authenticator  # type: ignore[attr-defined]
+        classifier = rt.path.stage("classify").classifier  # type: ignore[attr-defined]
+        with_inputs = rt.path.stage("record").with_inputs  # type: ignore[attr-defined]
         loop = asyncio.new_event_loop()
+
+        async def decide(req):
+            # what an engine adapter does before forwarding: the head phase, then the request phase
+            ex = Exchange(req)
+            await chain.head(ex)
+            await chain.request(ex)
+            return ex
 
         flow = _flow(UPSTREAM_PORT, env.token)
         req = addon._agent_request(flow, False)
-        outcome = loop.run_until_complete(pipeline.decide(req))
+        outcome = loop.run_until_complete(decide(req))
         assert outcome.allowed, f"micro-benchmark request was refused: {outcome.refusal}"
+        outcome.response = ResponseSummary(200, 200)  # as recorded after the upstream answered
         identity = outcome.identity
         cls = outcome.classification
-        settings = pipeline.identity_settings
+        settings = config.identity_settings()
         limits = config.limits
         bundle = policies.bundle
 
@@ -170,8 +182,8 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
 
         stages: list[tuple[str, str, Callable[[], Any]]] = [
             ("adapter", "flow -> AgentRequest (ProctorAddon._agent_request)", lambda: addon._agent_request(flow, False)),
-            ("auth", "authenticate: credential + JWT cache hit", run_coro(lambda: pipeline.authenticate(req))),
-            ("classify", "classify (connector route match)", lambda: pipeline.classifier.classify(req.method, req.host, req.port, req.path)),
+            ("auth", "authenticate: credential + JWT cache hit", run_coro(lambda: authenticator.authenticate(req))),
+            ("classify", "classify (connector route match)", lambda: classifier.classify(req.method, req.host, req.port, req.path)),
             ("body", "parse_json_body (no body)", lambda: parse_json_body(req, limits.max_json_depth)),
             (
                 "context",
@@ -219,11 +231,21 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
             ),
             ("decision_id", "new_decision_id", new_decision_id),
             (
-                "record",
-                "decision record: build dict + json.dumps + write(2)",
-                lambda: rt.recorder.write(decision_record(rec_outcome, req, 200, 200, 1.0, 0.5)),
+                "record.build",
+                "decision record: build from the exchange",
+                lambda: decision_record(rec_outcome, with_inputs=with_inputs),
             ),
-            ("decide", "Pipeline.decide (all stages, end to end)", run_coro(lambda: pipeline.decide(req))),
+            (
+                "record",
+                "decision record: build + serialise + write(2)",
+                lambda: rt.recorder.write(decision_record(rec_outcome, with_inputs=with_inputs)),
+            ),
+            (
+                "record.ocsf",
+                "reference: the record as an OCSF event (audit on; not redacted or chained here)",
+                lambda: to_ocsf(decision_record(rec_outcome, with_inputs=with_inputs)),
+            ),
+            ("decide", "chain head + request phases (all request stages, end to end)", run_coro(lambda: decide(req))),
         ]
         results = []
         for key, label, fn in stages:
@@ -232,12 +254,12 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
 
         prof_rows: list[dict] = []
         if profile:
-            decide = run_coro(lambda: pipeline.decide(req))
+            decide_once = run_coro(lambda: decide(req))
             pr = cProfile.Profile()
             n = 2000
             pr.enable()
             for _ in range(n):
-                decide()
+                decide_once()
             pr.disable()
             st = pstats.Stats(pr, stream=io.StringIO())
             total = st.total_tt  # type: ignore[attr-defined]
