@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test lint venv bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/proctor demo
 
-test: $(STAMP)
+# Static checks: ruff (defects, not style) on everything; mypy strict on the core and the stages.
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests bench
+	$(BIN)/mypy
+
+test: $(STAMP) lint
 	@command -v curl >/dev/null || { echo "make test: curl is required for the proxy tests (apt-get install curl)"; exit 1; }
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 		echo "make test: installing Debian's chromium and chromium-driver (console browser tests)"; \

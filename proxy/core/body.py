@@ -278,7 +278,8 @@ class _Tree:
             node = existing
 
     def document(self) -> dict[str, Any]:
-        return _finish(self.root)
+        doc: dict[str, Any] = _finish(self.root)
+        return doc
 
 
 @dataclass
@@ -297,7 +298,7 @@ def _container(next_step: Any) -> Any:
     return _Seq() if next_step is _APPEND or isinstance(next_step, int) else {}
 
 
-def _put_leaf(slot: dict, step: Any, value: Any, key: str) -> None:
+def _put_leaf(slot: dict[Any, Any], step: Any, value: Any, key: str) -> None:
     existing = slot.get(step)
     if existing is None:
         slot[step] = _Leaf([value])

@@ -109,7 +109,7 @@ def body_to_cedar(doc: Any, max_depth: int, inexact: str = "refuse") -> Any:
     return None if converted is _OMIT else converted
 
 
-def principal_entity(identity: AgentIdentity, mapping: PrincipalMapping) -> dict:
+def principal_entity(identity: AgentIdentity, mapping: PrincipalMapping) -> dict[str, Any]:
     attrs: dict[str, Any] = {}
     for attr, claim in mapping.attributes.items():
         if claim in identity.claims:
@@ -141,7 +141,7 @@ def _resource_value(value: Any) -> Any:
     return to_cedar(value)
 
 
-def resource_entity(cls: Classification) -> dict:
+def resource_entity(cls: Classification) -> dict[str, Any]:
     attrs = {k: v for k, v in ((k, _resource_value(v)) for k, v in cls.resource_attrs.items()) if v is not _OMIT}
     for name, (etype, eid) in cls.resource_refs.items():  # after to_cedar, which drops __entity
         attrs[name] = {"__entity": {"type": etype, "id": eid}}
@@ -156,7 +156,7 @@ def request_context(
     now: float | None = None,
     payload: dict[str, Any] | None = None,
     inexact: str = "refuse",
-) -> dict:
+) -> dict[str, Any]:
     now = time.time() if now is None else now
     dt = datetime.fromtimestamp(now, tz=timezone.utc)
     ctx: dict[str, Any] = {

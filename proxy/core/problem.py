@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from ..logredact import redact
 from .exchange import Exchange
@@ -11,7 +12,7 @@ PROBLEM_CONTENT_TYPE = "application/problem+json"
 DECISION_HEADER = "X-Proctor-Decision-Id"
 
 
-def problem_body(outcome: Exchange) -> dict:
+def problem_body(outcome: Exchange) -> dict[str, Any]:
     """The refusal as a problem+json object: title, detail, decision_id, action, resource, reasons."""
     refusal = outcome.refusal
     assert refusal is not None
