@@ -311,3 +311,29 @@ def test_the_bundled_request_path_reads_top_to_bottom():
     order = ["authenticate", "gateway-route", "suspended-agent", "target", "classify", "suspended-target", "enrich",
              "track-creator", "authorize", "approval", "credential", "audit-gate", "spend-approval"]
     assert [n for n in names if n in order] == order
+
+
+def test_core_depends_on_no_feature_package():
+    """proxy/core is the engine-agnostic centre: features import it, never the other way round."""
+    import ast
+    from pathlib import Path
+
+    core = Path(__file__).resolve().parent.parent / "proxy" / "core"
+    features = {"approvals", "audit", "connectors", "control", "engine", "governance", "identity", "observability",
+                "policy", "record", "store", "demo", "server", "request_path", "cli"}
+    offenders = []
+    for path in sorted(core.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2 and node.module:
+                top = node.module.split(".")[0]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("proxy."):
+                top = (node.module or "").split(".")[1]
+            elif isinstance(node, ast.Import):
+                tops = [a.name.split(".")[1] for a in node.names if a.name.startswith("proxy.")]
+                offenders += [f"{path.name}: {t}" for t in tops if t in features]
+                continue
+            else:
+                continue
+            if top in features:
+                offenders.append(f"{path.name}: {top}")
+    assert offenders == []
