@@ -144,6 +144,9 @@ class GatewayConfig(Strict):
     enabled: bool = False
     listen: Listen = Field(default_factory=lambda: Listen(port=8082))
     routes: list[Route] = Field(default_factory=list)
+    # What serves the gateway listener (docs/gateway-engines.md): mitmproxy (the default,
+    # also the forward/CONNECT engine) or aiohttp (plain HTTP/1.1, same stage chain).
+    engine: Literal["mitmproxy", "aiohttp"] = "mitmproxy"
 
 
 class EgressConfig(Strict):

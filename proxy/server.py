@@ -31,6 +31,7 @@ from .connectors.lookup import LookupClient
 from .governance.registry import Governance, Registration
 from .control.api import build_app
 from .connectors.enrich import Enricher
+from .engine.aiohttp_gateway import AiohttpGateway
 from .engine.gateway import GatewayRouter
 from .engine.listeners import ListenerWatch
 from .engine.mitm import ProctorAddon
@@ -163,7 +164,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
 def mitm_options_for(config: ProctorConfig) -> dict:
     """mitmproxy options (applied after the addons that declare them are loaded)."""
     modes = [f"regular@{config.listen.host}:{config.listen.port}"]
-    if config.gateway.enabled:
+    if config.gateway.enabled and config.gateway.engine == "mitmproxy":
         gw = config.gateway.listen
         # The reverse target is a placeholder: every request is re-targeted by
         # the gateway router after it is allowed (lazy connect never dials it).
@@ -250,9 +251,17 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     master = engine_master(options, runtime.addon)
     # mitmproxy runs on without a listener it cannot bind: this stops it instead (exit below)
     listened = {options["mode"][0]: ("agents", f"{config.listen.host}:{config.listen.port}")}
-    if config.gateway.enabled:
+    gateway: AiohttpGateway | None = None
+    if config.gateway.enabled and config.gateway.engine == "aiohttp":
+        # the gateway listener served by aiohttp on the same request chain (docs/gateway-engines.md)
+        gateway = AiohttpGateway(
+            runtime.path.requests, runtime.addon.router, config.limits, config.upstream,
+            config.gateway.listen.host, config.gateway.listen.port,
+            body_budget=runtime.addon.body_budget,  # one process-wide bound on bodies being received
+        )
+    elif config.gateway.enabled:
         listened[options["mode"][1]] = ("gateway", f"{config.gateway.listen.host}:{config.gateway.listen.port}")
-    runtime.listeners = ListenerWatch(master, listened)
+    runtime.listeners = ListenerWatch(master, listened, [gateway] if gateway is not None else [])
     master.addons.add(runtime.listeners)
 
     runner = None
@@ -313,8 +322,15 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     if ready is not None:
         ready.set()
     try:
+        if gateway is not None:
+            try:
+                await gateway.start()
+            except OSError:
+                pass  # reported by the listener watch once mitmproxy has bound its own: exit non-zero
         await master.run()
     finally:
+        if gateway is not None:
+            await gateway.close()  # requests in flight finish (bounded) and are recorded
         try:
             await asyncio.wait_for(runtime.addon.drain(), 5)  # refusals still being recorded
         except Exception:

@@ -416,6 +416,28 @@ def proctor(tmp_path_factory, idp, pki, upstream, upstream_tls) -> Proctor:
     p.stop()
 
 
+# The engines that can serve the gateway listener (config `gateway.engine`). Gateway-mode
+# tests take `gateway_proctor` (or `gateway_engine` with `proctor_factory`) and run once per engine.
+GATEWAY_ENGINES = ("mitmproxy", "aiohttp")
+
+
+@pytest.fixture(scope="session", params=GATEWAY_ENGINES)
+def gateway_engine(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def gateway_proctor(request, gateway_engine, tmp_path_factory, idp, pki, upstream, upstream_tls) -> Proctor:
+    """A running proctor whose gateway listener is served by `gateway_engine`."""
+    if gateway_engine == "mitmproxy":  # the default engine: the shared proxy
+        yield request.getfixturevalue("proctor")
+        return
+    p = start_proctor(tmp_path_factory.mktemp(f"proctor-{gateway_engine}"), idp, pki, upstream, upstream_tls,
+                      {"gateway": {"engine": gateway_engine}})
+    yield p
+    p.stop()
+
+
 @pytest.fixture
 def proctor_factory(tmp_path, idp, pki, upstream, upstream_tls):
     started: list[Proctor] = []

@@ -7,13 +7,18 @@ engine reports `running` (all listeners attempted), stops the engine if any
 listener is down and remembers why, so `proctor run` can exit non-zero naming
 the address. It also answers `/healthz` and `/readyz` with each listener's
 live state.
+
+A listener served by another engine (the aiohttp gateway) is bound before
+mitmproxy starts and reported here too, so every listener fails the start and
+shows up in readiness the same way.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from mitmproxy.proxy import mode_specs
 
@@ -31,14 +36,28 @@ class ListenerState:
         return {"name": self.name, "address": self.address, "up": self.up, "error": self.error}
 
 
+class OtherListener(Protocol):
+    """A listener another engine serves (proxy/engine/aiohttp_gateway.py)."""
+
+    name: str
+    address: str
+    error: str | None
+
+    @property
+    def up(self) -> bool: ...
+
+
 class ListenerWatch:
     """mitmproxy addon; add it after the engine's own addons."""
 
-    def __init__(self, master: Any, listeners: dict[str, tuple[str, str]]) -> None:
-        """`listeners`: mitmproxy mode spec -> (name, "host:port")."""
+    def __init__(self, master: Any, listeners: dict[str, tuple[str, str]],
+                 others: Sequence[OtherListener] = ()) -> None:
+        """`listeners`: mitmproxy mode spec -> (name, "host:port"); `others`: listeners
+        served by another engine, bound before mitmproxy runs."""
         self.master = master
         # keyed like the engine's servers: the spec as mitmproxy spells it back
         self.listeners = {mode_specs.ProxyMode.parse(spec).full_spec: v for spec, v in listeners.items()}
+        self.others = tuple(others)
         self.started = False  # the engine has tried to bind every listener
         self.failures: list[ListenerState] = []
 
@@ -57,6 +76,12 @@ class ListenerWatch:
             error = server.last_exception
             up = bool(server.is_running)
             out.append(ListenerState(name, address, up, None if up else str(error or "not listening")))
+        for other in self.others:
+            if not self.started:
+                out.append(ListenerState(other.name, other.address, False, "not started yet"))
+                continue
+            up = other.up
+            out.append(ListenerState(other.name, other.address, up, None if up else other.error or "not listening"))
         return out
 
     # -- mitmproxy hooks ------------------------------------------------------------
