@@ -42,6 +42,7 @@ from aiohttp import web
 
 from ..record.decisions import iso
 from .auth import control_auth, problem
+from .models import ActivityQuery, read_query
 
 if TYPE_CHECKING:
     from ..server import ProctorRuntime
@@ -51,8 +52,6 @@ log = logging.getLogger("proctor.control")
 BLOCK = 64 * 1024
 SCAN_BUDGET = 32 * 1024 * 1024  # bytes of events read per request (the binary search is extra, and tiny)
 MAX_LINE = 4 * 1024 * 1024  # a longer "line" is not an event (the reader drops it rather than grow without end)
-MAX_LIMIT = 1000
-RECORDS = ("decision", "approval", "suspension", "policy")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -292,19 +291,12 @@ def add_activity_routes(app: web.Application, runtime: "ProctorRuntime") -> None
         refused = await authenticated(request)
         if refused is not None:
             return refused
-        q = request.query
-        try:
-            limit = min(max(int(q.get("limit", "100")), 1), MAX_LIMIT)
-            before = int(q["before_sequence"]) if q.get("before_sequence") else None
-        except ValueError:
-            return problem(400, "Bad paging", "limit and before_sequence are integers")
-        decisions = [d.strip() for d in q.get("decision", "").split(",") if d.strip()]
-        records = [r.strip() for r in q.get("record", "").split(",") if r.strip()]
-        if not set(records) <= set(RECORDS):
-            return problem(400, "Bad filter", f"record must be among {list(RECORDS)}")
-        agent, action = q.get("agent", "").strip() or None, q.get("action", "").strip() or None
-        if any(len(v) > 256 for v in [*decisions, agent or "", action or ""]):
-            return problem(400, "Bad filter", "filters are at most 256 characters")
+        q = read_query(request, ActivityQuery)  # limits, filters and record kinds: control/models.py
+        if isinstance(q, web.Response):
+            return q
+        limit, before = q.limit, q.before_sequence
+        decisions, records = q.decision or [], q.record or []
+        agent, action = q.agent or None, q.action or None
         path = cfg.audit_path if cfg.audit.enabled else None
         if runtime.audit is None or path is None or not audit_files(path):
             return web.json_response({"events": [], "next_before_sequence": None, "audit": "disabled"})

@@ -19,6 +19,7 @@ from .. import __version__
 from ..policy.revisions import record_revision
 from .activity_api import add_activity_routes
 from .approvals_api import add_approval_routes
+from .auth import problem
 from .governance_api import add_governance_routes
 from .health import health, not_ready_reasons
 from .console_routes import add_console_routes
@@ -70,7 +71,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
 
     async def policy_reload(request: web.Request) -> web.Response:
         if request.remote not in ("127.0.0.1", "::1"):
-            return web.json_response({"title": "forbidden", "detail": "reload is loopback-only"}, status=403)
+            return problem(403, "Forbidden", "reload is loopback-only")
         async with runtime.policy_lock:
             before = runtime.policies.bundle.revision
             ok = await asyncio.to_thread(runtime.policies.reload)

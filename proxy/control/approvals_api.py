@@ -1,4 +1,4 @@
-"""Control API routes for approvals (described in proxy/control/openapi.py).
+"""Control API routes for approvals (in the route table of proxy/control/openapi.py).
 
 Approvers authenticate with a Bearer JWT for the approver audience
 (`approvals.approver_audience`), from the same trusted issuers as agents; the
@@ -8,6 +8,9 @@ agent checks on its own held request at the status URL with its agent token.
 CSRF: credentials travel only in the Authorization header (never cookies), so
 a browser never attaches them to a cross-site request; state-changing calls
 also require a JSON body and refuse a foreign Origin.
+
+Inputs are read through the models of control/models.py, answers built with
+those of control/models_responses.py.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ from aiohttp import web
 
 from ..approvals.service import ApprovalError, Approver
 from ..identity.errors import AuthError, IdentityUnavailable
-from ..record.decisions import iso
-from ..store import APPROVAL_STATES, Approval, StoreError
-from .auth import bearer, control_auth, foreign_origin, problem
+from ..store import Approval, StoreError
+from .auth import bearer, control_auth, problem
+from .models import ApprovalListQuery, DecisionRequest, read_body, read_query
+from .models_responses import ApprovalList, ApprovalStatus, ApprovalSummary, WhoAmI, reply
+from .models_responses import Approval as ApprovalOut
 
 if TYPE_CHECKING:
     from ..server import ProctorRuntime
@@ -33,35 +38,8 @@ log = logging.getLogger("proctor.control")
 
 
 def approval_json(a: Approval, full: bool = True) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "id": a.id,
-        "state": a.state,
-        "agent": a.agent_id,
-        "action": a.action,
-        "resource": f'{a.resource_type}::{json.dumps(a.resource_id, ensure_ascii=False)}',
-        "connector": a.connector,
-        "groups": a.groups,
-        "mode": a.mode,
-        "created_at": iso(a.created_at),
-        "expires_at": iso(a.expires_at),
-        "escalated": a.escalated,
-        "decided_at": iso(a.decided_at) if a.decided_at else None,
-        "decided_by": a.decided_by,
-        "reason": a.reason,
-        "forwarded_at": iso(a.forwarded_at) if a.forwarded_at else None,
-        "decision_id": a.decision_id,
-        "policies": a.derived.get("policies", []),
-        "votes": [
-            {"approver": v.approver, "groups": v.group.split(","), "decision": v.decision, "reason": v.reason, "at": iso(v.at)}
-            for v in a.votes
-        ],
-        "method": a.request.get("method"),
-        "url": a.request.get("url"),
-    }
-    if full:
-        out["request"] = a.request
-        out["derived"] = a.derived
-    return out
+    """An approval as the API shows it: in full (with the request preview) or as listed."""
+    return (ApprovalOut if full else ApprovalSummary).of(a).model_dump(mode="json", exclude_unset=True)
 
 
 def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
@@ -80,30 +58,24 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
         who = await approver_of(request)
         if isinstance(who, web.Response):
             return who
-        return web.json_response({"approver": who.id, "groups": sorted(who.groups)})
+        return reply(WhoAmI(approver=who.id, groups=sorted(who.groups)))
 
     async def list_(request: web.Request) -> web.Response:
         who = await approver_of(request)
         if isinstance(who, web.Response):
             return who
-        q = request.query
-        states = [s for s in q.get("state", "").split(",") if s] or None
-        if states and not set(states) <= set(APPROVAL_STATES):
-            return problem(400, "Bad filter", f"state must be among {sorted(APPROVAL_STATES)}")
-        try:
-            limit = min(max(int(q.get("limit", "100")), 1), 1000)
-            offset = max(int(q.get("offset", "0")), 0)
-        except ValueError:
-            return problem(400, "Bad paging", "limit and offset are integers")
+        q = read_query(request, ApprovalListQuery)
+        if isinstance(q, web.Response):
+            return q
         try:
             items = await service.store.list_approvals(
-                states=states, agent_id=q.get("agent") or None, action=q.get("action") or None, limit=limit, offset=offset
+                states=q.state, agent_id=q.agent or None, action=q.action or None, limit=q.limit, offset=q.offset
             )
-            total = await service.store.count_approvals(states=states)
+            total = await service.store.count_approvals(states=q.state)
         except StoreError as e:
             return unavailable(e)
-        return web.json_response({"approvals": [approval_json(a, full=False) for a in items], "total": total,
-                                  "limit": limit, "offset": offset})
+        return reply(ApprovalList(approvals=[ApprovalSummary.of(a) for a in items], total=total,
+                                  limit=q.limit, offset=q.offset))
 
     async def show(request: web.Request) -> web.Response:
         who = await approver_of(request)
@@ -115,34 +87,27 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
             return unavailable(e)
         if a is None:
             return problem(404, "No such approval", f"no approval {request.match_info['id']}")
-        body = approval_json(a)
-        body["you_may_decide"] = a.state == "pending" and who.id != a.agent_id and bool(service.eligible_groups(a, who)) \
+        may_decide = a.state == "pending" and who.id != a.agent_id and bool(service.eligible_groups(a, who)) \
             and not any(v.approver == who.id for v in a.votes)
-        return web.json_response(body)
+        return reply(ApprovalOut.of(a, you_may_decide=may_decide))
 
     def decide(decision: str):
         async def handler(request: web.Request) -> web.Response:
             who = await approver_of(request)
             if isinstance(who, web.Response):
                 return who
-            if foreign_origin(request):
-                return problem(403, "Cross-origin request refused", "approvals are decided from the console or the API, not from other sites")
-            if request.content_type != "application/json":
-                return problem(415, "JSON required", 'send {"reason": "..."} as application/json')
+            body = await read_body(
+                request, DecisionRequest, hint='{"reason": "..."}',
+                cross_origin="approvals are decided from the console or the API, not from other sites")
+            if isinstance(body, web.Response):
+                return body
             try:
-                body = await request.json()
-            except ValueError:
-                return problem(400, "Bad JSON", "the body is not valid JSON")
-            reason = body.get("reason") if isinstance(body, dict) else None
-            if not isinstance(reason, str):
-                return problem(400, "Reason required", 'a reason is mandatory: {"reason": "..."}')
-            try:
-                a = await service.decide(request.match_info["id"], who, decision, reason)
+                a = await service.decide(request.match_info["id"], who, decision, body.reason)
             except ApprovalError as e:
                 return problem(e.status, "Cannot " + decision, str(e))
             except StoreError as e:
                 return unavailable(e)
-            return web.json_response(approval_json(a))
+            return reply(ApprovalOut.of(a))
 
         return handler
 
@@ -165,17 +130,8 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
             return unavailable(e)
         if a is None or (agent_id is not None and a.agent_id != agent_id):
             return problem(404, "No such approval", "no approval with that id for you")
-        body = {
-            "id": a.id,
-            "state": a.state,
-            "action": a.action,
-            "resource": f'{a.resource_type}::{json.dumps(a.resource_id, ensure_ascii=False)}',
-            "expires_at": iso(a.expires_at),
-            "decided_by": a.decided_by,
-            "reason": a.reason,
-        }
         headers = {"Retry-After": str(cfg.approvals.retry_after_seconds)} if a.state == "pending" else None
-        return web.json_response(body, headers=headers)
+        return reply(ApprovalStatus.of(a), headers=headers)
 
     async def events(request: web.Request) -> web.StreamResponse:
         """Server-sent events: one `approval` event per state change (console live updates)."""

@@ -8,6 +8,8 @@ of `control.admin_group`. One verifier (one JWKS cache) serves every route.
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from ..approvals.service import Approver
@@ -16,9 +18,11 @@ from ..identity.errors import AuthError, IdentityUnavailable
 from ..identity.verifier import TokenVerifier
 
 
-def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None) -> web.Response:
+def problem(status: int, title: str, detail: str, headers: dict[str, str] | None = None,
+            extra: dict[str, Any] | None = None) -> web.Response:
+    """RFC 9457 problem details; `extra` adds members (e.g. `errors` for a rejected input)."""
     return web.json_response(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail},
+        {"type": "about:blank", "title": title, "status": status, "detail": detail, **(extra or {})},
         status=status, content_type="application/problem+json", headers=headers,
     )
 

@@ -3,6 +3,9 @@
 Operators authenticate like approvers (a Bearer JWT for the approver audience)
 and must belong to `control.admin_group`. Every suspension and resumption is
 written to the decision record (`type: "suspension"` lines).
+
+Inputs are read through the models of control/models.py (the route table in
+control/openapi.py documents them), answers built with models_responses.py.
 """
 
 from __future__ import annotations
@@ -11,41 +14,45 @@ import asyncio
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 
 from ..policy.revisions import record_revision, restore_files
 from ..record.decisions import iso
 from ..store import AgentRecord, StoreError, Suspension
-from .auth import control_auth, foreign_origin, problem
+from .auth import control_auth, problem
+from .models import (
+    TARGET_PATTERN,
+    AgentRegistration,
+    InputModel,
+    ResumeQuery,
+    ResumeRequest,
+    RollbackRequest,
+    SuspendAgentRequest,
+    SuspensionRequest,
+    read_body,
+    read_query,
+)
+from .models_responses import (
+    Agent,
+    AgentList,
+    ResumeResult,
+    Revision,
+    RevisionList,
+    RollbackResult,
+    SuspensionList,
+    reply,
+)
+from .models_responses import Suspension as SuspensionOut
 
 if TYPE_CHECKING:
     from ..server import ProctorRuntime
 
 log = logging.getLogger("proctor.control")
-_TARGET_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
-
-
-def suspension_json(s: Suspension) -> dict[str, Any]:
-    return {"kind": s.kind, "target": s.target, "since": iso(s.since), "by": s.by, "reason": s.reason}
-
-
-def agent_json(a: AgentRecord, suspended: Suspension | None) -> dict[str, Any]:
-    return {
-        "id": a.id,
-        "owner": a.owner,
-        "team": a.team,
-        "description": a.description,
-        "registered": a.registered,
-        "first_seen": iso(a.first_seen) if a.first_seen else None,
-        "last_seen": iso(a.last_seen) if a.last_seen else None,
-        "requests": a.requests,
-        "allowed": a.allowed,
-        "denied": a.denied,
-        "status": "suspended" if suspended else "active",
-        "suspension": suspension_json(suspended) if suspended else None,
-    }
+_TARGET_RE = re.compile(TARGET_PATTERN)  # a target from the URL path (agent id), as bodies are checked
+B = TypeVar("B", bound=InputModel)
+CROSS_ORIGIN = "the kill switch is operated from the console, CLI or API"
 
 
 def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
@@ -58,18 +65,8 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         who = await auth.operator(request)
         return who if isinstance(who, web.Response) else who.id
 
-    async def json_body(request: web.Request) -> dict | web.Response:
-        if foreign_origin(request):
-            return problem(403, "Cross-origin request refused", "the kill switch is operated from the console, CLI or API")
-        if request.content_type != "application/json":
-            return problem(415, "JSON required", "send a JSON object as application/json")
-        try:
-            body = await request.json()
-        except ValueError:
-            return problem(400, "Bad JSON", "the body is not valid JSON")
-        if not isinstance(body, dict):
-            return problem(400, "Bad JSON", "the body must be a JSON object")
-        return body
+    async def json_body(request: web.Request, model: type[B], optional: bool = False) -> B | web.Response:
+        return await read_body(request, model, cross_origin=CROSS_ORIGIN, hint="a JSON object", optional=optional)
 
     def record(event: str, s: Suspension | None, kind: str, target: str, by: str, reason: str) -> None:
         runtime.recorder.write({
@@ -81,18 +78,15 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         log.error("store error: %s", e)
         return problem(503, "Store unavailable", "the state store cannot be reached; try again")
 
-    async def do_suspend(kind: str, target: str, who: str, body: dict) -> web.Response:
-        reason = body.get("reason")
-        if not isinstance(reason, str) or not reason.strip():
-            return problem(400, "Reason required", 'a reason is mandatory: {"reason": "..."}')
-        if not _TARGET_RE.match(target):
+    async def do_suspend(kind: str, target: str, who: str, reason: str) -> web.Response:
+        if not _TARGET_RE.fullmatch(target):
             return problem(400, "Bad target", "the target must be 1-256 printable characters")
         try:
-            s = await gov.suspend(kind, target, who, reason.strip()[:2000])
+            s = await gov.suspend(kind, target, who, reason)
         except StoreError as e:
             return unavailable(e)
         record("suspended", s, kind, target, who, s.reason)
-        return web.json_response(suspension_json(s), status=201)
+        return reply(SuspensionOut.of(s), status=201)
 
     async def do_resume(kind: str, target: str, who: str, reason: str) -> web.Response:
         try:
@@ -102,7 +96,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         if not removed:
             return problem(404, "Not suspended", f"{kind} {target!r} is not suspended")
         record("resumed", None, kind, target, who, reason)
-        return web.json_response({"kind": kind, "target": target, "resumed_by": who})
+        return reply(ResumeResult(kind=kind, target=target, resumed_by=who))  # type: ignore[arg-type]
 
     async def list_agents(request: web.Request) -> web.Response:
         who = await operator(request)
@@ -116,7 +110,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
                 if s.kind == "agent" and s.target not in listed:
                     agents.append(AgentRecord(id=s.target))
             # (the suspension lookups refuse while the store cannot be trusted: 503, not a guess)
-            return web.json_response({"agents": [agent_json(a, gov.agent_suspension(a.id)) for a in agents]})
+            return reply(AgentList(agents=[Agent.of(a, gov.agent_suspension(a.id)) for a in agents]))
         except StoreError as e:
             return unavailable(e)
 
@@ -128,7 +122,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             a = await runtime.store.get_agent(request.match_info["id"])
             if a is None:
                 return problem(404, "No such agent", f"no agent {request.match_info['id']!r} has been seen or registered")
-            return web.json_response(agent_json(a, gov.agent_suspension(a.id)))
+            return reply(Agent.of(a, gov.agent_suspension(a.id)))
         except StoreError as e:
             return unavailable(e)
 
@@ -136,19 +130,16 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         who = await operator(request)
         if isinstance(who, web.Response):
             return who
-        body = await json_body(request)
+        body = await json_body(request, AgentRegistration)
         if isinstance(body, web.Response):
             return body
-        aid = body.get("id")
-        if not isinstance(aid, str) or not _TARGET_RE.match(aid):
-            return problem(400, "Bad agent id", "id must be 1-256 printable characters")
-        fields = {k: body.get(k, "") for k in ("owner", "team", "description")}
-        if not all(isinstance(v, str) and len(v) <= 1000 for v in fields.values()):
-            return problem(400, "Bad field", "owner, team and description are strings (at most 1000 characters)")
         try:
-            await runtime.store.upsert_agent(AgentRecord(id=aid, **fields))
-            a = await runtime.store.get_agent(aid)
-            return web.json_response(agent_json(a, gov.agent_suspension(aid)), status=201)
+            await runtime.store.upsert_agent(
+                AgentRecord(id=body.id, owner=body.owner, team=body.team, description=body.description))
+            a = await runtime.store.get_agent(body.id)
+            if a is None:  # written, then gone: the store is not answering as it should
+                raise StoreError(f"agent {body.id!r} not found right after it was registered")
+            return reply(Agent.of(a, gov.agent_suspension(body.id)), status=201)
         except StoreError as e:
             return unavailable(e)
 
@@ -156,39 +147,34 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         who = await operator(request)
         if isinstance(who, web.Response):
             return who
-        body = await json_body(request)
+        body = await json_body(request, SuspendAgentRequest)
         if isinstance(body, web.Response):
             return body
-        return await do_suspend("agent", request.match_info["id"], who, body)
+        return await do_suspend("agent", request.match_info["id"], who, body.reason)
 
     async def resume_agent(request: web.Request) -> web.Response:
         who = await operator(request)
         if isinstance(who, web.Response):
             return who
-        body: dict | web.Response = {}
-        if request.can_read_body:  # the reason is optional: an empty body is fine
-            body = await json_body(request)
-            if isinstance(body, web.Response):
-                return body
-        return await do_resume("agent", request.match_info["id"], who, str(body.get("reason") or ""))
+        body = await json_body(request, ResumeRequest, optional=True)  # the reason is optional: no body is fine
+        if isinstance(body, web.Response):
+            return body
+        return await do_resume("agent", request.match_info["id"], who, body.reason)
 
     async def list_suspensions(request: web.Request) -> web.Response:
         who = await operator(request)
         if isinstance(who, web.Response):
             return who
-        return web.json_response({"suspensions": [suspension_json(s) for s in gov.suspensions()]})
+        return reply(SuspensionList(suspensions=[SuspensionOut.of(s) for s in gov.suspensions()]))
 
     async def create_suspension(request: web.Request) -> web.Response:
         who = await operator(request)
         if isinstance(who, web.Response):
             return who
-        body = await json_body(request)
+        body = await json_body(request, SuspensionRequest)
         if isinstance(body, web.Response):
             return body
-        kind, target = body.get("kind"), body.get("target")
-        if kind not in ("agent", "connector", "action") or not isinstance(target, str):
-            return problem(400, "Bad suspension", 'send {"kind": "agent|connector|action", "target": "...", "reason": "..."}')
-        return await do_suspend(kind, target, who, body)
+        return await do_suspend(body.kind, body.target, who, body.reason)
 
     async def delete_suspension(request: web.Request) -> web.Response:
         who = await operator(request)
@@ -197,7 +183,10 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         kind = request.match_info["kind"]
         if kind not in ("agent", "connector", "action"):
             return problem(404, "No such kind", "kind is agent, connector or action")
-        return await do_resume(kind, request.match_info["target"], who, request.query.get("reason", ""))
+        q = read_query(request, ResumeQuery)
+        if isinstance(q, web.Response):
+            return q
+        return await do_resume(kind, request.match_info["target"], who, q.reason)
 
     async def list_revisions(request: web.Request) -> web.Response:
         who = await operator(request)
@@ -208,27 +197,19 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         except StoreError as e:
             return unavailable(e)
         active = runtime.policies.bundle.revision
-        return web.json_response({
-            "active_revision": active,
-            "revisions": [
-                {"revision": r.revision, "loaded_at": iso(r.loaded_at), "active": r.revision == active,
-                 "files": sorted(r.files)}
-                for r in revisions
-            ],
-        })
+        return reply(RevisionList(active_revision=active, revisions=[
+            Revision(revision=r.revision, loaded_at=iso(r.loaded_at), active=r.revision == active, files=sorted(r.files))
+            for r in revisions
+        ]))
 
     async def rollback(request: web.Request) -> web.Response:
         who = await operator(request)
         if isinstance(who, web.Response):
             return who
-        body = await json_body(request)
+        body = await json_body(request, RollbackRequest)
         if isinstance(body, web.Response):
             return body
-        revision, reason = body.get("revision"), body.get("reason")
-        if not isinstance(revision, str) or not revision:
-            return problem(400, "Revision required", 'send {"revision": "...", "reason": "..."}')
-        if not isinstance(reason, str) or not reason.strip():
-            return problem(400, "Reason required", "a reason is mandatory for a rollback")
+        revision, reason = body.revision, body.reason
         try:
             stored = await runtime.store.get_revision(revision)
         except StoreError as e:
@@ -251,9 +232,9 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
                 "connectors has changed since that revision")
             return problem(409, "Rollback did not take effect", detail)
         runtime.recorder.write({"type": "policy", "event": "rollback", "time": iso(time.time()), "from_revision": before,
-                                "to_revision": now, "by": who, "reason": reason.strip(), "files_changed": changed})
-        log.warning("policy rollback %s -> %s by %s: %s", before, now, who, reason.strip())
-        return web.json_response({"active_revision": now, "previous_revision": before, "files_changed": changed})
+                                "to_revision": now, "by": who, "reason": reason, "files_changed": changed})
+        log.warning("policy rollback %s -> %s by %s: %s", before, now, who, reason)
+        return reply(RollbackResult(active_revision=now, previous_revision=before, files_changed=changed))
 
     app.router.add_get("/v1/policies/revisions", list_revisions)
     app.router.add_post("/v1/policies/rollback", rollback)
