@@ -113,6 +113,7 @@ class Chain:
         """The request phase. Afterwards either `ex.refusal` is set (answer it) or
         `ex.decided` is true (forward per `ex.plan`)."""
         clock = time.perf_counter
+        phase_started = clock()  # (not ex.started: a body's upload time is not decision time)
         if ex.refusal is None:
             for stage in self._request:
                 if ex.pending_refusal is not None and not stage.settles_pending:
@@ -133,7 +134,7 @@ class Chain:
                 ex.refuse(ex.pending_refusal)  # nobody settled it: it is the answer
             ex.pending_refusal = None
             ex.decided = ex.refusal is None
-        ex.decision_ms = (clock() - ex.started) * 1000
+        ex.decision_ms = (clock() - phase_started) * 1000
 
     async def response(self, ex: Exchange) -> None:
         """The response phase, in reverse order: after the upstream answered, after an
