@@ -181,7 +181,7 @@ def test_syslog_tcp_delivers_rfc5424_octet_counted_frames():
         for line, ev in sent:
             assert sink.submit(line, ev) is True
         await until(lambda: len(rx.frames) == 3, what="3 frames")
-        for (line, ev), frame in zip(sent, rx.frames):
+        for (_line, ev), frame in zip(sent, rx.frames):
             f = parse_frame(frame)
             assert int(f["pri"]) == 13 * 8 + syslog_severity(ev)
             assert f["ts"].endswith("Z") and f["ts"].startswith("2023-11-14T22:13:20.")
@@ -408,7 +408,7 @@ def test_hec_auth_body_shape_batch_by_count_and_close_flush():
         assert time.monotonic() - t0 < 1
         events = c.events()
         assert len(events) == 7
-        for obj, (line, ev) in zip(events, sent):
+        for obj, (_line, ev) in zip(events, sent):
             assert obj["time"] == pytest.approx(ev["time"] / 1000, abs=1e-3)
             assert isinstance(obj["time"], float)
             assert (obj["sourcetype"], obj["source"], obj["host"], obj["index"]) == ("ocsf:api_activity", "proctor", "gw-1", "sec")

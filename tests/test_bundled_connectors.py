@@ -61,7 +61,7 @@ class Mocks:
         threading.Thread(target=self._run, args=(started,), daemon=True).start()
         assert started.wait(10)
         for name, port in self.ports.items():
-            wait_for(lambda: port_open(port), what=f"mock {name} on {port}")
+            wait_for(lambda port=port: port_open(port), what=f"mock {name} on {port}")
 
     def _middleware(self, name: str):
         @web.middleware

@@ -149,7 +149,6 @@ def test_refusal_detail_is_redacted_in_the_answer_and_the_record():
     """Free text in a refusal (here: an engine message quoting the raw request) never
     carries the request's query or header values to the agent, the record or the trail."""
     import json
-    import time
 
     from proxy.audit.ocsf import to_ocsf
     from proxy.core.exchange import Exchange, ResponseSummary

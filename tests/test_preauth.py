@@ -19,7 +19,6 @@ import json
 import select
 import socket
 import time
-from types import SimpleNamespace
 
 import pytest
 from mitmproxy.test import tflow

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import DATA, Proctor, start_proctor, wait_for
+from conftest import DATA, Proctor, start_proctor
 
 pytestmark = pytest.mark.integration
 

@@ -246,7 +246,7 @@ class Classifier:
                     resource_id = "/" + "/".join(segs)
                 else:
                     # one pass, so a parameter value that looks like "{other}" stays literal
-                    resource_id = _TEMPLATE_RE.sub(lambda m: values.get(m.group(1), m.group(0)), template)
+                    resource_id = _TEMPLATE_RE.sub(lambda m, v=values: v.get(m.group(1), m.group(0)), template)
                 spec = route.spec
                 params = path_values(spec.params, values)
                 query_params = query_values(spec.query, query)

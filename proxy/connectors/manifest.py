@@ -213,7 +213,7 @@ class LookupSpec(_Strict):
     def _lookup_attrs(cls, v: dict[str, BodyFieldSpec]) -> dict[str, BodyFieldSpec]:
         if not v:
             raise ValueError("lookup needs at least one attribute")
-        for name, spec in v.items():
+        for name in v:
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
                 raise ValueError(f"lookup attribute name {name!r} must be a plain identifier")
             if name == "created_by":

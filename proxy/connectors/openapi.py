@@ -164,7 +164,7 @@ def manifest_from_openapi(doc: dict, name: str | None = None) -> dict:
             query_params = {p["name"]: p for p in params if isinstance(p, dict) and p.get("in") == "query" and "name" in p}
             # OpenAPI path params may be any string; Proctor's need to be identifiers
             renamed = {n: (re.sub(r"[^A-Za-z0-9_]", "_", n) if re.match(r"^[A-Za-z_]", n) else f"p_{n}") for n in path_params}
-            path = base + re.sub(r"\{([^}]+)\}", lambda m: "{" + renamed.get(m.group(1), m.group(1)) + "}", raw_path)
+            path = base + re.sub(r"\{([^}]+)\}", lambda m, r=renamed: "{" + r.get(m.group(1), m.group(1)) + "}", raw_path)
             op_id = op.get("operationId") or f"{method}_{raw_path}"
             literal_segments = [s for s in raw_path.strip("/").split("/") if s and "{" not in s]
             rtype = _camel(literal_segments[-1] if literal_segments else connector)

@@ -44,7 +44,6 @@ from ..core.exchange import Connection, Exchange, Kind, ResponseSummary, refused
 from ..core.model import AgentIdentity, AgentRequest, Refusal
 from ..core.net import normalise_ip
 from ..core.problem import DECISION_HEADER, problem_response, refusal_answer
-from ..logredact import redact
 from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
 from .gateway import GatewayRouter
 from .patches import BODY_GUARD, EARLY_ANSWER, UPSTREAM_FAILURE, is_timeout
