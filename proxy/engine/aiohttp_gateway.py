@@ -442,6 +442,8 @@ class AiohttpGateway:
 
     async def _serve(self, request: web.BaseRequest, progress: _Progress) -> web.StreamResponse:
         if request.version not in (HttpVersion11, HttpVersion10):
+            if request.version.major < 1:  # HTTP/0.9: a request line without a version
+                return self._protocol_refusal(400, "Bad request", "the request line has no HTTP version")
             return self._protocol_refusal(505, "HTTP version not supported",
                                           "the gateway speaks HTTP/1.1 (and HTTP/1.0) only")
         if not request.raw_path.startswith("/"):
