@@ -396,11 +396,11 @@ def _explain_recorded(config_path: str | None, decision_id: str, as_json: bool) 
         rec = find_record(config.decisions_path, decision_id.strip())
         if rec is None:
             raise ReplayInputError(f"no decision {decision_id} in {config.decisions_path}")
-        if "cedar" not in rec:
-            kind = (rec.get("refusal") or {}).get("kind", "?")
+        if rec.cedar is None or not rec.action:
+            refusal = rec.refusal
             raise ReplayInputError(
-                f"decision {decision_id} was refused before any policy ran ({kind}: "
-                f"{(rec.get('refusal') or {}).get('detail', '')}), or recorded without policy inputs"
+                f"decision {decision_id} was refused before any policy ran ({refusal['kind'] if refusal else '?'}: "
+                f"{refusal['detail'] if refusal else ''}), or recorded without policy inputs"
             )
         store = PolicyStore(policy_source(config))
     except (ReplayInputError, PolicyLoadError, ValueError) as e:
@@ -429,7 +429,7 @@ def policy_replay(
 
     Exit status: 0 replayed (1 with --fail-on-change when something changes), 2 unusable input."""
     from .policy.engine import PolicyLoadError, PolicyStore
-    from .policy.replay import ReplayInputError, parse_time, read_records, render_report, replay
+    from .policy.replay import ReplayInputError, Unreadable, parse_time, read_records, render_report, replay
     from .policy.sources import policy_source
 
     config = _load(config_path)
@@ -438,7 +438,8 @@ def policy_replay(
         hi = parse_time(until) if until else None
         candidate = PolicyStore(policy_source(config, Path(candidate_dir)))
         path = Path(decisions_file) if decisions_file else config.decisions_path
-        report = replay(read_records(path, lo, hi), candidate)
+        unreadable = Unreadable()  # lines that are not records: counted, and named in the report
+        report = replay(read_records(path, lo, hi, unreadable), candidate, unreadable)
     except (ReplayInputError, PolicyLoadError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

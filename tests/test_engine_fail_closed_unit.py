@@ -24,7 +24,7 @@ class _Recorder:
         self.records = []
 
     def write(self, rec):
-        self.records.append(rec)
+        self.records.append(rec.to_dict())  # the typed record as its line says it
 
 
 class _Allow(Stage):

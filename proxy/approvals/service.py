@@ -30,7 +30,7 @@ from ..core.body import BodyRejected, read_body
 from ..core.overrides import OVERRIDE_HEADERS, ROUTING_HEADERS
 from ..core.model import AgentIdentity, AgentRequest, Classification
 from ..logredact import url_with_query_names
-from ..record.decisions import iso
+from ..record.model import ApprovalEvent, Record
 from ..store import Approval, Store, StoreError, Vote
 
 log = logging.getLogger("proctor.approvals")
@@ -230,7 +230,7 @@ class ApprovalService:
         self,
         store: Store,
         config: ApprovalsConfig,
-        record: Callable[[dict], None],
+        record: Callable[[Record], None],  # the decision recorder's write (type: approval lines)
         notifier: Any = None,
         status_base_url: str = "",
         shared_store: bool = False,
@@ -301,19 +301,7 @@ class ApprovalService:
 
     def _event(self, approval: Approval, event: str, **extra: Any) -> None:
         """Record, notify and publish one state change."""
-        rec = {
-            "type": "approval",
-            "event": event,
-            "time": iso(self.clock()),
-            "approval_id": approval.id,
-            "decision_id": approval.decision_id,
-            "agent": approval.agent_id,
-            "action": approval.action,
-            "resource": f"{approval.resource_type}::\"{approval.resource_id}\"",
-            "state": approval.state,
-            "groups": approval.groups,
-        }
-        rec.update({k: v for k, v in extra.items() if v is not None})
+        rec = ApprovalEvent.of(approval, event, self.clock(), **extra)
         self.event_counts[event] = self.event_counts.get(event, 0) + 1
         if event in ("approved", "denied", "expired") and self.on_settled is not None:
             try:

@@ -1,4 +1,4 @@
-"""Decision-record lines as OCSF 1.3.0 API Activity events (class 6003).
+"""Records (proxy/record/model.py) as OCSF 1.3.0 API Activity events (class 6003).
 
 One event per decision and per state change (approval, suspension, policy
 rollback), plus the trail's own `audit` events (a gap in a file, a repair). The mapping is documented field by field in docs/siem.md; Proctor
@@ -9,10 +9,27 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from .. import __version__
+from ..record.model import (
+    EVENT_TYPES,
+    ApprovalEvent,
+    DecisionRecord,
+    EventRecord,
+    PolicyEvent,
+    Record,
+    RecordedConnection,
+    RecordedRequest,
+    SuspensionEvent,
+    TrailEvent,
+    as_record,
+    construct,
+    iso,
+)
 
 OCSF_VERSION = "1.3.0"
 CLASS_UID, CATEGORY_UID = 6003, 6
@@ -31,7 +48,7 @@ def _ms(iso: str | None) -> int:
         return 0
 
 
-def _resource(uid: str | None, resource: dict | None = None) -> list[dict[str, Any]]:
+def _resource(uid: str | None, resource: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     if not uid:
         return []
     rtype, _, rid = uid.partition("::")
@@ -69,43 +86,50 @@ def _base(activity_id: int, when_ms: int, severity_id: int, status_ok: bool) -> 
     }
 
 
-def decision_event(rec: dict[str, Any]) -> dict[str, Any]:
+def operation_of(rec: DecisionRecord) -> str:
+    """The OCSF `api.operation` of a decision: its Cedar action (the activity view shows it too)."""
+    return rec.action or "http.request"
+
+
+def severity_of(rec: DecisionRecord) -> int:
+    if rec.decision == "allow":
+        return 1
+    if rec.decision == "hold":
+        return 2
+    return 4 if rec.refusal is not None and rec.refusal["kind"] in ("fail-closed", "suspended") else 3
+
+
+def decision_event(rec: DecisionRecord) -> dict[str, Any]:
     """A decision record as an API Activity event."""
-    decision = rec.get("decision") or "deny"
-    refusal = rec.get("refusal") or {}
-    kind = refusal.get("kind")
+    decision = rec.decision or "deny"
+    refusal = rec.refusal
+    kind = refusal["kind"] if refusal is not None else None
     allowed = decision == "allow"
-    if allowed:
-        severity = 1
-    elif decision == "hold":
-        severity = 2
-    elif kind in ("fail-closed", "suspended"):
-        severity = 4
-    else:
-        severity = 3
-    status = rec.get("status")
+    status = rec.status
     status_ok = allowed and (status is None or int(status) < 400)
-    method = (rec.get("method") or "").upper()
-    ev = _base(METHOD_ACTIVITY.get(method, 99 if method else 0), _ms(rec.get("time")), severity, status_ok)
-    ev["metadata"]["correlation_uid"] = rec.get("decision_id")
-    agent = rec.get("agent")
-    cedar = rec.get("cedar") or {}
+    req = rec.request
+    method = (req.method or "").upper() if req is not None else ""
+    ev = _base(METHOD_ACTIVITY.get(method, 99 if method else 0), _ms(rec.time), severity_of(rec), status_ok)
+    ev["metadata"]["correlation_uid"] = rec.decision_id
+    agent = rec.agent
+    cedar: Mapping[str, Any] = rec.cedar or {}
     principal = cedar.get("principal") or {}
     actor: dict[str, Any] = {}
     if agent:
         user: dict[str, Any] = {"uid": agent, "name": agent, "type_id": 99, "type": "AI agent"}
-        groups = [p.get("id") for p in principal.get("parents", []) if isinstance(p, dict) and p.get("id")]
+        parents = principal.get("parents", []) if isinstance(principal, dict) else []
+        groups = [p.get("id") for p in parents if isinstance(p, dict) and p.get("id")]
         if groups:
             user["groups"] = [{"name": g} for g in groups]
         actor["user"] = user
     if not agent:
         actor["user"] = {"name": "unauthenticated", "type_id": 0, "type": "Unknown"}
-    if rec.get("issuer"):
-        actor["idp"] = {"name": rec["issuer"]}
-    reasons = rec.get("reasons") or []
-    policy_decision = rec.get("policy_decision")
+    if rec.issuer:
+        actor["idp"] = {"name": rec.issuer}
+    reasons = rec.reasons or []
+    policy_decision = rec.policy_decision
     if policy_decision is not None:
-        revision = rec.get("policy_revision")
+        revision = rec.policy_revision
         if reasons:
             actor["authorizations"] = [
                 {"decision": policy_decision, "policy": {"uid": pid, "name": pid, "version": revision, "is_applied": True}}
@@ -119,9 +143,9 @@ def decision_event(rec: dict[str, Any]) -> dict[str, Any]:
     elif reasons:  # refused before Cedar, e.g. egress-default-deny
         actor["authorizations"] = [{"decision": "deny", "policy": {"uid": r, "name": r, "is_applied": True}} for r in reasons]
     ev["actor"] = actor
-    api: dict[str, Any] = {"operation": rec.get("action") or "http.request", "request": {"uid": rec.get("decision_id") or ""}}
-    if rec.get("connector"):
-        api["service"] = {"name": rec["connector"]}
+    api: dict[str, Any] = {"operation": operation_of(rec), "request": {"uid": rec.decision_id or ""}}
+    if rec.connector:
+        api["service"] = {"name": rec.connector}
     response: dict[str, Any] = {}
     if status is not None:
         response["code"] = int(status)
@@ -131,93 +155,220 @@ def decision_event(rec: dict[str, Any]) -> dict[str, Any]:
     if response:
         api["response"] = response
     ev["api"] = api
-    ev["resources"] = _resource(rec.get("resource"), cedar.get("resource"))
+    resource = cedar.get("resource")
+    ev["resources"] = _resource(rec.resource, resource if isinstance(resource, dict) else None)
+    host, port = rec.host, rec.port
     if method:
-        url: dict[str, Any] = {"hostname": rec.get("host") or "", "path": rec.get("path") or ""}
-        if rec.get("port"):
-            url["port"] = int(rec["port"])
+        assert req is not None
+        url: dict[str, Any] = {"hostname": req.host or "", "path": req.path or ""}
+        if req.port:
+            url["port"] = int(req.port)
         ev["http_request"] = {"http_method": method, "url": url}
-    ev["src_endpoint"] = {"ip": rec.get("client_ip") or "0.0.0.0"}
-    if rec.get("host"):
-        ev["dst_endpoint"] = {"hostname": rec["host"], **({"port": int(rec["port"])} if rec.get("port") else {})}
-    if rec.get("latency_ms") is not None:
-        ev["duration"] = int(round(rec["latency_ms"]))
+    ev["src_endpoint"] = {"ip": rec.client_ip or "0.0.0.0"}
+    if host:
+        ev["dst_endpoint"] = {"hostname": host, **({"port": int(port)} if port else {})}
+    if rec.latency_ms is not None:
+        ev["duration"] = int(round(rec.latency_ms))
         ev["start_time"] = ev["time"]
         ev["end_time"] = ev["time"] + ev["duration"]
     if refusal:
         ev["status_detail"] = f"{refusal.get('title', '')}: {refusal.get('detail', '')}"[:2000]
-    ev["status_code"] = str(status) if status is not None else None
-    if ev["status_code"] is None:
-        del ev["status_code"]
-    ev["message"] = f"{agent or 'unauthenticated'} {rec.get('action') or rec.get('method') or '?'} " \
-                    f"{rec.get('resource') or rec.get('host') or ''}: {decision}".strip()
+    if status is not None:
+        ev["status_code"] = str(status)
+    ev["message"] = f"{agent or 'unauthenticated'} {rec.action or rec.method or '?'} " \
+                    f"{rec.resource or host or ''}: {decision}".strip()
     proctor = {
         "record": "decision",
         "decision": decision,
         "policy_decision": policy_decision,
         "reasons": reasons,
-        "policy_revision": rec.get("policy_revision"),
-        "risk": rec.get("risk"),
-        "mode": rec.get("mode"),
-        "upstream_status": rec.get("upstream_status"),
-        "latency_ms": rec.get("latency_ms"),
-        "decision_ms": rec.get("decision_ms"),
-        "approval_id": rec.get("approval_id"),
-        "trace_id": rec.get("trace_id"),
-        "span_id": rec.get("span_id"),
-        "shadow": rec.get("shadow"),
-        "rpc": rec.get("rpc"),
+        "policy_revision": rec.policy_revision,
+        "risk": rec.risk,
+        "mode": rec.mode,
+        "upstream_status": rec.upstream_status,
+        "latency_ms": rec.latency_ms,
+        "decision_ms": rec.decision_ms,
+        "approval_id": rec.approval_id,
+        "trace_id": rec.trace_id,
+        "span_id": rec.span_id,
+        "shadow": rec.shadow,
+        "rpc": rec.rpc,
         "context": cedar.get("context"),
-        "error": rec.get("error"),
-        "errors": rec.get("errors"),
+        "error": rec.error,
+        "errors": rec.errors or None,
     }
     ev["unmapped"] = {"proctor": {k: v for k, v in proctor.items() if v is not None}}
     return ev
 
 
-def state_change_event(rec: dict[str, Any]) -> dict[str, Any]:
-    """An approval, suspension or policy state-change line as an API Activity event."""
-    rtype, event = rec.get("type"), rec.get("event", "")
-    by = rec.get("by")
-    ev = _base(3 if event not in ("requested",) else 1, _ms(rec.get("time")), 2 if event in ("denied", "suspended", "rollback", "expired") else 1, True)
-    if rtype == "approval":
-        actor_id = by or rec.get("agent") or "proctor"
-        ev["actor"] = {"user": {"uid": actor_id, "name": actor_id, "type_id": 1 if by else 99, "type": "User" if by else "AI agent"}}
-        ev["api"] = {"operation": f"proctor.approval.{event}", "request": {"uid": rec.get("approval_id") or ""},
-                     "service": {"name": "proctor.approvals"}}
-        ev["resources"] = _resource(rec.get("resource")) + [{"uid": rec.get("approval_id") or "", "type": "Approval"}]
-        ev["metadata"]["correlation_uid"] = rec.get("decision_id")
-        ev["message"] = f"approval {rec.get('approval_id')} {event}" + (f" by {by}" if by else "") + \
-                        f" ({rec.get('agent')} {rec.get('action')} {rec.get('resource')})"
-    elif rtype == "suspension":
-        ev["actor"] = {"user": {"uid": by or "?", "name": by or "?", "type_id": 1, "type": "User"}}
-        ev["api"] = {"operation": f"proctor.{'suspend' if event == 'suspended' else 'resume'}",
-                     "request": {"uid": f"{rec.get('kind')}:{rec.get('target')}"}, "service": {"name": "proctor.governance"}}
-        ev["resources"] = [{"uid": str(rec.get("target")), "type": str(rec.get("kind"))}]
-        ev["message"] = f"{rec.get('kind')} {rec.get('target')} {event} by {by}: {rec.get('reason', '')}"
-    elif rtype == "audit":
-        # the trail about itself: events a file could not take (gap), a torn line cut off (repaired)
-        ev = _base(99, _ms(rec.get("time")), 4 if event == "gap" else 2, True)
-        ev["actor"] = {"user": {"uid": "proctor", "name": "proctor", "type_id": 3, "type": "System"}}
-        ev["api"] = {"operation": f"proctor.audit.{event}", "request": {"uid": str(rec.get("path") or "")},
-                     "service": {"name": "proctor.audit"}}
-        ev["resources"] = [{"uid": str(rec.get("path") or ""), "type": "AuditFile"}]
-        if event == "gap":
-            ev["message"] = (f"audit file {rec.get('path')}: {rec.get('count')} event(s) (sequence {rec.get('from')}.."
-                             f"{rec.get('to')}) not written: {rec.get('reason')}")
-        else:
-            ev["message"] = f"audit file {rec.get('path')}: {rec.get('reason')} ({rec.get('removed_bytes')} bytes)"
-    else:
-        ev["actor"] = {"user": {"uid": by or "?", "name": by or "?", "type_id": 1, "type": "User"}}
-        ev["api"] = {"operation": f"proctor.policy.{event}", "request": {"uid": str(rec.get("to_revision") or "")},
-                     "service": {"name": "proctor.policies"}}
-        ev["resources"] = [{"uid": str(rec.get("to_revision") or ""), "type": "PolicyRevision"}]
-        ev["message"] = f"policy {event} {rec.get('from_revision')} -> {rec.get('to_revision')} by {by}"
-    ev["src_endpoint"] = {"name": "proctor"}
-    details = {k: v for k, v in rec.items() if k not in ("time",)}
-    ev["unmapped"] = {"proctor": {"record": rtype, **details}}
+def _state_change(rec: EventRecord) -> dict[str, Any]:
+    event = rec.event
+    return _base(1 if event == "requested" else 3, _ms(rec.time),
+                 2 if event in ("denied", "suspended", "rollback", "expired") else 1, True)
+
+
+def approval_event(rec: ApprovalEvent) -> dict[str, Any]:
+    event, by = rec.event, rec.by
+    ev = _state_change(rec)
+    actor_id = by or rec.agent or "proctor"
+    ev["actor"] = {"user": {"uid": actor_id, "name": actor_id, "type_id": 1 if by else 99, "type": "User" if by else "AI agent"}}
+    ev["api"] = {"operation": f"proctor.approval.{event}", "request": {"uid": rec.approval_id or ""},
+                 "service": {"name": "proctor.approvals"}}
+    ev["resources"] = _resource(rec.resource) + [{"uid": rec.approval_id or "", "type": "Approval"}]
+    ev["metadata"]["correlation_uid"] = rec.decision_id
+    ev["message"] = f"approval {rec.approval_id} {event}" + (f" by {by}" if by else "") + \
+                    f" ({rec.agent} {rec.action} {rec.resource})"
     return ev
 
 
-def to_ocsf(rec: dict[str, Any]) -> dict[str, Any]:
-    return state_change_event(rec) if "type" in rec else decision_event(rec)
+def suspension_event(rec: SuspensionEvent) -> dict[str, Any]:
+    event, by = rec.event, rec.by
+    ev = _state_change(rec)
+    ev["actor"] = {"user": {"uid": by or "?", "name": by or "?", "type_id": 1, "type": "User"}}
+    ev["api"] = {"operation": f"proctor.{'suspend' if event == 'suspended' else 'resume'}",
+                 "request": {"uid": f"{rec.kind}:{rec.target}"}, "service": {"name": "proctor.governance"}}
+    ev["resources"] = [{"uid": str(rec.target), "type": str(rec.kind)}]
+    ev["message"] = f"{rec.kind} {rec.target} {event} by {by}: {rec.reason}"
+    return ev
+
+
+def policy_event(rec: PolicyEvent) -> dict[str, Any]:
+    event, by = rec.event, rec.by
+    ev = _state_change(rec)
+    ev["actor"] = {"user": {"uid": by or "?", "name": by or "?", "type_id": 1, "type": "User"}}
+    ev["api"] = {"operation": f"proctor.policy.{event}", "request": {"uid": str(rec.to_revision or "")},
+                 "service": {"name": "proctor.policies"}}
+    ev["resources"] = [{"uid": str(rec.to_revision or ""), "type": "PolicyRevision"}]
+    ev["message"] = f"policy {event} {rec.from_revision} -> {rec.to_revision} by {by}"
+    return ev
+
+
+def trail_event(rec: TrailEvent) -> dict[str, Any]:
+    """The trail about itself: events a file could not take (gap), a torn line cut off (repaired)."""
+    event = rec.event
+    ev = _base(99, _ms(rec.time), 4 if event == "gap" else 2, True)
+    ev["actor"] = {"user": {"uid": "proctor", "name": "proctor", "type_id": 3, "type": "System"}}
+    ev["api"] = {"operation": f"proctor.audit.{event}", "request": {"uid": str(rec.path or "")},
+                 "service": {"name": "proctor.audit"}}
+    ev["resources"] = [{"uid": str(rec.path or ""), "type": "AuditFile"}]
+    if event == "gap":
+        ev["message"] = (f"audit file {rec.path}: {rec.count} event(s) (sequence {rec.from_}.."
+                         f"{rec.to}) not written: {rec.reason}")
+    else:
+        ev["message"] = f"audit file {rec.path}: {rec.reason} ({rec.removed_bytes} bytes)"
+    return ev
+
+
+_STATE_CHANGE: dict[type, Callable[[Any], dict[str, Any]]] = {
+    ApprovalEvent: approval_event, SuspensionEvent: suspension_event, PolicyEvent: policy_event, TrailEvent: trail_event,
+}
+
+
+def state_change_event(rec: EventRecord) -> dict[str, Any]:
+    """An approval, suspension, policy or audit-trail event line as an API Activity event."""
+    ev = _STATE_CHANGE[type(rec)](rec)
+    ev["src_endpoint"] = {"name": "proctor"}
+    # the whole line (but its time, which is the event's) for the SIEM
+    details = rec.to_dict()
+    details.pop("time", None)
+    ev["unmapped"] = {"proctor": {"record": rec.record_type, **details}}
+    return ev
+
+
+def to_ocsf(rec: Record | Mapping[str, Any]) -> dict[str, Any]:
+    """One record as one OCSF event. A line-shaped dict is validated into a record first
+    (RecordError when it is not one)."""
+    rec = as_record(rec)
+    return decision_event(rec) if isinstance(rec, DecisionRecord) else state_change_event(rec)
+
+
+# ----------------------------------------------------------------------- reading back
+@dataclass(slots=True)
+class EventEnvelope:
+    """What an audit event says about itself, beside the record it was made from."""
+
+    sequence: Any  # metadata.sequence (an int in every event the trail wrote)
+    time: str | None  # the event's time as the record writes times
+    record: str  # unmapped.proctor.record: decision, approval, suspension, policy, audit
+    event: Any  # unmapped.proctor.event (state changes)
+    operation: Any  # api.operation
+    severity: Any
+    message: Any
+    status_detail: Any  # a refusal as the trail wrote it (redacted, at most 2000 characters)
+    correlation_uid: Any
+
+
+def _obj(parent: Any, key: str) -> dict[str, Any]:
+    value = parent.get(key) if isinstance(parent, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def read_event(ev: dict[str, Any]) -> tuple[EventEnvelope, Record | None]:
+    """An audit event read back into the record it was made from, as far as the event
+    carries it: the inverse of `to_ocsf`, kept next to it so the two cannot drift apart.
+
+    Lenient on purpose (the activity view reads files older versions wrote, and lines
+    still being written): nothing is validated, what is missing is None. Redacted
+    values stay redacted; of a decision's Cedar inputs only the context is in the event,
+    and it is not read back. An unknown `record` gives no record (None)."""
+    meta = _obj(ev, "metadata")
+    p = _obj(_obj(ev, "unmapped"), "proctor")
+    t = ev.get("time")
+    env = EventEnvelope(
+        sequence=meta.get("sequence"),
+        time=iso(t / 1000) if isinstance(t, (int, float)) and t > 0 else None,
+        record=p.get("record") or "decision",
+        event=p.get("event"),
+        operation=_obj(ev, "api").get("operation"),
+        severity=ev.get("severity"),
+        message=ev.get("message"),
+        status_detail=ev.get("status_detail"),
+        correlation_uid=meta.get("correlation_uid"),
+    )
+    if env.record == "decision":
+        return env, _decision_of(ev, env, p)
+    cls = EVENT_TYPES.get(env.record)
+    if cls is None:
+        return env, None
+    data = {k: v for k, v in p.items() if k != "record"}
+    data["time"] = env.time
+    return env, cast(Record, construct(cls, data))
+
+
+def _decision_of(ev: dict[str, Any], env: EventEnvelope, p: dict[str, Any]) -> DecisionRecord:
+    actor, api = _obj(ev, "actor"), _obj(ev, "api")
+    response, http = _obj(api, "response"), _obj(ev, "http_request")
+    url, src, dst = _obj(http, "url"), _obj(ev, "src_endpoint"), _obj(ev, "dst_endpoint")
+    resources = ev.get("resources")
+    first = resources[0] if isinstance(resources, list) and resources and isinstance(resources[0], dict) else {}
+    refusal = None
+    if "error" in response:
+        title = response.get("error_message") or ""
+        shown = env.status_detail if isinstance(env.status_detail, str) else ""
+        refusal = {"kind": response["error"], "title": title,
+                   "detail": shown[len(title) + 2:] if shown.startswith(f"{title}: ") else shown}
+    request = connection = None
+    if http or p.get("mode") is not None:  # (a damaged event may lack the method: None then)
+        request = RecordedRequest(http.get("http_method"), url.get("hostname"), url.get("port"),  # type: ignore[arg-type]
+                                  url.get("path"), p.get("mode"), src.get("ip"))
+    elif dst:
+        connection = RecordedConnection(src.get("ip"), dst.get("hostname"), dst.get("port"))
+    operation = env.operation
+    return construct(DecisionRecord, {
+        "decision_id": env.correlation_uid or _obj(api, "request").get("uid"),
+        "time": env.time,
+        "agent": _obj(actor, "user").get("uid"),
+        "issuer": _obj(actor, "idp").get("name"),
+        "action": operation if operation != "http.request" else None,
+        "resource": first.get("name") or first.get("uid"),
+        "connector": _obj(api, "service").get("name"),
+        "request": request,
+        "connection": connection,
+        "status": response.get("code"),
+        "refusal": refusal,
+        "reasons": p.get("reasons") or [],
+        "errors": p.get("errors") or [],
+        **{k: p.get(k) for k in ("decision", "policy_decision", "policy_revision", "risk", "upstream_status",
+                                 "latency_ms", "decision_ms", "approval_id", "trace_id", "span_id", "shadow", "rpc",
+                                 "error")},
+    })

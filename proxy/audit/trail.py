@@ -1,4 +1,5 @@
-"""The audit writer: decision-record lines in, redacted, chained OCSF events out to every sink.
+"""The audit writer: typed records in (proxy/record/model.py), redacted, chained OCSF events
+out to every sink.
 
 Wired as a listener of the decision recorder, so every decision and every
 state change (approval, suspension, policy rollback) becomes exactly one event.
@@ -10,10 +11,12 @@ import asyncio
 import logging
 import os
 import re
-from datetime import datetime, timezone
+import time
+from collections.abc import Mapping
 from typing import Any
 
 from ..core.model import Refusal
+from ..record.model import DecisionRecord, Record, TrailEvent, iso, parse_record
 from .chain import Chain
 from .filesink import FileSink
 from .ocsf import to_ocsf
@@ -46,6 +49,13 @@ class Redactor:
         return value
 
 
+def _name(record: Record | Mapping[str, Any]) -> object:
+    """What a record is called in a log line: its decision id, else its type."""
+    if isinstance(record, Mapping):
+        return record.get("decision_id") or record.get("type")
+    return record.decision_id if isinstance(record, DecisionRecord) else record.record_type
+
+
 class AuditTrail:
     def __init__(
         self,
@@ -74,7 +84,7 @@ class AuditTrail:
         self.logger = {"name": "proctor", "uid": f"{socket.gethostname()}:{os.getpid()}",
                        "product": {"name": "Proctor", "vendor_name": "Proctor"}}
 
-    def _build(self, record: dict[str, Any]) -> dict[str, Any]:
+    def _build(self, record: Record | Mapping[str, Any]) -> dict[str, Any]:
         event = to_ocsf(record)
         # only the parts that can carry request data need the (costly) walk
         for key in ("resources", "status_detail", "message", "http_request"):
@@ -88,13 +98,14 @@ class AuditTrail:
         event["metadata"]["loggers"] = [self.logger]
         return event
 
-    def emit(self, record: dict[str, Any]) -> None:
-        """One decision-record line -> one chained OCSF event on every sink (never raises)."""
+    def emit(self, record: Record | Mapping[str, Any]) -> None:
+        """One record (a line-shaped dict is validated first) -> one chained OCSF event on
+        every sink (never raises)."""
         try:
             event = self._build(record)
         except Exception:
             self.errors += 1
-            log.exception("could not build the audit event for %s", record.get("decision_id") or record.get("type"))
+            log.exception("could not build the audit event for %s", _name(record))
             return
         if self._files:
             self._account_for_files(event)
@@ -116,10 +127,14 @@ class AuditTrail:
                 log.exception("audit sink %s failed", sink.name)
 
     def _emit_internal(self, record: dict[str, Any]) -> None:
-        """An event about the trail itself (a gap, a repair), chained like any other."""
-        record.setdefault("time", datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"))
+        """An event about the trail itself (a gap, a repair; as the file sink describes it),
+        chained like any other."""
+        record.setdefault("time", iso(time.time()))
         try:
-            event = self._build(record)
+            rec = parse_record(record)
+            if not isinstance(rec, TrailEvent):
+                raise ValueError(f"not an audit-trail event: {record.get('type')!r}")
+            event = self._build(rec)
         except Exception:
             self.errors += 1
             log.exception("could not build the audit %s event", record.get("event"))

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from aiohttp import web
 
-from ..record.decisions import iso
+from ..audit.activity import summarize  # one event -> one row, from its typed record
 from .auth import control_auth, problem
 from .models import ActivityQuery, read_query
 
@@ -149,91 +149,6 @@ class Filters:
         if self.records and s.get("record") not in self.records:
             return False
         return True
-
-
-def summarize(ev: dict[str, Any]) -> dict[str, Any]:
-    """One OCSF event as the flat summary the console shows (no request context, no chain)."""
-    meta = ev.get("metadata") if isinstance(ev.get("metadata"), dict) else {}
-    unmapped = ev.get("unmapped") if isinstance(ev.get("unmapped"), dict) else {}
-    p = unmapped.get("proctor") if isinstance(unmapped.get("proctor"), dict) else {}
-    actor = ev.get("actor") if isinstance(ev.get("actor"), dict) else {}
-    user = actor.get("user") if isinstance(actor.get("user"), dict) else {}
-    api = ev.get("api") if isinstance(ev.get("api"), dict) else {}
-    response = api.get("response") if isinstance(api.get("response"), dict) else {}
-    service = api.get("service") if isinstance(api.get("service"), dict) else {}
-    resources = ev.get("resources") if isinstance(ev.get("resources"), list) else []
-    first = resources[0] if resources and isinstance(resources[0], dict) else {}
-    http = ev.get("http_request") if isinstance(ev.get("http_request"), dict) else {}
-    url = http.get("url") if isinstance(http.get("url"), dict) else {}
-    record = p.get("record") or "decision"
-    t = ev.get("time")
-    out: dict[str, Any] = {
-        "sequence": meta.get("sequence"),
-        "time": iso(t / 1000) if isinstance(t, (int, float)) and t > 0 else None,
-        "record": record,
-        "operation": api.get("operation"),
-        "severity": ev.get("severity"),
-        "message": ev.get("message"),
-    }
-    if record == "decision":
-        out.update({
-            "agent": user.get("uid"),
-            "action": api.get("operation"),
-            "resource": first.get("name") or first.get("uid"),
-            "connector": service.get("name"),
-            "decision": p.get("decision"),
-            "status": response.get("code"),
-            "refusal": response.get("error"),
-            "detail": ev.get("status_detail"),
-            "reasons": p.get("reasons") or [],
-            "policy_decision": p.get("policy_decision"),
-            "policy_revision": p.get("policy_revision"),
-            "approval_id": p.get("approval_id"),
-            "decision_id": meta.get("correlation_uid") or (api.get("request") or {}).get("uid"),
-            "method": http.get("http_method"),
-            "host": url.get("hostname"),
-            "path": url.get("path"),
-            "mode": p.get("mode"),
-            "risk": p.get("risk"),
-            "latency_ms": p.get("latency_ms"),
-            "shadow": p.get("shadow"),
-            "error": p.get("error"),
-        })
-    else:
-        event = p.get("event")
-        out.update({
-            "decision": event,
-            "event": event,
-            "by": p.get("by"),
-            "reason": p.get("reason"),
-        })
-        if record == "approval":
-            out.update({
-                "agent": p.get("agent"),
-                "action": p.get("action"),
-                "resource": p.get("resource"),
-                "connector": p.get("connector"),
-                "approval_id": p.get("approval_id"),
-                "decision_id": p.get("decision_id") or meta.get("correlation_uid"),
-            })
-        elif record == "suspension":
-            kind, target = p.get("kind"), p.get("target")
-            out.update({
-                "agent": target if kind == "agent" else None,
-                "action": target if kind == "action" else None,
-                "connector": target if kind == "connector" else None,
-                "resource": f"{kind}:{target}",
-                "kind": kind,
-                "target": target,
-            })
-        else:  # policy
-            out.update({
-                "agent": None,
-                "resource": p.get("to_revision"),
-                "from_revision": p.get("from_revision"),
-                "to_revision": p.get("to_revision"),
-            })
-    return {k: v for k, v in out.items() if v is not None}
 
 
 def read_activity(path: Path, limit: int, filters: Filters, before: int | None) -> tuple[list[dict[str, Any]], int | None]:

@@ -14,12 +14,13 @@ import asyncio
 import logging
 import re
 import time
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from aiohttp import web
 
 from ..policy.revisions import record_revision, restore_files
 from ..record.decisions import iso
+from ..record.model import PolicyEvent, SuspensionEvent
 from ..store import AgentRecord, StoreError, Suspension
 from .auth import control_auth, problem
 from .models import (
@@ -68,11 +69,9 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
     async def json_body(request: web.Request, model: type[B], optional: bool = False) -> B | web.Response:
         return await read_body(request, model, cross_origin=CROSS_ORIGIN, hint="a JSON object", optional=optional)
 
-    def record(event: str, s: Suspension | None, kind: str, target: str, by: str, reason: str) -> None:
-        runtime.recorder.write({
-            "type": "suspension", "event": event, "time": iso(time.time()), "kind": kind, "target": target,
-            "by": by, "reason": reason,
-        })
+    def record(event: Literal["suspended", "resumed"], s: Suspension | None, kind: str, target: str, by: str,
+               reason: str | None) -> None:
+        runtime.recorder.write(SuspensionEvent.of(event, kind, target, by, reason, time.time()))
 
     def unavailable(e: Exception) -> web.Response:
         log.error("store error: %s", e)
@@ -231,8 +230,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
                 f"the restored files load as revision {now}, not {revision}: the schema generated from the "
                 "connectors has changed since that revision")
             return problem(409, "Rollback did not take effect", detail)
-        runtime.recorder.write({"type": "policy", "event": "rollback", "time": iso(time.time()), "from_revision": before,
-                                "to_revision": now, "by": who, "reason": reason, "files_changed": changed})
+        runtime.recorder.write(PolicyEvent.rollback(before, now, who, reason, changed, time.time()))
         log.warning("policy rollback %s -> %s by %s: %s", before, now, who, reason)
         return reply(RollbackResult(active_revision=now, previous_revision=before, files_changed=changed))
 

@@ -7,13 +7,14 @@ sizes) is collected at scrape time instead of being updated per request.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
-    from ..core.exchange import Exchange
+    from ..record.model import DecisionRecord
 
 # 50 µs .. 10 s: decisions live in the sub-millisecond range, upstream calls far above.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -70,21 +71,23 @@ class Metrics:
             registry=r,
         )
 
-    def observe_request(self, outcome: "Exchange", status: int | None, upstream_status: int | None, total_seconds: float) -> None:
-        cls = outcome.classification
-        action = cls.action if cls else NO_ACTION
-        refusal = outcome.refusal
-        kind = refusal.kind if refusal is not None else "allowed"
-        decision = outcome.decision.value
-        self.decisions.labels(action, decision, kind).inc()
-        for stage, seconds in outcome.timings.items():
+    def observe_request(self, rec: "DecisionRecord", timings: Mapping[str, float], decision_ms: float | None,
+                        total_seconds: float) -> None:
+        """One decided request. The labels are the decision record's own fields (action,
+        decision, refusal kind, shadow verdict, upstream status), so a dashboard and the
+        record never disagree; the timings are the exchange's, unrounded."""
+        action = rec.action if rec.action is not None else NO_ACTION
+        decision = rec.decision
+        self.decisions.labels(action, decision, rec.refusal_kind).inc()
+        for stage, seconds in timings.items():
             self.stage_seconds.labels(stage).observe(seconds)
-        if outcome.decision_ms is not None:
-            self.stage_seconds.labels("decision").observe(outcome.decision_ms / 1000)
+        if decision_ms is not None:
+            self.stage_seconds.labels("decision").observe(decision_ms / 1000)
         self.request_seconds.labels(decision).observe(total_seconds)
-        if outcome.shadow is not None:
-            self.shadow_disagreements.labels(action, decision, outcome.shadow["decision"]).inc()
-        if refusal is None:
+        if rec.shadow is not None:
+            self.shadow_disagreements.labels(action, decision, rec.shadow["decision"]).inc()
+        if rec.refusal is None:
+            upstream_status = rec.upstream_status
             if upstream_status is not None:
                 self.upstream_responses.labels(f"{upstream_status // 100}xx").inc()
             else:

@@ -15,6 +15,7 @@ import time
 from ..core.chain import Stage
 from ..core.exchange import Exchange, Kind
 from ..logredact import redact
+from ..record.model import record_of
 from .metrics import Metrics
 from .tracing import Tracing
 
@@ -38,17 +39,16 @@ class CountMetrics(Stage):
             if ex.connection is not None:
                 self.metrics.connections_refused.labels(ex.connection.reason).inc()
             return
+        if ex.kind is Kind.TUNNEL and ex.refusal is None:
+            return  # an admitted tunnel: its requests are counted one by one
+        # the record the record stage wrote (it runs just before this one on the way back)
+        rec = record_of(ex)
         if ex.kind is Kind.TUNNEL:
-            if ex.refusal is None:
-                return  # an admitted tunnel: its requests are counted one by one
             self.stats["tunnels_refused"] += 1
         else:
             self.stats["requests"] += 1
-            self.stats["allowed" if ex.allowed else "refused"] += 1
-        resp = ex.response
-        status = resp.status if resp is not None else (ex.refusal.status if ex.refusal is not None else None)
-        upstream = resp.upstream_status if resp is not None else None
-        self.metrics.observe_request(ex, status, upstream, time.perf_counter() - ex.started)
+            self.stats["allowed" if rec.decision == "allow" else "refused"] += 1
+        self.metrics.observe_request(rec, ex.timings, ex.decision_ms, time.perf_counter() - ex.started)
 
 
 class Trace(Stage):

@@ -22,6 +22,7 @@ from ..connectors.classifier import Classifier
 from ..core.context import principal_entity, request_context, resource_entity
 from ..connectors.derive import derive_request
 from ..core.model import AgentIdentity, AgentRequest, Classification
+from ..record.model import DecisionRecord
 from .engine import PolicyStore
 
 
@@ -229,13 +230,13 @@ def render_text(ex: Explanation) -> str:
     return "\n".join(lines)
 
 
-def recorded_explanation(store: PolicyStore, rec: dict) -> dict[str, Any]:
+def recorded_explanation(store: PolicyStore, rec: DecisionRecord) -> dict[str, Any]:
     """A recorded decision re-evaluated under the current policies, policy by policy."""
     from .replay import evaluate, replay_context, unrecorded_reads
 
-    cedar = rec["cedar"]
+    cedar, action = rec.cedar, rec.action
+    assert cedar is not None and action, "only records with policy inputs can be explained"
     principal, resource, context = cedar["principal"], cedar["resource"], replay_context(cedar["context"])
-    action = rec["action"]
     now, reasons, errors = evaluate(store, rec)
     b = store.bundle
     dynamic = [e for e in (principal, resource) if (e["uid"]["type"], e["uid"]["id"]) not in b.static_uids]
@@ -245,18 +246,18 @@ def recorded_explanation(store: PolicyStore, rec: dict) -> dict[str, Any]:
     verdicts = _verdicts(store, action, request, entities)
     missing = sorted(unrecorded_reads(b, action) & set(cedar.get("unrecorded", [])))
     return {
-        "decision_id": rec["decision_id"],
-        "time": rec.get("time"),
-        "agent": rec.get("agent"),
-        "request": f"{rec.get('method', '?')} {rec.get('host', '?')}:{rec.get('port', '?')}{rec.get('path', '')}",
+        "decision_id": rec.decision_id,
+        "time": rec.time,
+        "agent": rec.agent,
+        "request": f"{rec.method or '?'} {rec.host or '?'}:{rec.port or '?'}{rec.path or ''}",
         "action": action,
         "resource": resource,
         "principal": principal,
         "context": context,
-        "recorded": {"decision": rec.get("policy_decision"), "reasons": rec.get("reasons") or [],
-                     "policy_revision": rec.get("policy_revision"), "status": rec.get("status")},
+        "recorded": {"decision": rec.policy_decision, "reasons": rec.reasons,
+                     "policy_revision": rec.policy_revision, "status": rec.status},
         "now": {"decision": now, "reasons": reasons, "errors": errors, "policy_revision": b.revision},
-        "same_revision": rec.get("policy_revision") == b.revision,
+        "same_revision": rec.policy_revision == b.revision,
         "approximate_because_unrecorded": missing,
         "policies": [v.__dict__ for v in verdicts],
     }

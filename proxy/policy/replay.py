@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..approvals.policy import hold_groups
-from ..record.decisions import UNRECORDED_CONTEXT_KEYS
+from ..record.model import UNRECORDED_CONTEXT_KEYS, DecisionRecord, RecordError, parse_line
 from .engine import PolicyBundle, PolicyStore
 
 
@@ -42,27 +42,49 @@ def parse_time(text: str, now: float | None = None) -> float:
     return dt.timestamp()
 
 
-def record_time(rec: dict) -> float:
+def record_time(rec: DecisionRecord) -> float:
     try:
-        return datetime.fromisoformat(rec["time"].replace("Z", "+00:00")).timestamp()
-    except (KeyError, ValueError, AttributeError):
+        return datetime.fromisoformat(rec.time.replace("Z", "+00:00")).timestamp()
+    except ValueError:
         return 0.0
 
 
-def read_records(path: Path, since: float | None = None, until: float | None = None) -> Iterator[dict]:
-    """Decision records (not approval/suspension events) in [since, until)."""
+@dataclass
+class Unreadable:
+    """Lines of the decision record that are not records (a torn last line after a crash,
+    or something else): skipped, counted, the first one described."""
+
+    count: int = 0
+    first: str | None = None
+
+    def add(self, lineno: int, why: str) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = f"line {lineno}: {why}"
+
+
+def read_records(path: Path, since: float | None = None, until: float | None = None,
+                 unreadable: Unreadable | None = None, needle: bytes | None = None) -> Iterator[DecisionRecord]:
+    """Decision records (not approval/suspension events) in [since, until), validated
+    (proxy/record/model.py). Only lines containing `needle` are read, when given."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise ReplayInputError(f"cannot read the decision record {path}: {e}") from None
     with f:
-        for raw in f:
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                continue  # a torn last line from a crash
-            if not isinstance(rec, dict) or "type" in rec or "decision_id" not in rec:
+        for lineno, raw in enumerate(f, 1):
+            if needle is not None and needle not in raw:
                 continue
+            if not raw.strip():
+                continue
+            try:
+                rec = parse_line(raw)
+            except RecordError as e:
+                if unreadable is not None:
+                    unreadable.add(lineno, str(e))
+                continue
+            if not isinstance(rec, DecisionRecord):
+                continue  # an event line (approval, suspension, policy)
             t = record_time(rec)
             if since is not None and t < since:
                 continue
@@ -71,23 +93,25 @@ def read_records(path: Path, since: float | None = None, until: float | None = N
             yield rec
 
 
-def find_record(path: Path, decision_id: str) -> dict | None:
-    for rec in read_records(path):
-        if rec.get("decision_id") == decision_id:
+def find_record(path: Path, decision_id: str) -> DecisionRecord | None:
+    # (only lines that mention the id are parsed)
+    for rec in read_records(path, needle=json.dumps(decision_id).encode()):
+        if rec.decision_id == decision_id:
             return rec
     return None
 
 
-def replay_context(context: dict) -> dict:
+def replay_context(context: dict[str, Any]) -> dict[str, Any]:
     """The recorded context, with `query` (a required string the record may drop) defaulted to ""."""
     return context if "query" in context else {**context, "query": ""}
 
 
-def evaluate(store: PolicyStore, rec: dict) -> tuple[str, list[str], list[str]]:
+def evaluate(store: PolicyStore, rec: DecisionRecord) -> tuple[str, list[str], list[str]]:
     """(allow | deny | hold, reasons, errors) of a recorded request under `store`'s policies."""
-    cedar = rec["cedar"]
+    cedar, action = rec.cedar, rec.action
+    assert cedar is not None and action, "only records with policy inputs can be evaluated"
     principal, resource, context = cedar["principal"], cedar["resource"], replay_context(cedar["context"])
-    result = store.authorize(principal, rec["action"], resource, context, [principal, resource])
+    result = store.authorize(principal, action, resource, context, [principal, resource])
     if result.errors:
         return "deny", result.reasons, result.errors
     if result.allowed:
@@ -98,7 +122,7 @@ def evaluate(store: PolicyStore, rec: dict) -> tuple[str, list[str], list[str]]:
         from ..approvals.service import ApprovalService
 
         prospective = {**context, "approval": ApprovalService.prospective_context(groups)}
-        check = store.authorize(principal, rec["action"], resource, prospective, [principal, resource])
+        check = store.authorize(principal, action, resource, prospective, [principal, resource])
         if check.allowed and not check.errors:
             return "hold", result.reasons, []
     return "deny", result.reasons, []
@@ -148,9 +172,10 @@ class ReplayReport:
     approximate: int = 0
     transitions: dict[str, int] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
+    unreadable: Unreadable = field(default_factory=Unreadable)  # lines that are not records
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "candidate_revision": self.candidate_revision,
             "considered": self.considered,
             "replayed": self.replayed,
@@ -161,26 +186,31 @@ class ReplayReport:
             "transitions": self.transitions,
             "changes": [c.as_dict() for c in self.changes],
         }
+        if self.unreadable.count:  # (only then: the key set is otherwise what it always was)
+            out["unreadable"] = self.unreadable.count
+        return out
 
 
-def replay(records: Iterator[dict], candidate: PolicyStore) -> ReplayReport:
+def replay(records: Iterator[DecisionRecord], candidate: PolicyStore, unreadable: Unreadable | None = None) -> ReplayReport:
+    """`unreadable`: what the reader of `records` skipped (it is complete once they are consumed)."""
     report = ReplayReport(candidate_revision=candidate.bundle.revision)
+    if unreadable is not None:
+        report.unreadable = unreadable
     unrecorded_cache: dict[str, set[str]] = {}
     for rec in records:
         report.considered += 1
-        was = rec.get("policy_decision")
-        if "cedar" not in rec or was is None or not rec.get("action"):
+        was, action, cedar = rec.policy_decision, rec.action, rec.cedar
+        if cedar is None or was is None or not action:
             report.skipped_no_inputs += 1
             continue
         report.replayed += 1
         now, reasons, errors = evaluate(candidate, rec)
-        action = rec["action"]
         if action not in unrecorded_cache:
             unrecorded_cache[action] = unrecorded_reads(candidate.bundle, action)
-        approximate = bool(unrecorded_cache[action] & set(rec["cedar"].get("unrecorded", [])))
+        approximate = bool(unrecorded_cache[action] & set(cedar.get("unrecorded", [])))
         if approximate:
             report.approximate += 1
-        if now == was and sorted(reasons) == sorted(rec.get("reasons") or []) and not errors:
+        if now == was and sorted(reasons) == sorted(rec.reasons) and not errors:
             report.unchanged += 1
             continue
         if now == was and not errors:
@@ -190,14 +220,14 @@ def replay(records: Iterator[dict], candidate: PolicyStore) -> ReplayReport:
         report.transitions[key] = report.transitions.get(key, 0) + 1
         report.changes.append(
             Change(
-                decision_id=rec["decision_id"],
-                time=rec.get("time", ""),
-                agent=rec.get("agent"),
+                decision_id=rec.decision_id,
+                time=rec.time,
+                agent=rec.agent,
                 action=action,
-                resource=rec.get("resource"),
+                resource=rec.resource,
                 was=was,
                 now=now,
-                was_reasons=list(rec.get("reasons") or []),
+                was_reasons=list(rec.reasons),
                 now_reasons=reasons,
                 errors=errors,
                 approximate=approximate,
@@ -228,4 +258,7 @@ def render_report(report: ReplayReport, limit: int = 50) -> str:
         )
     if len(report.changes) > limit:
         lines.append(f"... and {len(report.changes) - limit} more (use --json or --limit)")
+    if report.unreadable.count:
+        lines.append(f"{report.unreadable.count} line(s) skipped: not decision records "
+                     f"(first: {report.unreadable.first})")
     return "\n".join(lines)

@@ -1,0 +1,568 @@
+"""The decision record and the event lines, typed: one model family for every line
+of decisions.jsonl and every audit event.
+
+Each line of the decision record is one of:
+
+- `DecisionRecord`: one decided request (or connection-level refusal); no `type` key;
+- `ApprovalEvent` (`"type": "approval"`): an approval state change;
+- `SuspensionEvent` (`"type": "suspension"`): the kill switch, on or off;
+- `PolicyEvent` (`"type": "policy"`): a policy rollback;
+
+and the audit trail adds its own `TrailEvent` (`"type": "audit"`: a gap, a repair),
+which is never written to decisions.jsonl. `Record` is their union.
+
+Everything that reads a record uses these types: the line (`to_dict`, `line`), the
+OCSF event (proxy/audit/ocsf.py), the activity rows (proxy/record/activity.py),
+replay and explain (proxy/policy/), the metrics labels (proxy/observability/).
+
+Two ways in, on purpose:
+
+- on the request path a record is built from the `Exchange` by plain construction
+  of slotted dataclasses: no validation (every value comes from typed objects);
+- a line read back (`parse_line`, `parse_record`) is validated with pydantic: older
+  lines that lack newer fields get the defaults, anything else that is not a record
+  is a `RecordError` that says what is wrong.
+
+The line format is a contract (docs/decision-record.md; SIEM parsers rely on it):
+field names, key order, which optional fields are left out when absent and the
+rounding of the timings are exactly what `to_dict` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
+
+from pydantic import BeforeValidator, Discriminator, Field, Tag, TypeAdapter, ValidationError
+from typing_extensions import NotRequired, TypedDict
+
+from ..core.exchange import Exchange, Kind
+from ..logredact import redact
+
+DecisionValue = Literal["allow", "deny", "hold"]
+
+
+def iso(ts: float) -> str:
+    """Epoch seconds as the record writes times: ISO 8601, UTC, milliseconds, `Z`."""
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# Context keys never recorded: the raw body, the raw query string and MCP tool
+# arguments may carry anything (credentials, personal data). Connector-declared
+# typed values (params, query_params, fields) are what policies should use.
+UNRECORDED_CONTEXT_KEYS = ("body", "query", "arguments")
+
+
+# ------------------------------------------------------------------ parts of a decision
+# JSON objects written as they are: typed dicts (no conversion on the hot path; the
+# audit redactor walks them like any JSON).
+class RefusalPart(TypedDict):
+    kind: str
+    title: str
+    detail: str  # redacted free text (proxy.logredact)
+
+
+class CedarInputs(TypedDict):
+    """What Cedar evaluated, without the unrecorded context keys."""
+
+    principal: dict[str, Any]
+    resource: dict[str, Any]
+    context: dict[str, Any]
+    unrecorded: NotRequired[list[str]]  # which of UNRECORDED_CONTEXT_KEYS the request had
+
+
+class ShadowPart(TypedDict):
+    """The candidate policy set's verdict, when it disagrees (shadow mode)."""
+
+    decision: str
+    reasons: list[str]
+    errors: list[str]
+    revision: str
+
+
+class RpcPart(TypedDict):
+    method: str
+    tool: NotRequired[str]
+
+
+# Flattened into the line (method, host, port, path, mode, client_ip): one of the two.
+@dataclass(slots=True)
+class RecordedRequest:
+    """The HTTP request a decision was about. Lines written by Proctor have all six;
+    the optional ones are for hand-made or truncated lines (read leniently)."""
+
+    method: str
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    mode: str | None = None
+    client_ip: str | None = None
+
+
+@dataclass(slots=True)
+class RecordedConnection:
+    """A connection-level event (non-TLS in a tunnel, TLS failure): no HTTP request."""
+
+    client_ip: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+
+_REQUEST_KEYS = ("method", "host", "port", "path", "mode", "client_ip")
+_CONNECTION_KEYS = ("client_ip", "host", "port")
+
+
+def _nest_request(value: Any) -> Any:
+    """Line -> model: the flat request (or connection) keys become one nested part."""
+    if not isinstance(value, Mapping):
+        return value
+    out = dict(value)
+    if "method" in out:
+        out["request"] = {k: out.pop(k) for k in _REQUEST_KEYS if k in out}
+    elif any(k in out for k in _CONNECTION_KEYS):
+        out["connection"] = {k: out.pop(k) for k in _CONNECTION_KEYS if k in out}
+    return out
+
+
+# ------------------------------------------------------------------------- the records
+@dataclass(slots=True, kw_only=True)
+class DecisionRecord:
+    """What one request was answered, and why."""
+
+    record_type: ClassVar[str] = "decision"
+
+    decision_id: str
+    time: str
+    decision: DecisionValue
+    agent: str | None = None
+    issuer: str | None = None
+    action: str | None = None
+    resource: str | None = None
+    connector: str | None = None
+    risk: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    policy_revision: str | None = None
+    status: int | None = None
+    upstream_status: int | None = None
+    latency_ms: float | None = None
+    decision_ms: float | None = None
+    request: RecordedRequest | None = None
+    connection: RecordedConnection | None = None
+    # left out of the line when absent:
+    refusal: RefusalPart | None = None
+    errors: list[str] = field(default_factory=list)
+    shadow: ShadowPart | None = None
+    rpc: RpcPart | None = None
+    approval_id: str | None = None
+    policy_decision: DecisionValue | None = None
+    trace_id: str | None = None
+    span_id: str | None = None
+    cedar: CedarInputs | None = None
+    error: str | None = None
+
+    # -- where (the request's, else the connection's) -------------------------------
+    @property
+    def method(self) -> str | None:
+        return self.request.method if self.request is not None else None
+
+    @property
+    def host(self) -> str | None:
+        where = self.request if self.request is not None else self.connection
+        return where.host if where is not None else None
+
+    @property
+    def port(self) -> int | None:
+        where = self.request if self.request is not None else self.connection
+        return where.port if where is not None else None
+
+    @property
+    def path(self) -> str | None:
+        return self.request.path if self.request is not None else None
+
+    @property
+    def mode(self) -> str | None:
+        return self.request.mode if self.request is not None else None
+
+    @property
+    def client_ip(self) -> str | None:
+        where = self.request if self.request is not None else self.connection
+        return where.client_ip if where is not None else None
+
+    @property
+    def refusal_kind(self) -> str:
+        """The refusal's kind, or `allowed` (the metrics label)."""
+        return self.refusal["kind"] if self.refusal is not None else "allowed"
+
+    # -- from the exchange (the hot path: no validation) -------------------------------
+    @classmethod
+    def from_exchange(cls, ex: Exchange, with_inputs: bool = True) -> DecisionRecord:
+        """The record of one exchange, at the end of its response phase."""
+        c = ex.classification
+        refusal = ex.refusal
+        resp = ex.response
+        req = ex.request
+        if resp is not None:
+            status, upstream_status, error = resp.status, resp.upstream_status, resp.error
+        else:
+            status, upstream_status, error = (refusal.status or None) if refusal is not None else None, None, None
+        identity = ex.identity
+        inputs = ex.policy_inputs
+        rpc = c.rpc if c is not None else None
+        trace = ex.trace_ids
+        if req is not None:
+            where_req = RecordedRequest(req.method, req.host, req.port, req.path, req.mode, req.client_ip)
+            where_conn = None
+        else:
+            conn = ex.connection
+            where_req = None
+            where_conn = RecordedConnection(conn.client_ip, conn.host, conn.port) if conn is not None else None
+        return cls(
+            decision_id=ex.decision_id,
+            time=iso(ex.timestamp),
+            agent=identity.agent_id if identity is not None else None,
+            issuer=identity.issuer if identity is not None else None,
+            action=c.action if c is not None else None,
+            resource=c.resource_uid if c is not None else None,
+            connector=c.connector if c is not None else None,
+            risk=c.risk if c is not None else None,
+            decision=ex.decision.value,  # (Decision's values are DecisionValue)
+            reasons=ex.reasons if refusal is None else refusal.reasons,
+            policy_revision=ex.policy_revision or None,
+            status=status,
+            upstream_status=upstream_status,
+            latency_ms=None if ex.kind is Kind.CONNECTION else round(ex.elapsed_ms(), 3),
+            decision_ms=None if ex.decision_ms is None else round(ex.decision_ms, 3),
+            request=where_req,
+            connection=where_conn,
+            # Free text (details, engine and upstream error messages) may quote request data:
+            # no query string, userinfo or header value is recorded from it.
+            refusal={"kind": refusal.kind, "title": refusal.title, "detail": redact(refusal.detail)}
+            if refusal is not None else None,
+            errors=[redact(e) if isinstance(e, str) else e for e in ex.errors] if ex.errors else [],
+            shadow=ex.shadow,  # type: ignore[arg-type]  # (ShadowResult.as_dict)
+            rpc=rpc,  # type: ignore[arg-type]  # JSON-RPC method and tool (never the arguments)
+            approval_id=ex.approval_id or None,
+            policy_decision=ex.policy_decision,  # type: ignore[arg-type]
+            trace_id=trace[0] if trace is not None else None,
+            span_id=trace[1] if trace is not None else None,
+            cedar=policy_inputs_record(inputs) if with_inputs and inputs is not None else None,
+            error=redact(error) if error else None,
+        )
+
+    # -- to the line -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The line as a dict, in the line's key order (absent optional fields left out)."""
+        d: dict[str, Any] = {
+            "decision_id": self.decision_id,
+            "time": self.time,
+            "agent": self.agent,
+            "issuer": self.issuer,
+            "action": self.action,
+            "resource": self.resource,
+            "connector": self.connector,
+            "risk": self.risk,
+            "decision": self.decision,
+            "reasons": self.reasons,
+            "policy_revision": self.policy_revision,
+            "status": self.status,
+            "upstream_status": self.upstream_status,
+            "latency_ms": self.latency_ms,
+            "decision_ms": self.decision_ms,
+        }
+        req = self.request
+        if req is not None:
+            d["method"] = req.method
+            d["host"] = req.host
+            d["port"] = req.port
+            d["path"] = req.path
+            d["mode"] = req.mode
+            d["client_ip"] = req.client_ip
+        elif self.connection is not None:
+            conn = self.connection
+            d["client_ip"] = conn.client_ip
+            d["host"] = conn.host
+            d["port"] = conn.port
+        if self.refusal is not None:
+            d["refusal"] = self.refusal
+        if self.errors:
+            d["errors"] = self.errors
+        if self.shadow is not None:
+            d["shadow"] = self.shadow
+        if self.rpc is not None:
+            d["rpc"] = self.rpc
+        if self.approval_id:
+            d["approval_id"] = self.approval_id
+        if self.policy_decision is not None:
+            d["policy_decision"] = self.policy_decision
+        if self.trace_id is not None:
+            d["trace_id"] = self.trace_id
+            d["span_id"] = self.span_id
+        if self.cedar is not None:
+            d["cedar"] = self.cedar
+        if self.error:
+            d["error"] = self.error
+        return d
+
+    def line(self) -> bytes:
+        return _line(self.to_dict())
+
+
+def policy_inputs_record(inputs: tuple[Any, Any, Any]) -> CedarInputs:
+    principal, resource, context = inputs
+    # (an empty value is kept: it carries nothing, and replay then sees exactly what policy saw)
+    ctx = {k: v for k, v in context.items() if k not in UNRECORDED_CONTEXT_KEYS or v in (None, "")}
+    dropped = [k for k in UNRECORDED_CONTEXT_KEYS if context.get(k) not in (None, "")]
+    out: CedarInputs = {"principal": principal, "resource": resource, "context": ctx}
+    if dropped:
+        out["unrecorded"] = dropped
+    return out
+
+
+class _Event:
+    """Event lines: every field is on the line, in field order, except optional ones
+    that are None (`_OMIT_NONE`)."""
+
+    __slots__ = ()
+    record_type: ClassVar[str]
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
+
+    def to_dict(self) -> dict[str, Any]:
+        omit = self._OMIT_NONE
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None and f.name in omit:
+                continue
+            out[f.metadata.get("key", f.name)] = value
+        return out
+
+    def line(self) -> bytes:
+        return _line(self.to_dict())
+
+
+@dataclass(slots=True, kw_only=True)
+class ApprovalEvent(_Event):
+    """One approval state change (docs/approvals.md)."""
+
+    record_type: ClassVar[str] = "approval"
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset({"policies", "mode", "by", "reason", "to"})
+
+    type: Literal["approval"] = "approval"
+    # requested, voted, approved, denied, escalated, expired, forwarded
+    event: str
+    time: str
+    approval_id: str
+    decision_id: str
+    agent: str
+    action: str
+    resource: str
+    state: str  # the approval's state after the event
+    groups: dict[str, int]  # approval group -> approvals required
+    policies: list[str] | None = None  # requested: the @approval policies
+    mode: str | None = None  # requested: sync | async
+    by: str | None = None  # voted, approved, denied: the approver
+    reason: str | None = None
+    to: str | None = None  # escalated: the escalation group
+
+    @classmethod
+    def of(cls, approval: Any, event: str, when: float, **extra: Any) -> ApprovalEvent:
+        """From a store `Approval` (proxy/store/models.py); extras that are None are left out."""
+        return cls(
+            event=event,
+            time=iso(when),
+            approval_id=approval.id,
+            decision_id=approval.decision_id,
+            agent=approval.agent_id,
+            action=approval.action,
+            resource=f"{approval.resource_type}::\"{approval.resource_id}\"",
+            state=approval.state,
+            groups=approval.groups,
+            **extra,
+        )
+
+
+@dataclass(slots=True, kw_only=True)
+class SuspensionEvent(_Event):
+    """The kill switch: an agent, connector or action suspended or resumed (docs/governance.md)."""
+
+    record_type: ClassVar[str] = "suspension"
+
+    type: Literal["suspension"] = "suspension"
+    event: Literal["suspended", "resumed"]
+    time: str
+    kind: Literal["agent", "connector", "action"]
+    target: str
+    by: str
+    reason: str | None = None  # optional on resumed (written as null)
+
+    @classmethod
+    def of(cls, event: Literal["suspended", "resumed"], kind: Any, target: str, by: str, reason: str | None,
+           when: float) -> SuspensionEvent:
+        return cls(event=event, time=iso(when), kind=kind, target=target, by=by, reason=reason)
+
+
+@dataclass(slots=True, kw_only=True)
+class PolicyEvent(_Event):
+    """A policy rollback (docs/governance.md)."""
+
+    record_type: ClassVar[str] = "policy"
+
+    type: Literal["policy"] = "policy"
+    event: str  # rollback
+    time: str
+    from_revision: str
+    to_revision: str
+    by: str
+    reason: str
+    files_changed: list[str]
+
+    @classmethod
+    def rollback(cls, from_revision: str, to_revision: str, by: str, reason: str, files_changed: list[str],
+                 when: float) -> PolicyEvent:
+        return cls(event="rollback", time=iso(when), from_revision=from_revision, to_revision=to_revision, by=by,
+                   reason=reason, files_changed=files_changed)
+
+
+@dataclass(slots=True, kw_only=True)
+class TrailEvent(_Event):
+    """The audit trail about itself (proxy/audit/filesink.py): events a file could not take
+    (`gap`), or a torn last line cut off (`repaired`). Only in the audit trail."""
+
+    record_type: ClassVar[str] = "audit"
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"time", "path", "from_", "to", "count", "decisions", "removed_bytes", "removed_sha256", "reason"})
+
+    type: Literal["audit"] = "audit"
+    event: str  # gap | repaired
+    time: str | None = None
+    path: str | None = None
+    from_: Annotated[int | None, Field(alias="from")] = field(default=None, metadata={"key": "from"})  # gap
+    to: int | None = None
+    count: int | None = None
+    decisions: dict[str, int] | None = None  # gap: the missing events by decision
+    removed_bytes: int | None = None  # repaired
+    removed_sha256: str | None = None
+    reason: str | None = None
+
+
+Record = Union[DecisionRecord, ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent]
+EventRecord = Union[ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent]
+EVENT_TYPES: dict[str, type[_Event]] = {
+    "approval": ApprovalEvent, "suspension": SuspensionEvent, "policy": PolicyEvent, "audit": TrailEvent,
+}
+
+
+def _line(d: dict[str, Any]) -> bytes:
+    # default=str: a value JSON has no type for (a Decimal in a context) is written as text
+    return (json.dumps(d, separators=(",", ":"), default=str) + "\n").encode()
+
+
+# ------------------------------------------------------------------------- reading back
+class RecordError(ValueError):
+    """A line (or dict) that is not a record; the message says why."""
+
+
+def _line_kind(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        kind = value.get("type")
+        return "decision" if kind is None else kind if isinstance(kind, str) else None
+    if isinstance(value, (DecisionRecord, _Event)):
+        return value.record_type
+    return None
+
+
+RecordLine = Annotated[
+    Union[
+        Annotated[DecisionRecord, BeforeValidator(_nest_request), Tag("decision")],
+        Annotated[ApprovalEvent, Tag("approval")],
+        Annotated[SuspensionEvent, Tag("suspension")],
+        Annotated[PolicyEvent, Tag("policy")],
+        Annotated[TrailEvent, Tag("audit")],
+    ],
+    Discriminator(
+        _line_kind,
+        custom_error_type="record_type",
+        custom_error_message="not a record: an object with no `type` (a decision) or `type` one of "
+                             "approval, suspension, policy, audit",
+    ),
+]
+RECORD_LINE: TypeAdapter[Record] = TypeAdapter(RecordLine)
+
+
+def _problem(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        if err["type"] == "record_type":
+            got = err["input"]
+            kind = got.get("type") if isinstance(got, Mapping) else None
+            parts.append(f"unknown record type {kind!r} (known: {', '.join(EVENT_TYPES)}; a decision has none)"
+                         if kind is not None else f"not a record: a JSON object is expected, not {type(got).__name__}")
+            continue
+        # the first element of loc is the union tag: the record kind, said separately
+        loc = ".".join(str(x) for x in err["loc"][1:]) or "(record)"
+        parts.append(f"{loc}: {err['msg']}")
+    more = e.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def parse_line(line: bytes | str) -> Record:
+    """One line of decisions.jsonl as a record (validated); RecordError when it is not one."""
+    try:
+        return RECORD_LINE.validate_json(line)
+    except ValidationError as e:
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            raise RecordError(f"not JSON: {e.errors()[0]['msg']}") from None
+        raise RecordError(_problem(e)) from None
+
+
+def parse_record(data: Any) -> Record:
+    """A record given as a line-shaped dict (validated); RecordError when it is not one."""
+    try:
+        return RECORD_LINE.validate_python(data)
+    except ValidationError as e:
+        raise RecordError(_problem(e)) from None
+
+
+def as_record(value: Record | Mapping[str, Any]) -> Record:
+    """A record as it is, a line-shaped dict validated into one."""
+    if isinstance(value, Mapping):
+        return parse_record(value)
+    return value
+
+
+_T = TypeVar("_T")
+
+
+def construct(cls: type[_T], data: Mapping[str, Any]) -> _T:
+    """A record from data that is not checked (events read back from the audit trail for
+    display): known fields taken as they are, missing ones None or their default."""
+    obj = object.__new__(cls)
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        key = f.metadata.get("key", f.name)
+        if key in data:
+            value = data[key]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = None
+        object.__setattr__(obj, f.name, value)
+    return obj
+
+
+def record_of(ex: Exchange, with_inputs: bool = False) -> DecisionRecord:
+    """The exchange's decision record: the one the record stage wrote (proxy/record/stage.py
+    keeps it in the exchange's stage data), else built now. Stages that run after the record
+    stage on the way back (metrics) read the same typed fields the line was written from."""
+    rec = ex.stage_data.get(RECORD_KEY)
+    if isinstance(rec, DecisionRecord):
+        return rec
+    return DecisionRecord.from_exchange(ex, with_inputs=with_inputs)
+
+
+RECORD_KEY = "record"  # the record stage's name: its entry in Exchange.stage_data
