@@ -442,10 +442,16 @@ class AiohttpGateway:
 
     async def _serve(self, request: web.BaseRequest, progress: _Progress) -> web.StreamResponse:
         if request.version not in (HttpVersion11, HttpVersion10):
-            if request.version.major < 1:  # HTTP/0.9: a request line without a version
-                return self._protocol_refusal(400, "Bad request", "the request line has no HTTP version")
-            return self._protocol_refusal(505, "HTTP version not supported",
-                                          "the gateway speaks HTTP/1.1 (and HTTP/1.0) only")
+            # answered raw: aiohttp would echo the request's version in the status line
+            if request.version.major < 1:  # HTTP/0.9 (or a request line without a version)
+                raw = _raw_problem_response(400, "Bad request", "the request line has no HTTP/1.x version")
+            else:
+                raw = _raw_problem_response(505, "HTTP version not supported",
+                                            "the gateway speaks HTTP/1.1 (and HTTP/1.0) only")
+            transport = request.transport
+            if transport is not None:
+                transport.write(raw)
+            return self._close_connection(request)
         if not request.raw_path.startswith("/"):
             # absolute-form (or asterisk-form) to a gateway: routing is by Host and path only
             return self._protocol_refusal(
