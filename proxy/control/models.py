@@ -137,8 +137,7 @@ class RollbackRequest(InputModel):
 
     FIELD_TITLES = {"revision": "Revision required", "reason": "Reason required"}
     revision: str = Field(min_length=1, max_length=256, description="A revision from GET /v1/policies/revisions.")
-    reason: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1),
-                      Field(description="Mandatory (not blank); recorded.", json_schema_extra={"pattern": r"\S"})]
+    reason: RecordedReason
 
 
 # ----------------------------------------------------------------------------- query strings
@@ -195,15 +194,42 @@ class SuspensionPath(InputModel):
 M = TypeVar("M", bound=InputModel)
 
 
+def _message(err: Any) -> str:
+    """A person-readable sentence for one pydantic error (the value itself is never echoed)."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "missing":
+        return "is required"
+    if kind == "string_too_short":
+        return "must not be blank" if ctx.get("min_length") == 1 else f"is shorter than {ctx['min_length']} characters"
+    if kind == "string_too_long":
+        return f"is longer than {ctx['max_length']} characters"
+    if kind == "string_pattern_mismatch" and ctx.get("pattern") == TARGET_PATTERN:
+        return "must be 1-256 printable characters"
+    if kind == "string_type":
+        return "must be a string"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return "must be an integer"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind in ("model_type", "dict_type"):
+        return "must be a JSON object"
+    return str(err["msg"])
+
+
 def invalid(model: type[InputModel], e: ValidationError, where: str) -> web.Response:
-    """400 problem+json: `errors` names every field at fault (never echoing the value)."""
-    errors = []
-    for err in e.errors(include_url=False, include_input=False, include_context=False):
-        name = ".".join(str(part) for part in err["loc"])
-        errors.append({"field": name, "in": where, "message": err["msg"]})
-    first = str(e.errors()[0]["loc"][0]) if e.errors() and e.errors()[0]["loc"] else ""
-    title = model.FIELD_TITLES.get(first, model.BAD_TITLE)
-    detail = "; ".join(f"{x['field']}: {x['message']}" if x["field"] else x["message"] for x in errors)
+    """400 problem+json: `errors` names every field at fault (never echoing the value).
+
+    Titled by the first field at fault: "<Field> too long" for an overlong value, else the model's
+    title for that field (the wording clients match on), else its generic title."""
+    details = e.errors(include_url=False, include_input=False)
+    errors = [{"field": ".".join(str(part) for part in err["loc"]), "in": where, "message": _message(err)}
+              for err in details]
+    first = str(details[0]["loc"][0]) if details and details[0]["loc"] else ""
+    if details and details[0]["type"] == "string_too_long" and first:
+        title = f"{first.replace('_', ' ').capitalize()} too long"
+    else:
+        title = model.FIELD_TITLES.get(first, model.BAD_TITLE)
+    detail = "; ".join(f"{x['field']} {x['message']}" if x["field"] else x["message"] for x in errors)
     return problem(400, title, detail, extra={"errors": errors})
 
 
