@@ -159,13 +159,14 @@ def hold_policies(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def scanned(tmp_path_factory, idp, pki, upstream, upstream_tls, hold_policies) -> tuple[Scan, Proctor]:
+def scanned(tmp_path_factory, idp, pki, upstream, upstream_tls, hold_policies, gateway_engine) -> tuple[Scan, Proctor]:
     """Run the whole attack once against one DEBUG-level Proctor; collect every output."""
     p = start_proctor(
         tmp_path_factory.mktemp("scan"), idp, pki, upstream, upstream_tls,
         overrides={
             "approvals": {"mode": "async", "expire_after_seconds": 60},
             "limits": {"max_body_bytes": 4096, "max_request_head_bytes": 8192},
+            "gateway": {"engine": gateway_engine},  # the gateway scanned on each engine
         },
         policies_src=hold_policies,
         log_level="debug",
