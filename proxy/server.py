@@ -33,6 +33,7 @@ from .control.api import build_app
 from .connectors.enrich import Enricher
 from .engine.aiohttp_gateway import AiohttpGateway
 from .engine.gateway import GatewayRouter
+from .engine.gateway_tls import ListenerCertificates
 from .engine.listeners import ListenerWatch
 from .engine.mitm import ProctorAddon
 from .identity.stage import Authenticator
@@ -258,6 +259,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
             runtime.path.requests, runtime.addon.router, config.limits, config.upstream,
             config.gateway.listen.host, config.gateway.listen.port,
             body_budget=runtime.addon.body_budget,  # one process-wide bound on bodies being received
+            tls=ListenerCertificates(config.ca_dir),  # TLS on the same port, as mitmproxy's listener does
         )
     elif config.gateway.enabled:
         listened[options["mode"][1]] = ("gateway", f"{config.gateway.listen.host}:{config.gateway.listen.port}")

@@ -6,6 +6,7 @@ import base64
 import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 
@@ -195,3 +196,15 @@ def test_sigterm_closes_the_gateway_and_exits_cleanly(proctor_factory, gateway_e
     with socket.socket() as probe:
         probe.settimeout(0.5)
         assert probe.connect_ex(("127.0.0.1", p.gateway_port)) != 0
+
+
+@pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
+def test_gateway_listener_accepts_tls_with_a_certificate_from_proctors_ca(gateway_proctor, upstream, idp, host):
+    """The same port speaks TLS when the client starts with a TLS handshake."""
+    upstream.clear()
+    token = idp.token("gw-bot", groups=["readers"])
+    r = httpx.get(f"https://{host}:{gateway_proctor.gateway_port}/svc/items/6", headers={"Authorization": f"Bearer {token}"},
+                  verify=ssl.create_default_context(cafile=str(gateway_proctor.ca_pem)), timeout=10)
+    assert r.status_code == 200, r.text
+    assert upstream.last()["path"] == "/items/6" and upstream.last()["scheme"] == "http"
+    assert gateway_proctor.decision(r.headers["x-proctor-decision-id"])["decision"] == "allow"

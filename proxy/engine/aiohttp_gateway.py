@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ from ..core.problem import DECISION_HEADER, PROBLEM_CONTENT_TYPE, refusal_answer
 from ..logredact import redact
 from .bodylimits import BodyBudget, BodyGuard, body_refusal
 from .gateway import GatewayRouter
+from .gateway_tls import ListenerCertificates
 
 log = logging.getLogger("proctor.engine.aiohttp")
 
@@ -124,6 +126,48 @@ def _hop_by_hop(raw: Iterable[tuple[bytes, bytes]]) -> frozenset[str]:
         if name.lower() == b"connection":
             listed |= _connection_tokens(value.decode("latin-1"))
     return HOP_BY_HOP | listed
+
+
+def _listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address `host` resolves to."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    made: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            made.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as e:
+                raise OSError(e.errno, f"error while attempting to bind on address {address!r}: "
+                                       f"{(e.strerror or str(e)).lower()}") from None
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError:
+        for sock in made:
+            sock.close()
+        raise
+    return made
+
+
+async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
+    """The first byte the client sent, left in the socket for whoever reads next."""
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = conn.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+    return conn.recv(1, socket.MSG_PEEK)
 
 
 def _decoded(body: bytes, encoding: str | None) -> bytes | None:
@@ -310,6 +354,7 @@ class AiohttpGateway:
         host: str,
         port: int,
         body_budget: BodyBudget | None = None,
+        tls: ListenerCertificates | None = None,
     ) -> None:
         self.chain = chain
         self.router = router
@@ -320,8 +365,12 @@ class AiohttpGateway:
         # Shared with the mitmproxy engine when both run (one process-wide bound).
         self.body_budget = body_budget or BodyBudget(limits.max_inflight_body_bytes)
         self.error: str | None = None
+        # TLS for clients that open with a handshake (None: plain HTTP only)
+        self.tls = tls
         self._server: _Server | None = None
-        self._listener: asyncio.AbstractServer | None = None
+        self._sockets: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._adopting: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=upstream.connect_timeout_seconds, sock_read=upstream.read_timeout_seconds
@@ -335,7 +384,7 @@ class AiohttpGateway:
     # -- lifecycle -------------------------------------------------------------------
     @property
     def up(self) -> bool:
-        return self._listener is not None and self._listener.is_serving()
+        return bool(self._accepting) and not any(t.done() for t in self._accepting)
 
     async def start(self) -> None:
         """Bind the listener (OSError when it cannot) and open the upstream client."""
@@ -358,11 +407,11 @@ class AiohttpGateway:
             handler_cancellation=False,  # an agent hanging up does not cancel a decision half-way
         )
         try:
-            self._listener = await loop.create_server(self._server, self.host, self.port, reuse_address=True,
-                                                      backlog=1024)
+            self._sockets = _listening_sockets(self.host, self.port)
         except OSError as e:
             self.error = str(e)
             raise
+        self._accepting = [loop.create_task(self._accept(sock)) for sock in self._sockets]
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=self._ssl, limit=0, limit_per_host=0),
             cookie_jar=aiohttp.DummyCookieJar(),  # upstream cookies belong to the agent, never to the pool
@@ -377,19 +426,66 @@ class AiohttpGateway:
 
     async def close(self) -> None:
         """Stop listening, let requests in flight finish (bounded), close the upstream pool."""
-        if self._listener is not None:
-            self._listener.close()
+        for task in [*self._accepting, *self._adopting]:
+            task.cancel()
+        await asyncio.gather(*self._accepting, *self._adopting, return_exceptions=True)
+        self._accepting = []
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
         if self._server is not None:
             try:
                 await self._server.shutdown(SHUTDOWN_GRACE_SECONDS)
             except Exception:
                 log.exception("closing the gateway's client connections failed")
-        if self._listener is not None:
-            await self._listener.wait_closed()
-            self._listener = None
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    # -- connections -----------------------------------------------------------------
+    async def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(listening)
+            except asyncio.CancelledError:
+                raise
+            except OSError as e:  # e.g. out of file descriptors: keep serving the others
+                log.warning("the gateway could not accept a connection: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._adopt(conn))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        """Hand an accepted connection to the HTTP protocol, through TLS when the client's
+        first byte opens a TLS handshake (the same port serves both, as with mitmproxy)."""
+        loop = asyncio.get_running_loop()
+        idle = self.limits.client_idle_timeout_seconds
+        try:
+            conn.setblocking(False)
+            context = None
+            if self.tls is not None:
+                async with asyncio.timeout(idle):  # a client that sends nothing is closed
+                    first = await _peek(loop, conn)
+                if not first:
+                    conn.close()
+                    return
+                if first[0] == 0x16:  # a TLS handshake record
+                    context = self.tls.for_address(conn.getsockname()[0])
+            assert self._server is not None
+            await loop.connect_accepted_socket(self._server, conn, ssl=context,
+                                               ssl_handshake_timeout=idle if context else None)
+        except asyncio.CancelledError:
+            conn.close()
+            raise
+        except (OSError, TimeoutError, ssl.SSLError) as e:
+            log.debug("gateway connection dropped before HTTP: %s", e)
+            conn.close()
+        except Exception:
+            log.exception("the gateway could not take a connection")
+            conn.close()
 
     # -- building the request --------------------------------------------------------
     def _agent_request(self, request: web.BaseRequest, body: bytes) -> AgentRequest:
