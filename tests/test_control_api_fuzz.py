@@ -147,21 +147,25 @@ def fuzz(p: Proctor, token: str, ids: dict[str, str]) -> Tally:
             if existing and mode is GenerationMode.POSITIVE:
                 strategies.append(op.as_strategy(generation_mode=mode, path_parameters=existing))
             for strategy in strategies:
-
-                @seed(SEED)
-                @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-                          phases=[Phase.explicit, Phase.generate, Phase.shrink],
-                          suppress_health_check=list(HealthCheck))
-                @given(case=strategy)
-                def run(case: schemathesis.Case) -> None:
-                    tally.examples[label] += 1
-                    case.call_and_validate(headers=headers, checks=CHECKS, timeout=10)
-
-                try:
-                    run()
-                except (Exception, FailureGroup) as e:  # noqa: BLE001 - collected, reported below
-                    tally.failures.setdefault(label, f"{type(e).__name__}: {e}")
+                run_examples(strategy, label, headers, tally)
     return tally
+
+
+def run_examples(strategy, label: str, headers: dict[str, str], tally: Tally) -> None:
+    """Send MAX_EXAMPLES seeded cases; a failure (shrunk to its smallest example) is recorded under `label`."""
+
+    @seed(SEED)
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
+              phases=[Phase.explicit, Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
+    @given(case=strategy)
+    def run(case: schemathesis.Case) -> None:
+        tally.examples[label] += 1
+        case.call_and_validate(headers=headers, checks=CHECKS, timeout=10)
+
+    try:
+        run()
+    except (Exception, FailureGroup) as e:  # noqa: BLE001 - collected, reported by the test
+        tally.failures.setdefault(label, f"{type(e).__name__}: {e}")
 
 
 def _short(text: str, limit: int = 2000) -> str:

@@ -17,7 +17,7 @@ and bodies alike (older and newer clients keep working).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from aiohttp import web
 from pydantic import (
@@ -41,8 +41,9 @@ MAX_OFFSET = 2**53  # far past any real table; keeps the SQL integer in range on
 ApprovalState = Literal["pending", "approved", "denied", "expired", "forwarded", "cancelled"]
 SuspensionKind = Literal["agent", "connector", "action"]
 AuditRecordKind = Literal["decision", "approval", "suspension", "policy"]
-assert set(ApprovalState.__args__) == set(APPROVAL_STATES)  # type: ignore[attr-defined]
-assert set(SuspensionKind.__args__) == set(SUSPENSION_KINDS)  # type: ignore[attr-defined]
+# the store's lists stay the source of truth: a new state or kind must be added here too
+assert set(get_args(ApprovalState)) == set(APPROVAL_STATES)
+assert set(get_args(SuspensionKind)) == set(SUSPENSION_KINDS)
 
 
 # ----------------------------------------------------------------------------- field types

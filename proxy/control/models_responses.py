@@ -162,7 +162,8 @@ class ApprovalSummary(_Out):
             "decision_id": a.decision_id,
             "policies": a.derived.get("policies", []),
             "votes": [
-                Vote(approver=v.approver, groups=v.group.split(","), decision=v.decision, reason=v.reason, at=iso(v.at))
+                {"approver": v.approver, "groups": v.group.split(","), "decision": v.decision, "reason": v.reason,
+                 "at": iso(v.at)}
                 for v in a.votes
             ],
             "method": a.request.get("method"),
@@ -171,7 +172,7 @@ class ApprovalSummary(_Out):
 
     @classmethod
     def of(cls, a: records.Approval) -> "ApprovalSummary":
-        return cls(**cls.fields_of(a))
+        return cls.model_validate(cls.fields_of(a))
 
 
 class Approval(ApprovalSummary):
@@ -184,9 +185,11 @@ class Approval(ApprovalSummary):
         json_schema_extra=_absent_when_unset)
 
     @classmethod
-    def of(cls, a: records.Approval, you_may_decide: bool | None = None) -> "Approval":  # type: ignore[override]
-        extra = {} if you_may_decide is None else {"you_may_decide": you_may_decide}
-        return cls(**cls.fields_of(a), request=a.request, derived=a.derived, **extra)
+    def of(cls, a: records.Approval, you_may_decide: bool | None = None) -> "Approval":
+        fields = {**cls.fields_of(a), "request": a.request, "derived": a.derived}
+        if you_may_decide is not None:  # left unset otherwise: absent from the answer
+            fields["you_may_decide"] = you_may_decide
+        return cls.model_validate(fields)
 
 
 class ApprovalList(_Out):
@@ -209,8 +212,8 @@ class ApprovalStatus(_Out):
 
     @classmethod
     def of(cls, a: records.Approval) -> "ApprovalStatus":
-        return cls(id=a.id, state=a.state, action=a.action, resource=_resource(a), expires_at=iso(a.expires_at),
-                   decided_by=a.decided_by, reason=a.reason)
+        return cls.model_validate({"id": a.id, "state": a.state, "action": a.action, "resource": _resource(a),
+                                   "expires_at": iso(a.expires_at), "decided_by": a.decided_by, "reason": a.reason})
 
 
 class ApprovalEvent(_Out):
@@ -237,7 +240,8 @@ class Suspension(_Out):
 
     @classmethod
     def of(cls, s: records.Suspension) -> "Suspension":
-        return cls(kind=s.kind, target=s.target, since=iso(s.since), by=s.by, reason=s.reason)
+        return cls.model_validate({"kind": s.kind, "target": s.target, "since": iso(s.since), "by": s.by,
+                                   "reason": s.reason})
 
 
 class Agent(_Out):

@@ -15,7 +15,7 @@ tests/test_control_api_fuzz.py runs schemathesis against the live document.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -216,7 +216,7 @@ def _parameters(model: type[BaseModel] | None, where: str) -> list[dict[str, Any
     return out
 
 
-def _responses(route: Route, refs: dict[type[BaseModel], dict[str, str]]) -> dict[str, Any]:
+def _responses(route: Route, refs: dict[type[BaseModel], dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for r in route.replies:
         media: dict[str, Any] = {"schema": refs[r.model] if r.model is not None else r.schema}
@@ -230,7 +230,7 @@ def _responses(route: Route, refs: dict[type[BaseModel], dict[str, str]]) -> dic
     return dict(sorted(out.items()))
 
 
-def _operation(route: Route, refs: dict[type[BaseModel], dict[str, str]]) -> dict[str, Any]:
+def _operation(route: Route, refs: dict[type[BaseModel], dict[str, Any]]) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": route.summary, "operationId": route.operation_id, "tags": [route.tag],
                           "security": SECURITY[route.security]}
     if route.description:
@@ -257,12 +257,16 @@ def _error_response(status: int, description: str, problem: dict[str, str]) -> d
 
 
 def build_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
-    bodies = {r.body for r in routes if r.body is not None}
-    answers = {rep.model for r in routes for rep in r.replies if rep.model is not None} | {rs.Problem, *EXTRA_MODELS}
-    pairs = [(m, "validation") for m in sorted(bodies, key=lambda m: m.__name__)]
-    pairs += [(m, "serialization") for m in sorted(answers, key=lambda m: m.__name__)]
+    bodies: set[type[BaseModel]] = {r.body for r in routes if r.body is not None}
+    answers: set[type[BaseModel]] = {rep.model for r in routes for rep in r.replies if rep.model is not None}
+    answers |= {rs.Problem, *EXTRA_MODELS}
+    # requests are described as accepted (validation), answers as sent (serialization)
+    pairs: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        *((m, "validation") for m in sorted(bodies, key=lambda m: m.__name__)),
+        *((m, "serialization") for m in sorted(answers, key=lambda m: m.__name__)),
+    ]
     keyed, defs = models_json_schema(pairs, ref_template=REF)
-    refs = {model: ref for (model, _mode), ref in keyed.items()}
+    refs: dict[type[BaseModel], dict[str, Any]] = {model: ref for (model, _mode), ref in keyed.items()}  # type: ignore[misc]
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         assert route.method not in paths.get(route.path, {}), f"{route.method} {route.path} twice"
