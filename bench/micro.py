@@ -119,7 +119,7 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
     )
     from proxy.audit.ocsf import to_ocsf
     from proxy.core.exchange import Exchange, ResponseSummary, new_decision_id
-    from proxy.record.decisions import decision_record
+    from proxy.record.model import DecisionRecord, parse_line
     from proxy.server import build_runtime
 
     with tempfile.TemporaryDirectory(prefix="proctor-micro-") as tmp:
@@ -129,7 +129,8 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
         chain, addon, policies = rt.path.requests, rt.addon, rt.policies
         authenticator = rt.path.stage("authenticate").authenticator  # type: ignore[attr-defined]
         classifier = rt.path.stage("classify").classifier  # type: ignore[attr-defined]
-        with_inputs = rt.path.stage("record").with_inputs  # type: ignore[attr-defined]
+        record_stage = rt.path.stage("record")
+        with_inputs = record_stage.with_inputs  # type: ignore[attr-defined]
         loop = asyncio.new_event_loop()
 
         async def decide(req):
@@ -179,6 +180,8 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
             assert r.decision == cedarpy.Decision.Allow, r
 
         rec_outcome = outcome
+        rec_record = DecisionRecord.from_exchange(rec_outcome, with_inputs)
+        rec_line = rec_record.line()
 
         stages: list[tuple[str, str, Callable[[], Any]]] = [
             ("adapter", "flow -> AgentRequest (ProctorAddon._agent_request)", lambda: addon._agent_request(flow, False)),
@@ -232,18 +235,28 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
             ("decision_id", "new_decision_id", new_decision_id),
             (
                 "record.build",
-                "decision record: build from the exchange",
-                lambda: decision_record(rec_outcome, with_inputs=with_inputs),
+                "decision record: the typed record from the exchange (no validation)",
+                lambda: DecisionRecord.from_exchange(rec_outcome, with_inputs),
+            ),
+            (
+                "record.line",
+                "decision record: build + serialise the line",
+                lambda: DecisionRecord.from_exchange(rec_outcome, with_inputs).line(),
             ),
             (
                 "record",
-                "decision record: build + serialise + write(2)",
-                lambda: rt.recorder.write(decision_record(rec_outcome, with_inputs=with_inputs)),
+                "record stage: build, redact, serialise, write(2), and the OCSF audit event (redacted, chained, queued)",
+                lambda: record_stage.on_response(rec_outcome),
             ),
             (
                 "record.ocsf",
-                "reference: the record as an OCSF event (audit on; not redacted or chained here)",
-                lambda: to_ocsf(decision_record(rec_outcome, with_inputs=with_inputs)),
+                "reference: the record as an OCSF event (not redacted or chained here)",
+                lambda: to_ocsf(rec_record),
+            ),
+            (
+                "record.parse",
+                "reference: a line read back (validated; replay, explain)",
+                lambda: parse_line(rec_line),
             ),
             ("decide", "chain head + request phases (all request stages, end to end)", run_coro(lambda: decide(req))),
         ]
