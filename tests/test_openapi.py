@@ -308,6 +308,11 @@ def test_invalid_inputs_are_400_problems_naming_the_field(runtime):
                 assert r.status == 400 and (await r.json())["title"] == "Bad JSON"
                 r = await client.post("/v1/suspensions", data=json.dumps([1, 2]), headers=as_json)
                 assert r.status == 400 and "JSON object" in (await r.json())["detail"]
+                # over the control port's 64 KiB: aiohttp's own 413, as documented
+                r = await client.post("/v1/suspensions", headers=as_json,
+                                      data=json.dumps({"kind": "agent", "target": "bot", "reason": "x" * 70_000}))
+                assert r.status == 413 and r.content_type == "text/plain"
+                assert "413" in _documented_responses("post", "/v1/suspensions")
                 # paging out of range is clamped, as always; an offset past SQL's integers was a 503
                 r = await client.get("/v1/approvals?offset=" + "9" * 40 + "&limit=-3", headers=olga)
                 page = await r.json()

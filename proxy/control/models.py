@@ -1,6 +1,6 @@
 """What the control API accepts: request bodies and query strings as pydantic models.
 
-Every handler reads its input through `read_query` / `read_body` and one of
+Every handler reads its body and query string through `read_body` / `read_query` and one of
 these models, never from the raw request: an invalid input is answered with a
 400 problem+json whose `errors` name each field at fault, and whose `title`
 keeps the wording clients already match on ("Reason required", "Bad filter",

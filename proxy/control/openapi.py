@@ -245,11 +245,12 @@ def _operation(route: Route, refs: dict[type[BaseModel], dict[str, Any]]) -> dic
 
 
 def _error_response(status: int, description: str, problem: dict[str, str]) -> dict[str, Any]:
+    text = {"schema": {"type": "string"}}
     content: dict[str, Any] = {PROBLEM: {"schema": problem}}
-    if status in (400, 413):  # also answered by aiohttp's HTTP layer before any handler runs
-        content["text/plain"] = {"schema": {"type": "string"}}
-    if status == 413:
-        del content[PROBLEM]
+    if status == 400:  # also aiohttp's own answer to a request line or header over 8 KiB
+        content["text/plain"] = text
+    if status == 413:  # only ever aiohttp's own answer: the body is refused before any handler reads it
+        content = {"text/plain": text}
     out: dict[str, Any] = {"description": description, "content": content}
     if status == 401:
         out["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
