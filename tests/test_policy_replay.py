@@ -331,6 +331,22 @@ def test_replay_time_window(rp, mix, same):
     assert after["considered"] + before["considered"] == len(times)
 
 
+def test_replay_skips_and_names_lines_that_are_not_records(rp, mix, same, tmp_path):
+    """A torn last line (a crash) and a hand-edited line are skipped, counted and named;
+    every real decision is still replayed."""
+    path = tmp_path / "decisions.jsonl"
+    good = (rp.dir / "state" / "decisions.jsonl").read_text()
+    n = sum(1 for line in good.splitlines() if line.strip() and '"type"' not in line[:10])
+    edited = '{"decision_id":"x","time":"2026-11-21T10:00:00Z","decision":"allow","status":"teapot"}'
+    path.write_text(good + edited + "\n" + '{"decision_id":"torn","ti')
+    report = replay_json(rp, same, "--decisions", str(path))
+    assert report["considered"] == n and report["unreadable"] == 2 and report["changed"] == 0
+    code, out, _ = replay(rp, same, "--decisions", str(path))
+    lineno = len(good.splitlines()) + 1
+    assert code == 0 and f"2 line(s) skipped: not decision records (first: line {lineno}: status: " in out
+    assert "unreadable" not in replay_json(rp, same)  # a clean file: the report's keys as always
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
