@@ -68,6 +68,7 @@ import yaml  # noqa: E402
 from proxy.audit.chain import Chain, verify  # noqa: E402
 from proxy.audit.keys import read_key_file  # noqa: E402
 from proxy.audit.ocsf import to_ocsf  # noqa: E402
+from proxy.record.model import parse_record  # noqa: E402
 from proxy.audit.trail import AuditTrail, FileSink, Redactor  # noqa: E402
 from proxy.config import DEFAULT_REDACT_KEYS, DEFAULT_REDACT_PATTERNS, AuditFileConfig  # noqa: E402
 
@@ -175,7 +176,8 @@ def _ns_per(fn_total_ns: int, n: int) -> float:
 
 
 def part_a(args: argparse.Namespace, tmp: Path) -> dict:
-    pool = make_records(args.pool)
+    # typed, as the decision recorder hands records to the trail (validated here, outside the timing)
+    pool = [parse_record(r) for r in make_records(args.pool)]
     redactor = Redactor(DEFAULT_REDACT_KEYS, DEFAULT_REDACT_PATTERNS)
     fcfg = AuditFileConfig()
     res: dict = {"pool": args.pool, "requested_events": args.events, "file_max_bytes": fcfg.max_bytes}
