@@ -116,6 +116,13 @@ class Upstream:
         if path == "/hop":
             return web.Response(text="hop", headers={"Connection": "X-Hop", "X-Hop": "1", "Keep-Alive": "timeout=5",
                                                      "Set-Cookie": "s=1; Path=/"})
+        if path == "/cut":  # announces 1 MB, sends 300 KB, then the connection breaks
+            resp = web.StreamResponse(headers={"Content-Length": "1000000"})
+            await resp.prepare(request)
+            await resp.write(b"x" * 300_000)
+            assert request.transport is not None
+            request.transport.abort()
+            return resp
         if path == "/slow":
             await asyncio.sleep(2)
             return web.Response(text="late")
@@ -292,6 +299,19 @@ def test_upstream_failures_are_502_and_504_with_the_decision_id():
         assert "read_timeout_seconds" in problem["detail"] and problem["decision_id"] == record.seen[-1].decision_id
 
     run(scenario, upstream_config=UpstreamConfig(read_timeout_seconds=0.5))
+
+
+def test_an_upstream_that_breaks_mid_stream_cuts_the_agent_off_and_is_recorded():
+    async def scenario(gw: AiohttpGateway, up: Upstream, record: Record) -> None:
+        reply = await exchange(gw, get("/svc/cut"), until_close=True)
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"content-length: 1000000" in head.lower()
+        assert len(body) < 1_000_000  # visibly incomplete: the connection was closed
+        ex = record.seen[-1]
+        assert ex.response is not None and ex.response.status == 200 and ex.response.error
+        assert "upstream" in ex.response.error
+
+    run(scenario)
 
 
 def test_no_100_continue_and_no_body_before_authentication():

@@ -14,6 +14,7 @@ those are known gaps of that engine, listed in docs/gateway-engines.md.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -129,6 +130,16 @@ def test_transfer_codings_the_upstream_would_decode_are_refused(gateway_proctor,
     reply = send_raw(gateway_proctor.gateway_port, _post(token, "Transfer-Encoding: gzip, chunked\r\n", b"2\r\n{}\r\n0\r\n\r\n"))
     assert status_of(reply) == 415, reply[:300]
     assert problem(reply)["title"] == "Transfer-Encoding refused"
+    assert upstream.received() == []
+
+
+def test_an_encoded_request_body_is_refused(gateway_proctor, upstream, token):
+    """Policy reads the body as sent; a gzip body would be one thing to Proctor and another upstream."""
+    upstream.clear()
+    body = gzip.compress(b'{"amount": 1}')
+    raw = _post(token, f"Content-Encoding: gzip\r\nContent-Length: {len(body)}\r\n", body)
+    reply = send_raw(gateway_proctor.gateway_port, raw)
+    assert status_of(reply) == 415, reply[:300]
     assert upstream.received() == []
 
 

@@ -779,7 +779,9 @@ class AiohttpGateway:
             return await self._upstream_failed(ex, progress, e.status, e.message)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             if progress.response is not None:
-                return await self._cut(request, ex, progress, self._describe(e, req)[1])
+                agent_gone = (t := request.transport) is None or t.is_closing()
+                msg = "the agent closed the connection during the answer" if agent_gone else self._describe(e, req)[1]
+                return await self._cut(request, ex, progress, msg)
             status, msg = self._describe(e, req)
             return await self._upstream_failed(ex, progress, status, msg)
 
