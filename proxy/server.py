@@ -1,7 +1,8 @@
 """Wire the pieces together and run: `proctor run`.
 
-One asyncio loop hosts mitmproxy (agent listeners), the control API and the
-policy hot-reload watcher.
+One asyncio loop hosts mitmproxy (agent listeners), the aiohttp gateway
+listener when `gateway.engine` is `aiohttp`, the control API and the policy
+hot-reload watcher.
 """
 
 from __future__ import annotations
