@@ -237,10 +237,11 @@ def part_a(args: argparse.Namespace, tmp: Path) -> dict:
 
     while done < m:
         batch = [pool[(done + j) % npool] for j in range(min(200, m - done))]
-        evs = stage("to_ocsf", lambda: [to_ocsf(r) for r in batch])
-        evs = stage("redact", lambda: [redactor(e) for e in evs])
-        lines = stage("chain_link", lambda: [chain.link(e) for e in evs])
-        stage("write", lambda: [os.write(fd, line) for line in lines])
+        # each lambda runs at once, inside stage(); the defaults bind this iteration's values
+        evs = stage("to_ocsf", lambda batch=batch: [to_ocsf(r) for r in batch])
+        evs = stage("redact", lambda evs=evs: [redactor(e) for e in evs])
+        lines = stage("chain_link", lambda evs=evs: [chain.link(e) for e in evs])
+        stage("write", lambda lines=lines: [os.write(fd, line) for line in lines])
         done += len(batch)
         del evs, lines
     os.close(fd)
@@ -362,7 +363,7 @@ def part_b(args: argparse.Namespace, tmp: Path) -> dict:
         procs.append(otlp)
         envs: dict[str, proctor_env.ProctorEnv] = {}
         proxies: dict[str, benchrun.Proc] = {}
-        for key, (label, audit_on, tracing_on) in CONFIGS.items():
+        for key, (_label, audit_on, tracing_on) in CONFIGS.items():
             port, ctl = benchrun.free_port(), benchrun.free_port()
             env = proctor_env.build(tmp / f"proctor-{key}", up_port, port, ctl, args.policies)
             cfg = yaml.safe_load(env.config_path.read_text())
@@ -546,14 +547,14 @@ def render(args: argparse.Namespace, a: dict | None, b: dict | None, m: dict, co
         out.append("| configuration | max req/s | vs. audit off, tracing off | proxy CPU µs/req | Δ CPU µs/req | p50 (ms) | p99 (ms) | Δ p50 (ms) | non-2xx / errors | other processes (cores) |")
         out.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for key in ("B", "A", "D", "C"):
-            t, l = rows.get((key, "throughput"), []), rows.get((key, "latency"), [])
-            if not t or not l:
+            t, lat = rows.get((key, "throughput"), []), rows.get((key, "latency"), [])
+            if not t or not lat:
                 continue
             rps = mean([p["rps"] for p in t])
             cpu = mean([p["proxy_us_per_req"] for p in t])
-            p50, p99 = mean([p["p50_ms"] for p in l]), mean([p["p99_ms"] for p in l])
-            errs = sum(p["non2xx"] for p in t + l), sum(p["errors"] for p in t + l)
-            other = max(p["other_cores"] for p in t + l)
+            p50, p99 = mean([p["p50_ms"] for p in lat]), mean([p["p99_ms"] for p in lat])
+            errs = sum(p["non2xx"] for p in t + lat), sum(p["errors"] for p in t + lat)
+            other = max(p["other_cores"] for p in t + lat)
             out.append(f"| {key}: {CONFIGS[key][0]} | {rps:,.0f} | {rps / base_t * 100:.1f}% | {cpu:,.0f} | "
                        f"{cpu - base_cpu:+,.0f} | {p50:.3f} | {p99:.3f} | {p50 - base_l:+.3f} | {errs[0]} / {errs[1]} | "
                        f"≤ {other:.2f} |")

@@ -8,7 +8,13 @@ strategy, rawtcp off, keep_host_header, body size limit, websocket, no HTTP/3)
 difference between this process and `proctor run` is therefore Proctor's own
 work (identity, classification, Cedar, decision record, header handling).
 
+With `--reverse-to URL` the listener is a reverse proxy (mitmproxy's
+`reverse:URL@host:port`, the mode Proctor's mitmproxy gateway engine uses)
+sending every request to URL, with the same engine options: the baseline for
+gateway mode.
+
     python bench/bare_mitm.py --port 18001 --confdir /tmp/bare-ca
+    python bench/bare_mitm.py --port 18002 --confdir /tmp/bare-ca --reverse-to http://127.0.0.1:18000
 """
 
 from __future__ import annotations
@@ -37,21 +43,25 @@ class NoopAddon:
         return None
 
 
-def options_for(host: str, port: int, confdir: str) -> dict:
-    """Proctor's own engine options (proxy/server.py:mitm_options_for) for a forward-proxy-only config."""
+def options_for(host: str, port: int, confdir: str, reverse_to: str | None = None) -> dict:
+    """Proctor's own engine options (proxy/server.py:mitm_options_for) for a forward-proxy-only
+    config; with `reverse_to`, the same options with the one listener in reverse mode instead."""
     from pathlib import Path
 
     from proxy.config import Listen, ProctorConfig
     from proxy.server import mitm_options_for
 
     config = ProctorConfig(state_dir=Path(confdir).parent, listen=Listen(host=host, port=port))
-    return {**mitm_options_for(config), "confdir": confdir}
+    options = {**mitm_options_for(config), "confdir": confdir}
+    if reverse_to:
+        options["mode"] = [f"reverse:{reverse_to}@{host}:{port}"]
+    return options
 
 
-async def serve(host: str, port: int, confdir: str) -> None:
+async def serve(host: str, port: int, confdir: str, reverse_to: str | None = None) -> None:
     from proxy.server import engine_master
 
-    master = engine_master(options_for(host, port, confdir), NoopAddon())
+    master = engine_master(options_for(host, port, confdir, reverse_to), NoopAddon())
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, master.shutdown)
@@ -68,8 +78,10 @@ if __name__ == "__main__":
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--confdir", required=True, help="where mitmproxy keeps (generates) its CA")
+    ap.add_argument("--reverse-to", default=None, metavar="URL",
+                    help="listen as a reverse proxy to URL (gateway mode) instead of a forward proxy")
     a = ap.parse_args()
     # Same logging posture as `proctor run --log-level info` (mitmproxy at WARNING).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
-    asyncio.run(serve(a.host, a.port, a.confdir))
+    asyncio.run(serve(a.host, a.port, a.confdir, a.reverse_to))

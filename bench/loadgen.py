@@ -41,7 +41,8 @@ class Target:
     connect_port: int
     request_target: str  # "/items/1" or "http://127.0.0.1:PORT/items/1"
     host_header: str
-    proxy_authorization: str = ""
+    proxy_authorization: str = ""  # the agent's credential, sent in `auth_header` when set
+    auth_header: str = "Proxy-Authorization"  # a forward proxy's; "Authorization" for a gateway
 
     def request_bytes(self, user_agent: str = "proctor-bench/python") -> bytes:
         lines = [
@@ -50,7 +51,7 @@ class Target:
             f"User-Agent: {user_agent}",
         ]
         if self.proxy_authorization:
-            lines.append(f"Proxy-Authorization: {self.proxy_authorization}")
+            lines.append(f"{self.auth_header}: {self.proxy_authorization}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -95,6 +96,7 @@ def run_wrk(
         BENCH_TARGET=target.request_target,
         BENCH_HOST=target.host_header,
         BENCH_AUTH=target.proxy_authorization,
+        BENCH_AUTH_HEADER=target.auth_header,
         BENCH_THINK_MS=str(round(think_ms)),
     )
     cmd = [

@@ -40,8 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import cedarpy
-import proctor_env
+import cedarpy  # noqa: E402 (after the path setup above)
+import proctor_env  # noqa: E402
 
 UPSTREAM_PORT = 18999  # only named in the connector manifest; nothing listens
 
@@ -276,7 +276,7 @@ def run_micro(policy_count: int = 500, budget_s: float = 0.25, profile: bool = T
             pr.disable()
             st = pstats.Stats(pr, stream=io.StringIO())
             total = st.total_tt  # type: ignore[attr-defined]
-            for (file, line, func), (cc, nc, tt, ct, callers) in sorted(
+            for (file, line, func), (_cc, nc, tt, _ct, _callers) in sorted(
                 st.stats.items(), key=lambda kv: -kv[1][2]  # type: ignore[attr-defined]
             )[:12]:
                 prof_rows.append(

@@ -7,7 +7,11 @@
   `bench.item.delete` on `Item::"{id}"`;
 - the generated schema and policy set (bench/policygen.py);
 - proctor.yaml (forward proxy on loopback, control API for readiness, gateway
-  off, decision record on, as in a real deployment).
+  off, decision record on, as in a real deployment);
+- on request (`gateway_config`), more configs sharing that key, connector and
+  policy set but with their own ports and state directory, with the gateway
+  (reverse) listener on and one route `/` -> the upstream, served by the
+  engine named (mitmproxy or aiohttp).
 """
 
 from __future__ import annotations
@@ -71,6 +75,42 @@ def connector_manifest(upstream_port: int) -> dict:
     }
 
 
+def _config(state_dir: str, port: int, control_port: int) -> dict:
+    """A proctor.yaml (paths relative to the deployment directory, where the process runs)."""
+    return {
+        "state_dir": state_dir,
+        "listen": {"host": "127.0.0.1", "port": port},
+        "control": {"listen": {"host": "127.0.0.1", "port": control_port}},
+        "identity": {
+            "issuers": [
+                {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": "jwks.json", "algorithms": ["ES256"]}
+            ],
+            "principal": {"attributes": {"team": "team", "level": "level"}, "groups_claim": "groups"},
+        },
+        "dev_issuer": {"enabled": False},
+        "connectors_dir": "connectors",
+        "policies": {"dir": "policies", "reload_interval_seconds": 1.0},
+    }
+
+
+def gateway_config(env: ProctorEnv, name: str, port: int, control_port: int, gateway_port: int,
+                   engine: str) -> Path:
+    """Another config of the same deployment (key, connector, policies) with the gateway listener
+    on `gateway_port` served by `engine`, routing `/` to the upstream. Its forward listener and
+    control API get their own ports and its state (store, decision record, audit trail) its own
+    directory, so it runs beside the forward-proxy config without sharing a file."""
+    cfg = _config(f"state-{name}", port, control_port)
+    cfg["gateway"] = {
+        "enabled": True,
+        "engine": engine,
+        "listen": {"host": "127.0.0.1", "port": gateway_port},
+        "routes": [{"prefix": "/", "upstream": f"http://127.0.0.1:{env.upstream_port}"}],
+    }
+    path = env.dir / f"proctor-{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 def build(base: Path, upstream_port: int, port: int, control_port: int, policy_count: int = 500) -> ProctorEnv:
     base.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -84,20 +124,7 @@ def build(base: Path, upstream_port: int, port: int, control_port: int, policy_c
     connectors.mkdir(exist_ok=True)
     (connectors / "bench.yaml").write_text(yaml.safe_dump(connector_manifest(upstream_port), sort_keys=False))
 
-    cfg = {
-        "state_dir": "state",
-        "listen": {"host": "127.0.0.1", "port": port},
-        "control": {"listen": {"host": "127.0.0.1", "port": control_port}},
-        "identity": {
-            "issuers": [
-                {"issuer": ISSUER, "audience": AUDIENCE, "jwks_file": "jwks.json", "algorithms": ["ES256"]}
-            ],
-            "principal": {"attributes": {"team": "team", "level": "level"}, "groups_claim": "groups"},
-        },
-        "dev_issuer": {"enabled": False},
-        "connectors_dir": "connectors",
-        "policies": {"dir": "policies", "reload_interval_seconds": 1.0},
-    }
+    cfg = _config("state", port, control_port)
     config_path = base / "proctor.yaml"
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return ProctorEnv(

@@ -1,5 +1,6 @@
 -- wrk script for bench/run.py: one fixed GET per connection loop, optionally
--- through a forward proxy (absolute-form request line + Proxy-Authorization),
+-- through a forward proxy (absolute-form request line + Proxy-Authorization)
+-- or a gateway (origin-form + Authorization),
 -- optionally with a think time, exact non-2xx counting across threads, and a
 -- single machine-readable result line.
 --
@@ -7,7 +8,9 @@
 --   BENCH_TARGET    request target: "/items/1" (origin-form, direct) or
 --                   "http://127.0.0.1:PORT/items/1" (absolute-form, via proxy)
 --   BENCH_HOST      Host header value (the upstream's host:port)
---   BENCH_AUTH      Proxy-Authorization header value, or empty
+--   BENCH_AUTH      the agent credential header's value, or empty
+--   BENCH_AUTH_HEADER  its name: Proxy-Authorization (forward proxy, the
+--                   default) or Authorization (gateway)
 --   BENCH_THINK_MS  mean per-connection pause after each response (0 = none);
 --                   pauses are exponentially distributed (Poisson-like arrivals),
 --                   so the connections do not phase-lock into bursts
@@ -15,6 +18,10 @@
 local target = os.getenv("BENCH_TARGET") or "/"
 local host = os.getenv("BENCH_HOST") or "127.0.0.1"
 local auth = os.getenv("BENCH_AUTH") or ""
+local auth_header = os.getenv("BENCH_AUTH_HEADER") or ""
+if auth_header == "" then
+   auth_header = "Proxy-Authorization"
+end
 local think = tonumber(os.getenv("BENCH_THINK_MS") or "0") or 0
 
 wrk.method = "GET"
@@ -22,7 +29,7 @@ wrk.path = target
 wrk.headers["Host"] = host
 wrk.headers["User-Agent"] = "proctor-bench/wrk"
 if auth ~= "" then
-   wrk.headers["Proxy-Authorization"] = auth
+   wrk.headers[auth_header] = auth
 end
 
 local threads = {}

@@ -1,11 +1,16 @@
-"""Proctor benchmark: throughput and latency of three configurations, on loopback, in one run.
+"""Proctor benchmark: throughput and latency of Proctor against bare mitmproxy, on loopback, in one run.
 
-  direct   client -> upstream                         (no proxy: the ceiling)
-  bare     client -> bare mitmproxy -> upstream       (bench/bare_mitm.py: Proctor's
-                                                       addon set + a no-op addon)
-  proctor  client -> `proctor run` -> upstream        (full pipeline: JWT identity,
-                                                       connector classification, 500
-                                                       Cedar policies, decision record)
+Forward-proxy mode (`--modes forward`):
+  direct      client -> upstream                         (no proxy: the ceiling)
+  bare        client -> bare mitmproxy -> upstream       (bench/bare_mitm.py: Proctor's
+                                                          addon set + a no-op addon)
+  proctor     client -> `proctor run` -> upstream        (full pipeline: JWT identity,
+                                                          connector classification, 500
+                                                          Cedar policies, decision record)
+Gateway (reverse) mode (`--modes gateway`), the agent sending `Authorization: Bearer`:
+  bare_gw     client -> bare mitmproxy, reverse mode -> upstream   (the same, `--reverse-to`)
+  gw_aiohttp  client -> `proctor run`, gateway.engine aiohttp -> upstream
+  gw_mitm     client -> `proctor run`, gateway.engine mitmproxy -> upstream
 
 Every configuration runs as separate processes: the upstream (bench/upstream.py),
 the proxy, and the load generator (wrk if installed, else bench/loadgen.py's
@@ -13,23 +18,25 @@ Python generator). With 2+ CPUs the processes are pinned so the proxy has a
 core of its own (see `cpu_layout`).
 
 Phases: pre-flight checks (Proctor answers 200 with X-Proctor-Decision-Id for
-the benchmarked request, 403 for a forbidden one, 407 without a token) ->
-max throughput at high concurrency: direct once, then bare and proctor
---repeats times each, interleaved (bare, proctor, bare, proctor, ...) -> latency
-at moderate load (a fixed, low request rate, the same for every config), with
-the same interleaving -> a py-spy profile of both proxies under load (if py-spy
-is installed) -> the in-process per-stage micro-benchmark (bench/micro.py).
-Non-2xx responses and socket errors are counted in every phase and reported; a
-phase with any is marked invalid.
+the benchmarked request without passing the agent's credential upstream, 403
+for a forbidden one, 407 (forward) or 401 (gateway) without a token) -> max
+throughput at high concurrency: direct once, then per repeat bare and proctor,
+then bare_gw, gw_aiohttp and gw_mitm (--repeats times, interleaved) -> latency
+at moderate load (a fixed, low request rate, the same for every config of a
+mode), with the same interleaving -> a py-spy profile of bare, proctor and
+gw_aiohttp under load (if py-spy is installed) -> the in-process per-stage
+micro-benchmark (bench/micro.py). Non-2xx responses and socket errors are
+counted in every phase and reported; a phase with any is marked invalid.
 
-Run-to-run variation on a small VM is large, so bare and proctor figures are
+Run-to-run variation on a small VM is large, so the proxies' figures are
 reported as the median and min-max range across the repeats, and the verdicts
 against the targets use the median of the per-repeat ratio (throughput) and of
 the per-repeat difference (p50), where each repeat pairs a bare phase with the
-proctor phase run right after it.
+Proctor phase(s) of its mode run right after it.
 
-    python bench/run.py                 # ~3-4 minutes; writes docs/performance.md
+    python bench/run.py                 # ~7 minutes; writes docs/performance.md
     python bench/run.py --no-write-docs --duration 5 --repeats 1
+    python bench/run.py --modes gateway --duration 2 --repeats 1 --no-profile --no-micro
 """
 
 from __future__ import annotations
@@ -59,19 +66,37 @@ sys.path.insert(0, str(BENCH))
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import loadgen
-import proctor_env
-import spyprof
+import loadgen  # noqa: E402 (after the path setup above)
+import proctor_env  # noqa: E402
+import spyprof  # noqa: E402
 
 PY = sys.executable
-CONFIGS = ("direct", "bare", "proctor")
+MODES = ("forward", "gateway")
+MODE_CONFIGS = {
+    "forward": ("direct", "bare", "proctor"),
+    # bare first: each Proctor gateway phase is paired with the bare phase of its repeat
+    "gateway": ("bare_gw", "gw_aiohttp", "gw_mitm"),
+}
+CONFIGS = MODE_CONFIGS["forward"]
+GATEWAY_CONFIGS = ("bare_gw", "gw_mitm", "gw_aiohttp")  # table order
 LABELS = {
     "direct": "direct (no proxy)",
     "bare": "bare mitmproxy + no-op addon",
     "proctor": "Proctor full pipeline (500 policies)",
+    "bare_gw": "bare mitmproxy, reverse mode + no-op addon",
+    "gw_mitm": "gateway engine mitmproxy + full pipeline",
+    "gw_aiohttp": "gateway engine aiohttp + full pipeline",
 }
+ENGINES = {"gw_aiohttp": "aiohttp"}  # HTTP engine of each process, for the profile's rules (default mitmproxy)
+PROFILED = ("bare", "proctor", "gw_aiohttp")  # py-spy'd, in this order, when their mode runs
 TARGET_THROUGHPUT_RATIO = 0.85
 TARGET_ADDED_P50_MS = 1.0
+# Issue #11: the aiohttp gateway with the full pipeline at least 3x bare mitmproxy's throughput.
+TARGET_GATEWAY_RATIO = 3.0
+
+
+def mode_of(config: str) -> str:
+    return next(m for m, names in MODE_CONFIGS.items() if config in names)
 
 
 # ------------------------------------------------------------------ helpers
@@ -210,25 +235,30 @@ def preflight(targets: dict[str, loadgen.Target], env: proctor_env.ProctorEnv) -
     for name, t in targets.items():
         h = {"Host": t.host_header}
         if t.proxy_authorization:
-            h["Proxy-Authorization"] = t.proxy_authorization
+            h[t.auth_header] = t.proxy_authorization
         status, headers, body = http_get(t.connect_port, t.request_target, h)
         if status != 200:
             raise RuntimeError(f"pre-flight {name}: expected 200, got {status}: {body[:500]!r}")
         done.append(f"{name}: GET {t.request_target} -> 200")
-        if name == "proctor":
+        if name in ("proctor", "gw_aiohttp", "gw_mitm"):
             did = headers.get("x-proctor-decision-id")
             if not did:
-                raise RuntimeError("pre-flight proctor: allowed response lacks X-Proctor-Decision-Id")
-            done.append(f"proctor: allowed response carries X-Proctor-Decision-Id ({did})")
+                raise RuntimeError(f"pre-flight {name}: allowed response lacks X-Proctor-Decision-Id")
+            done.append(f"{name}: allowed response carries X-Proctor-Decision-Id ({did})")
+            if headers.get("x-bench-credential-seen"):
+                raise RuntimeError(f"pre-flight {name}: the agent's {t.auth_header} reached the upstream (not stripped)")
+            done.append(f"{name}: the agent's {t.auth_header} header did not reach the upstream")
             s2, _, b2 = http_get(t.connect_port, t.request_target, h, method="DELETE")
             problem = json.loads(b2) if b2 else {}
             if s2 != 403 or "bench-no-item-deletes" not in problem.get("reasons", []):
-                raise RuntimeError(f"pre-flight proctor: DELETE should be 403 by bench-no-item-deletes, got {s2}: {b2[:500]!r}")
-            done.append(f"proctor: DELETE {t.request_target} -> 403 (reasons {', '.join(problem['reasons'])})")
+                raise RuntimeError(f"pre-flight {name}: DELETE should be 403 by bench-no-item-deletes, got {s2}: {b2[:500]!r}")
+            done.append(f"{name}: DELETE {t.request_target} -> 403 (reasons {', '.join(problem['reasons'])})")
+            # forward proxy: 407 Proxy Authentication Required; gateway: 401 with WWW-Authenticate
+            want = 407 if name == "proctor" else 401
             s3, _, _ = http_get(t.connect_port, t.request_target, {"Host": t.host_header})
-            if s3 != 407:
-                raise RuntimeError(f"pre-flight proctor: a request without a token should be 407, got {s3}")
-            done.append("proctor: GET without a token -> 407")
+            if s3 != want:
+                raise RuntimeError(f"pre-flight {name}: a request without a token should be {want}, got {s3}")
+            done.append(f"{name}: GET without a token -> {want}")
     return done
 
 
@@ -388,12 +418,13 @@ class Run:
     layout: dict
     preflight: list[str] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
-    think_ms: float = 0
-    moderate_target_rps: float = 0
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    think_ms: dict[str, float] = field(default_factory=dict)  # mode -> mean think time at moderate load
+    moderate_target_rps: dict[str, float] = field(default_factory=dict)  # mode -> offered rate at moderate load
     profiles: dict[str, dict] = field(default_factory=dict)  # config -> spyprof.categorise() result
     profile_phases: dict[str, Phase] = field(default_factory=dict)
     micro: dict | None = None
-    proctor_stats: dict = field(default_factory=dict)
+    proctor_stats: dict[str, dict] = field(default_factory=dict)  # Proctor config -> its /v1/stats after the run
     policy_stats: dict = field(default_factory=dict)
     started: str = ""
     elapsed_s: float = 0
@@ -417,46 +448,74 @@ def run(args: argparse.Namespace) -> Run:
     elif gen == "wrk" and not loadgen.have_wrk():
         raise SystemExit("--generator wrk: wrk is not installed (apt-get install wrk)")
     layout = cpu_layout(not args.no_pin)
+    modes = [m for m in MODES if m in args.modes]
     r = Run(args={k: v for k, v in vars(args).items() if not k.startswith("_")}, machine=machine_info(), generator=gen, layout=layout,
-            started=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), repeats=args.repeats)
+            started=dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), repeats=args.repeats, modes=modes)
     print(f"load generator: {gen}" + (" (wrk found on PATH)" if gen == "wrk" else " (Python asyncio fallback)"))
-    print(f"CPU layout: {layout}")
+    print(f"CPU layout: {layout}; modes: {', '.join(modes)}")
 
     tmp = Path(tempfile.mkdtemp(prefix="proctor-bench-"))
     procs: list[Proc] = []
     try:
-        up_port, bare_port, pr_port, pr_ctl = free_port(), free_port(), free_port(), free_port()
+        up_port, pr_port, pr_ctl = free_port(), free_port(), free_port()
         env = proctor_env.build(tmp / "proctor", up_port, pr_port, pr_ctl, args.policies)
         r.policy_stats = env.policy_stats
         upstream = spawn("upstream", [PY, str(BENCH / "upstream.py"), "--port", str(up_port)], layout["upstream"],
                          tmp / "upstream.log", up_port)
         procs.append(upstream)
-        bare = spawn("bare", [PY, str(BENCH / "bare_mitm.py"), "--port", str(bare_port), "--confdir", str(tmp / "bare-ca")],
-                     layout["proxy"], tmp / "bare.log", bare_port)
-        procs.append(bare)
-        proctor = spawn("proctor", [PY, "-m", "proxy.cli", "run", "-c", str(env.config_path), "--log-level", "info"],
-                        layout["proxy"], tmp / "proctor.log", pr_port, cwd=env.dir)
-        procs.append(proctor)
+        up_hostport = f"127.0.0.1:{up_port}"
+        absolute = f"http://{up_hostport}/items/1"
+        targets: dict[str, loadgen.Target] = {}
+        proxies: dict[str, Proc | None] = {}
+        controls: dict[str, int] = {}  # Proctor config -> its control API port
+        bare_cmd = [PY, str(BENCH / "bare_mitm.py"), "--confdir", str(tmp / "bare-ca")]
+        proctor_cmd = [PY, "-m", "proxy.cli", "run", "--log-level", "info"]
+        if "forward" in modes:
+            bare_port = free_port()
+            proxies["bare"] = spawn("bare", [*bare_cmd, "--port", str(bare_port)], layout["proxy"], tmp / "bare.log",
+                                    bare_port)
+            proxies["proctor"] = spawn("proctor", [*proctor_cmd, "-c", str(env.config_path)], layout["proxy"],
+                                       tmp / "proctor.log", pr_port, cwd=env.dir)
+            controls["proctor"] = pr_ctl
+            proxies["direct"] = None
+            targets["direct"] = loadgen.Target("127.0.0.1", up_port, "/items/1", up_hostport)
+            targets["bare"] = loadgen.Target("127.0.0.1", bare_port, absolute, up_hostport)
+            targets["proctor"] = loadgen.Target("127.0.0.1", pr_port, absolute, up_hostport, env.proxy_authorization)
+        if "gateway" in modes:
+            # Gateway (reverse) mode: the agent sends origin-form requests to the gateway's own
+            # address with `Authorization: Bearer <jwt>`; the route `/` leads to the same upstream.
+            gw_port = free_port()
+            proxies["bare_gw"] = spawn("bare_gw", [*bare_cmd, "--port", str(gw_port), "--reverse-to", f"http://{up_hostport}"],
+                                       layout["proxy"], tmp / "bare_gw.log", gw_port)
+            targets["bare_gw"] = loadgen.Target("127.0.0.1", gw_port, "/items/1", f"127.0.0.1:{gw_port}")
+            for name, engine in (("gw_aiohttp", "aiohttp"), ("gw_mitm", "mitmproxy")):
+                port, ctl, gport = free_port(), free_port(), free_port()
+                cfg = proctor_env.gateway_config(env, name, port, ctl, gport, engine)
+                proxies[name] = spawn(name, [*proctor_cmd, "-c", str(cfg)], layout["proxy"], tmp / f"{name}.log", gport,
+                                      cwd=env.dir)
+                controls[name] = ctl
+                targets[name] = loadgen.Target("127.0.0.1", gport, "/items/1", f"127.0.0.1:{gport}",
+                                               env.proxy_authorization, auth_header="Authorization")
+        procs.extend(p for p in proxies.values() if p is not None)
         wait_for(lambda: port_open(up_port), 20, "upstream", upstream.popen, upstream.log)
-        wait_for(lambda: port_open(bare_port), 30, "bare mitmproxy", bare.popen, bare.log)
+        for name in ("bare", "bare_gw"):
+            if name in proxies:
+                bp = proxies[name]
+                assert bp is not None
+                wait_for(lambda bp=bp: port_open(bp.port), 30, f"{name} mitmproxy", bp.popen, bp.log)
 
-        def proctor_ready() -> bool:
+        def ready(ctl: int) -> bool:
             try:
-                return http_get(pr_ctl, "/readyz", {"Host": "127.0.0.1"})[0] == 200
+                return http_get(ctl, "/readyz", {"Host": "127.0.0.1"})[0] == 200
             except OSError:
                 return False
 
-        wait_for(proctor_ready, 60, "proctor readiness", proctor.popen, proctor.log)
+        for name, ctl in controls.items():
+            pp = proxies[name]
+            assert pp is not None
+            wait_for(lambda ctl=ctl: ready(ctl), 60, f"{name} readiness", pp.popen, pp.log)
 
-        up_hostport = f"127.0.0.1:{up_port}"
-        absolute = f"http://{up_hostport}/items/1"
-        targets = {
-            "direct": loadgen.Target("127.0.0.1", up_port, "/items/1", up_hostport),
-            "bare": loadgen.Target("127.0.0.1", bare_port, absolute, up_hostport),
-            "proctor": loadgen.Target("127.0.0.1", pr_port, absolute, up_hostport, env.proxy_authorization),
-        }
-        proxies = {"direct": None, "bare": bare, "proctor": proctor}
-        client_cpus = {"direct": layout["direct_client"], "bare": layout["client"], "proctor": layout["client"]}
+        client_cpus = {name: layout["direct_client"] if name == "direct" else layout["client"] for name in targets}
         bench_pids = [p.pid for p in procs]
 
         r.preflight = preflight(targets, env)
@@ -467,58 +526,69 @@ def run(args: argparse.Namespace) -> Run:
             r.quiet_wait = (waited, level)
             print(f"waited {waited:.0f} s for a quiet machine (other processes now use {level:.2f} cores)")
 
-        # direct once, then bare and proctor interleaved, --repeats times: (name, repeat) in run order
-        schedule = [("direct", None)] + [(name, i) for i in range(1, args.repeats + 1) for name in ("bare", "proctor")]
+        # direct once, then per repeat the forward pair and the gateway trio, interleaved, so
+        # drift in the machine's speed hits all alike; each Proctor phase comes right after the
+        # bare mitmproxy phase of its mode (the pair a per-repeat ratio is computed from).
+        schedule: list[tuple[str, int | None]] = [("direct", None)] if "forward" in modes else []
+        for i in range(1, args.repeats + 1):
+            for mode in modes:
+                schedule += [(name, i) for name in MODE_CONFIGS[mode] if name != "direct"]
 
         # -- (a) max throughput at high concurrency
         print(f"\nmax throughput: {args.connections} connections, {args.duration:g} s each (after {args.warmup:g} s warm-up); "
-              f"direct once, bare and proctor {args.repeats}x interleaved")
+              + ("direct once, " if "forward" in modes else "") + f"the proxies {args.repeats}x interleaved")
         for name, i in schedule:
             loadgen.run_load(gen, targets[name], args.connections, args.warmup, 0, cpus=client_cpus[name], py_procs=args.py_procs)
             ph = measure_clean(args, name, "throughput", gen, targets[name], args.connections, args.duration, 0, client_cpus[name],
-                         proxies[name], bench_pids, args.py_procs)
+                               proxies[name], bench_pids, args.py_procs)
             ph.repeat = i
             r.phases.append(ph)
             tag = f"#{i}" if i else ""
-            print(f"  {name:8s}{tag:>3s} {ph.result.rps:10,.0f} req/s   non-2xx {ph.result.non2xx}  errors {ph.result.errors}"
+            print(f"  {name:10s}{tag:>3s} {ph.result.rps:10,.0f} req/s   non-2xx {ph.result.non2xx}  errors {ph.result.errors}"
                   f"   proxy CPU/req {fmt(ph.proxy_us_per_req, 0)} µs   other processes {ph.other_cores:.2f} cores")
 
-        # -- (b) latency at moderate load: same fixed offered rate for every config
-        slowest = min(median([p.result.rps for p in r.phases_of(name, "throughput")]) for name in ("bare", "proctor"))
-        if args.think_ms is not None:
-            think = float(args.think_ms)
-        else:
-            target_rps = max(10.0, slowest * args.moderate_fraction)
-            think = max(1.0, round(args.latency_connections / target_rps * 1000))
-        r.think_ms = think
-        r.moderate_target_rps = args.latency_connections / (think / 1000)
-        print(f"\nlatency at moderate load: {args.latency_connections} connections, mean {think:g} ms random think time per "
-              f"connection (offered <= {r.moderate_target_rps:,.0f} req/s, "
-              f"{r.moderate_target_rps / slowest * 100:.0f}% of the slowest proxy's median max), {args.latency_duration:g} s each")
+        # -- (b) latency at moderate load: one fixed offered rate for every config of a mode
+        for mode in modes:
+            names = [n for n in MODE_CONFIGS[mode] if n != "direct"]
+            slowest = min(median([p.result.rps for p in r.phases_of(name, "throughput")]) for name in names)
+            if args.think_ms is not None:
+                think = float(args.think_ms)
+            else:
+                target_rps = max(10.0, slowest * args.moderate_fraction)
+                think = max(1.0, round(args.latency_connections / target_rps * 1000))
+            r.think_ms[mode] = think
+            r.moderate_target_rps[mode] = args.latency_connections / (think / 1000)
+            print(f"\nlatency at moderate load ({mode}): {args.latency_connections} connections, mean {think:g} ms random "
+                  f"think time per connection (offered <= {r.moderate_target_rps[mode]:,.0f} req/s, "
+                  f"{r.moderate_target_rps[mode] / slowest * 100:.0f}% of the slowest proxy's median max), "
+                  f"{args.latency_duration:g} s each")
         for name, i in schedule:
+            think = r.think_ms[mode_of(name)]
             loadgen.run_load(gen, targets[name], args.latency_connections, 1, think, cpus=client_cpus[name], py_procs=args.py_procs)
             ph = measure_clean(args, name, "latency", gen, targets[name], args.latency_connections, args.latency_duration, think,
-                         client_cpus[name], proxies[name], bench_pids, args.py_procs)
+                               client_cpus[name], proxies[name], bench_pids, args.py_procs)
             ph.repeat = i
             r.phases.append(ph)
             res = ph.result
             tag = f"#{i}" if i else ""
-            print(f"  {name:8s}{tag:>3s} {res.rps:8,.0f} req/s   p50 {res.p50_ms:.3f}  p90 {res.p90_ms:.3f}  p99 {res.p99_ms:.3f} ms"
+            print(f"  {name:10s}{tag:>3s} {res.rps:8,.0f} req/s   p50 {res.p50_ms:.3f}  p90 {res.p90_ms:.3f}  p99 {res.p99_ms:.3f} ms"
                   f"   non-2xx {res.non2xx}  errors {res.errors}   other processes {ph.other_cores:.2f} cores")
 
-        # -- profile both proxies under load (py-spy samples the real processes from outside)
+        # -- profile the proxies under load (py-spy samples the real processes from outside)
         if not args.no_profile:
             if spyprof.have_pyspy():
-                for name in ("bare", "proctor"):
+                for name in [n for n in PROFILED if n in proxies]:
+                    proxy = proxies[name]
+                    assert proxy is not None
                     out = tmp / f"{name}.pyspy.txt"
                     print(f"\nprofiling {name} with py-spy for {args.profile_seconds:g} s under {args.connections}-connection load")
-                    spy = spyprof.record(proxies[name].pid, args.profile_seconds + 1, out, cpus=layout["client"])
+                    spy = spyprof.record(proxy.pid, args.profile_seconds + 1, out, cpus=layout["client"])
                     time.sleep(0.5)
                     ph = measure(name, "profile", gen, targets[name], args.connections, args.profile_seconds, 0,
-                                 layout["client"], proxies[name], bench_pids, args.py_procs)
+                                 layout["client"], proxy, bench_pids, args.py_procs)
                     spy_out, _ = spy.communicate(timeout=60)
                     if out.exists():
-                        prof = spyprof.categorise(out)
+                        prof = spyprof.categorise(out, ENGINES.get(name, "mitmproxy"))
                         prof["tool"] = "py-spy"
                         r.profiles[name] = prof
                         r.profile_phases[name] = ph
@@ -528,7 +598,7 @@ def run(args: argparse.Namespace) -> Run:
             else:
                 print("\npy-spy not installed: skipping the process profiles (pip install py-spy)")
 
-        r.proctor_stats = proctor_stats(pr_ctl)
+        r.proctor_stats = {name: proctor_stats(ctl) for name, ctl in controls.items()}
     finally:
         for p in reversed(procs):
             p.stop()
@@ -664,6 +734,182 @@ def targets(r: Run) -> dict:
         "lat_cpu_proctor_us": med_or_none("lat_cpu_proctor_us"),
         "valid": all(p.valid for p in r.phases),
     }
+
+
+def gateway_targets(r: Run) -> dict:
+    """Gateway mode, per repeat and as medians: each Proctor gateway phase against the bare
+    reverse-mode mitmproxy phase of the same repeat (run just before it)."""
+    per: list[dict] = []
+    for i in range(1, r.repeats + 1):
+        x: dict = {"repeat": i}
+        for name in GATEWAY_CONFIGS:
+            t, lat = r.phase(name, "throughput", i), r.phase(name, "latency", i)
+            if t:
+                x[f"{name}_rps"] = t.result.rps
+                x[f"{name}_cpu_us"] = t.proxy_us_per_req
+            if lat:
+                x[f"{name}_p50_ms"] = lat.result.p50_ms
+                x[f"{name}_lat_cpu_us"] = lat.proxy_us_per_req
+        bare = x.get("bare_gw_rps")
+        if bare:
+            for name in ("gw_aiohttp", "gw_mitm"):
+                if x.get(f"{name}_rps") is not None:
+                    x[f"{name}_ratio"] = x[f"{name}_rps"] / bare
+        if x.get("gw_aiohttp_rps") is not None and x.get("gw_mitm_rps"):
+            x["engine_ratio"] = x["gw_aiohttp_rps"] / x["gw_mitm_rps"]
+        if x.get("gw_aiohttp_ratio") is not None:
+            x["met"] = x["gw_aiohttp_ratio"] >= TARGET_GATEWAY_RATIO
+        per.append(x)
+    col = lambda k: [x[k] for x in per if x.get(k) is not None]
+    med = lambda k: median(col(k)) if col(k) else None
+    ratios = col("gw_aiohttp_ratio")
+    return {
+        "repeats": per,
+        "n": len(ratios),
+        "ratio": med("gw_aiohttp_ratio"),  # median of the per-repeat aiohttp / bare ratios
+        "ratio_min": min(ratios, default=None),
+        "ratio_max": max(ratios, default=None),
+        "met": bool(ratios) and median(ratios) >= TARGET_GATEWAY_RATIO,
+        "met_count": sum(1 for x in per if x.get("met")),
+        "mitm_ratio": med("gw_mitm_ratio"),
+        "engine_ratio": med("engine_ratio"),
+        **{f"{name}_cpu_us": med(f"{name}_cpu_us") for name in GATEWAY_CONFIGS},
+        **{f"{name}_lat_cpu_us": med(f"{name}_lat_cpu_us") for name in GATEWAY_CONFIGS},
+        "valid": all(p.valid for p in r.phases if p.config in GATEWAY_CONFIGS),
+    }
+
+
+def gateway_table(r: Run) -> str:
+    """One row per gateway configuration: medians across the repeats (min–max)."""
+    g = gateway_targets(r)
+    lines = [
+        "| configuration | runs | max throughput (req/s) | × bare (reverse) | p50 (ms) | p90 (ms) | p99 (ms) | "
+        "proxy CPU µs/req at max throughput | proxy CPU µs/req at moderate load | non-2xx / errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in GATEWAY_CONFIGS:
+        ts, ls = r.phases_of(name, "throughput"), r.phases_of(name, "latency")
+        if not ts or not ls:
+            continue
+        bad = f"{sum(p.result.non2xx for p in ts + ls)} / {sum(p.result.errors for p in ts + ls)}"
+        cpu = [p.proxy_us_per_req for p in ts if p.proxy_us_per_req is not None]
+        lcpu = [p.proxy_us_per_req for p in ls if p.proxy_us_per_req is not None]
+        ratios = [x[f"{name}_ratio"] for x in g["repeats"] if x.get(f"{name}_ratio") is not None]
+        ratio = "1.00×" if name == "bare_gw" else med_range(ratios, fmt_one=lambda v: f"{v:.2f}×")
+        lines.append(
+            f"| {LABELS[name]} | {len(ts)} | {med_range([p.result.rps for p in ts], 0)} | {ratio} | "
+            f"{med_range([p.result.p50_ms for p in ls])} | {med_range([p.result.p90_ms for p in ls])} | "
+            f"{med_range([p.result.p99_ms for p in ls])} | {med_range(cpu, 0)} | {med_range(lcpu, 0)} | {bad} |")
+    return "\n".join(lines)
+
+
+def gateway_repeats_table(r: Run) -> str:
+    g = gateway_targets(r)
+    lines = [
+        "| repeat | bare reverse (req/s) | aiohttp gateway (req/s) | mitmproxy gateway (req/s) | aiohttp / bare | "
+        f"≥ {TARGET_GATEWAY_RATIO:g}× | mitmproxy / bare | aiohttp / mitmproxy | CPU µs/req: bare / aiohttp / mitmproxy |",
+        "|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    num = lambda v, f: "n/a" if v is None else f(v)
+    for x in g["repeats"]:
+        cpu = " / ".join(num(x.get(f"{n}_cpu_us"), lambda v: f"{v:,.0f}") for n in ("bare_gw", "gw_aiohttp", "gw_mitm"))
+        lines.append(
+            f"| {x['repeat']} | {num(x.get('bare_gw_rps'), lambda v: f'{v:,.0f}')} | "
+            f"{num(x.get('gw_aiohttp_rps'), lambda v: f'{v:,.0f}')} | {num(x.get('gw_mitm_rps'), lambda v: f'{v:,.0f}')} | "
+            f"{num(x.get('gw_aiohttp_ratio'), lambda v: f'{v:.2f}×')} | {'yes' if x.get('met') else 'no'} | "
+            f"{num(x.get('gw_mitm_ratio'), lambda v: f'{v:.2f}×')} | {num(x.get('engine_ratio'), lambda v: f'{v:.2f}×')} | "
+            f"{cpu} |")
+    return "\n".join(lines)
+
+
+def render_gateway(r: Run) -> list[str]:
+    """The "Gateway mode" section."""
+    a, out = r.args, []
+    w = out.append
+    g = gateway_targets(r)
+    n = g["n"]
+    w("## Gateway mode\n")
+    w("Proctor's gateway (reverse) listener, where agents send ordinary requests to Proctor's address with "
+      "`Authorization: Bearer <jwt>` (which Proctor strips before forwarding) and a route sends them on "
+      "(`gateway.routes: [{prefix: /, upstream: http://127.0.0.1:<upstream>}]`), served by each gateway engine "
+      "(`gateway.engine`, see docs/architecture.md) with the same deployment, policy set, connector and workload as "
+      "above, against mitmproxy in reverse mode with the same engine options and a no-op addon "
+      "(`bench/bare_mitm.py --reverse-to`, the same GET without the token). Each Proctor configuration is its own "
+      "`proctor run` process (own ports and state directory) on the same CPU as every proxy; in every repeat the "
+      "three run right after the forward pair, bare first, so each ratio below pairs phases of one repeat. "
+      f"Max throughput as above; latency at moderate load with a mean think time of {r.think_ms.get('gateway', 0):g} ms "
+      f"(≈{r.moderate_target_rps.get('gateway', 0):,.0f} req/s offered to each, {a['moderate_fraction'] * 100:.0f}% "
+      "of the slowest gateway configuration's median maximum).\n")
+    w(gateway_table(r) + "\n")
+    if n:
+        spread = (f" (median of {n} repeats; per repeat {g['ratio_min']:.2f}× to {g['ratio_max']:.2f}×)" if n > 1 else "")
+        w(f"- Goal (issue #11): the aiohttp gateway with the full pipeline at least {TARGET_GATEWAY_RATIO:g}× bare "
+          f"mitmproxy's throughput: **{g['ratio']:.2f}×**{spread} — {'**met**' if g['met'] else '**not met**'}"
+          + (f"; met in {g['met_count']} of {n} repeats." if n > 1 else "."))
+        cb, ca, cm = g["bare_gw_cpu_us"], g["gw_aiohttp_cpu_us"], g["gw_mitm_cpu_us"]
+        if cb and ca:
+            w(f"- A single-threaded proxy's throughput is the inverse of its CPU per request: {TARGET_GATEWAY_RATIO:g}× "
+              f"bare mitmproxy means at most {cb / TARGET_GATEWAY_RATIO:.0f} µs of CPU per request for engine and "
+              f"pipeline together (bare reverse mitmproxy uses {cb:.0f} µs); the aiohttp gateway uses {ca:.0f} µs"
+              + (f", {ca / (cb / TARGET_GATEWAY_RATIO):.1f}× that budget." if ca > cb / TARGET_GATEWAY_RATIO else "."))
+        if ca and cm and g["engine_ratio"]:
+            w(f"- Same pipeline, other engine: the aiohttp gateway serves {g['engine_ratio']:.2f}× the mitmproxy "
+              f"gateway's throughput (median of the per-repeat ratios) and uses {cm - ca:,.0f} µs less CPU per "
+              f"request ({ca:.0f} against {cm:.0f} µs); the mitmproxy gateway reaches {g['mitm_ratio']:.2f}× bare "
+              "mitmproxy.")
+        if not g["valid"]:
+            w("- **Some gateway phase saw non-2xx responses or socket errors: those numbers are not valid measurements.**")
+        w("")
+    if n > 1:
+        w("Per repeat:\n")
+        w(gateway_repeats_table(r) + "\n")
+    prof, ph = r.profiles.get("gw_aiohttp"), r.profile_phases.get("gw_aiohttp")
+    cpu = ph.proxy_us_per_req if ph else None
+    if prof and prof.get("samples") and cpu:
+        w("### What dominates the aiohttp gateway's CPU\n")
+        w(f"py-spy sampled the aiohttp gateway process ({a['profile_seconds']:g} s at 250 Hz, non-blocking) while it "
+          f"served {a['connections']} connections at full speed: {ph.result.rps:,.0f} req/s with {cpu:.0f} µs of CPU "
+          f"per request ({prof['samples']:,} busy samples), attributed by `bench/spyprof.py`'s aiohttp rules "
+          "(stage frames anywhere on the stack win; then the upstream client and the answer-writing frames; then "
+          "the adapter's own code; then aiohttp's server underneath).\n")
+        w("| where | µs per request | share |")
+        w("|---|---:|---:|")
+        rows = [row for row in prof["shares"] if row["share"] > 0]
+        for row in rows:
+            w(f"| {row['category']} | {row['share'] / 100 * cpu:.0f} | {row['share']:.1f}% |")
+        w("")
+        us = {row["category"]: row["share"] / 100 * cpu for row in rows}
+        stages = sum(v for k, v in us.items() if k in spyprof.PROCTOR_CATEGORIES and k not in spyprof.ADAPTER_CATEGORIES)
+        adapter = sum(v for k, v in us.items() if k in spyprof.ADAPTER_CATEGORIES)
+        engine = cpu - stages - adapter
+        top = sorted(rows, key=lambda row: -row["share"])[:3]
+        w(f"- The stage chain (identity, classification, Cedar, the decision record and audit event, metrics, the "
+          f"chain itself) is ≈{stages:.0f} µs of the {cpu:.0f} µs ({stages / cpu:.0%}); the adapter's own code "
+          f"≈{adapter:.0f} µs; aiohttp, asyncio and the interpreter underneath ≈{engine:.0f} µs."
+          + (f" Bare reverse mitmproxy spends {g['bare_gw_cpu_us']:.0f} µs per request on everything, so the engine "
+             f"part alone is {engine / g['bare_gw_cpu_us']:.2f}× of it." if g.get("bare_gw_cpu_us") else ""))
+        w("- Largest items: " + "; ".join(f"{row['category'].split(' (')[0]} ≈{row['share'] / 100 * cpu:.0f} µs"
+                                          for row in top) + ".")
+        if g.get("bare_gw_cpu_us"):
+            budget = g["bare_gw_cpu_us"] / TARGET_GATEWAY_RATIO
+            w(f"- The {TARGET_GATEWAY_RATIO:g}× goal leaves {budget:.0f} µs per request for everything; the stages "
+              f"alone take ≈{stages:.0f} µs"
+              + (", so no engine, however cheap, meets it while Cedar evaluation and the decision record and audit "
+                 "event run in this one process at their current cost." if stages >= budget else
+                 f", so the engine would have to fit in ≈{budget - stages:.0f} µs."))
+        w("- Top functions by self time: " + ", ".join(f"`{row['function']}` {row['share']:.1f}%"
+                                                      for row in prof["top_self"][:5]) + ".")
+        w("")
+    elif not a.get("no_profile"):
+        w("No profile of the aiohttp gateway in this run (py-spy not installed: `.venv/bin/pip install py-spy`).\n")
+    for name in ("gw_aiohttp", "gw_mitm"):
+        st = r.proctor_stats.get(name, {})
+        eng = st.get("engine", {})
+        if eng:
+            w(f"{LABELS[name]}: {eng.get('requests', 0):,} requests, {eng.get('allowed', 0):,} allowed, "
+              f"{eng.get('refused', 0):,} refused (the pre-flight's), {st.get('records_written', 0):,} decision records.  ")
+    w("")
+    return out
 
 
 def render_cost(r: Run) -> list[str]:
@@ -840,7 +1086,8 @@ def render_markdown(r: Run, command: str) -> str:
     w = out.append
     w("# Performance\n")
     w("How fast Proctor's request path is, measured against a bare mitmproxy running Proctor's own engine "
-      "configuration, and where the time goes. Everything on this page is produced by `bench/run.py`; "
+      "configuration, and where the time goes: the forward proxy first, then gateway (reverse) mode on both "
+      "gateway engines (*Gateway mode*). Everything on this page up to *Reproducing* is produced by `bench/run.py`; "
       "rerun it to refresh the numbers (they are machine-specific).\n")
     w("## Run\n")
     same = " (what `make bench` runs)" if command.strip() == "python bench/run.py" else " (`make bench` runs it without options)"
@@ -870,9 +1117,9 @@ def render_markdown(r: Run, command: str) -> str:
       f"as the previous response is complete), {a['duration']:g} s per phase after a {a['warmup']:g} s warm-up."
       + interleave + "\n")
     w(f"Latency at moderate load: {a['latency_connections']} keep-alive connections, each pausing a random think "
-      f"time after every response (exponentially distributed, mean {r.think_ms:g} ms, so arrivals are Poisson-like "
+      f"time after every response (exponentially distributed, mean {r.think_ms['forward']:g} ms, so arrivals are Poisson-like "
       "and the connections never fall into lock-step bursts), i.e. about "
-      f"{r.moderate_target_rps:,.0f} req/s offered to every configuration — "
+      f"{r.moderate_target_rps['forward']:,.0f} req/s offered to every configuration — "
       f"{a['moderate_fraction'] * 100:.0f}% of the slowest proxy's {'median ' if n > 1 else ''}measured maximum, "
       "chosen automatically (`--think-ms` fixes it), so every proxy is well below saturation. "
       f"{a['latency_duration']:g} s per phase after a 1 s warm-up"
@@ -930,13 +1177,15 @@ def render_markdown(r: Run, command: str) -> str:
     w("Checks before measuring (the benchmark refuses to run if any fails):\n")
     for line in r.preflight:
         w(f"- {line}")
-    st = r.proctor_stats.get("engine", {})
+    pst = r.proctor_stats.get("proctor", {})
+    st = pst.get("engine", {})
     if st:
         w(f"\nProctor's own counters after the run: {st.get('requests', 0):,} requests, {st.get('allowed', 0):,} allowed, "
           f"{st.get('refused', 0):,} refused (the pre-flight's DELETE and token-less request), "
-          f"{r.proctor_stats.get('records_written', 0):,} decision records written.")
+          f"{pst.get('records_written', 0):,} decision records written.")
     w("\n### All phases\n")
-    w("In the order they ran: one row per phase, and per repeat for bare mitmproxy and Proctor (*repeat*; *once* "
+    w("In the order they ran, both modes (gateway mode: the *bare_gw*, *gw_aiohttp* and *gw_mitm* rows, see "
+      "*Gateway mode* below): one row per phase, and per repeat for the proxies (*repeat*; *once* "
       "for phases that run a single time).\n")
     w(detail_table(r) + "\n")
     w("*proxy CPU per request* is the proxy process's user+system CPU time during the phase divided by the "
@@ -945,6 +1194,7 @@ def render_markdown(r: Run, command: str) -> str:
       f"(a phase above {a['noise_threshold']:g} cores is retried once, after waiting for quiet, and the cleaner attempt "
       f"kept; at most {a['max_retries']} retries per run). In the profile phase it includes py-spy itself.\n")
 
+    out.extend(render_gateway(r))
     out.extend(render_cost(r))
     w("## Reproducing\n")
     w("```\nmake bench                         # or: .venv/bin/python bench/run.py\n"
@@ -956,10 +1206,22 @@ def render_markdown(r: Run, command: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)} (comma-separated); got {text!r}")
+    return [m for m in MODES if m in modes]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--generator", choices=["auto", "wrk", "python"], default="auto",
                     help="load generator (auto: wrk if installed, else Python)")
+    ap.add_argument("--modes", type=_modes, default=list(MODES),
+                    help="comma-separated: forward (direct, bare mitmproxy, Proctor as a forward proxy) and/or gateway "
+                         "(bare reverse mitmproxy, Proctor's gateway on the aiohttp and on the mitmproxy engine); "
+                         "default both. docs/performance.md is only rewritten by a run of both")
     ap.add_argument("--repeats", type=int, default=3,
                     help="run the bare and proctor throughput and latency phases this many times each, interleaved "
                          "(bare, proctor, bare, ...); results are medians and verdicts use the median of the per-repeat "
@@ -1002,14 +1264,59 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         ap.error("--repeats must be at least 1")
     if args.max_retries is None:
-        args.max_retries = max(3, 2 * args.repeats)
+        args.max_retries = max(3, 2 * args.repeats * len(args.modes))
     args._retries_left = args.max_retries
 
     r = run(args)
+    forward = "forward" in r.modes
     tg = targets(r)
-    print("\n" + results_table(r))
-    if r.repeats > 1:
+    if forward:
+        print("\n" + results_table(r))
+    if forward and r.repeats > 1:
         print("\n" + repeats_table(r))
+    if forward:
+        print_forward_verdicts(tg)
+    if "gateway" in r.modes:
+        g = gateway_targets(r)
+        print("\ngateway mode:\n" + gateway_table(r))
+        if r.repeats > 1:
+            print("\n" + gateway_repeats_table(r))
+        if g["ratio"] is not None:
+            print(f"\naiohttp gateway / bare reverse mitmproxy throughput: {g['ratio']:.2f}x "
+                  + (f"(median of {g['n']}; {g['ratio_min']:.2f}x to {g['ratio_max']:.2f}x) " if g["n"] > 1 else "")
+                  + f"(goal >= {TARGET_GATEWAY_RATIO:g}x: {'met' if g['met'] else 'NOT met'})")
+    for name, prof in r.profiles.items():
+        ph = r.profile_phases.get(name)
+        cpu = ph.proxy_us_per_req if ph else None
+        print(f"\n{name} CPU by stage (py-spy, {prof['samples']} samples, {fmt(cpu, 0)} µs CPU/request):")
+        for row in prof["shares"]:
+            if row["share"] > 0:
+                us = f"{row['share'] / 100 * cpu:6.0f} µs" if cpu else ""
+                print(f"  {row['share']:5.1f}%  {us}  {row['category']}")
+    valid = all(p.valid for p in r.phases)
+    if not valid:
+        print("\nWARNING: non-2xx responses or socket errors were seen; see the phase details")
+    print(f"\nload generator used: {r.generator}; total time {r.elapsed_s:.0f} s")
+
+    command = "python bench/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": r.machine, "generator": r.generator, "layout": r.layout, "preflight": r.preflight,
+            "phases": [p.as_dict() for p in r.phases] + [p.as_dict() for p in r.profile_phases.values()],
+            "targets": tg if forward else None, "gateway": gateway_targets(r) if "gateway" in r.modes else None,
+            "profiles": r.profiles, "micro": r.micro, "proctor_stats": r.proctor_stats,
+            "think_ms": r.think_ms, "started": r.started, "repeats": r.repeats, "modes": r.modes,
+        }, indent=2, default=str))
+    if args.write_docs and r.modes != list(MODES):
+        print(f"not writing {args.docs}: it holds a run of every mode (this one ran {', '.join(r.modes)})")
+    elif args.write_docs:
+        args.docs.parent.mkdir(parents=True, exist_ok=True)
+        args.docs.write_text(merge_docs(args.docs, render_markdown(r, command.strip())))
+        print(f"wrote {args.docs}")
+    return 0 if valid else 1
+
+
+def print_forward_verdicts(tg: dict) -> None:
     nt, nl = tg["n_throughput"], tg["n_latency"]
     print(f"\nthroughput Proctor / bare mitmproxy: {tg['throughput_ratio']:.1%} "
           + (f"(median of {nt}; {tg['throughput_ratio_min']:.1%} to {tg['throughput_ratio_max']:.1%}) " if nt > 1 else "")
@@ -1021,31 +1328,6 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; met in {tg['added_p50_met_count']} of {nl} repeats)" if nl > 1 else ")"))
     if tg["cpu_added_us"] is not None:
         print(f"proxy CPU per request (median): bare {tg['cpu_bare_us']:.0f} µs, proctor {tg['cpu_proctor_us']:.0f} µs")
-    for name, prof in r.profiles.items():
-        ph = r.profile_phases.get(name)
-        cpu = ph.proxy_us_per_req if ph else None
-        print(f"\n{name} CPU by stage (py-spy, {prof['samples']} samples, {fmt(cpu, 0)} µs CPU/request):")
-        for row in prof["shares"]:
-            if row["share"] > 0:
-                us = f"{row['share'] / 100 * cpu:6.0f} µs" if cpu else ""
-                print(f"  {row['share']:5.1f}%  {us}  {row['category']}")
-    if not tg["valid"]:
-        print("\nWARNING: non-2xx responses or socket errors were seen; see the phase details")
-    print(f"\nload generator used: {r.generator}; total time {r.elapsed_s:.0f} s")
-
-    command = "python bench/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
-    if args.json:
-        args.json.write_text(json.dumps({
-            "machine": r.machine, "generator": r.generator, "layout": r.layout, "preflight": r.preflight,
-            "phases": [p.as_dict() for p in r.phases] + [p.as_dict() for p in r.profile_phases.values()],
-            "targets": tg, "profiles": r.profiles, "micro": r.micro, "proctor_stats": r.proctor_stats,
-            "think_ms": r.think_ms, "started": r.started, "repeats": r.repeats,
-        }, indent=2, default=str))
-    if args.write_docs:
-        args.docs.parent.mkdir(parents=True, exist_ok=True)
-        args.docs.write_text(merge_docs(args.docs, render_markdown(r, command.strip())))
-        print(f"wrote {args.docs}")
-    return 0 if tg["valid"] else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Raw asyncio `Protocol`, keep-alive, one fixed 2-byte JSON response per request.
 It parses only what it must (the end of the header block and Content-Length,
 so pipelined or bodied requests stay framed correctly); it is meant to cost far
 less CPU per request than any proxy in front of it, so the proxy is what a
-benchmark measures.
+benchmark measures. A request that reaches it with an `Authorization` or
+`Proxy-Authorization` header gets `X-Bench-Credential-Seen: 1` in its answer, so
+the benchmark's pre-flight can prove Proctor strips the agent's credential.
 
     python bench/upstream.py --port 18000
 """
@@ -24,6 +26,10 @@ RESPONSE = (
     b"\r\n" + BODY
 )
 CLOSE_RESPONSE = RESPONSE.replace(b"keep-alive", b"close")
+SEEN = b"X-Bench-Credential-Seen: 1\r\n"
+_SEEN_AT = RESPONSE.index(b"Connection:")
+SEEN_RESPONSE = RESPONSE[:_SEEN_AT] + SEEN + RESPONSE[_SEEN_AT:]
+SEEN_CLOSE_RESPONSE = CLOSE_RESPONSE[:_SEEN_AT] + SEEN + CLOSE_RESPONSE[_SEEN_AT:]
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -54,7 +60,10 @@ class UpstreamProtocol(asyncio.Protocol):
             if b"\r\nconnection: close" in lower:
                 close = True
             buf = buf[total:]
-            out.append(CLOSE_RESPONSE if close else RESPONSE)
+            if b"\r\nauthorization:" in lower or b"\r\nproxy-authorization:" in lower:
+                out.append(SEEN_CLOSE_RESPONSE if close else SEEN_RESPONSE)
+            else:
+                out.append(CLOSE_RESPONSE if close else RESPONSE)
             if close:
                 break
         self.buf = buf
