@@ -15,7 +15,10 @@ git worktree add -q "$tmp/old" "$old_rev"
 git worktree add -q "$tmp/new" "$new_rev"
 trap 'git worktree remove --force "$tmp/old"; git worktree remove --force "$tmp/new"; rm -rf "$tmp"' EXIT
 run() {  # side round
-  (cd "$tmp/$1" && PYTHONPATH="$tmp/$1" "$py" bench/run.py --repeats 1 --no-write-docs --no-profile --no-micro \
+  # the forward proxy only (revisions with gateway mode in the benchmark would also run it)
+  local modes=()
+  grep -q -- '"--modes"' "$tmp/$1/bench/run.py" && modes=(--modes forward)
+  (cd "$tmp/$1" && PYTHONPATH="$tmp/$1" "$py" bench/run.py --repeats 1 --no-write-docs --no-profile --no-micro "${modes[@]}" \
      > "$tmp/$1-$2.log" 2>&1)
   line=$(grep 'proxy CPU per request' "$tmp/$1-$2.log")
   bare=$(sed -E 's/.*bare ([0-9,]+) .*/\1/' <<<"$line" | tr -d ,)
