@@ -8,6 +8,10 @@ HTTP request into an `Exchange`, runs the chain, and either answers the
 refusal or forwards the request with the forward plan applied, then reports
 the response (or the upstream error) to the chain.
 
+A connection whose first byte opens a TLS handshake is served over TLS with a
+certificate from Proctor's CA (proxy/engine/gateway_tls.py), like the mitmproxy
+listener; anything else is plain HTTP/1.1 (HTTP/1.0 accepted, nothing newer).
+
 The request path of one request, in order:
 
 1. the request head is parsed by aiohttp's HTTP/1 parser (llhttp, strict for
