@@ -12,7 +12,7 @@ and the audit trail adds its own `TrailEvent` (`"type": "audit"`: a gap, a repai
 which is never written to decisions.jsonl. `Record` is their union.
 
 Everything that reads a record uses these types: the line (`to_dict`, `line`), the
-OCSF event (proxy/audit/ocsf.py), the activity rows (proxy/record/activity.py),
+OCSF event (proxy/audit/ocsf.py), the activity rows (proxy/audit/activity.py),
 replay and explain (proxy/policy/), the metrics labels (proxy/observability/).
 
 Two ways in, on purpose:
@@ -42,6 +42,7 @@ from typing_extensions import NotRequired, TypedDict
 
 from ..core.exchange import Exchange, Kind
 from ..logredact import redact
+from ..store.models import Approval
 
 DecisionValue = Literal["allow", "deny", "hold"]
 
@@ -369,7 +370,7 @@ class ApprovalEvent(_Event):
     to: str | None = None  # escalated: the escalation group
 
     @classmethod
-    def of(cls, approval: Any, event: str, when: float, **extra: Any) -> ApprovalEvent:
+    def of(cls, approval: Approval, event: str, when: float, **extra: Any) -> ApprovalEvent:
         """From a store `Approval` (proxy/store/models.py); extras that are None are left out."""
         return cls(
             event=event,
@@ -555,6 +556,9 @@ def construct(cls: type[_T], data: Mapping[str, Any]) -> _T:
     return obj
 
 
+RECORD_KEY = "record"  # the record stage's name: its entry in Exchange.stage_data
+
+
 def record_of(ex: Exchange, with_inputs: bool = False) -> DecisionRecord:
     """The exchange's decision record: the one the record stage wrote (proxy/record/stage.py
     keeps it in the exchange's stage data), else built now. Stages that run after the record
@@ -564,5 +568,3 @@ def record_of(ex: Exchange, with_inputs: bool = False) -> DecisionRecord:
         return rec
     return DecisionRecord.from_exchange(ex, with_inputs=with_inputs)
 
-
-RECORD_KEY = "record"  # the record stage's name: its entry in Exchange.stage_data
