@@ -6,10 +6,10 @@ variants, obs-fold, bare CR, NUL), oversized heads, `100 Continue` before
 authentication, bodies over the limit (declared and chunked), absolute-form and
 other non-origin request lines, and Host headers that disagree with the route.
 
-Each case says what the gateway must do, whatever engine serves it. Where the
-mitmproxy engine is laxer than that (its HTTP/1 reader accepts what aiohttp's
-strict parser refuses), the case is marked xfail for mitmproxy with the reason:
-those are known gaps of that engine, listed in docs/gateway-engines.md.
+Each case says what the gateway must do, whatever engine serves it: both engines
+pass every case. (mitmproxy's HTTP/1 reader accepts request lines aiohttp's parser
+refuses, such as other HTTP versions, lower-case methods and raw non-ASCII targets;
+the target stage, core/target.py, refuses them for every engine.)
 """
 
 from __future__ import annotations
@@ -70,11 +70,6 @@ def send_raw(port: int, raw: bytes, timeout: float = 5.0) -> bytes:
 
 def problem(reply: bytes) -> dict:
     return json.loads(reply.partition(b"\r\n\r\n")[2])
-
-
-def lax_on_mitmproxy(request, engine: str, why: str) -> None:
-    if engine == "mitmproxy":
-        request.applymarker(pytest.mark.xfail(reason=f"mitmproxy engine: {why}", strict=True))
 
 
 @pytest.fixture
@@ -320,7 +315,6 @@ def test_bodies_being_received_share_the_budget(proctor_factory, gateway_engine,
 def test_absolute_form_request_lines_are_refused(request, gateway_proctor, gateway_engine, upstream, token):
     """RFC 9112 §3.2.2 makes the request-line authority win over Host; a gateway that routes
     by Host would act on another target than the one the client named: refused."""
-    lax_on_mitmproxy(request, gateway_engine, "routes an absolute-form request by its Host header")
     upstream.clear()
     reply = send_raw(gateway_proctor.gateway_port, _get(token, target="http://evil.example/svc/items/1"))
     assert status_of(reply) == 400, reply[:200]
@@ -343,8 +337,6 @@ def test_absolute_form_never_reaches_the_named_host(gateway_proctor, upstream, t
 ])
 def test_http_versions_other_than_1x_are_refused(request, gateway_proctor, gateway_engine, upstream, token,
                                                  version, statuses):
-    if version in ("HTTP/0.9", "HTTP/2.0", "HTTP/3.0"):
-        lax_on_mitmproxy(request, gateway_engine, f"accepts an {version} request line in HTTP/1 framing")
     upstream.clear()
     raw = _get(token, version=version) if version else b"GET /svc/items/1\r\n\r\n"
     reply = send_raw(gateway_proctor.gateway_port, raw)
@@ -355,7 +347,6 @@ def test_http_versions_other_than_1x_are_refused(request, gateway_proctor, gatew
 
 def test_a_method_policy_did_not_judge_is_refused(request, gateway_proctor, gateway_engine, upstream, token):
     """`get` is not `GET` to every server; policy judged the upper-case method."""
-    lax_on_mitmproxy(request, gateway_engine, "forwards a lower-case method that policy judged upper-cased")
     upstream.clear()
     reply = send_raw(gateway_proctor.gateway_port, _get(token, method="get"))
     assert status_of(reply) == 400, reply[:200]
@@ -364,7 +355,6 @@ def test_a_method_policy_did_not_judge_is_refused(request, gateway_proctor, gate
 
 
 def test_a_raw_non_ascii_request_target_is_refused(request, gateway_proctor, gateway_engine, upstream, token):
-    lax_on_mitmproxy(request, gateway_engine, "forwards raw non-ASCII bytes in the request target")
     upstream.clear()
     reply = send_raw(gateway_proctor.gateway_port, _get(token, target="/svc/items/\u00ff"))
     assert status_of(reply) == 400, reply[:200]
@@ -394,7 +384,6 @@ def test_a_host_route_matches_any_spelling_of_its_host(gateway_proctor, upstream
 
 
 def test_two_host_headers_are_refused(request, gateway_proctor, gateway_engine, upstream, token):
-    lax_on_mitmproxy(request, gateway_engine, "re-targeting collapses repeated Host fields before the target check")
     upstream.clear()
     reply = send_raw(gateway_proctor.gateway_port, _get(token, "Host: svc.internal\r\n"))
     assert status_of(reply) == 400, reply[:200]
@@ -403,7 +392,6 @@ def test_two_host_headers_are_refused(request, gateway_proctor, gateway_engine, 
 
 def test_http11_without_host_is_refused(request, gateway_proctor, gateway_engine, upstream, token):
     """RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without Host."""
-    lax_on_mitmproxy(request, gateway_engine, "accepts an HTTP/1.1 request without Host")
     upstream.clear()
     reply = send_raw(gateway_proctor.gateway_port, _get(token, host=None))
     assert status_of(reply) == 400, reply[:200]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from ..config import RequestLimits
@@ -147,12 +148,18 @@ class TrackCreator(Stage):
         if self._tracks(ex):
             ex.plan.read_response_body = max(ex.plan.read_response_body, TRACK_CREATOR_MAX_BODY)
 
-    async def on_response(self, ex: Exchange) -> None:
+    def on_response(self, ex: Exchange) -> Awaitable[None] | None:
+        # (a plain method: only a tracked create's answer has anything to await)
         resp = ex.response
         if not ex.allowed or not self._tracks(ex) or resp is None or ex.identity is None:
-            return
+            return None
         if resp.upstream_status is None or not 200 <= resp.upstream_status < 300:
-            return
+            return None
+        return self._record_creator(ex)
+
+    async def _record_creator(self, ex: Exchange) -> None:
+        resp = ex.response
+        assert resp is not None and ex.identity is not None
         cls = ex.classification
         assert cls is not None and cls.spec is not None and cls.spec.track_creator is not None
         try:

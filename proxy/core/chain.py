@@ -139,15 +139,43 @@ class Chain:
     async def response(self, ex: Exchange) -> None:
         """The response phase, in reverse order: after the upstream answered, after an
         upstream error, or after a refusal was answered."""
-        for stage in self._response:
+        rest = self.response_now(ex)
+        if rest is not None:
+            await rest
+
+    def response_now(self, ex: Exchange) -> Awaitable[None] | None:
+        """Run the response phase synchronously as far as the stages allow (for engine hooks
+        that cannot await: a refusal is then recorded before the agent sees it). Returns an
+        awaitable for the rest when a stage's hook had to await, else None."""
+        stages = self._response
+        for i, stage in enumerate(stages):
+            try:
+                result = stage.on_response(ex)
+            except Exception as e:
+                self._response_failed(ex, stage, e)
+                continue
+            if result is not None:
+                return self._response_rest(ex, stage, result, stages[i + 1:])
+        return None
+
+    async def _response_rest(self, ex: Exchange, stage: Stage, pending: Awaitable[None],
+                             rest: Sequence[Stage]) -> None:
+        try:
+            await pending
+        except Exception as e:
+            self._response_failed(ex, stage, e)
+        for stage in rest:
             try:
                 result = stage.on_response(ex)
                 if result is not None:
                     await result
             except Exception as e:
-                self.response_failures += 1
-                ex.errors.append(f"{stage.name}: {type(e).__name__}: {e}")
-                log.exception("stage %s failed after the request was answered (decision %s)", stage.name, ex.decision_id)
+                self._response_failed(ex, stage, e)
+
+    def _response_failed(self, ex: Exchange, stage: Stage, e: BaseException) -> None:
+        self.response_failures += 1
+        ex.errors.append(f"{stage.name}: {type(e).__name__}: {e}")
+        log.exception("stage %s failed after the request was answered (decision %s)", stage.name, ex.decision_id)
 
     def _fail_closed(self, ex: Exchange, stage: Stage, e: BaseException) -> None:
         for mapping in self.error_refusals:

@@ -56,6 +56,8 @@ class AgentRequest:
     # Engine callback: is the agent still connected? (a held request must not be
     # forwarded for an agent that hung up; the approval then applies to its retry)
     client_alive: Any = None
+    # The request line's version as sent (HTTP/1.0 or HTTP/1.1; anything else is refused).
+    http_version: str = "HTTP/1.1"
     # Gateway mode: no route matched this request (host and path are what the agent
     # addressed); the gateway-route stage refuses it after authentication.
     unrouted: bool = False

@@ -13,6 +13,8 @@ read them as extra header lines (request smuggling past the decision).
 
 from __future__ import annotations
 
+import re
+
 from .hosts import HostRejected, canonical_host
 from .model import AgentRequest, Refusal
 from .overrides import OVERRIDE_HEADERS, ROUTING_HEADERS, override_in, query_names
@@ -77,9 +79,47 @@ _UNDERSCORE_SENSITIVE = frozenset(
 )
 
 
+# A method as policies and connectors match it: `get` is not `GET` to every server, so
+# only the upper-case spelling policy judged is forwarded (RFC 9110 methods are case-sensitive).
+_METHOD = re.compile(r"[A-Z][A-Z0-9_-]{0,31}")
+# The request target as it goes upstream: printable ASCII only (anything else must be
+# percent-encoded; raw bytes are read differently by different servers).
+_TARGET_CHARS = re.compile(r"[\x21-\x7e]*")
+
+
+def check_request_line(req: AgentRequest) -> Refusal | None:
+    """The request line: an HTTP/1.x version, an upper-case method, a printable-ASCII target;
+    in gateway mode origin-form only, and Host present in HTTP/1.1 (RFC 9112 §3.2)."""
+    if req.http_version not in ("HTTP/1.0", "HTTP/1.1"):
+        if req.http_version.startswith("HTTP/0."):
+            return Refusal(400, "Bad request", "the request line has no HTTP/1.x version", kind="request")
+        return Refusal(505, "HTTP version not supported",
+                       "only HTTP/1.0 and HTTP/1.1 request lines are accepted here", kind="request")
+    if not _METHOD.fullmatch(req.method):
+        return Refusal(400, "Method not accepted",
+                       "the method must be an upper-case token (GET, POST, ...): policy judges methods by their "
+                       "upper-case name, and servers may read another spelling differently", kind="request")
+    if not _TARGET_CHARS.fullmatch(req.path) or not _TARGET_CHARS.fullmatch(req.query):
+        return Refusal(400, "Request target refused",
+                       "the request target contains bytes other than printable ASCII; percent-encode them",
+                       kind="request")
+    if req.mode == "reverse":
+        if req.request_authority:
+            return Refusal(400, "Absolute-form request refused",
+                           "the gateway routes by Host and path; send the request line in origin form (GET /path)",
+                           kind="request")
+        if req.http_version == "HTTP/1.1" and "host" not in req.headers:
+            return Refusal(400, "Host header required", "an HTTP/1.1 request must carry a Host header",
+                           kind="request")
+    return None
+
+
 def check_target(req: AgentRequest, policy_headers: frozenset[str] = frozenset()) -> Refusal | None:
     """Refusals for a request whose framing, headers or target could be read two ways.
     `policy_headers`: headers policies read (limits.context_headers), guarded like the built-in ones."""
+    line = check_request_line(req)
+    if line is not None:
+        return line
     if req.header_problem:
         return Refusal(400, "Malformed header", req.header_problem, kind="request")
     for name in SINGLE_VALUED:

@@ -510,6 +510,7 @@ class AiohttpGateway:
             mode="reverse",
             host_header=None,
             request_authority="",
+            http_version=f"HTTP/{request.version.major}.{request.version.minor}",
             header_problem=header_problem,
             repeated_headers=repeated,
             client_alive=lambda p=proto: (t := p.transport) is not None and not t.is_closing(),

@@ -26,9 +26,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Awaitable
 from http import HTTPStatus
-from typing import Any
 
 from mitmproxy import connection, http, tls
 from mitmproxy.net.http import url as mitm_url
@@ -90,6 +89,10 @@ def _headers(req: http.Request) -> tuple[dict[str, str], str | None, frozenset[s
     return out, problem, frozenset(repeated)
 
 
+async def _awaited(aw: Awaitable[None]) -> None:
+    await aw
+
+
 class ProctorAddon:
     def __init__(
         self,
@@ -132,14 +135,17 @@ class ProctorAddon:
         return isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
 
     def _finish_later(self, chain: Chain, ex: Exchange) -> None:
-        """Run the response phase from a synchronous hook."""
-        coro: Coroutine[Any, Any, None] = chain.response(ex)
+        """Run the response phase from a synchronous hook: now (so a refusal is recorded
+        before it is answered), and in a task for whatever a stage has to await."""
+        rest = chain.response_now(ex)
+        if rest is None:
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop (unit tests calling a hook directly)
-            asyncio.run(coro)
+            asyncio.run(_awaited(rest))
             return
-        task = loop.create_task(coro)
+        task = loop.create_task(_awaited(rest))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -152,13 +158,17 @@ class ProctorAddon:
             flow.response.reason = HTTPStatus(status).phrase
         ex.response = ResponseSummary(status, error=error)
 
-    def _agent_request(self, flow: http.HTTPFlow, reverse: bool) -> AgentRequest:
+    def _agent_request(self, flow: http.HTTPFlow, reverse: bool,
+                       head: tuple[dict[str, str], str | None, frozenset[str]] | None = None,
+                       authority: str | None = None) -> AgentRequest:
+        """`head`/`authority`: the headers and request-line authority as the agent sent them,
+        when the flow was re-targeted since (gateway routing rewrites the Host field)."""
         r = flow.request
         bound = self.tunnel_identity.get(flow.client_conn)
         path, _, query = r.path.partition("?")
-        headers, header_problem, repeated = _headers(r)
+        headers, header_problem, repeated = head if head is not None else _headers(r)
         return AgentRequest(
-            method=r.method.upper(),
+            method=r.data.method.decode("latin-1"),  # as sent (mitmproxy's .method upper-cases it): the target check refuses anything but the upper-case token policy judges
             scheme=r.scheme,
             host=r.host,
             port=r.port,
@@ -170,8 +180,9 @@ class ProctorAddon:
             mode="reverse" if reverse else "forward",
             connection_identity=bound[0] if bound else None,
             connection_token_digest=bound[1] if bound else None,
-            host_header=None if reverse else r.headers.get("host"),
-            request_authority="" if reverse else r.authority,
+            host_header=None if reverse else headers.get("host"),
+            request_authority=r.authority if authority is None else authority,
+            http_version=r.http_version,
             tls_sni=flow.client_conn.sni if (flow.client_conn.tls and not reverse) else None,
             header_problem=header_problem,
             repeated_headers=repeated,
@@ -410,12 +421,14 @@ class ProctorAddon:
             if target is None:
                 req = self._unrouted_request(flow)
             else:
+                # the head as the agent sent it: re-targeting rewrites (and merges) the Host field
+                head, authority = _headers(flow.request), flow.request.authority
                 query = flow.request.path.partition("?")[2]
                 flow.request.scheme = target.scheme
                 flow.request.host = target.host
                 flow.request.port = target.port
                 flow.request.path = target.path + (f"?{query}" if query else "")
-                req = self._agent_request(flow, reverse)
+                req = self._agent_request(flow, reverse, head, authority)
         else:
             req = self._agent_request(flow, reverse)
         ex = flow.metadata.get(EXCHANGE)
