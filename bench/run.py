@@ -562,6 +562,7 @@ def run(args: argparse.Namespace) -> Run:
                   f"think time per connection (offered <= {r.moderate_target_rps[mode]:,.0f} req/s, "
                   f"{r.moderate_target_rps[mode] / slowest * 100:.0f}% of the slowest proxy's median max), "
                   f"{args.latency_duration:g} s each")
+        print("\nlatency phases, interleaved like the throughput phases:")
         for name, i in schedule:
             think = r.think_ms[mode_of(name)]
             loadgen.run_load(gen, targets[name], args.latency_connections, 1, think, cpus=client_cpus[name], py_procs=args.py_procs)
@@ -927,9 +928,10 @@ def render_cost(r: Run) -> list[str]:
           f"speed: Proctor {php.result.rps:,.0f} req/s with {cpu_p:.0f} µs of CPU per request ({pp['samples']:,} busy "
           "samples)" + (f", bare mitmproxy {phb.result.rps:,.0f} req/s with {cpu_b:.0f} µs ({pb['samples']:,} samples)"
                         if pb and cpu_b else "")
-          + ". Each sample is attributed to one stage by its stack (`bench/spyprof.py` has the rules: Proctor frames "
-          "anywhere on the stack win, so mitmproxy helpers called by Proctor count as Proctor). µs per request = "
-          "share of busy samples × measured CPU per request.\n")
+          + ". Each sample is attributed to one stage by its stack (`bench/spyprof.py` has the rules: Proctor's stage "
+          "and addon frames anywhere on the stack win, so mitmproxy helpers called by Proctor count as Proctor; "
+          "Proctor's engine patches, which replace methods deep inside mitmproxy's connection handling, count only "
+          "where their own frame is the innermost). µs per request = share of busy samples × measured CPU per request.\n")
         w("| stage | bare mitmproxy (µs/req) | Proctor (µs/req) | share of Proctor's CPU |")
         w("|---|---:|---:|---:|")
         bshare = {row["category"]: row["share"] for row in (pb or {}).get("shares", [])}
@@ -977,7 +979,7 @@ def render_cost(r: Run) -> list[str]:
     w(micro.format_table(mi) + "\n")
     by = {s["key"]: s["us"] for s in mi["stages"]}
     if mi.get("cprofile_decide_top"):
-        w("cProfile of `Pipeline.decide` (self time, 2,000 decisions):\n")
+        w("cProfile of the chain's head and request phases (self time, 2,000 decisions):\n")
         for row in mi["cprofile_decide_top"][:6]:
             w(f"- {row['self_share']:.1f}% `{row['function']}`")
         w("")
@@ -1002,7 +1004,7 @@ def render_cost(r: Run) -> list[str]:
     w(f"- Everything else Proctor does per request — the `AgentRequest` from the flow "
       f"({by.get('adapter', 0):.0f} µs), the JWT cache lookup ({by.get('auth', 0):.0f} µs), classification "
       f"({by.get('classify', 0):.0f} µs), the Cedar input dicts ({by.get('context', 0):.0f} µs), the decision id and "
-      f"the decision record ({by.get('record', 0):.0f} µs) — adds up to about {rest:.0f} µs.")
+      f"the decision record with its OCSF audit event ({by.get('record', 0):.0f} µs) — adds up to about {rest:.0f} µs.")
     w("")
     w("### Done, and what is left\n")
     w("Done (each measured with this script; decisions unchanged, see `tests/test_policy_index_unit.py`, which "
@@ -1198,7 +1200,8 @@ def render_markdown(r: Run, command: str) -> str:
     out.extend(render_cost(r))
     w("## Reproducing\n")
     w("```\nmake bench                         # or: .venv/bin/python bench/run.py\n"
-      ".venv/bin/python bench/run.py --help   # repeats, durations, connections, think time, --no-write-docs\n"
+      ".venv/bin/python bench/run.py --help   # modes, repeats, durations, connections, think time, --no-write-docs\n"
+      ".venv/bin/python bench/run.py --modes gateway --repeats 1 --no-profile --no-micro   # gateway mode alone\n"
       ".venv/bin/python bench/micro.py        # the per-stage micro-benchmark alone\n```\n")
     w("`wrk` is used when it is on `PATH` (`apt-get install wrk`), otherwise the Python load generator; "
       "py-spy (`.venv/bin/pip install py-spy`) enables the process profile. Only loopback addresses are used, "
