@@ -1037,7 +1037,7 @@ def render_cost(r: Run) -> list[str]:
 
 # Sections other benchmarks append to performance.md (bench/held.py, bench/audit.py):
 # this run replaces everything before the first of them and keeps them.
-KEPT_SECTIONS = ("## Hardening cost: before and after", "## Audit trail and tracing cost", "## 10,000 requests held for approval")
+KEPT_SECTIONS = ("## Stage chain: before and after", "## Hardening cost: before and after", "## Audit trail and tracing cost", "## 10,000 requests held for approval")
 
 
 def merge_docs(path: Path, rendered: str) -> str:
