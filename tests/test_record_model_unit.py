@@ -85,7 +85,7 @@ CONNECTION = (
 FAIL_CLOSED = (
     '{"decision_id":"d-4","time":"2026-11-21T07:51:38.847Z","agent":null,"issuer":null,"action":null,'
     '"resource":null,"connector":null,"risk":null,"decision":"deny","reasons":[],"policy_revision":null,'
-    '"status":503,"upstream_status":null,"latency_ms":2.482,"decision_ms":null,'
+    '"status":503,"upstream_status":null,"latency_ms":null,"decision_ms":null,'
     '"refusal":{"kind":"fail-closed","title":"Proctor could not decide","detail":"internal error"},'
     '"errors":["internal error in request"],"error":"internal error in request"}'
 )

@@ -83,8 +83,14 @@ _UNDERSCORE_SENSITIVE = frozenset(
 # only the upper-case spelling policy judged is forwarded (RFC 9110 methods are case-sensitive).
 _METHOD = re.compile(r"[A-Z][A-Z0-9_-]{0,31}")
 # The request target as it goes upstream: printable ASCII only (anything else must be
-# percent-encoded; raw bytes are read differently by different servers).
-_TARGET_CHARS = re.compile(r"[\x21-\x7e]*")
+# percent-encoded; raw bytes are read differently by different servers), and no "#":
+# a fragment is never sent to a server, and servers that drop it would act on
+# another resource than the one policy judged (/items/42#x is Item "42#x" to policy).
+_TARGET_CHARS = re.compile(r"[\x21-\x22\x24-\x7e]*")
+# Connection options that name no end-to-end header (RFC 9110 §7.6.1). Any other
+# name in Connection asks the next hop to drop that header, which policy read.
+_CONNECTION_OPTIONS = frozenset({"close", "keep-alive", "upgrade", "te", "trailer", "proxy-connection",
+                                 "proxy-authorization"})
 
 
 def check_request_line(req: AgentRequest) -> Refusal | None:
@@ -101,8 +107,8 @@ def check_request_line(req: AgentRequest) -> Refusal | None:
                        "upper-case name, and servers may read another spelling differently", kind="request")
     if not _TARGET_CHARS.fullmatch(req.path) or not _TARGET_CHARS.fullmatch(req.query):
         return Refusal(400, "Request target refused",
-                       "the request target contains bytes other than printable ASCII; percent-encode them",
-                       kind="request")
+                       "the request target contains a '#' or bytes other than printable ASCII; percent-encode them "
+                       "(a fragment is never sent to a server)", kind="request")
     if req.mode == "reverse":
         if req.request_authority:
             return Refusal(400, "Absolute-form request refused",
@@ -120,6 +126,15 @@ def check_target(req: AgentRequest, policy_headers: frozenset[str] = frozenset()
     line = check_request_line(req)
     if line is not None:
         return line
+    connection = req.headers.get("connection")
+    if connection:
+        named = {t.strip().lower() for t in connection.split(",")} - _CONNECTION_OPTIONS
+        dropped = sorted(n for n in named if n in req.headers)
+        if dropped:
+            return Refusal(400, "Ambiguous request",
+                           f"the Connection header asks the next hop to drop {', '.join(dropped)[:200]}, which policy read; "
+                           "the upstream would not receive what was judged: send Connection: keep-alive or close",
+                           kind="request")
     if req.header_problem:
         return Refusal(400, "Malformed header", req.header_problem, kind="request")
     for name in SINGLE_VALUED:

@@ -235,7 +235,7 @@ class DecisionRecord:
             policy_revision=ex.policy_revision or None,
             status=status,
             upstream_status=upstream_status,
-            latency_ms=None if ex.kind is Kind.CONNECTION else round(ex.elapsed_ms(), 3),
+            latency_ms=None if ex.kind is Kind.CONNECTION or ex.request is None else round(ex.elapsed_ms(), 3),
             decision_ms=None if ex.decision_ms is None else round(ex.decision_ms, 3),
             request=where_req,
             connection=where_conn,
