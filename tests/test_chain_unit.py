@@ -337,3 +337,33 @@ def test_core_depends_on_no_feature_package():
             if top in features:
                 offenders.append(f"{path.name}: {top}")
     assert offenders == []
+
+
+def test_a_local_reply_ends_the_request_phase_allowed_but_not_forwardable():
+    from proxy.core.exchange import LocalReply
+
+    journal: list[str] = []
+
+    class Replay(Stage):
+        name = "replay"
+
+        def on_request(self, ex):
+            ex.reply_locally(LocalReply(201, {"Idempotent-Replayed": "true"}, b'{"id":"1"}', "idempotent-replay"))
+
+    ex = Exchange(_req())
+    _full(Chain([Log("record", journal), Replay(), Log("credential", journal)]), ex)
+    assert "request:credential" not in journal and "response:record" in journal
+    assert ex.decision is Decision.ALLOW and ex.allowed and not ex.forwardable
+
+
+def test_a_refused_request_cannot_be_answered_locally():
+    from proxy.core.exchange import LocalReply
+
+    ex = Exchange(_req())
+    ex.refuse(DENY)
+    with pytest.raises(RuntimeError):
+        ex.reply_locally(LocalReply(200, {}, b"", "x"))
+    ex2 = Exchange(_req())
+    ex2.pending_refusal = DENY
+    with pytest.raises(RuntimeError):
+        ex2.reply_locally(LocalReply(200, {}, b"", "x"))

@@ -123,3 +123,24 @@ def test_a_tracing_failure_never_changes_the_decision():
     flow = tflow.tflow()
     asyncio.run(a.request(flow))
     assert flow.response is None  # still allowed and forwarded, not a 503
+
+
+def test_a_local_reply_is_sent_instead_of_forwarding_and_recorded_once():
+    from proxy.core.exchange import LocalReply
+
+    class Replay(Stage):
+        name = "replay"
+
+        def on_request(self, ex: Exchange) -> None:
+            ex.reply_locally(LocalReply(201, {"Content-Type": "application/json", "Idempotent-Replayed": "true"},
+                                        b'{"id":"7"}', "idempotent-replay"))
+
+    a, recorder = _addon([Replay()])
+    flow = tflow.tflow()
+    asyncio.run(a.request(flow))
+    assert flow.response is not None and flow.response.status_code == 201
+    assert flow.response.content == b'{"id":"7"}' and flow.response.headers["Idempotent-Replayed"] == "true"
+    assert flow.response.headers["X-Proctor-Decision-Id"] == recorder.records[-1]["decision_id"]
+    asyncio.run(a.response(flow))  # mitmproxy still calls the response hook: nothing more is recorded
+    assert len(recorder.records) == 1 and recorder.records[0]["decision"] == "allow"
+    assert recorder.records[0]["status"] == 201 and recorder.records[0]["upstream_status"] is None

@@ -110,8 +110,9 @@ class Chain:
                 return
 
     async def request(self, ex: Exchange) -> None:
-        """The request phase. Afterwards either `ex.refusal` is set (answer it) or
-        `ex.decided` is true (forward per `ex.plan`)."""
+        """The request phase. Afterwards either `ex.refusal` is set (answer it), or
+        `ex.decided` is true: forward per `ex.plan`, unless a stage answered the request
+        itself (`ex.local_reply`: send it)."""
         clock = time.perf_counter
         phase_started = clock()  # (not ex.started: a body's upload time is not decision time)
         if ex.refusal is None:
@@ -128,7 +129,7 @@ class Chain:
                     break
                 finally:
                     ex.timings[stage.name] = clock() - started
-                if ex.refusal is not None:
+                if ex.refusal is not None or ex.local_reply is not None:
                     break
             if ex.pending_refusal is not None and ex.refusal is None:
                 ex.refuse(ex.pending_refusal)  # nobody settled it: it is the answer

@@ -80,6 +80,18 @@ class ResponseSummary:
 
 
 @dataclass(slots=True)
+class LocalReply:
+    """An answer a stage gives the agent itself instead of forwarding (a stored response
+    replayed for a retried request). The request was decided and allowed; nothing reaches
+    the upstream."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    reason: str  # short label for logs and records, e.g. "idempotent-replay"
+
+
+@dataclass(slots=True)
 class Connection:
     """Where a connection-level event happened (no HTTP request to name it)."""
 
@@ -121,6 +133,7 @@ class Exchange:
     # refusal before any other stage runs, and at the end: it is never forwarded.
     pending_refusal: Refusal | None = None
     decided: bool = False  # every request stage passed (with no refusal): the request may be forwarded
+    local_reply: LocalReply | None = None  # a stage answered the allowed request itself (not forwarded)
     errors: list[str] = field(default_factory=list)
     plan: ForwardPlan = field(default_factory=ForwardPlan)
     response: ResponseSummary | None = None
@@ -150,6 +163,18 @@ class Exchange:
         """End the request phase with this answer (a deny, or a hold when its kind says so)."""
         self.refusal = refusal
         self.decided = False
+
+    def reply_locally(self, reply: LocalReply) -> None:
+        """End the request phase by answering the (allowed) request from Proctor: the engine
+        sends `reply` instead of forwarding. Only for requests every earlier stage allowed."""
+        if self.refusal is not None or self.pending_refusal is not None:
+            raise RuntimeError("a refused request cannot be answered locally")
+        self.local_reply = reply
+
+    @property
+    def forwardable(self) -> bool:
+        """Allowed and not answered locally: the engine forwards it."""
+        return self.allowed and self.local_reply is None
 
     def settle_pending(self, refusal: Refusal | None) -> None:
         """A settling stage's verdict on the pending refusal: another refusal (a hold,

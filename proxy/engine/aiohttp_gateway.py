@@ -590,6 +590,15 @@ class AiohttpGateway:
         await self.chain.request(ex)
         if ex.refusal is not None:
             return await self._refuse(ex, progress)
+        if ex.local_reply is not None:  # a stage answered it (a replayed stored response)
+            reply = ex.local_reply
+            headers = dict(reply.headers)
+            headers.update(ex.plan.response_headers)
+            headers[DECISION_HEADER] = ex.decision_id
+            resp = _Response(status=reply.status, body=reply.body, headers=headers)
+            ex.response = ResponseSummary(reply.status)
+            await self._record(ex, progress)
+            return resp
         return await self._forward(request, ex, progress)
 
     # -- the body --------------------------------------------------------------------

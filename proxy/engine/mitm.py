@@ -441,6 +441,17 @@ class ProctorAddon:
             self._answer(flow, ex)
             await self.requests.response(ex)
             return
+        if ex.local_reply is not None:  # a stage answered it (a replayed stored response)
+            reply = ex.local_reply
+            headers = dict(reply.headers)
+            headers.update(ex.plan.response_headers)
+            headers[DECISION_HEADER] = ex.decision_id
+            flow.response = http.Response.make(reply.status, reply.body, headers)
+            if not flow.response.reason:
+                flow.response.reason = HTTPStatus(reply.status).phrase
+            ex.response = ResponseSummary(reply.status)
+            await self.requests.response(ex)
+            return
         # Forward exactly what was decided: the plan's header edits, origin-form request
         # line, and Host naming the canonical target the decision was made for.
         headers = flow.request.headers
@@ -472,8 +483,8 @@ class ProctorAddon:
 
     async def response(self, flow: http.HTTPFlow) -> None:
         ex: Exchange | None = flow.metadata.get(EXCHANGE)
-        if ex is None or ex.refusal is not None:
-            return  # refusals ran their response phase when they were answered
+        if ex is None or ex.refusal is not None or ex.local_reply is not None:
+            return  # refusals and local replies ran their response phase when they were answered
         resp = flow.response
         assert resp is not None
         body = None

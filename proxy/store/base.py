@@ -253,7 +253,7 @@ class Store(abc.ABC):
 # ---------------------------------------------------------------------------
 # Helpers shared by the backends (not part of the public API).
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SUSPENSIONS_VERSION_KEY = "suspensions_version"
 
 # (column, kind) in table order; kind: text | float | json | bool | int

@@ -131,6 +131,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             created_at DOUBLE PRECISION NOT NULL
         )""",
     ),
+    3: (
+        # Coordination (issue 12; docs/coordination.md).
+        # -- claims (proxy/coordination/claims.py) --
+        # -- idempotency keys and dedupe windows (proxy/coordination/) --
+    ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
 
