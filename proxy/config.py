@@ -299,6 +299,21 @@ class ApprovalsConfig(Strict):
         return self
 
 
+class IdempotencyConfig(Strict):
+    """Idempotency-Key on writes and route dedupe windows (docs/coordination.md)."""
+
+    # A completed request's response is replayed to retries with its key this long.
+    replay_seconds: float = Field(24 * 3600.0, gt=0, le=30 * 24 * 3600)
+    # A key stays "in progress" at most this long (a replica that died mid-request
+    # frees it then); should exceed the upstream timeout.
+    in_progress_seconds: float = Field(300.0, gt=0, le=24 * 3600)
+    # Larger response bodies are not kept: a retry is told it completed (409), not replayed.
+    max_body_bytes: int = Field(64 * 1024, ge=0, le=1024 * 1024)
+    max_key_length: int = Field(255, ge=8, le=1024)
+    retry_after_seconds: int = Field(2, ge=1, le=3600)  # advertised with "in progress" 409s
+    sweep_interval_seconds: float = Field(60.0, gt=0)  # how often a replica deletes expired keys
+
+
 DEFAULT_REDACT_KEYS = [
     "password", "passwd", "secret", "client_secret", "token", "access_token", "refresh_token", "api_key", "apikey",
     "authorization", "cookie", "set-cookie", "ssn", "card_number", "cardnumber", "cvv", "iban",
@@ -396,6 +411,7 @@ class ProctorConfig(Strict):
     record: RecordConfig = Field(default_factory=RecordConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     approvals: ApprovalsConfig = Field(default_factory=ApprovalsConfig)
+    idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
     agents: list[AgentRegistration] = Field(default_factory=list)
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
