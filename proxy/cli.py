@@ -516,10 +516,12 @@ def _register_subcommands() -> None:
     from .governance.cli import agents, policy_revisions, policy_rollback
 
     from .audit.cli import audit
+    from .coordination.cli import claims
 
     main.add_command(approvals)
     main.add_command(agents)
     main.add_command(audit)
+    main.add_command(claims)
     policy.add_command(policy_revisions)
     policy.add_command(policy_rollback)
 

@@ -11,11 +11,10 @@ the protocol and docs/architecture.md for a recipe) and put it in the list below
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .approvals.service import ApprovalService, forwarded_view, request_fingerprint
+from .approvals.service import ApprovalService
 from .approvals.stage import HoldForApproval, SpendApproval
 from .audit.stage import AuditGate
 from .audit.trail import AuditTrail
@@ -25,10 +24,11 @@ from .connectors.classifier import Classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.enrich import Enricher
 from .connectors.stages import Classify, ConnectorAlias, Enrich, InjectCredential, TrackCreator, TunnelTarget
-from .coordination.idempotency import IdempotencyCheck, IdempotencyReserve
+from .coordination.claims import ClaimAcquire, ClaimCheck, ClaimConflict, ClaimObserver
+from .coordination.metrics import ClaimMetrics
 from .core.chain import Chain, Stage
-from .core.exchange import Exchange
-from .core.model import Refusal
+from .core.context import principal_entity
+from .core.model import AgentIdentity, Refusal
 from .core.stages import GatewayRoute, TargetCheck
 from .governance.registry import Governance, suspension_refusal
 from .governance.stage import AgentSuspended, TargetSuspended
@@ -63,6 +63,7 @@ class Parts:
     injector: CredentialInjector | None = None
     audit: AuditTrail | None = None
     tracing: Tracing | None = None
+    claims: ClaimObserver | None = None  # claim metrics (default: ClaimMetrics on `metrics`)
 
 
 @dataclass
@@ -80,28 +81,17 @@ def _present(*stages: Stage | None) -> list[Stage]:
     return [s for s in stages if s is not None]
 
 
-def _fingerprinter(approvals: ApprovalService | None) -> Callable[[Exchange], str]:
-    """What binds an Idempotency-Key to one request: the approval fingerprint (method,
-    canonical URL, body and the bound headers, over the request as it reaches the upstream)."""
-
-    def fingerprint(ex: Exchange) -> str:
-        req, cls, identity = ex.request, ex.classification, ex.identity
-        assert req is not None
-        agent = identity.agent_id if identity is not None else ""
-        # (the key itself is how the request is found, not part of it: "k" and the sf-string "\"k\"" match)
-        unbound = [*ex.plan.remove_headers, "idempotency-key"]
-        if approvals is not None:
-            view = approvals.forwarded_view(req, cls.connector if cls is not None else "", unbound)
-            return approvals.fingerprint(agent, view)
-        return request_fingerprint(agent, forwarded_view(req, unbound))
-
-    return fingerprint
-
-
 def build_request_path(p: Parts) -> RequestPath:
     cfg = p.config
     gov = p.governance
     tracing = p.tracing if p.tracing is not None and p.tracing.enabled else None
+
+    principal_mapping = cfg.identity_settings().principal
+    claim_observer = p.claims if p.claims is not None else ClaimMetrics(p.metrics)
+
+    def groups_of(identity: AgentIdentity) -> list[str]:
+        # the agent's groups as Cedar sees them (principal parents): context.claim.holder_groups
+        return [p["id"] for p in principal_entity(identity, principal_mapping)["parents"]]
 
     def suspended_meanwhile(agent: str, connector: str, action: str) -> Refusal | None:
         assert gov is not None
@@ -127,14 +117,15 @@ def build_request_path(p: Parts) -> RequestPath:
         ConnectorAlias(p.aliases) if p.aliases else None,          # generic egress to a connector's upstream
         TargetSuspended(gov) if gov else None,                     # kill switch: connector and action
         Enrich(p.enricher) if p.enricher else None,                # resource attributes (creator, lookup)
+        ClaimCheck(p.store, groups_of),                            # claim-bearing routes: context.claim
         TrackCreator(p.store),                                     # on the way back: who created what
         Authorize(p.policies, p.shadow, cfg.identity_settings(), cfg.limits),  # Cedar (and shadow)
+        ClaimConflict(claim_observer),                             # a deny by @claim policies -> 409
         HoldForApproval(p.approvals, p.policies, cfg.approvals,
                         suspended_meanwhile if gov else None) if p.approvals else None,  # deny -> hold
-        IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals)) if p.store else None,  # replay/409/422
         InjectCredential(p.injector) if p.injector else None,      # the connector's credential
+        ClaimAcquire(p.store, claim_observer),                     # atomic acquire/renew: the arbiter
         AuditGate(p.audit) if p.audit else None,                   # forwarded only if it can be recorded
-        IdempotencyReserve(p.store, cfg.idempotency) if p.store else None,  # key in progress; response kept
         SpendApproval(p.approvals, cfg.approvals) if p.approvals else None,  # an approval releases one request
         TracePropagation(tracing) if tracing else None,            # the upstream joins the trace
     ), error_refusals=[store_unavailable])

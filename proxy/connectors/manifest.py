@@ -24,7 +24,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..coordination.dedupe import DedupeSpec, check_route_dedupe
 from .credentials import UpstreamAuth
 
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -230,6 +229,31 @@ class ApprovalWait(_Strict):
     wait_seconds: float | None = Field(None, gt=0, le=3600)
 
 
+class ClaimSpec(_Strict):
+    """A write on this route claims its resource (docs/coordination.md): `exclusive` keeps
+    every other agent's writes out (409) until the claim expires or is released; `shared`
+    claims coexist but keep an exclusive one out. The holder's writes renew it.
+    `acquire: implicit` claims on the first allowed write; `api` only checks (claims are
+    taken by another route or the control API, never by this route's writes)."""
+
+    mode: Literal["exclusive", "shared"] = "exclusive"
+    ttl_seconds: int = Field(ge=1, le=7 * 24 * 3600)
+    acquire: Literal["implicit", "api"] = "implicit"
+
+
+def _claim_error(data: Any) -> Any:
+    """Validate a route's `claim` up front so the error names the route (method and path)."""
+    if isinstance(data, dict) and data.get("claim") is not None:
+        try:
+            ClaimSpec.model_validate(data["claim"])
+        except Exception as e:  # pydantic ValidationError: keep its text, add where
+            raise ValueError(f"route {data.get('method', '?')} {data.get('path', '?')}: invalid claim: {e}") from None
+        if data.get("jsonrpc") is not None:
+            raise ValueError(f"route {data.get('method', '?')} {data.get('path', '?')}: "
+                             "claim is not supported on jsonrpc routes")
+    return data
+
+
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _QUERY_NAME_RE = re.compile(r"^[A-Za-z0-9_$.@-]+$")
 
@@ -254,12 +278,17 @@ class RouteSpec(_Strict):
     track_creator: TrackCreator | None = None
     lookup: LookupSpec | None = None
     approval: ApprovalWait | None = None
-    # Equivalent writes by any agent inside a window are not forwarded twice (docs/coordination.md).
-    dedupe: DedupeSpec | None = None
     # Uploads: a body Proctor cannot read (not JSON, a form or multipart) is forwarded
     # as opaque instead of refused (415); policies see context.payload.format == "opaque",
     # its size and media type. A route that reads body fields cannot be opaque.
     opaque_body: bool = False
+    # Writes claim the resource (coordination between agents; docs/coordination.md).
+    claim: ClaimSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _claim(cls, data: Any) -> Any:
+        return _claim_error(data)
 
     @field_validator("method")
     @classmethod
@@ -347,13 +376,6 @@ class RouteSpec(_Strict):
         for used in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", rid or ""):
             if used not in params:
                 raise ValueError(f"resource id uses {{{used}}}, which the path {self.path!r} does not define")
-        return self
-
-    @model_validator(mode="after")
-    def _dedupe(self) -> "RouteSpec":
-        if self.dedupe is not None:
-            check_route_dedupe(self.dedupe, self.method, self.path, set(self.params), set(self.body),
-                               self.jsonrpc is not None)
         return self
 
 

@@ -40,6 +40,9 @@ BASE_CONTEXT_FIELDS = (
 # Optional keys some requests carry; declared in every generated context type
 # whose schema declares the named common type (the bundled one does).
 OPTIONAL_CONTEXT_FIELDS: tuple[tuple[str, str], ...] = (("approval", "Approval"), ("payload", "Payload"))
+# context.claim on claim-bearing routes (proxy/coordination/claims.py builds it; docs/coordination.md).
+CLAIM_CONTEXT_TYPE = ("{ held: Bool, holder: String, holder_groups: Set<String>, mine: Bool, mode: String, "
+                      "since: Long, expires_at: Long, write: Bool, conflict: Bool }")
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -81,6 +84,7 @@ class _Shape:
 
     groups: dict[str, _Values]
     rpc: bool = False
+    claim: bool = False  # the route claims its resource: context.claim is always set
 
 
 @dataclass
@@ -167,7 +171,7 @@ def generate_schema(
     actions: dict[str, _ActionDecl] = {}
 
     def add(action: str, rtype: str, attrs: dict[str, Any], resource_names: list[str],
-            groups: dict[str, _Values], rpc: bool, where: str) -> None:
+            groups: dict[str, _Values], rpc: bool, where: str, claim: bool = False) -> None:
         ent = entities.setdefault(rtype, {})
         org = origins.setdefault(rtype, {})
         try:
@@ -185,7 +189,7 @@ def generate_schema(
         decl = actions.setdefault(action, _ActionDecl())
         if rtype not in decl.resource_types:
             decl.resource_types.append(rtype)
-        decl.shapes.append(_Shape(groups, rpc))
+        decl.shapes.append(_Shape(groups, rpc, claim))
         decl.sources.append(where)
 
     for m in manifests:
@@ -199,7 +203,8 @@ def generate_schema(
             else:
                 assert r.resource is not None
                 groups = _route_groups(r, r.body)
-                add(r.action, r.resource.type, r.attributes, r.resource_attributes, groups, False, where)
+                add(r.action, r.resource.type, r.attributes, r.resource_attributes, groups, False, where,
+                    r.claim is not None)
                 if r.lookup is not None:
                     try:
                         for name, spec in r.lookup.attributes.items():
@@ -255,6 +260,10 @@ def generate_schema(
             extra = True
             opt = "" if all(s.rpc for s in decl.shapes) else "?"
             ctx_fields.append(f"rpc{opt}: {{ method: String, tool?: String }}")
+        if any(s.claim for s in decl.shapes):
+            extra = True
+            opt = "" if all(s.claim for s in decl.shapes) else "?"
+            ctx_fields.append(f"claim{opt}: {CLAIM_CONTEXT_TYPE}")
         if extra:
             ctx_name = _context_type_name(action, taken)
             lines.append(f"type {ctx_name} = {{ {', '.join(ctx_fields)} }};")

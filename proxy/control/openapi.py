@@ -24,6 +24,7 @@ from pydantic.json_schema import models_json_schema
 from .. import __version__
 from . import models as rq
 from . import models_responses as rs
+from .claims_api import ClaimList, ClaimListQuery, ClaimPath, ClaimRelease
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -153,6 +154,13 @@ ROUTES: tuple[Route, ...] = (
     Route("delete", "/v1/suspensions/{kind}/{target}", "deleteSuspension", "Lift a suspension", "governance",
           "operator", (Reply(200, "Resumed.", rs.ResumeResult),), (401, 403, 404, 503),
           path_model=rq.SuspensionPath, query=rq.ResumeQuery),
+    # claims on resources (claims_api.py; docs/coordination.md)
+    Route("get", "/v1/claims", "listClaims", "Live claims agents hold on resources", "coordination", "operator",
+          (Reply(200, "Claims, by connector and resource.", ClaimList),), (400, *OPERATOR), query=ClaimListQuery),
+    Route("post", "/v1/claims/{id}/release", "releaseClaim", "Force-release a claim", "coordination", "operator",
+          (Reply(200, "Released: the resource is free for the next writer (a new tenure).", ClaimRelease),),
+          (401, 403, 404, 503), path_model=ClaimPath,
+          description="Requests with a foreign `Origin` header are refused (CSRF)."),
     # approvals (approvals_api.py)
     Route("get", "/v1/whoami", "whoami", "The calling approver and their approval groups", "approvals", "approver",
           (Reply(200, "The verified approver.", rs.WhoAmI),), AUTH),

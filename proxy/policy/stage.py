@@ -19,6 +19,9 @@ from .engine import PolicyBundle, PolicyStore
 from .shadow import ShadowPolicies
 
 EVALUATION = "authorize"  # stage_data key of the PolicyEvaluation
+# stage_data key: context entries a stage before authorization computed (e.g. context.claim,
+# proxy/coordination/claims.py), merged into the Cedar context.
+CONTEXT_EXTRA = "context"
 
 
 @dataclass(slots=True)
@@ -54,6 +57,9 @@ class Authorize(Stage):
         limits = self.limits
         context = request_context(req, cls, ex.body, limits.context_headers, now=ex.timestamp, payload=payload,
                                   inexact=limits.inexact_numbers)
+        extra = ex.stage_data.get(CONTEXT_EXTRA)
+        if extra:
+            context.update(extra)
         ex.policy_inputs = (principal, resource, context)
         result = self.policies.authorize(principal, cls.action, resource, context, [principal, resource], bundle=bundle)
         if self.shadow is not None:

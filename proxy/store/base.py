@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .idempotency import IdempotencyEntry
+from .claims import Claim, ClaimOutcome
 from .models import (
     SUSPENSION_KINDS,
     AgentRecord,
@@ -243,29 +243,26 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_revision(self, revision: str) -> PolicyRevision | None: ...
 
-    # ---- idempotency keys and dedupe windows (proxy/coordination/) --------
+    # ---- claims on resources (proxy/coordination/claims.py; store/claims.py) ----
     @abc.abstractmethod
-    async def reserve_idempotency(self, e: IdempotencyEntry, now: float) -> IdempotencyEntry | None:
-        """Atomically store `e` unless a live entry (expires_at > now) holds (e.scope, e.key):
-        None when `e` now holds it, else the live entry that does (the caller decides:
-        replay, in progress, or another request). An expired entry is replaced."""
+    async def acquire_claim(
+        self, *, connector: str, resource: str, agent: str, groups: list[str], mode: str, ttl: float, now: float
+    ) -> ClaimOutcome:
+        """Atomically (one transaction, exact across replicas): renew `agent`'s live claim,
+        or start a new tenure (bumping the resource's fence), or report the live claim
+        of another agent that conflicts (see store/claims.py `decide`)."""
 
     @abc.abstractmethod
-    async def get_idempotency(self, scope: str, key: str, now: float) -> IdempotencyEntry | None:
-        """The live entry for (scope, key), or None."""
+    async def claims_on(self, connector: str, resource: str, now: float) -> list[Claim]:
+        """The live claims on one resource, oldest first."""
 
     @abc.abstractmethod
-    async def complete_idempotency(self, e: IdempotencyEntry) -> bool:
-        """Record the response: state, status, headers, body, body_stored and expires_at of
-        `e`, only while the in-progress entry is still held by `e.owner`; False otherwise."""
+    async def list_claims(self, now: float, *, connector: str | None = None) -> list[Claim]:
+        """Every live claim (of one connector), ordered by connector, resource, since."""
 
     @abc.abstractmethod
-    async def release_idempotency(self, scope: str, key: str, owner: str) -> bool:
-        """Delete the in-progress entry held by `owner` (its request was not completed)."""
-
-    @abc.abstractmethod
-    async def sweep_idempotency(self, now: float) -> int:
-        """Delete entries that expired (expires_at <= now); returns how many."""
+    async def release_claim(self, claim_id: str) -> Claim | None:
+        """Delete one claim by id (an operator's force-release); the claim, or None if there was none."""
 
     async def __aenter__(self) -> Store:
         await self.open()

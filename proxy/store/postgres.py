@@ -47,7 +47,7 @@ from .base import (
     revision_from_row,
     suspension_from_row,
 )
-from .idempotency import IDEMPOTENCY_COLUMNS, IDEMPOTENCY_SELECT, IdempotencyEntry, entry_from_row, entry_params
+from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -135,37 +135,33 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: (
         # Coordination (issue 12; docs/coordination.md).
         # -- claims (proxy/coordination/claims.py) --
-        # -- idempotency keys and dedupe windows (proxy/coordination/) --
-        """CREATE TABLE proctor_idempotency (
-            scope TEXT NOT NULL,
-            key TEXT NOT NULL,
-            fingerprint TEXT NOT NULL,
-            state TEXT NOT NULL,
-            owner TEXT NOT NULL,
-            agent_id TEXT NOT NULL,
-            created_at DOUBLE PRECISION NOT NULL,
+        # One row per holder (shared claims have several); expired rows are ignored and
+        # swept by the next change. The fence row per resource outlives its claims and is
+        # the row every acquire locks first (acquire_claim).
+        """CREATE TABLE proctor_claims (
+            id TEXT PRIMARY KEY,
+            connector TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            holder_groups TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            since DOUBLE PRECISION NOT NULL,
             expires_at DOUBLE PRECISION NOT NULL,
-            status INTEGER,
-            headers TEXT NOT NULL,
-            body BYTEA,
-            body_stored BOOLEAN NOT NULL DEFAULT FALSE,
-            PRIMARY KEY (scope, key)
+            fence BIGINT NOT NULL,
+            UNIQUE (connector, resource, holder)
         )""",
-        "CREATE INDEX proctor_idempotency_expires ON proctor_idempotency (expires_at)",
+        "CREATE INDEX proctor_claims_expiry ON proctor_claims (expires_at)",
+        """CREATE TABLE proctor_claim_fences (
+            connector TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            fence BIGINT NOT NULL,
+            PRIMARY KEY (connector, resource)
+        )""",
+        # -- idempotency keys and dedupe windows (proxy/coordination/) --
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
 
-# Insert-if-absent is the arbiter (one statement; the unique key serialises replicas): a live
-# row is left alone (no row returned), an expired one replaced.
-_RESERVE_IDEM = (
-    f"INSERT INTO proctor_idempotency ({IDEMPOTENCY_SELECT}) "
-    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(IDEMPOTENCY_COLUMNS)))}) "
-    "ON CONFLICT (scope, key) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in IDEMPOTENCY_COLUMNS[2:])
-    + f" WHERE proctor_idempotency.expires_at <= ${len(IDEMPOTENCY_COLUMNS) + 1} RETURNING owner"
-)
-_GET_IDEM = f"SELECT {IDEMPOTENCY_SELECT} FROM proctor_idempotency WHERE scope = $1 AND key = $2 AND expires_at > $3"
 _N = len(APPROVAL_COLUMN_NAMES)
 _INSERT_APPROVAL = (
     f"INSERT INTO proctor_approvals ({APPROVAL_SELECT}) VALUES ({', '.join(f'${i}' for i in range(1, _N + 1))})"
@@ -594,41 +590,71 @@ class PostgresStore(Store):
         )
         return None if row is None else revision_from_row(row)
 
-    # ---- idempotency keys and dedupe windows -------------------------------
-    async def reserve_idempotency(self, e: IdempotencyEntry, now: float) -> IdempotencyEntry | None:
-        params = [*entry_params(e), float(now)]
-        for _ in range(5):
-            won = await self._fetchrow("reserve_idempotency", _RESERVE_IDEM, *params)
-            if won is not None:
-                return None
-            row = await self._fetchrow("reserve_idempotency", _GET_IDEM, e.scope, e.key, float(now))
-            if row is not None:
-                return entry_from_row(row)
-            # released or expired between the two statements: try to take it again
-        raise StoreError("state store: reserve_idempotency kept changing under concurrent requests")
+    # ---- claims on resources ---------------------------------------------
+    async def acquire_claim(
+        self, *, connector: str, resource: str, agent: str, groups: list[str], mode: str, ttl: float, now: float
+    ) -> ClaimOutcome:
+        pool = self._p()
+        with backend_errors("acquire_claim"):
+            async with pool.acquire() as conn, conn.transaction():
+                # The upsert row-locks the resource's fence row (created on first use) until
+                # commit: concurrent acquirers on any replica queue here, and each then reads
+                # the claims its predecessor committed (READ COMMITTED, statement snapshot).
+                fence = int(await conn.fetchval(
+                    "INSERT INTO proctor_claim_fences (connector, resource, fence) VALUES ($1, $2, 0) "
+                    "ON CONFLICT (connector, resource) DO UPDATE SET fence = proctor_claim_fences.fence "
+                    "RETURNING fence",
+                    connector, resource,
+                ))
+                rows = await conn.fetch(
+                    f"SELECT {CLAIM_COLUMNS} FROM proctor_claims WHERE connector = $1 AND resource = $2 "
+                    "ORDER BY since, id",
+                    connector, resource,
+                )
+                claims = [claim_from_row(r) for r in rows]
+                outcome, new_fence = decide(claims, fence, connector=connector, resource=resource, agent=agent,
+                                            groups=groups, mode=mode, ttl=ttl, now=now)
+                if outcome.acquired:
+                    c = outcome.claim
+                    await conn.execute(
+                        "DELETE FROM proctor_claims WHERE connector = $1 AND resource = $2 AND (expires_at <= $3 "
+                        "OR (holder = $4 AND id <> $5))",
+                        connector, resource, float(now), agent, c.id,
+                    )
+                    await conn.execute(
+                        f"INSERT INTO proctor_claims ({CLAIM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+                        "ON CONFLICT (id) DO UPDATE SET holder_groups = EXCLUDED.holder_groups, "
+                        "mode = EXCLUDED.mode, expires_at = EXCLUDED.expires_at",
+                        c.id, connector, resource, agent, dump_json(c.holder_groups), c.mode, float(c.since),
+                        float(c.expires_at), c.fence,
+                    )
+                    if new_fence != fence:
+                        await conn.execute(
+                            "UPDATE proctor_claim_fences SET fence = $3 WHERE connector = $1 AND resource = $2",
+                            connector, resource, new_fence,
+                        )
+        return outcome
 
-    async def get_idempotency(self, scope: str, key: str, now: float) -> IdempotencyEntry | None:
-        row = await self._fetchrow("get_idempotency", _GET_IDEM, scope, key, float(now))
-        return None if row is None else entry_from_row(row)
-
-    async def complete_idempotency(self, e: IdempotencyEntry) -> bool:
-        p = entry_params(e)
-        done = await self._execute(
-            "complete_idempotency",
-            "UPDATE proctor_idempotency SET state = $1, status = $2, headers = $3, body = $4, body_stored = $5, "
-            "expires_at = $6 WHERE scope = $7 AND key = $8 AND owner = $9 AND state = 'in-progress'",
-            p[3], p[8], p[9], p[10], p[11], p[7], e.scope, e.key, e.owner,
+    async def claims_on(self, connector: str, resource: str, now: float) -> list[Claim]:
+        rows = await self._fetch(
+            "claims_on",
+            f"SELECT {CLAIM_COLUMNS} FROM proctor_claims WHERE connector = $1 AND resource = $2 AND expires_at > $3 "
+            "ORDER BY since, id",
+            connector, resource, float(now),
         )
-        return done == "UPDATE 1"
+        return [claim_from_row(r) for r in rows]
 
-    async def release_idempotency(self, scope: str, key: str, owner: str) -> bool:
-        done = await self._execute(
-            "release_idempotency",
-            "DELETE FROM proctor_idempotency WHERE scope = $1 AND key = $2 AND owner = $3 AND state = 'in-progress'",
-            scope, key, owner,
+    async def list_claims(self, now: float, *, connector: str | None = None) -> list[Claim]:
+        rows = await self._fetch(
+            "list_claims",
+            f"SELECT {CLAIM_COLUMNS} FROM proctor_claims WHERE expires_at > $1 "
+            "AND ($2::text IS NULL OR connector = $2) ORDER BY connector, resource, since, id",
+            float(now), connector,
         )
-        return done == "DELETE 1"
+        return [claim_from_row(r) for r in rows]
 
-    async def sweep_idempotency(self, now: float) -> int:
-        done = await self._execute("sweep_idempotency", "DELETE FROM proctor_idempotency WHERE expires_at <= $1", float(now))
-        return int(done.rpartition(" ")[2] or 0)
+    async def release_claim(self, claim_id: str) -> Claim | None:
+        row = await self._fetchrow(
+            "release_claim", f"DELETE FROM proctor_claims WHERE id = $1 RETURNING {CLAIM_COLUMNS}", claim_id
+        )
+        return None if row is None else claim_from_row(row)

@@ -61,7 +61,7 @@ from .base import (
     revision_from_row,
     suspension_from_row,
 )
-from .idempotency import IDEMPOTENCY_COLUMNS, IDEMPOTENCY_SELECT, IdempotencyEntry, entry_from_row, entry_params
+from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 log = logging.getLogger("proctor.store")
@@ -149,23 +149,28 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     3: (
         # Coordination (issue 12; docs/coordination.md).
         # -- claims (proxy/coordination/claims.py) --
-        # -- idempotency keys and dedupe windows (proxy/coordination/) --
-        """CREATE TABLE proctor_idempotency (
-            scope TEXT NOT NULL,
-            key TEXT NOT NULL,
-            fingerprint TEXT NOT NULL,
-            state TEXT NOT NULL,
-            owner TEXT NOT NULL,
-            agent_id TEXT NOT NULL,
-            created_at REAL NOT NULL,
+        # One row per holder (shared claims have several); expired rows are ignored and
+        # swept by the next change. The fence row per resource outlives its claims.
+        """CREATE TABLE proctor_claims (
+            id TEXT PRIMARY KEY,
+            connector TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            holder_groups TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            since REAL NOT NULL,
             expires_at REAL NOT NULL,
-            status INTEGER,
-            headers TEXT NOT NULL,
-            body BLOB,
-            body_stored INTEGER NOT NULL DEFAULT 0,
-            PRIMARY KEY (scope, key)
+            fence INTEGER NOT NULL,
+            UNIQUE (connector, resource, holder)
         )""",
-        "CREATE INDEX proctor_idempotency_expires ON proctor_idempotency (expires_at)",
+        "CREATE INDEX proctor_claims_expiry ON proctor_claims (expires_at)",
+        """CREATE TABLE proctor_claim_fences (
+            connector TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            fence INTEGER NOT NULL,
+            PRIMARY KEY (connector, resource)
+        )""",
+        # -- idempotency keys and dedupe windows (proxy/coordination/) --
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -219,14 +224,6 @@ _AGENT_ACTIVITY = (
 )
 _BUMP_SUSPENSIONS = "UPDATE proctor_meta SET value = value + 1 WHERE key = ?"
 _SELECT_IDENTITY = "SELECT store_id, created_at FROM proctor_store_identity WHERE id = 1"
-# Insert-if-absent is the arbiter: a live row is left alone (no change), an expired one replaced.
-_RESERVE_IDEM = (
-    f"INSERT INTO proctor_idempotency ({IDEMPOTENCY_SELECT}) VALUES ({', '.join('?' for _ in IDEMPOTENCY_COLUMNS)}) "
-    "ON CONFLICT (scope, key) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in IDEMPOTENCY_COLUMNS[2:])
-    + " WHERE proctor_idempotency.expires_at <= ?"
-)
-_GET_IDEM = f"SELECT {IDEMPOTENCY_SELECT} FROM proctor_idempotency WHERE scope = ? AND key = ? AND expires_at > ?"
 
 FileId = tuple[int, int]  # (st_dev, st_ino)
 
@@ -640,40 +637,70 @@ class SQLiteStore(Store):
         )
         return None if row is None else revision_from_row(row)
 
-    # ---- idempotency keys and dedupe windows -------------------------------
-    async def reserve_idempotency(self, e: IdempotencyEntry, now: float) -> IdempotencyEntry | None:
-        params = [*entry_params(e), float(now)]
-        async with self._write("reserve_idempotency") as db:
-            cur = await db.execute(_RESERVE_IDEM, params)
-            if cur.rowcount == 1:
+    # ---- claims on resources ---------------------------------------------
+    async def acquire_claim(
+        self, *, connector: str, resource: str, agent: str, groups: list[str], mode: str, ttl: float, now: float
+    ) -> ClaimOutcome:
+        # BEGIN IMMEDIATE takes the database's write lock first: the read, the decision and
+        # the write below are one step for every process sharing this file.
+        async with self._write("acquire_claim") as db:
+            async with db.execute(
+                "SELECT fence FROM proctor_claim_fences WHERE connector = ? AND resource = ?", (connector, resource)
+            ) as cur:
+                row = await cur.fetchone()
+            fence = 0 if row is None else int(row[0])
+            async with db.execute(
+                f"SELECT {CLAIM_COLUMNS} FROM proctor_claims WHERE connector = ? AND resource = ? ORDER BY since",
+                (connector, resource),
+            ) as cur:
+                claims = [claim_from_row(r) for r in await cur.fetchall()]
+            outcome, new_fence = decide(claims, fence, connector=connector, resource=resource, agent=agent,
+                                        groups=groups, mode=mode, ttl=ttl, now=now)
+            if outcome.acquired:
+                c = outcome.claim
+                await db.execute(
+                    "DELETE FROM proctor_claims WHERE connector = ? AND resource = ? AND (expires_at <= ? "
+                    "OR (holder = ? AND id <> ?))",
+                    (connector, resource, float(now), agent, c.id),
+                )
+                await db.execute(
+                    f"INSERT INTO proctor_claims ({CLAIM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET holder_groups = excluded.holder_groups, mode = excluded.mode, "
+                    "expires_at = excluded.expires_at",
+                    (c.id, connector, resource, agent, dump_json(c.holder_groups), c.mode, float(c.since),
+                     float(c.expires_at), c.fence),
+                )
+                if new_fence != fence:
+                    await db.execute(
+                        "INSERT INTO proctor_claim_fences (connector, resource, fence) VALUES (?, ?, ?) "
+                        "ON CONFLICT (connector, resource) DO UPDATE SET fence = excluded.fence",
+                        (connector, resource, new_fence),
+                    )
+        return outcome
+
+    async def claims_on(self, connector: str, resource: str, now: float) -> list[Claim]:
+        rows = await self._fetchall(
+            "claims_on",
+            f"SELECT {CLAIM_COLUMNS} FROM proctor_claims WHERE connector = ? AND resource = ? AND expires_at > ? "
+            "ORDER BY since, id",
+            (connector, resource, float(now)),
+        )
+        return [claim_from_row(r) for r in rows]
+
+    async def list_claims(self, now: float, *, connector: str | None = None) -> list[Claim]:
+        sql = f"SELECT {CLAIM_COLUMNS} FROM proctor_claims WHERE expires_at > ?"
+        params: list[Any] = [float(now)]
+        if connector is not None:
+            sql += " AND connector = ?"
+            params.append(connector)
+        rows = await self._fetchall("list_claims", sql + " ORDER BY connector, resource, since, id", params)
+        return [claim_from_row(r) for r in rows]
+
+    async def release_claim(self, claim_id: str) -> Claim | None:
+        async with self._write("release_claim", durable=True) as db:
+            async with db.execute(f"SELECT {CLAIM_COLUMNS} FROM proctor_claims WHERE id = ?", (claim_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
                 return None
-            # (same transaction: the live row that refused us is still there)
-            rows = list(await db.execute_fetchall(_GET_IDEM, (e.scope, e.key, float(now))))
-        return entry_from_row(rows[0]) if rows else None
-
-    async def get_idempotency(self, scope: str, key: str, now: float) -> IdempotencyEntry | None:
-        row = await self._fetchone("get_idempotency", _GET_IDEM, (scope, key, float(now)))
-        return None if row is None else entry_from_row(row)
-
-    async def complete_idempotency(self, e: IdempotencyEntry) -> bool:
-        p = entry_params(e)
-        async with self._write("complete_idempotency") as db:
-            cur = await db.execute(
-                "UPDATE proctor_idempotency SET state = ?, status = ?, headers = ?, body = ?, body_stored = ?, "
-                "expires_at = ? WHERE scope = ? AND key = ? AND owner = ? AND state = 'in-progress'",
-                (p[3], p[8], p[9], p[10], p[11], p[7], e.scope, e.key, e.owner),
-            )
-            return bool(cur.rowcount == 1)
-
-    async def release_idempotency(self, scope: str, key: str, owner: str) -> bool:
-        async with self._write("release_idempotency") as db:
-            cur = await db.execute(
-                "DELETE FROM proctor_idempotency WHERE scope = ? AND key = ? AND owner = ? AND state = 'in-progress'",
-                (scope, key, owner),
-            )
-            return bool(cur.rowcount == 1)
-
-    async def sweep_idempotency(self, now: float) -> int:
-        async with self._write("sweep_idempotency") as db:
-            cur = await db.execute("DELETE FROM proctor_idempotency WHERE expires_at <= ?", (float(now),))
-            return int(cur.rowcount)
+            await db.execute("DELETE FROM proctor_claims WHERE id = ?", (claim_id,))
+        return claim_from_row(row)

@@ -1,0 +1,205 @@
+"""Claims (leases) on resources, as three stages on the request path (docs/coordination.md).
+
+A route that declares `claim:` in its connector manifest makes every write
+(non-safe method) on it claim the request's resource, keyed by connector and
+Cedar resource uid. The decision is split so that policy sees the claim and
+the store stays the only arbiter:
+
+1. `ClaimCheck` (before authorization) reads the live claims on the resource
+   and puts `context.claim` into the Cedar context (always, on claim-bearing
+   routes): held, holder, holder_groups, mine, mode, since, expires_at, write,
+   conflict. Nothing is written: a request that policy denies never claims.
+2. `ClaimConflict` (right after authorization, settling its pending deny): a
+   deny decided only by `@claim("conflict")` policies (the bundled
+   `claim-held-by-another-agent`) is answered 409 with the holder, since,
+   until and `Retry-After`, instead of a plain 403.
+3. `ClaimAcquire` (after approval and credential injection, right before the
+   audit gate): the atomic acquire-or-renew-or-report in the store. Two agents
+   that both passed the check race here; the store lets exactly one hold, the
+   other gets the same 409. A write that policy allowed *through* another
+   agent's claim (a supervisor rule) is forwarded without taking the claim.
+
+A store that cannot be reached raises StoreError, which the chain answers 503
+(fail closed) on claim-bearing routes only: other routes never touch it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ..connectors.manifest import ClaimSpec
+from ..core.chain import Stage
+from ..core.exchange import Exchange
+from ..core.model import AgentIdentity, Refusal
+from ..policy.stage import CONTEXT_EXTRA, EVALUATION, PolicyEvaluation
+from ..store.claims import Claim, conflicting
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+CLAIM_KIND = "claim-conflict"  # Refusal.kind of a 409 for a claim held by another agent
+CLAIM_ANNOTATION = "claim"  # @claim("conflict") marks the policies that turn a deny into a 409
+STATE = "claims"  # stage_data key of the ClaimState
+
+GroupsOf = Callable[[AgentIdentity], list[str]]
+
+
+class ClaimObserver:
+    """What the claim stages report (metrics); the default reports nothing."""
+
+    def conflict(self, connector: str) -> None:
+        return None
+
+    def acquired(self, connector: str, renewed: bool) -> None:
+        return None
+
+
+@dataclass(slots=True)
+class ClaimState:
+    """What ClaimCheck found, for the stages after authorization."""
+
+    spec: ClaimSpec
+    connector: str
+    resource: str
+    write: bool
+    groups: list[str]
+    blocker: Claim | None  # another agent's live claim this write conflicts with
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def claim_context(claims: list[Claim], agent: str, spec: ClaimSpec, write: bool,
+                  blocker: Claim | None) -> dict[str, Any]:
+    """context.claim: the claim that matters to this agent (the conflicting one, else its
+    own, else the oldest), with defaults when nobody holds the resource."""
+    mine = next((c for c in claims if c.holder == agent), None)
+    shown = blocker or mine or (claims[0] if claims else None)
+    return {
+        "held": bool(claims),
+        "holder": shown.holder if shown else "",
+        "holder_groups": list(shown.holder_groups) if shown else [],
+        "mine": mine is not None,
+        "mode": shown.mode if shown else spec.mode,
+        "since": int(shown.since) if shown else 0,
+        "expires_at": math.ceil(shown.expires_at) if shown else 0,
+        "write": write,
+        "conflict": blocker is not None,
+    }
+
+
+def conflict_refusal(claim: Claim, now: float, reasons: list[str], raced: bool = False) -> Refusal:
+    """409 naming the holder, since and until, with Retry-After (seconds until expiry)."""
+    retry = max(1, math.ceil(claim.expires_at - now))
+    how = ("another agent claimed it a moment before this request (it lost the race)" if raced
+           else f"claimed ({claim.mode}) by agent {claim.holder!r}")
+    return Refusal(
+        409,
+        "Conflict: the resource is claimed by another agent",
+        f"{claim.resource} is {how} since {_iso(claim.since)} until {_iso(claim.expires_at)}; "
+        f"writes by other agents are refused until the claim expires or is released. Retry after "
+        f"{retry} seconds, work on another record, or ask an operator to release claim {claim.id}.",
+        reasons=reasons,
+        headers={"Retry-After": str(retry)},
+        kind=CLAIM_KIND,
+        extra={"claim": {
+            "id": claim.id,
+            "connector": claim.connector,
+            "resource": claim.resource,
+            "holder": claim.holder,
+            "mode": claim.mode,
+            "since": _iso(claim.since),
+            "until": _iso(claim.expires_at),
+            "retry_after": retry,
+        }},
+    )
+
+
+class ClaimCheck(Stage):
+    """Before authorization: read the claim state into `context.claim` (no write)."""
+
+    name = "claims"
+
+    def __init__(self, store: Any, groups_of: GroupsOf, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.groups_of = groups_of
+        self.clock = clock
+
+    async def on_request(self, ex: Exchange) -> None:
+        cls, req, identity = ex.classification, ex.request, ex.identity
+        spec = getattr(cls.spec, "claim", None) if cls is not None else None
+        if spec is None or cls is None or req is None or identity is None:
+            return
+        now = self.clock()
+        resource = cls.resource_uid
+        claims = await self.store.claims_on(cls.connector, resource, now)
+        agent = identity.agent_id
+        write = req.method not in SAFE_METHODS
+        blocker = conflicting(claims, agent, spec.mode, now) if write else None
+        extra = ex.stage_data.setdefault(CONTEXT_EXTRA, {})
+        extra["claim"] = claim_context(claims, agent, spec, write, blocker)
+        ex.stage_data[STATE] = ClaimState(spec, cls.connector, resource, write, self.groups_of(identity), blocker)
+
+
+class ClaimConflict(Stage):
+    """Right after authorization: a deny decided only by @claim("conflict") policies is a 409."""
+
+    name = "claim-conflict"
+    settles_pending = True
+
+    def __init__(self, observer: ClaimObserver | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.observer = observer or ClaimObserver()
+        self.clock = clock
+
+    def on_request(self, ex: Exchange) -> None:
+        state: ClaimState | None = ex.stage_data.get(STATE)
+        pending = ex.pending_refusal
+        if state is None or state.blocker is None or pending is None or not pending.reasons:
+            return
+        evaluation: PolicyEvaluation | None = ex.stage_data.get(EVALUATION)
+        if evaluation is None:
+            return
+        policies = evaluation.bundle.policies
+        if all(pid in policies and policies[pid].annotations.get(CLAIM_ANNOTATION) == "conflict"
+               for pid in pending.reasons):
+            self.observer.conflict(state.connector)
+            ex.settle_pending(conflict_refusal(state.blocker, self.clock(), list(pending.reasons)))
+
+
+class ClaimAcquire(Stage):
+    """After every other decision, before the audit gate: acquire or renew atomically; the
+    store is the arbiter between agents that passed the check together."""
+
+    name = "claim-acquire"
+
+    def __init__(self, store: Any, observer: ClaimObserver | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.observer = observer or ClaimObserver()
+        self.clock = clock
+
+    async def on_request(self, ex: Exchange) -> None:
+        state: ClaimState | None = ex.stage_data.get(STATE)
+        if state is None or not state.write or state.spec.acquire != "implicit":
+            return
+        if state.blocker is not None:
+            return  # policy allowed this write through another agent's claim: it stays theirs
+        assert ex.identity is not None
+        now = self.clock()
+        outcome = await self.store.acquire_claim(
+            connector=state.connector, resource=state.resource, agent=ex.identity.agent_id, groups=state.groups,
+            mode=state.spec.mode, ttl=float(state.spec.ttl_seconds), now=now,
+        )
+        if not outcome.acquired:
+            self.observer.conflict(state.connector)
+            ex.refuse(conflict_refusal(outcome.claim, now, [], raced=True))
+            return
+        self.observer.acquired(state.connector, outcome.renewed)
+        c = outcome.claim
+        ex.plan.response_headers["Proctor-Claim"] = (
+            f"{c.id}; mode={c.mode}; fence={c.fence}; expires={_iso(c.expires_at)}"
+        )

@@ -1,0 +1,51 @@
+"""`proctor claims list|release`: claims on resources, through the control API
+(operator token: an approver-audience token in the `control.admin_group` group)."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import click
+
+from ..approvals.cli import _client, _conn, _connection_options, _fail, _print_json, _safe, _table
+
+
+@click.group()
+def claims() -> None:
+    """Claims agents hold on resources (who holds what, since when, until when); force-release.
+
+    Needs an operator token (approver audience, group `proctor-admins` by default):
+    --token / $PROCTOR_TOKEN, or with the dev issuer `--as olga --group proctor-admins`."""
+
+
+@claims.command("list")
+@click.option("--connector", default=None, help="Only this connector's claims.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+@_connection_options
+def list_cmd(connector: str | None, as_json: bool, **kw) -> None:
+    """Every live claim."""
+    query = "?" + urllib.parse.urlencode({"connector": connector}) if connector else ""
+    doc = _client(_conn(kw)).call("GET", "/v1/claims" + query)
+    if as_json:
+        _print_json(doc)
+        return
+    rows = [[_safe(c["id"]), _safe(c["connector"]), _safe(c["resource"]), _safe(c["holder"]), c["mode"],
+             c["since"], c["expires_at"], str(c["fence"])] for c in doc["claims"]]
+    if not rows:
+        click.echo("no claims held")
+        return
+    _table(rows, ["claim", "connector", "resource", "holder", "mode", "since", "until", "fence"],
+           [26, 12, 30, 20, 9, 20, 20, 5])
+
+
+@claims.command("release")
+@click.argument("claim_id", metavar="CLAIM")
+@_connection_options
+def release_cmd(claim_id: str, **kw) -> None:
+    """Force-release one claim (e.g. held by a suspended or stuck agent)."""
+    claim_id = claim_id.strip()
+    if not claim_id:
+        _fail("a claim id is required")
+    doc = _client(_conn(kw)).call("POST", f"/v1/claims/{urllib.parse.quote(claim_id, safe='')}/release")
+    c = doc["released"]
+    click.echo(f"released {_safe(c['id'])} on {_safe(c['resource'])} (held by {_safe(c['holder'])})")

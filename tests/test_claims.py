@@ -1,0 +1,293 @@
+"""Claims on resources end to end: real Proctor processes, a real recording upstream.
+
+The `claimsvc` connector (below) declares `claim:` on its write routes; the policy
+set is tests/data/policies plus CLAIMS_CEDAR, which permits everything on
+claimsvc and carries the bundled conflict rule (policies/coordination.cedar)
+narrowed so `supervisors` may write through another agent's claim.
+
+Every test uses its own ticket ids, so the module-wide proxy and upstream serve all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import DATA, ROOT, Proctor, _start_upstream, start_proctor, wait_for
+
+pytestmark = pytest.mark.integration
+
+PG_DSN = os.environ.get("PROCTOR_TEST_POSTGRES_DSN")
+ADMINS = "proctor-admins"
+SHORT_TTL = 3
+
+CLAIMS_CEDAR = """
+@id("claimsvc-anyone")
+permit (principal, action in [Action::"claimsvc.ticket.read", Action::"claimsvc.ticket.update",
+                              Action::"claimsvc.short.update"], resource);
+
+@id("claim-held-by-another-agent")
+@claim("conflict")
+forbid (principal, action, resource)
+when { context has claim && context.claim.conflict }
+unless { principal in AgentGroup::"supervisors" };
+
+// context.claim is visible to ordinary policies: nobody writes "frozen" tickets someone holds
+@id("no-writes-through-claims-on-frozen")
+forbid (principal, action == Action::"claimsvc.ticket.update", resource)
+when { context.claim.held && !context.claim.mine && context.params.id like "FROZEN-*" };
+"""
+
+
+def claim_connector(port: int) -> dict:
+    return {
+        "name": "claimsvc",
+        "hosts": [f"127.0.0.1:{port}"],
+        "routes": [
+            {"method": "GET", "path": "/tickets/{id}", "action": "claimsvc.ticket.read",
+             "resource": {"type": "Ticket", "id": "{id}"}, "claim": {"mode": "exclusive", "ttl_seconds": 300}},
+            {"method": "PATCH", "path": "/tickets/{id}", "action": "claimsvc.ticket.update",
+             "resource": {"type": "Ticket", "id": "{id}"}, "claim": {"mode": "exclusive", "ttl_seconds": 300}},
+            {"method": "PATCH", "path": "/short/{id}", "action": "claimsvc.short.update",
+             "resource": {"type": "ShortTicket", "id": "{id}"},
+             "claim": {"mode": "exclusive", "ttl_seconds": SHORT_TTL}},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    up = _start_upstream(tmp_path_factory.mktemp("claims-up"), None)
+    yield up
+    up.proc.terminate()
+    up.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def claim_policies(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("claims-policies") / "policies"
+    shutil.copytree(DATA / "policies", d)
+    (d / "claims.cedar").write_text(CLAIMS_CEDAR)
+    return d
+
+
+def start(base: Path, idp, pki, upstream, upstream_tls, svc, policies: Path, overrides: dict | None = None,
+          env: dict | None = None) -> Proctor:
+    return start_proctor(base, idp, pki, upstream, upstream_tls, overrides, policies_src=policies,
+                         extra_connectors=[claim_connector(svc.port)], env=env)
+
+
+@pytest.fixture(scope="module")
+def cp(tmp_path_factory, idp, pki, upstream, upstream_tls, svc, claim_policies) -> Proctor:
+    p = start(tmp_path_factory.mktemp("claims-proctor"), idp, pki, upstream, upstream_tls, svc, claim_policies)
+    yield p
+    p.stop()
+
+
+def tid(prefix: str = "T") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def call(p: Proctor, svc, idp, agent: str, method: str, path: str, *groups: str) -> httpx.Response:
+    token = idp.token(agent, groups=list(groups or ["writers"]), ttl=600)
+    with httpx.Client(proxy=p.proxy_url_with(agent, token), timeout=20) as c:
+        return c.request(method, f"http://127.0.0.1:{svc.port}{path}", json={"note": "x"} if method != "GET" else None)
+
+
+def forwarded(svc, method: str, path: str) -> int:
+    return sum(1 for e in svc.received() if e["method"] == method and e["path"] == path)
+
+
+def operator(idp) -> str:
+    return idp.token("olga", aud="proctor-approvers", approval_groups=[ADMINS], ttl=600)
+
+
+def control(p: Proctor, method: str, path: str, token: str) -> httpx.Response:
+    return httpx.request(method, f"{p.control_url}{path}", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+
+
+# --------------------------------------------------------------------------- tests
+def test_first_write_claims_other_agents_get_409_reads_pass(cp, svc, idp) -> None:
+    t = tid()
+    path = f"/tickets/{t}"
+    first = call(cp, svc, idp, "alice", "PATCH", path)
+    assert first.status_code == 200, first.text
+    assert first.headers["proctor-claim"].startswith("clm_") and "fence=1" in first.headers["proctor-claim"]
+
+    refused = call(cp, svc, idp, "bob", "PATCH", path)
+    assert refused.status_code == 409, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    body = refused.json()
+    assert body["reasons"] == ["claim-held-by-another-agent"]
+    claim = body["claim"]
+    assert claim["holder"] == "alice" and claim["mode"] == "exclusive"
+    assert claim["resource"] == f'Ticket::"{t}"' and claim["connector"] == "claimsvc"
+    assert claim["since"].endswith("Z") and claim["until"].endswith("Z") and claim["since"] < claim["until"]
+    retry = int(refused.headers["retry-after"])
+    assert 290 <= retry <= 300 and claim["retry_after"] == retry
+    assert "alice" in body["detail"] and body["decision_id"] == refused.headers["x-proctor-decision-id"]
+    assert forwarded(svc, "PATCH", path) == 1
+
+    # the refusal is recorded like any refusal, with the claim in it
+    rec = cp.decision(body["decision_id"])
+    assert rec["decision"] == "deny" and rec["status"] == 409 and rec["reasons"] == ["claim-held-by-another-agent"]
+    assert rec["refusal"]["kind"] == "claim-conflict" and "'alice'" in rec["refusal"]["detail"], rec
+
+    # reads are never blocked; the holder's writes go on (and renew)
+    assert call(cp, svc, idp, "bob", "GET", path).status_code == 200
+    again = call(cp, svc, idp, "alice", "PATCH", path)
+    assert again.status_code == 200 and again.headers["proctor-claim"].split(";")[0] == \
+        first.headers["proctor-claim"].split(";")[0]
+    assert forwarded(svc, "PATCH", path) == 2
+
+
+def test_n_agents_racing_exactly_one_holder_and_one_forwarded_write(cp, svc, idp) -> None:
+    t = tid("RACE")
+    path = f"/tickets/{t}"
+    agents = [f"racer-{i}" for i in range(10)]
+    with ThreadPoolExecutor(len(agents)) as pool:
+        results = list(pool.map(lambda a: call(cp, svc, idp, a, "PATCH", path), agents))
+    codes = sorted(r.status_code for r in results)
+    assert codes == [200] + [409] * (len(agents) - 1), [(r.status_code, r.text[:200]) for r in results]
+    winner = agents[[r.status_code for r in results].index(200)]
+    assert all(r.json()["claim"]["holder"] == winner for r in results if r.status_code == 409)
+    assert forwarded(svc, "PATCH", path) == 1
+    listed = control(cp, "GET", "/v1/claims?connector=claimsvc", operator(idp)).json()["claims"]
+    assert [c["holder"] for c in listed if c["resource"] == f'Ticket::"{t}"'] == [winner]
+
+
+def test_ttl_expiry_and_renewal(cp, svc, idp) -> None:
+    t = tid("S")
+    path = f"/short/{t}"
+    t0 = time.monotonic()
+    assert call(cp, svc, idp, "alice", "PATCH", path).status_code == 200
+    time.sleep(SHORT_TTL * 0.6)
+    assert call(cp, svc, idp, "alice", "PATCH", path).status_code == 200  # renews: expiry moves on
+    while time.monotonic() - t0 < SHORT_TTL + 0.3:  # past the first expiry: still held thanks to the renewal
+        time.sleep(0.1)
+    held = call(cp, svc, idp, "bob", "PATCH", path)
+    assert held.status_code == 409, held.text
+    assert 1 <= int(held.headers["retry-after"]) <= SHORT_TTL
+    time.sleep(int(held.headers["retry-after"]) + 0.3)  # expired: free for anyone
+    took = call(cp, svc, idp, "bob", "PATCH", path)
+    assert took.status_code == 200, took.text
+    assert "fence=2" in took.headers["proctor-claim"]
+    assert call(cp, svc, idp, "alice", "PATCH", path).json()["claim"]["holder"] == "bob"
+
+
+def test_policy_override_and_context_claim(cp, svc, idp) -> None:
+    t = tid()
+    path = f"/tickets/{t}"
+    assert call(cp, svc, idp, "alice", "PATCH", path).status_code == 200
+    # a supervisor writes through alice's claim; the claim stays alice's
+    sup = call(cp, svc, idp, "sam", "PATCH", path, "supervisors")
+    assert sup.status_code == 200, sup.text
+    assert "proctor-claim" not in sup.headers
+    other = call(cp, svc, idp, "carol", "PATCH", path)
+    assert other.status_code == 409 and other.json()["claim"]["holder"] == "alice"
+    assert forwarded(svc, "PATCH", path) == 2
+
+    # a deny by another policy on context.claim stays a 403 (not every deny near a claim is a conflict)
+    frozen = f"/tickets/{tid('FROZEN')}"
+    assert call(cp, svc, idp, "alice", "PATCH", frozen).status_code == 200
+    r = call(cp, svc, idp, "sam", "PATCH", frozen, "supervisors")
+    assert r.status_code == 403 and r.json()["reasons"] == ["no-writes-through-claims-on-frozen"], r.text
+
+
+def test_operator_lists_and_releases_a_claim(cp, svc, idp) -> None:
+    t = tid()
+    path = f"/tickets/{t}"
+    assert call(cp, svc, idp, "alice", "PATCH", path).status_code == 200
+    op = operator(idp)
+    listed = [c for c in control(cp, "GET", "/v1/claims", op).json()["claims"] if c["resource"] == f'Ticket::"{t}"']
+    assert len(listed) == 1 and listed[0]["holder"] == "alice" and listed[0]["holder_groups"] == ["writers"]
+    # agents are not operators
+    assert control(cp, "GET", "/v1/claims", idp.token("alice", groups=["writers"])).status_code == 401
+    released = control(cp, "POST", f"/v1/claims/{listed[0]['id']}/release", op)
+    assert released.status_code == 200 and released.json()["released"]["holder"] == "alice"
+    assert control(cp, "POST", f"/v1/claims/{listed[0]['id']}/release", op).status_code == 404
+    took = call(cp, svc, idp, "bob", "PATCH", path)
+    assert took.status_code == 200 and "fence=2" in took.headers["proctor-claim"]
+    metrics = httpx.get(f"{cp.control_url}/metrics", timeout=5).text
+    assert 'proctor_claim_conflicts_total{connector="claimsvc"}' in metrics
+    assert 'proctor_claim_acquisitions_total{connector="claimsvc",kind="new"}' in metrics
+    wait_for(lambda: 'proctor_claims_held{connector="claimsvc"}' in
+             httpx.get(f"{cp.control_url}/metrics", timeout=5).text, timeout=12, what="claims gauge")
+
+
+@pytest.mark.skipif(not PG_DSN, reason="PROCTOR_TEST_POSTGRES_DSN not set (CI sets it)")
+def test_two_proxies_on_postgres_race_for_one_claim(tmp_path, idp, pki, upstream, upstream_tls, svc,
+                                                   claim_policies) -> None:
+    import asyncpg
+
+    schema = "proctor_claims_" + uuid.uuid4().hex[:12]
+    sep = "&" if "?" in PG_DSN else "?"
+    env = {"PROCTOR_TEST_CLAIMS_STORE": f"{PG_DSN}{sep}schema={schema}"}
+    overrides = {"store": {"url_env": "PROCTOR_TEST_CLAIMS_STORE"}}
+    procs = []
+    try:
+        for i in range(2):
+            procs.append(start(tmp_path / f"p{i}", idp, pki, upstream, upstream_tls, svc, claim_policies,
+                               overrides, env))
+        t = tid("PG")
+        path = f"/tickets/{t}"
+        agents = [f"pg-racer-{i}" for i in range(10)]
+        with ThreadPoolExecutor(len(agents)) as pool:
+            results = list(pool.map(lambda ia: call(procs[ia[0] % 2], svc, idp, ia[1], "PATCH", path),
+                                    enumerate(agents)))
+        codes = sorted(r.status_code for r in results)
+        assert codes == [200] + [409] * (len(agents) - 1), [(r.status_code, r.text[:200]) for r in results]
+        assert forwarded(svc, "PATCH", path) == 1
+        winner = agents[[r.status_code for r in results].index(200)]
+        # both replicas see the one holder
+        for p in procs:
+            listed = control(p, "GET", "/v1/claims?connector=claimsvc", operator(idp)).json()["claims"]
+            assert [c["holder"] for c in listed if c["resource"] == f'Ticket::"{t}"'] == [winner]
+    finally:
+        for p in procs:
+            p.stop()
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(PG_DSN, timeout=10)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
+
+
+def test_bundled_policy_is_the_one_tested_here() -> None:
+    """The bundled conflict rule and this file's copy differ only by the supervisor exception."""
+    bundled = (ROOT / "policies" / "coordination.cedar").read_text()
+    assert '@id("claim-held-by-another-agent")\n@claim("conflict")\nforbid (principal, action, resource)\n' \
+           "when { context has claim && context.claim.conflict };" in bundled
+
+
+def test_cli_lists_and_releases(cp, svc, idp) -> None:
+    from click.testing import CliRunner
+
+    from proxy.coordination.cli import claims as claims_cli
+
+    t = tid("CLI")
+    assert call(cp, svc, idp, "cli-bot", "PATCH", f"/tickets/{t}").status_code == 200
+    runner = CliRunner(env={"PROCTOR_TOKEN": None, "PROCTOR_CONTROL_URL": None, "HTTP_PROXY": None, "http_proxy": None})
+    admin = ["--as", "olga", "--group", ADMINS, "-c", str(cp.config_path)]
+    r = runner.invoke(claims_cli, ["list", "--connector", "claimsvc", *admin], catch_exceptions=False)
+    assert r.exit_code == 0 and "cli-bot" in r.output and t in r.output, r.output
+    r = runner.invoke(claims_cli, ["list", "--json", *admin], catch_exceptions=False)
+    held = [c for c in json.loads(r.output)["claims"] if c["resource"] == f'Ticket::"{t}"']
+    assert len(held) == 1
+    r = runner.invoke(claims_cli, ["release", held[0]["id"], *admin], catch_exceptions=False)
+    assert r.exit_code == 0 and f"released {held[0]['id']}" in r.output and "cli-bot" in r.output, r.output
+    r = runner.invoke(claims_cli, ["release", held[0]["id"], *admin], catch_exceptions=False)
+    assert r.exit_code == 1 and "No such claim" in r.output, r.output
