@@ -196,6 +196,15 @@ def test_malformed_key_is_400(proctors, work, idp, bad):
     assert work.received(m) == []
 
 
+def test_two_keys_are_400(proctors, work, idp, via):
+    a = agent_for(proctors, work, idp, via)
+    m = mark()
+    r = a.client.post(a.base + "/items", json=item(m), headers=[("Idempotency-Key", "k1"), ("Idempotency-Key", "k1")])
+    assert r.status_code == 400, r.text
+    assert r.json()["type"].endswith("/idempotency-key-invalid")
+    assert work.received(m) == []
+
+
 def test_keys_are_per_agent(proctors, work, idp):
     a = agent_for(proctors, work, idp, "forward")
     b = agent_for(proctors, work, idp, "forward", OTHER)
