@@ -11,10 +11,11 @@ the protocol and docs/architecture.md for a recipe) and put it in the list below
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .approvals.service import ApprovalService
+from .approvals.service import ApprovalService, forwarded_view, request_fingerprint
 from .approvals.stage import HoldForApproval, SpendApproval
 from .audit.stage import AuditGate
 from .audit.trail import AuditTrail
@@ -26,8 +27,10 @@ from .connectors.enrich import Enricher
 from .connectors.stages import Classify, ConnectorAlias, Enrich, InjectCredential, TrackCreator, TunnelTarget
 from .coordination.claims import ClaimAcquire, ClaimCheck, ClaimConflict, ClaimObserver
 from .coordination.metrics import ClaimMetrics
+from .coordination.idempotency import IdempotencyCheck, IdempotencyReserve
 from .core.chain import Chain, Stage
 from .core.context import principal_entity
+from .core.exchange import Exchange
 from .core.model import AgentIdentity, Refusal
 from .core.stages import GatewayRoute, TargetCheck
 from .governance.registry import Governance, suspension_refusal
@@ -81,6 +84,24 @@ def _present(*stages: Stage | None) -> list[Stage]:
     return [s for s in stages if s is not None]
 
 
+def _fingerprinter(approvals: ApprovalService | None) -> Callable[[Exchange], str]:
+    """What binds an Idempotency-Key to one request: the approval fingerprint (method,
+    canonical URL, body and the bound headers, over the request as it reaches the upstream)."""
+
+    def fingerprint(ex: Exchange) -> str:
+        req, cls, identity = ex.request, ex.classification, ex.identity
+        assert req is not None
+        agent = identity.agent_id if identity is not None else ""
+        # (the key itself is how the request is found, not part of it: "k" and the sf-string "\"k\"" match)
+        unbound = [*ex.plan.remove_headers, "idempotency-key"]
+        if approvals is not None:
+            view = approvals.forwarded_view(req, cls.connector if cls is not None else "", unbound)
+            return approvals.fingerprint(agent, view)
+        return request_fingerprint(agent, forwarded_view(req, unbound))
+
+    return fingerprint
+
+
 def build_request_path(p: Parts) -> RequestPath:
     cfg = p.config
     gov = p.governance
@@ -123,9 +144,11 @@ def build_request_path(p: Parts) -> RequestPath:
         ClaimConflict(claim_observer),                             # a deny by @claim policies -> 409
         HoldForApproval(p.approvals, p.policies, cfg.approvals,
                         suspended_meanwhile if gov else None) if p.approvals else None,  # deny -> hold
+        IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals)) if p.store else None,  # replay/409/422
         InjectCredential(p.injector) if p.injector else None,      # the connector's credential
         ClaimAcquire(p.store, claim_observer),                     # atomic acquire/renew: the arbiter
         AuditGate(p.audit) if p.audit else None,                   # forwarded only if it can be recorded
+        IdempotencyReserve(p.store, cfg.idempotency) if p.store else None,  # key in progress; response kept
         SpendApproval(p.approvals, cfg.approvals) if p.approvals else None,  # an approval releases one request
         TracePropagation(tracing) if tracing else None,            # the upstream joins the trace
     ), error_refusals=[store_unavailable])

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..coordination.dedupe import DedupeSpec, check_route_dedupe
 from .credentials import UpstreamAuth
 
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -278,6 +279,8 @@ class RouteSpec(_Strict):
     track_creator: TrackCreator | None = None
     lookup: LookupSpec | None = None
     approval: ApprovalWait | None = None
+    # Equivalent writes by any agent inside a window are not forwarded twice (docs/coordination.md).
+    dedupe: DedupeSpec | None = None
     # Uploads: a body Proctor cannot read (not JSON, a form or multipart) is forwarded
     # as opaque instead of refused (415); policies see context.payload.format == "opaque",
     # its size and media type. A route that reads body fields cannot be opaque.
@@ -376,6 +379,13 @@ class RouteSpec(_Strict):
         for used in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", rid or ""):
             if used not in params:
                 raise ValueError(f"resource id uses {{{used}}}, which the path {self.path!r} does not define")
+        return self
+
+    @model_validator(mode="after")
+    def _dedupe(self) -> "RouteSpec":
+        if self.dedupe is not None:
+            check_route_dedupe(self.dedupe, self.method, self.path, set(self.params), set(self.body),
+                               self.jsonrpc is not None)
         return self
 
 

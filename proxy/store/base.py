@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .idempotency import IdempotencyEntry
 from .claims import Claim, ClaimOutcome
 from .models import (
     SUSPENSION_KINDS,
@@ -263,6 +264,30 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def release_claim(self, claim_id: str) -> Claim | None:
         """Delete one claim by id (an operator's force-release); the claim, or None if there was none."""
+
+    # ---- idempotency keys and dedupe windows (proxy/coordination/) --------
+    @abc.abstractmethod
+    async def reserve_idempotency(self, e: IdempotencyEntry, now: float) -> IdempotencyEntry | None:
+        """Atomically store `e` unless a live entry (expires_at > now) holds (e.scope, e.key):
+        None when `e` now holds it, else the live entry that does (the caller decides:
+        replay, in progress, or another request). An expired entry is replaced."""
+
+    @abc.abstractmethod
+    async def get_idempotency(self, scope: str, key: str, now: float) -> IdempotencyEntry | None:
+        """The live entry for (scope, key), or None."""
+
+    @abc.abstractmethod
+    async def complete_idempotency(self, e: IdempotencyEntry) -> bool:
+        """Record the response: state, status, headers, body, body_stored and expires_at of
+        `e`, only while the in-progress entry is still held by `e.owner`; False otherwise."""
+
+    @abc.abstractmethod
+    async def release_idempotency(self, scope: str, key: str, owner: str) -> bool:
+        """Delete the in-progress entry held by `owner` (its request was not completed)."""
+
+    @abc.abstractmethod
+    async def sweep_idempotency(self, now: float) -> int:
+        """Delete entries that expired (expires_at <= now); returns how many."""
 
     async def __aenter__(self) -> Store:
         await self.open()

@@ -47,6 +47,7 @@ from .base import (
     revision_from_row,
     suspension_from_row,
 )
+from .idempotency import IDEMPOTENCY_COLUMNS, IDEMPOTENCY_SELECT, IdempotencyEntry, entry_from_row, entry_params
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
@@ -158,10 +159,36 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (connector, resource)
         )""",
         # -- idempotency keys and dedupe windows (proxy/coordination/) --
+        """CREATE TABLE proctor_idempotency (
+            scope TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            state TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            status INTEGER,
+            headers TEXT NOT NULL,
+            body BYTEA,
+            body_stored BOOLEAN NOT NULL DEFAULT FALSE,
+            PRIMARY KEY (scope, key)
+        )""",
+        "CREATE INDEX proctor_idempotency_expires ON proctor_idempotency (expires_at)",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
 
+# Insert-if-absent is the arbiter (one statement; the unique key serialises replicas): a live
+# row is left alone (no row returned), an expired one replaced.
+_RESERVE_IDEM = (
+    f"INSERT INTO proctor_idempotency ({IDEMPOTENCY_SELECT}) "
+    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(IDEMPOTENCY_COLUMNS)))}) "
+    "ON CONFLICT (scope, key) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in IDEMPOTENCY_COLUMNS[2:])
+    + f" WHERE proctor_idempotency.expires_at <= ${len(IDEMPOTENCY_COLUMNS) + 1} RETURNING owner"
+)
+_GET_IDEM = f"SELECT {IDEMPOTENCY_SELECT} FROM proctor_idempotency WHERE scope = $1 AND key = $2 AND expires_at > $3"
 _N = len(APPROVAL_COLUMN_NAMES)
 _INSERT_APPROVAL = (
     f"INSERT INTO proctor_approvals ({APPROVAL_SELECT}) VALUES ({', '.join(f'${i}' for i in range(1, _N + 1))})"
@@ -589,6 +616,45 @@ class PostgresStore(Store):
             revision,
         )
         return None if row is None else revision_from_row(row)
+
+    # ---- idempotency keys and dedupe windows -------------------------------
+    async def reserve_idempotency(self, e: IdempotencyEntry, now: float) -> IdempotencyEntry | None:
+        params = [*entry_params(e), float(now)]
+        for _ in range(5):
+            won = await self._fetchrow("reserve_idempotency", _RESERVE_IDEM, *params)
+            if won is not None:
+                return None
+            row = await self._fetchrow("reserve_idempotency", _GET_IDEM, e.scope, e.key, float(now))
+            if row is not None:
+                return entry_from_row(row)
+            # released or expired between the two statements: try to take it again
+        raise StoreError("state store: reserve_idempotency kept changing under concurrent requests")
+
+    async def get_idempotency(self, scope: str, key: str, now: float) -> IdempotencyEntry | None:
+        row = await self._fetchrow("get_idempotency", _GET_IDEM, scope, key, float(now))
+        return None if row is None else entry_from_row(row)
+
+    async def complete_idempotency(self, e: IdempotencyEntry) -> bool:
+        p = entry_params(e)
+        done = await self._execute(
+            "complete_idempotency",
+            "UPDATE proctor_idempotency SET state = $1, status = $2, headers = $3, body = $4, body_stored = $5, "
+            "expires_at = $6 WHERE scope = $7 AND key = $8 AND owner = $9 AND state = 'in-progress'",
+            p[3], p[8], p[9], p[10], p[11], p[7], e.scope, e.key, e.owner,
+        )
+        return done == "UPDATE 1"
+
+    async def release_idempotency(self, scope: str, key: str, owner: str) -> bool:
+        done = await self._execute(
+            "release_idempotency",
+            "DELETE FROM proctor_idempotency WHERE scope = $1 AND key = $2 AND owner = $3 AND state = 'in-progress'",
+            scope, key, owner,
+        )
+        return done == "DELETE 1"
+
+    async def sweep_idempotency(self, now: float) -> int:
+        done = await self._execute("sweep_idempotency", "DELETE FROM proctor_idempotency WHERE expires_at <= $1", float(now))
+        return int(done.rpartition(" ")[2] or 0)
 
     # ---- claims on resources ---------------------------------------------
     async def acquire_claim(

@@ -61,6 +61,7 @@ from .base import (
     revision_from_row,
     suspension_from_row,
 )
+from .idempotency import IDEMPOTENCY_COLUMNS, IDEMPOTENCY_SELECT, IdempotencyEntry, entry_from_row, entry_params
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
@@ -171,6 +172,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (connector, resource)
         )""",
         # -- idempotency keys and dedupe windows (proxy/coordination/) --
+        """CREATE TABLE proctor_idempotency (
+            scope TEXT NOT NULL,
+            key TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            state TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            status INTEGER,
+            headers TEXT NOT NULL,
+            body BLOB,
+            body_stored INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (scope, key)
+        )""",
+        "CREATE INDEX proctor_idempotency_expires ON proctor_idempotency (expires_at)",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -224,6 +241,14 @@ _AGENT_ACTIVITY = (
 )
 _BUMP_SUSPENSIONS = "UPDATE proctor_meta SET value = value + 1 WHERE key = ?"
 _SELECT_IDENTITY = "SELECT store_id, created_at FROM proctor_store_identity WHERE id = 1"
+# Insert-if-absent is the arbiter: a live row is left alone (no change), an expired one replaced.
+_RESERVE_IDEM = (
+    f"INSERT INTO proctor_idempotency ({IDEMPOTENCY_SELECT}) VALUES ({', '.join('?' for _ in IDEMPOTENCY_COLUMNS)}) "
+    "ON CONFLICT (scope, key) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in IDEMPOTENCY_COLUMNS[2:])
+    + " WHERE proctor_idempotency.expires_at <= ?"
+)
+_GET_IDEM = f"SELECT {IDEMPOTENCY_SELECT} FROM proctor_idempotency WHERE scope = ? AND key = ? AND expires_at > ?"
 
 FileId = tuple[int, int]  # (st_dev, st_ino)
 
@@ -636,6 +661,44 @@ class SQLiteStore(Store):
             "get_revision", f"SELECT {REVISION_SELECT} FROM proctor_policy_revisions WHERE revision = ?", (revision,)
         )
         return None if row is None else revision_from_row(row)
+
+    # ---- idempotency keys and dedupe windows -------------------------------
+    async def reserve_idempotency(self, e: IdempotencyEntry, now: float) -> IdempotencyEntry | None:
+        params = [*entry_params(e), float(now)]
+        async with self._write("reserve_idempotency") as db:
+            cur = await db.execute(_RESERVE_IDEM, params)
+            if cur.rowcount == 1:
+                return None
+            # (same transaction: the live row that refused us is still there)
+            rows = list(await db.execute_fetchall(_GET_IDEM, (e.scope, e.key, float(now))))
+        return entry_from_row(rows[0]) if rows else None
+
+    async def get_idempotency(self, scope: str, key: str, now: float) -> IdempotencyEntry | None:
+        row = await self._fetchone("get_idempotency", _GET_IDEM, (scope, key, float(now)))
+        return None if row is None else entry_from_row(row)
+
+    async def complete_idempotency(self, e: IdempotencyEntry) -> bool:
+        p = entry_params(e)
+        async with self._write("complete_idempotency") as db:
+            cur = await db.execute(
+                "UPDATE proctor_idempotency SET state = ?, status = ?, headers = ?, body = ?, body_stored = ?, "
+                "expires_at = ? WHERE scope = ? AND key = ? AND owner = ? AND state = 'in-progress'",
+                (p[3], p[8], p[9], p[10], p[11], p[7], e.scope, e.key, e.owner),
+            )
+            return bool(cur.rowcount == 1)
+
+    async def release_idempotency(self, scope: str, key: str, owner: str) -> bool:
+        async with self._write("release_idempotency") as db:
+            cur = await db.execute(
+                "DELETE FROM proctor_idempotency WHERE scope = ? AND key = ? AND owner = ? AND state = 'in-progress'",
+                (scope, key, owner),
+            )
+            return bool(cur.rowcount == 1)
+
+    async def sweep_idempotency(self, now: float) -> int:
+        async with self._write("sweep_idempotency") as db:
+            cur = await db.execute("DELETE FROM proctor_idempotency WHERE expires_at <= ?", (float(now),))
+            return int(cur.rowcount)
 
     # ---- claims on resources ---------------------------------------------
     async def acquire_claim(
