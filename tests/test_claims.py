@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import DATA, ROOT, Proctor, _start_upstream, start_proctor, wait_for
+from conftest import DATA, GATEWAY_ENGINES, ROOT, Proctor, _start_upstream, start_proctor, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -81,14 +81,28 @@ def claim_policies(tmp_path_factory) -> Path:
 
 
 def start(base: Path, idp, pki, upstream, upstream_tls, svc, policies: Path, overrides: dict | None = None,
-          env: dict | None = None) -> Proctor:
-    return start_proctor(base, idp, pki, upstream, upstream_tls, overrides, policies_src=policies,
-                         extra_connectors=[claim_connector(svc.port)], env=env)
+          env: dict | None = None, engine: str = "mitmproxy") -> Proctor:
+    # gateway mode too: /claims/... on the gateway listener reaches the claimsvc upstream
+    gateway = {"engine": engine, "routes": [{"prefix": "/claims", "upstream": f"http://127.0.0.1:{svc.port}"}]}
+    return start_proctor(base, idp, pki, upstream, upstream_tls, {"gateway": gateway, **(overrides or {})},
+                         policies_src=policies, extra_connectors=[claim_connector(svc.port)], env=env)
 
 
 @pytest.fixture(scope="module")
 def cp(tmp_path_factory, idp, pki, upstream, upstream_tls, svc, claim_policies) -> Proctor:
     p = start(tmp_path_factory.mktemp("claims-proctor"), idp, pki, upstream, upstream_tls, svc, claim_policies)
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module", params=GATEWAY_ENGINES)
+def gw(request, tmp_path_factory, idp, pki, upstream, upstream_tls, svc, claim_policies) -> Proctor:
+    """The module's proxy (mitmproxy gateway engine), or one on the aiohttp gateway engine."""
+    if request.param == "mitmproxy":
+        yield request.getfixturevalue("cp")
+        return
+    p = start(tmp_path_factory.mktemp("claims-aiohttp"), idp, pki, upstream, upstream_tls, svc, claim_policies,
+              engine=request.param)
     yield p
     p.stop()
 
@@ -147,6 +161,28 @@ def test_first_write_claims_other_agents_get_409_reads_pass(cp, svc, idp) -> Non
     again = call(cp, svc, idp, "alice", "PATCH", path)
     assert again.status_code == 200 and again.headers["proctor-claim"].split(";")[0] == \
         first.headers["proctor-claim"].split(";")[0]
+    assert forwarded(svc, "PATCH", path) == 2
+
+
+def test_gateway_mode_same_claims_both_engines(gw, svc, idp) -> None:
+    t = tid("GW")
+    path = f"/tickets/{t}"
+
+    def gateway(agent: str, method: str) -> httpx.Response:
+        token = idp.token(agent, groups=["writers"], ttl=600)
+        return httpx.request(method, f"{gw.gateway_url}/claims{path}", headers={"Authorization": f"Bearer {token}"},
+                             json={"note": "x"} if method != "GET" else None, timeout=20)
+
+    first = gateway("alice", "PATCH")
+    assert first.status_code == 200, first.text
+    assert "fence=1" in first.headers["proctor-claim"]
+    refused = gateway("bob", "PATCH")
+    assert refused.status_code == 409 and refused.json()["claim"]["holder"] == "alice", refused.text
+    assert int(refused.headers["retry-after"]) > 0
+    assert gateway("bob", "GET").status_code == 200
+    # the same resource through forward mode: one claim, whichever way the agents come in
+    assert call(gw, svc, idp, "carol", "PATCH", path).json()["claim"]["holder"] == "alice"
+    assert gateway("alice", "PATCH").status_code == 200
     assert forwarded(svc, "PATCH", path) == 2
 
 

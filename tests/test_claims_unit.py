@@ -126,3 +126,37 @@ def test_store_down_fails_closed_on_claim_routes_only() -> None:
     asyncio.run(chain.request(ex))
     assert ex.refusal is not None and ex.refusal.status == 503
     assert ex.stage_data[CONTEXT_EXTRA]["claim"]["held"] is False
+
+
+def test_two_writers_past_the_check_the_store_lets_one_through(tmp_path: Path) -> None:
+    """Both requests read a free resource before either acquires (the race the pre-check
+    cannot see): the acquisition in the store forwards exactly one, the other gets the 409."""
+    from proxy.store import open_store
+
+    async def main() -> None:
+        store = open_store(f"sqlite://{tmp_path / 'proctor.db'}")
+        await store.open()
+        try:
+            check, acquire = ClaimCheck(store, lambda i: ["support"]), ClaimAcquire(store)
+            a, b = _exchange({"ttl_seconds": 60}), _exchange({"ttl_seconds": 60})
+            b.identity = AgentIdentity("other", "https://idp", {}, None)
+            await check.on_request(a)
+            await check.on_request(b)
+            assert not a.stage_data[CONTEXT_EXTRA]["claim"]["held"] and not b.stage_data[CONTEXT_EXTRA]["claim"]["held"]
+            await acquire.on_request(a)
+            await acquire.on_request(b)
+            assert a.refusal is None and a.plan.response_headers["Proctor-Claim"].startswith("clm_")
+            assert b.refusal is not None and b.refusal.status == 409 and b.refusal.reasons == []
+            assert b.refusal.extra["claim"]["holder"] == "me" and "lost the race" in b.refusal.detail
+            # the holder's next write renews; the other agent's pre-check now sees the conflict
+            again, late = _exchange({"ttl_seconds": 60}), _exchange({"ttl_seconds": 60})
+            late.identity = AgentIdentity("other", "https://idp", {}, None)
+            await check.on_request(again)
+            await check.on_request(late)
+            assert again.stage_data[CONTEXT_EXTRA]["claim"]["mine"]
+            assert late.stage_data[CONTEXT_EXTRA]["claim"]["conflict"]
+            assert late.stage_data[CONTEXT_EXTRA]["claim"]["holder_groups"] == ["support"]
+        finally:
+            await store.close()
+
+    asyncio.run(main())
