@@ -50,6 +50,12 @@ def test_acquire_renew_conflict_expire(make_store: MakeStore) -> None:
         assert await s.release_claim(took.claim.id) is None
         again = await acquire(s, "a", 1092.0)
         assert again.acquired and again.claim.fence == 3
+        # sweeping deletes expired claims only; the fence carries on after it
+        assert (await acquire(s, "b", 1092.0, resource='Incident::"INC9"', ttl=1.0)).acquired
+        assert await s.sweep_claims(1093.5) == 1
+        assert [c.holder for c in await s.list_claims(1093.5)] == ["a"]
+        assert await s.sweep_claims(1093.5) == 0
+        assert (await acquire(s, "c", 2000.0)).claim.fence == 4
 
     run(make_store, body)
 

@@ -9,7 +9,8 @@ until its next write, which starts a new tenure (a higher fence) if it is free.
 
 The `proctor_claims_held` gauge is refreshed from the store here, every few
 seconds while the control API runs: the store is the only exact count across
-replicas, and a scrape must not wait on it.
+replicas, and a scrape must not wait on it. The same loop deletes expired claims
+(readers ignore them already; this only keeps the table small).
 """
 
 from __future__ import annotations
@@ -134,14 +135,15 @@ def add_claim_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
     app.router.add_post("/v1/claims/{id}/release", release_claim)
 
     metrics = _claim_metrics(runtime)
-    if metrics is None:
-        return
 
     async def refresh_gauge() -> None:
         while True:
             try:
-                claims = await runtime.store.list_claims(time.time())
-                metrics.set_held(dict(Counter(c.connector for c in claims)))
+                now = time.time()
+                await runtime.store.sweep_claims(now)
+                if metrics is not None:
+                    claims = await runtime.store.list_claims(now)
+                    metrics.set_held(dict(Counter(c.connector for c in claims)))
             except StoreError as e:  # the gauge keeps its last value; readiness reports the store
                 log.debug("claims gauge not refreshed: %s", e)
             await asyncio.sleep(GAUGE_REFRESH_SECONDS)

@@ -265,6 +265,11 @@ class Store(abc.ABC):
     async def release_claim(self, claim_id: str) -> Claim | None:
         """Delete one claim by id (an operator's force-release); the claim, or None if there was none."""
 
+    @abc.abstractmethod
+    async def sweep_claims(self, now: float) -> int:
+        """Delete expired claims (readers ignore them already); how many. Fence rows stay,
+        so a resource's fence never goes back."""
+
     # ---- idempotency keys and dedupe windows (proxy/coordination/) --------
     @abc.abstractmethod
     async def reserve_idempotency(self, e: IdempotencyEntry, now: float) -> IdempotencyEntry | None:

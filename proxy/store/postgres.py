@@ -724,3 +724,7 @@ class PostgresStore(Store):
             "release_claim", f"DELETE FROM proctor_claims WHERE id = $1 RETURNING {CLAIM_COLUMNS}", claim_id
         )
         return None if row is None else claim_from_row(row)
+
+    async def sweep_claims(self, now: float) -> int:
+        status = await self._execute("sweep_claims", "DELETE FROM proctor_claims WHERE expires_at <= $1", float(now))
+        return self._rowcount(status)

@@ -767,3 +767,8 @@ class SQLiteStore(Store):
                 return None
             await db.execute("DELETE FROM proctor_claims WHERE id = ?", (claim_id,))
         return claim_from_row(row)
+
+    async def sweep_claims(self, now: float) -> int:
+        async with self._write("sweep_claims") as db:
+            async with db.execute("DELETE FROM proctor_claims WHERE expires_at <= ?", (float(now),)) as cur:
+                return int(cur.rowcount or 0)
