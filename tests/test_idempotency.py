@@ -300,7 +300,8 @@ def test_replay_is_recorded_as_allowed(proctors, work, idp):
     did = again.headers["X-Proctor-Decision-Id"]
     wait_for(lambda: any(r.get("decision_id") == did for r in p.decisions()), timeout=10, what="the replay's record")
     rec = p.decision(did)
-    assert rec["decision"] == "allow"
+    # allowed, answered by Proctor: the status the agent got, no upstream status
+    assert rec["decision"] == "allow" and rec["status"] == 201 and rec["upstream_status"] is None
 
 
 # ------------------------------------------------------------------------ two replicas on PostgreSQL
