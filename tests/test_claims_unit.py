@@ -160,3 +160,34 @@ def test_two_writers_past_the_check_the_store_lets_one_through(tmp_path: Path) -
             await store.close()
 
     asyncio.run(main())
+
+
+def test_bundled_policies_validate_with_a_claim_bearing_bundled_route(tmp_path: Path) -> None:
+    """The bundled set (its conflict rule included) with the bundled connectors, one of whose
+    write routes declares a claim: it loads, and a policy on context.claim of that action validates;
+    on an action without claims, context.claim is a validation error (so typos are caught)."""
+    from proxy.config import DEFAULTS_DIR
+    from proxy.connectors.manifest import load_manifests
+    from proxy.policy.engine import PolicyLoadError, PolicySource, load_bundle
+
+    manifests = load_manifests(DEFAULTS_DIR / "connectors")
+    ticketing = next(m for m in manifests if m.name == "ticketing")
+    updates = [r for r in ticketing.routes if r.action == "ticketing.incident.update"]
+    for route in updates:  # every route of the action: context.claim is then always there (not optional)
+        route.claim = ClaimSpec(ttl_seconds=900)
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    for f in (DEFAULTS_DIR / "policies").glob("*.ced*"):
+        (pdir / f.name).write_text(f.read_text())
+    (pdir / "extra.cedar").write_text(
+        '@id("no-writes-through-claims-on-critical")\n'
+        'forbid (principal, action == Action::"ticketing.incident.update", resource)\n'
+        'when { context.claim.held && !context.claim.mine && context.risk == "critical" };\n')
+    bundle = load_bundle(PolicySource(pdir / "schema.cedarschema", pdir, None, tuple(manifests)))
+    assert {"claim-held-by-another-agent", "no-writes-through-claims-on-critical"} <= set(bundle.policies)
+    assert bundle.policies["claim-held-by-another-agent"].annotations.get("claim") == "conflict"
+    (pdir / "extra.cedar").write_text(
+        '@id("typo")\nforbid (principal, action == Action::"ticketing.incident.read", resource)\n'
+        'when { context.claim.held };\n')
+    with pytest.raises(PolicyLoadError):
+        load_bundle(PolicySource(pdir / "schema.cedarschema", pdir, None, tuple(manifests)))
