@@ -191,3 +191,41 @@ def test_bundled_policies_validate_with_a_claim_bearing_bundled_route(tmp_path: 
         'when { context.claim.held };\n')
     with pytest.raises(PolicyLoadError):
         load_bundle(PolicySource(pdir / "schema.cedarschema", pdir, None, tuple(manifests)))
+
+
+def test_a_claim_taken_by_a_write_refused_later_is_given_back(tmp_path: Path) -> None:
+    """A stage after the acquisition refuses (the audit gate): the write was not forwarded, so
+    the claim it newly took is released; a forwarded write keeps its claim."""
+    from proxy.core.chain import Stage
+    from proxy.core.model import Refusal
+    from proxy.store import open_store
+
+    class Gate(Stage):
+        name = "audit-gate"
+        closed = True
+
+        def on_request(self, ex: Exchange) -> None:
+            if self.closed:
+                ex.refuse(Refusal(503, "Audit unavailable", "closed", kind="fail-closed"))
+
+    async def main() -> None:
+        store = open_store(f"sqlite://{tmp_path / 'proctor.db'}")
+        await store.open()
+        try:
+            gate = Gate()
+            chain = Chain([ClaimCheck(store, lambda i: []), ClaimAcquire(store), gate],
+                          error_refusals=[store_unavailable])
+            refused = _exchange({"ttl_seconds": 60})
+            await chain.request(refused)
+            assert refused.refusal is not None and refused.refusal.status == 503
+            await chain.response(refused)
+            assert await store.list_claims(0.0) == []
+            gate.closed = False
+            ok = _exchange({"ttl_seconds": 60})
+            await chain.request(ok)
+            await chain.response(ok)
+            assert ok.allowed and [c.holder for c in await store.list_claims(0.0)] == ["me"]
+        finally:
+            await store.close()
+
+    asyncio.run(main())

@@ -43,6 +43,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 CLAIM_KIND = "claim-conflict"  # Refusal.kind of a 409 for a claim held by another agent
 CLAIM_ANNOTATION = "claim"  # @claim("conflict") marks the policies that turn a deny into a 409
 STATE = "claims"  # stage_data key of the ClaimState
+TAKEN = "claim-acquire"  # stage_data key: the claim this request newly took (released if it is not forwarded)
 
 GroupsOf = Callable[[AgentIdentity], list[str]]
 
@@ -200,6 +201,17 @@ class ClaimAcquire(Stage):
             return
         self.observer.acquired(state.connector, outcome.renewed)
         c = outcome.claim
+        if not outcome.renewed:
+            ex.stage_data[TAKEN] = c
         ex.plan.response_headers["Proctor-Claim"] = (
             f"{c.id}; mode={c.mode}; fence={c.fence}; expires={_iso(c.expires_at)}"
         )
+
+    async def on_response(self, ex: Exchange) -> None:
+        # A stage after this one (the audit gate, say) refused: the write was never forwarded,
+        # so a claim it newly took is given back. (A renewal is left as it is: the holder
+        # holds it anyway.) A forwarded write keeps its claim, whatever the upstream answered.
+        taken: Claim | None = ex.stage_data.pop(TAKEN, None)
+        if taken is not None and ex.refusal is not None:
+            await self.store.release_claim(taken.id)
+
