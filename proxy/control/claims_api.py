@@ -10,7 +10,7 @@ until its next write, which starts a new tenure (a higher fence) if it is free.
 The `proctor_claims_held` gauge is refreshed from the store here, every few
 seconds while the control API runs: the store is the only exact count across
 replicas, and a scrape must not wait on it. The same loop deletes expired claims
-(readers ignore them already; this only keeps the table small).
+about once a minute (readers ignore them already; this only keeps the table small).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("proctor.control")
 _ID_RE = re.compile(r"clm_[A-Za-z0-9_-]{1,64}")
 GAUGE_REFRESH_SECONDS = 5.0
+SWEEP_EVERY = 12  # gauge refreshes: expired claims are deleted about once a minute
 
 
 # ---- what the routes accept and answer (documented in control/openapi.py) ----
@@ -137,10 +138,13 @@ def add_claim_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
     metrics = _claim_metrics(runtime)
 
     async def refresh_gauge() -> None:
+        rounds = 0
         while True:
             try:
                 now = time.time()
-                await runtime.store.sweep_claims(now)
+                if rounds % SWEEP_EVERY == 0:
+                    await runtime.store.sweep_claims(now)
+                rounds += 1
                 if metrics is not None:
                     claims = await runtime.store.list_claims(now)
                     metrics.set_held(dict(Counter(c.connector for c in claims)))
