@@ -204,8 +204,8 @@ def test_n_agents_racing_exactly_one_holder_and_one_forwarded_write(cp, svc, idp
 def test_ttl_expiry_and_renewal(cp, svc, idp) -> None:
     t = tid("S")
     path = f"/short/{t}"
-    t0 = time.monotonic()
     assert call(cp, svc, idp, "alice", "PATCH", path).status_code == 200
+    t0 = time.monotonic()  # after the answer: the first claim expires by t0 + SHORT_TTL
     time.sleep(SHORT_TTL * 0.6)
     assert call(cp, svc, idp, "alice", "PATCH", path).status_code == 200  # renews: expiry moves on
     while time.monotonic() - t0 < SHORT_TTL + 0.3:  # past the first expiry: still held thanks to the renewal
