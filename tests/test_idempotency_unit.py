@@ -40,7 +40,9 @@ async def passage(store: SQLiteStore, ex: Exchange, then) -> Exchange:
     if ex.refusal is None and ex.local_reply is None:
         ex.decided = True
         then(ex)
-    await reserve.on_response(ex)
+    settled = reserve.on_response(ex)  # (a plain method: it returns an awaitable only when it has work)
+    if settled is not None:
+        await settled
     return ex
 
 

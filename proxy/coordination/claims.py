@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -207,11 +207,16 @@ class ClaimAcquire(Stage):
             f"{c.id}; mode={c.mode}; fence={c.fence}; expires={_iso(c.expires_at)}"
         )
 
-    async def on_response(self, ex: Exchange) -> None:
+    def on_response(self, ex: Exchange) -> Awaitable[None] | None:
         # A stage after this one (the audit gate, say) refused: the write was never forwarded,
         # so a claim it newly took is given back. (A renewal is left as it is: the holder
         # holds it anyway.) A forwarded write keeps its claim, whatever the upstream answered.
+        # (a plain method: only that case has anything to await)
         taken: Claim | None = ex.stage_data.pop(TAKEN, None)
         if taken is not None and ex.refusal is not None:
-            await self.store.release_claim(taken.id)
+            return self._release(taken.id)
+        return None
+
+    async def _release(self, claim_id: str) -> None:
+        await self.store.release_claim(claim_id)
 

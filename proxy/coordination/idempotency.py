@@ -19,10 +19,11 @@ equivalent write (same declared values) inside the window is the "same" request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +208,7 @@ class IdempotencyReserve(Stage):
         self.store = store
         self.config = config
         self._last_sweep = 0.0
+        self._sweeping: asyncio.Task[None] | None = None
         self.failures = 0
 
     async def on_request(self, ex: Exchange) -> None:
@@ -233,28 +235,43 @@ class IdempotencyReserve(Stage):
         # (+1: a body of exactly the bound is kept; the engine streams anything larger)
         ex.plan.read_response_body = max(ex.plan.read_response_body, self.config.max_body_bytes + 1)
 
-    async def on_response(self, ex: Exchange) -> None:
+    def on_response(self, ex: Exchange) -> Awaitable[None] | None:
+        # (a plain method: most exchanges have nothing to await here, and a refusal answered
+        # from a synchronous engine hook is then recorded before it is answered)
         taken: list[Subject] | None = ex.stage_data.pop(RESERVED, None)
         now = time.time()
+        if now - self._last_sweep >= self.config.sweep_interval_seconds and self._sweeping is None:
+            # housekeeping in its own task: no request waits for it
+            self._last_sweep = now
+            self._sweeping = asyncio.get_running_loop().create_task(self._sweep(now))
+            self._sweeping.add_done_callback(self._swept)
+        if not taken:
+            return None
+        return self._settle(ex, taken)
+
+    def _swept(self, _task: "asyncio.Task[None]") -> None:
+        self._sweeping = None
+
+    async def _settle(self, ex: Exchange, taken: list[Subject]) -> None:
         if taken:
             resp = ex.response
             status = resp.upstream_status if resp is not None else None
             if ex.forwardable and resp is not None and status is not None and 200 <= status < 300:
-                await self._complete(ex, taken, now)
+                await self._complete(ex, taken, time.time())
             else:
                 # Not done (refused after the reservation, upstream error, or a non-2xx answer):
                 # release the key so the agent's retry is forwarded.
                 for subject in taken:
                     await self.store.release_idempotency(subject.scope, subject.key, ex.decision_id)
-        if now - self._last_sweep >= self.config.sweep_interval_seconds:
-            self._last_sweep = now
-            try:
-                swept = await self.store.sweep_idempotency(now)
-            except Exception as e:  # noqa: BLE001 - housekeeping: expired rows are ignored by every read anyway
-                log.warning("could not sweep expired idempotency keys: %s", e)
-            else:
-                if swept:
-                    log.debug("swept %d expired idempotency keys", swept)
+
+    async def _sweep(self, now: float) -> None:
+        try:
+            swept = await self.store.sweep_idempotency(now)
+        except Exception as e:  # noqa: BLE001 - housekeeping: expired rows are ignored by every read anyway
+            log.warning("could not sweep expired idempotency keys: %s", e)
+        else:
+            if swept:
+                log.debug("swept %d expired idempotency keys", swept)
 
     async def _complete(self, ex: Exchange, taken: list[Subject], now: float) -> None:
         resp = ex.response
