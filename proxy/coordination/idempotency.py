@@ -242,9 +242,14 @@ class IdempotencyReserve(Stage):
         now = time.time()
         if now - self._last_sweep >= self.config.sweep_interval_seconds and self._sweeping is None:
             # housekeeping in its own task: no request waits for it
-            self._last_sweep = now
-            self._sweeping = asyncio.get_running_loop().create_task(self._sweep(now))
-            self._sweeping.add_done_callback(self._swept)
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a synchronous caller): sweep next time
+                loop = None
+            if loop is not None:
+                self._last_sweep = now
+                self._sweeping = loop.create_task(self._sweep(now))
+                self._sweeping.add_done_callback(self._swept)
         if not taken:
             return None
         return self._settle(ex, taken)
