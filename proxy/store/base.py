@@ -266,6 +266,13 @@ class Store(abc.ABC):
         """Delete one claim by id (an operator's force-release); the claim, or None if there was none."""
 
     @abc.abstractmethod
+    async def transfer_claim(self, claim_id: str, *, to: str, groups: list[str], now: float,
+                             ttl: float | None = None) -> tuple[Claim, Claim] | None:
+        """Atomically (one transaction with the fence bump, exact across replicas) end the
+        live claim `claim_id` and start `to`'s tenure on the same resource (store/claims.py
+        `hand_over`): (old, new), or None if no such live claim."""
+
+    @abc.abstractmethod
     async def sweep_claims(self, now: float) -> int:
         """Delete expired claims (readers ignore them already); how many. Fence rows stay,
         so a resource's fence never goes back."""

@@ -93,6 +93,21 @@ def decide(claims: list[Claim], fence: int, *, connector: str, resource: str, ag
     return ClaimOutcome(True, claim), fence
 
 
+def hand_over(claim: Claim, fence: int, *, to: str, groups: list[str], now: float,
+              ttl: float | None) -> tuple[Claim, int]:
+    """The claim `to` holds after `claim` is transferred to it (a handoff or an operator's
+    transfer), and the fence value to store. A transfer is a new tenure: new id, the fence
+    bumped, `since` now; it keeps the mode and, without `ttl`, the old expiry (a transfer
+    neither extends nor shortens the lease unless asked). Transferring to the holder
+    itself changes nothing. Pure: the backends persist what it returns."""
+    if to == claim.holder:
+        return claim, fence
+    fence += 1
+    expires = claim.expires_at if ttl is None else now + ttl
+    return Claim(new_claim_id(), claim.connector, claim.resource, to, list(groups), claim.mode, now,
+                 expires, fence), fence
+
+
 def claim_from_row(row: Sequence[Any]) -> Claim:
     r = list(row)
     groups = r[4]

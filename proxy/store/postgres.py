@@ -48,7 +48,7 @@ from .base import (
     suspension_from_row,
 )
 from .idempotency import IDEMPOTENCY_COLUMNS, IDEMPOTENCY_SELECT, IdempotencyEntry, entry_from_row, entry_params
-from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide
+from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -724,6 +724,48 @@ class PostgresStore(Store):
             "release_claim", f"DELETE FROM proctor_claims WHERE id = $1 RETURNING {CLAIM_COLUMNS}", claim_id
         )
         return None if row is None else claim_from_row(row)
+
+    async def transfer_claim(self, claim_id: str, *, to: str, groups: list[str], now: float,
+                             ttl: float | None = None) -> tuple[Claim, Claim] | None:
+        pool = self._p()
+        with backend_errors("transfer_claim"):
+            async with pool.acquire() as conn, conn.transaction():
+                where = await conn.fetchrow("SELECT connector, resource FROM proctor_claims WHERE id = $1", claim_id)
+                if where is None:
+                    return None
+                connector, resource = str(where[0]), str(where[1])
+                # Lock the resource's fence row first, as acquire_claim does: acquirers and
+                # transfers on every replica queue here, so the hand-over is one step for them.
+                fence = int(await conn.fetchval(
+                    "INSERT INTO proctor_claim_fences (connector, resource, fence) VALUES ($1, $2, 0) "
+                    "ON CONFLICT (connector, resource) DO UPDATE SET fence = proctor_claim_fences.fence "
+                    "RETURNING fence",
+                    connector, resource,
+                ))
+                # (re-read under the lock: a release or another transfer may have ended it meanwhile)
+                row = await conn.fetchrow(
+                    f"SELECT {CLAIM_COLUMNS} FROM proctor_claims WHERE id = $1 AND expires_at > $2",
+                    claim_id, float(now))
+                if row is None:
+                    return None
+                old = claim_from_row(row)
+                new, new_fence = hand_over(old, max(fence, old.fence), to=to, groups=groups, now=now, ttl=ttl)
+                if new is old:
+                    return old, old
+                await conn.execute(
+                    "DELETE FROM proctor_claims WHERE id = $1 OR (connector = $2 AND resource = $3 AND "
+                    "(holder = $4 OR expires_at <= $5))",
+                    old.id, connector, resource, to, float(now))
+                await conn.execute(
+                    f"INSERT INTO proctor_claims ({CLAIM_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    new.id, connector, resource, new.holder, dump_json(new.holder_groups), new.mode,
+                    float(new.since), float(new.expires_at), new.fence,
+                )
+                await conn.execute(
+                    "UPDATE proctor_claim_fences SET fence = $3 WHERE connector = $1 AND resource = $2",
+                    connector, resource, new_fence,
+                )
+        return old, new
 
     async def sweep_claims(self, now: float) -> int:
         status = await self._execute("sweep_claims", "DELETE FROM proctor_claims WHERE expires_at <= $1", float(now))

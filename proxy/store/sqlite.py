@@ -62,7 +62,7 @@ from .base import (
     suspension_from_row,
 )
 from .idempotency import IDEMPOTENCY_COLUMNS, IDEMPOTENCY_SELECT, IdempotencyEntry, entry_from_row, entry_params
-from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide
+from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 log = logging.getLogger("proctor.store")
@@ -767,6 +767,39 @@ class SQLiteStore(Store):
                 return None
             await db.execute("DELETE FROM proctor_claims WHERE id = ?", (claim_id,))
         return claim_from_row(row)
+
+    async def transfer_claim(self, claim_id: str, *, to: str, groups: list[str], now: float,
+                             ttl: float | None = None) -> tuple[Claim, Claim] | None:
+        # One BEGIN IMMEDIATE transaction: the old tenure ends, the new one starts and the
+        # fence is bumped together, so no acquirer on any process sees the resource free.
+        async with self._write("transfer_claim", durable=True) as db:
+            async with db.execute(f"SELECT {CLAIM_COLUMNS} FROM proctor_claims WHERE id = ? AND expires_at > ?",
+                                  (claim_id, float(now))) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return None
+            old = claim_from_row(row)
+            async with db.execute("SELECT fence FROM proctor_claim_fences WHERE connector = ? AND resource = ?",
+                                  (old.connector, old.resource)) as cur:
+                frow = await cur.fetchone()
+            fence = old.fence if frow is None else int(frow[0])
+            new, new_fence = hand_over(old, fence, to=to, groups=groups, now=now, ttl=ttl)
+            if new is old:
+                return old, old
+            await db.execute("DELETE FROM proctor_claims WHERE id = ? OR (connector = ? AND resource = ? AND "
+                             "(holder = ? OR expires_at <= ?))",
+                             (old.id, old.connector, old.resource, to, float(now)))
+            await db.execute(
+                f"INSERT INTO proctor_claims ({CLAIM_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (new.id, new.connector, new.resource, new.holder, dump_json(new.holder_groups), new.mode,
+                 float(new.since), float(new.expires_at), new.fence),
+            )
+            await db.execute(
+                "INSERT INTO proctor_claim_fences (connector, resource, fence) VALUES (?, ?, ?) "
+                "ON CONFLICT (connector, resource) DO UPDATE SET fence = excluded.fence",
+                (old.connector, old.resource, new_fence),
+            )
+        return old, new
 
     async def sweep_claims(self, now: float) -> int:
         async with self._write("sweep_claims") as db:
