@@ -1,0 +1,412 @@
+"""Added CPU per request of the coordination stages (claims, Idempotency-Key), on SQLite and PostgreSQL.
+
+One upstream (bench/upstream.py) and one `proctor run` per store backend, both
+forward proxies on loopback with the same connector, policies and token. Four
+scenarios are driven through each, by one agent over a few keep-alive
+connections (closed loop, no think time):
+
+- `patch-plain`:   PATCH /plain/1    a route without `claim:` (the baseline for claims);
+- `patch-claimed`: PATCH /claimed/1  a claim-bearing route, always the same resource,
+                   so after the first write every request is the holder's renewal
+                   (`claims` reads the live claims, `claim-acquire` renews in one transaction);
+- `post-plain`:    POST /orders/1    no Idempotency-Key (the baseline for keys);
+- `post-idem`:     POST /orders/1    a distinct Idempotency-Key on every request: the
+                   lookup, the insert-if-absent reservation and the completion that stores
+                   the 2xx response (reserve + complete).
+
+The proxy's CPU per request is utime+stime of the `proctor run` process from
+/proc (as bench/run.py measures it) over the requests answered, so what the load
+generator and the upstream cost is left out. PostgreSQL's own backend CPU is
+*not* in that figure (it is another process); it is reported separately from
+the server's total (`pg_backend` column: the CPU of the PostgreSQL backends
+serving this Proctor, read from /proc when they run on this machine).
+
+Scenarios and backends are interleaved repeat by repeat (plain, claimed, plain,
+keyed, for SQLite then PostgreSQL, then again), and the report gives medians
+(and min-max) over repeats, so drift in a shared machine hits all alike.
+
+    .venv/bin/python bench/coordination.py [--requests 3000] [--repeats 3] \\
+        [--pg postgresql://postgres@127.0.0.1:5432/test] [--json out.json]
+
+PostgreSQL runs in a fresh schema (`?schema=bench_coord_<random>`) dropped at the
+end; `--pg ''` skips it. Nothing here rewrites docs: the numbers are copied into
+docs/performance.md ("## Coordination cost") by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+import proctor_env  # noqa: E402
+from run import free_port, port_open, proc_cpu_seconds, wait_for  # noqa: E402
+
+SCENARIOS = ("patch-plain", "patch-claimed", "post-plain", "post-idem")
+
+SCHEMA = """
+type Time = { now: datetime, epoch: Long, hour: Long, weekday: Long };
+type Headers = { "content-type"?: String, "user-agent"?: String, "idempotency-key"?: String };
+entity AgentGroup;
+entity Agent in [AgentGroup] { team?: String, level?: Long };
+"""
+
+POLICIES = """
+@id("coord-bench-anyone")
+permit (principal, action in [Action::"coord.plain.update", Action::"coord.claimed.update",
+                              Action::"coord.order.create"], resource);
+"""
+
+
+def connector(upstream_port: int) -> dict:
+    return {
+        "name": "coord",
+        "description": "coordination benchmark upstream (bench/upstream.py)",
+        "hosts": [f"127.0.0.1:{upstream_port}"],
+        "routes": [
+            {"method": "PATCH", "path": "/plain/{id}", "action": "coord.plain.update",
+             "resource": {"type": "Item", "id": "{id}"}},
+            {"method": "PATCH", "path": "/claimed/{id}", "action": "coord.claimed.update",
+             "resource": {"type": "Item", "id": "{id}"},
+             "claim": {"mode": "exclusive", "ttl_seconds": 900, "acquire": "implicit"}},
+            {"method": "POST", "path": "/orders/{id}", "action": "coord.order.create",
+             "resource": {"type": "Order", "id": "{id}"}},
+        ],
+    }
+
+
+def build(base: Path, upstream_port: int, stores: dict[str, str | None]) -> tuple[dict[str, tuple[Path, int, int]], str]:
+    """A deployment in `base`: key, JWKS, connector, policies (ours + the bundled conflict rule),
+    and one config per store backend with its own ports and state directory."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update({"kid": proctor_env.KID, "use": "sig", "alg": "ES256"})
+    (base / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    (base / "connectors").mkdir()
+    (base / "connectors" / "coord.yaml").write_text(yaml.safe_dump(connector(upstream_port), sort_keys=False))
+    (base / "policies").mkdir()
+    (base / "policies" / "coord.cedar").write_text(POLICIES)
+    # The loader appends the schema generated from the manifests (resource types, actions,
+    # contexts including `claim`); the shared types and principals are declared here.
+    (base / "policies" / "schema.cedarschema").write_text(SCHEMA)
+    (base / "policies" / "coordination.cedar").write_text((ROOT / "policies" / "coordination.cedar").read_text())
+    out = {}
+    for name, url in stores.items():
+        port, cport = free_port(), free_port()
+        cfg = proctor_env._config(f"state-{name}", port, cport)
+        if url:
+            cfg["store"] = {"url": url}
+        path = base / f"proctor-{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        out[name] = (path, port, cport)
+    return out, proctor_env.make_token(key)
+
+
+# ---------------------------------------------------------------- load generator
+class _Client(asyncio.Protocol):
+    """One keep-alive connection: send, read the whole answer, send the next (closed loop)."""
+
+    def __init__(self, make, run) -> None:
+        self.make, self.run = make, run
+        self.buf = b""
+        self.done = asyncio.get_running_loop().create_future()
+        self.t0 = 0
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.send()
+
+    def send(self) -> None:
+        req = self.run.next_request(self.make)
+        if req is None:
+            self.transport.close()
+            return
+        self.t0 = time.perf_counter_ns()
+        self.transport.write(req)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head = self.buf[:end].lower()
+            length = 0
+            if (i := head.find(b"\r\ncontent-length:")) >= 0:
+                j = head.find(b"\r\n", i + 2)
+                length = int(head[i + 17 : j if j >= 0 else len(head)].strip())
+            if len(self.buf) < end + 4 + length:
+                return
+            self.run.record(int(head[9:12]), time.perf_counter_ns() - self.t0)
+            self.buf = self.buf[end + 4 + length :]
+            self.send()
+
+    def connection_lost(self, exc) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class _Run:
+    def __init__(self, total: int) -> None:
+        self.left = total
+        self.statuses: dict[int, int] = {}
+        self.lat: list[int] = []
+
+    def next_request(self, make) -> bytes | None:
+        if self.left <= 0:
+            return None
+        self.left -= 1
+        return make()
+
+    def record(self, status: int, ns: int) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.lat.append(ns)
+
+
+def request_maker(scenario: str, upstream_port: int, token: str):
+    method, path = {"patch-plain": ("PATCH", "/plain/1"), "patch-claimed": ("PATCH", "/claimed/1"),
+                    "post-plain": ("POST", "/orders/1"), "post-idem": ("POST", "/orders/1")}[scenario]
+    head = (f"{method} http://127.0.0.1:{upstream_port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{upstream_port}\r\n"
+            f"Proxy-Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n")
+    fixed = (head + "\r\n{}").encode()
+    if scenario != "post-idem":
+        return lambda: fixed
+    prefix = uuid.uuid4().hex
+    counter = iter(range(10**12))
+    return lambda: (head + f"Idempotency-Key: {prefix}-{next(counter)}\r\n\r\n{{}}").encode()
+
+
+async def drive(port: int, make, total: int, connections: int) -> tuple[_Run, float]:
+    loop = asyncio.get_running_loop()
+    run = _Run(total)
+    t0 = time.perf_counter()
+    clients = [(await loop.create_connection(lambda: _Client(make, run), "127.0.0.1", port))[1]
+               for _ in range(connections)]
+    await asyncio.wait_for(asyncio.gather(*(c.done for c in clients)), timeout=300)
+    return run, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ postgres CPU
+def pg_backend_cpu(application_name: str = "proctor") -> float | None:
+    """CPU seconds of the local PostgreSQL backends whose cmdline names our database user session.
+
+    asyncpg backends show as `postgres: <user> <db> 127.0.0.1(port) ...`; we sum every
+    postgres backend on this machine, which is why the PostgreSQL runs report it
+    only as a delta over the same interval (other clients of the server add noise)."""
+    total, found = 0.0, False
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+            if not cmd.startswith(b"postgres: ") or b"127.0.0.1(" not in cmd:
+                continue
+            total += proc_cpu_seconds(int(d.name))
+            found = True
+        except (OSError, ValueError, IndexError):
+            continue
+    return total if found else None
+
+
+@dataclass
+class Sample:
+    backend: str
+    scenario: str
+    repeat: int
+    requests: int
+    statuses: dict
+    seconds: float
+    cpu_us_per_req: float
+    pg_us_per_req: float | None
+    p50_ms: float
+
+
+def measure(backend: str, scenario: str, repeat: int, pid: int, port: int, upstream_port: int, token: str,
+            total: int, connections: int) -> Sample:
+    make = request_maker(scenario, upstream_port, token)
+    pg0 = pg_backend_cpu() if backend == "postgresql" else None
+    c0 = proc_cpu_seconds(pid)
+    run, secs = asyncio.run(drive(port, make, total, connections))
+    c1 = proc_cpu_seconds(pid)
+    pg1 = pg_backend_cpu() if backend == "postgresql" else None
+    n = len(run.lat)
+    lat = sorted(run.lat)
+    return Sample(backend, scenario, repeat, n, run.statuses, round(secs, 3),
+                  round((c1 - c0) / n * 1e6, 1),
+                  round((pg1 - pg0) / n * 1e6, 1) if pg0 is not None and pg1 is not None else None,
+                  round(lat[len(lat) // 2] / 1e6, 3))
+
+
+def summarize(samples: list[Sample]) -> list[dict]:
+    rows = []
+    backends = sorted({s.backend for s in samples}, key=lambda b: b != "sqlite")
+    for b in backends:
+        med = {}
+        for sc in SCENARIOS:
+            ss = [s for s in samples if s.backend == b and s.scenario == sc]
+            cpu = [s.cpu_us_per_req for s in ss]
+            pg = [s.pg_us_per_req for s in ss if s.pg_us_per_req is not None]
+            med[sc] = statistics.median(cpu)
+            rows.append({"backend": b, "scenario": sc, "repeats": len(ss),
+                         "cpu_us_median": round(statistics.median(cpu), 1),
+                         "cpu_us_min": min(cpu), "cpu_us_max": max(cpu),
+                         "pg_backend_us_median": round(statistics.median(pg), 1) if pg else None,
+                         "rps_median": round(statistics.median(s.requests / s.seconds for s in ss)),
+                         "p50_ms_median": round(statistics.median(s.p50_ms for s in ss), 3),
+                         "non2xx": sum(n for s in ss for st, n in s.statuses.items() if not 200 <= st < 300)})
+        # added CPU: per repeat (same repeat's baseline), then the median of those differences
+        for sc, base in (("patch-claimed", "patch-plain"), ("post-idem", "post-plain")):
+            diffs = []
+            for r in sorted({s.repeat for s in samples}):
+                x = [s for s in samples if s.backend == b and s.scenario == sc and s.repeat == r]
+                y = [s for s in samples if s.backend == b and s.scenario == base and s.repeat == r]
+                if x and y:
+                    diffs.append(x[0].cpu_us_per_req - y[0].cpu_us_per_req)
+            row = next(rw for rw in rows if rw["backend"] == b and rw["scenario"] == sc)
+            row["added_us_median"] = round(statistics.median(diffs), 1)
+            row["added_us_range"] = [round(min(diffs), 1), round(max(diffs), 1)]
+    return rows
+
+
+def _one(port: int, raw: bytes) -> tuple[int, bytes]:
+    """One request on a fresh connection: (status, lower-cased header block)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(raw)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    head = buf.split(b"\r\n\r\n", 1)[0].lower()
+    return int(head[9:12]), head
+
+
+def preflight(name: str, port: int, upstream_port: int, token: str) -> None:
+    """Prove each scenario takes the path it is meant to measure, before measuring it."""
+    st, head = _one(port, request_maker("patch-claimed", upstream_port, token)())
+    assert st == 200 and b"\r\nproctor-claim: clm_" in head, (name, st, head)
+    st, head = _one(port, request_maker("patch-plain", upstream_port, token)())
+    assert st == 200 and b"proctor-claim" not in head, (name, st, head)
+    idem = request_maker("post-idem", upstream_port, token)()
+    st, head = _one(port, idem)
+    assert st == 200 and b"idempotent-replayed" not in head, (name, st, head)
+    st, head = _one(port, idem)  # the same key again: replayed from the store, not forwarded
+    assert st == 200 and b"\r\nidempotent-replayed: true" in head, (name, st, head)
+    print(f"preflight {name}: claim header on the claimed route, replay of a repeated key: ok", flush=True)
+
+
+def drop_schema(dsn: str, schema: str) -> None:
+    import asyncpg
+
+    async def go() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=3000, help="requests per scenario and repeat")
+    ap.add_argument("--warmup", type=int, default=300, help="requests per scenario before the first repeat")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test",
+                    help="PostgreSQL DSN ('' to skip PostgreSQL)")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep-tmp", action="store_true")
+    a = ap.parse_args(argv)
+
+    base = Path(tempfile.mkdtemp(prefix="proctor-coord-"))
+    schema = "bench_coord_" + uuid.uuid4().hex[:10]
+    stores: dict[str, str | None] = {"sqlite": None}
+    if a.pg:
+        stores["postgresql"] = f"{a.pg}{'&' if '?' in a.pg else '?'}schema={schema}"
+    up_port = free_port()
+    configs, token = build(base, up_port, stores)
+    procs: list[subprocess.Popen] = []
+    py = sys.executable
+    try:
+        procs.append(subprocess.Popen([py, str(BENCH / "upstream.py"), "--port", str(up_port)],
+                                      stdout=open(base / "upstream.log", "w"), stderr=subprocess.STDOUT))
+        wait_for(lambda: port_open(up_port), 10, "upstream")
+        pids = {}
+        for name, (cfg, port, cport) in configs.items():
+            p = subprocess.Popen([py, "-m", "proxy.cli", "run", "-c", str(cfg), "--log-level", "warning"],
+                                 stdout=open(base / f"proctor-{name}.log", "w"), stderr=subprocess.STDOUT,
+                                 cwd=str(base), env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT)))
+            procs.append(p)
+
+            def ready(cport=cport) -> bool:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{cport}/readyz", timeout=1) as r:
+                        return r.status == 200
+                except Exception:  # noqa: BLE001
+                    return False
+
+            wait_for(ready, 60, f"proctor ({name}) readiness", proc=p, log=base / f"proctor-{name}.log")
+            pids[name] = (p.pid, port)
+        for name, (pid, port) in pids.items():
+            preflight(name, port, up_port, token)
+        for name, (pid, port) in pids.items():  # warm-up; also takes the claim, so later writes renew it
+            for sc in SCENARIOS:
+                w = measure(name, sc, 0, pid, port, up_port, token, a.warmup, a.connections)
+                print(f"warmup {name:10} {sc:14} statuses={w.statuses}", flush=True)
+        samples: list[Sample] = []
+        for r in range(1, a.repeats + 1):
+            for name, (pid, port) in pids.items():
+                for sc in SCENARIOS:
+                    s = measure(name, sc, r, pid, port, up_port, token, a.requests, a.connections)
+                    samples.append(s)
+                    print(f"repeat {r} {name:10} {sc:14} {s.cpu_us_per_req:8.1f} µs CPU/req  "
+                          f"pg={s.pg_us_per_req}  {s.requests / s.seconds:6.0f} req/s  p50={s.p50_ms} ms  "
+                          f"statuses={s.statuses}", flush=True)
+        rows = summarize(samples)
+        print(json.dumps(rows, indent=1))
+        if a.json:
+            a.json.write_text(json.dumps({"args": vars(a) | {"json": str(a.json)}, "summary": rows,
+                                          "samples": [asdict(s) for s in samples],
+                                          "loadavg": Path("/proc/loadavg").read_text().split()[:3],
+                                          "cpus": os.cpu_count()}, indent=1))
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if a.pg:
+            try:
+                drop_schema(a.pg, schema)
+            except Exception as e:  # noqa: BLE001
+                print(f"could not drop schema {schema}: {e}", file=sys.stderr)
+        if not a.keep_tmp:
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
