@@ -9,12 +9,15 @@ bundled policies in policies/*.cedar.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -144,6 +147,8 @@ class Env:
             "procurement-bot": issuer.issue("procurement-bot", {"groups": ["procurement", "procurement-approvers"]}),
             "finance-bot": issuer.issue("finance-bot", {"groups": ["procurement-approvers"]}),
             "support-bot": issuer.issue("support-bot", {"groups": ["support"], "assignment_group": "service-desk"}),
+            "support-bot-2": issuer.issue("support-bot-2", {"groups": ["support"], "assignment_group": "service-desk"}),
+            "procurement-bot-2": issuer.issue("procurement-bot-2", {"groups": ["procurement"]}),
             "sales-bot": issuer.issue("sales-bot", {"groups": ["sales"]}),
         }
         self.session = requests.Session()
@@ -207,13 +212,19 @@ def assert_refused(r: requests.Response, status: int, reasons: list[str] | None)
 # ------------------------------------------------------------------------- ERP
 
 
-def po_body(*items: tuple, supplier: str = "17300001") -> dict:
+_ORDER_TAGS = itertools.count(1)
+
+
+def po_body(*items: tuple, supplier: str = "17300001", tag: int | None = None) -> dict:
+    """An order whose materials are unique to this call (unless `tag` repeats one): the
+    bundled route suppresses an equal order (same supplier and items) for 10 minutes."""
+    tag = next(_ORDER_TAGS) if tag is None else tag
     return {
         "CompanyCode": "1010",
         "Supplier": supplier,
         "DocumentCurrency": "EUR",
         "to_PurchaseOrderItem": [
-            {"Material": f"MAT-{i}", "OrderQuantity": q, "NetPriceAmount": p} for i, (q, p) in enumerate(items)
+            {"Material": f"MAT-{tag}-{i}", "OrderQuantity": q, "NetPriceAmount": p} for i, (q, p) in enumerate(items)
         ],
     }
 
@@ -509,3 +520,83 @@ def test_crm_is_closed_to_other_agents(env):
     # an account update is not among sales' permitted actions either
     r = env.call("sales-bot", "PATCH", env.mocks.url("crm", f"{SF}/sobjects/Account/{acc}"), json={"Industry": "Energy"})
     assert_refused(r, 403, [])
+
+
+# ---------------------------------------------------------------- coordination
+
+
+def test_ticketing_update_claims_the_incident_for_15_minutes(env):
+    """The bundled ticketing connector: an agent's first update claims the incident
+    (exclusive, 900 s); another support agent's update gets 409 naming the holder."""
+    sys_id = new_incident(env, "service-desk")
+    url = env.mocks.url("ticketing", f"{INC}/{sys_id}")
+    r = env.call("support-bot", "PATCH", url, json={"state": "2"})
+    assert r.status_code == 200, r.text
+    claim_id, *params = [p.strip() for p in r.headers["Proctor-Claim"].split(";")]
+    assert claim_id.startswith("clm_") and "mode=exclusive" in params
+    expires = next(p.split("=", 1)[1] for p in params if p.startswith("expires="))
+    ttl = datetime.fromisoformat(expires.replace("Z", "+00:00")).timestamp() - time.time()
+    assert 880 < ttl <= 901, ttl
+
+    patches = len(env.mocks.forwarded("ticketing", "PATCH"))
+    refused = env.call("support-bot-2", "PATCH", url, json={"state": "3", "work_notes": "mine now"})
+    body = assert_refused(refused, 409, ["claim-held-by-another-agent"])
+    assert body["claim"]["holder"] == "support-bot" and body["claim"]["id"] == claim_id
+    assert body["claim"]["mode"] == "exclusive" and body["claim"]["until"] == expires
+    assert 880 < int(refused.headers["Retry-After"]) <= 900
+    assert "support-bot" in body["detail"] and expires in body["detail"]
+    assert len(env.mocks.forwarded("ticketing", "PATCH")) == patches  # never reached the ticketing system
+    assert incident(env, sys_id)["state"] == "2"
+    rec = env.decision_of(refused)
+    assert rec["decision"] == "deny" and rec["status"] == 409 and rec["refusal"]["kind"] == "claim-conflict"
+
+    # reads are not blocked; the holder's PUT renews the same claim (PATCH and PUT share it)
+    assert env.call("support-bot-2", "GET", url).status_code == 200
+    renewed = env.call("support-bot", "PUT", url, json={"state": "3"})
+    assert renewed.status_code == 200, renewed.text
+    assert renewed.headers["Proctor-Claim"].split(";")[0] == claim_id
+    assert incident(env, sys_id)["state"] == "3"
+
+
+def test_ticketing_claims_are_per_incident(env):
+    """A claim on one incident leaves the group's other incidents to other agents."""
+    first, second = new_incident(env, "service-desk"), new_incident(env, "service-desk")
+    assert env.call("support-bot", "PATCH", env.mocks.url("ticketing", f"{INC}/{first}"),
+                    json={"state": "2"}).status_code == 200
+    r = env.call("support-bot-2", "PATCH", env.mocks.url("ticketing", f"{INC}/{second}"), json={"state": "2"})
+    assert r.status_code == 200, r.text
+    assert_refused(env.call("support-bot", "PATCH", env.mocks.url("ticketing", f"{INC}/{second}"),
+                            json={"state": "3"}), 409, ["claim-held-by-another-agent"])
+
+
+def erp_orders_with(env: Env, material: str) -> list[str]:
+    return [po for po, o in mock_orders(env).items()
+            if any(i["Material"] == material for i in o["to_PurchaseOrderItem"]["results"])]
+
+
+def test_erp_duplicate_order_by_another_agent_is_suppressed(env):
+    """The bundled ERP connector: the same order (supplier and items) raised again within
+    10 minutes, by any agent, is not forwarded; the 409 names the first one."""
+    tag = next(_ORDER_TAGS)
+    first = env.call("procurement-bot", "POST", env.mocks.url("erp", f"{PO_SRV}/A_PurchaseOrder"),
+                     json=po_body(*SMALL, tag=tag))
+    assert first.status_code == 201, first.text
+    posts = len(env.mocks.forwarded("erp", "POST"))
+    # the same order, numbers spelled differently: equal typed values, so the same work
+    same = po_body(("10", "120.5"), (2, "99.990"), tag=tag)
+    dup = env.call("procurement-bot-2", "POST", env.mocks.url("erp", f"{PO_SRV}/A_PurchaseOrder"), json=same)
+    body = assert_refused(dup, 409, None)
+    assert body["first_decision_id"] == first.headers[DECISION_HEADER]
+    assert body["first_status"] == 201
+    assert dup.headers["Location"] == first.headers["Location"] == body["first_result"]
+    assert body["window_ends_at"] - body["first_seen_at"] == pytest.approx(600)
+    assert len(env.mocks.forwarded("erp", "POST")) == posts
+    assert erp_orders_with(env, f"MAT-{tag}-0") == [first.json()["d"]["PurchaseOrder"]]
+    rec = env.decision_of(dup)
+    assert rec["decision"] == "deny" and rec["status"] == 409 and rec["refusal"]["kind"] == "duplicate"
+
+    # another quantity or another supplier is another order
+    for other in (po_body((11, "120.50"), (2, "99.99"), tag=tag), po_body(*SMALL, supplier="17300002", tag=tag)):
+        r = env.call("procurement-bot-2", "POST", env.mocks.url("erp", f"{PO_SRV}/A_PurchaseOrder"), json=other)
+        assert r.status_code == 201, (other, r.text)
+    assert len(erp_orders_with(env, f"MAT-{tag}-0")) == 3

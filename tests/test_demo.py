@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
+from datetime import datetime
 
 import pytest
 
@@ -19,8 +22,10 @@ def test_demo_runs_and_explains_each_call(tmp_path):
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    assert "18 calls: 9 allowed, 2 held for approval, 7 refused." in text
-    rows = {line.split("  ")[0].strip() + "|" + line[17:57].strip(): line for line in text.splitlines() if "-bot" in line or "rogue" in line}
+    assert "20 calls: 9 allowed, 2 held for approval, 8 refused, 1 duplicate suppressed." in text
+    # table rows: columns are separated by two or more spaces (their widths follow the content)
+    cells = [re.split(r"\s{2,}", line.strip()) for line in text.splitlines() if re.match(r"(\S+-bot(-\d)?|rogue-script) ", line)]
+    rows = {f"{c[0]}|{c[1]}": "  ".join(c) for c in cells}
     def row(agent: str, step: str) -> str:
         return rows[f"{agent}|{step}"]
     # ticketing: the incident's group is looked up on the upstream
@@ -29,6 +34,14 @@ def test_demo_runs_and_explains_each_call(tmp_path):
     assert "resolve-needs-close-code" in row("support-bot", "resolve without a close code")
     assert "agents-never-delete-incidents" in row("support-bot", "delete the incident")
     assert "egress-default-deny" in row("support-bot", "send data to an unknown host")
+    # claims: support-bot's first update claimed its incident for 15 minutes; its colleague
+    # is refused with 409, and the table says who holds it and until when
+    claimed = row("support-bot-2", "work support-bot's incident")
+    assert "REFUSED (claimed)" in claimed and "  409  " in claimed
+    m = re.search(r"claimed by support-bot until (\S+Z)", claimed)
+    assert m, claimed
+    ttl = datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp() - time.time()
+    assert 600 < ttl <= 900, ttl
     # ERP: threshold, creator tracking
     assert "ALLOWED" in row("procurement-bot", "order 4 laptops (EUR 4,799.96)")
     # held for a manager, who approves one (forwarded: 201) and denies the other
@@ -37,6 +50,12 @@ def test_demo_runs_and_explains_each_call(tmp_path):
     assert "HELD, DENIED" in row("procurement-bot", "order 20 servers (EUR 104,000)")
     assert "403" in row("procurement-bot", "order 20 servers (EUR 104,000)")
     assert "no-self-approval" in row("procurement-bot", "release the order it created")
+    # dedupe: the same order (supplier and items) by another agent is not sent to the ERP again
+    laptops = row("procurement-bot", "order 4 laptops (EUR 4,799.96)")
+    dup = row("procurement-bot-2", "order the same 4 laptops again")
+    assert "SUPPRESSED (duplicate)" in dup and "  409  " in dup
+    assert "same order as order 4500000002, not sent again" in dup, dup
+    assert "  201  " in laptops  # the first one, order 4500000002, was created (finance releases it below)
     assert "approvers-release-orders" in row("finance-bot", "release order 4500000002")
     # CRM
     assert "agents-never-close-won" in row("sales-bot", "mark the deal Closed Won")

@@ -133,7 +133,7 @@ def test_generated_contexts_required_and_optional(generated):
     create = context_type(generated, "erp.purchase_order.create")
     # required body values (and counts, always present) are required; the rest optional
     assert ("fields: { company_code: String, currency?: String, item_count: Long, materials?: Set<String>, "
-            "net_amount?: decimal, supplier: String }") in create
+            "net_amount?: decimal, prices?: Set<decimal>, quantities?: Set<decimal>, supplier: String }") in create
     assert "params" not in create and "query_params" not in create
     assert "method: String" in create and "source_ip: ipaddr" in create and "time: Time" in create
     approve = context_type(generated, "erp.purchase_order.approve")
@@ -550,8 +550,10 @@ def test_bundled_erp_create_and_release_lookup():
                                      {"Material": "B", "OrderQuantity": 2, "NetPriceAmount": 99.99}]}
     c = with_body_fields(c, body)
     assert c.fields == {"supplier": "17300001", "company_code": "1010", "currency": "EUR",
-                        "net_amount": dec("1404.98"), "item_count": 2, "materials": ["A", "B"]}
-    # item_count and materials stay in the context only
+                        "net_amount": dec("1404.98"), "item_count": 2, "materials": ["A", "B"],
+                        # the lines' quantities and prices (the dedupe key), in item order, canonical
+                        "quantities": [dec("10.0"), dec("2.0")], "prices": [dec("120.5"), dec("99.99")]}
+    # item_count, materials, quantities and prices stay in the context only
     assert c.resource_attrs == {"supplier": "17300001", "company_code": "1010", "currency": "EUR",
                                 "net_amount": dec("1404.98")}
     # the release lookup reads the ERP's own answer shape (OData V2, expanded items)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -33,7 +34,11 @@ MOCK_PORTS = [port for _, port, _ in MOCKS]
 AGENTS = [
     # (script, agent id, claims or None for "no token")
     ("support", "support-bot", {"groups": ["support"], "team": "it-ops", "assignment_group": "service-desk"}),
+    # a colleague in the same queue: refused (409) on the incident support-bot has claimed
+    ("support2", "support-bot-2", {"groups": ["support"], "team": "it-ops", "assignment_group": "service-desk"}),
     ("procurement", "procurement-bot", {"groups": ["procurement", "procurement-approvers"], "team": "purchasing"}),
+    # raises procurement-bot's laptop order again: suppressed as a duplicate (409)
+    ("procurement2", "procurement-bot-2", {"groups": ["procurement"], "team": "purchasing"}),
     ("finance", "finance-bot", {"groups": ["procurement-approvers"], "team": "finance"}),
     ("sales", "sales-bot", {"groups": ["sales"], "team": "sales"}),
     ("rogue", "rogue-script", None),
@@ -92,6 +97,17 @@ def _fmt_table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 MANAGER = "maria.manager"
+
+
+def _created(results: list[dict], agent: str, default: str) -> str:
+    """The id of what `agent` created in an earlier scene (the next scene works on it)."""
+    return next((r["created"] for r in results if r["agent"] == agent and r.get("created")), default)
+
+
+def _order_number(location: str | None) -> str | None:
+    """"order 4500000001" from an OData Location such as .../A_PurchaseOrder('4500000001')."""
+    m = re.search(r"A_PurchaseOrder\('(\d+)'\)", location or "")
+    return f"order {m.group(1)}" if m else None
 
 
 def _manager(control: str, token: str, stop: threading.Event) -> None:
@@ -180,7 +196,9 @@ def run_demo(keep_running: bool = False) -> int:
             )
             argv = [py, "-m", "proxy.demo.agents", script]
             if script == "finance":  # releases the order the procurement agent created
-                argv.append(next((r["created"] for r in results if r["agent"] == "procurement-bot" and r.get("created")), "0000000000"))
+                argv.append(_created(results, "procurement-bot", "0000000000"))
+            elif script == "support2":  # works on the incident support-bot opened (and claimed)
+                argv.append(_created(results, "support-bot", "0" * 32))
             out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
             if out.returncode != 0:
                 print(out.stderr, file=sys.stderr)
@@ -207,6 +225,17 @@ def run_demo(keep_running: bool = False) -> int:
                 rows.append([res["agent"], res["step"], rec.get("action") or "-", verdict, str(res["status"]),
                              f"{settled.get('by', '?')}: {settled.get('reason', '')}"])
                 continue
+            if res.get("claim"):
+                c = res["claim"]
+                rows.append([res["agent"], res["step"], rec.get("action") or "-", "REFUSED (claimed)",
+                             str(res["status"]), f"claimed by {c.get('holder')} until {c.get('until')}"])
+                continue
+            if res.get("first"):
+                first = res["first"]
+                what = _order_number(first.get("result")) or f"decision {first.get('decision_id')}"
+                rows.append([res["agent"], res["step"], rec.get("action") or "-", "SUPPRESSED (duplicate)",
+                             str(res["status"]), f"same order as {what}, not sent again"])
+                continue
             if outcome == "allow":
                 verdict = "ALLOWED"
             elif res["status"] in (401, 407):
@@ -229,10 +258,19 @@ def run_demo(keep_running: bool = False) -> int:
             "The held agent's connection simply waits; once approved, its request goes through exactly once."
         )
         print()
+        print(
+            "An agent's first update claims the incident for 15 minutes (connectors/ticketing.yaml), so its\n"
+            "colleague gets 409 naming the holder and until when; the same purchase order (supplier and items)\n"
+            "raised again within 10 minutes, by any agent, is not sent to the ERP twice (connectors/erp.yaml)."
+        )
+        print()
         print(f"Every decision is in {decisions} (one JSON line each); look one up by its X-Proctor-Decision-Id.")
         allowed = sum(1 for r in rows if r[3] == "ALLOWED")
         held = sum(1 for r in rows if r[3].startswith("HELD"))
-        print(f"{len(rows)} calls: {allowed} allowed, {held} held for approval, {len(rows) - allowed - held} refused.")
+        duplicates = sum(1 for r in rows if r[3].startswith("SUPPRESSED"))
+        refused = len(rows) - allowed - held - duplicates
+        print(f"{len(rows)} calls: {allowed} allowed, {held} held for approval, {refused} refused, "
+              f"{duplicates} duplicate{'' if duplicates == 1 else 's'} suppressed.")
         if keep_running:
             print(
                 f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on 127.0.0.1:{cfg.control.listen.port}, "

@@ -2,10 +2,10 @@
 knows about Proctor. They reach it only because the environment says
 HTTP_PROXY/HTTPS_PROXY=http://<agent-id>:<jwt>@127.0.0.1:8080.
 
-    python -m proxy.demo.agents support|procurement|finance|sales|rogue [ARG]
+    python -m proxy.demo.agents support|support2|procurement|procurement2|finance|sales|rogue [ARG]
 
 Each step prints one JSON line:
-{"agent", "step", "method", "url", "status", "decision_id", "detail", "created"?}.
+{"agent", "step", "method", "url", "status", "decision_id", "detail", "created"?, "claim"?, "first"?}.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ TIMEOUT = 15
 def emit(agent: str, step: str, resp: requests.Response, created: str | None = None) -> dict:
     detail = ""
     ctype = resp.headers.get("content-type", "")
+    problem: dict = {}
     if ctype.startswith("application/problem+json"):
-        detail = resp.json().get("detail", "")
+        problem = resp.json()
+        detail = problem.get("detail", "")
     line = {
         "agent": agent,
         "step": step,
@@ -38,6 +40,12 @@ def emit(agent: str, step: str, resp: requests.Response, created: str | None = N
     }
     if created:
         line["created"] = created
+    # A 409 says who is working on the record (a claim) or which request already did
+    # this work (a duplicate): what an agent would read to decide what to do next.
+    if isinstance(problem.get("claim"), dict):
+        line["claim"] = {k: problem["claim"].get(k) for k in ("holder", "until")}
+    if problem.get("first_decision_id"):
+        line["first"] = {"decision_id": problem["first_decision_id"], "result": problem.get("first_result")}
     print(json.dumps(line), flush=True)
     return line
 
@@ -71,20 +79,23 @@ def support() -> None:
     emit(a, "send data to an unknown host", r)
 
 
+LAPTOP_ORDER = {
+    "CompanyCode": "1010",
+    "PurchaseOrderType": "NB",
+    "Supplier": "17300001",
+    "DocumentCurrency": "EUR",
+    "to_PurchaseOrderItem": [
+        {"Material": "LAPTOP-14", "OrderQuantity": "4", "NetPriceAmount": "1150.00"},
+        {"Material": "DOCK-USB-C", "OrderQuantity": "4", "NetPriceAmount": "49.99"},
+    ],
+}
+
+
 def procurement() -> None:
     a = "procurement-bot"
     r = requests.get(f"{ERP_SUPPLIER}('17300001')", timeout=TIMEOUT)
     emit(a, "read supplier 17300001", r)
-    order = {
-        "CompanyCode": "1010",
-        "PurchaseOrderType": "NB",
-        "Supplier": "17300001",
-        "DocumentCurrency": "EUR",
-        "to_PurchaseOrderItem": [
-            {"Material": "LAPTOP-14", "OrderQuantity": "4", "NetPriceAmount": "1150.00"},
-            {"Material": "DOCK-USB-C", "OrderQuantity": "4", "NetPriceAmount": "49.99"},
-        ],
-    }
+    order = LAPTOP_ORDER
     r = requests.post(ERP_PO, json=order, timeout=TIMEOUT)
     po = r.json()["d"]["PurchaseOrder"] if r.status_code == 201 else None
     emit(a, "order 4 laptops (EUR 4,799.96)", r, created=po)
@@ -96,6 +107,20 @@ def procurement() -> None:
     emit(a, "order 20 servers (EUR 104,000)", r)
     r = requests.post(f"{ERP_PO}('{po or '0000000000'}')/Release", timeout=TIMEOUT)
     emit(a, "release the order it created", r)
+
+
+def support2(sys_id: str) -> None:
+    """A second support agent picks up the incident support-bot is working on."""
+    a = "support-bot-2"
+    r = requests.patch(f"{TICKETING}/{sys_id}", json={"state": "2", "work_notes": "Taking this one"}, timeout=TIMEOUT)
+    emit(a, "work support-bot's incident", r)
+
+
+def procurement2() -> None:
+    """A second procurement agent raises the order procurement-bot already raised."""
+    a = "procurement-bot-2"
+    r = requests.post(ERP_PO, json=LAPTOP_ORDER, timeout=TIMEOUT)
+    emit(a, "order the same 4 laptops again", r)
 
 
 def finance(po: str) -> None:
@@ -131,5 +156,8 @@ if __name__ == "__main__":
     script = sys.argv[1]
     if script == "finance":
         finance(sys.argv[2])
+    elif script == "support2":
+        support2(sys.argv[2])
     else:
-        {"support": support, "procurement": procurement, "sales": sales, "rogue": rogue}[script]()
+        {"support": support, "procurement": procurement, "procurement2": procurement2, "sales": sales,
+         "rogue": rogue}[script]()
