@@ -26,6 +26,7 @@ from .connectors.credentials import CredentialInjector
 from .connectors.enrich import Enricher
 from .connectors.stages import Classify, ConnectorAlias, Enrich, InjectCredential, TrackCreator, TunnelTarget
 from .coordination.claims import ClaimAcquire, ClaimCheck, ClaimConflict, ClaimObserver
+from .coordination.handoff import ClaimHandoff, HandoffReporter
 from .coordination.metrics import ClaimMetrics
 from .coordination.idempotency import IdempotencyCheck, IdempotencyReserve
 from .core.chain import Chain, Stage
@@ -67,6 +68,7 @@ class Parts:
     audit: AuditTrail | None = None
     tracing: Tracing | None = None
     claims: ClaimObserver | None = None  # claim metrics (default: ClaimMetrics on `metrics`)
+    notifier: Any = None  # approvals.notify.Notifier: webhooks (handoffs too)
 
 
 @dataclass
@@ -147,6 +149,8 @@ def build_request_path(p: Parts) -> RequestPath:
         IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals)) if p.store else None,  # replay/409/422
         InjectCredential(p.injector) if p.injector else None,      # the connector's credential
         ClaimAcquire(p.store, claim_observer),                     # atomic acquire/renew: the arbiter
+        ClaimHandoff(p.store, p.recorder.write,                    # on the way back: a 2xx handoff
+                     HandoffReporter(p.metrics, p.notifier)),      # moves the claim
         AuditGate(p.audit) if p.audit else None,                   # forwarded only if it can be recorded
         IdempotencyReserve(p.store, cfg.idempotency) if p.store else None,  # key in progress; response kept
         SpendApproval(p.approvals, cfg.approvals) if p.approvals else None,  # an approval releases one request

@@ -148,6 +148,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         aliases=aliases,
         governance=governance,
         approvals=approvals,
+        notifier=notifier,
         injector=injector,
         audit=audit,
         tracing=tracing,

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proctor.approvals.notify")
 
-EVENTS = ("requested", "voted", "escalated", "approved", "denied", "expired", "forwarded")
+# "handoff": a claim handed to another agent or a human group's inbox (proxy/coordination/handoff.py)
+EVENTS = ("requested", "voted", "escalated", "approved", "denied", "expired", "forwarded", "handoff")
 USER_AGENT = "Proctor-Notifier/1"
 _DROP_LOG_INTERVAL = 60.0
 _MAX_VALUE = 300  # longest value (agent, action, resource...) shown in a Slack message
@@ -249,8 +250,9 @@ def _retry_after(value: str | None, cap: float) -> float | None:
 class _Item:
     delivery_id: str
     event: str
-    approval_id: str
+    approval_id: str  # (a handoff: the claim id)
     payload: dict
+    family: str = "approval"  # X-Proctor-Event: proctor.<family>.<event>
 
 
 @dataclass
@@ -334,6 +336,37 @@ class Notifier:
             self._enqueue(items)
         except Exception:  # noqa: BLE001 - notifications must never break a request
             log.exception("approval notification for %r failed", event)
+
+    def notify_handoff(self, claim: dict[str, Any]) -> None:
+        """Queue a handoff (a `claim` event line as a dict, proxy/record/model.py ClaimEvent)
+        for every hook subscribed to `handoff` whose groups (if any) include the human group
+        it went to. Never blocks, never raises."""
+        try:
+            group = claim.get("to_queue")
+            hooks = [h for h in self._hooks if "handoff" in h.config.events
+                     and (h.groups is None or (group is not None and group in h.groups))]
+            if not hooks:
+                return
+            who = claim.get("to") or f"the inbox of {group}"
+            text = (f"Proctor: {claim.get('resource')} ({claim.get('connector')}) handed off by "
+                    f"{claim.get('by')} from {claim.get('holder')} to {who}")
+            generic = {"type": "proctor.claim.handoff", "claim": dict(claim), "console_url": self.console_url}
+            slack = {"text": mrkdwn_escape(text)[:2000]}
+            items = [(h, _Item(uuid.uuid4().hex, "handoff", str(claim.get("claim_id", "")),
+                               slack if h.config.format == "slack" else generic, family="claim"))
+                     for h in hooks]
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    running = asyncio.get_running_loop()
+                except RuntimeError:
+                    running = None
+                if running is not loop:  # another thread: hand over to the notifier's loop
+                    loop.call_soon_threadsafe(self._enqueue, items)
+                    return
+            self._enqueue(items)
+        except Exception:  # noqa: BLE001 - notifications must never break a request
+            log.exception("handoff notification failed")
 
     def _matching(self, event: str, approval: Approval, extra_group: str | None = None) -> list[_Hook]:
         out = []
@@ -478,7 +511,7 @@ class Notifier:
             body = self._body(h, item)
             headers = {
                 "Content-Type": "application/json",
-                "X-Proctor-Event": f"proctor.approval.{item.event}",
+                "X-Proctor-Event": f"proctor.{item.family}.{item.event}",
                 "X-Proctor-Delivery": item.delivery_id,
             }
             if secret is not None:

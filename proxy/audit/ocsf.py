@@ -18,6 +18,7 @@ from .. import __version__
 from ..record.model import (
     EVENT_TYPES,
     ApprovalEvent,
+    ClaimEvent,
     DecisionRecord,
     EventRecord,
     PolicyEvent,
@@ -259,8 +260,26 @@ def trail_event(rec: TrailEvent) -> dict[str, Any]:
     return ev
 
 
+def claim_event(rec: ClaimEvent) -> dict[str, Any]:
+    """A claim transferred, handed off or released (docs/coordination.md): the actor is the
+    operator or the agent whose write handed off; both parties are in the message."""
+    by = rec.by or rec.holder
+    ev = _state_change(rec)
+    ev["actor"] = {"user": {"uid": by or "?", "name": by or "?", "type_id": 1, "type": "User"}}
+    ev["api"] = {"operation": f"proctor.claim.{rec.event}", "request": {"uid": rec.claim_id or ""},
+                 "service": {"name": "proctor.coordination"}}
+    ev["resources"] = _resource(rec.resource) + [{"uid": rec.claim_id or "", "type": "Claim"}]
+    if rec.decision_id:
+        ev["metadata"]["correlation_uid"] = rec.decision_id
+    target = rec.to or (f"human queue {rec.to_queue}" if rec.to_queue else None)
+    ev["message"] = (f"claim {rec.claim_id} on {rec.resource} {rec.event}: {rec.holder}"
+                     + (f" -> {target}" if target else "") + (f" by {by}" if rec.by else ""))
+    return ev
+
+
 _STATE_CHANGE: dict[type, Callable[[Any], dict[str, Any]]] = {
     ApprovalEvent: approval_event, SuspensionEvent: suspension_event, PolicyEvent: policy_event, TrailEvent: trail_event,
+    ClaimEvent: claim_event,
 }
 
 

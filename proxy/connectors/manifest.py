@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..coordination.dedupe import DedupeSpec, check_route_dedupe
+from ..coordination.handoff_spec import HandoffSpec, check_route_handoff
 from .credentials import UpstreamAuth
 
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -287,6 +288,8 @@ class RouteSpec(_Strict):
     opaque_body: bool = False
     # Writes claim the resource (coordination between agents; docs/coordination.md).
     claim: ClaimSpec | None = None
+    # A forwarded 2xx write moves the claim to the agent or human group the request names.
+    handoff: HandoffSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -386,6 +389,9 @@ class RouteSpec(_Strict):
         if self.dedupe is not None:
             check_route_dedupe(self.dedupe, self.method, self.path, set(self.params), set(self.body),
                                self.jsonrpc is not None)
+        if self.handoff is not None:
+            check_route_handoff(self.handoff, self.method, self.path, set(self.params), set(self.body),
+                                self.claim is not None, self.jsonrpc is not None)
         return self
 
 

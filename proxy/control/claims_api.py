@@ -2,9 +2,14 @@
 
     GET  /v1/claims[?connector=NAME]   live claims (operators)
     POST /v1/claims/{id}/release       force-release one claim (operators)
+    POST /v1/claims/{id}/transfer      move one claim to another agent (operators; {"to": AGENT})
+    GET  /v1/claims/inbox              claims handed to human groups (people: their groups' items)
+    POST /v1/claims/{id}/take          a member of the group takes a handed-off item (holder human:ID)
+    POST /v1/claims/{id}/give-back     a human lets go of an inbox item (the resource is free again)
 
 Operators authenticate as for the kill switch (control.admin_group). A release
-is logged with the operator's id; the agent that held the claim learns nothing
+or transfer is logged with the operator's id and recorded (a `claim` event:
+decisions.jsonl and the OCSF audit trail); the agent that held the claim learns nothing
 until its next write, which starts a new tenure (a higher fence) if it is free.
 
 The `proctor_claims_held` gauge is refreshed from the store here, every few
@@ -21,17 +26,19 @@ import logging
 import re
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..coordination.handoff import HUMAN_HOLDER, HUMAN_QUEUE
 from ..coordination.metrics import ClaimMetrics
 from ..record.decisions import iso
+from ..record.model import ClaimEvent
 from ..store import StoreError
 from ..store.claims import Claim
 from .auth import control_auth, foreign_origin, problem
-from .models import InputModel, read_query
+from .models import InputModel, read_body, read_query
 from .models_responses import Timestamp
 
 if TYPE_CHECKING:
@@ -76,6 +83,46 @@ class ClaimOut(BaseModel):
 class ClaimList(BaseModel):
     model_config = ConfigDict(frozen=True)
     claims: list[ClaimOut]
+
+
+class ClaimTransferRequest(InputModel):
+    """Who takes the claim over: an agent id, with the groups it should be listed with."""
+
+    to: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$",
+                    description="The agent that holds the claim after the transfer.")
+    groups: list[str] = Field(default_factory=list, max_length=64, description="The new holder's groups.")
+    reason: str | None = Field(None, max_length=1000)
+
+
+class ClaimTransfer(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    transferred: ClaimOut = Field(description="The claim as it was (now ended).")
+    claim: ClaimOut = Field(description="The new holder's claim: a new id and tenure, the fence bumped.")
+    transferred_by: str
+
+
+class InboxItem(BaseModel):
+    """A resource handed off to a human group (docs/coordination.md, "Handoffs"): waiting in
+    the group's queue (`taken_by` null), or taken by a person."""
+
+    model_config = ConfigDict(frozen=True)
+    claim: ClaimOut
+    group: str
+    taken_by: str | None
+
+
+class Inbox(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    items: list[InboxItem]
+
+
+def inbox_item(c: Claim) -> InboxItem | None:
+    if c.holder.startswith(HUMAN_QUEUE):
+        return InboxItem(claim=ClaimOut.of(c), group=c.holder[len(HUMAN_QUEUE):], taken_by=None)
+    if c.holder.startswith(HUMAN_HOLDER):
+        group = c.holder_groups[0] if c.holder_groups else ""
+        return InboxItem(claim=ClaimOut.of(c), group=group, taken_by=c.holder[len(HUMAN_HOLDER):])
+    return None
 
 
 class ClaimRelease(BaseModel):
@@ -129,10 +176,113 @@ def add_claim_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
             return problem(404, "No such claim", f"no claim {claim_id!r} (released already, or never held)")
         log.info("claim %s on %s (holder %s) released by operator %s", released.id, released.resource,
                  released.holder, who.id)
+        runtime.recorder.write(ClaimEvent.of("released", released, time.time(), by=who.id))
         out = ClaimRelease(released=ClaimOut.of(released), released_by=who.id)
         return web.json_response(out.model_dump(mode="json"))
 
+    async def transfer_claim(request: web.Request) -> web.Response:
+        who = await auth.operator(request)
+        if isinstance(who, web.Response):
+            return who
+        body = await read_body(request, ClaimTransferRequest, hint='{"to": "agent-id"}',
+                               cross_origin="claims are transferred from the console, CLI or API")
+        if isinstance(body, web.Response):
+            return body
+        claim_id = request.match_info["id"]
+        if not _ID_RE.fullmatch(claim_id):
+            return problem(404, "No such claim", "claim ids look like clm_...")
+        now = time.time()
+        try:
+            moved = await runtime.store.transfer_claim(claim_id, to=body.to, groups=list(body.groups), now=now)
+        except StoreError as e:
+            return unavailable(e)
+        if moved is None:
+            return problem(404, "No such claim", f"no live claim {claim_id!r} (released, expired or never held)")
+        old, new = moved
+        if new is not old:
+            log.info("claim %s on %s transferred from %s to %s by operator %s", old.id, old.resource, old.holder,
+                     new.holder, who.id)
+            runtime.recorder.write(ClaimEvent.of("transferred", old, now, to=new.holder, by=who.id,
+                                                 new_claim_id=new.id, fence=new.fence, reason=body.reason))
+        out = ClaimTransfer(transferred=ClaimOut.of(old), claim=ClaimOut.of(new), transferred_by=who.id)
+        return web.json_response(out.model_dump(mode="json"))
+
+    def visible(who: Any, item: InboxItem) -> bool:
+        return auth.admin_group in who.groups or item.group in who.groups
+
+    async def inbox(request: web.Request) -> web.Response:
+        who = await auth.person(request)
+        if isinstance(who, web.Response):
+            return who
+        try:
+            claims = await runtime.store.list_claims(time.time())
+        except StoreError as e:
+            return unavailable(e)
+        items = [i for i in (inbox_item(c) for c in claims) if i is not None and visible(who, i)]
+        return web.json_response(Inbox(items=items).model_dump(mode="json"))
+
+    async def inbox_claim(request: web.Request, who: Any, now: float) -> Claim | web.Response:
+        """The inbox item this person may act on (404 when it is none of theirs)."""
+        claim_id = request.match_info["id"]
+        if not _ID_RE.fullmatch(claim_id):
+            return problem(404, "No such item", "claim ids look like clm_...")
+        # (the inbox is small: a scan of live claims, not another store query)
+        claims = await runtime.store.list_claims(now)
+        found = next((c for c in claims if c.id == claim_id), None)
+        item = inbox_item(found) if found is not None else None
+        if found is None or item is None or not visible(who, item):
+            return problem(404, "No such item", f"no inbox item {claim_id!r} in your groups")
+        return found
+
+    async def take(request: web.Request) -> web.Response:
+        if foreign_origin(request):
+            return problem(403, "Cross-origin request refused", "inbox items are taken from the console, CLI or API")
+        who = await auth.person(request)
+        if isinstance(who, web.Response):
+            return who
+        now = time.time()
+        try:
+            found = await inbox_claim(request, who, now)
+            if isinstance(found, web.Response):
+                return found
+            if not found.holder.startswith(HUMAN_QUEUE):
+                return problem(409, "Already taken", f"{found.holder[len(HUMAN_HOLDER):]} took this item")
+            group = found.holder[len(HUMAN_QUEUE):]
+            moved = await runtime.store.transfer_claim(found.id, to=HUMAN_HOLDER + who.id, groups=[group], now=now)
+        except StoreError as e:
+            return unavailable(e)
+        if moved is None:
+            return problem(404, "No such item", "the item expired or was released meanwhile")
+        old, new = moved
+        runtime.recorder.write(ClaimEvent.of("taken", old, now, to=new.holder, by=who.id, new_claim_id=new.id,
+                                             fence=new.fence))
+        out = ClaimTransfer(transferred=ClaimOut.of(old), claim=ClaimOut.of(new), transferred_by=who.id)
+        return web.json_response(out.model_dump(mode="json"))
+
+    async def give_back(request: web.Request) -> web.Response:
+        if foreign_origin(request):
+            return problem(403, "Cross-origin request refused", "inbox items are released from the console, CLI or API")
+        who = await auth.person(request)
+        if isinstance(who, web.Response):
+            return who
+        now = time.time()
+        try:
+            found = await inbox_claim(request, who, now)
+            if isinstance(found, web.Response):
+                return found
+            released = await runtime.store.release_claim(found.id)
+        except StoreError as e:
+            return unavailable(e)
+        if released is None:
+            return problem(404, "No such item", "the item expired or was released meanwhile")
+        runtime.recorder.write(ClaimEvent.of("released", released, now, by=who.id))
+        return web.json_response(ClaimRelease(released=ClaimOut.of(released), released_by=who.id).model_dump(mode="json"))
+
     app.router.add_get("/v1/claims", list_claims)
+    app.router.add_get("/v1/claims/inbox", inbox)
+    app.router.add_post("/v1/claims/{id}/take", take)
+    app.router.add_post("/v1/claims/{id}/give-back", give_back)
+    app.router.add_post("/v1/claims/{id}/transfer", transfer_claim)
     app.router.add_post("/v1/claims/{id}/release", release_claim)
 
     metrics = _claim_metrics(runtime)

@@ -24,7 +24,15 @@ from pydantic.json_schema import models_json_schema
 from .. import __version__
 from . import models as rq
 from . import models_responses as rs
-from .claims_api import ClaimList, ClaimListQuery, ClaimPath, ClaimRelease
+from .claims_api import (
+    ClaimList,
+    ClaimListQuery,
+    ClaimPath,
+    ClaimRelease,
+    ClaimTransfer,
+    ClaimTransferRequest,
+    Inbox,
+)
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -159,6 +167,22 @@ ROUTES: tuple[Route, ...] = (
           (Reply(200, "Claims, by connector and resource.", ClaimList),), (400, *OPERATOR), query=ClaimListQuery),
     Route("post", "/v1/claims/{id}/release", "releaseClaim", "Force-release a claim", "coordination", "operator",
           (Reply(200, "Released: the resource is free for the next writer (a new tenure).", ClaimRelease),),
+          (401, 403, 404, 503), path_model=ClaimPath,
+          description="Requests with a foreign `Origin` header are refused (CSRF)."),
+    Route("post", "/v1/claims/{id}/transfer", "transferClaim", "Transfer a claim to another agent", "coordination",
+          "operator", (Reply(200, "Transferred: the new holder's tenure (fence bumped); the old holder's writes get "
+                                  "409.", ClaimTransfer),),
+          (400, 401, 403, 404, 415, 503), path_model=ClaimPath, body=ClaimTransferRequest,
+          description="Requests with a foreign `Origin` header are refused (CSRF)."),
+    Route("get", "/v1/claims/inbox", "claimInbox", "Resources handed off to human groups", "coordination",
+          "approver", (Reply(200, "Items in your groups' queues (operators: all), waiting or taken.", Inbox),), AUTH),
+    Route("post", "/v1/claims/{id}/take", "takeClaim", "Take a handed-off item from your group's queue",
+          "coordination", "approver",
+          (Reply(200, "Taken: you hold the claim (holder `human:<you>`, fence bumped).", ClaimTransfer),),
+          (401, 403, 404, 409, 503), path_model=ClaimPath,
+          description="Requests with a foreign `Origin` header are refused (CSRF)."),
+    Route("post", "/v1/claims/{id}/give-back", "giveBackClaim", "Let go of a handed-off item", "coordination",
+          "approver", (Reply(200, "Released: the resource is free for the next writer.", ClaimRelease),),
           (401, 403, 404, 503), path_model=ClaimPath,
           description="Requests with a foreign `Origin` header are refused (CSRF)."),
     # approvals (approvals_api.py)

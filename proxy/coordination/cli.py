@@ -1,4 +1,4 @@
-"""`proctor claims list|release`: claims on resources, through the control API
+"""`proctor claims list|release|transfer`: claims on resources, through the control API
 (operator token: an approver-audience token in the `control.admin_group` group)."""
 
 from __future__ import annotations
@@ -49,3 +49,23 @@ def release_cmd(claim_id: str, **kw) -> None:
     doc = _client(_conn(kw)).call("POST", f"/v1/claims/{urllib.parse.quote(claim_id, safe='')}/release")
     c = doc["released"]
     click.echo(f"released {_safe(c['id'])} on {_safe(c['resource'])} (held by {_safe(c['holder'])})")
+
+
+@claims.command("transfer")
+@click.argument("claim_id", metavar="CLAIM")
+@click.option("--to", "to", required=True, help="The agent that takes the claim over.")
+@click.option("--to-group", "to_groups", multiple=True, help="A group of the new holder (repeatable).")
+@click.option("--reason", default=None, help="Why (recorded with the claim event).")
+@_connection_options
+def transfer_cmd(claim_id: str, to: str, to_groups: tuple[str, ...], reason: str | None, **kw) -> None:
+    """Move one claim to another agent: a new tenure (fence bumped); the old holder's writes get 409."""
+    claim_id, to = claim_id.strip(), to.strip()
+    if not claim_id or not to:
+        _fail("a claim id and --to are required")
+    body: dict = {"to": to, "groups": list(to_groups)}
+    if reason:
+        body["reason"] = reason
+    doc = _client(_conn(kw)).call("POST", f"/v1/claims/{urllib.parse.quote(claim_id, safe='')}/transfer", body)
+    old, new = doc["transferred"], doc["claim"]
+    click.echo(f"transferred {_safe(old['id'])} on {_safe(old['resource'])} from {_safe(old['holder'])} "
+               f"to {_safe(new['holder'])} (claim {_safe(new['id'])}, fence {new['fence']})")

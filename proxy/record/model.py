@@ -7,6 +7,7 @@ Each line of the decision record is one of:
 - `ApprovalEvent` (`"type": "approval"`): an approval state change;
 - `SuspensionEvent` (`"type": "suspension"`): the kill switch, on or off;
 - `PolicyEvent` (`"type": "policy"`): a policy rollback;
+- `ClaimEvent` (`"type": "claim"`): a claim on a resource transferred, handed off or released;
 
 and the audit trail adds its own `TrailEvent` (`"type": "audit"`: a gap, a repair),
 which is never written to decisions.jsonl. `Record` is their union.
@@ -429,6 +430,39 @@ class PolicyEvent(_Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class ClaimEvent(_Event):
+    """A claim on a resource changed hands outside an agent's own write (docs/coordination.md):
+    `transferred` by an operator, `handoff` by a handoff route (to an agent, or to a human
+    queue: `to_queue`), `released` by an operator. Both parties are on the line: `holder`
+    had it, `to` has it now."""
+
+    record_type: ClassVar[str] = "claim"
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"to", "to_queue", "by", "new_claim_id", "fence", "decision_id", "reason"})
+
+    type: Literal["claim"] = "claim"
+    event: str  # transferred | handoff | released
+    time: str
+    claim_id: str
+    connector: str
+    resource: str
+    holder: str  # the agent that held the claim before the event
+    to: str | None = None  # the agent that holds it after a transfer or handoff
+    to_queue: str | None = None  # handoff to people: the human group whose inbox has it now
+    by: str | None = None  # the operator (transferred, released) or the agent whose write handed off
+    new_claim_id: str | None = None
+    fence: int | None = None  # the new tenure's fence
+    decision_id: str | None = None  # handoff: the request that handed off
+    reason: str | None = None
+
+    @classmethod
+    def of(cls, event: str, claim: Any, when: float, **extra: Any) -> ClaimEvent:
+        """From a store `Claim` (proxy/store/claims.py), the one that ended or moved."""
+        return cls(event=event, time=iso(when), claim_id=claim.id, connector=claim.connector,
+                   resource=claim.resource, holder=claim.holder, **extra)
+
+
+@dataclass(slots=True, kw_only=True)
 class TrailEvent(_Event):
     """The audit trail about itself (proxy/audit/filesink.py): events a file could not take
     (`gap`), or a torn last line cut off (`repaired`). Only in the audit trail."""
@@ -450,10 +484,11 @@ class TrailEvent(_Event):
     reason: str | None = None
 
 
-Record = Union[DecisionRecord, ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent]
-EventRecord = Union[ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent]
+Record = Union[DecisionRecord, ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent]
+EventRecord = Union[ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent]
 EVENT_TYPES: dict[str, type[_Event]] = {
     "approval": ApprovalEvent, "suspension": SuspensionEvent, "policy": PolicyEvent, "audit": TrailEvent,
+    "claim": ClaimEvent,
 }
 
 
@@ -483,12 +518,13 @@ RecordLine = Annotated[
         Annotated[SuspensionEvent, Tag("suspension")],
         Annotated[PolicyEvent, Tag("policy")],
         Annotated[TrailEvent, Tag("audit")],
+        Annotated[ClaimEvent, Tag("claim")],
     ],
     Discriminator(
         _line_kind,
         custom_error_type="record_type",
         custom_error_message="not a record: an object with no `type` (a decision) or `type` one of "
-                             "approval, suspension, policy, audit",
+                             "approval, suspension, policy, audit, claim",
     ),
 ]
 RECORD_LINE: TypeAdapter[Record] = TypeAdapter(RecordLine)

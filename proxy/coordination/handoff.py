@@ -1,0 +1,143 @@
+"""Handoffs: a forwarded write on a `handoff:` route moves the resource's claim to the agent
+or human group the request names (docs/coordination.md, "Handoffs"; the declaration is
+proxy/coordination/handoff_spec.py).
+
+`ClaimHandoff` acts on the way back, only once the upstream answered 2xx: a reassignment
+the upstream refused must not move anything. The move is one store transaction
+(`Store.transfer_claim`: the old tenure ends, the new one starts, the fence is bumped),
+so no agent on any replica ever sees the resource free in between.
+
+A handoff to people is a claim held by the pseudo-holder `group:<name>` (HUMAN_QUEUE):
+agents' writes get 409 naming the group, the group's inbox lists it
+(`GET /v1/claims/inbox`), a member takes it (the holder becomes `human:<id>`) or
+releases it. Every handoff is recorded (a `claim` event with both parties: decisions.jsonl
+and the OCSF audit trail), counted, and announced to the webhook hooks subscribed to
+`handoff` (HandoffObserver).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import Counter
+
+from ..core.chain import Stage
+from ..core.exchange import Exchange
+from ..record.model import ClaimEvent
+from ..store.claims import Claim
+from .claims import SAFE_METHODS, STATE, ClaimState
+from .handoff_spec import HandoffSpec
+
+log = logging.getLogger("proctor.coordination")
+
+HUMAN_QUEUE = "group:"  # holder prefix of a claim handed to a human group's inbox
+HUMAN_HOLDER = "human:"  # holder prefix of a claim a person took from an inbox
+
+
+def queue_holder(group: str) -> str:
+    return HUMAN_QUEUE + group
+
+
+def is_queue(holder: str) -> bool:
+    return holder.startswith(HUMAN_QUEUE)
+
+
+def handoff_target(spec: HandoffSpec, params: dict[str, Any], fields: dict[str, Any]) -> tuple[str, bool] | None:
+    """(holder, to people?) named by the request, or None when it names nobody: the agent
+    value first, else the group value (a human group's inbox, or an agent id)."""
+    def value(name: str | None) -> str | None:
+        if name is None:
+            return None
+        v = fields.get(name, params.get(name))
+        return v.strip() if isinstance(v, str) and v.strip() else None
+
+    agent = value(spec.to.agent)
+    if agent is not None:
+        return agent, False
+    group = value(spec.to.group)
+    if group is None:
+        return None
+    if spec.is_human(group):
+        return queue_holder(group), True
+    return group, False
+
+
+class HandoffObserver:
+    """What a handoff reports beyond the record (metrics, webhooks); the default nothing."""
+
+    def handoff(self, connector: str, kind: str, event: ClaimEvent) -> None:
+        return None
+
+
+class HandoffReporter(HandoffObserver):
+    """Counts handoffs (`proctor_claim_handoffs_total{connector,to}`, to: agent | human) and
+    queues the `handoff` webhook (approvals.notify.Notifier; off the request path)."""
+
+    def __init__(self, metrics: Any, notifier: Any = None) -> None:
+        self.handoffs = Counter(
+            "proctor_claim_handoffs",
+            "Claims moved by a handoff route, by connector and target (agent, or human: a group's inbox).",
+            ["connector", "to"],
+            registry=metrics.registry,
+        )
+        self.notifier = notifier
+
+    def handoff(self, connector: str, kind: str, event: ClaimEvent) -> None:
+        self.handoffs.labels(connector, kind).inc()
+        if self.notifier is not None:
+            self.notifier.notify_handoff(event.to_dict())
+
+
+class ClaimHandoff(Stage):
+    """On the way back from a 2xx write on a handoff route: move the claim (see module doc)."""
+
+    name = "claim-handoff"
+
+    def __init__(self, store: Any, record: Callable[[ClaimEvent], None],
+                 observer: HandoffObserver | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.record = record
+        self.observer = observer or HandoffObserver()
+        self.clock = clock
+
+    def on_response(self, ex: Exchange) -> Awaitable[None] | None:
+        # (a plain method: only a 2xx write on a handoff route has anything to await)
+        cls, req, resp = ex.classification, ex.request, ex.response
+        spec: HandoffSpec | None = getattr(cls.spec, "handoff", None) if cls is not None else None
+        if spec is None or cls is None or req is None or resp is None or req.method in SAFE_METHODS:
+            return None
+        status = resp.upstream_status
+        if ex.refusal is not None or not ex.forwardable or status is None or not 200 <= status < 300:
+            return None
+        target = handoff_target(spec, cls.params, cls.fields)
+        state: ClaimState | None = ex.stage_data.get(STATE)
+        if target is None or state is None or ex.identity is None:
+            return None
+        return self._move(ex, spec, state, target[0], target[1])
+
+    async def _move(self, ex: Exchange, spec: HandoffSpec, state: ClaimState, to: str, human: bool) -> None:
+        assert ex.identity is not None
+        agent = ex.identity.agent_id
+        now = self.clock()
+        claims = await self.store.claims_on(state.connector, state.resource, now)
+        # the requester's own claim; or, when policy let it write through another agent's
+        # claim (a supervisor reassigning), that claim: the reassignment moves the work
+        claim: Claim | None = next((c for c in claims if c.holder == agent), None) or state.blocker
+        if claim is None or claim.holder == to:
+            return
+        ttl = float(spec.ttl_seconds or state.spec.ttl_seconds)
+        groups = [to[len(HUMAN_QUEUE):]] if human else []
+        moved = await self.store.transfer_claim(claim.id, to=to, groups=groups, now=now, ttl=ttl)
+        if moved is None:  # released or expired meanwhile: nothing to hand off
+            return
+        old, new = moved
+        event = ClaimEvent.of(
+            "handoff", old, now, to=None if human else new.holder, to_queue=new.holder_groups[0] if human else None,
+            by=agent, new_claim_id=new.id, fence=new.fence, decision_id=ex.decision_id,
+        )
+        log.info("claim %s on %s handed off from %s to %s by %s", old.id, old.resource, old.holder, new.holder, agent)
+        self.record(event)
+        self.observer.handoff(state.connector, "human" if human else "agent", event)
