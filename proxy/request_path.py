@@ -143,12 +143,12 @@ def build_request_path(p: Parts) -> RequestPath:
         ClaimCheck(p.store, groups_of),                            # claim-bearing routes: context.claim
         TrackCreator(p.store),                                     # on the way back: who created what
         Authorize(p.policies, p.shadow, cfg.identity_settings(), cfg.limits),  # Cedar (and shadow)
-        ClaimConflict(claim_observer),                             # a deny by @claim policies -> 409
+        ClaimConflict(claim_observer, record=p.recorder.write),                             # a deny by @claim policies -> 409
         HoldForApproval(p.approvals, p.policies, cfg.approvals,
                         suspended_meanwhile if gov else None) if p.approvals else None,  # deny -> hold
         IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals)) if p.store else None,  # replay/409/422
         InjectCredential(p.injector) if p.injector else None,      # the connector's credential
-        ClaimAcquire(p.store, claim_observer),                     # atomic acquire/renew: the arbiter
+        ClaimAcquire(p.store, claim_observer, record=p.recorder.write),                     # atomic acquire/renew: the arbiter
         ClaimHandoff(p.store, p.recorder.write,                    # on the way back: a 2xx handoff
                      HandoffReporter(p.metrics, p.notifier)),      # moves the claim
         AuditGate(p.audit) if p.audit else None,                   # forwarded only if it can be recorded

@@ -288,7 +288,7 @@ class Proctor:
 
     def decision(self, decision_id: str) -> dict:
         for rec in self.decisions():
-            if rec.get("decision_id") == decision_id:
+            if rec.get("decision_id") == decision_id and "type" not in rec:  # a decision, not an event line
                 return rec
         raise AssertionError(f"decision {decision_id} not recorded")
 

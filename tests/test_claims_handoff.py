@@ -133,6 +133,11 @@ def test_handoff_route_moves_the_claim_to_the_named_agent(hp, svc, idp) -> None:
     refused = write(hp, svc, idp, "agent-a", path)
     assert refused.status_code == 409 and refused.json()["claim"]["holder"] == "agent-b", refused.text
     # recorded with both parties, in decisions.jsonl and the OCSF audit trail
+    events = [(e["event"], e["holder"], e.get("to"), e.get("by"), e.get("fence")) for e in claim_events(hp, t)]
+    assert events == [("acquired", "agent-a", None, None, 1), ("handoff", "agent-a", "agent-b", "agent-a", 2),
+                      ("conflict", "agent-b", None, "agent-a", 2)], events
+    conflict = claim_events(hp, t)[-1]
+    assert conflict["decision_id"] == refused.headers["x-proctor-decision-id"]
     ev = [e for e in claim_events(hp, t) if e["event"] == "handoff"]
     assert len(ev) == 1 and (ev[0]["holder"], ev[0]["to"], ev[0]["by"], ev[0]["fence"]) == (
         "agent-a", "agent-b", "agent-a", 2)
@@ -157,7 +162,7 @@ def test_failed_reassignment_moves_nothing(hp, svc, idp) -> None:
     r = write(hp, svc, idp, "agent-c", path, {"assigned_to": "agent-d"})
     assert r.status_code == 500
     assert [c["holder"] for c in holders(hp, idp, t)] == ["agent-c"]
-    assert claim_events(hp, t) == []
+    assert [e["event"] for e in claim_events(hp, t)] == ["acquired"]
 
 
 def test_handoff_to_a_human_group_goes_to_its_inbox(hp, svc, idp) -> None:
@@ -189,8 +194,9 @@ def test_handoff_to_a_human_group_goes_to_its_inbox(hp, svc, idp) -> None:
     assert control(hp, "POST", f"/v1/claims/{new_id}/give-back", desk).status_code == 200
     assert write(hp, svc, idp, "agent-f", path).status_code == 200
     events = [(e["event"], e.get("to"), e.get("to_queue"), e.get("by")) for e in claim_events(hp, t)]
-    assert events == [("handoff", None, DESK, "agent-e"), ("taken", "human:dana", None, "dana"),
-                      ("released", None, None, "dana")], events
+    assert events == [("acquired", None, None, None), ("handoff", None, DESK, "agent-e"),
+                      ("conflict", None, None, "agent-e"), ("taken", "human:dana", None, "dana"),
+                      ("released", None, None, "dana"), ("acquired", None, None, None)], events
     wait_for(lambda: any(h["claim"].get("to_queue") == DESK for h in hooks(svc, t)), timeout=10,
              what="the human handoff webhook")
     metrics = httpx.get(f"{hp.control_url}/metrics", timeout=5).text
@@ -228,5 +234,6 @@ def test_operator_transfers_a_claim_by_api_and_cli(hp, svc, idp) -> None:
     assert r.exit_code == 1 and "No such claim" in r.output, r.output
     assert [c["holder"] for c in holders(hp, idp, t)] == ["agent-i"]
     events = [(e["event"], e["holder"], e.get("to"), e.get("by")) for e in claim_events(hp, t)]
-    assert events == [("transferred", "agent-g", "agent-h", "olga"), ("transferred", "agent-h", "agent-i", "olga")]
-    assert [e for e in claim_events(hp, t)][0]["reason"] == "shift"
+    assert events == [("acquired", "agent-g", None, None), ("transferred", "agent-g", "agent-h", "olga"),
+                      ("conflict", "agent-h", None, "agent-g"), ("transferred", "agent-h", "agent-i", "olga")]
+    assert claim_events(hp, t)[1]["reason"] == "shift"

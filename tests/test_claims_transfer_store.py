@@ -55,3 +55,14 @@ def test_concurrent_transfers_and_acquires_leave_one_holder(make_store: MakeStor
         assert len(held) == 1 and held[0].holder.startswith("t") and held[0].fence == 2
 
     run(make_store, body)
+
+
+def test_expire_claims_returns_each_expired_claim_once(make_store: MakeStore) -> None:
+    async def body(s: Store) -> None:
+        a = (await acquire(s, "a", 1000.0, ttl=5.0)).claim
+        b = (await acquire(s, "b", 1000.0, ttl=50.0, resource='Incident::"INC2"')).claim
+        first, second = await asyncio.gather(s.expire_claims(1010.0), s.expire_claims(1010.0))
+        assert sorted(c.id for c in first + second) == [a.id]  # one caller gets it
+        assert [c.id for c in await s.list_claims(1010.0)] == [b.id]
+
+    run(make_store, body)

@@ -15,7 +15,8 @@ until its next write, which starts a new tenure (a higher fence) if it is free.
 The `proctor_claims_held` gauge is refreshed from the store here, every few
 seconds while the control API runs: the store is the only exact count across
 replicas, and a scrape must not wait on it. The same loop deletes expired claims
-about once a minute (readers ignore them already; this only keeps the table small).
+about once a minute (readers ignore them already) and records each as an `expired`
+claim event (a claim that a new acquire replaced first shows as that acquire instead).
 """
 
 from __future__ import annotations
@@ -293,7 +294,9 @@ def add_claim_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
             try:
                 now = time.time()
                 if rounds % SWEEP_EVERY == 0:
-                    await runtime.store.sweep_claims(now)
+                    # (each replica deletes what it finds; each expired claim is recorded once)
+                    for gone in await runtime.store.expire_claims(now):
+                        runtime.recorder.write(ClaimEvent.of("expired", gone, now))
                 rounds += 1
                 if metrics is not None:
                     claims = await runtime.store.list_claims(now)

@@ -37,6 +37,7 @@ from ..core.chain import Stage
 from ..core.exchange import Exchange
 from ..core.model import AgentIdentity, Refusal
 from ..policy.stage import CONTEXT_EXTRA, EVALUATION, PolicyEvaluation
+from ..record.model import ClaimEvent
 from ..store.claims import Claim, conflicting
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
@@ -46,6 +47,16 @@ STATE = "claims"  # stage_data key of the ClaimState
 TAKEN = "claim-acquire"  # stage_data key: the claim this request newly took (released if it is not forwarded)
 
 GroupsOf = Callable[[AgentIdentity], list[str]]
+RecordEvent = Callable[[ClaimEvent], None]  # DecisionRecorder.write: decisions.jsonl and the OCSF trail
+
+
+def _no_record(_event: ClaimEvent) -> None:
+    return None
+
+
+def conflict_event(claim: Claim, agent: str, decision_id: str, now: float) -> ClaimEvent:
+    """A write refused (409) by another agent's claim: `holder` kept it, `by` was refused."""
+    return ClaimEvent.of("conflict", claim, now, by=agent, fence=claim.fence, decision_id=decision_id)
 
 
 class ClaimObserver:
@@ -152,9 +163,11 @@ class ClaimConflict(Stage):
     name = "claim-conflict"
     settles_pending = True
 
-    def __init__(self, observer: ClaimObserver | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, observer: ClaimObserver | None = None, clock: Callable[[], float] = time.time,
+                 record: RecordEvent = _no_record) -> None:
         self.observer = observer or ClaimObserver()
         self.clock = clock
+        self.record = record
 
     def on_request(self, ex: Exchange) -> None:
         state: ClaimState | None = ex.stage_data.get(STATE)
@@ -168,7 +181,10 @@ class ClaimConflict(Stage):
         if all(pid in policies and policies[pid].annotations.get(CLAIM_ANNOTATION) == "conflict"
                for pid in pending.reasons):
             self.observer.conflict(state.connector)
-            ex.settle_pending(conflict_refusal(state.blocker, self.clock(), list(pending.reasons)))
+            now = self.clock()
+            if ex.identity is not None:
+                self.record(conflict_event(state.blocker, ex.identity.agent_id, ex.decision_id, now))
+            ex.settle_pending(conflict_refusal(state.blocker, now, list(pending.reasons)))
 
 
 class ClaimAcquire(Stage):
@@ -178,10 +194,11 @@ class ClaimAcquire(Stage):
     name = "claim-acquire"
 
     def __init__(self, store: Any, observer: ClaimObserver | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, record: RecordEvent = _no_record) -> None:
         self.store = store
         self.observer = observer or ClaimObserver()
         self.clock = clock
+        self.record = record
 
     async def on_request(self, ex: Exchange) -> None:
         state: ClaimState | None = ex.stage_data.get(STATE)
@@ -197,12 +214,15 @@ class ClaimAcquire(Stage):
         )
         if not outcome.acquired:
             self.observer.conflict(state.connector)
+            self.record(conflict_event(outcome.claim, ex.identity.agent_id, ex.decision_id, now))
             ex.refuse(conflict_refusal(outcome.claim, now, [], raced=True))
             return
         self.observer.acquired(state.connector, outcome.renewed)
         c = outcome.claim
         if not outcome.renewed:
             ex.stage_data[TAKEN] = c
+            # (a new tenure only: renewals are every write of the holder, and add nothing)
+            self.record(ClaimEvent.of("acquired", c, now, fence=c.fence, decision_id=ex.decision_id))
         ex.plan.response_headers["Proctor-Claim"] = (
             f"{c.id}; mode={c.mode}; fence={c.fence}; expires={_iso(c.expires_at)}"
         )

@@ -431,17 +431,19 @@ class PolicyEvent(_Event):
 
 @dataclass(slots=True, kw_only=True)
 class ClaimEvent(_Event):
-    """A claim on a resource changed hands outside an agent's own write (docs/coordination.md):
-    `transferred` by an operator, `handoff` by a handoff route (to an agent, or to a human
-    queue: `to_queue`), `released` by an operator. Both parties are on the line: `holder`
-    had it, `to` has it now."""
+    """A claim on a resource began, changed hands or ended (docs/coordination.md): `acquired`
+    (a new tenure by an agent's write), `conflict` (a write by `by` refused with 409: `holder`
+    has it), `transferred` by an operator, `handoff` by a handoff route (to an agent, or to a
+    human queue: `to_queue`), `taken` from a queue by a person, `released` (an operator or
+    the person holding it), `expired` (deleted by the sweep). Both parties are on the line:
+    `holder` had it, `to` has it now."""
 
     record_type: ClassVar[str] = "claim"
     _OMIT_NONE: ClassVar[frozenset[str]] = frozenset(
         {"to", "to_queue", "by", "new_claim_id", "fence", "decision_id", "reason"})
 
     type: Literal["claim"] = "claim"
-    event: str  # transferred | handoff | released
+    event: str  # acquired | conflict | transferred | handoff | taken | released | expired
     time: str
     claim_id: str
     connector: str

@@ -273,6 +273,11 @@ class Store(abc.ABC):
         `hand_over`): (old, new), or None if no such live claim."""
 
     @abc.abstractmethod
+    async def expire_claims(self, now: float) -> list[Claim]:
+        """Delete expired claims and return them (each one to exactly one caller, across
+        replicas: the control API records them as `expired` claim events)."""
+
+    @abc.abstractmethod
     async def sweep_claims(self, now: float) -> int:
         """Delete expired claims (readers ignore them already); how many. Fence rows stay,
         so a resource's fence never goes back."""

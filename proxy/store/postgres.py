@@ -767,6 +767,12 @@ class PostgresStore(Store):
                 )
         return old, new
 
+    async def expire_claims(self, now: float) -> list[Claim]:
+        rows = await self._fetch(
+            "expire_claims", f"DELETE FROM proctor_claims WHERE expires_at <= $1 RETURNING {CLAIM_COLUMNS}", float(now)
+        )
+        return [claim_from_row(r) for r in rows]
+
     async def sweep_claims(self, now: float) -> int:
         status = await self._execute("sweep_claims", "DELETE FROM proctor_claims WHERE expires_at <= $1", float(now))
         return self._rowcount(status)

@@ -801,6 +801,12 @@ class SQLiteStore(Store):
             )
         return old, new
 
+    async def expire_claims(self, now: float) -> list[Claim]:
+        async with self._write("expire_claims") as db:
+            async with db.execute(f"DELETE FROM proctor_claims WHERE expires_at <= ? RETURNING {CLAIM_COLUMNS}",
+                                  (float(now),)) as cur:
+                return [claim_from_row(r) for r in await cur.fetchall()]
+
     async def sweep_claims(self, now: float) -> int:
         async with self._write("sweep_claims") as db:
             async with db.execute("DELETE FROM proctor_claims WHERE expires_at <= ?", (float(now),)) as cur:
