@@ -61,3 +61,27 @@ def test_demo_runs_and_explains_each_call(tmp_path):
     assert "agents-never-close-won" in row("sales-bot", "mark the deal Closed Won")
     assert "407" in row("rogue-script", "call the ticketing API without a token")
     assert (tmp_path / ".proctor" / "decisions.jsonl").exists()
+
+
+def test_the_demo_forgets_claims_and_stored_answers_about_the_mock_records(tmp_path):
+    """The mocks start empty on every run: a rerun must not find its first order 'already created'."""
+    import sqlite3
+
+    from proxy.demo import _forget_mock_records
+
+    db_path = tmp_path / "proctor.db"
+    db = sqlite3.connect(db_path)
+    db.execute("CREATE TABLE proctor_claims (id TEXT)")
+    db.execute("CREATE TABLE proctor_idempotency (k TEXT)")
+    db.execute("CREATE TABLE proctor_approvals (id TEXT)")
+    for table in ("proctor_claims", "proctor_idempotency", "proctor_approvals"):
+        db.execute(f"INSERT INTO {table} VALUES ('x')")
+    db.commit()
+    db.close()
+    _forget_mock_records(f"sqlite://{db_path}")
+    db = sqlite3.connect(db_path)
+    counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+              for t in ("proctor_claims", "proctor_idempotency", "proctor_approvals")}
+    assert counts == {"proctor_claims": 0, "proctor_idempotency": 0, "proctor_approvals": 1}
+    _forget_mock_records(f"sqlite://{tmp_path / 'missing.db'}")  # no store yet: nothing to do
+    assert not (tmp_path / "missing.db").exists()

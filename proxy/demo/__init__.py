@@ -139,6 +139,31 @@ def _manager(control: str, token: str, stop: threading.Event) -> None:
         stop.wait(0.3)
 
 
+def _forget_mock_records(store_url: str) -> None:
+    """The mock systems start empty on every run, so claims and stored answers (Idempotency-Key,
+    dedupe windows) about the previous run's records name records that no longer exist: a
+    rerun would find its first purchase order "already created". The demo forgets them (the
+    embedded SQLite store only; approvals, the agent registry and revisions are kept)."""
+    import sqlite3
+    from urllib.parse import unquote, urlsplit
+
+    if not store_url.startswith("sqlite:"):
+        return
+    path = unquote(urlsplit(store_url).path)  # as open_store reads it: sqlite:///abs/path.db -> /abs/path.db
+    if not os.path.isfile(path):
+        return
+
+    db = sqlite3.connect(path, timeout=10)
+    try:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        with db:
+            for table in ("proctor_claims", "proctor_idempotency"):
+                if table in tables:
+                    db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+    finally:
+        db.close()
+
+
 def run_demo(keep_running: bool = False) -> int:
     cfg = default_config()
     busy = [p for p in (cfg.listen.port, cfg.control.listen.port, *MOCK_PORTS) if not port_free(p)]
@@ -146,6 +171,7 @@ def run_demo(keep_running: bool = False) -> int:
         print(f"proctor demo: port(s) {busy} on 127.0.0.1 are in use; stop whatever uses them and retry", file=sys.stderr)
         return 2
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    _forget_mock_records(cfg.store_url)
     logs = cfg.state_dir / "demo-logs"
     logs.mkdir(exist_ok=True)
     decisions = cfg.decisions_path
