@@ -9,6 +9,7 @@ The `handsvc` connector declares a handoff on its incident reassignment route: t
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import httpx
@@ -237,3 +238,52 @@ def test_operator_transfers_a_claim_by_api_and_cli(hp, svc, idp) -> None:
     assert events == [("acquired", "agent-g", None, None), ("transferred", "agent-g", "agent-h", "olga"),
                       ("conflict", "agent-h", None, "agent-g"), ("transferred", "agent-h", "agent-i", "olga")]
     assert claim_events(hp, t)[1]["reason"] == "shift"
+
+
+@pytest.mark.skipif(not os.environ.get("PROCTOR_TEST_POSTGRES_DSN"), reason="PROCTOR_TEST_POSTGRES_DSN not set (CI sets it)")
+def test_handoff_and_transfer_across_two_proxies_on_postgres(tmp_path, idp, pki, upstream, upstream_tls, svc) -> None:
+    """A handoff through one replica is what the other replica enforces (one store, one fence)."""
+    import asyncio
+    import shutil
+
+    import asyncpg
+
+    dsn = os.environ["PROCTOR_TEST_POSTGRES_DSN"]
+    schema = "proctor_handoff_" + uuid.uuid4().hex[:12]
+    sep = "&" if "?" in dsn else "?"
+    env = {"PROCTOR_TEST_HANDOFF_STORE": f"{dsn}{sep}schema={schema}"}
+    policies = tmp_path / "policies"
+    shutil.copytree(DATA / "policies", policies)
+    (policies / "handoff.cedar").write_text(CEDAR)
+    procs: list[Proctor] = []
+    try:
+        for i in range(2):
+            procs.append(start_proctor(tmp_path / f"p{i}", idp, pki, upstream, upstream_tls,
+                                       {"store": {"url_env": "PROCTOR_TEST_HANDOFF_STORE"}}, policies_src=policies,
+                                       extra_connectors=[connector(svc.port)], env=env))
+        one, two = procs
+        t = tid()
+        path = f"/incidents/{t}"
+        assert write(one, svc, idp, "pg-a", path).status_code == 200
+        assert write(one, svc, idp, "pg-a", path, {"assigned_to": "pg-b"}).status_code == 200
+        assert write(two, svc, idp, "pg-a", path).status_code == 409
+        assert write(two, svc, idp, "pg-b", path).status_code == 200
+        cid = holders(two, idp, t)[0]["id"]
+        moved = control(two, "POST", f"/v1/claims/{cid}/transfer", operator(idp), {"to": "pg-c"})
+        assert moved.status_code == 200 and moved.json()["claim"]["fence"] == 3, moved.text
+        assert [c["holder"] for c in holders(one, idp, t)] == ["pg-c"]
+        assert write(one, svc, idp, "pg-b", path).status_code == 409
+        assert [e["event"] for e in claim_events(one, t)] == ["acquired", "handoff", "conflict"]
+        assert [e["event"] for e in claim_events(two, t)] == ["conflict", "transferred"]
+    finally:
+        for p in procs:
+            p.stop()
+
+        async def drop() -> None:
+            conn = await asyncpg.connect(dsn, timeout=10)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())

@@ -46,6 +46,13 @@ CLAIM_ANNOTATION = "claim"  # @claim("conflict") marks the policies that turn a 
 STATE = "claims"  # stage_data key of the ClaimState
 TAKEN = "claim-acquire"  # stage_data key: the claim this request newly took (released if it is not forwarded)
 
+# Holders that are people, not agents (proxy/coordination/handoff.py): a claim handed to a
+# human group's inbox is held by "group:<name>", one a person took by "human:<id>". An agent
+# whose id starts so could pass for them, so its writes on claim-bearing routes are refused.
+HUMAN_QUEUE = "group:"
+HUMAN_HOLDER = "human:"
+RESERVED_HOLDERS = (HUMAN_QUEUE, HUMAN_HOLDER)
+
 GroupsOf = Callable[[AgentIdentity], list[str]]
 RecordEvent = Callable[[ClaimEvent], None]  # DecisionRecorder.write: decisions.jsonl and the OCSF trail
 
@@ -146,11 +153,16 @@ class ClaimCheck(Stage):
         spec = getattr(cls.spec, "claim", None) if cls is not None else None
         if spec is None or cls is None or req is None or identity is None:
             return
+        agent = identity.agent_id
+        write = req.method not in SAFE_METHODS
+        if write and agent.startswith(RESERVED_HOLDERS):
+            ex.refuse(Refusal(403, "Agent id reserved", f"agent ids starting {' or '.join(RESERVED_HOLDERS)} name "
+                              "people holding claims; this agent cannot write on claim-bearing routes",
+                              reasons=[], kind="claim-reserved-holder"))
+            return
         now = self.clock()
         resource = cls.resource_uid
         claims = await self.store.claims_on(cls.connector, resource, now)
-        agent = identity.agent_id
-        write = req.method not in SAFE_METHODS
         blocker = conflicting(claims, agent, spec.mode, now) if write else None
         extra = ex.stage_data.setdefault(CONTEXT_EXTRA, {})
         extra["claim"] = claim_context(claims, agent, spec, write, blocker)

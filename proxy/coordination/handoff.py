@@ -28,13 +28,12 @@ from ..core.chain import Stage
 from ..core.exchange import Exchange
 from ..record.model import ClaimEvent
 from ..store.claims import Claim
-from .claims import SAFE_METHODS, STATE, ClaimState
+from .claims import HUMAN_HOLDER, HUMAN_QUEUE, RESERVED_HOLDERS, SAFE_METHODS, STATE, ClaimState
 from .handoff_spec import HandoffSpec
 
 log = logging.getLogger("proctor.coordination")
 
-HUMAN_QUEUE = "group:"  # holder prefix of a claim handed to a human group's inbox
-HUMAN_HOLDER = "human:"  # holder prefix of a claim a person took from an inbox
+__all__ = ["HUMAN_HOLDER", "HUMAN_QUEUE", "ClaimHandoff", "HandoffObserver", "HandoffReporter"]
 
 
 def queue_holder(group: str) -> str:
@@ -52,7 +51,9 @@ def handoff_target(spec: HandoffSpec, params: dict[str, Any], fields: dict[str, 
         if name is None:
             return None
         v = fields.get(name, params.get(name))
-        return v.strip() if isinstance(v, str) and v.strip() else None
+        v = v.strip() if isinstance(v, str) else None
+        # (a value naming a pseudo-holder would skip the human_groups rule: it names nobody)
+        return v if v and not v.startswith(RESERVED_HOLDERS) else None
 
     agent = value(spec.to.agent)
     if agent is not None:
