@@ -15,11 +15,12 @@ connections (closed loop, no think time):
                    the 2xx response (reserve + complete).
 
 The proxy's CPU per request is utime+stime of the `proctor run` process from
-/proc (as bench/run.py measures it) over the requests answered, so what the load
-generator and the upstream cost is left out. PostgreSQL's own backend CPU is
-*not* in that figure (it is another process); it is reported separately from
-the server's total (`pg_backend` column: the CPU of the PostgreSQL backends
-serving this Proctor, read from /proc when they run on this machine).
+/proc (all its threads, so aiosqlite's worker thread is included; as bench/run.py
+measures it) over the requests answered, so what the load generator and the
+upstream cost is left out. PostgreSQL's own CPU is *not* in that figure (another
+process); it is reported beside it: the CPU of the local PostgreSQL backends
+serving loopback TCP clients over the same phase (every such client's, so it is
+an upper bound on a shared server).
 
 Scenarios and backends are interleaved repeat by repeat (plain, claimed, plain,
 keyed, for SQLite then PostgreSQL, then again), and the report gives medians
@@ -27,6 +28,7 @@ keyed, for SQLite then PostgreSQL, then again), and the report gives medians
 
     .venv/bin/python bench/coordination.py [--requests 3000] [--repeats 3] \\
         [--pg postgresql://postgres@127.0.0.1:5432/test] [--json out.json]
+    .venv/bin/python bench/coordination.py --render out.json   # the markdown table again
 
 PostgreSQL runs in a fresh schema (`?schema=bench_coord_<random>`) dropped at the
 end; `--pg ''` skips it. Nothing here rewrites docs: the numbers are copied into
@@ -201,12 +203,13 @@ async def drive(port: int, make, total: int, connections: int) -> tuple[_Run, fl
 
 
 # ------------------------------------------------------------------ postgres CPU
-def pg_backend_cpu(application_name: str = "proctor") -> float | None:
-    """CPU seconds of the local PostgreSQL backends whose cmdline names our database user session.
+def pg_backend_cpu() -> float | None:
+    """CPU seconds of every local PostgreSQL backend serving a TCP client on 127.0.0.1.
 
-    asyncpg backends show as `postgres: <user> <db> 127.0.0.1(port) ...`; we sum every
-    postgres backend on this machine, which is why the PostgreSQL runs report it
-    only as a delta over the same interval (other clients of the server add noise)."""
+    asyncpg's backends show as `postgres: <user> <db> 127.0.0.1(<port>) ...`. This counts
+    all of them, not only this Proctor's (other clients of the same server add to it), so
+    it is only meaningful as a delta over one phase and reads high on a shared machine;
+    None when no such backend is visible (a remote server)."""
     total, found = 0.0, False
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -312,6 +315,24 @@ def preflight(name: str, port: int, upstream_port: int, token: str) -> None:
     print(f"preflight {name}: claim header on the claimed route, replay of a repeated key: ok", flush=True)
 
 
+LABELS = {"patch-plain": "PATCH, route without `claim:`", "patch-claimed": "PATCH, claimed route (holder renews)",
+          "post-plain": "POST without Idempotency-Key", "post-idem": "POST, distinct Idempotency-Key each"}
+
+
+def render_table(rows: list[dict]) -> str:
+    """The markdown table for docs/performance.md ("## Coordination cost") from `summarize`'s rows."""
+    out = ["| store | request | proxy CPU/request, µs: median (min–max) | added over its baseline, µs: median of per-repeat differences (range) "
+           "| PostgreSQL backends' CPU/request, µs | req/s (4 connections) | p50 ms |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        added = (f"**+{r['added_us_median']:,.0f}** (+{r['added_us_range'][0]:,.0f} … +{r['added_us_range'][1]:,.0f})"
+                 if "added_us_median" in r else "baseline")
+        pg = "–" if r["pg_backend_us_median"] is None else f"{r['pg_backend_us_median']:,.0f}"
+        out.append(f"| {r['backend']} | {LABELS[r['scenario']]} | {r['cpu_us_median']:,.0f} ({r['cpu_us_min']:,.0f}–"
+                   f"{r['cpu_us_max']:,.0f}) | {added} | {pg} | {r['rps_median']:,} | {r['p50_ms_median']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
 def drop_schema(dsn: str, schema: str) -> None:
     import asyncpg
 
@@ -335,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="PostgreSQL DSN ('' to skip PostgreSQL)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep-tmp", action="store_true")
+    ap.add_argument("--render", type=Path, metavar="JSON", help="only print the markdown table of a saved --json run")
     a = ap.parse_args(argv)
+    if a.render:
+        print(render_table(json.loads(a.render.read_text())["summary"]), end="")
+        return 0
 
     base = Path(tempfile.mkdtemp(prefix="proctor-coord-"))
     schema = "bench_coord_" + uuid.uuid4().hex[:10]
@@ -366,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
 
             wait_for(ready, 60, f"proctor ({name}) readiness", proc=p, log=base / f"proctor-{name}.log")
             pids[name] = (p.pid, port)
-        for name, (pid, port) in pids.items():
+        for name, (_pid, port) in pids.items():
             preflight(name, port, up_port, token)
         for name, (pid, port) in pids.items():  # warm-up; also takes the claim, so later writes renew it
             for sc in SCENARIOS:
@@ -382,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"pg={s.pg_us_per_req}  {s.requests / s.seconds:6.0f} req/s  p50={s.p50_ms} ms  "
                           f"statuses={s.statuses}", flush=True)
         rows = summarize(samples)
-        print(json.dumps(rows, indent=1))
+        print(render_table(rows))
         if a.json:
             a.json.write_text(json.dumps({"args": vars(a) | {"json": str(a.json)}, "summary": rows,
                                           "samples": [asdict(s) for s in samples],

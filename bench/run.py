@@ -1035,9 +1035,9 @@ def render_cost(r: Run) -> list[str]:
     return out
 
 
-# Sections other benchmarks append to performance.md (bench/held.py, bench/audit.py):
+# Sections other benchmarks append to performance.md (bench/held.py, bench/audit.py, bench/coordination.py):
 # this run replaces everything before the first of them and keeps them.
-KEPT_SECTIONS = ("## Stage chain: before and after", "## Hardening cost: before and after", "## Audit trail and tracing cost", "## 10,000 requests held for approval")
+KEPT_SECTIONS = ("## Stage chain: before and after", "## Hardening cost: before and after", "## Audit trail and tracing cost", "## 10,000 requests held for approval", "## Coordination cost")
 
 
 def merge_docs(path: Path, rendered: str) -> str:
