@@ -57,6 +57,7 @@ from ..config import RequestLimits, UpstreamConfig
 from ..core.chain import Chain, internal_error_refusal
 from ..core.exchange import Exchange, ResponseSummary
 from ..core.model import AgentRequest
+from ..core.headers import flatten_headers
 from ..core.net import normalise_ip
 from ..core.problem import DECISION_HEADER, PROBLEM_CONTENT_TYPE, refusal_answer
 from ..logredact import redact
@@ -79,29 +80,12 @@ HOP_BY_HOP = frozenset(
 )
 # The client library adds none of these by itself: the upstream gets what was decided.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-_BAD_HEADER_BYTES = (b"\r", b"\n", b"\x00")
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
 # --------------------------------------------------------------------- helpers
 def _headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], str | None, frozenset[str]]:
-    """Lower-cased header names with repeated headers joined by ", ", a problem description
-    if any value carries CR, LF or NUL, and the names that were repeated (as the mitmproxy
-    adapter builds them, so the stages see the same request from both engines)."""
-    out: dict[str, str] = {}
-    repeated: set[str] = set()
-    problem = None
-    for raw_name, raw_value in raw:
-        name = raw_name.decode("latin-1").lower()
-        if problem is None and any(b in raw_value for b in _BAD_HEADER_BYTES):
-            problem = f"the {name} header value contains CR, LF or NUL (folded or smuggled header lines are refused)"
-        value = raw_value.decode("latin-1")
-        if name in out:
-            repeated.add(name)
-            out[name] = f"{out[name]}, {value}"
-        else:
-            out[name] = value
-    return out, problem, frozenset(repeated)
+    return flatten_headers(raw)  # the same head the mitmproxy adapter builds
 
 
 def _addressed(host_header: str | None, default_port: int) -> tuple[str, int]:

@@ -41,6 +41,7 @@ from ..config import RequestLimits
 from ..core.chain import Chain, internal_error_refusal
 from ..core.exchange import Connection, Exchange, Kind, ResponseSummary, refused_exchange
 from ..core.model import AgentIdentity, AgentRequest, Refusal
+from ..core.headers import flatten_headers
 from ..core.net import normalise_ip
 from ..core.problem import DECISION_HEADER, problem_response, refusal_answer
 from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
@@ -66,27 +67,8 @@ class _RefuseConnection(layer.Layer):
         yield commands.CloseConnection(self.context.client)
 
 
-_BAD_HEADER_BYTES = (b"\r", b"\n", b"\x00")
-
-
 def _headers(req: http.Request) -> tuple[dict[str, str], str | None, frozenset[str]]:
-    """Lower-cased header names with repeated headers joined by ", " (one pass over the raw
-    fields), a problem description if any value carries CR, LF or NUL (obs-fold, bare CR),
-    and the names that were repeated."""
-    out: dict[str, str] = {}
-    repeated: set[str] = set()
-    problem = None
-    for raw_name, raw_value in req.headers.fields:
-        name = raw_name.decode("latin-1").lower()
-        if problem is None and any(b in raw_value for b in _BAD_HEADER_BYTES):
-            problem = f"the {name} header value contains CR, LF or NUL (folded or smuggled header lines are refused)"
-        value = raw_value.decode("latin-1")
-        if name in out:
-            repeated.add(name)
-            out[name] = f"{out[name]}, {value}"
-        else:
-            out[name] = value
-    return out, problem, frozenset(repeated)
+    return flatten_headers(req.headers.fields)
 
 
 async def _awaited(aw: Awaitable[None]) -> None:
