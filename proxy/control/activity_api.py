@@ -16,7 +16,9 @@ Pass `next_before_sequence` back as `before_sequence` for the page before
   prefix when it ends with `*` (`erp.*`);
 - `decision`: comma-separated; `allow` / `deny` / `hold` match decisions,
   anything else a state change (`requested`, `approved`, `suspended`, ...);
-- `record`: comma-separated among `decision`, `approval`, `suspension`, `policy`.
+- `record`: comma-separated among `decision`, `approval`, `suspension`, `policy`,
+  `claim` and `duplicate` (a write not forwarded because it repeated earlier work:
+  the console's Duplicates view asks for `record=duplicate`).
 
 The file is read from its end in blocks, never whole: a page costs the bytes
 back to its oldest match (bounded by SCAN_BUDGET per request; when the budget

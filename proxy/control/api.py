@@ -21,6 +21,7 @@ from .activity_api import add_activity_routes
 from .approvals_api import add_approval_routes
 from .auth import problem
 from .claims_api import add_claim_routes
+from .duplicates_api import add_duplicate_routes
 from .governance_api import add_governance_routes
 from .health import health, not_ready_reasons
 from .console_routes import add_console_routes
@@ -101,6 +102,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     if runtime.governance is not None:
         add_governance_routes(app, runtime)
     add_claim_routes(app, runtime)
+    add_duplicate_routes(app, runtime)
     add_activity_routes(app, runtime)
     add_openapi_route(app)
     add_console_routes(app)

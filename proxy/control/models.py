@@ -40,7 +40,7 @@ MAX_OFFSET = 2**53  # far past any real table; keeps the SQL integer in range on
 
 ApprovalState = Literal["pending", "approved", "denied", "expired", "forwarded", "cancelled"]
 SuspensionKind = Literal["agent", "connector", "action"]
-AuditRecordKind = Literal["decision", "approval", "suspension", "policy"]
+AuditRecordKind = Literal["decision", "approval", "suspension", "policy", "claim", "duplicate"]
 # the store's lists stay the source of truth: a new state or kind must be added here too
 assert set(get_args(ApprovalState)) == set(APPROVAL_STATES)
 assert set(get_args(SuspensionKind)) == set(SUSPENSION_KINDS)
@@ -169,7 +169,8 @@ class ActivityQuery(InputModel):
         None, description="Comma-separated: allow, deny, hold, or a state change (requested, approved, suspended...)."
     )
     record: Annotated[list[AuditRecordKind] | None, BeforeValidator(_csv)] = Field(
-        None, description="Comma-separated record kinds."
+        None, description="Comma-separated record kinds (`duplicate`: writes not forwarded because they repeated "
+        "earlier work; `claim`: claims acquired, moved, released or expired)."
     )
 
 

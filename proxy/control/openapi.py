@@ -33,6 +33,7 @@ from .claims_api import (
     ClaimTransferRequest,
     Inbox,
 )
+from .duplicates_api import DuplicateList, DuplicateListQuery
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -185,6 +186,11 @@ ROUTES: tuple[Route, ...] = (
           "approver", (Reply(200, "Released: the resource is free for the next writer.", ClaimRelease),),
           (401, 403, 404, 503), path_model=ClaimPath,
           description="Requests with a foreign `Origin` header are refused (CSRF)."),
+    # duplicate work (duplicates_api.py; docs/coordination.md)
+    Route("get", "/v1/duplicates", "listDuplicates", "Live idempotency keys and dedupe windows", "coordination",
+          "operator", (Reply(200, "Entries, newest first: who holds each, its state and when it ends (never the "
+                                  "keys or the stored responses).", DuplicateList),),
+          (400, *OPERATOR), query=DuplicateListQuery),
     # approvals (approvals_api.py)
     Route("get", "/v1/whoami", "whoami", "The calling approver and their approval groups", "approvals", "approver",
           (Reply(200, "The verified approver.", rs.WhoAmI),), AUTH),
@@ -320,6 +326,8 @@ def build_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
             {"name": "policies", "description": "The active policy set, its history and rollback."},
             {"name": "approvals", "description": "Requests held by @approval policies, decided by people."},
             {"name": "governance", "description": "The activity view, the agent registry and the kill switch."},
+            {"name": "coordination", "description": "Claims on resources, handoffs to people, and duplicate-work "
+             "suppression (idempotency keys, dedupe windows)."},
             {"name": "meta", "description": "This document."},
         ],
         "paths": paths,

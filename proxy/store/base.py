@@ -306,6 +306,14 @@ class Store(abc.ABC):
     async def sweep_idempotency(self, now: float) -> int:
         """Delete entries that expired (expires_at <= now); returns how many."""
 
+    @abc.abstractmethod
+    async def list_idempotency(self, now: float, *, kind: str | None = None, agent: str | None = None,
+                               limit: int = 1000) -> list[IdempotencyEntry]:
+        """The live entries, newest first (at most `limit`), without their stored bodies (`body`
+        is None; `body_stored` still says whether one is kept). `kind`: only `idempotency`
+        (agents' keys) or `dedupe` (route windows) entries; `agent`: only those held by this
+        agent's requests."""
+
     async def __aenter__(self) -> Store:
         await self.open()
         return self

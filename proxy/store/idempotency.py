@@ -24,6 +24,9 @@ IDEMPOTENCY_COLUMNS: tuple[str, ...] = (
     "status", "headers", "body", "body_stored",
 )
 IDEMPOTENCY_SELECT = ", ".join(IDEMPOTENCY_COLUMNS)
+# The same columns without the stored body (NULL in its place): listings never read bodies.
+IDEMPOTENCY_LIST_SELECT = ", ".join("NULL" if c == "body" else c for c in IDEMPOTENCY_COLUMNS)
+SCOPE_PREFIXES = {"idempotency": "idem:", "dedupe": "dedupe:"}  # list_idempotency(kind=...)
 
 
 @dataclass

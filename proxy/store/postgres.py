@@ -47,7 +47,8 @@ from .base import (
     revision_from_row,
     suspension_from_row,
 )
-from .idempotency import IDEMPOTENCY_COLUMNS, IDEMPOTENCY_SELECT, IdempotencyEntry, entry_from_row, entry_params
+from .idempotency import (IDEMPOTENCY_COLUMNS, IDEMPOTENCY_LIST_SELECT, IDEMPOTENCY_SELECT, SCOPE_PREFIXES,
+                          IdempotencyEntry, entry_from_row, entry_params)
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
@@ -655,6 +656,21 @@ class PostgresStore(Store):
     async def sweep_idempotency(self, now: float) -> int:
         done = await self._execute("sweep_idempotency", "DELETE FROM proctor_idempotency WHERE expires_at <= $1", float(now))
         return int(done.rpartition(" ")[2] or 0)
+
+    async def list_idempotency(self, now: float, *, kind: str | None = None, agent: str | None = None,
+                               limit: int = 1000) -> list[IdempotencyEntry]:
+        sql = f"SELECT {IDEMPOTENCY_LIST_SELECT} FROM proctor_idempotency WHERE expires_at > $1"
+        params: list[Any] = [float(now)]
+        if kind is not None:
+            prefix = SCOPE_PREFIXES[kind]
+            sql += f" AND substr(scope, 1, ${len(params) + 1}::int) = ${len(params) + 2}"
+            params += [len(prefix), prefix]
+        if agent is not None:
+            sql += f" AND agent_id = ${len(params) + 1}"
+            params.append(agent)
+        sql += f" ORDER BY created_at DESC, scope, key LIMIT ${len(params) + 1}"
+        rows = await self._fetch("list_idempotency", sql, *params, max(0, int(limit)))
+        return [entry_from_row(r) for r in rows]
 
     # ---- claims on resources ---------------------------------------------
     async def acquire_claim(

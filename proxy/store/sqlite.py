@@ -61,7 +61,8 @@ from .base import (
     revision_from_row,
     suspension_from_row,
 )
-from .idempotency import IDEMPOTENCY_COLUMNS, IDEMPOTENCY_SELECT, IdempotencyEntry, entry_from_row, entry_params
+from .idempotency import (IDEMPOTENCY_COLUMNS, IDEMPOTENCY_LIST_SELECT, IDEMPOTENCY_SELECT, SCOPE_PREFIXES,
+                          IdempotencyEntry, entry_from_row, entry_params)
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
@@ -699,6 +700,21 @@ class SQLiteStore(Store):
         async with self._write("sweep_idempotency") as db:
             cur = await db.execute("DELETE FROM proctor_idempotency WHERE expires_at <= ?", (float(now),))
             return int(cur.rowcount)
+
+    async def list_idempotency(self, now: float, *, kind: str | None = None, agent: str | None = None,
+                               limit: int = 1000) -> list[IdempotencyEntry]:
+        sql = f"SELECT {IDEMPOTENCY_LIST_SELECT} FROM proctor_idempotency WHERE expires_at > ?"
+        params: list[Any] = [float(now)]
+        if kind is not None:
+            prefix = SCOPE_PREFIXES[kind]
+            sql += " AND substr(scope, 1, ?) = ?"
+            params += [len(prefix), prefix]
+        if agent is not None:
+            sql += " AND agent_id = ?"
+            params.append(agent)
+        rows = await self._fetchall("list_idempotency", sql + " ORDER BY created_at DESC, scope, key LIMIT ?",
+                                    [*params, max(0, int(limit))])
+        return [entry_from_row(r) for r in rows]
 
     # ---- claims on resources ---------------------------------------------
     async def acquire_claim(
