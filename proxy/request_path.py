@@ -27,8 +27,8 @@ from .connectors.enrich import Enricher
 from .connectors.stages import Classify, ConnectorAlias, Enrich, InjectCredential, TrackCreator, TunnelTarget
 from .coordination.claims import ClaimAcquire, ClaimCheck, ClaimConflict, ClaimObserver
 from .coordination.handoff import ClaimHandoff, HandoffReporter
-from .coordination.metrics import ClaimMetrics
-from .coordination.idempotency import IdempotencyCheck, IdempotencyReserve
+from .coordination.idempotency import DuplicateObserver, IdempotencyCheck, IdempotencyReserve
+from .coordination.metrics import ClaimMetrics, DuplicateMetrics
 from .core.chain import Chain, Stage
 from .core.context import principal_entity
 from .core.exchange import Exchange
@@ -111,6 +111,7 @@ def build_request_path(p: Parts) -> RequestPath:
 
     principal_mapping = cfg.identity_settings().principal
     claim_observer = p.claims if p.claims is not None else ClaimMetrics(p.metrics)
+    duplicates = DuplicateObserver(p.recorder.write, DuplicateMetrics(p.metrics).count)
 
     def groups_of(identity: AgentIdentity) -> list[str]:
         # the agent's groups as Cedar sees them (principal parents): context.claim.holder_groups
@@ -146,13 +147,14 @@ def build_request_path(p: Parts) -> RequestPath:
         ClaimConflict(claim_observer, record=p.recorder.write),                             # a deny by @claim policies -> 409
         HoldForApproval(p.approvals, p.policies, cfg.approvals,
                         suspended_meanwhile if gov else None) if p.approvals else None,  # deny -> hold
-        IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals)) if p.store else None,  # replay/409/422
+        IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals),
+                         duplicates) if p.store else None,  # replay/409/422
         InjectCredential(p.injector) if p.injector else None,      # the connector's credential
         ClaimAcquire(p.store, claim_observer, record=p.recorder.write),                     # atomic acquire/renew: the arbiter
         ClaimHandoff(p.store, p.recorder.write,                    # on the way back: a 2xx handoff
                      HandoffReporter(p.metrics, p.notifier)),      # moves the claim
         AuditGate(p.audit) if p.audit else None,                   # forwarded only if it can be recorded
-        IdempotencyReserve(p.store, cfg.idempotency) if p.store else None,  # key in progress; response kept
+        IdempotencyReserve(p.store, cfg.idempotency, duplicates) if p.store else None,  # key in progress; response kept
         SpendApproval(p.approvals, cfg.approvals) if p.approvals else None,  # an approval releases one request
         TracePropagation(tracing) if tracing else None,            # the upstream joins the trace
     ), error_refusals=[store_unavailable])

@@ -304,6 +304,64 @@ def test_replay_is_recorded_as_allowed(proctors, work, idp):
     assert rec["decision"] == "allow" and rec["status"] == 201 and rec["upstream_status"] is None
 
 
+def _duplicate_lines(p: Proctor, did: str) -> list[dict]:
+    return [r for r in p.decisions() if r.get("type") == "duplicate" and r["decision_id"] == did]
+
+
+def _ocsf(p: Proctor, did: str) -> list[dict]:
+    path = p.dir / "state" / "audit.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    return [e for e in lines if e.get("api", {}).get("operation", "").startswith("proctor.duplicate.")
+            and e["metadata"].get("correlation_uid") == did]
+
+
+def test_suppressed_duplicates_are_evented_and_counted_by_connector(proctors, work, idp):
+    """Every write not forwarded because it repeated earlier work is a `duplicate` event line
+    (decisions.jsonl) and an OCSF event, next to its decision, and counted by connector."""
+    p = proctors["mitmproxy"]
+    a = agent_for(proctors, work, idp, "forward")
+    b = agent_for(proctors, work, idp, "forward", OTHER)
+    sku, m1, m2, m3, key = mark(), mark(), mark(), mark(), uuid.uuid4().hex
+    first = a.send("POST", "/tenants/9/orders", order(m1, sku))
+    assert first.status_code == 201, first.text
+    dup = b.send("POST", "/tenants/9/orders", order(m2, sku))  # dedupe window, another agent: 409
+    assert dup.status_code == 409
+    replay_first = a.send("POST", "/items", item(m3), key)
+    replay = a.send("POST", "/items", item(m3), key)  # Idempotency-Key: replayed
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    mismatch = a.send("POST", "/items", item(mark()), key)  # the same key, another body: 422
+    assert mismatch.status_code == 422
+
+    did = dup.headers["X-Proctor-Decision-Id"]
+    wait_for(lambda: _duplicate_lines(p, did) and _ocsf(p, did), timeout=10, what="the duplicate's events")
+    line = _duplicate_lines(p, did)[0]
+    assert line["event"] == "refused" and line["mechanism"] == "dedupe" and line["kind"] == "duplicate"
+    assert line["agent"] == OTHER and line["first_agent"] == AGENT and line["connector"] == "worksvc"
+    assert line["first_decision_id"] == first.headers["X-Proctor-Decision-Id"]
+    assert line["first_result"] == first.headers["Location"] and line["action"] == "test.order.create"
+    ev = _ocsf(p, did)[0]
+    assert ev["api"]["operation"] == "proctor.duplicate.refused"
+    assert ev["api"]["service"]["name"] == "proctor.coordination" and ev["actor"]["user"]["uid"] == OTHER
+    assert first.headers["X-Proctor-Decision-Id"] in ev["message"]
+    # its own decision record stays as it was: a deny of kind `duplicate`
+    assert p.decision(did)["refusal"]["kind"] == "duplicate"
+
+    rid = replay.headers["X-Proctor-Decision-Id"]
+    wait_for(lambda: _duplicate_lines(p, rid), timeout=10, what="the replay's event")
+    r = _duplicate_lines(p, rid)[0]
+    assert r["event"] == "replayed" and r["mechanism"] == "idempotency" and "kind" not in r
+    assert r["first_decision_id"] == replay_first.headers["X-Proctor-Decision-Id"] and "first_agent" not in r
+    mid = mismatch.headers["X-Proctor-Decision-Id"]
+    wait_for(lambda: _duplicate_lines(p, mid), timeout=10, what="the mismatch's event")
+    assert _duplicate_lines(p, mid)[0]["event"] == "mismatch"
+
+    metrics = httpx.get(f"{p.control_url}/metrics", timeout=5).text
+    for labels in ('connector="worksvc",mechanism="dedupe",outcome="refused"',
+                   'connector="worksvc",mechanism="idempotency",outcome="replayed"',
+                   'connector="worksvc",mechanism="idempotency",outcome="mismatch"'):
+        assert f"proctor_duplicates_total{{{labels}}}" in metrics, labels
+
+
 # ------------------------------------------------------------------------ two replicas on PostgreSQL
 PG_DSN = os.environ.get("PROCTOR_TEST_POSTGRES_DSN")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..record.model import ApprovalEvent, DecisionRecord, PolicyEvent, Record, SuspensionEvent
+from ..record.model import ApprovalEvent, DecisionRecord, DuplicateEvent, PolicyEvent, Record, SuspensionEvent
 from .ocsf import EventEnvelope, read_event
 
 
@@ -71,6 +71,16 @@ def activity_row(env: EventEnvelope, rec: Record | None) -> dict[str, Any]:
                 "resource": f"{kind}:{target}",
                 "kind": kind,
                 "target": target,
+            })
+        elif isinstance(rec, DuplicateEvent):
+            out.update({
+                "agent": rec.agent,
+                "action": rec.action,
+                "resource": rec.resource,
+                "connector": rec.connector,
+                "decision_id": rec.decision_id,
+                "first_decision_id": rec.first_decision_id,
+                "kind": rec.kind or rec.mechanism,
             })
         elif isinstance(rec, PolicyEvent):
             out.update({

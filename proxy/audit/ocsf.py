@@ -19,6 +19,7 @@ from ..record.model import (
     EVENT_TYPES,
     ApprovalEvent,
     ClaimEvent,
+    DuplicateEvent,
     DecisionRecord,
     EventRecord,
     PolicyEvent,
@@ -277,9 +278,24 @@ def claim_event(rec: ClaimEvent) -> dict[str, Any]:
     return ev
 
 
+def duplicate_event(rec: DuplicateEvent) -> dict[str, Any]:
+    """A write not forwarded because it repeated earlier work: the actor is the agent whose
+    write it was; correlated with its decision, the request it repeated named in the message."""
+    ev = _base(99, _ms(rec.time), 1 if rec.event == "replayed" else 2, rec.event == "replayed")
+    ev["actor"] = {"user": {"uid": rec.agent, "name": rec.agent, "type_id": 99, "type": "AI agent"}}
+    ev["api"] = {"operation": f"proctor.duplicate.{rec.event}", "request": {"uid": rec.decision_id},
+                 "service": {"name": "proctor.coordination"}}
+    ev["resources"] = _resource(rec.resource)
+    ev["metadata"]["correlation_uid"] = rec.decision_id
+    first = rec.first_decision_id + (f" by {rec.first_agent}" if rec.first_agent and rec.first_agent != rec.agent else "")
+    ev["message"] = (f"{rec.agent} {rec.action} {rec.resource} not forwarded ({rec.mechanism}, {rec.event}"
+                     + (f": {rec.kind}" if rec.kind else "") + f"): repeats {first}")
+    return ev
+
+
 _STATE_CHANGE: dict[type, Callable[[Any], dict[str, Any]]] = {
     ApprovalEvent: approval_event, SuspensionEvent: suspension_event, PolicyEvent: policy_event, TrailEvent: trail_event,
-    ClaimEvent: claim_event,
+    ClaimEvent: claim_event, DuplicateEvent: duplicate_event,
 }
 
 

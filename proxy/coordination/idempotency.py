@@ -31,6 +31,7 @@ from ..config import IdempotencyConfig
 from ..core.chain import Stage
 from ..core.exchange import Exchange, LocalReply
 from ..core.model import Refusal
+from ..record.model import DuplicateEvent, iso
 from ..store.idempotency import COMPLETED, IN_PROGRESS, IdempotencyEntry
 from .dedupe import SAFE_METHODS, DedupeSpec, dedupe_key, dedupe_scope
 
@@ -51,6 +52,7 @@ KEPT_HEADERS = ("content-type", "content-language", "location", "content-locatio
 _KEY_CHARS = re.compile(r"[A-Za-z0-9\-_.:~+/=@!#$%&*^|]+")
 
 Fingerprint = Callable[[Exchange], str]
+RecordEvent = Callable[[DuplicateEvent], None]  # DecisionRecorder.write: decisions.jsonl and the OCSF trail
 
 
 @dataclass(frozen=True)
@@ -149,15 +151,52 @@ def answer(ex: Exchange, subject: Subject, entry: IdempotencyEntry, config: Idem
     ex.reply_locally(_replay(entry, subject))
 
 
+class DuplicateObserver:
+    """What is reported when a write is not forwarded because it repeated earlier work:
+    counted by connector (metrics) and recorded as a `duplicate` event (decisions.jsonl and
+    the OCSF trail) next to the request's own decision record."""
+
+    def __init__(self, record: RecordEvent | None = None,
+                 count: Callable[[str, str, str], None] | None = None) -> None:
+        self.record = record
+        self.count = count
+
+    def seen(self, ex: Exchange, subject: Subject, entry: IdempotencyEntry) -> None:
+        refusal = ex.refusal
+        if ex.local_reply is not None:
+            event, kind = "replayed", None
+        elif refusal is not None:
+            kind = refusal.kind
+            event = "mismatch" if kind == "idempotency-mismatch" else "refused"
+        else:
+            return
+        cls = ex.classification
+        connector = cls.connector if cls is not None else ""
+        if self.count is not None:
+            self.count(connector or "-", subject.label, event)
+        if self.record is None:
+            return
+        agent = ex.identity.agent_id if ex.identity is not None else ""
+        self.record(DuplicateEvent(
+            event=event, time=iso(time.time()), mechanism=subject.label, decision_id=ex.decision_id,
+            agent=agent, connector=connector, action=cls.action if cls is not None else "",
+            resource=cls.resource_uid if cls is not None else "", first_decision_id=entry.owner,
+            first_agent=entry.agent_id if subject.dedupe is not None and entry.agent_id else None,
+            first_status=entry.status, first_result=entry.headers.get("location") or None, kind=kind,
+        ))
+
+
 class IdempotencyCheck(Stage):
     """After authorize and the approval hold: answer a retry from what the store knows."""
 
     name = "idempotency"
 
-    def __init__(self, store: Any, config: IdempotencyConfig, fingerprint: Fingerprint) -> None:
+    def __init__(self, store: Any, config: IdempotencyConfig, fingerprint: Fingerprint,
+                 observer: DuplicateObserver | None = None) -> None:
         self.store = store
         self.config = config
         self.fingerprint = fingerprint
+        self.observer = observer or DuplicateObserver()
 
     def _subjects(self, ex: Exchange) -> list[Subject] | Refusal:
         req, identity, cls = ex.request, ex.identity, ex.classification
@@ -195,6 +234,7 @@ class IdempotencyCheck(Stage):
             entry = await self.store.get_idempotency(subject.scope, subject.key, now)
             if entry is not None:
                 answer(ex, subject, entry, self.config)
+                self.observer.seen(ex, subject, entry)
                 return
         ex.stage_data[CHECKED] = found
 
@@ -204,9 +244,10 @@ class IdempotencyReserve(Stage):
 
     name = "idempotency-reserve"
 
-    def __init__(self, store: Any, config: IdempotencyConfig) -> None:
+    def __init__(self, store: Any, config: IdempotencyConfig, observer: DuplicateObserver | None = None) -> None:
         self.store = store
         self.config = config
+        self.observer = observer or DuplicateObserver()
         self._last_sweep = 0.0
         self._sweeping: asyncio.Task[None] | None = None
         self.failures = 0
@@ -229,6 +270,7 @@ class IdempotencyReserve(Stage):
                 for mine in taken:
                     await self.store.release_idempotency(mine.scope, mine.key, ex.decision_id)
                 answer(ex, subject, held, self.config)
+                self.observer.seen(ex, subject, held)
                 return
             taken.append(subject)
         ex.stage_data[RESERVED] = taken

@@ -48,3 +48,20 @@ class ClaimMetrics(ClaimObserver):
         for connector, n in by_connector.items():
             self.held.labels(connector).set(n)
         self._held_connectors |= set(by_connector)
+
+
+class DuplicateMetrics:
+    """Writes not forwarded because they repeated earlier work, by connector."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.duplicates = Counter(
+            "proctor_duplicates",
+            "Writes not forwarded because they repeated earlier work, by connector, mechanism "
+            "(idempotency: the agent's Idempotency-Key; dedupe: the route's window) and outcome "
+            "(replayed: the stored response answered; refused: 409; mismatch: 422 key reused).",
+            ["connector", "mechanism", "outcome"],
+            registry=metrics.registry,
+        )
+
+    def count(self, connector: str, mechanism: str, outcome: str) -> None:
+        self.duplicates.labels(connector, mechanism, outcome).inc()

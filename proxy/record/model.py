@@ -8,6 +8,7 @@ Each line of the decision record is one of:
 - `SuspensionEvent` (`"type": "suspension"`): the kill switch, on or off;
 - `PolicyEvent` (`"type": "policy"`): a policy rollback;
 - `ClaimEvent` (`"type": "claim"`): a claim on a resource transferred, handed off or released;
+- `DuplicateEvent` (`"type": "duplicate"`): a write not forwarded because it repeated earlier work;
 
 and the audit trail adds its own `TrailEvent` (`"type": "audit"`: a gap, a repair),
 which is never written to decisions.jsonl. `Record` is their union.
@@ -465,6 +466,35 @@ class ClaimEvent(_Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class DuplicateEvent(_Event):
+    """A write Proctor did not forward because it repeated earlier work (docs/coordination.md,
+    "Duplicate work"): `replayed` (the first request's stored response was answered),
+    `refused` (409: still in progress, a duplicate inside a dedupe window, or not replayable),
+    `mismatch` (422: an Idempotency-Key reused for a different request). `mechanism` says
+    which check found it: the agent's `idempotency` key or the route's `dedupe` window."""
+
+    record_type: ClassVar[str] = "duplicate"
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"first_agent", "first_status", "first_result", "kind", "reason"})
+
+    type: Literal["duplicate"] = "duplicate"
+    event: str  # replayed | refused | mismatch
+    time: str
+    mechanism: str  # idempotency | dedupe
+    decision_id: str  # the request that was not forwarded
+    agent: str
+    connector: str
+    action: str
+    resource: str
+    first_decision_id: str  # the request it repeated
+    first_agent: str | None = None  # dedupe: the agent whose write came first (may be another agent)
+    first_status: int | None = None  # the first request's upstream status, once it completed
+    first_result: str | None = None  # its Location, when the upstream gave one
+    kind: str | None = None  # the refusal kind (duplicate, idempotency-in-progress, ...), None for a replay
+    reason: str | None = None  # (unused: every event line may carry one)
+
+
+@dataclass(slots=True, kw_only=True)
 class TrailEvent(_Event):
     """The audit trail about itself (proxy/audit/filesink.py): events a file could not take
     (`gap`), or a torn last line cut off (`repaired`). Only in the audit trail."""
@@ -486,11 +516,11 @@ class TrailEvent(_Event):
     reason: str | None = None
 
 
-Record = Union[DecisionRecord, ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent]
-EventRecord = Union[ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent]
+Record = Union[DecisionRecord, ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent, DuplicateEvent]
+EventRecord = Union[ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent, DuplicateEvent]
 EVENT_TYPES: dict[str, type[_Event]] = {
     "approval": ApprovalEvent, "suspension": SuspensionEvent, "policy": PolicyEvent, "audit": TrailEvent,
-    "claim": ClaimEvent,
+    "claim": ClaimEvent, "duplicate": DuplicateEvent,
 }
 
 
@@ -521,12 +551,13 @@ RecordLine = Annotated[
         Annotated[PolicyEvent, Tag("policy")],
         Annotated[TrailEvent, Tag("audit")],
         Annotated[ClaimEvent, Tag("claim")],
+        Annotated[DuplicateEvent, Tag("duplicate")],
     ],
     Discriminator(
         _line_kind,
         custom_error_type="record_type",
         custom_error_message="not a record: an object with no `type` (a decision) or `type` one of "
-                             "approval, suspension, policy, audit, claim",
+                             "approval, suspension, policy, audit, claim, duplicate",
     ),
 ]
 RECORD_LINE: TypeAdapter[Record] = TypeAdapter(RecordLine)
