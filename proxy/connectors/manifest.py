@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..coordination.concurrency_spec import ConcurrencySpec, check_route_concurrency, concurrency_error
 from ..coordination.dedupe import DedupeSpec, check_route_dedupe
 from ..coordination.handoff_spec import HandoffSpec, check_route_handoff
 from .credentials import UpstreamAuth
@@ -290,11 +291,18 @@ class RouteSpec(_Strict):
     claim: ClaimSpec | None = None
     # A forwarded 2xx write moves the claim to the agent or human group the request names.
     handoff: HandoffSpec | None = None
+    # Writes are forwarded with If-Match: the agent's last-seen ETag (docs/coordination.md).
+    concurrency: ConcurrencySpec | None = None
 
     @model_validator(mode="before")
     @classmethod
     def _claim(cls, data: Any) -> Any:
         return _claim_error(data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _concurrency_value(cls, data: Any) -> Any:
+        return concurrency_error(data)
 
     @field_validator("method")
     @classmethod
@@ -392,6 +400,9 @@ class RouteSpec(_Strict):
         if self.handoff is not None:
             check_route_handoff(self.handoff, self.method, self.path, set(self.params), set(self.body),
                                 self.claim is not None, self.jsonrpc is not None)
+        if self.concurrency is not None:
+            check_route_concurrency(self.concurrency, self.method, self.path,
+                                    self.resource.id if self.resource is not None else None, self.jsonrpc is not None)
         return self
 
 
