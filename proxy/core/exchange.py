@@ -56,6 +56,10 @@ class ForwardPlan:
     response_headers: dict[str, str] = field(default_factory=dict)
     # Largest response body a stage needs to read (0: none; the engine may stream it).
     read_response_body: int = 0
+    # Upstream statuses whose answer a response stage may replace (`Exchange.replace_response`):
+    # the engine buffers such an answer whole (within its message limit) and sends nothing of
+    # it before the response phase ran. Empty: the engine may stream any answer.
+    replaceable_statuses: set[int] = field(default_factory=set)
 
     def remove(self, *names: str) -> None:
         for name in names:
@@ -134,6 +138,9 @@ class Exchange:
     pending_refusal: Refusal | None = None
     decided: bool = False  # every request stage passed (with no refusal): the request may be forwarded
     local_reply: LocalReply | None = None  # a stage answered the allowed request itself (not forwarded)
+    # A response stage replaced the upstream's answer by `refusal` (see replace_response):
+    # the engine sends the refusal instead of what the upstream said.
+    replaced: bool = False
     errors: list[str] = field(default_factory=list)
     plan: ForwardPlan = field(default_factory=ForwardPlan)
     response: ResponseSummary | None = None
@@ -175,6 +182,22 @@ class Exchange:
     def forwardable(self) -> bool:
         """Allowed and not answered locally: the engine forwards it."""
         return self.allowed and self.local_reply is None
+
+    def replace_response(self, refusal: Refusal) -> None:
+        """From a response stage: answer the agent with `refusal` instead of the upstream's
+        answer (an upstream 412 on a precondition Proctor added becomes a 409 that says what
+        happened). The request was forwarded; the record keeps the upstream status and shows
+        the refusal and the status the agent got. Only for an upstream status the stage
+        announced in `plan.replaceable_statuses` before forwarding: the engine kept that
+        answer back, so nothing of it has reached the agent."""
+        resp = self.response
+        if (not self.allowed or self.local_reply is not None or resp is None or resp.upstream_status is None
+                or resp.upstream_status not in self.plan.replaceable_statuses or resp.error is not None):
+            raise RuntimeError("only a buffered upstream answer with an announced status can be replaced")
+        self.refuse(refusal)
+        self.replaced = True
+        resp.status = refusal.status
+        resp.body = None
 
     def settle_pending(self, refusal: Refusal | None) -> None:
         """A settling stage's verdict on the pending refusal: another refusal (a hold,

@@ -834,12 +834,21 @@ class AiohttpGateway:
         elif wanted and (length is None or length <= wanted):
             # a stage reads this body: buffer it (bounded; past the bound it is streamed)
             buffered = await self._read_upto(up, wanted)
+        elif ex.allowed and status in ex.plan.replaceable_statuses:
+            # a stage may answer instead of it: buffered whole, nothing sent before the response phase
+            limit = self.limits.engine_max_message_bytes
+            buffered = await self._read_upto(up, limit + 1)
+            if len(buffered) > limit:
+                raise UpstreamError(502, f"the upstream's response is larger than the engine's limit of {limit} "
+                                         "bytes (limits.engine_max_message_bytes)")
         elif length is not None and length <= STREAM_RESPONSES_OVER:
             buffered = await self._read_upto(up, length)
         if buffered is not None and up.content.at_eof():
             body = _decoded(buffered, up.headers.get(hdrs.CONTENT_ENCODING)) if wanted else None
             ex.response = ResponseSummary(status, upstream_status=status, headers=summary_headers, body=body)
             await self._record(ex, progress)
+            if ex.replaced:  # a response stage answers instead of the upstream (an upstream 412 -> 409)
+                return self._refusal_response(ex)
             return _Response(status=status, reason=up.reason, headers=headers, body=buffered)
         # streamed (large, unsized, or over what a stage wanted)
         resp = _StreamResponse(status=status, reason=up.reason, headers=headers)

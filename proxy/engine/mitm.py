@@ -454,6 +454,8 @@ class ProctorAddon:
             resp.headers[DECISION_HEADER] = ex.decision_id
             for name, value in ex.plan.response_headers.items():
                 resp.headers[name] = value
+        if ex is not None and ex.allowed and resp.status_code in ex.plan.replaceable_statuses:
+            return  # a stage may answer instead of it: buffered, nothing sent before the response phase
         cl = resp.headers.get("content-length")
         wanted = ex.plan.read_response_body if ex is not None and ex.allowed else 0
         if wanted and 200 <= resp.status_code < 300:
@@ -482,6 +484,15 @@ class ProctorAddon:
             body=body,
         )
         await self.requests.response(ex)
+        if ex.replaced:  # a response stage answers instead of the upstream (an upstream 412 -> 409)
+            if resp.stream:  # (cannot happen: responseheaders buffers every replaceable status)
+                log.error("decision %s: cannot replace a streamed answer; closing the connection", ex.decision_id)
+                flow.kill()
+                return
+            status, headers, content = refusal_answer(ex)
+            flow.response = http.Response.make(status, content, headers)
+            if not flow.response.reason:
+                flow.response.reason = HTTPStatus(status).phrase
 
     async def error(self, flow: http.HTTPFlow) -> None:
         ex: Exchange | None = flow.metadata.get(EXCHANGE)
