@@ -25,6 +25,7 @@ from typing import Any
 
 from .idempotency import IdempotencyEntry
 from .claims import Claim, ClaimOutcome
+from .etags import SeenETag
 from .models import (
     SUSPENSION_KINDS,
     AgentRecord,
@@ -314,6 +315,23 @@ class Store(abc.ABC):
         (agents' keys) or `dedupe` (route windows) entries; `agent`: only those held by this
         agent's requests."""
 
+    # ---- ETags agents saw (optimistic concurrency; proxy/coordination/concurrency.py) ----
+    @abc.abstractmethod
+    async def remember_etag(self, e: SeenETag) -> None:
+        """Upsert by (connector, resource, agent_id): the latest ETag this agent saw wins."""
+
+    @abc.abstractmethod
+    async def etag_seen(self, connector: str, resource: str, agent_id: str, now: float) -> SeenETag | None:
+        """The ETag this agent last saw for the resource, unless it expired (expires_at <= now)."""
+
+    @abc.abstractmethod
+    async def forget_etag(self, connector: str, resource: str, agent_id: str) -> bool:
+        """Delete it (the agent's view is unknown now); False if there was none."""
+
+    @abc.abstractmethod
+    async def sweep_etags(self, now: float) -> int:
+        """Delete expired rows (readers ignore them already); how many."""
+
     async def __aenter__(self) -> Store:
         await self.open()
         return self
@@ -325,7 +343,7 @@ class Store(abc.ABC):
 # ---------------------------------------------------------------------------
 # Helpers shared by the backends (not part of the public API).
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SUSPENSIONS_VERSION_KEY = "suspensions_version"
 
 # (column, kind) in table order; kind: text | float | json | bool | int

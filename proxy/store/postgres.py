@@ -50,6 +50,7 @@ from .base import (
 from .idempotency import (IDEMPOTENCY_COLUMNS, IDEMPOTENCY_LIST_SELECT, IDEMPOTENCY_SELECT, SCOPE_PREFIXES,
                           IdempotencyEntry, entry_from_row, entry_params)
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
+from .etags import ETAG_COLUMNS, ETAG_SELECT, SeenETag, etag_from_row, etag_params
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -176,6 +177,21 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (scope, key)
         )""",
         "CREATE INDEX proctor_idempotency_expires ON proctor_idempotency (expires_at)",
+    ),
+    4: (
+        # Optimistic concurrency (proxy/coordination/concurrency.py): the last strong ETag
+        # each agent saw for a record; expired rows are ignored and swept.
+        """CREATE TABLE proctor_etags (
+            connector TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            etag TEXT NOT NULL,
+            seen_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            decision_id TEXT NOT NULL,
+            PRIMARY KEY (connector, resource, agent_id)
+        )""",
+        "CREATE INDEX proctor_etags_expires ON proctor_etags (expires_at)",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -791,4 +807,36 @@ class PostgresStore(Store):
 
     async def sweep_claims(self, now: float) -> int:
         status = await self._execute("sweep_claims", "DELETE FROM proctor_claims WHERE expires_at <= $1", float(now))
+        return self._rowcount(status)
+
+    # ---- ETags agents saw (optimistic concurrency) --------------------------
+    async def remember_etag(self, e: SeenETag) -> None:
+        params = etag_params(e)
+        await self._execute(
+            "remember_etag",
+            f"INSERT INTO proctor_etags ({ETAG_SELECT}) "
+            f"VALUES ({', '.join(f'${i + 1}' for i in range(len(ETAG_COLUMNS)))}) "
+            "ON CONFLICT (connector, resource, agent_id) DO UPDATE SET etag = EXCLUDED.etag, "
+            "seen_at = EXCLUDED.seen_at, expires_at = EXCLUDED.expires_at, decision_id = EXCLUDED.decision_id",
+            *params,
+        )
+
+    async def etag_seen(self, connector: str, resource: str, agent_id: str, now: float) -> SeenETag | None:
+        row = await self._fetchrow(
+            "etag_seen",
+            f"SELECT {ETAG_SELECT} FROM proctor_etags WHERE connector = $1 AND resource = $2 AND agent_id = $3 "
+            "AND expires_at > $4",
+            connector, resource, agent_id, float(now),
+        )
+        return None if row is None else etag_from_row(row)
+
+    async def forget_etag(self, connector: str, resource: str, agent_id: str) -> bool:
+        status = await self._execute(
+            "forget_etag", "DELETE FROM proctor_etags WHERE connector = $1 AND resource = $2 AND agent_id = $3",
+            connector, resource, agent_id,
+        )
+        return self._rowcount(status) == 1
+
+    async def sweep_etags(self, now: float) -> int:
+        status = await self._execute("sweep_etags", "DELETE FROM proctor_etags WHERE expires_at <= $1", float(now))
         return self._rowcount(status)

@@ -64,6 +64,7 @@ from .base import (
 from .idempotency import (IDEMPOTENCY_COLUMNS, IDEMPOTENCY_LIST_SELECT, IDEMPOTENCY_SELECT, SCOPE_PREFIXES,
                           IdempotencyEntry, entry_from_row, entry_params)
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
+from .etags import ETAG_COLUMNS, ETAG_SELECT, SeenETag, etag_from_row, etag_params
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 log = logging.getLogger("proctor.store")
@@ -189,6 +190,21 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (scope, key)
         )""",
         "CREATE INDEX proctor_idempotency_expires ON proctor_idempotency (expires_at)",
+    ),
+    4: (
+        # Optimistic concurrency (proxy/coordination/concurrency.py): the last strong ETag
+        # each agent saw for a record; expired rows are ignored and swept.
+        """CREATE TABLE proctor_etags (
+            connector TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            agent_id TEXT NOT NULL,
+            etag TEXT NOT NULL,
+            seen_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            decision_id TEXT NOT NULL,
+            PRIMARY KEY (connector, resource, agent_id)
+        )""",
+        "CREATE INDEX proctor_etags_expires ON proctor_etags (expires_at)",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -826,4 +842,35 @@ class SQLiteStore(Store):
     async def sweep_claims(self, now: float) -> int:
         async with self._write("sweep_claims") as db:
             async with db.execute("DELETE FROM proctor_claims WHERE expires_at <= ?", (float(now),)) as cur:
+                return int(cur.rowcount or 0)
+
+    # ---- ETags agents saw (optimistic concurrency) --------------------------
+    async def remember_etag(self, e: SeenETag) -> None:
+        params = etag_params(e)
+        async with self._write("remember_etag") as db:
+            await db.execute(
+                f"INSERT INTO proctor_etags ({ETAG_SELECT}) VALUES ({', '.join('?' for _ in ETAG_COLUMNS)}) "
+                "ON CONFLICT (connector, resource, agent_id) DO UPDATE SET etag = excluded.etag, "
+                "seen_at = excluded.seen_at, expires_at = excluded.expires_at, decision_id = excluded.decision_id",
+                params,
+            )
+
+    async def etag_seen(self, connector: str, resource: str, agent_id: str, now: float) -> SeenETag | None:
+        row = await self._fetchone(
+            "etag_seen",
+            f"SELECT {ETAG_SELECT} FROM proctor_etags WHERE connector = ? AND resource = ? AND agent_id = ? "
+            "AND expires_at > ?",
+            (connector, resource, agent_id, float(now)),
+        )
+        return None if row is None else etag_from_row(row)
+
+    async def forget_etag(self, connector: str, resource: str, agent_id: str) -> bool:
+        async with self._write("forget_etag") as db:
+            async with db.execute("DELETE FROM proctor_etags WHERE connector = ? AND resource = ? AND agent_id = ?",
+                                  (connector, resource, agent_id)) as cur:
+                return bool(cur.rowcount == 1)
+
+    async def sweep_etags(self, now: float) -> int:
+        async with self._write("sweep_etags") as db:
+            async with db.execute("DELETE FROM proctor_etags WHERE expires_at <= ?", (float(now),)) as cur:
                 return int(cur.rowcount or 0)
