@@ -148,9 +148,14 @@ class Env:
             "finance-bot": issuer.issue("finance-bot", {"groups": ["procurement-approvers"]}),
             "support-bot": issuer.issue("support-bot", {"groups": ["support"], "assignment_group": "service-desk"}),
             "support-bot-2": issuer.issue("support-bot-2", {"groups": ["support"], "assignment_group": "service-desk"}),
+            # a support agent of the network team (its own group's incidents only)
+            "network-bot": issuer.issue("network-bot", {"groups": ["support"], "assignment_group": "network"}),
             "procurement-bot-2": issuer.issue("procurement-bot-2", {"groups": ["procurement"]}),
             "sales-bot": issuer.issue("sales-bot", {"groups": ["sales"]}),
         }
+        # a person of the service desk, for the claims inbox (an approver token)
+        self.desk_token = issuer.issue("sam.desk", {config.approvals.approver_groups_claim: ["service-desk"]},
+                                       audience=config.approvals.approver_audience)
         self.session = requests.Session()
         self.session.trust_env = False
 
@@ -567,6 +572,90 @@ def test_ticketing_claims_are_per_incident(env):
     assert r.status_code == 200, r.text
     assert_refused(env.call("support-bot", "PATCH", env.mocks.url("ticketing", f"{INC}/{second}"),
                             json={"state": "3"}), 409, ["claim-held-by-another-agent"])
+
+
+def claim_events(env: Env, sys_id: str) -> list[dict]:
+    return [r for r in env.p.decisions() if r.get("type") == "claim" and r["resource"] == f'Incident::"{sys_id}"']
+
+
+def inbox(env: Env) -> list[dict]:
+    r = httpx.get(f"http://127.0.0.1:{env.control_port}/v1/claims/inbox",
+                  headers={"Authorization": f"Bearer {env.desk_token}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
+def test_ticketing_reassignment_to_a_colleague_hands_the_claim_over(env):
+    """The bundled ticketing connector: an update naming another agent in assigned_to is a
+    handoff. Once the ticketing system accepts it the claim is that agent's: its update
+    passes, and the agent that handed it over gets 409 naming the new holder."""
+    sys_id = new_incident(env, "service-desk")
+    url = env.mocks.url("ticketing", f"{INC}/{sys_id}")
+    first = env.call("support-bot", "PATCH", url, json={"state": "2"})
+    assert first.status_code == 200, first.text
+    handed = env.call("support-bot", "PATCH", url, json={"assigned_to": "support-bot-2", "work_notes": "Handing over"})
+    assert handed.status_code == 200, handed.text
+    assert env.decision_of(handed)["reasons"] == ["support-update-own-group-incidents"]
+    assert incident(env, sys_id)["assigned_to"] == "support-bot-2"
+    assert incident(env, sys_id)["assignment_group"] == "service-desk"  # the group stays
+    wait_for(lambda: any(e["event"] == "handoff" for e in claim_events(env, sys_id)), timeout=5, what="handoff event")
+    ev = next(e for e in claim_events(env, sys_id) if e["event"] == "handoff")
+    assert (ev["holder"], ev["to"], ev["by"], ev["fence"]) == ("support-bot", "support-bot-2", "support-bot", 2)
+    assert ev["decision_id"] == handed.headers[DECISION_HEADER]
+
+    took = env.call("support-bot-2", "PATCH", url, json={"state": "3", "work_notes": "Picked up"})
+    assert took.status_code == 200, took.text
+    assert "fence=2" in took.headers["Proctor-Claim"]  # the handed-over tenure, renewed
+    assert incident(env, sys_id)["state"] == "3"
+
+    patches = len(env.mocks.forwarded("ticketing", "PATCH"))
+    late = env.call("support-bot", "PATCH", url, json={"work_notes": "Any news?"})
+    body = assert_refused(late, 409, ["claim-held-by-another-agent"])
+    assert body["claim"]["holder"] == "support-bot-2" and "support-bot-2" in body["detail"]
+    assert len(env.mocks.forwarded("ticketing", "PATCH")) == patches
+
+
+def test_ticketing_reassignment_to_the_service_desk_goes_to_its_inbox(env):
+    """Naming a group and no agent gives the incident to that group's people: every agent's
+    write gets 409 naming the group, and the service desk sees the item in its inbox."""
+    sys_id = new_incident(env, "service-desk")
+    url = env.mocks.url("ticketing", f"{INC}/{sys_id}")
+    assert env.call("support-bot", "PATCH", url, json={"state": "2"}).status_code == 200
+    r = env.call("support-bot", "PATCH", url,
+                 json={"assignment_group": "service-desk", "assigned_to": "", "work_notes": "Needs a person"})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: any(e["event"] == "handoff" for e in claim_events(env, sys_id)), timeout=5, what="handoff event")
+    ev = next(e for e in claim_events(env, sys_id) if e["event"] == "handoff")
+    assert (ev["holder"], ev.get("to"), ev["to_queue"], ev["by"]) == ("support-bot", None, "service-desk", "support-bot")
+    items = [i for i in inbox(env) if i["claim"]["resource"] == f'Incident::"{sys_id}"']
+    assert [(i["group"], i["taken_by"], i["claim"]["holder"]) for i in items] == [
+        ("service-desk", None, "group:service-desk")]
+    for agent in ("support-bot", "support-bot-2"):
+        body = assert_refused(env.call(agent, "PATCH", url, json={"state": "3"}), 409, ["claim-held-by-another-agent"])
+        assert body["claim"]["holder"] == "group:service-desk"
+
+
+def test_ticketing_another_team_returns_its_incident_to_the_service_desk_but_pushes_it_nowhere_else(env):
+    """no-reassigning-incidents-away, narrowed: an agent may hand its own incident to the
+    human service desk (another group), still not to a third team."""
+    sys_id = new_incident(env, "network")
+    url = env.mocks.url("ticketing", f"{INC}/{sys_id}")
+    assert env.call("network-bot", "PATCH", url, json={"state": "2"}).status_code == 200
+    away = env.call("network-bot", "PATCH", url, json={"assignment_group": "database"})
+    assert_refused(away, 403, ["no-reassigning-incidents-away"])
+    assert incident(env, sys_id)["assignment_group"] == "network"
+    # a refused reassignment moves nothing: the claim is still the network agent's
+    assert not any(e["event"] == "handoff" for e in claim_events(env, sys_id))
+    assert_refused(env.call("support-bot", "PATCH", url, json={"state": "3"}), 409, ["claim-held-by-another-agent"])
+
+    back = env.call("network-bot", "PATCH", url, json={"assignment_group": "service-desk", "work_notes": "Not ours"})
+    assert back.status_code == 200, back.text
+    assert incident(env, sys_id)["assignment_group"] == "service-desk"
+    wait_for(lambda: any(i["claim"]["resource"] == f'Incident::"{sys_id}"' for i in inbox(env)), timeout=5,
+             what="the service desk's inbox item")
+    body = assert_refused(env.call("network-bot", "PATCH", url, json={"state": "3"}), 409,
+                          ["claim-held-by-another-agent"])
+    assert body["claim"]["holder"] == "group:service-desk"
 
 
 def erp_orders_with(env: Env, material: str) -> list[str]:
