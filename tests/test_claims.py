@@ -33,7 +33,7 @@ SHORT_TTL = 3
 CLAIMS_CEDAR = """
 @id("claimsvc-anyone")
 permit (principal, action in [Action::"claimsvc.ticket.read", Action::"claimsvc.ticket.update",
-                              Action::"claimsvc.short.update"], resource);
+                              Action::"claimsvc.short.update", Action::"claimsvc.job.update"], resource);
 
 @id("claim-held-by-another-agent")
 @claim("conflict")
@@ -60,6 +60,10 @@ def claim_connector(port: int) -> dict:
             {"method": "PATCH", "path": "/short/{id}", "action": "claimsvc.short.update",
              "resource": {"type": "ShortTicket", "id": "{id}"},
              "claim": {"mode": "exclusive", "ttl_seconds": SHORT_TTL}},
+            # claims taken only through the API (a dispatcher assigns jobs); writes only check
+            {"method": "PATCH", "path": "/jobs/{id}", "action": "claimsvc.job.update",
+             "resource": {"type": "Job", "id": "{id}"},
+             "claim": {"mode": "exclusive", "ttl_seconds": 120, "acquire": "api"}},
         ],
     }
 
@@ -260,6 +264,88 @@ def test_operator_lists_and_releases_a_claim(cp, svc, idp) -> None:
              httpx.get(f"{cp.control_url}/metrics", timeout=5).text, timeout=12, what="claims gauge")
 
 
+def post(p: Proctor, path: str, token: str, body: dict | None = None, **headers: str) -> httpx.Response:
+    return httpx.post(f"{p.control_url}{path}", json=body, timeout=10,
+                      headers={"Authorization": f"Bearer {token}", **headers})
+
+
+def test_acquire_api_route_claims_come_from_the_api(cp, svc, idp) -> None:
+    """`acquire: api`: writes never take the claim; an agent takes it for itself through
+    POST /v1/claims (or an operator for any agent); others' writes then get 409."""
+    j = tid("J")
+    path = f"/jobs/{j}"
+    job = {"type": "Job", "id": j}
+    # a write on an unclaimed acquire:api route passes but takes nothing
+    first = call(cp, svc, idp, "alice", "PATCH", path)
+    assert first.status_code == 200 and "proctor-claim" not in first.headers
+    assert call(cp, svc, idp, "bob", "PATCH", path).status_code == 200
+    # the agent claims it with its own token (groups from the token), 201 then a renewal 200
+    alice = idp.token("alice", groups=["writers"], ttl=600)
+    took = post(cp, "/v1/claims", alice, {"connector": "claimsvc", "resource": job})
+    assert took.status_code == 201, took.text
+    claim = took.json()["claim"]
+    assert claim["holder"] == "alice" and claim["holder_groups"] == ["writers"] and claim["mode"] == "exclusive"
+    assert claim["resource"] == f'Job::"{j}"' and took.json()["acquired_by"] == "alice"
+    again = post(cp, "/v1/claims", alice, {"connector": "claimsvc", "resource": job})
+    assert again.status_code == 200 and again.json()["renewed"] and again.json()["claim"]["id"] == claim["id"]
+    # now bob's write is refused, alice's passes (and does not need to renew through the route)
+    refused = call(cp, svc, idp, "bob", "PATCH", path)
+    assert refused.status_code == 409 and refused.json()["claim"]["holder"] == "alice"
+    assert call(cp, svc, idp, "alice", "PATCH", path).status_code == 200
+    # bob cannot take it through the API either: 409 naming the holder, with Retry-After
+    bob = idp.token("bob", groups=["writers"], ttl=600)
+    lost = post(cp, "/v1/claims", bob, {"connector": "claimsvc", "resource": job})
+    assert lost.status_code == 409 and lost.json()["claim"]["holder"] == "alice" and int(lost.headers["Retry-After"]) > 0
+    # ...nor release it (another agent's claim looks absent), but alice can
+    assert post(cp, f"/v1/claims/{claim['id']}/release", bob).status_code == 404
+    let_go = post(cp, f"/v1/claims/{claim['id']}/release", alice)
+    assert let_go.status_code == 200 and let_go.json()["released_by"] == "alice"
+    assert call(cp, svc, idp, "bob", "PATCH", path).status_code == 200
+    # an operator assigns it to bob; alice is then refused
+    op = operator(idp)
+    assigned = post(cp, "/v1/claims", op, {"connector": "claimsvc", "resource": job, "holder": "bob",
+                                           "groups": ["writers"], "reason": "dispatcher"})
+    assert assigned.status_code == 201 and assigned.json()["claim"]["holder"] == "bob"
+    assert assigned.json()["acquired_by"] == "olga"
+    assert call(cp, svc, idp, "alice", "PATCH", path).status_code == 409
+    events = [r for r in cp.decisions() if r.get("type") == "claim" and r["resource"] == f'Job::"{j}"']
+    assert [e["event"] for e in events if e["event"] in ("acquired", "released")][:3] == \
+        ["acquired", "released", "acquired"]
+
+
+def test_acquire_api_refuses_bad_input_and_overreach(cp, idp) -> None:
+    alice = idp.token("alice", groups=["writers"], ttl=600)
+    op = operator(idp)
+    job = {"type": "Job", "id": tid("J")}
+    # an agent claims for itself only, and not for longer than the route allows
+    assert post(cp, "/v1/claims", alice, {"connector": "claimsvc", "resource": job, "holder": "bob"}).status_code == 403
+    assert post(cp, "/v1/claims", alice, {"connector": "claimsvc", "resource": job,
+                                          "ttl_seconds": 121}).status_code == 400
+    # nothing claimable there: unknown connector, or a resource type no route claims
+    for body in ({"connector": "nope", "resource": job},
+                 {"connector": "claimsvc", "resource": {"type": "Order", "id": "x"}}):
+        r = post(cp, "/v1/claims", op, {**body, "holder": "bob"})
+        assert r.status_code == 422 and "declares no claim-bearing route" in r.json()["detail"]
+    # operators name a holder, never a person's pseudo-holder
+    assert post(cp, "/v1/claims", op, {"connector": "claimsvc", "resource": job}).status_code == 400
+    for holder in ("group:service-desk", "human:olga"):
+        assert post(cp, "/v1/claims", op, {"connector": "claimsvc", "resource": job,
+                                           "holder": holder}).status_code == 400
+    # malformed input, control characters, a foreign Origin, no token, a bad token
+    assert post(cp, "/v1/claims", op, {"connector": "claimsvc", "resource": {"type": "1x", "id": "a"},
+                                       "holder": "bob"}).status_code == 400
+    assert post(cp, "/v1/claims", op, {"connector": "claimsvc", "resource": {"type": "Job", "id": "a\nb"},
+                                       "holder": "bob"}).status_code == 400
+    assert post(cp, "/v1/claims", op, {"connector": "claimsvc", "resource": job, "holder": "bob"},
+                Origin="http://evil.example").status_code == 403
+    assert httpx.post(f"{cp.control_url}/v1/claims", json={}, timeout=10).status_code == 401
+    assert post(cp, "/v1/claims", "not-a-token", {"connector": "claimsvc", "resource": job}).status_code == 401
+    # approvers who are not operators cannot assign claims
+    approver = idp.token("pat", aud="proctor-approvers", approval_groups=["finance"], ttl=600)
+    assert post(cp, "/v1/claims", approver, {"connector": "claimsvc", "resource": job,
+                                             "holder": "bob"}).status_code == 403
+
+
 @pytest.mark.skipif(not PG_DSN, reason="PROCTOR_TEST_POSTGRES_DSN not set (CI sets it)")
 def test_two_proxies_on_postgres_race_for_one_claim(tmp_path, idp, pki, upstream, upstream_tls, svc,
                                                    claim_policies) -> None:
@@ -327,3 +413,19 @@ def test_cli_lists_and_releases(cp, svc, idp) -> None:
     assert r.exit_code == 0 and f"released {held[0]['id']}" in r.output and "cli-bot" in r.output, r.output
     r = runner.invoke(claims_cli, ["release", held[0]["id"], *admin], catch_exceptions=False)
     assert r.exit_code == 1 and "No such claim" in r.output, r.output
+
+
+def test_cli_takes_a_claim_for_an_agent(cp, svc, idp) -> None:
+    from click.testing import CliRunner
+
+    from proxy.coordination.cli import claims as claims_cli
+
+    j = tid("CLIJ")
+    runner = CliRunner(env={"PROCTOR_TOKEN": None, "PROCTOR_CONTROL_URL": None, "HTTP_PROXY": None, "http_proxy": None})
+    admin = ["--as", "olga", "--group", ADMINS, "-c", str(cp.config_path)]
+    take = ["take", "--connector", "claimsvc", "--type", "Job", "--id", j, "--holder-group", "writers", *admin]
+    r = runner.invoke(claims_cli, [*take, "--holder", "carol", "--reason", "assigned"], catch_exceptions=False)
+    assert r.exit_code == 0 and 'claimed clm_' in r.output and f'Job::"{j}"' in r.output and "carol" in r.output, r.output
+    assert call(cp, svc, idp, "dave", "PATCH", f"/jobs/{j}").status_code == 409
+    r = runner.invoke(claims_cli, [*take, "--holder", "dave"], catch_exceptions=False)
+    assert r.exit_code == 1 and "carol" in r.output, r.output

@@ -25,6 +25,8 @@ from .. import __version__
 from . import models as rq
 from . import models_responses as rs
 from .claims_api import (
+    ClaimAcquired,
+    ClaimAcquireRequest,
     ClaimList,
     ClaimListQuery,
     ClaimPath,
@@ -45,6 +47,7 @@ SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "approver": [{"approverBearer": []}],
     "operator": [{"operatorBearer": []}],
     "agent-or-approver": [{"agentBearer": []}, {"approverBearer": []}],
+    "agent-or-operator": [{"agentBearer": []}, {"operatorBearer": []}],
 }
 
 # The error answers routes share (problem+json), by status.
@@ -55,10 +58,11 @@ ERRORS: dict[int, tuple[str, str]] = {
     403: ("Forbidden", "Refused: a cross-site Origin; for approvals, the approver's own request or not in an "
           "approving group; for operator routes, not in the operators' group."),
     404: ("NotFound", "No such approval, agent, suspension or revision (for this caller)."),
-    409: ("Conflict", "No longer possible: the approval is decided or expired, this approver already voted, or a "
-          "rollback could not take effect."),
+    409: ("Conflict", "No longer possible: the approval is decided or expired, this approver already voted, a "
+          "rollback could not take effect, or another agent holds the claim."),
     413: ("PayloadTooLarge", "The body is over 64 KiB (text/plain, from the HTTP server)."),
     415: ("UnsupportedMediaType", "The body must be application/json."),
+    422: ("Unprocessable", "Well-formed but not possible here (e.g. no claim is declared on that resource type)."),
     503: ("Unavailable", "The state store or the identity provider cannot be reached; try again."),
 }
 
@@ -166,10 +170,22 @@ ROUTES: tuple[Route, ...] = (
     # claims on resources (claims_api.py; docs/coordination.md)
     Route("get", "/v1/claims", "listClaims", "Live claims agents hold on resources", "coordination", "operator",
           (Reply(200, "Claims, by connector and resource.", ClaimList),), (400, *OPERATOR), query=ClaimListQuery),
-    Route("post", "/v1/claims/{id}/release", "releaseClaim", "Force-release a claim", "coordination", "operator",
+    Route("post", "/v1/claims", "acquireClaim", "Take or renew a claim on a resource", "coordination",
+          "agent-or-operator",
+          (Reply(201, "Taken: a new tenure (new id, fence bumped).", ClaimAcquired),
+           Reply(200, "Renewed: the holder already held it; only the expiry moved.", ClaimAcquired)),
+          (400, 401, 403, 409, 415, 422, 503), body=ClaimAcquireRequest,
+          description="For routes declared `claim: {acquire: api}` (any claim-bearing route's resource type "
+          "works). An agent token takes the claim for its own agent, for at most the route's `ttl_seconds`; an "
+          "operator token names the `holder`. 409 (with `Retry-After` and `claim`) when another agent holds it; "
+          "422 when the connector declares no claim on that resource type. Requests with a foreign `Origin` "
+          "header are refused (CSRF)."),
+    Route("post", "/v1/claims/{id}/release", "releaseClaim", "Release a claim", "coordination",
+          "agent-or-operator",
           (Reply(200, "Released: the resource is free for the next writer (a new tenure).", ClaimRelease),),
           (401, 403, 404, 503), path_model=ClaimPath,
-          description="Requests with a foreign `Origin` header are refused (CSRF)."),
+          description="An operator force-releases any claim; an agent token releases that agent's own claims "
+          "only. Requests with a foreign `Origin` header are refused (CSRF)."),
     Route("post", "/v1/claims/{id}/transfer", "transferClaim", "Transfer a claim to another agent", "coordination",
           "operator", (Reply(200, "Transferred: the new holder's tenure (fence bumped); the old holder's writes get "
                                   "409.", ClaimTransfer),),

@@ -1,4 +1,4 @@
-"""`proctor claims list|release|transfer`: claims on resources, through the control API
+"""`proctor claims list|take|release|transfer`: claims on resources, through the control API
 (operator token: an approver-audience token in the `control.admin_group` group)."""
 
 from __future__ import annotations
@@ -69,3 +69,30 @@ def transfer_cmd(claim_id: str, to: str, to_groups: tuple[str, ...], reason: str
     old, new = doc["transferred"], doc["claim"]
     click.echo(f"transferred {_safe(old['id'])} on {_safe(old['resource'])} from {_safe(old['holder'])} "
                f"to {_safe(new['holder'])} (claim {_safe(new['id'])}, fence {new['fence']})")
+
+
+@claims.command("take")
+@click.option("--connector", required=True, help="The connector whose route declares the claim.")
+@click.option("--type", "rtype", required=True, help="The resource's Cedar type, e.g. Incident.")
+@click.option("--id", "rid", required=True, help="The resource id, e.g. the incident's sys_id.")
+@click.option("--holder", required=True, help="The agent that holds the claim.")
+@click.option("--holder-group", "holder_groups", multiple=True, help="A group of the holder (repeatable).")
+@click.option("--mode", type=click.Choice(["exclusive", "shared"]), default=None, help="Default: the route's.")
+@click.option("--ttl", "ttl", type=click.IntRange(1, 7 * 24 * 3600), default=None,
+              help="Seconds; default: the route's ttl_seconds.")
+@click.option("--reason", default=None, help="Why (recorded with the claim event).")
+@_connection_options
+def take_cmd(connector: str, rtype: str, rid: str, holder: str, holder_groups: tuple[str, ...], mode: str | None,
+             ttl: int | None, reason: str | None, **kw) -> None:
+    """Claim a resource for an agent (routes declared `acquire: api`: a dispatcher assigns work).
+
+    Exit status 1 with the holder named when another agent holds it."""
+    body: dict = {"connector": connector, "resource": {"type": rtype, "id": rid}, "holder": holder,
+                  "groups": list(holder_groups)}
+    for key, value in (("mode", mode), ("ttl_seconds", ttl), ("reason", reason)):
+        if value is not None:
+            body[key] = value
+    doc = _client(_conn(kw)).call("POST", "/v1/claims", body)
+    c = doc["claim"]
+    click.echo(f"{'renewed' if doc['renewed'] else 'claimed'} {_safe(c['id'])} on {_safe(c['resource'])} "
+               f"for {_safe(c['holder'])} until {c['expires_at']} (fence {c['fence']})")
