@@ -314,6 +314,15 @@ class IdempotencyConfig(Strict):
     sweep_interval_seconds: float = Field(60.0, gt=0)  # how often a replica deletes expired keys
 
 
+class ConcurrencyConfig(Strict):
+    """Optimistic concurrency on `if_match` routes (docs/coordination.md)."""
+
+    # An ETag an agent saw is used for If-Match this long after the answer that carried it;
+    # later, its next write goes without one (as if it had never read the record).
+    etag_ttl_seconds: float = Field(3600.0, gt=0, le=7 * 24 * 3600)
+    sweep_interval_seconds: float = Field(60.0, gt=0)  # how often a replica deletes expired ETags
+
+
 DEFAULT_REDACT_KEYS = [
     "password", "passwd", "secret", "client_secret", "token", "access_token", "refresh_token", "api_key", "apikey",
     "authorization", "cookie", "set-cookie", "ssn", "card_number", "cardnumber", "cvv", "iban",
@@ -412,6 +421,7 @@ class ProctorConfig(Strict):
     store: StoreConfig = Field(default_factory=StoreConfig)
     approvals: ApprovalsConfig = Field(default_factory=ApprovalsConfig)
     idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
+    concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)
     agents: list[AgentRegistration] = Field(default_factory=list)
     audit: AuditConfig = Field(default_factory=AuditConfig)
 

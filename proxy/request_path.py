@@ -26,6 +26,7 @@ from .connectors.credentials import CredentialInjector
 from .connectors.enrich import Enricher
 from .connectors.stages import Classify, ConnectorAlias, Enrich, InjectCredential, TrackCreator, TunnelTarget
 from .coordination.claims import ClaimAcquire, ClaimCheck, ClaimConflict, ClaimObserver
+from .coordination.concurrency import ConcurrencyMetrics, IfMatch, if_match_paths
 from .coordination.handoff import ClaimHandoff, HandoffReporter
 from .coordination.idempotency import DuplicateObserver, IdempotencyCheck, IdempotencyReserve
 from .coordination.metrics import ClaimMetrics, DuplicateMetrics
@@ -112,6 +113,7 @@ def build_request_path(p: Parts) -> RequestPath:
     principal_mapping = cfg.identity_settings().principal
     claim_observer = p.claims if p.claims is not None else ClaimMetrics(p.metrics)
     duplicates = DuplicateObserver(p.recorder.write, DuplicateMetrics(p.metrics).count)
+    etag_paths = if_match_paths(p.classifier.connectors)  # routes whose answers' ETags matter
 
     def groups_of(identity: AgentIdentity) -> list[str]:
         # the agent's groups as Cedar sees them (principal parents): context.claim.holder_groups
@@ -149,6 +151,8 @@ def build_request_path(p: Parts) -> RequestPath:
                         suspended_meanwhile if gov else None) if p.approvals else None,  # deny -> hold
         IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals),
                          duplicates) if p.store else None,  # replay/409/422
+        IfMatch(p.store, cfg.concurrency, etag_paths,              # if_match writes: If-Match (last-seen ETag);
+                ConcurrencyMetrics(p.metrics.registry)) if p.store and etag_paths else None,  # upstream 412 -> 409
         InjectCredential(p.injector) if p.injector else None,      # the connector's credential
         ClaimAcquire(p.store, claim_observer, record=p.recorder.write),                     # atomic acquire/renew: the arbiter
         ClaimHandoff(p.store, p.recorder.write,                    # on the way back: a 2xx handoff
