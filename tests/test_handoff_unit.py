@@ -99,3 +99,56 @@ def test_agents_named_like_people_cannot_write_on_claim_routes(agent: str) -> No
 
     asyncio.run(Chain([ClaimCheck(Empty(), lambda i: [])]).request(read))
     assert read.refusal is None
+
+
+def test_a_handoff_the_store_missed_is_retried_then_given_up_loudly(caplog) -> None:
+    """The upstream already reassigned (2xx) when the store fails: the agent's answer is not
+    held up; the move is retried in the background, and given up with an ERROR naming the fix."""
+    import asyncio
+
+    from proxy.connectors.manifest import ClaimSpec
+    from proxy.coordination.claims import ClaimState
+    from proxy.coordination.handoff import ClaimHandoff, _Handoff
+    from proxy.store import StoreError
+    from proxy.store.claims import Claim
+
+    held = Claim("clm_a", "tickets", 'Incident::"1"', "bot-1", [], "exclusive", 0.0, 1e12, 1)
+
+    class FlakyStore:
+        def __init__(self, failures: int) -> None:
+            self.failures = failures
+            self.moves: list[str] = []
+
+        async def claims_on(self, connector: str, resource: str, now: float) -> list[Claim]:
+            if self.failures > 0:
+                self.failures -= 1
+                raise StoreError("connection refused")
+            return [held]
+
+        async def transfer_claim(self, claim_id: str, *, to: str, groups: list[str], now: float, ttl: float):
+            self.moves.append(to)
+            return held, Claim("clm_b", held.connector, held.resource, to, groups, "exclusive", now, now + ttl, 2)
+
+    spec = HandoffSpec.model_validate({"to": {"agent": "a"}})
+    state = ClaimState(ClaimSpec(ttl_seconds=60), "tickets", 'Incident::"1"', True, [], None)
+    h = _Handoff("bot-1", "dec-1", spec, state, "bot-2", False)
+
+    async def run(store: FlakyStore, delays: tuple[float, ...]) -> tuple[ClaimHandoff, list]:
+        events: list = []
+        stage = ClaimHandoff(store, events.append, retry_delays=delays)
+        await stage._hand_off(h)  # returns at once: the retry runs in the background
+        assert store.moves == []
+        while stage._retries:
+            await asyncio.sleep(0.01)
+        return stage, events
+
+    store = FlakyStore(failures=2)  # the first try and the first retry fail
+    stage, events = asyncio.run(run(store, (0.01, 0.01, 0.01)))
+    assert store.moves == ["bot-2"] and stage.failures == 0
+    assert events[0].event == "handoff" and events[0].to == "bot-2" and events[0].decision_id == "dec-1"
+
+    store = FlakyStore(failures=10)
+    with caplog.at_level("ERROR", logger="proctor.coordination"):
+        stage, events = asyncio.run(run(store, (0.01, 0.01)))
+    assert store.moves == [] and events == [] and stage.failures == 1
+    assert "proctor claims transfer CLAIM --to bot-2" in caplog.text and "dec-1" in caplog.text

@@ -17,9 +17,11 @@ and the OCSF audit trail), counted, and announced to the webhook hooks subscribe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import Counter
@@ -27,11 +29,17 @@ from prometheus_client import Counter
 from ..core.chain import Stage
 from ..core.exchange import Exchange
 from ..record.model import ClaimEvent
+from ..store import StoreError
 from ..store.claims import Claim
 from .claims import HUMAN_HOLDER, HUMAN_QUEUE, RESERVED_HOLDERS, SAFE_METHODS, STATE, ClaimState
 from .handoff_spec import HandoffSpec
 
 log = logging.getLogger("proctor.coordination")
+
+# A handoff the store could not take when the 2xx came back (the reassignment already
+# happened upstream) is retried off the request path after these delays, then given up
+# loudly: the claim stays with its holder until an operator moves it.
+RETRY_DELAYS: tuple[float, ...] = (0.5, 2.0, 8.0)
 
 __all__ = ["HUMAN_HOLDER", "HUMAN_QUEUE", "ClaimHandoff", "HandoffObserver", "HandoffReporter"]
 
@@ -98,11 +106,15 @@ class ClaimHandoff(Stage):
     name = "claim-handoff"
 
     def __init__(self, store: Any, record: Callable[[ClaimEvent], None],
-                 observer: HandoffObserver | None = None, clock: Callable[[], float] = time.time) -> None:
+                 observer: HandoffObserver | None = None, clock: Callable[[], float] = time.time,
+                 retry_delays: tuple[float, ...] = RETRY_DELAYS) -> None:
         self.store = store
         self.record = record
         self.observer = observer or HandoffObserver()
         self.clock = clock
+        self.retry_delays = retry_delays
+        self.failures = 0  # handoffs given up after every retry (the claim stayed where it was)
+        self._retries: set[asyncio.Task[None]] = set()
 
     def on_response(self, ex: Exchange) -> Awaitable[None] | None:
         # (a plain method: only a 2xx write on a handoff route has anything to await)
@@ -117,11 +129,35 @@ class ClaimHandoff(Stage):
         state: ClaimState | None = ex.stage_data.get(STATE)
         if target is None or state is None or ex.identity is None:
             return None
-        return self._move(ex, spec, state, target[0], target[1])
+        return self._hand_off(_Handoff(ex.identity.agent_id, ex.decision_id, spec, state, target[0], target[1]))
 
-    async def _move(self, ex: Exchange, spec: HandoffSpec, state: ClaimState, to: str, human: bool) -> None:
-        assert ex.identity is not None
-        agent = ex.identity.agent_id
+    async def _hand_off(self, h: "_Handoff") -> None:
+        try:
+            await self._move(h)
+        except StoreError as e:
+            # The upstream already did the reassignment and the agent gets its answer as is;
+            # the claim catches up in the background.
+            log.warning("decision %s: handoff of %s to %s not recorded yet (state store: %s); retrying",
+                        h.decision_id, h.state.resource, h.to, e)
+            task = asyncio.get_running_loop().create_task(self._retry(h))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+
+    async def _retry(self, h: "_Handoff") -> None:
+        for delay in self.retry_delays:
+            await asyncio.sleep(delay)
+            try:
+                await self._move(h)
+                return
+            except StoreError as e:
+                last = e
+        self.failures += 1
+        log.error("decision %s: handoff of %s to %s could not be recorded (state store: %s); the claim stays "
+                  "with its holder: move it with `proctor claims transfer CLAIM --to %s`",
+                  h.decision_id, h.state.resource, h.to, last if self.retry_delays else "no retries", h.to)
+
+    async def _move(self, h: "_Handoff") -> None:
+        agent, state, to, human = h.agent, h.state, h.to, h.human
         now = self.clock()
         claims = await self.store.claims_on(state.connector, state.resource, now)
         # the requester's own claim; or, when policy let it write through another agent's
@@ -129,16 +165,29 @@ class ClaimHandoff(Stage):
         claim: Claim | None = next((c for c in claims if c.holder == agent), None) or state.blocker
         if claim is None or claim.holder == to:
             return
-        ttl = float(spec.ttl_seconds or state.spec.ttl_seconds)
+        ttl = float(h.spec.ttl_seconds or state.spec.ttl_seconds)
         groups = [to[len(HUMAN_QUEUE):]] if human else []
+        # (by claim id: a claim that expired meanwhile, and was taken anew, is not moved)
         moved = await self.store.transfer_claim(claim.id, to=to, groups=groups, now=now, ttl=ttl)
         if moved is None:  # released or expired meanwhile: nothing to hand off
             return
         old, new = moved
         event = ClaimEvent.of(
             "handoff", old, now, to=None if human else new.holder, to_queue=new.holder_groups[0] if human else None,
-            by=agent, new_claim_id=new.id, fence=new.fence, decision_id=ex.decision_id,
+            by=agent, new_claim_id=new.id, fence=new.fence, decision_id=h.decision_id,
         )
         log.info("claim %s on %s handed off from %s to %s by %s", old.id, old.resource, old.holder, new.holder, agent)
         self.record(event)
         self.observer.handoff(state.connector, "human" if human else "agent", event)
+
+
+@dataclass(frozen=True, slots=True)
+class _Handoff:
+    """One handoff to make: what the request named, kept for a retry."""
+
+    agent: str
+    decision_id: str
+    spec: HandoffSpec
+    state: ClaimState
+    to: str
+    human: bool
