@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,17 +16,34 @@ from proxy.demo import MOCK_PORTS, port_free
 pytestmark = pytest.mark.integration
 
 
-def test_demo_runs_and_explains_each_call(tmp_path):
+def run_demo(cwd) -> str:
     busy = [p for p in (8080, 8081, *MOCK_PORTS) if not port_free(p)]
     if busy:
         pytest.skip(f"demo ports {busy} are in use on this machine")
-    out = subprocess.run([sys.executable, "-m", "proxy.cli", "demo"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "demo"], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
-    text = out.stdout
-    assert "20 calls: 9 allowed, 2 held for approval, 8 refused, 1 duplicate suppressed." in text
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    """Two runs of the demo in one directory, one after the other: the second finds the first's
+    .proctor state (approvals, the decision record; claims and stored answers it forgets)."""
+    cwd = tmp_path_factory.mktemp("demo")
+    first = run_demo(cwd)
+    return cwd, first, run_demo(cwd)
+
+
+def table(text: str) -> list[list[str]]:
+    return [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()
+            if re.match(r"(\S+-bot(-\d)?|rogue-script) ", line)]
+
+
+def test_demo_runs_and_explains_each_call(demo_runs):
+    tmp_path, text, _ = demo_runs
+    assert "25 calls: 13 allowed (2 of them handoffs), 2 held for approval, 9 refused, 1 duplicate suppressed." in text
     # table rows: columns are separated by two or more spaces (their widths follow the content)
-    cells = [re.split(r"\s{2,}", line.strip()) for line in text.splitlines() if re.match(r"(\S+-bot(-\d)?|rogue-script) ", line)]
-    rows = {f"{c[0]}|{c[1]}": "  ".join(c) for c in cells}
+    rows = {f"{c[0]}|{c[1]}": "  ".join(c) for c in table(text)}
     def row(agent: str, step: str) -> str:
         return rows[f"{agent}|{step}"]
     # ticketing: the incident's group is looked up on the upstream
@@ -42,6 +60,25 @@ def test_demo_runs_and_explains_each_call(tmp_path):
     assert m, claimed
     ttl = datetime.fromisoformat(m.group(1).replace("Z", "+00:00")).timestamp() - time.time()
     assert 600 < ttl <= 900, ttl
+    # handoff: support-bot works the e-mail incident and reassigns it to support-bot-2; the claim
+    # moves, support-bot-2's update passes, support-bot's next one gets 409 naming support-bot-2
+    assert "ALLOWED" in row("support-bot", "work the e-mail incident")
+    handed = row("support-bot", "hand the e-mail incident to support-bot-2")
+    assert "ALLOWED, HANDED OFF" in handed and "  200  " in handed and "claim moved to support-bot-2" in handed
+    took = row("support-bot-2", "work the e-mail incident handed to it")
+    assert "ALLOWED" in took and "  200  " in took and "support-update-own-group-incidents" in took
+    late = row("support-bot", "update the e-mail incident again")
+    assert "REFUSED (claimed)" in late and "  409  " in late and "claimed by support-bot-2 until " in late, late
+    # and to the service desk's people: the claim goes to their inbox, which the demo reads
+    desk = row("support-bot-2", "hand it to the service-desk people")
+    assert "ALLOWED, HANDED OFF" in desk and "claim moved to the service-desk inbox (people)" in desk
+    assert "The service desk's inbox (GET /v1/claims/inbox as sam.desk):" in text
+    assert re.search(r"^  INC\d+: handed over by support-bot-2, waiting for a person \(until \S+Z\)$", text, re.M), text
+    # the record holds both handoffs, each with the request that made it
+    records = [json.loads(x) for x in (tmp_path / ".proctor" / "decisions.jsonl").read_text().splitlines() if x.strip()]
+    moves = [(r["holder"], r.get("to"), r.get("to_queue")) for r in records
+             if r.get("type") == "claim" and r["event"] == "handoff"]
+    assert moves[:2] == [("support-bot", "support-bot-2", None), ("support-bot-2", None, "service-desk")], moves
     # ERP: threshold, creator tracking
     assert "ALLOWED" in row("procurement-bot", "order 4 laptops (EUR 4,799.96)")
     # held for a manager, who approves one (forwarded: 201) and denies the other
@@ -61,6 +98,21 @@ def test_demo_runs_and_explains_each_call(tmp_path):
     assert "agents-never-close-won" in row("sales-bot", "mark the deal Closed Won")
     assert "407" in row("rogue-script", "call the ticketing API without a token")
     assert (tmp_path / ".proctor" / "decisions.jsonl").exists()
+
+
+def test_a_rerun_tells_the_same_story(demo_runs):
+    """Same .proctor state, same table: every label, status and reason (timestamps aside). In
+    particular the 20-server order is held and denied again: each run's orders carry a new
+    Idempotency-Key, so the last run's final denial does not answer this run's new order."""
+    _, first, second = demo_runs
+    def story(text: str) -> list[list[str]]:
+        return [[re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "<time>", cell) for cell in row] for row in table(text)]
+    assert story(second) == story(first)
+    assert len(story(first)) == 25
+    twenty = next(r for r in table(second) if r[1] == "order 20 servers (EUR 104,000)")
+    assert twenty[3:5] == ["HELD, DENIED", "403"], twenty
+    summary = "25 calls: 13 allowed (2 of them handoffs), 2 held for approval, 9 refused, 1 duplicate suppressed."
+    assert summary in first and summary in second
 
 
 def test_the_demo_forgets_claims_and_stored_answers_about_the_mock_records(tmp_path):

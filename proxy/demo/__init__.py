@@ -31,11 +31,19 @@ MOCKS = [
 ]
 MOCK_PORTS = [port for _, port, _ in MOCKS]
 
+SUPPORT = {"groups": ["support"], "team": "it-ops", "assignment_group": "service-desk"}
 AGENTS = [
     # (script, agent id, claims or None for "no token")
-    ("support", "support-bot", {"groups": ["support"], "team": "it-ops", "assignment_group": "service-desk"}),
+    ("support", "support-bot", SUPPORT),
     # a colleague in the same queue: refused (409) on the incident support-bot has claimed
-    ("support2", "support-bot-2", {"groups": ["support"], "team": "it-ops", "assignment_group": "service-desk"}),
+    ("support2", "support-bot-2", SUPPORT),
+    # the handoff scene, on the service desk's e-mail incident: support-bot works it and hands it
+    # to support-bot-2 (assigned_to), whose update then passes while support-bot's gets 409;
+    # support-bot-2 finally gives it to the service desk's people (their inbox)
+    ("handoff", "support-bot", SUPPORT),
+    ("takeover", "support-bot-2", SUPPORT),
+    ("late", "support-bot", SUPPORT),
+    ("escalate", "support-bot-2", SUPPORT),
     ("procurement", "procurement-bot", {"groups": ["procurement", "procurement-approvers"], "team": "purchasing"}),
     # raises procurement-bot's laptop order again: suppressed as a duplicate (409)
     ("procurement2", "procurement-bot-2", {"groups": ["procurement"], "team": "purchasing"}),
@@ -97,11 +105,50 @@ def _fmt_table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 MANAGER = "maria.manager"
+DESK_PERSON = "sam.desk"  # a person of the service desk: its inbox of handed-over incidents
+HANDOFF_SCENE = ("handoff", "takeover", "late", "escalate")
+SETTLED = ("approved", "denied", "expired")
 
 
 def _created(results: list[dict], agent: str, default: str) -> str:
     """The id of what `agent` created in an earlier scene (the next scene works on it)."""
     return next((r["created"] for r in results if r["agent"] == agent and r.get("created")), default)
+
+
+def _incident(results: list[dict]) -> dict:
+    """The incident the handoff scene works on (support-bot found it when listing)."""
+    return next((r["incident"] for r in results if r.get("incident")), {"sys_id": "0" * 32, "number": None})
+
+
+def _lines(data: bytes) -> list[dict]:
+    # (a line still being appended has no newline yet: left for the next read)
+    complete = data[: data.rfind(b"\n") + 1]
+    return [json.loads(x) for x in complete.decode().splitlines() if x.strip()]
+
+
+def _records(decisions: Path, start_offset: int, results: list[dict], timeout: float = 10.0) -> tuple[list[dict], list[dict]]:
+    """(the lines of earlier runs, this run's lines) of the decision record, once every answer
+    the agents got has its decision there and every approval those name is settled: the table
+    is drawn from what was recorded, never from whatever happened to be written by a moment."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = decisions.read_bytes() if decisions.exists() else b""
+        earlier, lines = _lines(data[:start_offset]), _lines(data[start_offset:])
+        recs = {r["decision_id"]: r for r in lines if "type" not in r}
+        settled = {r["approval_id"] for r in earlier + lines if r.get("type") == "approval" and r.get("event") in SETTLED}
+        missing = [d for d in (res.get("decision_id") for res in results) if d and d not in recs]
+        unsettled = [a for a in (recs[d].get("approval_id") for d in recs) if a and a not in settled]
+        if not (missing or unsettled) or time.monotonic() > deadline:
+            return earlier, lines
+        time.sleep(0.1)
+
+
+def _control_get(control: str, token: str, path: str) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(control + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 - loopback only
+        return json.loads(r.read())
 
 
 def _order_number(location: str | None) -> str | None:
@@ -162,6 +209,27 @@ def _forget_mock_records(store_url: str) -> None:
                     db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
     finally:
         db.close()
+
+
+def _inbox(cfg, issuer: DevIssuer, results: list[dict], handoffs: dict[str, dict]) -> list[str]:
+    """What a person of the service desk finds in its inbox: the incidents agents handed to it."""
+    token = issuer.issue(DESK_PERSON, {cfg.approvals.approver_groups_claim: ["service-desk"]}, "15m",
+                         audience=cfg.approvals.approver_audience)
+    try:
+        items = _control_get(f"http://127.0.0.1:{cfg.control.listen.port}", token, "/v1/claims/inbox")["items"]
+    except (OSError, ValueError, KeyError) as e:
+        return [f"  (could not read it: {e})"]
+    mail = _incident(results)
+    by = {h["new_claim_id"]: h.get("by") for h in handoffs.values() if h.get("new_claim_id")}  # the inbox item's id
+    out = []
+    for item in items:
+        c = item["claim"]
+        name = mail.get("number") if c["resource"] == f'Incident::"{mail.get("sys_id")}"' else None
+        who = by.get(c["id"]) or "an agent"
+        state = f"taken by {item['taken_by']}" if item.get("taken_by") else "waiting for a person"
+        until = re.sub(r"\.\d+Z$", "Z", str(c["expires_at"]))
+        out.append(f"  {name or c['resource']}: handed over by {who}, {state} (until {until})")
+    return out
 
 
 def run_demo(keep_running: bool = False) -> int:
@@ -225,6 +293,8 @@ def run_demo(keep_running: bool = False) -> int:
                 argv.append(_created(results, "procurement-bot", "0000000000"))
             elif script == "support2":  # works on the incident support-bot opened (and claimed)
                 argv.append(_created(results, "support-bot", "0" * 32))
+            elif script in HANDOFF_SCENE:  # the service desk's e-mail incident
+                argv.append(_incident(results)["sys_id"])
             out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
             if out.returncode != 0:
                 print(out.stderr, file=sys.stderr)
@@ -232,24 +302,31 @@ def run_demo(keep_running: bool = False) -> int:
             results += [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
         stop_manager.set()
-        time.sleep(0.2)  # let the last records land
-        with open(decisions, "rb") as f:
-            f.seek(start_offset)
-            lines = [json.loads(x) for x in f.read().decode().splitlines() if x.strip()]
+        earlier, lines = _records(decisions, start_offset, results)
         recs = {r["decision_id"]: r for r in lines if "type" not in r}
-        approval_events = {}
-        for r in lines:
-            if r.get("type") == "approval" and r["event"] in ("approved", "denied", "expired"):
-                approval_events[r["approval_id"]] = r
+        approval_events: dict[str, tuple[dict, bool]] = {}  # approval id -> (settled event, in an earlier run?)
+        for r, before in [(r, True) for r in earlier] + [(r, False) for r in lines]:
+            if r.get("type") == "approval" and r.get("event") in SETTLED:
+                approval_events[r["approval_id"]] = (r, before)
+        handoffs = {r["decision_id"]: r for r in lines if r.get("type") == "claim" and r.get("event") == "handoff"}
         rows = []
         for res in results:
             rec = recs.get(res["decision_id"] or "", {})
             outcome = rec.get("decision", "?")
-            settled = approval_events.get(rec.get("approval_id") or "")
+            settled, before = approval_events.get(rec.get("approval_id") or "", (None, False))
             if settled is not None:
-                verdict = f"HELD, {settled['event'].upper()}"
+                # held in this run; or the same request an approver settled in an earlier run (a
+                # denial is final for it), which this run did not hold again
+                verdict = f"{settled['event'].upper()} EARLIER" if before else f"HELD, {settled['event'].upper()}"
                 rows.append([res["agent"], res["step"], rec.get("action") or "-", verdict, str(res["status"]),
                              f"{settled.get('by', '?')}: {settled.get('reason', '')}"])
+                continue
+            moved = handoffs.get(res["decision_id"] or "")
+            if moved is not None and outcome == "allow":
+                to = (f"the {moved['to_queue']} inbox (people)" if moved.get("to_queue")
+                      else str(moved.get("to")))
+                rows.append([res["agent"], res["step"], rec.get("action") or "-", "ALLOWED, HANDED OFF",
+                             str(res["status"]), f"claim moved to {to}"])
                 continue
             if res.get("claim"):
                 c = res["claim"]
@@ -275,9 +352,14 @@ def run_demo(keep_running: bool = False) -> int:
             rows.append(
                 [res["agent"], res["step"], rec.get("action") or "-", verdict, str(res["status"]), why or "-"]
             )
+        inbox_lines = _inbox(cfg, issuer, results, handoffs)
         print()
         print(_fmt_table(rows, ["agent", "what it tried", "action", "decision", "status", "policy / reason"]))
         print()
+        if inbox_lines:
+            print(f"The service desk's inbox (GET /v1/claims/inbox as {DESK_PERSON}):")
+            print("\n".join(inbox_lines))
+            print()
         print(
             f"Orders over EUR 10,000 are held for a procurement manager (policy po-over-10k-needs-approval);\n"
             f"here {MANAGER} approves up to EUR 50,000 through the approvals API and denies the rest.\n"
@@ -286,17 +368,20 @@ def run_demo(keep_running: bool = False) -> int:
         print()
         print(
             "An agent's first update claims the incident for 15 minutes (connectors/ticketing.yaml), so its\n"
-            "colleague gets 409 naming the holder and until when; the same purchase order (supplier and items)\n"
-            "raised again within 10 minutes, by any agent, is not sent to the ERP twice (connectors/erp.yaml)."
+            "colleague gets 409 naming the holder and until when. A reassignment hands the claim over once the\n"
+            "ticketing system accepts it: to the agent named in assigned_to (the old holder then gets 409 naming\n"
+            "it), else to the assignment group's people, in their inbox. The same purchase order (supplier and\n"
+            "items) raised again within 10 minutes, by any agent, is not sent to the ERP twice (connectors/erp.yaml)."
         )
         print()
         print(f"Every decision is in {decisions} (one JSON line each); look one up by its X-Proctor-Decision-Id.")
-        allowed = sum(1 for r in rows if r[3] == "ALLOWED")
+        allowed = sum(1 for r in rows if r[3].startswith("ALLOWED"))
+        handed = sum(1 for r in rows if r[3] == "ALLOWED, HANDED OFF")
         held = sum(1 for r in rows if r[3].startswith("HELD"))
         duplicates = sum(1 for r in rows if r[3].startswith("SUPPRESSED"))
         refused = len(rows) - allowed - held - duplicates
-        print(f"{len(rows)} calls: {allowed} allowed, {held} held for approval, {refused} refused, "
-              f"{duplicates} duplicate{'' if duplicates == 1 else 's'} suppressed.")
+        print(f"{len(rows)} calls: {allowed} allowed ({handed} of them handoffs), {held} held for approval, "
+              f"{refused} refused, {duplicates} duplicate{'' if duplicates == 1 else 's'} suppressed.")
         if keep_running:
             print(
                 f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on 127.0.0.1:{cfg.control.listen.port}, "
