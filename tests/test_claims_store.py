@@ -60,6 +60,31 @@ def test_acquire_renew_conflict_expire(make_store: MakeStore) -> None:
     run(make_store, body)
 
 
+def test_renew_in_one_statement(make_store: MakeStore) -> None:
+    """The holder's fast renewal: same tenure, expiry never earlier, groups refreshed; None
+    (the caller then takes the full path) for another agent, another mode, an expired,
+    released or transferred claim."""
+    async def body(s: Store) -> None:
+        first = (await acquire(s, "a", 1000.0, groups=["support"])).claim
+        r = await s.renew_claim(first.id, agent="a", groups=["support", "tier2"], mode="exclusive", ttl=60, now=1030.0)
+        assert r is not None and (r.id, r.since, r.expires_at, r.fence, r.holder_groups) == (
+            first.id, 1000.0, 1090.0, 1, ["support", "tier2"])
+        # a shorter TTL never moves the expiry earlier
+        r = await s.renew_claim(first.id, agent="a", groups=[], mode="exclusive", ttl=1, now=1031.0)
+        assert r is not None and r.expires_at == 1090.0
+        assert [c.expires_at for c in await s.claims_on(CONN, RES, 1031.0)] == [1090.0]
+        for kw in ({"agent": "b", "mode": "exclusive", "now": 1032.0},   # not the holder
+                   {"agent": "a", "mode": "shared", "now": 1032.0},      # another mode: the full path decides
+                   {"agent": "a", "mode": "exclusive", "now": 1090.0}):  # expired: a new tenure is due
+            assert await s.renew_claim(first.id, groups=[], ttl=60, **kw) is None
+        moved = await s.transfer_claim(first.id, to="b", groups=[], now=1040.0)
+        assert moved is not None
+        assert await s.renew_claim(first.id, agent="a", groups=[], mode="exclusive", ttl=60, now=1041.0) is None
+        assert [c.holder for c in await s.claims_on(CONN, RES, 1041.0)] == ["b"]
+
+    run(make_store, body)
+
+
 def test_shared_claims_coexist_but_exclude_exclusive(make_store: MakeStore) -> None:
     async def body(s: Store) -> None:
         assert (await acquire(s, "a", 1000.0, mode="shared")).acquired

@@ -229,3 +229,38 @@ def test_a_claim_taken_by_a_write_refused_later_is_given_back(tmp_path: Path) ->
             await store.close()
 
     asyncio.run(main())
+
+
+def test_holder_renewal_takes_the_one_statement_path() -> None:
+    """A write by the claim's holder renews with `renew_claim` (one statement); only when that
+    finds nothing (expired, transferred meanwhile) does it take the full acquire transaction."""
+    from proxy.store.claims import ClaimOutcome
+
+    mine = _claim("me")
+
+    class CountingStore:
+        def __init__(self, renew_finds: bool) -> None:
+            self.renew_finds = renew_finds
+            self.calls: list[str] = []
+
+        async def claims_on(self, *a: Any) -> list[Claim]:
+            self.calls.append("claims_on")
+            return [mine]
+
+        async def renew_claim(self, claim_id: str, **kw: Any) -> Claim | None:
+            self.calls.append("renew_claim")
+            assert claim_id == mine.id and kw["agent"] == "me" and kw["ttl"] == 60.0
+            return mine if self.renew_finds else None
+
+        async def acquire_claim(self, **kw: Any) -> ClaimOutcome:
+            self.calls.append("acquire_claim")
+            return ClaimOutcome(True, mine, renewed=True)
+
+    for finds, calls in ((True, ["claims_on", "renew_claim"]),
+                         (False, ["claims_on", "renew_claim", "acquire_claim"])):
+        store = CountingStore(finds)
+        chain = Chain([ClaimCheck(store, lambda i: [], clock=lambda: 1000.0),
+                       ClaimAcquire(store, clock=lambda: 1000.0)])
+        ex = _exchange({"ttl_seconds": 60})
+        asyncio.run(chain.request(ex))
+        assert ex.allowed and store.calls == calls and mine.id in ex.plan.response_headers["Proctor-Claim"]

@@ -254,6 +254,16 @@ class Store(abc.ABC):
         or start a new tenure (bumping the resource's fence), or report the live claim
         of another agent that conflicts (see store/claims.py `decide`)."""
 
+    async def renew_claim(self, claim_id: str, *, agent: str, groups: list[str], mode: str, ttl: float,
+                          now: float) -> Claim | None:
+        """The holder's renewal in one statement: push the expiry of `agent`'s live claim
+        `claim_id` (same mode) to at least now + ttl and refresh its groups; the claim, or None
+        when it is not that (expired, released, transferred, another mode), in which case the
+        caller falls back to `acquire_claim`. A renewal changes no tenure, so it needs no fence
+        lock: a concurrent transfer deletes the row first (None) or after (it moves the renewed
+        claim). The default answers None: every renewal takes the full path."""
+        return None
+
     @abc.abstractmethod
     async def claims_on(self, connector: str, resource: str, now: float) -> list[Claim]:
         """The live claims on one resource, oldest first."""

@@ -733,6 +733,16 @@ class PostgresStore(Store):
                         )
         return outcome
 
+    async def renew_claim(self, claim_id: str, *, agent: str, groups: list[str], mode: str, ttl: float,
+                          now: float) -> Claim | None:
+        row = await self._fetchrow(
+            "renew_claim",
+            "UPDATE proctor_claims SET expires_at = GREATEST(expires_at, $1), holder_groups = $2 "
+            f"WHERE id = $3 AND holder = $4 AND mode = $5 AND expires_at > $6 RETURNING {CLAIM_COLUMNS}",
+            float(now + ttl), dump_json(list(groups)), claim_id, agent, mode, float(now),
+        )
+        return claim_from_row(row) if row is not None else None
+
     async def claims_on(self, connector: str, resource: str, now: float) -> list[Claim]:
         rows = await self._fetch(
             "claims_on",

@@ -773,6 +773,17 @@ class SQLiteStore(Store):
                     )
         return outcome
 
+    async def renew_claim(self, claim_id: str, *, agent: str, groups: list[str], mode: str, ttl: float,
+                          now: float) -> Claim | None:
+        async with self._write("renew_claim") as db:
+            async with db.execute(
+                "UPDATE proctor_claims SET expires_at = MAX(expires_at, ?), holder_groups = ? "
+                f"WHERE id = ? AND holder = ? AND mode = ? AND expires_at > ? RETURNING {CLAIM_COLUMNS}",
+                (float(now + ttl), dump_json(list(groups)), claim_id, agent, mode, float(now)),
+            ) as cur:
+                row = await cur.fetchone()
+        return claim_from_row(row) if row is not None else None
+
     async def claims_on(self, connector: str, resource: str, now: float) -> list[Claim]:
         rows = await self._fetchall(
             "claims_on",
