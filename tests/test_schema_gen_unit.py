@@ -143,7 +143,7 @@ def test_generated_contexts_required_and_optional(generated):
     # PATCH and PUT share ticketing.incident.update: one context type, all body values optional
     update = context_type(generated, "ticketing.incident.update")
     assert "params: { sys_id: String }" in update
-    assert "fields?: { assignment_group?: String, close_code?: String, state?: String }" in update
+    assert "fields?: { assigned_to?: String, assignment_group?: String, close_code?: String, state?: String }" in update
     assert context_type(generated, "crm.account.list") == "RequestContext"
     assert decl(generated, "action", "erp.purchase_order.approve") == (
         'action "erp.purchase_order.approve" appliesTo { principal: Agent, resource: PurchaseOrder, '
