@@ -73,7 +73,9 @@ class DuplicateEntry(BaseModel):
     first_decision_id: str = Field(description="The decision id of that request.")
     state: Literal["in-progress", "completed"]
     status: int | None = Field(None, description="The upstream's status, once completed.")
-    replayable: bool = Field(description="A response is kept: a repeat gets it replayed (else 409).")
+    replayable: bool = Field(description="A response is kept: a repeat of an Idempotency-Key gets it replayed "
+                                         "(else 409); a dedupe window replays it only on routes declared "
+                                         "`answer: replay`.")
     first_result: str | None = Field(
         None, description="The upstream's `Location` for what the first request created (no query string).")
     created_at: Timestamp

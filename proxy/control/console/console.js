@@ -1,4 +1,4 @@
-/* Proctor console (approvals, activity, agents): vanilla JS, no dependencies, no external URLs.
+/* Proctor console (approvals, activity, agents, claims, handoffs, duplicates): vanilla JS, no dependencies, no external URLs.
  *
  * Security notes:
  * - Everything shown comes from agents (attacker-controlled): values are only
@@ -12,12 +12,19 @@
  *   /v1/suspensions: operators only; others get the API's 403 detail as a
  *   read-only note) poll every 3 s while shown. Views: /console/ (approvals),
  *   /console/#activity, /console/#agents, /console/approvals/{id}.
+ * - Coordination: Claims (GET /v1/claims, operators; force-release and transfer
+ *   after an inline confirmation), Handoffs (GET /v1/claims/inbox: take, give
+ *   back) and Duplicates (GET /v1/activity?record=duplicate, and GET
+ *   /v1/duplicates for operators) poll every 5 s while shown:
+ *   /console/#claims, /console/#handoffs, /console/#duplicates. Agent ids,
+ *   resource ids and details there are attacker-controlled too: text only.
  */
 (function () {
   "use strict";
 
   var TOKEN_KEY = "proctor.approverToken";
   var POLL_MS = 3000;
+  var COORD_POLL_MS = 5000; // claims, handoffs and duplicates
   var TICK_MS = 10000;
   var KNOWN_STATES = ["pending", "approved", "denied", "expired", "forwarded"];
 
@@ -40,6 +47,9 @@
     view: null,
     act: { events: [], limit: 100, sig: null, maxSeq: null, fresh: new Set(), selected: null, loading: false, gen: 0, debounce: null, shownQuery: null },
     ag: { agents: [], suspensions: [], sig: null, operator: null, suspendTarget: null, busy: false, loading: false, gen: 0 },
+    cl: { claims: [], sig: null, shape: null, connectors: new Set(), action: null, busy: false, loading: false, gen: 0 },
+    ho: { items: [], sig: null, giveBack: null, busy: false, loading: false, gen: 0 },
+    du: { events: [], sig: null, wsig: null, loading: false, gen: 0 },
   };
   var ACTIVITY_STEP = 100;
   var ACTIVITY_MAX = 1000;
@@ -252,19 +262,22 @@
     show($("detail-view"), name === "detail");
     show($("activity-view"), name === "activity");
     show($("agents-view"), name === "agents");
+    show($("claims-view"), name === "claims");
+    show($("handoffs-view"), name === "handoffs");
+    show($("duplicates-view"), name === "duplicates");
     show($("session"), name !== "login");
     show($("nav"), name !== "login");
-    var current = name === "activity" || name === "agents" ? name : "approvals";
+    var current = ["activity", "agents", "claims", "handoffs", "duplicates"].indexOf(name) >= 0 ? name : "approvals";
     Array.prototype.forEach.call($("nav").querySelectorAll("a"), function (a) {
       if (a.getAttribute("data-view") === current) a.setAttribute("aria-current", "page");
       else a.removeAttribute("aria-current");
     });
   }
 
-  /* Activity and Agents refresh themselves every 3 s while shown. */
-  function startViewPolling(fn) {
+  /* Activity and Agents refresh themselves every 3 s while shown; Claims, Handoffs and Duplicates every 5 s. */
+  function startViewPolling(fn, ms) {
     stopViewPolling();
-    S.viewTimer = setInterval(fn, POLL_MS);
+    S.viewTimer = setInterval(fn, ms || POLL_MS);
   }
 
   function stopViewPolling() {
@@ -296,6 +309,9 @@
     if (id) openDetail(id);
     else if (location.hash === "#activity") openActivity();
     else if (location.hash === "#agents") openAgents();
+    else if (location.hash === "#claims") openClaims();
+    else if (location.hash === "#handoffs") openHandoffs();
+    else if (location.hash === "#duplicates") openDuplicates();
     else openInbox();
   }
 
@@ -360,6 +376,9 @@
     resetDetail();
     resetActivity();
     resetAgents();
+    resetClaims();
+    resetHandoffs();
+    resetDuplicates();
     setText($("whoami"), "");
     setLive("off");
     if (location.pathname + location.hash !== "/console/") history.replaceState(null, "", "/console/");
@@ -1146,6 +1165,535 @@
     $("new-suspension").addEventListener("submit", createSuspension);
   }
 
+  // ------------------------------------------------------------------ claims (operators)
+  /* Holders that are not agents: a handoff queue (group:NAME) or a person (human:ID). */
+  function holderLabel(holder) {
+    var h = String(holder || "");
+    if (h.indexOf("group:") === 0) return { kind: "queue", text: h.slice(6), badge: "handoff queue" };
+    if (h.indexOf("human:") === 0) return { kind: "person", text: h.slice(6), badge: "person" };
+    return { kind: "agent", text: h, badge: "" };
+  }
+
+  function untilNode(iso) {
+    return el("span", {}, [timeNode(iso, "rel"), el("div", { cls: "sub muted", text: absTime(iso) })]);
+  }
+
+  function validClaim(c) {
+    return isPlainObject(c) && typeof c.id === "string" && typeof c.resource === "string";
+  }
+
+  function resetClaims() {
+    S.cl.claims = [];
+    S.cl.sig = null;
+    S.cl.shape = null;
+    S.cl.action = null;
+    clear($("claim-rows"));
+    show($("claims-panel"), false);
+    show($("claim-action"), false);
+    show($("claims-readonly"), false);
+    ["claims-error", "claims-notice", "claim-action-error"].forEach(function (id) { showMsg(id, ""); });
+    setText($("claims-count"), "");
+  }
+
+  function openClaims() {
+    S.detailId = null;
+    setView("claims");
+    loadClaims(true);
+    startViewPolling(loadClaims, COORD_POLL_MS);
+  }
+
+  function claimsQuery() {
+    var c = $("claims-connector").value;
+    return c ? "?connector=" + encodeURIComponent(c) : "";
+  }
+
+  function loadClaims(force) {
+    if (S.cl.loading && force !== true) return Promise.resolve();
+    var gen = ++S.cl.gen;
+    S.cl.loading = true;
+    var q = claimsQuery();
+    return api("GET", "/v1/claims" + q).then(
+      function (data) {
+        if (gen !== S.cl.gen) return;
+        S.cl.loading = false;
+        if (S.view !== "claims" || q !== claimsQuery()) return;
+        showMsg("claims-error", "");
+        show($("claims-readonly"), false);
+        show($("claims-panel"), true);
+        var claims = (data && Array.isArray(data.claims) ? data.claims : []).filter(validClaim);
+        claims.forEach(function (c) { if (typeof c.connector === "string" && c.connector) S.cl.connectors.add(c.connector); });
+        syncConnectorFilter();
+        var sig = JSON.stringify([q, claims]);
+        if (sig === S.cl.sig) return;
+        // A renewal only moves a claim's expiry: update those cells in place, so the rows (and a
+        // button under the pointer) stay put while agents keep writing.
+        var shape = JSON.stringify([q, claims.map(function (c) { return Object.assign({}, c, { expires_at: null }); })]);
+        S.cl.sig = sig;
+        S.cl.claims = claims;
+        if (shape === S.cl.shape && $("claim-rows").rows.length === claims.length) updateUntil(claims);
+        else renderClaims();
+        S.cl.shape = shape;
+      },
+      function (e) {
+        if (gen !== S.cl.gen) return;
+        S.cl.loading = false;
+        if (authFailed(e) || S.view !== "claims") return;
+        if (e.status === 403) {
+          S.cl.sig = null;
+          clear($("claim-rows"));
+          show($("claims-panel"), false);
+          show($("claim-action"), false);
+          setText($("claims-count"), "");
+          showMsg("claims-error", "");
+          showMsg("claims-readonly", "Claims are shown to operators only. " + e.message);
+          return;
+        }
+        showMsg("claims-error", "Could not load the claims: " + e.message);
+      }
+    );
+  }
+
+  function updateUntil(claims) {
+    var byId = {};
+    claims.forEach(function (c) { byId[c.id] = c; });
+    Array.prototype.forEach.call($("claim-rows").rows, function (tr) {
+      var c = byId[tr.getAttribute("data-id")];
+      var cell = tr.querySelector(".until");
+      if (!c || !cell) return;
+      clear(cell);
+      cell.appendChild(c.expires_at ? untilNode(c.expires_at) : el("span", { text: "\u2014" }));
+    });
+  }
+
+  /* The connector filter lists every connector seen so far (a filtered answer names only one). */
+  function syncConnectorFilter() {
+    var sel = $("claims-connector");
+    var have = {};
+    Array.prototype.forEach.call(sel.options, function (o) { have[o.value] = true; });
+    Array.from(S.cl.connectors).sort().forEach(function (name) {
+      if (!have[name]) sel.appendChild(el("option", { text: name, attrs: { value: name } }));
+    });
+  }
+
+  function renderClaims() {
+    var tbody = $("claim-rows");
+    clear(tbody);
+    S.cl.claims.forEach(function (c) { tbody.appendChild(claimRow(c)); });
+    show($("claims-empty"), S.cl.claims.length === 0);
+    var n = S.cl.claims.length;
+    setText($("claims-count"), n + (n === 1 ? " live claim" : " live claims"));
+  }
+
+  function holderCell(c) {
+    var h = holderLabel(c.holder);
+    var cell = el("td", { cls: "holder" }, [el("span", { cls: "mono", text: h.text || "\u2014" })]);
+    if (h.badge) cell.appendChild(el("span", { cls: "badge holder-" + h.kind, text: h.badge }));
+    var groups = Array.isArray(c.holder_groups) ? c.holder_groups.filter(function (g) { return typeof g === "string"; }) : [];
+    cell.appendChild(el("div", { cls: "sub muted", data: { testid: "claim-groups" },
+      text: groups.length ? "groups: " + groups.join(", ") : "no groups" }));
+    return cell;
+  }
+
+  function claimRow(c) {
+    var release = el("button", { cls: "btn btn-deny btn-small", text: "Release", data: { testid: "claim-release" }, attrs: { type: "button" } });
+    var transfer = el("button", { cls: "btn btn-quiet btn-small", text: "Transfer\u2026", data: { testid: "claim-transfer" }, attrs: { type: "button" } });
+    release.addEventListener("click", function () { openClaimAction("release", c); });
+    transfer.addEventListener("click", function () { openClaimAction("transfer", c); });
+    return el("tr", { cls: "claim-row", data: { id: c.id, holder: c.holder || "", resource: c.resource, testid: "claim-row" } }, [
+      el("td", { cls: "connector", text: c.connector || "\u2014" }),
+      el("td", { cls: "resource mono", text: c.resource }),
+      holderCell(c),
+      el("td", { cls: "mode", text: c.mode || "\u2014" }),
+      el("td", { cls: "since" }, [c.since ? timeNode(c.since, "rel") : el("span", { text: "\u2014" })]),
+      el("td", { cls: "until" }, [c.expires_at ? untilNode(c.expires_at) : el("span", { text: "\u2014" })]),
+      el("td", { cls: "num fence", text: num(c.fence) }),
+      el("td", { cls: "row-actions" }, [release, " ", transfer]),
+    ]);
+  }
+
+  function openClaimAction(mode, c) {
+    S.cl.action = { mode: mode, claim: c };
+    var release = mode === "release";
+    setText($("claim-action-title"), release ? "Force-release this claim?" : "Transfer this claim");
+    var dl = $("claim-action-summary");
+    clear(dl);
+    dlRow(dl, "Resource", c.resource, "resource");
+    dlRow(dl, "Connector", c.connector, "connector");
+    dlRow(dl, "Holder", c.holder, "holder");
+    dlRow(dl, "Claim", c.id, "id");
+    dlRow(dl, "Fence", num(c.fence), "fence");
+    setText($("claim-action-note"), release
+      ? "The resource is free at once: the next agent that writes to it starts a new tenure (a higher fence). " +
+        "The holder is not told; its next write claims the resource again if it is still free. Recorded with your id."
+      : "The holder's tenure ends and the new holder's starts (a new claim id, the fence bumped, the same expiry). " +
+        "The old holder's next write is refused (409). Recorded with your id.");
+    setText($("claim-action-confirm"), release ? "Release" : "Transfer");
+    $("claim-action-confirm").className = "btn " + (release ? "btn-deny" : "btn-primary");
+    show($("transfer-fields"), !release);
+    $("transfer-to").value = "";
+    $("transfer-groups").value = "";
+    $("transfer-reason").value = "";
+    showMsg("claim-action-error", "");
+    showMsg("claims-notice", "");
+    show($("claim-action"), true);
+    if (release) $("claim-action-confirm").focus();
+    else $("transfer-to").focus();
+  }
+
+  function closeClaimAction() {
+    S.cl.action = null;
+    show($("claim-action"), false);
+    showMsg("claim-action-error", "");
+  }
+
+  function confirmClaimAction() {
+    var a = S.cl.action;
+    if (!a || S.cl.busy) return;
+    var c = a.claim;
+    var path = "/v1/claims/" + encodeURIComponent(c.id) + "/" + (a.mode === "release" ? "release" : "transfer");
+    var body;
+    if (a.mode === "transfer") {
+      var to = $("transfer-to").value.trim();
+      if (!to) {
+        showMsg("claim-action-error", "Name the agent that should hold the claim.");
+        $("transfer-to").focus();
+        return;
+      }
+      var groups = $("transfer-groups").value.split(",").map(function (g) { return g.trim(); }).filter(function (g) { return g; });
+      var reason = $("transfer-reason").value.trim();
+      body = { to: to, groups: groups };
+      if (reason) body.reason = reason;
+    }
+    S.cl.busy = true;
+    var buttons = [$("claim-action-confirm"), $("claim-action-cancel")];
+    buttons.forEach(function (b) { b.disabled = true; });
+    showMsg("claim-action-error", "");
+    api("POST", path, body).then(
+      function (res) {
+        closeClaimAction();
+        if (a.mode === "release") {
+          showMsg("claims-notice", "Released the claim on " + c.resource + " (held by " + c.holder + "). The next write starts a new tenure.");
+        } else {
+          var now = res && isPlainObject(res.claim) ? res.claim : {};
+          showMsg("claims-notice", "Transferred the claim on " + c.resource + " from " + c.holder + " to " +
+            (now.holder || body.to) + " (fence " + num(now.fence) + ").");
+        }
+        S.cl.sig = null;
+        return loadClaims(true);
+      },
+      function (e) {
+        if (authFailed(e)) return;
+        showMsg("claim-action-error", e.message);
+        if (e.status === 404) {
+          S.cl.sig = null;
+          loadClaims(true);
+        }
+      }
+    ).then(function () {
+      S.cl.busy = false;
+      buttons.forEach(function (b) { b.disabled = false; });
+    });
+  }
+
+  function initClaims() {
+    $("claims-connector").addEventListener("change", function () {
+      S.cl.sig = null;
+      loadClaims(true);
+    });
+    $("claim-action-confirm").addEventListener("click", confirmClaimAction);
+    $("claim-action-cancel").addEventListener("click", closeClaimAction);
+    ["transfer-to", "transfer-groups", "transfer-reason"].forEach(function (id) {
+      $(id).addEventListener("keydown", function (ev) { if (ev.key === "Enter") confirmClaimAction(); });
+    });
+  }
+
+  // ------------------------------------------------------------------ handoff inbox (people)
+  function resetHandoffs() {
+    S.ho.items = [];
+    S.ho.sig = null;
+    S.ho.giveBack = null;
+    clear($("handoff-rows"));
+    show($("giveback-confirm"), false);
+    show($("handoffs-empty"), false);
+    ["handoffs-error", "handoffs-notice", "giveback-error"].forEach(function (id) { showMsg(id, ""); });
+    setText($("handoffs-count"), "");
+  }
+
+  function openHandoffs() {
+    S.detailId = null;
+    setView("handoffs");
+    loadHandoffs(true);
+    startViewPolling(loadHandoffs, COORD_POLL_MS);
+  }
+
+  function loadHandoffs(force) {
+    if (S.ho.loading && force !== true) return Promise.resolve();
+    var gen = ++S.ho.gen;
+    S.ho.loading = true;
+    return api("GET", "/v1/claims/inbox").then(
+      function (data) {
+        if (gen !== S.ho.gen) return;
+        S.ho.loading = false;
+        if (S.view !== "handoffs") return;
+        showMsg("handoffs-error", "");
+        var items = (data && Array.isArray(data.items) ? data.items : []).filter(function (i) {
+          return isPlainObject(i) && validClaim(i.claim);
+        });
+        var sig = JSON.stringify(items);
+        if (sig === S.ho.sig) return;
+        S.ho.sig = sig;
+        S.ho.items = items;
+        renderHandoffs();
+      },
+      function (e) {
+        if (gen !== S.ho.gen) return;
+        S.ho.loading = false;
+        if (authFailed(e) || S.view !== "handoffs") return;
+        showMsg("handoffs-error", "Could not load the inbox: " + e.message);
+      }
+    );
+  }
+
+  function renderHandoffs() {
+    var tbody = $("handoff-rows");
+    clear(tbody);
+    S.ho.items.forEach(function (i) { tbody.appendChild(handoffRow(i)); });
+    var n = S.ho.items.length;
+    show($("handoffs-empty"), n === 0);
+    var waiting = S.ho.items.filter(function (i) { return i.taken_by === null || i.taken_by === undefined; }).length;
+    setText($("handoffs-count"), n + (n === 1 ? " item" : " items") + (waiting ? ", " + waiting + " waiting" : ""));
+  }
+
+  function handoffRow(i) {
+    var c = i.claim;
+    var me = S.me && S.me.approver;
+    var taken = typeof i.taken_by === "string" && i.taken_by !== "";
+    var status = el("td", { cls: "status" }, [
+      el("span", { cls: "badge " + (taken ? "state-approved" : "state-pending"), text: taken ? "taken" : "waiting" }),
+    ]);
+    if (taken) status.appendChild(el("div", { cls: "sub", data: { testid: "handoff-taken-by" },
+      text: "by " + i.taken_by + (i.taken_by === me ? " (you)" : "") }));
+    var action;
+    if (!taken) {
+      action = el("button", { cls: "btn btn-primary btn-small", text: "Take", data: { testid: "handoff-take" }, attrs: { type: "button" } });
+      action.addEventListener("click", function () { takeItem(c, action); });
+    } else {
+      action = el("button", { cls: "btn btn-quiet btn-small", text: "Give back\u2026", data: { testid: "handoff-give-back" }, attrs: { type: "button" } });
+      action.addEventListener("click", function () { openGiveBack(i); });
+    }
+    return el("tr", { cls: "handoff-row", data: { id: c.id, group: i.group || "", state: taken ? "taken" : "waiting",
+      resource: c.resource, testid: "handoff-row" } }, [
+      el("td", { cls: "group", text: i.group || "\u2014" }),
+      el("td", { cls: "connector", text: c.connector || "\u2014" }),
+      el("td", { cls: "resource mono", text: c.resource }),
+      status,
+      el("td", { cls: "since" }, [c.since ? timeNode(c.since, "rel") : el("span", { text: "\u2014" })]),
+      el("td", { cls: "until" }, [c.expires_at ? untilNode(c.expires_at) : el("span", { text: "\u2014" })]),
+      el("td", { cls: "row-actions" }, [action]),
+    ]);
+  }
+
+  function takeItem(c, btn) {
+    if (S.ho.busy) return;
+    S.ho.busy = true;
+    btn.disabled = true;
+    showMsg("handoffs-notice", "");
+    showMsg("handoffs-error", "");
+    api("POST", "/v1/claims/" + encodeURIComponent(c.id) + "/take", {}).then(
+      function () {
+        showMsg("handoffs-notice", "You took " + c.resource + ". Agents' writes to it stay refused until you give it back.");
+      },
+      function (e) {
+        if (authFailed(e)) return;
+        showMsg("handoffs-error", "Could not take " + c.resource + ": " + e.message);
+      }
+    ).then(function () {
+      S.ho.busy = false;
+      btn.disabled = false;
+      S.ho.sig = null;
+      return loadHandoffs(true);
+    });
+  }
+
+  function openGiveBack(i) {
+    S.ho.giveBack = i.claim;
+    setText($("giveback-resource"), i.claim.resource);
+    showMsg("giveback-error", "");
+    showMsg("handoffs-notice", "");
+    show($("giveback-confirm"), true);
+    $("giveback-yes").focus();
+  }
+
+  function closeGiveBack() {
+    S.ho.giveBack = null;
+    show($("giveback-confirm"), false);
+    showMsg("giveback-error", "");
+  }
+
+  function confirmGiveBack() {
+    var c = S.ho.giveBack;
+    if (!c || S.ho.busy) return;
+    S.ho.busy = true;
+    var buttons = [$("giveback-yes"), $("giveback-cancel")];
+    buttons.forEach(function (b) { b.disabled = true; });
+    api("POST", "/v1/claims/" + encodeURIComponent(c.id) + "/give-back", {}).then(
+      function () {
+        closeGiveBack();
+        showMsg("handoffs-notice", "Gave back " + c.resource + ": it is free for the next writer.");
+      },
+      function (e) {
+        if (authFailed(e)) return;
+        showMsg("giveback-error", e.message);
+      }
+    ).then(function () {
+      S.ho.busy = false;
+      buttons.forEach(function (b) { b.disabled = false; });
+      S.ho.sig = null;
+      return loadHandoffs(true);
+    });
+  }
+
+  function initHandoffs() {
+    $("giveback-yes").addEventListener("click", confirmGiveBack);
+    $("giveback-cancel").addEventListener("click", closeGiveBack);
+  }
+
+  // ------------------------------------------------------------------ suppressed duplicates
+  var DUPLICATE_LABELS = {
+    duplicate: "duplicate (409)",
+    "idempotency-in-progress": "still in progress (409)",
+    "idempotency-not-replayable": "not replayable (409)",
+    "idempotency-mismatch": "key reused (422)",
+  };
+
+  function duplicateOutcome(e) {
+    if (e.decision === "replayed") {
+      return { text: "replayed" + (e.kind === "dedupe" ? " (dedupe window)" : e.kind === "idempotency" ? " (Idempotency-Key)" : ""), cls: "d-allow" };
+    }
+    var k = typeof e.kind === "string" ? e.kind : "";
+    var label = Object.prototype.hasOwnProperty.call(DUPLICATE_LABELS, k) ? DUPLICATE_LABELS[k] : (k || e.decision || "?");
+    return { text: label, cls: e.decision === "mismatch" ? "d-deny" : "d-hold" };
+  }
+
+  function resetDuplicates() {
+    S.du.events = [];
+    S.du.sig = null;
+    S.du.wsig = null;
+    clear($("duplicate-rows"));
+    clear($("window-rows"));
+    show($("duplicates-empty"), false);
+    show($("windows-panel"), false);
+    show($("windows-readonly"), false);
+    ["duplicates-error", "duplicates-note", "windows-error"].forEach(function (id) { showMsg(id, ""); });
+    setText($("duplicates-count"), "");
+  }
+
+  function openDuplicates() {
+    S.detailId = null;
+    setView("duplicates");
+    loadDuplicates(true);
+    startViewPolling(loadDuplicates, COORD_POLL_MS);
+  }
+
+  function loadDuplicates(force) {
+    if (S.du.loading && force !== true) return Promise.resolve();
+    var gen = ++S.du.gen;
+    S.du.loading = true;
+    var recent = api("GET", "/v1/activity?record=duplicate&limit=100").then(
+      function (data) {
+        if (gen !== S.du.gen || S.view !== "duplicates") return;
+        showMsg("duplicates-error", "");
+        var disabled = !!(data && data.audit === "disabled");
+        showMsg("duplicates-note", disabled ? "The audit trail is disabled (or has no file yet), so suppressed " +
+          "requests are not listed. Enable audit.file in the configuration." : "");
+        var events = (data && Array.isArray(data.events) ? data.events : []).filter(function (e) {
+          return isPlainObject(e) && typeof e.sequence === "number";
+        });
+        var sig = JSON.stringify(events);
+        if (sig === S.du.sig) return;
+        S.du.sig = sig;
+        S.du.events = events;
+        renderDuplicates();
+      },
+      function (e) {
+        if (gen !== S.du.gen || authFailed(e) || S.view !== "duplicates") return;
+        showMsg("duplicates-error", "Could not load the suppressed requests: " + e.message);
+      }
+    );
+    var live = api("GET", "/v1/duplicates?limit=200").then(
+      function (data) {
+        if (gen !== S.du.gen || S.view !== "duplicates") return;
+        showMsg("windows-error", "");
+        show($("windows-readonly"), false);
+        show($("windows-panel"), true);
+        var entries = (data && Array.isArray(data.entries) ? data.entries : []).filter(isPlainObject);
+        var sig = JSON.stringify(entries);
+        if (sig === S.du.wsig) return;
+        S.du.wsig = sig;
+        renderWindows(entries);
+      },
+      function (e) {
+        if (gen !== S.du.gen || authFailed(e) || S.view !== "duplicates") return;
+        if (e.status === 403) {
+          S.du.wsig = null;
+          clear($("window-rows"));
+          show($("windows-panel"), false);
+          showMsg("windows-error", "");
+          showMsg("windows-readonly", "Live keys and windows are shown to operators only. " + e.message);
+          return;
+        }
+        showMsg("windows-error", "Could not load the live keys and windows: " + e.message);
+      }
+    );
+    return Promise.all([recent, live]).then(function () {
+      if (gen === S.du.gen) S.du.loading = false;
+    });
+  }
+
+  function renderDuplicates() {
+    var tbody = $("duplicate-rows");
+    clear(tbody);
+    S.du.events.forEach(function (e) { tbody.appendChild(duplicateRow(e)); });
+    var n = S.du.events.length;
+    show($("duplicates-empty"), n === 0);
+    setText($("duplicates-count"), n + (n === 1 ? " request" : " requests") + " (newest first)");
+  }
+
+  function duplicateRow(e) {
+    var out = duplicateOutcome(e);
+    return el("tr", { cls: "duplicate-row", data: { seq: e.sequence, outcome: e.decision || "", kind: e.kind || "",
+      agent: e.agent || "", testid: "duplicate-row" }, attrs: e.message ? { title: String(e.message) } : {} }, [
+      el("td", { cls: "time" }, [e.time ? timeNode(e.time, "rel") : el("span", { text: "\u2014" })]),
+      el("td", { cls: "agent", text: e.agent || "\u2014" }),
+      el("td", { cls: "action mono", text: e.action || "\u2014" }),
+      el("td", { cls: "resource mono", text: e.resource || "\u2014" }),
+      el("td", { cls: "outcome" }, [el("span", { cls: "badge " + out.cls, text: out.text, attrs: { title: e.kind || "" } })]),
+      el("td", { cls: "first mono", data: { testid: "duplicate-first" }, text: e.first_decision_id || "\u2014" }),
+      el("td", { cls: "decision-id mono", text: e.decision_id || "\u2014" }),
+    ]);
+  }
+
+  function renderWindows(entries) {
+    var tbody = $("window-rows");
+    clear(tbody);
+    entries.forEach(function (w) {
+      var scope = w.kind === "dedupe" ? [w.connector, w.route].filter(function (x) { return x; }).join(" \u00b7 ") : w.scope;
+      var state = w.state === "completed" ? "completed" + (w.status ? " (" + w.status + ")" : "") : "in progress";
+      tbody.appendChild(el("tr", { cls: "window-row", data: { kind: w.kind || "", first: w.first_decision_id || "", testid: "window-row" } }, [
+        el("td", { text: w.kind === "dedupe" ? "dedupe window" : "Idempotency-Key" }),
+        el("td", { cls: "mono", text: scope || "\u2014" }),
+        el("td", { text: w.agent || "\u2014" }),
+        el("td", { text: state + (w.state === "completed" && w.kind !== "dedupe" ? (w.replayable ? ", replayed to retries" : ", retries get 409") : "") }),
+        el("td", { cls: "mono", text: w.first_decision_id || "\u2014" }),
+        el("td", {}, [w.created_at ? timeNode(w.created_at, "rel") : el("span", { text: "\u2014" })]),
+        el("td", {}, [w.expires_at ? timeNode(w.expires_at, "rel") : el("span", { text: "\u2014" })]),
+        el("td", { cls: "mono", text: w.first_result || "\u2014" }),
+      ]));
+    });
+    show($("windows"), entries.length > 0);
+    show($("windows-empty"), entries.length === 0);
+  }
+
   // ------------------------------------------------------------------ live updates
   function setLive(mode) {
     var n = $("live-status");
@@ -1178,6 +1726,9 @@
     else if (S.view === "detail") refreshDetail();
     else if (S.view === "activity") loadActivity();
     else if (S.view === "agents") loadAgents();
+    else if (S.view === "claims") loadClaims();
+    else if (S.view === "handoffs") loadHandoffs();
+    else if (S.view === "duplicates") loadDuplicates();
   }
 
   function startPolling() {
@@ -1293,6 +1844,8 @@
     });
     initActivity();
     initAgents();
+    initClaims();
+    initHandoffs();
     window.addEventListener("popstate", route);
 
     var saved = sessionStorage.getItem(TOKEN_KEY);
