@@ -373,3 +373,28 @@ def test_replace_response_only_for_an_announced_buffered_status() -> None:
     ex.response = ResponseSummary(412, upstream_status=412)
     ex.replace_response(refusal)
     assert ex.replaced and ex.refusal is refusal and ex.response.status == 409 and ex.response.upstream_status == 412
+
+
+def test_the_if_match_proctor_adds_is_not_bound_into_fingerprints() -> None:
+    """Approval and Idempotency-Key fingerprints are over the agent's request: the header the stage
+    adds (like the injected credential) leaves them as they were, so a retry after a re-read
+    (another ETag) is the same request. An If-Match the agent sends itself is its own request."""
+    from proxy.approvals.service import fingerprint_header_names, request_fingerprint
+    from proxy.request_path import _fingerprinter
+
+    async def body(r: Rig) -> None:
+        fingerprint = _fingerprinter(None)
+        await r.send("alice", "GET", "/tickets/T1", 200, '"v1"')
+        ex = r.exchange("alice", "PATCH", "/tickets/T1", {"content-type": "application/json"})
+        before = fingerprint(ex)
+        await r.chain.request(ex)
+        assert ex.plan.set_headers == {"if-match": '"v1"'}
+        assert fingerprint(ex) == before
+        # with if-match among the headers approvals bind, the agent's request is still what counts
+        names = fingerprint_header_names(["if-match"])
+        assert request_fingerprint("alice", ex.request, names) == request_fingerprint(
+            "alice", r.exchange("alice", "PATCH", "/tickets/T1", {"content-type": "application/json"}).request, names)
+        own = r.exchange("alice", "PATCH", "/tickets/T1", {"content-type": "application/json", "if-match": '"v1"'})
+        assert request_fingerprint("alice", own.request, names) != request_fingerprint("alice", ex.request, names)
+
+    rig_run(body)
