@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from datetime import datetime
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -630,6 +631,9 @@ def test_ticketing_reassignment_to_the_service_desk_goes_to_its_inbox(env):
     items = [i for i in inbox(env) if i["claim"]["resource"] == f'Incident::"{sys_id}"']
     assert [(i["group"], i["taken_by"], i["claim"]["holder"]) for i in items] == [
         ("service-desk", None, "group:service-desk")]
+    # it waits for people for a day (human_ttl_seconds), not the agents' 15 minutes
+    until = datetime.fromisoformat(items[0]["claim"]["expires_at"].replace("Z", "+00:00")).timestamp()
+    assert 86400 - 60 < until - time.time() <= 86400
     for agent in ("support-bot", "support-bot-2"):
         body = assert_refused(env.call(agent, "PATCH", url, json={"state": "3"}), 409, ["claim-held-by-another-agent"])
         assert body["claim"]["holder"] == "group:service-desk"

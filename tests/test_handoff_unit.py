@@ -17,9 +17,10 @@ def route(**extra) -> dict:
 
 def test_valid_handoff_declaration() -> None:
     spec = RouteSpec.model_validate(route(handoff={"to": {"agent": "assigned_to", "group": "assignment_group"},
-                                                   "human_groups": ["desk"], "ttl_seconds": 30}))
+                                                   "human_groups": ["desk"], "ttl_seconds": 30,
+                                                   "human_ttl_seconds": 86400}))
     assert spec.handoff is not None and spec.handoff.is_human("desk") and not spec.handoff.is_human("bots")
-    assert spec.handoff.ttl_seconds == 30
+    assert spec.handoff.ttl_seconds == 30 and spec.handoff.human_ttl_seconds == 86400
 
 
 @pytest.mark.parametrize("handoff, message", [
@@ -27,6 +28,7 @@ def test_valid_handoff_declaration() -> None:
     ({"to": {"agent": "nope"}}, "to.agent names 'nope', which is neither a declared path parameter"),
     ({"to": {"group": "assignment_group"}, "extra": 1}, "Extra inputs are not permitted"),
     ({"to": {"agent": "assigned_to"}, "ttl_seconds": 0}, "greater than or equal to 1"),
+    ({"to": {"agent": "assigned_to"}, "human_ttl_seconds": 31 * 24 * 3600}, "less than or equal to 2592000"),
 ])
 def test_invalid_handoff_declarations_are_config_errors(handoff: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

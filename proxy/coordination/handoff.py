@@ -165,7 +165,7 @@ class ClaimHandoff(Stage):
         claim: Claim | None = next((c for c in claims if c.holder == agent), None) or state.blocker
         if claim is None or claim.holder == to:
             return
-        ttl = float(h.spec.ttl_seconds or state.spec.ttl_seconds)
+        ttl = float((h.spec.human_ttl_seconds if human else None) or h.spec.ttl_seconds or state.spec.ttl_seconds)
         groups = [to[len(HUMAN_QUEUE):]] if human else []
         # (by claim id: a claim that expired meanwhile, and was taken anew, is not moved)
         moved = await self.store.transfer_claim(claim.id, to=to, groups=groups, now=now, ttl=ttl)

@@ -10,6 +10,7 @@
         to: {agent: assigned_to, group: assignment_group}
         human_groups: [service-desk, network-ops]
         ttl_seconds: 900
+        human_ttl_seconds: 86400
 
 When a write on such a route is forwarded and the upstream answers 2xx, the claim
 on the resource moves to the target the request names: the agent in `to.agent`
@@ -49,6 +50,9 @@ class HandoffSpec(BaseModel):
     human_groups: list[str] = Field(default_factory=list, max_length=256)
     # The new holder's lease; default: the route's claim ttl_seconds.
     ttl_seconds: int | None = Field(None, ge=1, le=7 * 24 * 3600)
+    # How long an item waits in a human group's inbox (people work slower than agents);
+    # default: ttl_seconds (else the claim's).
+    human_ttl_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600)
 
     def is_human(self, group: str) -> bool:
         return ANY_GROUP in self.human_groups or group in self.human_groups
