@@ -26,6 +26,7 @@ from typing import Any
 from .idempotency import IdempotencyEntry
 from .claims import Claim, ClaimOutcome
 from .etags import SeenETag
+from .workflows import Instance, StepEvent, WorkflowObject
 from .models import (
     SUSPENSION_KINDS,
     AgentRecord,
@@ -342,6 +343,40 @@ class Store(abc.ABC):
     async def sweep_etags(self, now: float) -> int:
         """Delete expired rows (readers ignore them already); how many."""
 
+    # ---- workflows (proxy/workflows/; store/workflows.py) ----
+    @abc.abstractmethod
+    async def workflow_instance(self, instance_id: str) -> Instance | None: ...
+
+    @abc.abstractmethod
+    async def workflow_instance_for(self, workflow: str, objects: Sequence[tuple[str, str]]) -> Instance | None:
+        """The instance the first of `objects` (type, id) that belongs to one names, or None."""
+
+    @abc.abstractmethod
+    async def record_workflow_event(self, event: StepEvent, *, required: Sequence[str],
+                                    links: Sequence[tuple[str, str]], create: bool) -> Instance | None:
+        """Atomically (one transaction, the instance row locked): apply `event` to its instance
+        (created, started at the event, when `create` and absent), store the event and link
+        `links` to the instance (an object another instance has stays there). The instance
+        after the event, or None when it does not exist and `create` is false."""
+
+    @abc.abstractmethod
+    async def update_workflow_attrs(self, instance_id: str, attrs: dict[str, Any], *, expect_version: int) -> bool:
+        """Replace the instance's attrs if its version is still `expect_version` (bumping it)."""
+
+    @abc.abstractmethod
+    async def list_workflow_instances(self, *, workflow: str | None = None, state: str | None = None,
+                                      since: float | None = None, limit: int = 100) -> list[Instance]:
+        """Most recently moved first."""
+
+    @abc.abstractmethod
+    async def workflow_events(self, *, instance_id: str | None = None, workflow: str | None = None,
+                              since: float | None = None, after_seq: int = 0, limit: int = 10000) -> list[StepEvent]:
+        """In store order (seq), after `after_seq` (paging)."""
+
+    @abc.abstractmethod
+    async def workflow_objects(self, *, instance_id: str | None = None,
+                               workflow: str | None = None) -> list[WorkflowObject]: ...
+
     async def __aenter__(self) -> Store:
         await self.open()
         return self
@@ -353,7 +388,7 @@ class Store(abc.ABC):
 # ---------------------------------------------------------------------------
 # Helpers shared by the backends (not part of the public API).
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SUSPENSIONS_VERSION_KEY = "suspensions_version"
 
 # (column, kind) in table order; kind: text | float | json | bool | int

@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -51,6 +52,11 @@ from .idempotency import (IDEMPOTENCY_COLUMNS, IDEMPOTENCY_LIST_SELECT, IDEMPOTE
                           IdempotencyEntry, entry_from_row, entry_params)
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
 from .etags import ETAG_COLUMNS, ETAG_SELECT, SeenETag, etag_from_row, etag_params
+from .workflows import (EVENT_COLUMNS, EVENT_SELECT, INSTANCE_COLUMNS, INSTANCE_SELECT, RUNNING, WF_OBJECT_SELECT,
+                        Instance, StepEvent, WorkflowObject, apply_event, event_from_row, event_params,
+                        instance_from_row, instance_params, object_from_row)
+from .workflows import WF_JOINED as _WF_JOINED
+from .workflows import WF_SET_PG as _WF_SET_PG
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -192,6 +198,54 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (connector, resource, agent_id)
         )""",
         "CREATE INDEX proctor_etags_expires ON proctor_etags (expires_at)",
+    ),
+    5: (
+        # Workflows (proxy/workflows/, proxy/store/workflows.py): instances, the business
+        # objects that name them (unique per workflow) and their step events.
+        """CREATE TABLE proctor_wf_instances (
+            id TEXT PRIMARY KEY,
+            workflow TEXT NOT NULL,
+            state TEXT NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            completed_at DOUBLE PRECISION,
+            completed TEXT NOT NULL,
+            tally TEXT NOT NULL,
+            cost TEXT NOT NULL,
+            last_step TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            attrs TEXT NOT NULL
+        )""",
+        "CREATE INDEX proctor_wf_instances_state ON proctor_wf_instances (workflow, state, updated_at)",
+        """CREATE TABLE proctor_wf_objects (
+            workflow TEXT NOT NULL,
+            object_type TEXT NOT NULL,
+            object_id TEXT NOT NULL,
+            instance_id TEXT NOT NULL,
+            step TEXT NOT NULL,
+            linked_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (workflow, object_type, object_id)
+        )""",
+        "CREATE INDEX proctor_wf_objects_instance ON proctor_wf_objects (instance_id)",
+        """CREATE TABLE proctor_wf_events (
+            seq BIGSERIAL PRIMARY KEY,
+            instance_id TEXT NOT NULL,
+            workflow TEXT NOT NULL,
+            step TEXT NOT NULL,
+            action TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            decision_id TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            status INTEGER,
+            time DOUBLE PRECISION NOT NULL,
+            duration_ms DOUBLE PRECISION NOT NULL,
+            approval_wait_ms DOUBLE PRECISION,
+            human BOOLEAN NOT NULL DEFAULT FALSE,
+            cost TEXT NOT NULL,
+            objects TEXT NOT NULL
+        )""",
+        "CREATE INDEX proctor_wf_events_instance ON proctor_wf_events (instance_id, seq)",
+        "CREATE INDEX proctor_wf_events_time ON proctor_wf_events (workflow, time)",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -850,3 +904,98 @@ class PostgresStore(Store):
     async def sweep_etags(self, now: float) -> int:
         status = await self._execute("sweep_etags", "DELETE FROM proctor_etags WHERE expires_at <= $1", float(now))
         return self._rowcount(status)
+
+    # ---- workflows (proxy/workflows/; store/workflows.py) ------------------
+    async def workflow_instance(self, instance_id: str) -> Instance | None:
+        row = await self._fetchrow("workflow_instance",
+                                   f"SELECT {INSTANCE_SELECT} FROM proctor_wf_instances WHERE id = $1", instance_id)
+        return None if row is None else instance_from_row(row)
+
+    async def workflow_instance_for(self, workflow: str, objects: Sequence[tuple[str, str]]) -> Instance | None:
+        for object_type, object_id in objects:
+            row = await self._fetchrow(
+                "workflow_instance_for",
+                f"SELECT {_WF_JOINED} FROM proctor_wf_objects o JOIN proctor_wf_instances i ON i.id = o.instance_id "
+                "WHERE o.workflow = $1 AND o.object_type = $2 AND o.object_id = $3",
+                workflow, object_type, object_id,
+            )
+            if row is not None:
+                return instance_from_row(row)
+        return None
+
+    async def record_workflow_event(self, event: StepEvent, *, required: Sequence[str],
+                                    links: Sequence[tuple[str, str]], create: bool) -> Instance | None:
+        params = event_params(event)
+        pool = self._p()
+        with backend_errors("record_workflow_event"):
+            async with pool.acquire() as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    f"SELECT {INSTANCE_SELECT} FROM proctor_wf_instances WHERE id = $1 FOR UPDATE", event.instance_id)
+                if row is None:
+                    if not create:
+                        return None
+                    fresh = Instance(id=event.instance_id, workflow=event.workflow, state=RUNNING,
+                                     started_at=event.time, updated_at=event.time)
+                    # (an insert racing ours on another replica: take its row, locked, instead)
+                    await conn.execute(
+                        f"INSERT INTO proctor_wf_instances ({INSTANCE_SELECT}) VALUES "
+                        f"({', '.join(f'${n}' for n in range(1, len(INSTANCE_COLUMNS) + 1))}) "
+                        "ON CONFLICT (id) DO NOTHING", *instance_params(fresh))
+                    row = await conn.fetchrow(
+                        f"SELECT {INSTANCE_SELECT} FROM proctor_wf_instances WHERE id = $1 FOR UPDATE",
+                        event.instance_id)
+                inst = instance_from_row(row)
+                apply_event(inst, event, required)
+                values = instance_params(inst)
+                await conn.execute(f"UPDATE proctor_wf_instances SET {_WF_SET_PG} WHERE id = $1", *values)
+                await conn.execute(
+                    f"INSERT INTO proctor_wf_events ({', '.join(EVENT_COLUMNS)}) VALUES "
+                    f"({', '.join(f'${n}' for n in range(1, len(EVENT_COLUMNS) + 1))})", *params)
+                for object_type, object_id in links:
+                    await conn.execute(
+                        "INSERT INTO proctor_wf_objects (workflow, object_type, object_id, instance_id, step, "
+                        "linked_at) VALUES ($1, $2, $3, $4, $5, $6) "
+                        "ON CONFLICT (workflow, object_type, object_id) DO NOTHING",
+                        event.workflow, object_type, object_id, inst.id, event.step, float(event.time),
+                    )
+        return inst
+
+    async def update_workflow_attrs(self, instance_id: str, attrs: dict[str, Any], *, expect_version: int) -> bool:
+        done = await self._execute(
+            "update_workflow_attrs",
+            "UPDATE proctor_wf_instances SET attrs = $1, version = version + 1 WHERE id = $2 AND version = $3",
+            dump_json(attrs), instance_id, int(expect_version),
+        )
+        return done == "UPDATE 1"
+
+    async def list_workflow_instances(self, *, workflow: str | None = None, state: str | None = None,
+                                      since: float | None = None, limit: int = 100) -> list[Instance]:
+        rows = await self._fetch(
+            "list_workflow_instances",
+            f"SELECT {INSTANCE_SELECT} FROM proctor_wf_instances WHERE ($1::text IS NULL OR workflow = $1) "
+            "AND ($2::text IS NULL OR state = $2) AND ($3::double precision IS NULL OR updated_at >= $3) "
+            "ORDER BY updated_at DESC, id LIMIT $4",
+            workflow, state, None if since is None else float(since), max(0, int(limit)),
+        )
+        return [instance_from_row(r) for r in rows]
+
+    async def workflow_events(self, *, instance_id: str | None = None, workflow: str | None = None,
+                              since: float | None = None, after_seq: int = 0, limit: int = 10000) -> list[StepEvent]:
+        rows = await self._fetch(
+            "workflow_events",
+            f"SELECT {EVENT_SELECT} FROM proctor_wf_events WHERE seq > $1 "
+            "AND ($2::text IS NULL OR instance_id = $2) AND ($3::text IS NULL OR workflow = $3) "
+            "AND ($4::double precision IS NULL OR time >= $4) ORDER BY seq LIMIT $5",
+            int(after_seq), instance_id, workflow, None if since is None else float(since), max(0, int(limit)),
+        )
+        return [event_from_row(r) for r in rows]
+
+    async def workflow_objects(self, *, instance_id: str | None = None,
+                               workflow: str | None = None) -> list[WorkflowObject]:
+        rows = await self._fetch(
+            "workflow_objects",
+            f"SELECT {WF_OBJECT_SELECT} FROM proctor_wf_objects WHERE ($1::text IS NULL OR instance_id = $1) "
+            "AND ($2::text IS NULL OR workflow = $2) ORDER BY linked_at, object_type, object_id",
+            instance_id, workflow,
+        )
+        return [object_from_row(r) for r in rows]

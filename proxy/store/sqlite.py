@@ -65,6 +65,11 @@ from .idempotency import (IDEMPOTENCY_COLUMNS, IDEMPOTENCY_LIST_SELECT, IDEMPOTE
                           IdempotencyEntry, entry_from_row, entry_params)
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
 from .etags import ETAG_COLUMNS, ETAG_SELECT, SeenETag, etag_from_row, etag_params
+from .workflows import (EVENT_COLUMNS, EVENT_SELECT, INSTANCE_COLUMNS, INSTANCE_SELECT, RUNNING, WF_OBJECT_SELECT,
+                        Instance, StepEvent, WorkflowObject, apply_event, event_from_row, event_params,
+                        instance_from_row, instance_params, object_from_row)
+from .workflows import WF_JOINED as _WF_JOINED
+from .workflows import WF_SET as _WF_SET
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 log = logging.getLogger("proctor.store")
@@ -205,6 +210,54 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             PRIMARY KEY (connector, resource, agent_id)
         )""",
         "CREATE INDEX proctor_etags_expires ON proctor_etags (expires_at)",
+    ),
+    5: (
+        # Workflows (proxy/workflows/, proxy/store/workflows.py): instances, the business
+        # objects that name them (unique per workflow) and their step events.
+        """CREATE TABLE proctor_wf_instances (
+            id TEXT PRIMARY KEY,
+            workflow TEXT NOT NULL,
+            state TEXT NOT NULL,
+            started_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            completed_at REAL,
+            completed TEXT NOT NULL,
+            tally TEXT NOT NULL,
+            cost TEXT NOT NULL,
+            last_step TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            attrs TEXT NOT NULL
+        )""",
+        "CREATE INDEX proctor_wf_instances_state ON proctor_wf_instances (workflow, state, updated_at)",
+        """CREATE TABLE proctor_wf_objects (
+            workflow TEXT NOT NULL,
+            object_type TEXT NOT NULL,
+            object_id TEXT NOT NULL,
+            instance_id TEXT NOT NULL,
+            step TEXT NOT NULL,
+            linked_at REAL NOT NULL,
+            PRIMARY KEY (workflow, object_type, object_id)
+        )""",
+        "CREATE INDEX proctor_wf_objects_instance ON proctor_wf_objects (instance_id)",
+        """CREATE TABLE proctor_wf_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            instance_id TEXT NOT NULL,
+            workflow TEXT NOT NULL,
+            step TEXT NOT NULL,
+            action TEXT NOT NULL,
+            agent TEXT NOT NULL,
+            decision_id TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            status INTEGER,
+            time REAL NOT NULL,
+            duration_ms REAL NOT NULL,
+            approval_wait_ms REAL,
+            human INTEGER NOT NULL DEFAULT 0,
+            cost TEXT NOT NULL,
+            objects TEXT NOT NULL
+        )""",
+        "CREATE INDEX proctor_wf_events_instance ON proctor_wf_events (instance_id, seq)",
+        "CREATE INDEX proctor_wf_events_time ON proctor_wf_events (workflow, time)",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -885,3 +938,99 @@ class SQLiteStore(Store):
         async with self._write("sweep_etags") as db:
             async with db.execute("DELETE FROM proctor_etags WHERE expires_at <= ?", (float(now),)) as cur:
                 return int(cur.rowcount or 0)
+
+    # ---- workflows (proxy/workflows/; store/workflows.py) ------------------
+    async def workflow_instance(self, instance_id: str) -> Instance | None:
+        row = await self._fetchone("workflow_instance",
+                                   f"SELECT {INSTANCE_SELECT} FROM proctor_wf_instances WHERE id = ?", (instance_id,))
+        return None if row is None else instance_from_row(row)
+
+    async def workflow_instance_for(self, workflow: str, objects: Sequence[tuple[str, str]]) -> Instance | None:
+        for object_type, object_id in objects:
+            row = await self._fetchone(
+                "workflow_instance_for",
+                f"SELECT {_WF_JOINED} FROM proctor_wf_objects o JOIN proctor_wf_instances i ON i.id = o.instance_id "
+                "WHERE o.workflow = ? AND o.object_type = ? AND o.object_id = ?",
+                (workflow, object_type, object_id),
+            )
+            if row is not None:
+                return instance_from_row(row)
+        return None
+
+    async def record_workflow_event(self, event: StepEvent, *, required: Sequence[str],
+                                    links: Sequence[tuple[str, str]], create: bool) -> Instance | None:
+        params = event_params(event)
+        async with self._write("record_workflow_event") as db:
+            async with db.execute(f"SELECT {INSTANCE_SELECT} FROM proctor_wf_instances WHERE id = ?",
+                                  (event.instance_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None and not create:
+                return None
+            inst = instance_from_row(row) if row is not None else Instance(
+                id=event.instance_id, workflow=event.workflow, state=RUNNING, started_at=event.time,
+                updated_at=event.time)
+            apply_event(inst, event, required)
+            values = instance_params(inst)
+            if row is None:
+                await db.execute(f"INSERT INTO proctor_wf_instances ({INSTANCE_SELECT}) VALUES "
+                                 f"({', '.join('?' for _ in INSTANCE_COLUMNS)})", values)
+            else:
+                await db.execute(f"UPDATE proctor_wf_instances SET {_WF_SET} WHERE id = ?", [*values[1:], inst.id])
+            await db.execute(f"INSERT INTO proctor_wf_events ({', '.join(EVENT_COLUMNS)}) VALUES "
+                             f"({', '.join('?' for _ in EVENT_COLUMNS)})", params)
+            for object_type, object_id in links:
+                # (an object another instance already has stays there: it names that one)
+                await db.execute(
+                    "INSERT INTO proctor_wf_objects (workflow, object_type, object_id, instance_id, step, linked_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (workflow, object_type, object_id) DO NOTHING",
+                    (event.workflow, object_type, object_id, inst.id, event.step, float(event.time)),
+                )
+        return inst
+
+    async def update_workflow_attrs(self, instance_id: str, attrs: dict[str, Any], *, expect_version: int) -> bool:
+        async with self._write("update_workflow_attrs") as db:
+            async with db.execute(
+                "UPDATE proctor_wf_instances SET attrs = ?, version = version + 1 WHERE id = ? AND version = ?",
+                (dump_json(attrs), instance_id, int(expect_version)),
+            ) as cur:
+                return bool(cur.rowcount == 1)
+
+    async def list_workflow_instances(self, *, workflow: str | None = None, state: str | None = None,
+                                      since: float | None = None, limit: int = 100) -> list[Instance]:
+        sql = f"SELECT {INSTANCE_SELECT} FROM proctor_wf_instances WHERE 1 = 1"
+        params: list[Any] = []
+        for column, value in (("workflow", workflow), ("state", state)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if since is not None:
+            sql += " AND updated_at >= ?"
+            params.append(float(since))
+        rows = await self._fetchall("list_workflow_instances", sql + " ORDER BY updated_at DESC, id LIMIT ?",
+                                    [*params, max(0, int(limit))])
+        return [instance_from_row(r) for r in rows]
+
+    async def workflow_events(self, *, instance_id: str | None = None, workflow: str | None = None,
+                              since: float | None = None, after_seq: int = 0, limit: int = 10000) -> list[StepEvent]:
+        sql = f"SELECT {EVENT_SELECT} FROM proctor_wf_events WHERE seq > ?"
+        params: list[Any] = [int(after_seq)]
+        for column, value in (("instance_id", instance_id), ("workflow", workflow)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        if since is not None:
+            sql += " AND time >= ?"
+            params.append(float(since))
+        rows = await self._fetchall("workflow_events", sql + " ORDER BY seq LIMIT ?", [*params, max(0, int(limit))])
+        return [event_from_row(r) for r in rows]
+
+    async def workflow_objects(self, *, instance_id: str | None = None,
+                               workflow: str | None = None) -> list[WorkflowObject]:
+        sql = f"SELECT {WF_OBJECT_SELECT} FROM proctor_wf_objects WHERE 1 = 1"
+        params: list[Any] = []
+        for column, value in (("instance_id", instance_id), ("workflow", workflow)):
+            if value is not None:
+                sql += f" AND {column} = ?"
+                params.append(value)
+        rows = await self._fetchall("workflow_objects", sql + " ORDER BY linked_at, object_type, object_id", params)
+        return [object_from_row(r) for r in rows]

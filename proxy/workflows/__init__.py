@@ -1,0 +1,1 @@
+"""Workflows: step order across agents, exceptions, outcome KPIs (docs/workflows.md)."""
