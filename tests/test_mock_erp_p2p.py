@@ -324,7 +324,7 @@ def test_order_references_must_exist_and_agree(erp):
                 "Purchase requisition 0010009999 does not exist")
     # the quotation is Acme's: an order to Globex cannot claim it
     odata_error(erp.post(PO, order_body(*LAPTOPS, supplier="17300002", SupplierQuotation=qtn)), 400,
-                f"is from supplier 17300001, not 17300002")
+                "is from supplier 17300001, not 17300002")
     odata_error(erp.post(PO, order_body(*LAPTOPS, SupplierQuotation=qtn, PurchaseRequisition=other_pr)), 400,
                 f"belongs to purchase requisition {pr}")
     assert set(erp.docs["orders"]) == before
