@@ -133,7 +133,8 @@ def test_generated_contexts_required_and_optional(generated):
     create = context_type(generated, "erp.purchase_order.create")
     # required body values (and counts, always present) are required; the rest optional
     assert ("fields: { company_code: String, currency?: String, item_count: Long, materials?: Set<String>, "
-            "net_amount?: decimal, prices?: Set<decimal>, quantities?: Set<decimal>, supplier: String }") in create
+            "net_amount?: decimal, prices?: Set<decimal>, quantities?: Set<decimal>, quotation?: String, "
+            "requisition?: String, supplier: String }") in create
     assert "params" not in create and "query_params" not in create
     assert "method: String" in create and "source_ip: ipaddr" in create and "time: Time" in create
     approve = context_type(generated, "erp.purchase_order.approve")
@@ -149,6 +150,35 @@ def test_generated_contexts_required_and_optional(generated):
         'action "erp.purchase_order.approve" appliesTo { principal: Agent, resource: PurchaseOrder, '
         "context: ErpPurchaseOrderApproveContext };"
     )
+
+
+def test_generated_procure_to_pay_declarations(generated):
+    """The bundled ERP's procure-to-pay steps: each names the document it follows, with its
+    amounts, and the payment sees the invoice as the ERP has it (lookup) and who entered it."""
+    assert decl(generated, "entity", "PurchaseRequisition") == (
+        "entity PurchaseRequisition { created_by?: Agent, net_amount?: decimal };")
+    assert decl(generated, "entity", "SupplierQuotation") == (
+        "entity SupplierQuotation { created_by?: Agent, currency?: String, net_amount?: decimal, "
+        "requisition?: String, supplier?: String };")
+    assert decl(generated, "entity", "GoodsReceipt") == "entity GoodsReceipt { created_by?: Agent, purchase_order?: String };"
+    assert decl(generated, "entity", "SupplierInvoice") == (
+        "entity SupplierInvoice { created_by?: Agent, currency?: String, gross_amount?: decimal, "
+        "payment_status?: String, purchase_order?: String, supplier?: String };")
+    assert ("fields: { item_count: Long, materials?: Set<String>, net_amount?: decimal } };"
+            in context_type(generated, "erp.requisition.create"))
+    assert ("fields: { currency?: String, item_count: Long, materials?: Set<String>, net_amount?: decimal, "
+            "requisition: String, supplier: String } };") in context_type(generated, "erp.quote.create")
+    assert ("fields: { item_count: Long, purchase_order: String, purchase_orders?: Set<String>, quantity?: decimal } };"
+            in context_type(generated, "erp.goods_receipt.create"))
+    assert ("fields: { currency?: String, gross_amount: decimal, purchase_order: String, reference?: String, "
+            "supplier?: String } };") in context_type(generated, "erp.invoice.create")
+    assert context_type(generated, "erp.payment.create").endswith("params: { invoice: String } };")
+    assert decl(generated, "action", "erp.payment.create") == (
+        'action "erp.payment.create" appliesTo { principal: Agent, resource: SupplierInvoice, '
+        "context: ErpPaymentCreateContext };")
+    for action, resource in (("erp.requisition.read", "PurchaseRequisition"), ("erp.quote.read", "SupplierQuotation"),
+                             ("erp.goods_receipt.read", "GoodsReceipt"), ("erp.invoice.read", "SupplierInvoice")):
+        assert f"resource: {resource}," in decl(generated, "action", action)
 
 
 def test_every_bundled_action_is_declared_once(generated, bundled):
@@ -384,7 +414,8 @@ def test_cli_connector_schema_with_config_override_and_error(tmp_path):
     cfg.write_text(yaml.safe_dump({"state_dir": "state", "connectors_dir": "connectors", "policies": {"dir": "policies"}}))
     out = run_cli("connector", "schema", "-c", str(cfg))
     assert out.returncode == 0, out.stderr
-    assert "entity PurchaseOrder {" in out.stdout and "entity Supplier" not in out.stdout
+    assert "entity PurchaseOrder {" in out.stdout and not re.search(r"^entity Supplier\b", out.stdout, re.M)
+    assert "entity SupplierInvoice {" in out.stdout  # (generated: not the declared Supplier)
     assert '"erp.supplier.read"' in out.stdout and "crm." not in out.stdout and "ticketing." not in out.stdout
     # a manifest conflict: exit 2 and the message
     raw = yaml.safe_load((CONNECTORS / "erp.yaml").read_text())
