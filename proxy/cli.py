@@ -465,9 +465,12 @@ def connector_schema(config_path: str | None) -> None:
 
     config = _load(config_path)
     try:
+        from .workflows.spec import load_workflows
+
         manifests = load_manifests(config.connectors_dir)
         base = config.schema_path.read_text() if config.schema_path.exists() else ""
-        click.echo(generate_schema(manifests, declared_in(base)), nl=False)
+        actions = load_workflows(config.effective_workflows_dir, manifests).actions
+        click.echo(generate_schema(manifests, declared_in(base), workflow_actions=actions), nl=False)
     except ManifestError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -413,6 +413,9 @@ class ProctorConfig(Strict):
     identity: IdentityConfig | None = None  # None: the dev issuer only
     dev_issuer: DevIssuerConfig = Field(default_factory=DevIssuerConfig)
     connectors_dir: Path = DEFAULTS_DIR / "connectors"
+    # Workflow definitions (docs/workflows.md). None: the bundled ones when the connectors
+    # are the bundled ones, else none (they name the bundled connectors' actions).
+    workflows_dir: Path | None = None
     policies: PolicyConfig = Field(default_factory=lambda: PolicyConfig(dir=DEFAULTS_DIR / "policies"))
     egress: EgressConfig = Field(default_factory=EgressConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits)
@@ -426,6 +429,14 @@ class ProctorConfig(Strict):
     audit: AuditConfig = Field(default_factory=AuditConfig)
 
     # -- derived paths ---------------------------------------------------------
+    @property
+    def effective_workflows_dir(self) -> Path | None:
+        if self.workflows_dir is not None:
+            return self.workflows_dir
+        bundled = DEFAULTS_DIR / "workflows"
+        same = self.connectors_dir.resolve() == (DEFAULTS_DIR / "connectors").resolve()
+        return bundled if same and bundled.is_dir() else None
+
     @property
     def dev_issuer_enabled(self) -> bool:
         if self.dev_issuer.enabled is None:
@@ -509,6 +520,7 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     raw.setdefault("state_dir", ".proctor")
     fix(raw, "state_dir")
     fix(raw, "connectors_dir")
+    fix(raw, "workflows_dir")
     pol = raw.get("policies")
     if isinstance(pol, dict):
         for k in ("dir", "schema_file", "entities_file", "shadow_dir"):

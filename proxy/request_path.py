@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .approvals.service import ApprovalService, forwarded_view, request_fingerprint
-from .approvals.stage import HoldForApproval, SpendApproval
+from .approvals.stage import RELEASED, HoldForApproval, SpendApproval
 from .audit.stage import AuditGate
 from .audit.trail import AuditTrail
 from .config import ProctorConfig
@@ -47,6 +47,9 @@ from .policy.stage import Authorize
 from .record.decisions import DecisionRecorder
 from .record.stage import RecordDecision
 from .store.refusal import store_unavailable
+from .workflows.metrics import WorkflowMetrics
+from .workflows.spec import Workflows
+from .workflows.stage import WorkflowAdvance, WorkflowCheck, WorkflowOrder
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Parts:
     tracing: Tracing | None = None
     claims: ClaimObserver | None = None  # claim metrics (default: ClaimMetrics on `metrics`)
     notifier: Any = None  # approvals.notify.Notifier: webhooks (handoffs too)
+    workflows: Workflows | None = None  # workflow definitions (docs/workflows.md)
 
 
 @dataclass
@@ -113,6 +117,8 @@ def build_request_path(p: Parts) -> RequestPath:
     principal_mapping = cfg.identity_settings().principal
     claim_observer = p.claims if p.claims is not None else ClaimMetrics(p.metrics)
     duplicates = DuplicateObserver(p.recorder.write, DuplicateMetrics(p.metrics).count)
+    workflows = p.workflows if p.workflows else None
+    workflow_metrics = WorkflowMetrics(p.metrics) if workflows is not None else None
     etag_paths = if_match_paths(p.classifier.connectors)  # routes whose answers' ETags matter
 
     def groups_of(identity: AgentIdentity) -> list[str]:
@@ -144,11 +150,15 @@ def build_request_path(p: Parts) -> RequestPath:
         TargetSuspended(gov) if gov else None,                     # kill switch: connector and action
         Enrich(p.enricher) if p.enricher else None,                # resource attributes (creator, lookup)
         ClaimCheck(p.store, groups_of),                            # claim-bearing routes: context.claim
+        WorkflowCheck(p.store, workflows) if workflows else None,  # workflow steps: context.workflow
         TrackCreator(p.store),                                     # on the way back: who created what
         Authorize(p.policies, p.shadow, cfg.identity_settings(), cfg.limits),  # Cedar (and shadow)
         ClaimConflict(claim_observer, record=p.recorder.write),                             # a deny by @claim policies -> 409
+        WorkflowOrder(p.store, workflow_metrics) if workflows else None,  # @workflow deny -> 409
         HoldForApproval(p.approvals, p.policies, cfg.approvals,
                         suspended_meanwhile if gov else None) if p.approvals else None,  # deny -> hold
+        WorkflowAdvance(p.store, workflow_metrics,                 # a person's part; on the way
+                        lambda ex: ex.stage_data.get(RELEASED)) if workflows else None,  # back: the step
         IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals),
                          duplicates) if p.store else None,  # replay/409/422
         IfMatch(p.store, cfg.concurrency, etag_paths,              # if_match writes: If-Match (last-seen ETag);

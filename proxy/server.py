@@ -24,6 +24,7 @@ from .connectors.aliases import ConnectorAliases
 from .connectors.classifier import build_classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
+from .workflows.spec import Workflows, load_workflows
 from .approvals.notify import Notifier, WebhookConfig
 from .audit.setup import build_audit
 from .audit.trail import AuditTrail
@@ -77,6 +78,7 @@ class ProctorRuntime:
     # Held by the file watcher and by a rollback, so the watcher never loads a half-restored directory.
     policy_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tracing: Tracing | None = None
+    workflows: Workflows = field(default_factory=Workflows)
 
     def stats(self) -> dict[str, int]:
         """The engine's request counters (GET /v1/stats)."""
@@ -92,6 +94,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         DevIssuer(config.dev_issuer_dir, config.dev_issuer).ensure()
     ensure_ca(config.ca_dir)
     manifests = load_manifests(config.connectors_dir)
+    workflows = load_workflows(config.effective_workflows_dir, manifests)
     policies = PolicyStore(policy_source(config, manifests=manifests))
     injector = CredentialInjector({m.name: m.auth for m in manifests if m.auth is not None})
     classifier = build_classifier(manifests, config.egress)
@@ -152,11 +155,12 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         injector=injector,
         audit=audit,
         tracing=tracing,
+        workflows=workflows,
     ))
     addon = ProctorAddon(path.requests, path.tunnels, router, config.limits)
     runtime = ProctorRuntime(
         config, policies, path, recorder, addon, metrics, store, lookups, verifier, shadow, enricher,
-        approvals, notifier, governance, audit, tracing=tracing,
+        approvals, notifier, governance, audit, tracing=tracing, workflows=workflows,
     )
     if approvals is not None:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)

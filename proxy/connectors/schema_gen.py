@@ -44,6 +44,11 @@ OPTIONAL_CONTEXT_FIELDS: tuple[tuple[str, str], ...] = (("approval", "Approval")
 CLAIM_CONTEXT_TYPE = ("{ held: Bool, holder: String, holder_groups: Set<String>, mine: Bool, mode: String, "
                       "since: Long, expires_at: Long, write: Bool, conflict: Bool }")
 
+# context.workflow on workflow-governed actions (proxy/workflows/stage.py builds it; docs/workflows.md).
+WORKFLOW_CONTEXT_TYPE = ("{ name: String, instance: String, step: String, known: Bool, completed: Set<String>, "
+                         "ready: Bool, missing: Set<String>, next: Set<String>, started_at: Long, attempts: Long, "
+                         "failures: Long }")
+
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -154,6 +159,7 @@ def generate_schema(
     manifests: list[ConnectorManifest],
     declared: "Declared | None" = None,
     tracked_types: set[str] | None = None,
+    workflow_actions: "frozenset[str] | set[str]" = frozenset(),
 ) -> str:
     """Cedar schema text declaring every connector action and resource type not already `declared`.
 
@@ -264,6 +270,9 @@ def generate_schema(
             extra = True
             opt = "" if all(s.claim for s in decl.shapes) else "?"
             ctx_fields.append(f"claim{opt}: {CLAIM_CONTEXT_TYPE}")
+        if action in workflow_actions:
+            extra = True
+            ctx_fields.append(f"workflow: {WORKFLOW_CONTEXT_TYPE}")
         if extra:
             ctx_name = _context_type_name(action, taken)
             lines.append(f"type {ctx_name} = {{ {', '.join(ctx_fields)} }};")

@@ -22,6 +22,7 @@ from .approvals_api import add_approval_routes
 from .auth import problem
 from .claims_api import add_claim_routes
 from .duplicates_api import add_duplicate_routes
+from .workflows_api import add_workflow_routes
 from .governance_api import add_governance_routes
 from .health import health, not_ready_reasons
 from .console_routes import add_console_routes
@@ -103,6 +104,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
         add_governance_routes(app, runtime)
     add_claim_routes(app, runtime)
     add_duplicate_routes(app, runtime)
+    add_workflow_routes(app, runtime)
     add_activity_routes(app, runtime)
     add_openapi_route(app)
     add_console_routes(app)

@@ -36,6 +36,7 @@ from .claims_api import (
     Inbox,
 )
 from .duplicates_api import DuplicateList, DuplicateListQuery
+from .workflows_api import InstanceDetail, InstanceList, InstanceListQuery, InstancePath, WorkflowList
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -207,6 +208,14 @@ ROUTES: tuple[Route, ...] = (
           "operator", (Reply(200, "Entries, newest first: who holds each, its state and when it ends (never the "
                                   "keys or the stored responses).", DuplicateList),),
           (400, *OPERATOR), query=DuplicateListQuery),
+    # workflows (workflows_api.py; docs/workflows.md)
+    Route("get", "/v1/workflows", "listWorkflows", "Workflow definitions, with instance counts by state",
+          "workflows", "approver", (Reply(200, "Every loaded definition.", WorkflowList),), AUTH),
+    Route("get", "/v1/workflows/instances", "listWorkflowInstances", "Workflow instances, most recently moved first",
+          "workflows", "approver", (Reply(200, "Instances.", InstanceList),), (400, *AUTH), query=InstanceListQuery),
+    Route("get", "/v1/workflows/instances/{id}", "getWorkflowInstance", "One workflow instance with its history "
+          "and business objects", "workflows", "approver", (Reply(200, "The instance.", InstanceDetail),),
+          (401, 404, 503), path_model=InstancePath),
     # approvals (approvals_api.py)
     Route("get", "/v1/whoami", "whoami", "The calling approver and their approval groups", "approvals", "approver",
           (Reply(200, "The verified approver.", rs.WhoAmI),), AUTH),
@@ -344,6 +353,7 @@ def build_document(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
             {"name": "governance", "description": "The activity view, the agent registry and the kill switch."},
             {"name": "coordination", "description": "Claims on resources, handoffs to people, and duplicate-work "
              "suppression (idempotency keys, dedupe windows)."},
+            {"name": "workflows", "description": "Workflow definitions, instances and their history."},
             {"name": "meta", "description": "This document."},
         ],
         "paths": paths,

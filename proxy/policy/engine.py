@@ -71,6 +71,8 @@ class PolicySource:
     # Connector manifests whose actions and resource types are generated into the
     # schema (connectors/schema_gen.py); empty: the schema file says everything.
     manifests: tuple = ()
+    # Actions that are workflow steps: their generated context declares `workflow`.
+    workflow_actions: frozenset = frozenset()
 
     def files(self) -> list[Path]:
         files = [self.schema_path, *sorted(self.policy_dir.glob("*.cedar"))]
@@ -166,7 +168,8 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
                 )
             else:
                 try:
-                    generated = generate_schema(list(source.manifests), declared_in(schema_text))
+                    generated = generate_schema(list(source.manifests), declared_in(schema_text),
+                                                workflow_actions=source.workflow_actions)
                 except ManifestError as e:
                     problems.append(f"schema from connectors: {e}")
         hasher.update(generated.encode())

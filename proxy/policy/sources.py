@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import ProctorConfig
 from ..connectors.manifest import load_manifests
+from ..workflows.spec import load_workflows
 from .engine import PolicySource
 
 
@@ -23,9 +24,11 @@ def policy_source(
         pdir, schema, entities = policy_dir, policy_dir / "schema.cedarschema", policy_dir / "entities.json"
     if schema_file is not None:
         schema = schema_file
+    workflow_actions: frozenset[str] = frozenset()
     if config.policies.schema_from_connectors:
         if manifests is None:
             manifests = load_manifests(config.connectors_dir)
+        workflow_actions = load_workflows(config.effective_workflows_dir, manifests).actions
     else:
         manifests = []
-    return PolicySource(schema, pdir, entities, tuple(manifests))
+    return PolicySource(schema, pdir, entities, tuple(manifests), workflow_actions)

@@ -87,6 +87,18 @@ class ShadowPart(TypedDict):
     revision: str
 
 
+class WorkflowPart(TypedDict):
+    """The workflow step a call is (docs/workflows.md): the instance may be new (started by it)."""
+
+    name: str
+    instance: str
+    step: str
+
+
+# stage_data key under which the workflow stage leaves the record's WorkflowPart
+WORKFLOW_RECORD = "workflow.record"
+
+
 class RpcPart(TypedDict):
     method: str
     tool: NotRequired[str]
@@ -166,6 +178,7 @@ class DecisionRecord:
     span_id: str | None = None
     cedar: CedarInputs | None = None
     error: str | None = None
+    workflow: WorkflowPart | None = None
 
     # -- where (the request's, else the connection's) -------------------------------
     @property
@@ -254,6 +267,7 @@ class DecisionRecord:
             span_id=trace[1] if trace is not None else None,
             cedar=policy_inputs_record(inputs) if with_inputs and inputs is not None else None,
             error=redact(error) if error else None,
+            workflow=ex.stage_data.get(WORKFLOW_RECORD),
         )
 
     # -- to the line -------------------------------------------------------------------
@@ -308,6 +322,8 @@ class DecisionRecord:
             d["cedar"] = self.cedar
         if self.error:
             d["error"] = self.error
+        if self.workflow is not None:
+            d["workflow"] = self.workflow
         return d
 
     def line(self) -> bytes:

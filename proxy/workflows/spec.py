@@ -38,7 +38,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..connectors.manifest import ConnectorManifest
+from ..connectors.manifest import ConnectorManifest, ManifestError
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -46,8 +46,9 @@ REQUEST_SOURCES = ("param", "field", "query")  # known when the request is decid
 RESPONSE_SOURCES = ("response", "header")  # known when the answer comes back: link new objects
 
 
-class WorkflowError(Exception):
-    """Invalid workflow definitions: the message lists every problem, one per line."""
+class WorkflowError(ManifestError):
+    """Invalid workflow definitions: the message lists every problem, one per line. (A kind
+    of ManifestError: definitions beside the connectors, refused at the same places.)"""
 
 
 class _Strict(BaseModel):
@@ -197,7 +198,7 @@ class WorkflowSpec(_Strict):
     description: str = ""
     sla_seconds: int | None = Field(None, ge=1, le=365 * 24 * 3600)
     cost: dict[str, str] = Field(default_factory=dict, description="{currency: EUR}: the unit costs are in.")
-    correlation: Correlation = Field(default_factory=Correlation)
+    correlation: Correlation = Field(default_factory=lambda: Correlation.model_validate({}))
     steps: list[StepSpec] = Field(min_length=1)
 
     @field_validator("name")
