@@ -409,8 +409,14 @@ def test_cli_lists_and_releases(cp, svc, idp) -> None:
     r = runner.invoke(claims_cli, ["list", "--json", *admin], catch_exceptions=False)
     held = [c for c in json.loads(r.output)["claims"] if c["resource"] == f'Ticket::"{t}"']
     assert len(held) == 1
-    r = runner.invoke(claims_cli, ["release", held[0]["id"], *admin], catch_exceptions=False)
+    r = runner.invoke(claims_cli, ["release", held[0]["id"], "--reason", "agent stuck", *admin],
+                      catch_exceptions=False)
     assert r.exit_code == 0 and f"released {held[0]['id']}" in r.output and "cli-bot" in r.output, r.output
+    wait_for(lambda: any(e.get("type") == "claim" and e["event"] == "released" and e["claim_id"] == held[0]["id"]
+                         for e in cp.decisions()), timeout=5, what="the released event")
+    ev = next(e for e in cp.decisions() if e.get("type") == "claim" and e["event"] == "released"
+              and e["claim_id"] == held[0]["id"])
+    assert ev["reason"] == "agent stuck" and ev["by"] == "olga"
     r = runner.invoke(claims_cli, ["release", held[0]["id"], *admin], catch_exceptions=False)
     assert r.exit_code == 1 and "No such claim" in r.output, r.output
 

@@ -122,6 +122,12 @@ class ClaimAcquireRequest(InputModel):
     reason: str | None = Field(None, max_length=1000)
 
 
+class ClaimReleaseRequest(InputModel):
+    """Why (optional; recorded with the `released` claim event)."""
+
+    reason: str | None = Field(None, max_length=1000)
+
+
 class ClaimAcquired(BaseModel):
     model_config = ConfigDict(frozen=True)
     claim: ClaimOut
@@ -299,6 +305,10 @@ def add_claim_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
             by = who.id
         else:
             by = agent.agent_id
+        body = await read_body(request, ClaimReleaseRequest, hint='{"reason": "..."} (or no body)',
+                               cross_origin="claims are released from the console, CLI or API", optional=True)
+        if isinstance(body, web.Response):
+            return body
         claim_id = request.match_info["id"]
         if not _ID_RE.fullmatch(claim_id):
             return problem(404, "No such claim", "claim ids look like clm_...")
@@ -315,7 +325,7 @@ def add_claim_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
             return problem(404, "No such claim", f"no claim {claim_id!r} (released already, or never held)")
         log.info("claim %s on %s (holder %s) released by %s %s", released.id, released.resource,
                  released.holder, "its holder" if agent is not None else "operator", by)
-        runtime.recorder.write(ClaimEvent.of("released", released, time.time(), by=by))
+        runtime.recorder.write(ClaimEvent.of("released", released, time.time(), by=by, reason=body.reason))
         out = ClaimRelease(released=ClaimOut.of(released), released_by=by)
         return web.json_response(out.model_dump(mode="json"))
 

@@ -31,6 +31,7 @@ from .claims_api import (
     ClaimListQuery,
     ClaimPath,
     ClaimRelease,
+    ClaimReleaseRequest,
     ClaimTransfer,
     ClaimTransferRequest,
     Inbox,
@@ -184,9 +185,10 @@ ROUTES: tuple[Route, ...] = (
     Route("post", "/v1/claims/{id}/release", "releaseClaim", "Release a claim", "coordination",
           "agent-or-operator",
           (Reply(200, "Released: the resource is free for the next writer (a new tenure).", ClaimRelease),),
-          (401, 403, 404, 503), path_model=ClaimPath,
+          (400, 401, 403, 404, 415, 503), path_model=ClaimPath, body=ClaimReleaseRequest, body_required=False,
           description="An operator force-releases any claim; an agent token releases that agent's own claims "
-          "only. Requests with a foreign `Origin` header are refused (CSRF)."),
+          "only. An optional `reason` is recorded with the `released` claim event. Requests with a foreign "
+          "`Origin` header are refused (CSRF)."),
     Route("post", "/v1/claims/{id}/transfer", "transferClaim", "Transfer a claim to another agent", "coordination",
           "operator", (Reply(200, "Transferred: the new holder's tenure (fence bumped); the old holder's writes get "
                                   "409.", ClaimTransfer),),

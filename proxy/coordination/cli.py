@@ -40,13 +40,15 @@ def list_cmd(connector: str | None, as_json: bool, **kw) -> None:
 
 @claims.command("release")
 @click.argument("claim_id", metavar="CLAIM")
+@click.option("--reason", default=None, help="Why (recorded with the claim event).")
 @_connection_options
-def release_cmd(claim_id: str, **kw) -> None:
+def release_cmd(claim_id: str, reason: str | None, **kw) -> None:
     """Force-release one claim (e.g. held by a suspended or stuck agent)."""
     claim_id = claim_id.strip()
     if not claim_id:
         _fail("a claim id is required")
-    doc = _client(_conn(kw)).call("POST", f"/v1/claims/{urllib.parse.quote(claim_id, safe='')}/release")
+    doc = _client(_conn(kw)).call("POST", f"/v1/claims/{urllib.parse.quote(claim_id, safe='')}/release",
+                                  {"reason": reason} if reason else None)
     c = doc["released"]
     click.echo(f"released {_safe(c['id'])} on {_safe(c['resource'])} (held by {_safe(c['holder'])})")
 
