@@ -463,7 +463,7 @@ def build_app() -> web.Application:
         await remember_auth(request)
         m = re.fullmatch(r"MaterialDocumentYear='([0-9]{4})',MaterialDocument='([0-9]{10})'", request.match_info["key"])
         doc = goods_receipts.get(m.group(2)) if m else None
-        if doc is None or doc["MaterialDocumentYear"] != m.group(1):
+        if m is None or doc is None or doc["MaterialDocumentYear"] != m.group(1):
             return _error(404, "SY/530", "Resource not found for segment 'A_MaterialDocumentHeader'")
         return web.json_response({"d": gr_view(doc, request.query.get("$expand") == "to_MaterialDocumentItem")})
 
