@@ -16,7 +16,8 @@ requisition (which must exist); a goods receipt needs a released order; an
 invoice needs an order with a goods receipt, and is refused with 422 when its
 gross amount differs from the order's net amount by more than 5 %, or the order
 is already invoiced (three-way match failed: the demo's deterministic failing
-step; one invoice per order, no partial invoicing); an invoice is paid once
+step; one invoice per order, no partial invoicing), and a supplier's invoice
+reference is entered once (409); an invoice is paid once
 (`POST A_SupplierInvoice('…')/Pay`, a bound action like the order's `Release`;
 SAP itself pays through payment runs, the mock keeps it one call).
 
