@@ -57,6 +57,10 @@ class WorkflowObserver:
     def step(self, workflow: str, step: str, outcome: str) -> None:
         return None
 
+    def recorded(self, event: StepEvent, instance: Instance | None) -> None:
+        """A forwarded step call was stored; `instance` as it is after it (KPI metrics)."""
+        return None
+
 
 @dataclass(slots=True)
 class WorkflowState:
@@ -264,10 +268,10 @@ class WorkflowAdvance(Stage):
         # instance is found from any of them later; a failed one links nothing
         links = objects if done else []
         outcome = "completed" if done else "failed"
+        event = _event(ex, state, outcome, status, cost, objects)
         try:
-            await self.store.record_workflow_event(
-                _event(ex, state, outcome, status, cost, objects), required=state.workflow.required_steps,
-                links=links, create=True)
+            inst = await self.store.record_workflow_event(
+                event, required=state.workflow.required_steps, links=links, create=True)
         except StoreError as e:
             # The upstream already acted and the agent gets its answer; the step is missing from
             # the instance's history (a later step may then be refused as out of order). Loudly.
@@ -276,3 +280,4 @@ class WorkflowAdvance(Stage):
                       state.workflow.name, step.name, outcome, e)
             return
         self.observer.step(state.workflow.name, step.name, outcome)
+        self.observer.recorded(event, inst)
