@@ -1,4 +1,4 @@
-/* Proctor console (approvals, activity, agents, claims, handoffs, duplicates): vanilla JS, no dependencies, no external URLs.
+/* Proctor console (approvals, activity, agents, claims, handoffs, duplicates, workflows): vanilla JS, no dependencies, no external URLs.
  *
  * Security notes:
  * - Everything shown comes from agents (attacker-controlled): values are only
@@ -18,6 +18,10 @@
  *   /v1/duplicates for operators) poll every 5 s while shown:
  *   /console/#claims, /console/#handoffs, /console/#duplicates. Agent ids,
  *   resource ids and details there are attacker-controlled too: text only.
+ * - Workflows (/console/#workflows): definitions, outcome KPIs of a window
+ *   (GET /v1/workflows/kpis) with charts drawn as inline SVG (createElementNS,
+ *   CSS classes, never a style attribute), instances and their history, every
+ *   10 s while shown. Agent ids and business object ids: text only.
  */
 (function () {
   "use strict";
@@ -50,6 +54,8 @@
     cl: { claims: [], sig: null, shape: null, connectors: new Set(), action: null, busy: false, loading: false, gen: 0 },
     ho: { items: [], sig: null, giveBack: null, busy: false, loading: false, gen: 0 },
     du: { events: [], sig: null, wsig: null, loading: false, gen: 0 },
+    wf: { defs: [], kpis: null, kpiError: null, sig: null, selected: null, instances: [], instSig: null, instanceId: null,
+      instance: null, detailSig: null, loading: false, gen: 0, instGen: 0, detGen: 0 },
   };
   var ACTIVITY_STEP = 100;
   var ACTIVITY_MAX = 1000;
@@ -265,9 +271,10 @@
     show($("claims-view"), name === "claims");
     show($("handoffs-view"), name === "handoffs");
     show($("duplicates-view"), name === "duplicates");
+    show($("workflows-view"), name === "workflows");
     show($("session"), name !== "login");
     show($("nav"), name !== "login");
-    var current = ["activity", "agents", "claims", "handoffs", "duplicates"].indexOf(name) >= 0 ? name : "approvals";
+    var current = ["activity", "agents", "claims", "handoffs", "duplicates", "workflows"].indexOf(name) >= 0 ? name : "approvals";
     Array.prototype.forEach.call($("nav").querySelectorAll("a"), function (a) {
       if (a.getAttribute("data-view") === current) a.setAttribute("aria-current", "page");
       else a.removeAttribute("aria-current");
@@ -312,6 +319,7 @@
     else if (location.hash === "#claims") openClaims();
     else if (location.hash === "#handoffs") openHandoffs();
     else if (location.hash === "#duplicates") openDuplicates();
+    else if (location.hash === "#workflows") openWorkflows();
     else openInbox();
   }
 
@@ -379,6 +387,7 @@
     resetClaims();
     resetHandoffs();
     resetDuplicates();
+    resetWorkflows();
     setText($("whoami"), "");
     setLive("off");
     if (location.pathname + location.hash !== "/console/") history.replaceState(null, "", "/console/");
@@ -1694,6 +1703,695 @@
     show($("windows-empty"), entries.length === 0);
   }
 
+  // ------------------------------------------------------------------ workflows (outcomes, instances)
+  /* GET /v1/workflows (definitions, instance counts), GET /v1/workflows/kpis (the outcome KPIs of a window),
+   * GET /v1/workflows/instances and /v1/workflows/instances/{id} (history, objects). Charts are inline SVG
+   * built here (createElementNS, classes only: the CSP allows no inline style). Agent ids, object ids and
+   * every other value from the API are attacker-controlled: text nodes and attribute values only. */
+  var SVG_NS = "http://www.w3.org/2000/svg";
+  var WF_POLL_MS = 10000;
+  var WF_WINDOWS = { 86400: 3600, 604800: 21600, 2592000: 86400 }; // window seconds -> bucket seconds
+  var CHART = { w: 560, h: 230, left: 46, right: 14, top: 14, bottom: 50 };
+
+  function svgEl(tag, attrs, children) {
+    var node = document.createElementNS(SVG_NS, tag);
+    Object.keys(attrs || {}).forEach(function (k) {
+      if (attrs[k] !== null && attrs[k] !== undefined) node.setAttribute(k, String(attrs[k]));
+    });
+    (children || []).forEach(function (c) {
+      if (c !== null && c !== undefined) node.appendChild(typeof c === "string" ? document.createTextNode(c) : c);
+    });
+    return node;
+  }
+
+  function svgText(attrs, text) {
+    var t = svgEl("text", attrs);
+    t.textContent = String(text);
+    return t;
+  }
+
+  function svgTitle(text) {
+    var t = svgEl("title");
+    t.textContent = String(text);
+    return t;
+  }
+
+  function isNum(v) {
+    return typeof v === "number" && isFinite(v);
+  }
+
+  function round1(x) {
+    var r = Math.round(x * 10) / 10;
+    return String(r);
+  }
+
+  /* Seconds as 850 ms, 12 s, 4.5 min, 2.3 h, 1.2 d. */
+  function fmtDuration(secs) {
+    if (!isNum(secs)) return "\u2014";
+    var a = Math.abs(secs);
+    if (a < 1) return Math.round(secs * 1000) + " ms";
+    if (a < 60) return round1(secs) + " s";
+    if (a < 3600) return round1(secs / 60) + " min";
+    if (a < 86400) return round1(secs / 3600) + " h";
+    return round1(secs / 86400) + " d";
+  }
+
+  function fmtMs(ms) {
+    return isNum(ms) ? fmtDuration(ms / 1000) : "\u2014";
+  }
+
+  function fmtRate(r) {
+    return isNum(r) ? round1(r * 100) + "%" : "\u2014";
+  }
+
+  function fmtCount(n) {
+    return isNum(n) ? String(n) : "\u2014";
+  }
+
+  function fmtCost(value, currency) {
+    if (value === null || value === undefined || value === "") return "\u2014";
+    return formatDecimal(value) + (currency ? " " + currency : "");
+  }
+
+  /* One KPI number: its raw value in data-value (what the API said), its rendering as text. */
+  function kpiSpan(key, raw, text) {
+    return el("span", { cls: "kpi-value", data: { kpi: key, value: raw === null || raw === undefined ? "" : raw }, text: text });
+  }
+
+  function resetWorkflows() {
+    S.wf.defs = [];
+    S.wf.kpis = null;
+    S.wf.kpiError = null;
+    S.wf.sig = null;
+    S.wf.instances = [];
+    S.wf.instSig = null;
+    S.wf.instanceId = null;
+    S.wf.instance = null;
+    S.wf.detailSig = null;
+    clear($("workflow-rows"));
+    clear($("wf-instance-rows"));
+    show($("wf-detail"), false);
+    show($("wf-instance"), false);
+    show($("workflows-empty"), false);
+    show($("wf-instances-empty"), false);
+    ["workflows-error", "workflows-note", "wf-instances-error", "wf-instance-error"].forEach(function (id) { showMsg(id, ""); });
+    setText($("wf-range"), "");
+    setText($("wf-instances-count"), "");
+  }
+
+  function openWorkflows() {
+    S.detailId = null;
+    setView("workflows");
+    loadWorkflows(true);
+    startViewPolling(loadWorkflows, WF_POLL_MS);
+  }
+
+  function wfWindow() {
+    var w = parseInt($("wf-window").value, 10);
+    return Object.prototype.hasOwnProperty.call(WF_WINDOWS, w) ? w : 604800;
+  }
+
+  /* since = the window back from now, aligned down to a bucket edge (stable buckets between refreshes). */
+  function kpiQuery() {
+    var w = wfWindow();
+    var bucket = WF_WINDOWS[w];
+    var since = Math.floor((Math.floor(Date.now() / 1000) - w) / bucket) * bucket;
+    return "since=" + since + "&bucket_seconds=" + bucket;
+  }
+
+  function instancesQuery() {
+    var parts = ["limit=200"];
+    var w = $("wf-filter-workflow").value;
+    var st = $("wf-filter-state").value;
+    if (w) parts.push("workflow=" + encodeURIComponent(w));
+    if (st) parts.push("state=" + encodeURIComponent(st));
+    return parts.join("&");
+  }
+
+  function loadWorkflows(force) {
+    if (S.wf.loading && force !== true) return Promise.resolve();
+    var gen = ++S.wf.gen;
+    S.wf.loading = true;
+    var kq = kpiQuery();
+    var defs = api("GET", "/v1/workflows");
+    var kpis = api("GET", "/v1/workflows/kpis?" + kq).then(
+      function (data) { return { data: data, error: null }; },
+      function (e) { if (e.status === 401) throw e; return { data: null, error: e }; }
+    );
+    var overview = Promise.all([defs, kpis]).then(
+      function (res) {
+        if (gen !== S.wf.gen || S.view !== "workflows") return;
+        showMsg("workflows-error", "");
+        var list = (res[0] && Array.isArray(res[0].workflows) ? res[0].workflows : []).filter(function (w) {
+          return isPlainObject(w) && typeof w.name === "string";
+        });
+        var k = res[1].data;
+        var kerr = res[1].error;
+        showMsg("workflows-note", kerr ? "The outcome KPIs are unavailable (" + kerr.message + "); definitions and instances are shown." : "");
+        var sig = JSON.stringify([list, k, kerr ? kerr.message : null, $("wf-window").value]);
+        if (sig === S.wf.sig) return;
+        S.wf.sig = sig;
+        S.wf.defs = list;
+        S.wf.kpis = isPlainObject(k) ? k : null;
+        S.wf.kpiError = kerr;
+        if (!S.wf.selected || !list.some(function (w) { return w.name === S.wf.selected; })) {
+          S.wf.selected = list.length ? list[0].name : null;
+        }
+        syncWorkflowFilter();
+        renderWorkflows();
+      },
+      function (e) {
+        if (gen !== S.wf.gen || authFailed(e) || S.view !== "workflows") return;
+        showMsg("workflows-error", "Could not load the workflows: " + e.message);
+      }
+    );
+    return Promise.all([overview, loadInstances(), loadInstance()]).then(function () {
+      if (gen === S.wf.gen) S.wf.loading = false;
+    });
+  }
+
+  function kpisOf(name) {
+    var k = S.wf.kpis;
+    if (!k || !Array.isArray(k.workflows)) return null;
+    return k.workflows.filter(function (w) { return isPlainObject(w) && w.name === name; })[0] || null;
+  }
+
+  function syncWorkflowFilter() {
+    var sel = $("wf-filter-workflow");
+    var have = {};
+    Array.prototype.forEach.call(sel.options, function (o) { have[o.value] = true; });
+    S.wf.defs.forEach(function (w) {
+      if (!have[w.name]) sel.appendChild(el("option", { text: w.name, attrs: { value: w.name } }));
+    });
+  }
+
+  function renderWorkflows() {
+    var k = S.wf.kpis;
+    var range = $("wf-range");
+    if (k && typeof k.since === "string" && typeof k.until === "string") {
+      setText(range, absTime(k.since) + " \u2013 " + absTime(k.until));
+      range.setAttribute("data-since", k.since);
+      range.setAttribute("data-until", k.until);
+      range.setAttribute("data-bucket", String(k.bucket_seconds));
+    } else {
+      setText(range, "");
+      ["data-since", "data-until", "data-bucket"].forEach(function (a) { range.removeAttribute(a); });
+    }
+    var tbody = $("workflow-rows");
+    clear(tbody);
+    S.wf.defs.forEach(function (w) { tbody.appendChild(workflowRow(w, kpisOf(w.name))); });
+    show($("workflows"), S.wf.defs.length > 0);
+    show($("workflows-empty"), S.wf.defs.length === 0);
+    renderWorkflowDetail();
+  }
+
+  function workflowRow(w, k) {
+    var counts = isPlainObject(w.instances) ? w.instances : {};
+    var ct = k && isPlainObject(k.cycle_time_seconds) ? k.cycle_time_seconds : {};
+    var tp = k && isPlainObject(k.throughput) ? k.throughput : {};
+    var sla = k && isPlainObject(k.sla) ? k.sla : {};
+    var inst = k && isPlainObject(k.instances) ? k.instances : {};
+    var name = el("td", { cls: "name" }, [el("span", { cls: "mono", text: w.name })]);
+    if (w.description) name.appendChild(el("div", { cls: "sub muted", text: w.description }));
+    var tr = el("tr", { cls: "workflow-row" + (S.wf.selected === w.name ? " is-selected" : ""),
+      data: { name: w.name, testid: "workflow-row" }, attrs: { tabindex: "0" } }, [
+      name,
+      el("td", { cls: "num running", text: fmtCount(counts.running || 0) }),
+      el("td", { cls: "num completed", text: fmtCount(counts.completed || 0) }),
+      el("td", { cls: "num started", text: k ? fmtCount(inst.started) : "\u2014" }),
+      el("td", { cls: "num cycle", text: k ? fmtDuration(ct.p50) : "\u2014" }),
+      el("td", { cls: "num throughput", text: k ? fmtCount(tp.completed) + (isNum(tp.per_day) ? " (" + round1(tp.per_day) + "/day)" : "") : "\u2014" }),
+      el("td", { cls: "num error-rate", text: k ? fmtRate(k.error_rate) : "\u2014" }),
+      el("td", { cls: "num sla", text: k ? fmtRate(sla.adherence) : "\u2014" }),
+      el("td", { cls: "num at-risk", text: k ? fmtCount(sla.at_risk) : "\u2014" }),
+    ]);
+    function select() {
+      S.wf.selected = w.name;
+      Array.prototype.forEach.call($("workflow-rows").rows, function (r) { r.classList.toggle("is-selected", r === tr); });
+      renderWorkflowDetail();
+    }
+    tr.addEventListener("click", select);
+    tr.addEventListener("keydown", function (ev) { if (ev.key === "Enter") select(); });
+    return tr;
+  }
+
+  function renderWorkflowDetail() {
+    var w = S.wf.defs.filter(function (d) { return d.name === S.wf.selected; })[0];
+    show($("wf-detail"), !!w);
+    if (!w) return;
+    setText($("wf-name"), w.name);
+    setText($("wf-description"), w.description || "");
+    var k = kpisOf(w.name);
+    var missing = $("wf-kpis-missing");
+    setText(missing, k ? "" : S.wf.kpiError ? "No outcome KPIs: " + S.wf.kpiError.message : "No outcome KPIs for this workflow in this window.");
+    show(missing, !k);
+    show($("wf-kpi-panel"), !!k);
+    if (!k) return;
+    renderTiles(k, w);
+    chartInto("wf-chart-cycle", cycleChart(k));
+    chartInto("wf-chart-throughput", throughputChart(k));
+    chartInto("wf-chart-sla", slaChart(k));
+    renderStepTable(k);
+    renderAgentTable(k);
+  }
+
+  function tile(label, main, subs, kind) {
+    var div = el("div", { cls: "tile", data: { tile: kind } }, [el("dt", { text: label }), el("dd", { cls: "tile-main" }, main)]);
+    if (subs && subs.length) div.appendChild(el("dd", { cls: "tile-sub muted" }, subs));
+    return div;
+  }
+
+  function renderTiles(k, w) {
+    var dl = $("wf-kpis");
+    clear(dl);
+    var inst = isPlainObject(k.instances) ? k.instances : {};
+    var ct = isPlainObject(k.cycle_time_seconds) ? k.cycle_time_seconds : {};
+    var tp = isPlainObject(k.throughput) ? k.throughput : {};
+    var sla = isPlainObject(k.sla) ? k.sla : {};
+    var cost = isPlainObject(k.cost) ? k.cost : {};
+    var currency = typeof k.currency === "string" ? k.currency : (w.currency || "");
+    var target = isNum(sla.target_seconds) ? sla.target_seconds : null;
+    dl.appendChild(tile("Work in progress", [kpiSpan("running", inst.running, fmtCount(inst.running)), " running"],
+      [kpiSpan("started", inst.started, fmtCount(inst.started)), " started, ",
+       kpiSpan("completed", inst.completed, fmtCount(inst.completed)), " completed in the window"], "wip"));
+    dl.appendChild(tile("Cycle time p50", [kpiSpan("cycle_p50", ct.p50, fmtDuration(ct.p50))],
+      ["p90 ", kpiSpan("cycle_p90", ct.p90, fmtDuration(ct.p90)), " \u00b7 mean ",
+       kpiSpan("cycle_mean", ct.mean, fmtDuration(ct.mean)), " \u00b7 ", kpiSpan("cycle_count", ct.count, fmtCount(ct.count)),
+       " completed"], "cycle"));
+    dl.appendChild(tile("Human wait vs agent time (p50)",
+      [kpiSpan("human_wait_p50", ct.human_wait_p50, fmtDuration(ct.human_wait_p50)), " / ",
+       kpiSpan("agent_time_p50", ct.agent_time_p50, fmtDuration(ct.agent_time_p50))],
+      ["waiting for people (approvals) / the rest"], "split"));
+    dl.appendChild(tile("Throughput", [kpiSpan("throughput_completed", tp.completed, fmtCount(tp.completed)), " completed"],
+      [kpiSpan("per_day", tp.per_day, isNum(tp.per_day) ? round1(tp.per_day) : "\u2014"), " per day"], "throughput"));
+    dl.appendChild(tile("Error rate", [kpiSpan("error_rate", k.error_rate, fmtRate(k.error_rate))],
+      ["failed step calls / finished step calls"], "errors"));
+    dl.appendChild(tile("Rework rate", [kpiSpan("rework_rate", k.rework_rate, fmtRate(k.rework_rate))],
+      ["steps completed more than once"], "rework"));
+    dl.appendChild(tile("SLA adherence", [kpiSpan("sla_adherence", sla.adherence, fmtRate(sla.adherence))],
+      [kpiSpan("sla_met", sla.met, fmtCount(sla.met)), " met \u00b7 ", kpiSpan("sla_missed", sla.missed, fmtCount(sla.missed)),
+       " missed \u00b7 target " + (target === null ? "none" : fmtDuration(target))], "sla"));
+    dl.appendChild(tile("At risk", [kpiSpan("sla_at_risk", sla.at_risk, fmtCount(sla.at_risk)), " running"],
+      [target === null ? "no SLA target" : "past 80% of the " + fmtDuration(target) + " target"], "at-risk"));
+    dl.appendChild(tile("Cost per instance", [kpiSpan("cost_per_instance", cost.per_instance, fmtCost(cost.per_instance, currency))],
+      ["total ", kpiSpan("cost_total", cost.total, fmtCost(cost.total, currency))], "cost"));
+    dl.appendChild(tile("Autonomy", [kpiSpan("autonomy_rate", k.autonomy_rate, fmtRate(k.autonomy_rate))],
+      ["completed steps with no person involved"], "autonomy"));
+  }
+
+  // ---- charts
+  function chartInto(id, content) {
+    var fig = $(id);
+    var body = fig.querySelector(".chart-body");
+    clear(body);
+    fig.setAttribute("data-state", content.empty ? "empty" : "chart");
+    content.nodes.forEach(function (n) { body.appendChild(n); });
+  }
+
+  function emptyChart(message, extra) {
+    return { empty: true, nodes: [el("p", { cls: "chart-empty muted", data: { testid: "chart-empty" }, text: message })].concat(extra || []) };
+  }
+
+  function niceStep(raw) {
+    var p = Math.pow(10, Math.floor(Math.log10(raw)));
+    var m = raw / p;
+    return (m <= 1 ? 1 : m <= 2 ? 2 : m <= 5 ? 5 : 10) * p;
+  }
+
+  /* The y scale of counts: integer ticks from 0 to a round top. */
+  function countScale(max) {
+    var step = Math.max(1, niceStep(Math.max(max, 1) / 4));
+    var top = Math.max(step, Math.ceil(max / step) * step);
+    var ticks = [];
+    for (var v = 0; v <= top + 1e-9; v += step) ticks.push(v);
+    return { top: top, ticks: ticks };
+  }
+
+  /* The frame: <svg> with <title>/<desc>, gridlines, axes, y ticks, axis titles. Returns helpers to plot. */
+  function chartFrame(id, title, desc, max, yTitle, xTitle) {
+    var c = CHART;
+    var pw = c.w - c.left - c.right;
+    var ph = c.h - c.top - c.bottom;
+    var sc = countScale(max);
+    var svg = svgEl("svg", { "class": "chart-svg", viewBox: "0 0 " + c.w + " " + c.h, role: "img",
+      "aria-labelledby": id + "-title " + id + "-desc", "data-testid": id + "-svg" });
+    var t = svgTitle(title);
+    t.setAttribute("id", id + "-title");
+    var d = svgEl("desc", { id: id + "-desc" });
+    d.textContent = desc;
+    svg.appendChild(t);
+    svg.appendChild(d);
+    var y = function (v) { return c.top + ph - (v / sc.top) * ph; };
+    var grid = svgEl("g", { "class": "y-axis", "aria-hidden": "true" });
+    sc.ticks.forEach(function (v) {
+      grid.appendChild(svgEl("line", { "class": "grid-line", x1: c.left, x2: c.left + pw, y1: y(v), y2: y(v) }));
+      grid.appendChild(svgText({ "class": "tick", x: c.left - 6, y: y(v) + 4, "text-anchor": "end" }, v));
+    });
+    svg.appendChild(grid);
+    var axes = svgEl("g", { "class": "axes", "aria-hidden": "true" }, [
+      svgEl("line", { "class": "axis", x1: c.left, x2: c.left, y1: c.top, y2: c.top + ph }),
+      svgEl("line", { "class": "axis", x1: c.left, x2: c.left + pw, y1: c.top + ph, y2: c.top + ph }),
+      svgText({ "class": "axis-title", x: 0, y: 0, "text-anchor": "middle",
+        transform: "translate(12 " + (c.top + ph / 2) + ") rotate(-90)" }, yTitle),
+      svgText({ "class": "axis-title", x: c.left + pw / 2, y: c.h - 6, "text-anchor": "middle" }, xTitle),
+    ]);
+    svg.appendChild(axes);
+    return { svg: svg, y: y, pw: pw, ph: ph, base: c.top + ph, left: c.left };
+  }
+
+  function xLabel(f, x, text) {
+    return svgText({ "class": "tick x-tick", x: x, y: f.base + 16, "text-anchor": "middle" }, text);
+  }
+
+  function legend(items) {
+    return el("ul", { cls: "legend", attrs: { "aria-hidden": "true" } }, items.map(function (i) {
+      return el("li", {}, [el("span", { cls: "swatch " + i[0] }), i[1]]);
+    }));
+  }
+
+  function bucketLabel(iso, bucketSeconds) {
+    var t = Date.parse(iso);
+    if (isNaN(t)) return "?";
+    var d = new Date(t);
+    if (bucketSeconds >= 86400) return d.toLocaleDateString(undefined, { month: "short", day: "numeric" });
+    if (bucketSeconds >= 21600) return d.toLocaleDateString(undefined, { month: "short", day: "numeric" }) + " " +
+      d.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+    return d.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function labelEvery(n) {
+    return Math.max(1, Math.ceil(n / 8));
+  }
+
+  function cycleChart(k) {
+    var ct = isPlainObject(k.cycle_time_seconds) ? k.cycle_time_seconds : {};
+    var hist = (Array.isArray(k.cycle_time_histogram) ? k.cycle_time_histogram : []).filter(function (b) {
+      return isPlainObject(b) && isNum(b.count);
+    });
+    if (!isNum(ct.count) || ct.count === 0 || !hist.length) return emptyChart("No completed instances in this window.");
+    var labels = hist.map(function (b, i) {
+      if (b.le === null || b.le === undefined) return "> " + (i > 0 && isNum(hist[i - 1].le) ? fmtDuration(hist[i - 1].le) : "?");
+      return "\u2264 " + fmtDuration(b.le);
+    });
+    var max = Math.max.apply(null, hist.map(function (b) { return b.count; }));
+    var f = chartFrame("wf-cycle", "Cycle time distribution of " + k.name,
+      ct.count + " completed instances; p50 " + fmtDuration(ct.p50) + ", p90 " + fmtDuration(ct.p90) + ". " +
+      hist.map(function (b, i) { return labels[i] + ": " + b.count; }).join(", ") + ".",
+      max, "instances", "cycle time (upper bound of each bucket)");
+    var slot = f.pw / hist.length;
+    var bars = svgEl("g", { "class": "bars" });
+    hist.forEach(function (b, i) {
+      var x = f.left + i * slot;
+      var top = f.y(b.count);
+      var bar = svgEl("rect", { "class": "bar bar-cycle", x: x + slot * 0.15, y: top, width: slot * 0.7, height: f.base - top,
+        "data-count": b.count, "data-le": b.le === null || b.le === undefined ? "" : b.le }, [
+        svgTitle(labels[i] + ": " + b.count + (b.count === 1 ? " instance" : " instances")),
+      ]);
+      bars.appendChild(bar);
+      if (b.count > 0) bars.appendChild(svgText({ "class": "bar-label", x: x + slot / 2, y: top - 4, "text-anchor": "middle" }, b.count));
+      f.svg.appendChild(xLabel(f, x + slot / 2, labels[i]));
+    });
+    f.svg.appendChild(bars);
+    return { empty: false, nodes: [f.svg] };
+  }
+
+  function throughputChart(k) {
+    var tp = isPlainObject(k.throughput) ? k.throughput : {};
+    var series = (Array.isArray(tp.series) ? tp.series : []).filter(isPlainObject);
+    var total = series.reduce(function (n, b) { return n + (isNum(b.started) ? b.started : 0) + (isNum(b.completed) ? b.completed : 0); }, 0);
+    if (!series.length || total === 0) return emptyChart("No instances started or completed in this window.");
+    var bucket = isNum(k.bucket_seconds) ? k.bucket_seconds : (S.wf.kpis && S.wf.kpis.bucket_seconds) || 3600;
+    var max = Math.max.apply(null, series.map(function (b) { return Math.max(b.started || 0, b.completed || 0); }));
+    var f = chartFrame("wf-throughput", "Throughput of " + k.name + " over time",
+      "Instances started and completed per " + fmtDuration(bucket) + " bucket: " + series.reduce(function (n, b) { return n + (b.started || 0); }, 0) +
+      " started, " + series.reduce(function (n, b) { return n + (b.completed || 0); }, 0) + " completed.",
+      max, "instances", "bucket start (" + fmtDuration(bucket) + " each)");
+    var n = series.length;
+    var step = n > 1 ? f.pw / (n - 1) : 0;
+    var xs = series.map(function (_, i) { return n > 1 ? f.left + i * step : f.left + f.pw / 2; });
+    var every = labelEvery(n);
+    series.forEach(function (b, i) {
+      if (i % every === 0) f.svg.appendChild(xLabel(f, xs[i], bucketLabel(b.start, bucket)));
+    });
+    [["started", "line-started", "point-started"], ["completed", "line-completed", "point-completed"]].forEach(function (s) {
+      var key = s[0];
+      var pts = series.map(function (b, i) { return xs[i] + "," + f.y(isNum(b[key]) ? b[key] : 0); }).join(" ");
+      var g = svgEl("g", { "class": "series series-" + key, "data-series": key });
+      g.appendChild(svgEl("polyline", { "class": "line " + s[1], points: pts }));
+      series.forEach(function (b, i) {
+        var v = isNum(b[key]) ? b[key] : 0;
+        g.appendChild(svgEl("circle", { "class": "point " + s[2], cx: xs[i], cy: f.y(v), r: 3.5, "data-count": v,
+          "data-start": b.start || "" }, [svgTitle(absTime(b.start) + ": " + v + " " + key)]));
+      });
+      f.svg.appendChild(g);
+    });
+    return { empty: false, nodes: [f.svg, legend([["swatch-started", "started"], ["swatch-completed", "completed"]])] };
+  }
+
+  function slaChart(k) {
+    var sla = isPlainObject(k.sla) ? k.sla : {};
+    var target = isNum(sla.target_seconds) ? sla.target_seconds : null;
+    var atRisk = el("p", { cls: "at-risk-line", data: { testid: "wf-at-risk" } }, [
+      el("span", { cls: "badge " + (sla.at_risk > 0 ? "state-pending" : "state-other"), text: fmtCount(sla.at_risk) + " at risk" }),
+      " running " + (sla.at_risk === 1 ? "instance" : "instances") + " past 80% of the target",
+    ]);
+    if (target === null) return emptyChart("No SLA target is set for this workflow (sla_seconds).");
+    var burn = (Array.isArray(sla.burn) ? sla.burn : []).filter(isPlainObject);
+    var total = burn.reduce(function (n, b) { return n + (b.met || 0) + (b.missed || 0); }, 0);
+    if (!burn.length || total === 0) return emptyChart("No completed instances in this window.", [atRisk]);
+    var bucket = isNum(k.bucket_seconds) ? k.bucket_seconds : (S.wf.kpis && S.wf.kpis.bucket_seconds) || 3600;
+    var max = Math.max.apply(null, burn.map(function (b) { return (b.met || 0) + (b.missed || 0); }));
+    var f = chartFrame("wf-sla", "SLA burn of " + k.name,
+      "Completions per " + fmtDuration(bucket) + " bucket within the " + fmtDuration(target) + " target (met) and past it (missed): " +
+      (sla.met || 0) + " met, " + (sla.missed || 0) + " missed; " + fmtCount(sla.at_risk) + " running instances at risk.",
+      max, "completions", "bucket start (" + fmtDuration(bucket) + " each)");
+    var slot = f.pw / burn.length;
+    var every = labelEvery(burn.length);
+    var bars = svgEl("g", { "class": "bars" });
+    burn.forEach(function (b, i) {
+      var x = f.left + i * slot;
+      var met = isNum(b.met) ? b.met : 0;
+      var missed = isNum(b.missed) ? b.missed : 0;
+      var yMet = f.y(met);
+      var yAll = f.y(met + missed);
+      var w = Math.max(1, slot * 0.7);
+      var when = absTime(b.start);
+      bars.appendChild(svgEl("rect", { "class": "bar bar-met", x: x + slot * 0.15, y: yMet, width: w, height: f.base - yMet,
+        "data-count": met, "data-start": b.start || "" }, [svgTitle(when + ": " + met + " met")]));
+      bars.appendChild(svgEl("rect", { "class": "bar bar-missed", x: x + slot * 0.15, y: yAll, width: w, height: yMet - yAll,
+        "data-count": missed, "data-start": b.start || "" }, [svgTitle(when + ": " + missed + " missed")]));
+      if (i % every === 0) f.svg.appendChild(xLabel(f, x + slot / 2, bucketLabel(b.start, bucket)));
+    });
+    f.svg.appendChild(bars);
+    return { empty: false, nodes: [f.svg, legend([["swatch-met", "met"], ["swatch-missed", "missed"]]), atRisk] };
+  }
+
+  // ---- tables
+  function renderStepTable(k) {
+    var tbody = $("wf-step-rows");
+    clear(tbody);
+    (Array.isArray(k.steps) ? k.steps : []).filter(isPlainObject).forEach(function (s) {
+      var d = isPlainObject(s.duration_ms) ? s.duration_ms : {};
+      tbody.appendChild(el("tr", { cls: "step-row", data: { step: s.name || "", testid: "wf-step-row" } }, [
+        el("td", { cls: "mono step", text: s.name || "\u2014" }),
+        el("td", { cls: "num attempts", text: fmtCount(s.attempts) }),
+        el("td", { cls: "num completions", text: fmtCount(s.completions) }),
+        el("td", { cls: "num failures", text: fmtCount(s.failures) }),
+        el("td", { cls: "num refusals", text: fmtCount(s.refusals) }),
+        el("td", { cls: "num error-rate", text: fmtRate(s.error_rate) }),
+        el("td", { cls: "num rework-rate", text: fmtRate(s.rework_rate) }),
+        el("td", { cls: "num p50", text: fmtMs(d.p50) }),
+        el("td", { cls: "num p90", text: fmtMs(d.p90) }),
+        el("td", { cls: "num sla-target", text: isNum(s.sla_seconds) ? fmtDuration(s.sla_seconds) : "none" }),
+        el("td", { cls: "num sla-adherence", text: fmtRate(s.sla_adherence) }),
+        el("td", { cls: "num autonomy", text: fmtRate(s.autonomy_rate) }),
+      ]));
+    });
+  }
+
+  function renderAgentTable(k) {
+    var tbody = $("wf-agent-rows");
+    clear(tbody);
+    var agents = (Array.isArray(k.agents) ? k.agents : []).filter(isPlainObject);
+    agents.forEach(function (a) {
+      tbody.appendChild(el("tr", { cls: "wf-agent-row", data: { agent: a.agent || "", testid: "wf-agent-row" } }, [
+        el("td", { cls: "mono agent", text: a.agent || "\u2014" }),
+        el("td", { cls: "num completions", text: fmtCount(a.completions) }),
+        el("td", { cls: "num failures", text: fmtCount(a.failures) }),
+        el("td", { cls: "num error-rate", text: fmtRate(a.error_rate) }),
+      ]));
+    });
+    show($("wf-agents"), agents.length > 0);
+    show($("wf-agents-empty"), agents.length === 0);
+  }
+
+  // ---- instances
+  function loadInstances() {
+    var gen = ++S.wf.instGen;
+    var q = instancesQuery();
+    return api("GET", "/v1/workflows/instances?" + q).then(
+      function (data) {
+        if (gen !== S.wf.instGen || S.view !== "workflows" || q !== instancesQuery()) return;
+        showMsg("wf-instances-error", "");
+        var list = (data && Array.isArray(data.instances) ? data.instances : []).filter(function (i) {
+          return isPlainObject(i) && typeof i.id === "string";
+        });
+        var sig = JSON.stringify([q, list]);
+        if (sig === S.wf.instSig) return;
+        S.wf.instSig = sig;
+        S.wf.instances = list;
+        renderInstances();
+      },
+      function (e) {
+        if (gen !== S.wf.instGen || authFailed(e) || S.view !== "workflows") return;
+        showMsg("wf-instances-error", "Could not load the instances: " + e.message);
+      }
+    );
+  }
+
+  function instanceBadge(state) {
+    return el("span", { cls: "badge " + (state === "completed" ? "state-approved" : state === "running" ? "state-pending" : "state-other"),
+      text: state || "?" });
+  }
+
+  function renderInstances() {
+    var tbody = $("wf-instance-rows");
+    clear(tbody);
+    S.wf.instances.forEach(function (i) { tbody.appendChild(instanceRow(i)); });
+    var n = S.wf.instances.length;
+    show($("wf-instances-empty"), n === 0);
+    setText($("wf-instances-count"), n + (n === 1 ? " instance" : " instances") + " (most recently moved first)");
+  }
+
+  function instanceRow(i) {
+    var tr = el("tr", { cls: "instance-row" + (S.wf.instanceId === i.id ? " is-selected" : ""),
+      data: { id: i.id, state: i.state || "", workflow: i.workflow || "", testid: "wf-instance-row" }, attrs: { tabindex: "0" } }, [
+      el("td", { cls: "mono id", text: i.id }),
+      el("td", { cls: "workflow", text: i.workflow || "\u2014" }),
+      el("td", { cls: "state" }, [instanceBadge(i.state)]),
+      el("td", { cls: "started" }, [i.started_at ? timeNode(i.started_at, "rel") : el("span", { text: "\u2014" })]),
+      el("td", { cls: "mono last-step", text: i.last_step || "\u2014" }),
+      el("td", { cls: "mono next", text: Array.isArray(i.next) && i.next.length ? i.next.join(", ") : "\u2014" }),
+      el("td", { cls: "num cost", text: fmtCost(i.cost, i.currency) }),
+    ]);
+    function select() {
+      S.wf.instanceId = i.id;
+      S.wf.detailSig = null;
+      Array.prototype.forEach.call($("wf-instance-rows").rows, function (r) { r.classList.toggle("is-selected", r === tr); });
+      loadInstance();
+    }
+    tr.addEventListener("click", select);
+    tr.addEventListener("keydown", function (ev) { if (ev.key === "Enter") select(); });
+    return tr;
+  }
+
+  function loadInstance() {
+    var id = S.wf.instanceId;
+    if (!id) return Promise.resolve();
+    var gen = ++S.wf.detGen;
+    return api("GET", "/v1/workflows/instances/" + encodeURIComponent(id)).then(
+      function (inst) {
+        if (gen !== S.wf.detGen || S.wf.instanceId !== id || S.view !== "workflows" || !isPlainObject(inst)) return;
+        showMsg("wf-instance-error", "");
+        var sig = JSON.stringify(inst);
+        if (sig === S.wf.detailSig) return;
+        S.wf.detailSig = sig;
+        S.wf.instance = inst;
+        renderInstance(inst);
+      },
+      function (e) {
+        if (gen !== S.wf.detGen || S.wf.instanceId !== id || authFailed(e) || S.view !== "workflows") return;
+        show($("wf-instance"), true);
+        setText($("wf-instance-id"), id);
+        showMsg("wf-instance-error", e.status === 404 ? "There is no instance " + id + "." : "Could not load the instance: " + e.message);
+      }
+    );
+  }
+
+  function renderInstance(inst) {
+    setText($("wf-instance-id"), inst.id);
+    var dl = $("wf-instance-summary");
+    clear(dl);
+    dlRow(dl, "Workflow", inst.workflow, "workflow");
+    dlRow(dl, "State", instanceBadge(inst.state), "state");
+    dlRow(dl, "Started", absTime(inst.started_at), "started_at");
+    dlRow(dl, "Completed", inst.completed_at ? absTime(inst.completed_at) : "", "completed_at");
+    var t0 = Date.parse(inst.started_at);
+    var t1 = inst.completed_at ? Date.parse(inst.completed_at) : NaN;
+    if (!isNaN(t0) && !isNaN(t1)) dlRow(dl, "Cycle time", fmtDuration((t1 - t0) / 1000), "cycle_time");
+    else if (!isNaN(t0)) dlRow(dl, "Running for", fmtDuration((Date.now() - t0) / 1000), "running_for");
+    dlRow(dl, "Steps done", Array.isArray(inst.completed) && inst.completed.length ? inst.completed.join(", ") : "(none)", "completed");
+    dlRow(dl, "Next", Array.isArray(inst.next) && inst.next.length ? inst.next.join(", ") : "", "next");
+    dlRow(dl, "Cost", fmtCost(inst.cost, inst.currency), "cost");
+
+    var tbody = $("wf-history-rows");
+    clear(tbody);
+    var events = (Array.isArray(inst.events) ? inst.events : []).filter(isPlainObject);
+    events.forEach(function (e) {
+      var objects = (Array.isArray(e.objects) ? e.objects : []).filter(Array.isArray).map(function (o) {
+        return String(o[0]) + " " + String(o[1]);
+      });
+      var step = el("td", { cls: "step" }, [el("span", { cls: "mono", text: e.step || "\u2014" })]);
+      if (e.action) step.appendChild(el("div", { cls: "sub muted mono", text: e.action }));
+      if (objects.length) step.appendChild(el("div", { cls: "sub muted event-objects", text: objects.join(", ") }));
+      var outcome = e.outcome === "completed" ? "d-allow" : e.outcome === "failed" ? "d-deny" : e.outcome === "refused" ? "d-hold" : "d-event";
+      var wait = el("td", { cls: "num wait", text: isNum(e.approval_wait_ms) ? fmtMs(e.approval_wait_ms) : "\u2014" });
+      if (e.human) wait.appendChild(el("div", { cls: "sub muted", text: "a person took part" }));
+      tbody.appendChild(el("tr", { cls: "history-row", data: { seq: e.seq, outcome: e.outcome || "", step: e.step || "",
+        agent: e.agent || "", testid: "wf-history-row" } }, [
+        el("td", { cls: "time", text: e.time ? absTime(e.time) : "\u2014" }),
+        step,
+        el("td", { cls: "outcome" }, [el("span", { cls: "badge " + outcome, text: e.outcome || "?" })]),
+        el("td", { cls: "agent mono", text: e.agent || "\u2014" }),
+        el("td", { cls: "num status", text: e.status === null || e.status === undefined ? "\u2014" : e.status }),
+        el("td", { cls: "num duration", text: fmtMs(e.duration_ms) }),
+        wait,
+        el("td", { cls: "num cost", text: fmtCost(e.cost, inst.currency) }),
+        el("td", { cls: "mono decision-id", text: e.decision_id || "\u2014" }),
+      ]));
+    });
+    show($("wf-history"), events.length > 0);
+    show($("wf-history-empty"), events.length === 0);
+
+    var otb = $("wf-object-rows");
+    clear(otb);
+    var objs = (Array.isArray(inst.objects) ? inst.objects : []).filter(isPlainObject);
+    objs.forEach(function (o) {
+      otb.appendChild(el("tr", { cls: "object-row", data: { type: o.type || "", id: o.id || "", testid: "wf-object-row" } }, [
+        el("td", { cls: "type", text: o.type || "\u2014" }),
+        el("td", { cls: "mono object-id", text: o.id || "\u2014" }),
+        el("td", { cls: "mono step", text: o.step || "\u2014" }),
+        el("td", { cls: "linked" }, [o.linked_at ? timeNode(o.linked_at, "rel") : el("span", { text: "\u2014" })]),
+      ]));
+    });
+    show($("wf-objects"), objs.length > 0);
+    show($("wf-objects-empty"), objs.length === 0);
+    show($("wf-instance"), true);
+  }
+
+  function closeInstance() {
+    S.wf.instanceId = null;
+    S.wf.instance = null;
+    S.wf.detailSig = null;
+    S.wf.detGen++;
+    show($("wf-instance"), false);
+    Array.prototype.forEach.call($("wf-instance-rows").querySelectorAll(".is-selected"), function (r) { r.classList.remove("is-selected"); });
+  }
+
+  function initWorkflows() {
+    $("wf-window").addEventListener("change", function () {
+      S.wf.sig = null;
+      loadWorkflows(true);
+    });
+    ["wf-filter-workflow", "wf-filter-state"].forEach(function (id) {
+      $(id).addEventListener("change", function () {
+        S.wf.instSig = null;
+        loadInstances();
+      });
+    });
+    $("wf-instance-close").addEventListener("click", closeInstance);
+  }
+
   // ------------------------------------------------------------------ live updates
   function setLive(mode) {
     var n = $("live-status");
@@ -1729,6 +2427,7 @@
     else if (S.view === "claims") loadClaims();
     else if (S.view === "handoffs") loadHandoffs();
     else if (S.view === "duplicates") loadDuplicates();
+    else if (S.view === "workflows") loadWorkflows();
   }
 
   function startPolling() {
@@ -1846,6 +2545,7 @@
     initAgents();
     initClaims();
     initHandoffs();
+    initWorkflows();
     window.addEventListener("popstate", route);
 
     var saved = sessionStorage.getItem(TOKEN_KEY);
