@@ -61,7 +61,7 @@ sys.path.insert(0, str(BENCH))
 import proctor_env  # noqa: E402
 from run import free_port, port_open, proc_cpu_seconds, wait_for  # noqa: E402
 
-SCENARIOS = ("patch-plain", "patch-claimed", "post-plain", "post-idem")
+SCENARIOS = ("patch-plain", "patch-claimed", "post-plain", "post-idem", "patch-step")
 
 SCHEMA = """
 type Time = { now: datetime, epoch: Long, hour: Long, weekday: Long };
@@ -73,7 +73,7 @@ entity Agent in [AgentGroup] { team?: String, level?: Long };
 POLICIES = """
 @id("coord-bench-anyone")
 permit (principal, action in [Action::"coord.plain.update", Action::"coord.claimed.update",
-                              Action::"coord.order.create"], resource);
+                              Action::"coord.order.create", Action::"coord.step.update"], resource);
 """
 
 
@@ -90,8 +90,20 @@ def connector(upstream_port: int) -> dict:
              "claim": {"mode": "exclusive", "ttl_seconds": 900, "acquire": "implicit"}},
             {"method": "POST", "path": "/orders/{id}", "action": "coord.order.create",
              "resource": {"type": "Order", "id": "{id}"}},
+            {"method": "PATCH", "path": "/step/{id}", "action": "coord.step.update",
+             "resource": {"type": "Item", "id": "{id}"}},
         ],
     }
+
+
+# A one-step workflow over PATCH /step/{id}: the item names its instance, so after the
+# first call every call finds the instance (one store read for context.workflow) and
+# records the step again (one write transaction: event, tally, links).
+WORKFLOW = {
+    "name": "bench",
+    "steps": [{"name": "touch", "actions": ["coord.step.update"],
+               "objects": [{"type": "Item", "from": "param", "name": "id"}]}],
+}
 
 
 def build(base: Path, upstream_port: int, stores: dict[str, str | None]) -> tuple[dict[str, tuple[Path, int, int]], str]:
@@ -109,12 +121,16 @@ def build(base: Path, upstream_port: int, stores: dict[str, str | None]) -> tupl
     # contexts including `claim`); the shared types and principals are declared here.
     (base / "policies" / "schema.cedarschema").write_text(SCHEMA)
     (base / "policies" / "coordination.cedar").write_text((ROOT / "policies" / "coordination.cedar").read_text())
+    (base / "policies" / "workflows.cedar").write_text((ROOT / "policies" / "workflows.cedar").read_text())
+    (base / "workflows").mkdir()
+    (base / "workflows" / "bench.yaml").write_text(yaml.safe_dump(WORKFLOW, sort_keys=False))
     out = {}
     for name, url in stores.items():
         port, cport = free_port(), free_port()
         cfg = proctor_env._config(f"state-{name}", port, cport)
         if url:
             cfg["store"] = {"url": url}
+        cfg["workflows_dir"] = str(base / "workflows")
         path = base / f"proctor-{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         out[name] = (path, port, cport)
@@ -181,7 +197,8 @@ class _Run:
 
 def request_maker(scenario: str, upstream_port: int, token: str):
     method, path = {"patch-plain": ("PATCH", "/plain/1"), "patch-claimed": ("PATCH", "/claimed/1"),
-                    "post-plain": ("POST", "/orders/1"), "post-idem": ("POST", "/orders/1")}[scenario]
+                    "post-plain": ("POST", "/orders/1"), "post-idem": ("POST", "/orders/1"),
+                    "patch-step": ("PATCH", "/step/1")}[scenario]
     head = (f"{method} http://127.0.0.1:{upstream_port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{upstream_port}\r\n"
             f"Proxy-Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n")
     fixed = (head + "\r\n{}").encode()
@@ -272,7 +289,7 @@ def summarize(samples: list[Sample]) -> list[dict]:
                          "p50_ms_median": round(statistics.median(s.p50_ms for s in ss), 3),
                          "non2xx": sum(n for s in ss for st, n in s.statuses.items() if not 200 <= st < 300)})
         # added CPU: per repeat (same repeat's baseline), then the median of those differences
-        for sc, base in (("patch-claimed", "patch-plain"), ("post-idem", "post-plain")):
+        for sc, base in (("patch-claimed", "patch-plain"), ("post-idem", "post-plain"), ("patch-step", "patch-plain")):
             diffs = []
             for r in sorted({s.repeat for s in samples}):
                 x = [s for s in samples if s.backend == b and s.scenario == sc and s.repeat == r]
@@ -312,11 +329,15 @@ def preflight(name: str, port: int, upstream_port: int, token: str) -> None:
     assert st == 200 and b"idempotent-replayed" not in head, (name, st, head)
     st, head = _one(port, idem)  # the same key again: replayed from the store, not forwarded
     assert st == 200 and b"\r\nidempotent-replayed: true" in head, (name, st, head)
-    print(f"preflight {name}: claim header on the claimed route, replay of a repeated key: ok", flush=True)
+    st, head = _one(port, request_maker("patch-step", upstream_port, token)())
+    assert st == 200 and b"\r\nproctor-workflow: bench; instance=wfi_" in head, (name, st, head)
+    print(f"preflight {name}: claim header on the claimed route, replay of a repeated key, workflow header: ok",
+          flush=True)
 
 
 LABELS = {"patch-plain": "PATCH, route without `claim:`", "patch-claimed": "PATCH, claimed route (holder renews)",
-          "post-plain": "POST without Idempotency-Key", "post-idem": "POST, distinct Idempotency-Key each"}
+          "post-plain": "POST without Idempotency-Key", "post-idem": "POST, distinct Idempotency-Key each",
+          "patch-step": "PATCH, a workflow step (instance found, step recorded)"}
 
 
 def render_table(rows: list[dict]) -> str:

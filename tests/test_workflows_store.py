@@ -104,3 +104,44 @@ def test_agents_recording_steps_of_one_instance_at_once_lose_nothing(make_store:
                 await s.close()
 
     asyncio.run(main())
+
+
+def test_sqlite_transactions_run_in_one_thread_hop_or_fall_back(tmp_path, monkeypatch) -> None:
+    """SQLiteStore._transaction runs a whole write transaction in aiosqlite's worker thread
+    through its private `_execute`/`_connection`; an aiosqlite without them must not break
+    anything: the fallback gives the same result (only slower)."""
+    import aiosqlite
+
+    from proxy.store import open_store
+
+    assert hasattr(aiosqlite.Connection, "_execute"), "aiosqlite changed: SQLiteStore._transaction falls back"
+    assert "_connection" in aiosqlite.Connection.__init__.__code__.co_names
+
+    async def scenario(s: Store) -> tuple[list[str], int]:
+        i = new_instance_id()
+        await s.record_workflow_event(ev(i, "requisition"), required=REQUIRED, links=[("Requisition", "R1")],
+                                      create=True)
+        inst = await s.record_workflow_event(ev(i, "quote", t=1001.0), required=REQUIRED,
+                                             links=[("Quote", "Q1"), ("Requisition", "R1")], create=False)
+        assert inst is not None
+        # a failing transaction rolls back whole: nothing of it stays
+        try:
+            await s.record_workflow_event(ev(i, "order", "bogus"), required=REQUIRED, links=[], create=False)
+        except ValueError:
+            pass
+        return inst.completed, len(await s.workflow_objects(instance_id=i))
+
+    async def run_with(path) -> tuple[list[str], int]:
+        s = open_store(f"sqlite://{path}")
+        await s.open()
+        try:
+            return await scenario(s)
+        finally:
+            await s.close()
+
+    fast = asyncio.run(run_with(tmp_path / "a.db"))
+    import proxy.store.sqlite
+
+    monkeypatch.setattr(proxy.store.sqlite, "ONE_HOP_TRANSACTIONS", False)
+    slow = asyncio.run(run_with(tmp_path / "b.db"))
+    assert fast == slow == (["requisition", "quote"], 2)
