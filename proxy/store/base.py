@@ -365,8 +365,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_workflow_instances(self, *, workflow: str | None = None, state: str | None = None,
-                                      since: float | None = None, limit: int = 100) -> list[Instance]:
-        """Most recently moved first."""
+                                      since: float | None = None, limit: int = 100, before: float | None = None,
+                                      flagged: str | None = None) -> list[Instance]:
+        """Most recently moved first. `before`: last moved before then (stalled ones); `flagged`:
+        only instances whose attrs have that top-level key (a lower-case word; a text match the
+        caller confirms, workflows/exceptions.py)."""
 
     @abc.abstractmethod
     async def workflow_events(self, *, instance_id: str | None = None, workflow: str | None = None,

@@ -56,6 +56,7 @@ from .workflows import (EVENT_COLUMNS, EVENT_SELECT, INSTANCE_COLUMNS, INSTANCE_
                         Instance, StepEvent, WorkflowObject, apply_event, event_from_row, event_params,
                         instance_from_row, instance_params, object_from_row)
 from .workflows import WF_JOINED as _WF_JOINED
+from .workflows import flag_pattern
 from .workflows import WF_SET_PG as _WF_SET_PG
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
@@ -969,13 +970,16 @@ class PostgresStore(Store):
         return done == "UPDATE 1"
 
     async def list_workflow_instances(self, *, workflow: str | None = None, state: str | None = None,
-                                      since: float | None = None, limit: int = 100) -> list[Instance]:
+                                      since: float | None = None, limit: int = 100, before: float | None = None,
+                                      flagged: str | None = None) -> list[Instance]:
         rows = await self._fetch(
             "list_workflow_instances",
             f"SELECT {INSTANCE_SELECT} FROM proctor_wf_instances WHERE ($1::text IS NULL OR workflow = $1) "
             "AND ($2::text IS NULL OR state = $2) AND ($3::double precision IS NULL OR updated_at >= $3) "
+            "AND ($5::double precision IS NULL OR updated_at < $5) AND ($6::text IS NULL OR attrs LIKE $6) "
             "ORDER BY updated_at DESC, id LIMIT $4",
             workflow, state, None if since is None else float(since), max(0, int(limit)),
+            None if before is None else float(before), None if flagged is None else flag_pattern(flagged),
         )
         return [instance_from_row(r) for r in rows]
 

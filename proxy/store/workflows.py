@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +44,18 @@ ObjectKey = tuple[str, str]
 
 def new_instance_id() -> str:
     return "wfi_" + secrets.token_urlsafe(15)
+
+
+_FLAG_RE = re.compile(r"^[a-z]{1,32}$")
+
+
+def flag_pattern(key: str) -> str:
+    """The LIKE pattern of an attrs text with the top-level key `key` (a lower-case word, so
+    neither % nor _ is in it). Quotes inside JSON strings are escaped (\\"), so the pattern
+    matches keys; a value or nested key of that name is a false positive the caller discards."""
+    if not _FLAG_RE.match(key):
+        raise ValueError(f"attrs flag {key!r} must be 1-32 lower-case letters")
+    return f'%"{key}"%'
 
 
 @dataclass
