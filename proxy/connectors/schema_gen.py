@@ -47,7 +47,8 @@ CLAIM_CONTEXT_TYPE = ("{ held: Bool, holder: String, holder_groups: Set<String>,
 # context.workflow on workflow-governed actions (proxy/workflows/stage.py builds it; docs/workflows.md).
 WORKFLOW_CONTEXT_TYPE = ("{ name: String, instance: String, step: String, known: Bool, completed: Set<String>, "
                          "ready: Bool, missing: Set<String>, next: Set<String>, started_at: Long, attempts: Long, "
-                         "failures: Long }")
+                         "failures: Long, escalated: Bool, gave_up: Bool, rerouted_to: String, rerouted_away: Bool, "
+                         "closed: Bool }")
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 

@@ -103,6 +103,8 @@ def workflow_context(state: WorkflowState) -> dict[str, Any]:
         "started_at": int(inst.started_at) if inst is not None else 0,
         "attempts": tally.attempts if tally is not None else 0,
         "failures": tally.failures if tally is not None else 0,
+        # exceptions (workflows/exceptions.py fills them in for the caller)
+        "escalated": False, "gave_up": False, "rerouted_to": "", "rerouted_away": False, "closed": False,
     }
 
 
@@ -279,5 +281,6 @@ class WorkflowAdvance(Stage):
             log.error("decision %s: workflow %s step %s (%s) could not be recorded: %s", ex.decision_id,
                       state.workflow.name, step.name, outcome, e)
             return
+        state.extra["recorded"] = (outcome, inst)  # for the workflow-exceptions stage (exceptions.py)
         self.observer.step(state.workflow.name, step.name, outcome)
         self.observer.recorded(event, inst)
