@@ -124,27 +124,62 @@ class CostSpec(_Strict):
     per_completion: Decimal = Field(Decimal(0), ge=0)
 
 
+_GROUP_RE = r"^[A-Za-z0-9_.:@-]{1,128}$"  # a people group, spelled as approval groups are
+_RESERVED_AGENTS = ("group:", "human:")  # pseudo-holders for people (coordination/claims.py)
+
+
 class RetrySpec(_Strict):
-    max_attempts: int = Field(3, ge=1, le=100)
-    after_seconds: int = Field(60, ge=1, le=7 * 24 * 3600)
+    """The agent is told when to retry a failed call (`Retry-After`); after `max_attempts`
+    failures the step gives up until a person acts."""
+
+    max_attempts: int = Field(3, ge=1, le=100, description="Failures after which the step gives up.")
+    after_seconds: int = Field(60, ge=1, le=7 * 24 * 3600, description="Retry-After on a failed call.")
 
 
 class EscalateSpec(_Strict):
-    group: str = Field(min_length=1, max_length=256, description="The human group whose inbox gets the instance.")
+    group: str = Field(pattern=_GROUP_RE, description="The people group whose inbox gets the instance (letters, "
+                                                      "digits, _ . : @ -, as approval groups).")
     after_failures: int = Field(1, ge=1, le=100)
 
 
 class RerouteSpec(_Strict):
-    to: str = Field(min_length=1, max_length=256, description="The agent (or agent group id) the step moves to.")
+    to: str = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$",
+                    description="The agent id (or a group of agents, as the agent's token names its groups) "
+                                "the step moves to.")
     after_failures: int = Field(1, ge=1, le=100)
+
+    @field_validator("to")
+    @classmethod
+    def _agent(cls, v: str) -> str:
+        if v.startswith(_RESERVED_AGENTS):
+            raise ValueError(f"reroute.to {v!r}: ids starting group: or human: name people; a step is rerouted to "
+                             "an agent (use escalate for people)")
+        return v
 
 
 class OnError(_Strict):
-    """What happens when a step fails (docs/workflows.md, "Exceptions")."""
+    """What happens when a step fails (docs/workflows.md, "Exceptions"). Failures are counted
+    per instance and step, from the last time a person allowed retries (or the step moved)."""
 
     retry: RetrySpec | None = None
     escalate: EscalateSpec | None = None
     reroute: RerouteSpec | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "OnError":
+        if self.retry is None and self.escalate is None and self.reroute is None:
+            raise ValueError("on_error needs at least one of retry, escalate, reroute")
+        if self.retry is not None:
+            most = self.retry.max_attempts
+            if self.escalate is not None and self.escalate.after_failures > most:
+                raise ValueError(f"escalate.after_failures ({self.escalate.after_failures}) is more than "
+                                 f"retry.max_attempts ({most}): the step gives up (and escalates) after {most} "
+                                 "failures, so it would never escalate by count")
+            if self.reroute is not None and self.reroute.after_failures > most:
+                raise ValueError(f"reroute.after_failures ({self.reroute.after_failures}) is more than "
+                                 f"retry.max_attempts ({most}): the step gives up after {most} failures, "
+                                 "before it could move")
+        return self
 
 
 class StepSpec(_Strict):
@@ -193,11 +228,21 @@ class Correlation(_Strict):
     baggage_key: str = Field("proctor.workflow", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
 
 
+class WorkflowCost(_Strict):
+    currency: str = Field("", max_length=16, pattern=r"^[A-Za-z0-9 _.-]*$",
+                          description="An ISO 4217 code (EUR) or any unit name (credits).")
+
+
 class WorkflowSpec(_Strict):
     name: str
     description: str = ""
     sla_seconds: int | None = Field(None, ge=1, le=365 * 24 * 3600)
-    cost: dict[str, str] = Field(default_factory=dict, description="{currency: EUR}: the unit costs are in.")
+    escalate_group: str | None = Field(None, pattern=_GROUP_RE,
+                                       description="The people group that gets stalled instances (and give-ups) "
+                                                   "whose step names no escalate group (default: operators).")
+    cost: "WorkflowCost" = Field(default_factory=lambda: WorkflowCost.model_validate({}),
+                                 description="{currency: EUR}: the unit step costs are in (per-step costs go on "
+                                             "the steps).")
     correlation: Correlation = Field(default_factory=lambda: Correlation.model_validate({}))
     steps: list[StepSpec] = Field(min_length=1)
 
@@ -208,17 +253,9 @@ class WorkflowSpec(_Strict):
             raise ValueError(f"workflow name {v!r} must be lower-case letters, digits, _ or - (starting with a letter)")
         return v
 
-    @field_validator("cost")
-    @classmethod
-    def _cost(cls, v: dict[str, str]) -> dict[str, str]:
-        unknown = set(v) - {"currency"}
-        if unknown:
-            raise ValueError(f"cost takes `currency` only (per-step costs go on the steps), not {sorted(unknown)}")
-        return v
-
     @property
     def currency(self) -> str:
-        return self.cost.get("currency", "")
+        return self.cost.currency
 
     def step(self, name: str) -> StepSpec:
         return next(s for s in self.steps if s.name == name)
