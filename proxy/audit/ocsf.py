@@ -28,6 +28,7 @@ from ..record.model import (
     RecordedRequest,
     SuspensionEvent,
     TrailEvent,
+    WorkflowEvent,
     as_record,
     construct,
     iso,
@@ -293,9 +294,41 @@ def duplicate_event(rec: DuplicateEvent) -> dict[str, Any]:
     return ev
 
 
+def workflow_event(rec: WorkflowEvent) -> dict[str, Any]:
+    """A workflow exception (docs/workflows.md, "Exceptions"): the actor is the person who
+    decided, else the agent whose failed call it followed, else Proctor (a stalled instance);
+    the instance is the resource, correlated with the call when there is one."""
+    event = rec.event
+    if rec.by:
+        actor = {"uid": rec.by, "name": rec.by, "type_id": 1, "type": "User"}
+    elif rec.agent:
+        actor = {"uid": rec.agent, "name": rec.agent, "type_id": 99, "type": "AI agent"}
+    else:
+        actor = {"uid": "proctor", "name": "proctor", "type_id": 3, "type": "System"}
+    ev = _base(1 if event == "escalated" else 3, _ms(rec.time),
+               3 if event in ("gave-up", "stalled", "escalated") else 1, event not in ("gave-up", "stalled"))
+    ev["actor"] = {"user": actor}
+    ev["api"] = {"operation": f"proctor.workflow.{event}", "request": {"uid": rec.escalation_id or rec.instance or ""},
+                 "service": {"name": "proctor.workflows"}}
+    ev["resources"] = [{"uid": rec.instance or "", "name": rec.workflow or "", "type": "WorkflowInstance"}]
+    if rec.decision_id:
+        ev["metadata"]["correlation_uid"] = rec.decision_id
+    where = f"workflow {rec.workflow} instance {rec.instance}" + (f" step {rec.step}" if rec.step else "")
+    what = {
+        "rerouted": f"rerouted from {rec.agent} to {rec.to} after {rec.failures} failure(s)",
+        "gave-up": f"gave up after {rec.failures} failure(s) (last by {rec.agent})",
+        "escalated": f"escalated ({rec.reason}) to {rec.group or 'operators'}",
+        "stalled": f"stalled: no progress for {rec.idle_seconds} s",
+        "decided": f"{rec.resolution} decided by {rec.by}",
+        "resolved": f"escalation resolved: the step was completed by {rec.agent}",
+    }.get(event, event)
+    ev["message"] = f"{where}: {what}"
+    return ev
+
+
 _STATE_CHANGE: dict[type, Callable[[Any], dict[str, Any]]] = {
     ApprovalEvent: approval_event, SuspensionEvent: suspension_event, PolicyEvent: policy_event, TrailEvent: trail_event,
-    ClaimEvent: claim_event, DuplicateEvent: duplicate_event,
+    ClaimEvent: claim_event, DuplicateEvent: duplicate_event, WorkflowEvent: workflow_event,
 }
 
 

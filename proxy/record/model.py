@@ -9,6 +9,7 @@ Each line of the decision record is one of:
 - `PolicyEvent` (`"type": "policy"`): a policy rollback;
 - `ClaimEvent` (`"type": "claim"`): a claim on a resource transferred, handed off or released;
 - `DuplicateEvent` (`"type": "duplicate"`): a write not forwarded because it repeated earlier work;
+- `WorkflowEvent` (`"type": "workflow"`): a workflow exception (rerouted, gave up, escalated, stalled, decided);
 
 and the audit trail adds its own `TrailEvent` (`"type": "audit"`: a gap, a repair),
 which is never written to decisions.jsonl. `Record` is their union.
@@ -511,6 +512,38 @@ class DuplicateEvent(_Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class WorkflowEvent(_Event):
+    """An exception on a workflow instance (docs/workflows.md, "Exceptions"): a step
+    `rerouted` to another agent, a step that `gave-up` after its retries, an `escalated`
+    inbox item for people (`reason`: failures, gave-up or stalled), a `stalled` instance (no
+    progress for longer than its SLA), a person's `decided` (`resolution`: retry, take-over,
+    complete, close), an item `resolved` because an agent completed the step."""
+
+    record_type: ClassVar[str] = "workflow"
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset(
+        {"step", "agent", "decision_id", "failures", "to", "group", "escalation_id", "reason", "by", "resolution",
+         "note", "idle_seconds"})
+
+    type: Literal["workflow"] = "workflow"
+    event: str  # rerouted | gave-up | escalated | stalled | decided | resolved
+    time: str
+    workflow: str
+    instance: str
+    step: str | None = None
+    agent: str | None = None  # the agent whose call it followed (rerouted, gave-up, escalated by failures)
+    decision_id: str | None = None  # that call
+    failures: int | None = None  # the step's failures counted when it happened
+    to: str | None = None  # rerouted: the agent the step moved to
+    group: str | None = None  # escalated: the people group whose inbox has it (None: operators)
+    escalation_id: str | None = None  # the inbox item (escalated, decided, resolved)
+    reason: str | None = None  # escalated: failures | gave-up | stalled
+    by: str | None = None  # decided: the person
+    resolution: str | None = None  # decided: retry | take-over | complete | close
+    note: str | None = None  # decided: the person's note
+    idle_seconds: float | None = None  # stalled: seconds without progress
+
+
+@dataclass(slots=True, kw_only=True)
 class TrailEvent(_Event):
     """The audit trail about itself (proxy/audit/filesink.py): events a file could not take
     (`gap`), or a torn last line cut off (`repaired`). Only in the audit trail."""
@@ -532,11 +565,12 @@ class TrailEvent(_Event):
     reason: str | None = None
 
 
-Record = Union[DecisionRecord, ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent, DuplicateEvent]
-EventRecord = Union[ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent, DuplicateEvent]
+Record = Union[DecisionRecord, ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent, DuplicateEvent,
+               WorkflowEvent]
+EventRecord = Union[ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent, DuplicateEvent, WorkflowEvent]
 EVENT_TYPES: dict[str, type[_Event]] = {
     "approval": ApprovalEvent, "suspension": SuspensionEvent, "policy": PolicyEvent, "audit": TrailEvent,
-    "claim": ClaimEvent, "duplicate": DuplicateEvent,
+    "claim": ClaimEvent, "duplicate": DuplicateEvent, "workflow": WorkflowEvent,
 }
 
 
@@ -568,12 +602,13 @@ RecordLine = Annotated[
         Annotated[TrailEvent, Tag("audit")],
         Annotated[ClaimEvent, Tag("claim")],
         Annotated[DuplicateEvent, Tag("duplicate")],
+        Annotated[WorkflowEvent, Tag("workflow")],
     ],
     Discriminator(
         _line_kind,
         custom_error_type="record_type",
         custom_error_message="not a record: an object with no `type` (a decision) or `type` one of "
-                             "approval, suspension, policy, audit, claim, duplicate",
+                             "approval, suspension, policy, audit, claim, duplicate, workflow",
     ),
 ]
 RECORD_LINE: TypeAdapter[Record] = TypeAdapter(RecordLine)
