@@ -1711,7 +1711,7 @@
   var SVG_NS = "http://www.w3.org/2000/svg";
   var WF_POLL_MS = 10000;
   var WF_WINDOWS = { 86400: 3600, 604800: 21600, 2592000: 86400 }; // window seconds -> bucket seconds
-  var CHART = { w: 560, h: 230, left: 46, right: 14, top: 14, bottom: 50 };
+  var CHART = { w: 540, h: 250, left: 46, right: 16, top: 16, bottom: 52 };
 
   function svgEl(tag, attrs, children) {
     var node = document.createElementNS(SVG_NS, tag);
@@ -1847,7 +1847,8 @@
         });
         var k = res[1].data;
         var kerr = res[1].error;
-        showMsg("workflows-note", kerr ? "The outcome KPIs are unavailable (" + kerr.message + "); definitions and instances are shown." : "");
+        showMsg("workflows-note", kerr ? "The outcome KPIs are unavailable (" + kerr.message + "); definitions and instances are shown." :
+          k && k.truncated === true ? "Limits were reached while reading this window: the numbers cover what was read." : "");
         var sig = JSON.stringify([list, k, kerr ? kerr.message : null, $("wf-window").value]);
         if (sig === S.wf.sig) return;
         S.wf.sig = sig;
@@ -1955,8 +1956,22 @@
     renderAgentTable(k);
   }
 
+  var TILE_HELP = {
+    wip: "Instances running now (work in progress); started and completed inside the window.",
+    cycle: "Start to completion of the instances completed in the window.",
+    split: "Per completed instance: the time spent waiting for people (approvals) and the rest (agents and systems).",
+    throughput: "Instances completed in the window.",
+    errors: "Failed step calls / (completed + failed) step calls in the window.",
+    rework: "Steps of an instance completed more than once / steps completed.",
+    sla: "Instances completed in the window within the workflow's sla_seconds.",
+    "at-risk": "Running instances past 80% of the SLA target (the overdue ones included).",
+    cost: "The mean cost of the instances completed in the window; the total of every call in it.",
+    autonomy: "Completed steps with no person involved (no approval, no escalation) / completed steps.",
+  };
+
   function tile(label, main, subs, kind) {
-    var div = el("div", { cls: "tile", data: { tile: kind } }, [el("dt", { text: label }), el("dd", { cls: "tile-main" }, main)]);
+    var div = el("div", { cls: "tile", data: { tile: kind }, attrs: TILE_HELP[kind] ? { title: TILE_HELP[kind] } : {} },
+      [el("dt", { text: label }), el("dd", { cls: "tile-main" }, main)]);
     if (subs && subs.length) div.appendChild(el("dd", { cls: "tile-sub muted" }, subs));
     return div;
   }
@@ -1978,10 +1993,14 @@
       ["p90 ", kpiSpan("cycle_p90", ct.p90, fmtDuration(ct.p90)), " \u00b7 mean ",
        kpiSpan("cycle_mean", ct.mean, fmtDuration(ct.mean)), " \u00b7 ", kpiSpan("cycle_count", ct.count, fmtCount(ct.count)),
        " completed"], "cycle"));
-    dl.appendChild(tile("Human wait vs agent time (p50)",
+    dl.appendChild(tile("Human wait / agent time (p50)",
       [kpiSpan("human_wait_p50", ct.human_wait_p50, fmtDuration(ct.human_wait_p50)), " / ",
        kpiSpan("agent_time_p50", ct.agent_time_p50, fmtDuration(ct.agent_time_p50))],
-      ["waiting for people (approvals) / the rest"], "split"));
+      [].concat(isNum(ct.human_wait_p90) || isNum(ct.agent_time_p90) ? [
+        "p90 ", kpiSpan("human_wait_p90", ct.human_wait_p90, fmtDuration(ct.human_wait_p90)), " / ",
+        kpiSpan("agent_time_p90", ct.agent_time_p90, fmtDuration(ct.agent_time_p90))] : []).concat(
+        isNum(ct.human_wait_share) ? [" \u00b7 people ", kpiSpan("human_wait_share", ct.human_wait_share,
+          fmtRate(ct.human_wait_share)), " of cycle time"] : []), "split"));
     dl.appendChild(tile("Throughput", [kpiSpan("throughput_completed", tp.completed, fmtCount(tp.completed)), " completed"],
       [kpiSpan("per_day", tp.per_day, isNum(tp.per_day) ? round1(tp.per_day) : "\u2014"), " per day"], "throughput"));
     dl.appendChild(tile("Error rate", [kpiSpan("error_rate", k.error_rate, fmtRate(k.error_rate))],
@@ -1992,7 +2011,8 @@
       [kpiSpan("sla_met", sla.met, fmtCount(sla.met)), " met \u00b7 ", kpiSpan("sla_missed", sla.missed, fmtCount(sla.missed)),
        " missed \u00b7 target " + (target === null ? "none" : fmtDuration(target))], "sla"));
     dl.appendChild(tile("At risk", [kpiSpan("sla_at_risk", sla.at_risk, fmtCount(sla.at_risk)), " running"],
-      [target === null ? "no SLA target" : "past 80% of the " + fmtDuration(target) + " target"], "at-risk"));
+      [target === null ? "no SLA target" : "past 80% of the " + fmtDuration(target) + " target"].concat(
+        isNum(sla.overdue) ? [" \u00b7 ", kpiSpan("sla_overdue", sla.overdue, fmtCount(sla.overdue)), " overdue"] : []), "at-risk"));
     dl.appendChild(tile("Cost per instance", [kpiSpan("cost_per_instance", cost.per_instance, fmtCost(cost.per_instance, currency))],
       ["total ", kpiSpan("cost_total", cost.total, fmtCost(cost.total, currency))], "cost"));
     dl.appendChild(tile("Autonomy", [kpiSpan("autonomy_rate", k.autonomy_rate, fmtRate(k.autonomy_rate))],
@@ -2069,18 +2089,34 @@
     }));
   }
 
+  /* A bucket's start for an x label: the day for day buckets, else the hour (with the day at midnight). */
   function bucketLabel(iso, bucketSeconds) {
     var t = Date.parse(iso);
     if (isNaN(t)) return "?";
     var d = new Date(t);
-    if (bucketSeconds >= 86400) return d.toLocaleDateString(undefined, { month: "short", day: "numeric" });
-    if (bucketSeconds >= 21600) return d.toLocaleDateString(undefined, { month: "short", day: "numeric" }) + " " +
-      d.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
-    return d.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit" });
+    var day = d.toLocaleDateString(undefined, { month: "short", day: "numeric" });
+    if (bucketSeconds >= 86400) return day;
+    var hm = d.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", hour12: false });
+    return bucketSeconds >= 21600 || (d.getHours() === 0 && d.getMinutes() === 0) ? day + " " + hm : hm;
   }
 
-  function labelEvery(n) {
-    return Math.max(1, Math.ceil(n / 8));
+  /* Label every n-th bucket so that labels of `chars` characters do not overlap. */
+  function labelEvery(n, chars) {
+    var fits = Math.max(1, Math.floor((CHART.w - CHART.left - CHART.right) / (Math.max(chars, 3) * 6.5 + 10)));
+    return Math.max(1, Math.ceil(n / fits));
+  }
+
+  function longest(labels) {
+    return labels.reduce(function (m, l) { return Math.max(m, String(l).length); }, 0);
+  }
+
+  /* A histogram bound, short: 1 min, 4 h, 30 d. */
+  function fmtBound(secs) {
+    if (!isNum(secs)) return "?";
+    if (secs < 60) return secs + " s";
+    if (secs < 3600) return round1(secs / 60) + " min";
+    if (secs < 86400) return round1(secs / 3600) + " h";
+    return round1(secs / 86400) + " d";
   }
 
   function cycleChart(k) {
@@ -2090,14 +2126,15 @@
     });
     if (!isNum(ct.count) || ct.count === 0 || !hist.length) return emptyChart("No completed instances in this window.");
     var labels = hist.map(function (b, i) {
-      if (b.le === null || b.le === undefined) return "> " + (i > 0 && isNum(hist[i - 1].le) ? fmtDuration(hist[i - 1].le) : "?");
-      return "\u2264 " + fmtDuration(b.le);
+      if (b.le === null || b.le === undefined) return "> " + (i > 0 ? fmtBound(hist[i - 1].le) : "?");
+      return fmtBound(b.le);
     });
+    var every = labelEvery(hist.length, longest(labels));
     var max = Math.max.apply(null, hist.map(function (b) { return b.count; }));
     var f = chartFrame("wf-cycle", "Cycle time distribution of " + k.name,
       ct.count + " completed instances; p50 " + fmtDuration(ct.p50) + ", p90 " + fmtDuration(ct.p90) + ". " +
       hist.map(function (b, i) { return labels[i] + ": " + b.count; }).join(", ") + ".",
-      max, "instances", "cycle time (upper bound of each bucket)");
+      max, "instances", "cycle time (up to)");
     var slot = f.pw / hist.length;
     var bars = svgEl("g", { "class": "bars" });
     hist.forEach(function (b, i) {
@@ -2105,11 +2142,12 @@
       var top = f.y(b.count);
       var bar = svgEl("rect", { "class": "bar bar-cycle", x: x + slot * 0.15, y: top, width: slot * 0.7, height: f.base - top,
         "data-count": b.count, "data-le": b.le === null || b.le === undefined ? "" : b.le }, [
-        svgTitle(labels[i] + ": " + b.count + (b.count === 1 ? " instance" : " instances")),
+        svgTitle((labels[i].charAt(0) === ">" ? "longer than " + labels[i].slice(2) : "up to " + labels[i]) + ": " + b.count +
+          (b.count === 1 ? " instance" : " instances")),
       ]);
       bars.appendChild(bar);
       if (b.count > 0) bars.appendChild(svgText({ "class": "bar-label", x: x + slot / 2, y: top - 4, "text-anchor": "middle" }, b.count));
-      f.svg.appendChild(xLabel(f, x + slot / 2, labels[i]));
+      if (i % every === 0) f.svg.appendChild(xLabel(f, x + slot / 2, labels[i]));
     });
     f.svg.appendChild(bars);
     return { empty: false, nodes: [f.svg] };
@@ -2129,9 +2167,10 @@
     var n = series.length;
     var step = n > 1 ? f.pw / (n - 1) : 0;
     var xs = series.map(function (_, i) { return n > 1 ? f.left + i * step : f.left + f.pw / 2; });
-    var every = labelEvery(n);
+    var tl = series.map(function (b) { return bucketLabel(b.start, bucket); });
+    var every = labelEvery(n, longest(tl));
     series.forEach(function (b, i) {
-      if (i % every === 0) f.svg.appendChild(xLabel(f, xs[i], bucketLabel(b.start, bucket)));
+      if (i % every === 0) f.svg.appendChild(xLabel(f, xs[i], tl[i]));
     });
     [["started", "line-started", "point-started"], ["completed", "line-completed", "point-completed"]].forEach(function (s) {
       var key = s[0];
@@ -2166,7 +2205,8 @@
       (sla.met || 0) + " met, " + (sla.missed || 0) + " missed; " + fmtCount(sla.at_risk) + " running instances at risk.",
       max, "completions", "bucket start (" + fmtDuration(bucket) + " each)");
     var slot = f.pw / burn.length;
-    var every = labelEvery(burn.length);
+    var bl = burn.map(function (b) { return bucketLabel(b.start, bucket); });
+    var every = labelEvery(burn.length, longest(bl));
     var bars = svgEl("g", { "class": "bars" });
     burn.forEach(function (b, i) {
       var x = f.left + i * slot;
@@ -2180,7 +2220,7 @@
         "data-count": met, "data-start": b.start || "" }, [svgTitle(when + ": " + met + " met")]));
       bars.appendChild(svgEl("rect", { "class": "bar bar-missed", x: x + slot * 0.15, y: yAll, width: w, height: yMet - yAll,
         "data-count": missed, "data-start": b.start || "" }, [svgTitle(when + ": " + missed + " missed")]));
-      if (i % every === 0) f.svg.appendChild(xLabel(f, x + slot / 2, bucketLabel(b.start, bucket)));
+      if (i % every === 0) f.svg.appendChild(xLabel(f, x + slot / 2, bl[i]));
     });
     f.svg.appendChild(bars);
     return { empty: false, nodes: [f.svg, legend([["swatch-met", "met"], ["swatch-missed", "missed"]]), atRisk] };
@@ -2218,6 +2258,7 @@
         el("td", { cls: "mono agent", text: a.agent || "\u2014" }),
         el("td", { cls: "num completions", text: fmtCount(a.completions) }),
         el("td", { cls: "num failures", text: fmtCount(a.failures) }),
+        el("td", { cls: "num refusals", text: fmtCount(a.refusals) }),
         el("td", { cls: "num error-rate", text: fmtRate(a.error_rate) }),
       ]));
     });
@@ -2278,7 +2319,9 @@
       S.wf.instanceId = i.id;
       S.wf.detailSig = null;
       Array.prototype.forEach.call($("wf-instance-rows").rows, function (r) { r.classList.toggle("is-selected", r === tr); });
-      loadInstance();
+      loadInstance().then(function () {
+        if (S.wf.instanceId === i.id && !$("wf-instance").hidden) $("wf-instance").scrollIntoView({ block: "nearest" });
+      });
     }
     tr.addEventListener("click", select);
     tr.addEventListener("keydown", function (ev) { if (ev.key === "Enter") select(); });
