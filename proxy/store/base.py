@@ -380,6 +380,10 @@ class Store(abc.ABC):
     async def workflow_objects(self, *, instance_id: str | None = None,
                                workflow: str | None = None) -> list[WorkflowObject]: ...
 
+    @abc.abstractmethod
+    async def count_workflow_instances(self) -> dict[tuple[str, str], int]:
+        """Instances by (workflow, state), counted in the store (the metrics gauge)."""
+
     async def __aenter__(self) -> Store:
         await self.open()
         return self

@@ -1003,3 +1003,8 @@ class PostgresStore(Store):
             instance_id, workflow,
         )
         return [object_from_row(r) for r in rows]
+
+    async def count_workflow_instances(self) -> dict[tuple[str, str], int]:
+        rows = await self._fetch("count_workflow_instances", "SELECT workflow, state, COUNT(*) FROM "
+                                 "proctor_wf_instances GROUP BY workflow, state")
+        return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
