@@ -37,7 +37,8 @@ from .claims_api import (
     Inbox,
 )
 from .duplicates_api import DuplicateList, DuplicateListQuery
-from .workflows_api import InstanceDetail, InstanceList, InstanceListQuery, InstancePath, WorkflowList
+from .workflows_api import (InstanceDetail, InstanceList, InstanceListQuery, InstancePath, KpiDocument, KpiQuery,
+                            WorkflowList)
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -218,6 +219,14 @@ ROUTES: tuple[Route, ...] = (
     Route("get", "/v1/workflows/instances/{id}", "getWorkflowInstance", "One workflow instance with its history "
           "and business objects", "workflows", "approver", (Reply(200, "The instance.", InstanceDetail),),
           (401, 404, 503), path_model=InstancePath),
+    Route("get", "/v1/workflows/kpis", "workflowKpis", "Outcome KPIs per workflow, step and agent over a window",
+          "workflows", "approver", (Reply(200, "The KPIs of every loaded workflow (or the one asked for).",
+                                          KpiDocument),), (400, *AUTH), query=KpiQuery,
+          description="Cycle time (p50/p90, human approval wait apart from the rest), throughput, work in "
+          "progress, error and rework rates, SLA adherence, cost per instance and autonomy, computed from the "
+          "store's step events (docs/workflows.md, \"Outcomes (KPIs)\"). Rates are null when their denominator "
+          "is 0. 400 names the parameter at fault: a time that is neither ISO 8601 nor epoch seconds, `since` "
+          "not before `until` or more than 366 days before it, an unknown workflow."),
     # approvals (approvals_api.py)
     Route("get", "/v1/whoami", "whoami", "The calling approver and their approval groups", "approvals", "approver",
           (Reply(200, "The verified approver.", rs.WhoAmI),), AUTH),
