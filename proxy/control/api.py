@@ -23,6 +23,8 @@ from .auth import problem
 from .claims_api import add_claim_routes
 from .duplicates_api import add_duplicate_routes
 from .workflows_api import add_workflow_routes
+from .workflow_inbox_api import add_workflow_inbox_routes
+from .workflow_export_api import add_workflow_export_routes
 from .governance_api import add_governance_routes
 from .health import health, not_ready_reasons
 from .console_routes import add_console_routes
@@ -105,6 +107,8 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     add_claim_routes(app, runtime)
     add_duplicate_routes(app, runtime)
     add_workflow_routes(app, runtime)
+    add_workflow_inbox_routes(app, runtime)
+    add_workflow_export_routes(app, runtime)
     add_activity_routes(app, runtime)
     add_openapi_route(app)
     add_console_routes(app)

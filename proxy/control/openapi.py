@@ -37,6 +37,7 @@ from .claims_api import (
     Inbox,
 )
 from .duplicates_api import DuplicateList, DuplicateListQuery
+from .workflow_export_api import ExportQuery, OcelLog
 from .workflows_api import (InstanceDetail, InstanceList, InstanceListQuery, InstancePath, KpiDocument, KpiQuery,
                             WorkflowList)
 
@@ -103,6 +104,8 @@ class Route:
 
 AUTH = (401, 503)  # every authenticated route: no/bad token, identity provider down
 OPERATOR = (401, 403, 503)
+DOWNLOAD = {"Content-Disposition": {"description": "attachment; a file name such as proctor-workflows.ocel.json.",
+                                   "schema": {"type": "string"}}}
 RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before asking again (pending only).",
                                "schema": {"type": "integer"}}}
 
@@ -227,6 +230,16 @@ ROUTES: tuple[Route, ...] = (
           "store's step events (docs/workflows.md, \"Outcomes (KPIs)\"). Rates are null when their denominator "
           "is 0. 400 names the parameter at fault: a time that is neither ISO 8601 nor epoch seconds, `since` "
           "not before `until` or more than 366 days before it, an unknown workflow."),
+    Route("get", "/v1/workflows/export", "exportWorkflows", "Process-mining export of the workflow history: an "
+          "OCEL 2.0 JSON log or a flat CSV event log", "workflows", "approver",
+          (Reply(200, "format=ocel2: the OCEL 2.0 log (application/json).", OcelLog, headers=DOWNLOAD),
+           Reply(200, "format=csv: a header row, then one row per step event (case_id, activity, timestamp, "
+                 "resource, ...).", media="text/csv", schema={"type": "string"})),
+          (400, 401, 404, 503), query=ExportQuery,
+          description="Events of the step calls in [since, until), objects as they are now: business objects, "
+          "workflow instances and agents, with qualified event-object links and part-of links "
+          "(docs/workflows.md, \"Process-mining export\"). Streamed; 404 for a workflow no loaded definition "
+          "has; 400 names the parameter at fault."),
     # approvals (approvals_api.py)
     Route("get", "/v1/whoami", "whoami", "The calling approver and their approval groups", "approvals", "approver",
           (Reply(200, "The verified approver.", rs.WhoAmI),), AUTH),
@@ -298,6 +311,12 @@ def _responses(route: Route, refs: dict[type[BaseModel], dict[str, Any]]) -> dic
         answer: dict[str, Any] = {"description": r.description, "content": {r.media: media}}
         if r.headers:
             answer["headers"] = r.headers
+        if str(r.status) in out:  # one status, several media types (chosen by a query parameter)
+            same = out[str(r.status)]
+            same["description"] += " " + r.description
+            same["content"].update(answer["content"])
+            same.setdefault("headers", {}).update(r.headers or {})
+            continue
         out[str(r.status)] = answer
     for status in (*route.errors, *((413,) if route.body is not None else ())):
         out[str(status)] = {"$ref": f"#/components/responses/{ERRORS[status][0]}"}
