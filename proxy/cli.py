@@ -520,11 +520,13 @@ def _register_subcommands() -> None:
 
     from .audit.cli import audit
     from .coordination.cli import claims
+    from .workflows.cli import workflows
 
     main.add_command(approvals)
     main.add_command(agents)
     main.add_command(audit)
     main.add_command(claims)
+    main.add_command(workflows)
     policy.add_command(policy_revisions)
     policy.add_command(policy_rollback)
 
