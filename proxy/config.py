@@ -323,6 +323,16 @@ class ConcurrencyConfig(Strict):
     sweep_interval_seconds: float = Field(60.0, gt=0)  # how often a replica deletes expired ETags
 
 
+class WorkflowsConfig(Strict):
+    """Workflow exceptions (docs/workflows.md, "Exceptions")."""
+
+    # How often the control API process looks for stalled instances (no progress for longer
+    # than their SLA) and escalates them; every replica does, each instance is escalated once.
+    sweep_interval_seconds: float = Field(60.0, ge=0.1, le=3600)
+    # Instances looked at per workflow and sweep (the most recently moved of the stalled ones first).
+    sweep_batch: int = Field(1000, ge=1, le=100000)
+
+
 DEFAULT_REDACT_KEYS = [
     "password", "passwd", "secret", "client_secret", "token", "access_token", "refresh_token", "api_key", "apikey",
     "authorization", "cookie", "set-cookie", "ssn", "card_number", "cardnumber", "cvv", "iban",
@@ -425,6 +435,7 @@ class ProctorConfig(Strict):
     approvals: ApprovalsConfig = Field(default_factory=ApprovalsConfig)
     idempotency: IdempotencyConfig = Field(default_factory=IdempotencyConfig)
     concurrency: ConcurrencyConfig = Field(default_factory=ConcurrencyConfig)
+    workflows: WorkflowsConfig = Field(default_factory=WorkflowsConfig)
     agents: list[AgentRegistration] = Field(default_factory=list)
     audit: AuditConfig = Field(default_factory=AuditConfig)
 

@@ -47,6 +47,7 @@ from .policy.stage import Authorize
 from .record.decisions import DecisionRecorder
 from .record.stage import RecordDecision
 from .store.refusal import store_unavailable
+from .workflows.exceptions import ExceptionReporter, WorkflowExceptionConflict, WorkflowExceptions
 from .workflows.metrics import WorkflowMetrics
 from .workflows.spec import Workflows
 from .workflows.stage import WorkflowAdvance, WorkflowCheck, WorkflowOrder
@@ -130,6 +131,9 @@ def build_request_path(p: Parts) -> RequestPath:
         s = gov.suspension_for(agent, connector, action)
         return suspension_refusal(s) if s is not None else None
 
+    exceptions = WorkflowExceptions(p.store, p.recorder.write, ExceptionReporter(p.metrics, p.notifier),
+                                    groups_of) if workflows is not None else None
+
     # observers first: their on_response runs last
     trace = Trace(tracing) if tracing else None
     count = CountMetrics(p.metrics)
@@ -151,10 +155,13 @@ def build_request_path(p: Parts) -> RequestPath:
         Enrich(p.enricher) if p.enricher else None,                # resource attributes (creator, lookup)
         ClaimCheck(p.store, groups_of),                            # claim-bearing routes: context.claim
         WorkflowCheck(p.store, workflows) if workflows else None,  # workflow steps: context.workflow
+        exceptions,                                                # its exception fields; on the way back:
+                                                                   # retry, give up, escalate, reroute
         TrackCreator(p.store),                                     # on the way back: who created what
         Authorize(p.policies, p.shadow, cfg.identity_settings(), cfg.limits),  # Cedar (and shadow)
         ClaimConflict(claim_observer, record=p.recorder.write),                             # a deny by @claim policies -> 409
         WorkflowOrder(p.store, workflow_metrics) if workflows else None,  # @workflow deny -> 409
+        WorkflowExceptionConflict() if workflows else None,        # gave up, rerouted, closed -> 409
         HoldForApproval(p.approvals, p.policies, cfg.approvals,
                         suspended_meanwhile if gov else None) if p.approvals else None,  # deny -> hold
         WorkflowAdvance(p.store, workflow_metrics,                 # a person's part; on the way

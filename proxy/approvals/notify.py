@@ -38,8 +38,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("proctor.approvals.notify")
 
-# "handoff": a claim handed to another agent or a human group's inbox (proxy/coordination/handoff.py)
-EVENTS = ("requested", "voted", "escalated", "approved", "denied", "expired", "forwarded", "handoff")
+# "handoff": a claim handed to another agent or a human group's inbox (proxy/coordination/handoff.py);
+# "workflow-*": workflow exceptions (proxy/workflows/exceptions.py): an inbox item for people (a step that
+# failed, gave up, or an instance that stalled), a step moved to another agent, a person's decision
+WORKFLOW_EVENTS = ("workflow-escalated", "workflow-rerouted", "workflow-decided")
+EVENTS = ("requested", "voted", "escalated", "approved", "denied", "expired", "forwarded", "handoff", *WORKFLOW_EVENTS)
 USER_AGENT = "Proctor-Notifier/1"
 _DROP_LOG_INTERVAL = 60.0
 _MAX_VALUE = 300  # longest value (agent, action, resource...) shown in a Slack message
@@ -367,6 +370,47 @@ class Notifier:
             self._enqueue(items)
         except Exception:  # noqa: BLE001 - notifications must never break a request
             log.exception("handoff notification failed")
+
+    def notify_workflow(self, event: dict[str, Any]) -> None:
+        """Queue a workflow exception (a `workflow` event line as a dict, proxy/record/model.py
+        WorkflowEvent) for every hook subscribed to `workflow-<event>` whose groups (if any)
+        include the item's people group. Never blocks, never raises."""
+        try:
+            name = f"workflow-{event.get('event')}"
+            if name not in WORKFLOW_EVENTS:
+                return
+            group = event.get("group")
+            hooks = [h for h in self._hooks if name in h.config.events
+                     and (h.groups is None or (group is not None and group in h.groups))]
+            if not hooks:
+                return
+            where = f"workflow {event.get('workflow')} instance {event.get('instance')}" + (
+                f" step {event.get('step')}" if event.get("step") else "")
+            if event.get("event") == "escalated":
+                what = f"needs a person ({event.get('reason')}): in the inbox of {group or 'the operators'}"
+            elif event.get("event") == "rerouted":
+                what = f"moved from {event.get('agent')} to {event.get('to')} after {event.get('failures')} failures"
+            else:
+                what = f"{event.get('resolution')} decided by {event.get('by')}"
+            generic = {"type": f"proctor.{name.replace('-', '.', 1)}", "workflow": dict(event),
+                       "console_url": self.console_url}
+            slack = {"text": mrkdwn_escape(f"Proctor: {where} {what}")[:2000]}
+            items = [(h, _Item(uuid.uuid4().hex, name.split("-", 1)[1], str(event.get("escalation_id")
+                                                                              or event.get("instance") or ""),
+                               slack if h.config.format == "slack" else generic, family="workflow"))
+                     for h in hooks]
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    running = asyncio.get_running_loop()
+                except RuntimeError:
+                    running = None
+                if running is not loop:  # another thread: hand over to the notifier's loop
+                    loop.call_soon_threadsafe(self._enqueue, items)
+                    return
+            self._enqueue(items)
+        except Exception:  # noqa: BLE001 - notifications must never break a request
+            log.exception("workflow notification failed")
 
     def _matching(self, event: str, approval: Approval, extra_group: str | None = None) -> list[_Hook]:
         out = []

@@ -52,13 +52,15 @@ class ForwardPlan:
 
     remove_headers: list[str] = field(default_factory=list)
     set_headers: dict[str, str] = field(default_factory=dict)
-    # Headers added to the agent's answer, forwarded or refused (e.g. rate-limit state).
+    # Headers added to the agent's answer, forwarded or refused (e.g. rate-limit state). Set in
+    # the response phase, they reach the agent when the engine held the answer back until then
+    # (a buffered answer: small, read by a stage, or of a status in `replaceable_statuses`).
     response_headers: dict[str, str] = field(default_factory=dict)
     # Largest response body a stage needs to read (0: none; the engine may stream it).
     read_response_body: int = 0
-    # Upstream statuses whose answer a response stage may replace (`Exchange.replace_response`):
-    # the engine buffers such an answer whole (within its message limit) and sends nothing of
-    # it before the response phase ran. Empty: the engine may stream any answer.
+    # Upstream statuses whose answer a response stage may replace (`Exchange.replace_response`)
+    # or add headers to: the engine buffers such an answer whole (within its message limit) and
+    # sends nothing of it before the response phase ran. Empty: the engine may stream any answer.
     replaceable_statuses: set[int] = field(default_factory=set)
 
     def remove(self, *names: str) -> None:

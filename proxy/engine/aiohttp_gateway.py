@@ -849,6 +849,8 @@ class AiohttpGateway:
             await self._record(ex, progress)
             if ex.replaced:  # a response stage answers instead of the upstream (an upstream 412 -> 409)
                 return self._refusal_response(ex)
+            for name, value in ex.plan.response_headers.items():  # (added in the response phase too)
+                headers[name] = value
             return _Response(status=status, reason=up.reason, headers=headers, body=buffered)
         # streamed (large, unsized, or over what a stage wanted)
         resp = _StreamResponse(status=status, reason=up.reason, headers=headers)

@@ -493,6 +493,11 @@ class ProctorAddon:
             flow.response = http.Response.make(status, content, headers)
             if not flow.response.reason:
                 flow.response.reason = HTTPStatus(status).phrase
+        elif not resp.stream:
+            # held back until now: headers the response phase added (a failed workflow step's
+            # Retry-After) reach the agent too
+            for name, value in ex.plan.response_headers.items():
+                resp.headers[name] = value
 
     async def error(self, flow: http.HTTPFlow) -> None:
         ex: Exchange | None = flow.metadata.get(EXCHANGE)
