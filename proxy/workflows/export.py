@@ -434,10 +434,11 @@ async def read_events(store: Any, *, workflow: str | None = None, since: float |
 
 
 async def ocel_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflow: str | None = None,
-                      since: float | None = None, until: float | None = None) -> AsyncIterator[str]:
+                      since: float | None = None, until: float | None = None,
+                      page: int = EVENT_PAGE) -> AsyncIterator[str]:
     """The OCEL 2.0 JSON log, in pieces. Raises the store's StoreError before the first piece."""
     with OcelBuilder(specs) as b:
-        async for e in read_events(store, workflow=workflow, since=since, until=until):
+        async for e in read_events(store, workflow=workflow, since=since, until=until, page=page):
             b.add_event(e)
         while pending := b.pending_instances():
             for iid in pending:
@@ -447,12 +448,13 @@ async def ocel_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflo
 
 
 async def csv_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflow: str | None = None,
-                     since: float | None = None, until: float | None = None) -> AsyncIterator[str]:
+                     since: float | None = None, until: float | None = None,
+                     page: int = EVENT_PAGE) -> AsyncIterator[str]:
     """The CSV event log, in pieces (the header first). A StoreError may come after the header."""
     currency: Mapping[str, str] = {w.name: w.currency for w in specs}
     buf = [_csv_line(CSV_COLUMNS)]
     size = 0
-    async for e in read_events(store, workflow=workflow, since=since, until=until):
+    async for e in read_events(store, workflow=workflow, since=since, until=until, page=page):
         line = _csv_line(csv_row(e, currency.get(e.workflow, "")))
         buf.append(line)
         size += len(line)
