@@ -521,12 +521,14 @@ def _register_subcommands() -> None:
     from .audit.cli import audit
     from .coordination.cli import claims
     from .workflows.cli import workflows
+    from .workflows.export_cli import export as workflows_export
 
     main.add_command(approvals)
     main.add_command(agents)
     main.add_command(audit)
     main.add_command(claims)
     main.add_command(workflows)
+    workflows.add_command(workflows_export)
     policy.add_command(policy_revisions)
     policy.add_command(policy_rollback)
 
