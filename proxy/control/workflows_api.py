@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("proctor.control")
 _INSTANCE_RE = re.compile(r"wfi_[A-Za-z0-9_-]{1,64}")
 GAUGE_REFRESH_SECONDS = 5.0
+KPI_CACHE_SECONDS = 5.0
+KPI_CACHE_ENTRIES = 32
 
 
 # ---- what the routes accept and answer (documented in control/openapi.py) ----
@@ -383,6 +385,8 @@ def add_workflow_routes(app: web.Application, runtime: "ProctorRuntime",
                                 objects=[ObjectOut.of(o) for o in objects])
         return web.json_response(detail.model_dump(mode="json"))
 
+    kpi_cache: dict[tuple[Any, ...], tuple[float, asyncio.Future[dict[str, Any]]]] = {}
+
     async def workflow_kpis(request: web.Request) -> web.Response:
         who = await auth.person(request)
         if isinstance(who, web.Response):
@@ -402,10 +406,28 @@ def add_workflow_routes(app: web.Application, runtime: "ProctorRuntime",
                                       kpis.parse_time(q.until) if q.until else None, q.bucket_seconds)
         except kpis.WindowError as e:
             return _bad_query("Bad time", e.field, e.message)
+        # The same question within KPI_CACHE_SECONDS gets the same answer, computed once (consoles
+        # poll; requests arriving while it is computed wait for it): at most KPI_CACHE_ENTRIES kept.
+        key = (tuple(s.name for s in specs), q.since, q.until, q.bucket_seconds)
+        mono = time.monotonic()
+        for stale in [k for k, (expires, _) in kpi_cache.items() if expires <= mono]:
+            del kpi_cache[stale]
+        hit = kpi_cache.get(key)
+        if hit is None:
+            if len(kpi_cache) >= KPI_CACHE_ENTRIES:
+                del kpi_cache[next(iter(kpi_cache))]
+            task = asyncio.ensure_future(kpis.read_kpis(runtime.store, specs, window, now))
+            # (retrieved even when every asker went away meanwhile)
+            task.add_done_callback(lambda f: f.cancelled() or f.exception())
+            hit = kpi_cache[key] = (mono + KPI_CACHE_SECONDS, task)
         try:
-            doc = await kpis.read_kpis(runtime.store, specs, window, now)
-        except StoreError as e:
-            return unavailable(e)
+            doc = await asyncio.shield(hit[1])
+        except Exception as e:
+            if kpi_cache.get(key) is hit:
+                del kpi_cache[key]  # a failure is not kept
+            if isinstance(e, StoreError):
+                return unavailable(e)
+            raise
         return web.json_response(KpiDocument.model_validate(doc).model_dump(mode="json"))
 
     app.router.add_get("/v1/workflows", list_workflows)
