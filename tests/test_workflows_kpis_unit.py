@@ -332,3 +332,36 @@ def test_instance_tally_is_not_needed() -> None:
     # the KPIs come from the events; an instance's tally (whatever it says) changes nothing
     instances = [Instance(**{**i.__dict__, "tally": {"quote": StepTally(99, 99, 99, 99)}}) for i in INSTANCES]
     assert kpis(instances=instances) == kpis()
+
+
+# ------------------------------------------------------------------------- the metrics
+def test_metrics_observe_each_completion_once_and_the_gauge_forgets_nothing() -> None:
+    from proxy.observability.metrics import Metrics
+    from proxy.store.workflows import apply_event
+    from proxy.workflows.metrics import WorkflowMetrics, completed_by
+
+    m = Metrics()
+    wm = WorkflowMetrics(m)
+    i = Instance(id="A", workflow="orders", state=RUNNING, started_at=T0, updated_at=T0)
+    for e in [ev("A", 0, "request", cost="0.10"), ev("A", 300, "quote", "failed", ms=2500, cost="0.20"),
+              ev("A", 400, "quote"), ev("A", 900, "order", cost="2.50"), ev("A", 1500, "receipt"),
+              ev("A", 1600, "quote")]:  # a quote again, after the instance completed
+        apply_event(i, e, ORDERS.required_steps)
+        assert completed_by(e, i) == (e.step == "receipt")
+        wm.recorded(e, i)
+    assert completed_by(ev("A", 0, "request"), None) is False
+
+    def sample(name: str, **labels: str) -> float | None:
+        return m.registry.get_sample_value(name, labels)
+
+    assert sample("proctor_workflow_cycle_seconds_count", workflow="orders") == 1.0
+    assert sample("proctor_workflow_cycle_seconds_sum", workflow="orders") == 1500.0
+    assert sample("proctor_workflow_cycle_seconds_bucket", workflow="orders", le="3600.0") == 1.0
+    assert sample("proctor_workflow_cycle_seconds_bucket", workflow="orders", le="900.0") == 0.0
+    assert sample("proctor_workflow_cost_total", workflow="orders") == pytest.approx(2.80)
+    assert sample("proctor_workflow_step_seconds_count", workflow="orders", step="quote", outcome="completed") == 2.0
+    assert sample("proctor_workflow_step_seconds_sum", workflow="orders", step="quote", outcome="failed") == 2.5
+    wm.set_instances({("orders", "running"): 3, ("orders", "completed"): 4})
+    wm.set_instances({("orders", "completed"): 5})
+    assert sample("proctor_workflow_instances", workflow="orders", state="running") == 0.0
+    assert sample("proctor_workflow_instances", workflow="orders", state="completed") == 5.0
