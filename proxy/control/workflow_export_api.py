@@ -14,7 +14,7 @@ never a short file that looks whole).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from aiohttp import web
@@ -134,15 +134,14 @@ def add_workflow_export_routes(app: web.Application, runtime: "ProctorRuntime") 
             return problem(400, "Bad time", "until must be after since",
                            extra={"errors": [{"field": "until", "in": "query", "message": "must be after since"}]})
         specs = runtime.workflows.specs
-        kw = {"workflow": q.workflow, "since": since, "until": until}
-        chunks: AsyncIterator[str] = (ocel_chunks(runtime.store, specs, **kw) if q.format == "ocel2"
-                                      else csv_chunks(runtime.store, specs, **kw))
+        make = ocel_chunks if q.format == "ocel2" else csv_chunks
+        chunks = make(runtime.store, specs, workflow=q.workflow, since=since, until=until)
         try:  # the generator holds a temporary file: close it however this ends (a client gone midway too)
             return await _send(request, chunks, q, who.id)
         finally:
             await chunks.aclose()
 
-    async def _send(request: web.Request, chunks: AsyncIterator[str], q: ExportQuery, who: str) -> web.StreamResponse:
+    async def _send(request: web.Request, chunks: AsyncGenerator[str, None], q: ExportQuery, who: str) -> web.StreamResponse:
         try:
             first = await anext(chunks)
         except StoreError as e:

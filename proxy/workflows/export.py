@@ -51,7 +51,7 @@ import re
 import sqlite3
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
@@ -435,7 +435,7 @@ async def read_events(store: Any, *, workflow: str | None = None, since: float |
 
 async def ocel_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflow: str | None = None,
                       since: float | None = None, until: float | None = None,
-                      page: int = EVENT_PAGE) -> AsyncIterator[str]:
+                      page: int = EVENT_PAGE) -> AsyncGenerator[str, None]:
     """The OCEL 2.0 JSON log, in pieces. Raises the store's StoreError before the first piece."""
     with OcelBuilder(specs) as b:
         async for e in read_events(store, workflow=workflow, since=since, until=until, page=page):
@@ -449,7 +449,7 @@ async def ocel_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflo
 
 async def csv_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflow: str | None = None,
                      since: float | None = None, until: float | None = None,
-                     page: int = EVENT_PAGE) -> AsyncIterator[str]:
+                     page: int = EVENT_PAGE) -> AsyncGenerator[str, None]:
     """The CSV event log, in pieces (the header first). A StoreError may come after the header."""
     currency: Mapping[str, str] = {w.name: w.currency for w in specs}
     buf = [_csv_line(CSV_COLUMNS)]
