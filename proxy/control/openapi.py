@@ -38,6 +38,7 @@ from .claims_api import (
 )
 from .duplicates_api import DuplicateList, DuplicateListQuery
 from .workflow_export_api import ExportQuery, OcelLog
+from . import workflow_inbox_api as wi
 from .workflows_api import (InstanceDetail, InstanceList, InstanceListQuery, InstancePath, KpiDocument, KpiQuery,
                             WorkflowList)
 
@@ -222,6 +223,19 @@ ROUTES: tuple[Route, ...] = (
     Route("get", "/v1/workflows/instances/{id}", "getWorkflowInstance", "One workflow instance with its history "
           "and business objects", "workflows", "approver", (Reply(200, "The instance.", InstanceDetail),),
           (401, 404, 503), path_model=InstancePath),
+    Route("get", "/v1/workflows/inbox", "workflowInbox", "Workflow instances waiting for a person (exceptions)",
+          "workflows", "approver",
+          (Reply(200, "Open escalation items of your groups (operators: all), each with the instance's history.",
+                 wi.WorkflowInbox),), (400, *AUTH), query=wi.InboxQuery,
+          description="Items open when a step failed `escalate.after_failures` times, gave up after its retries, "
+                      "or the instance stalled past its SLA (docs/workflows.md, \"Exceptions\")."),
+    Route("post", "/v1/workflows/instances/{id}/escalations/{item}", "decideWorkflowEscalation",
+          "Decide an escalation item: retry, take-over, complete or close", "workflows", "approver",
+          (Reply(200, "Decided and recorded (a `workflow` event, `decided`).", wi.EscalationDecided),),
+          (400, 401, 403, 404, 409, 415, 503), path_model=wi.EscalationPath, body=wi.DecideRequest,
+          description="Members of the item's group (operators: any item). 404 for items outside your groups; 409 "
+                      "when it was decided already, taken over by someone else, or the instance is closed. "
+                      "Requests with a foreign `Origin` header are refused (CSRF)."),
     Route("get", "/v1/workflows/kpis", "workflowKpis", "Outcome KPIs per workflow, step and agent over a window",
           "workflows", "approver", (Reply(200, "The KPIs of every loaded workflow (or the one asked for).",
                                           KpiDocument),), (400, *AUTH), query=KpiQuery,

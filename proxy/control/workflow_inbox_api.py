@@ -70,6 +70,11 @@ class InboxQuery(InputModel):
     limit: int = Field(100, ge=1, le=MAX_PAGE, description="At most this many items (1..1000).")
 
 
+class EscalationPath(InputModel):
+    id: str = Field(min_length=1, description="Instance id (`wfi_...`).")
+    item: str = Field(min_length=1, description="Escalation id (`wfe_...`), as the inbox lists it.")
+
+
 class ObjectIn(InputModel):
     type: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     id: str = Field(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$")
@@ -90,7 +95,7 @@ class DecideRequest(InputModel):
                                                 "step's declared types), linked to the instance.")
 
 
-class HistoryEvent(BaseModel):
+class WorkflowHistoryEvent(BaseModel):
     model_config = ConfigDict(frozen=True)
     step: str
     agent: str
@@ -101,7 +106,7 @@ class HistoryEvent(BaseModel):
     decision_id: str
 
 
-class InboxItem(BaseModel):
+class WorkflowInboxItem(BaseModel):
     """An instance waiting for a person, with its history."""
 
     model_config = ConfigDict(frozen=True)
@@ -124,21 +129,32 @@ class InboxItem(BaseModel):
     tally: dict[str, dict[str, int]]
     started_at: str
     updated_at: str
-    history: list[HistoryEvent] = Field(description="The instance's step calls, oldest first (the newest 100).")
+    history: list[WorkflowHistoryEvent] = Field(description="The instance's step calls, oldest first (the newest 100).")
     resolutions: list[str] = Field(description="What may be decided on it.")
     decide_url: str
 
 
-class Inbox(BaseModel):
+class WorkflowInbox(BaseModel):
     model_config = ConfigDict(frozen=True)
-    items: list[InboxItem]
+    items: list[WorkflowInboxItem]
 
 
-def _item_out(inst: Instance, item: dict[str, Any], history: list[Any], next_: list[str]) -> InboxItem:
+class EscalationDecided(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    escalation: str
+    instance: str
+    resolution: str
+    decided_by: str
+    closed: bool = Field(description="The instance is closed as failed.")
+    completed: list[str] | None = Field(description="The instance's completed steps after the decision.")
+    state: str | None = Field(description="running | completed")
+
+
+def _item_out(inst: Instance, item: dict[str, Any], history: list[Any], next_: list[str]) -> WorkflowInboxItem:
     step = item.get("step") if isinstance(item.get("step"), str) else None
     sx = (inst.attrs.get("steps") or {}).get(step, {}) if step is not None else {}
     resolutions = [r for r in RESOLUTIONS if step is not None or r in ("retry", "close")]
-    return InboxItem(
+    return WorkflowInboxItem(
         id=str(item["id"]), instance=inst.id, workflow=inst.workflow, step=step,
         group=item.get("group") if isinstance(item.get("group"), str) else None,
         reason=str(item.get("reason") or ""), state=str(item.get("state")), taken_by=item.get("taken_by"),
@@ -148,8 +164,8 @@ def _item_out(inst: Instance, item: dict[str, Any], history: list[Any], next_: l
         rerouted_to=sx.get("rerouted_to") or None, completed=list(inst.completed), next=next_,
         tally={k: v.as_dict() for k, v in inst.tally.items()}, started_at=iso(inst.started_at),
         updated_at=iso(inst.updated_at),
-        history=[HistoryEvent(step=e.step, agent=e.agent, outcome=e.outcome, status=e.status, time=iso(e.time),
-                              human=e.human, decision_id=e.decision_id) for e in history],
+        history=[WorkflowHistoryEvent(step=e.step, agent=e.agent, outcome=e.outcome, status=e.status,
+                                      time=iso(e.time), human=e.human, decision_id=e.decision_id) for e in history],
         resolutions=resolutions, decide_url=f"/v1/workflows/instances/{inst.id}/escalations/{item['id']}",
     )
 
@@ -179,7 +195,7 @@ def add_workflow_inbox_routes(app: web.Application, runtime: "ProctorRuntime") -
         q = read_query(request, InboxQuery)
         if isinstance(q, web.Response):
             return q
-        out: list[InboxItem] = []
+        out: list[WorkflowInboxItem] = []
         try:
             found = await runtime.store.list_workflow_instances(workflow=q.workflow, flagged=INBOX_FLAG,
                                                                 limit=MAX_PAGE)
@@ -197,7 +213,7 @@ def add_workflow_inbox_routes(app: web.Application, runtime: "ProctorRuntime") -
         except StoreError as e:
             return unavailable(e)
         out.sort(key=lambda i: i.opened_at)
-        return web.json_response(Inbox(items=out[:q.limit]).model_dump(mode="json"))
+        return web.json_response(WorkflowInbox(items=out[:q.limit]).model_dump(mode="json"))
 
     async def decide_item(request: web.Request) -> web.Response:
         who = await auth.person(request)
@@ -251,12 +267,12 @@ def add_workflow_inbox_routes(app: web.Application, runtime: "ProctorRuntime") -
             after = await runtime.store.workflow_instance(inst_id)
         except StoreError:
             after = None
-        return web.json_response({
-            "escalation": item_id, "instance": inst_id, "resolution": body.resolution, "decided_by": who.id,
-            "closed": closed(after) is not None if after is not None else body.resolution == "close",
-            "completed": list(after.completed) if after is not None else None,
-            "state": after.state if after is not None else None,
-        })
+        out = EscalationDecided(
+            escalation=item_id, instance=inst_id, resolution=body.resolution, decided_by=who.id,
+            closed=closed(after) is not None if after is not None else body.resolution == "close",
+            completed=list(after.completed) if after is not None else None,
+            state=after.state if after is not None else None)
+        return web.json_response(out.model_dump(mode="json"))
 
     app.router.add_get("/v1/workflows/inbox", inbox)
     app.router.add_post("/v1/workflows/instances/{id}/escalations/{item}", decide_item)
