@@ -34,6 +34,10 @@ def demo_runs(tmp_path_factory):
     return cwd, first, run_demo(cwd)
 
 
+SUMMARY = ("34 calls: 20 allowed (2 of them handoffs, 1 failed at the ERP), 2 held for approval, 11 refused "
+           "(2 out of order), 1 duplicate suppressed.")
+
+
 def table(text: str) -> list[list[str]]:
     return [re.split(r"\s{2,}", line.strip()) for line in text.splitlines()
             if re.match(r"(\S+-bot(-\d)?|rogue-script) ", line)]
@@ -41,7 +45,7 @@ def table(text: str) -> list[list[str]]:
 
 def test_demo_runs_and_explains_each_call(demo_runs):
     tmp_path, text, _ = demo_runs
-    assert "25 calls: 13 allowed (2 of them handoffs), 2 held for approval, 9 refused, 1 duplicate suppressed." in text
+    assert SUMMARY in text
     # table rows: columns are separated by two or more spaces (their widths follow the content)
     rows = {f"{c[0]}|{c[1]}": "  ".join(c) for c in table(text)}
     def row(agent: str, step: str) -> str:
@@ -79,21 +83,56 @@ def test_demo_runs_and_explains_each_call(demo_runs):
     moves = [(r["holder"], r.get("to"), r.get("to_queue")) for r in records
              if r.get("type") == "claim" and r["event"] == "handoff"]
     assert moves[:2] == [("support-bot", "support-bot-2", None), ("support-bot-2", None, "service-desk")], moves
-    # ERP: threshold, creator tracking
-    assert "ALLOWED" in row("procurement-bot", "order 4 laptops (EUR 4,799.96)")
+    # ERP, procure-to-pay (workflows/procure-to-pay.yaml): an order needs its quotation first;
+    # the 409 says which step is missing and which can be done now, and the ERP never sees it
+    assert "ALLOWED" in row("procurement-bot", "raise a requisition for 4 laptops")
+    early = row("procurement-bot", "order the laptops before a quote")
+    assert "REFUSED (out of order)" in early and "  409  " in early, early
+    assert "needs quote first; can do now: quote" in early, early
+    assert "procurement-enter-quotations" in row("procurement-bot", "enter Acme's quotation (laptops)")
+    laptops = row("procurement-bot", "order 4 laptops (EUR 4,799.96)")
+    assert "ALLOWED" in laptops and "  201  " in laptops  # order 4500000002
+    assert "ALLOWED" in row("procurement-bot", "raise a requisition for 5 servers")
+    assert "ALLOWED" in row("procurement-bot", "enter Globex's quotation (servers)")
     # held for a manager, who approves one (forwarded: 201) and denies the other
-    assert "HELD, APPROVED" in row("procurement-bot", "order 5 servers (EUR 26,000)")
-    assert "201" in row("procurement-bot", "order 5 servers (EUR 26,000)")
+    servers = row("procurement-bot", "order 5 servers (EUR 26,000)")
+    assert "HELD, APPROVED" in servers and "  201  " in servers  # order 4500000003
     assert "HELD, DENIED" in row("procurement-bot", "order 20 servers (EUR 104,000)")
     assert "403" in row("procurement-bot", "order 20 servers (EUR 104,000)")
+    # the goods receipt before the release: 409 naming the release
+    receipt = row("procurement-bot", "post the goods receipt before the release")
+    assert "REFUSED (out of order)" in receipt and "  409  " in receipt
+    assert "needs release first; can do now: release" in receipt, receipt
     assert "no-self-approval" in row("procurement-bot", "release the order it created")
     # dedupe: the same order (supplier and items) by another agent is not sent to the ERP again
-    laptops = row("procurement-bot", "order 4 laptops (EUR 4,799.96)")
     dup = row("procurement-bot-2", "order the same 4 laptops again")
     assert "SUPPRESSED (duplicate)" in dup and "  409  " in dup
     assert "same order as order 4500000002, not sent again" in dup, dup
-    assert "  201  " in laptops  # the first one, order 4500000002, was created (finance releases it below)
-    assert "approvers-release-orders" in row("finance-bot", "release order 4500000002")
+    # finance-bot releases the servers order procurement-bot raised; the receipt then passes
+    assert "approvers-release-orders" in row("finance-bot", "release order 4500000003")
+    assert "procurement-post-goods-receipts" in row("procurement-bot", "post the goods receipt")
+    # the invoice 10 % over the order fails the ERP's three-way match (422): the step failed
+    failed = row("payables-bot", "enter Globex's invoice (EUR 28,600)")
+    assert "ALLOWED, STEP FAILED" in failed and "  422  " in failed, failed
+    assert "ERP M8/087: amount does not match the purchase order" in failed, failed
+    corrected = row("payables-bot", "enter the corrected invoice (EUR 26,000)")
+    assert "ALLOWED" in corrected and "  201  " in corrected and "payables-enter-invoices" in corrected
+    paid = row("payables-bot", "pay invoice 5105600001")
+    assert "ALLOWED" in paid and "  201  " in paid and "payables-pay-invoices" in paid
+    # the instances, as the workflow API has them: the servers order went all the way
+    assert re.search(r"^  order 4500000002: running \(next: release\), cost EUR 1\.70\n"
+                     r"    requisition > quote > purchase_order \(1 refused\)$", text, re.M), text
+    assert re.search(r"^  order 4500000003: completed, cost EUR 2\.05\n    requisition > quote > "
+                     r"purchase_order \(approved by a person\) > release > goods_receipt \(1 refused\) > "
+                     r"invoice \(1 failed\) > payment$", text, re.M), text
+    # and its outcomes (GET /v1/workflows/kpis)
+    assert "Outcomes (GET /v1/workflows/kpis?workflow=procure-to-pay):" in text
+    assert re.search(r"^  cycle time     \d+\.\d s from requisition to payment \(\d+\.\d s of it waiting for a "
+                     r"person\)$", text, re.M), text
+    assert "  throughput     1 completed, 1 running (2 started)" in text
+    assert "  error rate     9 % of step calls failed (1 of 11); 2 refused out of order" in text
+    assert "  SLA adherence  100 % (1 of 1 completed within 7 days)" in text
+    assert "  cost           EUR 3.75 in all, EUR 2.05 per completed instance" in text
     # CRM
     assert "agents-never-close-won" in row("sales-bot", "mark the deal Closed Won")
     assert "407" in row("rogue-script", "call the ticketing API without a token")
@@ -108,32 +147,38 @@ def test_a_rerun_tells_the_same_story(demo_runs):
     def story(text: str) -> list[list[str]]:
         return [[re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "<time>", cell) for cell in row] for row in table(text)]
     assert story(second) == story(first)
-    assert len(story(first)) == 25
+    assert len(story(first)) == 34
     twenty = next(r for r in table(second) if r[1] == "order 20 servers (EUR 104,000)")
     assert twenty[3:5] == ["HELD, DENIED", "403"], twenty
-    summary = "25 calls: 13 allowed (2 of them handoffs), 2 held for approval, 9 refused, 1 duplicate suppressed."
-    assert summary in first and summary in second
+    assert SUMMARY in first and SUMMARY in second
+    # the workflow tells the same story too: the mock ERP numbers its documents afresh, and the
+    # demo forgot the last run's instances, so the rerun's requisition starts a new one
+    def outcomes(text: str) -> list[str]:
+        start = text.index("Procure-to-pay (workflows/procure-to-pay.yaml)")
+        return [re.sub(r"\d+\.\d s", "<s>", line) for line in text[start:].split("\n\n", 2)[:2]]
+    assert outcomes(second) == outcomes(first)
 
 
-def test_the_demo_forgets_claims_and_stored_answers_about_the_mock_records(tmp_path):
-    """The mocks start empty on every run: a rerun must not find its first order 'already created'."""
+def test_the_demo_forgets_claims_stored_answers_and_workflow_instances_about_the_mock_records(tmp_path):
+    """The mocks start empty on every run: a rerun must not find its first order 'already created',
+    nor its requisition (numbered 0010000001 again) in the last run's finished instance."""
     import sqlite3
 
     from proxy.demo import _forget_mock_records
 
+    forgotten = ("proctor_claims", "proctor_idempotency", "proctor_wf_instances", "proctor_wf_objects",
+                 "proctor_wf_events")
+    kept = ("proctor_approvals", "proctor_agents")
     db_path = tmp_path / "proctor.db"
     db = sqlite3.connect(db_path)
-    db.execute("CREATE TABLE proctor_claims (id TEXT)")
-    db.execute("CREATE TABLE proctor_idempotency (k TEXT)")
-    db.execute("CREATE TABLE proctor_approvals (id TEXT)")
-    for table in ("proctor_claims", "proctor_idempotency", "proctor_approvals"):
+    for table in forgotten + kept:
+        db.execute(f"CREATE TABLE {table} (id TEXT)")
         db.execute(f"INSERT INTO {table} VALUES ('x')")
     db.commit()
     db.close()
     _forget_mock_records(f"sqlite://{db_path}")
     db = sqlite3.connect(db_path)
-    counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
-              for t in ("proctor_claims", "proctor_idempotency", "proctor_approvals")}
-    assert counts == {"proctor_claims": 0, "proctor_idempotency": 0, "proctor_approvals": 1}
+    counts = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in forgotten + kept}
+    assert counts == {**{t: 0 for t in forgotten}, **{t: 1 for t in kept}}
     _forget_mock_records(f"sqlite://{tmp_path / 'missing.db'}")  # no store yet: nothing to do
     assert not (tmp_path / "missing.db").exists()

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import default_config
@@ -32,6 +33,7 @@ MOCKS = [
 MOCK_PORTS = [port for _, port, _ in MOCKS]
 
 SUPPORT = {"groups": ["support"], "team": "it-ops", "assignment_group": "service-desk"}
+PROCUREMENT = {"groups": ["procurement", "procurement-approvers"], "team": "purchasing"}
 AGENTS = [
     # (script, agent id, claims or None for "no token")
     ("support", "support-bot", SUPPORT),
@@ -44,10 +46,16 @@ AGENTS = [
     ("takeover", "support-bot-2", SUPPORT),
     ("late", "support-bot", SUPPORT),
     ("escalate", "support-bot-2", SUPPORT),
-    ("procurement", "procurement-bot", {"groups": ["procurement", "procurement-approvers"], "team": "purchasing"}),
+    # procure-to-pay (workflows/procure-to-pay.yaml): requisitions, quotations and orders; an order
+    # before its quotation and a goods receipt before the release are refused out of order (409)
+    ("procurement", "procurement-bot", PROCUREMENT),
     # raises procurement-bot's laptop order again: suppressed as a duplicate (409)
     ("procurement2", "procurement-bot-2", {"groups": ["procurement"], "team": "purchasing"}),
+    # releases the servers order (procurement-bot may not release its own)
     ("finance", "finance-bot", {"groups": ["procurement-approvers"], "team": "finance"}),
+    ("receive", "procurement-bot", PROCUREMENT),
+    # the supplier's invoice (the first fails the ERP's three-way match), then the payment
+    ("payables", "payables-bot", {"groups": ["accounts-payable"], "team": "finance"}),
     ("sales", "sales-bot", {"groups": ["sales"], "team": "sales"}),
     ("rogue", "rogue-script", None),
 ]
@@ -110,9 +118,25 @@ HANDOFF_SCENE = ("handoff", "takeover", "late", "escalate")
 SETTLED = ("approved", "denied", "expired")
 
 
-def _created(results: list[dict], agent: str, default: str) -> str:
-    """The id of what `agent` created in an earlier scene (the next scene works on it)."""
-    return next((r["created"] for r in results if r["agent"] == agent and r.get("created")), default)
+def _created(results: list[dict], agent: str, default: str, step: str | None = None) -> str:
+    """The id of what `agent` created in an earlier scene (the next scene works on it): its first
+    creation, or the one of the step named `step`."""
+    return next((r["created"] for r in results
+                 if r["agent"] == agent and r.get("created") and step in (None, r["step"])), default)
+
+
+def _script_args(script: str, results: list[dict]) -> list[str]:
+    """What a scene works on, from what the earlier scenes created."""
+    none = "0000000000"
+    if script == "support2":  # the incident support-bot opened (and claimed)
+        return [_created(results, "support-bot", "0" * 32)]
+    if script in HANDOFF_SCENE:  # the service desk's e-mail incident
+        return [_incident(results)["sys_id"]]
+    if script == "procurement2":  # the laptop quotation procurement-bot ordered on
+        return [_created(results, "procurement-bot", none, "enter Acme's quotation (laptops)")]
+    if script in ("finance", "receive", "payables"):  # the servers order
+        return [_created(results, "procurement-bot", none, "order 5 servers (EUR 26,000)")]
+    return []
 
 
 def _incident(results: list[dict]) -> dict:
@@ -189,8 +213,10 @@ def _manager(control: str, token: str, stop: threading.Event) -> None:
 def _forget_mock_records(store_url: str) -> None:
     """The mock systems start empty on every run, so claims and stored answers (Idempotency-Key,
     dedupe windows) about the previous run's records name records that no longer exist: a
-    rerun would find its first purchase order "already created". The demo forgets them (the
-    embedded SQLite store only; approvals, the agent registry and revisions are kept)."""
+    rerun would find its first purchase order "already created". So do workflow instances: the
+    ERP numbers its documents afresh (requisition 0010000001 again), and a rerun's requisition
+    would find the last run's finished instance. The demo forgets them (the embedded SQLite
+    store only; approvals, the agent registry, revisions and the decision record are kept)."""
     import sqlite3
     from urllib.parse import unquote, urlsplit
 
@@ -204,9 +230,10 @@ def _forget_mock_records(store_url: str) -> None:
     try:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         with db:
-            for table in ("proctor_claims", "proctor_idempotency"):
+            workflow_tables = sorted(t for t in tables if t.startswith("proctor_wf_"))
+            for table in ("proctor_claims", "proctor_idempotency", *workflow_tables):
                 if table in tables:
-                    db.execute(f"DELETE FROM {table}")  # noqa: S608 - fixed table names
+                    db.execute(f'DELETE FROM "{table}"')  # noqa: S608 - names from sqlite_master
     finally:
         db.close()
 
@@ -230,6 +257,78 @@ def _inbox(cfg, issuer: DevIssuer, results: list[dict], handoffs: dict[str, dict
         until = re.sub(r"\.\d+Z$", "Z", str(c["expires_at"]))
         out.append(f"  {name or c['resource']}: handed over by {who}, {state} (until {until})")
     return out
+
+
+WORKFLOW = "procure-to-pay"
+
+
+@dataclass
+class ProcureToPay:
+    outcomes: dict[str, str]  # decision id -> step outcome (completed, failed, refused)
+    lines: list[str]  # what the demo prints about the instances and their outcomes
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.1f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate * 100:.0f} %"
+
+
+def _procure_to_pay(control: str, token: str) -> ProcureToPay:
+    """This run's procure-to-pay instances (the demo forgot the last run's at start) with their
+    steps, from GET /v1/workflows/instances, and the outcomes from GET /v1/workflows/kpis."""
+    head = f"Procure-to-pay (workflows/{WORKFLOW}.yaml): the instances agents worked on (GET /v1/workflows/instances):"
+    try:
+        listed = _control_get(control, token, f"/v1/workflows/instances?workflow={WORKFLOW}")["instances"]
+        details = [_control_get(control, token, f"/v1/workflows/instances/{i['id']}") for i in listed]
+        kpi_doc = _control_get(control, token, f"/v1/workflows/kpis?workflow={WORKFLOW}")
+    except (OSError, ValueError, KeyError) as e:
+        return ProcureToPay({}, [head, f"  (could not read them: {e})"])
+    outcomes = {e["decision_id"]: e["outcome"] for d in details for e in d["events"]}
+    lines = [head]
+    for d in sorted(details, key=lambda d: d["started_at"]):
+        objects = {o["type"]: o["id"] for o in d["objects"]}
+        name = (f"order {objects['PurchaseOrder']}" if "PurchaseOrder" in objects
+                else f"requisition {objects.get('PurchaseRequisition', '?')}")
+        steps = []
+        for step in d["completed"]:
+            t = d["tally"].get(step) or {}
+            notes = [f"{t[k]} {label}" for k, label in (("refusals", "refused"), ("failures", "failed")) if t.get(k)]
+            if any(e["human"] and e["step"] == step and e["outcome"] == "completed" for e in d["events"]):
+                notes.append("approved by a person")
+            steps.append(step + (f" ({', '.join(notes)})" if notes else ""))
+        pending = [f"{s} ({t['refusals']} refused)" for s, t in d["tally"].items()
+                   if s not in d["completed"] and t.get("refusals")]
+        state = "completed" if d["state"] == "completed" else f"running (next: {', '.join(d['next']) or '-'})"
+        lines.append(f"  {name}: {state}, cost {d['currency']} {d['cost']}")
+        lines.append(f"    {' > '.join(steps + pending)}")
+    w = next((w for w in kpi_doc.get("workflows", []) if w["name"] == WORKFLOW), None)
+    if w is None:
+        return ProcureToPay(outcomes, lines + ["  (no KPIs for it)"])
+    inst, cycle, sla, cost = w["instances"], w["cycle_time_seconds"], w["sla"], w["cost"]
+    failed = sum(s["failures"] for s in w["steps"])
+    calls = sum(s["attempts"] for s in w["steps"])
+    refused = sum(s["refusals"] for s in w["steps"])
+    target = _duration(sla["target_seconds"]) if sla["target_seconds"] and sla["target_seconds"] < 86400 \
+        else f"{(sla['target_seconds'] or 0) // 86400} days"
+    lines += [
+        "",
+        f"Outcomes (GET /v1/workflows/kpis?workflow={WORKFLOW}):",
+        f"  cycle time     {_duration(cycle['p50'])} from requisition to payment "
+        f"({_duration(cycle['human_wait_p50'])} of it waiting for a person)",
+        f"  throughput     {inst['completed']} completed, {inst['running']} running ({inst['started']} started)",
+        f"  error rate     {_percent(w['error_rate'])} of step calls failed ({failed} of {calls}); "
+        f"{refused} refused out of order",
+        f"  SLA adherence  {_percent(sla['adherence'])} ({sla['met']} of {sla['met'] + sla['missed']} "
+        f"completed within {target})",
+        f"  cost           {w['currency']} {cost['total']} in all, {w['currency']} {cost['per_instance'] or '-'} "
+        "per completed instance",
+    ]
+    return ProcureToPay(outcomes, lines)
 
 
 def run_demo(keep_running: bool = False) -> int:
@@ -288,13 +387,7 @@ def run_demo(keep_running: bool = False) -> int:
                 SSL_CERT_FILE=str(ca_pem),
                 REQUESTS_CA_BUNDLE=str(ca_pem),
             )
-            argv = [py, "-m", "proxy.demo.agents", script]
-            if script == "finance":  # releases the order the procurement agent created
-                argv.append(_created(results, "procurement-bot", "0000000000"))
-            elif script == "support2":  # works on the incident support-bot opened (and claimed)
-                argv.append(_created(results, "support-bot", "0" * 32))
-            elif script in HANDOFF_SCENE:  # the service desk's e-mail incident
-                argv.append(_incident(results)["sys_id"])
+            argv = [py, "-m", "proxy.demo.agents", script, *_script_args(script, results)]
             out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
             if out.returncode != 0:
                 print(out.stderr, file=sys.stderr)
@@ -309,6 +402,7 @@ def run_demo(keep_running: bool = False) -> int:
             if r.get("type") == "approval" and r.get("event") in SETTLED:
                 approval_events[r["approval_id"]] = (r, before)
         handoffs = {r["decision_id"]: r for r in lines if r.get("type") == "claim" and r.get("event") == "handoff"}
+        p2p = _procure_to_pay(f"http://127.0.0.1:{cfg.control.listen.port}", manager_token)
         rows = []
         for res in results:
             rec = recs.get(res["decision_id"] or "", {})
@@ -339,6 +433,18 @@ def run_demo(keep_running: bool = False) -> int:
                 rows.append([res["agent"], res["step"], rec.get("action") or "-", "SUPPRESSED (duplicate)",
                              str(res["status"]), f"same order as {what}, not sent again"])
                 continue
+            if res.get("workflow") and (rec.get("refusal") or {}).get("kind") == "step-precondition":
+                wf = res["workflow"]
+                rows.append([res["agent"], res["step"], rec.get("action") or "-", "REFUSED (out of order)",
+                             str(res["status"]), f"needs {' and '.join(wf.get('missing') or [])} first; "
+                             f"can do now: {', '.join(wf.get('next') or []) or 'nothing'}"])
+                continue
+            if outcome == "allow" and p2p.outcomes.get(res["decision_id"] or "") == "failed":
+                err = res.get("upstream_error") or {}
+                why = str(err.get("message") or "").split(":", 1)[0].split(" (", 1)[0]
+                rows.append([res["agent"], res["step"], rec.get("action") or "-", "ALLOWED, STEP FAILED",
+                             str(res["status"]), f"ERP {err.get('code') or ''}: {why}".strip()])
+                continue
             if outcome == "allow":
                 verdict = "ALLOWED"
             elif res["status"] in (401, 407):
@@ -360,6 +466,8 @@ def run_demo(keep_running: bool = False) -> int:
             print(f"The service desk's inbox (GET /v1/claims/inbox as {DESK_PERSON}):")
             print("\n".join(inbox_lines))
             print()
+        print("\n".join(p2p.lines))
+        print()
         print(
             f"Orders over EUR 10,000 are held for a procurement manager (policy po-over-10k-needs-approval);\n"
             f"here {MANAGER} approves up to EUR 50,000 through the approvals API and denies the rest.\n"
@@ -374,14 +482,26 @@ def run_demo(keep_running: bool = False) -> int:
             "items) raised again within 10 minutes, by any agent, is not sent to the ERP twice (connectors/erp.yaml)."
         )
         print()
+        print(
+            f"Procure-to-pay is a workflow (workflows/{WORKFLOW}.yaml): each step finds its instance from the\n"
+            "document it follows (the quotation names the requisition, the order the quotation, the goods receipt\n"
+            "and the invoice the order, the payment the invoice), and a step whose prerequisites are not done gets\n"
+            "409 naming them and what can be done now (policy workflow-step-out-of-order), before anything reaches\n"
+            "the ERP. A step the ERP refuses is recorded as failed: here the invoice 10 % over the order fails its\n"
+            "three-way match (422), and the corrected invoice completes the step."
+        )
+        print()
         print(f"Every decision is in {decisions} (one JSON line each); look one up by its X-Proctor-Decision-Id.")
         allowed = sum(1 for r in rows if r[3].startswith("ALLOWED"))
         handed = sum(1 for r in rows if r[3] == "ALLOWED, HANDED OFF")
+        failed = sum(1 for r in rows if r[3].startswith("ALLOWED, STEP FAILED"))
         held = sum(1 for r in rows if r[3].startswith("HELD"))
         duplicates = sum(1 for r in rows if r[3].startswith("SUPPRESSED"))
+        out_of_order = sum(1 for r in rows if r[3] == "REFUSED (out of order)")
         refused = len(rows) - allowed - held - duplicates
-        print(f"{len(rows)} calls: {allowed} allowed ({handed} of them handoffs), {held} held for approval, "
-              f"{refused} refused, {duplicates} duplicate{'' if duplicates == 1 else 's'} suppressed.")
+        print(f"{len(rows)} calls: {allowed} allowed ({handed} of them handoffs, {failed} failed at the ERP), "
+              f"{held} held for approval, {refused} refused ({out_of_order} out of order), "
+              f"{duplicates} duplicate{'' if duplicates == 1 else 's'} suppressed.")
         if keep_running:
             print(
                 f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on 127.0.0.1:{cfg.control.listen.port}, "

@@ -2,10 +2,18 @@
 knows about Proctor. They reach it only because the environment says
 HTTP_PROXY/HTTPS_PROXY=http://<agent-id>:<jwt>@127.0.0.1:8080.
 
-    python -m proxy.demo.agents support|support2|handoff|takeover|late|escalate|procurement|procurement2|finance|sales|rogue [ARG]
+    python -m proxy.demo.agents SCRIPT [ARG]
+
+    SCRIPT: support|support2|handoff|takeover|late|escalate|procurement|procurement2|finance|receive|payables|
+            sales|rogue
 
 Each step prints one JSON line:
-{"agent", "step", "method", "url", "status", "decision_id", "detail", "created"?, "incident"?, "claim"?, "first"?}.
+{"agent", "step", "method", "url", "status", "decision_id", "detail", "created"?, "incident"?, "claim"?, "first"?,
+ "workflow"?, "upstream_error"?}.
+
+The ERP scripts walk the bundled procure-to-pay workflow (workflows/procure-to-pay.yaml):
+requisition -> supplier quotation -> purchase order -> release -> goods receipt -> invoice
+-> payment, each call naming the document it follows, as an ERP client would.
 """
 
 from __future__ import annotations
@@ -18,8 +26,12 @@ import requests
 
 TICKETING = "http://127.0.0.1:9101/api/now/table/incident"
 CRM = "http://127.0.0.1:9102/services/data/v60.0"
-ERP_PO = "http://127.0.0.1:9103/sap/opu/odata/sap/API_PURCHASEORDER_PROCESS_SRV/A_PurchaseOrder"
-ERP_SUPPLIER = "http://127.0.0.1:9103/sap/opu/odata/sap/API_BUSINESS_PARTNER/A_Supplier"
+ERP = "http://127.0.0.1:9103/sap/opu/odata/sap"
+ERP_PR = f"{ERP}/API_PURCHASEREQ_PROCESS_SRV/A_PurchaseRequisitionHeader"
+ERP_QTN = f"{ERP}/API_QTN_PROCESS_SRV/A_SupplierQuotation"
+ERP_PO = f"{ERP}/API_PURCHASEORDER_PROCESS_SRV/A_PurchaseOrder"
+ERP_GR = f"{ERP}/API_MATERIAL_DOCUMENT_SRV/A_MaterialDocumentHeader"
+ERP_INVOICE = f"{ERP}/API_SUPPLIERINVOICE_PROCESS_SRV/A_SupplierInvoice"
 TIMEOUT = 15
 
 
@@ -28,9 +40,21 @@ def emit(agent: str, step: str, resp: requests.Response, created: str | None = N
     detail = ""
     ctype = resp.headers.get("content-type", "")
     problem: dict = {}
+    upstream_error = None
     if ctype.startswith("application/problem+json"):
         problem = resp.json()
         detail = problem.get("detail", "")
+    elif resp.status_code >= 400 and ctype.startswith("application/json"):
+        # the system's own error (an OData error body): what the agent would log
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            message = err.get("message")
+            upstream_error = {"code": err.get("code"),
+                              "message": message.get("value") if isinstance(message, dict) else message}
     line = {
         "agent": agent,
         "step": step,
@@ -50,6 +74,11 @@ def emit(agent: str, step: str, resp: requests.Response, created: str | None = N
         line["claim"] = {k: problem["claim"].get(k) for k in ("holder", "until")}
     if problem.get("first_decision_id"):
         line["first"] = {"decision_id": problem["first_decision_id"], "result": problem.get("first_result")}
+    # A 409 for a workflow step out of order names the missing steps and what can be done now.
+    if isinstance(problem.get("workflow"), dict):
+        line["workflow"] = {k: problem["workflow"].get(k) for k in ("step", "missing", "next")}
+    if upstream_error:
+        line["upstream_error"] = upstream_error
     print(json.dumps(line), flush=True)
     return line
 
@@ -86,16 +115,35 @@ def support() -> None:
     emit(a, "send data to an unknown host", r)
 
 
-LAPTOP_ORDER = {
-    "CompanyCode": "1010",
-    "PurchaseOrderType": "NB",
-    "Supplier": "17300001",
-    "DocumentCurrency": "EUR",
-    "to_PurchaseOrderItem": [
-        {"Material": "LAPTOP-14", "OrderQuantity": "4", "NetPriceAmount": "1150.00"},
-        {"Material": "DOCK-USB-C", "OrderQuantity": "4", "NetPriceAmount": "49.99"},
-    ],
-}
+ACME, GLOBEX = "17300001", "17300002"
+LAPTOPS = [("LAPTOP-14", "4", "1150.00"), ("DOCK-USB-C", "4", "49.99")]  # (material, quantity, net price)
+SERVERS = [("SERVER-2U", "5", "5200.00")]
+
+
+def requisition(description: str, lines: list[tuple[str, str, str]]) -> dict:
+    return {"PurReqnDescription": description, "to_PurchaseReqnItem": [
+        {"Material": m, "RequestedQuantity": q, "PurchaseRequisitionPrice": p} for m, q, p in lines]}
+
+
+def quotation(requisition_number: str, supplier: str, lines: list[tuple[str, str, str]]) -> dict:
+    return {"PurchaseRequisition": requisition_number, "Supplier": supplier, "DocumentCurrency": "EUR",
+            "to_SupplierQuotationItem": [{"Material": m, "OrderQuantity": q, "NetPriceAmount": p} for m, q, p in lines]}
+
+
+def order(supplier: str, lines: list[tuple[str, str, str]], **refs: str) -> dict:
+    """A purchase order; `refs`: SupplierQuotation and/or PurchaseRequisition it follows."""
+    return {"CompanyCode": "1010", "PurchaseOrderType": "NB", "Supplier": supplier, "DocumentCurrency": "EUR", **refs,
+            "to_PurchaseOrderItem": [{"Material": m, "OrderQuantity": q, "NetPriceAmount": p} for m, q, p in lines]}
+
+
+def goods_receipt(po: str, quantity: str) -> dict:
+    return {"GoodsMovementCode": "01", "to_MaterialDocumentItem": [
+        {"PurchaseOrder": po, "PurchaseOrderItem": "00010", "QuantityInEntryUnit": quantity}]}
+
+
+def number(resp: requests.Response, field: str) -> str | None:
+    """The document number the ERP assigned (d.<field>) when it created one."""
+    return resp.json()["d"][field] if resp.status_code == 201 else None
 
 
 def new_order_key() -> dict[str, str]:
@@ -106,21 +154,65 @@ def new_order_key() -> dict[str, str]:
 
 
 def procurement() -> None:
+    """Two purchases: 4 laptops (under EUR 10,000) and 5 servers (held for a manager)."""
     a = "procurement-bot"
-    r = requests.get(f"{ERP_SUPPLIER}('17300001')", timeout=TIMEOUT)
-    emit(a, "read supplier 17300001", r)
-    order = LAPTOP_ORDER
-    r = requests.post(ERP_PO, json=order, headers=new_order_key(), timeout=TIMEOUT)
-    po = r.json()["d"]["PurchaseOrder"] if r.status_code == 201 else None
-    emit(a, "order 4 laptops (EUR 4,799.96)", r, created=po)
-    big = dict(order, to_PurchaseOrderItem=[{"Material": "SERVER-2U", "OrderQuantity": "5", "NetPriceAmount": "5200.00"}])
-    r = requests.post(ERP_PO, json=big, headers=new_order_key(), timeout=120)  # held for a manager: the connection waits
-    emit(a, "order 5 servers (EUR 26,000)", r)
-    huge = dict(order, to_PurchaseOrderItem=[{"Material": "SERVER-2U", "OrderQuantity": "20", "NetPriceAmount": "5200.00"}])
-    r = requests.post(ERP_PO, json=huge, headers=new_order_key(), timeout=120)
+    r = requests.post(ERP_PR, json=requisition("Laptops for the new hires", LAPTOPS), timeout=TIMEOUT)
+    pr_laptops = number(r, "PurchaseRequisition") or "0000000000"
+    emit(a, "raise a requisition for 4 laptops", r, created=pr_laptops)
+    # straight to the order, skipping the quotation: the workflow refuses it (409, naming the quote)
+    r = requests.post(ERP_PO, json=order(ACME, LAPTOPS, PurchaseRequisition=pr_laptops), headers=new_order_key(),
+                      timeout=TIMEOUT)
+    emit(a, "order the laptops before a quote", r)
+    r = requests.post(ERP_QTN, json=quotation(pr_laptops, ACME, LAPTOPS), timeout=TIMEOUT)
+    q_laptops = number(r, "SupplierQuotation") or "0000000000"
+    emit(a, "enter Acme's quotation (laptops)", r, created=q_laptops)
+    r = requests.post(ERP_PO, json=order(ACME, LAPTOPS, SupplierQuotation=q_laptops), headers=new_order_key(),
+                      timeout=TIMEOUT)
+    emit(a, "order 4 laptops (EUR 4,799.96)", r, created=number(r, "PurchaseOrder"))
+
+    r = requests.post(ERP_PR, json=requisition("Servers for the new cluster", SERVERS), timeout=TIMEOUT)
+    pr_servers = number(r, "PurchaseRequisition") or "0000000000"
+    emit(a, "raise a requisition for 5 servers", r, created=pr_servers)
+    r = requests.post(ERP_QTN, json=quotation(pr_servers, GLOBEX, SERVERS), timeout=TIMEOUT)
+    q_servers = number(r, "SupplierQuotation") or "0000000000"
+    emit(a, "enter Globex's quotation (servers)", r, created=q_servers)
+    # held for a manager: the connection waits
+    r = requests.post(ERP_PO, json=order(GLOBEX, SERVERS, SupplierQuotation=q_servers), headers=new_order_key(),
+                      timeout=120)
+    po = number(r, "PurchaseOrder") or "0000000000"
+    emit(a, "order 5 servers (EUR 26,000)", r, created=po)
+    r = requests.post(ERP_PO, json=order(GLOBEX, [("SERVER-2U", "20", "5200.00")], SupplierQuotation=q_servers),
+                      headers=new_order_key(), timeout=120)
     emit(a, "order 20 servers (EUR 104,000)", r)
-    r = requests.post(f"{ERP_PO}('{po or '0000000000'}')/Release", timeout=TIMEOUT)
+    # the servers arrive before anyone released the order: the workflow refuses the receipt (409)
+    r = requests.post(ERP_GR, json=goods_receipt(po, "5"), timeout=TIMEOUT)
+    emit(a, "post the goods receipt before the release", r)
+    r = requests.post(f"{ERP_PO}('{po}')/Release", timeout=TIMEOUT)
     emit(a, "release the order it created", r)
+
+
+def receive(po: str) -> None:
+    """procurement-bot, once the order is released: the goods receipt."""
+    a = "procurement-bot"
+    r = requests.post(ERP_GR, json=goods_receipt(po, "5"), timeout=TIMEOUT)
+    emit(a, "post the goods receipt", r, created=number(r, "MaterialDocument"))
+
+
+def payables(po: str) -> None:
+    """An accounts-payable agent: the supplier's invoice for the order, then its payment."""
+    a = "payables-bot"
+    # Globex bills EUR 5,720 a server instead of the quoted 5,200: 10 % over the order, so the
+    # ERP's three-way match (order, goods receipt, invoice) fails with 422
+    billed = {"PurchaseOrder": po, "InvoiceGrossAmount": "28600.00", "DocumentCurrency": "EUR",
+              "InvoicingParty": GLOBEX, "SupplierInvoiceIDByInvcgParty": "GLX-INV-0042"}
+    r = requests.post(ERP_INVOICE, json=billed, timeout=TIMEOUT)
+    emit(a, "enter Globex's invoice (EUR 28,600)", r)
+    corrected = dict(billed, InvoiceGrossAmount="26000.00", SupplierInvoiceIDByInvcgParty="GLX-INV-0042-C")
+    r = requests.post(ERP_INVOICE, json=corrected, timeout=TIMEOUT)
+    invoice = number(r, "SupplierInvoice") or "0000000000"
+    emit(a, "enter the corrected invoice (EUR 26,000)", r, created=invoice)
+    r = requests.post(f"{ERP_INVOICE}('{invoice}')/Pay", timeout=TIMEOUT)
+    emit(a, f"pay invoice {invoice}", r, created=number(r, "PaymentDocument"))
 
 
 def support2(sys_id: str) -> None:
@@ -168,10 +260,11 @@ def escalate(sys_id: str) -> None:
     emit(a, "hand it to the service-desk people", r)
 
 
-def procurement2() -> None:
-    """A second procurement agent raises the order procurement-bot already raised."""
+def procurement2(quote: str) -> None:
+    """A second procurement agent raises the laptop order procurement-bot already raised."""
     a = "procurement-bot-2"
-    r = requests.post(ERP_PO, json=LAPTOP_ORDER, headers=new_order_key(), timeout=TIMEOUT)
+    r = requests.post(ERP_PO, json=order(ACME, LAPTOPS, SupplierQuotation=quote), headers=new_order_key(),
+                      timeout=TIMEOUT)
     emit(a, "order the same 4 laptops again", r)
 
 
@@ -207,9 +300,8 @@ def rogue() -> None:
 if __name__ == "__main__":
     script = sys.argv[1]
     with_arg = {"finance": finance, "support2": support2, "handoff": handoff, "takeover": takeover, "late": late,
-                "escalate": escalate}
+                "escalate": escalate, "procurement2": procurement2, "receive": receive, "payables": payables}
     if script in with_arg:
         with_arg[script](sys.argv[2])
     else:
-        {"support": support, "procurement": procurement, "procurement2": procurement2, "sales": sales,
-         "rogue": rogue}[script]()
+        {"support": support, "procurement": procurement, "sales": sales, "rogue": rogue}[script]()
