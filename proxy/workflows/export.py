@@ -43,6 +43,7 @@ are exported as they are now (an instance's state and cost are its current ones)
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -207,7 +208,8 @@ class OcelBuilder:
         self._creates = _creates(specs)
         fd, self._path = tempfile.mkstemp(prefix="proctor-export-", suffix=".db")
         os.close(fd)
-        self._db = sqlite3.connect(self._path, isolation_level=None)
+        # used by one thread at a time (ocel_chunks hands each step to a worker thread in turn)
+        self._db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode = OFF")
         self._db.execute("PRAGMA synchronous = OFF")
         self._db.execute("BEGIN")
@@ -248,6 +250,10 @@ class OcelBuilder:
             db.execute("INSERT OR IGNORE INTO obj (oid, kind, type, key) VALUES (?, 2, ?, ?)",
                        (agent_id(e.agent), AGENT_TYPE, e.agent))
 
+    def add_events(self, events: Iterable[StepEvent]) -> None:
+        for e in events:
+            self.add_event(e)
+
     def pending_instances(self, limit: int = INSTANCE_BATCH) -> list[str]:
         """Instance ids the events name whose instance was not added yet (call until empty)."""
         rows = self._db.execute("SELECT id FROM inst WHERE done = 0 ORDER BY id LIMIT ?", (limit,)).fetchall()
@@ -271,6 +277,10 @@ class OcelBuilder:
             db.execute("INSERT OR IGNORE INTO link (workflow, type, key, instance, step, linked_at) "
                        "VALUES (?, ?, ?, ?, ?, ?)",
                        (o.workflow, o.object_type, o.object_id, o.instance_id, o.step, float(o.linked_at)))
+
+    def add_instances(self, found: Iterable[tuple[str, Instance | None, Iterable[WorkflowObject]]]) -> None:
+        for instance_id, inst, objects in found:
+            self.add_instance(instance_id, inst, objects)
 
     # -- out
     def _object_types(self) -> list[dict[str, Any]]:
@@ -418,16 +428,14 @@ def csv_text(events: Iterable[StepEvent], specs: Iterable[WorkflowSpec] = ()) ->
 
 
 # ----------------------------------------------------------------------------- from the store
-async def read_events(store: Any, *, workflow: str | None = None, since: float | None = None,
-                      until: float | None = None, page: int = EVENT_PAGE) -> AsyncIterator[StepEvent]:
-    """The step events with since <= time < until, in store order, read a page at a time."""
+async def read_pages(store: Any, *, workflow: str | None = None, since: float | None = None,
+                     until: float | None = None, page: int = EVENT_PAGE) -> AsyncIterator[list[StepEvent]]:
+    """The step events with since <= time < until, in store order, a page at a time."""
     after = 0
     while True:
         batch: list[StepEvent] = await store.workflow_events(workflow=workflow, since=since, after_seq=after,
                                                              limit=page)
-        for e in batch:
-            if until is None or e.time < until:
-                yield e
+        yield [e for e in batch if until is None or e.time < until]
         if len(batch) < page:
             return
         after = int(batch[-1].seq or after)
@@ -436,14 +444,19 @@ async def read_events(store: Any, *, workflow: str | None = None, since: float |
 async def ocel_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflow: str | None = None,
                       since: float | None = None, until: float | None = None,
                       page: int = EVENT_PAGE) -> AsyncGenerator[str, None]:
-    """The OCEL 2.0 JSON log, in pieces. Raises the store's StoreError before the first piece."""
+    """The OCEL 2.0 JSON log, in pieces. Raises the store's StoreError before the first piece.
+
+    The spool's work runs in a worker thread (one step at a time), so a large export does not hold
+    up the event loop it shares with the proxy."""
     with OcelBuilder(specs) as b:
-        async for e in read_events(store, workflow=workflow, since=since, until=until, page=page):
-            b.add_event(e)
-        while pending := b.pending_instances():
-            for iid in pending:
-                b.add_instance(iid, await store.workflow_instance(iid), await store.workflow_objects(instance_id=iid))
-        for chunk in b.chunks():
+        async for events in read_pages(store, workflow=workflow, since=since, until=until, page=page):
+            await asyncio.to_thread(b.add_events, events)
+        while pending := await asyncio.to_thread(b.pending_instances):
+            found = [(iid, await store.workflow_instance(iid), await store.workflow_objects(instance_id=iid))
+                     for iid in pending]
+            await asyncio.to_thread(b.add_instances, found)
+        pieces = b.chunks()
+        while (chunk := await asyncio.to_thread(next, pieces, None)) is not None:
             yield chunk
 
 
@@ -454,11 +467,12 @@ async def csv_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflow
     currency: Mapping[str, str] = {w.name: w.currency for w in specs}
     buf = [_csv_line(CSV_COLUMNS)]
     size = 0
-    async for e in read_events(store, workflow=workflow, since=since, until=until, page=page):
-        line = _csv_line(csv_row(e, currency.get(e.workflow, "")))
-        buf.append(line)
-        size += len(line)
-        if size >= CHUNK_CHARS:
-            yield "".join(buf)
-            buf, size = [], 0
+    async for events in read_pages(store, workflow=workflow, since=since, until=until, page=page):
+        for e in events:
+            line = _csv_line(csv_row(e, currency.get(e.workflow, "")))
+            buf.append(line)
+            size += len(line)
+            if size >= CHUNK_CHARS:
+                yield "".join(buf)
+                buf, size = [], 0
     yield "".join(buf)
