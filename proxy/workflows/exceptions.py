@@ -385,8 +385,9 @@ def decide(wf: WorkflowSpec, inst: Instance, item_id: str, resolution: str, pers
     if item.get("state") == RESOLVED:
         raise DecisionRefused(409, "Already resolved", f"escalation {item_id} was resolved "
                               f"({item.get('resolution')}) by {item.get('resolved_by')}")
-    if closed(inst) is not None:
-        raise DecisionRefused(409, "Instance closed", f"instance {inst.id} was closed by {closed(inst)['by']}")  # type: ignore[index]
+    ended = closed(inst)
+    if ended is not None:
+        raise DecisionRefused(409, "Instance closed", f"instance {inst.id} was closed by {ended.get('by')}")
     name = item.get("step")
     step = wf.step(name) if isinstance(name, str) and name in {s.name for s in wf.steps} else None
     if resolution in ("take-over", "complete") and step is None:
