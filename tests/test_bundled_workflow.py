@@ -2,7 +2,8 @@
 and policies, through a real `proctor run` in front of the real mock ERP: the order of the steps
 across agents (409 step-precondition naming the missing and the next steps, never forwarded),
 one instance found from each step's document, a failing step (the ERP's three-way match) recorded
-as failed, and the instance completed once paid.
+as failed and escalated to the accounts-payable supervisors (the invoice step's on_error), and the
+instance completed once paid.
 
 The bundled tests in test_bundled_connectors.py and test_bundled_erp_p2p.py copy the connectors
 (other ports), so the bundled workflow is not on there (config.effective_workflows_dir); here it
@@ -75,6 +76,8 @@ def env(tmp_path_factory):
     e.tokens.update({agent: issuer.issue(agent, {"groups": groups}) for agent, groups in AGENTS.items()})
     e.person = issuer.issue("olga", {config.approvals.approver_groups_claim: ["procurement-managers"]},
                             audience=config.approvals.approver_audience)
+    e.supervisor = issuer.issue("paula", {config.approvals.approver_groups_claim: ["accounts-payable-supervisors"]},
+                                audience=config.approvals.approver_audience)
     yield e
     e.p.stop()
     mocks.close()
@@ -104,6 +107,13 @@ def instance(env: Env, inst: str) -> dict:
                   headers={"Authorization": f"Bearer {env.person}"}, timeout=5)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def inbox(env: Env, token: str) -> list[dict]:
+    r = httpx.get(f"http://127.0.0.1:{env.p.control_port}/v1/workflows/inbox?workflow=procure-to-pay",
+                  headers={"Authorization": f"Bearer {token}"}, timeout=5)
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
 
 
 def lines(tag: int, quantity: str = "4") -> list[tuple[str, str, str]]:
@@ -205,10 +215,20 @@ def test_procure_to_pay_across_agents_in_order(env):
     got = instance(env, inst)
     assert got["state"] == "running" and "invoice" not in got["completed"] and got["next"] == ["invoice"]
     assert got["tally"]["invoice"]["failures"] == 1
+    # the invoice step's on_error: escalated to the accounts-payable supervisors, and the agent
+    # is told so (no Retry-After: retrying the same invoice would fail the same way)
+    assert r.headers["Proctor-Workflow-Retry"] == 'attempt=1; escalated="accounts-payable-supervisors"', r.headers
+    assert "Retry-After" not in r.headers
+    items = [i for i in inbox(env, env.supervisor) if i["instance"] == inst]
+    assert [(i["step"], i["group"], i["reason"], i["state"], i["agent"], i["failures"]) for i in items] == [
+        ("invoice", "accounts-payable-supervisors", "failures", "open", "payables-bot", 1)], items
+    assert not [i for i in inbox(env, env.person) if i["instance"] == inst]  # another group's people: not theirs
     # the payment needs an invoice the ERP accepted: a failed invoice left none
     inv = created(post(env, "payables-bot", INV, {"PurchaseOrder": po, "InvoiceGrossAmount": "4600.00",
                                                   "SupplierInvoiceIDByInvcgParty": f"INV-{tag}-C"}),
                   "SupplierInvoice")
+    # the agent completed the step: the item is resolved, the inbox empty again
+    assert not [i for i in inbox(env, env.supervisor) if i["instance"] == inst]
     r = post(env, "payables-bot", f"{INV}('{inv}')/Pay")
     assert r.status_code == 201, r.text
     assert instance_of(r) == inst

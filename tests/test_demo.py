@@ -34,8 +34,8 @@ def demo_runs(tmp_path_factory):
     return cwd, first, run_demo(cwd)
 
 
-SUMMARY = ("34 calls: 20 allowed (2 of them handoffs, 1 failed at the ERP), 2 held for approval, 11 refused "
-           "(2 out of order), 1 duplicate suppressed.")
+SUMMARY = ("34 calls: 19 allowed (2 of them handoffs), 2 held for approval, 11 refused (2 out of order), "
+           "1 duplicate suppressed, 1 failed at the ERP (1 escalated).")
 
 
 def table(text: str) -> list[list[str]]:
@@ -113,8 +113,19 @@ def test_demo_runs_and_explains_each_call(demo_runs):
     assert "procurement-post-goods-receipts" in row("procurement-bot", "post the goods receipt")
     # the invoice 10 % over the order fails the ERP's three-way match (422): the step failed
     failed = row("payables-bot", "enter Globex's invoice (EUR 28,600)")
-    assert "ALLOWED, STEP FAILED" in failed and "  422  " in failed, failed
+    assert "STEP FAILED, ESCALATED" in failed and "  422  " in failed, failed
     assert "ERP M8/087: amount does not match the purchase order" in failed, failed
+    # escalated to the accounts-payable supervisors (the invoice step's on_error): one of them
+    # finds it in her workflow inbox and decides, then the agent enters the corrected invoice
+    assert ("The accounts-payable-supervisors' inbox (GET /v1/workflows/inbox as paula.payables), after the "
+            "failed invoice:\n"
+            "  order 4500000003, step invoice: 1 failed call (payables-bot, ERP answered 422), waiting for a person\n"
+            "  paula.payables decides retry: \"Globex confirmed the quoted EUR 5,200 a server: enter its corrected "
+            "invoice\"\n") in text, text
+    events = [(r["event"], r.get("step"), r.get("group"), r.get("by"), r.get("resolution")) for r in records
+              if r.get("type") == "workflow"]
+    assert events[:2] == [("escalated", "invoice", "accounts-payable-supervisors", None, None),
+                          ("decided", "invoice", "accounts-payable-supervisors", "paula.payables", "retry")], events
     corrected = row("payables-bot", "enter the corrected invoice (EUR 26,000)")
     assert "ALLOWED" in corrected and "  201  " in corrected and "payables-enter-invoices" in corrected
     paid = row("payables-bot", "pay invoice 5105600001")
@@ -124,7 +135,7 @@ def test_demo_runs_and_explains_each_call(demo_runs):
                      r"    requisition > quote > purchase_order \(1 refused\)$", text, re.M), text
     assert re.search(r"^  order 4500000003: completed, cost EUR 2\.05\n    requisition > quote > "
                      r"purchase_order \(approved by a person\) > release > goods_receipt \(1 refused\) > "
-                     r"invoice \(1 failed\) > payment$", text, re.M), text
+                     r"invoice \(1 failed, escalated\) > payment$", text, re.M), text
     # and its outcomes (GET /v1/workflows/kpis)
     assert "Outcomes (GET /v1/workflows/kpis?workflow=procure-to-pay):" in text
     assert re.search(r"^  cycle time     \d+\.\d s from requisition to payment \(\d+\.\d s of it waiting for a "
@@ -154,8 +165,9 @@ def test_a_rerun_tells_the_same_story(demo_runs):
     # the workflow tells the same story too: the mock ERP numbers its documents afresh, and the
     # demo forgot the last run's instances, so the rerun's requisition starts a new one
     def outcomes(text: str) -> list[str]:
-        start = text.index("Procure-to-pay (workflows/procure-to-pay.yaml)")
-        return [re.sub(r"\d+\.\d s", "<s>", line) for line in text[start:].split("\n\n", 2)[:2]]
+        # the supervisors' inbox, the instances and their outcomes (seconds aside)
+        start = text.index("The accounts-payable-supervisors' inbox")
+        return [re.sub(r"\d+\.\d s", "<s>", block) for block in text[start:].split("\n\n", 3)[:3]]
     assert outcomes(second) == outcomes(first)
 
 

@@ -34,6 +34,7 @@ MOCK_PORTS = [port for _, port, _ in MOCKS]
 
 SUPPORT = {"groups": ["support"], "team": "it-ops", "assignment_group": "service-desk"}
 PROCUREMENT = {"groups": ["procurement", "procurement-approvers"], "team": "purchasing"}
+PAYABLES = {"groups": ["accounts-payable"], "team": "finance"}
 AGENTS = [
     # (script, agent id, claims or None for "no token")
     ("support", "support-bot", SUPPORT),
@@ -54,8 +55,11 @@ AGENTS = [
     # releases the servers order (procurement-bot may not release its own)
     ("finance", "finance-bot", {"groups": ["procurement-approvers"], "team": "finance"}),
     ("receive", "procurement-bot", PROCUREMENT),
-    # the supplier's invoice (the first fails the ERP's three-way match), then the payment
-    ("payables", "payables-bot", {"groups": ["accounts-payable"], "team": "finance"}),
+    # the supplier's invoice fails the ERP's three-way match: escalated to the accounts-payable
+    # supervisors, one of whom decides (the demo, through the workflow inbox API); then the
+    # corrected invoice and the payment
+    ("invoice", "payables-bot", PAYABLES),
+    ("payables", "payables-bot", PAYABLES),
     ("sales", "sales-bot", {"groups": ["sales"], "team": "sales"}),
     ("rogue", "rogue-script", None),
 ]
@@ -113,6 +117,8 @@ def _fmt_table(rows: list[list[str]], headers: list[str]) -> str:
 
 
 MANAGER = "maria.manager"
+SUPERVISOR = "paula.payables"  # an accounts-payable supervisor: failed invoices reach her inbox
+SUPERVISORS = "accounts-payable-supervisors"
 DESK_PERSON = "sam.desk"  # a person of the service desk: its inbox of handed-over incidents
 HANDOFF_SCENE = ("handoff", "takeover", "late", "escalate")
 SETTLED = ("approved", "denied", "expired")
@@ -134,7 +140,7 @@ def _script_args(script: str, results: list[dict]) -> list[str]:
         return [_incident(results)["sys_id"]]
     if script == "procurement2":  # the laptop quotation procurement-bot ordered on
         return [_created(results, "procurement-bot", none, "enter Acme's quotation (laptops)")]
-    if script in ("finance", "receive", "payables"):  # the servers order
+    if script in ("finance", "receive", "invoice", "payables"):  # the servers order
         return [_created(results, "procurement-bot", none, "order 5 servers (EUR 26,000)")]
     return []
 
@@ -260,6 +266,39 @@ def _inbox(cfg, issuer: DevIssuer, results: list[dict], handoffs: dict[str, dict
 
 
 WORKFLOW = "procure-to-pay"
+SUPERVISOR_NOTE = "Globex confirmed the quoted EUR 5,200 a server: enter its corrected invoice"
+
+
+def _supervise(control: str, token: str) -> list[str]:
+    """An accounts-payable supervisor working her workflow inbox through the control API: each
+    escalated step shown with what failed, then decided `retry` (the agent may go on) with a note."""
+    import urllib.request
+
+    head = f"The {SUPERVISORS}' inbox (GET /v1/workflows/inbox as {SUPERVISOR}), after the failed invoice:"
+    try:
+        items = _control_get(control, token, f"/v1/workflows/inbox?workflow={WORKFLOW}")["items"]
+        out = [head]
+        for item in items:
+            failed = next((e for e in reversed(item["history"]) if e["decision_id"] == item.get("decision_id")), {})
+            details = _control_get(control, token, f"/v1/workflows/instances/{item['instance']}")
+            order = next((o["id"] for o in details["objects"] if o["type"] == "PurchaseOrder"), "?")
+            n = item.get("failures") or 0
+            why = {"failures": f"{n} failed call{'' if n == 1 else 's'} ({item.get('agent')}, ERP answered "
+                               f"{failed.get('status', '?')})",
+                   "gave-up": f"gave up after {n} failed calls", "stalled": "stalled"}.get(item["reason"],
+                                                                                          item["reason"])
+            state = f"taken by {item['taken_by']}" if item.get("taken_by") else "waiting for a person"
+            out.append(f"  order {order}, step {item['step']}: {why}, {state}")
+            req = urllib.request.Request(
+                control + item["decide_url"], method="POST",
+                data=json.dumps({"resolution": "retry", "note": SUPERVISOR_NOTE}).encode(),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 - loopback only
+                decided = json.loads(r.read())
+            out.append(f"  {decided['decided_by']} decides {decided['resolution']}: \"{SUPERVISOR_NOTE}\"")
+        return out if items else [head, "  (empty)"]
+    except (OSError, ValueError, KeyError) as e:
+        return [head, f"  (could not work it: {e})"]
 
 
 @dataclass
@@ -278,9 +317,10 @@ def _percent(rate: float | None) -> str:
     return "-" if rate is None else f"{rate * 100:.0f} %"
 
 
-def _procure_to_pay(control: str, token: str) -> ProcureToPay:
+def _procure_to_pay(control: str, token: str, exceptions: list[dict]) -> ProcureToPay:
     """This run's procure-to-pay instances (the demo forgot the last run's at start) with their
-    steps, from GET /v1/workflows/instances, and the outcomes from GET /v1/workflows/kpis."""
+    steps, from GET /v1/workflows/instances, and the outcomes from GET /v1/workflows/kpis;
+    `exceptions`: this run's workflow event records (escalated, decided, ...)."""
     head = f"Procure-to-pay (workflows/{WORKFLOW}.yaml): the instances agents worked on (GET /v1/workflows/instances):"
     try:
         listed = _control_get(control, token, f"/v1/workflows/instances?workflow={WORKFLOW}")["instances"]
@@ -298,8 +338,11 @@ def _procure_to_pay(control: str, token: str) -> ProcureToPay:
         for step in d["completed"]:
             t = d["tally"].get(step) or {}
             notes = [f"{t[k]} {label}" for k, label in (("refusals", "refused"), ("failures", "failed")) if t.get(k)]
-            if any(e["human"] and e["step"] == step and e["outcome"] == "completed" for e in d["events"]):
-                notes.append("approved by a person")
+            if any(x["event"] == "escalated" and x["instance"] == d["id"] and x.get("step") == step
+                   for x in exceptions):
+                notes.append("escalated")  # (and a person decided on it)
+            elif any(e["human"] and e["step"] == step and e["outcome"] == "completed" for e in d["events"]):
+                notes.append("approved by a person" if step == "purchase_order" else "a person took part")
             steps.append(step + (f" ({', '.join(notes)})" if notes else ""))
         pending = [f"{s} ({t['refusals']} refused)" for s, t in d["tally"].items()
                    if s not in d["completed"] and t.get("refusals")]
@@ -367,6 +410,9 @@ def run_demo(keep_running: bool = False) -> int:
             MANAGER, {cfg.approvals.approver_groups_claim: ["procurement-managers"]}, "15m",
             audience=cfg.approvals.approver_audience,
         )
+        supervisor_token = issuer.issue(SUPERVISOR, {cfg.approvals.approver_groups_claim: [SUPERVISORS]}, "15m",
+                                        audience=cfg.approvals.approver_audience)
+        supervisor_lines: list[str] = []
         stop_manager = threading.Event()
         manager = threading.Thread(
             target=_manager, args=(f"http://127.0.0.1:{cfg.control.listen.port}", manager_token, stop_manager), daemon=True
@@ -393,6 +439,8 @@ def run_demo(keep_running: bool = False) -> int:
                 print(out.stderr, file=sys.stderr)
                 raise RuntimeError(f"demo agent {script} failed")
             results += [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
+            if script == "invoice":  # the failed invoice is in the supervisors' inbox: one decides
+                supervisor_lines = _supervise(f"http://127.0.0.1:{cfg.control.listen.port}", supervisor_token)
 
         stop_manager.set()
         earlier, lines = _records(decisions, start_offset, results)
@@ -402,7 +450,8 @@ def run_demo(keep_running: bool = False) -> int:
             if r.get("type") == "approval" and r.get("event") in SETTLED:
                 approval_events[r["approval_id"]] = (r, before)
         handoffs = {r["decision_id"]: r for r in lines if r.get("type") == "claim" and r.get("event") == "handoff"}
-        p2p = _procure_to_pay(f"http://127.0.0.1:{cfg.control.listen.port}", manager_token)
+        p2p = _procure_to_pay(f"http://127.0.0.1:{cfg.control.listen.port}", manager_token,
+                              [r for r in lines if r.get("type") == "workflow"])
         rows = []
         for res in results:
             rec = recs.get(res["decision_id"] or "", {})
@@ -442,7 +491,9 @@ def run_demo(keep_running: bool = False) -> int:
             if outcome == "allow" and p2p.outcomes.get(res["decision_id"] or "") == "failed":
                 err = res.get("upstream_error") or {}
                 why = str(err.get("message") or "").split(":", 1)[0].split(" (", 1)[0]
-                rows.append([res["agent"], res["step"], rec.get("action") or "-", "ALLOWED, STEP FAILED",
+                # (the answer's Proctor-Workflow-Retry says whose inbox has it now: escalated="group")
+                verdict = "STEP FAILED, ESCALATED" if "escalated=" in (res.get("retry") or "") else "STEP FAILED"
+                rows.append([res["agent"], res["step"], rec.get("action") or "-", verdict,
                              str(res["status"]), f"ERP {err.get('code') or ''}: {why}".strip()])
                 continue
             if outcome == "allow":
@@ -466,6 +517,9 @@ def run_demo(keep_running: bool = False) -> int:
             print(f"The service desk's inbox (GET /v1/claims/inbox as {DESK_PERSON}):")
             print("\n".join(inbox_lines))
             print()
+        if supervisor_lines:
+            print("\n".join(supervisor_lines))
+            print()
         print("\n".join(p2p.lines))
         print()
         print(
@@ -488,20 +542,22 @@ def run_demo(keep_running: bool = False) -> int:
             "and the invoice the order, the payment the invoice), and a step whose prerequisites are not done gets\n"
             "409 naming them and what can be done now (policy workflow-step-out-of-order), before anything reaches\n"
             "the ERP. A step the ERP refuses is recorded as failed: here the invoice 10 % over the order fails its\n"
-            "three-way match (422), and the corrected invoice completes the step."
+            f"three-way match (422) and, as the invoice step's on_error says, goes to the {SUPERVISORS}'\n"
+            "inbox; once one of them decides, the corrected invoice completes the step."
         )
         print()
         print(f"Every decision is in {decisions} (one JSON line each); look one up by its X-Proctor-Decision-Id.")
         allowed = sum(1 for r in rows if r[3].startswith("ALLOWED"))
         handed = sum(1 for r in rows if r[3] == "ALLOWED, HANDED OFF")
-        failed = sum(1 for r in rows if r[3].startswith("ALLOWED, STEP FAILED"))
+        failed = sum(1 for r in rows if r[3].startswith("STEP FAILED"))
+        escalated = sum(1 for r in rows if r[3] == "STEP FAILED, ESCALATED")
         held = sum(1 for r in rows if r[3].startswith("HELD"))
         duplicates = sum(1 for r in rows if r[3].startswith("SUPPRESSED"))
         out_of_order = sum(1 for r in rows if r[3] == "REFUSED (out of order)")
-        refused = len(rows) - allowed - held - duplicates
-        print(f"{len(rows)} calls: {allowed} allowed ({handed} of them handoffs, {failed} failed at the ERP), "
-              f"{held} held for approval, {refused} refused ({out_of_order} out of order), "
-              f"{duplicates} duplicate{'' if duplicates == 1 else 's'} suppressed.")
+        refused = len(rows) - allowed - failed - held - duplicates
+        print(f"{len(rows)} calls: {allowed} allowed ({handed} of them handoffs), {held} held for approval, "
+              f"{refused} refused ({out_of_order} out of order), {duplicates} duplicate"
+              f"{'' if duplicates == 1 else 's'} suppressed, {failed} failed at the ERP ({escalated} escalated).")
         if keep_running:
             print(
                 f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on 127.0.0.1:{cfg.control.listen.port}, "

@@ -4,12 +4,12 @@ HTTP_PROXY/HTTPS_PROXY=http://<agent-id>:<jwt>@127.0.0.1:8080.
 
     python -m proxy.demo.agents SCRIPT [ARG]
 
-    SCRIPT: support|support2|handoff|takeover|late|escalate|procurement|procurement2|finance|receive|payables|
-            sales|rogue
+    SCRIPT: support|support2|handoff|takeover|late|escalate|procurement|procurement2|finance|receive|invoice|
+            payables|sales|rogue
 
 Each step prints one JSON line:
 {"agent", "step", "method", "url", "status", "decision_id", "detail", "created"?, "incident"?, "claim"?, "first"?,
- "workflow"?, "upstream_error"?}.
+ "workflow"?, "upstream_error"?, "retry"?}.
 
 The ERP scripts walk the bundled procure-to-pay workflow (workflows/procure-to-pay.yaml):
 requisition -> supplier quotation -> purchase order -> release -> goods receipt -> invoice
@@ -79,6 +79,9 @@ def emit(agent: str, step: str, resp: requests.Response, created: str | None = N
         line["workflow"] = {k: problem["workflow"].get(k) for k in ("step", "missing", "next")}
     if upstream_error:
         line["upstream_error"] = upstream_error
+    # a failed workflow step: whether to retry, and whose inbox has it now (escalated="group")
+    if resp.headers.get("Proctor-Workflow-Retry"):
+        line["retry"] = resp.headers["Proctor-Workflow-Retry"]
     print(json.dumps(line), flush=True)
     return line
 
@@ -198,21 +201,29 @@ def receive(po: str) -> None:
     emit(a, "post the goods receipt", r, created=number(r, "MaterialDocument"))
 
 
-def payables(po: str) -> None:
-    """An accounts-payable agent: the supplier's invoice for the order, then its payment."""
+def invoice_body(po: str, amount: str, reference: str) -> dict:
+    return {"PurchaseOrder": po, "InvoiceGrossAmount": amount, "DocumentCurrency": "EUR", "InvoicingParty": GLOBEX,
+            "SupplierInvoiceIDByInvcgParty": reference}
+
+
+def invoice(po: str) -> None:
+    """An accounts-payable agent enters the supplier's invoice for the order."""
     a = "payables-bot"
     # Globex bills EUR 5,720 a server instead of the quoted 5,200: 10 % over the order, so the
     # ERP's three-way match (order, goods receipt, invoice) fails with 422
-    billed = {"PurchaseOrder": po, "InvoiceGrossAmount": "28600.00", "DocumentCurrency": "EUR",
-              "InvoicingParty": GLOBEX, "SupplierInvoiceIDByInvcgParty": "GLX-INV-0042"}
-    r = requests.post(ERP_INVOICE, json=billed, timeout=TIMEOUT)
+    r = requests.post(ERP_INVOICE, json=invoice_body(po, "28600.00", "GLX-INV-0042"), timeout=TIMEOUT)
     emit(a, "enter Globex's invoice (EUR 28,600)", r)
-    corrected = dict(billed, InvoiceGrossAmount="26000.00", SupplierInvoiceIDByInvcgParty="GLX-INV-0042-C")
-    r = requests.post(ERP_INVOICE, json=corrected, timeout=TIMEOUT)
-    invoice = number(r, "SupplierInvoice") or "0000000000"
-    emit(a, "enter the corrected invoice (EUR 26,000)", r, created=invoice)
-    r = requests.post(f"{ERP_INVOICE}('{invoice}')/Pay", timeout=TIMEOUT)
-    emit(a, f"pay invoice {invoice}", r, created=number(r, "PaymentDocument"))
+
+
+def payables(po: str) -> None:
+    """The accounts-payable agent, once a supervisor looked at the failed invoice: Globex's
+    corrected invoice, then its payment."""
+    a = "payables-bot"
+    r = requests.post(ERP_INVOICE, json=invoice_body(po, "26000.00", "GLX-INV-0042-C"), timeout=TIMEOUT)
+    inv = number(r, "SupplierInvoice") or "0000000000"
+    emit(a, "enter the corrected invoice (EUR 26,000)", r, created=inv)
+    r = requests.post(f"{ERP_INVOICE}('{inv}')/Pay", timeout=TIMEOUT)
+    emit(a, f"pay invoice {inv}", r, created=number(r, "PaymentDocument"))
 
 
 def support2(sys_id: str) -> None:
@@ -300,7 +311,8 @@ def rogue() -> None:
 if __name__ == "__main__":
     script = sys.argv[1]
     with_arg = {"finance": finance, "support2": support2, "handoff": handoff, "takeover": takeover, "late": late,
-                "escalate": escalate, "procurement2": procurement2, "receive": receive, "payables": payables}
+                "escalate": escalate, "procurement2": procurement2, "receive": receive, "invoice": invoice,
+                "payables": payables}
     if script in with_arg:
         with_arg[script](sys.argv[2])
     else:
