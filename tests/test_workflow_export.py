@@ -198,3 +198,80 @@ def test_refusals(xp: Proctor, idp, tmp_path: Path) -> None:
     assert r.returncode == 2 and "no loaded workflow definition" in r.stderr
     r = cli(xp)  # no token: nothing is sent
     assert r.returncode == 2 and "no approver token" in r.stderr
+
+
+def test_store_failures_are_503_or_an_incomplete_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control app in process on a real SQLite store that fails: before the first byte a 503 problem;
+    after the CSV's first rows the transfer ends without its final chunk (never a short file that looks whole)."""
+    import asyncio
+
+    import aiohttp
+    import yaml
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from proxy.config import load_config
+    from proxy.control.api import build_app
+    from proxy.identity.dev_issuer import DevIssuer
+    from proxy.server import build_runtime
+    from proxy.store import StoreError
+    from proxy.store.workflows import StepEvent, new_instance_id
+    from proxy.workflows import export as ex
+
+    cfg = tmp_path / "proctor.yaml"
+    cfg.write_text(yaml.safe_dump({"state_dir": "state", "control": {"listen": {"host": "127.0.0.1", "port": 0}}}))
+    runtime = build_runtime(load_config(cfg))
+    c = runtime.config
+    token = DevIssuer(c.dev_issuer_dir, c.dev_issuer).issue(
+        "olga", {c.approvals.approver_groups_claim: [c.control.admin_group]}, "5m", audience=c.approvals.approver_audience)
+    auth = {"Authorization": f"Bearer {token}"}
+    monkeypatch.setattr(ex, "EVENT_PAGE", 2)
+    monkeypatch.setattr(ex, "CHUNK_CHARS", 10)
+
+    async def main() -> None:
+        store = runtime.store
+        await store.open()
+        try:
+            inst = new_instance_id()
+            for n in range(5):
+                e = StepEvent(inst, "orders", "request", "flow.request.create", f"agent-{n}", f"d{n}", "completed", 201,
+                              1_767_225_600.0 + n, 1.0)
+                await store.record_workflow_event(e, required=["request"], links=[], create=n == 0)
+            real_events, real_instance = store.workflow_events, store.workflow_instance
+            calls = {"events": 0}
+
+            async def events_failing_at(n: int, **kw: Any) -> Any:
+                calls["events"] += 1
+                if calls["events"] >= n:
+                    raise StoreError("connection lost")
+                return await real_events(**kw)
+
+            async with TestClient(TestServer(build_app(runtime))) as client:
+                ok = await client.get("/v1/workflows/export?format=csv", headers=auth)
+                assert ok.status == 200 and len((await ok.text()).splitlines()) == 6
+                for fmt, fail_at in (("ocel2", 1), ("ocel2", 3), ("csv", 1)):
+                    calls["events"] = 0
+                    monkeypatch.setattr(store, "workflow_events", lambda fail_at=fail_at, **kw: events_failing_at(
+                        fail_at, **kw))
+                    r = await client.get(f"/v1/workflows/export?format={fmt}", headers=auth)
+                    assert r.status == 503 and r.content_type == "application/problem+json", (fmt, fail_at)
+                    assert (await r.json())["title"] == "Store unavailable"
+
+                async def no_instance(_: str) -> Any:
+                    raise StoreError("connection lost")
+
+                monkeypatch.setattr(store, "workflow_events", real_events)
+                monkeypatch.setattr(store, "workflow_instance", no_instance)
+                r = await client.get("/v1/workflows/export?format=ocel2", headers=auth)
+                assert r.status == 503
+                monkeypatch.setattr(store, "workflow_instance", real_instance)
+                # CSV: the header and the first page are sent, then the store fails
+                calls["events"] = 0
+                monkeypatch.setattr(store, "workflow_events", lambda **kw: events_failing_at(3, **kw))
+                r = await client.get("/v1/workflows/export?format=csv", headers=auth)
+                assert r.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await r.read()
+        finally:
+            await store.close()
+
+    asyncio.run(main())

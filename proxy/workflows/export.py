@@ -429,8 +429,9 @@ def csv_text(events: Iterable[StepEvent], specs: Iterable[WorkflowSpec] = ()) ->
 
 # ----------------------------------------------------------------------------- from the store
 async def read_pages(store: Any, *, workflow: str | None = None, since: float | None = None,
-                     until: float | None = None, page: int = EVENT_PAGE) -> AsyncIterator[list[StepEvent]]:
-    """The step events with since <= time < until, in store order, a page at a time."""
+                     until: float | None = None, page: int | None = None) -> AsyncIterator[list[StepEvent]]:
+    """The step events with since <= time < until, in store order, a page at a time (EVENT_PAGE)."""
+    page = page or EVENT_PAGE
     after = 0
     while True:
         batch: list[StepEvent] = await store.workflow_events(workflow=workflow, since=since, after_seq=after,
@@ -443,7 +444,7 @@ async def read_pages(store: Any, *, workflow: str | None = None, since: float | 
 
 async def ocel_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflow: str | None = None,
                       since: float | None = None, until: float | None = None,
-                      page: int = EVENT_PAGE) -> AsyncGenerator[str, None]:
+                      page: int | None = None) -> AsyncGenerator[str, None]:
     """The OCEL 2.0 JSON log, in pieces. Raises the store's StoreError before the first piece.
 
     The spool's work runs in a worker thread (one step at a time), so a large export does not hold
@@ -462,7 +463,7 @@ async def ocel_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflo
 
 async def csv_chunks(store: Any, specs: Iterable[WorkflowSpec] = (), *, workflow: str | None = None,
                      since: float | None = None, until: float | None = None,
-                     page: int = EVENT_PAGE) -> AsyncGenerator[str, None]:
+                     page: int | None = None) -> AsyncGenerator[str, None]:
     """The CSV event log, in pieces (the header first). A StoreError may come after the header."""
     currency: Mapping[str, str] = {w.name: w.currency for w in specs}
     buf = [_csv_line(CSV_COLUMNS)]
