@@ -143,7 +143,7 @@ def _from_store(out: _Output, config_path: str | None, store_url: str | None, fm
     try:
         asyncio.run(run())
     except StoreError as e:
-        _fail(f"state store: {e}")
+        _fail(str(e) if str(e).startswith("state store") else f"state store: {e}")
 
 
 @click.command("export")
