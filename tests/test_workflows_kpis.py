@@ -135,7 +135,7 @@ def test_the_kpis_of_what_the_agents_did(kp, idp, driven) -> None:
     assert doc["bucket_seconds"] == 3600 and doc["truncated"] is False
     [w] = doc["workflows"]
     assert (w["name"], w["currency"], w["sla_seconds"]) == ("orders", "EUR", 3600)
-    assert w["instances"] == {"started": 3, "completed": 2, "running": 1}
+    assert w["instances"] == {"started": 3, "completed": 2, "running": 1, "closed": 0}
     cyc = w["cycle_time_seconds"]
     assert cyc["count"] == 2 and 0 < cyc["p50"] <= cyc["p90"] <= driven.ended - driven.started
     # A waited once for the manager, B twice: the human wait; the rest is the agents'
@@ -171,7 +171,7 @@ def test_a_window_before_anything_happened(kp, idp, driven) -> None:
                   bucket_seconds="600")
     [w] = doc["workflows"]
     assert doc["bucket_seconds"] == 600 and len(w["throughput"]["series"]) == 6
-    assert w["instances"] == {"started": 0, "completed": 0, "running": 0}
+    assert w["instances"] == {"started": 0, "completed": 0, "running": 0, "closed": 0}
     assert w["error_rate"] is None and w["cycle_time_seconds"]["p50"] is None and w["cost"]["per_instance"] is None
 
 
@@ -243,7 +243,7 @@ def test_cli(kp, idp, driven) -> None:
     # --json: the API's document
     r = cli(kp, "kpis", "--workflow", "orders", "--since", "1h", "--json")
     doc = json.loads(r.output)
-    assert doc["workflows"][0]["instances"] == {"started": 3, "completed": 2, "running": 1}
+    assert doc["workflows"][0]["instances"] == {"started": 3, "completed": 2, "running": 1, "closed": 0}
     # list: definitions and instances; show: one instance's history
     r = cli(kp, "list", "--workflow", "orders")
     assert r.exit_code == 0 and "request > quote > order > receipt" in r.output, r.output

@@ -22,7 +22,7 @@ async def record_timeline(s: Store) -> None:
         assert got is not None
     b = await s.workflow_instance("B")
     assert b is not None
-    assert await s.update_workflow_attrs("B", {"escalations": [{"step": "order", "to": "ops"}]},
+    assert await s.update_workflow_attrs("B", {"items": [{"id": "wfe_1", "step": "order", "group": "ops", "state": "resolved"}]},
                                          expect_version=b.version)
 
 

@@ -95,7 +95,7 @@ EVENTS = [
 ]
 INSTANCES = [
     inst("G", -30000, -25000, -25000), inst("F", -20000, -19000), inst("C", -7200, 600, 600),
-    inst("A", 0, 1500, 1500), inst("B", 3600, 6000, 6000, attrs={"escalations": [{"step": "order", "to": "ops"}]}),
+    inst("A", 0, 1500, 1500), inst("B", 3600, 6000, 6000, attrs={"items": [{"id": "wfe_1", "step": "order", "group": "ops", "state": "resolved"}]}),
     inst("D", 7200, 7300), inst("E", 11400, 14400),
 ]
 NOW = T0 + 4 * HOUR
@@ -113,7 +113,7 @@ def test_the_whole_workflow_by_hand() -> None:
     [w] = doc["workflows"]
     assert (w["name"], w["currency"], w["sla_seconds"]) == ("orders", "EUR", 3600)
     # started A, B, D, E; completed C, A, B; running at the end F, D, E
-    assert w["instances"] == {"started": 4, "completed": 3, "running": 3}
+    assert w["instances"] == {"started": 4, "completed": 3, "running": 3, "closed": 0}
     # cycles A 1500, B 2400, C 7800; waits A 600, B 0, C 1000; agent time A 900, B 2400, C 6800
     assert w["cycle_time_seconds"] == {
         "count": 3, "p50": 2400.0, "p90": 6720.0, "mean": 3900.0,   # p90: 2400 + 0.8 * (7800 - 2400)
@@ -188,7 +188,7 @@ def test_events_in_any_order_give_the_same_document() -> None:
 def test_rates_are_null_without_a_denominator() -> None:
     doc = kpis(specs=(ORDERS, QUIET))
     quiet = doc["workflows"][1]
-    assert quiet["instances"] == {"started": 0, "completed": 0, "running": 0}
+    assert quiet["instances"] == {"started": 0, "completed": 0, "running": 0, "closed": 0}
     assert quiet["cycle_time_seconds"] == {"count": 0, "p50": None, "p90": None, "mean": None,
                                            "human_wait_p50": None, "human_wait_p90": None, "agent_time_p50": None,
                                            "agent_time_p90": None, "human_wait_share": None}
@@ -207,7 +207,7 @@ def test_rates_are_null_without_a_denominator() -> None:
 def test_a_past_window_measures_work_in_progress_at_its_end() -> None:
     # [T0, T0 + 1000): C completes (600) inside; A completes at 1500, after: running at the end, with F
     w = kpis(until=T0 + 1000)["workflows"][0]
-    assert w["instances"] == {"started": 1, "completed": 1, "running": 2}
+    assert w["instances"] == {"started": 1, "completed": 1, "running": 2, "closed": 0}
     assert w["cycle_time_seconds"]["p50"] == 7800.0 and w["sla"]["missed"] == 1
     # F is overdue; A (1000 s old) is not yet at 80% of 3600
     assert (w["sla"]["at_risk"], w["sla"]["overdue"]) == (1, 1)
@@ -274,12 +274,28 @@ def test_agents_listed_are_bounded() -> None:
 def test_escalated_steps_from_the_exception_record() -> None:
     i = inst("A", 0, 0)
     assert escalated_steps(i) == frozenset()
-    i.attrs = {"escalations": [{"step": "order"}, {"step": "quote", "to": "ops"}, "junk", {"to": "x"}]}
-    assert escalated_steps(i) == {"order", "quote"}
-    i.attrs = {"escalations": {"receipt": {"at": 1}}}
-    assert escalated_steps(i) == {"receipt"}
-    i.attrs = {"escalations": "nonsense"}
+    # (the record proxy/workflows/exceptions.py keeps: items, and per-step state)
+    i.attrs = {"items": [{"id": "wfe_1", "step": "order", "state": "open"}, {"id": "wfe_2", "step": None},
+                         {"id": "wfe_3", "step": "quote", "state": "resolved"}, "junk"],
+               "steps": {"receipt": {"human": True}, "request": {"taken_by": "ann"}, "x": {"base": 2}, "y": 1}}
+    assert escalated_steps(i) == {"order", "quote", "receipt", "request"}
+    i.attrs = {"items": "nonsense", "steps": []}
     assert escalated_steps(i) == frozenset()
+
+
+def test_an_instance_a_person_closed_is_no_longer_work_in_progress() -> None:
+    # H started at +1000 and was closed as failed at +2000; K was closed after the window
+    events = [ev("H", 1000, "request"), ev("K", 1100, "request")]
+    h = inst("H", 1000, 1000, attrs={"closed": {"by": "ann", "at": T0 + 2000, "note": "duplicate order"}})
+    k = inst("K", 1100, 1100, attrs={"closed": {"by": "ann", "at": T0 + 5 * HOUR}})
+    w = kpis(events=events, instances=[h, k])["workflows"][0]
+    assert w["instances"] == {"started": 2, "completed": 0, "running": 1, "closed": 1}
+    assert w["sla"]["at_risk"] == 1  # K only (3.7 h old at the end)
+    # closed before the end of a window: at its end H was still running
+    w = kpis(events=events, instances=[h, k], until=T0 + 1500)["workflows"][0]
+    assert w["instances"] == {"started": 2, "completed": 0, "running": 2, "closed": 0}
+    bad = inst("Z", 0, 0, attrs={"closed": {"at": "yesterday"}})
+    assert kpis(events=[], instances=[bad])["workflows"][0]["instances"]["running"] == 1
 
 
 # ------------------------------------------------------------------------- the pieces

@@ -202,7 +202,8 @@ class KpiInstances(_Kpi):
     started: int = Field(description="Instances started in the window.")
     completed: int = Field(description="Instances completed in the window.")
     running: int = Field(description="Work in progress: instances running at the window's end (or now, if "
-                         "earlier).")
+                         "earlier); not those a person closed.")
+    closed: int = Field(description="Instances a person closed (as failed) in the window.")
 
 
 class KpiCycleTime(_Kpi):

@@ -171,14 +171,25 @@ def _money(d: Decimal) -> str:
 
 
 def escalated_steps(inst: Instance) -> frozenset[str]:
-    """Steps the instance's exception record says were escalated to people
-    (`attrs["escalations"]`: a list of {"step": ...} or a mapping keyed by step)."""
-    raw = inst.attrs.get("escalations") if isinstance(inst.attrs, dict) else None
-    if isinstance(raw, dict):
-        return frozenset(str(k) for k in raw)
-    if isinstance(raw, list):
-        return frozenset(str(x["step"]) for x in raw if isinstance(x, dict) and x.get("step"))
-    return frozenset()
+    """Steps people took part in on this instance, from its exception record (attrs, written by
+    proxy/workflows/exceptions.py): an escalation item about the step (in any state), or the step
+    marked as a person's (retries allowed again, taken over, completed by a person)."""
+    attrs = inst.attrs if isinstance(inst.attrs, dict) else {}
+    out: set[str] = set()
+    items = attrs.get("items")
+    if isinstance(items, list):
+        out |= {i["step"] for i in items if isinstance(i, dict) and isinstance(i.get("step"), str)}
+    steps = attrs.get("steps")
+    if isinstance(steps, dict):
+        out |= {str(k) for k, v in steps.items() if isinstance(v, dict) and (v.get("human") or v.get("taken_by"))}
+    return frozenset(out)
+
+
+def closed_at(inst: Instance) -> float | None:
+    """When a person closed the instance as failed (attrs["closed"]["at"]; exceptions.py), or None."""
+    c = inst.attrs.get("closed") if isinstance(inst.attrs, dict) else None
+    at = c.get("at") if isinstance(c, dict) else None
+    return float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) and math.isfinite(at) else None
 
 
 @dataclass(slots=True)
@@ -293,7 +304,7 @@ class KpiBuilder:
         agent_times: list[float] = []
         completed_costs: list[Decimal] = []
         histogram = [0] * (len(CYCLE_BOUNDS) + 1)
-        met = missed = running = at_risk = overdue = 0
+        met = missed = running = at_risk = overdue = closed = 0
         pairs: dict[str, int] = {}
         reworked: dict[str, int] = {}
         step_times: dict[str, list[float]] = {}
@@ -323,7 +334,11 @@ class KpiBuilder:
                     else:
                         missed += 1
                         missed_per[b] += 1
-            if i.started_at <= self.as_of and (i.completed_at is None or i.completed_at > self.as_of):
+            shut = closed_at(i)
+            if shut is not None and w.contains(shut):
+                closed += 1
+            if i.started_at <= self.as_of and (i.completed_at is None or i.completed_at > self.as_of) \
+                    and (shut is None or shut > self.as_of):
                 running += 1
                 age = self.as_of - i.started_at
                 if target is not None and age >= AT_RISK_SHARE * target:
@@ -382,7 +397,7 @@ class KpiBuilder:
             "name": spec.name,
             "currency": spec.currency,
             "sla_seconds": target,
-            "instances": {"started": sum(started_per), "completed": n_done, "running": running},
+            "instances": {"started": sum(started_per), "completed": n_done, "running": running, "closed": closed},
             "cycle_time_seconds": {
                 "count": n_done,
                 "p50": _sec(percentile(cycles_sorted, 0.5)), "p90": _sec(percentile(cycles_sorted, 0.9)),
