@@ -19,14 +19,16 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from decimal import Decimal
+from typing import Any, TypeVar
 
 from .idempotency import IdempotencyEntry
 from .claims import Claim, ClaimOutcome
 from .etags import SeenETag
 from .workflows import Instance, StepEvent, WorkflowObject
+from .counters import BudgetUsage, RateState, ReserveOutcome, SettleOutcome
 from .models import (
     SUSPENSION_KINDS,
     AgentRecord,
@@ -38,6 +40,7 @@ from .models import (
 
 
 log = logging.getLogger("proctor.store")
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -384,6 +387,51 @@ class Store(abc.ABC):
     async def count_workflow_instances(self) -> dict[tuple[str, str], int]:
         """Instances by (workflow, state), counted in the store (the metrics gauge)."""
 
+    # ---- counters: rate limits and budget ledgers (proxy/limits/; store/counters.py) ----
+    @abc.abstractmethod
+    async def update_rate_limit(self, key: str, fn: Callable[[RateState | None], tuple[RateState | None, T]],
+                                *, now: float) -> T:
+        """Atomically (one transaction, the row locked, exact across replicas): read the rate-limit
+        state of `key` (None when absent or expired at `now`), call `fn` with it, and store the state
+        `fn` returns (None: leave the row as it is). `fn` is pure and quick (it may run in a worker
+        thread); its second value is returned."""
+
+    @abc.abstractmethod
+    async def sweep_rate_limits(self, now: float) -> int:
+        """Delete expired rate-limit rows (readers ignore them already); how many."""
+
+    @abc.abstractmethod
+    async def reserve_budget(self, *, budget_key: str, window_id: str, reservation_id: str, amount: Decimal,
+                             limit: Decimal, now: float, expires_at: float, purge_at: float,
+                             force: bool = False) -> ReserveOutcome:
+        """Atomically (the budget window's row locked): purge its reservation rows whose purge_at has
+        passed, sum spent and the held reservations that have not expired, and hold `amount` under
+        `reservation_id` when it fits the limit (or `force`). ValueError when the id is taken."""
+
+    @abc.abstractmethod
+    async def settle_budget(self, reservation_id: str, actual: Decimal, *, now: float) -> SettleOutcome | None:
+        """Move a held reservation (expired or not, while its row is kept) to spent with the `actual`
+        amount, once: a repeat answers `already-settled`, a released one `released`, both booking
+        nothing; None when there is no such reservation (never made, or purged)."""
+
+    @abc.abstractmethod
+    async def release_budget(self, reservation_id: str) -> bool:
+        """Drop a held reservation without spending; False when it is not held (settled, released, unknown)."""
+
+    @abc.abstractmethod
+    async def charge_budget(self, *, budget_key: str, window_id: str, amount: Decimal, now: float) -> BudgetUsage:
+        """Add `amount` to spent directly (a cost known only afterwards, or a reservation purged before
+        its settle); the usage after."""
+
+    @abc.abstractmethod
+    async def budget_usage(self, budget_key: str, window_id: str, *, now: float) -> BudgetUsage:
+        """Spent and held (unexpired) reservations of one budget window; zeros when none."""
+
+    @abc.abstractmethod
+    async def sweep_budgets(self, now: float, *, idle_before: float | None = None) -> int:
+        """Delete reservation rows whose purge_at has passed and, with `idle_before`, usage rows that
+        have not changed since then and hold no reservation; how many rows."""
+
     async def __aenter__(self) -> Store:
         await self.open()
         return self
@@ -395,7 +443,7 @@ class Store(abc.ABC):
 # ---------------------------------------------------------------------------
 # Helpers shared by the backends (not part of the public API).
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SUSPENSIONS_VERSION_KEY = "suspensions_version"
 
 # (column, kind) in table order; kind: text | float | json | bool | int

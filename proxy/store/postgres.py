@@ -18,8 +18,9 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -58,6 +59,8 @@ from .workflows import (EVENT_COLUMNS, EVENT_SELECT, INSTANCE_COLUMNS, INSTANCE_
 from .workflows import WF_JOINED as _WF_JOINED
 from .workflows import flag_pattern
 from .workflows import WF_SET_PG as _WF_SET_PG
+from .counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, ReserveOutcome, SettleOutcome,
+                       check_amount, check_key, check_times, parse_dec, reserve_decision)
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -248,8 +251,66 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX proctor_wf_events_instance ON proctor_wf_events (instance_id, seq)",
         "CREATE INDEX proctor_wf_events_time ON proctor_wf_events (workflow, time)",
     ),
+    6: (
+        # Counters (proxy/limits/, proxy/store/counters.py): GCRA state per rate-limit key (the TAT
+        # as whole ms + tat_frac/tat_den ms), budget spend per (budget, window) and reservations.
+        # Amounts are NUMERIC (exact), never floating point.
+        """CREATE TABLE proctor_rate_limits (
+            key TEXT PRIMARY KEY,
+            tat_ms BIGINT NOT NULL,
+            tat_frac BIGINT NOT NULL,
+            tat_den BIGINT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX proctor_rate_limits_expires ON proctor_rate_limits (expires_at)",
+        """CREATE TABLE proctor_budget_usage (
+            budget_key TEXT NOT NULL,
+            window_id TEXT NOT NULL,
+            spent NUMERIC NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (budget_key, window_id)
+        )""",
+        """CREATE TABLE proctor_budget_reservations (
+            id TEXT PRIMARY KEY,
+            budget_key TEXT NOT NULL,
+            window_id TEXT NOT NULL,
+            amount NUMERIC NOT NULL,
+            state TEXT NOT NULL,
+            actual NUMERIC,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            purge_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX proctor_budget_reservations_window ON proctor_budget_reservations "
+        "(budget_key, window_id, state, expires_at)",
+        "CREATE INDEX proctor_budget_reservations_purge ON proctor_budget_reservations (purge_at)",
+    ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
+
+T = TypeVar("T")
+# Counters: the budget window's usage row is the lock every reserve and settle takes first
+# (created when absent), so reservations of one window queue across replicas; each later
+# statement then reads what the one before committed (READ COMMITTED, statement snapshot).
+_LOCK_BUDGET = (
+    "INSERT INTO proctor_budget_usage AS u (budget_key, window_id, spent, updated_at) VALUES ($1, $2, 0, $3) "
+    "ON CONFLICT (budget_key, window_id) DO UPDATE SET spent = u.spent RETURNING spent"
+)
+# (purge_at >= expires_at, so what the CTE purges is expired and not summed either way)
+_PURGE_AND_HELD = (
+    "WITH purged AS (DELETE FROM proctor_budget_reservations WHERE budget_key = $1 AND window_id = $2 "
+    "AND purge_at <= $3) "
+    "SELECT coalesce(sum(amount), 0) FROM proctor_budget_reservations WHERE budget_key = $1 AND window_id = $2 "
+    f"AND state = '{HELD}' AND expires_at > $3"
+)
+_HELD = (
+    "SELECT coalesce(sum(amount), 0) FROM proctor_budget_reservations WHERE budget_key = $1 AND window_id = $2 "
+    f"AND state = '{HELD}' AND expires_at > $3"
+)
+
+
+class _Rollback(Exception):
+    """Ends a transaction without committing (not an error of the store)."""
 
 # Insert-if-absent is the arbiter (one statement; the unique key serialises replicas): a live
 # row is left alone (no row returned), an expired one replaced.
@@ -1008,3 +1069,145 @@ class PostgresStore(Store):
         rows = await self._fetch("count_workflow_instances", "SELECT workflow, state, COUNT(*) FROM "
                                  "proctor_wf_instances GROUP BY workflow, state")
         return {(str(r[0]), str(r[1])): int(r[2]) for r in rows}
+
+    # ---- counters: rate limits and budget ledgers (proxy/limits/; store/counters.py) ----
+    async def update_rate_limit(self, key: str, fn: Callable[[RateState | None], tuple[RateState | None, T]],
+                                *, now: float) -> T:
+        check_key("rate-limit key", key)
+        check_times(now=now)
+        pool = self._p()
+        with backend_errors("update_rate_limit"):
+            async with pool.acquire() as conn, conn.transaction():
+                # Insert-or-lock the key's row: concurrent hits on every replica queue here.
+                row = await conn.fetchrow(
+                    "INSERT INTO proctor_rate_limits AS r (key, tat_ms, tat_frac, tat_den, expires_at) "
+                    "VALUES ($1, 0, 0, 1, 0) ON CONFLICT (key) DO UPDATE SET tat_ms = r.tat_ms "
+                    "RETURNING tat_ms, tat_frac, tat_den, expires_at", key)
+                state = None if float(row[3]) <= now else RateState(int(row[0]), int(row[1]), int(row[2]))
+                new, result = fn(state)
+                if new is not None and new != state:
+                    await conn.execute(
+                        "UPDATE proctor_rate_limits SET tat_ms = $2, tat_frac = $3, tat_den = $4, expires_at = $5 "
+                        "WHERE key = $1", key, new.tat_ms, new.frac, new.den, new.expires_at)
+        return result
+
+    async def sweep_rate_limits(self, now: float) -> int:
+        check_times(now=now)
+        status = await self._execute("sweep_rate_limits", "DELETE FROM proctor_rate_limits WHERE expires_at <= $1",
+                                     float(now))
+        return self._rowcount(status)
+
+    async def reserve_budget(self, *, budget_key: str, window_id: str, reservation_id: str, amount: Decimal,
+                             limit: Decimal, now: float, expires_at: float, purge_at: float,
+                             force: bool = False) -> ReserveOutcome:
+        check_key("budget key", budget_key)
+        check_key("window id", window_id)
+        check_key("reservation id", reservation_id)
+        amount, limit = check_amount("amount", amount), check_amount("limit", limit)
+        check_times(now=now, expires_at=expires_at, purge_at=purge_at)
+        if purge_at < expires_at:
+            raise ValueError("a reservation is purged no earlier than it expires")
+        pool = self._p()
+        out: ReserveOutcome | None = None
+        with backend_errors("reserve_budget"):
+            try:
+                async with pool.acquire() as conn, conn.transaction():
+                    spent = parse_dec(await conn.fetchval(_LOCK_BUDGET, budget_key, window_id, float(now)))
+                    reserved = parse_dec(await conn.fetchval(_PURGE_AND_HELD, budget_key, window_id, float(now)))
+                    out = reserve_decision(spent, reserved, amount, limit, force)
+                    if out.placed:
+                        status = await conn.execute(
+                            "INSERT INTO proctor_budget_reservations (id, budget_key, window_id, amount, state, actual, "
+                            "created_at, expires_at, purge_at) VALUES ($1, $2, $3, $4, $5, NULL, $6, $7, $8) "
+                            "ON CONFLICT (id) DO NOTHING",
+                            reservation_id, budget_key, window_id, amount, HELD, float(now), float(expires_at),
+                            float(purge_at))
+                        if self._rowcount(status) != 1:
+                            out = None
+                            raise _Rollback
+            except _Rollback:
+                pass
+        if out is None:
+            raise ValueError(f"reservation id {reservation_id!r} is already in use")
+        return out
+
+    async def settle_budget(self, reservation_id: str, actual: Decimal, *, now: float) -> SettleOutcome | None:
+        check_key("reservation id", reservation_id)
+        actual = check_amount("actual amount", actual)
+        check_times(now=now)
+        pool = self._p()
+        with backend_errors("settle_budget"):
+            async with pool.acquire() as conn, conn.transaction():
+                where = await conn.fetchrow("SELECT budget_key, window_id FROM proctor_budget_reservations "
+                                            "WHERE id = $1", reservation_id)
+                if where is None:
+                    return None
+                budget_key, window_id = str(where[0]), str(where[1])
+                # The budget window first, as reserve_budget does (one lock order: no deadlock).
+                spent = parse_dec(await conn.fetchval(_LOCK_BUDGET, budget_key, window_id, float(now)))
+                row = await conn.fetchrow("SELECT amount, state, actual, expires_at FROM proctor_budget_reservations "
+                                          "WHERE id = $1 FOR UPDATE", reservation_id)
+                if row is None:  # (purged meanwhile)
+                    return None
+                amount, state, earlier, expires_at = row
+                late = False
+                if state == HELD:
+                    await conn.execute("UPDATE proctor_budget_reservations SET state = $2, actual = $3 WHERE id = $1",
+                                       reservation_id, SETTLED, actual)
+                    spent = parse_dec(await conn.fetchval(
+                        "UPDATE proctor_budget_usage SET spent = spent + $3, updated_at = $4 "
+                        "WHERE budget_key = $1 AND window_id = $2 RETURNING spent",
+                        budget_key, window_id, actual, float(now)))
+                    status, booked, late = "settled", actual, float(expires_at) <= now
+                elif state == SETTLED:
+                    status, booked = "already-settled", parse_dec(earlier)
+                else:
+                    status, booked = "released", ZERO
+                reserved = parse_dec(await conn.fetchval(_HELD, budget_key, window_id, float(now)))
+        return SettleOutcome(status=status, budget_key=budget_key, window_id=window_id, amount=parse_dec(amount),
+                             actual=booked, late=late, spent=spent, reserved=reserved)
+
+    async def release_budget(self, reservation_id: str) -> bool:
+        check_key("reservation id", reservation_id)
+        status = await self._execute(
+            "release_budget", "UPDATE proctor_budget_reservations SET state = $2 WHERE id = $1 AND state = $3",
+            reservation_id, RELEASED, HELD)
+        return self._rowcount(status) == 1
+
+    async def charge_budget(self, *, budget_key: str, window_id: str, amount: Decimal, now: float) -> BudgetUsage:
+        check_key("budget key", budget_key)
+        check_key("window id", window_id)
+        amount = check_amount("amount", amount)
+        check_times(now=now)
+        row = await self._fetchrow(
+            "charge_budget",
+            "WITH booked AS (INSERT INTO proctor_budget_usage AS u (budget_key, window_id, spent, updated_at) "
+            "VALUES ($1, $2, $4, $3) ON CONFLICT (budget_key, window_id) DO UPDATE SET spent = u.spent + EXCLUDED.spent, "
+            "updated_at = EXCLUDED.updated_at RETURNING spent) "
+            f"SELECT (SELECT spent FROM booked), ({_HELD})",
+            budget_key, window_id, float(now), amount)
+        return BudgetUsage(spent=parse_dec(row[0]), reserved=parse_dec(row[1]))
+
+    async def budget_usage(self, budget_key: str, window_id: str, *, now: float) -> BudgetUsage:
+        check_key("budget key", budget_key)
+        check_key("window id", window_id)
+        check_times(now=now)
+        row = await self._fetchrow(
+            "budget_usage",
+            "SELECT (SELECT spent FROM proctor_budget_usage WHERE budget_key = $1 AND window_id = $2), "
+            f"({_HELD})", budget_key, window_id, float(now))
+        return BudgetUsage(spent=parse_dec(row[0]), reserved=parse_dec(row[1]))
+
+    async def sweep_budgets(self, now: float, *, idle_before: float | None = None) -> int:
+        check_times(now=now)
+        if idle_before is not None:
+            check_times(idle_before=idle_before)
+        n = self._rowcount(await self._execute(
+            "sweep_budgets", "DELETE FROM proctor_budget_reservations WHERE purge_at <= $1", float(now)))
+        if idle_before is not None:
+            n += self._rowcount(await self._execute(
+                "sweep_budgets",
+                "DELETE FROM proctor_budget_usage u WHERE updated_at < $1 AND NOT EXISTS (SELECT 1 FROM "
+                "proctor_budget_reservations r WHERE r.budget_key = u.budget_key AND r.window_id = u.window_id)",
+                float(idle_before)))
+        return n

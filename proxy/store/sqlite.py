@@ -32,6 +32,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +72,8 @@ from .workflows import (EVENT_COLUMNS, EVENT_SELECT, INSTANCE_COLUMNS, INSTANCE_
 from .workflows import WF_JOINED as _WF_JOINED
 from .workflows import flag_pattern
 from .workflows import WF_SET as _WF_SET
+from .counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, ReserveOutcome, SettleOutcome,
+                       add, check_amount, check_key, check_times, dec_text, dsum, parse_dec, reserve_decision)
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 log = logging.getLogger("proctor.store")
@@ -259,6 +262,40 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
         "CREATE INDEX proctor_wf_events_instance ON proctor_wf_events (instance_id, seq)",
         "CREATE INDEX proctor_wf_events_time ON proctor_wf_events (workflow, time)",
+    ),
+    6: (
+        # Counters (proxy/limits/, proxy/store/counters.py): GCRA state per rate-limit key (the TAT
+        # as whole ms + tat_frac/tat_den ms), budget spend per (budget, window) and reservations.
+        # Amounts are exact decimal text, never REAL.
+        """CREATE TABLE proctor_rate_limits (
+            key TEXT PRIMARY KEY,
+            tat_ms INTEGER NOT NULL,
+            tat_frac INTEGER NOT NULL,
+            tat_den INTEGER NOT NULL,
+            expires_at REAL NOT NULL
+        )""",
+        "CREATE INDEX proctor_rate_limits_expires ON proctor_rate_limits (expires_at)",
+        """CREATE TABLE proctor_budget_usage (
+            budget_key TEXT NOT NULL,
+            window_id TEXT NOT NULL,
+            spent TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (budget_key, window_id)
+        )""",
+        """CREATE TABLE proctor_budget_reservations (
+            id TEXT PRIMARY KEY,
+            budget_key TEXT NOT NULL,
+            window_id TEXT NOT NULL,
+            amount TEXT NOT NULL,
+            state TEXT NOT NULL,
+            actual TEXT,
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            purge_at REAL NOT NULL
+        )""",
+        "CREATE INDEX proctor_budget_reservations_window ON proctor_budget_reservations "
+        "(budget_key, window_id, state, expires_at)",
+        "CREATE INDEX proctor_budget_reservations_purge ON proctor_budget_reservations (purge_at)",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -1125,3 +1162,154 @@ class SQLiteStore(Store):
         rows = await self._fetchall("count_workflow_instances", "SELECT workflow, state, COUNT(*) FROM "
                                     "proctor_wf_instances GROUP BY workflow, state")
         return {(str(w), str(s)): int(n) for w, s, n in rows}
+
+    # ---- counters: rate limits and budget ledgers (proxy/limits/; store/counters.py) ----
+    # Each is one BEGIN IMMEDIATE transaction in one worker-thread hop: every process sharing
+    # the file queues on the write lock, so read, decision and write are one step for all.
+    async def update_rate_limit(self, key: str, fn: Callable[[RateState | None], tuple[RateState | None, T]],
+                                *, now: float) -> T:
+        check_key("rate-limit key", key)
+        check_times(now=now)
+
+        def txn(conn: sqlite3.Connection) -> T:
+            row = conn.execute("SELECT tat_ms, tat_frac, tat_den FROM proctor_rate_limits WHERE key = ? AND "
+                               "expires_at > ?", (key, float(now))).fetchone()
+            state = None if row is None else RateState(int(row[0]), int(row[1]), int(row[2]))
+            new, result = fn(state)
+            if new is not None and new != state:
+                conn.execute(
+                    "INSERT INTO proctor_rate_limits (key, tat_ms, tat_frac, tat_den, expires_at) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET tat_ms = excluded.tat_ms, tat_frac = excluded.tat_frac, "
+                    "tat_den = excluded.tat_den, expires_at = excluded.expires_at",
+                    (key, new.tat_ms, new.frac, new.den, new.expires_at))
+            return result
+
+        return await self._transaction("update_rate_limit", txn)
+
+    async def sweep_rate_limits(self, now: float) -> int:
+        check_times(now=now)
+        return await self._transaction("sweep_rate_limits", lambda conn: int(conn.execute(
+            "DELETE FROM proctor_rate_limits WHERE expires_at <= ?", (float(now),)).rowcount or 0))
+
+    @staticmethod
+    def _budget_state(conn: sqlite3.Connection, budget_key: str, window_id: str, now: float) -> BudgetUsage:
+        row = conn.execute("SELECT spent FROM proctor_budget_usage WHERE budget_key = ? AND window_id = ?",
+                           (budget_key, window_id)).fetchone()
+        held = conn.execute("SELECT amount FROM proctor_budget_reservations WHERE budget_key = ? AND window_id = ? "
+                            "AND state = ? AND expires_at > ?", (budget_key, window_id, HELD, float(now))).fetchall()
+        return BudgetUsage(spent=parse_dec(row[0]) if row is not None else ZERO,
+                           reserved=dsum(parse_dec(r[0]) for r in held))
+
+    @staticmethod
+    def _book(conn: sqlite3.Connection, budget_key: str, window_id: str, amount: Decimal, now: float) -> None:
+        row = conn.execute("SELECT spent FROM proctor_budget_usage WHERE budget_key = ? AND window_id = ?",
+                           (budget_key, window_id)).fetchone()
+        spent = add(parse_dec(row[0]) if row is not None else ZERO, amount)
+        conn.execute("INSERT INTO proctor_budget_usage (budget_key, window_id, spent, updated_at) VALUES (?, ?, ?, ?) "
+                     "ON CONFLICT (budget_key, window_id) DO UPDATE SET spent = excluded.spent, "
+                     "updated_at = excluded.updated_at", (budget_key, window_id, dec_text(spent), float(now)))
+
+    async def reserve_budget(self, *, budget_key: str, window_id: str, reservation_id: str, amount: Decimal,
+                             limit: Decimal, now: float, expires_at: float, purge_at: float,
+                             force: bool = False) -> ReserveOutcome:
+        check_key("budget key", budget_key)
+        check_key("window id", window_id)
+        check_key("reservation id", reservation_id)
+        amount, limit = check_amount("amount", amount), check_amount("limit", limit)
+        check_times(now=now, expires_at=expires_at, purge_at=purge_at)
+        if purge_at < expires_at:
+            raise ValueError("a reservation is purged no earlier than it expires")
+
+        def txn(conn: sqlite3.Connection) -> ReserveOutcome | None:
+            conn.execute("DELETE FROM proctor_budget_reservations WHERE budget_key = ? AND window_id = ? AND "
+                         "purge_at <= ?", (budget_key, window_id, float(now)))
+            usage = self._budget_state(conn, budget_key, window_id, now)
+            out = reserve_decision(usage.spent, usage.reserved, amount, limit, force)
+            if out.placed:
+                if conn.execute("SELECT 1 FROM proctor_budget_reservations WHERE id = ?", (reservation_id,)).fetchone():
+                    return None
+                conn.execute(
+                    "INSERT INTO proctor_budget_reservations (id, budget_key, window_id, amount, state, actual, "
+                    "created_at, expires_at, purge_at) VALUES (?, ?, ?, ?, ?, NULL, ?, ?, ?)",
+                    (reservation_id, budget_key, window_id, dec_text(amount), HELD, float(now), float(expires_at),
+                     float(purge_at)))
+            return out
+
+        out = await self._transaction("reserve_budget", txn)
+        if out is None:
+            raise ValueError(f"reservation id {reservation_id!r} is already in use")
+        return out
+
+    async def settle_budget(self, reservation_id: str, actual: Decimal, *, now: float) -> SettleOutcome | None:
+        check_key("reservation id", reservation_id)
+        actual = check_amount("actual amount", actual)
+        check_times(now=now)
+
+        def txn(conn: sqlite3.Connection) -> SettleOutcome | None:
+            row = conn.execute("SELECT budget_key, window_id, amount, state, actual, expires_at FROM "
+                               "proctor_budget_reservations WHERE id = ?", (reservation_id,)).fetchone()
+            if row is None:
+                return None
+            budget_key, window_id, amount, state, earlier, expires_at = row
+            late = False
+            if state == HELD:
+                conn.execute("UPDATE proctor_budget_reservations SET state = ?, actual = ? WHERE id = ?",
+                             (SETTLED, dec_text(actual), reservation_id))
+                self._book(conn, budget_key, window_id, actual, now)
+                status, booked, late = "settled", actual, float(expires_at) <= now
+            elif state == SETTLED:
+                status, booked = "already-settled", parse_dec(earlier)
+            else:
+                status, booked = "released", ZERO
+            usage = self._budget_state(conn, budget_key, window_id, now)
+            return SettleOutcome(status=status, budget_key=budget_key, window_id=window_id, amount=parse_dec(amount),
+                                 actual=booked, late=late, spent=usage.spent, reserved=usage.reserved)
+
+        return await self._transaction("settle_budget", txn)
+
+    async def release_budget(self, reservation_id: str) -> bool:
+        check_key("reservation id", reservation_id)
+        return await self._transaction("release_budget", lambda conn: conn.execute(
+            "UPDATE proctor_budget_reservations SET state = ? WHERE id = ? AND state = ?",
+            (RELEASED, reservation_id, HELD)).rowcount == 1)
+
+    async def charge_budget(self, *, budget_key: str, window_id: str, amount: Decimal, now: float) -> BudgetUsage:
+        check_key("budget key", budget_key)
+        check_key("window id", window_id)
+        amount = check_amount("amount", amount)
+        check_times(now=now)
+
+        def txn(conn: sqlite3.Connection) -> BudgetUsage:
+            self._book(conn, budget_key, window_id, amount, now)
+            return self._budget_state(conn, budget_key, window_id, now)
+
+        return await self._transaction("charge_budget", txn)
+
+    async def budget_usage(self, budget_key: str, window_id: str, *, now: float) -> BudgetUsage:
+        check_key("budget key", budget_key)
+        check_key("window id", window_id)
+        check_times(now=now)
+        row = await self._fetchone("budget_usage", "SELECT spent FROM proctor_budget_usage WHERE budget_key = ? AND "
+                                   "window_id = ?", (budget_key, window_id))
+        held = await self._fetchall("budget_usage", "SELECT amount FROM proctor_budget_reservations WHERE "
+                                    "budget_key = ? AND window_id = ? AND state = ? AND expires_at > ?",
+                                    (budget_key, window_id, HELD, float(now)))
+        return BudgetUsage(spent=parse_dec(row[0]) if row is not None else ZERO,
+                           reserved=dsum(parse_dec(r[0]) for r in held))
+
+    async def sweep_budgets(self, now: float, *, idle_before: float | None = None) -> int:
+        check_times(now=now)
+        if idle_before is not None:
+            check_times(idle_before=idle_before)
+
+        def txn(conn: sqlite3.Connection) -> int:
+            n = int(conn.execute("DELETE FROM proctor_budget_reservations WHERE purge_at <= ?",
+                                 (float(now),)).rowcount or 0)
+            if idle_before is not None:
+                n += int(conn.execute(
+                    "DELETE FROM proctor_budget_usage WHERE updated_at < ? AND NOT EXISTS (SELECT 1 FROM "
+                    "proctor_budget_reservations r WHERE r.budget_key = proctor_budget_usage.budget_key AND "
+                    "r.window_id = proctor_budget_usage.window_id)", (float(idle_before),)).rowcount or 0)
+            return n
+
+        return await self._transaction("sweep_budgets", txn)

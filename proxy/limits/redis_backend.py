@@ -1,0 +1,348 @@
+"""Counters in Redis: each decision is one Lua script, atomic on the server (docs/limits.md).
+
+`RedisCounters(url, prefix="proctor:")` is a RateLimiter and a BudgetLedger.
+Every replica that points at the same Redis (standalone or behind Sentinel; not
+Redis Cluster: a settle touches keys named inside its reservation record)
+shares the counters exactly: a script runs whole before any other command.
+
+- Scripts are sent by SHA (EVALSHA) and, when the server does not know them
+  (NOSCRIPT: restarted, flushed, failed over), by EVAL, which caches them again.
+- The clock is the caller's `now` (epoch seconds) passed to the script, so
+  tests inject it; expiries are relative TTLs (PEXPIRE), never absolute times.
+- Keys (under `prefix`): `rl:<key>` a GCRA state (hash m, f, d: the TAT in ms +
+  f/d ms; expires when the TAT passes), `bu:<budget>:<window>` spent (decimal
+  text; expires `usage_retention_seconds` after its last change),
+  `br:<budget>:<window>` the held reservations (id -> "amount expires_ms";
+  expired ones are removed by the next reserve or read), `rs:<id>` one
+  reservation's record (kept until expires + grace, for late and repeated settles).
+- Amounts are decimal text added and compared digit by digit in Lua (Lua
+  numbers are doubles: 0.1 + 0.2 is not 0.3 there); GCRA uses integers below 2**53.
+- Commands are never retried by the client: a script whose reply was lost may
+  have run, and running it again would count twice. A lost connection, a timeout
+  or any server error raises CounterUnavailable (cause chained).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from decimal import Decimal
+from typing import Any
+
+from ..store.counters import (ZERO, BudgetUsage, ReserveOutcome, SettleOutcome, check_amount, check_key, dec_text,
+                              parse_dec)
+from .errors import CounterUnavailable
+from .keys import limit_key
+from .ledger import (DEFAULT_GRACE_SECONDS, ReserveResult, Settlement, Usage, check_grace, check_now, check_reserve,
+                     reserve_result)
+from .rate import Gcra, RateDecision, now_ms
+
+DEFAULT_RETENTION_SECONDS = 400 * 86400  # spent per window: longer than a year window
+
+# -- Lua ------------------------------------------------------------------------
+# Integer division that is exact for integers below 2**53 (the quotient of doubles may round).
+_LUA_INT = """
+local function idiv(a, b)
+  local q = math.floor(a / b)
+  while q * b > a do q = q - 1 end
+  while (q + 1) * b <= a do q = q + 1 end
+  return q
+end
+local function istr(n) return string.format('%.0f', n) end
+"""
+
+# GCRA: proxy/limits/rate.py gcra_step, line for line. KEYS[1] state; ARGV now_ms, cost, limit, period_ms, burst.
+GCRA_LUA = _LUA_INT + """
+local now = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local L = tonumber(ARGV[3])
+local P = tonumber(ARGV[4])
+local B = tonumber(ARGV[5])
+local tm, tf = now, 0
+local s = redis.call('HMGET', KEYS[1], 'm', 'f', 'd')
+if s[1] and s[2] and s[3] then
+  local m, f, d = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
+  if d ~= L then f = idiv(f * L, d) end
+  if m > now or (m == now and f > 0) then tm, tf = m, f end
+end
+local diff = (tm - now) * L + tf
+local new = diff + cost * P
+local tau = B * P
+if new <= tau then
+  if cost > 0 then
+    local q = idiv(new, L)
+    redis.call('HSET', KEYS[1], 'm', istr(now + q), 'f', istr(new - q * L), 'd', istr(L))
+    redis.call('PEXPIRE', KEYS[1], istr(q + 1))
+  end
+  return {1, new, 0}
+end
+if cost > B then return {0, diff, -1} end
+return {0, diff, new - tau}
+"""
+
+# Non-negative decimal text: a + b, and a <= b, exactly (digit by digit).
+_LUA_DEC = """
+local function parts(s)
+  local i, f = string.match(s, '^(%d+)%.?(%d*)$')
+  if not i then error('not a decimal: ' .. tostring(s)) end
+  return i, f
+end
+local function align(a, b)
+  local ai, af = parts(a)
+  local bi, bf = parts(b)
+  local il = math.max(#ai, #bi)
+  local fl = math.max(#af, #bf)
+  local x = string.rep('0', il - #ai) .. ai .. af .. string.rep('0', fl - #af)
+  local y = string.rep('0', il - #bi) .. bi .. bf .. string.rep('0', fl - #bf)
+  return x, y, fl
+end
+local function dadd(a, b)
+  local x, y, fl = align(a, b)
+  local out, carry = {}, 0
+  for k = #x, 1, -1 do
+    local d = string.byte(x, k) + string.byte(y, k) - 96 + carry
+    if d > 9 then d = d - 10; carry = 1 else carry = 0 end
+    out[k] = string.char(48 + d)
+  end
+  local s = table.concat(out)
+  if carry == 1 then s = '1' .. s end
+  local i = string.sub(s, 1, #s - fl)
+  local f = string.sub(s, #s - fl + 1)
+  i = string.gsub(i, '^0+', '')
+  f = string.gsub(f, '0+$', '')
+  if i == '' then i = '0' end
+  if f == '' then return i end
+  return i .. '.' .. f
+end
+local function dle(a, b)
+  local x, y = align(a, b)
+  for k = 1, #x do
+    local p, q = string.byte(x, k), string.byte(y, k)
+    if p ~= q then return p < q end
+  end
+  return true
+end
+-- Sum the held reservations in hash R that have not expired; drop the expired ones (reclaimed).
+local function held(R, now)
+  local total = '0'
+  local all = redis.call('HGETALL', R)
+  for k = 1, #all, 2 do
+    local amount, expires = string.match(all[k + 1], '^(%S+) (%d+)$')
+    if tonumber(expires) <= now then
+      redis.call('HDEL', R, all[k])
+    else
+      total = dadd(total, amount)
+    end
+  end
+  return total
+end
+"""
+
+# KEYS: usage, held, record. ARGV: amount, limit, id, now_ms, expires_ms, purge_ms, force, budget, window.
+RESERVE_LUA = _LUA_INT + _LUA_DEC + """
+local now = tonumber(ARGV[4])
+local spent = redis.call('HGET', KEYS[1], 'spent') or '0'
+local reserved = held(KEYS[2], now)
+local fits = dle(dadd(dadd(spent, reserved), ARGV[1]), ARGV[2])
+local placed = fits or ARGV[7] == '1'
+if placed then
+  if redis.call('EXISTS', KEYS[3]) == 1 then return {'dup'} end
+  local keep = math.max(1, tonumber(ARGV[6]) - now)
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[1] .. ' ' .. ARGV[5])
+  if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], istr(keep)) end
+  redis.call('HSET', KEYS[3], 'u', KEYS[1], 'r', KEYS[2], 'b', ARGV[8], 'w', ARGV[9], 'amount', ARGV[1],
+             'state', 'held', 'exp', ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], istr(keep))
+  reserved = dadd(reserved, ARGV[1])
+end
+return {fits and 1 or 0, placed and 1 or 0, spent, reserved}
+"""
+
+# KEYS: record. ARGV: actual, now_ms, retention_ms, id.
+SETTLE_LUA = _LUA_INT + _LUA_DEC + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local r = redis.call('HMGET', KEYS[1], 'u', 'r', 'state', 'amount', 'actual', 'exp', 'b', 'w')
+local now = tonumber(ARGV[2])
+local status, booked, late = 'released', '0', 0
+if r[3] == 'held' then
+  redis.call('HDEL', r[2], ARGV[4])
+  redis.call('HSET', r[1], 'spent', dadd(redis.call('HGET', r[1], 'spent') or '0', ARGV[1]))
+  redis.call('PEXPIRE', r[1], ARGV[3])
+  redis.call('HSET', KEYS[1], 'state', 'settled', 'actual', ARGV[1])
+  status, booked = 'settled', ARGV[1]
+  if tonumber(r[6]) <= now then late = 1 end
+elseif r[3] == 'settled' then
+  status, booked = 'already-settled', r[5]
+end
+local spent = redis.call('HGET', r[1], 'spent') or '0'
+return {status, booked, late, spent, held(r[2], now), r[4], r[7], r[8]}
+"""
+
+# KEYS: record. ARGV: id.
+RELEASE_LUA = """
+local r = redis.call('HMGET', KEYS[1], 'r', 'state')
+if r[2] ~= 'held' then return 0 end
+redis.call('HDEL', r[1], ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'released')
+return 1
+"""
+
+# KEYS: usage, held. ARGV: amount ('' to only read), now_ms, retention_ms.
+USAGE_LUA = _LUA_INT + _LUA_DEC + """
+local spent = redis.call('HGET', KEYS[1], 'spent') or '0'
+if ARGV[1] ~= '' then
+  spent = dadd(spent, ARGV[1])
+  redis.call('HSET', KEYS[1], 'spent', spent)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+return {spent, held(KEYS[2], tonumber(ARGV[2]))}
+"""
+
+
+class _Script:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+
+_GCRA, _RESERVE, _SETTLE, _RELEASE, _USAGE = (_Script(s) for s in (GCRA_LUA, RESERVE_LUA, SETTLE_LUA, RELEASE_LUA,
+                                                                    USAGE_LUA))
+
+
+def _text(v: Any) -> str:
+    return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+
+def _check_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or len(prefix) > 64 or any(not 0x21 <= ord(c) <= 0x7E for c in prefix):
+        raise ValueError("a Redis key prefix is at most 64 printable ASCII characters without spaces")
+    return prefix
+
+
+class RedisCounters:
+    """Rate limits and budget ledgers in Redis (see the module docstring)."""
+
+    backend = "redis"
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", *, prefix: str = "proctor:",
+                 timeout: float = 2.0, grace_seconds: float = DEFAULT_GRACE_SECONDS,
+                 usage_retention_seconds: float = DEFAULT_RETENTION_SECONDS, client: Any = None) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.prefix = _check_prefix(prefix)
+        self.grace_seconds = check_grace(grace_seconds)
+        if not 1 <= usage_retention_seconds <= 10 * 366 * 86400:
+            raise ValueError("usage_retention_seconds is 1 s to 10 years")
+        self.retention_ms = int(usage_retention_seconds * 1000)
+        if client is None:
+            # No retries: a script whose reply was lost may have run (see the module docstring).
+            client = aioredis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                             retry=Retry(NoBackoff(), 0), decode_responses=False)
+        self.client = client
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception:  # noqa: BLE001 - closing a broken connection is not worth an error
+            pass
+
+    async def ping(self) -> None:
+        """CounterUnavailable unless the server answers."""
+        from redis.exceptions import RedisError
+
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as e:
+            raise CounterUnavailable(f"redis counters: ping failed: {type(e).__name__}: {e}", backend="redis") from e
+
+    async def _run(self, op: str, script: _Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        from redis.exceptions import NoScriptError, RedisError
+
+        try:
+            try:
+                return await self.client.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await self.client.eval(script.source, len(keys), *keys, *args)
+        except (RedisError, OSError) as e:
+            raise CounterUnavailable(f"redis counters: {op} failed: {type(e).__name__}: {e}", backend="redis") from e
+
+    def _k(self, kind: str, *parts: str) -> str:
+        return f"{self.prefix}{kind}:{limit_key(*parts)}"
+
+    # ---- rate limits ------------------------------------------------------------
+    async def hit(self, key: str, limit: int, period_seconds: float, now: float, cost: int = 1,
+                  burst: int | None = None) -> RateDecision:
+        check_key("rate-limit key", key)
+        gcra = Gcra.of(limit, period_seconds, burst)
+        gcra.decide(None, now, cost)  # (validates now and cost)
+        reply = await self._run("rate limit", _GCRA, [self._k("rl", key)],
+                                [now_ms(now), cost, gcra.limit, gcra.period_ms, gcra.burst])
+        allowed, diff_after, retry_scaled = (int(x) for x in reply)
+        return gcra.decision(bool(allowed), diff_after, retry_scaled)
+
+    async def sweep(self, now: float, *, idle_before: float | None = None) -> int:
+        """Nothing to do: every key expires by itself."""
+        check_now(now)
+        return 0
+
+    # ---- budget ledger ------------------------------------------------------------
+    def _window_keys(self, budget_key: str, window_id: str) -> list[str]:
+        return [self._k("bu", budget_key, window_id), self._k("br", budget_key, window_id)]
+
+    async def reserve(self, budget_key: str, window_id: str, amount: Decimal, limit: Decimal, reservation_id: str,
+                      ttl_seconds: float, now: float, *, force: bool = False) -> ReserveResult:
+        amount, limit, expires_at, purge_at = check_reserve(budget_key, window_id, amount, limit, reservation_id,
+                                                            ttl_seconds, now, self.grace_seconds)
+        at = now_ms(now)
+        reply = await self._run(
+            "reserve", _RESERVE, [*self._window_keys(budget_key, window_id), self._k("rs", reservation_id)],
+            [dec_text(amount), dec_text(limit), reservation_id, at, now_ms(expires_at), now_ms(purge_at),
+             "1" if force else "0", budget_key, window_id])
+        if len(reply) == 1:
+            raise ValueError(f"reservation id {reservation_id!r} is already in use")
+        fits, placed, spent, reserved = reply
+        out = ReserveOutcome(fits=bool(int(fits)), placed=bool(int(placed)), spent=parse_dec(_text(spent)),
+                             reserved=parse_dec(_text(reserved)))
+        return reserve_result(out, amount, limit)
+
+    async def settle(self, reservation_id: str, actual: Decimal, now: float) -> Settlement | None:
+        check_key("reservation id", reservation_id)
+        actual = check_amount("actual amount", actual)
+        check_now(now)
+        reply = await self._run("settle", _SETTLE, [self._k("rs", reservation_id)],
+                                [dec_text(actual), now_ms(now), self.retention_ms, reservation_id])
+        if reply is None:
+            return None
+        status, booked, late, spent, reserved, amount, budget_key, window_id = reply
+        st = _text(status)
+        if st not in ("settled", "already-settled", "released"):
+            raise CounterUnavailable(f"redis counters: settle answered {st!r}", backend="redis")
+        return SettleOutcome(status=st, budget_key=_text(budget_key), window_id=_text(window_id),  # type: ignore[arg-type]
+                             amount=parse_dec(_text(amount)), actual=parse_dec(_text(booked)) if booked else ZERO,
+                             late=bool(int(late)), spent=parse_dec(_text(spent)), reserved=parse_dec(_text(reserved)))
+
+    async def release(self, reservation_id: str) -> bool:
+        check_key("reservation id", reservation_id)
+        reply = await self._run("release", _RELEASE, [self._k("rs", reservation_id)], [reservation_id])
+        return bool(int(reply))
+
+    async def charge(self, budget_key: str, window_id: str, amount: Decimal, now: float) -> Usage:
+        check_key("budget key", budget_key)
+        check_key("window id", window_id)
+        amount = check_amount("amount", amount)
+        check_now(now)
+        return await self._usage("charge", budget_key, window_id, dec_text(amount), now)
+
+    async def usage(self, budget_key: str, window_id: str, now: float | None = None) -> Usage:
+        check_key("budget key", budget_key)
+        check_key("window id", window_id)
+        at = check_now(time.time() if now is None else now)
+        return await self._usage("usage", budget_key, window_id, "", at)
+
+    async def _usage(self, op: str, budget_key: str, window_id: str, amount: str, now: float) -> Usage:
+        spent, reserved = await self._run(op, _USAGE, self._window_keys(budget_key, window_id),
+                                          [amount, now_ms(now), self.retention_ms])
+        return BudgetUsage(spent=parse_dec(_text(spent)), reserved=parse_dec(_text(reserved)))
