@@ -172,8 +172,9 @@ def render_workflow(w: dict[str, Any]) -> None:
     inst, cyc, sla, cost = w["instances"], w["cycle_time_seconds"], w["sla"], w["cost"]
     click.echo("")
     click.echo(_safe(w["name"]))
-    line = click.echo
-    line(f"  instances   started {inst['started']}, completed {inst['completed']}, running {inst['running']}")
+    line = click.echo  # (one KPI per line)
+    closed = f", closed by a person {inst['closed']}" if inst.get("closed") else ""
+    line(f"  instances   started {inst['started']}, completed {inst['completed']}, running {inst['running']}{closed}")
     line(f"  cycle time  p50 {seconds(cyc['p50'])}, p90 {seconds(cyc['p90'])}, mean {seconds(cyc['mean'])} "
          f"({cyc['count']} completed)")
     line(f"              human wait p50 {seconds(cyc['human_wait_p50'])}, agent time p50 "
