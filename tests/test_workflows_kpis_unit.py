@@ -381,3 +381,31 @@ def test_metrics_observe_each_completion_once_and_the_gauge_forgets_nothing() ->
     wm.set_instances({("orders", "completed"): 5})
     assert sample("proctor_workflow_instances", workflow="orders", state="running") == 0.0
     assert sample("proctor_workflow_instances", workflow="orders", state="completed") == 5.0
+
+
+# ------------------------------------------------------------------------- the CLI's rendering
+def test_cli_renders_the_document(capsys) -> None:
+    from proxy.workflows.cli import render_workflow, seconds, time_arg
+
+    assert [seconds(x) for x in (None, 0.288, 42, 600, 725, 3600, 5400, 86400, 2 * 86400 + 4 * 3600)] == [
+        "-", "0.288s", "42s", "10m", "12m 5s", "1h", "1h 30m", "1d", "2d 4h"]
+    assert time_arg("7d", 1_000_000.0, "--since") == str(1_000_000 - 7 * 86400)
+    assert time_arg("30m", 1_000_000.0, "--since") == str(1_000_000 - 1800)
+    assert time_arg("2027-01-15T08:00:00Z", 0.0, "--since") == "2027-01-15T08:00:00Z"  # the API checks it
+    assert time_arg(None, 0.0, "--since") is None
+    w = kpis()["workflows"][0]
+    w["instances"]["closed"] = 2
+    render_workflow(w)
+    out = capsys.readouterr().out
+    for line in ("  instances   started 4, completed 3, running 3, closed by a person 2",
+                 "  cycle time  p50 40m, p90 1h 52m, mean 1h 5m (3 completed)",
+                 "              human wait p50 10m, agent time p50 40m; waiting for people 13.7% of it",
+                 "  throughput  3 completed, 18 per day",
+                 "  errors      14.3% of step calls failed; rework 9.1%",
+                 "  SLA 1h      met 2, missed 1 (66.7%); running at risk 3, overdue 2",
+                 "  cost        6.20 EUR in the window; 2.93 EUR per completed instance",
+                 "  autonomy    83.3% of step completions without a person"):
+        assert line in out.splitlines(), out
+    quote = next(x.split() for x in out.splitlines() if x.strip().startswith("quote "))
+    assert quote == ["quote", "4", "3", "1", "0", "25.0%", "50.0%", "250", "258", "8m", "20s", "50.0%", "100.0%"]
+    assert any(x.split() == ["bot-b", "5", "1", "1", "16.7%"] for x in out.splitlines()), out
