@@ -1708,7 +1708,7 @@
    * GET /v1/workflows/instances and /v1/workflows/instances/{id} (history, objects). Charts are inline SVG
    * built here (createElementNS, classes only: the CSP allows no inline style). Agent ids, object ids and
    * every other value from the API are attacker-controlled: text nodes and attribute values only. */
-  var SVG_NS = "http://www.w3.org/2000/svg";
+  var SVG_NS = null; // the SVG namespace, read from the chart template's <svg> (initWorkflows)
   var WF_POLL_MS = 10000;
   var WF_WINDOWS = { 86400: 3600, 604800: 21600, 2592000: 86400 }; // window seconds -> bucket seconds
   var CHART = { w: 540, h: 250, left: 46, right: 16, top: 16, bottom: 52 };
@@ -1988,7 +1988,8 @@
     var target = isNum(sla.target_seconds) ? sla.target_seconds : null;
     dl.appendChild(tile("Work in progress", [kpiSpan("running", inst.running, fmtCount(inst.running)), " running"],
       [kpiSpan("started", inst.started, fmtCount(inst.started)), " started, ",
-       kpiSpan("completed", inst.completed, fmtCount(inst.completed)), " completed in the window"], "wip"));
+       kpiSpan("completed", inst.completed, fmtCount(inst.completed)), " completed"].concat(isNum(inst.closed) ?
+        [", ", kpiSpan("closed", inst.closed, fmtCount(inst.closed)), " closed by a person"] : []).concat([" in the window"]), "wip"));
     dl.appendChild(tile("Cycle time p50", [kpiSpan("cycle_p50", ct.p50, fmtDuration(ct.p50))],
       ["p90 ", kpiSpan("cycle_p90", ct.p90, fmtDuration(ct.p90)), " \u00b7 mean ",
        kpiSpan("cycle_mean", ct.mean, fmtDuration(ct.mean)), " \u00b7 ", kpiSpan("cycle_count", ct.count, fmtCount(ct.count)),
@@ -2020,10 +2021,13 @@
   }
 
   // ---- charts
+  /* Show a chart drawn into the figure's <svg> (its empty state: no <svg>) and what goes below it. */
   function chartInto(id, content) {
     var fig = $(id);
     var body = fig.querySelector(".chart-body");
     clear(body);
+    var svg = fig.querySelector("svg.chart-svg");
+    if (content.empty && svg) fig.removeChild(svg);
     fig.setAttribute("data-state", content.empty ? "empty" : "chart");
     content.nodes.forEach(function (n) { body.appendChild(n); });
   }
@@ -2047,14 +2051,24 @@
     return { top: top, ticks: ticks };
   }
 
-  /* The frame: <svg> with <title>/<desc>, gridlines, axes, y ticks, axis titles. Returns helpers to plot. */
-  function chartFrame(id, title, desc, max, yTitle, xTitle) {
+  /* The frame, drawn into the <svg id="{id}-svg"> of figure `figId` (cloned from the template the first time):
+   * <title>/<desc> (its aria-labelledby), gridlines, axes, y ticks, axis titles. Returns helpers to plot. */
+  function chartFrame(figId, id, title, desc, max, yTitle, xTitle) {
     var c = CHART;
     var pw = c.w - c.left - c.right;
     var ph = c.h - c.top - c.bottom;
     var sc = countScale(max);
-    var svg = svgEl("svg", { "class": "chart-svg", viewBox: "0 0 " + c.w + " " + c.h, role: "img",
-      "aria-labelledby": id + "-title " + id + "-desc", "data-testid": id + "-svg" });
+    var fig = $(figId);
+    var svg = fig.querySelector("svg.chart-svg");
+    if (!svg) {
+      svg = $("wf-chart-svg").content.firstElementChild.cloneNode(false);
+      fig.insertBefore(svg, fig.querySelector(".chart-body"));
+    }
+    clear(svg);
+    svg.setAttribute("id", id + "-svg");
+    svg.setAttribute("data-testid", id + "-svg");
+    svg.setAttribute("aria-labelledby", id + "-title " + id + "-desc");
+    svg.setAttribute("viewBox", "0 0 " + c.w + " " + c.h);
     var t = svgTitle(title);
     t.setAttribute("id", id + "-title");
     var d = svgEl("desc", { id: id + "-desc" });
@@ -2131,7 +2145,7 @@
     });
     var every = labelEvery(hist.length, longest(labels));
     var max = Math.max.apply(null, hist.map(function (b) { return b.count; }));
-    var f = chartFrame("wf-cycle", "Cycle time distribution of " + k.name,
+    var f = chartFrame("wf-chart-cycle", "wf-cycle", "Cycle time distribution of " + k.name,
       ct.count + " completed instances; p50 " + fmtDuration(ct.p50) + ", p90 " + fmtDuration(ct.p90) + ". " +
       hist.map(function (b, i) { return labels[i] + ": " + b.count; }).join(", ") + ".",
       max, "instances", "cycle time (up to)");
@@ -2150,7 +2164,7 @@
       if (i % every === 0) f.svg.appendChild(xLabel(f, x + slot / 2, labels[i]));
     });
     f.svg.appendChild(bars);
-    return { empty: false, nodes: [f.svg] };
+    return { empty: false, nodes: [] };
   }
 
   function throughputChart(k) {
@@ -2160,7 +2174,7 @@
     if (!series.length || total === 0) return emptyChart("No instances started or completed in this window.");
     var bucket = isNum(k.bucket_seconds) ? k.bucket_seconds : (S.wf.kpis && S.wf.kpis.bucket_seconds) || 3600;
     var max = Math.max.apply(null, series.map(function (b) { return Math.max(b.started || 0, b.completed || 0); }));
-    var f = chartFrame("wf-throughput", "Throughput of " + k.name + " over time",
+    var f = chartFrame("wf-chart-throughput", "wf-throughput", "Throughput of " + k.name + " over time",
       "Instances started and completed per " + fmtDuration(bucket) + " bucket: " + series.reduce(function (n, b) { return n + (b.started || 0); }, 0) +
       " started, " + series.reduce(function (n, b) { return n + (b.completed || 0); }, 0) + " completed.",
       max, "instances", "bucket start (" + fmtDuration(bucket) + " each)");
@@ -2184,7 +2198,7 @@
       });
       f.svg.appendChild(g);
     });
-    return { empty: false, nodes: [f.svg, legend([["swatch-started", "started"], ["swatch-completed", "completed"]])] };
+    return { empty: false, nodes: [legend([["swatch-started", "started"], ["swatch-completed", "completed"]])] };
   }
 
   function slaChart(k) {
@@ -2200,7 +2214,7 @@
     if (!burn.length || total === 0) return emptyChart("No completed instances in this window.", [atRisk]);
     var bucket = isNum(k.bucket_seconds) ? k.bucket_seconds : (S.wf.kpis && S.wf.kpis.bucket_seconds) || 3600;
     var max = Math.max.apply(null, burn.map(function (b) { return (b.met || 0) + (b.missed || 0); }));
-    var f = chartFrame("wf-sla", "SLA burn of " + k.name,
+    var f = chartFrame("wf-chart-sla", "wf-sla", "SLA burn of " + k.name,
       "Completions per " + fmtDuration(bucket) + " bucket within the " + fmtDuration(target) + " target (met) and past it (missed): " +
       (sla.met || 0) + " met, " + (sla.missed || 0) + " missed; " + fmtCount(sla.at_risk) + " running instances at risk.",
       max, "completions", "bucket start (" + fmtDuration(bucket) + " each)");
@@ -2223,7 +2237,7 @@
       if (i % every === 0) f.svg.appendChild(xLabel(f, x + slot / 2, bl[i]));
     });
     f.svg.appendChild(bars);
-    return { empty: false, nodes: [f.svg, legend([["swatch-met", "met"], ["swatch-missed", "missed"]]), atRisk] };
+    return { empty: false, nodes: [legend([["swatch-met", "met"], ["swatch-missed", "missed"]]), atRisk] };
   }
 
   // ---- tables
@@ -2422,6 +2436,7 @@
   }
 
   function initWorkflows() {
+    SVG_NS = $("wf-chart-svg").content.firstElementChild.namespaceURI;
     $("wf-window").addEventListener("change", function () {
       S.wf.sig = null;
       loadWorkflows(true);
