@@ -409,3 +409,14 @@ def test_cli_renders_the_document(capsys) -> None:
     quote = next(x.split() for x in out.splitlines() if x.strip().startswith("quote "))
     assert quote == ["quote", "4", "3", "1", "0", "25.0%", "50.0%", "250", "258", "8m", "20s", "50.0%", "100.0%"]
     assert any(x.split() == ["bot-b", "5", "1", "1", "16.7%"] for x in out.splitlines()), out
+
+
+def test_cli_never_lets_an_agent_id_drive_the_terminal(capsys) -> None:
+    from proxy.workflows.cli import render_workflow
+
+    evil = "bot\x1b]0;pwned\x07\x1b[2J\u202e"
+    events = [ev("A", 0, "request", agent=evil)]
+    render_workflow(kpis(events=events, instances=[inst("A", 0, 0)])["workflows"][0])
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "bot\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in out
