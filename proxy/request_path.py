@@ -24,7 +24,8 @@ from .connectors.aliases import ConnectorAliases
 from .connectors.classifier import Classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.enrich import Enricher
-from .connectors.stages import Classify, ConnectorAlias, Enrich, InjectCredential, TrackCreator, TunnelTarget
+from .connectors.stages import (Classify, ConnectorAlias, Enrich, ErrorFormat, GatewayTarget, InjectCredential,
+                                TrackCreator, TunnelTarget)
 from .coordination.claims import ClaimAcquire, ClaimCheck, ClaimConflict, ClaimObserver
 from .coordination.concurrency import ConcurrencyMetrics, IfMatch, if_match_paths
 from .coordination.handoff import ClaimHandoff, HandoffReporter
@@ -33,8 +34,9 @@ from .coordination.metrics import ClaimMetrics, DuplicateMetrics
 from .core.chain import Chain, Stage
 from .core.context import principal_entity
 from .core.exchange import Exchange
-from .core.model import AgentIdentity, Refusal
+from .core.model import AgentIdentity, AgentRequest, Refusal
 from .core.stages import GatewayRoute, TargetCheck
+from .engine.gateway import GatewayRouter
 from .governance.registry import Governance, suspension_refusal
 from .governance.stage import AgentSuspended, TargetSuspended
 from .identity.stage import Authenticate, Authenticator
@@ -110,6 +112,21 @@ def _fingerprinter(approvals: ApprovalService | None) -> Callable[[Exchange], st
     return fingerprint
 
 
+def _gateway_target(cfg: ProctorConfig) -> GatewayTarget | None:
+    """Gateway mode: the upstream a request addressed to Proctor is routed to (for the head
+    phase, which runs before the engine routes the request)."""
+    if not cfg.gateway.enabled or not cfg.gateway.routes:
+        return None
+    router = GatewayRouter(cfg.gateway.routes)
+
+    def target(req: AgentRequest) -> tuple[str, int] | None:
+        host = f"[{req.host}]" if ":" in req.host else req.host
+        routed = router.route(host, req.path)
+        return (routed.host, routed.port) if routed is not None else None
+
+    return target
+
+
 def build_request_path(p: Parts) -> RequestPath:
     cfg = p.config
     gov = p.governance
@@ -145,6 +162,7 @@ def build_request_path(p: Parts) -> RequestPath:
         trace,                                                     # server span around everything
         count,                                                     # counters and histograms
         record,                                                    # decision record + OCSF audit event
+        ErrorFormat(p.classifier, _gateway_target(cfg)),           # refusals in the connector's error shape
         authenticate,                                              # who is calling (agent JWT)
         GatewayRoute(),                                            # gateway mode: 404 when no route matched
         agent_suspended,                                           # kill switch: the agent

@@ -128,6 +128,7 @@ class Env:
         down["hosts"] = [f"127.0.0.1:{self.down_port}"]
         (conns / "ticketing-down.yaml").write_text(yaml.safe_dump(down))
         shutil.copytree(ROOT / "policies", base / "policies")
+        (base / "policies" / "llm.cedar").unlink()  # no LLM connector here (tests/test_llm_connector.py)
         self.port, self.control_port = free_port(), free_port()
         self.config_path = base / "proctor.yaml"
         self.config_path.write_text(yaml.safe_dump({

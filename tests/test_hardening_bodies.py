@@ -57,6 +57,7 @@ def stack(tmp_path_factory, idp, pki, upstream, upstream_tls):
     shutil.copytree(ROOT / "policies", policies)
     (policies / "files.cedar").write_text(UPLOAD_POLICIES)
     (policies / "ticketing.cedar").unlink()  # this stack has no ticketing connector
+    (policies / "llm.cedar").unlink()  # nor the LLM connector
     files = dict(UPLOAD_CONNECTOR, hosts=[f"127.0.0.1:{files_up.port}"])
     p = start_proctor(
         base / "proctor", idp, pki, upstream, upstream_tls,

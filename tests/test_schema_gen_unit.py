@@ -99,7 +99,7 @@ def test_bundled_policies_need_the_generated_schema():
 def test_schema_from_connectors_false_turns_generation_off(tmp_path, bundled):
     on = ProctorConfig(state_dir=tmp_path, connectors_dir=CONNECTORS, policies={"dir": POLICIES})
     src = policy_source(on)
-    assert {m.name for m in src.manifests} == {"crm", "erp", "ticketing"}
+    assert {m.name for m in src.manifests} == {"crm", "erp", "llm", "ticketing"}
     load_bundle(src)
     off = ProctorConfig(state_dir=tmp_path, connectors_dir=CONNECTORS,
                         policies={"dir": POLICIES, "schema_from_connectors": False})
@@ -396,10 +396,14 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           cwd=str(cwd) if cwd else None)
 
 
-def test_cli_connector_schema_prints_the_declarations(generated, tmp_path):
-    out = run_cli("connector", "schema", cwd=tmp_path)  # no config: the bundled connectors and schema
+def test_cli_connector_schema_prints_the_declarations(bundled, tmp_path):
+    out = run_cli("connector", "schema", cwd=tmp_path)  # no config: the bundled connectors, schema and workflow
     assert out.returncode == 0, out.stderr
-    assert out.stdout == generated
+    from proxy.workflows.spec import load_workflows
+
+    actions = load_workflows(ROOT / "workflows", bundled).actions  # their contexts carry `workflow`
+    assert "erp.purchase_order.create" in actions
+    assert out.stdout == generate_schema(bundled, declared_in(BASE_SCHEMA.read_text()), workflow_actions=actions)
     assert out.stdout.startswith("// Generated from the connector manifests")
 
 

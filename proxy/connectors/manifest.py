@@ -415,6 +415,10 @@ class ConnectorManifest(_Strict):
     # The upstream credential Proctor injects (secrets referenced, never inline).
     auth: UpstreamAuth | None = None
     approval: ApprovalWait | None = None  # default for the connector's routes
+    # The shape of Proctor's refusals on this connector's hosts: `problem` (problem+json) or
+    # the API's own error shape, so its SDKs show the reason (`openai`: OpenAI's error object).
+    # JSON-RPC routes always answer JSON-RPC errors.
+    error_format: Literal["problem", "openai"] = "problem"
 
     @field_validator("hosts")
     @classmethod

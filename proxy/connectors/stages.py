@@ -1,5 +1,7 @@
 """Connector stages: what a request means, and what the connector adds to it.
 
+- `ErrorFormat`    the shape refusals are answered in: the error format of the connector
+                   owning the target (manifest `error_format`), before anything can refuse;
 - `Classify`       the connector route, action and resource; the body read strictly
                    into the typed values policies see (connectors/derive.py);
 - `ConnectorAlias` generic egress must not reach a connector's upstream under another name;
@@ -14,13 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..config import RequestLimits
 from ..core.chain import Stage
 from ..core.exchange import Exchange
-from ..core.model import Refusal
+from ..core.hosts import HostRejected, canonical_host
+from ..core.model import AgentRequest, Refusal
 from ..core.target import canonicalise_target
 from .aliases import AliasUnresolvable, ConnectorAliases
 from .classifier import GENERIC_CONNECTOR, Classifier
@@ -32,6 +35,48 @@ log = logging.getLogger("proctor.connectors")
 
 # A create's response is read (bounded) to learn the new resource's id.
 TRACK_CREATOR_MAX_BODY = 1024 * 1024
+
+
+# Gateway mode, before routing: the upstream (host, port) a request addressed to Proctor goes to.
+GatewayTarget = Callable[[AgentRequest], "tuple[str, int] | None"]
+
+
+class ErrorFormat(Stage):
+    """Which shape Proctor's refusals take (core/problem.py `refusal_answer`): the `error_format`
+    of the connector that owns the request's target, so that an SDK shows the reason of every
+    refusal on that API (an OpenAI SDK reads OpenAI's error object). Runs first, on the head
+    too, so a 401 before classification is answered in it as well; in gateway mode the head
+    is not routed yet and `gateway_target` names the upstream its route leads to."""
+
+    name = "error-format"
+
+    def __init__(self, classifier: Classifier, gateway_target: GatewayTarget | None = None) -> None:
+        self.classifier = classifier
+        self.gateway_target = gateway_target
+        self.needed = any(c.error_format != "problem" for c in classifier.connectors)
+
+    def _choose(self, ex: Exchange) -> None:
+        req = ex.request
+        if not self.needed or req is None:
+            return
+        host, port = req.host, req.port
+        if req.unrouted:
+            target = self.gateway_target(req) if self.gateway_target is not None else None
+            if target is None:
+                ex.error_format = "problem"
+                return
+            host, port = target
+        try:
+            connector = self.classifier.connector_for(canonical_host(host), port)
+        except HostRejected:
+            connector = None
+        ex.error_format = connector.error_format if connector is not None else "problem"
+
+    def on_head(self, ex: Exchange) -> None:
+        self._choose(ex)
+
+    def on_request(self, ex: Exchange) -> None:
+        self._choose(ex)  # the routed request (gateway mode), with its body
 
 
 class Classify(Stage):

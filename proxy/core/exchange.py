@@ -125,6 +125,10 @@ class Exchange:
     payload: Any = None  # how the body was read (core/body.py ReadBody)
     is_jsonrpc: bool = False
     jsonrpc_id: Any = None
+    # The shape refusals are answered in (core/problem.py): "problem" (problem+json) or an API's
+    # own error shape its SDKs read ("openai"), as the connector owning the target declares it
+    # (manifest `error_format`); set before anything can refuse. JSON-RPC routes answer JSON-RPC.
+    error_format: str = "problem"
     # Cedar (authorize stage): (principal, resource, context) as last given to Cedar
     policy_inputs: tuple[Any, Any, Any] | None = None
     policy_revision: str = ""

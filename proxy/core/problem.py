@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from ..logredact import redact
-from .exchange import Exchange
+from .exchange import HOLD_KIND, Exchange
 
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 DECISION_HEADER = "X-Proctor-Decision-Id"
@@ -86,13 +86,66 @@ def jsonrpc_error_response(outcome: Exchange) -> tuple[int, dict[str, str], byte
     return 200, headers, json.dumps(body, separators=(",", ":")).encode()
 
 
+# OpenAI's error object (`error_format: openai`): the `type` by the status answered. The SDKs
+# pick their exception class by status (PermissionDeniedError, RateLimitError, ...) and expose
+# `type`, `code` and `param` from the object; other members (Proctor's) are left alone.
+OPENAI_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    407: "authentication_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+# A hold is no result: answered 2xx, an SDK would read the refusal as a completion. It is a
+# 429 with Retry-After, which the SDKs retry by themselves (the approved retry goes through).
+OPENAI_HOLD_STATUS = 429
+
+
+def openai_error_response(outcome: Exchange) -> tuple[int, dict[str, str], bytes]:
+    """A refusal in OpenAI's error shape, so OpenAI SDKs and compatible clients show the reason:
+
+    `{"error": {"message": "<title>: <detail> (decision_id <id>)", "type", "param": null,
+    "code": <refusal kind>, "proctor": {<the problem object>}}}` with the refusal's status and
+    headers (a hold, 202 elsewhere, is a 429); the problem fields (decision_id, action,
+    resource, reasons, ...) are in `error.proctor`.
+    """
+    refusal = outcome.refusal
+    assert refusal is not None
+    problem = problem_body(outcome)
+    status = refusal.status if refusal.status >= 400 else OPENAI_HOLD_STATUS
+    if refusal.kind == HOLD_KIND:
+        kind = "approval_required"
+    else:
+        kind = OPENAI_ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = {
+        "error": {
+            "message": f"{refusal.title}: {problem['detail']} (decision_id {outcome.decision_id})",
+            "type": kind,
+            "param": None,
+            "code": refusal.kind,
+            "proctor": problem,
+        },
+    }
+    headers = {"Content-Type": "application/json", "Cache-Control": "no-store", DECISION_HEADER: outcome.decision_id}
+    headers.update(refusal.headers)
+    return status, headers, json.dumps(body, separators=(",", ":")).encode()
+
+
 def refusal_answer(ex: Exchange) -> tuple[int, dict[str, str], bytes]:
     """Status, headers and body for a refused exchange, whichever engine answers it:
-    problem+json, or a JSON-RPC error on JSON-RPC endpoints (authentication stays
-    HTTP: 401/407). The plan's response headers are added."""
+    problem+json; a JSON-RPC error on JSON-RPC endpoints (authentication stays HTTP:
+    401/407); or the API's own error shape its connector declares (`ex.error_format`).
+    The plan's response headers are added."""
     assert ex.refusal is not None
     if ex.is_jsonrpc and ex.refusal.kind != "authentication":
         status, headers, body = jsonrpc_error_response(ex)
+    elif ex.error_format == "openai":
+        status, headers, body = openai_error_response(ex)
     else:
         status, headers, body = problem_response(ex)
     for name, value in ex.plan.response_headers.items():
