@@ -80,6 +80,9 @@ def test_definition_problems_are_named(steps: list[dict], problem: str) -> None:
     ({"type": "A", "from": "header", "name": "Location", "pattern": "("}, "not a valid regex"),
     ({"type": "A", "from": "param", "name": "x", "pattern": "(x)"}, "applies to objects from a header only"),
     ({"type": "1A", "from": "param", "name": "x"}, "object type '1A'"),
+    ({"type": "_baggage", "from": "param", "name": "x"}, "object type '_baggage'"),
+    ({"type": "Agent", "from": "param", "name": "x"}, "is reserved"),
+    ({"type": "WorkflowInstance", "from": "param", "name": "x"}, "is reserved"),
     ({"type": "A", "from": "cookie", "name": "x"}, "Input should be"),
 ])
 def test_object_declarations_are_validated(bad: dict, message: str) -> None:

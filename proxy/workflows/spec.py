@@ -42,6 +42,8 @@ from ..connectors.manifest import ConnectorManifest, ManifestError
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 _TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# The export's own object types (proxy/workflows/export.py); `_`-prefixed types are the fallbacks'
+RESERVED_OBJECT_TYPES = frozenset({"WorkflowInstance", "Agent"})
 REQUEST_SOURCES = ("param", "field", "query")  # known when the request is decided: find the instance
 RESPONSE_SOURCES = ("response", "header")  # known when the answer comes back: link new objects
 
@@ -69,8 +71,11 @@ class ObjectRef(_Strict):
     @field_validator("type")
     @classmethod
     def _type(cls, v: str) -> str:
-        if not _TYPE_RE.match(v):
-            raise ValueError(f"object type {v!r} must be a letter or _ then letters, digits or _")
+        if not _TYPE_RE.match(v) or v.startswith("_"):
+            raise ValueError(f"object type {v!r} must be a letter then letters, digits or _")
+        if v in RESERVED_OBJECT_TYPES:
+            raise ValueError(f"object type {v!r} is reserved (the process-mining export's own types: "
+                             f"{', '.join(sorted(RESERVED_OBJECT_TYPES))})")
         return v
 
     @model_validator(mode="after")
