@@ -222,6 +222,14 @@ def test_reroute_moves_the_step_to_another_agent(xp, work, idp, upstream) -> Non
     assert hook["workflow"]["to"] == "bob" and hook["workflow"]["agent"] == "alice"
     metrics = httpx.get(f"{xp.control_url}/metrics", timeout=5).text
     assert 'proctor_workflow_exceptions_total{event="rerouted",step="quote",workflow="orders"}' in metrics
+    # the activity view shows it, filtered by record kind
+    def rerouted_rows() -> list[dict]:
+        r = control(xp, "GET", "/v1/activity?record=workflow&limit=500", operator(idp))
+        assert r.status_code == 200, r.text
+        return [e for e in r.json()["events"] if e["operation"] == "proctor.workflow.rerouted"
+                and inst in (e.get("message") or "")]
+    wait_for(rerouted_rows, timeout=10, what="the activity row")
+    assert "rerouted from alice to bob after 2 failure(s)" in rerouted_rows()[0]["message"]
 
 
 def give_up_order(p: Proctor, work: Work, idp) -> tuple[str, str, dict]:  # noqa: F811
