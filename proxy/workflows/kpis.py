@@ -20,9 +20,9 @@ p50 of 1, 2, 3, 4 is 2.5; of one value, that value; of none, null.
 
 Memory bound of `read_kpis`: events are read in pages of EVENT_PAGE (by store
 sequence, `after_seq`), never all at once, and at most MAX_EVENTS per request;
-what is kept is per instance (at most MAX_INSTANCES per workflow: the most
-recently moved that moved since `since`, plus those still running) a few numbers
-per step, and per event in the window only a completed call's duration (8 bytes,
+what is kept is per instance (at most MAX_INSTANCES per workflow of those that
+moved since `since`, most recent first, and as many of those still running) a few
+numbers per step, and per event in the window only a completed call's duration (8 bytes,
 for the step's duration percentiles). Past either limit the document says
 `"truncated": true` and covers what was read.
 """
