@@ -149,6 +149,15 @@ def test_retry_advice_headers() -> None:
     assert x.retry_advice(RECEIPT, mine, mine, "alice", []) is None
 
 
+def test_an_upstream_asking_for_a_longer_wait_is_kept() -> None:
+    ours = {"Proctor-Workflow-Retry": "attempt=1; max=3", "Retry-After": "7"}
+    assert x.later_retry_after(ours, "120")["Retry-After"] == "120"
+    for theirs in (None, "3", "Wed, 21 Oct 2015 07:28:00 GMT", "-5", "9" * 20):
+        assert x.later_retry_after(ours, theirs) == ours
+    gave_up = {"Proctor-Workflow-Retry": "attempt=3; max=3; gave-up"}
+    assert x.later_retry_after(gave_up, "120") == gave_up  # no retry: none added
+
+
 def test_failure_statuses_are_everything_the_completion_check_refuses() -> None:
     assert x.failure_statuses(ORDER) == set(range(300, 600))
     strict = WorkflowSpec.model_validate({"name": "w", "steps": [{"name": "s", "actions": ["a"],

@@ -175,6 +175,15 @@ class RetryAdvice:
         return out
 
 
+def later_retry_after(ours: dict[str, str], upstream: str | None) -> dict[str, str]:
+    """The retry headers, keeping the upstream's own Retry-After (delay seconds) when it asks
+    for a longer wait than the step's `after_seconds`."""
+    theirs = (upstream or "").strip()
+    if "Retry-After" in ours and theirs.isdigit() and len(theirs) <= 9 and int(theirs) > int(ours["Retry-After"]):
+        return {**ours, "Retry-After": theirs}
+    return ours
+
+
 def _sf(text: str) -> str:
     """A value inside a structured-field string: printable ASCII, quotes and backslashes escaped."""
     clean = "".join(c if 0x20 <= ord(c) < 0x7F else "?" for c in text)
@@ -591,7 +600,8 @@ class WorkflowExceptions(Stage):
             publish(change, self.record, self.observer)
         advice = retry_advice(step, after, current, agent, groups)
         if advice is not None:
-            ex.plan.response_headers.update(advice.headers())
+            upstream = ex.response.headers.get("retry-after") if ex.response is not None else None
+            ex.plan.response_headers.update(later_retry_after(advice.headers(), upstream))
 
     async def _completed(self, ex: Exchange, state: WorkflowState, after: Instance) -> None:
         agent, _groups = self._caller(ex)
