@@ -392,7 +392,7 @@ def test_a_suspended_agent_sees_why_before_classification(env, stub):
     client = env.forward_client("suspended-bot")
     for call in (lambda: client.chat.completions.create(model="gpt-4o-mini", messages=hello("hi")),
                  lambda: client.models.list()):
-        wait_for(lambda: _refused(call), timeout=5, what="the suspension to apply")
+        wait_for(lambda call=call: _refused(call), timeout=5, what="the suspension to apply")
         with pytest.raises(openai.PermissionDeniedError) as err:
             call()
         proctor = assert_openai_refusal(err.value, 403, "suspended", "permission_error")
