@@ -133,6 +133,13 @@ def test_the_reroute_target_failing_first_is_not_moved_to_itself() -> None:
     assert x.after_failure(WF, QUOTE, j, "carol", ["bob"], "d", 1.0).attrs is None
 
 
+def test_failures_change_nothing_while_a_person_has_the_step_or_the_instance_is_closed() -> None:
+    taken = inst(["request", "quote"], {"order": 5}, {"steps": {"order": {"taken_by": "bea"}}})
+    assert x.after_failure(WF, ORDER, taken, "alice", [], "d", 1.0).attrs is None
+    shut = inst(["request", "quote"], {"order": 5}, {"closed": {"by": "olga"}})
+    assert x.after_failure(WF, ORDER, shut, "alice", [], "d", 1.0).attrs is None
+
+
 def test_retry_advice_headers() -> None:
     mine = inst(["request", "quote"], {"order": 1})
     advice = x.retry_advice(ORDER, mine, mine, "alice", [])

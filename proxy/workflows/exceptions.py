@@ -245,8 +245,8 @@ def after_failure(wf: WorkflowSpec, step: StepSpec, inst: Instance, agent: str, 
     failure was recorded). Idempotent: applied again to an instance that already made them
     (another replica, a retried write), it changes nothing."""
     oe = step.on_error
-    if oe is None or closed(inst) is not None:
-        return Change()
+    if oe is None or closed(inst) is not None or step_attrs(inst, step.name).get("taken_by"):
+        return Change()  # (closed, or a person has the step: an agent a policy let through changes nothing)
     attrs = copy.deepcopy(inst.attrs)
     steps = attrs.setdefault("steps", {})
     sx = steps.setdefault(step.name, {})
@@ -254,7 +254,7 @@ def after_failure(wf: WorkflowSpec, step: StepSpec, inst: Instance, agent: str, 
     counted = counted_failures(inst, step.name)
     events: list[WorkflowEvent] = []
     who = {"agent": agent, "decision_id": decision_id}
-    if (oe.reroute is not None and not sx.get("rerouted_to") and not sx.get("taken_by")
+    if (oe.reroute is not None and not sx.get("rerouted_to")
             and counted >= oe.reroute.after_failures and not is_target(oe.reroute.to, agent, groups)):
         sx.update({"rerouted_to": oe.reroute.to, "rerouted_from": agent, "rerouted_at": now, "base": failures})
         events.append(_event(wf, inst, "rerouted", now, step=step.name, failures=counted, to=oe.reroute.to, **who))
