@@ -403,3 +403,26 @@ def test_store_filters_and_one_escalation_per_stall_across_replicas(make_store: 
                 await s.close()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------- the stage alone
+def test_the_stage_fills_the_callers_context_and_holds_failed_answers_back() -> None:
+    from proxy.core.model import AgentIdentity
+    from proxy.policy.stage import CONTEXT_EXTRA
+    from proxy.workflows.stage import workflow_context
+
+    i = inst(["request", "quote"], {"order": 1}, {"steps": {"order": {"human": True, "rerouted_to": "bob"}}})
+    state = WorkflowState(workflow=WF, step=ORDER, instance=i, instance_id=i.id, objects=[], missing=[],
+                          next_steps=["order"])
+    ex = Exchange(None)
+    ex.identity = AgentIdentity("alice", "https://idp", {}, None)
+    ex.stage_data[STATE] = state
+    ex.stage_data[CONTEXT_EXTRA] = {"workflow": workflow_context(state)}
+    assert ex.stage_data[CONTEXT_EXTRA]["workflow"]["rerouted_away"] is False  # (defaults before the stage)
+    x.WorkflowExceptions(store=None, record=lambda e: None, groups_of=lambda _i: ["buyers"]).on_request(ex)
+    ctx = ex.stage_data[CONTEXT_EXTRA]["workflow"]
+    assert (ctx["rerouted_to"], ctx["rerouted_away"], ctx["gave_up"]) == ("bob", True, False)
+    assert state.human is True  # a person took part in this step before: its completion is not autonomous
+    assert ex.plan.replaceable_statuses == set(range(300, 600))
+    # a refused call (nothing recorded) does nothing on the way back
+    assert x.WorkflowExceptions(store=None, record=lambda e: None).on_response(ex) is None
