@@ -64,6 +64,7 @@ AGENTS = {
     "research-bot": ["llm-users", "llm-power-users"],
     "sales-bot": ["sales"],
     "suspended-bot": ["llm-users"],
+    "retry-bot": ["llm-users"],
 }
 
 
@@ -383,6 +384,44 @@ def test_a_hold_is_a_rate_limit_error_and_the_approved_retry_goes_through(env, s
     answer = client.chat.completions.create(model="gpt-4o", messages=question)
     assert answer.choices[0].message.content == "Echo: " + question[-1]["content"]
     assert stub.seen[-1]["authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+def test_the_sdks_own_retries_go_through_once_approved(env, stub):
+    """No handling in the agent: the SDK retries the 429 after Retry-After (1 s here) until a
+    person approved, and the call returns the answer."""
+    client = env.forward_client("retry-bot", max_retries=8)
+    question = hello("approve me while I retry")
+    result: dict = {}
+
+    def ask() -> None:
+        try:
+            result["answer"] = client.chat.completions.create(model="gpt-4o", messages=question)
+        except Exception as e:  # reported below
+            result["error"] = e
+
+    caller = threading.Thread(target=ask)
+    caller.start()
+    approver = {"Authorization": f"Bearer {env.approver}"}
+
+    def pending() -> list[dict]:
+        r = httpx.get(f"{env.p.control_url}/v1/approvals", params={"state": "pending", "agent": "retry-bot"},
+                      headers=approver, timeout=10)
+        return r.json()["approvals"]
+
+    wait_for(lambda: pending(), timeout=10, what="the held call")
+    (held,) = pending()
+    wait_for(lambda: len([d for d in env.p.decisions() if d.get("agent") == "retry-bot"]) >= 2, timeout=10,
+             what="the SDK's first retry")  # it retries the hold, and the retry matches the same approval
+    assert pending() == [held]
+    r = httpx.post(f"{env.p.control_url}/v1/approvals/{held['id']}/approve", json={"reason": "ok"}, headers=approver,
+                   timeout=10)
+    assert r.status_code == 200, r.text
+    caller.join(30)
+    assert "error" not in result, result
+    assert result["answer"].choices[0].message.content == "Echo: approve me while I retry"
+    held_calls = [d for d in env.p.decisions() if d.get("agent") == "retry-bot" and "type" not in d]
+    assert [d["decision"] for d in held_calls][-1] == "allow"
+    assert {d.get("approval_id") for d in held_calls} == {held["id"]}
 
 
 def test_a_suspended_agent_sees_why_before_classification(env, stub):
