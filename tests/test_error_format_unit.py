@@ -250,3 +250,14 @@ def test_a_call_policies_cannot_judge_is_refused(body, what):
 def test_unmapped_llm_endpoints_are_refused():
     d = _derive({"purpose": "fine-tune"}, "/v1/files")
     assert d.refusal is not None and d.refusal.reasons == ["egress-default-deny"]
+
+
+@pytest.mark.parametrize("raw, query", [
+    # the provider would run another model than the one policy judged
+    (b'{"model": "gpt-4o-mini", "model": "o1-pro", "messages": []}', ""),  # a duplicate key
+    (b'{"model": "gpt-4o-mini", "Model": "o1-pro", "messages": []}', ""),  # another spelling of it
+    (b'{"model": "gpt-4o-mini", "messages": []}', "model=o1-pro"),  # the field again in the query
+])
+def test_a_second_model_the_policy_would_not_see_is_refused(raw, query):
+    d = derive_request(Classifier([LLM]), RequestLimits(), _req(body=raw, query=query))
+    assert d.refusal is not None and d.refusal.status == 400, d.refusal
