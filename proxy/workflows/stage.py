@@ -271,6 +271,12 @@ class WorkflowAdvance(Stage):
         links = objects if done else []
         outcome = "completed" if done else "failed"
         event = _event(ex, state, outcome, status, cost, objects)
+        if not done and state.instance is None:
+            # A failed call with no instance (a starting step, or a step policy let through
+            # without one) starts nothing: a failed start leaves nothing behind. Counted only.
+            state.extra["recorded"] = (outcome, None)
+            self.observer.step(state.workflow.name, step.name, outcome)
+            return
         try:
             inst = await self.store.record_workflow_event(
                 event, required=state.workflow.required_steps, links=links, create=True)
