@@ -164,6 +164,23 @@ def test_an_order_naming_no_quotation_is_refused_409_naming_quote(env):
     assert rec["decision"] == "deny" and rec["refusal"]["kind"] == "step-precondition"
 
 
+def test_a_large_order_naming_no_quotation_is_409_not_held(env):
+    """Above EUR 10,000 the order also needs approval; out of order comes first: 409 naming
+    the missing quote (both policies as reasons), never a hold a person would approve in vain."""
+    body = order_body(next(_TAGS))
+    body["to_PurchaseOrderItem"] = [{"Material": "SERVER-X", "OrderQuantity": "20", "NetPriceAmount": "5200.00"}]
+    before = documents(env)
+    r = post(env, "buyer-bot", PO, body)
+    assert r.status_code == 409, r.text
+    problem = r.json()
+    assert problem["type"].endswith("/step-precondition") and problem["workflow"]["missing"] == ["quote"]
+    assert sorted(problem["reasons"]) == ["po-over-10k-needs-approval", "workflow-step-out-of-order"]
+    assert "also needs a person's approval" in problem["detail"]
+    assert "approval_id" not in problem and documents(env) == before
+    rec = env.decision_of(r)
+    assert rec["decision"] == "deny" and "approval_id" not in rec
+
+
 def test_an_order_on_a_requisition_without_a_quote_is_refused_naming_quote(env):
     tag = next(_TAGS)
     r = requisition(env, tag)

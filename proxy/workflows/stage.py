@@ -191,12 +191,19 @@ class WorkflowOrder(Stage):
         if evaluation is None:
             return
         policies = evaluation.bundle.policies
-        if not all(pid in policies and policies[pid].annotations.get(ANNOTATION) == "precondition"
-                   for pid in pending.reasons):
+        notes = [policies[pid].annotations if pid in policies else None for pid in pending.reasons]
+        # Out of order comes first: a deny by precondition policies, possibly with @approval
+        # ones (a hold would ask a person to approve a step that cannot be done yet), is the 409.
+        if any(a is None for a in notes) or not any(a.get(ANNOTATION) == "precondition" for a in notes if a):
+            return
+        if not all(a.get(ANNOTATION) == "precondition" or "approval" in a for a in notes if a):
             return
         cls = ex.classification
         assert cls is not None
-        ex.settle_pending(order_refusal(state, cls.action, list(pending.reasons)))
+        refusal = order_refusal(state, cls.action, list(pending.reasons))
+        if any("approval" in a for a in notes if a):
+            refusal.detail += " Once they are done, this call also needs a person's approval."
+        ex.settle_pending(refusal)
         self.observer.step(state.workflow.name, state.step.name, "refused")
         if state.instance is not None:
             # (out-of-order attempts count against the instance: the KPIs' rework and error views)
