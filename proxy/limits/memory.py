@@ -98,7 +98,7 @@ class MemoryCounterStore:
     async def settle_budget(self, reservation_id: str, actual: Decimal, *, now: float) -> SettleOutcome | None:
         self._check()
         r = self.reservations.get(reservation_id)
-        if r is None:
+        if r is None or r.purge_at <= now:
             return None
         late = False
         status: SettleStatus

@@ -412,7 +412,7 @@ class Store(abc.ABC):
     async def settle_budget(self, reservation_id: str, actual: Decimal, *, now: float) -> SettleOutcome | None:
         """Move a held reservation (expired or not, while its row is kept) to spent with the `actual`
         amount, once: a repeat answers `already-settled`, a released one `released`, both booking
-        nothing; None when there is no such reservation (never made, or purged)."""
+        nothing; None when there is no such reservation (never made, or its purge_at has passed)."""
 
     @abc.abstractmethod
     async def release_budget(self, reservation_id: str) -> bool:

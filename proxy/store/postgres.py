@@ -1139,14 +1139,14 @@ class PostgresStore(Store):
         with backend_errors("settle_budget"):
             async with pool.acquire() as conn, conn.transaction():
                 where = await conn.fetchrow("SELECT budget_key, window_id FROM proctor_budget_reservations "
-                                            "WHERE id = $1", reservation_id)
+                                            "WHERE id = $1 AND purge_at > $2", reservation_id, float(now))
                 if where is None:
                     return None
                 budget_key, window_id = str(where[0]), str(where[1])
                 # The budget window first, as reserve_budget does (one lock order: no deadlock).
                 spent = parse_dec(await conn.fetchval(_LOCK_BUDGET, budget_key, window_id, float(now)))
                 row = await conn.fetchrow("SELECT amount, state, actual, expires_at FROM proctor_budget_reservations "
-                                          "WHERE id = $1 FOR UPDATE", reservation_id)
+                                          "WHERE id = $1 AND purge_at > $2 FOR UPDATE", reservation_id, float(now))
                 if row is None:  # (purged meanwhile)
                     return None
                 amount, state, earlier, expires_at = row

@@ -1247,7 +1247,7 @@ class SQLiteStore(Store):
 
         def txn(conn: sqlite3.Connection) -> SettleOutcome | None:
             row = conn.execute("SELECT budget_key, window_id, amount, state, actual, expires_at FROM "
-                               "proctor_budget_reservations WHERE id = ?", (reservation_id,)).fetchone()
+                               "proctor_budget_reservations WHERE id = ? AND purge_at > ?", (reservation_id, float(now))).fetchone()
             if row is None:
                 return None
             budget_key, window_id, amount, state, earlier, expires_at = row
