@@ -68,13 +68,15 @@ def test_every_key_is_under_the_prefix_and_expires() -> None:
         keys = sorted([k.decode() async for k in c.client.scan_iter(match=prefix + "*", count=1000)])
         window = WINDOW.replace(":", "%3A")
         assert keys == sorted(prefix + k for k in [
-            "rl:agent%3Aa%25b%3Aü", f"bu:team:{window}", f"br:team:{window}", "rs:r1", "rs:r2", f"bu:other:{window}"])
+            "rl:agent%3Aa%25b%3Aü", f"bu:team:{window}", f"br:team:{window}", f"bz:team:{window}", "rs:r1", "rs:r2",
+            f"bu:other:{window}"])
         ttl = {k[len(prefix):]: await c.client.pttl(k) for k in keys}
         assert all(t > 0 for t in ttl.values())  # nothing lives forever
         assert 17_000 < ttl["rl:agent%3Aa%25b%3Aü"] <= 18_001  # until the TAT
         assert 55_000 + 300_000 < ttl["rs:r1"] <= 60_000 + 300_000  # expiry + grace
         assert 25_000 + 300_000 < ttl["rs:r2"] <= 30_000 + 300_000
         assert ttl[f"br:team:{window}"] >= ttl["rs:r1"] - 1_000  # as long as its longest reservation
+        assert ttl[f"bz:team:{window}"] >= ttl["rs:r1"] - 1_000
         assert ttl[f"bu:team:{window}"] > 399 * 86400 * 1000  # spent: kept for the retention
 
     with_redis(body)

@@ -11,10 +11,13 @@ shares the counters exactly: a script runs whole before any other command.
   tests inject it; expiries are relative TTLs (PEXPIRE), never absolute times.
 - Keys (under `prefix`): `rl:<key>` a GCRA state (hash m, f, d: the TAT in ms +
   f/d ms; expires when the TAT passes), `bu:<budget>:<window>` spent (decimal
-  text; expires `usage_retention_seconds` after its last change),
-  `br:<budget>:<window>` the held reservations (id -> "amount expires_ms";
-  expired ones are removed by the next reserve or read), `rs:<id>` one
-  reservation's record (kept until expires + grace, for late and repeated settles).
+  text) and the running total of held reservations (expires
+  `usage_retention_seconds` after its last change), `br:<budget>:<window>` the
+  held amounts (id -> amount) and `bz:<budget>:<window>` their expiries (a
+  sorted set: the next operation on the window reclaims the expired ones, each
+  once, so a reserve costs O(log n), not a pass over every reservation),
+  `rs:<id>` one reservation's record (kept until expires + grace, for late and
+  repeated settles).
 - Amounts are decimal text added and compared digit by digit in Lua (Lua
   numbers are doubles: 0.1 + 0.2 is not 0.3 there); GCRA uses integers below 2**53.
 - Commands are never retried by the client: a script whose reply was lost may
@@ -81,7 +84,7 @@ if cost > B then return {0, diff, -1} end
 return {0, diff, new - tau}
 """
 
-# Non-negative decimal text: a + b, and a <= b, exactly (digit by digit).
+# Non-negative decimal text: a + b, a - b (a >= b) and a <= b, exactly (digit by digit).
 _LUA_DEC = """
 local function parts(s)
   local i, f = string.match(s, '^(%d+)%.?(%d*)$')
@@ -97,6 +100,15 @@ local function align(a, b)
   local y = string.rep('0', il - #bi) .. bi .. bf .. string.rep('0', fl - #bf)
   return x, y, fl
 end
+local function norm(s, fl)
+  local i = string.sub(s, 1, #s - fl)
+  local f = string.sub(s, #s - fl + 1)
+  i = string.gsub(i, '^0+', '')
+  f = string.gsub(f, '0+$', '')
+  if i == '' then i = '0' end
+  if f == '' then return i end
+  return i .. '.' .. f
+end
 local function dadd(a, b)
   local x, y, fl = align(a, b)
   local out, carry = {}, 0
@@ -107,13 +119,18 @@ local function dadd(a, b)
   end
   local s = table.concat(out)
   if carry == 1 then s = '1' .. s end
-  local i = string.sub(s, 1, #s - fl)
-  local f = string.sub(s, #s - fl + 1)
-  i = string.gsub(i, '^0+', '')
-  f = string.gsub(f, '0+$', '')
-  if i == '' then i = '0' end
-  if f == '' then return i end
-  return i .. '.' .. f
+  return norm(s, fl)
+end
+local function dsub(a, b)
+  local x, y, fl = align(a, b)
+  local out, borrow = {}, 0
+  for k = #x, 1, -1 do
+    local d = string.byte(x, k) - string.byte(y, k) - borrow
+    if d < 0 then d = d + 10; borrow = 1 else borrow = 0 end
+    out[k] = string.char(48 + d)
+  end
+  if borrow == 1 then error('proctor counters: reserved total below zero') end
+  return norm(table.concat(out), fl)
 end
 local function dle(a, b)
   local x, y = align(a, b)
@@ -123,38 +140,62 @@ local function dle(a, b)
   end
   return true
 end
--- Sum the held reservations in hash R that have not expired; drop the expired ones (reclaimed).
-local function held(R, now)
-  local total = '0'
-  local all = redis.call('HGETALL', R)
-  for k = 1, #all, 2 do
-    local amount, expires = string.match(all[k + 1], '^(%S+) (%d+)$')
-    if tonumber(expires) <= now then
-      redis.call('HDEL', R, all[k])
-    else
-      total = dadd(total, amount)
-    end
+-- The window's running total of held, unexpired reservations, after reclaiming those that expired
+-- by `now` (each once: Z orders them by expiry). U: usage hash (spent, reserved), R: id -> amount,
+-- Z: id -> expires_ms. With nothing in Z nothing is held (R and Z expire together).
+local function reclaim(U, R, Z, now)
+  if redis.call('ZCARD', Z) == 0 then
+    if redis.call('HEXISTS', U, 'reserved') == 1 then redis.call('HDEL', U, 'reserved') end
+    return '0'
   end
-  return total
+  local reserved = redis.call('HGET', U, 'reserved') or '0'
+  local gone = redis.call('ZRANGEBYSCORE', Z, '-inf', now)
+  if #gone > 0 then
+    for _, id in ipairs(gone) do
+      local amount = redis.call('HGET', R, id)
+      if amount then
+        reserved = dsub(reserved, amount)
+        redis.call('HDEL', R, id)
+      end
+    end
+    redis.call('ZREMRANGEBYSCORE', Z, '-inf', now)
+    redis.call('HSET', U, 'reserved', reserved)
+  end
+  return reserved
+end
+-- Drop the held reservation `id` (settled or released): true when it was still held.
+local function unhold(U, R, Z, id)
+  local amount = redis.call('HGET', R, id)
+  if not amount or not redis.call('ZSCORE', Z, id) then return false end
+  redis.call('HDEL', R, id)
+  redis.call('ZREM', Z, id)
+  redis.call('HSET', U, 'reserved', dsub(redis.call('HGET', U, 'reserved') or '0', amount))
+  return true
 end
 """
 
-# KEYS: usage, held, record. ARGV: amount, limit, id, now_ms, expires_ms, purge_ms, force, budget, window.
+# KEYS: usage, held amounts, held expiries, record.
+# ARGV: amount, limit, id, now_ms, expires_ms, purge_ms, force, budget, window, retention_ms.
 RESERVE_LUA = _LUA_INT + _LUA_DEC + """
 local now = tonumber(ARGV[4])
 local spent = redis.call('HGET', KEYS[1], 'spent') or '0'
-local reserved = held(KEYS[2], now)
+local reserved = reclaim(KEYS[1], KEYS[2], KEYS[3], now)
 local fits = dle(dadd(dadd(spent, reserved), ARGV[1]), ARGV[2])
 local placed = fits or ARGV[7] == '1'
 if placed then
-  if redis.call('EXISTS', KEYS[3]) == 1 then return {'dup'} end
+  if redis.call('EXISTS', KEYS[4]) == 1 then return {'dup'} end
   local keep = math.max(1, tonumber(ARGV[6]) - now)
-  redis.call('HSET', KEYS[2], ARGV[3], ARGV[1] .. ' ' .. ARGV[5])
-  if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], istr(keep)) end
-  redis.call('HSET', KEYS[3], 'u', KEYS[1], 'r', KEYS[2], 'b', ARGV[8], 'w', ARGV[9], 'amount', ARGV[1],
-             'state', 'held', 'exp', ARGV[5])
-  redis.call('PEXPIRE', KEYS[3], istr(keep))
   reserved = dadd(reserved, ARGV[1])
+  redis.call('HSET', KEYS[1], 'reserved', reserved)
+  redis.call('PEXPIRE', KEYS[1], ARGV[10])
+  redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3])
+  for k = 2, 3 do
+    if redis.call('PTTL', KEYS[k]) < keep then redis.call('PEXPIRE', KEYS[k], istr(keep)) end
+  end
+  redis.call('HSET', KEYS[4], 'u', KEYS[1], 'r', KEYS[2], 'z', KEYS[3], 'b', ARGV[8], 'w', ARGV[9],
+             'amount', ARGV[1], 'state', 'held', 'exp', ARGV[5], 'purge', ARGV[6])
+  redis.call('PEXPIRE', KEYS[4], istr(keep))
 end
 return {fits and 1 or 0, placed and 1 or 0, spent, reserved}
 """
@@ -162,41 +203,45 @@ return {fits and 1 or 0, placed and 1 or 0, spent, reserved}
 # KEYS: record. ARGV: actual, now_ms, retention_ms, id.
 SETTLE_LUA = _LUA_INT + _LUA_DEC + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local r = redis.call('HMGET', KEYS[1], 'u', 'r', 'state', 'amount', 'actual', 'exp', 'b', 'w')
+local r = redis.call('HMGET', KEYS[1], 'u', 'r', 'z', 'state', 'amount', 'actual', 'exp', 'b', 'w', 'purge')
 local now = tonumber(ARGV[2])
+if tonumber(r[10]) <= now then return false end  -- past its grace by the caller's clock: as if purged
+local U, R, Z = r[1], r[2], r[3]
+reclaim(U, R, Z, now)
 local status, booked, late = 'released', '0', 0
-if r[3] == 'held' then
-  redis.call('HDEL', r[2], ARGV[4])
-  redis.call('HSET', r[1], 'spent', dadd(redis.call('HGET', r[1], 'spent') or '0', ARGV[1]))
-  redis.call('PEXPIRE', r[1], ARGV[3])
+if r[4] == 'held' then
+  unhold(U, R, Z, ARGV[4])  -- (false when it had expired: it no longer counted)
+  redis.call('HSET', U, 'spent', dadd(redis.call('HGET', U, 'spent') or '0', ARGV[1]))
+  redis.call('PEXPIRE', U, ARGV[3])
   redis.call('HSET', KEYS[1], 'state', 'settled', 'actual', ARGV[1])
   status, booked = 'settled', ARGV[1]
-  if tonumber(r[6]) <= now then late = 1 end
-elseif r[3] == 'settled' then
-  status, booked = 'already-settled', r[5]
+  if tonumber(r[7]) <= now then late = 1 end
+elseif r[4] == 'settled' then
+  status, booked = 'already-settled', r[6]
 end
-local spent = redis.call('HGET', r[1], 'spent') or '0'
-return {status, booked, late, spent, held(r[2], now), r[4], r[7], r[8]}
+local u = redis.call('HMGET', U, 'spent', 'reserved')
+return {status, booked, late, u[1] or '0', u[2] or '0', r[5], r[8], r[9]}
 """
 
 # KEYS: record. ARGV: id.
-RELEASE_LUA = """
-local r = redis.call('HMGET', KEYS[1], 'r', 'state')
-if r[2] ~= 'held' then return 0 end
-redis.call('HDEL', r[1], ARGV[1])
+RELEASE_LUA = _LUA_INT + _LUA_DEC + """
+local r = redis.call('HMGET', KEYS[1], 'u', 'r', 'z', 'state')
+if r[4] ~= 'held' then return 0 end
+unhold(r[1], r[2], r[3], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'released')
 return 1
 """
 
-# KEYS: usage, held. ARGV: amount ('' to only read), now_ms, retention_ms.
+# KEYS: usage, held amounts, held expiries. ARGV: amount ('' to only read), now_ms, retention_ms.
 USAGE_LUA = _LUA_INT + _LUA_DEC + """
+local reserved = reclaim(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[2]))
 local spent = redis.call('HGET', KEYS[1], 'spent') or '0'
 if ARGV[1] ~= '' then
   spent = dadd(spent, ARGV[1])
   redis.call('HSET', KEYS[1], 'spent', spent)
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
-return {spent, held(KEYS[2], tonumber(ARGV[2]))}
+return {spent, reserved}
 """
 
 
@@ -290,7 +335,8 @@ class RedisCounters:
 
     # ---- budget ledger ------------------------------------------------------------
     def _window_keys(self, budget_key: str, window_id: str) -> list[str]:
-        return [self._k("bu", budget_key, window_id), self._k("br", budget_key, window_id)]
+        return [self._k("bu", budget_key, window_id), self._k("br", budget_key, window_id),
+                self._k("bz", budget_key, window_id)]
 
     async def reserve(self, budget_key: str, window_id: str, amount: Decimal, limit: Decimal, reservation_id: str,
                       ttl_seconds: float, now: float, *, force: bool = False) -> ReserveResult:
@@ -300,7 +346,7 @@ class RedisCounters:
         reply = await self._run(
             "reserve", _RESERVE, [*self._window_keys(budget_key, window_id), self._k("rs", reservation_id)],
             [dec_text(amount), dec_text(limit), reservation_id, at, now_ms(expires_at), now_ms(purge_at),
-             "1" if force else "0", budget_key, window_id])
+             "1" if force else "0", budget_key, window_id, self.retention_ms])
         if len(reply) == 1:
             raise ValueError(f"reservation id {reservation_id!r} is already in use")
         fits, placed, spent, reserved = reply
