@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from proxy.limits import CounterUnavailable, Gcra, StoreCounters
+from proxy.limits import BudgetLedger, CounterUnavailable, Gcra, RateLimiter, StoreCounters
 from proxy.limits.memory import MemoryCounterStore
 from proxy.limits.redis_backend import RedisCounters
 from proxy.store.postgres import PostgresStore
@@ -165,6 +165,8 @@ def test_concurrent_hits_pass_exactly_the_limit(backend: Backend) -> None:
     different `remaining` (16 .. 0); other keys are untouched."""
     async def body(b: Backend) -> None:
         cs = await b.clients(4)
+        assert all(isinstance(c, RateLimiter) and isinstance(c, BudgetLedger) and c.backend == b.name.replace(
+            "postgres", "postgresql") for c in cs)
         ds = await asyncio.gather(*(cs[i % 4].hit("agent:alice", 17, LIMIT_SECONDS, 1000.0) for i in range(60)))
         allowed = [d for d in ds if d.allowed]
         assert len(allowed) == 17
