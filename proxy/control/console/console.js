@@ -1,4 +1,4 @@
-/* Proctor console (approvals, activity, agents, claims, handoffs, duplicates, workflows): vanilla JS, no dependencies, no external URLs.
+/* Proctor console (approvals, activity, agents, claims, handoffs, duplicates, workflows, workflow inbox): vanilla JS, no dependencies, no external URLs.
  *
  * Security notes:
  * - Everything shown comes from agents (attacker-controlled): values are only
@@ -22,6 +22,10 @@
  *   (GET /v1/workflows/kpis) with charts drawn as inline SVG (createElementNS,
  *   CSS classes, never a style attribute), instances and their history, every
  *   10 s while shown. Agent ids and business object ids: text only.
+ * - Workflow inbox (/console/#workflow-inbox[/{item}]): the workflow exceptions
+ *   escalated to the person's groups (GET /v1/workflows/inbox) and their
+ *   decisions (retry, take-over, complete, close after a confirmation), every
+ *   5 s while shown and after each decision.
  */
 (function () {
   "use strict";
@@ -55,7 +59,9 @@
     ho: { items: [], sig: null, giveBack: null, busy: false, loading: false, gen: 0 },
     du: { events: [], sig: null, wsig: null, loading: false, gen: 0 },
     wf: { defs: [], kpis: null, kpiError: null, sig: null, selected: null, instances: [], instSig: null, instanceId: null,
-      instance: null, detailSig: null, loading: false, gen: 0, instGen: 0, detGen: 0 },
+      instance: null, detailSig: null, loading: false, gen: 0, instGen: 0, detGen: 0, items: null, itemsSig: null, itemsGen: 0 },
+    wi: { items: [], sig: null, selected: null, last: null, selSig: null, instSig: null, want: null, workflows: new Set(),
+      busy: false, loading: false, gen: 0, instGen: 0 },
   };
   var ACTIVITY_STEP = 100;
   var ACTIVITY_MAX = 1000;
@@ -272,9 +278,10 @@
     show($("handoffs-view"), name === "handoffs");
     show($("duplicates-view"), name === "duplicates");
     show($("workflows-view"), name === "workflows");
+    show($("workflow-inbox-view"), name === "workflow-inbox");
     show($("session"), name !== "login");
     show($("nav"), name !== "login");
-    var current = ["activity", "agents", "claims", "handoffs", "duplicates", "workflows"].indexOf(name) >= 0 ? name : "approvals";
+    var current = ["activity", "agents", "claims", "handoffs", "duplicates", "workflows", "workflow-inbox"].indexOf(name) >= 0 ? name : "approvals";
     Array.prototype.forEach.call($("nav").querySelectorAll("a"), function (a) {
       if (a.getAttribute("data-view") === current) a.setAttribute("aria-current", "page");
       else a.removeAttribute("aria-current");
@@ -320,6 +327,7 @@
     else if (location.hash === "#handoffs") openHandoffs();
     else if (location.hash === "#duplicates") openDuplicates();
     else if (location.hash === "#workflows") openWorkflows();
+    else if (isWorkflowInboxHash()) openWorkflowInbox(wiItemFromHash());
     else openInbox();
   }
 
@@ -388,6 +396,7 @@
     resetHandoffs();
     resetDuplicates();
     resetWorkflows();
+    resetWorkflowInbox();
     setText($("whoami"), "");
     setLive("off");
     if (location.pathname + location.hash !== "/console/") history.replaceState(null, "", "/console/");
@@ -1788,6 +1797,11 @@
     S.wf.instanceId = null;
     S.wf.instance = null;
     S.wf.detailSig = null;
+    S.wf.items = null;
+    S.wf.itemsSig = null;
+    clear($("wf-instance-items"));
+    show($("wf-instance-items"), false);
+    setText($("wf-inbox-count"), "");
     clear($("workflow-rows"));
     clear($("wf-instance-rows"));
     show($("wf-detail"), false);
@@ -1866,9 +1880,60 @@
         showMsg("workflows-error", "Could not load the workflows: " + e.message);
       }
     );
-    return Promise.all([overview, loadInstances(), loadInstance()]).then(function () {
+    return Promise.all([overview, loadInstances(), loadInstance(), loadWfItems()]).then(function () {
       if (gen === S.wf.gen) S.wf.loading = false;
     });
+  }
+
+  /* The open workflow-inbox items of the person's groups: how many, by the link to the inbox, and the
+   * selected instance's own items, linked from its detail. */
+  function loadWfItems() {
+    var gen = ++S.wf.itemsGen;
+    return api("GET", "/v1/workflows/inbox?limit=1000").then(
+      function (data) {
+        if (gen !== S.wf.itemsGen || S.view !== "workflows") return;
+        S.wf.items = (data && Array.isArray(data.items) ? data.items : []).filter(validWiItem);
+        var n = S.wf.items.length;
+        setText($("wf-inbox-count"), n ? " (" + n + " open)" : "");
+        renderWfInstanceItems();
+      },
+      function (e) {
+        if (gen !== S.wf.itemsGen || authFailed(e) || S.view !== "workflows") return;
+        S.wf.items = null; // unknown: the instance detail then says nothing rather than "none"
+        setText($("wf-inbox-count"), "");
+        renderWfInstanceItems();
+      }
+    );
+  }
+
+  function followLink(a) {
+    a.addEventListener("click", function (ev) {
+      if (ev.button !== 0 || ev.metaKey || ev.ctrlKey || ev.shiftKey || ev.altKey) return;
+      ev.preventDefault();
+      navigate(a.getAttribute("href"));
+    });
+    return a;
+  }
+
+  function renderWfInstanceItems() {
+    var box = $("wf-instance-items");
+    var id = S.wf.instanceId;
+    var mine = id && Array.isArray(S.wf.items) ? S.wf.items.filter(function (i) { return i.instance === id; }) : [];
+    var sig = JSON.stringify([id, mine]);
+    if (sig === S.wf.itemsSig) return;
+    S.wf.itemsSig = sig;
+    clear(box);
+    show(box, mine.length > 0);
+    if (!mine.length) return;
+    box.appendChild(document.createTextNode(mine.length === 1 ? "Waiting for a person: " : "Waiting for people: "));
+    mine.forEach(function (i, n) {
+      if (n) box.appendChild(document.createTextNode("; "));
+      box.appendChild(followLink(el("a", { cls: "mono", text: i.id, attrs: { href: wiLink(i.id) },
+        data: { testid: "wf-instance-item", id: i.id } })));
+      box.appendChild(document.createTextNode(" (" + (i.step ? "step " + i.step + " " : "") + wiWhy(i) + "; group " +
+        (i.group || "operators") + (wiTaken(i) ? "; taken over by " + i.taken_by : "") + ")"));
+    });
+    box.appendChild(document.createTextNode(". Decide it in the workflow inbox."));
   }
 
   function kpisOf(name) {
@@ -2333,6 +2398,7 @@
       S.wf.instanceId = i.id;
       S.wf.detailSig = null;
       Array.prototype.forEach.call($("wf-instance-rows").rows, function (r) { r.classList.toggle("is-selected", r === tr); });
+      renderWfInstanceItems();
       loadInstance().then(function () {
         if (S.wf.instanceId === i.id && !$("wf-instance").hidden) $("wf-instance").scrollIntoView({ block: "nearest" });
       });
@@ -2431,6 +2497,7 @@
     S.wf.instance = null;
     S.wf.detailSig = null;
     S.wf.detGen++;
+    renderWfInstanceItems();
     show($("wf-instance"), false);
     Array.prototype.forEach.call($("wf-instance-rows").querySelectorAll(".is-selected"), function (r) { r.classList.remove("is-selected"); });
   }
@@ -2448,6 +2515,456 @@
       });
     });
     $("wf-instance-close").addEventListener("click", closeInstance);
+    followLink($("wf-inbox-link"));
+  }
+
+  // ------------------------------------------------------------------ workflow inbox (people decide exceptions)
+  /* GET /v1/workflows/inbox: the open items of the person's groups (operators: all), each with the instance's
+   * step history; POST /v1/workflows/instances/{id}/escalations/{item}: retry, take-over, complete, close
+   * (close after an inline confirmation). The selected item's business objects come from
+   * GET /v1/workflows/instances/{id}. Agent ids, object ids and notes are attacker-controlled: text only.
+   * Every 5 s while shown, and after each decision. /console/#workflow-inbox/{item} selects one item. */
+  var WI_ITEM_RE = /^wfe_[A-Za-z0-9_-]{1,64}$/;
+  var WI_INSTANCE_RE = /^wfi_[A-Za-z0-9_-]{1,64}$/;
+  var WI_OBJECT_TYPE_RE = /^[A-Za-z_][A-Za-z0-9_]*$/;
+  var WI_LABELS = { retry: "retry", "take-over": "take over", complete: "complete", close: "close the instance" };
+
+  function timesText(n) {
+    return isNum(n) ? n + (n === 1 ? " time" : " times") : "several times";
+  }
+
+  /* Why an item waits: failed 2 times / gave up after failing 3 times / stalled (and where the step went). */
+  function wiWhy(i) {
+    var text;
+    if (i.reason === "failures") text = "failed " + timesText(i.failures);
+    else if (i.reason === "gave-up") text = "gave up after failing " + timesText(i.failures);
+    else if (i.reason === "stalled") text = "stalled (no progress within its SLA)";
+    else text = String(i.reason || "?");
+    if (typeof i.rerouted_to === "string" && i.rerouted_to) text += "; rerouted to " + i.rerouted_to;
+    return text;
+  }
+
+  function wiTaken(i) {
+    return i.state === "taken" && typeof i.taken_by === "string" && i.taken_by !== "";
+  }
+
+  function wiLink(itemId) {
+    return "/console/#workflow-inbox/" + encodeURIComponent(itemId);
+  }
+
+  function isWorkflowInboxHash() {
+    return /^#workflow-inbox(\/|$)/.test(location.hash);
+  }
+
+  function wiItemFromHash() {
+    var m = /^#workflow-inbox\/(.+)$/.exec(location.hash);
+    if (!m) return null;
+    var id;
+    try {
+      id = decodeURIComponent(m[1]);
+    } catch (e) {
+      return null;
+    }
+    return WI_ITEM_RE.test(id) ? id : null;
+  }
+
+  function validWiItem(i) {
+    return isPlainObject(i) && typeof i.id === "string" && WI_ITEM_RE.test(i.id) && typeof i.instance === "string" &&
+      WI_INSTANCE_RE.test(i.instance) && typeof i.workflow === "string";
+  }
+
+  function wiSelectedItem() {
+    var id = S.wi.selected;
+    return id ? S.wi.items.filter(function (i) { return i.id === id; })[0] || null : null;
+  }
+
+  function resetWorkflowInbox() {
+    S.wi.items = [];
+    S.wi.sig = null;
+    S.wi.selected = null;
+    S.wi.last = null;
+    S.wi.selSig = null;
+    S.wi.instSig = null;
+    S.wi.want = null;
+    S.wi.workflows = new Set();
+    clear($("wi-rows"));
+    show($("wi-empty"), false);
+    closeWiItem();
+    ["wi-error", "wi-notice"].forEach(function (id) { showMsg(id, ""); });
+    setText($("wi-count"), "");
+  }
+
+  function openWorkflowInbox(want) {
+    S.detailId = null;
+    setView("workflow-inbox");
+    if (want) {
+      S.wi.want = want;
+      if ($("wi-workflow").value) {
+        $("wi-workflow").value = "";
+        S.wi.sig = null;
+      }
+    }
+    loadWorkflowInbox(true);
+    startViewPolling(loadWorkflowInbox, COORD_POLL_MS);
+  }
+
+  function wiQuery() {
+    var w = $("wi-workflow").value;
+    return "limit=1000" + (w ? "&workflow=" + encodeURIComponent(w) : "");
+  }
+
+  function loadWorkflowInbox(force) {
+    if (S.wi.loading && force !== true) return Promise.resolve();
+    var gen = ++S.wi.gen;
+    S.wi.loading = true;
+    var q = wiQuery();
+    return api("GET", "/v1/workflows/inbox?" + q).then(
+      function (data) {
+        if (gen !== S.wi.gen) return;
+        S.wi.loading = false;
+        if (S.view !== "workflow-inbox" || q !== wiQuery()) return;
+        showMsg("wi-error", "");
+        var items = (data && Array.isArray(data.items) ? data.items : []).filter(validWiItem);
+        items.forEach(function (i) { S.wi.workflows.add(i.workflow); });
+        syncWiWorkflowFilter();
+        if (S.wi.want) {
+          var want = S.wi.want;
+          S.wi.want = null;
+          if (items.some(function (i) { return i.id === want; })) selectWiItem(want);
+          else showMsg("wi-notice", "Item " + want + " is not open in your groups: it was decided already, the step's " +
+            "completion resolved it, or it belongs to another group.");
+        }
+        var sig = JSON.stringify([q, items]);
+        if (sig !== S.wi.sig) {
+          S.wi.sig = sig;
+          S.wi.items = items;
+          renderWorkflowInbox();
+        }
+        return loadWiInstance();
+      },
+      function (e) {
+        if (gen !== S.wi.gen) return;
+        S.wi.loading = false;
+        if (authFailed(e) || S.view !== "workflow-inbox") return;
+        showMsg("wi-error", "Could not load the workflow inbox: " + e.message);
+      }
+    );
+  }
+
+  function syncWiWorkflowFilter() {
+    var sel = $("wi-workflow");
+    var have = {};
+    Array.prototype.forEach.call(sel.options, function (o) { have[o.value] = true; });
+    Array.from(S.wi.workflows).sort().forEach(function (name) {
+      if (!have[name]) sel.appendChild(el("option", { text: name, attrs: { value: name } }));
+    });
+  }
+
+  function renderWorkflowInbox() {
+    var tbody = $("wi-rows");
+    clear(tbody);
+    S.wi.items.forEach(function (i) { tbody.appendChild(wiRow(i)); });
+    var n = S.wi.items.length;
+    show($("wi-items"), n > 0);
+    show($("wi-empty"), n === 0);
+    var taken = S.wi.items.filter(wiTaken).length;
+    setText($("wi-count"), n + (n === 1 ? " item" : " items") + (taken ? ", " + taken + " taken over" : ""));
+    renderWiItem();
+  }
+
+  function wiRow(i) {
+    var me = S.me && S.me.approver;
+    var taken = wiTaken(i);
+    var state = el("td", { cls: "state" }, [
+      el("span", { cls: "badge " + (taken ? "state-approved" : "state-pending"), text: taken ? "taken" : "open" }),
+    ]);
+    if (taken) state.appendChild(el("div", { cls: "sub", data: { testid: "wi-taken-by" },
+      text: "by " + i.taken_by + (i.taken_by === me ? " (you)" : "") }));
+    var why = el("td", { cls: "why" }, [el("span", { cls: "badge " + (i.reason === "gave-up" ? "state-denied" :
+      i.reason === "stalled" ? "state-other" : "state-pending"), text: i.reason || "?" }),
+    el("div", { cls: "sub", text: wiWhy(i) })]);
+    var tr = el("tr", { cls: "wi-row" + (S.wi.selected === i.id ? " is-selected" : ""), attrs: { tabindex: "0" },
+      data: { id: i.id, instance: i.instance, workflow: i.workflow, step: i.step || "", group: i.group || "",
+        reason: i.reason || "", state: taken ? "taken" : "open", agent: i.agent || "", testid: "wi-row" } }, [
+      el("td", { cls: "workflow", text: i.workflow }),
+      el("td", { cls: "instance mono", text: i.instance }),
+      el("td", { cls: "step mono", text: i.step || "(the instance)" }),
+      el("td", { cls: "group", text: i.group || "operators" }),
+      why,
+      el("td", { cls: "agent mono", text: i.agent || "\u2014" }),
+      el("td", { cls: "opened" }, [i.opened_at ? timeNode(i.opened_at, "rel") : el("span", { text: "\u2014" })]),
+      state,
+    ]);
+    function select() {
+      selectWiItem(i.id);
+      renderWiItem();
+      loadWiInstance().then(function () {
+        if (S.wi.selected === i.id && !$("wi-item").hidden) $("wi-item").scrollIntoView({ block: "nearest" });
+      });
+    }
+    tr.addEventListener("click", select);
+    tr.addEventListener("keydown", function (ev) { if (ev.key === "Enter") select(); });
+    return tr;
+  }
+
+  /* Select an item: a fresh decision form (nothing typed for another item carries over). */
+  function selectWiItem(id) {
+    if (S.wi.selected !== id) {
+      ["wi-note", "wi-to", "wi-objects-input"].forEach(function (f) { $(f).value = ""; });
+      closeWiConfirm();
+      showMsg("wi-decide-error", "");
+      S.wi.selSig = null;
+      S.wi.instSig = null;
+      S.wi.last = null;
+      clear($("wi-object-rows"));
+      show($("wi-objects"), false);
+      show($("wi-objects-empty"), false);
+    }
+    S.wi.selected = id;
+    var link = wiLink(id);
+    if (location.pathname + location.hash !== link) history.replaceState(null, "", link);
+    Array.prototype.forEach.call($("wi-rows").rows, function (r) {
+      r.classList.toggle("is-selected", r.getAttribute("data-id") === id);
+    });
+  }
+
+  function closeWiItem() {
+    S.wi.selected = null;
+    S.wi.last = null;
+    S.wi.selSig = null;
+    S.wi.instSig = null;
+    closeWiConfirm();
+    showMsg("wi-decide-error", "");
+    show($("wi-item"), false);
+    Array.prototype.forEach.call($("wi-rows").querySelectorAll(".is-selected"), function (r) { r.classList.remove("is-selected"); });
+    if (S.view === "workflow-inbox" && location.hash !== "#workflow-inbox") history.replaceState(null, "", "/console/#workflow-inbox");
+  }
+
+  function renderWiItem() {
+    if (!S.wi.selected) {
+      show($("wi-item"), false);
+      return;
+    }
+    var i = wiSelectedItem();
+    var gone = !i;
+    if (gone) {
+      i = S.wi.last;
+      if (!i) {
+        show($("wi-item"), false);
+        return;
+      }
+    }
+    S.wi.last = i;
+    show($("wi-item-gone"), gone);
+    if (gone) {
+      setText($("wi-item-gone"), "This item is no longer open: someone decided it, or the step's completion resolved it.");
+      closeWiConfirm();
+    }
+    show($("wi-decide"), !gone);
+    var sig = JSON.stringify(i);
+    if (sig === S.wi.selSig) {
+      show($("wi-item"), true);
+      return;
+    }
+    S.wi.selSig = sig;
+    setText($("wi-item-id"), i.id);
+    var me = S.me && S.me.approver;
+    var dl = $("wi-summary");
+    clear(dl);
+    dlRow(dl, "Workflow", i.workflow, "workflow");
+    dlRow(dl, "Instance", i.instance, "instance");
+    dlRow(dl, "Step", i.step || "(the instance as a whole)", "step");
+    dlRow(dl, "Group", i.group || "operators", "group");
+    dlRow(dl, "Why", wiWhy(i), "why");
+    dlRow(dl, "State", wiTaken(i) ? "taken over by " + i.taken_by + (i.taken_by === me ? " (you)" : "") : "open", "state");
+    dlRow(dl, "Opened", absTime(i.opened_at), "opened_at");
+    dlRow(dl, "Agent", i.agent || "", "agent");
+    dlRow(dl, "Decision", i.decision_id || "", "decision_id");
+    dlRow(dl, "Steps done", Array.isArray(i.completed) && i.completed.length ? i.completed.join(", ") : "(none)", "completed");
+    dlRow(dl, "Next", Array.isArray(i.next) && i.next.length ? i.next.join(", ") : "", "next");
+    dlRow(dl, "Instance started", absTime(i.started_at), "started_at");
+
+    var allowed = Array.isArray(i.resolutions) ? i.resolutions : [];
+    Array.prototype.forEach.call($("wi-decide").querySelectorAll("button[data-resolution]"), function (b) {
+      var r = b.getAttribute("data-resolution");
+      show(b, allowed.indexOf(r) >= 0);
+      b.disabled = S.wi.busy || (r === "take-over" && wiTaken(i));
+    });
+
+    var tbody = $("wi-history-rows");
+    clear(tbody);
+    var events = (Array.isArray(i.history) ? i.history : []).filter(isPlainObject);
+    events.forEach(function (e) {
+      var outcome = e.outcome === "completed" ? "d-allow" : e.outcome === "failed" ? "d-deny" : e.outcome === "refused" ? "d-hold" : "d-event";
+      var agent = el("td", { cls: "agent mono", text: e.agent || "\u2014" });
+      if (e.human) agent.appendChild(el("div", { cls: "sub muted", text: "a person took part" }));
+      tbody.appendChild(el("tr", { cls: "history-row", data: { step: e.step || "", outcome: e.outcome || "",
+        agent: e.agent || "", testid: "wi-history-row" } }, [
+        el("td", { cls: "time", text: e.time ? absTime(e.time) : "\u2014" }),
+        el("td", { cls: "step mono", text: e.step || "\u2014" }),
+        el("td", { cls: "outcome" }, [el("span", { cls: "badge " + outcome, text: e.outcome || "?" })]),
+        agent,
+        el("td", { cls: "num status", text: e.status === null || e.status === undefined ? "\u2014" : e.status }),
+        el("td", { cls: "mono decision-id", text: e.decision_id || "\u2014" }),
+      ]));
+    });
+    show($("wi-history"), events.length > 0);
+    show($("wi-history-empty"), events.length === 0);
+    show($("wi-item"), true);
+  }
+
+  /* The selected item's instance: its business objects (what the person decides about). */
+  function loadWiInstance() {
+    var i = wiSelectedItem();
+    if (!i) return Promise.resolve();
+    var id = i.instance;
+    var gen = ++S.wi.instGen;
+    return api("GET", "/v1/workflows/instances/" + encodeURIComponent(id)).then(
+      function (inst) {
+        var cur = wiSelectedItem();
+        if (gen !== S.wi.instGen || !cur || cur.instance !== id || S.view !== "workflow-inbox" || !isPlainObject(inst)) return;
+        var objs = (Array.isArray(inst.objects) ? inst.objects : []).filter(isPlainObject);
+        var sig = JSON.stringify(objs);
+        if (sig === S.wi.instSig) return;
+        S.wi.instSig = sig;
+        var tbody = $("wi-object-rows");
+        clear(tbody);
+        objs.forEach(function (o) {
+          tbody.appendChild(el("tr", { cls: "object-row", data: { type: o.type || "", id: o.id || "", testid: "wi-object-row" } }, [
+            el("td", { cls: "type", text: o.type || "\u2014" }),
+            el("td", { cls: "mono object-id", text: o.id || "\u2014" }),
+            el("td", { cls: "mono step", text: o.step || "\u2014" }),
+          ]));
+        });
+        show($("wi-objects"), objs.length > 0);
+        show($("wi-objects-empty"), objs.length === 0);
+        setText($("wi-objects-empty"), "No business objects linked.");
+      },
+      function (e) {
+        if (gen !== S.wi.instGen || authFailed(e) || S.view !== "workflow-inbox") return;
+        S.wi.instSig = null;
+        show($("wi-objects"), false);
+        show($("wi-objects-empty"), true);
+        setText($("wi-objects-empty"), "Could not load the instance's business objects: " + e.message);
+      }
+    );
+  }
+
+  /* The Complete field: one Type:id a line (blank lines ignored). */
+  function wiObjects() {
+    var out = [];
+    var lines = $("wi-objects-input").value.split(/\r\n|\r|\n/);
+    for (var n = 0; n < lines.length; n++) {
+      var line = lines[n].trim();
+      if (!line) continue;
+      var at = line.indexOf(":");
+      var type = at < 0 ? "" : line.slice(0, at).trim();
+      var id = at < 0 ? "" : line.slice(at + 1).trim();
+      if (!WI_OBJECT_TYPE_RE.test(type) || !id) {
+        return { error: "Line " + (n + 1) + " of what you made: write Type:id (a type name such as PurchaseOrder, a colon, the id)." };
+      }
+      out.push({ type: type, id: id });
+    }
+    return { objects: out };
+  }
+
+  function wiDecide(resolution, confirmed) {
+    var i = wiSelectedItem();
+    if (!i || S.wi.busy) return;
+    showMsg("wi-decide-error", "");
+    showMsg("wi-notice", "");
+    var body = { resolution: resolution };
+    var note = $("wi-note").value.trim();
+    if (note) body.note = note;
+    var to = $("wi-to").value.trim();
+    if (to) {
+      if (resolution !== "retry") {
+        showMsg("wi-decide-error", "\u201cGive the step to this agent\u201d goes with Retry: clear it, or choose Retry.");
+        return;
+      }
+      body.to = to;
+    }
+    var parsed = wiObjects();
+    if (parsed.error) {
+      showMsg("wi-decide-error", parsed.error);
+      return;
+    }
+    if (parsed.objects.length) {
+      if (resolution !== "complete") {
+        showMsg("wi-decide-error", "\u201cWhat you made\u201d goes with Complete: clear it, or choose Complete.");
+        return;
+      }
+      body.objects = parsed.objects;
+    }
+    if (resolution === "close" && !confirmed) {
+      setText($("wi-close-instance"), i.instance);
+      show($("wi-close-confirm"), true);
+      $("wi-close-yes").focus();
+      return;
+    }
+    S.wi.busy = true;
+    var buttons = Array.prototype.slice.call($("wi-decide").querySelectorAll("button"));
+    buttons.forEach(function (b) { b.disabled = true; });
+    var path = "/v1/workflows/instances/" + encodeURIComponent(i.instance) + "/escalations/" + encodeURIComponent(i.id);
+    api("POST", path, body).then(
+      function (res) {
+        closeWiConfirm();
+        showMsg("wi-notice", wiDecidedText(resolution, i, body, isPlainObject(res) ? res : {}));
+        if (resolution === "take-over") {
+          $("wi-note").value = "";
+        } else {
+          closeWiItem();
+        }
+      },
+      function (e) {
+        if (authFailed(e)) return;
+        showMsg("wi-decide-error", "Could not " + WI_LABELS[resolution] + " (" + (e.status || "no answer") + "): " + e.message);
+      }
+    ).then(function () {
+      S.wi.busy = false;
+      buttons.forEach(function (b) { b.disabled = false; });
+      S.wi.sig = null;
+      S.wi.selSig = null;
+      return loadWorkflowInbox(true);
+    });
+  }
+
+  function wiDecidedText(resolution, i, body, res) {
+    var step = i.step ? "step " + i.step + " of " + i.instance : i.instance;
+    if (resolution === "retry") {
+      return "Retry allowed: agents may call " + step + " again with a fresh retry budget" +
+        (body.to ? " (only " + body.to + " from now on)." : ".");
+    }
+    if (resolution === "take-over") {
+      return "You took " + step + " over: agents' calls of it are refused until you decide retry, complete or close.";
+    }
+    if (resolution === "complete") {
+      var done = Array.isArray(res.completed) ? res.completed.join(", ") : "";
+      return "Recorded " + step + " as completed by you" + (done ? "; done: " + done : "") +
+        (res.state ? " (" + res.state + ")." : ".");
+    }
+    return "Closed " + i.instance + " as failed: every call of its steps is refused.";
+  }
+
+  function closeWiConfirm() {
+    show($("wi-close-confirm"), false);
+  }
+
+  function initWorkflowInbox() {
+    $("wi-workflow").addEventListener("change", function () {
+      S.wi.sig = null;
+      loadWorkflowInbox(true);
+    });
+    Array.prototype.forEach.call($("wi-decide").querySelectorAll("button[data-resolution]"), function (b) {
+      b.addEventListener("click", function () { wiDecide(b.getAttribute("data-resolution"), false); });
+    });
+    $("wi-close-yes").addEventListener("click", function () { wiDecide("close", true); });
+    $("wi-close-cancel").addEventListener("click", function () {
+      closeWiConfirm();
+      $("wi-close").focus();
+    });
+    $("wi-item-hide").addEventListener("click", closeWiItem);
+    $("wi-to").addEventListener("keydown", function (ev) { if (ev.key === "Enter") wiDecide("retry", false); });
   }
 
   // ------------------------------------------------------------------ live updates
@@ -2486,6 +3003,7 @@
     else if (S.view === "handoffs") loadHandoffs();
     else if (S.view === "duplicates") loadDuplicates();
     else if (S.view === "workflows") loadWorkflows();
+    else if (S.view === "workflow-inbox") loadWorkflowInbox();
   }
 
   function startPolling() {
@@ -2604,6 +3122,7 @@
     initClaims();
     initHandoffs();
     initWorkflows();
+    initWorkflowInbox();
     window.addEventListener("popstate", route);
 
     var saved = sessionStorage.getItem(TOKEN_KEY);
