@@ -1,5 +1,6 @@
-"""`proctor workflows list|show|kpis`: workflow definitions, instances, one instance's history and
-the outcome KPIs, through the control API (an approver or operator token; docs/workflows.md).
+"""`proctor workflows list|show|kpis|inbox|decide`: workflow definitions, instances, one instance's
+history, the outcome KPIs, and the people's inbox of workflow exceptions with their decisions, through
+the control API (an approver or operator token; docs/workflows.md).
 
 Exit status: 0 done; 1 the API refused (its problem title and detail are printed); 2 usage,
 configuration or connection error.
@@ -14,7 +15,16 @@ from typing import Any
 
 import click
 
-from ..approvals.cli import _client, _conn, _connection_options, _fail, _print_json, _safe, _table
+from ..approvals.cli import (
+    _client,
+    _conn,
+    _connection_options,
+    _fail,
+    _interactive,
+    _print_json,
+    _safe,
+    _table,
+)
 
 _RELATIVE_RE = re.compile(r"^([0-9]{1,6})([smhdw])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -204,3 +214,124 @@ def render_workflow(w: dict[str, Any]) -> None:
         _table([["  " + a["agent"], str(a["completions"]), str(a["failures"]), str(a["refusals"]),
                  percent(a["error_rate"])] for a in w["agents"]],
                ["  agent", "done", "failed", "refused", "errors"], [34, 6, 6, 7, 7])
+
+
+# ---- the people's inbox of workflow exceptions (docs/workflows.md, "Exceptions") ----
+RESOLUTIONS = ("retry", "take-over", "complete", "close")
+_OBJECT_TYPE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def why(item: dict[str, Any]) -> str:
+    """Why the item is in the inbox, for people: failed 2 times / gave up after 3 failures / stalled."""
+    n = item.get("failures")
+    times = f"{n} time{'s' if n != 1 else ''}" if isinstance(n, int) else "several times"
+    reason = item.get("reason")
+    if reason == "failures":
+        text = f"failed {times}"
+    elif reason == "gave-up":
+        text = f"gave up after failing {times}"
+    elif reason == "stalled":
+        text = "stalled (no progress within its SLA)"
+    else:
+        text = str(reason or "?")
+    if item.get("rerouted_to"):
+        text += f"; rerouted to {item['rerouted_to']}"
+    return text
+
+
+def _state(item: dict[str, Any]) -> str:
+    return f"taken by {item.get('taken_by')}" if item.get("state") == "taken" else str(item.get("state") or "?")
+
+
+@workflows.command("inbox")
+@click.option("--workflow", default=None, help="Only this workflow's items.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True, help="At most this many items.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer (each item with its history).")
+@_connection_options
+def inbox_cmd(workflow: str | None, limit: int, as_json: bool, **kw: Any) -> None:
+    """Open workflow exceptions waiting for a person: the items of your approval groups (operators: all)."""
+    query = {k: v for k, v in (("workflow", workflow), ("limit", str(limit))) if v}
+    doc = _client(_conn(kw)).call("GET", "/v1/workflows/inbox?" + urllib.parse.urlencode(query))
+    if as_json:
+        _print_json(doc)
+        return
+    items = doc.get("items") or []
+    if not items:
+        click.echo("no open workflow items in your groups")
+        return
+    rows = [[i["instance"], i["id"], i["workflow"], i.get("step") or "(instance)", i.get("group") or "(operators)",
+             why(i), _state(i), i.get("agent") or "-", _short_time(i.get("opened_at"))] for i in items]
+    _table(rows, ["instance", "item", "workflow", "step", "group", "why", "state", "agent", "opened"],
+           [26, 26, 20, 20, 20, 44, 24, 40, 19])
+    click.echo("")
+    click.echo("decide: proctor workflows decide INSTANCE ITEM retry|take-over|complete|close [--note TEXT]")
+
+
+def _object_arg(value: str) -> dict[str, str]:
+    otype, sep, oid = value.partition(":")
+    otype, oid = otype.strip(), oid.strip()
+    if not sep or not _OBJECT_TYPE_RE.match(otype) or not oid or len(oid) > 512 or _CONTROL_RE.search(oid):
+        _fail(f"--object must be Type:id (a type name such as PurchaseOrder, then the id), not {_safe(value)!r}")
+    return {"type": otype, "id": oid}
+
+
+@workflows.command("decide")
+@click.argument("instance_id", metavar="INSTANCE")
+@click.argument("item_id", metavar="ITEM")
+@click.argument("resolution", metavar="retry|take-over|complete|close", type=click.Choice(RESOLUTIONS))
+@click.option("--to", "to", default=None, metavar="AGENT", help="retry: give the step to this agent from now on.")
+@click.option("--note", default=None, metavar="TEXT", help="Why (recorded; the agent is told it when you close).")
+@click.option("--object", "objects", multiple=True, metavar="Type:id",
+              help="complete: a business object your work made (of the step's declared types; repeatable).")
+@click.option("--yes", is_flag=True, help="close: do not ask for confirmation on a terminal.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON answer.")
+@_connection_options
+def decide_cmd(instance_id: str, item_id: str, resolution: str, to: str | None, note: str | None,
+               objects: tuple[str, ...], yes: bool, as_json: bool, **kw: Any) -> None:
+    """Decide an item of the workflow inbox (INSTANCE and ITEM as `proctor workflows inbox` lists them).
+
+    \b
+    retry      agents may call the step again, with a fresh retry budget (--to: only that agent)
+    take-over  you do the step: agents' calls of it are refused until you decide retry, complete or close
+    complete   you did the step outside Proctor: it is recorded completed (--object links what you made)
+    close      the instance is closed as failed: every call of its steps is refused (409)"""
+    instance_id, item_id = instance_id.strip(), item_id.strip()
+    if not instance_id or not item_id:
+        _fail("an instance id and an item id are required (as `proctor workflows inbox` lists them)")
+    if to is not None and resolution != "retry":
+        _fail("--to (the agent to give the step to) goes with retry")
+    if objects and resolution != "complete":
+        _fail("--object (what your work made) goes with complete")
+    body: dict[str, Any] = {"resolution": resolution}
+    if to is not None:
+        if not to.strip():
+            _fail("--to is empty")
+        body["to"] = to.strip()
+    if note is not None and note.strip():
+        body["note"] = note.strip()
+    if objects:
+        body["objects"] = [_object_arg(o) for o in objects]
+    client = _client(_conn(kw))
+    if resolution == "close" and not yes and _interactive():
+        click.confirm(f"Close instance {_safe(instance_id)} as failed? Every call of its steps will be refused",
+                      abort=True)
+    path = (f"/v1/workflows/instances/{urllib.parse.quote(instance_id, safe='')}/escalations/"
+            f"{urllib.parse.quote(item_id, safe='')}")
+    doc = client.call("POST", path, body)
+    if as_json:
+        _print_json(doc)
+        return
+    inst = _safe(doc.get("instance", instance_id))
+    if resolution == "retry":
+        who = f" (only {_safe(to.strip())} from now on)" if to else ""
+        click.echo(f"{inst}: agents may call the step again with a fresh retry budget{who}")
+    elif resolution == "take-over":
+        click.echo(f"{inst}: you have the step; agents' calls of it are refused until you decide retry, complete "
+                   "or close")
+    elif resolution == "complete":
+        done = ", ".join(doc.get("completed") or [])
+        click.echo(f"{inst}: the step is recorded completed by you; done {_safe(done) or '-'}; "
+                   f"{_safe(doc.get('state') or '?')}")
+    else:
+        click.echo(f"{inst}: closed as failed; every call of its steps is refused (409 instance-closed)")
