@@ -534,3 +534,31 @@ def test_markup_in_agent_and_object_ids_is_inert(p, work, idp, driver):
     assert js(driver, "return document.querySelectorAll('img, svg, script:not([src]), [onerror], [onload]').length") == 0
     assert js(driver, "return document.scripts.length") == 1
     assert browser_problems(driver) == []
+
+
+def test_a_decision_someone_made_first_shows_the_409(p, work, idp, driver):
+    inst, _ = failing_order(p, work, idp, 2)
+    driver.get_log("browser")
+    open_inbox(driver, p, person(idp, "bea", BUYERS))
+    item = select(driver, inst)
+    # the console stops hearing about changes (its refreshes fail) while ben decides first through the API
+    driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/approvals/events*", "*/v1/workflows/inbox*"]})
+    try:
+        first = control(p, "POST", f"/v1/workflows/instances/{inst}/escalations/{item}", person(idp, "ben", BUYERS),
+                        {"resolution": "take-over"})
+        assert first.status_code == 200, first.text
+        r = control(p, "POST", f"/v1/workflows/instances/{inst}/escalations/{item}", person(idp, "ben", BUYERS),
+                    {"resolution": "retry"})
+        assert r.status_code == 200, r.text
+        click(driver, "#wi-complete")
+        err = wait_text(driver, "#wi-decide-error", lambda t: "Already resolved" in t, what="the 409")
+        assert err.startswith("Could not complete (409): Already resolved:") and "(retry) by ben" in err, err
+        wait_text(driver, "#wi-error", lambda t: "Could not load the workflow inbox" in t, what="the failed refresh")
+    finally:
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/v1/approvals/events*"]})
+    # the next refresh: the item has left the inbox, and its detail says so instead of offering decisions
+    no_row(driver, inst)
+    wait_text(driver, "#wi-item-gone", lambda t: "no longer open" in t, what="the gone note")
+    assert not driver.find_element(_by().CSS_SELECTOR, "#wi-decide").is_displayed()
+    assert [(by, res) for by, res, _ in decided(p, inst)] == [("ben", "take-over"), ("ben", "retry")]
+    assert browser_problems(driver, allowed=("/escalations/", "/v1/workflows/inbox")) == []
