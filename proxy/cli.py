@@ -469,8 +469,12 @@ def connector_schema(config_path: str | None) -> None:
 
         manifests = load_manifests(config.connectors_dir)
         base = config.schema_path.read_text() if config.schema_path.exists() else ""
+        from .limits.table import usage_actions
+
         actions = load_workflows(config.effective_workflows_dir, manifests).actions
-        click.echo(generate_schema(manifests, declared_in(base), workflow_actions=actions), nl=False)
+        usage = usage_actions(config.rate_limits, manifests, actions)
+        click.echo(generate_schema(manifests, declared_in(base), workflow_actions=actions, usage_actions=usage),
+                   nl=False)
     except ManifestError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -16,6 +16,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .limits.spec import ConfigRateLimit, CountersConfig, unique_names
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULTS_DIR = PACKAGE_DIR / "defaults"
 
@@ -438,6 +440,14 @@ class ProctorConfig(Strict):
     workflows: WorkflowsConfig = Field(default_factory=WorkflowsConfig)
     agents: list[AgentRegistration] = Field(default_factory=list)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    # Rate limits (docs/limits.md) and where their counters live.
+    rate_limits: list[ConfigRateLimit] = Field(default_factory=list)
+    counters: CountersConfig = Field(default_factory=CountersConfig)
+
+    @field_validator("rate_limits")
+    @classmethod
+    def _rate_limit_names(cls, v: list[ConfigRateLimit]) -> list[ConfigRateLimit]:
+        return unique_names(v)
 
     # -- derived paths ---------------------------------------------------------
     @property
@@ -468,6 +478,19 @@ class ProctorConfig(Strict):
                 path = self.state_dir / path
             return f"sqlite://{path.resolve()}"  # the store takes sqlite:// + an absolute path
         return url
+
+    @property
+    def counters_redis_url(self) -> str:
+        """The Redis URL of the rate-limit counters (counters.backend: redis)."""
+        c = self.counters
+        if c.redis_url_env:
+            url = os.environ.get(c.redis_url_env)
+            if not url:
+                raise ValueError(f"counters.redis_url_env names {c.redis_url_env}, which is not set")
+            return url
+        if not c.redis_url:
+            raise ValueError("counters.backend redis needs redis_url or redis_url_env")
+        return c.redis_url
 
     @property
     def ca_dir(self) -> Path:

@@ -40,6 +40,9 @@ from .engine.gateway import GatewayRouter
 from .governance.registry import Governance, suspension_refusal
 from .governance.stage import AgentSuspended, TargetSuspended
 from .identity.stage import Authenticate, Authenticator
+from .limits.metrics import RateLimitMetrics
+from .limits.setup import RateLimits
+from .limits.stage import RateLimit
 from .observability.metrics import Metrics
 from .observability.stages import CountMetrics, Trace, TracePropagation
 from .observability.tracing import Tracing
@@ -77,6 +80,7 @@ class Parts:
     claims: ClaimObserver | None = None  # claim metrics (default: ClaimMetrics on `metrics`)
     notifier: Any = None  # approvals.notify.Notifier: webhooks (handoffs too)
     workflows: Workflows | None = None  # workflow definitions (docs/workflows.md)
+    rate_limits: RateLimits | None = None  # declared rate limits and their counters (docs/limits.md)
 
 
 @dataclass
@@ -148,6 +152,10 @@ def build_request_path(p: Parts) -> RequestPath:
         s = gov.suspension_for(agent, connector, action)
         return suspension_refusal(s) if s is not None else None
 
+    rl = p.rate_limits
+    rate_limit = RateLimit(rl.table, rl.counters, groups_of, RateLimitMetrics(p.metrics.registry, [
+        lim.name for lim in rl.table.limits]), sweep_interval_seconds=rl.sweep_interval_seconds) if rl else None
+
     exceptions = WorkflowExceptions(p.store, p.recorder.write, ExceptionReporter(p.metrics, p.notifier),
                                     groups_of) if workflows is not None else None
 
@@ -175,6 +183,8 @@ def build_request_path(p: Parts) -> RequestPath:
         WorkflowCheck(p.store, workflows) if workflows else None,  # workflow steps: context.workflow
         exceptions,                                                # its exception fields; on the way back:
                                                                    # retry, give up, escalate, reroute
+        rate_limit,                                                # counted against its rate limits: 429
+                                                                   # (denied requests count too); context.usage
         TrackCreator(p.store),                                     # on the way back: who created what
         Authorize(p.policies, p.shadow, cfg.identity_settings(), cfg.limits),  # Cedar (and shadow)
         ClaimConflict(claim_observer, record=p.recorder.write),                             # a deny by @claim policies -> 409

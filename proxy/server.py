@@ -39,6 +39,7 @@ from .engine.gateway_tls import ListenerCertificates
 from .engine.listeners import ListenerWatch
 from .engine.mitm import ProctorAddon
 from .identity.stage import Authenticator
+from .limits.setup import RateLimits, build_rate_limits
 from .request_path import Parts, RequestPath, build_request_path
 from .engine.patches import EngineTimeouts, install_engine_patches
 from .identity.dev_issuer import DevIssuer
@@ -79,6 +80,7 @@ class ProctorRuntime:
     policy_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tracing: Tracing | None = None
     workflows: Workflows = field(default_factory=Workflows)
+    rate_limits: RateLimits | None = None  # declared rate limits and their counters (docs/limits.md)
 
     def stats(self) -> dict[str, int]:
         """The engine's request counters (GET /v1/stats)."""
@@ -103,6 +105,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     if config.policies.shadow_dir is not None:
         shadow = ShadowPolicies(policy_source(config, config.policies.shadow_dir, manifests=manifests))
     store = open_store(config.store_url)
+    rate_limits = build_rate_limits(config, manifests, workflows.actions, store)
     lookups = LookupClient(config.upstream, injector)
     enricher = Enricher(manifests, creator_of=store.creator_of, fetch_json=lookups.fetch_json)
     recorder = DecisionRecorder(config.decisions_path)
@@ -156,11 +159,12 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         audit=audit,
         tracing=tracing,
         workflows=workflows,
+        rate_limits=rate_limits,
     ))
     addon = ProctorAddon(path.requests, path.tunnels, router, config.limits)
     runtime = ProctorRuntime(
         config, policies, path, recorder, addon, metrics, store, lookups, verifier, shadow, enricher,
-        approvals, notifier, governance, audit, tracing=tracing, workflows=workflows,
+        approvals, notifier, governance, audit, tracing=tracing, workflows=workflows, rate_limits=rate_limits,
     )
     if approvals is not None:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
@@ -360,6 +364,8 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
             await runtime.audit.close()  # SIGTERM: deliver what the sinks still hold (bounded)
         runtime.recorder.close()
         await runtime.lookups.close()
+        if runtime.rate_limits is not None:
+            await runtime.rate_limits.close()
         await runtime.store.close()
         if runtime.tracing is not None:
             runtime.tracing.shutdown()

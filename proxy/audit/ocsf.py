@@ -199,6 +199,7 @@ def decision_event(rec: DecisionRecord) -> dict[str, Any]:
         "context": cedar.get("context"),
         "error": rec.error,
         "errors": rec.errors or None,
+        "rate_limit": rec.rate_limit,
     }
     ev["unmapped"] = {"proctor": {k: v for k, v in proctor.items() if v is not None}}
     return ev

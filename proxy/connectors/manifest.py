@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..coordination.concurrency_spec import ConcurrencySpec, check_route_concurrency, concurrency_error
 from ..coordination.dedupe import DedupeSpec, check_route_dedupe
 from ..coordination.handoff_spec import HandoffSpec, check_route_handoff
+from ..limits.spec import RateLimitSpec, check_route_rate_limits, route_rate_limits_error
 from .credentials import UpstreamAuth
 
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
@@ -293,6 +294,8 @@ class RouteSpec(_Strict):
     handoff: HandoffSpec | None = None
     # Writes are forwarded with If-Match: the agent's last-seen ETag (docs/coordination.md).
     concurrency: ConcurrencySpec | None = None
+    # Requests on this route count against these rate limits (docs/limits.md): one or a list.
+    rate_limit: RateLimitSpec | list[RateLimitSpec] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -303,6 +306,17 @@ class RouteSpec(_Strict):
     @classmethod
     def _concurrency_value(cls, data: Any) -> Any:
         return concurrency_error(data)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rate_limit_value(cls, data: Any) -> Any:
+        return route_rate_limits_error(data)
+
+    @property
+    def rate_limits(self) -> list[RateLimitSpec]:
+        """The route's rate limits (`rate_limit:`, one or a list)."""
+        rl = self.rate_limit
+        return [] if rl is None else list(rl) if isinstance(rl, list) else [rl]
 
     @field_validator("method")
     @classmethod
@@ -403,6 +417,10 @@ class RouteSpec(_Strict):
         if self.concurrency is not None:
             check_route_concurrency(self.concurrency, self.method, self.path,
                                     self.resource.id if self.resource is not None else None, self.jsonrpc is not None)
+        if self.rate_limit is not None:
+            fields = set(self.body) | {n for op in self.jsonrpc or [] for n in op.body}
+            check_route_rate_limits(self.rate_limits, self.method, self.path,
+                                    set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.path)), set(self.query), fields)
         return self
 
 

@@ -16,6 +16,7 @@ prints the generated text.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,10 @@ WORKFLOW_CONTEXT_TYPE = ("{ name: String, instance: String, step: String, known:
                          "ready: Bool, missing: Set<String>, next: Set<String>, started_at: Long, attempts: Long, "
                          "failures: Long, escalated: Bool, gave_up: Bool, rerouted_to: String, rerouted_away: Bool, "
                          "closed: Bool }")
+
+# context.usage on rate-limited actions (proxy/limits/stage.py builds it; docs/limits.md).
+USAGE_CONTEXT_TYPE = ("{ name: String, limit: Long, period: Long, remaining: Long, reset_after: Long, throttled: Bool, "
+                      "shadow: Bool, known: Bool }")
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -161,12 +166,16 @@ def generate_schema(
     declared: "Declared | None" = None,
     tracked_types: set[str] | None = None,
     workflow_actions: "frozenset[str] | set[str]" = frozenset(),
+    usage_actions: "Mapping[str, bool] | None" = None,
 ) -> str:
     """Cedar schema text declaring every connector action and resource type not already `declared`.
 
     `tracked_types` are resource types whose creator Proctor records
     (`track_creator`); they gain an optional `created_by: Agent` attribute.
+    `usage_actions` are the rate-limited actions (proxy/limits/table.py): their context
+    declares `usage` (required when every request of the action is limited).
     """
+    usage_actions = usage_actions or {}
     declared = declared or Declared()
     tracked_types = set(tracked_types or ())
     for m in manifests:
@@ -274,6 +283,9 @@ def generate_schema(
         if action in workflow_actions:
             extra = True
             ctx_fields.append(f"workflow: {WORKFLOW_CONTEXT_TYPE}")
+        if action in usage_actions:
+            extra = True
+            ctx_fields.append(f"usage{'' if usage_actions[action] else '?'}: {USAGE_CONTEXT_TYPE}")
         if extra:
             ctx_name = _context_type_name(action, taken)
             lines.append(f"type {ctx_name} = {{ {', '.join(ctx_fields)} }};")

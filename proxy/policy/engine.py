@@ -73,6 +73,8 @@ class PolicySource:
     manifests: tuple = ()
     # Actions that are workflow steps: their generated context declares `workflow`.
     workflow_actions: frozenset = frozenset()
+    # Rate-limited actions (-> whether every request of it is limited): their context declares `usage`.
+    usage_actions: tuple = ()
 
     def files(self) -> list[Path]:
         files = [self.schema_path, *sorted(self.policy_dir.glob("*.cedar"))]
@@ -169,7 +171,8 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
             else:
                 try:
                     generated = generate_schema(list(source.manifests), declared_in(schema_text),
-                                                workflow_actions=source.workflow_actions)
+                                                workflow_actions=source.workflow_actions,
+                                                usage_actions=dict(source.usage_actions))
                 except ManifestError as e:
                     problems.append(f"schema from connectors: {e}")
         hasher.update(generated.encode())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import ProctorConfig
 from ..connectors.manifest import load_manifests
+from ..limits.table import usage_actions
 from ..workflows.spec import load_workflows
 from .engine import PolicySource
 
@@ -25,10 +26,12 @@ def policy_source(
     if schema_file is not None:
         schema = schema_file
     workflow_actions: frozenset[str] = frozenset()
+    usage: tuple[tuple[str, bool], ...] = ()
     if config.policies.schema_from_connectors:
         if manifests is None:
             manifests = load_manifests(config.connectors_dir)
         workflow_actions = load_workflows(config.effective_workflows_dir, manifests).actions
+        usage = tuple(sorted(usage_actions(config.rate_limits, manifests, workflow_actions).items()))
     else:
         manifests = []
-    return PolicySource(schema, pdir, entities, tuple(manifests), workflow_actions)
+    return PolicySource(schema, pdir, entities, tuple(manifests), workflow_actions, usage)

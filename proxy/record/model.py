@@ -100,6 +100,30 @@ class WorkflowPart(TypedDict):
 WORKFLOW_RECORD = "workflow.record"
 
 
+class RateLimitCheck(TypedDict):
+    """One rate limit a request counted against (docs/limits.md): `key` is a digest of the
+    counter key (never the values it is built from); `remaining` is absent when the counters
+    could not be read (`outcome: unavailable`)."""
+
+    name: str
+    key: str
+    outcome: str  # allowed | throttled | shadow_throttled | unavailable
+    limit: int
+    period_seconds: float
+    shadow: bool
+    remaining: NotRequired[int]
+
+
+class RateLimitPart(RateLimitCheck):
+    """The limit that decided (the throttling one, else the tightest), and the others checked."""
+
+    others: NotRequired[list[RateLimitCheck]]
+
+
+# stage_data key under which the rate-limit stage leaves the record's RateLimitPart
+RATE_LIMIT_RECORD = "rate_limit.record"
+
+
 class RpcPart(TypedDict):
     method: str
     tool: NotRequired[str]
@@ -180,6 +204,7 @@ class DecisionRecord:
     cedar: CedarInputs | None = None
     error: str | None = None
     workflow: WorkflowPart | None = None
+    rate_limit: RateLimitPart | None = None
 
     # -- where (the request's, else the connection's) -------------------------------
     @property
@@ -269,6 +294,7 @@ class DecisionRecord:
             cedar=policy_inputs_record(inputs) if with_inputs and inputs is not None else None,
             error=redact(error) if error else None,
             workflow=ex.stage_data.get(WORKFLOW_RECORD),
+            rate_limit=ex.stage_data.get(RATE_LIMIT_RECORD),
         )
 
     # -- to the line -------------------------------------------------------------------
@@ -325,6 +351,8 @@ class DecisionRecord:
             d["error"] = self.error
         if self.workflow is not None:
             d["workflow"] = self.workflow
+        if self.rate_limit is not None:
+            d["rate_limit"] = self.rate_limit
         return d
 
     def line(self) -> bytes:
