@@ -22,6 +22,7 @@ from .approvals_api import add_approval_routes
 from .auth import problem
 from .claims_api import add_claim_routes
 from .duplicates_api import add_duplicate_routes
+from .rate_limits_api import add_rate_limit_routes
 from .workflows_api import add_workflow_routes
 from .workflow_inbox_api import add_workflow_inbox_routes
 from .workflow_export_api import add_workflow_export_routes
@@ -106,6 +107,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
         add_governance_routes(app, runtime)
     add_claim_routes(app, runtime)
     add_duplicate_routes(app, runtime)
+    add_rate_limit_routes(app, runtime)
     add_workflow_routes(app, runtime)
     add_workflow_inbox_routes(app, runtime)
     add_workflow_export_routes(app, runtime)

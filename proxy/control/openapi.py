@@ -37,6 +37,7 @@ from .claims_api import (
     Inbox,
 )
 from .duplicates_api import DuplicateList, DuplicateListQuery
+from .rate_limits_api import RateLimitList, RateLimitQuery
 from .workflow_export_api import ExportQuery, OcelLog
 from . import workflow_inbox_api as wi
 from .workflows_api import (InstanceDetail, InstanceList, InstanceListQuery, InstancePath, KpiDocument, KpiQuery,
@@ -215,6 +216,16 @@ ROUTES: tuple[Route, ...] = (
           "operator", (Reply(200, "Entries, newest first: who holds each, its state and when it ends (never the "
                                   "keys or the stored responses).", DuplicateList),),
           (400, *OPERATOR), query=DuplicateListQuery),
+    # rate limits (rate_limits_api.py; docs/limits.md)
+    Route("get", "/v1/rate-limits", "listRateLimits", "Declared rate limits, their counts and a key's state",
+          "coordination", "operator",
+          (Reply(200, "Every declared limit (config and connector routes) with this process's counts; with key "
+                      "values in the query, the state of each limit whose key they complete.", RateLimitList),),
+          (400, *OPERATOR), query=RateLimitQuery,
+          description="Key values given in the query (agent, group, connector, action, resource, workflow) read "
+          "the counters of the limits keyed on them without spending anything. Limits keyed on request or token "
+          "values (param:, query:, field:, claim:) show no state. `counters_available` is false when the counters "
+          "did not answer (docs/limits.md, \"The control API\")."),
     # workflows (workflows_api.py; docs/workflows.md)
     Route("get", "/v1/workflows", "listWorkflows", "Workflow definitions, with instance counts by state",
           "workflows", "approver", (Reply(200, "Every loaded definition.", WorkflowList),), AUTH),
