@@ -1,4 +1,5 @@
-"""Added CPU per request of the coordination stages (claims, Idempotency-Key), on SQLite and PostgreSQL.
+"""Added CPU per request of the coordination stages (claims, Idempotency-Key, workflow steps, rate
+limits), on SQLite and PostgreSQL (and rate limits with their counters in Redis).
 
 One upstream (bench/upstream.py) and one `proctor run` per store backend, both
 forward proxies on loopback with the same connector, policies and token. Four
@@ -12,7 +13,15 @@ connections (closed loop, no think time):
 - `post-plain`:    POST /orders/1    no Idempotency-Key (the baseline for keys);
 - `post-idem`:     POST /orders/1    a distinct Idempotency-Key on every request: the
                    lookup, the insert-if-absent reservation and the completion that stores
-                   the 2xx response (reserve + complete).
+                   the 2xx response (reserve + complete);
+- `patch-step`:    PATCH /step/1     a workflow step (instance found, step recorded);
+- `patch-limited`: PATCH /limited/1  a route with a `rate_limit` (per agent, far above the
+                   load: nothing is throttled): one GCRA decision per request in the
+                   counters, plus the RateLimit fields and context.usage.
+
+With `--redis URL` (default the local server; '' skips it) a third proxy keeps its
+state in SQLite and its rate-limit counters in Redis (`counters.backend: redis`); it
+runs only the two PATCH scenarios that compare rate limits with their baseline.
 
 The proxy's CPU per request is utime+stime of the `proctor run` process from
 /proc (all its threads, so aiosqlite's worker thread is included; as bench/run.py
@@ -27,7 +36,7 @@ keyed, for SQLite then PostgreSQL, then again), and the report gives medians
 (and min-max) over repeats, so drift in a shared machine hits all alike.
 
     .venv/bin/python bench/coordination.py [--requests 3000] [--repeats 3] \\
-        [--pg postgresql://postgres@127.0.0.1:5432/test] [--json out.json]
+        [--pg postgresql://postgres@127.0.0.1:5432/test] [--redis redis://127.0.0.1:6379/0] [--json out.json]
     .venv/bin/python bench/coordination.py --render out.json   # the markdown table again
 
 PostgreSQL runs in a fresh schema (`?schema=bench_coord_<random>`) dropped at the
@@ -61,7 +70,13 @@ sys.path.insert(0, str(BENCH))
 import proctor_env  # noqa: E402
 from run import free_port, port_open, proc_cpu_seconds, wait_for  # noqa: E402
 
-SCENARIOS = ("patch-plain", "patch-claimed", "post-plain", "post-idem", "patch-step")
+SCENARIOS = ("patch-plain", "patch-claimed", "post-plain", "post-idem", "patch-step", "patch-limited")
+# the proxy whose rate-limit counters are in Redis (state in SQLite) runs only these
+REDIS_SCENARIOS = ("patch-plain", "patch-limited")
+
+
+def scenarios_for(backend: str) -> tuple[str, ...]:
+    return REDIS_SCENARIOS if backend == "redis" else SCENARIOS
 
 SCHEMA = """
 type Time = { now: datetime, epoch: Long, hour: Long, weekday: Long };
@@ -73,7 +88,8 @@ entity Agent in [AgentGroup] { team?: String, level?: Long };
 POLICIES = """
 @id("coord-bench-anyone")
 permit (principal, action in [Action::"coord.plain.update", Action::"coord.claimed.update",
-                              Action::"coord.order.create", Action::"coord.step.update"], resource);
+                              Action::"coord.order.create", Action::"coord.step.update",
+                              Action::"coord.limited.update"], resource);
 """
 
 
@@ -92,6 +108,10 @@ def connector(upstream_port: int) -> dict:
              "resource": {"type": "Order", "id": "{id}"}},
             {"method": "PATCH", "path": "/step/{id}", "action": "coord.step.update",
              "resource": {"type": "Item", "id": "{id}"}},
+            # far above any load here: every request is one allowed GCRA decision
+            {"method": "PATCH", "path": "/limited/{id}", "action": "coord.limited.update",
+             "resource": {"type": "Item", "id": "{id}"},
+             "rate_limit": {"name": "bench-per-agent", "key": ["agent"], "limit": 1000000, "period": 1}},
         ],
     }
 
@@ -106,7 +126,8 @@ WORKFLOW = {
 }
 
 
-def build(base: Path, upstream_port: int, stores: dict[str, str | None]) -> tuple[dict[str, tuple[Path, int, int]], str]:
+def build(base: Path, upstream_port: int, stores: dict[str, str | None],
+          redis: tuple[str, str] | None = None) -> tuple[dict[str, tuple[Path, int, int]], str]:
     """A deployment in `base`: key, JWKS, connector, policies (ours + the bundled conflict rule),
     and one config per store backend with its own ports and state directory."""
     key = ec.generate_private_key(ec.SECP256R1())
@@ -134,6 +155,14 @@ def build(base: Path, upstream_port: int, stores: dict[str, str | None]) -> tupl
         path = base / f"proctor-{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         out[name] = (path, port, cport)
+    if redis is not None:  # state in SQLite, rate-limit counters in Redis
+        port, cport = free_port(), free_port()
+        cfg = proctor_env._config("state-redis", port, cport)
+        cfg["workflows_dir"] = str(base / "workflows")
+        cfg["counters"] = {"backend": "redis", "redis_url": redis[0], "prefix": redis[1]}
+        path = base / "proctor-redis.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        out["redis"] = (path, port, cport)
     return out, proctor_env.make_token(key)
 
 
@@ -198,7 +227,7 @@ class _Run:
 def request_maker(scenario: str, upstream_port: int, token: str):
     method, path = {"patch-plain": ("PATCH", "/plain/1"), "patch-claimed": ("PATCH", "/claimed/1"),
                     "post-plain": ("POST", "/orders/1"), "post-idem": ("POST", "/orders/1"),
-                    "patch-step": ("PATCH", "/step/1")}[scenario]
+                    "patch-step": ("PATCH", "/step/1"), "patch-limited": ("PATCH", "/limited/1")}[scenario]
     head = (f"{method} http://127.0.0.1:{upstream_port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{upstream_port}\r\n"
             f"Proxy-Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n")
     fixed = (head + "\r\n{}").encode()
@@ -273,10 +302,10 @@ def measure(backend: str, scenario: str, repeat: int, pid: int, port: int, upstr
 
 def summarize(samples: list[Sample]) -> list[dict]:
     rows = []
-    backends = sorted({s.backend for s in samples}, key=lambda b: b != "sqlite")
+    backends = sorted({s.backend for s in samples}, key=lambda b: (b != "sqlite", b == "redis"))
     for b in backends:
         med = {}
-        for sc in SCENARIOS:
+        for sc in scenarios_for(b):
             ss = [s for s in samples if s.backend == b and s.scenario == sc]
             cpu = [s.cpu_us_per_req for s in ss]
             pg = [s.pg_us_per_req for s in ss if s.pg_us_per_req is not None]
@@ -289,7 +318,10 @@ def summarize(samples: list[Sample]) -> list[dict]:
                          "p50_ms_median": round(statistics.median(s.p50_ms for s in ss), 3),
                          "non2xx": sum(n for s in ss for st, n in s.statuses.items() if not 200 <= st < 300)})
         # added CPU: per repeat (same repeat's baseline), then the median of those differences
-        for sc, base in (("patch-claimed", "patch-plain"), ("post-idem", "post-plain"), ("patch-step", "patch-plain")):
+        for sc, base in (("patch-claimed", "patch-plain"), ("post-idem", "post-plain"), ("patch-step", "patch-plain"),
+                         ("patch-limited", "patch-plain")):
+            if sc not in scenarios_for(b):
+                continue
             diffs = []
             for r in sorted({s.repeat for s in samples}):
                 x = [s for s in samples if s.backend == b and s.scenario == sc and s.repeat == r]
@@ -320,6 +352,13 @@ def _one(port: int, raw: bytes) -> tuple[int, bytes]:
 
 def preflight(name: str, port: int, upstream_port: int, token: str) -> None:
     """Prove each scenario takes the path it is meant to measure, before measuring it."""
+    st, head = _one(port, request_maker("patch-limited", upstream_port, token)())
+    assert st == 200 and b'\r\nratelimit-policy: "bench-per-agent";q=1000000;w=1' in head, (name, st, head)
+    st, head = _one(port, request_maker("patch-plain", upstream_port, token)())
+    assert st == 200 and b"ratelimit" not in head, (name, st, head)
+    if name == "redis":
+        print(f"preflight {name}: RateLimit fields on the limited route only: ok", flush=True)
+        return
     st, head = _one(port, request_maker("patch-claimed", upstream_port, token)())
     assert st == 200 and b"\r\nproctor-claim: clm_" in head, (name, st, head)
     st, head = _one(port, request_maker("patch-plain", upstream_port, token)())
@@ -337,19 +376,21 @@ def preflight(name: str, port: int, upstream_port: int, token: str) -> None:
 
 LABELS = {"patch-plain": "PATCH, route without `claim:`", "patch-claimed": "PATCH, claimed route (holder renews)",
           "post-plain": "POST without Idempotency-Key", "post-idem": "POST, distinct Idempotency-Key each",
-          "patch-step": "PATCH, a workflow step (instance found, step recorded)"}
+          "patch-step": "PATCH, a workflow step (instance found, step recorded)",
+          "patch-limited": "PATCH, a rate-limited route (one GCRA decision)"}
 
 
 def render_table(rows: list[dict]) -> str:
     """The markdown table for docs/performance.md ("## Coordination cost") from `summarize`'s rows."""
-    out = ["| store | request | proxy CPU/request, µs: median (min–max) | added over its baseline, µs: median of per-repeat differences (range) "
+    out = ["| store (rate-limit counters) | request | proxy CPU/request, µs: median (min–max) | added over its baseline, µs: median of per-repeat differences (range) "
            "| PostgreSQL backends' CPU/request, µs | req/s (4 connections) | p50 ms |",
            "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         added = (f"**+{r['added_us_median']:,.0f}** (+{r['added_us_range'][0]:,.0f} … +{r['added_us_range'][1]:,.0f})"
                  if "added_us_median" in r else "baseline")
         pg = "–" if r["pg_backend_us_median"] is None else f"{r['pg_backend_us_median']:,.0f}"
-        out.append(f"| {r['backend']} | {LABELS[r['scenario']]} | {r['cpu_us_median']:,.0f} ({r['cpu_us_min']:,.0f}–"
+        where = "sqlite (redis)" if r["backend"] == "redis" else r["backend"]
+        out.append(f"| {where} | {LABELS[r['scenario']]} | {r['cpu_us_median']:,.0f} ({r['cpu_us_min']:,.0f}–"
                    f"{r['cpu_us_max']:,.0f}) | {added} | {pg} | {r['rps_median']:,} | {r['p50_ms_median']:.2f} |")
     return "\n".join(out) + "\n"
 
@@ -367,6 +408,18 @@ def drop_schema(dsn: str, schema: str) -> None:
     asyncio.run(go())
 
 
+def drop_redis_keys(url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=3000, help="requests per scenario and repeat")
@@ -375,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test",
                     help="PostgreSQL DSN ('' to skip PostgreSQL)")
+    ap.add_argument("--redis", default="redis://127.0.0.1:6379/0",
+                    help="Redis URL for the rate-limit counters of a third proxy ('' to skip it)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep-tmp", action="store_true")
     ap.add_argument("--render", type=Path, metavar="JSON", help="only print the markdown table of a saved --json run")
@@ -389,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.pg:
         stores["postgresql"] = f"{a.pg}{'&' if '?' in a.pg else '?'}schema={schema}"
     up_port = free_port()
-    configs, token = build(base, up_port, stores)
+    redis_prefix = f"bench-coord-{uuid.uuid4().hex[:10]}:"
+    configs, token = build(base, up_port, stores, (a.redis, redis_prefix) if a.redis else None)
     procs: list[subprocess.Popen] = []
     py = sys.executable
     try:
@@ -415,13 +471,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_pid, port) in pids.items():
             preflight(name, port, up_port, token)
         for name, (pid, port) in pids.items():  # warm-up; also takes the claim, so later writes renew it
-            for sc in SCENARIOS:
+            for sc in scenarios_for(name):
                 w = measure(name, sc, 0, pid, port, up_port, token, a.warmup, a.connections)
                 print(f"warmup {name:10} {sc:14} statuses={w.statuses}", flush=True)
         samples: list[Sample] = []
         for r in range(1, a.repeats + 1):
             for name, (pid, port) in pids.items():
-                for sc in SCENARIOS:
+                for sc in scenarios_for(name):
                     s = measure(name, sc, r, pid, port, up_port, token, a.requests, a.connections)
                     samples.append(s)
                     print(f"repeat {r} {name:10} {sc:14} {s.cpu_us_per_req:8.1f} µs CPU/req  "
@@ -447,6 +503,11 @@ def main(argv: list[str] | None = None) -> int:
                 drop_schema(a.pg, schema)
             except Exception as e:  # noqa: BLE001
                 print(f"could not drop schema {schema}: {e}", file=sys.stderr)
+        if a.redis:
+            try:
+                drop_redis_keys(a.redis, redis_prefix)
+            except Exception as e:  # noqa: BLE001
+                print(f"could not delete the Redis keys {redis_prefix}*: {e}", file=sys.stderr)
         if not a.keep_tmp:
             import shutil
 
