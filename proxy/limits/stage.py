@@ -148,7 +148,8 @@ def throttled_refusal(c: Checked, agent: str) -> Refusal:
     wait = retry_after([d]) or math.ceil(d.period_seconds)
     burst = f" (at most {d.burst} at once)" if d.burst != d.limit else ""
     detail = (f"{agent} reached rate limit '{lim.name}': {d.limit} requests per {period_text(d.period_seconds)}"
-              f"{burst}, {_key_text(c.shown)}. This request was not forwarded. Retry after {wait} seconds "
+              f"{burst}, {_key_text(c.shown)}. This request was not forwarded. Retry after {wait} "
+              f"second{'' if wait == 1 else 's'} "
               f"(Retry-After); requests refused meanwhile do not use up '{lim.name}', so waiting is enough.")
     return Refusal(
         429, "Too many requests: rate limit reached", detail, reasons=[f"rate-limit:{lim.name}"],
