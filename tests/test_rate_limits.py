@@ -12,6 +12,8 @@ import asyncio
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +26,7 @@ import yaml
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from conftest import DATA, ROOT, Proctor, _start_upstream, free_port, start_proctor, wait_for
+from conftest import DATA, GATEWAY_ENGINES, ROOT, Proctor, _start_upstream, free_port, start_proctor, wait_for
 from test_limits_backends import REDIS_SKIP, REDIS_URL, SKIP_REDIS, _redis_cleanup
 from test_llm_connector import PROVIDER_KEY, Stub
 from test_store import PG_DSN, PG_SKIP, _pg_admin
@@ -151,6 +153,40 @@ def test_a_client_honouring_retry_after_gets_through(proctor_factory, idp) -> No
     assert second.status_code == 200 and 1.0 <= waited < 10, waited  # told to wait 2 s, then admitted
     recs = p.decisions()
     assert [r["status"] for r in recs if r.get("action") == "test.item.read"] == [200, 429, 200]
+
+
+@pytest.mark.parametrize("engine", GATEWAY_ENGINES)
+def test_both_gateway_engines_send_the_fields(proctor_factory, idp, engine) -> None:
+    p = proctor_factory({"gateway": {"engine": engine},
+                         **limits({"name": "pair", "limit": 2, "period": "1h", "burst": 1, "match": READS})})
+    token = idp.token(f"engine-{engine}")
+    ok, throttled = get(p, token), get(p, token)
+    assert ok.status_code == 200 and ok.headers["RateLimit-Policy"] == '"pair";q=2;w=3600;proctor-burst=1'
+    assert ok.headers["RateLimit"] == '"pair";r=0;t=1800'
+    assert throttled.status_code == 429 and throttled.headers["Retry-After"] == "1800"
+    assert throttled.headers["RateLimit"] == '"pair";r=0;t=1800'
+
+
+def test_the_generated_schema_declares_usage(proctor_factory) -> None:
+    extra = {"name": "extra", "hosts": ["extra.internal"], "routes": [
+        {"method": "GET", "path": "/things/{id}", "action": "extra.thing.read", "resource": {"type": "Thing", "id": "{id}"}},
+        {"method": "POST", "path": "/things", "action": "extra.thing.create", "resource": {"type": "Thing", "id": "new"},
+         "body": {"name": {"path": "name", "type": "string"}}},
+        {"method": "*", "path": "/any", "action": "extra.thing.any", "resource": {"type": "Thing", "id": "any"}}]}
+    p = proctor_factory(limits({"name": "things", "limit": 2, "period": "1h", "match": {"actions": ["extra.thing.*"],
+                                                                                           "methods": ["POST"]}}),
+                        extra_connectors=[extra])
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "connector", "schema", "-c", str(p.config_path)],
+                         capture_output=True, text=True, timeout=60, cwd=str(p.dir))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+
+    def context_of(name: str) -> str:
+        return next(line for line in lines if line.startswith(f"type {name} "))
+
+    assert "usage: { name: String, limit: Long, period: Long, remaining: Long" in context_of("ExtraThingCreateContext")
+    assert "usage?: {" in context_of("ExtraThingAnyContext")  # a `*` route: only its POSTs are limited
+    assert "usage" not in context_of("ExtraThingReadContext")  # GETs are not limited
 
 
 def test_shadow_limits_forward_and_record(proctor_factory, idp, upstream) -> None:

@@ -380,6 +380,32 @@ def test_keys_groups_values_and_escaping() -> None:
     assert value_text(["b", "a"]) == '["b","a"]' and value_text(True) == "true" and value_text(None) is None
 
 
+def test_leaving_a_value_out_never_escapes_the_limit() -> None:
+    stage = _stage([limit(name="customer", limit=1, period=60, key=["field:customer"], match={"connectors": ["svc"]})],
+                   Clock())
+    assert run(stage, _ex(agent="a")).allowed  # no customer: the "none" counter
+    r = run(stage, _ex(agent="b")).refusal
+    assert r is not None and r.extra["rate_limit"]["key"] == {"field:customer": None}
+    assert run(stage, _ex(agent="c", fields={"customer": "c1"})).allowed  # a value has its own counter
+
+
+def test_a_token_with_many_groups_costs_a_bounded_number_of_counters() -> None:
+    class Counting(StoreCounters):
+        hits = 0
+
+        async def hit(self, *a: Any, **kw: Any) -> Any:
+            Counting.hits += 1
+            return await super().hit(*a, **kw)
+
+    table = build_table([limit(name="team", key=["group"], limit=5, period=60)], [manifest()])
+    stage = RateLimit(table, Counting(MemoryCounterStore()), lambda i: list(i.claims.get("groups", [])), clock=Clock())
+    groups = [f"g{i:04d}" for i in range(1000)]
+    ex = run(stage, _ex(groups=groups))
+    assert ex.allowed and Counting.hits == 32
+    # the same 32 every time (sorted), so the bound is no way around a group's counter
+    assert run(stage, _ex(agent="x", groups=["g0000"])).stage_data[RATE_LIMIT_RECORD]["remaining"] == 3
+
+
 def test_counters_down_fail_closed_or_open() -> None:
     clock, store = Clock(), MemoryCounterStore()
     closed = _stage([limit(name="strict")], clock, store)
