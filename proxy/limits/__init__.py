@@ -9,6 +9,12 @@
   and `memory_counters()` (unit tests only);
 - `CounterUnavailable`: the only error a backend raises for its own failure;
 - `limit_key(*parts)`: an unambiguous counter key from request values.
+
+Rate limits on the request path (imported by their users, not from here):
+`spec` (the `rate_limits:` / route `rate_limit:` / `counters:` declarations),
+`table` (checked against the connectors; which limits a request counts against),
+`stage` (the `rate-limit` stage), `setup` (table + counters backend, built by
+server.py) and `metrics` (`proctor_rate_limited_total`).
 """
 
 from __future__ import annotations
