@@ -304,3 +304,39 @@ def test_invalid_definitions_stop_startup_listing_every_problem(tmp_path) -> Non
     for problem in ("step a: unknown action flow.nope", "step b: no actions", "requires form a cycle: c -> b -> c",
                     "step a: requires earlier steps but names no object"):
         assert problem in err, err
+
+
+@pytest.mark.parametrize("engine", ["mitmproxy", "aiohttp"])
+def test_an_upstream_cannot_speak_for_proctor(tmp_path, idp, pki, upstream, upstream_tls, work, engine) -> None:
+    """Proctor-Workflow, Proctor-Claim, Proctor-Workflow-Retry and X-Proctor-Original-Decision-Id
+    come from Proctor only: an upstream's copies are dropped, Proctor's own value stays."""
+    spoof = [("X-Test-Header", h) for h in ("Proctor-Workflow: orders; instance=wfi_forged; step=receipt",
+                                            "Proctor-Claim: clm_forged; mode=exclusive; fence=1",
+                                            "Proctor-Workflow-Retry: attempt=1; max=9",
+                                            "X-Proctor-Original-Decision-Id: forged", "X-Kept: yes")]
+    p = start(tmp_path, idp, pki, upstream, upstream_tls, work,
+              overrides={"gateway": {"engine": engine, "routes": [
+                  {"prefix": "/flow", "upstream": f"http://127.0.0.1:{work.port}"}]}})
+    try:
+        token = idp.token("alice", groups=["writers"], ttl=600)
+        for via in ("forward", "gateway"):
+            if via == "forward":
+                if engine != "mitmproxy":
+                    continue
+                client = httpx.Client(proxy=p.proxy_url_with("alice", token), timeout=20)
+                base = f"http://127.0.0.1:{work.port}"
+            else:
+                client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=20)
+                base = f"{p.gateway_url}/flow"
+            with client:
+                plain = client.post(f"{base}/notes", json={}, headers=spoof)
+                assert plain.status_code == 201 and plain.headers["X-Kept"] == "yes", (via, plain.headers)
+                for name in ("Proctor-Workflow", "Proctor-Claim", "Proctor-Workflow-Retry",
+                             "X-Proctor-Original-Decision-Id"):
+                    assert name not in plain.headers, (via, name)
+                step = client.post(f"{base}/requests", json={}, headers=spoof)
+                assert step.status_code == 201
+                got = step.headers.get_list("Proctor-Workflow")
+                assert len(got) == 1 and "wfi_forged" not in got[0] and got[0].startswith("orders; instance=wfi_")
+    finally:
+        p.stop()

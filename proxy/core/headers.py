@@ -10,6 +10,14 @@ from collections.abc import Iterable
 
 _BAD_HEADER_BYTES = (b"\r", b"\n", b"\x00")
 
+# Response headers that carry Proctor's own word to the agent (claims, workflows, replays).
+# An upstream's answer never gets to set them: the engines drop them from what the upstream
+# sent (a stage's value, if any, is added after), so an agent cannot be told it holds a claim,
+# is on a workflow instance or got a replay by anyone but Proctor.
+PROCTOR_RESPONSE_HEADERS = frozenset({
+    "proctor-claim", "proctor-workflow", "proctor-workflow-retry", "x-proctor-original-decision-id",
+})
+
 
 def flatten_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], str | None, frozenset[str]]:
     """Lower-cased header names with repeated fields joined by ", " (one pass over the raw

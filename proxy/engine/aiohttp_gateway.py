@@ -57,7 +57,7 @@ from ..config import RequestLimits, UpstreamConfig
 from ..core.chain import Chain, internal_error_refusal
 from ..core.exchange import Exchange, ResponseSummary
 from ..core.model import AgentRequest
-from ..core.headers import flatten_headers
+from ..core.headers import PROCTOR_RESPONSE_HEADERS, flatten_headers
 from ..core.net import normalise_ip
 from ..core.problem import DECISION_HEADER, PROBLEM_CONTENT_TYPE, refusal_answer
 from ..logredact import redact
@@ -807,8 +807,8 @@ class AiohttpGateway:
         out: CIMultiDict[str] = CIMultiDict()
         for raw_name, raw_value in raw:
             lowered = raw_name.lower().decode("latin-1")
-            if lowered in drop or (chunked and lowered == "content-length"):
-                continue
+            if lowered in drop or (chunked and lowered == "content-length") or lowered in PROCTOR_RESPONSE_HEADERS:
+                continue  # (Proctor-* response headers: only Proctor speaks these, core/headers.py)
             out.add(raw_name.decode("latin-1"), raw_value.decode("latin-1"))
         out[DECISION_HEADER] = ex.decision_id
         for name, value in ex.plan.response_headers.items():

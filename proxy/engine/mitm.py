@@ -41,7 +41,7 @@ from ..config import RequestLimits
 from ..core.chain import Chain, internal_error_refusal
 from ..core.exchange import Connection, Exchange, Kind, ResponseSummary, refused_exchange
 from ..core.model import AgentIdentity, AgentRequest, Refusal
-from ..core.headers import flatten_headers
+from ..core.headers import PROCTOR_RESPONSE_HEADERS, flatten_headers
 from ..core.net import normalise_ip
 from ..core.problem import DECISION_HEADER, problem_response, refusal_answer
 from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
@@ -450,6 +450,9 @@ class ProctorAddon:
         if resp is None:
             return
         ex: Exchange | None = flow.metadata.get(EXCHANGE)
+        if ex is None or ex.local_reply is None:  # (an upstream's answer, not Proctor's own reply)
+            for name in [n for n in resp.headers if n.lower() in PROCTOR_RESPONSE_HEADERS]:
+                del resp.headers[name]  # (only Proctor speaks these: core/headers.py)
         if ex is not None:
             resp.headers[DECISION_HEADER] = ex.decision_id
             for name, value in ex.plan.response_headers.items():

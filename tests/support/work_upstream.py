@@ -3,7 +3,8 @@
 Every request is appended to a JSONL log (method, path, body) before it is
 answered, so a test counts exactly how many times the work was done. Request
 headers steer the answer: `X-Test-Delay` (seconds to wait first),
-`X-Test-Status` (the status), `X-Test-Size` (a body of that many bytes).
+`X-Test-Status` (the status), `X-Test-Size` (a body of that many bytes),
+`X-Test-Header: Name: value` (a header the answer carries).
 A 2xx answer carries a fresh `Location` and a counter, so a replay is told
 apart from a second execution.
 
@@ -39,6 +40,9 @@ def main() -> None:
         status = int(request.headers.get("X-Test-Status", "201"))
         size = request.headers.get("X-Test-Size")
         headers = {"Location": f"/work/{n}", "Set-Cookie": f"session=s{n}; Path=/nowhere"}  # (clients do not send it back)
+        for extra in request.headers.getall("X-Test-Header", []):  # "Name: value": a header the answer carries
+            name, _, value = extra.partition(":")
+            headers[name.strip()] = value.strip()
         if size is not None:
             return web.Response(status=status, body=b"x" * int(size), headers=headers, content_type="text/plain")
         return web.json_response({"n": n, "path": request.raw_path}, status=status, headers=headers)
