@@ -39,10 +39,21 @@ IDP_ISSUER = "https://idp.test"
 AUDIENCE = "proctor"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port never handed out before in this test run: the kernel may give the
+    same ephemeral port twice in a row once it is closed, and a proxy started with its
+    control and gateway listeners on one port fails to bind (seen in CI)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh loopback port after 100 tries")
 
 
 def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = "condition") -> None:
