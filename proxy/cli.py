@@ -472,8 +472,12 @@ def connector_schema(config_path: str | None) -> None:
         from .limits.table import usage_actions
 
         actions = load_workflows(config.effective_workflows_dir, manifests).actions
+        from .limits.budget_table import budget_actions
+
         usage = usage_actions(config.rate_limits, manifests, actions)
-        click.echo(generate_schema(manifests, declared_in(base), workflow_actions=actions, usage_actions=usage),
+        budget = budget_actions(config.budgets, manifests, actions)
+        click.echo(generate_schema(manifests, declared_in(base), workflow_actions=actions, usage_actions=usage,
+                                   budget_actions=budget),
                    nl=False)
     except ManifestError as e:
         click.echo(f"error: {e}", err=True)

@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .limits.budget_spec import BudgetSpec, LlmPrices, unique_budget_names
 from .limits.spec import ConfigRateLimit, CountersConfig, unique_names
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -443,11 +444,21 @@ class ProctorConfig(Strict):
     # Rate limits (docs/limits.md) and where their counters live.
     rate_limits: list[ConfigRateLimit] = Field(default_factory=list)
     counters: CountersConfig = Field(default_factory=CountersConfig)
+    # Budgets (spend per calendar window, docs/limits.md "Budgets") and LLM token prices.
+    budgets: list[BudgetSpec] = Field(default_factory=list)
+    llm_prices: LlmPrices | None = None
 
     @field_validator("rate_limits")
     @classmethod
     def _rate_limit_names(cls, v: list[ConfigRateLimit]) -> list[ConfigRateLimit]:
         return unique_names(v)
+
+    @model_validator(mode="after")
+    def _budget_names(self) -> "ProctorConfig":
+        unique_budget_names(self.budgets, [lim.name for lim in self.rate_limits])
+        if any(b.cost is not None and b.cost.llm for b in self.budgets) and self.llm_prices is None:
+            raise ValueError("a budget with cost {llm: true} needs llm_prices (the token price table)")
+        return self
 
     # -- derived paths ---------------------------------------------------------
     @property

@@ -40,6 +40,8 @@ from .engine.gateway import GatewayRouter
 from .governance.registry import Governance, suspension_refusal
 from .governance.stage import AgentSuspended, TargetSuspended
 from .identity.stage import Authenticate, Authenticator
+from .limits.budget_setup import Budgets
+from .limits.budget_stage import BudgetCheck, BudgetReserve
 from .limits.metrics import RateLimitMetrics
 from .limits.setup import RateLimits
 from .limits.stage import RateLimit
@@ -81,6 +83,7 @@ class Parts:
     notifier: Any = None  # approvals.notify.Notifier: webhooks (handoffs too)
     workflows: Workflows | None = None  # workflow definitions (docs/workflows.md)
     rate_limits: RateLimits | None = None  # declared rate limits and their counters (docs/limits.md)
+    budgets: Budgets | None = None  # declared budgets and their ledger (docs/limits.md, "Budgets")
 
 
 @dataclass
@@ -156,6 +159,10 @@ def build_request_path(p: Parts) -> RequestPath:
     rate_limit = RateLimit(rl.table, rl.counters, groups_of, RateLimitMetrics(p.metrics.registry, [
         lim.name for lim in rl.table.limits]), sweep_interval_seconds=rl.sweep_interval_seconds) if rl else None
 
+    bg = p.budgets
+    budget_check = BudgetCheck(bg.table, bg.ledger, groups_of) if bg else None
+    budget_reserve = BudgetReserve(bg.ledger, bg.table.llm_prices) if bg else None
+
     exceptions = WorkflowExceptions(p.store, p.recorder.write, ExceptionReporter(p.metrics, p.notifier),
                                     groups_of) if workflows is not None else None
 
@@ -185,6 +192,8 @@ def build_request_path(p: Parts) -> RequestPath:
                                                                    # retry, give up, escalate, reroute
         rate_limit,                                                # counted against its rate limits: 429
                                                                    # (denied requests count too); context.usage
+        budget_check,                                              # estimated cost vs its budgets: 429 when
+                                                                   # over a refusing one; context.budget
         TrackCreator(p.store),                                     # on the way back: who created what
         Authorize(p.policies, p.shadow, cfg.identity_settings(), cfg.limits),  # Cedar (and shadow)
         ClaimConflict(claim_observer, record=p.recorder.write),                             # a deny by @claim policies -> 409
@@ -198,6 +207,8 @@ def build_request_path(p: Parts) -> RequestPath:
                          duplicates) if p.store else None,  # replay/409/422
         IfMatch(p.store, cfg.concurrency, etag_paths,              # if_match writes: If-Match (last-seen ETag);
                 ConcurrencyMetrics(p.metrics.registry)) if p.store and etag_paths else None,  # upstream 412 -> 409
+        budget_reserve,                                            # reserve the cost (429 if it no longer fits);
+                                                                   # on the way back: settle or release it
         InjectCredential(p.injector) if p.injector else None,      # the connector's credential
         ClaimAcquire(p.store, claim_observer, record=p.recorder.write),                     # atomic acquire/renew: the arbiter
         ClaimHandoff(p.store, p.recorder.write,                    # on the way back: a 2xx handoff

@@ -39,6 +39,7 @@ from .engine.gateway_tls import ListenerCertificates
 from .engine.listeners import ListenerWatch
 from .engine.mitm import ProctorAddon
 from .identity.stage import Authenticator
+from .limits.budget_setup import Budgets, build_budgets
 from .limits.setup import RateLimits, build_rate_limits
 from .request_path import Parts, RequestPath, build_request_path
 from .engine.patches import EngineTimeouts, install_engine_patches
@@ -81,6 +82,7 @@ class ProctorRuntime:
     tracing: Tracing | None = None
     workflows: Workflows = field(default_factory=Workflows)
     rate_limits: RateLimits | None = None  # declared rate limits and their counters (docs/limits.md)
+    budgets: Budgets | None = None  # declared budgets and their ledger (docs/limits.md, "Budgets")
 
     def stats(self) -> dict[str, int]:
         """The engine's request counters (GET /v1/stats)."""
@@ -106,6 +108,8 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         shadow = ShadowPolicies(policy_source(config, config.policies.shadow_dir, manifests=manifests))
     store = open_store(config.store_url)
     rate_limits = build_rate_limits(config, manifests, workflows.actions, store)
+    budgets = build_budgets(config, manifests, workflows.actions, store,
+                            rate_limits.counters if rate_limits is not None else None)
     lookups = LookupClient(config.upstream, injector)
     enricher = Enricher(manifests, creator_of=store.creator_of, fetch_json=lookups.fetch_json)
     recorder = DecisionRecorder(config.decisions_path)
@@ -160,11 +164,13 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         tracing=tracing,
         workflows=workflows,
         rate_limits=rate_limits,
+        budgets=budgets,
     ))
     addon = ProctorAddon(path.requests, path.tunnels, router, config.limits)
     runtime = ProctorRuntime(
         config, policies, path, recorder, addon, metrics, store, lookups, verifier, shadow, enricher,
         approvals, notifier, governance, audit, tracing=tracing, workflows=workflows, rate_limits=rate_limits,
+        budgets=budgets,
     )
     if approvals is not None:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
@@ -366,6 +372,8 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         await runtime.lookups.close()
         if runtime.rate_limits is not None:
             await runtime.rate_limits.close()
+        elif runtime.budgets is not None:  # (shares the rate limits' backend when both exist)
+            await runtime.budgets.close()
         await runtime.store.close()
         if runtime.tracing is not None:
             runtime.tracing.shutdown()

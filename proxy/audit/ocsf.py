@@ -12,12 +12,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, cast
 
 from .. import __version__
 from ..record.model import (
     EVENT_TYPES,
     ApprovalEvent,
+    BudgetEventRecord,
     ClaimEvent,
     DuplicateEvent,
     DecisionRecord,
@@ -200,6 +202,7 @@ def decision_event(rec: DecisionRecord) -> dict[str, Any]:
         "error": rec.error,
         "errors": rec.errors or None,
         "rate_limit": rec.rate_limit,
+        "budget": rec.budget,
     }
     ev["unmapped"] = {"proctor": {k: v for k, v in proctor.items() if v is not None}}
     return ev
@@ -327,9 +330,50 @@ def workflow_event(rec: WorkflowEvent) -> dict[str, Any]:
     return ev
 
 
+# what a call that found a budget exhausted became (BudgetEventRecord.outcome), for the message
+_BUDGET_OUTCOME = {"exhausted": "refused (429)", "held": "held for a budget extension",
+                   "shadow_exhausted": "let through (shadow budget)", "extended": "let through (budget extension)"}
+
+
+def _key_text(key: Mapping[str, Any]) -> str:
+    return ", ".join(f"{dim} {'(none)' if v is None else v}" for dim, v in key.items()) or "shared"
+
+
+def _percent(fraction: str | None) -> str:
+    """"0.8" -> "80" (a hand-made line's text that is not a number is shown as it is)."""
+    try:
+        return format((Decimal(fraction or "0") * 100).normalize(), "f")
+    except ArithmeticError:
+        return str(fraction)
+
+
+def budget_event(rec: BudgetEventRecord) -> dict[str, Any]:
+    """A budget window at its soft threshold, or exhausted (docs/limits.md, "Budget metrics and
+    events"): the actor is the agent whose call found it so, correlated with that call; the
+    budget is the resource. Only a refused call is a Failure: a held, shadow or extended call
+    is not (yet) refused."""
+    exhausted = rec.event == "exhausted"
+    ev = _base(99, _ms(rec.time), 3 if exhausted else 2, rec.outcome != "exhausted")
+    ev["actor"] = {"user": {"uid": rec.agent, "name": rec.agent, "type_id": 99, "type": "AI agent"}}
+    ev["api"] = {"operation": f"proctor.budget.{rec.event}", "request": {"uid": rec.decision_id},
+                 "service": {"name": "proctor.limits"}}
+    ev["resources"] = [{"uid": f"{rec.budget}/{rec.window_id}", "name": rec.budget, "type": "Budget"}]
+    ev["metadata"]["correlation_uid"] = rec.decision_id
+    amounts = f"spent {rec.spent} + reserved {rec.reserved} of {rec.limit}" + (f" {rec.currency}" if rec.currency else "")
+    where = f"budget {rec.budget} ({_key_text(rec.key)}), window {rec.window_id}"
+    if exhausted:
+        what = f"exhausted ({amounts}): {rec.agent} {rec.action} {_BUDGET_OUTCOME.get(rec.outcome, rec.outcome)}"
+    else:
+        share = f"{_percent(rec.threshold)} %"
+        what = f"soft threshold {share} reached ({amounts}) by {rec.agent} {rec.action}"
+    ev["message"] = f"{where}: {what}"
+    return ev
+
+
 _STATE_CHANGE: dict[type, Callable[[Any], dict[str, Any]]] = {
     ApprovalEvent: approval_event, SuspensionEvent: suspension_event, PolicyEvent: policy_event, TrailEvent: trail_event,
     ClaimEvent: claim_event, DuplicateEvent: duplicate_event, WorkflowEvent: workflow_event,
+    BudgetEventRecord: budget_event,
 }
 
 

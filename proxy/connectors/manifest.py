@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..coordination.concurrency_spec import ConcurrencySpec, check_route_concurrency, concurrency_error
 from ..coordination.dedupe import DedupeSpec, check_route_dedupe
 from ..coordination.handoff_spec import HandoffSpec, check_route_handoff
+from ..limits.budget_spec import CostSpec
 from ..limits.spec import RateLimitSpec, check_route_rate_limits, route_rate_limits_error
 from .credentials import UpstreamAuth
 
@@ -296,6 +297,8 @@ class RouteSpec(_Strict):
     concurrency: ConcurrencySpec | None = None
     # Requests on this route count against these rate limits (docs/limits.md): one or a list.
     rate_limit: RateLimitSpec | list[RateLimitSpec] | None = None
+    # What one call costs against the budgets it counts in (docs/limits.md, "Budgets").
+    cost: CostSpec | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -421,6 +424,13 @@ class RouteSpec(_Strict):
             fields = set(self.body) | {n for op in self.jsonrpc or [] for n in op.body}
             check_route_rate_limits(self.rate_limits, self.method, self.path,
                                     set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.path)), set(self.query), fields)
+        if self.cost is not None:
+            declared = (set(self.body) | set(self.query) | {n for op in self.jsonrpc or [] for n in op.body}
+                        | set(re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", self.path)))
+            missing = sorted(self.cost.fields - declared)
+            if missing:
+                raise ValueError(f"route {self.method} {self.path}: cost reads {missing}, which the route does not "
+                                 "declare as typed values (params, query or body)")
         return self
 
 

@@ -55,6 +55,11 @@ WORKFLOW_CONTEXT_TYPE = ("{ name: String, instance: String, step: String, known:
 USAGE_CONTEXT_TYPE = ("{ name: String, limit: Long, period: Long, remaining: Long, reset_after: Long, throttled: Bool, "
                       "shadow: Bool, known: Bool }")
 
+# context.budget on budgeted actions (proxy/limits/budget_stage.py builds it; docs/limits.md, "Budgets").
+BUDGET_CONTEXT_TYPE = ("{ name: String, currency: String, limit: decimal, spent: decimal, reserved: decimal, "
+                       "remaining: decimal, estimated_cost: decimal, used_percent: Long, exceeded: Bool, "
+                       "soft_reached: Bool, on_exceed: String, shadow: Bool, known: Bool, window_end: Long }")
+
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -167,6 +172,7 @@ def generate_schema(
     tracked_types: set[str] | None = None,
     workflow_actions: "frozenset[str] | set[str]" = frozenset(),
     usage_actions: "Mapping[str, bool] | None" = None,
+    budget_actions: "Mapping[str, bool] | None" = None,
 ) -> str:
     """Cedar schema text declaring every connector action and resource type not already `declared`.
 
@@ -176,6 +182,7 @@ def generate_schema(
     declares `usage` (required when every request of the action is limited).
     """
     usage_actions = usage_actions or {}
+    budget_actions = budget_actions or {}
     declared = declared or Declared()
     tracked_types = set(tracked_types or ())
     for m in manifests:
@@ -286,6 +293,9 @@ def generate_schema(
         if action in usage_actions:
             extra = True
             ctx_fields.append(f"usage{'' if usage_actions[action] else '?'}: {USAGE_CONTEXT_TYPE}")
+        if action in budget_actions:
+            extra = True
+            ctx_fields.append(f"budget{'' if budget_actions[action] else '?'}: {BUDGET_CONTEXT_TYPE}")
         if extra:
             ctx_name = _context_type_name(action, taken)
             lines.append(f"type {ctx_name} = {{ {', '.join(ctx_fields)} }};")

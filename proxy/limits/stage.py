@@ -125,6 +125,43 @@ def shown_value(dim: str, value: str | None) -> str | None:
     return "sha256:" + digest(value, 12)
 
 
+def dimension_values(dim: str, ex: Exchange, groups_of: GroupsOf) -> list[str | None]:
+    """The values of one key dimension for a request (several for `group`; None when absent)."""
+    cls, identity = ex.classification, ex.identity
+    assert cls is not None and identity is not None
+    if dim == "agent":
+        return [identity.agent_id]
+    if dim == "group":
+        groups = sorted(set(groups_of(identity)))[:MAX_GROUP_KEYS]
+        return list(groups) or [None]
+    if dim == "connector":
+        return [cls.connector]
+    if dim == "action":
+        return [cls.action]
+    if dim == "resource":
+        return [cls.resource_uid]
+    if dim == "workflow":
+        wf = ex.stage_data.get(CONTEXT_EXTRA, {}).get("workflow")
+        instance = wf.get("instance") if isinstance(wf, dict) else None
+        return [instance or None]
+    kind, _, name = dim.partition(":")
+    source: dict[str, Any] = {"param": cls.params, "query": cls.query_params, "field": cls.fields,
+                              "claim": identity.claims}.get(kind, {})
+    return [value_text(source.get(name))]
+
+
+def key_combos(dims: tuple[str, ...], ex: Exchange,
+               groups_of: GroupsOf) -> Iterator[tuple[tuple[str | None, ...], dict[str, str | None]]]:
+    """(values, the key as refusals show it) for each counter a request counts in: one, or one
+    per group of the agent's for a key on `group` (shared by rate limits and budgets)."""
+    combos: list[tuple[str | None, ...]] = [()]
+    for dim in dims:
+        values = dimension_values(dim, ex, groups_of)
+        combos = [c + (v,) for c in combos for v in values]
+    for combo in combos:
+        yield combo, {dim: shown_value(dim, v) for dim, v in zip(dims, combo)}
+
+
 def period_text(seconds: float) -> str:
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
         if seconds >= size and seconds % size == 0:
@@ -246,38 +283,10 @@ class RateLimit(Stage):
         self._logged: dict[str, float] = {}
 
     # -- keys ---------------------------------------------------------------------------
-    def _values(self, dim: str, ex: Exchange) -> list[str | None]:
-        cls, identity = ex.classification, ex.identity
-        assert cls is not None and identity is not None
-        if dim == "agent":
-            return [identity.agent_id]
-        if dim == "group":
-            groups = sorted(set(self.groups_of(identity)))[:MAX_GROUP_KEYS]
-            return list(groups) or [None]
-        if dim == "connector":
-            return [cls.connector]
-        if dim == "action":
-            return [cls.action]
-        if dim == "resource":
-            return [cls.resource_uid]
-        if dim == "workflow":
-            wf = ex.stage_data.get(CONTEXT_EXTRA, {}).get("workflow")
-            instance = wf.get("instance") if isinstance(wf, dict) else None
-            return [instance or None]
-        kind, _, name = dim.partition(":")
-        source: dict[str, Any] = {"param": cls.params, "query": cls.query_params, "field": cls.fields,
-                                  "claim": identity.claims}.get(kind, {})
-        return [value_text(source.get(name))]
-
     def keys(self, lim: Limit, ex: Exchange) -> Iterator[tuple[str, dict[str, str | None]]]:
         """(counter key, the key as a 429 shows it) for each counter the request counts against:
         one, or one per group of the agent's for a limit keyed on `group`."""
-        per_dim = [self._values(dim, ex) for dim in lim.key]
-        combos: list[tuple[str | None, ...]] = [()]
-        for values in per_dim:
-            combos = [c + (v,) for c in combos for v in values]
-        for combo in combos:
-            shown = {dim: shown_value(dim, v) for dim, v in zip(lim.key, combo)}
+        for combo, shown in key_combos(lim.key, ex, self.groups_of):
             yield counter_key(lim.name, lim.key, combo), shown
 
     # -- the request ----------------------------------------------------------------------

@@ -75,6 +75,8 @@ class PolicySource:
     workflow_actions: frozenset = frozenset()
     # Rate-limited actions (-> whether every request of it is limited): their context declares `usage`.
     usage_actions: tuple = ()
+    # Budgeted actions (-> whether every request of it is budgeted): their context declares `budget`.
+    budget_actions: tuple = ()
 
     def files(self) -> list[Path]:
         files = [self.schema_path, *sorted(self.policy_dir.glob("*.cedar"))]
@@ -172,7 +174,8 @@ def load_bundle(source: PolicySource) -> PolicyBundle:
                 try:
                     generated = generate_schema(list(source.manifests), declared_in(schema_text),
                                                 workflow_actions=source.workflow_actions,
-                                                usage_actions=dict(source.usage_actions))
+                                                usage_actions=dict(source.usage_actions),
+                                                budget_actions=dict(source.budget_actions))
                 except ManifestError as e:
                     problems.append(f"schema from connectors: {e}")
         hasher.update(generated.encode())

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import ProctorConfig
 from ..connectors.manifest import load_manifests
+from ..limits.budget_table import budget_actions
 from ..limits.table import usage_actions
 from ..workflows.spec import load_workflows
 from .engine import PolicySource
@@ -27,11 +28,13 @@ def policy_source(
         schema = schema_file
     workflow_actions: frozenset[str] = frozenset()
     usage: tuple[tuple[str, bool], ...] = ()
+    budget: tuple[tuple[str, bool], ...] = ()
     if config.policies.schema_from_connectors:
         if manifests is None:
             manifests = load_manifests(config.connectors_dir)
         workflow_actions = load_workflows(config.effective_workflows_dir, manifests).actions
         usage = tuple(sorted(usage_actions(config.rate_limits, manifests, workflow_actions).items()))
+        budget = tuple(sorted(budget_actions(config.budgets, manifests, workflow_actions).items()))
     else:
         manifests = []
-    return PolicySource(schema, pdir, entities, tuple(manifests), workflow_actions, usage)
+    return PolicySource(schema, pdir, entities, tuple(manifests), workflow_actions, usage, budget)

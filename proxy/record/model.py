@@ -10,6 +10,7 @@ Each line of the decision record is one of:
 - `ClaimEvent` (`"type": "claim"`): a claim on a resource transferred, handed off or released;
 - `DuplicateEvent` (`"type": "duplicate"`): a write not forwarded because it repeated earlier work;
 - `WorkflowEvent` (`"type": "workflow"`): a workflow exception (rerouted, gave up, escalated, stalled, decided);
+- `BudgetEventRecord` (`"type": "budget"`): a budget window reached its soft threshold, or was exhausted;
 
 and the audit trail adds its own `TrailEvent` (`"type": "audit"`: a gap, a repair),
 which is never written to decisions.jsonl. `Record` is their union.
@@ -122,6 +123,10 @@ class RateLimitPart(RateLimitCheck):
 
 # stage_data key under which the rate-limit stage leaves the record's RateLimitPart
 RATE_LIMIT_RECORD = "rate_limit.record"
+# stage_data key under which the budget stages leave the record's `budget` part (proxy/limits/budget_stage.py):
+# the tightest budget checked (name, key digest, outcome, window, estimate, spent, reserved, result,
+# actual), the others under `others`
+BUDGET_RECORD = "budget.record"
 
 
 class RpcPart(TypedDict):
@@ -205,6 +210,7 @@ class DecisionRecord:
     error: str | None = None
     workflow: WorkflowPart | None = None
     rate_limit: RateLimitPart | None = None
+    budget: dict[str, Any] | None = None
 
     # -- where (the request's, else the connection's) -------------------------------
     @property
@@ -295,6 +301,7 @@ class DecisionRecord:
             error=redact(error) if error else None,
             workflow=ex.stage_data.get(WORKFLOW_RECORD),
             rate_limit=ex.stage_data.get(RATE_LIMIT_RECORD),
+            budget=ex.stage_data.get(BUDGET_RECORD),
         )
 
     # -- to the line -------------------------------------------------------------------
@@ -353,6 +360,8 @@ class DecisionRecord:
             d["workflow"] = self.workflow
         if self.rate_limit is not None:
             d["rate_limit"] = self.rate_limit
+        if self.budget is not None:
+            d["budget"] = self.budget
         return d
 
     def line(self) -> bytes:
@@ -572,6 +581,38 @@ class WorkflowEvent(_Event):
 
 
 @dataclass(slots=True, kw_only=True)
+class BudgetEventRecord(_Event):
+    """A budget window reached its soft threshold (`soft_threshold`), or a call found it
+    exhausted (`exhausted`: refused, held for an extension, or let through by a shadow
+    budget: `outcome`) (docs/limits.md, "Budgets"). Made from the budget stage's
+    `proxy.limits.budget_events.BudgetEvent`. Amounts are exact decimals written as text;
+    `key` is the key as a refusal shows it (request and token values digested)."""
+
+    record_type: ClassVar[str] = "budget"
+    _OMIT_NONE: ClassVar[frozenset[str]] = frozenset({"threshold", "reason"})
+
+    type: Literal["budget"] = "budget"
+    event: str  # soft_threshold | exhausted
+    time: str
+    budget: str
+    key: dict[str, str | None]
+    window_id: str
+    window_start: str
+    window_end: str
+    limit: str
+    spent: str
+    reserved: str
+    currency: str
+    threshold: str | None = None  # soft_threshold: the fraction of the limit (0.8)
+    outcome: str  # exhausted | held | shadow_exhausted | reserved (the call that crossed the soft threshold)
+    agent: str
+    decision_id: str  # the call that found the window there
+    action: str
+    connector: str
+    reason: str | None = None  # (unused: every event line may carry one)
+
+
+@dataclass(slots=True, kw_only=True)
 class TrailEvent(_Event):
     """The audit trail about itself (proxy/audit/filesink.py): events a file could not take
     (`gap`), or a torn last line cut off (`repaired`). Only in the audit trail."""
@@ -594,11 +635,12 @@ class TrailEvent(_Event):
 
 
 Record = Union[DecisionRecord, ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent, DuplicateEvent,
-               WorkflowEvent]
-EventRecord = Union[ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent, DuplicateEvent, WorkflowEvent]
+               WorkflowEvent, BudgetEventRecord]
+EventRecord = Union[ApprovalEvent, SuspensionEvent, PolicyEvent, TrailEvent, ClaimEvent, DuplicateEvent, WorkflowEvent,
+                    BudgetEventRecord]
 EVENT_TYPES: dict[str, type[_Event]] = {
     "approval": ApprovalEvent, "suspension": SuspensionEvent, "policy": PolicyEvent, "audit": TrailEvent,
-    "claim": ClaimEvent, "duplicate": DuplicateEvent, "workflow": WorkflowEvent,
+    "claim": ClaimEvent, "duplicate": DuplicateEvent, "workflow": WorkflowEvent, "budget": BudgetEventRecord,
 }
 
 
@@ -631,12 +673,13 @@ RecordLine = Annotated[
         Annotated[ClaimEvent, Tag("claim")],
         Annotated[DuplicateEvent, Tag("duplicate")],
         Annotated[WorkflowEvent, Tag("workflow")],
+        Annotated[BudgetEventRecord, Tag("budget")],
     ],
     Discriminator(
         _line_kind,
         custom_error_type="record_type",
         custom_error_message="not a record: an object with no `type` (a decision) or `type` one of "
-                             "approval, suspension, policy, audit, claim, duplicate, workflow",
+                             "approval, suspension, policy, audit, claim, duplicate, workflow, budget",
     ),
 ]
 RECORD_LINE: TypeAdapter[Record] = TypeAdapter(RecordLine)
