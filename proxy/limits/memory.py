@@ -17,7 +17,7 @@ from typing import TypeVar
 from ..store.base import StoreError
 from ..store.counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, ReserveOutcome, SettleOutcome,
                               SettleStatus,
-                              add, check_amount, check_key, dsum, reserve_decision)
+                              add, check_amount, check_key, check_listing, dsum, reserve_decision, usage_by_key)
 from .ledger import DEFAULT_GRACE_SECONDS
 from .store_backend import StoreCounters
 
@@ -130,6 +130,18 @@ class MemoryCounterStore:
     async def budget_usage(self, budget_key: str, window_id: str, *, now: float) -> BudgetUsage:
         self._check()
         return self._usage(budget_key, window_id, now)
+
+    async def budget_windows(self, window_id: str, key_prefix: str, limit: int, *,
+                             now: float) -> list[tuple[str, BudgetUsage]]:
+        self._check()
+        check_listing(window_id, key_prefix, limit)
+        rows: list[tuple[str, str, Decimal]] = [
+            (k, "spent", spent) for (k, w), (spent, _) in self.spent.items()
+            if w == window_id and k.startswith(key_prefix)]
+        rows += [(r.budget_key, "held", r.amount) for r in self.reservations.values()
+                 if r.window_id == window_id and r.budget_key.startswith(key_prefix) and r.state == HELD
+                 and r.expires_at > now]
+        return usage_by_key(rows)[:limit]
 
     async def sweep_budgets(self, now: float, *, idle_before: float | None = None) -> int:
         self._check()

@@ -11,8 +11,9 @@ shares the counters exactly: a script runs whole before any other command.
   tests inject it; expiries are relative TTLs (PEXPIRE), never absolute times.
 - Keys (under `prefix`): `rl:<key>` a GCRA state (hash m, f, d: the TAT in ms +
   f/d ms; expires when the TAT passes), `bu:<budget>:<window>` spent (decimal
-  text) and the running total of held reservations (expires
-  `usage_retention_seconds` after its last change), `br:<budget>:<window>` the
+  text), the running total of held reservations and the budget key and window
+  it counts (`k`, `w`: `budget_windows` lists them by SCAN; a key name too long
+  for limit_key is a digest) (expires `usage_retention_seconds` after its last change), `br:<budget>:<window>` the
   held amounts (id -> amount) and `bz:<budget>:<window>` their expiries (a
   sorted set: the next operation on the window reclaims the expired ones, each
   once, so a reserve costs O(log n), not a pass over every reservation),
@@ -33,10 +34,11 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
-from ..store.counters import (ZERO, BudgetUsage, ReserveOutcome, SettleOutcome, check_amount, check_key, dec_text,
-                              parse_dec)
+from ..store.counters import (MAX_KEY_LENGTH, ZERO, BudgetUsage, ReserveOutcome, SettleOutcome, check_amount,
+                              check_key, check_listing, dec_text, parse_dec)
+from .budget_keys import unescape
 from .errors import CounterUnavailable
-from .keys import limit_key
+from .keys import _escape, limit_key
 from .ledger import (DEFAULT_GRACE_SECONDS, ReserveResult, Settlement, Usage, check_grace, check_now, check_reserve,
                      reserve_result)
 from .rate import Gcra, RateDecision, now_ms
@@ -186,7 +188,7 @@ if placed then
   if redis.call('EXISTS', KEYS[4]) == 1 then return {'dup'} end
   local keep = math.max(1, tonumber(ARGV[6]) - now)
   reserved = dadd(reserved, ARGV[1])
-  redis.call('HSET', KEYS[1], 'reserved', reserved)
+  redis.call('HSET', KEYS[1], 'reserved', reserved, 'k', ARGV[8], 'w', ARGV[9])
   redis.call('PEXPIRE', KEYS[1], ARGV[10])
   redis.call('HSET', KEYS[2], ARGV[3], ARGV[1])
   redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3])
@@ -211,7 +213,7 @@ reclaim(U, R, Z, now)
 local status, booked, late = 'released', '0', 0
 if r[4] == 'held' then
   unhold(U, R, Z, ARGV[4])  -- (false when it had expired: it no longer counted)
-  redis.call('HSET', U, 'spent', dadd(redis.call('HGET', U, 'spent') or '0', ARGV[1]))
+  redis.call('HSET', U, 'spent', dadd(redis.call('HGET', U, 'spent') or '0', ARGV[1]), 'k', r[8], 'w', r[9])
   redis.call('PEXPIRE', U, ARGV[3])
   redis.call('HSET', KEYS[1], 'state', 'settled', 'actual', ARGV[1])
   status, booked = 'settled', ARGV[1]
@@ -232,16 +234,38 @@ redis.call('HSET', KEYS[1], 'state', 'released')
 return 1
 """
 
-# KEYS: usage, held amounts, held expiries. ARGV: amount ('' to only read), now_ms, retention_ms.
+# KEYS: usage, held amounts, held expiries. ARGV: amount ('' to only read), now_ms, retention_ms, budget, window.
 USAGE_LUA = _LUA_INT + _LUA_DEC + """
 local reserved = reclaim(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[2]))
 local spent = redis.call('HGET', KEYS[1], 'spent') or '0'
 if ARGV[1] ~= '' then
   spent = dadd(spent, ARGV[1])
-  redis.call('HSET', KEYS[1], 'spent', spent)
+  redis.call('HSET', KEYS[1], 'spent', spent, 'k', ARGV[4], 'w', ARGV[5])
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
 return {spent, reserved}
+"""
+
+
+# The usage of several budget windows (the listing): KEYS are (usage, held amounts, held expiries)
+# triples, ARGV[1] now_ms. Per triple: the budget key and window the usage hash names ('' when it
+# does not: written before they were kept), spent and the held total (expired ones reclaimed).
+LIST_LUA = _LUA_INT + _LUA_DEC + """
+local now = tonumber(ARGV[1])
+local out = {}
+for i = 1, #KEYS, 3 do
+  local k, w, spent, reserved = '', '', '0', '0'
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    reserved = reclaim(KEYS[i], KEYS[i + 1], KEYS[i + 2], now)
+    local u = redis.call('HMGET', KEYS[i], 'spent', 'k', 'w')
+    spent, k, w = u[1] or '0', u[2] or '', u[3] or ''
+  end
+  out[#out + 1] = k
+  out[#out + 1] = w
+  out[#out + 1] = spent
+  out[#out + 1] = reserved
+end
+return out
 """
 
 
@@ -251,8 +275,26 @@ class _Script:
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
 
-_GCRA, _RESERVE, _SETTLE, _RELEASE, _USAGE = (_Script(s) for s in (GCRA_LUA, RESERVE_LUA, SETTLE_LUA, RELEASE_LUA,
-                                                                    USAGE_LUA))
+_GCRA, _RESERVE, _SETTLE, _RELEASE, _USAGE, _LIST = (_Script(s) for s in (GCRA_LUA, RESERVE_LUA, SETTLE_LUA,
+                                                                            RELEASE_LUA, USAGE_LUA, LIST_LUA))
+_SCAN_COUNT = 1000  # keys SCAN looks at per call
+_GLOB_SPECIAL = frozenset("*?[]\\")
+
+
+def _glob(text: str) -> str:
+    """`text` matched literally in a SCAN MATCH pattern."""
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in text)
+
+
+def _window_tail(tail: str) -> tuple[str, str] | None:
+    """(budget key, window id) from the part of a usage key after `bu:`; None when it was too long
+    and is a prefix plus a digest (limit_key): then only the hash's own `k` and `w` say."""
+    if len(tail) == MAX_KEY_LENGTH and tail[-65] == "#":
+        return None
+    parts = tail.split(":")
+    if len(parts) != 2:
+        return None
+    return unescape(parts[0]), unescape(parts[1])
 
 
 def _text(v: Any) -> str:
@@ -390,5 +432,52 @@ class RedisCounters:
 
     async def _usage(self, op: str, budget_key: str, window_id: str, amount: str, now: float) -> Usage:
         spent, reserved = await self._run(op, _USAGE, self._window_keys(budget_key, window_id),
-                                          [amount, now_ms(now), self.retention_ms])
+                                          [amount, now_ms(now), self.retention_ms, budget_key, window_id])
         return BudgetUsage(spent=parse_dec(_text(spent)), reserved=parse_dec(_text(reserved)))
+
+    async def budget_windows(self, window_id: str, key_prefix: str, limit: int,
+                             now: float | None = None) -> list[tuple[str, Usage]]:
+        """Every budget key starting with `key_prefix` with spend or held reservations in the window,
+        and its usage, in key order: at most `limit`. SCAN walks the keyspace (MATCH on the prefix
+        of the usage keys, `_SCAN_COUNT` a call) until it has `limit` of them or has seen every key,
+        so which ones come back when there are more is the server's order, not the first by key."""
+        from redis.exceptions import RedisError
+
+        check_listing(window_id, key_prefix, limit)
+        at = now_ms(check_now(time.time() if now is None else now))
+        head = f"{self.prefix}bu:"
+        pattern = _glob(head + _escape(key_prefix)) + "*"
+        found: dict[str, BudgetUsage] = {}
+        seen: set[str] = set()
+        cursor = 0
+        try:
+            while True:
+                cursor, names = await self.client.scan(cursor=cursor, match=pattern, count=_SCAN_COUNT)
+                keys: list[str] = []
+                guess: list[tuple[str, str] | None] = []
+                for raw in names:
+                    name = _text(raw)
+                    if name in seen:  # (SCAN may return a key twice)
+                        continue
+                    seen.add(name)
+                    tail = name[len(head):]
+                    parsed = _window_tail(tail)
+                    if parsed is not None and (parsed[1] != window_id or not parsed[0].startswith(key_prefix)):
+                        continue
+                    keys += [name, f"{self.prefix}br:{tail}", f"{self.prefix}bz:{tail}"]
+                    guess.append(parsed)
+                if keys:
+                    reply = await self._run("budget listing", _LIST, keys, [at])
+                    for i, parsed in enumerate(guess):
+                        k, w, spent, reserved = (_text(x) for x in reply[4 * i: 4 * i + 4])
+                        if not k and parsed is not None:  # (written before the hash named its key)
+                            k, w = parsed
+                        usage = BudgetUsage(spent=parse_dec(spent), reserved=parse_dec(reserved))
+                        if k and w == window_id and k.startswith(key_prefix) and (usage.spent or usage.reserved):
+                            found[k] = usage
+                if cursor == 0 or len(found) >= limit:
+                    break
+        except (RedisError, OSError) as e:
+            raise CounterUnavailable(f"redis counters: budget listing failed: {type(e).__name__}: {e}",
+                                     backend="redis") from e
+        return sorted(found.items())[:limit]

@@ -16,7 +16,8 @@ from decimal import Decimal
 from typing import Protocol, TypeVar
 
 from ..store.base import StoreError
-from ..store.counters import BudgetUsage, RateState, ReserveOutcome, SettleOutcome, check_amount, check_key
+from ..store.counters import (BudgetUsage, RateState, ReserveOutcome, SettleOutcome, check_amount, check_key,
+                              check_listing)
 from .errors import CounterUnavailable
 from .ledger import (DEFAULT_GRACE_SECONDS, ReserveResult, Settlement, Usage, check_grace, check_now, check_reserve,
                      reserve_result)
@@ -46,6 +47,9 @@ class CounterStore(Protocol):
     async def charge_budget(self, *, budget_key: str, window_id: str, amount: Decimal, now: float) -> BudgetUsage: ...
 
     async def budget_usage(self, budget_key: str, window_id: str, *, now: float) -> BudgetUsage: ...
+
+    async def budget_windows(self, window_id: str, key_prefix: str, limit: int, *,
+                             now: float) -> list[tuple[str, BudgetUsage]]: ...
 
     async def sweep_budgets(self, now: float, *, idle_before: float | None = None) -> int: ...
 
@@ -127,3 +131,15 @@ class StoreCounters:
             return await self.store.budget_usage(budget_key, window_id, now=at)
         except StoreError as e:
             raise self._unavailable("usage", e) from e
+
+    async def budget_windows(self, window_id: str, key_prefix: str, limit: int,
+                             now: float | None = None) -> list[tuple[str, Usage]]:
+        """Every budget key starting with `key_prefix` that has spend or held reservations in the
+        window, with its usage, in key order: at most `limit`, the first ones (the control API's
+        listing; reads only)."""
+        check_listing(window_id, key_prefix, limit)
+        at = check_now(time.time() if now is None else now)
+        try:
+            return await self.store.budget_windows(window_id, key_prefix, limit, now=at)
+        except StoreError as e:
+            raise self._unavailable("budget listing", e) from e

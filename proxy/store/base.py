@@ -428,6 +428,13 @@ class Store(abc.ABC):
         """Spent and held (unexpired) reservations of one budget window; zeros when none."""
 
     @abc.abstractmethod
+    async def budget_windows(self, window_id: str, key_prefix: str, limit: int, *,
+                             now: float) -> list[tuple[str, BudgetUsage]]:
+        """The budget keys starting with `key_prefix` that have spend or held (unexpired)
+        reservations in window `window_id`, with their usage, in key order (code points), at most
+        `limit` (the first ones). Read only (the control API's budget listing)."""
+
+    @abc.abstractmethod
     async def sweep_budgets(self, now: float, *, idle_before: float | None = None) -> int:
         """Delete reservation rows whose purge_at has passed and, with `idle_before`, usage rows that
         have not changed since then and hold no reservation; how many rows."""

@@ -153,6 +153,38 @@ def reserve_decision(spent: Decimal, reserved: Decimal, amount: Decimal, limit: 
     return ReserveOutcome(fits=fits, placed=placed, spent=spent, reserved=add(reserved, amount) if placed else reserved)
 
 
+MAX_LISTING = 10_000  # ledgers one budget_windows call answers at most
+
+
+def check_listing(window_id: str, key_prefix: str, limit: int) -> None:
+    """Arguments of `budget_windows`: a window id, a key prefix ('' for every key) and 1..MAX_LISTING."""
+    check_key("window id", window_id)
+    if not isinstance(key_prefix, str) or len(key_prefix) > MAX_KEY_LENGTH:
+        raise ValueError(f"a key prefix is a string of at most {MAX_KEY_LENGTH} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key_prefix):
+        raise ValueError("a key prefix must not contain control characters")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LISTING:
+        raise ValueError(f"limit is 1 to {MAX_LISTING}, not {limit!r}")
+
+
+def usage_by_key(rows: Iterable[tuple[str, str, Any]]) -> list[tuple[str, BudgetUsage]]:
+    """(budget key, 'spent' | 'held', amount) rows as one usage per key, by key; keys with
+    nothing spent and nothing held are left out (a reservation released, a zero charge)."""
+    spent: dict[str, Decimal] = {}
+    held: dict[str, list[Decimal]] = {}
+    for key, kind, amount in rows:
+        if kind == "spent":
+            spent[key] = parse_dec(amount)
+        else:
+            held.setdefault(key, []).append(parse_dec(amount))
+    out = []
+    for key in sorted(set(spent) | set(held)):
+        usage = BudgetUsage(spent=spent.get(key, ZERO), reserved=dsum(held.get(key, ())))
+        if usage.spent or usage.reserved:
+            out.append((key, usage))
+    return out
+
+
 def check_times(**times: float) -> None:
     for name, t in times.items():
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):

@@ -60,7 +60,7 @@ from .workflows import WF_JOINED as _WF_JOINED
 from .workflows import flag_pattern
 from .workflows import WF_SET_PG as _WF_SET_PG
 from .counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, ReserveOutcome, SettleOutcome,
-                       check_amount, check_key, check_times, parse_dec, reserve_decision)
+                       check_amount, check_key, check_listing, check_times, parse_dec, reserve_decision)
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -1197,6 +1197,31 @@ class PostgresStore(Store):
             "SELECT (SELECT spent FROM proctor_budget_usage WHERE budget_key = $1 AND window_id = $2), "
             f"({_HELD})", budget_key, window_id, float(now))
         return BudgetUsage(spent=parse_dec(row[0]), reserved=parse_dec(row[1]))
+
+    async def budget_windows(self, window_id: str, key_prefix: str, limit: int, *,
+                             now: float) -> list[tuple[str, BudgetUsage]]:
+        check_listing(window_id, key_prefix, limit)
+        check_times(now=now)
+        # Keys in code point order (COLLATE "C"), as SQLite and the other backends list them; the
+        # prefix compared exactly (a LIKE pattern would need escaping, a range the database's collation).
+        rows = await self._fetch(
+            "budget_windows",
+            "WITH keys AS (SELECT k FROM ("
+            "SELECT budget_key AS k FROM proctor_budget_usage WHERE window_id = $1 AND spent <> 0 "
+            "AND left(budget_key, char_length($2)) = $2 UNION "
+            "SELECT budget_key FROM proctor_budget_reservations WHERE window_id = $1 AND state = $3 AND expires_at > $4 "
+            "AND left(budget_key, char_length($2)) = $2"
+            ') s ORDER BY k COLLATE "C" LIMIT $5) '
+            "SELECT k, (SELECT spent FROM proctor_budget_usage WHERE budget_key = k AND window_id = $1), "
+            "(SELECT coalesce(sum(amount), 0) FROM proctor_budget_reservations WHERE budget_key = k AND window_id = $1 "
+            'AND state = $3 AND expires_at > $4) FROM keys ORDER BY k COLLATE "C"',
+            window_id, key_prefix, HELD, float(now), int(limit))
+        out = []
+        for k, spent, held in rows:
+            usage = BudgetUsage(spent=parse_dec(spent), reserved=parse_dec(held))
+            if usage.spent or usage.reserved:
+                out.append((str(k), usage))
+        return out
 
     async def sweep_budgets(self, now: float, *, idle_before: float | None = None) -> int:
         check_times(now=now)

@@ -73,7 +73,8 @@ from .workflows import WF_JOINED as _WF_JOINED
 from .workflows import flag_pattern
 from .workflows import WF_SET as _WF_SET
 from .counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, ReserveOutcome, SettleOutcome,
-                       add, check_amount, check_key, check_times, dec_text, dsum, parse_dec, reserve_decision)
+                       add, check_amount, check_key, check_listing, check_times, dec_text, dsum, parse_dec,
+                       reserve_decision, usage_by_key)
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
 
 log = logging.getLogger("proctor.store")
@@ -1296,6 +1297,30 @@ class SQLiteStore(Store):
                                     (budget_key, window_id, HELD, float(now)))
         return BudgetUsage(spent=parse_dec(row[0]) if row is not None else ZERO,
                            reserved=dsum(parse_dec(r[0]) for r in held))
+
+    async def budget_windows(self, window_id: str, key_prefix: str, limit: int, *,
+                             now: float) -> list[tuple[str, BudgetUsage]]:
+        check_listing(window_id, key_prefix, limit)
+        check_times(now=now)
+        # The prefix as a key range (the primary key's and the reservation index's order: BINARY,
+        # code points) and, to be exact whatever sorts after it, the prefix itself.
+        where, args = "", []
+        if key_prefix:
+            where = " AND budget_key >= ? AND budget_key < ? AND substr(budget_key, 1, ?) = ?"
+            args = [key_prefix, key_prefix + "\U0010ffff", len(key_prefix), key_prefix]
+        at = float(now)
+        rows = await self._fetchall(
+            "budget_windows",
+            "WITH keys AS (SELECT k FROM ("
+            f"SELECT budget_key AS k FROM proctor_budget_usage WHERE window_id = ? AND spent != '0'{where} UNION "
+            f"SELECT budget_key FROM proctor_budget_reservations WHERE window_id = ? AND state = ? AND expires_at > ?{where}"
+            ") ORDER BY k LIMIT ?) "
+            "SELECT u.budget_key, 'spent', u.spent FROM keys JOIN proctor_budget_usage u "
+            "ON u.budget_key = keys.k AND u.window_id = ? UNION ALL "
+            "SELECT r.budget_key, 'held', r.amount FROM keys JOIN proctor_budget_reservations r "
+            "ON r.budget_key = keys.k AND r.window_id = ? AND r.state = ? AND r.expires_at > ?",
+            (window_id, *args, window_id, HELD, at, *args, int(limit), window_id, window_id, HELD, at))
+        return usage_by_key((str(k), str(kind), amount) for k, kind, amount in rows)
 
     async def sweep_budgets(self, now: float, *, idle_before: float | None = None) -> int:
         check_times(now=now)
