@@ -42,7 +42,10 @@ log = logging.getLogger("proctor.approvals.notify")
 # "workflow-*": workflow exceptions (proxy/workflows/exceptions.py): an inbox item for people (a step that
 # failed, gave up, or an instance that stalled), a step moved to another agent, a person's decision
 WORKFLOW_EVENTS = ("workflow-escalated", "workflow-rerouted", "workflow-decided")
-EVENTS = ("requested", "voted", "escalated", "approved", "denied", "expired", "forwarded", "handoff", *WORKFLOW_EVENTS)
+# "budget.*": a budget window at its soft threshold, or exhausted (proxy/limits/budget_report.py)
+BUDGET_EVENTS = ("budget.soft_threshold", "budget.exhausted")
+EVENTS = ("requested", "voted", "escalated", "approved", "denied", "expired", "forwarded", "handoff", *WORKFLOW_EVENTS,
+          *BUDGET_EVENTS)
 USER_AGENT = "Proctor-Notifier/1"
 _DROP_LOG_INTERVAL = 60.0
 _MAX_VALUE = 300  # longest value (agent, action, resource...) shown in a Slack message
@@ -411,6 +414,53 @@ class Notifier:
             self._enqueue(items)
         except Exception:  # noqa: BLE001 - notifications must never break a request
             log.exception("workflow notification failed")
+
+    def notify_budget(self, event: dict[str, Any]) -> None:
+        """Queue a budget event (a `budget` event line as a dict, proxy/record/model.py
+        BudgetEventRecord) for every hook subscribed to `budget.<event>` whose groups (if any)
+        include the group the budget's key names (a budget keyed by group). Never blocks,
+        never raises."""
+        try:
+            name = f"budget.{event.get('event')}"
+            if name not in BUDGET_EVENTS:
+                return
+            raw = event.get("key")
+            key: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            group = key.get("group")
+            hooks = [h for h in self._hooks if name in h.config.events
+                     and (h.groups is None or (group is not None and group in h.groups))]
+            if not hooks:
+                return
+            shown = ", ".join(f"{d} {'(none)' if v is None else v}" for d, v in key.items()) or "shared"
+            currency = f" {event.get('currency')}" if event.get("currency") else ""
+            amounts = f"spent {event.get('spent')} + reserved {event.get('reserved')} of {event.get('limit')}{currency}"
+            if event.get("event") == "exhausted":
+                outcome = str(event.get("outcome"))
+                what = {"exhausted": "refused", "held": "held for a budget extension",
+                        "shadow_exhausted": "let through (shadow budget)",
+                        "extended": "let through (budget extension)"}.get(outcome, outcome)
+                text = (f"Proctor: budget {event.get('budget')} ({shown}) is exhausted ({amounts}): "
+                        f"{event.get('agent')} {event.get('action')} {what}")
+            else:
+                text = (f"Proctor: budget {event.get('budget')} ({shown}) reached its soft threshold "
+                        f"({amounts}) with {event.get('agent')} {event.get('action')}")
+            generic = {"type": f"proctor.{name}", "budget": dict(event), "console_url": self.console_url}
+            slack = {"text": mrkdwn_escape(text)[:2000]}
+            items = [(h, _Item(uuid.uuid4().hex, str(event.get("event")), str(event.get("decision_id") or ""),
+                               slack if h.config.format == "slack" else generic, family="budget"))
+                     for h in hooks]
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                try:
+                    running = asyncio.get_running_loop()
+                except RuntimeError:
+                    running = None
+                if running is not loop:  # another thread: hand over to the notifier's loop
+                    loop.call_soon_threadsafe(self._enqueue, items)
+                    return
+            self._enqueue(items)
+        except Exception:  # noqa: BLE001 - notifications must never break a request
+            log.exception("budget notification failed")
 
     def _matching(self, event: str, approval: Approval, extra_group: str | None = None) -> list[_Hook]:
         out = []

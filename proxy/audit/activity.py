@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..record.model import ApprovalEvent, DecisionRecord, DuplicateEvent, PolicyEvent, Record, SuspensionEvent
+from ..record.model import (ApprovalEvent, BudgetEventRecord, DecisionRecord, DuplicateEvent, PolicyEvent, Record,
+                             SuspensionEvent)
 from .ocsf import EventEnvelope, read_event
 
 
@@ -81,6 +82,15 @@ def activity_row(env: EventEnvelope, rec: Record | None) -> dict[str, Any]:
                 "decision_id": rec.decision_id,
                 "first_decision_id": rec.first_decision_id,
                 "kind": rec.kind or rec.mechanism,
+            })
+        elif isinstance(rec, BudgetEventRecord):
+            out.update({
+                "agent": rec.agent,
+                "action": rec.action,
+                "resource": rec.budget,
+                "connector": rec.connector,
+                "decision_id": rec.decision_id,
+                "kind": rec.outcome,
             })
         elif isinstance(rec, PolicyEvent):
             out.update({

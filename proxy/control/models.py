@@ -40,7 +40,7 @@ MAX_OFFSET = 2**53  # far past any real table; keeps the SQL integer in range on
 
 ApprovalState = Literal["pending", "approved", "denied", "expired", "forwarded", "cancelled"]
 SuspensionKind = Literal["agent", "connector", "action"]
-AuditRecordKind = Literal["decision", "approval", "suspension", "policy", "claim", "duplicate", "workflow"]
+AuditRecordKind = Literal["decision", "approval", "suspension", "policy", "claim", "duplicate", "workflow", "budget"]
 # the store's lists stay the source of truth: a new state or kind must be added here too
 assert set(get_args(ApprovalState)) == set(APPROVAL_STATES)
 assert set(get_args(SuspensionKind)) == set(SUSPENSION_KINDS)
@@ -170,7 +170,8 @@ class ActivityQuery(InputModel):
     )
     record: Annotated[list[AuditRecordKind] | None, BeforeValidator(_csv)] = Field(
         None, description="Comma-separated record kinds (`duplicate`: writes not forwarded because they repeated "
-        "earlier work; `claim`: claims acquired, moved, released or expired; `workflow`: workflow exceptions)."
+        "earlier work; `claim`: claims acquired, moved, released or expired; `workflow`: workflow exceptions; "
+        "`budget`: budget windows at their soft threshold or exhausted)."
     )
 
 
