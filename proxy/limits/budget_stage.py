@@ -160,8 +160,8 @@ def estimate_cost(cost: CostSpec, ex: Exchange, prices: LlmPrices | None) -> Dec
         return cost.static
     if kind == "field":
         assert cost.field is not None
-        v = field_value(cost.field)
-        return _exact(lambda: v * cost.scale) if cost.scale is not None else v
+        v, scale = field_value(cost.field), cost.scale
+        return _exact(lambda: v * scale) if scale is not None else v
     if kind == "response":
         est = cost.estimate
         if isinstance(est, FieldCost):
@@ -172,7 +172,10 @@ def estimate_cost(cost: CostSpec, ex: Exchange, prices: LlmPrices | None) -> Dec
 
     assert prices is not None
     model = llm_model(values)
-    out = llm_estimate(prices, model, values)
+    try:
+        out = llm_estimate(prices, model, values)
+    except ValueError as e:  # (a max-tokens or n value that is not a whole number >= 1)
+        raise CostUnknown(str(e)) from None
     if out is None:
         raise CostUnknown(f"model {model!r} has no price in llm_prices (and there is no '*' entry), so its cost "
                           "cannot be counted")
@@ -202,10 +205,10 @@ def actual_cost(cost: CostSpec, ex: Exchange, prices: LlmPrices | None) -> tuple
             doc = json.loads(body)
         except (ValueError, RecursionError):
             return None, "estimate"
-        v = _number(_dot(doc, cost.response))
+        v, scale = _number(_dot(doc, cost.response)), cost.scale
         if v is None:
             return None, "estimate"
-        return (_exact(lambda: v * cost.scale) if cost.scale is not None else v), "response"
+        return (_exact(lambda: v * scale) if scale is not None else v), "response"
     if cost.kind == "llm":
         from .llm_cost import llm_actual, llm_model
 
