@@ -41,6 +41,7 @@ from .governance.registry import Governance, suspension_refusal
 from .governance.stage import AgentSuspended, TargetSuspended
 from .identity.stage import Authenticate, Authenticator
 from .limits.budget_setup import Budgets
+from .limits.budget_report import BudgetReport
 from .limits.budget_stage import BudgetCheck, BudgetReserve
 from .limits.metrics import RateLimitMetrics
 from .limits.setup import RateLimits
@@ -160,8 +161,9 @@ def build_request_path(p: Parts) -> RequestPath:
         lim.name for lim in rl.table.limits]), sweep_interval_seconds=rl.sweep_interval_seconds) if rl else None
 
     bg = p.budgets
-    budget_check = BudgetCheck(bg.table, bg.ledger, groups_of) if bg else None
-    budget_reserve = BudgetReserve(bg.ledger, bg.table.llm_prices) if bg else None
+    budget_report = BudgetReport(p.metrics.registry, bg.table.budgets, p.recorder.write, p.notifier) if bg else None
+    budget_check = BudgetCheck(bg.table, bg.ledger, groups_of, budget_report) if bg else None
+    budget_reserve = BudgetReserve(bg.ledger, bg.table.llm_prices, budget_report) if bg else None
 
     exceptions = WorkflowExceptions(p.store, p.recorder.write, ExceptionReporter(p.metrics, p.notifier),
                                     groups_of) if workflows is not None else None

@@ -418,6 +418,8 @@ class BudgetCheck(Stage):
                     u = c.usage
                     assert u is not None
                     self.report.event("exhausted", c, ex, c.outcome, u.spent, u.reserved)
+                    self.report.observer.window(c.budget.name, c.key, c.budget.limit, u.spent, u.reserved,
+                                                c.window.end)
             ex.refuse(refusal)
             return
         if checks:
