@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -195,6 +196,27 @@ def test_hold_budget_asks_a_person_and_the_extension_lets_one_call_over(billing,
     assert rec["budget"]["outcome"] == "extended" and rec["budget"]["actual"] == "30"
     # spent 75 of 50 now: the next call is held again (an extension releases one call)
     assert charge(p, token, "1").status_code == 202
+    # each is an event line (and an OCSF event): held twice, extended once
+    wait_for(lambda: len([d for d in p.decisions() if d.get("type") == "budget"]) >= 3, what="budget events")
+    events = [d for d in p.decisions() if d.get("type") == "budget"]
+    assert [(e["event"], e["outcome"]) for e in events] == [("exhausted", "held"), ("exhausted", "extended"),
+                                                            ("exhausted", "held")]
+    assert events[0]["decision_id"] == held.headers["X-Proctor-Decision-Id"] and events[0]["spent"] == "45"
+
+
+def test_soft_threshold_is_reported_once_when_crossed(billing, idp) -> None:
+    p = billing(monthly(limit="100", soft_threshold="0.75"))
+    token = buyer(idp)
+    answers = [charge(p, token, amount) for amount in ("50", "20", "10", "10")]
+    assert [a.status_code for a in answers] == [200] * 4
+    wait_for(lambda: any(d.get("type") == "budget" for d in p.decisions()), what="the soft-threshold event")
+    time.sleep(0.3)
+    events = [d for d in p.decisions() if d.get("type") == "budget"]
+    assert len(events) == 1 and events[0]["event"] == "soft_threshold"
+    assert events[0]["decision_id"] == answers[2].headers["X-Proctor-Decision-Id"]  # 70 -> 80 crosses 75
+    assert events[0]["threshold"] == "0.75" and events[0]["limit"] == "100"
+    metrics = httpx.get(f"{p.control_url}/metrics", timeout=10).text
+    assert 'proctor_budget_events_total{budget="po-monthly",kind="soft_threshold"} 1.0' in metrics
 
 
 def test_context_budget_in_cedar_and_shadow_budgets(billing, idp) -> None:

@@ -56,7 +56,10 @@ log = logging.getLogger("proctor.limits")
 EXHAUSTED_KIND = "budget-exhausted"  # Refusal.kind of a 429 for a budget
 CHECKS = "budget.checks"  # stage_data: the Checks of this request
 EXTENSION_ANNOTATION = "budget"  # @budget("extension") on the policies that hold for a budget extension
-MAX_RESPONSE_BODY = 1 << 20  # the largest answer read for its cost (a bigger one settles at the estimate)
+# The largest answer read for its cost (8 MiB: what llm_cost parses; a bigger one is streamed and
+# settles at the estimate, so an agent cannot make a long answer cheap by leaving out max tokens
+# unless its answer passes 8 MiB)
+MAX_RESPONSE_BODY = 8 << 20
 UNAVAILABLE_RETRY_AFTER = 5
 CEDAR_DECIMAL_MAX = Decimal("922337203685477.5807")
 _FOUR = Decimal("0.0001")
@@ -115,7 +118,16 @@ def _number(value: Any) -> Decimal | None:
         d = Decimal(text)
     except InvalidOperation:
         return None
-    return d if d.is_finite() and d >= 0 else None
+    if not d.is_finite() or d < 0:
+        return None
+    return canonical(d)
+
+
+def canonical(d: Decimal) -> Decimal:
+    """Without trailing zeros and without an exponent (45.0 -> 45, 1E+2 -> 100): one spelling per amount."""
+    d = d.normalize()
+    exp = d.as_tuple().exponent
+    return d.quantize(Decimal(1)) if isinstance(exp, int) and exp > 0 else d
 
 
 def _exact(fn: Callable[[], Decimal]) -> Decimal:
@@ -424,6 +436,16 @@ class BudgetCheck(Stage):
             return
         if checks:
             ex.stage_data.setdefault(CONTEXT_EXTRA, {})["budget"] = budget_context(min(checks, key=Check.rank))
+
+    async def on_response(self, ex: Exchange) -> None:
+        """A call over a hold budget that was held (or refused before its reservation): report it once."""
+        checks: list[Check] | None = ex.stage_data.get(CHECKS)
+        if not checks or ex.refusal is None:
+            return
+        for c in checks:
+            if c.outcome == "held" and c.reservation is None and c.usage is not None:
+                self.report.observer.checked(c.budget.name, "held")
+                self.report.event("exhausted", c, ex, "held", c.usage.spent, c.usage.reserved)
 
 
 def _extension_approved(ex: Exchange) -> bool:
