@@ -17,7 +17,10 @@ connections (closed loop, no think time):
 - `patch-step`:    PATCH /step/1     a workflow step (instance found, step recorded);
 - `patch-limited`: PATCH /limited/1  a route with a `rate_limit` (per agent, far above the
                    load: nothing is throttled): one GCRA decision per request in the
-                   counters, plus the RateLimit fields and context.usage.
+                   counters, plus the RateLimit fields and context.usage;
+- `patch-budgeted`: PATCH /budgeted/1 a route in a daily budget (static cost, far above the
+                   load): per request one ledger read (context.budget), one reservation and
+                   one settle.
 
 With `--redis URL` (default the local server; '' skips it) a third proxy keeps its
 state in SQLite and its rate-limit counters in Redis (`counters.backend: redis`); it
@@ -70,9 +73,10 @@ sys.path.insert(0, str(BENCH))
 import proctor_env  # noqa: E402
 from run import free_port, port_open, proc_cpu_seconds, wait_for  # noqa: E402
 
-SCENARIOS = ("patch-plain", "patch-claimed", "post-plain", "post-idem", "patch-step", "patch-limited")
-# the proxy whose rate-limit counters are in Redis (state in SQLite) runs only these
-REDIS_SCENARIOS = ("patch-plain", "patch-limited")
+SCENARIOS = ("patch-plain", "patch-claimed", "post-plain", "post-idem", "patch-step", "patch-limited",
+             "patch-budgeted")
+# the proxy whose rate-limit counters and budget ledgers are in Redis (state in SQLite) runs only these
+REDIS_SCENARIOS = ("patch-plain", "patch-limited", "patch-budgeted")
 
 
 def scenarios_for(backend: str) -> tuple[str, ...]:
@@ -89,7 +93,7 @@ POLICIES = """
 @id("coord-bench-anyone")
 permit (principal, action in [Action::"coord.plain.update", Action::"coord.claimed.update",
                               Action::"coord.order.create", Action::"coord.step.update",
-                              Action::"coord.limited.update"], resource);
+                              Action::"coord.limited.update", Action::"coord.budgeted.update"], resource);
 """
 
 
@@ -112,6 +116,9 @@ def connector(upstream_port: int) -> dict:
             {"method": "PATCH", "path": "/limited/{id}", "action": "coord.limited.update",
              "resource": {"type": "Item", "id": "{id}"},
              "rate_limit": {"name": "bench-per-agent", "key": ["agent"], "limit": 1000000, "period": 1}},
+            # a budget far above any load here: every request is one read, one reservation, one settle
+            {"method": "PATCH", "path": "/budgeted/{id}", "action": "coord.budgeted.update",
+             "resource": {"type": "Item", "id": "{id}"}, "cost": {"static": "0.001"}},
         ],
     }
 
@@ -124,6 +131,11 @@ WORKFLOW = {
     "steps": [{"name": "touch", "actions": ["coord.step.update"],
                "objects": [{"type": "Item", "from": "param", "name": "id"}]}],
 }
+
+
+# Per agent, per day, far above any load: never refuses (the ledger's rows grow by one per request).
+BUDGET = {"name": "bench-daily", "match": {"actions": ["coord.budgeted.update"]}, "key": ["agent"],
+          "limit": "1000000000", "period": "day", "currency": "EUR"}
 
 
 def build(base: Path, upstream_port: int, stores: dict[str, str | None],
@@ -152,6 +164,7 @@ def build(base: Path, upstream_port: int, stores: dict[str, str | None],
         if url:
             cfg["store"] = {"url": url}
         cfg["workflows_dir"] = str(base / "workflows")
+        cfg["budgets"] = [BUDGET]
         path = base / f"proctor-{name}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         out[name] = (path, port, cport)
@@ -159,6 +172,7 @@ def build(base: Path, upstream_port: int, stores: dict[str, str | None],
         port, cport = free_port(), free_port()
         cfg = proctor_env._config("state-redis", port, cport)
         cfg["workflows_dir"] = str(base / "workflows")
+        cfg["budgets"] = [BUDGET]
         cfg["counters"] = {"backend": "redis", "redis_url": redis[0], "prefix": redis[1]}
         path = base / "proctor-redis.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -227,7 +241,8 @@ class _Run:
 def request_maker(scenario: str, upstream_port: int, token: str):
     method, path = {"patch-plain": ("PATCH", "/plain/1"), "patch-claimed": ("PATCH", "/claimed/1"),
                     "post-plain": ("POST", "/orders/1"), "post-idem": ("POST", "/orders/1"),
-                    "patch-step": ("PATCH", "/step/1"), "patch-limited": ("PATCH", "/limited/1")}[scenario]
+                    "patch-step": ("PATCH", "/step/1"), "patch-limited": ("PATCH", "/limited/1"),
+                    "patch-budgeted": ("PATCH", "/budgeted/1")}[scenario]
     head = (f"{method} http://127.0.0.1:{upstream_port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{upstream_port}\r\n"
             f"Proxy-Authorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: 2\r\n")
     fixed = (head + "\r\n{}").encode()
@@ -319,7 +334,7 @@ def summarize(samples: list[Sample]) -> list[dict]:
                          "non2xx": sum(n for s in ss for st, n in s.statuses.items() if not 200 <= st < 300)})
         # added CPU: per repeat (same repeat's baseline), then the median of those differences
         for sc, base in (("patch-claimed", "patch-plain"), ("post-idem", "post-plain"), ("patch-step", "patch-plain"),
-                         ("patch-limited", "patch-plain")):
+                         ("patch-limited", "patch-plain"), ("patch-budgeted", "patch-plain")):
             if sc not in scenarios_for(b):
                 continue
             diffs = []
@@ -356,6 +371,8 @@ def preflight(name: str, port: int, upstream_port: int, token: str) -> None:
     assert st == 200 and b'\r\nratelimit-policy: "bench-per-agent";q=1000000;w=1' in head, (name, st, head)
     st, head = _one(port, request_maker("patch-plain", upstream_port, token)())
     assert st == 200 and b"ratelimit" not in head, (name, st, head)
+    st, head = _one(port, request_maker("patch-budgeted", upstream_port, token)())
+    assert st == 200, (name, st, head)
     if name == "redis":
         print(f"preflight {name}: RateLimit fields on the limited route only: ok", flush=True)
         return
@@ -377,7 +394,8 @@ def preflight(name: str, port: int, upstream_port: int, token: str) -> None:
 LABELS = {"patch-plain": "PATCH, route without `claim:`", "patch-claimed": "PATCH, claimed route (holder renews)",
           "post-plain": "POST without Idempotency-Key", "post-idem": "POST, distinct Idempotency-Key each",
           "patch-step": "PATCH, a workflow step (instance found, step recorded)",
-          "patch-limited": "PATCH, a rate-limited route (one GCRA decision)"}
+          "patch-limited": "PATCH, a rate-limited route (one GCRA decision)",
+          "patch-budgeted": "PATCH, a budgeted route (read, reserve, settle)"}
 
 
 def render_table(rows: list[dict]) -> str:
