@@ -403,3 +403,24 @@ def test_the_openai_sdk_raises_rate_limit_error(tmp_path, idp, pki, upstream, up
         assert time.monotonic() - started >= 1.0
     finally:
         p.stop()
+
+
+@pytest.mark.parametrize("engine", GATEWAY_ENGINES)
+def test_an_upstream_failure_on_a_limited_route_carries_the_fields(proctor_factory, idp, engine) -> None:
+    """502 (nothing listens) on a limited route: the agent still learns what is left, on both engines,
+    forward and gateway."""
+    dead = free_port()
+    svc = {"name": "gone", "hosts": [f"127.0.0.1:{dead}"], "routes": [
+        {"method": "GET", "path": "/items/{id}", "action": "test.item.read", "resource": {"type": "Item", "id": "{id}"},
+         "rate_limit": {"name": "gone-reads", "limit": 5, "period": "1h"}}]}
+    p = proctor_factory({"gateway": {"engine": engine, "routes": [
+        {"prefix": "/gone", "upstream": f"http://127.0.0.1:{dead}"}]}}, extra_connectors=[svc])
+    token = idp.token(f"gone-{engine}")
+    via_gateway = get(p, token, "/gone/items/1")
+    assert via_gateway.status_code == 502, via_gateway.text
+    assert via_gateway.headers["RateLimit-Policy"] == '"gone-reads";q=5;w=3600'
+    assert via_gateway.headers["RateLimit"].startswith('"gone-reads";r=4;t=')
+    if engine == "mitmproxy":  # (the forward listener is always mitmproxy)
+        with httpx.Client(proxy=p.proxy_url_with(f"gone-{engine}", token), timeout=30) as c:
+            forward = c.get(f"http://127.0.0.1:{dead}/items/1")
+        assert forward.status_code == 502 and forward.headers["RateLimit"].startswith('"gone-reads";r=3;t=')

@@ -512,9 +512,11 @@ class ProctorAddon:
         msg = flow.error.msg if flow.error else "upstream error"
         status = 504 if is_timeout(msg) else 502
         cls = ex.classification
-        UPSTREAM_FAILURE.set((ex.decision_id, cls.action if cls else None, cls.resource_uid if cls else None))
         ex.response = ResponseSummary(status, error=msg)
         await self.requests.response(ex)
+        # (after the response phase: the headers it added reach the 502/504 too)
+        UPSTREAM_FAILURE.set((ex.decision_id, cls.action if cls else None, cls.resource_uid if cls else None,
+                              dict(ex.plan.response_headers)))
 
     async def _engine_refusal(self, flow: http.HTTPFlow, ex: Exchange | None) -> None:
         """The engine refused before any decision (message over the engine's size ceiling): record it."""
@@ -529,7 +531,7 @@ class ProctorAddon:
             ex = refused_exchange(refusal, req)
         else:
             ex.refuse(refusal)
-        UPSTREAM_FAILURE.set((ex.decision_id, None, None))
+        UPSTREAM_FAILURE.set((ex.decision_id, None, None, {}))
         ex.response = ResponseSummary(413, error=msg)
         await self.requests.response(ex)
 

@@ -58,7 +58,9 @@ log = logging.getLogger("proctor.engine")
 # The decision behind an upstream failure, handed from our `error` hook to the
 # engine's error-response builder. mitmproxy runs a hook and the layer events
 # that follow it in one task, so a context variable carries it safely.
-UPSTREAM_FAILURE: contextvars.ContextVar[tuple[str, str | None, str | None] | None] = contextvars.ContextVar(
+# (decision id, action, resource, headers the decision adds to every answer: rate-limit fields)
+UPSTREAM_FAILURE: contextvars.ContextVar[
+    tuple[str, str | None, str | None, dict[str, str]] | None] = contextvars.ContextVar(
     "proctor_upstream_failure", default=None
 )
 
@@ -80,7 +82,7 @@ def problem_error_response(status_code: int, message: str = "") -> bytes:
         413: "Message too large",
         431: "Request header fields too large",
     }
-    decision_id, action, resource = failure if failure is not None else (None, None, None)
+    decision_id, action, resource, extra = failure if failure is not None else (None, None, None, {})
     body = {
         "type": "https://proctor.dev/problems/"
         + ("upstream" if status_code in (502, 504) else "request" if status_code == 413 else "protocol"),
@@ -95,6 +97,8 @@ def problem_error_response(status_code: int, message: str = "") -> bytes:
     headers = {"Content-Type": "application/problem+json", "Connection": "close", "Cache-Control": "no-store"}
     if decision_id:
         headers[DECISION_HEADER] = decision_id
+    for name, value in extra.items():
+        headers.setdefault(name, value)
     resp = http.Response.make(status_code, json.dumps(body, separators=(",", ":")).encode(), headers)
     if not resp.reason:
         resp.reason = HTTPStatus(status_code).phrase
