@@ -527,6 +527,7 @@ def _register_subcommands() -> None:
     from .governance.cli import agents, policy_revisions, policy_rollback
 
     from .audit.cli import audit
+    from .control.budgets_cli import budgets
     from .coordination.cli import claims
     from .workflows.cli import workflows
     from .workflows.export_cli import export as workflows_export
@@ -534,6 +535,7 @@ def _register_subcommands() -> None:
     main.add_command(approvals)
     main.add_command(agents)
     main.add_command(audit)
+    main.add_command(budgets)
     main.add_command(claims)
     main.add_command(workflows)
     workflows.add_command(workflows_export)

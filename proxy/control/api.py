@@ -19,6 +19,7 @@ from .. import __version__
 from ..policy.revisions import record_revision
 from .activity_api import add_activity_routes
 from .approvals_api import add_approval_routes
+from .budgets_api import add_budget_routes
 from .auth import problem
 from .claims_api import add_claim_routes
 from .duplicates_api import add_duplicate_routes
@@ -27,7 +28,7 @@ from .workflows_api import add_workflow_routes
 from .workflow_inbox_api import add_workflow_inbox_routes
 from .workflow_export_api import add_workflow_export_routes
 from .governance_api import add_governance_routes
-from .health import health, not_ready_reasons
+from .health import counters_component, health, not_ready_reasons
 from .console_routes import add_console_routes
 from .openapi import add_openapi_route
 
@@ -45,6 +46,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
         status = runtime.policies.status
         components = health(runtime)
         reasons = not_ready_reasons(components)
+        components["counters"] = await counters_component(runtime)  # (informational: see health.py)
         all_ok = status.ok and all(c.status in ("ok", "disabled") for c in components.values())
         body = {
             "status": "ok" if all_ok else "degraded",
@@ -108,6 +110,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     add_claim_routes(app, runtime)
     add_duplicate_routes(app, runtime)
     add_rate_limit_routes(app, runtime)
+    add_budget_routes(app, runtime)
     add_workflow_routes(app, runtime)
     add_workflow_inbox_routes(app, runtime)
     add_workflow_export_routes(app, runtime)

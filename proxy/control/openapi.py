@@ -36,6 +36,7 @@ from .claims_api import (
     ClaimTransferRequest,
     Inbox,
 )
+from .budgets_api import BudgetDetail, BudgetList, BudgetPath, BudgetQuery, BudgetShowQuery
 from .duplicates_api import DuplicateList, DuplicateListQuery
 from .rate_limits_api import RateLimitList, RateLimitQuery
 from .workflow_export_api import ExportQuery, OcelLog
@@ -226,6 +227,28 @@ ROUTES: tuple[Route, ...] = (
           "the counters of the limits keyed on them without spending anything. Limits keyed on request or token "
           "values (param:, query:, field:, claim:) show no state. `counters_available` is false when the counters "
           "did not answer (docs/limits.md, \"The control API\")."),
+    # budgets (budgets_api.py; docs/limits.md, "Seeing budgets")
+    Route("get", "/v1/budgets", "listBudgets", "Declared budgets and their ledgers in a window", "coordination",
+          "operator",
+          (Reply(200, "Every declared budget (or the one named) with its ledgers in the window asked for (the current "
+                      "one by default): spent, reserved, remaining, the fraction used and, in the current window, a "
+                      "projection at the rate so far.", BudgetList),),
+          (400, 422, *OPERATOR), query=BudgetQuery,
+          description="Ledgers are read from the ledger backend: fleet-wide. Amounts are decimal strings. Key values "
+          "from requests and tokens (param:, query:, field:, claim:) are shown as sha256 digests. Filters on agent, "
+          "group, connector, action, resource and workflow narrow the ledgers of budgets keyed on that dimension. "
+          "422 for a `name` no budget has, or a `window` that is not `current`, `previous` or one of the budget's "
+          "window ids. `ledger_available` is false when the backend did not answer (docs/limits.md, \"Seeing "
+          "budgets\")."),
+    Route("get", "/v1/budgets/{name}", "getBudget", "One budget, its ledgers and their burn-down", "coordination",
+          "operator",
+          (Reply(200, "The budget with its ledgers in the window, each with a burn-down series (cumulative spend over "
+                      "time).", BudgetDetail),),
+          (400, 404, 422, *OPERATOR), path_model=BudgetPath, query=BudgetShowQuery,
+          description="The burn-down series come from this replica's decision records (the `budget` part of each): "
+          "with several replicas each shows only what its own requests booked, while `spent` and the other totals "
+          "are fleet-wide, from the ledger. `burn_down.complete` is false when the records were read back only "
+          "part of the way (a bounded scan; `since` says from when). 404 for a name no budget has."),
     # workflows (workflows_api.py; docs/workflows.md)
     Route("get", "/v1/workflows", "listWorkflows", "Workflow definitions, with instance counts by state",
           "workflows", "approver", (Reply(200, "Every loaded definition.", WorkflowList),), AUTH),
