@@ -245,7 +245,8 @@ def build_app(api_key: str | None = None) -> web.Application:
             "parallel_tool_calls": True, "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
             "store": False, "temperature": body.get("temperature", 1.0), "text": {"format": {"type": "text"}},
             "tool_choice": "auto", "tools": [], "top_p": 1.0, "truncation": "disabled",
-            "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "usage": {"input_tokens": input_tokens,
+                      "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                       "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": input_tokens + output_tokens},
             "user": None, "metadata": {},
@@ -259,8 +260,8 @@ def build_app(api_key: str | None = None) -> web.Application:
         if isinstance(model, web.Response):
             return model
         raw = body.get("input")
-        inputs: list[Any] = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and
-                                                                all(isinstance(t, int) for t in raw)) else raw
+        inputs: Any = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and
+                                                          all(isinstance(t, int) for t in raw)) else raw
         if not isinstance(inputs, list) or not inputs or not all(
                 isinstance(t, str) or (isinstance(t, list) and all(isinstance(x, int) for x in t)) for t in inputs):
             return _error(400, "'input' must be a string, an array of strings or an array of token arrays.",
