@@ -242,6 +242,11 @@ def test_fail_closed_and_open_when_the_ledger_is_unreachable(billing, idp) -> No
     token = buyer(idp)
     r = charge(closed, token, "1")
     assert r.status_code == 503 and r.json()["budget"] == {"name": "po-monthly", "unavailable": True}
+    # /healthz says the counters are down; the replica stays ready (every replica shares that Redis)
+    h = closed.health()
+    assert h["components"]["counters"]["status"] == "down" and h["components"]["counters"]["backend"] == "redis"
+    assert h["components"]["counters"]["used_by"] == ["budgets"] and h["ready"] is True
+    assert httpx.get(f"{closed.control_url}/readyz", timeout=10).status_code == 200
     opened = billing(monthly(on_unavailable="open"), counters={"backend": "redis", "redis_url": "redis://127.0.0.1:1/0",
                                                                "timeout_seconds": 0.3})
     assert charge(opened, token, "1").status_code == 200
@@ -274,6 +279,8 @@ def _two_proxies_exactly(billing, idp, upstream, env: dict, **overrides) -> None
     assert sorted(r.status_code for r in answers) == [200] * 9 + [429] * 11
     assert len([e for e in upstream.received() if e["path"] == "/charges/acme"]) == 9
     assert charge(b, token, "0.01").status_code == 429 and charge(a, token, "0.01").status_code == 429
+    if "counters" in overrides:
+        assert a.health()["components"]["counters"] == {"status": "ok", "backend": "redis", "used_by": ["budgets"]}
 
 
 @pytest.mark.skipif(not PG_DSN, reason=PG_SKIP)

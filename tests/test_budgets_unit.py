@@ -276,3 +276,24 @@ def test_cost_spec_kinds() -> None:
     assert CostSpec.model_validate({"field": "net", "scale": "0.01"}).kind == "field"
     assert CostSpec.model_validate({"llm": True}).fields == set()
     assert CostSpec.model_validate({"response": "u.c", "estimate": {"field": "max"}}).fields == {"max"}
+
+
+def test_a_free_call_is_served_when_the_window_is_over_its_limit() -> None:
+    env = Env(budget(limit="10", cost={"static": "0"}, name="free"), budget(limit="10"))
+    assert env.call(_ex("10")).allowed  # "po": 10 of 10
+    assert env.call(_ex("10")).refusal is not None
+    free_only = Env(budget(limit="1", match={"connectors": ["erp"], "actions": ["erp.order.read"]}, name="reads",
+                           cost={"static": "0"}))
+    for _ in range(3):
+        ex = free_only.call(_ex(None, action="erp.order.read", route="GET /orders/{id}"))
+        assert ex.allowed and ex.stage_data[CHECKS][0].outcome == "reserved"
+
+
+def test_llm_budget_currency_must_match_the_price_table() -> None:
+    m = json.loads(json.dumps(MANIFEST))
+    m["routes"][0]["body"]["model"] = {"path": "model", "type": "string"}
+    with pytest.raises(BudgetConfigError) as e:
+        build_budget_table([budget(currency="EUR", cost={"llm": True})], [ConnectorManifest.model_validate(m)],
+                           llm_prices=LlmPrices.model_validate({"currency": "USD", "models": {"*": {"input": "1",
+                                                                                                   "output": "2"}}}))
+    assert "priced in 'USD'" in str(e.value)

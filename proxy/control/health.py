@@ -13,6 +13,13 @@ Ready means every part a request needs is up:
 Identity (JWKS keys per issuer) is reported but does not decide readiness: a
 JWKS URL is fetched on the first token, and an issuer without keys refuses its
 own agents (503) without affecting the others.
+
+Counters (rate limits and budgets in Redis, `counters.backend: redis`) are pinged
+and reported (`down` when Redis does not answer) but do not decide readiness
+either: every replica shares that Redis, so taking them all out of service would
+turn refusals on limited routes (each limit fails open or closed per its
+`on_unavailable`) into an outage of every route. The store backend's counters are
+the store, which readiness covers already.
 """
 
 from __future__ import annotations
@@ -98,6 +105,24 @@ def identity_component(runtime: "ProctorRuntime") -> Component:
         keys = getattr(issuer.keys, "_keys", None)
         issuers.append({"issuer": name, "keys": None if keys is None else len(keys)})
     return Component("ok", {"issuers": issuers})
+
+
+async def counters_component(runtime: "ProctorRuntime") -> Component:
+    """Where rate-limit counters and budget ledgers live, and whether Redis answers a ping."""
+    users = [name for name, part in (("rate_limits", runtime.rate_limits), ("budgets", runtime.budgets))
+             if part is not None]
+    if not users:
+        return Component("disabled")
+    backend = runtime.rate_limits.counters if runtime.rate_limits is not None else runtime.budgets.ledger  # type: ignore[union-attr]
+    detail: dict[str, Any] = {"backend": getattr(backend, "backend", "?"), "used_by": users}
+    ping = getattr(backend, "ping", None)
+    if ping is None:
+        return Component("ok", detail)
+    try:
+        await ping()
+    except Exception as e:  # noqa: BLE001 - CounterUnavailable (or anything a broken client raises): reported
+        return Component("down", {**detail, "error": str(e)})
+    return Component("ok", detail)
 
 
 def health(runtime: "ProctorRuntime") -> dict[str, Component]:

@@ -93,7 +93,8 @@ class Check:
 
     @property
     def exceeded(self) -> bool:
-        return self.usage is not None and self.committed + self.estimate > self.budget.limit
+        # (a free call never exceeds: a window already over its limit still serves a model list)
+        return self.usage is not None and self.estimate > 0 and self.committed + self.estimate > self.budget.limit
 
     def headroom(self) -> Decimal:
         """The fraction of the limit left once this call is reserved (lower is tighter)."""
@@ -489,7 +490,8 @@ class BudgetReserve(Stage):
             rid = f"{ex.decision_id}.{i}"
             try:
                 r = await self.ledger.reserve(c.key, c.window.id, c.estimate, b.limit, rid,
-                                              b.reservation_ttl_seconds, now, force=b.shadow or extension)
+                                              b.reservation_ttl_seconds, now,
+                                              force=b.shadow or extension or c.estimate == 0)
             except CounterUnavailable as e:
                 obs.checked(b.name, "unavailable")
                 self.report.unavailable(b, e, ex.decision_id)
@@ -503,7 +505,7 @@ class BudgetReserve(Stage):
                 c.reservation = rid
             before = r.spent + r.reserved - (c.estimate if r.placed else Decimal(0))
             c.usage = BudgetUsage(r.spent, before - r.spent)
-            if r.ok:
+            if r.ok or c.estimate == 0:
                 c.outcome = "reserved"
             elif b.shadow:
                 c.outcome = "shadow_exhausted"

@@ -193,6 +193,11 @@ def build_budget_table(budgets: Sequence[BudgetSpec], manifests: Iterable[Any],
                 if "model" not in r.fields:
                     problems.append(f"{where}: route {r.connector} {r.route} costs LLM tokens but declares no "
                                     "`model` body value to price them by")
+        llm_priced = (b.cost is not None and b.cost.llm) or any(
+            (route_costs.get((r.connector, r.route)) or PER_CALL).llm for r in matched if b.cost is None)
+        if llm_priced and llm_prices is not None and b.currency and b.currency != llm_prices.currency:
+            problems.append(f"{where}: currency {b.currency!r}, but its LLM calls are priced in "
+                            f"{llm_prices.currency!r} (llm_prices.currency)")
         if b.cost is not None and b.cost.llm and llm_prices is None:
             problems.append(f"{where}: cost {{llm: true}} needs llm_prices")
         compiled.append(Budget.of(b, where))
