@@ -297,3 +297,20 @@ def test_llm_budget_currency_must_match_the_price_table() -> None:
                            llm_prices=LlmPrices.model_validate({"currency": "USD", "models": {"*": {"input": "1",
                                                                                                    "output": "2"}}}))
     assert "priced in 'USD'" in str(e.value)
+
+
+def test_a_hold_budget_without_a_holding_policy_refuses_over_the_limit() -> None:
+    """Fail closed: if no @budget("extension") policy held the call (the bundled one was removed),
+    a call over a hold budget is refused, never forwarded over the limit."""
+    env = Env(budget(limit="10", on_exceed="hold"))
+    assert env.call(_ex("8")).allowed
+    ex = env.call(_ex("5"))
+    assert ex.refusal is not None and ex.refusal.status == 429
+    assert "reserved the rest while" not in ex.refusal.detail and "budget extension" in ex.refusal.detail
+    assert ex.stage_data[BUDGET_RECORD]["outcome"] == "exhausted"
+
+
+def test_a_shadow_budget_that_cannot_price_a_call_counts_it_as_free() -> None:
+    env = Env(budget(name="shadow-po", shadow=True))
+    ex = env.call(_ex(None))
+    assert ex.allowed and ex.stage_data[CONTEXT_EXTRA]["budget"]["estimated_cost"]["__extn"]["arg"] == "0.0"

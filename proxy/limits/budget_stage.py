@@ -390,10 +390,10 @@ class BudgetCheck(Stage):
             try:
                 estimate = estimate_cost(charge.cost, ex, self.table.llm_prices)
             except CostUnknown as e:
-                if b.shadow:
-                    continue  # (a shadow budget never refuses; it cannot count this call)
-                refusal = cost_refusal(b, str(e))
-                break
+                if not b.shadow:
+                    refusal = cost_refusal(b, str(e))
+                    break
+                estimate = Decimal(0)  # (a shadow budget never refuses: it counts this call as free)
             window = window_for(now, b.period, b.timezone)
             for combo, shown in key_combos(b.key, ex, self.groups_of):
                 key = budget_key(b.name, b.key, combo)
@@ -501,6 +501,7 @@ class BudgetReserve(Stage):
                     refusal = unavailable_refusal(b, e.backend)
                     break
                 continue
+            raced = c.outcome != "held"  # (it fitted when checked: others reserved the rest meanwhile)
             if r.placed:
                 c.reservation = rid
             before = r.spent + r.reserved - (c.estimate if r.placed else Decimal(0))
@@ -513,7 +514,7 @@ class BudgetReserve(Stage):
                 c.outcome = "extended"
             else:
                 c.outcome = "exhausted"
-                refusal = exhausted_refusal(c, identity.agent_id, now, held_before=True)
+                refusal = exhausted_refusal(c, identity.agent_id, now, held_before=raced)
             obs.checked(b.name, c.outcome)
             if c.outcome in ("exhausted", "shadow_exhausted", "extended"):
                 self.report.event("exhausted", c, ex, c.outcome, r.spent, r.reserved)
