@@ -163,7 +163,8 @@ def build_request_path(p: Parts) -> RequestPath:
     bg = p.budgets
     budget_report = BudgetReport(p.metrics.registry, bg.table.budgets, p.recorder.write, p.notifier) if bg else None
     budget_check = BudgetCheck(bg.table, bg.ledger, groups_of, budget_report) if bg else None
-    budget_reserve = BudgetReserve(bg.ledger, bg.table.llm_prices, budget_report) if bg else None
+    budget_reserve = BudgetReserve(bg.ledger, bg.table.llm_prices, budget_report,
+                                   sweep_interval_seconds=cfg.counters.sweep_interval_seconds) if bg else None
 
     exceptions = WorkflowExceptions(p.store, p.recorder.write, ExceptionReporter(p.metrics, p.notifier),
                                     groups_of) if workflows is not None else None

@@ -314,3 +314,21 @@ def test_a_shadow_budget_that_cannot_price_a_call_counts_it_as_free() -> None:
     env = Env(budget(name="shadow-po", shadow=True))
     ex = env.call(_ex(None))
     assert ex.allowed and ex.stage_data[CONTEXT_EXTRA]["budget"]["estimated_cost"]["__extn"]["arg"] == "0.0"
+
+
+def test_settled_and_lapsed_reservations_are_swept_in_the_background() -> None:
+    env = Env(budget(limit="1000", reservation_ttl_seconds=5))
+    reserve = next(s for s in env.chain if isinstance(s, BudgetReserve))
+    reserve.sweeper.interval_seconds = 10
+    for _ in range(3):
+        assert env.call(_ex("1")).allowed
+    assert len(env.store.reservations) == 3  # settled, kept for late settles until expiry + grace
+
+    async def later() -> None:
+        env.clock.t += 3600  # past expiry and grace
+        reserve.sweeper.maybe()
+        assert reserve.sweeper._running is not None
+        await reserve.sweeper._running
+    asyncio.run(later())
+    assert env.store.reservations == {}
+    assert env.spent(t=env.clock.t - 3600) == (Decimal(3), Decimal(0))

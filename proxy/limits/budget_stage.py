@@ -48,7 +48,7 @@ from .budget_spec import CostSpec, FieldCost, LlmPrices
 from .budget_table import Budget, BudgetTable, Charge, budget_key
 from .errors import CounterUnavailable
 from .ledger import BudgetLedger
-from .stage import GroupsOf, digest, key_combos, value_text
+from .stage import GroupsOf, PeriodicSweep, digest, key_combos, value_text
 from .windows import Window, utc_iso, window_for
 
 log = logging.getLogger("proctor.limits")
@@ -466,11 +466,12 @@ class BudgetReserve(Stage):
     name = "budget-reserve"
 
     def __init__(self, ledger: BudgetLedger, prices: LlmPrices | None, observer: BudgetObserver | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, sweep_interval_seconds: float = 60.0) -> None:
         self.ledger = ledger
         self.prices = prices
         self.report = _Reporting(observer or NoBudgetObserver())
         self.clock = clock
+        self.sweeper = PeriodicSweep(ledger, sweep_interval_seconds, clock)  # settled and lapsed reservations
 
     async def on_request(self, ex: Exchange) -> None:
         checks: list[Check] | None = ex.stage_data.get(CHECKS)
@@ -478,6 +479,7 @@ class BudgetReserve(Stage):
             return
         identity = ex.identity
         assert identity is not None
+        self.sweeper.maybe()
         extension = _extension_approved(ex)
         now = self.clock()
         obs = self.report.observer

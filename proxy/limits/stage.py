@@ -263,6 +263,39 @@ def header_fields(checked: list[Checked]) -> dict[str, str]:
     return {"RateLimit-Policy": ratelimit_policy(items), "RateLimit": ratelimit(items)}
 
 
+class PeriodicSweep:
+    """Deletes expired counter state (rate-limit rows, lapsed budget reservations) at most once per
+    interval, in the background: every read ignores expired state anyway, so this only bounds the
+    tables (Redis keys expire by themselves)."""
+
+    def __init__(self, counters: Any, interval_seconds: float = 60.0, clock: Callable[[], float] = time.time) -> None:
+        self.counters = counters
+        self.interval_seconds = interval_seconds
+        self.clock = clock
+        self._last = clock()
+        self._running: asyncio.Task[None] | None = None
+
+    def maybe(self) -> None:
+        now = self.clock()
+        if now - self._last < self.interval_seconds or self._running is not None:
+            return
+        self._last = now
+        self._running = asyncio.get_running_loop().create_task(self._sweep(now))
+        self._running.add_done_callback(self._done)
+
+    def _done(self, _task: asyncio.Task[None]) -> None:
+        self._running = None
+
+    async def _sweep(self, now: float) -> None:
+        try:
+            swept = await self.counters.sweep(now)
+        except Exception as e:  # noqa: BLE001 - housekeeping: expired state is ignored by every read anyway
+            log.warning("could not sweep expired counters: %s", e)
+        else:
+            if swept:
+                log.debug("swept %d expired counters", swept)
+
+
 class RateLimit(Stage):
     """Before authorization: count the request against its rate limits (see the module docstring)."""
 
@@ -277,9 +310,7 @@ class RateLimit(Stage):
         self.observer: RateLimitObserver = observer or _NoObserver()
         self.clock = clock
         self.counts: dict[str, Counter[str]] = {lim.name: Counter() for lim in table.limits}
-        self.sweep_interval_seconds = sweep_interval_seconds
-        self._last_sweep = clock()
-        self._sweeping: asyncio.Task[None] | None = None
+        self.sweeper = PeriodicSweep(counters, sweep_interval_seconds, clock)
         self._logged: dict[str, float] = {}
 
     # -- keys ---------------------------------------------------------------------------
@@ -308,7 +339,7 @@ class RateLimit(Stage):
         limits = self.table.for_request(cls.connector, cls.route, cls.action, req.method)
         if not limits:
             return
-        self._maybe_sweep()
+        self.sweeper.maybe()
         now = self.clock()
         checked: list[Checked] = []
         refusal: Refusal | None = None
@@ -341,24 +372,3 @@ class RateLimit(Stage):
             ex.refuse(refusal)
             return
         ex.stage_data.setdefault(CONTEXT_EXTRA, {})["usage"] = usage_context(checked)
-
-    # -- housekeeping -------------------------------------------------------------------------
-    def _maybe_sweep(self) -> None:
-        now = self.clock()
-        if now - self._last_sweep < self.sweep_interval_seconds or self._sweeping is not None:
-            return
-        self._last_sweep = now
-        self._sweeping = asyncio.get_running_loop().create_task(self._sweep(now))
-        self._sweeping.add_done_callback(self._swept)
-
-    def _swept(self, _task: asyncio.Task[None]) -> None:
-        self._sweeping = None
-
-    async def _sweep(self, now: float) -> None:
-        try:
-            swept = await self.counters.sweep(now)
-        except Exception as e:  # noqa: BLE001 - housekeeping: expired state is ignored by every read anyway
-            log.warning("could not sweep expired rate-limit counters: %s", e)
-        else:
-            if swept:
-                log.debug("swept %d expired rate-limit counters", swept)
