@@ -1,4 +1,4 @@
-/* Proctor console (approvals, activity, agents, claims, handoffs, duplicates, workflows, workflow inbox): vanilla JS, no dependencies, no external URLs.
+/* Proctor console (approvals, activity, agents, claims, handoffs, duplicates, workflows, workflow inbox, budgets): vanilla JS, no dependencies, no external URLs.
  *
  * Security notes:
  * - Everything shown comes from agents (attacker-controlled): values are only
@@ -26,6 +26,10 @@
  *   escalated to the person's groups (GET /v1/workflows/inbox) and their
  *   decisions (retry, take-over, complete, close after a confirmation), every
  *   5 s while shown and after each decision.
+ * - Budgets (/console/#budgets, operators): every budget's ledgers in the current or previous window
+ *   (GET /v1/budgets, /v1/budgets/{name}) with a used/limit bar per key and the selected key's burn-down
+ *   chart (inline SVG: this replica's bookings, the fleet's spend now, the limit, the projection), every
+ *   10 s while shown. Budget names and key values: text only.
  */
 (function () {
   "use strict";
@@ -62,6 +66,7 @@
       instance: null, detailSig: null, loading: false, gen: 0, instGen: 0, detGen: 0, items: null, itemsSig: null, itemsGen: 0 },
     wi: { items: [], sig: null, selected: null, last: null, selSig: null, instSig: null, want: null, workflows: new Set(),
       busy: false, loading: false, gen: 0, instGen: 0 },
+    bg: { details: [], now: null, selected: {}, loading: false, gen: 0 },
   };
   var ACTIVITY_STEP = 100;
   var ACTIVITY_MAX = 1000;
@@ -279,9 +284,10 @@
     show($("duplicates-view"), name === "duplicates");
     show($("workflows-view"), name === "workflows");
     show($("workflow-inbox-view"), name === "workflow-inbox");
+    show($("budgets-view"), name === "budgets");
     show($("session"), name !== "login");
     show($("nav"), name !== "login");
-    var current = ["activity", "agents", "claims", "handoffs", "duplicates", "workflows", "workflow-inbox"].indexOf(name) >= 0 ? name : "approvals";
+    var current = ["activity", "agents", "claims", "handoffs", "duplicates", "workflows", "workflow-inbox", "budgets"].indexOf(name) >= 0 ? name : "approvals";
     Array.prototype.forEach.call($("nav").querySelectorAll("a"), function (a) {
       if (a.getAttribute("data-view") === current) a.setAttribute("aria-current", "page");
       else a.removeAttribute("aria-current");
@@ -328,6 +334,7 @@
     else if (location.hash === "#duplicates") openDuplicates();
     else if (location.hash === "#workflows") openWorkflows();
     else if (isWorkflowInboxHash()) openWorkflowInbox(wiItemFromHash());
+    else if (location.hash === "#budgets") openBudgets();
     else openInbox();
   }
 
@@ -2967,6 +2974,318 @@
     $("wi-to").addEventListener("keydown", function (ev) { if (ev.key === "Enter") wiDecide("retry", false); });
   }
 
+  // ------------------------------------------------------------------ budgets (operators)
+  /* GET /v1/budgets (every budget with its ledgers in the window) and GET /v1/budgets/{name} (the same with
+   * each ledger's burn-down series from this replica's decision records), every 10 s while shown. A bar per
+   * ledger and the burn-down chart of the selected ledger are inline SVG (attributes and classes only: the
+   * CSP allows no inline style). Budget names, key values and digests are text only. */
+  var BG_POLL_MS = 10000;
+  var BG_BAR = { w: 150, h: 14 };
+  var BG_CHART = { w: 560, h: 240, left: 58, right: 46, top: 14, bottom: 40 };
+
+  function openBudgets() {
+    S.detailId = null;
+    setView("budgets");
+    loadBudgets(true);
+    startViewPolling(loadBudgets, BG_POLL_MS);
+  }
+
+  function budgetsWindow() {
+    return $("budgets-window").value === "previous" ? "previous" : "current";
+  }
+
+  function loadBudgets(force) {
+    if (S.bg.loading && force !== true) return Promise.resolve();
+    var gen = ++S.bg.gen;
+    S.bg.loading = true;
+    var win = budgetsWindow();
+    var q = "?window=" + encodeURIComponent(win);
+    return api("GET", "/v1/budgets" + q).then(function (doc) {
+      if (gen !== S.bg.gen || S.view !== "budgets") return null;
+      var budgets = (doc && Array.isArray(doc.budgets) ? doc.budgets : []).filter(function (b) {
+        return isPlainObject(b) && typeof b.name === "string";
+      });
+      return Promise.all(budgets.map(function (b) {
+        return api("GET", "/v1/budgets/" + encodeURIComponent(b.name) + q).then(
+          function (d) { return isPlainObject(d) && isPlainObject(d.budget) ? d : { budget: b, burn_down: null }; },
+          function (e) {
+            if (e instanceof ApiError && e.status === 401) throw e;
+            return { budget: b, burn_down: null, error: e.message };
+          });
+      })).then(function (details) {
+        if (gen !== S.bg.gen || S.view !== "budgets") return;
+        showMsg("budgets-error", "");
+        showMsg("budgets-readonly", "");
+        showMsg("budgets-note", doc && doc.ledger_available === false ?
+          "The ledger did not answer, so no spend is shown; see the proxy log." : "");
+        S.bg.details = details;
+        S.bg.now = doc && typeof doc.now === "string" ? doc.now : new Date().toISOString();
+        renderBudgets();
+      });
+    }).catch(function (e) {
+      if (gen !== S.bg.gen || authFailed(e) || S.view !== "budgets") return;
+      if (e.status === 403) {
+        S.bg.details = [];
+        clear($("budget-cards"));
+        show($("budgets-empty"), false);
+        setText($("budgets-count"), "");
+        showMsg("budgets-readonly", "Budgets are shown to operators only. " + e.message);
+        return;
+      }
+      showMsg("budgets-error", "Could not load the budgets: " + e.message);
+    }).then(function () {
+      if (gen === S.bg.gen) S.bg.loading = false;
+    });
+  }
+
+  function bgNum(v) {
+    var n = typeof v === "string" ? parseFloat(v) : NaN;
+    return isFinite(n) ? n : 0;
+  }
+
+  function bgKeyText(ledger) {
+    var key = isPlainObject(ledger.key) ? ledger.key : {};
+    var dims = Object.keys(key);
+    var text = dims.length ? dims.map(function (d) { return d + "=" + (key[d] === null ? "(none)" : String(key[d])); }).join(", ")
+      : "(shared)";
+    return ledger.key_shortened ? text + ", \u2026" : text;
+  }
+
+  function bgMoney(amount, b) {
+    return formatDecimal(amount) + (b.currency ? " " + b.currency : "");
+  }
+
+  function bgPercent(fraction) {
+    var n = bgNum(fraction) * 100;
+    return (n >= 100 ? Math.round(n) : Math.round(n * 10) / 10) + "%";
+  }
+
+  /* What the projection says, as a node: exhausted, runs out in ..., or not in this window. */
+  function bgExhaustion(ledger, current) {
+    var p = isPlainObject(ledger.projection) ? ledger.projection : null;
+    if (!p) return el("span", { cls: "muted", data: { testid: "budget-exhaustion", state: "none" }, text: current ? "\u2014" : "window over" });
+    if (p.exhausted) return el("span", { cls: "badge state-denied", data: { testid: "budget-exhaustion", state: "exhausted" }, text: "exhausted" });
+    if (typeof p.exhaustion_at === "string") {
+      return el("span", { cls: "bg-runs-out", data: { testid: "budget-exhaustion", state: "projected", at: p.exhaustion_at } },
+        ["runs out ", timeNode(p.exhaustion_at, "rel")]);
+    }
+    return el("span", { cls: "muted", data: { testid: "budget-exhaustion", state: "not-this-window" },
+      text: "not before the window ends" });
+  }
+
+  /* used / limit: spent, then reserved, on a track as wide as the limit; the soft threshold as a tick. */
+  function bgBar(b, ledger) {
+    var limit = bgNum(b.limit);
+    var spent = bgNum(ledger.spent);
+    var reserved = bgNum(ledger.reserved);
+    var w = BG_BAR.w;
+    var ws = limit > 0 ? Math.min(w, (spent / limit) * w) : 0;
+    var wr = limit > 0 ? Math.min(w - ws, (reserved / limit) * w) : 0;
+    var over = spent + reserved >= limit;
+    var svg = svgEl("svg", { "class": "budget-bar", role: "img", width: w, height: BG_BAR.h, viewBox: "0 0 " + w + " " + BG_BAR.h,
+      "data-testid": "budget-bar", "data-used": ledger.used_fraction || "0", "aria-label": bgPercent(ledger.used_fraction) + " used" }, [
+      svgTitle(formatDecimal(ledger.spent) + " spent + " + formatDecimal(ledger.reserved) + " reserved of " + bgMoney(b.limit, b)),
+      svgEl("rect", { "class": "bar-track", x: 0, y: 0, width: w, height: BG_BAR.h, rx: 3 }),
+      svgEl("rect", { "class": "bar-spent" + (over ? " is-over" : ""), x: 0, y: 0, width: ws.toFixed(2), height: BG_BAR.h, rx: 3,
+        "data-testid": "budget-bar-spent" }),
+      svgEl("rect", { "class": "bar-reserved", x: ws.toFixed(2), y: 0, width: wr.toFixed(2), height: BG_BAR.h,
+        "data-testid": "budget-bar-reserved" }),
+    ]);
+    if (b.soft_threshold) {
+      var x = (bgNum(b.soft_threshold) * w).toFixed(2);
+      svg.appendChild(svgEl("line", { "class": "bar-soft", x1: x, x2: x, y1: 0, y2: BG_BAR.h }));
+    }
+    return svg;
+  }
+
+  function renderBudgets() {
+    var host = $("budget-cards");
+    clear(host);
+    var list = S.bg.details || [];
+    show($("budgets-empty"), list.length === 0);
+    setText($("budgets-count"), list.length ? list.length + (list.length === 1 ? " budget" : " budgets") : "");
+    list.forEach(function (d, i) { host.appendChild(budgetCard(d, i)); });
+  }
+
+  function budgetCard(d, index) {
+    var b = d.budget;
+    var w = isPlainObject(b.window) ? b.window : {};
+    var rows = (Array.isArray(b.ledgers) ? b.ledgers : []).filter(isPlainObject);
+    var sel = S.bg.selected[b.name];
+    if (!rows.some(function (l) { return l.key_digest === sel; })) sel = rows.length ? rows[0].key_digest : null;
+    S.bg.selected[b.name] = sel;
+    var tags = [el("span", { cls: "badge state-other", text: "per " + (b.period || "?") })];
+    if (b.shadow) tags.push(el("span", { cls: "badge state-pending", text: "shadow" }));
+    if (b.on_exceed === "hold") tags.push(el("span", { cls: "badge state-other", text: "over: held for a person" }));
+    var card = el("section", { cls: "card budget-card", data: { name: b.name, testid: "budget-card" } }, [
+      el("div", { cls: "toolbar" }, [el("h3", { cls: "grow mono budget-name", data: { testid: "budget-name" }, text: b.name })].concat(tags)),
+      el("p", { cls: "muted budget-meta", data: { testid: "budget-meta" } }, [
+        "Limit " + bgMoney(b.limit, b) + " per key and " + (b.period || "?") + " (" + (b.timezone || "UTC") + "), window ",
+        el("span", { cls: "mono", data: { testid: "budget-window" }, text: w.id || "?" }),
+        w.current ? ", ends " : ", ended ",
+        w.end ? timeNode(w.end, "rel") : "\u2014",
+        b.soft_threshold ? "; soft threshold " + bgPercent(b.soft_threshold) : "",
+      ]),
+    ]);
+    if (d.error) card.appendChild(el("p", { cls: "error", text: "Could not load its burn-down: " + d.error }));
+    if (!rows.length) {
+      card.appendChild(el("p", { cls: "muted", data: { testid: "budget-no-spend" }, text: "No spend in this window." }));
+      return card;
+    }
+    var tbody = el("tbody");
+    rows.forEach(function (l) {
+      var tr = el("tr", { cls: "budget-ledger" + (l.key_digest === sel ? " is-selected" : ""), attrs: { tabindex: "0" },
+        data: { testid: "budget-ledger", digest: l.key_digest || "", spent: l.spent || "", reserved: l.reserved || "",
+          used: l.used_fraction || "" } }, [
+        el("td", { cls: "mono budget-key", text: bgKeyText(l) }),
+        el("td", {}, [bgBar(b, l)]),
+        el("td", { cls: "num", text: formatDecimal(l.spent) + " / " + bgMoney(b.limit, b) }),
+        el("td", { cls: "num", text: formatDecimal(l.reserved) }),
+        el("td", { cls: "num", text: bgPercent(l.used_fraction) }),
+        el("td", {}, [bgExhaustion(l, !!w.current)]),
+      ]);
+      var pick = function () {
+        S.bg.selected[b.name] = l.key_digest;
+        card.parentNode.replaceChild(budgetCard(d, index), card);
+      };
+      tr.addEventListener("click", pick);
+      tr.addEventListener("keydown", function (ev) { if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); pick(); } });
+      tbody.appendChild(tr);
+    });
+    card.appendChild(el("div", { cls: "scroll-x" }, [el("table", { cls: "grid compact budget-ledgers", data: { testid: "budget-ledgers" } }, [
+      el("thead", {}, [el("tr", {}, ["Key", "Used", "Spent / limit", "Reserved", "Used %", "Projected exhaustion"].map(function (h) {
+        return el("th", { text: h });
+      }))]),
+      tbody,
+    ])]));
+    if (b.ledgers_truncated) {
+      card.appendChild(el("p", { cls: "muted", text: "More keys have spend than are listed (the API's limit)." }));
+    }
+    var ledger = rows.filter(function (l) { return l.key_digest === sel; })[0];
+    card.appendChild(budgetChart(b, ledger, d.burn_down, index));
+    return card;
+  }
+
+  function bgTick(v) {
+    if (v === 0) return "0";
+    if (Math.abs(v) >= 1000) return formatDecimal(String(Math.round(v)));
+    return String(Math.round(v * 100) / 100);
+  }
+
+  /* The burn-down of one ledger over the window: this replica's bookings (a step line), the fleet's spend now
+   * (a dot, with what is reserved above it), the limit, the soft threshold, and the projection to the end. */
+  function budgetChart(b, ledger, source, index) {
+    var w = b.window;
+    var id = "bg-chart-" + index;
+    var fig = el("figure", { cls: "chart budget-chart", data: { testid: "budget-chart", digest: ledger.key_digest || "" } }, [
+      el("figcaption", {}, ["Burn-down of ", el("span", { cls: "mono", data: { testid: "budget-chart-key" }, text: bgKeyText(ledger) }),
+        el("span", { cls: "muted", text: " (bookings: this replica; dot and projection: all replicas)" })]),
+    ]);
+    var t0 = Date.parse(w.start);
+    var t1 = Date.parse(w.end);
+    var tn = Math.min(Math.max(Date.parse(S.bg.now), t0), t1);
+    if (isNaN(t0) || isNaN(t1) || t1 <= t0) {
+      fig.appendChild(el("p", { cls: "chart-empty muted", text: "The window's times are missing." }));
+      return fig;
+    }
+    var limit = bgNum(b.limit);
+    var spent = bgNum(ledger.spent);
+    var reserved = bgNum(ledger.reserved);
+    var p = isPlainObject(ledger.projection) ? ledger.projection : null;
+    var end = p ? bgNum(p.at_window_end) : null;
+    var series = (Array.isArray(ledger.burn_down) ? ledger.burn_down : []).filter(isPlainObject).map(function (pt) {
+      return [Date.parse(pt.time), bgNum(pt.spent)];
+    }).filter(function (pt) { return !isNaN(pt[0]); });
+    var max = Math.max(limit, spent + reserved, end || 0, series.reduce(function (m, pt) { return Math.max(m, pt[1]); }, 0));
+    var step = niceStep(Math.max(max, 1e-9) * 1.05 / 4);
+    var top = Math.ceil((max * 1.05) / step) * step;
+    var c = BG_CHART;
+    var pw = c.w - c.left - c.right;
+    var ph = c.h - c.top - c.bottom;
+    var x = function (t) { return (c.left + ((t - t0) / (t1 - t0)) * pw).toFixed(1); };
+    var y = function (v) { return (c.top + ph - (v / top) * ph).toFixed(1); };
+    var booked = series.length ? series[series.length - 1][1] : 0;
+    var desc = bgKeyText(ledger) + ": " + formatDecimal(ledger.spent) + " spent and " + formatDecimal(ledger.reserved) +
+      " reserved of " + bgMoney(b.limit, b) + " in " + w.id + "; " + formatDecimal(String(booked)) + " booked by this replica's requests" +
+      (p ? (p.exhausted ? "; exhausted." : p.exhaustion_at ? "; at the rate so far it runs out at " + absTime(p.exhaustion_at) + "." :
+        "; at the rate so far " + formatDecimal(p.at_window_end) + " by the window's end.") : ".");
+    var svg = svgEl("svg", { "class": "chart-svg budget-chart-svg", role: "img", viewBox: "0 0 " + c.w + " " + c.h,
+      id: id + "-svg", "data-testid": "budget-chart-svg", "aria-labelledby": id + "-title " + id + "-desc" });
+    var title = svgTitle("Burn-down of " + b.name + " for " + bgKeyText(ledger));
+    title.setAttribute("id", id + "-title");
+    var d = svgEl("desc", { id: id + "-desc" });
+    d.textContent = desc;
+    svg.appendChild(title);
+    svg.appendChild(d);
+    var grid = svgEl("g", { "class": "y-axis", "aria-hidden": "true" });
+    for (var v = 0; v <= top + step / 1e6; v += step) {
+      grid.appendChild(svgEl("line", { "class": "grid-line", x1: c.left, x2: c.left + pw, y1: y(v), y2: y(v) }));
+      grid.appendChild(svgText({ "class": "tick", x: c.left - 6, y: +y(v) + 4, "text-anchor": "end" }, bgTick(v)));
+    }
+    svg.appendChild(grid);
+    var span = (t1 - t0) / 1000;
+    var unit = span >= 2 * 86400 ? 86400 : 3600;
+    svg.appendChild(svgEl("g", { "class": "axes", "aria-hidden": "true" }, [
+      svgEl("line", { "class": "axis", x1: c.left, x2: c.left, y1: c.top, y2: c.top + ph }),
+      svgEl("line", { "class": "axis", x1: c.left, x2: c.left + pw, y1: c.top + ph, y2: c.top + ph }),
+      svgText({ "class": "tick x-tick", x: c.left, y: c.top + ph + 16, "text-anchor": "start" }, bucketLabel(w.start, unit)),
+      svgText({ "class": "tick x-tick", x: c.left + pw, y: c.top + ph + 16, "text-anchor": "end" }, bucketLabel(w.end, unit)),
+      svgText({ "class": "axis-title", x: 0, y: 0, "text-anchor": "middle", transform: "translate(12 " + (c.top + ph / 2) + ") rotate(-90)" },
+        b.currency || "spent"),
+    ]));
+    svg.appendChild(svgEl("line", { "class": "budget-limit", "data-testid": "budget-limit-line", "data-value": b.limit,
+      x1: c.left, x2: c.left + pw, y1: y(limit), y2: y(limit) }, [svgTitle("limit " + bgMoney(b.limit, b))]));
+    svg.appendChild(svgText({ "class": "tick budget-limit-label", x: c.left + pw + 4, y: +y(limit) + 4 }, "limit"));
+    if (b.soft_threshold) {
+      var soft = limit * bgNum(b.soft_threshold);
+      svg.appendChild(svgEl("line", { "class": "budget-soft", x1: c.left, x2: c.left + pw, y1: y(soft), y2: y(soft) },
+        [svgTitle("soft threshold " + bgPercent(b.soft_threshold))]));
+    }
+    if (w.current) {
+      svg.appendChild(svgEl("line", { "class": "budget-now", x1: x(tn), x2: x(tn), y1: c.top, y2: c.top + ph }, [svgTitle("now")]));
+    }
+    if (series.length) {
+      var pts = [];
+      series.forEach(function (pt, i) {
+        if (i > 0) pts.push(x(pt[0]) + "," + y(series[i - 1][1]));
+        pts.push(x(pt[0]) + "," + y(pt[1]));
+      });
+      svg.appendChild(svgEl("polyline", { "class": "line budget-spent", points: pts.join(" "), "data-testid": "budget-spent-line",
+        "data-points": series.length, "data-last": String(booked) }, [svgTitle("booked by this replica: " + formatDecimal(String(booked)))]));
+    }
+    if (p && w.current) {
+      svg.appendChild(svgEl("line", { "class": "line budget-projection", "data-testid": "budget-projection-line", "data-end": p.at_window_end,
+        x1: x(tn), y1: y(spent + reserved), x2: x(t1), y2: y(end) }, [svgTitle("projected " + bgMoney(p.at_window_end, b) + " by the window's end")]));
+      if (typeof p.exhaustion_at === "string" && !isNaN(Date.parse(p.exhaustion_at))) {
+        svg.appendChild(svgEl("circle", { "class": "point budget-exhaustion-point", "data-testid": "budget-exhaustion-point",
+          cx: x(Date.parse(p.exhaustion_at)), cy: y(limit), r: 4.5 }, [svgTitle("runs out " + absTime(p.exhaustion_at))]));
+      }
+    }
+    if (w.current) {
+      if (reserved > 0) {
+        svg.appendChild(svgEl("line", { "class": "budget-reserved-mark", x1: x(tn), x2: x(tn), y1: y(spent), y2: y(spent + reserved) },
+          [svgTitle(formatDecimal(ledger.reserved) + " reserved")]));
+      }
+      svg.appendChild(svgEl("circle", { "class": "point budget-fleet", "data-testid": "budget-fleet-point", "data-spent": ledger.spent,
+        cx: x(tn), cy: y(spent), r: 4 }, [svgTitle("spent now (all replicas): " + bgMoney(ledger.spent, b))]));
+    }
+    fig.appendChild(svg);
+    fig.appendChild(legend([["swatch-bg-spent", "booked here"], ["swatch-bg-fleet", "spent now (all replicas)"],
+      ["swatch-bg-projection", "projection"], ["swatch-bg-limit", "limit"]]));
+    fig.appendChild(el("p", { cls: "budget-projection-text", data: { testid: "budget-projection-text" } }, [bgExhaustion(ledger, !!w.current),
+      p && !p.exhausted ? " \u00b7 " + formatDecimal(p.at_window_end) + " projected by the window's end at " + formatDecimal(p.rate_per_hour) +
+        (b.currency ? " " + b.currency : "") + " per hour" : ""]));
+    if (isPlainObject(source) && source.complete === false) {
+      fig.appendChild(el("p", { cls: "muted", data: { testid: "budget-series-partial" },
+        text: "This replica's records were read back only to " + (source.since ? absTime(source.since) : "an unknown time") + "." }));
+    }
+    return fig;
+  }
+
+  function initBudgets() {
+    $("budgets-window").addEventListener("change", function () { loadBudgets(true); });
+  }
+
   // ------------------------------------------------------------------ live updates
   function setLive(mode) {
     var n = $("live-status");
@@ -3004,6 +3323,7 @@
     else if (S.view === "duplicates") loadDuplicates();
     else if (S.view === "workflows") loadWorkflows();
     else if (S.view === "workflow-inbox") loadWorkflowInbox();
+    else if (S.view === "budgets") loadBudgets();
   }
 
   function startPolling() {
@@ -3123,6 +3443,7 @@
     initHandoffs();
     initWorkflows();
     initWorkflowInbox();
+    initBudgets();
     window.addEventListener("popstate", route);
 
     var saved = sessionStorage.getItem(TOKEN_KEY);
