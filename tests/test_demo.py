@@ -34,8 +34,8 @@ def demo_runs(tmp_path_factory):
     return cwd, first, run_demo(cwd)
 
 
-SUMMARY = ("34 calls: 19 allowed (2 of them handoffs), 2 held for approval, 11 refused (2 out of order), "
-           "1 duplicate suppressed, 1 failed at the ERP (1 escalated).")
+SUMMARY = ("43 calls: 25 allowed (2 of them handoffs), 3 held for approval, 13 refused (2 out of order, "
+           "2 rate-limited), 1 duplicate suppressed, 1 failed at the ERP (1 escalated).")
 
 
 def table(text: str) -> list[list[str]]:
@@ -136,16 +136,57 @@ def test_demo_runs_and_explains_each_call(demo_runs):
     assert re.search(r"^  order 4500000003: completed, cost EUR 2\.05\n    requisition > quote > "
                      r"purchase_order \(approved by a person\) > release > goods_receipt \(1 refused\) > "
                      r"invoice \(1 failed, escalated\) > payment$", text, re.M), text
+    assert re.search(r"^  order 4500000004: running \(next: release\), cost EUR 1\.70\n"
+                     r"    requisition > quote > purchase_order \(approved by a person\)$", text, re.M), text
     # and its outcomes (GET /v1/workflows/kpis)
     assert "Outcomes (GET /v1/workflows/kpis?workflow=procure-to-pay):" in text
     assert re.search(r"^  cycle time     \d+\.\d s from requisition to payment \(\d+\.\d s of it waiting for a "
                      r"person\)$", text, re.M), text
-    assert "  throughput     1 completed, 1 running (2 started)" in text
-    assert "  error rate     9 % of step calls failed (1 of 11); 2 refused out of order" in text
+    assert "  throughput     1 completed, 2 running (3 started)" in text
+    assert "  error rate     7 % of step calls failed (1 of 14); 2 refused out of order" in text
     assert "  SLA adherence  100 % (1 of 1 completed within 7 days)" in text
-    assert "  cost           EUR 3.75 in all, EUR 2.05 per completed instance" in text
+    assert "  cost           EUR 5.45 in all, EUR 2.05 per completed instance" in text
+    # budget po-spend-monthly (the demo's config): EUR 40,000 of orders a month per agent group; the
+    # servers order takes the procurement group past its 75 % soft threshold, the 20 servers would
+    # go over it (held, and the manager denies them), procurement-bot-2's 8 laptops go over it: held
+    # for a budget extension, which the controller approves (reserved over the limit, sent once)
+    over = row("procurement-bot-2", "order 8 laptops (EUR 9,599.92)")
+    assert "HELD, APPROVED" in over and "  201  " in over, over
+    assert "fiona.finance: budget extension for this EUR 9,599.92 order" in over, over
+    assert ("Budget po-spend-monthly (.proctor/demo.yaml): purchase orders' net amount, EUR 40,000 a month per "
+            "agent\ngroup, soft threshold 75 %. Its events (decisions.jsonl \"type\": \"budget\", also in the audit "
+            "trail and to webhooks):\n"
+            "  soft_threshold       procurement-bot, order 5 servers (EUR 26,000): groups procurement, "
+            "procurement-approvers at EUR 30,799.96 (77 %)\n"
+            "  exhausted, held      procurement-bot, order 20 servers (EUR 104,000): groups procurement, "
+            "procurement-approvers at EUR 30,799.96 (77 %)\n"
+            "  exhausted, extended  procurement-bot-2, order 8 laptops (EUR 9,599.92): group procurement at "
+            "EUR 40,399.88 (101 %)\n"
+            "Its ledgers now (GET /v1/budgets?name=po-spend-monthly as olivia.ops):\n"
+            "  group procurement           EUR 40,399.88 spent (101 %), EUR 0 remaining, soft threshold reached\n"
+            "  group procurement-approvers EUR 30,799.96 spent (77 %), EUR 9,200.04 remaining, soft threshold "
+            "reached\n") in text, text
+    parts = {r.get("decision_id"): r["budget"] for r in records if r.get("budget")}
+    extended = next(p for p in parts.values() if p.get("outcome") == "extended")
+    assert (extended["estimate"], extended["result"], extended["actual"]) == ("9599.92", "settled", "9599.92")
+    assert (tmp_path / ".proctor" / "demo.yaml").exists()
     # CRM
     assert "agents-never-close-won" in row("sales-bot", "mark the deal Closed Won")
+    # rate limit crm-queries (the demo's config): report-bot's loop gets 3 through, then 429 with
+    # Retry-After; the same call from a client honouring Retry-After waits and passes
+    for i, left in ((1, 2), (2, 1), (3, 0)):
+        passed = row("report-bot", f"re-run its account report ({i} of 5)")
+        assert "ALLOWED" in passed and f"sales-read-crm; crm-queries: {left} left" in passed, passed
+    for i in (4, 5):
+        throttled = row("report-bot", f"re-run its account report ({i} of 5)")
+        assert "THROTTLED" in throttled and "  429  " in throttled, throttled
+        assert "crm-queries: 30 a minute per agent, 3 at once; Retry-After 2 s" in throttled, throttled
+    honoured = row("report-bot", "run it again, honouring Retry-After")
+    assert "ALLOWED" in honoured and "  200  " in honoured and "after 429 and its Retry-After" in honoured
+    # (in the record of both runs: the honouring client's own 429 is a decision too)
+    limited = [r["rate_limit"] for r in records if r.get("agent") == "report-bot" and r.get("rate_limit")]
+    assert [x["outcome"] for x in limited] == (["allowed"] * 3 + ["throttled"] * 3 + ["allowed"]) * 2, limited
+    assert {x["name"] for x in limited} == {"crm-queries"}
     assert "407" in row("rogue-script", "call the ticketing API without a token")
     assert (tmp_path / ".proctor" / "decisions.jsonl").exists()
 
@@ -158,28 +199,32 @@ def test_a_rerun_tells_the_same_story(demo_runs):
     def story(text: str) -> list[list[str]]:
         return [[re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "<time>", cell) for cell in row] for row in table(text)]
     assert story(second) == story(first)
-    assert len(story(first)) == 34
+    assert len(story(first)) == 43
     twenty = next(r for r in table(second) if r[1] == "order 20 servers (EUR 104,000)")
     assert twenty[3:5] == ["HELD, DENIED", "403"], twenty
     assert SUMMARY in first and SUMMARY in second
     # the workflow tells the same story too: the mock ERP numbers its documents afresh, and the
     # demo forgot the last run's instances, so the rerun's requisition starts a new one
     def outcomes(text: str) -> list[str]:
-        # the supervisors' inbox, the instances and their outcomes (seconds aside)
+        # the supervisors' inbox, the instances, their outcomes (seconds aside) and the budget
         start = text.index("The accounts-payable-supervisors' inbox")
-        return [re.sub(r"\d+\.\d s", "<s>", block) for block in text[start:].split("\n\n", 3)[:3]]
+        return [re.sub(r"\d+\.\d s", "<s>", block) for block in text[start:].split("\n\n", 4)[:4]]
     assert outcomes(second) == outcomes(first)
+    assert outcomes(first)[3].startswith("Budget po-spend-monthly"), outcomes(first)
+    # (a budget window is a calendar month: the rerun found it empty, as the demo resets the
+    # ledger and the rate-limit counters at start)
 
 
 def test_the_demo_forgets_claims_stored_answers_and_workflow_instances_about_the_mock_records(tmp_path):
     """The mocks start empty on every run: a rerun must not find its first order 'already created',
-    nor its requisition (numbered 0010000001 again) in the last run's finished instance."""
+    nor its requisition (numbered 0010000001 again) in the last run's finished instance; nor the
+    last run's orders spent in this month's budget window, nor its queries in the rate limit."""
     import sqlite3
 
     from proxy.demo import _forget_mock_records
 
     forgotten = ("proctor_claims", "proctor_idempotency", "proctor_wf_instances", "proctor_wf_objects",
-                 "proctor_wf_events")
+                 "proctor_wf_events", "proctor_rate_limits", "proctor_budget_usage", "proctor_budget_reservations")
     kept = ("proctor_approvals", "proctor_agents")
     db_path = tmp_path / "proctor.db"
     db = sqlite3.connect(db_path)

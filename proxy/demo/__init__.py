@@ -3,7 +3,8 @@ and scripted agents.
 
 Everything runs as separate processes on loopback, exactly as a user would run
 them: the agents are plain `requests` programs configured only through
-HTTP_PROXY/HTTPS_PROXY (see proxy/demo/agents.py).
+HTTP_PROXY/HTTPS_PROXY (see proxy/demo/agents.py). The proxy runs the embedded default plus
+the demo's rate limit and budget (proxy/demo/limits.py, written to .proctor/demo.yaml).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import default_config
+from ..config import default_config, load_config
 from ..identity.dev_issuer import DevIssuer
+from . import limits as demo_limits
 
 MOCK_PORT = 9101  # ticketing
 MOCKS = [
@@ -60,7 +62,12 @@ AGENTS = [
     # corrected invoice and the payment
     ("invoice", "payables-bot", PAYABLES),
     ("payables", "payables-bot", PAYABLES),
+    # the procurement group's orders have used most of its monthly budget (po-spend-monthly): 8 more
+    # laptops would go over it, so the order is held for a budget extension, which fiona.finance approves
+    ("overspend", "procurement-bot-2", {"groups": ["procurement"], "team": "purchasing"}),
     ("sales", "sales-bot", {"groups": ["sales"], "team": "sales"}),
+    # a reporting agent stuck in a loop: 3 queries pass, then 429 (rate limit crm-queries)
+    ("runaway", "report-bot", {"groups": ["sales"], "team": "sales"}),
     ("rogue", "rogue-script", None),
 ]
 
@@ -187,9 +194,25 @@ def _order_number(location: str | None) -> str | None:
     return f"order {m.group(1)}" if m else None
 
 
-def _manager(control: str, token: str, stop: threading.Event) -> None:
-    """A procurement manager working the approvals inbox through the control API:
-    approves orders up to EUR 50,000, denies bigger ones (each with a reason)."""
+def _manager_decides(detail: dict, value: float) -> tuple[str, str]:
+    """A procurement manager: approves orders up to EUR 50,000, denies bigger ones."""
+    if value <= 50_000:
+        return "approve", f"EUR {value:,.0f} is within the FY27 hardware budget"
+    return "deny", f"EUR {value:,.0f} exceeds what I can sign off"
+
+
+def _controller_decides(detail: dict, value: float) -> tuple[str, str] | None:
+    """A finance controller (budget-approvers): approves the budget extension of an order small
+    enough to need no manager; bigger ones she leaves to the procurement manager."""
+    if demo_limits.BUDGET_GROUP in detail.get("groups", {}) and value <= demo_limits.EXTENSION_UP_TO:
+        return "approve", f"budget extension for this EUR {value:,.2f} order"
+    return None
+
+
+def _approver(control: str, token: str, decides, stop: threading.Event) -> None:
+    """A person working the approvals inbox through the control API: each pending approval she
+    may vote on (`you_may_decide`), decided by `decides(detail, net amount)` with a reason (None:
+    left to someone else)."""
     import urllib.request
 
     def call(method: str, path: str, body: dict | None = None) -> dict:
@@ -200,17 +223,21 @@ def _manager(control: str, token: str, stop: threading.Event) -> None:
         with urllib.request.urlopen(req, timeout=5) as r:  # noqa: S310 - loopback only
             return json.loads(r.read())
 
+    left: set[str] = set()  # approvals left to someone else
     while not stop.is_set():
         try:
             for item in call("GET", "/v1/approvals?state=pending")["approvals"]:
+                if item["id"] in left:
+                    continue
                 detail = call("GET", f"/v1/approvals/{item['id']}")
                 amount = (detail.get("derived", {}).get("resource_attributes", {}).get("net_amount") or {})
                 value = float(((amount.get("__extn") or {}).get("arg")) or 0)
+                decision = decides(detail, value) if detail.get("you_may_decide") else None
+                if decision is None:
+                    left.add(item["id"])
+                    continue
                 stop.wait(1.0)  # a human takes a moment
-                if value <= 50_000:
-                    call("POST", f"/v1/approvals/{item['id']}/approve", {"reason": f"EUR {value:,.0f} is within the FY27 hardware budget"})
-                else:
-                    call("POST", f"/v1/approvals/{item['id']}/deny", {"reason": f"EUR {value:,.0f} exceeds what I can sign off"})
+                call("POST", f"/v1/approvals/{item['id']}/{decision[0]}", {"reason": decision[1]})
         except OSError:
             pass
         stop.wait(0.3)
@@ -222,7 +249,11 @@ def _forget_mock_records(store_url: str) -> None:
     rerun would find its first purchase order "already created". So do workflow instances: the
     ERP numbers its documents afresh (requisition 0010000001 again), and a rerun's requisition
     would find the last run's finished instance. The demo forgets them (the embedded SQLite
-    store only; approvals, the agent registry, revisions and the decision record are kept)."""
+    store only; approvals, the agent registry, revisions and the decision record are kept).
+    It also resets the rate-limit counters and the budget ledger (spend and reservations): a
+    budget's window is a calendar month, so a rerun would otherwise find the last run's orders
+    spent, and a rerun within a minute the last run's queries counted. Reset, rather than keys
+    made per run, so the ledger the console and the API show is this run's."""
     import sqlite3
     from urllib.parse import unquote, urlsplit
 
@@ -237,7 +268,9 @@ def _forget_mock_records(store_url: str) -> None:
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         with db:
             workflow_tables = sorted(t for t in tables if t.startswith("proctor_wf_"))
-            for table in ("proctor_claims", "proctor_idempotency", *workflow_tables):
+            budget_tables = sorted(t for t in tables if t.startswith("proctor_budget_"))
+            for table in ("proctor_claims", "proctor_idempotency", *workflow_tables, "proctor_rate_limits",
+                          *budget_tables):
                 if table in tables:
                     db.execute(f'DELETE FROM "{table}"')  # noqa: S608 - names from sqlite_master
     finally:
@@ -265,6 +298,27 @@ def _inbox(cfg, issuer: DevIssuer, results: list[dict], handoffs: dict[str, dict
     return out
 
 
+OPERATOR = "olivia.ops"  # a Proctor operator (control.admin_group): reads the budgets
+
+
+def _budget(cfg, issuer: DevIssuer, config_path: Path, events: list[dict], results: list[dict]) -> list[str]:
+    """The demo's purchase-order budget: this run's budget events from the decision record, and
+    its ledgers now, as an operator reads them (GET /v1/budgets)."""
+    b = demo_limits
+    out = [f"Budget {b.BUDGET} ({config_path.parent.name}/{config_path.name}): purchase orders' net amount, "
+           f"EUR {b.BUDGET_LIMIT:,} a month per agent\ngroup, soft threshold {b.BUDGET_SOFT * 100:.0f} %. "
+           "Its events (decisions.jsonl \"type\": \"budget\", also in the audit trail and to webhooks):",
+           *(b.budget_event_lines(events, results) or ["  (none)"]),
+           f"Its ledgers now (GET /v1/budgets?name={b.BUDGET} as {OPERATOR}):"]
+    token = issuer.issue(OPERATOR, {cfg.approvals.approver_groups_claim: [cfg.control.admin_group]}, "15m",
+                         audience=cfg.approvals.approver_audience)
+    try:
+        doc = _control_get(f"http://127.0.0.1:{cfg.control.listen.port}", token, f"/v1/budgets?name={b.BUDGET}")
+    except (OSError, ValueError) as e:
+        return out + [f"  (could not read them: {e})"]
+    return out + b.ledger_lines(doc)
+
+
 WORKFLOW = "procure-to-pay"
 SUPERVISOR_NOTE = "Globex confirmed the quoted EUR 5,200 a server: enter its corrected invoice"
 
@@ -279,7 +333,8 @@ def _supervise(control: str, token: str) -> list[str]:
         items = _control_get(control, token, f"/v1/workflows/inbox?workflow={WORKFLOW}")["items"]
         out = [head]
         for item in items:
-            failed = next((e for e in reversed(item["history"]) if e["decision_id"] == item.get("decision_id")), {})
+            failed: dict = next((e for e in reversed(item["history"]) if e["decision_id"] == item.get("decision_id")),
+                                {})
             details = _control_get(control, token, f"/v1/workflows/instances/{item['instance']}")
             order = next((o["id"] for o in details["objects"] if o["type"] == "PurchaseOrder"), "?")
             n = item.get("failures") or 0
@@ -375,12 +430,14 @@ def _procure_to_pay(control: str, token: str, exceptions: list[dict]) -> Procure
 
 
 def run_demo(keep_running: bool = False) -> int:
-    cfg = default_config()
+    state_dir = default_config().state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    config_path = demo_limits.write_config(state_dir)  # the embedded default plus the demo's limits
+    cfg = load_config(config_path)
     busy = [p for p in (cfg.listen.port, cfg.control.listen.port, *MOCK_PORTS) if not port_free(p)]
     if busy:
         print(f"proctor demo: port(s) {busy} on 127.0.0.1 are in use; stop whatever uses them and retry", file=sys.stderr)
         return 2
-    cfg.state_dir.mkdir(parents=True, exist_ok=True)
     _forget_mock_records(cfg.store_url)
     logs = cfg.state_dir / "demo-logs"
     logs.mkdir(exist_ok=True)
@@ -396,7 +453,8 @@ def run_demo(keep_running: bool = False) -> int:
             procs.append(proc)
             mocks.append((proc, port, what, mock_log))
         proxy_log = logs / "proctor.log"
-        proxy = subprocess.Popen([py, "-m", "proxy.cli", "run"], stdout=open(proxy_log, "w"), stderr=subprocess.STDOUT)
+        proxy = subprocess.Popen([py, "-m", "proxy.cli", "run", "-c", str(config_path)], stdout=open(proxy_log, "w"),
+                                 stderr=subprocess.STDOUT)
         procs.append(proxy)
         print("proctor demo: starting mock " + ", ".join(w for _, _, w in MOCKS) + " systems and the proxy ...")
         for proc, port, what, mock_log in mocks:
@@ -412,12 +470,14 @@ def run_demo(keep_running: bool = False) -> int:
         )
         supervisor_token = issuer.issue(SUPERVISOR, {cfg.approvals.approver_groups_claim: [SUPERVISORS]}, "15m",
                                         audience=cfg.approvals.approver_audience)
+        controller_token = issuer.issue(demo_limits.CONTROLLER,
+                                        {cfg.approvals.approver_groups_claim: [demo_limits.BUDGET_GROUP]}, "15m",
+                                        audience=cfg.approvals.approver_audience)
         supervisor_lines: list[str] = []
         stop_manager = threading.Event()
-        manager = threading.Thread(
-            target=_manager, args=(f"http://127.0.0.1:{cfg.control.listen.port}", manager_token, stop_manager), daemon=True
-        )
-        manager.start()
+        control = f"http://127.0.0.1:{cfg.control.listen.port}"
+        for token, decides in ((manager_token, _manager_decides), (controller_token, _controller_decides)):
+            threading.Thread(target=_approver, args=(control, token, decides, stop_manager), daemon=True).start()
         for script, agent_id, claims in AGENTS:
             if claims is None:
                 proxy_url = f"http://127.0.0.1:{cfg.listen.port}"
@@ -496,6 +556,10 @@ def run_demo(keep_running: bool = False) -> int:
                 rows.append([res["agent"], res["step"], rec.get("action") or "-", verdict,
                              str(res["status"]), f"ERP {err.get('code') or ''}: {why}".strip()])
                 continue
+            if (rec.get("refusal") or {}).get("kind") == "rate-limited":
+                rows.append([res["agent"], res["step"], rec.get("action") or "-", "THROTTLED", str(res["status"]),
+                             demo_limits.rate_limit_cell(res) or "-"])
+                continue
             if outcome == "allow":
                 verdict = "ALLOWED"
             elif res["status"] in (401, 407):
@@ -506,6 +570,9 @@ def run_demo(keep_running: bool = False) -> int:
             if not why and (rec.get("refusal") or {}).get("kind") == "policy":
                 why = "no policy permits it (default deny)"
             why = why or (rec.get("refusal") or {}).get("title", "")
+            limited = demo_limits.rate_limit_cell(res) if outcome == "allow" else None
+            if limited:
+                why = f"{why}; {limited}"
             rows.append(
                 [res["agent"], res["step"], rec.get("action") or "-", verdict, str(res["status"]), why or "-"]
             )
@@ -521,6 +588,8 @@ def run_demo(keep_running: bool = False) -> int:
             print("\n".join(supervisor_lines))
             print()
         print("\n".join(p2p.lines))
+        print()
+        print("\n".join(_budget(cfg, issuer, config_path, [r for r in lines if r.get("type") == "budget"], results)))
         print()
         print(
             f"Orders over EUR 10,000 are held for a procurement manager (policy po-over-10k-needs-approval);\n"
@@ -546,6 +615,18 @@ def run_demo(keep_running: bool = False) -> int:
             "inbox; once one of them decides, the corrected invoice completes the step."
         )
         print()
+        print(
+            f"The demo's config ({config_path}) adds a rate limit and a budget to the embedded default\n"
+            f"(docs/limits.md). report-bot, stuck in a loop re-running one query, meets rate limit {demo_limits.RATE_LIMIT}\n"
+            "(30 a minute per agent, at most 3 at once): the rest get 429 with Retry-After, before any policy\n"
+            "runs, and a client that honours Retry-After (urllib3's Retry) waits and gets through. Purchase orders\n"
+            f"count against {demo_limits.BUDGET} in each group of the agent's (procurement-bot is in two): the call\n"
+            "that takes a window past its soft threshold is an event (the record, the audit trail, webhooks), and\n"
+            "an order that would go over the limit is held for a budget extension (policy budget-extension), here\n"
+            f"approved by {demo_limits.CONTROLLER} of {demo_limits.BUDGET_GROUP}. The demo starts each run with fresh "
+            "rate-limit counters\nand budget windows."
+        )
+        print()
         print(f"Every decision is in {decisions} (one JSON line each); look one up by its X-Proctor-Decision-Id.")
         allowed = sum(1 for r in rows if r[3].startswith("ALLOWED"))
         handed = sum(1 for r in rows if r[3] == "ALLOWED, HANDED OFF")
@@ -554,14 +635,15 @@ def run_demo(keep_running: bool = False) -> int:
         held = sum(1 for r in rows if r[3].startswith("HELD"))
         duplicates = sum(1 for r in rows if r[3].startswith("SUPPRESSED"))
         out_of_order = sum(1 for r in rows if r[3] == "REFUSED (out of order)")
+        throttled = sum(1 for r in rows if r[3] == "THROTTLED")
         refused = len(rows) - allowed - failed - held - duplicates
         print(f"{len(rows)} calls: {allowed} allowed ({handed} of them handoffs), {held} held for approval, "
-              f"{refused} refused ({out_of_order} out of order), {duplicates} duplicate"
+              f"{refused} refused ({out_of_order} out of order, {throttled} rate-limited), {duplicates} duplicate"
               f"{'' if duplicates == 1 else 's'} suppressed, {failed} failed at the ERP ({escalated} escalated).")
         if keep_running:
             print(
                 f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on 127.0.0.1:{cfg.control.listen.port}, "
-                f"mock ticketing/CRM/ERP on 127.0.0.1:9101/9102/9103. Try:\n"
+                f"mock ticketing/CRM/ERP on 127.0.0.1:9101/9102/9103 (config: {config_path}). Try:\n"
                 f"  export TOKEN=$(proctor token issue --agent support-bot --claim 'groups=[\"support\"]')\n"
                 f"  curl -x http://support-bot:$TOKEN@127.0.0.1:{cfg.listen.port} http://127.0.0.1:{MOCK_PORT}/api/now/table/incident\n"
                 "Press Ctrl-C to stop."

@@ -5,11 +5,11 @@ HTTP_PROXY/HTTPS_PROXY=http://<agent-id>:<jwt>@127.0.0.1:8080.
     python -m proxy.demo.agents SCRIPT [ARG]
 
     SCRIPT: support|support2|handoff|takeover|late|escalate|procurement|procurement2|finance|receive|invoice|
-            payables|sales|rogue
+            payables|overspend|sales|runaway|rogue
 
 Each step prints one JSON line:
 {"agent", "step", "method", "url", "status", "decision_id", "detail", "created"?, "incident"?, "claim"?, "first"?,
- "workflow"?, "upstream_error"?, "retry"?}.
+ "workflow"?, "upstream_error"?, "retry"?, "remaining"?, "rate_limit"?, "retry_after"?, "retried"?}.
 
 The ERP scripts walk the bundled procure-to-pay workflow (workflows/procure-to-pay.yaml):
 requisition -> supplier quotation -> purchase order -> release -> goods receipt -> invoice
@@ -19,10 +19,14 @@ requisition -> supplier quotation -> purchase order -> release -> goods receipt 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import uuid
+from typing import Any
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 TICKETING = "http://127.0.0.1:9101/api/now/table/incident"
 CRM = "http://127.0.0.1:9102/services/data/v60.0"
@@ -36,7 +40,7 @@ TIMEOUT = 15
 
 
 def emit(agent: str, step: str, resp: requests.Response, created: str | None = None,
-         incident: dict | None = None) -> dict:
+         incident: dict | None = None, retried: list[int] | None = None) -> dict:
     detail = ""
     ctype = resp.headers.get("content-type", "")
     problem: dict = {}
@@ -55,7 +59,7 @@ def emit(agent: str, step: str, resp: requests.Response, created: str | None = N
             message = err.get("message")
             upstream_error = {"code": err.get("code"),
                               "message": message.get("value") if isinstance(message, dict) else message}
-    line = {
+    line: dict[str, Any] = {
         "agent": agent,
         "step": step,
         "method": resp.request.method,
@@ -82,6 +86,15 @@ def emit(agent: str, step: str, resp: requests.Response, created: str | None = N
     # a failed workflow step: whether to retry, and whose inbox has it now (escalated="group")
     if resp.headers.get("Proctor-Workflow-Retry"):
         line["retry"] = resp.headers["Proctor-Workflow-Retry"]
+    # a rate-limited route: what is left (the RateLimit field, r=), or the 429's limit and when to retry
+    left = re.search(r";r=(\d+)", resp.headers.get("RateLimit", ""))
+    if left:
+        line["remaining"] = int(left.group(1))
+    if isinstance(problem.get("rate_limit"), dict):
+        line["rate_limit"] = {k: problem["rate_limit"].get(k) for k in ("name", "limit", "period_seconds", "burst", "key")}
+        line["retry_after"] = resp.headers.get("Retry-After")
+    if retried:  # the answers the HTTP client's own retries got first (urllib3 Retry)
+        line["retried"] = retried
     print(json.dumps(line), flush=True)
     return line
 
@@ -226,6 +239,22 @@ def payables(po: str) -> None:
     emit(a, f"pay invoice {inv}", r, created=number(r, "PaymentDocument"))
 
 
+def overspend() -> None:
+    """procurement-bot-2 buys 8 laptops for more new hires: the order would take the procurement
+    group over its monthly purchase-order budget (the demo's po-spend-monthly), so it is held for
+    a budget extension; the connection waits until a person decides."""
+    a = "procurement-bot-2"
+    lines = [(m, "8", p) for m, _, p in LAPTOPS]
+    r = requests.post(ERP_PR, json=requisition("Laptops for the second wave of hires", lines), timeout=TIMEOUT)
+    pr = number(r, "PurchaseRequisition") or "0000000000"
+    emit(a, "raise a requisition for 8 laptops", r, created=pr)
+    r = requests.post(ERP_QTN, json=quotation(pr, ACME, lines), timeout=TIMEOUT)
+    q = number(r, "SupplierQuotation") or "0000000000"
+    emit(a, "enter Acme's quotation (8 laptops)", r, created=q)
+    r = requests.post(ERP_PO, json=order(ACME, lines, SupplierQuotation=q), headers=new_order_key(), timeout=120)
+    emit(a, "order 8 laptops (EUR 9,599.92)", r, created=number(r, "PurchaseOrder"))
+
+
 def support2(sys_id: str) -> None:
     """A second support agent picks up the incident support-bot is working on."""
     a = "support-bot-2"
@@ -303,6 +332,24 @@ def sales() -> None:
     emit(a, "mark the deal Closed Won", r)
 
 
+SOQL = {"q": "SELECT Id, Name, Industry FROM Account LIMIT 5"}
+
+
+def runaway() -> None:
+    """A reporting agent stuck in a loop, re-running the same query as fast as it can; then the
+    same call from a client that honours Retry-After (urllib3's Retry): it waits and gets through."""
+    a = "report-bot"
+    for i in range(1, 6):
+        r = requests.get(f"{CRM}/query", params=SOQL, timeout=TIMEOUT)
+        emit(a, f"re-run its account report ({i} of 5)", r)
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=Retry(
+        total=3, status_forcelist=[429], allowed_methods=["GET"], respect_retry_after_header=True, backoff_factor=0)))
+    r = session.get(f"{CRM}/query", params=SOQL, timeout=TIMEOUT)
+    history = r.raw.retries.history if r.raw is not None and r.raw.retries is not None else ()
+    emit(a, "run it again, honouring Retry-After", r, retried=[h.status for h in history if h.status])
+
+
 def rogue() -> None:
     r = requests.get(TICKETING, timeout=TIMEOUT)
     emit("rogue-script", "call the ticketing API without a token", r)
@@ -316,4 +363,5 @@ if __name__ == "__main__":
     if script in with_arg:
         with_arg[script](sys.argv[2])
     else:
-        {"support": support, "procurement": procurement, "sales": sales, "rogue": rogue}[script]()
+        {"support": support, "procurement": procurement, "overspend": overspend, "sales": sales, "runaway": runaway,
+         "rogue": rogue}[script]()
