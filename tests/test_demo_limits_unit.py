@@ -55,7 +55,10 @@ def test_ledger_lines_from_the_budgets_api():
 def test_rate_limit_cells():
     throttled = {"rate_limit": {"name": "crm-queries", "limit": 30, "period_seconds": 60.0, "burst": 3,
                                 "key": {"agent": "report-bot"}}, "retry_after": "2"}
-    assert limits.rate_limit_cell(throttled) == "crm-queries: 30 a minute per agent, 3 at once; Retry-After 2 s"
+    assert limits.rate_limit_cell(throttled) == "crm-queries: 30 a minute per agent, 3 at once; Retry-After <= 2 s"
+    # a slower run sees a shorter wait: the same cell
+    assert limits.rate_limit_cell({**throttled, "retry_after": "1"}) == limits.rate_limit_cell(throttled)
+    assert limits.rate_limit_cell({**throttled, "retry_after": "7"}).endswith("Retry-After 7 s")
     assert limits.rate_limit_cell({"remaining": 0}) == "crm-queries: 0 left"
     assert limits.rate_limit_cell({"remaining": 1, "retried": [429]}) == "after 429 and its Retry-After"
     assert limits.rate_limit_cell({}) is None

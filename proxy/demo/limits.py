@@ -15,6 +15,8 @@ bundled connectors and the embedded default on purpose: those apply to every use
 
 from __future__ import annotations
 
+import math
+
 from decimal import Decimal
 from pathlib import Path
 
@@ -27,8 +29,8 @@ CONTROLLER = "fiona.finance"  # a finance controller in it: approves budget exte
 EXTENSION_UP_TO = 10_000  # bigger orders are held for a procurement manager anyway: the controller leaves them
 
 # T = 60 s / 30 = 2 s: after 3 at once the 4th passes 2 s after the 1st. The loop's 5 calls take
-# well under a second, so every run prints 3 allowed, 2 refused with Retry-After 2 (the wait
-# rounded up) and the Retry-After-honouring call let through after its one 429.
+# well under a second, so every run prints 3 allowed, 2 refused with Retry-After 2 (printed as
+# its bound, <= 2 s, so a slow machine prints the same) and the Retry-After-honouring call let through after its one 429.
 DEMO_LIMITS = f"""\
 rate_limits:
   - name: {RATE_LIMIT}                 # an agent stuck in a loop re-running one SOQL query
@@ -67,8 +69,13 @@ def rate_limit_cell(res: dict) -> str | None:
         seconds = rl.get("period_seconds")
         period = {60.0: "minute", 3600.0: "hour", 86400.0: "day"}.get(seconds or 0.0, f"{seconds} s")
         per = " per " + ", ".join(rl.get("key") or {}) if rl.get("key") else ""
-        return (f"{rl.get('name')}: {rl.get('limit')} a {period}{per}, {rl.get('burst')} at once; "
-                f"Retry-After {res.get('retry_after')} s")
+        # (the wait shrinks as the run goes on: shown as its bound, one refill interval, so that a
+        # slow machine prints the same table)
+        retry, limit = res.get("retry_after"), rl.get("limit")
+        bound = math.ceil(seconds / limit) if isinstance(seconds, (int, float)) and isinstance(limit, int) and limit else None
+        wait = (f"Retry-After <= {bound} s" if bound is not None and str(retry).isdigit() and int(str(retry)) <= bound
+                else f"Retry-After {retry} s")
+        return f"{rl.get('name')}: {limit} a {period}{per}, {rl.get('burst')} at once; {wait}"
     if res.get("retried"):  # its client waited out the 429s' Retry-After, then retried
         return f"after {' and '.join(map(str, res['retried']))} and its Retry-After"
     left = res.get("remaining")
