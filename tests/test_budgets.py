@@ -42,11 +42,11 @@ unless { context has approval && context.approval.groups.contains("finance") };
 """
 
 
-def billing_connector(port: int) -> dict:
+def billing_connector(port: int, *more_ports: int) -> dict:
     return {
         "name": "billing",
         "description": "charges",
-        "hosts": [f"127.0.0.1:{port}"],
+        "hosts": [f"127.0.0.1:{p}" for p in (port, *more_ports)],
         "routes": [
             {"method": "POST", "path": "/charges/{account}", "action": "test.charge.create",
              "resource": {"type": "Charge", "id": "new"},
@@ -67,10 +67,12 @@ def billing(tmp_path, idp, pki, upstream, upstream_tls):
     (policies / "billing.cedar").write_text(BILLING_POLICIES)
     shutil.copy(Path(__file__).resolve().parents[1] / "policies" / "budgets.cedar", policies / "budgets.cedar")
 
-    def make(*budgets: dict, name: str = "b", env: dict | None = None, **overrides) -> Proctor:
+    def make(*budgets: dict, name: str = "b", env: dict | None = None, more_ports: tuple[int, ...] = (),
+             **overrides) -> Proctor:
         ov = {"budgets": list(budgets), **overrides}
         p = start_proctor(tmp_path / f"{name}{len(started)}", idp, pki, upstream, upstream_tls, ov,
-                          policies_src=policies, extra_connectors=[billing_connector(upstream.port)], env=env)
+                          policies_src=policies, extra_connectors=[billing_connector(upstream.port, *more_ports)],
+                          env=env)
         started.append(p)
         return p
 
@@ -302,3 +304,52 @@ def test_two_proxies_sharing_redis_spend_one_budget_exactly(billing, idp, upstre
                              counters={"backend": "redis", "redis_url_env": "PROCTOR_TEST_BG_REDIS", "prefix": prefix})
     finally:
         asyncio.run(_redis_cleanup(prefix))
+
+
+def test_an_agent_that_hangs_up_leaves_no_reservation_behind(billing, idp, tmp_path) -> None:
+    """The upstream never answers; the agent gives up. The reservation is released (upstream
+    timeout), not held until it lapses: the whole budget is usable again at once."""
+    import socket
+    import threading
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = silent.accept()
+            except OSError:
+                return
+            held.append(conn)  # read nothing, answer nothing
+
+    threading.Thread(target=accept, daemon=True).start()
+    port = silent.getsockname()[1]
+    try:
+        p = billing({"name": "stuck-budget", "match": {"connectors": ["billing"]}, "limit": "10", "period": "day"},
+                    upstream={"read_timeout_seconds": 2}, more_ports=(port,))
+        token = buyer(idp)
+        with httpx.Client(proxy=p.proxy_url_with("buy-bot", token), timeout=0.5) as c:
+            with pytest.raises(httpx.TimeoutException):
+                c.post(f"http://127.0.0.1:{port}/charges/x", json={"amount": 10})
+        operator = idp.token("olga", aud="proctor-approvers", approval_groups=["proctor-admins"], ttl=600)
+
+        def reserved() -> str | None:
+            doc = httpx.get(f"{p.control_url}/v1/budgets/stuck-budget", headers={"Authorization": f"Bearer {operator}"},
+                            timeout=10).json()
+            ledgers = doc.get("ledgers") or []
+            return ledgers[0]["reserved"] if ledgers else None
+
+        wait_for(lambda: any(d.get("budget", {}).get("result") for d in p.decisions()), timeout=15,
+                 what="the call's record")
+        rec = [d for d in p.decisions() if d.get("budget", {}).get("name") == "stuck-budget"]
+        assert len(rec) == 1 and rec[0]["budget"]["outcome"] == "reserved", rec
+        assert rec[0]["budget"]["result"] == "released" and "actual" not in rec[0]["budget"], rec
+        assert reserved() in (None, "0")
+        assert charge(p, token, "10").status_code == 200  # the whole budget at once: nothing was kept
+    finally:
+        silent.close()
+        for c in held:
+            c.close()
