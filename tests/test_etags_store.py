@@ -126,7 +126,7 @@ def test_concurrent_writers_leave_one_row(make_store: MakeStore) -> None:
 
 # What schema versions after 3 added (dropped to stand for a store written by the release with schema 3)
 LATER_TABLES = ("proctor_etags", "proctor_wf_instances", "proctor_wf_objects", "proctor_wf_events",
-                "proctor_rate_limits", "proctor_budget_usage", "proctor_budget_reservations")
+                "proctor_rate_limits", "proctor_budget_usage", "proctor_budget_reservations", "proctor_replicas")
 
 
 def test_sqlite_store_at_version_3_migrates_to_the_latest(tmp_path: Path) -> None:

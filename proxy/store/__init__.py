@@ -26,6 +26,7 @@ from .models import (
     AgentRecord,
     Approval,
     PolicyRevision,
+    ReplicaBeat,
     Suspension,
     Vote,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "AgentRecord",
     "Approval",
     "PolicyRevision",
+    "ReplicaBeat",
     "Store",
     "StoreError",
     "Suspension",

@@ -34,6 +34,7 @@ from .models import (
     AgentRecord,
     Approval,
     PolicyRevision,
+    ReplicaBeat,
     Suspension,
     Vote,
 )
@@ -249,6 +250,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_revision(self, revision: str) -> PolicyRevision | None: ...
 
+    @abc.abstractmethod
+    async def active_revision(self) -> str | None:
+        """The fleet's active revision id (one indexed read; None before any was saved)."""
+
+    @abc.abstractmethod
+    async def activate_revision(self, revision: str) -> bool:
+        """Make a kept revision the only active one (fleet rollback); False if it is not kept."""
+
+    # ---- replicas (proxy/policy/fleet.py) ---------------------------------
+    @abc.abstractmethod
+    async def heartbeat_replica(self, beat: ReplicaBeat) -> None:
+        """Upsert the replica's row."""
+
+    @abc.abstractmethod
+    async def list_replicas(self, seen_since: float) -> list[ReplicaBeat]:
+        """Replicas seen at or after `seen_since` (epoch seconds), by replica id; older rows are deleted."""
+
     # ---- claims on resources (proxy/coordination/claims.py; store/claims.py) ----
     @abc.abstractmethod
     async def acquire_claim(
@@ -450,7 +468,7 @@ class Store(abc.ABC):
 # ---------------------------------------------------------------------------
 # Helpers shared by the backends (not part of the public API).
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SUSPENSIONS_VERSION_KEY = "suspensions_version"
 
 # (column, kind) in table order; kind: text | float | json | bool | int
@@ -485,6 +503,13 @@ APPROVAL_SELECT = ", ".join(APPROVAL_COLUMN_NAMES)
 AGENT_SELECT = "id, owner, team, description, registered, first_seen, last_seen, requests, allowed, denied"
 SUSPENSION_SELECT = "kind, target, since, suspended_by, reason"
 REVISION_SELECT = "revision, loaded_at, files, active"
+REPLICA_SELECT = "replica_id, hostname, policy_source, revision, following, reload_ok, started_at, last_seen"
+
+
+def replica_from_row(row: Sequence[Any]) -> ReplicaBeat:
+    return ReplicaBeat(replica_id=str(row[0]), hostname=str(row[1]), policy_source=str(row[2]), revision=str(row[3]),
+                       following=None if row[4] is None else str(row[4]), reload_ok=bool(row[5]),
+                       started_at=float(row[6]), last_seen=float(row[7]))
 
 
 def dump_json(value: Any) -> str:

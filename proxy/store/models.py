@@ -82,3 +82,17 @@ class PolicyRevision:
     loaded_at: float
     files: dict[str, str]  # filename -> text
     active: bool = False
+
+
+@dataclass
+class ReplicaBeat:
+    """One replica's last report (proxy/policy/fleet.py): which policy revision it enforces."""
+
+    replica_id: str
+    hostname: str
+    policy_source: str  # directory | store
+    revision: str  # the revision it enforces (its own hash of what it loaded)
+    following: str | None  # store mode: the fleet revision it follows (None: directory mode)
+    reload_ok: bool
+    started_at: float
+    last_seen: float

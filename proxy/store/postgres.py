@@ -29,6 +29,7 @@ from .base import (
     AGENT_SELECT,
     APPROVAL_COLUMN_NAMES,
     APPROVAL_SELECT,
+    REPLICA_SELECT,
     REVISION_SELECT,
     SCHEMA_VERSION,
     SUSPENSION_SELECT,
@@ -46,6 +47,7 @@ from .base import (
     check_kind,
     check_page,
     dump_json,
+    replica_from_row,
     revision_from_row,
     suspension_from_row,
 )
@@ -61,7 +63,7 @@ from .workflows import flag_pattern
 from .workflows import WF_SET_PG as _WF_SET_PG
 from .counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, ReserveOutcome, SettleOutcome,
                        check_amount, check_key, check_listing, check_times, parse_dec, reserve_decision)
-from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
+from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, ReplicaBeat, Suspension
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 # pg_advisory_xact_lock(int4, int4): this constant + hashtext(schema name).
@@ -284,6 +286,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX proctor_budget_reservations_window ON proctor_budget_reservations "
         "(budget_key, window_id, state, expires_at)",
         "CREATE INDEX proctor_budget_reservations_purge ON proctor_budget_reservations (purge_at)",
+    ),
+    7: (
+        # Replicas (proxy/policy/fleet.py): each one's last report of the policy revision it enforces.
+        """CREATE TABLE proctor_replicas (
+            replica_id TEXT PRIMARY KEY,
+            hostname TEXT NOT NULL,
+            policy_source TEXT NOT NULL,
+            revision TEXT NOT NULL,
+            following TEXT,
+            reload_ok BOOLEAN NOT NULL,
+            started_at DOUBLE PRECISION NOT NULL,
+            last_seen DOUBLE PRECISION NOT NULL
+        )""",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -734,6 +749,40 @@ class PostgresStore(Store):
                     int(keep),
                 )
         r.active = True
+
+    async def active_revision(self) -> str | None:
+        row = await self._fetchrow("active_revision",
+                                   "SELECT revision FROM proctor_policy_revisions WHERE active LIMIT 1")
+        return None if row is None else str(row[0])
+
+    async def activate_revision(self, revision: str) -> bool:
+        pool = self._p()
+        with backend_errors("activate_revision"):
+            async with pool.acquire() as conn, conn.transaction():
+                # (the lock save_revision takes: never two active revisions)
+                await conn.execute("LOCK TABLE proctor_policy_revisions IN SHARE ROW EXCLUSIVE MODE")
+                if await conn.fetchrow("SELECT 1 FROM proctor_policy_revisions WHERE revision = $1", revision) is None:
+                    return False
+                await conn.execute("UPDATE proctor_policy_revisions SET active = (revision = $1) "
+                                   "WHERE active OR revision = $1", revision)
+                return True
+
+    async def heartbeat_replica(self, beat: ReplicaBeat) -> None:
+        await self._execute(
+            "heartbeat_replica",
+            "INSERT INTO proctor_replicas (replica_id, hostname, policy_source, revision, following, reload_ok, "
+            "started_at, last_seen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (replica_id) DO UPDATE SET "
+            "hostname = EXCLUDED.hostname, policy_source = EXCLUDED.policy_source, revision = EXCLUDED.revision, "
+            "following = EXCLUDED.following, reload_ok = EXCLUDED.reload_ok, started_at = EXCLUDED.started_at, "
+            "last_seen = EXCLUDED.last_seen",
+            beat.replica_id, beat.hostname, beat.policy_source, beat.revision, beat.following, bool(beat.reload_ok),
+            float(beat.started_at), float(beat.last_seen))
+
+    async def list_replicas(self, seen_since: float) -> list[ReplicaBeat]:
+        await self._execute("list_replicas", "DELETE FROM proctor_replicas WHERE last_seen < $1", float(seen_since))
+        rows = await self._fetch(
+            "list_replicas", f"SELECT {REPLICA_SELECT} FROM proctor_replicas ORDER BY replica_id")
+        return [replica_from_row(r) for r in rows]
 
     async def list_revisions(self) -> list[PolicyRevision]:
         rows = await self._fetch(

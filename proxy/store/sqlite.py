@@ -42,6 +42,7 @@ from .base import (
     AGENT_SELECT,
     APPROVAL_COLUMN_NAMES,
     APPROVAL_SELECT,
+    REPLICA_SELECT,
     REVISION_SELECT,
     SCHEMA_VERSION,
     SUSPENSION_SELECT,
@@ -59,6 +60,7 @@ from .base import (
     check_kind,
     check_page,
     dump_json,
+    replica_from_row,
     revision_from_row,
     suspension_from_row,
 )
@@ -75,7 +77,7 @@ from .workflows import WF_SET as _WF_SET
 from .counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, ReserveOutcome, SettleOutcome,
                        add, check_amount, check_key, check_listing, check_times, dec_text, dsum, parse_dec,
                        reserve_decision, usage_by_key)
-from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, Suspension
+from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, ReplicaBeat, Suspension
 
 log = logging.getLogger("proctor.store")
 
@@ -297,6 +299,19 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "CREATE INDEX proctor_budget_reservations_window ON proctor_budget_reservations "
         "(budget_key, window_id, state, expires_at)",
         "CREATE INDEX proctor_budget_reservations_purge ON proctor_budget_reservations (purge_at)",
+    ),
+    7: (
+        # Replicas (proxy/policy/fleet.py): each one's last report of the policy revision it enforces.
+        """CREATE TABLE proctor_replicas (
+            replica_id TEXT PRIMARY KEY,
+            hostname TEXT NOT NULL,
+            policy_source TEXT NOT NULL,
+            revision TEXT NOT NULL,
+            following TEXT,
+            reload_ok INTEGER NOT NULL,
+            started_at REAL NOT NULL,
+            last_seen REAL NOT NULL
+        )""",
     ),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
@@ -852,6 +867,39 @@ class SQLiteStore(Store):
             "get_revision", f"SELECT {REVISION_SELECT} FROM proctor_policy_revisions WHERE revision = ?", (revision,)
         )
         return None if row is None else revision_from_row(row)
+
+    async def active_revision(self) -> str | None:
+        row = await self._fetchone("active_revision",
+                                   "SELECT revision FROM proctor_policy_revisions WHERE active <> 0 LIMIT 1")
+        return None if row is None else str(row[0])
+
+    async def activate_revision(self, revision: str) -> bool:
+        def txn(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM proctor_policy_revisions WHERE revision = ?", (revision,)).fetchone() is None:
+                return False
+            conn.execute("UPDATE proctor_policy_revisions SET active = CASE WHEN revision = ? THEN 1 ELSE 0 END",
+                         (revision,))
+            return True
+
+        return await self._transaction("activate_revision", txn)
+
+    async def heartbeat_replica(self, beat: ReplicaBeat) -> None:
+        async with self._write("heartbeat_replica") as db:
+            await db.execute(
+                "INSERT INTO proctor_replicas (replica_id, hostname, policy_source, revision, following, reload_ok, "
+                "started_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET "
+                "hostname = excluded.hostname, policy_source = excluded.policy_source, revision = excluded.revision, "
+                "following = excluded.following, reload_ok = excluded.reload_ok, started_at = excluded.started_at, "
+                "last_seen = excluded.last_seen",
+                (beat.replica_id, beat.hostname, beat.policy_source, beat.revision, beat.following,
+                 1 if beat.reload_ok else 0, float(beat.started_at), float(beat.last_seen)))
+
+    async def list_replicas(self, seen_since: float) -> list[ReplicaBeat]:
+        async with self._write("list_replicas") as db:
+            await db.execute("DELETE FROM proctor_replicas WHERE last_seen < ?", (float(seen_since),))
+        rows = await self._fetchall(
+            "list_replicas", f"SELECT {REPLICA_SELECT} FROM proctor_replicas ORDER BY replica_id")
+        return [replica_from_row(r) for r in rows]
 
     # ---- idempotency keys and dedupe windows -------------------------------
     async def reserve_idempotency(self, e: IdempotencyEntry, now: float) -> IdempotencyEntry | None:
