@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .limits.budget_spec import BudgetSpec, LlmPrices, unique_budget_names
 from .limits.spec import ConfigRateLimit, CountersConfig, unique_names
+from .public_url import check_public_url, control_base_url
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULTS_DIR = PACKAGE_DIR / "defaults"
@@ -407,6 +408,21 @@ class ControlConfig(Strict):
     # Operators (agent registry, kill switch) authenticate like approvers (same
     # audience and groups claim) and must be in this group.
     admin_group: str = "proctor-admins"
+    # Where agents, approvers and webhook receivers reach the control API (a Service or
+    # ingress URL, e.g. https://proctor.example.com): held requests' status URL and
+    # Location, and the default approvals.console_url, are built from it. Unset: the listen
+    # address, or loopback for a wildcard listen host (with a startup warning).
+    public_url: str | None = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, v: str | None) -> str | None:
+        return None if v is None else check_public_url(v)
+
+    @property
+    def base_url(self) -> str:
+        """The control API's base URL as clients reach it (never a wildcard address)."""
+        return control_base_url(self.listen.host, self.listen.port, self.public_url)[0]
 
 
 class AgentRegistration(Strict):

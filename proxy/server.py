@@ -20,6 +20,7 @@ from mitmproxy.master import Master
 
 from .ca import ensure_ca
 from .config import ProctorConfig
+from .public_url import control_base_url
 from .connectors.aliases import ConnectorAliases
 from .connectors.classifier import build_classifier
 from .connectors.credentials import CredentialInjector
@@ -119,7 +120,8 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         recorder.listeners.append(audit.emit)
     approvals = notifier = None
     if config.approvals.enabled:
-        control = f"http://{config.control.listen.host}:{config.control.listen.port}"
+        # never the listen address itself: 0.0.0.0 in a Location reaches no one (control.public_url)
+        control = config.control.base_url
         notifier = Notifier(
             [WebhookConfig.model_validate(h) for h in config.approvals.webhooks],
             config.approvals.console_url or f"{control}/console",
@@ -176,6 +178,19 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
     metrics.add_collector(lambda: runtime_families(runtime))
     return runtime
+
+
+def _warn_guessed_public_url(config: ProctorConfig) -> None:
+    """A wildcard control listen host without control.public_url: links name loopback, say so."""
+    c = config.control
+    base, guessed = control_base_url(c.listen.host, c.listen.port, c.public_url)
+    if c.enabled and guessed:
+        log.warning(
+            "control API listens on %s and control.public_url is not set: status URLs, Location headers and "
+            "console links name %s, which only this host reaches; set control.public_url to the address "
+            "agents and approvers use (e.g. the Service or ingress URL)",
+            c.listen.host, base,
+        )
 
 
 def mitm_options_for(config: ProctorConfig) -> dict:
@@ -243,6 +258,7 @@ async def _watch_policies(runtime: ProctorRuntime) -> None:
 
 async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> None:
     runtime = build_runtime(config)
+    _warn_guessed_public_url(config)
     if config.upstream.insecure_skip_verify:
         log.warning("UPSTREAM TLS VERIFICATION IS DISABLED (upstream.insecure_skip_verify); never do this in production")
 
