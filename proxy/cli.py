@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -162,16 +161,20 @@ def ca() -> None:
 @click.argument("path", required=False, type=click.Path(dir_okay=False))
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def ca_export(path: str | None, config_path: str | None) -> None:
-    """Write the CA certificate (PEM) to PATH, or print it."""
-    from .ca import ensure_ca
+    """Write the CA certificate (PEM) to PATH, or print it: the configured CA (`ca:`),
+    checked like `proctor run` checks it, else the generated one."""
+    from .ca import export_ca_pem
 
     config = _load(config_path)
-    cert = ensure_ca(config.ca_dir)
+    try:
+        pem = export_ca_pem(config)
+    except ValueError as e:  # a configured CA that cannot be used (never shows key material)
+        raise click.ClickException(str(e)) from None
     if path:
-        shutil.copyfile(cert, path)
+        Path(path).write_bytes(pem)
         click.echo(f"wrote {path}", err=True)
     else:
-        click.echo(cert.read_text(), nl=False)
+        click.echo(pem.decode(), nl=False)
 
 
 @main.group()

@@ -120,6 +120,44 @@ class DevIssuerConfig(Strict):
     audience: str = DEV_AUDIENCE
     default_ttl: str = "1h"
     max_ttl: str = "24h"
+    # A configured ES256 (EC P-256) signing key, so every replica verifies the tokens any
+    # of them issues (the key id is derived from the key): a PEM file, or a variable
+    # holding the PEM (or the PEM base64-encoded). Unset: generated in the state directory.
+    key_file: Path | None = None
+    key_env: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "DevIssuerConfig":
+        if self.key_file is not None and self.key_env is not None:
+            raise ValueError("dev_issuer: set key_file or key_env, not both")
+        return self
+
+    @property
+    def key_configured(self) -> bool:
+        return self.key_file is not None or self.key_env is not None
+
+
+class CaConfig(Strict):
+    """The interception CA from files or secrets, so every replica presents the same CA.
+
+    The certificate (a CA: basicConstraints CA:TRUE; optionally followed by its chain)
+    and its unencrypted private key (RSA or EC), each from a PEM file or a variable
+    holding the PEM (or the PEM base64-encoded). Checked at startup (proxy/ca.py)."""
+
+    cert_file: Path | None = None
+    cert_env: str | None = Field(None, min_length=1)
+    key_file: Path | None = None
+    key_env: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _both(self) -> "CaConfig":
+        cert = [k for k in ("cert_file", "cert_env") if getattr(self, k) is not None]
+        key = [k for k in ("key_file", "key_env") if getattr(self, k) is not None]
+        if len(cert) > 1 or len(key) > 1:
+            raise ValueError(f"ca: set one of {' or '.join(cert if len(cert) > 1 else key)}, not both")
+        if not cert or not key:
+            raise ValueError("ca: set both the certificate (cert_file or cert_env) and its key (key_file or key_env)")
+        return self
 
 
 class Route(Strict):
@@ -441,6 +479,8 @@ class ProctorConfig(Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     identity: IdentityConfig | None = None  # None: the dev issuer only
     dev_issuer: DevIssuerConfig = Field(default_factory=DevIssuerConfig)
+    # The interception CA from files or secrets (shared by replicas); None: generated in state_dir/ca.
+    ca: CaConfig | None = None
     connectors_dir: Path = DEFAULTS_DIR / "connectors"
     # Workflow definitions (docs/workflows.md). None: the bundled ones when the connectors
     # are the bundled ones, else none (they name the bundled connectors' actions).
@@ -521,11 +561,14 @@ class ProctorConfig(Strict):
 
     @property
     def ca_dir(self) -> Path:
-        return self.state_dir / "ca"
+        """mitmproxy's confdir. A configured CA is copied (0600) into its own directory at
+        startup, so the generated CA in `ca/` is kept intact for a config without one."""
+        return self.state_dir / ("ca-configured" if self.ca is not None else "ca")
 
     @property
     def dev_issuer_dir(self) -> Path:
-        return self.state_dir / "dev-issuer"
+        # A configured key publishes its JWKS beside no generated key.pem (which would not match it).
+        return self.state_dir / ("dev-issuer-configured" if self.dev_issuer.key_configured else "dev-issuer")
 
     @property
     def decisions_path(self) -> Path:
@@ -592,6 +635,13 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     rec = raw.get("record")
     if isinstance(rec, dict):
         fix(rec, "decisions_file")
+    ca = raw.get("ca")
+    if isinstance(ca, dict):
+        fix(ca, "cert_file")
+        fix(ca, "key_file")
+    dev = raw.get("dev_issuer")
+    if isinstance(dev, dict):
+        fix(dev, "key_file")
     ident = raw.get("identity")
     if isinstance(ident, dict):
         for iss in ident.get("issuers") or []:

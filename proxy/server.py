@@ -18,7 +18,7 @@ from mitmproxy import options as mitm_options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyserver, tlsconfig
 from mitmproxy.master import Master
 
-from .ca import ensure_ca
+from .ca import prepare_ca
 from .config import ProctorConfig
 from .public_url import control_base_url
 from .connectors.aliases import ConnectorAliases
@@ -97,7 +97,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     if config.dev_issuer_enabled:
         DevIssuer(config.dev_issuer_dir, config.dev_issuer).ensure()
-    ensure_ca(config.ca_dir)
+    prepare_ca(config)  # generated, or the configured CA checked and laid out for the engines
     manifests = load_manifests(config.connectors_dir)
     workflows = load_workflows(config.effective_workflows_dir, manifests)
     policies = PolicyStore(policy_source(config, manifests=manifests))

@@ -2,10 +2,17 @@
 
 Production deployments trust the enterprise IdP's JWKS instead; the dev issuer
 can be disabled with `dev_issuer.enabled: false`.
+
+With `dev_issuer.key_file` / `key_env` the key is configured instead (replicas
+share it): each process publishes its JWKS from that key, under a key id derived
+from the key (RFC 7638 thumbprint), so a token `proctor token issue` signs with
+one replica's config verifies on every replica.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -20,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from ..config import DevIssuerConfig
+from ..keymaterial import KeyMaterialError, PemSource, load_private_key, write_private
 
 _TTL_RE = re.compile(r"^\s*(\d+)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -36,15 +44,52 @@ def parse_ttl(text: str) -> int:
     return seconds
 
 
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """`dev-` and the start of the key's RFC 7638 JWK thumbprint: the same on every replica."""
+    jwk = ECAlgorithm.to_jwk(public_key, as_dict=True)
+    canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"), sort_keys=True)
+    thumbprint = base64.urlsafe_b64encode(hashlib.sha256(canonical.encode()).digest()).rstrip(b"=").decode()
+    return f"dev-{thumbprint[:16]}"
+
+
+def load_configured_key(source: PemSource) -> ec.EllipticCurvePrivateKey:
+    key = load_private_key(source)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+        kind = f"EC {key.curve.name}" if isinstance(key, ec.EllipticCurvePrivateKey) else type(key).__name__
+        raise KeyMaterialError(f"{source}: the dev issuer signs ES256 and needs an EC P-256 key (got {kind})")
+    return key
+
+
 class DevIssuer:
     def __init__(self, directory: Path, config: DevIssuerConfig) -> None:
         self.dir = Path(directory)
         self.config = config
         self.key_path = self.dir / "key.pem"
         self.jwks_path = self.dir / "jwks.json"
+        self.source = PemSource.of("dev_issuer", "key", config.key_file, config.key_env)
+
+    def _publish_configured(self, source: PemSource) -> tuple[ec.EllipticCurvePrivateKey, str]:
+        """The configured key and its id; its JWKS written for the verifier (only when it changed)."""
+        key = load_configured_key(source)
+        kid = key_id(key.public_key())
+        jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+        jwk.update({"kid": kid, "use": "sig", "alg": "ES256"})
+        doc = json.dumps({"keys": [jwk]}, indent=2)
+        try:
+            current = self.jwks_path.read_text()
+        except OSError:
+            current = None
+        if current != doc:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_private(self.jwks_path, doc.encode(), 0o644)
+        return key, kid
 
     def ensure(self) -> None:
-        """Create the key pair and JWKS on first run; later runs reuse them."""
+        """Create the key pair and JWKS on first run; later runs reuse them. With a configured
+        key: check it and publish its JWKS (KeyMaterialError says what is wrong)."""
+        if self.source is not None:
+            self._publish_configured(self.source)
+            return
         if self.key_path.exists() and self.jwks_path.exists():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -62,12 +107,11 @@ class DevIssuer:
         tmp.replace(self.jwks_path)
 
     def _kid(self) -> str:
-        return json.loads(self.jwks_path.read_text())["keys"][0]["kid"]
+        return str(json.loads(self.jwks_path.read_text())["keys"][0]["kid"])
 
     def issue(
         self, agent_id: str, claims: dict[str, Any] | None = None, ttl: str | None = None, audience: str | None = None
     ) -> str:
-        self.ensure()
         seconds = parse_ttl(ttl or self.config.default_ttl)
         if seconds > parse_ttl(self.config.max_ttl):
             raise ValueError(f"ttl exceeds the dev issuer's max_ttl ({self.config.max_ttl})")
@@ -84,5 +128,10 @@ class DevIssuer:
                 "jti": uuid.uuid4().hex,
             }
         )
-        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
-        return jwt.encode(payload, key, algorithm="ES256", headers={"kid": self._kid()})
+        if self.source is not None:
+            key, kid = self._publish_configured(self.source)
+            return jwt.encode(payload, key, algorithm="ES256", headers={"kid": kid})
+        self.ensure()
+        generated = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        assert isinstance(generated, ec.EllipticCurvePrivateKey)  # ensure() makes only P-256 keys
+        return jwt.encode(payload, generated, algorithm="ES256", headers={"kid": self._kid()})
