@@ -527,7 +527,7 @@ def demo(keep_running: bool) -> None:
 
 def _register_subcommands() -> None:
     from .approvals.cli import approvals
-    from .governance.cli import agents, policy_revisions, policy_rollback
+    from .governance.cli import agents, policy_push, policy_revisions, policy_rollback
 
     from .audit.cli import audit
     from .control.budgets_cli import budgets
@@ -544,6 +544,7 @@ def _register_subcommands() -> None:
     workflows.add_command(workflows_export)
     policy.add_command(policy_revisions)
     policy.add_command(policy_rollback)
+    policy.add_command(policy_push)
 
 
 _register_subcommands()

@@ -218,6 +218,15 @@ class PolicyConfig(Strict):
     # Generate the Cedar declarations of connector actions and resource types from
     # the manifests and validate the policies against them plus the schema file.
     schema_from_connectors: bool = True
+    # Where the enforced set comes from (docs/policies.md, "One policy set for the fleet"):
+    # `directory` (default) loads `dir` and publishes what it loads as the fleet's active
+    # revision; `store` follows the active revision in the state store (pushed with
+    # `proctor policy push`, or published by a directory-mode replica), `dir` being only the
+    # seed used while the store has none.
+    source: Literal["directory", "store"] = "directory"
+    # How often a replica reports its revision to the store (the /v1/policies fleet view);
+    # a replica silent for 3 intervals is no longer listed.
+    heartbeat_seconds: float = Field(5.0, ge=0.5, le=300)
 
 
 class RequestLimits(Strict):
@@ -486,6 +495,8 @@ class ProctorConfig(Strict):
     # are the bundled ones, else none (they name the bundled connectors' actions).
     workflows_dir: Path | None = None
     policies: PolicyConfig = Field(default_factory=lambda: PolicyConfig(dir=DEFAULTS_DIR / "policies"))
+    # This replica's name in fleet views (/v1/policies): default the host name and the control port.
+    replica_id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
     egress: EgressConfig = Field(default_factory=EgressConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)

@@ -49,6 +49,7 @@ from .observability.metrics import Metrics, runtime_families
 from .observability.tracing import Tracing
 from .identity.verifier import TokenVerifier
 from .policy.engine import PolicyStore
+from .policy.fleet import FleetPolicy
 from .policy.revisions import record_revision
 from .policy.sources import policy_source
 from .store import Store, StoreError, open_store
@@ -80,6 +81,7 @@ class ProctorRuntime:
     listeners: ListenerWatch | None = None  # set by serve() once the engine exists
     # Held by the file watcher and by a rollback, so the watcher never loads a half-restored directory.
     policy_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    fleet: FleetPolicy | None = None  # one policy set for every replica (set by serve(); proxy/policy/fleet.py)
     tracing: Tracing | None = None
     workflows: Workflows = field(default_factory=Workflows)
     rate_limits: RateLimits | None = None  # declared rate limits and their counters (docs/limits.md)
@@ -245,11 +247,15 @@ async def _watch_policies(runtime: ProctorRuntime) -> None:
         try:
             # Parsing, validating and indexing a large set takes a while: do it off
             # the event loop so traffic keeps flowing; the swap itself is atomic.
-            async with runtime.policy_lock:
-                before = runtime.policies.bundle.revision
-                await asyncio.to_thread(runtime.policies.reload_if_changed)
-                if runtime.policies.bundle.revision != before:
-                    await record_revision(runtime.store, runtime.policies.bundle)
+            fleet = runtime.fleet
+            if fleet is None or fleet.mode == "directory":
+                async with runtime.policy_lock:
+                    before = runtime.policies.bundle.revision
+                    await asyncio.to_thread(runtime.policies.reload_if_changed)
+                    if runtime.policies.bundle.revision != before:
+                        await record_revision(runtime.store, runtime.policies.bundle)  # published to the fleet
+            if fleet is not None:
+                await fleet.tick()  # store mode: follow the fleet's active revision; every mode: heartbeat
             if runtime.shadow is not None:
                 await asyncio.to_thread(runtime.shadow.reload_if_changed)
         except Exception:
@@ -265,7 +271,8 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     try:
         # refuses a missing, emptied or different store where one existed (see store/guard.py)
         await open_verified(runtime.store, config.state_dir / MARKER_NAME)
-        await record_revision(runtime.store, runtime.policies.bundle)
+        runtime.fleet = FleetPolicy(config, runtime.store, runtime.policies, runtime.policy_lock)
+        await runtime.fleet.start()  # publish what was loaded, or (policies.source: store) follow the fleet
         await runtime.governance.load(
             [Registration(a.id, a.owner, a.team, a.description) for a in config.agents]
         )

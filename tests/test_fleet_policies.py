@@ -35,11 +35,13 @@ def fleet(tmp_path, idp, pki, upstream, upstream_tls):
     env = {"PROCTOR_TEST_FLEET_STORE": f"{PG_DSN}{sep}schema={schema}"}
     started: list[Proctor] = []
 
-    def start(name: str, policies: Path = DATA / "policies", source: str = "store", **overrides) -> Proctor:
+    def start(name: str, policies: Path = DATA / "policies", source: str = "store", connectors: list | None = None,
+              **overrides) -> Proctor:
         cfg = {"store": {"url_env": "PROCTOR_TEST_FLEET_STORE"}, "replica_id": name,
                "policies": {"dir": "policies", "reload_interval_seconds": 0.2, "source": source,
                             "heartbeat_seconds": 0.5}, **overrides}
-        p = start_proctor(tmp_path / name, idp, pki, upstream, upstream_tls, cfg, policies_src=policies, env=env)
+        p = start_proctor(tmp_path / name, idp, pki, upstream, upstream_tls, cfg, policies_src=policies, env=env,
+                          extra_connectors=connectors)
         started.append(p)
         return p
 
@@ -117,7 +119,7 @@ def test_replicas_follow_pushes_and_rollbacks_as_one(fleet, idp, tmp_path) -> No
 def test_a_broken_push_changes_nothing_and_a_disagreeing_replica_is_flagged(fleet, idp, tmp_path) -> None:
     a = fleet("replica-a")
     seed = status(a)["active_revision"]
-    broken = variant(tmp_path, "broken", 'permit (principal, action == Action::"no.such.action", resource);')
+    broken = variant(tmp_path, "broken", '@id("bad")\npermit (principal, action == Action::"no.such.action", resource);')
     r = httpx.post(f"{a.control_url}/v1/policies/push",
                    json={"files": {p.name: p.read_text() for p in broken.iterdir()}, "reason": "oops"},
                    headers={"Authorization": f"Bearer {operator(idp)}"}, timeout=30)
@@ -133,10 +135,10 @@ def test_a_broken_push_changes_nothing_and_a_disagreeing_replica_is_flagged(flee
     assert agent.status_code in (401, 403)
 
     # a replica whose connectors differ loads the fleet revision as another revision: flagged
-    b = fleet("replica-b", policies={"dir": "policies", "reload_interval_seconds": 0.2, "source": "store",
-                                     "heartbeat_seconds": 0.5, "schema_from_connectors": True},
-              rate_limits=[{"name": "odd-limit", "limit": 5, "period": "1h", "match": {"actions": ["test.item.read"]}}])
-    # (its rate limit adds context.usage to test.item.read's generated schema: another revision hash)
+    extra = {"name": "extra", "hosts": ["extra.internal"], "routes": [
+        {"method": "GET", "path": "/x", "action": "extra.thing.read", "resource": {"type": "Item", "id": "x"}}]}
+    b = fleet("replica-b", connectors=[extra])
+    # (its extra connector adds an action to the generated schema: the same files hash to another revision)
     wait_for(lambda: "replica-b" in status(a)["fleet"]["disagreeing"], timeout=10, what="replica-b flagged")
     doc = status(b)
     assert doc["fleet"]["following"] == seed and doc["active_revision"] != seed

@@ -9,14 +9,16 @@ their routes on the same application.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from ..policy.revisions import record_revision
+from ..store import StoreError
 from .activity_api import add_activity_routes
 from .approvals_api import add_approval_routes
 from .budgets_api import add_budget_routes
@@ -34,6 +36,8 @@ from .openapi import add_openapi_route
 
 if TYPE_CHECKING:
     from ..server import ProctorRuntime
+
+log = logging.getLogger("proctor.control")
 
 
 def build_app(runtime: "ProctorRuntime") -> web.Application:
@@ -74,8 +78,28 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
                 "files": list(b.files),
                 "reload": runtime.policies.status.as_dict(),
                 "shadow": runtime.shadow.status() if runtime.shadow else None,
+                "fleet": await fleet_status(),
             }
         )
+
+    async def fleet_status() -> dict[str, Any] | None:
+        """The fleet's active revision and each replica's (None when the store cannot say)."""
+        fleet = runtime.fleet
+        if fleet is None:
+            return None
+        try:
+            active, replicas = await fleet.replicas()
+        except StoreError as e:
+            log.warning("fleet policy status: %s", e)
+            return None
+        return {
+            "source": fleet.mode, "replica_id": fleet.replica_id, "active_revision": active,
+            "following": fleet.following, "error": fleet.follow_error,
+            "disagreeing": [r.replica_id for r in replicas if not r.agrees],
+            "replicas": [{"replica_id": r.replica_id, "hostname": r.hostname, "policy_source": r.policy_source,
+                          "revision": r.revision, "following": r.following, "reload_ok": r.reload_ok,
+                          "last_seen": r.last_seen, "agrees": r.agrees} for r in replicas],
+        }
 
     async def policy_reload(request: web.Request) -> web.Response:
         if request.remote not in ("127.0.0.1", "::1"):

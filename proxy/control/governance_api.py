@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 from aiohttp import web
 
+from ..policy.fleet import MAX_PUSH_BYTES, PushRejected
 from ..policy.revisions import record_revision, restore_files
 from ..record.decisions import iso
 from ..record.model import PolicyEvent, SuspensionEvent
@@ -29,6 +30,7 @@ from .models import (
     InputModel,
     ResumeQuery,
     ResumeRequest,
+    PushRequest,
     RollbackRequest,
     SuspendAgentRequest,
     SuspensionRequest,
@@ -41,6 +43,7 @@ from .models_responses import (
     ResumeResult,
     Revision,
     RevisionList,
+    PushResult,
     RollbackResult,
     SuspensionList,
     reply,
@@ -54,6 +57,7 @@ log = logging.getLogger("proctor.control")
 _TARGET_RE = re.compile(TARGET_PATTERN)  # a target from the URL path (agent id), as bodies are checked
 B = TypeVar("B", bound=InputModel)
 CROSS_ORIGIN = "the kill switch is operated from the console, CLI or API"
+MAX_PUSH_BODY = 2 * MAX_PUSH_BYTES + 64 * 1024  # (JSON escaping can double the files' size)
 
 
 def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
@@ -201,6 +205,40 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             for r in revisions
         ]))
 
+    async def push(request: web.Request) -> web.Response:
+        """A policy set for every replica: validated here, stored as the fleet's active revision."""
+        who = await operator(request)
+        if isinstance(who, web.Response):
+            return who
+        body = await big_json_body(request, PushRequest)
+        if isinstance(body, web.Response):
+            return body
+        fleet = runtime.fleet
+        if fleet is None:
+            return problem(503, "Not ready", "the state store is not open yet; retry")
+        try:
+            before = await runtime.store.active_revision()
+            revision = await fleet.push(body.files)
+        except PushRejected as e:
+            return problem(422, "Policy set rejected", "the pushed files do not load on this replica; nothing was "
+                           "changed: " + "; ".join(e.problems[:50]), extra={"problems": e.problems[:200]})
+        except StoreError as e:
+            return unavailable(e)
+        runtime.recorder.write(PolicyEvent.push(before or "", revision, who, body.reason, sorted(body.files),
+                                                time.time()))
+        log.warning("policy push %s -> %s by %s: %s", before, revision, who, body.reason)
+        return reply(PushResult(active_revision=revision, previous_revision=before,
+                                enforced_here=runtime.policies.bundle.revision))
+
+    async def big_json_body(request: web.Request, model: type[B]) -> B | web.Response:
+        """As json_body, for bodies larger than the control API's usual 64 KiB (a policy set)."""
+        if request.content_length is not None and request.content_length > MAX_PUSH_BODY:
+            return problem(413, "Too large", f"a pushed policy set is at most {MAX_PUSH_BODY} bytes of JSON")
+        data = await request.content.read(MAX_PUSH_BODY + 1)
+        if len(data) > MAX_PUSH_BODY:
+            return problem(413, "Too large", f"a pushed policy set is at most {MAX_PUSH_BODY} bytes of JSON")
+        return await read_body(request, model, cross_origin=CROSS_ORIGIN, hint="a JSON object", raw=data)
+
     async def rollback(request: web.Request) -> web.Response:
         who = await operator(request)
         if isinstance(who, web.Response):
@@ -215,6 +253,22 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
             return unavailable(e)
         if stored is None:
             return problem(404, "No such revision", f"revision {revision} is not in the kept history")
+        fleet = runtime.fleet
+        if fleet is not None and fleet.mode == "store":
+            # every replica follows the store: activate the kept revision there, for all of them
+            before = runtime.policies.bundle.revision
+            try:
+                await fleet.activate(revision)
+            except StoreError as e:
+                return unavailable(e)
+            now = runtime.policies.bundle.revision
+            if fleet.follow_error is not None:
+                return problem(409, "Rollback did not take effect here",
+                               f"revision {revision} is the fleet's active revision now, but this replica cannot "
+                               f"enforce it: {fleet.follow_error}")
+            runtime.recorder.write(PolicyEvent.rollback(before, now, who, reason, [], time.time()))
+            log.warning("policy rollback (fleet) %s -> %s by %s: %s", before, now, who, reason)
+            return reply(RollbackResult(active_revision=now, previous_revision=before, files_changed=[]))
         async with runtime.policy_lock:
             before = runtime.policies.bundle.revision
             try:
@@ -236,6 +290,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
 
     app.router.add_get("/v1/policies/revisions", list_revisions)
     app.router.add_post("/v1/policies/rollback", rollback)
+    app.router.add_post("/v1/policies/push", push)
     app.router.add_get("/v1/agents", list_agents)
     app.router.add_post("/v1/agents", register_agent)
     app.router.add_get("/v1/agents/{id}", show_agent)

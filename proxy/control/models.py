@@ -133,6 +133,14 @@ class AgentRegistration(InputModel):
     description: str = Field("", max_length=1000)
 
 
+class PushRequest(InputModel):
+    """A policy set for the whole fleet (`proctor policy push DIR`)."""
+
+    FIELD_TITLES = {"files": "Files required", "reason": "Reason required"}
+    files: dict[str, str] = Field(description="File name -> text: the schema file, *.cedar policies and entities.json.")
+    reason: RecordedReason
+
+
 class RollbackRequest(InputModel):
     """Restore an earlier policy revision."""
 
@@ -250,10 +258,11 @@ def read_query(request: web.Request, model: type[M]) -> M | web.Response:
 
 
 async def read_body(request: web.Request, model: type[M], *, cross_origin: str, hint: str,
-                    optional: bool = False) -> M | web.Response:
+                    optional: bool = False, raw: bytes | None = None) -> M | web.Response:
     """A state-changing call's JSON body: same-origin (CSRF), application/json, a JSON object, valid.
 
-    `optional`: an empty body stands for `{}`."""
+    `optional`: an empty body stands for `{}`. `raw`: the body, already read by the caller (a
+    route that allows more than the control API's usual size)."""
     if foreign_origin(request):
         return problem(403, "Cross-origin request refused", cross_origin)
     if optional and not request.can_read_body:
@@ -261,7 +270,7 @@ async def read_body(request: web.Request, model: type[M], *, cross_origin: str, 
     if request.content_type != "application/json":
         return problem(415, "JSON required", f"send {hint} as application/json")
     try:
-        body = json.loads(await request.read())
+        body = json.loads(raw if raw is not None else await request.read())
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         return problem(400, "Bad JSON", "the body is not valid JSON")
     if not isinstance(body, dict):

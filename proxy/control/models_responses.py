@@ -365,6 +365,31 @@ class Stats(_Out):
     records_written: int
 
 
+class ReplicaOut(_Out):
+    """One replica as it last reported (docs/policies.md, "One policy set for the fleet")."""
+
+    replica_id: str
+    hostname: str
+    policy_source: Literal["directory", "store"]
+    revision: str = Field(description="The revision it enforces (its own hash of what it loaded).")
+    following: str | None = Field(description="Store mode: the fleet revision it follows.")
+    reload_ok: bool
+    last_seen: EpochSeconds
+    agrees: bool = Field(description="It enforces the fleet's active revision (false: flag it).")
+
+
+class FleetStatus(_Out):
+    """The fleet's policy set: the active revision in the store and every replica seen lately."""
+
+    source: Literal["directory", "store"] = Field(description="This replica's policies.source.")
+    replica_id: str
+    active_revision: str | None = Field(description="The fleet's active revision (the store's).")
+    following: str | None
+    error: str | None = Field(description="Why this replica does not enforce the revision it follows.")
+    disagreeing: list[str] = Field(description="Replicas that do not enforce the fleet's active revision.")
+    replicas: list[ReplicaOut]
+
+
 class PolicyStatus(_Out):
     active_revision: str
     policy_count: int
@@ -372,6 +397,13 @@ class PolicyStatus(_Out):
     files: list[str]
     reload: ReloadStatus
     shadow: ShadowStatus | None = Field(description="null when no shadow policies are configured.")
+    fleet: FleetStatus | None = Field(None, description="null before the store is open, or when it cannot be read.")
+
+
+class PushResult(_Out):
+    active_revision: str = Field(description="The pushed revision, now the fleet's active one.")
+    previous_revision: str | None
+    enforced_here: str = Field(description="The revision this replica enforces now.")
 
 
 class ReloadResult(_Out):

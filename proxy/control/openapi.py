@@ -152,6 +152,9 @@ ROUTES: tuple[Route, ...] = (
           "back into the policy directory and loaded", "policies", "operator",
           (Reply(200, "Rolled back.", rs.RollbackResult),), (400, 401, 403, 404, 409, 415, 503),
           body=rq.RollbackRequest),
+    Route("post", "/v1/policies/push", "pushPolicies", "A policy set for every replica: validated, stored as the "
+          "fleet's active revision; replicas with policies.source: store follow it", "policies", "operator",
+          (Reply(200, "Pushed.", rs.PushResult),), (400, 401, 403, 413, 415, 422, 503), body=rq.PushRequest),
     # activity (activity_api.py)
     Route("get", "/v1/activity", "activity", "Recent audit events (newest first), summarised", "governance",
           "approver", (Reply(200, "A page of events.", rs.ActivityPage),), (400, 401, 503), query=rq.ActivityQuery),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+from pathlib import Path
 
 import click
 
@@ -146,6 +147,35 @@ def policy_revisions(as_json: bool, **kw) -> None:
     for r in doc["revisions"]:
         mark = "*" if r["active"] else " "
         click.echo(f"{mark} {r['revision']}  loaded {r['loaded_at']}  ({len(r['files'])} files)")
+
+
+@click.command("push")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--reason", default=None, help="Why (mandatory; recorded).")
+@click.option("--schema", "schema_name", default="schema.cedarschema", show_default=True,
+              help="The schema file's name in DIRECTORY.")
+@_connection_options
+def policy_push(directory: Path, reason: str | None, schema_name: str, **kw) -> None:
+    """Push a policy directory to every replica: the running proxy validates it against its own
+    connectors and stores it as the fleet's active revision; replicas with
+    `policies.source: store` enforce it within one reload interval (operator token)."""
+    if not reason or not reason.strip():
+        _fail("--reason is required")
+    files: dict[str, str] = {}
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and (path.suffix == ".cedar" or path.name in (schema_name, "entities.json")):
+            try:
+                files[path.name] = path.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                _fail(f"cannot read {path}: {e}")
+    if schema_name not in files:
+        _fail(f"{directory} has no {schema_name}")
+    if not any(n.endswith(".cedar") for n in files):
+        _fail(f"{directory} has no *.cedar policy files")
+    doc = _client(_conn(kw)).call("POST", "/v1/policies/push", {"files": files, "reason": reason})
+    click.echo(f"pushed {len(files)} files: the fleet's active revision is now {doc['active_revision']}"
+               + (f" (was {doc['previous_revision']})" if doc.get("previous_revision") else "")
+               + f"; this replica enforces {doc['enforced_here']}")
 
 
 @click.command("rollback")

@@ -464,12 +464,12 @@ class SuspensionEvent(_Event):
 
 @dataclass(slots=True, kw_only=True)
 class PolicyEvent(_Event):
-    """A policy rollback (docs/governance.md)."""
+    """A policy rollback, or a policy set pushed to the fleet (docs/governance.md)."""
 
     record_type: ClassVar[str] = "policy"
 
     type: Literal["policy"] = "policy"
-    event: str  # rollback
+    event: str  # rollback | push
     time: str
     from_revision: str
     to_revision: str
@@ -482,6 +482,12 @@ class PolicyEvent(_Event):
                  when: float) -> PolicyEvent:
         return cls(event="rollback", time=iso(when), from_revision=from_revision, to_revision=to_revision, by=by,
                    reason=reason, files_changed=files_changed)
+
+    @classmethod
+    def push(cls, from_revision: str, to_revision: str, by: str, reason: str, files: list[str],
+             when: float) -> PolicyEvent:
+        return cls(event="push", time=iso(when), from_revision=from_revision, to_revision=to_revision, by=by,
+                   reason=reason, files_changed=files)
 
 
 @dataclass(slots=True, kw_only=True)
