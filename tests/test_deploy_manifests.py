@@ -1,0 +1,514 @@
+"""deploy/kubernetes: every manifest is valid Kubernetes, consistent with itself, and runs Proctor.
+
+- Every YAML document under deploy/kubernetes validates offline against the Kubernetes
+  JSON schemas bundled with `kubernetes-validate` (strict: unknown fields fail) for
+  K8S_VERSION; the ServiceMonitor (a CRD, not bundled) against a checked-in subset of
+  its CRD schema (tests/data/k8s); kustomizations list every manifest in their folder.
+- The replica set hangs together: probes on /readyz and /healthz at the control port,
+  replicas >= 2 and the HPA agreeing, the PDB, Services and ServiceMonitor selecting the
+  Deployment's pods, control.public_url naming the control Service, and secrets only
+  referenced (secretKeyRef, secret volumes), never inlined.
+- The proctor.yaml embedded in each ConfigMap loads with Proctor's own config loader,
+  and the policies and connectors ConfigMaps compile together.
+- A pod is booted from the manifests: its volumes laid out as the kubelet would mount
+  them (ConfigMap keys and generated Secret material as files), its environment from the
+  Secrets, and its container's args run as `proctor`; it must become ready (on PostgreSQL
+  for the replica set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import httpx
+import jsonschema
+import pytest
+import trustme
+import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from conftest import ROOT, free_port, wait_for
+from proxy.config import load_config
+from proxy.connectors.manifest import load_manifests
+from proxy.policy.engine import load_bundle
+from proxy.policy.formatting import unformatted
+from proxy.policy.sources import policy_source
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate is in the test extra")
+
+# The oldest Kubernetes release the manifests target (every field they use exists there).
+K8S_VERSION = "1.30"
+K8S_DIR = ROOT / "deploy" / "kubernetes"
+REPLICAS = K8S_DIR / "replicas"
+SIDECAR = K8S_DIR / "sidecar"
+SERVICEMONITOR_SCHEMA = Path(__file__).resolve().parent / "data" / "k8s" / "servicemonitor-v1.schema.json"
+# Custom resources validated against a checked-in schema instead of kubernetes-validate's.
+CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICEMONITOR_SCHEMA}
+PG_DSN = os.environ.get("PROCTOR_TEST_POSTGRES_DSN")
+
+
+# --------------------------------------------------------------------- helpers
+def manifest_files() -> list[Path]:
+    return sorted([*K8S_DIR.rglob("*.yaml"), *K8S_DIR.rglob("*.yml")])
+
+
+def docs_of(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def objects(folder: Path, *, examples: bool = False) -> list[dict]:
+    """The Kubernetes objects in a folder (not its kustomization; *.example.yaml only if asked)."""
+    out = []
+    for f in sorted(folder.glob("*.yaml")):
+        if f.name == "kustomization.yaml" or (f.name.endswith(".example.yaml") and not examples):
+            continue
+        out += docs_of(f)
+    return out
+
+
+def one(objs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [o for o in objs if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A matchLabels selector (the only form these manifests use) against a label set."""
+    assert set(selector) <= {"matchLabels"}, f"unexpected selector form {selector}"
+    return bool(selector.get("matchLabels")) and all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def proctor_container(deployment: dict) -> dict:
+    (c,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["image"].split(":")[0].endswith("proctor")]
+    return c
+
+
+def embedded_config(objs: list[dict]) -> str:
+    return one(objs, "ConfigMap", "proctor-config")["data"]["proctor.yaml"]
+
+
+def load_embedded(text: str, tmp_path: Path):
+    f = tmp_path / "proctor.yaml"
+    f.write_text(text)
+    return load_config(f)
+
+
+def walk_strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for v in node.values():
+            yield from walk_strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk_strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+# ------------------------------------------------------------ schema validation
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S_DIR)))
+def test_every_manifest_validates_against_the_kubernetes_schemas(path: Path):
+    docs = docs_of(path)
+    assert docs, f"{path} holds no YAML document"
+    for doc in docs:
+        assert isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc, f"{path}: not a Kubernetes object"
+        if doc["apiVersion"].startswith("kustomize.config.k8s.io/"):
+            continue  # not an API object: checked by test_kustomizations_list_every_manifest
+        crd = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+        if crd is not None:
+            jsonschema.validate(doc, json.loads(crd.read_text()), cls=jsonschema.Draft202012Validator)
+            continue
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{path}: {doc['kind']}/{doc['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
+        except kubernetes_validate.SchemaNotFoundError as e:
+            pytest.fail(f"{path}: {e.message} (a custom resource needs a schema in CRD_SCHEMAS)")
+
+
+def test_the_validators_refuse_what_kubernetes_would():
+    """Strict validation bites: an unknown field, a wrong type, a bad ServiceMonitor interval."""
+    deployment = one(objects(REPLICAS), "Deployment")
+    typo = copy.deepcopy(deployment)
+    proctor_container(typo)["readinessProbe"]["httpGet"]["paht"] = "/readyz"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, K8S_VERSION, strict=True)
+    wrong_type = copy.deepcopy(deployment)
+    wrong_type["spec"]["replicas"] = "three"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(wrong_type, K8S_VERSION, strict=True)
+    monitor = copy.deepcopy(one(objects(REPLICAS), "ServiceMonitor"))
+    monitor["spec"]["endpoints"][0]["interval"] = "30 seconds"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(monitor, json.loads(SERVICEMONITOR_SCHEMA.read_text()))
+
+
+@pytest.mark.parametrize("folder", [REPLICAS, SIDECAR], ids=["replicas", "sidecar"])
+def test_kustomizations_list_every_manifest(folder: Path):
+    (k,) = docs_of(folder / "kustomization.yaml")
+    assert k["kind"] == "Kustomization"
+    listed = k["resources"]
+    assert len(listed) == len(set(listed))
+    for r in listed:
+        assert (folder / r).is_file(), f"{folder.name}/kustomization.yaml lists a missing {r}"
+    present = {f.name for f in folder.glob("*.yaml")} - {"kustomization.yaml"}
+    examples = {n for n in present if n.endswith(".example.yaml")}
+    assert not examples & set(listed), "example Secrets are never applied with the kustomization"
+    assert present - examples == set(listed), "every manifest in the folder is part of its kustomization"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
+@pytest.mark.parametrize("folder", [REPLICAS, SIDECAR], ids=["replicas", "sidecar"])
+def test_kustomize_builds(folder: Path):
+    out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    built = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert len(built) == len(objects(folder))
+    (k,) = docs_of(folder / "kustomization.yaml")
+    if "namespace" in k:
+        assert {d["metadata"].get("namespace") for d in built if d["kind"] != "Namespace"} == {k["namespace"]}
+
+
+# ------------------------------------------------------------- the replica set
+def test_replica_set_probes_point_at_the_control_port(tmp_path: Path):
+    objs = objects(REPLICAS)
+    deployment = one(objs, "Deployment", "proctor")
+    c = proctor_container(deployment)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    cfg = load_embedded(embedded_config(objs), tmp_path)
+    assert ports == {"agents": cfg.listen.port, "control": cfg.control.listen.port, "gateway": cfg.gateway.listen.port}
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and ports.get(get["port"], get["port"]) == cfg.control.listen.port, (probe, get)
+    assert c["startupProbe"]["httpGet"]["port"] == "control"
+    # probes come from the kubelet at the pod IP: the control API cannot listen on loopback only
+    assert cfg.control.listen.host in ("0.0.0.0", "::")
+    assert c["args"] == ["run", "-c", "/etc/proctor/config/proctor.yaml"]
+
+
+def test_replica_set_scales_and_survives_disruptions():
+    objs = objects(REPLICAS)
+    deployment = one(objs, "Deployment", "proctor")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(deployment["spec"]["selector"], pod_labels)
+    assert deployment["spec"]["replicas"] >= 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    hpa = one(objs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "proctor"}
+    assert 2 <= hpa["spec"]["minReplicas"] == deployment["spec"]["replicas"] < hpa["spec"]["maxReplicas"]
+    pdb = one(objs, "PodDisruptionBudget")
+    assert selects(pdb["spec"]["selector"], pod_labels)
+    assert pdb["spec"].get("maxUnavailable", 0) >= 1 or pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+    spec = deployment["spec"]["template"]["spec"]
+    assert {t["topologyKey"] for t in spec["topologySpreadConstraints"]} >= {"kubernetes.io/hostname"}
+    assert all(selects(t["labelSelector"], pod_labels) for t in spec["topologySpreadConstraints"])
+    anti = spec["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert all(selects(t["podAffinityTerm"]["labelSelector"], pod_labels) for t in anti)
+
+
+def test_replica_set_runs_unprivileged():
+    spec = one(objects(REPLICAS), "Deployment", "proctor")["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert spec["automountServiceAccountToken"] is False
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    # a read-only root: everything Proctor writes is on a mounted volume
+    mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert "emptyDir" in volumes[mounts["/var/lib/proctor"]] and "emptyDir" in volumes[mounts["/tmp"]]
+
+
+def test_replica_set_services_and_monitor_select_the_pods(tmp_path: Path):
+    objs = objects(REPLICAS)
+    deployment = one(objs, "Deployment", "proctor")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    container_ports = {p["name"] for p in proctor_container(deployment)["ports"]}
+    services = {s["metadata"]["name"]: s for s in objs if s["kind"] == "Service"}
+    assert set(services) == {"proctor-agents", "proctor-gateway", "proctor-control"}
+    for svc in services.values():
+        assert svc["spec"]["selector"] == {k: pod_labels[k] for k in svc["spec"]["selector"]}
+        for p in svc["spec"]["ports"]:
+            assert p["targetPort"] in container_ports, (svc["metadata"]["name"], p)
+    assert [p["targetPort"] for p in services["proctor-control"]["spec"]["ports"]] == ["control"]
+    # the ServiceMonitor scrapes /metrics of the control Service's endpoints (every pod)
+    monitor = one(objs, "ServiceMonitor")
+    selected = [n for n, s in services.items() if selects(monitor["spec"]["selector"], s["metadata"]["labels"])]
+    assert selected == ["proctor-control"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in services["proctor-control"]["spec"]["ports"]}
+    # control.public_url names the control Service in the kustomization's namespace, on its port
+    (k,) = docs_of(REPLICAS / "kustomization.yaml")
+    cfg = load_embedded(embedded_config(objs), tmp_path)
+    url = urlsplit(cfg.control.public_url or "")
+    (control_port,) = services["proctor-control"]["spec"]["ports"]
+    assert url.hostname == f"proctor-control.{k['namespace']}.svc.cluster.local"
+    assert url.port == control_port["port"]
+    assert cfg.control.base_url == cfg.control.public_url
+
+
+def test_secrets_are_referenced_not_inlined(tmp_path: Path):
+    objs = objects(REPLICAS)
+    examples = [o for o in objects(REPLICAS, examples=True) if o["kind"] == "Secret"]
+    assert not any(o["kind"] == "Secret" for o in objs), "no Secret is applied with the manifests"
+    # the example Secrets carry placeholders only, and name every key the Deployment reads
+    declared: dict[str, set[str]] = {}
+    for s in examples:
+        values = {**s.get("stringData", {}), **s.get("data", {})}
+        assert all(v.startswith("REPLACE") for v in values.values()), s["metadata"]["name"]
+        declared[s["metadata"]["name"]] = set(values)
+    deployment = one(objs, "Deployment", "proctor")
+    spec = deployment["spec"]["template"]["spec"]
+    c = proctor_container(deployment)
+    from_secrets: dict[str, tuple[str, str]] = {}
+    for e in c["env"]:
+        if "value" in e:
+            assert not re.search(r"URL|DSN|PASSWORD|SECRET|TOKEN|KEY", e["name"]), f"{e['name']} is inlined"
+            continue
+        ref = e["valueFrom"]["secretKeyRef"]
+        assert ref["key"] in declared[ref["name"]], ref
+        from_secrets[e["name"]] = (ref["name"], ref["key"])
+    secret_volumes = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+    for v in secret_volumes.values():
+        assert {i["key"] for i in v["items"]} <= declared[v["secretName"]], v
+    # proctor.yaml reads every secret through those: the DSN by url_env, the CA and issuer key from
+    # the secret volumes, the chain key and the connector's upstream account from the environment
+    cfg = load_embedded(embedded_config(objs), tmp_path)
+    assert cfg.store.url is None and from_secrets[cfg.store.url_env] == ("proctor-store", "url")
+    assert from_secrets[cfg.audit.chain_key_env] == ("proctor-audit", "chain-key")
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert secret_volumes[mounts[str(cfg.ca.cert_file.parent)]]["secretName"] == "proctor-ca"
+    assert secret_volumes[mounts[str(cfg.ca.key_file.parent)]]["secretName"] == "proctor-ca"
+    assert secret_volumes[mounts[str(cfg.dev_issuer.key_file.parent)]]["secretName"] == "proctor-dev-issuer"
+    connectors = one(objs, "ConfigMap", "proctor-connectors")["data"]
+    auth_envs = {ref for text in connectors.values() for ref in re.findall(r"\{env: ([A-Z_]+)\}", text)}
+    assert auth_envs and auth_envs <= set(from_secrets)
+    # and no ConfigMap carries key material or a URL with credentials
+    for cm in (o for o in objs if o["kind"] == "ConfigMap"):
+        for text in walk_strings(cm["data"]):
+            assert "PRIVATE KEY" not in text and "BEGIN CERTIFICATE" not in text, cm["metadata"]["name"]
+            assert not re.search(r"\w+://[^/\s@<>]*:[^/\s@<>]*@", text), cm["metadata"]["name"]
+
+
+# ----------------------------------------------------------- embedded configs
+def test_the_replica_config_loads_with_proctors_loader(tmp_path: Path):
+    cfg = load_embedded(embedded_config(objects(REPLICAS)), tmp_path)
+    assert cfg.store.url_env == "PROCTOR_STORE_URL"
+    assert cfg.ca is not None and cfg.dev_issuer_enabled is False
+    assert cfg.identity is not None and all(i.jwks_url for i in cfg.identity.issuers)
+    assert cfg.state_dir == Path("/var/lib/proctor/state")
+    assert cfg.policies.dir == Path("/etc/proctor/policies") and cfg.connectors_dir == Path("/etc/proctor/connectors")
+    assert cfg.approvals.mode == "async" and cfg.gateway.enabled
+    # the audit sinks are checked at startup, not by the loader: check them here too
+    from proxy.audit.netsinks import build_sink
+
+    for sink in cfg.audit.sinks:
+        build_sink(sink, tmp_path)
+
+
+def test_the_sidecar_config_loads_with_proctors_loader(tmp_path: Path):
+    cfg = load_embedded(embedded_config(objects(SIDECAR)), tmp_path)
+    assert cfg.listen.host == "127.0.0.1"  # only the agent in the pod
+    assert cfg.control.public_url == "http://127.0.0.1:8081" and cfg.dev_issuer_enabled is False
+
+
+def test_the_policy_and_connector_configmaps_compile_together(tmp_path: Path):
+    objs = objects(REPLICAS)
+    cfg_text = embedded_config(objs)
+    for cm, target in (("proctor-policies", "policies"), ("proctor-connectors", "connectors")):
+        d = tmp_path / target
+        d.mkdir()
+        for key, text in one(objs, "ConfigMap", cm)["data"].items():
+            (d / key).write_text(text)
+    cfg_text = cfg_text.replace("/etc/proctor/policies", str(tmp_path / "policies"))
+    cfg_text = cfg_text.replace("/etc/proctor/connectors", str(tmp_path / "connectors"))
+    cfg = load_embedded(cfg_text, tmp_path)
+    manifests = load_manifests(cfg.connectors_dir)
+    assert [m.name for m in manifests] == ["ticketing"]
+    bundle = load_bundle(policy_source(cfg, manifests=manifests))
+    assert bundle.policy_count == 3
+    assert unformatted(cfg.policies.dir) == [], "format the policies with `proctor policy fmt`"
+
+
+# -------------------------------------------------------------- booting a pod
+def ec_key_pem() -> bytes:
+    return ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class Pod:
+    """One container of a manifest's pod, laid out on disk as the kubelet would mount it."""
+
+    def __init__(self, root: Path, objs: list[dict], deployment: dict, secret_values: dict[str, dict[str, bytes]]):
+        self.root = root
+        self.objs = objs
+        self.spec = deployment["spec"]["template"]["spec"]
+        self.secrets = secret_values
+
+    def host(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    def mount(self, container: dict) -> None:
+        volumes = {v["name"]: v for v in self.spec["volumes"]}
+        for m in container.get("volumeMounts", []):
+            target = self.host(m["mountPath"])
+            target.mkdir(parents=True, exist_ok=True)
+            v = volumes[m["name"]]
+            if "configMap" in v:
+                for key, text in one(self.objs, "ConfigMap", v["configMap"]["name"])["data"].items():
+                    (target / key).write_text(text)
+            elif "secret" in v:
+                values = self.secrets.get(v["secret"]["secretName"])
+                if values is None:
+                    assert v["secret"].get("optional"), f"secret {v['secret']['secretName']} is required"
+                    continue
+                for item in v["secret"]["items"]:
+                    f = target / item["path"]
+                    f.write_bytes(values[item["key"]])
+                    f.chmod(v["secret"]["defaultMode"])
+            else:
+                assert "emptyDir" in v, v
+
+    def env(self, container: dict) -> dict[str, str]:
+        out = {}
+        for e in container.get("env", []):
+            if "value" in e:
+                out[e["name"]] = e["value"]
+            else:
+                ref = e["valueFrom"]["secretKeyRef"]
+                out[e["name"]] = self.secrets[ref["name"]][ref["key"]].decode()
+        return out
+
+    def relocate(self, text: str) -> str:
+        """Absolute paths in the pod's file system (at the start of a path) -> this test's directory."""
+        return _POD_PATHS.sub(lambda m: str(self.host(m.group(1))), text)
+
+
+# the mount points the manifests use, where a path starts (not /etc/proctor/ca inside another path)
+_POD_PATHS = re.compile(r"(?<![\w./-])(/etc/proctor|/var/lib/proctor|/ca)(?=/|\b)")
+
+
+@dataclass
+class Booted:
+    pod: Pod
+    control_url: str
+    health: dict
+    log: Path
+
+
+@contextmanager
+def boot(tmp_path: Path, folder: Path, secret_values: dict[str, dict[str, bytes]]) -> Iterator[Booted]:
+    """Mount the Deployment's volumes, run its init containers and its proctor container's args
+    (listeners on free loopback ports, paths moved under tmp_path), wait for /readyz; SIGTERM at exit."""
+    objs = objects(folder)
+    deployment = one(objs, "Deployment")
+    pod = Pod(tmp_path / "pod", objs, deployment, secret_values)
+    container = proctor_container(deployment)
+    for c in [*pod.spec.get("initContainers", []), container]:
+        pod.mount(c)
+    # the config as mounted, with this test's ports and paths
+    cfg_file = next(pod.host(a) for a in container["args"] if a.endswith("proctor.yaml"))
+    raw = yaml.safe_load(cfg_file.read_text())
+    for section in (raw, raw["control"], raw.get("gateway") or {}):
+        if "listen" in section:
+            section["listen"] = {"host": "127.0.0.1", "port": free_port()}
+    cfg_file.write_text(pod.relocate(yaml.safe_dump(raw)))
+    control_url = f"http://127.0.0.1:{raw['control']['listen']['port']}"
+    cli = [sys.executable, "-m", "proxy.cli"]
+    for init in pod.spec.get("initContainers", []):
+        assert init["command"][:2] == ["sh", "-c"] and init["command"][2].startswith("proctor ")
+        command = " ".join(cli) + pod.relocate(init["command"][2].removeprefix("proctor"))
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **pod.env(init)})
+        assert done.returncode == 0, done.stderr
+    log = tmp_path / "proctor.log"
+    proc = subprocess.Popen(
+        [*cli, *(pod.relocate(a) for a in container["args"])],
+        cwd=str(pod.host("/var/lib/proctor")),
+        env={**os.environ, **pod.env(container), "PYTHONUNBUFFERED": "1"},
+        stdout=open(log, "w"), stderr=subprocess.STDOUT,
+    )
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"proctor exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                return httpx.get(f"{control_url}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=60, what="the pod's readiness")
+        health = httpx.get(f"{control_url}/healthz", timeout=5).json()
+        assert health["ready"] is True, health
+        assert "proctor_" in httpx.get(f"{control_url}/metrics", timeout=5).text
+        # the config names where the control API is reached: no loopback guess
+        assert "control.public_url is not set" not in log.read_text()
+        yield Booted(pod, control_url, health, log)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not PG_DSN, reason="PROCTOR_TEST_POSTGRES_DSN not set (CI sets it)")
+def test_a_replica_boots_from_the_manifests(tmp_path: Path):
+    schema = "proctor_deploy_" + uuid.uuid4().hex[:12]
+    sep = "&" if "?" in (PG_DSN or "") else "?"
+    ca = trustme.CA()
+    secret_values = {
+        "proctor-ca": {"tls.crt": ca.cert_pem.bytes(), "tls.key": ca.private_key_pem.bytes()},
+        "proctor-store": {"url": f"{PG_DSN}{sep}schema={schema}".encode()},
+        "proctor-audit": {"chain-key": secrets.token_hex(32).encode()},
+        "proctor-dev-issuer": {"key.pem": ec_key_pem()},
+        "proctor-upstream-ticketing": {"username": b"proctor-svc", "password": secrets.token_hex(12).encode()},
+    }
+    try:
+        with boot(tmp_path, REPLICAS, secret_values) as pod:
+            assert pod.health["components"]["store"]["backend"] == "postgresql"
+            policies = httpx.get(f"{pod.control_url}/v1/policies", timeout=5).json()
+            assert policies["policy_count"] == 3  # the policies ConfigMap, not the bundled set
+    finally:
+        async def drop() -> None:
+            import asyncpg
+
+            conn = await asyncpg.connect(PG_DSN, timeout=10)
+            try:
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await conn.close()
+
+        asyncio.run(drop())
+
+
+@pytest.mark.integration
+def test_the_sidecar_boots_from_the_manifest(tmp_path: Path):
+    with boot(tmp_path, SIDECAR, {}) as pod:
+        exported = pod.pod.host("/ca/ca.pem")  # written by the init container for the agent
+        cfg = load_config(pod.pod.host("/etc/proctor/proctor.yaml"))
+        # the agent trusts the CA this proctor intercepts with
+        assert exported.read_bytes() == (cfg.ca_dir / "mitmproxy-ca-cert.pem").read_bytes()
