@@ -6,7 +6,9 @@ counts in (one ledger per key: per agent, per group, ...), it computes the call'
 estimated cost (static, a request value, or an LLM estimate), reads the window's spend
 and reservations, and puts the tightest into `context.budget` so policies can see it. A
 call that would go over a budget with `on_exceed: refuse` is refused here (429
-`budget-exhausted`, `Retry-After` = when the window renews). Over a budget with
+`budget-exhausted`, `Retry-After` = when the window renews), unless the duplicate-work
+check may answer it from an earlier call (an Idempotency-Key, a dedupe route): then the
+reserve refuses it, after that check, so a retry of a call already charged is replayed. Over a budget with
 `on_exceed: hold`, `context.budget.exceeded` is true and the bundled policy
 `budget-extension` (policies/budgets.cedar, `@approval`) holds the call for a person.
 
@@ -37,6 +39,8 @@ from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation, local
 from typing import Any
 
 from ..approvals.stage import RELEASED
+from ..coordination.dedupe import SAFE_METHODS
+from ..coordination.idempotency import KEY_HEADER as IDEMPOTENCY_KEY
 from ..core.chain import Stage
 from ..core.exchange import Exchange
 from ..core.model import Refusal
@@ -44,7 +48,7 @@ from ..policy.stage import CONTEXT_EXTRA, EVALUATION
 from ..record.model import BUDGET_RECORD
 from ..store.counters import BudgetUsage
 from .budget_events import BudgetEvent, BudgetObserver, NoBudgetObserver
-from .budget_spec import CostSpec, FieldCost, LlmPrices
+from .budget_spec import MAX_AMOUNT, MAX_FRACTION_DIGITS, CostSpec, FieldCost, LlmPrices
 from .budget_table import Budget, BudgetTable, Charge, budget_key
 from .errors import CounterUnavailable
 from .ledger import BudgetLedger
@@ -63,6 +67,7 @@ MAX_RESPONSE_BODY = 8 << 20
 UNAVAILABLE_RETRY_AFTER = 5
 CEDAR_DECIMAL_MAX = Decimal("922337203685477.5807")
 _FOUR = Decimal("0.0001")
+_TWELVE = Decimal(1).scaleb(-MAX_FRACTION_DIGITS)
 _LOG_EVERY_SECONDS = 60.0
 
 
@@ -112,7 +117,10 @@ def _number(value: Any) -> Decimal | None:
     """A non-negative finite number from a Cedar/JSON value (int, decimal extension, numeric text)."""
     if isinstance(value, bool) or value is None:
         return None
-    text = value_text(value) if not isinstance(value, float) else repr(value)
+    if isinstance(value, Decimal):  # (a number of an answer, parsed exactly)
+        text: str | None = str(value)
+    else:
+        text = value_text(value) if not isinstance(value, float) else repr(value)
     if text is None or len(text) > 64:
         return None
     try:
@@ -121,14 +129,19 @@ def _number(value: Any) -> Decimal | None:
         return None
     if not d.is_finite() or d < 0:
         return None
-    return canonical(d)
+    # (request values are typed below this; an answer's cost above it books the most the ledger takes)
+    return canonical(min(d, MAX_AMOUNT))
 
 
 def canonical(d: Decimal) -> Decimal:
-    """Without trailing zeros and without an exponent (45.0 -> 45, 1E+2 -> 100): one spelling per amount."""
-    d = d.normalize()
-    exp = d.as_tuple().exponent
-    return d.quantize(Decimal(1)) if isinstance(exp, int) and exp > 0 else d
+    """Without trailing zeros and without an exponent (45.0 -> 45, 1E+2 -> 100): one spelling per amount.
+    Exact: the default context's 28 digits would round a longer amount (and fail on 1E+40)."""
+    with localcontext() as ctx:
+        ctx.prec = max(60, len(d.as_tuple().digits) + 1)
+        ctx.Emax, ctx.Emin = 999999, -999999
+        d = d.normalize()
+        exp = d.as_tuple().exponent
+        return d.quantize(Decimal(1)) if isinstance(exp, int) and exp > 0 else d
 
 
 def _exact(fn: Callable[[], Decimal]) -> Decimal:
@@ -195,6 +208,15 @@ def estimate_cost(cost: CostSpec, ex: Exchange, prices: LlmPrices | None) -> Dec
     return out
 
 
+def bookable(amount: Decimal) -> Decimal:
+    """An amount an upstream answered, as the ledger can book it: rounded up at the 12th digit after
+    the point (never less than the call cost) and at most MAX_AMOUNT (the ledger refuses more than 60
+    digits; a settle that failed would leave the reservation held until it lapses)."""
+    if amount > MAX_AMOUNT:
+        return MAX_AMOUNT
+    return canonical(_exact(lambda: amount.quantize(_TWELVE, rounding=ROUND_CEILING)))
+
+
 def _dot(doc: Any, path: str) -> Any:
     for step in path.split("."):
         if isinstance(doc, dict):
@@ -215,13 +237,13 @@ def actual_cost(cost: CostSpec, ex: Exchange, prices: LlmPrices | None) -> tuple
         if not body:
             return None, "estimate"
         try:
-            doc = json.loads(body)
+            doc = json.loads(body, parse_float=Decimal)  # (exact: a float would round 0.30000000000000001)
         except (ValueError, RecursionError):
             return None, "estimate"
         v, scale = _number(_dot(doc, cost.response)), cost.scale
         if v is None:
             return None, "estimate"
-        return (_exact(lambda: v * scale) if scale is not None else v), "response"
+        return bookable(_exact(lambda: v * scale) if scale is not None else v), "response"
     if cost.kind == "llm":
         from .llm_cost import llm_actual, llm_model
 
@@ -416,7 +438,10 @@ class BudgetCheck(Stage):
                         c.outcome = "shadow_exhausted"
                     elif b.on_exceed == "refuse":
                         c.outcome = "exhausted"
-                        refusal = exhausted_refusal(c, identity.agent_id, now)
+                        if not _may_be_replayed(ex):
+                            refusal = exhausted_refusal(c, identity.agent_id, now)
+                        # (else the reserve refuses it, after the duplicate-work check: a retry of a call
+                        # that was already charged is answered from its replay, not refused for its own spend)
                     else:
                         c.outcome = "held"  # (until the policy holds it, or an approval releases it)
             if refusal is not None:
@@ -447,6 +472,15 @@ class BudgetCheck(Stage):
             if c.outcome == "held" and c.reservation is None and c.usage is not None:
                 self.report.observer.checked(c.budget.name, "held")
                 self.report.event("exhausted", c, ex, "held", c.usage.spent, c.usage.reserved)
+
+
+def _may_be_replayed(ex: Exchange) -> bool:
+    """Can the duplicate-work check (after authorize) answer this call from an earlier one's
+    replay: a write with an Idempotency-Key, or a write on a route with a dedupe window?"""
+    req, cls = ex.request, ex.classification
+    if req is None or req.method.upper() in SAFE_METHODS:
+        return False
+    return IDEMPOTENCY_KEY in req.headers or getattr(getattr(cls, "spec", None), "dedupe", None) is not None
 
 
 def _extension_approved(ex: Exchange) -> bool:
@@ -503,7 +537,8 @@ class BudgetReserve(Stage):
                     refusal = unavailable_refusal(b, e.backend)
                     break
                 continue
-            raced = c.outcome != "held"  # (it fitted when checked: others reserved the rest meanwhile)
+            # (it fitted when checked: others reserved the rest meanwhile)
+            raced = c.outcome not in ("held", "exhausted")
             if r.placed:
                 c.reservation = rid
             before = r.spent + r.reserved - (c.estimate if r.placed else Decimal(0))
