@@ -319,6 +319,7 @@ def test_the_replica_config_loads_with_proctors_loader(tmp_path: Path):
     assert cfg.state_dir == Path("/var/lib/proctor/state")
     assert cfg.policies.dir == Path("/etc/proctor/policies") and cfg.connectors_dir == Path("/etc/proctor/connectors")
     assert cfg.approvals.mode == "async" and cfg.gateway.enabled
+    assert cfg.policies.source == "store"  # one policy set for the fleet; the ConfigMap seeds it
     # the audit sinks are checked at startup, not by the loader: check them here too
     from proxy.audit.netsinks import build_sink
 
@@ -492,6 +493,10 @@ def test_a_replica_boots_from_the_manifests(tmp_path: Path):
             assert pod.health["components"]["store"]["backend"] == "postgresql"
             policies = httpx.get(f"{pod.control_url}/v1/policies", timeout=5).json()
             assert policies["policy_count"] == 3  # the policies ConfigMap, not the bundled set
+            # the fleet follows the store: this first replica seeded it from the ConfigMap
+            fleet = policies["fleet"]
+            assert fleet["source"] == "store" and fleet["active_revision"] == policies["active_revision"]
+            assert fleet["disagreeing"] == []
     finally:
         async def drop() -> None:
             import asyncpg
