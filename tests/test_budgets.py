@@ -339,7 +339,7 @@ def test_an_agent_that_hangs_up_leaves_no_reservation_behind(billing, idp, tmp_p
         def reserved() -> str | None:
             doc = httpx.get(f"{p.control_url}/v1/budgets/stuck-budget", headers={"Authorization": f"Bearer {operator}"},
                             timeout=10).json()
-            ledgers = doc.get("ledgers") or []
+            ledgers = doc["budget"]["ledgers"]
             return ledgers[0]["reserved"] if ledgers else None
 
         wait_for(lambda: any(d.get("budget", {}).get("result") for d in p.decisions()), timeout=15,

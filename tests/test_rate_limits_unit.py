@@ -400,10 +400,11 @@ def test_a_token_with_many_groups_costs_a_bounded_number_of_counters() -> None:
     table = build_table([limit(name="team", key=["group"], limit=5, period=60)], [manifest()])
     stage = RateLimit(table, Counting(MemoryCounterStore()), lambda i: list(i.claims.get("groups", [])), clock=Clock())
     groups = [f"g{i:04d}" for i in range(1000)]
-    ex = run(stage, _ex(groups=groups))
-    assert ex.allowed and Counting.hits == 32
-    # the same 32 every time (sorted), so the bound is no way around a group's counter
-    assert run(stage, _ex(agent="x", groups=["g0000"])).stage_data[RATE_LIMIT_RECORD]["remaining"] == 3
+    ex = run(stage, _ex(groups=groups))  # more than MAX_GROUP_KEYS: refused before any counter is touched
+    assert ex.refusal is not None and ex.refusal.status == 403 and Counting.hits == 0
+    ex = run(stage, _ex(groups=groups[:40]))  # every group counted: none escapes its counter
+    assert ex.allowed and Counting.hits == 40
+    assert run(stage, _ex(agent="x", groups=["g0039"])).stage_data[RATE_LIMIT_RECORD]["remaining"] == 3
 
 
 def test_counters_down_fail_closed_or_open() -> None:
@@ -463,3 +464,15 @@ def test_the_record_line_carries_the_rate_limit_part() -> None:
     event = to_ocsf(back)
     assert event["unmapped"]["proctor"]["rate_limit"]["name"] == "per-agent"
     assert event["api"]["response"]["error"] == "rate-limited"
+
+
+def test_an_agent_in_more_groups_than_counted_is_refused_not_partly_counted() -> None:
+    from proxy.limits.stage import MAX_GROUP_KEYS
+
+    clock = Clock()
+    stage = _stage([limit(key=["group"], limit=100, match={"connectors": ["svc"]})], clock)
+    many = [f"g{i:03d}" for i in range(MAX_GROUP_KEYS)]
+    assert run(stage, _ex(groups=many)).allowed  # exactly the bound: counted against each
+    over = run(stage, _ex(groups=many + ["zzz"]))
+    assert over.refusal is not None and over.refusal.status == 403 and over.refusal.title == "Too many groups"
+    assert str(MAX_GROUP_KEYS) in over.refusal.detail

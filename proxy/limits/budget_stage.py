@@ -52,7 +52,8 @@ from .budget_spec import MAX_AMOUNT, MAX_FRACTION_DIGITS, CostSpec, FieldCost, L
 from .budget_table import Budget, BudgetTable, Charge, budget_key
 from .errors import CounterUnavailable
 from .ledger import BudgetLedger
-from .stage import GroupsOf, PeriodicSweep, digest, key_combos, value_text
+from .stage import (GroupsOf, PeriodicSweep, TooManyGroups, digest, key_combos, too_many_groups_refusal,
+                    value_text)
 from .windows import Window, utc_iso, window_for
 
 log = logging.getLogger("proctor.limits")
@@ -417,7 +418,12 @@ class BudgetCheck(Stage):
                     break
                 estimate = Decimal(0)  # (a shadow budget never refuses: it counts this call as free)
             window = window_for(now, b.period, b.timezone)
-            for combo, shown in key_combos(b.key, ex, self.groups_of):
+            try:
+                combos = list(key_combos(b.key, ex, self.groups_of))
+            except TooManyGroups as e:
+                refusal = too_many_groups_refusal(f"budget '{b.name}'", identity.agent_id, e.args[0])
+                break
+            for combo, shown in combos:
                 key = budget_key(b.name, b.key, combo)
                 try:
                     usage: BudgetUsage | None = await self.ledger.usage(key, window.id, now)

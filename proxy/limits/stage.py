@@ -52,7 +52,21 @@ _RANK = {"throttled": 0, "shadow_throttled": 1, "allowed": 2, "unavailable": 3}
 _RECORD_RANK = {"throttled": 0, "shadow_throttled": 1, "unavailable": 2, "allowed": 3}
 # Key dimensions whose values are named in a 429 as they are; request and token values are shown digested.
 PLAIN_DIMENSIONS = frozenset({"agent", "group", "connector", "action", "resource", "workflow"})
-MAX_GROUP_KEYS = 32  # a limit keyed on `group` counts at most this many of the agent's groups (sorted)
+# A limit or budget keyed on `group` counts the request against every one of the agent's groups;
+# an agent in more groups than this is refused (fail closed: counting only some would let a group's
+# limit miss it, and each group is one counter operation per request).
+MAX_GROUP_KEYS = 256
+
+
+class TooManyGroups(Exception):
+    """The agent is in more groups than a group-keyed limit counts (MAX_GROUP_KEYS)."""
+
+
+def too_many_groups_refusal(what: str, agent: str, count: int) -> Refusal:
+    return Refusal(
+        403, "Too many groups", f"{what} is counted per agent group, and {agent} is in {count} groups, more than "
+        f"the {MAX_GROUP_KEYS} Proctor counts per request; this request was not forwarded. Issue the agent a token "
+        "with fewer groups.", reasons=[], kind="request")
 UNAVAILABLE_RETRY_AFTER = 5
 _LOG_EVERY_SECONDS = 60.0
 
@@ -132,7 +146,9 @@ def dimension_values(dim: str, ex: Exchange, groups_of: GroupsOf) -> list[str | 
     if dim == "agent":
         return [identity.agent_id]
     if dim == "group":
-        groups = sorted(set(groups_of(identity)))[:MAX_GROUP_KEYS]
+        groups = sorted(set(groups_of(identity)))
+        if len(groups) > MAX_GROUP_KEYS:
+            raise TooManyGroups(len(groups))
         return list(groups) or [None]
     if dim == "connector":
         return [cls.connector]
@@ -344,7 +360,12 @@ class RateLimit(Stage):
         checked: list[Checked] = []
         refusal: Refusal | None = None
         for lim in limits:
-            for key, shown in self.keys(lim, ex):
+            try:
+                keys = list(self.keys(lim, ex))
+            except TooManyGroups as e:
+                refusal = too_many_groups_refusal(f"rate limit '{lim.name}'", identity.agent_id, e.args[0])
+                break
+            for key, shown in keys:
                 try:
                     d = await self.counters.hit(key, lim.gcra.limit, lim.gcra.period_seconds, now, 1,
                                                 lim.gcra.burst)
@@ -366,8 +387,9 @@ class RateLimit(Stage):
                     break
             if refusal is not None:
                 break
-        ex.stage_data[RATE_LIMIT_RECORD] = record_part(checked)
-        ex.plan.response_headers.update(header_fields(checked))
+        if checked:
+            ex.stage_data[RATE_LIMIT_RECORD] = record_part(checked)
+            ex.plan.response_headers.update(header_fields(checked))
         if refusal is not None:
             ex.refuse(refusal)
             return
