@@ -304,6 +304,14 @@ class StoreConfig(Strict):
 
     url: str | None = None  # default: sqlite:///<state_dir>/proctor.db
     url_env: str | None = None
+    # Partitions (docs/governance.md): past this long without an answer from the store
+    # every request is refused 503 and /readyz is 503, rather than serving on a kill
+    # switch and approvals that may be out of date. Checks run every second.
+    staleness_seconds: float = Field(10.0, ge=1, le=300)
+    # PostgreSQL: each query's limit, and connecting (default: the URL's connect_timeout,
+    # else 5 s). Taking a pooled connection is bounded by their sum.
+    command_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    connect_timeout_seconds: float | None = Field(None, gt=0, le=120)
 
     @model_validator(mode="after")
     def _one(self) -> "StoreConfig":

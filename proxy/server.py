@@ -109,7 +109,9 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     shadow = None
     if config.policies.shadow_dir is not None:
         shadow = ShadowPolicies(policy_source(config, config.policies.shadow_dir, manifests=manifests))
-    store = open_store(config.store_url)
+    store = open_store(config.store_url, staleness_seconds=config.store.staleness_seconds,
+                       command_timeout=config.store.command_timeout_seconds,
+                       connect_timeout=config.store.connect_timeout_seconds)
     rate_limits = build_rate_limits(config, manifests, workflows.actions, store)
     budgets = build_budgets(config, manifests, workflows.actions, store,
                             rate_limits.counters if rate_limits is not None else None)

@@ -50,8 +50,12 @@ __all__ = [
 _USAGE = "expected sqlite:///ABSOLUTE/PATH.db, sqlite:///:memory: or postgresql://USER@HOST:PORT/DATABASE"
 
 
-def open_store(url: str) -> Store:
-    """The store for `url`, not yet opened (`await store.open()`). ValueError on a bad URL."""
+def open_store(url: str, *, staleness_seconds: float | None = None, command_timeout: float | None = None,
+               connect_timeout: float | None = None) -> Store:
+    """The store for `url`, not yet opened (`await store.open()`). ValueError on a bad URL.
+
+    The timeouts apply to PostgreSQL (None: the backend's defaults); `staleness_seconds`
+    to every backend (Store.stale)."""
     if not isinstance(url, str) or not url.strip():
         raise ValueError(f"empty state store URL: {_USAGE}")
     url = url.strip()
@@ -67,11 +71,17 @@ def open_store(url: str) -> Store:
             raise ValueError(f"SQLite state store URL {url!r} names no file: {_USAGE}")
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(path)
+        lite = SQLiteStore(path)
+        if staleness_seconds is not None:
+            lite.staleness_seconds = staleness_seconds
+        return lite
     if scheme in ("postgresql", "postgres"):
         from .postgres import PostgresStore
 
-        return PostgresStore(url)
+        pg = PostgresStore(url, staleness_seconds=staleness_seconds, connect_timeout=connect_timeout)
+        if command_timeout is not None:
+            pg.command_timeout = command_timeout
+        return pg
     # Never echo the URL itself here: it may carry a password.
     shown = f"scheme {scheme!r}" if scheme else "a URL without a scheme"
     raise ValueError(f"unsupported state store URL ({shown}): {_USAGE}")

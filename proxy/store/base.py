@@ -60,6 +60,12 @@ class StoreIdentity:
     created_at: float
 
 
+def _consume(task: "asyncio.Future[None]") -> None:
+    """Fetch a detached check's outcome (check() reads it when it waits on it again)."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Store(abc.ABC):
     """Async, engine-agnostic state store. Construct, then `await open()` before use."""
 
@@ -69,6 +75,11 @@ class Store(abc.ABC):
     _down: str | None = None  # why the last check failed (cleared by the next good one)
     last_check: float | None = None  # epoch seconds of the last check()
     check_timeout: float = 5.0
+    # Partitions (docs/governance.md "Partitions"): past this long without a good check the
+    # store is a problem (requests refused, /readyz 503) even if no check has failed yet.
+    staleness_seconds: float = 10.0
+    _last_ok: float | None = None  # time.monotonic() of the last good check
+    _checking: "asyncio.Future[None] | None" = None  # a check still waiting for the store
 
     # ---- lifecycle -------------------------------------------------------
     @abc.abstractmethod
@@ -99,7 +110,20 @@ class Store(abc.ABC):
     @property
     def problem(self) -> str | None:
         """Why the store cannot be trusted right now (None: it can). Cheap; read per request."""
-        return self._lost or self._down
+        return self._lost or self._down or self.stale
+
+    @property
+    def stale(self) -> str | None:
+        """Set once the last good check is older than `staleness_seconds`: whatever this process
+        holds from the store (the suspension set above all) may no longer be what it says, and
+        a check that hangs must not let the process go on serving on it."""
+        if self._last_ok is None:
+            return None
+        age = time.monotonic() - self._last_ok
+        if age <= self.staleness_seconds:
+            return None
+        return (f"no answer from the state store {self.location} for {age:.1f} s "
+                f"(store.staleness_seconds: {self.staleness_seconds:g})")
 
     def mark_lost(self, reason: str) -> None:
         if self._lost is None:
@@ -115,26 +139,47 @@ class Store(abc.ABC):
             raise StoreLostError(f"state store lost: {self._lost}")
 
     async def check(self) -> None:
-        """Verify the store is reachable and still the one opened; updates `problem`. Never raises."""
+        """Verify the store is reachable and still the one opened; updates `problem`. Never raises.
+
+        Returns within min(check_timeout, staleness_seconds) whatever the store does. A check
+        that gets no answer is not awaited to its end: on a network that drops packets a
+        cancelled asyncpg query waits for its cancel request (up to the command timeout), and
+        wait_for would wait with it. It finishes on its own; the next check waits on it again
+        rather than piling up another."""
         if self._lost is not None:
             return
-        try:
-            await asyncio.wait_for(self._verify(), self.check_timeout)
-        except StoreLostError as e:
+        task = self._checking
+        if task is None or task.done():
+            task = self._checking = asyncio.ensure_future(self._verify())
+            task.add_done_callback(_consume)
+        deadline = min(self.check_timeout, self.staleness_seconds)
+        done, _ = await asyncio.wait({task}, timeout=deadline)
+        e: BaseException | None
+        if not done:
+            e = asyncio.TimeoutError()
+            self._unanswered()
+        else:
+            self._checking = None
+            e = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if isinstance(e, StoreLostError):
             self.mark_lost(str(e))
-        except Exception as e:  # noqa: BLE001 - any failure means: not usable right now
-            if isinstance(e, asyncio.TimeoutError):
-                reason = f"the state store did not answer a check within {self.check_timeout:g} s"
+        elif e is not None:  # any failure means: not usable right now
+            if isinstance(e, (asyncio.TimeoutError, asyncio.CancelledError)):
+                reason = f"the state store {self.location} did not answer a check within {deadline:g} s"
             else:
                 reason = str(e) if isinstance(e, StoreError) else f"{type(e).__name__}: {e}"
             if self._down is None:
                 log.error("state store unavailable: %s", reason)
             self._down = reason
         else:
-            if self._down is not None:
+            if self._down is not None or self.stale is not None:
                 log.warning("state store reachable again")
             self._down = None
+            self._last_ok = time.monotonic()
         self.last_check = time.time()
+
+    def _unanswered(self) -> None:  # noqa: B027 - optional hook: nothing to end by default
+        """A check got no answer in time: end calls still waiting on the store (PostgreSQL)."""
 
     @abc.abstractmethod
     async def _verify(self) -> None:

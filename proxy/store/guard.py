@@ -11,7 +11,10 @@ is let back in) and no approvals. So:
 - **While running** `watch_store` checks the store once a second
   (`Store.check`): a SQLite file deleted or replaced, a PostgreSQL schema
   dropped or swapped, marks it lost (requests fail closed, `/readyz` 503); an
-  unreachable store marks it down until it answers again.
+  unreachable store marks it down until it answers again. Each check returns
+  within its deadline even on a network that drops packets (Store.check), and
+  a store without a good check for `store.staleness_seconds` counts as down
+  whatever the checks are doing (Store.stale; docs/governance.md "Partitions").
 """
 
 from __future__ import annotations

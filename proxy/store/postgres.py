@@ -15,6 +15,7 @@ acknowledged one survives a server crash.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -51,6 +52,7 @@ from .base import (
     revision_from_row,
     suspension_from_row,
 )
+from .pg_bounds import BoundedPool, InFlight, gate, socket_tuner
 from .idempotency import (IDEMPOTENCY_COLUMNS, IDEMPOTENCY_LIST_SELECT, IDEMPOTENCY_SELECT, SCOPE_PREFIXES,
                           IdempotencyEntry, entry_from_row, entry_params)
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
@@ -66,6 +68,7 @@ from .counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, Re
 from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, ReplicaBeat, Suspension
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+log = logging.getLogger("proctor.store")
 # pg_advisory_xact_lock(int4, int4): this constant + hashtext(schema name).
 _MIGRATION_LOCK = 0x50524F43  # "PROC"
 
@@ -416,7 +419,8 @@ class PostgresStore(Store):
         min_size: int = 1,
         max_size: int = 10,
         connect_timeout: float | None = None,
-        command_timeout: float | None = 30.0,
+        command_timeout: float = 10.0,
+        staleness_seconds: float | None = None,
     ) -> None:
         self._dsn, extra = _split_dsn(dsn)
         schema = schema if schema is not None else extra.get("schema", "public")
@@ -424,14 +428,17 @@ class PostgresStore(Store):
             raise ValueError(f"PostgreSQL schema name must match {_SCHEMA_RE.pattern}, got {schema!r}")
         if connect_timeout is None:
             try:
-                connect_timeout = float(extra.get("connect_timeout", 10.0))
+                connect_timeout = float(extra.get("connect_timeout", 5.0))
             except ValueError:
                 raise ValueError("connect_timeout in the PostgreSQL URL must be a number of seconds") from None
         self.schema = schema
         self.min_size = min_size
         self.max_size = max_size
         self.connect_timeout = connect_timeout
+        if staleness_seconds is not None:
+            self.staleness_seconds = staleness_seconds
         self.command_timeout = command_timeout
+        self._inflight = InFlight()
         self._pool: asyncpg.Pool | None = None
 
     def __repr__(self) -> str:  # never shows the DSN: it may hold a password
@@ -458,6 +465,8 @@ class PostgresStore(Store):
                 max_size=self.max_size,
                 timeout=self.connect_timeout,
                 command_timeout=self.command_timeout,
+                # keepalives and TCP_USER_TIMEOUT: a silent network noticed by the kernel too (pg_bounds)
+                init=socket_tuner(self.command_timeout, self.staleness_seconds),
                 server_settings={"search_path": self.schema, "application_name": "proctor"},
             )
             try:
@@ -494,7 +503,8 @@ class PostgresStore(Store):
                 )
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 for stmt in _MIGRATIONS[version]:
-                    await conn.execute(stmt)
+                    # not the command timeout: an index on a big table may take minutes, once
+                    await conn.execute(stmt, timeout=max(self.command_timeout, 600.0))
                 await conn.execute(
                     "INSERT INTO proctor_schema_version (version, applied_at) VALUES ($1, $2)", version, time.time()
                 )
@@ -517,7 +527,7 @@ class PostgresStore(Store):
 
     # ---- health ------------------------------------------------------------
     async def _verify(self) -> None:
-        pool = self._p()
+        pool = self._p(gated=False)  # the check is how a store in trouble is found again
         try:
             row = await pool.fetchrow(_SELECT_IDENTITY, timeout=self.check_timeout)
         except asyncpg.UndefinedTableError:
@@ -527,11 +537,20 @@ class PostgresStore(Store):
         self._check_identity(None if row is None else str(row[0]))
 
     # ---- plumbing --------------------------------------------------------
-    def _p(self) -> asyncpg.Pool:
+    def _p(self, gated: bool = True) -> BoundedPool:
+        """The pool, every call bounded in time; StoreError at once while the store is in
+        trouble (down, stale or lost) rather than another call hanging on it (pg_bounds)."""
         if self._pool is None:
             raise StoreError("state store is not open")
         self._raise_if_lost()
-        return self._pool
+        if gated:
+            gate(self.problem)
+        return BoundedPool(self._pool, self.connect_timeout + self.command_timeout, self._inflight)
+
+    def _unanswered(self) -> None:
+        aborted = self._inflight.abort()
+        if aborted:
+            log.warning("closed %d state store connection(s) waiting on a store that does not answer", aborted)
 
     async def _fetch(self, op: str, sql: str, *args: Any) -> list[Any]:
         pool = self._p()
