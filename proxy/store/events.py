@@ -103,10 +103,8 @@ class StoreEvents:
         conn, self._conn = self._conn, None
         self.connected = False
         if conn is not None:
-            try:
-                await asyncio.wait_for(conn.close(), 2)
-            except Exception:  # noqa: BLE001 - a dead connection
-                conn.terminate()
+            # (terminate, not close: a close waits for the server, which may be the thing that is gone)
+            conn.terminate()
 
     async def _listen(self) -> None:
         channels = {channel_name(self.store.schema, t): t for t in TOPICS}
