@@ -480,6 +480,15 @@ class ControlConfig(Strict):
         return control_base_url(self.listen.host, self.listen.port, self.public_url)[0]
 
 
+class ShutdownConfig(Strict):
+    """Graceful shutdown on SIGTERM / SIGINT (proxy/shutdown.py, docs/configuration.md)."""
+
+    # From the first signal: requests already decided or forwarded have this long to
+    # finish (held ones are answered at once); then what is still open is cut. Keep
+    # it below the orchestrator's kill deadline (Kubernetes terminationGracePeriodSeconds).
+    grace_seconds: float = Field(20.0, ge=1, le=3600)
+
+
 class AgentRegistration(Strict):
     """A pre-registered agent (the registry also records every agent it sees)."""
 
@@ -522,6 +531,7 @@ class ProctorConfig(Strict):
     # Budgets (spend per calendar window, docs/limits.md "Budgets") and LLM token prices.
     budgets: list[BudgetSpec] = Field(default_factory=list)
     llm_prices: LlmPrices | None = None
+    shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
 
     @field_validator("rate_limits")
     @classmethod

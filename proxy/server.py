@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import signal
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -39,6 +38,7 @@ from .engine.gateway import GatewayRouter
 from .engine.gateway_tls import ListenerCertificates
 from .engine.listeners import ListenerWatch
 from .engine.mitm import ProctorAddon
+from .engine.mitm_drain import MitmDrain
 from .identity.stage import Authenticator
 from .limits.budget_setup import Budgets, build_budgets
 from .limits.setup import RateLimits, build_rate_limits
@@ -56,6 +56,7 @@ from .store import Store, StoreError, open_store
 from .store.guard import MARKER_NAME, open_verified, watch_store
 from .policy.shadow import ShadowPolicies
 from .record.decisions import DecisionRecorder
+from .shutdown import Shutdown, drain, install_signal_handlers
 
 log = logging.getLogger("proctor")
 
@@ -86,6 +87,7 @@ class ProctorRuntime:
     workflows: Workflows = field(default_factory=Workflows)
     rate_limits: RateLimits | None = None  # declared rate limits and their counters (docs/limits.md)
     budgets: Budgets | None = None  # declared budgets and their ledger (docs/limits.md, "Budgets")
+    shutdown: Shutdown | None = None  # SIGTERM: drain, then stop (proxy/shutdown.py; set by build_runtime)
 
     def stats(self) -> dict[str, int]:
         """The engine's request counters (GET /v1/stats)."""
@@ -178,6 +180,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         approvals, notifier, governance, audit, tracing=tracing, workflows=workflows, rate_limits=rate_limits,
         budgets=budgets,
     )
+    runtime.shutdown = Shutdown(config.shutdown.grace_seconds)
     if approvals is not None:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
     metrics.add_collector(lambda: runtime_families(runtime))
@@ -325,12 +328,14 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
                 f"(control API): {e}"
             ) from None
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, master.shutdown)
-        except (NotImplementedError, RuntimeError):
-            pass
+    # The first SIGTERM/SIGINT drains (within shutdown.grace_seconds), then stops the engine;
+    # a second one exits at once (proxy/shutdown.py).
+    shutdown = runtime.shutdown or Shutdown(config.shutdown.grace_seconds)
+    install_signal_handlers(asyncio.get_running_loop(), shutdown)
+    draining = asyncio.create_task(drain(
+        shutdown, [MitmDrain(master, runtime.addon), *([gateway] if gateway is not None else [])],
+        runtime.approvals.release_held if runtime.approvals is not None else None, master.shutdown,
+    ))
 
     watcher = asyncio.create_task(_watch_policies(runtime))
     governance_task = asyncio.create_task(runtime.governance.run())
@@ -372,6 +377,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
                 pass  # reported by the listener watch once mitmproxy has bound its own: exit non-zero
         await master.run()
     finally:
+        draining.cancel()  # (done already after a signal; the engine may have stopped on its own)
         if gateway is not None:
             await gateway.close()  # requests in flight finish (bounded) and are recorded
         try:

@@ -252,6 +252,9 @@ class ApprovalService:
         self.on_settled: Callable[[str, float], None] | None = None  # (state, seconds since requested)
         # Stop waiting early for a held request this returns True for (kill switch).
         self.interrupt: Callable[[Approval], bool] | None = None
+        # Shutting down (proxy/shutdown.py): held requests stop waiting and are answered 503
+        # with their status URL; their approvals stay pending for the agent's retry.
+        self.draining = False
         self.extra_secret_headers: frozenset[str] = frozenset()
         self.replaced_by_connector: dict[str, frozenset[str]] = {}
         self.redact: Any = None  # the audit Redactor: applied to the headers and JSON body shown to approvers
@@ -330,6 +333,14 @@ class ApprovalService:
     def wake_all(self) -> None:
         """Wake every held request on this process (they re-check suspensions)."""
         self.sweep(poll_store=True)
+
+    def release_held(self) -> int:
+        """Shutdown: every request held open on this process stops waiting now (and any
+        held later does not wait); how many were waiting."""
+        self.draining = True
+        waiting = self.waiting
+        self.sweep(poll_store=True)
+        return waiting
 
     @property
     def waiting(self) -> int:
@@ -411,7 +422,7 @@ class ApprovalService:
         waiters.add(waiter)
         try:
             current = approval
-            while current.state == "pending":
+            while current.state == "pending" and not self.draining:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

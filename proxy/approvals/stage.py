@@ -59,6 +59,21 @@ def _held(approvals: ApprovalService, config: ApprovalsConfig, approval: Any, st
     )
 
 
+def _handed_over(approvals: ApprovalService, config: ApprovalsConfig, approval: Any) -> Refusal:
+    """A request held open when this process began shutting down: answered now (503, the
+    status URL in Location), not forwarded; its approval stays pending in the store, and
+    once approved the agent's retry is released by it on any replica."""
+    refusal = _held(approvals, config, approval, 503, "Proctor is shutting down")
+    groups = ", ".join(f"{g} ({n})" if n > 1 else g for g, n in approval.groups.items())
+    refusal.detail = (
+        f"this request is waiting for approval by {groups} and was not forwarded; this Proctor process is "
+        f"shutting down, so it answers now. The approval stays pending: retry the same request after "
+        f"{config.retry_after_seconds} s (any replica takes it), or poll the status URL; once approved, "
+        "the retry goes through"
+    )
+    return refusal
+
+
 def _settled_refusal(approval: Any) -> Refusal | None:
     """The answer for an approval that is no longer pending and cannot release this request
     (denied, expired, already used); None when it is approved."""
@@ -164,6 +179,9 @@ class HoldForApproval(Stage):
                     ex.settle_pending(refusal)
                     return
         if approval.state == "pending":
+            if approvals.draining:  # shutting down: answered now, the approval stays pending
+                ex.settle_pending(_handed_over(approvals, self.config, approval))
+                return
             ex.settle_pending(_held(approvals, self.config, approval, 403, "Approval pending"))
             return
         refusal = _settled_refusal(approval)

@@ -2,7 +2,9 @@
 
 Ready means every part a request needs is up:
 
-- **listeners**: every agent-facing listener (forward proxy, gateway) is bound;
+- **listeners**: every agent-facing listener (forward proxy, gateway) is bound, and
+  Proctor is not shutting down (from the first SIGTERM on, /readyz is 503 at once so
+  load balancers stop sending: proxy/shutdown.py);
 - **store**: open, still the store it opened, answering its checks, and the
   kill switch's suspension set read from it since any trouble;
 - **policies**: a policy set is loaded (a rejected reload keeps the last good
@@ -46,6 +48,11 @@ def listeners_component(runtime: "ProctorRuntime") -> Component:
     if watch is None:
         return Component("down", {"listeners": []}, ["the proxy engine is not running"])
     states = watch.states()
+    shutdown = runtime.shutdown
+    if shutdown is not None and shutdown.draining:
+        return Component("down", {"listeners": [s.as_dict() for s in states], "shutting_down": True},
+                         [f"shutting down: new requests are refused; open ones have "
+                          f"{shutdown.remaining():.1f} s left to finish"])
     reasons = [f"listener {s.name} ({s.address}) is not listening: {s.error}" for s in states if not s.up]
     if not runtime.addon.running_event_seen and not reasons:
         reasons.append("the proxy engine is not running yet")

@@ -55,12 +55,13 @@ from yarl import URL
 
 from ..config import RequestLimits, UpstreamConfig
 from ..core.chain import Chain, internal_error_refusal
-from ..core.exchange import Exchange, ResponseSummary
+from ..core.exchange import Exchange, ResponseSummary, refused_exchange
 from ..core.model import AgentRequest
 from ..core.headers import PROCTOR_RESPONSE_HEADERS, flatten_headers
 from ..core.net import normalise_ip
 from ..core.problem import DECISION_HEADER, PROBLEM_CONTENT_TYPE, refusal_answer
 from ..logredact import redact
+from ..shutdown import CUT_AT_SHUTDOWN, shutting_down_refusal
 from .bodylimits import BodyBudget, BodyGuard, body_refusal
 from .gateway import GatewayRouter
 from .gateway_tls import ListenerCertificates
@@ -81,6 +82,9 @@ HOP_BY_HOP = frozenset(
 # The client library adds none of these by itself: the upstream gets what was decided.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 SHUTDOWN_GRACE_SECONDS = 5.0
+# After a drain (proxy/shutdown.py) every connection is closed already: handlers still
+# running (cut at the end of the grace period) get this long before they are cancelled.
+AFTER_DRAIN_SECONDS = 1.0
 
 
 # --------------------------------------------------------------------- helpers
@@ -360,6 +364,10 @@ class AiohttpGateway:
         self._accepting: list[asyncio.Task[None]] = []
         self._adopting: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        # Shutting down (proxy/shutdown.py): new requests are answered 503, answers close their connection.
+        self.draining = False
+        self._drained = False  # the drain closed every client connection
+        self._progress: dict[int, _Progress] = {}  # id(request) -> how far it got (for the drain's log)
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=upstream.connect_timeout_seconds, sock_read=upstream.read_timeout_seconds
         )
@@ -412,8 +420,7 @@ class AiohttpGateway:
         )
         log.debug("aiohttp gateway listening on %s", self.address)
 
-    async def close(self) -> None:
-        """Stop listening, let requests in flight finish (bounded), close the upstream pool."""
+    async def _stop_listening(self) -> None:
         for task in [*self._accepting, *self._adopting]:
             task.cancel()
         await asyncio.gather(*self._accepting, *self._adopting, return_exceptions=True)
@@ -421,14 +428,66 @@ class AiohttpGateway:
         for sock in self._sockets:
             sock.close()
         self._sockets = []
+
+    async def close(self) -> None:
+        """Stop listening, let requests in flight finish (bounded), close the upstream pool."""
+        await self._stop_listening()
         if self._server is not None:
             try:
-                await self._server.shutdown(SHUTDOWN_GRACE_SECONDS)
+                await self._server.shutdown(AFTER_DRAIN_SECONDS if self._drained else SHUTDOWN_GRACE_SECONDS)
             except Exception:
                 log.exception("closing the gateway's client connections failed")
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    # -- draining (proxy/shutdown.Drainable) --------------------------------------------
+    async def stop_accepting(self) -> None:
+        """New connections are refused (the listening sockets are closed, connections not yet
+        speaking HTTP dropped); a request on a connection still open is answered 503."""
+        self.draining = True
+        await self._stop_listening()
+
+    def open_requests(self) -> list[str]:
+        server = self._server
+        if server is None:
+            return []
+        out = []
+        for proto in server.connections:
+            # (_request_in_progress: the handler runs or its answer is being written)
+            if isinstance(proto, _GatewayProtocol) and (proto._request_in_progress or proto._messages):
+                out.append(self._describe_open(proto))
+        return out
+
+    def _describe_open(self, proto: _GatewayProtocol) -> str:
+        request = proto._current_request
+        if request is None:
+            return "an answer being written"
+        progress = self._progress.get(id(request))
+        ex = progress.exchange if progress is not None else None
+        decision = ex.decision_id if ex is not None else "undecided"
+        return f"{decision} {request.method} {request.path} (gateway)"
+
+    async def cut(self) -> None:
+        """Close every client connection (idle keep-alive ones, and what the grace period cut)."""
+        self._drained = True
+        server = self._server
+        if server is None:
+            return
+        for proto in list(server.connections):
+            proto.force_close()
+
+    async def _refuse_draining(self, request: web.BaseRequest, progress: _Progress) -> web.StreamResponse:
+        """A request on an open connection while shutting down: 503, recorded, never forwarded."""
+        ex = progress.exchange = refused_exchange(
+            shutting_down_refusal(), self._unrouted(request, self._agent_request(request, b"")))
+        declared: int | None = 0
+        if request._message.chunked:
+            declared = None
+        elif (cl := request.headers.get(hdrs.CONTENT_LENGTH)) is not None:
+            declared = int(cl)  # the parser accepted it: digits only, one value
+        fits = declared is None or declared <= self.limits.max_body_bytes
+        return await self._refuse_early(request, ex, progress, self.limits.max_body_bytes if declared != 0 and fits else 0)
 
     # -- connections -----------------------------------------------------------------
     async def _accept(self, listening: socket.socket) -> None:
@@ -517,13 +576,23 @@ class AiohttpGateway:
 
     # -- the handler -----------------------------------------------------------------
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        progress = _Progress()
+        progress = self._progress[id(request)] = _Progress()
         try:
-            return await self._serve(request, progress)
+            if self.draining:
+                return await self._refuse_draining(request, progress)
+            resp = await self._serve(request, progress)
         except asyncio.CancelledError:
             raise
         except Exception:
             return await self._fail_closed(request, progress)
+        finally:
+            self._progress.pop(id(request), None)
+        if self.draining:  # began while this request was open: its answer closes the connection
+            if resp.prepared:
+                request.protocol.close()  # (a streamed answer: its head is out; close once it is done)
+            else:
+                resp.force_close()
+        return resp
 
     async def _serve(self, request: web.BaseRequest, progress: _Progress) -> web.StreamResponse:
         if request.version not in (HttpVersion11, HttpVersion10):
@@ -776,6 +845,8 @@ class AiohttpGateway:
         except UpstreamError as e:
             return await self._upstream_failed(ex, progress, e.status, e.message)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            if self._drained:  # still open when the shutdown grace period ended (its upstream client is closed)
+                return await self._cut_at_shutdown(request, ex, progress)
             if progress.response is not None:
                 agent_gone = (t := request.transport) is None or t.is_closing()
                 msg = "the agent closed the connection during the answer" if agent_gone else self._describe(e, req)[1]
@@ -888,6 +959,17 @@ class AiohttpGateway:
             status = resp.status
             ex.response = ResponseSummary(status, upstream_status=status, error=msg)
             await self._record(ex, progress)
+        return resp
+
+    async def _cut_at_shutdown(self, request: web.BaseRequest, ex: Exchange,
+                               progress: _Progress) -> web.StreamResponse:
+        """Recorded as cut (the agent's connection is closed, it gets no answer)."""
+        request.protocol.force_close()
+        if not progress.recorded:
+            ex.response = ResponseSummary(None, error=CUT_AT_SHUTDOWN)
+            await self._record(ex, progress)
+        resp = progress.response or _Response(status=503)
+        resp.force_close()
         return resp
 
     async def _upstream_failed(self, ex: Exchange, progress: _Progress, status: int, msg: str) -> web.StreamResponse:

@@ -44,6 +44,7 @@ from ..core.model import AgentIdentity, AgentRequest, Refusal
 from ..core.headers import PROCTOR_RESPONSE_HEADERS, flatten_headers
 from ..core.net import normalise_ip
 from ..core.problem import DECISION_HEADER, problem_response, refusal_answer
+from ..shutdown import CUT_AT_SHUTDOWN, shutting_down_refusal
 from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
 from .gateway import GatewayRouter
 from .patches import BODY_GUARD, EARLY_ANSWER, UPSTREAM_FAILURE, is_timeout
@@ -51,6 +52,7 @@ from .patches import BODY_GUARD, EARLY_ANSWER, UPSTREAM_FAILURE, is_timeout
 log = logging.getLogger("proctor.engine")
 
 EXCHANGE = "proctor"  # flow.metadata key of the flow's Exchange
+CUT = "proctor_cut"  # flow.metadata key: still open when the shutdown grace period ended (mitm_drain.py)
 STREAM_RESPONSES_OVER = 256 * 1024
 
 
@@ -97,6 +99,11 @@ class ProctorAddon:
         self.running_event_seen = False
         # response phases started from synchronous hooks (kept referenced until done)
         self._background: set[asyncio.Task[None]] = set()
+        # Shutting down (proxy/shutdown.py, set by engine/mitm_drain.py): new requests are
+        # answered 503, every answer closes its connection.
+        self.draining = False
+        # The HTTP flows seen (weakly: a finished flow drops out), so a drain knows what is open.
+        self._flows: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
 
     # -- lifecycle -----------------------------------------------------------------
     def running(self) -> None:
@@ -106,6 +113,35 @@ class ProctorAddon:
         """Wait for response phases started from synchronous hooks (tests, shutdown)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def live_flows(self) -> list[http.HTTPFlow]:
+        """The HTTP flows whose answer has not been handed to the agent yet."""
+        return [f for f in list(self._flows) if f.live]
+
+    def _refuse_draining(self, flow: http.HTTPFlow) -> None:
+        """A request that arrived while shutting down: 503 (Retry-After), Connection: close,
+        recorded, never forwarded. Answered from the head: a small body still on its way is
+        read and discarded first, so the agent reads the answer instead of a reset."""
+        reverse = self._is_reverse(flow)
+        req = self._unrouted_request(flow) if reverse else self._agent_request(flow, reverse)
+        req.unrouted = False
+        ex = refused_exchange(shutting_down_refusal(), req)
+        flow.metadata[EXCHANGE] = ex
+        self._answer(flow, ex)
+        assert flow.response is not None
+        flow.response.headers["Connection"] = "close"
+        try:
+            declared = expected_http_body_size(flow.request)
+        except ValueError:
+            declared = 0
+        fits = declared is None or declared <= self.limits.max_body_bytes
+        flow.metadata[EARLY_ANSWER] = self.limits.max_body_bytes if fits else 0
+        self._finish_later(self.requests, ex)
+
+    def _close_after(self, flow: http.HTTPFlow) -> None:
+        """While shutting down, every answer closes its connection (the agent reconnects elsewhere)."""
+        if self.draining and flow.response is not None:
+            flow.response.headers["Connection"] = "close"
 
     # -- helpers -------------------------------------------------------------------
     def _bound_identity(self, client: connection.Client) -> AgentIdentity | None:
@@ -247,6 +283,12 @@ class ProctorAddon:
         )
         ex = Exchange(req, kind=Kind.TUNNEL)
         flow.metadata[EXCHANGE] = ex
+        if self.draining:  # a CONNECT on a connection still open while shutting down: no new tunnel
+            ex.refuse(shutting_down_refusal())
+            self._answer(flow, ex)
+            self._close_after(flow)
+            await self.tunnels.response(ex)
+            return
         await self.tunnels.request(ex)
         flow.request.headers.pop("proxy-authorization", None)
         flow.request.host = req.host  # the tunnel dials the canonical host (core/hosts.py)
@@ -339,8 +381,18 @@ class ProctorAddon:
         stops reading). A request without a body is authenticated by the request phase."""
         # Decisions need the whole body: never let a request stream past us.
         flow.request.stream = False
+        self._flows.add(flow)
         if flow.response is not None or flow.error is not None:
             return None  # the engine refused it already (e.g. over its size ceiling)
+        if self.draining:
+            try:
+                self._refuse_draining(flow)
+            except Exception:
+                ex = self._fail_closed(flow, "requestheaders")
+                flow.metadata[EARLY_ANSWER] = 0
+                if ex is not None:
+                    self._finish_later(self.requests, ex)
+            return None
         try:
             declared = expected_http_body_size(flow.request)  # 0: none, None: chunked
             if declared == 0:
@@ -449,6 +501,7 @@ class ProctorAddon:
         resp = flow.response
         if resp is None:
             return
+        self._close_after(flow)
         ex: Exchange | None = flow.metadata.get(EXCHANGE)
         if ex is None or ex.local_reply is None:  # (an upstream's answer, not Proctor's own reply)
             for name in [n for n in resp.headers if n.lower() in PROCTOR_RESPONSE_HEADERS]:
@@ -496,6 +549,7 @@ class ProctorAddon:
             flow.response = http.Response.make(status, content, headers)
             if not flow.response.reason:
                 flow.response.reason = HTTPStatus(status).phrase
+            self._close_after(flow)
         elif not resp.stream:
             # held back until now: headers the response phase added (a failed workflow step's
             # Retry-After) reach the agent too
@@ -509,6 +563,10 @@ class ProctorAddon:
             return
         if ex.refusal is not None or ex.response is not None:
             return  # answered (and recorded) already
+        if flow.metadata.get(CUT):  # the agent gets no answer: its connection is closed
+            ex.response = ResponseSummary(None, error=CUT_AT_SHUTDOWN)
+            await self.requests.response(ex)
+            return
         msg = flow.error.msg if flow.error else "upstream error"
         status = 504 if is_timeout(msg) else 502
         cls = ex.classification
