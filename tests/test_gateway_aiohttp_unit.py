@@ -259,6 +259,18 @@ def test_hop_by_hop_response_headers_are_dropped_and_cookies_are_not_kept():
     run(scenario)
 
 
+def dechunk(body: bytes) -> bytes:
+    """The payload of a chunked body (chunk sizes are hex: they may contain "c" themselves)."""
+    out, rest = b"", body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out, rest = out + rest[:size], rest[size + 2:]
+    return out
+
+
 def test_large_and_chunked_responses_stream_through_intact():
     async def scenario(gw: AiohttpGateway, up: Upstream, record: Record) -> None:
         reply = await exchange(gw, get("/svc/big"))
@@ -267,7 +279,7 @@ def test_large_and_chunked_responses_stream_through_intact():
         reply = await exchange(gw, get("/svc/chunked", "Connection: close"), until_close=True)
         head, _, body = reply.partition(b"\r\n\r\n")
         assert b"transfer-encoding: chunked" in head.lower()
-        assert body.replace(b"\r\n", b"").count(b"c") == 300_000
+        assert dechunk(body) == b"c" * 300_000
 
     run(scenario)
 
