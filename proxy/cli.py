@@ -331,10 +331,17 @@ def policy_test(
               help='A JSON request: {"method", "url", "headers", "body"}.')
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--url", default=None, metavar="URL",
+              help="With --decision: ask this replica's control API, which finds the decision on whichever "
+                   "replica made it (operator token: --token / $PROCTOR_TOKEN, or dev --as U --group G).")
+@click.option("--token", default=None, metavar="JWT", help="With --url: an operator token (default: $PROCTOR_TOKEN).")
+@click.option("--as", "as_user", default=None, metavar="USER", help="With --url, dev only: mint a token for USER.")
+@click.option("--group", "groups", multiple=True, metavar="G", help="With --as: a group (repeatable).")
 @click.argument("curl", nargs=-1, type=click.UNPROCESSED)
 def policy_explain(
     agent: str | None, decision_id: str | None, claims: tuple[str, ...], request_file: str | None, as_json: bool,
-    config_path: str | None, curl: tuple[str, ...],
+    config_path: str | None, url: str | None, token: str | None, as_user: str | None, groups: tuple[str, ...],
+    curl: tuple[str, ...],
 ) -> None:
     """Explain a request: what Proctor derives from it and which policies decide it.
 
@@ -344,17 +351,29 @@ def policy_explain(
       proctor policy explain --agent support-bot --claim 'groups=["support"]' -- \\
           curl -X DELETE https://acme.service-now.com/api/now/table/incident/INC1
 
-    Or explain a recorded decision by its X-Proctor-Decision-Id:
+    Or explain a recorded decision by its X-Proctor-Decision-Id, from this host's decision
+    record, or (--url) through a running replica's control API, whichever replica made it:
 
-    
+    \b
       proctor policy explain --decision 01a1fd0fa646-97d0262bc7aa4a17a25e
+      proctor policy explain --decision 01a1fd0fa646-97d0262bc7aa4a17a25e --url http://proctor-control:8081
 
-    Exit status: 0 explained (whatever the decision), 2 unusable input."""
+    Exit status: 0 explained (whatever the decision), 1 the control API refused (--url: no such
+    decision on any replica, not an operator), 2 unusable input."""
+    remote = url is not None or token is not None or as_user is not None
+    if groups and not remote:
+        raise click.UsageError("--group goes with --as")
     if decision_id is not None:
         if agent or claims or request_file or curl:
             raise click.UsageError("--decision explains a recorded request: give no --agent, --claim or request")
-        _explain_recorded(config_path, decision_id, as_json)
+        if remote:
+            _explain_remote(decision_id, as_json, {"url": url, "config_path": config_path, "token": token,
+                                                   "as_user": as_user, "groups": groups})
+        else:
+            _explain_recorded(config_path, decision_id, as_json)
         return
+    if remote:
+        raise click.UsageError("--url, --token and --as go with --decision")
     if agent is None:
         raise click.UsageError("give --agent (and the request), or --decision DECISION_ID")
     from .connectors.classifier import build_classifier
@@ -386,6 +405,24 @@ def policy_explain(
     identity = AgentIdentity(agent_id=agent, issuer="(explain)", claims=token_claims, expires_at=None)
     result = explain(config, store, classifier, req, identity)
     click.echo(json.dumps(result.as_dict(), indent=2, default=str) if as_json else render_text(result))
+
+
+def _explain_remote(decision_id: str, as_json: bool, conn: dict) -> None:
+    """A recorded decision explained by the replica that made it, found through the control API."""
+    import urllib.parse
+
+    from .approvals.cli import _client
+    from .policy.explain import render_recorded
+
+    decision_id = decision_id.strip()
+    if not decision_id:
+        raise click.UsageError("--decision needs a decision id")
+    doc = _client(conn).call("GET", f"/v1/decisions/{urllib.parse.quote(decision_id, safe='')}/explain")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        click.echo(render_recorded(doc))
+        click.echo(f"replica    {doc.get('replica')}")
 
 
 def _explain_recorded(config_path: str | None, decision_id: str, as_json: bool) -> None:

@@ -26,7 +26,7 @@ from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
 from .workflows.spec import Workflows, load_workflows
 from .approvals.notify import Notifier, WebhookConfig
-from .audit.setup import build_audit
+from .audit.setup import build_audit, replica_id
 from .audit.trail import AuditTrail
 from .approvals.service import ApprovalService
 from .connectors.lookup import LookupClient
@@ -119,7 +119,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
                             rate_limits.counters if rate_limits is not None else None)
     lookups = LookupClient(config.upstream, injector)
     enricher = Enricher(manifests, creator_of=store.creator_of, fetch_json=lookups.fetch_json)
-    recorder = DecisionRecorder(config.decisions_path)
+    recorder = DecisionRecorder(config.decisions_path, replica=replica_id(config))  # every line names its replica
     audit, redactor = build_audit(config)
     recorder.redact = redactor
     if audit is not None:

@@ -24,6 +24,7 @@ def activity_row(env: EventEnvelope, rec: Record | None) -> dict[str, Any]:
         "operation": env.operation,
         "severity": env.severity,
         "message": env.message,
+        "replica": rec.replica if rec is not None else None,  # where it happened (fleet views merge replicas)
     }
     if isinstance(rec, DecisionRecord):
         req = rec.request

@@ -203,6 +203,7 @@ def decision_event(rec: DecisionRecord) -> dict[str, Any]:
         "errors": rec.errors or None,
         "rate_limit": rec.rate_limit,
         "budget": rec.budget,
+        "replica": rec.replica,
     }
     ev["unmapped"] = {"proctor": {k: v for k, v in proctor.items() if v is not None}}
     return ev
@@ -483,5 +484,5 @@ def _decision_of(ev: dict[str, Any], env: EventEnvelope, p: dict[str, Any]) -> D
         "errors": p.get("errors") or [],
         **{k: p.get(k) for k in ("decision", "policy_decision", "policy_revision", "risk", "upstream_status",
                                  "latency_ms", "decision_ms", "approval_id", "trace_id", "span_id", "shadow", "rpc",
-                                 "error")},
+                                 "error", "replica")},
     })

@@ -32,6 +32,13 @@ def configured_key(config: ProctorConfig, create: bool) -> ChainKey | None:
     return read_key_file(path)
 
 
+def replica_id(config: ProctorConfig) -> str:
+    """This replica's name in records, audit events and fleet views (config.replica_id)."""
+    from ..policy.fleet import default_replica_id
+
+    return config.replica_id or default_replica_id(config)
+
+
 def build_audit(config: ProctorConfig) -> tuple[AuditTrail | None, Redactor]:
     a = config.audit
     redactor = Redactor(a.redact.keys, a.redact.patterns)
@@ -55,5 +62,6 @@ def build_audit(config: ProctorConfig) -> tuple[AuditTrail | None, Redactor]:
 
         for cfg in a.sinks:
             sinks.append(build_sink(cfg, state_dir=config.state_dir))
-    trail = AuditTrail(sinks, redactor, chain, frozenset(m.upper() for m in a.fail_closed_methods), a.block_timeout_seconds)
+    trail = AuditTrail(sinks, redactor, chain, frozenset(m.upper() for m in a.fail_closed_methods), a.block_timeout_seconds,
+                       replica=replica_id(config))
     return trail, redactor

@@ -64,6 +64,7 @@ class AuditTrail:
         chain: Chain,
         fail_closed_methods: frozenset[str],
         block_timeout_seconds: float,
+        replica: str | None = None,
     ) -> None:
         self.sinks = sinks
         self.redact = redactor
@@ -80,9 +81,14 @@ class AuditTrail:
         self._ticker: asyncio.Task | None = None
         import socket
 
-        # which writer (replica) produced the event: each writer has its own chain
-        self.logger = {"name": "proctor", "uid": f"{socket.gethostname()}:{os.getpid()}",
-                       "product": {"name": "Proctor", "vendor_name": "Proctor"}}
+        # Which writer produced the event: each writer (process) has its own chain (uid), and
+        # the device it runs as is the replica (config.replica_id), as in the record's `replica`.
+        self.replica = replica
+        host = socket.gethostname()
+        self.logger: dict[str, Any] = {"name": "proctor", "uid": f"{host}:{os.getpid()}",
+                                       "product": {"name": "Proctor", "vendor_name": "Proctor"}}
+        if replica is not None:
+            self.logger["device"] = {"type_id": 1, "type": "Server", "hostname": host, "name": replica}
 
     def _build(self, record: Record | Mapping[str, Any]) -> dict[str, Any]:
         event = to_ocsf(record)
@@ -95,6 +101,8 @@ class AuditTrail:
             for key in ("context", "reason", "error"):
                 if key in proctor:
                     proctor[key] = self.redact(proctor[key])
+        if self.replica is not None and proctor is not None:
+            proctor.setdefault("replica", self.replica)  # the trail's own events (gap, repair) too
         event["metadata"]["loggers"] = [self.logger]
         return event
 

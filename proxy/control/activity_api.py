@@ -27,6 +27,14 @@ caller simply asks again). With `before_sequence` the starting point is found
 by binary search on the (ascending) sequence numbers. Rotated files are read
 after the current one, newest first.
 
+Fleet (docs/governance.md, "Fleet views"): with `scope=fleet` (the default) and other live
+replicas in the store, each one is asked for the same page with the caller's token
+(control/fleet_views.py) and the pages are merged by time, newest first; each row names its
+`replica`. Sequences are per replica, so fleet pages go on with `cursor` (the answer's
+`next_cursor`: each replica's position); a replica that did not answer makes the page
+`incomplete` and is named under `missing`. `before_sequence` pages this replica's own file
+(as does `scope=replica`, which the fan-out's own calls use).
+
 Authentication: any valid approver-audience token (approvers and operators).
 Audit disabled, or no file yet: `{"events": [], "audit": "disabled"}`.
 """
@@ -38,12 +46,14 @@ import json
 import logging
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Iterator
 
 from aiohttp import web
 
 from ..audit.activity import summarize  # one event -> one row, from its typed record
-from .auth import control_auth, problem
+from .auth import bearer, control_auth, problem
+from .fleet_views import FleetViews, Peer, decode_cursor, encode_cursor, merge_pages
 from .models import ActivityQuery, read_query
 
 if TYPE_CHECKING:
@@ -118,7 +128,8 @@ def audit_files(path: Path) -> list[Path]:
 
 
 class Filters:
-    def __init__(self, agent: str | None, action: str | None, decisions: list[str], records: list[str] | None = None) -> None:
+    def __init__(self, agent: str | None, action: str | None, decisions: Sequence[str],
+                 records: Sequence[str] | None = None) -> None:
         self.agent = agent
         self.records = set(records or [])
         self.action_prefix = action[:-1] if action and action.endswith("*") else None
@@ -199,10 +210,18 @@ def read_activity(path: Path, limit: int, filters: Filters, before: int | None) 
 def add_activity_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
     cfg = runtime.config
     auth = control_auth(app, cfg)
+    views = FleetViews(runtime)
 
     async def authenticated(request: web.Request) -> web.Response | None:
         who = await auth.person(request, "Approver")
         return who if isinstance(who, web.Response) else None
+
+    def local_page(filters: Filters, limit: int, before: int | None) -> tuple[list[dict[str, Any]], int | None] | None:
+        """This replica's page (None: no audit file to read)."""
+        path = cfg.audit_path if cfg.audit.enabled else None
+        if runtime.audit is None or path is None or not audit_files(path):
+            return None
+        return read_activity(path, limit, filters, before)
 
     async def activity(request: web.Request) -> web.Response:
         refused = await authenticated(request)
@@ -214,15 +233,80 @@ def add_activity_routes(app: web.Application, runtime: "ProctorRuntime") -> None
         limit, before = q.limit, q.before_sequence
         decisions, records = q.decision or [], q.record or []
         agent, action = q.agent or None, q.action or None
-        path = cfg.audit_path if cfg.audit.enabled else None
-        if runtime.audit is None or path is None or not audit_files(path):
-            return web.json_response({"events": [], "next_before_sequence": None, "audit": "disabled"})
         filters = Filters(agent, action, decisions, records)
+        positions = None
+        if q.cursor is not None:
+            positions = decode_cursor(q.cursor)
+            if positions is None:
+                return problem(400, "Bad paging", "cursor: not a cursor this API gave (pass `next_cursor` back as is)")
+        peers, missing = ([], []) if q.scope == "replica" or before is not None else await views.peers_or_missing()
+        if positions is None and not peers and not missing:
+            return await this_replica(filters, limit, before)
+        return await fleet(request, q, filters, limit, positions, peers, missing)
+
+    async def this_replica(filters: Filters, limit: int, before: int | None) -> web.Response:
         try:
-            events, nxt = await asyncio.to_thread(read_activity, path, limit, filters, before)
+            page = await asyncio.to_thread(local_page, filters, limit, before)
         except OSError as e:
-            log.error("cannot read the audit file %s: %s", path, e)
+            log.error("cannot read the audit file %s: %s", cfg.audit_path, e)
             return problem(503, "Audit trail unreadable", "the audit file cannot be read; see the proxy log")
-        return web.json_response({"events": events, "next_before_sequence": nxt, "limit": limit})
+        if page is None:
+            return web.json_response({"events": [], "next_before_sequence": None, "audit": "disabled",
+                                      "replica": views.replica_id})
+        events, nxt = page
+        return web.json_response({"events": events, "next_before_sequence": nxt, "limit": limit,
+                                  "replica": views.replica_id})
+
+    async def fleet(request: web.Request, q: ActivityQuery, filters: Filters, limit: int,
+                    positions: dict[str, int | None] | None, peers: list[Peer],
+                    missing: list[dict[str, str]]) -> web.Response:
+        """Every live replica's newest matching events, merged by time (control/fleet_views.py)."""
+        me = views.replica_id or "(this replica)"
+        if positions is None:  # the first page: every replica from its newest event
+            positions = {me: None, **{p.replica_id: None for p in peers}}
+        asked = [p for p in peers if p.replica_id in positions]
+        # a replica named in the cursor that the store no longer lists cannot be asked
+        listed = {p.replica_id for p in peers} | {me}
+        missing = missing + [{"replica": r, "error": "not listed as alive by the store"}
+                             for r in positions if r not in listed]
+        params = {k: v for k, v in request.query.items() if k in ("agent", "action", "decision", "record")}
+        params["limit"] = str(limit)
+        pages: dict[str, tuple[list[dict[str, Any]], int | None]] = {}
+        token = bearer(request) or ""
+
+        async def remote() -> None:
+            calls = {}
+            for p in asked:
+                before = positions.get(p.replica_id)
+                calls[p.replica_id] = {**params, **({"before_sequence": str(before)} if before is not None else {})}
+            # (one call per replica: the peers' positions differ)
+            done = await asyncio.gather(*(views.ask([p], "/v1/activity", calls[p.replica_id], token) for p in asked))
+            for result in done:
+                missing.extend(result.missing)
+                for replica, (_, doc) in result.answers.items():
+                    events = doc.get("events")
+                    nxt = doc.get("next_before_sequence")
+                    if isinstance(events, list):
+                        pages[replica] = ([e for e in events if isinstance(e, dict)],
+                                          nxt if isinstance(nxt, int) else None)
+
+        async def local() -> None:
+            if me not in positions:
+                return
+            try:
+                page = await asyncio.to_thread(local_page, filters, limit, positions[me])
+            except OSError as e:
+                log.error("cannot read the audit file %s: %s", cfg.audit_path, e)
+                missing.append({"replica": me, "error": "its audit file cannot be read; see its log"})
+                return
+            pages[me] = page if page is not None else ([], None)
+
+        await asyncio.gather(local(), remote())
+        events, following = merge_pages(pages, positions, limit)
+        return web.json_response({
+            "events": events, "next_before_sequence": None, "next_cursor": encode_cursor(following),
+            "limit": limit, "replica": me, "replicas": sorted(pages), "incomplete": bool(missing),
+            "missing": missing,
+        })
 
     app.router.add_get("/v1/activity", activity)

@@ -20,6 +20,7 @@ from .. import __version__
 from ..policy.revisions import record_revision
 from ..store import StoreError
 from .activity_api import add_activity_routes
+from .explain_api import add_explain_routes
 from .approvals_api import add_approval_routes
 from .budgets_api import add_budget_routes
 from .auth import problem
@@ -139,6 +140,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
     add_workflow_inbox_routes(app, runtime)
     add_workflow_export_routes(app, runtime)
     add_activity_routes(app, runtime)
+    add_explain_routes(app, runtime)
     add_openapi_route(app)
     add_console_routes(app)
     return app

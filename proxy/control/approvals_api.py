@@ -25,6 +25,7 @@ from aiohttp import web
 from ..approvals.service import ApprovalError, Approver
 from ..identity.errors import AuthError, IdentityUnavailable
 from ..store import Approval, StoreError
+from .approval_watch import ApprovalWatch
 from .auth import bearer, control_auth, problem
 from .models import ApprovalListQuery, DecisionRequest, read_body, read_query
 from .models_responses import ApprovalList, ApprovalStatus, ApprovalSummary, WhoAmI, reply
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from ..server import ProctorRuntime
 
 log = logging.getLogger("proctor.control")
+
+WATCH_SECONDS = 1.0  # how often open event streams read other replicas' approval changes from the store
 
 
 
@@ -45,7 +48,14 @@ def approval_json(a: Approval, full: bool = True) -> dict[str, Any]:
 def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None:
     cfg = runtime.config
     service = runtime.approvals
+    assert service is not None, "approval routes are added only when approvals are enabled"
     auth = control_auth(app, cfg)
+    # With a store shared by replicas, the event streams also announce the changes other
+    # replicas make (control/approval_watch.py: read from the store while a stream is open).
+    watch: ApprovalWatch | None = None
+    if service.poll_seconds is not None:
+        watch = ApprovalWatch(service.store, WATCH_SECONDS)
+        service.listeners.append(watch.local)
 
     async def approver_of(request: web.Request) -> Approver | web.Response:
         return await auth.person(request, "Approver", "proctor-approvals")
@@ -149,6 +159,8 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
                 pass
 
         service.listeners.append(listener)
+        if watch is not None:
+            watch.subscribe(listener)
         streams[id(request)] = request
         try:
             await resp.write(b": connected\n\n")
@@ -163,6 +175,8 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
             pass
         finally:
             service.listeners.remove(listener)
+            if watch is not None:
+                watch.unsubscribe(listener)
             streams.pop(id(request), None)
         return resp
 
@@ -173,6 +187,8 @@ def add_approval_routes(app: web.Application, runtime: "ProctorRuntime") -> None
         for request in list(streams.values()):
             if request.transport is not None:
                 request.transport.close()
+        if watch is not None:
+            watch.stop()
 
     app.on_shutdown.append(close_streams)
     app.router.add_get("/v1/whoami", whoami)

@@ -162,6 +162,10 @@ class ApprovalListQuery(InputModel):
     offset: Annotated[int, _clamp(0, MAX_OFFSET)] = Field(0, description="Approvals to skip (negative counts as 0).")
 
 
+# Fleet views (control/fleet_views.py): every live replica, or only the one asked.
+FleetScope = Literal["fleet", "replica"]
+
+
 class ActivityQuery(InputModel):
     FIELD_TITLES = {"limit": "Bad paging", "before_sequence": "Bad paging"}
     BAD_TITLE = "Bad filter"
@@ -181,6 +185,22 @@ class ActivityQuery(InputModel):
         "earlier work; `claim`: claims acquired, moved, released or expired; `workflow`: workflow exceptions; "
         "`budget`: budget windows at their soft threshold or exhausted)."
     )
+    scope: FleetScope = Field(
+        "fleet", description="`fleet` (default): every live replica's events, merged newest first (the replicas "
+        "the store lists are asked with your token); `replica`: this replica's own audit file only. "
+        "`before_sequence` pages this replica's file (a sequence is one replica's): it implies `replica`."
+    )
+    cursor: Annotated[str, StringConstraints(max_length=8192)] | None = Field(
+        None, description="Fleet paging: the previous page's `next_cursor`."
+    )
+
+
+class ExplainQuery(InputModel):
+    BAD_TITLE = "Bad request"
+    scope: FleetScope = Field(
+        "fleet", description="`fleet` (default): look the decision up on every live replica when this one did not "
+        "make it; `replica`: this replica's decision record only."
+    )
 
 
 class ResumeQuery(InputModel):
@@ -190,6 +210,10 @@ class ResumeQuery(InputModel):
 # ----------------------------------------------------------------------------- path parameters (documented)
 class ApprovalPath(InputModel):
     id: str = Field(min_length=1, description="Approval id (`apr_` and 20 URL-safe characters).")
+
+
+class DecisionPath(InputModel):
+    id: str = Field(min_length=1, max_length=256, description="The decision id (`X-Proctor-Decision-Id`).")
 
 
 class AgentPath(InputModel):

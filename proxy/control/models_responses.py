@@ -433,8 +433,35 @@ class ActivityEvent(_Out):
     approval_id: str | None = None
 
 
+class MissingReplica(_Out):
+    """A replica a fleet view could not ask (down, unreachable, refused the forwarded token)."""
+
+    replica: str
+    error: str
+
+
+class DecisionExplanation(_Out):
+    """A recorded decision re-evaluated under the current policies of the replica that made it
+    (the same document as `proctor policy explain --decision ID --json`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    decision_id: str
+    replica: str = Field(description="The replica that made the decision and explains it.")
+    recorded: dict[str, Any] = Field(description="What was decided then: decision, reasons, policy_revision, status.")
+    now: dict[str, Any] = Field(description="What the current policies decide: decision, reasons, errors, "
+                                "policy_revision.")
+    policies: list[dict[str, Any]] = Field(description="Every policy that applies to the action, and its verdict.")
+
+
 class ActivityPage(_Out):
     events: list[ActivityEvent] = Field(description="Newest first.")
     next_before_sequence: int | None = Field(description="Pass back as `before_sequence` for older events; null: none.")
     limit: int | None = None
     audit: Literal["disabled"] | None = Field(None, description='"disabled" when no audit file is configured.')
+    replica: str | None = Field(None, description="The replica that answered (config.replica_id).")
+    next_cursor: str | None = Field(None, description="Fleet answers: pass back as `cursor` for older events; "
+                                    "null: none.")
+    replicas: list[str] | None = Field(None, description="Fleet answers: the replicas whose events are merged in.")
+    incomplete: bool | None = Field(None, description="Fleet answers: true when a replica did not answer (its "
+                                    "events are missing; see `missing`).")
+    missing: list[MissingReplica] | None = None

@@ -157,7 +157,18 @@ ROUTES: tuple[Route, ...] = (
           (Reply(200, "Pushed.", rs.PushResult),), (400, 401, 403, 413, 415, 422, 503), body=rq.PushRequest),
     # activity (activity_api.py)
     Route("get", "/v1/activity", "activity", "Recent audit events (newest first), summarised", "governance",
-          "approver", (Reply(200, "A page of events.", rs.ActivityPage),), (400, 401, 503), query=rq.ActivityQuery),
+          "approver", (Reply(200, "A page of events.", rs.ActivityPage),), (400, 401, 503), query=rq.ActivityQuery,
+          description="With `scope=fleet` (the default) every live replica is asked with your token and the "
+          "events are merged newest first; page with `cursor`. A replica that did not answer makes the page "
+          "`incomplete` and is named under `missing` (docs/governance.md, \"Fleet views\")."),
+    Route("get", "/v1/decisions/{id}/explain", "explainDecision", "A recorded decision re-evaluated under the "
+          "current policies, on whichever replica made it", "policies", "operator",
+          (Reply(200, "The explanation (as `proctor policy explain --decision ID --json` prints it).",
+                 rs.DecisionExplanation),), (400, 401, 403, 404, 422, 503), path_model=rq.DecisionPath,
+          query=rq.ExplainQuery,
+          description="Looked up in this replica's decision record, else on every live replica (your token "
+          "forwarded). 404 when no replica has it (`incomplete` when some could not be asked); 422 when it was "
+          "refused before any policy ran."),
     # agent registry and kill switch (governance_api.py)
     Route("get", "/v1/agents", "listAgents", "The agent registry", "governance", "operator",
           (Reply(200, "Every known agent.", rs.AgentList),), OPERATOR),

@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..public_url import control_base_url
 from ..store import PolicyRevision, ReplicaBeat, Store
 from .engine import PolicyLoadError, PolicySource, PolicyStore, load_bundle
 
@@ -127,6 +128,18 @@ def default_replica_id(config: Any) -> str:
     return f"{socket.gethostname()}:{config.control.listen.port}"
 
 
+def advertised_control_url(config: Any) -> str | None:
+    """Where the other replicas reach this one's control API (the fleet views ask it for its
+    records): control.public_url, else a concrete listen address. None when the control API
+    is off, or when the only guess is loopback for a wildcard listen host: another replica
+    would reach itself there."""
+    if not config.control.enabled:
+        return None
+    c = config.control
+    url, guessed = control_base_url(c.listen.host, c.listen.port, c.public_url)
+    return None if guessed else url
+
+
 class FleetPolicy:
     """This replica's part in the fleet's policy set (see the module docstring)."""
 
@@ -142,6 +155,7 @@ class FleetPolicy:
         self.replica_id: str = config.replica_id or default_replica_id(config)
         self.hostname = socket.gethostname()
         self.heartbeat_seconds: float = config.policies.heartbeat_seconds
+        self.control_url = advertised_control_url(config)
         self.started_at = clock()
         self.following: str | None = None  # store mode: the active revision it follows
         self.follow_error: str | None = None
@@ -219,7 +233,8 @@ class FleetPolicy:
         await self.store.heartbeat_replica(ReplicaBeat(
             replica_id=self.replica_id, hostname=self.hostname, policy_source=self.mode,
             revision=self.policies.bundle.revision, following=self.following if self.mode == "store" else None,
-            reload_ok=status.ok and self.follow_error is None, started_at=self.started_at, last_seen=now))
+            reload_ok=status.ok and self.follow_error is None, started_at=self.started_at, last_seen=now,
+            control_url=self.control_url))
 
     # -- operations ---------------------------------------------------------------------------
     def validate(self, files: dict[str, str]) -> str:

@@ -37,8 +37,10 @@ def decision_record(ex: Exchange, with_inputs: bool = True) -> dict[str, Any]:
 
 
 class DecisionRecorder:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, replica: str | None = None) -> None:
         self.path = Path(path)
+        # this replica's id (config.replica_id): every line names the replica that wrote it
+        self.replica = replica
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
         self._lock = threading.Lock()
@@ -53,6 +55,8 @@ class DecisionRecorder:
         """Append one record (a line-shaped dict is validated into one first) and hand it to
         the listeners. The recorded Cedar inputs are redacted before either sees them."""
         rec = as_record(record)
+        if rec.replica is None:
+            rec.replica = self.replica
         if self.redact is not None and isinstance(rec, DecisionRecord) and rec.cedar is not None:
             rec.cedar = self.redact(rec.cedar)
         line = rec.line()

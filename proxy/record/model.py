@@ -211,6 +211,8 @@ class DecisionRecord:
     workflow: WorkflowPart | None = None
     rate_limit: RateLimitPart | None = None
     budget: dict[str, Any] | None = None
+    # the replica that decided (config.replica_id): stamped by the recorder, last on the line
+    replica: str | None = None
 
     # -- where (the request's, else the connection's) -------------------------------
     @property
@@ -362,6 +364,8 @@ class DecisionRecord:
             d["rate_limit"] = self.rate_limit
         if self.budget is not None:
             d["budget"] = self.budget
+        if self.replica is not None:
+            d["replica"] = self.replica
         return d
 
     def line(self) -> bytes:
@@ -379,22 +383,29 @@ def policy_inputs_record(inputs: tuple[Any, Any, Any]) -> CedarInputs:
     return out
 
 
+@dataclass(slots=True, kw_only=True)
 class _Event:
     """Event lines: every field is on the line, in field order, except optional ones
-    that are None (`_OMIT_NONE`)."""
+    that are None (`_OMIT_NONE`); `replica` (the replica where the change happened,
+    stamped by the recorder) comes last, and only when known."""
 
-    __slots__ = ()
     record_type: ClassVar[str]
     _OMIT_NONE: ClassVar[frozenset[str]] = frozenset()
+
+    replica: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         omit = self._OMIT_NONE
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+        for f in dataclasses.fields(self):
+            if f.name == "replica":
+                continue
             value = getattr(self, f.name)
             if value is None and f.name in omit:
                 continue
             out[f.metadata.get("key", f.name)] = value
+        if self.replica is not None:
+            out["replica"] = self.replica
         return out
 
     def line(self) -> bytes:

@@ -96,3 +96,6 @@ class ReplicaBeat:
     reload_ok: bool
     started_at: float
     last_seen: float
+    # where the other replicas reach its control API (control.public_url, else the listen
+    # address): the fleet views (activity, explain) ask each replica for its own records
+    control_url: str | None = None

@@ -815,13 +815,18 @@
         if (S.view !== "activity" || q !== activityQuery()) return;
         show($("activity-error"), false);
         var disabled = !!(data && data.audit === "disabled");
+        // a fleet answer some replica did not contribute to (docs/governance.md, "Fleet views")
+        var missing = data && data.incomplete === true && Array.isArray(data.missing) ? data.missing.filter(isPlainObject) : [];
         setText($("activity-note"), disabled ? "The audit trail is disabled (or has no file yet), so there is no activity to show. " +
-          "Enable audit.file in the configuration to record every decision." : "");
-        show($("activity-note"), disabled);
+          "Enable audit.file in the configuration to record every decision." :
+          missing.length ? "Partial: events of " + missing.map(function (m) { return String(m.replica) + " (" + String(m.error) + ")"; }).join(", ") +
+          " are missing (that replica did not answer)." : "");
+        show($("activity-note"), disabled || missing.length > 0);
         var events = (data && Array.isArray(data.events) ? data.events : []).filter(function (e) {
           return isPlainObject(e) && typeof e.sequence === "number";
         });
-        var more = !!(data && data.next_before_sequence !== null && data.next_before_sequence !== undefined) &&
+        var more = !!(data && ((data.next_before_sequence !== null && data.next_before_sequence !== undefined) ||
+          (typeof data.next_cursor === "string"))) &&
           events.length >= S.act.limit && S.act.limit < ACTIVITY_MAX;
         show($("activity-more"), more);
         var sig = JSON.stringify(events);
