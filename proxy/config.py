@@ -350,6 +350,10 @@ class ApprovalsConfig(Strict):
     webhooks: list[dict] = Field(default_factory=list)  # see proxy/approvals/notify.py WebhookConfig
     # Held request bodies shown to approvers are cut at this size.
     preview_body_bytes: int = Field(16 * 1024, ge=0, le=1024 * 1024)
+    # After an approval released its request, the same request again (same Idempotency-Key, or
+    # same fingerprint without one) gets 409 Already forwarded for this long, on every replica,
+    # instead of a new hold; later it is a new request. 0: never (held anew at once).
+    forwarded_retry_seconds: float = Field(24 * 3600.0, ge=0, le=366 * 24 * 3600)
 
     @model_validator(mode="after")
     def _escalation(self) -> "ApprovalsConfig":

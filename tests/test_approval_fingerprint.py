@@ -361,8 +361,9 @@ def test_async_an_approval_releases_only_the_approved_headers(make, idp, upstrea
     with agent_client(p, tok2) as c:
         done = c.post(url, content=body, headers=sent)
         assert done.status_code == 200 and done.json()["echo"] is True, done.text
-        again = c.post(url, content=body, headers=sent)
-        assert again.status_code == 202 and again.json()["approval_id"] != aid
+        again = c.post(url, content=body, headers=sent)  # a late retry: told, not held anew
+        assert again.status_code == 409 and again.json()["title"] == "Already forwarded", again.text
+        assert again.json()["approval_id"] == aid
     (hit,) = hits(upstream, mark)
     got = upstream.headers_of(hit)
     assert got["content-type"] == "application/json" and got["x-change-ticket"] == "CHG-1"

@@ -389,11 +389,12 @@ def test_async_hold_retry_and_idempotency_key(make, idp, upstream):
         assert done.status_code == 200 and done.json()["echo"] is True
         assert len(hits(upstream, mark)) == 1
 
-        # An approval releases ONE request. Once it was forwarded, the same request
-        # again is a new request: held again, under a new approval id.
-        fresh = c.post(order_url(upstream), json=order(mark))
-        assert fresh.status_code == 202, fresh.text
-        assert fresh.json()["approval_id"] != aid
+        # An approval releases ONE request. Once it was forwarded, the same request again
+        # is a late retry: 409 Already forwarded (approvals.forwarded_retry_seconds), not a new hold.
+        late = c.post(order_url(upstream), json=order(mark))
+        assert late.status_code == 409, late.text
+        assert late.json()["title"] == "Already forwarded" and late.json()["approval_id"] == aid
+        assert "new Idempotency-Key" in late.json()["detail"]
         assert len(hits(upstream, mark)) == 1
 
         # Idempotency-Key: a retry with the key attaches to the held request (even if
@@ -419,7 +420,7 @@ def test_async_hold_retry_and_idempotency_key(make, idp, upstream):
 
     assert events(p, aid) == ["requested", "approved", "forwarded"]
     recs = request_records(p, aid)
-    assert [(r["decision"], r["status"]) for r in recs] == [("hold", 202), ("hold", 202), ("allow", 200)]
+    assert [(r["decision"], r["status"]) for r in recs] == [("hold", 202), ("hold", 202), ("allow", 200), ("deny", 409)]
 
 
 def test_restart_with_pending_approvals(make, idp, upstream):
@@ -600,9 +601,8 @@ def test_concurrent_retries_of_an_approved_request_forward_once(make, idp, upstr
     with ThreadPoolExecutor(20) as pool:
         results = list(pool.map(retry, range(20)))
     assert sorted(s for s, _ in results).count(200) == 1, results
-    # the others either lost the race for this approval (409) or came after it was
-    # used and were held anew (202, another approval id)
-    assert all(s == 409 and a == aid or s == 202 and a != aid for s, a in results if s != 200), results
+    # the others lost the race for this approval or came after it was used: 409 either way
+    assert all(s == 409 and a == aid for s, a in results if s != 200), results
     assert len(hits(upstream, mark)) == 1
     assert events(p, aid).count("forwarded") == 1
 

@@ -170,8 +170,9 @@ def test_list_approvals_filters_order_pagination(make_store):
 def test_find_open_approval(make_store):
     async def body(s: Store):
         fp = "ab" * 32
-        # by idempotency key: newest open one wins, other agents and closed states never match
-        await s.create_approval(approval(1, fingerprint=fp, idempotency_key="k1", state="denied"))
+        # by idempotency key: the open one wins, other agents and closed states never match
+        # (one open approval per key and agent: the store refuses a second, test_approvals_replicas.py)
+        await s.create_approval(approval(1, fingerprint=fp, idempotency_key="k1", state="expired"))
         await s.create_approval(approval(2, fingerprint=fp, idempotency_key="k1", state="pending"))
         await s.create_approval(approval(3, fingerprint=fp, idempotency_key="k1", state="forwarded"))
         await s.create_approval(approval(4, fingerprint=fp, idempotency_key="k1", agent_id="agent-b"))

@@ -347,14 +347,22 @@ class ApprovalService:
         return sum(len(w) for w in self._waiters.values())
 
     # -- holding ---------------------------------------------------------------------
+    def forwarded_since(self) -> float | None:
+        """Approvals forwarded at or after this still answer a retry of their request (409
+        Already forwarded); None: forwarded ones never do (approvals.forwarded_retry_seconds 0)."""
+        window = self.config.forwarded_retry_seconds
+        return self.clock() - window if window > 0 else None
+
     async def find_for_retry(self, identity: AgentIdentity, req: AgentRequest) -> Approval | None:
-        """The open approval this request is a retry of: the newest one with its
-        Idempotency-Key (the caller must still check `matches`: a key never carries an
-        approval over to another request), else the newest one with its fingerprint."""
+        """The approval this request is a retry of: the newest one with its Idempotency-Key
+        (the caller must still check `matches`: a key never carries an approval over to
+        another request), else the newest one with its fingerprint; open (pending, approved,
+        denied) or forwarded within approvals.forwarded_retry_seconds."""
         agent_id = identity.agent_id
         key = req.headers.get("idempotency-key") or None
         found = await self.store.find_open_approval(
-            agent_id=agent_id, fingerprint=self.fingerprint(agent_id, req), idempotency_key=key
+            agent_id=agent_id, fingerprint=self.fingerprint(agent_id, req), idempotency_key=key,
+            forwarded_since=self.forwarded_since(),
         )
         if found is None and key is None:
             # an approval stored before fingerprint v2 (an upgrade while it was open)
@@ -379,7 +387,10 @@ class ApprovalService:
         forwarded: AgentRequest | None = None,
     ) -> Approval:
         """Hold `req`; its approval is bound to `forwarded` (the request as it will reach
-        the upstream, see forwarded_view; default: `req` itself)."""
+        the upstream, see forwarded_view; default: `req` itself). The store makes this
+        insert-or-return-existing: when an approval already answers the request (another
+        replica held it a moment ago, or it was forwarded within forwarded_retry_seconds),
+        that one is returned, in whatever state it is, and nothing is created or announced."""
         now = self.clock()
         escalate_at = now + self.config.escalate_after_seconds if self.config.escalate_after_seconds else None
         approval = Approval(
@@ -404,9 +415,10 @@ class ApprovalService:
             derived={**derived, "policies": list(policy_ids)},
             escalate_at=escalate_at,
         )
-        await self.store.create_approval(approval)
-        self._event(approval, "requested", policies=list(policy_ids), mode=mode)
-        return approval
+        stored, created = await self.store.hold_approval(approval, forwarded_since=self.forwarded_since())
+        if created:
+            self._event(approval, "requested", policies=list(policy_ids), mode=mode)
+        return stored
 
     async def wait(self, approval: Approval, timeout: float, alive: Callable[[], bool] | None = None) -> Approval:
         """Wait (at most `timeout`) for a pending approval to be decided; the latest state.
@@ -454,8 +466,10 @@ class ApprovalService:
                     w.event.set()
 
     def hold_lock(self, agent_id: str, key: str) -> asyncio.Lock:
-        """Serialises "find an open approval, else create one" for identical requests,
-        so simultaneous duplicates attach to one approval instead of each making their own."""
+        """Serialises "find an open approval, else create one" for identical requests on this
+        process: a fast path only (duplicates wait for the first one's hold instead of racing
+        it in the store). Correctness does not depend on it: the store's hold_approval is
+        insert-or-return-existing, across replicas too."""
         k = (agent_id, key)
         lock = self._hold_locks.get(k)
         if lock is None:

@@ -74,9 +74,24 @@ def _handed_over(approvals: ApprovalService, config: ApprovalsConfig, approval: 
     return refusal
 
 
-def _settled_refusal(approval: Any) -> Refusal | None:
+def _used_detail(approval: Any, config: ApprovalsConfig | None) -> str:
+    """What a retry of an already forwarded request is told: what happened and what would work."""
+    detail = "this approved request was already forwarded once"
+    if approval.forwarded_at is not None:
+        detail += f" (at {iso(approval.forwarded_at)})"
+    detail += "; an approval releases one request, so it is not forwarded again"
+    window = config.forwarded_retry_seconds if config is not None else 0
+    if approval.forwarded_at is not None and window > 0:
+        detail += (
+            f". To send it again as a new request, send it with a new Idempotency-Key: it is then held for "
+            f"approval anew (until {iso(approval.forwarded_at + window)} this same request gets this answer)"
+        )
+    return detail
+
+
+def _settled_refusal(approval: Any, config: ApprovalsConfig | None = None) -> Refusal | None:
     """The answer for an approval that is no longer pending and cannot release this request
-    (denied, expired, already used); None when it is approved."""
+    (denied, expired, already used, cancelled as a duplicate); None when it is approved."""
     policies = list(approval.derived.get("policies", []))
     if approval.state == "denied":
         return Refusal(
@@ -87,14 +102,23 @@ def _settled_refusal(approval: Any) -> Refusal | None:
         )
     if approval.state == "approved":
         return None
-    expired = approval.state == "expired"
+    if approval.state == "expired":
+        return Refusal(
+            403, "Approval expired", "nobody approved this request in time; send it again to ask anew",
+            reasons=policies, kind="approval-expired",
+            extra={"approval_id": approval.id, "approval_state": approval.state},
+        )
+    if approval.state == "cancelled":  # a duplicate made before the store enforced one per request
+        return Refusal(
+            409, "Approval cancelled",
+            "this approval was cancelled as a duplicate of a newer approval of the same request; "
+            "send the request again: it is answered by that one",
+            reasons=policies, kind="approval-used",
+            extra={"approval_id": approval.id, "approval_state": approval.state},
+        )
     return Refusal(
-        403 if expired else 409,
-        "Approval expired" if expired else "Already forwarded",
-        "nobody approved this request in time; send it again to ask anew" if expired
-        else "this approved request was already forwarded once; an approval releases one request",
-        reasons=policies,
-        kind="approval-expired" if expired else "approval-used",
+        409, "Already forwarded", _used_detail(approval, config),
+        reasons=policies, kind="approval-used",
         extra={"approval_id": approval.id, "approval_state": approval.state},
     )
 
@@ -133,19 +157,10 @@ class HoldForApproval(Stage):
         forwarded = approvals.forwarded_view(req, cls.connector, ex.plan.remove_headers)
         lock_key = req.headers.get("idempotency-key") or approvals.fingerprint(identity.agent_id, forwarded)
         principal, resource, context = evaluation.principal, evaluation.resource, evaluation.context
+        # (the lock only spares this process's duplicates a race in the store: the store's
+        # hold is what attaches identical requests on every replica to one approval)
         async with approvals.hold_lock(identity.agent_id, lock_key):
             approval = await approvals.find_for_retry(identity, forwarded)
-            if approval is not None and not approvals.matches(approval, identity.agent_id, forwarded):
-                # matched by Idempotency-Key, but not the request that was approved: never release it
-                ex.settle_pending(Refusal(
-                    422, "Idempotency-Key reused",
-                    f"the Idempotency-Key of this request belongs to another held request ({approval.id}: "
-                    f"{approval.request.get('method')} {str(approval.request.get('url') or '').partition('?')[0]}) "
-                    "with a different method, URL or "
-                    "body; an approval releases only the request that was approved. Use a new key for a new request.",
-                    reasons=list(evaluation.reasons), kind="request", extra={"approval_id": approval.id},
-                ))
-                return
             if approval is None:
                 # Hold only what an approval could actually let through.
                 prospective = dict(context, approval=approvals.prospective_context(groups))
@@ -162,10 +177,22 @@ class HoldForApproval(Stage):
                     "route": cls.route,
                     "context": {k: context[k] for k in ("params", "query_params", "fields", "rpc") if k in context},
                 }
+                # (another replica's approval of this same request, if it was first)
                 approval = await approvals.hold(
                     decision_id=ex.decision_id, identity=identity, req=req, cls=cls, groups=groups,
                     policy_ids=list(evaluation.reasons), mode=mode, derived=derived, forwarded=forwarded,
                 )
+        if not approvals.matches(approval, identity.agent_id, forwarded):
+            # matched by Idempotency-Key, but not the request that was approved: never release it
+            ex.settle_pending(Refusal(
+                422, "Idempotency-Key reused",
+                f"the Idempotency-Key of this request belongs to another request held for approval ({approval.id}: "
+                f"{approval.request.get('method')} {str(approval.request.get('url') or '').partition('?')[0]}) "
+                "with a different method, URL or "
+                "body; an approval releases only the request that was approved. Use a new key for a new request.",
+                reasons=list(evaluation.reasons), kind="request", extra={"approval_id": approval.id},
+            ))
+            return
         ex.approval_id = approval.id
         ex.policy_decision = "hold"
         if approval.state == "pending":
@@ -184,7 +211,7 @@ class HoldForApproval(Stage):
                 return
             ex.settle_pending(_held(approvals, self.config, approval, 403, "Approval pending"))
             return
-        refusal = _settled_refusal(approval)
+        refusal = _settled_refusal(approval, self.config)
         if refusal is not None:
             ex.settle_pending(refusal)
             return
@@ -235,11 +262,11 @@ class SpendApproval(Stage):
             claimed, approval = await self.approvals.claim_for_forwarding(approval)
             if claimed:
                 return
-            refusal = _settled_refusal(approval)
+            refusal = _settled_refusal(approval, self.config)
             if refusal is not None:
                 ex.refuse(refusal)
                 return
-        ex.refuse(_settled_refusal(approval) or Refusal(
+        ex.refuse(_settled_refusal(approval, self.config) or Refusal(
             409, "Approval contended", "other requests kept claiming this approval; retry the request",
             reasons=list(approval.derived.get("policies", [])), kind="approval-used",
             extra={"approval_id": approval.id, "approval_state": approval.state},

@@ -218,10 +218,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def find_open_approval(
-        self, *, agent_id: str, fingerprint: str, idempotency_key: str | None
+        self, *, agent_id: str, fingerprint: str, idempotency_key: str | None, forwarded_since: float | None = None
     ) -> Approval | None:
-        """Newest approval of this agent in pending|approved|denied that matches
-        `idempotency_key` when one is given, else `fingerprint`."""
+        """Newest approval of this agent that answers the request: in pending|approved|denied,
+        or forwarded at or after `forwarded_since` (None: forwarded ones never answer); matched
+        by `idempotency_key` when one is given, else by `fingerprint` (store/approval_holds.py)."""
+
+    @abc.abstractmethod
+    async def hold_approval(self, a: Approval, *, forwarded_since: float | None = None) -> tuple[Approval, bool]:
+        """Insert-or-return-existing, atomically across replicas (store/approval_holds.py):
+        the approval that answers `a`'s request (as find_open_approval matches it, by
+        `a.idempotency_key` or else `a.fingerprint`) and False; else `a`, stored now, and True.
+        At most one pending|approved|denied approval per request is enforced by the store."""
 
     @abc.abstractmethod
     async def update_approval(self, a: Approval, *, expect_version: int) -> bool:
@@ -513,7 +521,7 @@ class Store(abc.ABC):
 # ---------------------------------------------------------------------------
 # Helpers shared by the backends (not part of the public API).
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 SUSPENSIONS_VERSION_KEY = "suspensions_version"
 
 # (column, kind) in table order; kind: text | float | json | bool | int

@@ -52,6 +52,7 @@ from .base import (
     revision_from_row,
     suspension_from_row,
 )
+from .approval_holds import MIGRATION_V8, NEVER, find_sql_postgres, hold_sql_postgres
 from .pg_bounds import BoundedPool, InFlight, gate, socket_tuner
 from .idempotency import (IDEMPOTENCY_COLUMNS, IDEMPOTENCY_LIST_SELECT, IDEMPOTENCY_SELECT, SCOPE_PREFIXES,
                           IdempotencyEntry, entry_from_row, entry_params)
@@ -65,7 +66,7 @@ from .workflows import flag_pattern
 from .workflows import WF_SET_PG as _WF_SET_PG
 from .counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, ReserveOutcome, SettleOutcome,
                        check_amount, check_key, check_listing, check_times, parse_dec, reserve_decision)
-from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, ReplicaBeat, Suspension
+from .models import AgentRecord, Approval, PolicyRevision, ReplicaBeat, Suspension
 
 _SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 log = logging.getLogger("proctor.store")
@@ -303,6 +304,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             last_seen DOUBLE PRECISION NOT NULL
         )""",
     ),
+    8: MIGRATION_V8,  # one answering approval per request, enforced by the store (store/approval_holds.py)
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -350,16 +352,11 @@ _UPDATE_APPROVAL = (
     + ", ".join(f"{c} = ${i}" for i, c in enumerate(APPROVAL_COLUMN_NAMES[1:], start=2))
     + f" WHERE id = $1 AND version = ${_N + 1}"
 )
-_FIND_OPEN_BY_KEY = (
-    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
-    "WHERE agent_id = $1 AND idempotency_key = $2 AND state = ANY($3::text[]) "
-    "ORDER BY created_at DESC, id DESC LIMIT 1"
-)
-_FIND_OPEN_BY_FP = (
-    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
-    "WHERE agent_id = $1 AND fingerprint = $2 AND state = ANY($3::text[]) "
-    "ORDER BY created_at DESC, id DESC LIMIT 1"
-)
+# The approval answering a request, by Idempotency-Key (True) or fingerprint (False); and the
+# hold: that approval, else the new one (store/approval_holds.py).
+_FIND_ANSWERING = {by_key: find_sql_postgres(by_key) for by_key in (True, False)}
+_HOLD = {by_key: hold_sql_postgres(by_key) for by_key in (True, False)}
+_HOLD_ATTEMPTS = 5
 _DUE = (
     f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
     "WHERE state = $1 AND (expires_at <= $2 OR (escalate_at <= $2 AND NOT escalated)) "
@@ -636,14 +633,26 @@ class PostgresStore(Store):
         return int(row[0])
 
     async def find_open_approval(
-        self, *, agent_id: str, fingerprint: str, idempotency_key: str | None
+        self, *, agent_id: str, fingerprint: str, idempotency_key: str | None, forwarded_since: float | None = None
     ) -> Approval | None:
-        if idempotency_key is not None:
-            sql, key = _FIND_OPEN_BY_KEY, idempotency_key
-        else:
-            sql, key = _FIND_OPEN_BY_FP, fingerprint
-        row = await self._fetchrow("find_open_approval", sql, agent_id, key, list(OPEN_APPROVAL_STATES))
+        by_key = idempotency_key is not None
+        since = NEVER if forwarded_since is None else float(forwarded_since)
+        row = await self._fetchrow("find_open_approval", _FIND_ANSWERING[by_key], agent_id,
+                                   idempotency_key if by_key else fingerprint, since)
         return None if row is None else approval_from_row(row)
+
+    async def hold_approval(self, a: Approval, *, forwarded_since: float | None = None) -> tuple[Approval, bool]:
+        with backend_errors("hold_approval"):
+            params = approval_params(a)
+        since = NEVER if forwarded_since is None else float(forwarded_since)
+        sql = _HOLD[a.idempotency_key is not None]
+        for _ in range(_HOLD_ATTEMPTS):
+            # Empty only when the insert lost a race: another replica's hold of the same request
+            # committed after this statement's snapshot (ON CONFLICT waited for it). Read it next time.
+            row = await self._fetchrow("hold_approval", sql, *params, since)
+            if row is not None:
+                return (a, True) if row[0] else (approval_from_row(tuple(row)[1:]), False)
+        raise StoreError(f"state store: hold_approval for {a.id} kept conflicting without a row to attach to")
 
     async def update_approval(self, a: Approval, *, expect_version: int) -> bool:
         expect_version = int(expect_version)

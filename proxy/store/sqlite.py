@@ -64,6 +64,8 @@ from .base import (
     revision_from_row,
     suspension_from_row,
 )
+from .approval_holds import INSERT_SQLITE as _HOLD_INSERT
+from .approval_holds import MIGRATION_V8, NEVER, find_sql_sqlite
 from .idempotency import (IDEMPOTENCY_COLUMNS, IDEMPOTENCY_LIST_SELECT, IDEMPOTENCY_SELECT, SCOPE_PREFIXES,
                           IdempotencyEntry, entry_from_row, entry_params)
 from .claims import CLAIM_COLUMNS, Claim, ClaimOutcome, claim_from_row, decide, hand_over
@@ -77,7 +79,7 @@ from .workflows import WF_SET as _WF_SET
 from .counters import (HELD, RELEASED, SETTLED, ZERO, BudgetUsage, RateState, ReserveOutcome, SettleOutcome,
                        add, check_amount, check_key, check_listing, check_times, dec_text, dsum, parse_dec,
                        reserve_decision, usage_by_key)
-from .models import OPEN_APPROVAL_STATES, AgentRecord, Approval, PolicyRevision, ReplicaBeat, Suspension
+from .models import AgentRecord, Approval, PolicyRevision, ReplicaBeat, Suspension
 
 log = logging.getLogger("proctor.store")
 
@@ -313,6 +315,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
             last_seen REAL NOT NULL
         )""",
     ),
+    8: MIGRATION_V8,  # one answering approval per request, enforced by the store (store/approval_holds.py)
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -326,17 +329,8 @@ _UPDATE_APPROVAL = (
     + ", ".join(f"{c} = ?" for c in APPROVAL_COLUMN_NAMES[1:])
     + " WHERE id = ? AND version = ?"
 )
-_OPEN_IN = ", ".join("?" for _ in OPEN_APPROVAL_STATES)
-_FIND_OPEN_BY_KEY = (
-    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
-    f"WHERE agent_id = ? AND idempotency_key = ? AND state IN ({_OPEN_IN}) "
-    "ORDER BY created_at DESC, id DESC LIMIT 1"
-)
-_FIND_OPEN_BY_FP = (
-    f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
-    f"WHERE agent_id = ? AND fingerprint = ? AND state IN ({_OPEN_IN}) "
-    "ORDER BY created_at DESC, id DESC LIMIT 1"
-)
+# The approval answering a request, by Idempotency-Key (True) or fingerprint (False).
+_FIND_ANSWERING = {by_key: find_sql_sqlite(by_key) for by_key in (True, False)}
 _DUE = (
     f"SELECT {APPROVAL_SELECT} FROM proctor_approvals "
     "WHERE state = ? AND (expires_at <= ? OR (escalate_at IS NOT NULL AND escalate_at <= ? AND escalated = 0)) "
@@ -740,14 +734,31 @@ class SQLiteStore(Store):
         return int(row[0])
 
     async def find_open_approval(
-        self, *, agent_id: str, fingerprint: str, idempotency_key: str | None
+        self, *, agent_id: str, fingerprint: str, idempotency_key: str | None, forwarded_since: float | None = None
     ) -> Approval | None:
-        if idempotency_key is not None:
-            sql, key = _FIND_OPEN_BY_KEY, idempotency_key
-        else:
-            sql, key = _FIND_OPEN_BY_FP, fingerprint
-        row = await self._fetchone("find_open_approval", sql, (agent_id, key, *OPEN_APPROVAL_STATES))
+        by_key = idempotency_key is not None
+        since = NEVER if forwarded_since is None else float(forwarded_since)
+        row = await self._fetchone("find_open_approval", _FIND_ANSWERING[by_key],
+                                   (agent_id, idempotency_key if by_key else fingerprint, since))
         return None if row is None else approval_from_row(row)
+
+    async def hold_approval(self, a: Approval, *, forwarded_since: float | None = None) -> tuple[Approval, bool]:
+        params = approval_params(a)
+        by_key = a.idempotency_key is not None
+        since = NEVER if forwarded_since is None else float(forwarded_since)
+
+        # One BEGIN IMMEDIATE transaction (writers to the file queue): look, then insert. The
+        # unique indexes (schema 7) would refuse a second answering approval all the same.
+        def txn(conn: sqlite3.Connection) -> tuple[Approval, bool]:
+            row = conn.execute(_FIND_ANSWERING[by_key],
+                               (a.agent_id, a.idempotency_key if by_key else a.fingerprint, since)).fetchone()
+            if row is not None:
+                return approval_from_row(row), False
+            if conn.execute(_HOLD_INSERT, params).rowcount != 1:
+                raise StoreError(f"state store: approval {a.id} conflicts with a stored one")
+            return a, True
+
+        return await self._transaction("hold_approval", txn)
 
     async def update_approval(self, a: Approval, *, expect_version: int) -> bool:
         expect_version = int(expect_version)
