@@ -521,7 +521,7 @@ class Store(abc.ABC):
 # ---------------------------------------------------------------------------
 # Helpers shared by the backends (not part of the public API).
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 SUSPENSIONS_VERSION_KEY = "suspensions_version"
 
 # (column, kind) in table order; kind: text | float | json | bool | int
@@ -556,13 +556,14 @@ APPROVAL_SELECT = ", ".join(APPROVAL_COLUMN_NAMES)
 AGENT_SELECT = "id, owner, team, description, registered, first_seen, last_seen, requests, allowed, denied"
 SUSPENSION_SELECT = "kind, target, since, suspended_by, reason"
 REVISION_SELECT = "revision, loaded_at, files, active"
-REPLICA_SELECT = "replica_id, hostname, policy_source, revision, following, reload_ok, started_at, last_seen"
+REPLICA_SELECT = "replica_id, hostname, policy_source, revision, following, reload_ok, started_at, last_seen, control_url"
 
 
 def replica_from_row(row: Sequence[Any]) -> ReplicaBeat:
     return ReplicaBeat(replica_id=str(row[0]), hostname=str(row[1]), policy_source=str(row[2]), revision=str(row[3]),
                        following=None if row[4] is None else str(row[4]), reload_ok=bool(row[5]),
-                       started_at=float(row[6]), last_seen=float(row[7]))
+                       started_at=float(row[6]), last_seen=float(row[7]),
+                       control_url=None if row[8] is None else str(row[8]))
 
 
 def dump_json(value: Any) -> str:

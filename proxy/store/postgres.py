@@ -305,6 +305,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
     ),
     8: MIGRATION_V8,  # one answering approval per request, enforced by the store (store/approval_holds.py)
+    # Fleet views (proxy/control/fleet_views.py): where each replica's control API is reached.
+    9: ("ALTER TABLE proctor_replicas ADD COLUMN control_url TEXT",),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -799,12 +801,13 @@ class PostgresStore(Store):
         await self._execute(
             "heartbeat_replica",
             "INSERT INTO proctor_replicas (replica_id, hostname, policy_source, revision, following, reload_ok, "
-            "started_at, last_seen) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (replica_id) DO UPDATE SET "
+            "started_at, last_seen, control_url) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) "
+            "ON CONFLICT (replica_id) DO UPDATE SET "
             "hostname = EXCLUDED.hostname, policy_source = EXCLUDED.policy_source, revision = EXCLUDED.revision, "
             "following = EXCLUDED.following, reload_ok = EXCLUDED.reload_ok, started_at = EXCLUDED.started_at, "
-            "last_seen = EXCLUDED.last_seen",
+            "last_seen = EXCLUDED.last_seen, control_url = EXCLUDED.control_url",
             beat.replica_id, beat.hostname, beat.policy_source, beat.revision, beat.following, bool(beat.reload_ok),
-            float(beat.started_at), float(beat.last_seen))
+            float(beat.started_at), float(beat.last_seen), beat.control_url)
 
     async def list_replicas(self, seen_since: float) -> list[ReplicaBeat]:
         await self._execute("list_replicas", "DELETE FROM proctor_replicas WHERE last_seen < $1", float(seen_since))

@@ -316,6 +316,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         )""",
     ),
     8: MIGRATION_V8,  # one answering approval per request, enforced by the store (store/approval_holds.py)
+    # Fleet views (proxy/control/fleet_views.py): where each replica's control API is reached.
+    9: ("ALTER TABLE proctor_replicas ADD COLUMN control_url TEXT",),
 }
 assert max(_MIGRATIONS) == SCHEMA_VERSION
 
@@ -898,12 +900,12 @@ class SQLiteStore(Store):
         async with self._write("heartbeat_replica") as db:
             await db.execute(
                 "INSERT INTO proctor_replicas (replica_id, hostname, policy_source, revision, following, reload_ok, "
-                "started_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (replica_id) DO UPDATE SET "
-                "hostname = excluded.hostname, policy_source = excluded.policy_source, revision = excluded.revision, "
-                "following = excluded.following, reload_ok = excluded.reload_ok, started_at = excluded.started_at, "
-                "last_seen = excluded.last_seen",
+                "started_at, last_seen, control_url) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (replica_id) "
+                "DO UPDATE SET hostname = excluded.hostname, policy_source = excluded.policy_source, "
+                "revision = excluded.revision, following = excluded.following, reload_ok = excluded.reload_ok, "
+                "started_at = excluded.started_at, last_seen = excluded.last_seen, control_url = excluded.control_url",
                 (beat.replica_id, beat.hostname, beat.policy_source, beat.revision, beat.following,
-                 1 if beat.reload_ok else 0, float(beat.started_at), float(beat.last_seen)))
+                 1 if beat.reload_ok else 0, float(beat.started_at), float(beat.last_seen), beat.control_url))
 
     async def list_replicas(self, seen_since: float) -> list[ReplicaBeat]:
         async with self._write("list_replicas") as db:
