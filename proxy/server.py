@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -50,6 +51,8 @@ from .observability.tracing import Tracing
 from .identity.verifier import TokenVerifier
 from .policy.engine import PolicyStore
 from .policy.fleet import FleetPolicy
+from .store.events import StoreEvents
+from .wakeups import install as install_wakeups
 from .policy.revisions import record_revision
 from .policy.sources import policy_source
 from .store import Store, StoreError, open_store
@@ -83,6 +86,7 @@ class ProctorRuntime:
     # Held by the file watcher and by a rollback, so the watcher never loads a half-restored directory.
     policy_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     fleet: FleetPolicy | None = None  # one policy set for every replica (set by serve(); proxy/policy/fleet.py)
+    events: StoreEvents | None = None  # cross-replica wake-ups (set by serve(); proxy/wakeups.py)
     tracing: Tracing | None = None
     workflows: Workflows = field(default_factory=Workflows)
     rate_limits: RateLimits | None = None  # declared rate limits and their counters (docs/limits.md)
@@ -247,8 +251,19 @@ def engine_master(options: dict, gating_addon: object) -> Master:
 
 async def _watch_policies(runtime: ProctorRuntime) -> None:
     interval = runtime.config.policies.reload_interval_seconds
+    beat = runtime.config.policies.heartbeat_seconds
+    last = time.monotonic()
     while True:
-        await asyncio.sleep(interval)
+        # (wakes for the heartbeat too when it is shorter than the reload interval)
+        await asyncio.sleep(min(interval, beat))
+        if time.monotonic() - last < interval:
+            if runtime.fleet is not None:
+                try:
+                    await runtime.fleet.heartbeat()
+                except Exception as e:  # noqa: BLE001 - the next beat retries
+                    log.warning("replica heartbeat failed: %s", e)
+            continue
+        last = time.monotonic()
         try:
             # Parsing, validating and indexing a large set takes a while: do it off
             # the event loop so traffic keeps flowing; the swap itself is atomic.
@@ -258,7 +273,10 @@ async def _watch_policies(runtime: ProctorRuntime) -> None:
                     before = runtime.policies.bundle.revision
                     await asyncio.to_thread(runtime.policies.reload_if_changed)
                     if runtime.policies.bundle.revision != before:
-                        await record_revision(runtime.store, runtime.policies.bundle)  # published to the fleet
+                        if fleet is not None:
+                            await fleet.publish_loaded()  # the fleet's active revision now: followers load it
+                        else:
+                            await record_revision(runtime.store, runtime.policies.bundle)
             if fleet is not None:
                 await fleet.tick()  # store mode: follow the fleet's active revision; every mode: heartbeat
             if runtime.shadow is not None:
@@ -338,6 +356,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     ))
 
     watcher = asyncio.create_task(_watch_policies(runtime))
+    runtime.events = install_wakeups(runtime)  # LISTEN/NOTIFY between replicas (polling stays the fallback)
     governance_task = asyncio.create_task(runtime.governance.run())
     store_watch = asyncio.create_task(watch_store(runtime.store))
     timers = None
@@ -387,6 +406,8 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         watcher.cancel()
         governance_task.cancel()
         store_watch.cancel()
+        if runtime.events is not None:
+            await runtime.events.close()
         try:
             await runtime.governance.flush()
         except Exception:

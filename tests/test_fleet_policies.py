@@ -36,9 +36,9 @@ def fleet(tmp_path, idp, pki, upstream, upstream_tls):
     started: list[Proctor] = []
 
     def start(name: str, policies: Path = DATA / "policies", source: str = "store", connectors: list | None = None,
-              **overrides) -> Proctor:
+              poll: float = 0.2, **overrides) -> Proctor:
         cfg = {"store": {"url_env": "PROCTOR_TEST_FLEET_STORE"}, "replica_id": name,
-               "policies": {"dir": "policies", "reload_interval_seconds": 0.2, "source": source,
+               "policies": {"dir": "policies", "reload_interval_seconds": poll, "source": source,
                             "heartbeat_seconds": 0.5}, **overrides}
         p = start_proctor(tmp_path / name, idp, pki, upstream, upstream_tls, cfg, policies_src=policies, env=env,
                           extra_connectors=connectors)

@@ -330,6 +330,10 @@ class ApprovalService:
         for w in list(self._waiters.get(approval_id, ())):
             w.event.set()
 
+    def wake(self, approval_id: str) -> None:
+        """Requests held here for this approval read it now (it was decided on another replica)."""
+        self._wake(approval_id)
+
     def wake_all(self) -> None:
         """Wake every held request on this process (they re-check suspensions)."""
         self.sweep(poll_store=True)

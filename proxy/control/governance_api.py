@@ -81,6 +81,11 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         log.error("store error: %s", e)
         return problem(503, "Store unavailable", "the state store cannot be reached; try again")
 
+    async def announce_suspensions() -> None:
+        """Every other replica re-reads the kill switch now (its poll is the fallback)."""
+        if runtime.events is not None:
+            await runtime.events.publish("suspensions")
+
     async def do_suspend(kind: str, target: str, who: str, reason: str) -> web.Response:
         if not _TARGET_RE.fullmatch(target):
             return problem(400, "Bad target", "the target must be 1-256 printable characters")
@@ -89,6 +94,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         except StoreError as e:
             return unavailable(e)
         record("suspended", s, kind, target, who, s.reason)
+        await announce_suspensions()
         return reply(SuspensionOut.of(s), status=201)
 
     async def do_resume(kind: str, target: str, who: str, reason: str) -> web.Response:
@@ -99,6 +105,7 @@ def add_governance_routes(app: web.Application, runtime: "ProctorRuntime") -> No
         if not removed:
             return problem(404, "Not suspended", f"{kind} {target!r} is not suspended")
         record("resumed", None, kind, target, who, reason)
+        await announce_suspensions()
         return reply(ResumeResult(kind=kind, target=target, resumed_by=who))  # type: ignore[arg-type]
 
     async def list_agents(request: web.Request) -> web.Response:

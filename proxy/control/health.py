@@ -67,6 +67,10 @@ def store_component(runtime: "ProctorRuntime") -> Component:
         "store_id": store.identity.store_id if store.identity else None,
         "last_check": store.last_check,
     }
+    events = runtime.events
+    if events is not None:  # cross-replica wake-ups (proxy/store/events.py): informational
+        detail["events"] = {"shared": events.shared, "listening": events.connected, "received": events.received,
+                            "published": events.published}
     if store.identity is None:
         return Component("down", detail, ["the state store is not open"])
     if store.lost is not None:

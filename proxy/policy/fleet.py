@@ -160,6 +160,7 @@ class FleetPolicy:
         self.following: str | None = None  # store mode: the active revision it follows
         self.follow_error: str | None = None
         self._last_beat = 0.0
+        self.events: Any = None  # proxy/store/events.py StoreEvents: tells the other replicas at once
 
     # -- startup and the watcher ---------------------------------------------------------
     async def start(self) -> None:
@@ -178,6 +179,12 @@ class FleetPolicy:
     async def publish_loaded(self) -> None:
         b = self.policies.bundle
         await self.store.save_revision(PolicyRevision(b.revision, b.loaded_at, dict(b.sources)), keep=KEEP_REVISIONS)
+        await self.announce()
+
+    async def announce(self) -> None:
+        """The active revision changed: followers load it now rather than at their next poll."""
+        if self.events is not None:
+            await self.events.publish("policy")
 
     async def tick(self) -> None:
         """One watcher round (every reload interval): follow a new active revision; heartbeat."""
@@ -250,6 +257,7 @@ class FleetPolicy:
         """Validate, store as the fleet's active revision, and (store mode) enforce it here now."""
         revision = await asyncio.to_thread(self.validate, files)
         await self.store.save_revision(PolicyRevision(revision, self.clock(), dict(files)), keep=KEEP_REVISIONS)
+        await self.announce()
         if self.mode == "store":
             await self.follow(revision)
             await self.heartbeat(force=True)
@@ -259,6 +267,7 @@ class FleetPolicy:
         """Fleet rollback: make a kept revision active; this replica follows it at once. False: not kept."""
         if not await self.store.activate_revision(revision):
             return False
+        await self.announce()
         await self.follow(revision)
         await self.heartbeat(force=True)
         return True

@@ -780,6 +780,16 @@ class PostgresStore(Store):
                 )
         r.active = True
 
+    # ---- cross-replica events (proxy/store/events.py) ------------------------
+    async def notify(self, channel: str, payload: str) -> None:
+        await self._execute("notify", "SELECT pg_notify($1, $2)", channel, payload)
+
+    async def listener_connection(self) -> Any:
+        """A connection of its own for LISTEN (outside the pool: it stays open and idle)."""
+        with backend_errors("listen"):
+            return await asyncpg.connect(self._dsn, timeout=self.connect_timeout,
+                                         server_settings={"application_name": "proctor-listen"})
+
     async def active_revision(self) -> str | None:
         row = await self._fetchrow("active_revision",
                                    "SELECT revision FROM proctor_policy_revisions WHERE active LIMIT 1")
