@@ -472,11 +472,32 @@ class ControlConfig(Strict):
     # Location, and the default approvals.console_url, are built from it. Unset: the listen
     # address, or loopback for a wildcard listen host (with a startup warning).
     public_url: str | None = None
+    # Where the OTHER replicas reach THIS one's control API (fleet views fan out to it): a
+    # per-replica address, unlike public_url, which is usually a load-balanced Service.
+    # `peer_url_env` names an environment variable holding it (Kubernetes: built from the
+    # pod IP, `http://$(POD_IP):8081`). Unset: public_url, else a concrete listen address.
+    peer_url: str | None = None
+    peer_url_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
-    @field_validator("public_url")
+    @field_validator("public_url", "peer_url")
     @classmethod
     def _public_url(cls, v: str | None) -> str | None:
         return None if v is None else check_public_url(v)
+
+    @model_validator(mode="after")
+    def _peer(self) -> "ControlConfig":
+        if self.peer_url and self.peer_url_env:
+            raise ValueError("control: give peer_url or peer_url_env, not both")
+        return self
+
+    def peer_base_url(self) -> str | None:
+        """This replica's own control URL for the other replicas (ValueError: a bad or unset variable)."""
+        if self.peer_url_env:
+            value = os.environ.get(self.peer_url_env)
+            if not value:
+                raise ValueError(f"control.peer_url_env names {self.peer_url_env}, which is not set")
+            return check_public_url(value)
+        return self.peer_url
 
     @property
     def base_url(self) -> str:

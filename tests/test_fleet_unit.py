@@ -50,3 +50,27 @@ def test_materialized_files_load_as_the_same_revision(tmp_path: Path) -> None:
         materialize(seed, tmp_path / "active", {"schema.cedarschema": "", "../../etc/passwd": "x"})
     assert "plain file name" in str(e.value)
     assert not (tmp_path / "etc").exists()
+
+
+def test_the_url_a_replica_advertises_to_the_others(monkeypatch) -> None:
+    from proxy.config import ProctorConfig
+    from proxy.policy.fleet import advertised_control_url
+
+    def cfg(**control) -> ProctorConfig:
+        return ProctorConfig.model_validate({"control": control})
+
+    assert advertised_control_url(cfg(listen={"host": "10.0.0.7", "port": 8081})) == "http://10.0.0.7:8081"
+    assert advertised_control_url(cfg(listen={"host": "0.0.0.0", "port": 8081})) is None  # (loopback: itself)
+    svc = "http://proctor-control.proctor.svc.cluster.local:8081"
+    assert advertised_control_url(cfg(listen={"host": "0.0.0.0", "port": 8081}, public_url=svc)) == svc
+    monkeypatch.setenv("PROCTOR_PEER_URL", "http://10.1.2.3:8081")
+    # the pod's own address wins over the load-balanced Service
+    assert advertised_control_url(cfg(public_url=svc, peer_url_env="PROCTOR_PEER_URL")) == "http://10.1.2.3:8081"
+    monkeypatch.setenv("PROCTOR_PEER_URL", "http://0.0.0.0:8081")
+    with pytest.raises(ValueError):
+        advertised_control_url(cfg(peer_url_env="PROCTOR_PEER_URL"))
+    monkeypatch.delenv("PROCTOR_PEER_URL")
+    with pytest.raises(ValueError, match="not set"):
+        advertised_control_url(cfg(peer_url_env="PROCTOR_PEER_URL"))
+    with pytest.raises(ValueError, match="not both"):
+        cfg(peer_url="http://a:1", peer_url_env="X")

@@ -130,12 +130,16 @@ def default_replica_id(config: Any) -> str:
 
 def advertised_control_url(config: Any) -> str | None:
     """Where the other replicas reach this one's control API (the fleet views ask it for its
-    records): control.public_url, else a concrete listen address. None when the control API
+    records): control.peer_url(_env), else control.public_url, else a concrete listen address.
+    None when the control API
     is off, or when the only guess is loopback for a wildcard listen host: another replica
     would reach itself there."""
     if not config.control.enabled:
         return None
     c = config.control
+    peer = c.peer_base_url()
+    if peer is not None:
+        return peer
     url, guessed = control_base_url(c.listen.host, c.listen.port, c.public_url)
     return None if guessed else url
 
