@@ -562,6 +562,26 @@ def demo(keep_running: bool) -> None:
     sys.exit(run_demo(keep_running=keep_running))
 
 
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
+@click.option("--url", default=None, help="URL for the live round trip (default: a connector host).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(config_path: str | None, url: str | None, as_json: bool) -> None:
+    """Check this environment routes agent traffic through Proctor: proxy variables, NO_PROXY,
+    CA trust, and a live round trip. Exits 1 on any bypass or misconfiguration."""
+    from . import doctor as d
+    from .connectors.manifest import ManifestError
+
+    config = _load(config_path)
+    try:
+        hosts = d.connector_hosts_of(config)
+    except ManifestError as e:
+        raise click.ClickException(str(e)) from None
+    findings = d.diagnose(d.environ(), hosts, d.proctor_ca_cert(config), url)
+    click.echo(json.dumps(d.as_json(findings), indent=2) if as_json else d.render_text(findings))
+    sys.exit(d.exit_code(findings))
+
+
 def _register_subcommands() -> None:
     from .approvals.cli import approvals
     from .governance.cli import agents, policy_push, policy_revisions, policy_rollback
