@@ -43,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator)
 
-from .spec import NAME_RE, RateLimitMatch, check_dimension
+from .spec import NAME_RE, RateLimitMatch, check_key_dimensions
 from .windows import check_period, zone
 
 BUDGET_PERIODS = ("minute", "hour", "day", "week", "month", "year")
@@ -193,14 +193,7 @@ class BudgetSpec(_Strict):
     @field_validator("key")
     @classmethod
     def _key(cls, v: list[str]) -> list[str]:
-        for dim in v:
-            check_dimension(dim)
-        dupes = sorted({d for d in v if v.count(d) > 1})
-        if dupes:
-            raise ValueError(f"key names {dupes} more than once")
-        if len(v) > 8:
-            raise ValueError("a key has at most 8 dimensions")
-        return v
+        return check_key_dimensions(v)
 
     @field_validator("limit", mode="before")
     @classmethod

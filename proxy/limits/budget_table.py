@@ -24,7 +24,7 @@ from typing import Any
 from .budget_spec import BudgetSpec, CostSpec, LlmPrices
 from .keys import limit_key
 from .spec import RateLimitMatch
-from .table import GENERIC_ACTION, GENERIC_CONNECTOR, _Route, _routes, _statically
+from .table import _Route, _routes, _statically, check_match
 
 PER_CALL = CostSpec(static=Decimal(1))  # a budget over routes that declare no cost counts calls
 _CACHE_MAX = 4096
@@ -152,34 +152,11 @@ def build_budget_table(budgets: Sequence[BudgetSpec], manifests: Iterable[Any],
     routes = _routes(manifests)
     route_costs = _route_costs(manifests)
     problems: list[str] = []
-    connectors = {m.name for m in manifests} | {GENERIC_CONNECTOR}
-    actions = {r.action for r in routes} | {GENERIC_ACTION}
     compiled = []
     for i, b in enumerate(budgets):
         where = f"budgets[{i}] ({b.name})"
-        m = b.match
-        before = len(problems)
-        for name in m.connectors:
-            if name not in connectors:
-                problems.append(f"{where}: match.connectors names {name!r}, which no connector manifest declares "
-                                f"(known: {', '.join(sorted(connectors))})")
-        for a in m.actions:
-            known = any(x.startswith(a[:-1]) for x in actions) if a.endswith("*") else a in actions
-            if not known:
-                problems.append(f"{where}: match.actions names {a!r}, which no connector route has")
-        matched = [r for r in routes if _statically(m, r) is not False]
-        generic = m.matches(GENERIC_CONNECTOR, GENERIC_ACTION, m.methods[0] if m.methods else "GET")
-        if not matched and not generic and len(problems) == before:
-            problems.append(f"{where}: match selects no route of any connector")
-        for dim in b.key:
-            kind, _, value = dim.partition(":")
-            if kind in ("param", "query", "field"):
-                attr = {"param": "params", "query": "query", "field": "fields"}[kind]
-                if not any(value in getattr(r, attr) for r in matched):
-                    problems.append(f"{where}: key {dim}: none of the routes it matches declares that value "
-                                    "(every request would share one ledger)")
-            elif dim == "workflow" and not any(r.action in workflow_actions for r in matched):
-                problems.append(f"{where}: key workflow: none of the actions it matches is a workflow step")
+        matched = check_match(where, b.match, b.key, manifests, routes, frozenset(workflow_actions), problems,
+                              "ledger")
         for r in matched:
             cost = b.cost or route_costs.get((r.connector, r.route)) or PER_CALL
             missing = sorted(cost.fields - _route_fields(r))

@@ -70,6 +70,18 @@ def check_dimension(dim: str) -> str:
                      f"{', '.join(k + ':<name>' for k in VALUE_DIMENSIONS)}")
 
 
+def check_key_dimensions(v: list[str]) -> list[str]:
+    """A limit's or budget's `key`: known dimensions, each once, at most 8."""
+    for dim in v:
+        check_dimension(dim)
+    dupes = sorted({d for d in v if v.count(d) > 1})
+    if dupes:
+        raise ValueError(f"key names {dupes} more than once")
+    if len(v) > 8:
+        raise ValueError("a key has at most 8 dimensions")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -96,14 +108,7 @@ class RateLimitSpec(_Strict):
     @field_validator("key")
     @classmethod
     def _key(cls, v: list[str]) -> list[str]:
-        for dim in v:
-            check_dimension(dim)
-        dupes = sorted({d for d in v if v.count(d) > 1})
-        if dupes:
-            raise ValueError(f"key names {dupes} more than once")
-        if len(v) > 8:
-            raise ValueError("a key has at most 8 dimensions")
-        return v
+        return check_key_dimensions(v)
 
     @field_validator("period", mode="before")
     @classmethod

@@ -179,14 +179,43 @@ def usage_actions(config: Sequence[ConfigRateLimit], manifests: Iterable[Any],
     return _usage(_routes(manifests), config, workflow_actions)
 
 
+def check_match(where: str, m: RateLimitMatch, key: Sequence[str], manifests: list[Any], routes: list[_Route],
+                workflow_actions: frozenset[str], problems: list[str], counted_in: str) -> list[_Route]:
+    """Check a config declaration's `match` and `key` against the connectors' routes (shared by
+    rate limits and budgets): problems are appended; answers the routes it may match."""
+    connectors = {mf.name for mf in manifests} | {GENERIC_CONNECTOR}
+    actions = {r.action for r in routes} | {GENERIC_ACTION}
+    before = len(problems)
+    for name in m.connectors:
+        if name not in connectors:
+            problems.append(f"{where}: match.connectors names {name!r}, which no connector manifest declares "
+                            f"(known: {', '.join(sorted(connectors))})")
+    for a in m.actions:
+        known = any(x.startswith(a[:-1]) for x in actions) if a.endswith("*") else a in actions
+        if not known:
+            problems.append(f"{where}: match.actions names {a!r}, which no connector route has")
+    matched = [r for r in routes if _statically(m, r) is not False]
+    generic = m.matches(GENERIC_CONNECTOR, GENERIC_ACTION, m.methods[0] if m.methods else "GET")
+    if not matched and not generic and len(problems) == before:
+        problems.append(f"{where}: match selects no route of any connector")
+    for dim in key:
+        kind, _, value = dim.partition(":")
+        if kind in ("param", "query", "field"):
+            attr = {"param": "params", "query": "query", "field": "fields"}[kind]
+            if not any(value in getattr(r, attr) for r in matched):
+                problems.append(f"{where}: key {dim}: none of the routes it matches declares that value "
+                                f"(every request would share one {counted_in})")
+        elif dim == "workflow" and not any(r.action in workflow_actions for r in matched):
+            problems.append(f"{where}: key workflow: none of the actions it matches is a workflow step")
+    return matched
+
+
 def build_table(config: Sequence[ConfigRateLimit], manifests: Iterable[Any],
                 workflow_actions: frozenset[str] = frozenset()) -> LimitTable:
     """Compile and check every declaration (LimitConfigError lists every problem)."""
     manifests = list(manifests)
     routes = _routes(manifests)
     problems: list[str] = []
-    connectors = {m.name for m in manifests} | {GENERIC_CONNECTOR}
-    actions = {r.action for r in routes} | {GENERIC_ACTION}
 
     # route limits: one Limit per name, shared by every route that declares it
     named: dict[str, tuple[RateLimitSpec, str]] = {}
@@ -212,28 +241,7 @@ def build_table(config: Sequence[ConfigRateLimit], manifests: Iterable[Any],
             problems.append(f"{where}: the name is also a route limit's ({route_limits[c.name].where}); "
                             "limit names are unique")
         m = c.match
-        before = len(problems)
-        for name in m.connectors:
-            if name not in connectors:
-                problems.append(f"{where}: match.connectors names {name!r}, which no connector manifest declares "
-                                f"(known: {', '.join(sorted(connectors))})")
-        for a in m.actions:
-            known = any(x.startswith(a[:-1]) for x in actions) if a.endswith("*") else a in actions
-            if not known:
-                problems.append(f"{where}: match.actions names {a!r}, which no connector route has")
-        matched = [r for r in routes if _statically(m, r) is not False]
-        generic = m.matches(GENERIC_CONNECTOR, GENERIC_ACTION, m.methods[0] if m.methods else "GET")
-        if not matched and not generic and len(problems) == before:
-            problems.append(f"{where}: match selects no route of any connector")
-        for dim in c.key:
-            kind, _, value = dim.partition(":")
-            if kind in ("param", "query", "field"):
-                attr = {"param": "params", "query": "query", "field": "fields"}[kind]
-                if not any(value in getattr(r, attr) for r in matched):
-                    problems.append(f"{where}: key {dim}: none of the routes it matches declares that value "
-                                    "(every request would share one counter)")
-            elif dim == "workflow" and not any(r.action in workflow_actions for r in matched):
-                problems.append(f"{where}: key workflow: none of the actions it matches is a workflow step")
+        check_match(where, m, c.key, manifests, routes, frozenset(workflow_actions), problems, "counter")
         config_limits.append(_limit(c, "config", where, match=m))
 
     if problems:
