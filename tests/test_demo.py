@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -239,3 +241,88 @@ def test_the_demo_forgets_claims_stored_answers_and_workflow_instances_about_the
     assert counts == {**{t: 0 for t in forgotten}, **{t: 1 for t in kept}}
     _forget_mock_records(f"sqlite://{tmp_path / 'missing.db'}")  # no store yet: nothing to do
     assert not (tmp_path / "missing.db").exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid` (Linux /proc: each task's children)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for t in tasks:
+            try:
+                kids = open(f"/proc/{p}/task/{t}/children").read().split()
+            except FileNotFoundError:
+                continue
+            for k in map(int, kids):
+                if k not in found:
+                    found.add(k)
+                    todo.append(k)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process tree from /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_keep_running_stops_every_process_on_sigterm_as_on_ctrl_c(tmp_path, sig):
+    """`demo --keep-running` stopped by a service manager (SIGTERM) or a closed terminal (SIGHUP):
+    the proxy and the three mocks stop with it and the demo's ports are free again."""
+    busy = [p for p in (8080, 8081, *MOCK_PORTS) if not port_free(p)]
+    if busy:
+        pytest.skip(f"demo ports {busy} are in use on this machine")
+    demo = subprocess.Popen([sys.executable, "-m", "proxy.cli", "demo", "--keep-running"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = []
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            out.append(line)
+            if "Press Ctrl-C to stop" in line:
+                break
+        else:
+            pytest.fail("the demo ended before it was ready:\n" + "".join(out))
+        children = _descendants(demo.pid)
+        assert len(children) >= 4, children  # the proxy and three mocks at least
+        demo.send_signal(sig)
+        assert demo.wait(30) == 0, "".join(out) + demo.stdout.read()
+        deadline = time.monotonic() + 10
+        while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [c for c in children if _alive(c)], "processes outlived the demo"
+        assert all(port_free(p) for p in (8080, 8081, *MOCK_PORTS))
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+
+
+def test_children_die_with_a_demo_killed_outright(tmp_path):
+    """SIGKILL cannot be caught: the children ask the kernel for SIGTERM when their parent dies."""
+    script = ("import subprocess, sys, time\nfrom proxy.demo import _die_with_parent\n"
+              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], preexec_fn=_die_with_parent)\n"
+              "print(p.pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        if parent.poll() is None:
+            parent.kill()

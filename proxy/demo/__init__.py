@@ -104,7 +104,34 @@ def _http_ok(url: str) -> bool:
         return False
 
 
+class _Terminated(Exception):
+    """SIGTERM or SIGHUP reached the demo: unwind like Ctrl-C, so every child is stopped."""
+
+
+def _raise_terminated(signum: int, _frame: object) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def _die_with_parent() -> None:
+    """In each child (before exec): if the demo itself is killed outright (SIGKILL, OOM), the
+    kernel sends the child SIGTERM, so no mock or proxy outlives it holding the demo's ports."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _stop(procs: list[subprocess.Popen]) -> None:
+    # a second SIGTERM while stopping must not cut the cleanup short (it is delivered afterwards)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP})
+    try:
+        _stop_all(procs)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> None:
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -430,6 +457,19 @@ def _procure_to_pay(control: str, token: str, exceptions: list[dict]) -> Procure
 
 
 def run_demo(keep_running: bool = False) -> int:
+    """Run the demo; SIGTERM and SIGHUP stop it (and every process it started) as Ctrl-C does."""
+    previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run_demo(keep_running)
+    except _Terminated as e:
+        print(f"proctor demo: stopped by {e}", file=sys.stderr)
+        return 128 + signal.Signals[str(e)].value
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_demo(keep_running: bool) -> int:
     state_dir = default_config().state_dir
     state_dir.mkdir(parents=True, exist_ok=True)
     config_path = demo_limits.write_config(state_dir)  # the embedded default plus the demo's limits
@@ -449,12 +489,13 @@ def run_demo(keep_running: bool = False) -> int:
         mocks = []
         for module, port, what in MOCKS:
             mock_log = logs / f"{module.rsplit('.', 1)[-1]}.log"
-            proc = subprocess.Popen([py, "-m", module, "--port", str(port)], stdout=open(mock_log, "w"), stderr=subprocess.STDOUT)
+            proc = subprocess.Popen([py, "-m", module, "--port", str(port)], stdout=open(mock_log, "w"),
+                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
             procs.append(proc)
             mocks.append((proc, port, what, mock_log))
         proxy_log = logs / "proctor.log"
         proxy = subprocess.Popen([py, "-m", "proxy.cli", "run", "-c", str(config_path)], stdout=open(proxy_log, "w"),
-                                 stderr=subprocess.STDOUT)
+                                 stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         procs.append(proxy)
         print("proctor demo: starting mock " + ", ".join(w for _, _, w in MOCKS) + " systems and the proxy ...")
         for proc, port, what, mock_log in mocks:
@@ -646,13 +687,14 @@ def run_demo(keep_running: bool = False) -> int:
                 f"mock ticketing/CRM/ERP on 127.0.0.1:9101/9102/9103 (config: {config_path}). Try:\n"
                 f"  export TOKEN=$(proctor token issue --agent support-bot --claim 'groups=[\"support\"]')\n"
                 f"  curl -x http://support-bot:$TOKEN@127.0.0.1:{cfg.listen.port} http://127.0.0.1:{MOCK_PORT}/api/now/table/incident\n"
-                "Press Ctrl-C to stop."
+                "Press Ctrl-C to stop (SIGTERM stops it too)."
             )
+            sys.stdout.flush()
             try:
                 while all(p.poll() is None for p in procs):
                     time.sleep(0.5)
-            except KeyboardInterrupt:
-                pass
+            except (KeyboardInterrupt, _Terminated):
+                pass  # the finally below stops every process; exit 0 as after Ctrl-C
         return 0
     except RuntimeError as e:
         print(f"proctor demo failed: {e}\nlogs: {logs}", file=sys.stderr)
