@@ -40,18 +40,8 @@ def _recv_all(s: socket.socket) -> bytes:
     return data
 
 
-def test_plaintext_http_inside_connect_refused(proctor, upstream_tls, idp):
-    upstream_tls.clear()
-    tok = idp.token("tls-bot", groups=["readers"])
-    s = _connect(proctor, "localhost", upstream_tls.port, tok)
-    s.sendall(f"GET /items/1 HTTP/1.1\r\nHost: localhost:{upstream_tls.port}\r\n\r\n".encode())
-    reply = _recv_all(s)
-    s.close()
-    assert reply.startswith(b"HTTP/1.1 403"), reply
-    assert b"tls-interception-required" in reply
-    assert upstream_tls.received() == []
-    recs = [r for r in proctor.decisions() if r.get("error") == "non-TLS traffic in tunnel"]
-    assert recs and recs[-1]["port"] == upstream_tls.port
+# Plain HTTP/1 inside a tunnel is governed like forward-proxied HTTP, not refused:
+# tests/test_tunnel_http.py (allowed, denied, misdirected, smuggling, non-HTTP bytes).
 
 
 def test_garbage_bytes_inside_connect_refused(proctor, upstream_tls, idp):

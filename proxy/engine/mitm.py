@@ -11,9 +11,10 @@ Fail-closed rules enforced here rather than in a stage, because they are about
 the engine's plumbing:
 - the upstream connection is opened lazily, i.e. only after a request on it was
   allowed (`connection_strategy=lazy`);
-- inside a CONNECT tunnel only TLS is accepted; anything else (plaintext HTTP,
-  unknown bytes) is refused and recorded, never tunnelled uninspected; raw TCP
-  relaying is disabled outright;
+- inside a CONNECT tunnel only TLS and plain HTTP/1 are accepted (HTTP is decided
+  per request like forward-proxied HTTP, see tunnel_http.py); anything else is
+  refused and recorded, never tunnelled uninspected; raw TCP relaying is disabled
+  outright;
 - a client that rejects our certificate is recorded and disconnected;
 - request bodies are always buffered so the decision happens before a single
   byte reaches the upstream (streaming is only enabled for responses);
@@ -48,6 +49,7 @@ from ..shutdown import CUT_AT_SHUTDOWN, shutting_down_refusal
 from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
 from .gateway import GatewayRouter
 from .patches import BODY_GUARD, EARLY_ANSWER, UPSTREAM_FAILURE, is_timeout
+from .tunnel_http import admit_plain_http
 
 log = logging.getLogger("proctor.engine")
 
@@ -318,6 +320,8 @@ class ProctorAddon:
         parent = ctx.layers[idx - 1] if idx > 0 else None
         # A CONNECT tunnel's payload sits on the HttpStream that handled the CONNECT.
         in_tunnel = isinstance(parent, HttpStream) and parent.mode == HTTPMode.regular
+        if in_tunnel and admit_plain_http(nextlayer, chosen, ctx.client in self.tunnel_identity):
+            return  # plain HTTP/1 in the tunnel: decided per request with the tunnel's identity
         if isinstance(chosen, (layers.TCPLayer, layers.UDPLayer)) or (
             in_tunnel and not isinstance(chosen, layers.ServerTLSLayer)
         ):
@@ -329,7 +333,7 @@ class ProctorAddon:
                 Refusal(
                     403,
                     "Uninspectable traffic refused",
-                    f"only TLS is accepted inside a CONNECT tunnel to {target[0]}:{target[1]}"
+                    f"only TLS or HTTP/1 is accepted inside a CONNECT tunnel to {target[0]}:{target[1]}"
                     if target
                     else "raw TCP/UDP relaying is disabled",
                     reasons=["tls-interception-required"],
