@@ -581,6 +581,62 @@ def doctor(config_path: str | None, url: str | None, as_json: bool) -> None:
     click.echo(json.dumps(d.as_json(findings), indent=2) if as_json else d.render_text(findings))
     sys.exit(d.exit_code(findings))
 
+@main.command()
+@click.option("--backend", type=click.Choice(["iptables", "nftables"]), default="iptables", show_default=True)
+@click.option("--proxy-uid", default=None, metavar="UID", help="The uid Proctor runs as: its traffic is not redirected. Required.")
+@click.option("--proxy-port", default="15001", show_default=True, metavar="PORT", help="Proctor's transparent listener port.")
+@click.option("--exclude-uid", "exclude_uids", multiple=True, metavar="UID", help="Another uid not redirected (a hole; repeatable).")
+@click.option("--exclude-port", "exclude_ports", multiple=True, metavar="PORT",
+              help="An outbound TCP destination port not redirected (a hole; repeatable).")
+@click.option("--exclude-cidr", "exclude_cidrs", multiple=True, metavar="CIDR",
+              help="A destination network not redirected (a hole; repeatable).")
+@click.option("--dns-port", default="53", show_default=True, metavar="PORT", help="The DNS port allowed out (UDP and TCP).")
+@click.option("--dns-server", "dns_servers", multiple=True, metavar="IP|auto",
+              help="Allow DNS only to these resolvers (repeatable; auto: the nameservers in /etc/resolv.conf).")
+@click.option("--ipv6/--no-ipv6", default=True, show_default=True, help="Also write the IPv6 rules.")
+@click.option("--netns", default=None, metavar="NAME", help="A named network namespace (ip netns) instead of the current one.")
+@click.option("--apply", "do_apply", is_flag=True, help="Apply the rules (atomic, idempotent) instead of printing them.")
+@click.option("--remove", "do_remove", is_flag=True, help="Delete the rules --apply added.")
+def netsetup(
+    backend: str, proxy_uid: str | None, proxy_port: str, exclude_uids: tuple[str, ...], exclude_ports: tuple[str, ...],
+    exclude_cidrs: tuple[str, ...], dns_port: str, dns_servers: tuple[str, ...], ipv6: bool, netns: str | None,
+    do_apply: bool, do_remove: bool,
+) -> None:
+    """Print (or --apply) the iptables/nftables rules that redirect every TCP connection but
+    Proctor's own to its transparent listener, and let nothing else out but DNS and ICMP
+    (docs/deployment.md#netsetup-reference). Exit 2 on bad input, 1 when the rules cannot be applied."""
+    from . import netsetup as ns
+
+    be = "nftables" if backend == "nftables" else "iptables"
+    try:
+        if do_apply and do_remove:
+            raise ns.InputError("--apply and --remove exclude each other")
+        if netns is not None:
+            ns.check_netns_name(netns)
+        if do_remove:
+            ns.preflight(be, netns, ipv6)
+            click.echo(ns.remove(be, ns.Runner(netns), ipv6=ipv6))
+            return
+        plan = ns.build_plan(
+            proxy_uid=proxy_uid, proxy_port=proxy_port, exclude_uids=exclude_uids, exclude_ports=exclude_ports,
+            exclude_cidrs=exclude_cidrs, dns_port=dns_port, dns_servers=dns_servers, ipv6=ipv6,
+            resolv_conf=ns.resolv_conf_for(netns),
+        )
+        if not do_apply:
+            click.echo(ns.render(plan, be, netns), nl=False)
+            return
+        ns.preflight(be, netns, ipv6)
+        for w in plan.warnings:
+            click.echo(f"WARNING: {w}", err=True)
+        click.echo(ns.apply(plan, be, ns.Runner(netns)))
+    except ns.InputError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    except ns.SetupError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+
+
 
 def _register_subcommands() -> None:
     from .approvals.cli import approvals

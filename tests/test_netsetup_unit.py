@@ -1,0 +1,315 @@
+"""`proctor netsetup`: the rendered rules (both backends), input validation and the CLI's
+errors, without touching any packet filter (the real thing: tests/test_netsetup_netns.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import ROOT
+from proxy import netsetup as ns
+from proxy.cli import main
+
+
+def plan(**kw: object) -> ns.Plan:
+    return ns.build_plan(**{"proxy_uid": 1337, **kw})  # type: ignore[arg-type]
+
+
+def restore_rules(text: str, table: str) -> list[str]:
+    """The -A lines of one table in iptables-restore input."""
+    out, current = [], ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            current = line[1:]
+        elif current == table and line.startswith("-A "):
+            out.append(line)
+    return out
+
+
+# ----------------------------------------------------------------- iptables rendering
+def test_iptables_defaults_redirect_every_tcp_but_proctors():
+    p = plan()
+    v4 = ns.iptables_restore_input(p, 4)
+    nat = restore_rules(v4, "nat")
+    # the exemption is a positive owner match, first (socketless kernel packets never match it)
+    assert nat[0].startswith("-A PROCTOR_OUTPUT -m owner --uid-owner 1337 ") and nat[0].endswith("-j RETURN")
+    assert not any("! --uid-owner" in r for r in nat)
+    assert any(r.startswith("-A PROCTOR_OUTPUT -o lo ") and r.endswith("-j RETURN") for r in nat)
+    assert nat[-1].startswith("-A PROCTOR_OUTPUT -p tcp ") and nat[-1].endswith("-j REDIRECT --to-ports 15001")
+    # DNS over TCP is the only destination port let past by default
+    assert [r for r in nat if "--dport" in r] == [
+        '-A PROCTOR_OUTPUT -p tcp --dport 53 -m comment --comment "proctor: DNS over TCP" -j RETURN'
+    ]
+    flt = restore_rules(v4, "filter")
+    assert flt[0].startswith("-A PROCTOR_OUTPUT -m owner --uid-owner 1337 ")
+    assert flt[-1].endswith("-j DROP") and "-p" not in flt[-1]
+    assert any("-p tcp -m conntrack --ctstate DNAT" in r for r in flt)
+    assert any("--ctdir REPLY" in r for r in flt)
+    assert [r.split(" -m comment")[0] for r in flt if "-p udp" in r] == ["-A PROCTOR_OUTPUT -p udp --dport 53"]
+    assert any(r.startswith("-A PROCTOR_OUTPUT -p icmp ") for r in flt)
+    # both chains declared (created, or flushed when present); without `jumps`, no OUTPUT line
+    assert v4.count(":PROCTOR_OUTPUT - [0:0]") == 2 and "OUTPUT 1" not in v4
+    assert v4.count("COMMIT") == 2
+
+
+def test_iptables_ipv6_is_the_same_with_icmpv6():
+    p = plan(exclude_cidrs=["10.0.0.0/8", "fd00::/8"])
+    v4, v6 = ns.iptables_restore_input(p, 4), ns.iptables_restore_input(p, 6)
+    assert "-p ipv6-icmp" in v6 and "-p icmp " not in v6
+    assert "fd00::/8" in v6 and "10.0.0.0/8" not in v6
+    assert "10.0.0.0/8" in v4 and "fd00::/8" not in v4
+    assert restore_rules(v6, "nat")[-1].endswith("-j REDIRECT --to-ports 15001")
+
+
+def test_iptables_exclusions_are_returns_before_the_redirect_and_the_drop():
+    p = plan(exclude_uids=["2000", 1337], exclude_ports=["5432", "5432"], exclude_cidrs=["169.254.169.254/32"],
+             dns_servers=["10.96.0.10"], dns_port="5353")
+    v4 = ns.iptables_restore_input(p, 4)
+    nat, flt = restore_rules(v4, "nat"), restore_rules(v4, "filter")
+    for rules in (nat, flt):
+        assert sum("--uid-owner" in r for r in rules) == 2  # the proxy uid once, 2000 once
+        assert sum("--dport 5432" in r for r in rules) == 1
+        assert sum("-d 169.254.169.254/32 -p tcp" in r for r in rules) == 1
+    redirect = nat.index(nat[-1])
+    assert all(nat.index(r) < redirect for r in nat if "EXCLUDED" in r)
+    assert "-d 10.96.0.10/32 -p tcp --dport 5353" in nat[3]
+    assert [r.split(" -m comment")[0] for r in flt if "5353" in r] == [
+        "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p udp --dport 5353",
+        "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p tcp --dport 5353",
+    ]
+    # a pinned IPv4 resolver: no DNS at all over IPv6
+    assert "5353" not in ns.iptables_restore_input(p, 6)
+    # exclusions are TCP only: UDP still has DNS alone
+    assert [r for r in flt if "-p udp" in r and "5353" not in r] == []
+
+
+def test_iptables_apply_input_replaces_the_jumps_in_the_same_transaction():
+    saved = "\n".join([
+        "*nat", ":OUTPUT ACCEPT [0:0]", ":PROCTOR_OUTPUT - [0:0]", "-A OUTPUT -j PROCTOR_OUTPUT",
+        "-A OUTPUT -p tcp -j PROCTOR_OUTPUT", "-A OUTPUT -j KUBE_SOMETHING", "COMMIT",
+        "*filter", ":OUTPUT ACCEPT [0:0]", "-A OUTPUT -p tcp --dport 9 -j ACCEPT", "COMMIT",
+    ])
+    jumps = ns.jump_rules(saved)
+    assert jumps == {"nat": ["-A OUTPUT -j PROCTOR_OUTPUT", "-A OUTPUT -p tcp -j PROCTOR_OUTPUT"]}
+    text = ns.iptables_restore_input(plan(), 4, jumps=jumps)
+    nat_part = text.split("*filter")[0]
+    assert "-D OUTPUT -j PROCTOR_OUTPUT\n-D OUTPUT -p tcp -j PROCTOR_OUTPUT\n-I OUTPUT 1 -j PROCTOR_OUTPUT\nCOMMIT" in nat_part
+    filter_part = text.split("*filter")[1]
+    assert "-D OUTPUT" not in filter_part and filter_part.count("-I OUTPUT 1 -j PROCTOR_OUTPUT") == 1
+
+
+def test_iptables_remove_input_deletes_only_proctors():
+    saved = "\n".join([
+        "*nat", ":OUTPUT ACCEPT [0:0]", ":PROCTOR_OUTPUT - [0:0]", ":OTHER - [0:0]", "-A OUTPUT -j PROCTOR_OUTPUT",
+        "-A OUTPUT -j OTHER", "-A PROCTOR_OUTPUT -p tcp -j REDIRECT --to-ports 15001", "COMMIT",
+        "*filter", ":OUTPUT ACCEPT [0:0]", "-A OUTPUT -j ACCEPT", "COMMIT",
+    ])
+    assert ns.iptables_remove_input(saved) == "*nat\n-D OUTPUT -j PROCTOR_OUTPUT\n-F PROCTOR_OUTPUT\n-X PROCTOR_OUTPUT\nCOMMIT\n"
+    assert ns.iptables_remove_input("*filter\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n") is None
+
+
+# ----------------------------------------------------------------- nftables rendering
+def test_nft_one_inet_table_replaced_atomically():
+    text = ns.nft_ruleset(plan(exclude_ports=[5432, 8125], exclude_cidrs=["10.0.0.0/8", "fd00::/8"]))
+    lines = [line.strip() for line in text.splitlines()]
+    # create-then-delete both families' tables, then the new one: one transaction, idempotent
+    assert lines[:5] == ["table ip proctor", "delete table ip proctor", "table inet proctor",
+                         "delete table inet proctor", "table inet proctor {"]
+    nat = lines[lines.index("chain output_nat {") + 1: lines.index("chain output_filter {")]
+    flt = lines[lines.index("chain output_filter {") + 1:]
+    assert nat[0] == "type nat hook output priority -100; policy accept;"
+    assert nat[1].startswith("meta skuid 1337 return")
+    assert not any("skuid !=" in r for r in nat + flt)
+    assert nat[-2].startswith("meta l4proto tcp redirect to :15001")
+    assert 'tcp dport { 5432, 8125 } return comment "EXCLUDED port (a hole)"' in nat
+    assert any(r.startswith("ip daddr 10.0.0.0/8 meta l4proto tcp return") for r in nat)
+    assert any(r.startswith("ip6 daddr fd00::/8 meta l4proto tcp return") for r in nat)
+    assert flt[0] == "type filter hook output priority 0; policy accept;"
+    assert flt[1].startswith("meta skuid 1337 return")
+    assert any(r.startswith("meta l4proto tcp ct status dnat return") for r in flt)
+    assert any(r.startswith("meta l4proto { tcp, udp } th dport 53 return") for r in flt)
+    assert any(r.startswith("meta l4proto { icmp, ipv6-icmp } return") for r in flt)
+    assert flt[-3].startswith("counter drop")
+
+
+def test_nft_without_ipv6_uses_the_ip_family():
+    text = ns.nft_ruleset(plan(ipv6=False, dns_servers=["10.96.0.10"]))
+    assert "table ip proctor {" in text and "table inet proctor {" not in text
+    assert "ipv6-icmp" not in text and "ip6 " not in text
+    assert "ip daddr 10.96.0.10/32 meta l4proto { tcp, udp } th dport 53 return" in text
+    # the other family's table goes in the same transaction
+    assert text.startswith("table inet proctor\ndelete table inet proctor\n")
+
+
+def test_nft_remove_deletes_both_of_proctors_tables_and_nothing_else():
+    assert ns.NFT_REMOVE == ("table inet proctor\ndelete table inet proctor\n"
+                             "table ip proctor\ndelete table ip proctor\n")
+
+
+# -------------------------------------------------------------------- printed form
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_the_printed_form_explains_and_warns_about_holes(backend: str):
+    p = plan(exclude_uids=[2000], exclude_ports=[5432], exclude_cidrs=["10.0.0.0/8"])
+    text = ns.render(p, backend, netns="agent1")  # type: ignore[arg-type]
+    comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "WARNING: every exclusion is a hole around Proctor" in comments
+    for hole in ("uid 2000", "port 5432", "10.0.0.0/8", "DNS (UDP and TCP port 53) may go to any host"):
+        assert hole in comments
+    assert "must not run as Proctor's uid nor hold NET_ADMIN" in comments
+    assert "ip netns exec agent1" in comments
+    assert f"--backend {backend} --proxy-uid 1337 --proxy-port 15001 --exclude-uid 2000" in comments
+    if backend == "nftables":
+        assert text.startswith("#!/usr/sbin/nft -f\n") and text.endswith(ns.nft_ruleset(p))
+    else:
+        assert text.startswith("#!/bin/sh\n") and "set -eu" in text
+        body = text.split("<<'PROCTOR_IPV4'\n")[1].split("\nPROCTOR_IPV4\n")[0] + "\n"
+        assert body == ns.iptables_restore_input(p, 4)
+        assert "ip6tables-restore --wait --noflush <<'PROCTOR_IPV6'" in text
+        assert "iptables -w -t nat -C OUTPUT -j PROCTOR_OUTPUT 2>/dev/null || iptables -w -t nat -I OUTPUT 1" in text
+
+
+def test_no_warning_when_nothing_is_excluded_and_dns_pinned():
+    p = plan(dns_servers=["10.96.0.10", "fd00::a"])
+    assert p.warnings == ()
+    assert "WARNING" not in ns.render(p, "iptables")
+
+
+def test_printed_script_is_valid_shell():
+    text = ns.render(plan(exclude_cidrs=["10.0.0.0/8"]), "iptables")
+    done = subprocess.run(["sh", "-n"], input=text, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+# ------------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"proxy_uid": None}, "--proxy-uid is required"),
+        ({"proxy_uid": "root"}, "'root' is not a uid"),
+        ({"proxy_uid": 0}, "uid 0 would exempt every process running as root"),
+        ({"proxy_uid": -5}, "out of range"),
+        ({"proxy_uid": 2**32 - 1}, "out of range"),
+        ({"proxy_port": "0"}, "--proxy-port: port 0 is out of range"),
+        ({"proxy_port": "15001x"}, "not a port number"),
+        ({"exclude_uids": ["0"]}, "--exclude-uid: uid 0"),
+        ({"exclude_ports": ["65536"]}, "--exclude-port: port 65536"),
+        ({"exclude_cidrs": ["10.0.0.1/8"]}, "has host bits set; did you mean 10.0.0.0/8?"),
+        ({"exclude_cidrs": ["example.com"]}, "not an IP address or CIDR"),
+        ({"exclude_cidrs": ["0.0.0.0/0"]}, "excludes every destination"),
+        ({"exclude_cidrs": ["::/0"]}, "excludes every destination"),
+        ({"exclude_cidrs": ["fd00::/8"], "ipv6": False}, "IPv6 CIDR with --no-ipv6"),
+        ({"dns_port": "-1"}, "--dns-port"),
+        ({"dns_servers": ["10.0.0.300"]}, "--dns-server"),
+    ],
+)
+def test_bad_input_is_refused_with_the_option_named(kw: dict, message: str):
+    with pytest.raises(ns.InputError, match=re.escape(message)):
+        ns.build_plan(**{"proxy_uid": 1337, **kw})
+
+
+def test_dns_server_auto_reads_the_resolvers(tmp_path: Path):
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("search svc.cluster.local\nnameserver 10.96.0.10\nnameserver fe80::1%eth0\noptions ndots:5\n")
+    p = ns.build_plan(proxy_uid=1337, dns_servers=["auto"], resolv_conf=conf)
+    assert [str(n) for n in p.dns_servers or ()] == ["10.96.0.10/32", "fe80::1/128"]
+    conf.write_text("search x\n")
+    with pytest.raises(ns.InputError, match="names no nameserver"):
+        ns.build_plan(proxy_uid=1337, dns_servers=["auto"], resolv_conf=conf)
+    with pytest.raises(ns.InputError, match="cannot read"):
+        ns.build_plan(proxy_uid=1337, dns_servers=["auto"], resolv_conf=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "-x", ".", "..", "x" * 64, "", "a b", "a;b"])
+def test_bad_netns_names_are_refused(name: str):
+    with pytest.raises(ns.InputError):
+        ns.check_netns_name(name)
+
+
+@pytest.mark.parametrize("name", ["agent", "pod-1", "a.b_c", "x" * 63])
+def test_netns_names_accepted(name: str):
+    assert ns.check_netns_name(name) == name
+
+
+# ----------------------------------------------------------------------- preflight
+def test_preflight_needs_the_binaries_the_capability_and_the_namespace(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setattr(ns.shutil, "which", lambda b: None if b == "ip6tables-restore" else f"/usr/sbin/{b}")
+    with pytest.raises(ns.SetupError, match="ip6tables-restore not found on PATH: install iptables"):
+        ns.preflight("iptables", None, True, caps=-1)
+    ns.preflight("iptables", None, False, caps=1 << ns.CAP_NET_ADMIN)  # IPv4 only: no ip6tables needed
+    monkeypatch.setattr(ns.shutil, "which", lambda b: f"/usr/sbin/{b}")
+    with pytest.raises(ns.SetupError, match=r"CAP_NET_ADMIN.*capabilities add: \[NET_ADMIN, NET_RAW\]"):
+        ns.preflight("iptables", None, True, caps=0)
+    monkeypatch.setattr(ns, "NETNS_DIR", tmp_path)
+    with pytest.raises(ns.SetupError, match="--netns needs CAP_SYS_ADMIN"):
+        ns.preflight("nftables", "agent", True, caps=1 << ns.CAP_NET_ADMIN)
+    with pytest.raises(ns.SetupError, match="no network namespace 'agent'"):
+        ns.preflight("nftables", "agent", True, caps=-1)
+    (tmp_path / "agent").touch()
+    ns.preflight("nftables", "agent", True, caps=-1)
+
+
+def test_effective_capabilities_are_read_from_proc(tmp_path: Path):
+    status = tmp_path / "status"
+    status.write_text("Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t0000000000003000\n")
+    assert ns.effective_capabilities(status) == 0x3000
+    assert ns.effective_capabilities(tmp_path / "nope") is None
+
+
+# ------------------------------------------------------------------------------ CLI
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "netsetup", *args], capture_output=True, text=True,
+                          cwd=str(ROOT), env={**os.environ, **(env or {})}, timeout=60)
+
+
+def test_cli_prints_the_rules_by_default():
+    result = CliRunner().invoke(main, ["netsetup", "--proxy-uid", "1337"])
+    assert result.exit_code == 0, result.output
+    assert result.output == ns.render(plan(), "iptables")
+    result = CliRunner().invoke(main, ["netsetup", "--backend", "nftables", "--proxy-uid", "1337", "--no-ipv6"])
+    assert result.exit_code == 0 and result.output == ns.render(plan(ipv6=False), "nftables")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "--proxy-uid is required"),
+        (["--proxy-uid", "1337", "--exclude-cidr", "10.1.1.1/16"], "did you mean 10.1.0.0/16"),
+        (["--proxy-uid", "1337", "--apply", "--remove"], "--apply and --remove exclude each other"),
+        (["--proxy-uid", "1337", "--netns", "../../proc/1/ns/net", "--apply"], "not a network namespace name"),
+        (["--proxy-uid", "1337", "--backend", "ebpf"], "Invalid value for '--backend'"),
+    ],
+)
+def test_cli_bad_input_exits_2_without_a_traceback(args: list[str], message: str):
+    done = run_cli(*args)
+    assert done.returncode == 2, done
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_cli_missing_backend_binary_exits_1(tmp_path: Path):
+    done = run_cli("--backend", "nftables", "--proxy-uid", "1337", "--apply", env={"PATH": str(tmp_path)})
+    assert done.returncode == 1
+    assert "nft not found on PATH: install nftables" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("--remove", env={"PATH": str(tmp_path)})
+    assert done.returncode == 1 and "iptables-save not found on PATH: install iptables" in done.stderr
+
+
+def test_cli_unknown_namespace_exits_1():
+    done = run_cli("--proxy-uid", "1337", "--apply", "--netns", "proctor-no-such-namespace")
+    assert done.returncode == 1, done
+    assert "no network namespace 'proctor-no-such-namespace'" in done.stderr or "CAP_" in done.stderr
+
+
+def test_runner_failures_become_clear_errors():
+    runner = ns.Runner()
+    with pytest.raises(ns.SetupError, match=r"failed \(exit 4\): iptables-restore: Permission denied.*needs CAP_NET_ADMIN"):
+        runner.run(["sh", "-c", "echo 'iptables-restore: Permission denied (you must be root)' >&2; exit 4"])
+    with pytest.raises(ns.SetupError, match="not found on PATH"):
+        runner.run(["proctor-no-such-binary"])
+    assert runner.run(["sh", "-c", "cat"], stdin="rules\n") == "rules\n"
