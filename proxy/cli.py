@@ -488,6 +488,74 @@ def policy_replay(
         sys.exit(1)
 
 
+@policy.command("suggest")
+@click.option("--since", default=None, help="Only traffic since this time (ISO 8601, or 30m, 24h, 7d ago).")
+@click.option("--until", default=None, help="Only traffic before this time.")
+@click.option("--agent", "agents", multiple=True, metavar="ID", help="Only this agent's traffic (repeatable).")
+@click.option("--connector", "connectors", multiple=True, metavar="NAME", help="Only this connector's traffic (repeatable).")
+@click.option("--records", "records", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Decision record file(s) to learn from, .gz too (repeatable; default: the config's and its rotated files).")
+@click.option("--group-by", type=click.Choice(["group", "agent"]), default="group", show_default=True,
+              help="One permit per agent group (agents in no group: per agent), or per agent.")
+@click.option("--no-bounds", is_flag=True, help="No bounds on the values seen: scope (principal, action, resource type) only.")
+@click.option("--min-count", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Leave out a permit learned from fewer requests than this.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the suggestion to this file instead of stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable: the permits, what each covers, the Cedar text, the proof.")
+@click.option("--check", is_flag=True, help="Exit 1 when the replay changes any recorded decision, also of traffic not learned from.")
+@policy_options
+def policy_suggest(
+    since: str | None, until: str | None, agents: tuple[str, ...], connectors: tuple[str, ...], records: tuple[str, ...],
+    group_by: str, no_bounds: bool, min_count: int, output: str | None, as_json: bool, check: bool,
+    config_path: str | None, policy_dir: str | None, schema_file: str | None,
+) -> None:
+    """Suggest least-privilege Cedar permits from recorded traffic (allowed, or monitored and
+    forwarded): one per agent group, action and resource type, bounded to the typed values
+    seen. Validated against the schema and proven by a replay of the same traffic; the
+    forbid policies and approval holds of the policy set keep applying on top.
+
+    Exit status: 0 suggested, 1 the suggestion does not validate or does not allow a request
+    it learned from (with --check also: the replay decides any recorded request otherwise),
+    2 unusable input or nothing to learn from."""
+    from .connectors.manifest import ManifestError, load_manifests
+    from .policy.replay import ReplayInputError, parse_time
+    from .policy.suggest import (Filters, Options, SuggestInputError, SuggestionRejected, decision_files,
+                                 render_proof, suggest, summary)
+
+    config = _load(config_path)
+    source = _policy_source(config_path, policy_dir, schema_file)
+    try:
+        filters = Filters(parse_time(since) if since else None, parse_time(until) if until else None,
+                          frozenset(agents), frozenset(connectors))
+        paths = [Path(r) for r in records] if records else decision_files(config.decisions_path)
+        manifests = list(source.manifests) or load_manifests(config.connectors_dir)
+        options = Options(filters, "agent" if group_by == "agent" else "group", not no_bounds, min_count)
+        result = suggest(paths, source, options, manifests)
+    except (ReplayInputError, SuggestInputError, ManifestError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except SuggestionRejected as e:
+        for p in e.problems:
+            click.echo(f"error: {p}", err=True)
+        if e.result is not None and e.result.proof is not None:
+            click.echo(render_proof(e.result.proof), err=True)
+        sys.exit(1)
+    if output:
+        tmp = Path(output).with_name(f".{Path(output).name}.tmp")
+        tmp.write_text(result.text)
+        tmp.replace(output)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2, default=str))
+    elif not output:
+        click.echo(result.text, nl=False)
+    click.echo(summary(result), err=True)
+    if output:
+        click.echo(f"wrote {output}", err=True)
+    assert result.proof is not None
+    if check and not result.proof.unchanged:
+        sys.exit(1)
+
+
 @main.group()
 def connector() -> None:
     """Connector manifests."""
