@@ -57,6 +57,7 @@ K8S_VERSION = "1.30"
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 REPLICAS = K8S_DIR / "replicas"
 SIDECAR = K8S_DIR / "sidecar"
+TRANSPARENT = K8S_DIR / "transparent"
 SERVICEMONITOR_SCHEMA = Path(__file__).resolve().parent / "data" / "k8s" / "servicemonitor-v1.schema.json"
 # Custom resources validated against a checked-in schema instead of kubernetes-validate's.
 CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICEMONITOR_SCHEMA}
@@ -158,7 +159,7 @@ def test_the_validators_refuse_what_kubernetes_would():
         jsonschema.validate(monitor, json.loads(SERVICEMONITOR_SCHEMA.read_text()))
 
 
-@pytest.mark.parametrize("folder", [REPLICAS, SIDECAR], ids=["replicas", "sidecar"])
+@pytest.mark.parametrize("folder", [REPLICAS, SIDECAR, TRANSPARENT], ids=["replicas", "sidecar", "transparent"])
 def test_kustomizations_list_every_manifest(folder: Path):
     (k,) = docs_of(folder / "kustomization.yaml")
     assert k["kind"] == "Kustomization"
@@ -173,7 +174,7 @@ def test_kustomizations_list_every_manifest(folder: Path):
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with its built-in kustomize) not installed")
-@pytest.mark.parametrize("folder", [REPLICAS, SIDECAR], ids=["replicas", "sidecar"])
+@pytest.mark.parametrize("folder", [REPLICAS, SIDECAR, TRANSPARENT], ids=["replicas", "sidecar", "transparent"])
 def test_kustomize_builds(folder: Path):
     out = subprocess.run(["kubectl", "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -352,6 +353,181 @@ def test_the_policy_and_connector_configmaps_compile_together(tmp_path: Path):
     bundle = load_bundle(policy_source(cfg, manifests=manifests))
     assert bundle.policy_count == 3
     assert unformatted(cfg.policies.dir) == [], "format the policies with `proctor policy fmt`"
+
+
+# ------------------------------------------------------- the transparent sidecar
+# What makes bypass impossible in deploy/kubernetes/transparent: the init container really
+# writes the redirect for the uid and port the proctor container uses, and the agent can
+# neither be that uid nor undo the rules.
+PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy"}
+CA_VARS = {"SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"}
+
+
+def transparent_pod() -> tuple[list[dict], dict, dict[str, dict]]:
+    objs = objects(TRANSPARENT)
+    spec = one(objs, "Deployment", "support-agent")["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in [*spec["initContainers"], *spec["containers"]]}
+    return objs, spec, containers
+
+
+def run_as(spec: dict, container: dict) -> tuple[int | None, bool | None]:
+    """The uid and runAsNonRoot a container gets (its own securityContext over the pod's)."""
+    pod, own = spec.get("securityContext", {}), container.get("securityContext", {})
+    return own.get("runAsUser", pod.get("runAsUser")), own.get("runAsNonRoot", pod.get("runAsNonRoot"))
+
+
+def netsetup_args(container: dict, tmp_path: Path):
+    """The init container's command parsed by `proctor netsetup` itself, and the plan it builds."""
+    from proxy import netsetup as ns
+    from proxy.cli import netsetup
+
+    argv = [*container.get("command", []), *container.get("args", [])]
+    assert argv[:2] == ["proctor", "netsetup"], f"the init container runs {argv}, not proctor netsetup"
+    ctx = netsetup.make_context("netsetup", argv[2:])
+    p = ctx.params
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 10.96.0.10\n")  # what a pod's resolv.conf names
+    plan = ns.build_plan(
+        proxy_uid=p["proxy_uid"], proxy_port=p["proxy_port"], exclude_uids=p["exclude_uids"],
+        exclude_ports=p["exclude_ports"], exclude_cidrs=p["exclude_cidrs"], dns_port=p["dns_port"],
+        dns_servers=p["dns_servers"], ipv6=p["ipv6"], resolv_conf=resolv,
+    )
+    return argv, p, plan
+
+
+def test_transparent_init_container_redirects_to_the_sidecars_uid_and_port(tmp_path: Path):
+    objs, spec, containers = transparent_pod()
+    (init,) = [c for c in spec["initContainers"] if "netsetup" in [*c.get("command", []), *c.get("args", [])]]
+    argv, params, plan = netsetup_args(init, tmp_path)
+    assert params["do_apply"] and not params["do_remove"] and params["netns"] is None  # this pod's namespace
+    proctor = proctor_container(one(objs, "Deployment"))
+    assert plan.proxy_uid == run_as(spec, proctor)[0] == 1337
+    cfg = load_embedded(embedded_config(objs), tmp_path)
+    assert cfg.transparent.enabled and plan.proxy_port == cfg.transparent.port == 15001
+    # no hole: nothing excluded, DNS pinned to the pod's resolvers, IPv6 covered
+    assert (plan.exclude_uids, plan.exclude_ports, plan.exclude_cidrs) == ((), (), ())
+    assert params["dns_servers"] == ("auto",) and plan.ipv6 and plan.warnings == ()
+    # an init container (run to completion before the agent starts), not a restartable sidecar
+    assert init in spec["initContainers"] and "restartPolicy" not in init
+    sc = init["securityContext"]
+    assert run_as(spec, init) == (0, False)
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]}
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    # it reuses the Proctor image, so that image ships the backends (deploy/Dockerfile)
+    assert init["image"] == proctor["image"]
+
+
+def test_transparent_only_the_init_container_is_root_or_privileged():
+    _, spec, containers = transparent_pod()
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for name, c in containers.items():
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and "privileged" not in sc, name
+        if name == "proctor-netsetup":
+            continue
+        uid, non_root = run_as(spec, c)
+        assert uid not in (None, 0) and non_root is not False, name
+        assert sc["capabilities"] == {"drop": ["ALL"]}, name
+    # the rules are the pod's own: never the node's
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("shareProcessNamespace")
+
+
+def test_transparent_agent_cannot_be_proctor_nor_undo_the_rules(tmp_path: Path):
+    objs, spec, containers = transparent_pod()
+    agent = containers["agent"]
+    uid, non_root = run_as(spec, agent)
+    assert uid not in (None, 0, 1337) and non_root is not False
+    # every container running as Proctor's uid is Proctor (its image)
+    proctor_image = proctor_container(one(objs, "Deployment"))["image"]
+    assert all(c["image"] == proctor_image for c in containers.values() if run_as(spec, c)[0] == 1337)
+    sc = agent["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["allowPrivilegeEscalation"] is False
+    # no proxy variable (nothing to forget or bypass), in env or in the ConfigMaps it loads
+    env = {e["name"]: e.get("value") for e in agent.get("env", [])}
+    for source in agent.get("envFrom", []):
+        assert set(source) == {"configMapRef"}, source
+        env.update(one(objs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    assert not {n.lower() for n in env} & PROXY_VARS, env
+    # only the CA variables, naming the certificate the proctor-ca init container writes
+    assert set(env) == CA_VARS
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    (ca_file,) = set(env.values())
+    ca_mount = mounts[str(Path(ca_file).parent)]
+    assert ca_mount.get("readOnly") is True
+    writer = containers["proctor-ca"]
+    assert f"/ca/{Path(ca_file).name}" in writer["command"][-1]
+    assert {m["name"]: m["mountPath"] for m in writer["volumeMounts"]}[ca_mount["name"]] == "/ca"
+    # the agent mounts nothing of Proctor's: not its state (the CA key), config or identity token
+    assert {m["name"] for m in agent["volumeMounts"]} == {ca_mount["name"]}
+
+
+def test_transparent_identity_is_a_projected_token_only_proctor_reads(tmp_path: Path):
+    objs, spec, containers = transparent_pod()
+    cfg = load_embedded(embedded_config(objs), tmp_path)
+    assert spec["automountServiceAccountToken"] is False  # no API token in any container
+    assert one(objs, "ServiceAccount", spec["serviceAccountName"])["automountServiceAccountToken"] is False
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    proctor = containers["proctor"]
+    token_file = Path(cfg.transparent.token_file)
+    (mount,) = [m for m in proctor["volumeMounts"] if token_file.parent == Path(m["mountPath"])]
+    assert mount.get("readOnly") is True
+    (source,) = volumes[mount["name"]]["projected"]["sources"]
+    token = source["serviceAccountToken"]
+    assert token["path"] == token_file.name
+    assert 600 <= token["expirationSeconds"] <= 24 * 3600  # short-lived, rotated by the kubelet
+    # the token is minted for the audience Proctor verifies, from the issuer it trusts
+    assert cfg.identity is not None and cfg.dev_issuer_enabled is False
+    audiences = [a for i in cfg.identity.issuers for a in ([i.audience] if isinstance(i.audience, str) else i.audience)]
+    assert token["audience"] in audiences
+    # nobody else mounts it
+    assert [n for n, c in containers.items() if mount["name"] in {m["name"] for m in c.get("volumeMounts", [])}] == ["proctor"]
+    # the JWKS CA comes from the cluster's kube-root-ca.crt ConfigMap, mounted where the config reads it
+    (issuer,) = cfg.identity.issuers
+    ca_dir = str(issuer.jwks_ca_file.parent) if issuer.jwks_ca_file else ""
+    (ca_mount,) = [m for m in proctor["volumeMounts"] if m["mountPath"] == ca_dir]
+    (ca_source,) = volumes[ca_mount["name"]]["projected"]["sources"]
+    assert ca_source["configMap"]["name"] == "kube-root-ca.crt"
+
+
+def test_transparent_config_loads_with_proctors_loader(tmp_path: Path):
+    cfg = load_embedded(embedded_config(objects(TRANSPARENT)), tmp_path)
+    assert cfg.transparent.enabled is True
+    assert cfg.listen.host == "127.0.0.1" and cfg.control.public_url == "http://127.0.0.1:8081"
+    # the probes reach the control port; nothing else is exposed
+    proctor = proctor_container(one(objects(TRANSPARENT), "Deployment"))
+    assert [p["containerPort"] for p in proctor["ports"]] == [cfg.control.listen.port]
+
+
+def test_the_image_ships_the_packet_filter_tools():
+    """The netsetup init container reuses the Proctor image: it must carry iptables and nftables."""
+    text = (ROOT / "deploy" / "Dockerfile").read_text()
+    installs = re.findall(r"apt-get install[^\n\\]*(?:\\\n[^\n\\]*)*", text)
+    packages = {w for line in installs for w in line.split() if not w.startswith("-")}
+    assert {"iptables", "nftables"} <= packages, installs
+
+
+@pytest.mark.integration
+def test_the_init_containers_command_applies_in_a_fresh_namespace(tmp_path: Path):
+    """The manifest's exact command, run in a throwaway network namespace (as root, like the
+    init container): the redirect for Proctor's uid and port is there afterwards."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("iptables-save") is None:
+        pytest.skip("needs root, iproute2 and iptables (CI runs as root)")
+    _, spec, containers = transparent_pod()
+    argv = containers["proctor-netsetup"]["command"]
+    name = f"ptk8s{secrets.token_hex(3)}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {made.stderr.strip()}")
+    try:
+        done = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", "proxy.cli", *argv[1:]],
+                              capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+        assert done.returncode == 0, done.stderr
+        saved = subprocess.run(["ip", "netns", "exec", name, "iptables-save"], capture_output=True, text=True).stdout
+        assert "-A OUTPUT -j PROCTOR_OUTPUT" in saved
+        assert "--uid-owner 1337" in saved and "REDIRECT --to-ports 15001" in saved
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 # -------------------------------------------------------------- booting a pod
