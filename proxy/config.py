@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -523,6 +523,24 @@ class AgentRegistration(Strict):
     description: str = ""
 
 
+_MONITOR_NAME = r"^[^\x00-\x1f\x7f]{1,256}$"  # (agent ids and group names come from tokens: any printable text)
+
+
+class MonitorConfig(Strict):
+    """Monitor mode (docs/governance.md, "Monitor mode"): in the scopes named here a Cedar deny
+    or approval hold is computed, recorded and audited as what it would have been, and the
+    request is forwarded. `global` covers every request; `connectors` names connectors (checked
+    against the loaded manifests at startup); `agents` agent ids and `groups` agent groups (as
+    Cedar sees them: the token's groups claim). Authentication, the kill switch, malformed
+    requests, egress default-deny, rate limits, budgets, duplicates and fail-closed 503s are
+    enforced whatever this says."""
+
+    global_: bool = Field(False, alias="global")
+    connectors: list[Annotated[str, Field(pattern=_MONITOR_NAME)]] = Field(default_factory=list)
+    agents: list[Annotated[str, Field(pattern=_MONITOR_NAME)]] = Field(default_factory=list)
+    groups: list[Annotated[str, Field(pattern=_MONITOR_NAME)]] = Field(default_factory=list)
+
+
 class ProctorConfig(Strict):
     state_dir: Path = Path(".proctor")
     listen: Listen = Field(default_factory=Listen)
@@ -557,6 +575,8 @@ class ProctorConfig(Strict):
     budgets: list[BudgetSpec] = Field(default_factory=list)
     llm_prices: LlmPrices | None = None
     shutdown: ShutdownConfig = Field(default_factory=ShutdownConfig)
+    # Monitor mode: would-be denies and holds recorded, not enforced (docs/governance.md)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     @field_validator("rate_limits")
     @classmethod

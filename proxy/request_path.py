@@ -50,6 +50,7 @@ from .observability.metrics import Metrics
 from .observability.stages import CountMetrics, Trace, TracePropagation
 from .observability.tracing import Tracing
 from .policy.engine import PolicyStore
+from .policy.monitor import MonitorGate, MonitorScope, Verdict
 from .policy.shadow import ShadowPolicies
 from .policy.stage import Authorize
 from .record.decisions import DecisionRecorder
@@ -176,6 +177,20 @@ def build_request_path(p: Parts) -> RequestPath:
     authenticate = Authenticate(p.authenticator)
     agent_suspended = AgentSuspended(gov) if gov else None
 
+    # the stages that may settle the policy deny, in chain order; monitor mode asks each what it
+    # would answer (their would_settle: no side effect) before any of them acts (policy/monitor.py)
+    claim_conflict = ClaimConflict(claim_observer, record=p.recorder.write)
+    workflow_order = WorkflowOrder(p.store, workflow_metrics) if workflows else None
+    exception_conflict = WorkflowExceptionConflict() if workflows else None
+    hold = HoldForApproval(p.approvals, p.policies, cfg.approvals,
+                           suspended_meanwhile if gov else None) if p.approvals else None
+    scope = MonitorScope.from_config(cfg.monitor)
+    verdicts: list[Verdict] = [claim_conflict.would_settle]
+    verdicts += [workflow_order.would_settle] if workflow_order else []
+    verdicts += [exception_conflict.would_settle] if exception_conflict else []
+    verdicts += [hold.would_settle] if hold else []
+    monitor = MonitorGate(scope, groups_of if scope.groups else None, verdicts) if scope.enabled else None
+
     requests = Chain(_present(
         trace,                                                     # server span around everything
         count,                                                     # counters and histograms
@@ -199,11 +214,11 @@ def build_request_path(p: Parts) -> RequestPath:
                                                                    # over a refusing one; context.budget
         TrackCreator(p.store),                                     # on the way back: who created what
         Authorize(p.policies, p.shadow, cfg.identity_settings(), cfg.limits),  # Cedar (and shadow)
-        ClaimConflict(claim_observer, record=p.recorder.write),                             # a deny by @claim policies -> 409
-        WorkflowOrder(p.store, workflow_metrics) if workflows else None,  # @workflow deny -> 409
-        WorkflowExceptionConflict() if workflows else None,        # gave up, rerouted, closed -> 409
-        HoldForApproval(p.approvals, p.policies, cfg.approvals,
-                        suspended_meanwhile if gov else None) if p.approvals else None,  # deny -> hold
+        monitor,                                                   # monitor mode: the deny recorded, not enforced
+        claim_conflict,                                            # a deny by @claim policies -> 409
+        workflow_order,                                            # @workflow deny -> 409
+        exception_conflict,                                        # gave up, rerouted, closed -> 409
+        hold,                                                      # deny -> hold
         WorkflowAdvance(p.store, workflow_metrics,                 # a person's part; on the way
                         lambda ex: ex.stage_data.get(RELEASED)) if workflows else None,  # back: the step
         IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals),
@@ -225,6 +240,7 @@ def build_request_path(p: Parts) -> RequestPath:
     tunnels = Chain(_present(
         count,
         record,
+        monitor,  # (marks the refused CONNECTs of a monitored scope: nothing to settle there)
         authenticate,
         agent_suspended,
         TunnelTarget(p.classifier),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +23,7 @@ from .ca import prepare_ca
 from .config import ProctorConfig
 from .public_url import control_base_url
 from .connectors.aliases import ConnectorAliases
-from .connectors.classifier import build_classifier
+from .connectors.classifier import GENERIC_CONNECTOR, build_classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
 from .workflows.spec import Workflows, load_workflows
@@ -58,6 +59,7 @@ from .policy.sources import policy_source
 from .store import Store, StoreError, open_store
 from .store.guard import MARKER_NAME, open_verified, watch_store
 from .policy.shadow import ShadowPolicies
+from .policy.monitor import MonitorScope
 from .record.decisions import DecisionRecorder
 from .shutdown import Shutdown, drain, install_signal_handlers
 
@@ -92,6 +94,7 @@ class ProctorRuntime:
     rate_limits: RateLimits | None = None  # declared rate limits and their counters (docs/limits.md)
     budgets: Budgets | None = None  # declared budgets and their ledger (docs/limits.md, "Budgets")
     shutdown: Shutdown | None = None  # SIGTERM: drain, then stop (proxy/shutdown.py; set by build_runtime)
+    monitor: MonitorScope = field(default_factory=MonitorScope)  # monitor mode: where policies are not enforced
 
     def stats(self) -> dict[str, int]:
         """The engine's request counters (GET /v1/stats)."""
@@ -107,6 +110,8 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         DevIssuer(config.dev_issuer_dir, config.dev_issuer).ensure()
     prepare_ca(config)  # generated, or the configured CA checked and laid out for the engines
     manifests = load_manifests(config.connectors_dir)
+    monitor = MonitorScope.from_config(config.monitor)
+    monitor.check_connectors([m.name for m in manifests] + [GENERIC_CONNECTOR])  # a typo is a config error
     workflows = load_workflows(config.effective_workflows_dir, manifests)
     policies = PolicyStore(policy_source(config, manifests=manifests))
     injector = CredentialInjector({m.name: m.auth for m in manifests if m.auth is not None})
@@ -185,10 +190,23 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         budgets=budgets,
     )
     runtime.shutdown = Shutdown(config.shutdown.grace_seconds)
+    runtime.monitor = monitor
     if approvals is not None:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
     metrics.add_collector(lambda: runtime_families(runtime))
     return runtime
+
+
+def announce_monitor(scope: MonitorScope) -> None:
+    """Monitor mode must be impossible to miss: a WARNING naming what is not enforced, on stderr
+    even when the log level hides warnings."""
+    if not scope.enabled:
+        return
+    text = scope.banner()
+    if log.isEnabledFor(logging.WARNING):
+        log.warning("%s", text)
+    else:
+        print(f"proctor: WARNING: {text}", file=sys.stderr, flush=True)
 
 
 def _warn_guessed_public_url(config: ProctorConfig) -> None:
@@ -381,6 +399,7 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         config.decisions_path,
         config.ca_dir / "mitmproxy-ca-cert.pem",
     )
+    announce_monitor(runtime.monitor)
     # Move everything allocated at startup (mitmproxy, the policy bundle, the
     # connector tables) out of the collector's view: later collections then
     # scan only per-request garbage, which keeps GC pauses off the request path.

@@ -36,13 +36,16 @@ def test_decisions_stages_and_policy_status(proctor_factory, upstream, idp):
     assert requests.get(f"http://127.0.0.1:{upstream.port}/items/1", proxies={"http": p.proxy_url}, timeout=10).status_code == 407
 
     m = scrape(p)
-    assert value(m, "proctor_decisions_total", action="test.item.read", decision="allow", kind="allowed") == 3
-    assert value(m, "proctor_decisions_total", action="test.item.delete", decision="deny", kind="policy") == 1
-    assert value(m, "proctor_decisions_total", action="none", decision="deny", kind="authentication") == 1
+    assert value(m, "proctor_decisions_total", action="test.item.read", decision="allow", kind="allowed",
+                 enforcement="enforce") == 3
+    assert value(m, "proctor_decisions_total", action="test.item.delete", decision="deny", kind="policy",
+                 enforcement="enforce") == 1
+    assert value(m, "proctor_decisions_total", action="none", decision="deny", kind="authentication",
+                 enforcement="enforce") == 1
     assert value(m, "proctor_upstream_responses_total", status_class="2xx") == 3
     for stage in ("authenticate", "classify", "authorize", "decision"):
         assert value(m, "proctor_stage_duration_seconds_count", stage=stage) >= 4
-    assert value(m, "proctor_request_duration_seconds_count", decision="allow") == 3
+    assert value(m, "proctor_request_duration_seconds_count", decision="allow", enforcement="enforce") == 3
     assert value(m, "proctor_policy_reload_ok") == 1
     revision = httpx.get(f"{p.control_url}/v1/policies", timeout=5).json()["active_revision"]
     assert value(m, "proctor_policy_info", revision=revision) == 1

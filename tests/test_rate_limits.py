@@ -118,7 +118,8 @@ def test_exactly_m_of_n_pass_and_every_answer_says_so(proctor_factory, idp, upst
     assert metric(p, "proctor_rate_limited_total", limit="item-reads", outcome="throttled") == 23
     assert metric(p, "proctor_rate_limited_total", limit="item-deletes", outcome="throttled") == 1
     assert metric(p, "proctor_rate_limited_total", limit="item-reads", outcome="unavailable") == 0
-    assert metric(p, "proctor_decisions_total", action="test.item.read", decision="deny", kind="rate-limited") == 23
+    assert metric(p, "proctor_decisions_total", action="test.item.read", decision="deny", kind="rate-limited",
+                  enforcement="enforce") == 23
     api = httpx.get(f"{p.control_url}/v1/rate-limits", params={"agent": "loop-bot"},
                     headers={"Authorization": f"Bearer {operator(idp)}"}, timeout=10)
     assert api.status_code == 200, api.text

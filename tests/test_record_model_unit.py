@@ -56,7 +56,7 @@ from proxy.store import Approval
 ALLOWED = (
     '{"decision_id":"01a1fc9d0ef7-35795daf4d2d492b997b","time":"2026-11-21T07:51:38.847Z","agent":"support-bot",'
     '"issuer":"proctor-dev","action":"ticketing.incident.create","resource":"Incident::\\"new\\"",'
-    '"connector":"ticketing","risk":"medium","decision":"allow","reasons":["support-write-incidents"],'
+    '"connector":"ticketing","risk":"medium","decision":"allow","monitor":false,"reasons":["support-write-incidents"],'
     '"policy_revision":"5b0ae0fa0cb4a2a5","status":200,"upstream_status":200,"latency_ms":2.482,"decision_ms":0.861,'
     '"method":"POST","host":"127.0.0.1","port":9101,"path":"/api/now/table/incident","mode":"forward",'
     '"client_ip":"127.0.0.1","policy_decision":"allow","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736",'
@@ -67,7 +67,7 @@ ALLOWED = (
 )
 DENIED = (
     '{"decision_id":"d-2","time":"2026-11-21T07:51:38.847Z","agent":"support-bot","issuer":"proctor-dev",'
-    '"action":"mcp.tools.call","resource":"Tool::\\"search\\"","connector":"mcp","risk":"low","decision":"deny",'
+    '"action":"mcp.tools.call","resource":"Tool::\\"search\\"","connector":"mcp","risk":"low","decision":"deny","monitor":false,'
     '"reasons":["no-search"],"policy_revision":"5b0ae0fa0cb4a2a5","status":403,"upstream_status":null,'
     '"latency_ms":2.482,"decision_ms":null,"method":"POST","host":"mcp.example","port":443,"path":"/mcp",'
     '"mode":"reverse","client_ip":"10.0.0.7","refusal":{"kind":"policy","title":"Denied by policy",'
@@ -77,14 +77,14 @@ DENIED = (
 )
 CONNECTION = (
     '{"decision_id":"d-3","time":"2026-11-21T07:51:38.847Z","agent":null,"issuer":null,"action":null,'
-    '"resource":null,"connector":null,"risk":null,"decision":"deny","reasons":["tls-interception-required"],'
+    '"resource":null,"connector":null,"risk":null,"decision":"deny","monitor":false,"reasons":["tls-interception-required"],'
     '"policy_revision":null,"status":403,"upstream_status":null,"latency_ms":null,"decision_ms":null,'
     '"client_ip":"10.0.0.9","host":"erp.example","port":443,"refusal":{"kind":"tls","title":"Not TLS",'
     '"detail":"plain bytes in a tunnel"},"error":"non-TLS traffic in tunnel"}'
 )
 FAIL_CLOSED = (
     '{"decision_id":"d-4","time":"2026-11-21T07:51:38.847Z","agent":null,"issuer":null,"action":null,'
-    '"resource":null,"connector":null,"risk":null,"decision":"deny","reasons":[],"policy_revision":null,'
+    '"resource":null,"connector":null,"risk":null,"decision":"deny","monitor":false,"reasons":[],"policy_revision":null,'
     '"status":503,"upstream_status":null,"latency_ms":null,"decision_ms":null,'
     '"refusal":{"kind":"fail-closed","title":"Proctor could not decide","detail":"internal error"},'
     '"errors":["internal error in request"],"error":"internal error in request"}'
@@ -409,8 +409,10 @@ def test_metrics_label_what_the_record_says(tmp_path, clock):
             assert record_of(ex) is ex.stage_data["record"]  # the record the line was written from
     recorder.close()
     text = generate_latest(metrics.registry).decode()
-    assert 'proctor_decisions_total{action="ticketing.incident.create",decision="allow",kind="allowed"} 1.0' in text
-    assert 'proctor_decisions_total{action="mcp.tools.call",decision="deny",kind="policy"} 1.0' in text
+    assert ('proctor_decisions_total{action="ticketing.incident.create",decision="allow",enforcement="enforce",'
+            'kind="allowed"} 1.0') in text
+    assert 'proctor_decisions_total{action="mcp.tools.call",decision="deny",enforcement="enforce",kind="policy"} 1.0' \
+        in text
     assert 'proctor_shadow_disagreements_total{action="mcp.tools.call",active="deny",shadow="allow"} 1.0' in text
     assert 'proctor_upstream_responses_total{status_class="2xx"} 1.0' in text
     assert 'proctor_connections_refused_total{reason="non-tls-in-tunnel"} 1.0' in text

@@ -140,6 +140,34 @@ class HoldForApproval(Stage):
         seconds = (wait.wait_seconds if wait is not None and wait.wait_seconds else None) or self.config.sync_wait_seconds
         return mode, seconds
 
+    def _approvable(self, evaluation: PolicyEvaluation, cls: Classification, groups: dict[str, int]) -> bool:
+        """Hold only what an approval could actually let through: would a stand-in approval by
+        every named group make Cedar allow it?"""
+        principal, resource = evaluation.principal, evaluation.resource
+        prospective = dict(evaluation.context, approval=self.approvals.prospective_context(groups))
+        check = self.policies.authorize(principal, cls.action, resource, prospective, [principal, resource],
+                                        bundle=evaluation.bundle)
+        return check.allowed and not check.errors
+
+    def would_settle(self, ex: Exchange) -> Refusal | None:
+        """Monitor mode (proxy/policy/monitor.py): the hold this pending deny would become for a
+        new request, with no side effect: no approval is created, looked up, notified or waited
+        for. The status is 202 in async mode; a sync hold has none of its own (extra approval_mode)."""
+        evaluation: PolicyEvaluation | None = ex.stage_data.get(EVALUATION)
+        if ex.pending_refusal is None or evaluation is None or evaluation.allowed:
+            return None
+        groups = hold_groups(evaluation.reasons, evaluation.bundle.approvals)
+        cls = ex.classification
+        if not groups or cls is None or not self._approvable(evaluation, cls, groups):
+            return None
+        mode, _ = self._wait_settings(cls)
+        names = ", ".join(f"{g} ({n})" if n > 1 else g for g, n in groups.items())
+        return Refusal(
+            202, "Held for approval", f"this request needs approval by {names}",
+            reasons=list(evaluation.reasons), kind=HOLD_KIND,
+            extra={"approval_groups": dict(groups), "approval_mode": mode},
+        )
+
     async def on_request(self, ex: Exchange) -> None:
         evaluation: PolicyEvaluation | None = ex.stage_data.get(EVALUATION)
         if ex.pending_refusal is None or evaluation is None or evaluation.allowed:
@@ -162,11 +190,7 @@ class HoldForApproval(Stage):
         async with approvals.hold_lock(identity.agent_id, lock_key):
             approval = await approvals.find_for_retry(identity, forwarded)
             if approval is None:
-                # Hold only what an approval could actually let through.
-                prospective = dict(context, approval=approvals.prospective_context(groups))
-                check = self.policies.authorize(principal, cls.action, resource, prospective, [principal, resource],
-                                                bundle=evaluation.bundle)
-                if not check.allowed or check.errors:
+                if not self._approvable(evaluation, cls, groups):
                     return  # the plain deny stands
                 derived = {
                     "action": cls.action,

@@ -34,6 +34,8 @@ def activity_row(env: EventEnvelope, rec: Record | None) -> dict[str, Any]:
             "resource": rec.resource,
             "connector": rec.connector,
             "decision": rec.decision,
+            "monitor": True if rec.monitor else None,  # monitor mode (only shown when on)
+            "monitored": rec.monitored,  # what it would have been, not enforced
             "status": rec.status,
             "refusal": rec.refusal["kind"] if rec.refusal is not None else None,
             "detail": env.status_detail,  # as the trail wrote it (redacted)

@@ -65,11 +65,14 @@ _ROTATED = re.compile(r"\d{8}T\d{12}Z")
 def must_land(event: dict[str, Any] | None) -> bool:
     """Events the reserve is for: allowed (forwarded) requests and state changes.
     Refusals and holds did not reach an upstream; while the disk is full they are
-    counted and declared in the gap marker instead of using up the reserve."""
+    counted and declared in the gap marker instead of using up the reserve. (A
+    monitored would-be deny or hold that was forwarded reached the upstream: it lands.)"""
     if event is None:
         return False
     p = event.get("unmapped", {}).get("proctor", {})
-    return p.get("record") != "decision" or p.get("decision") == "allow"
+    monitored = p.get("monitored")
+    return (p.get("record") != "decision" or p.get("decision") == "allow"
+            or (isinstance(monitored, dict) and monitored.get("forwarded") is True))
 
 
 def is_gap_marker(event: dict[str, Any]) -> bool:

@@ -109,13 +109,16 @@ def decision_event(rec: DecisionRecord) -> dict[str, Any]:
     decision = rec.decision or "deny"
     refusal = rec.refusal
     kind = refusal["kind"] if refusal is not None else None
-    allowed = decision == "allow"
+    # (monitor mode: a would-be deny or hold that was forwarded succeeded as an API call)
+    allowed = decision == "allow" or rec.forwarded_monitored
     status = rec.status
     status_ok = allowed and (status is None or int(status) < 400)
     req = rec.request
     method = (req.method or "").upper() if req is not None else ""
     ev = _base(METHOD_ACTIVITY.get(method, 99 if method else 0), _ms(rec.time), severity_of(rec), status_ok)
     ev["metadata"]["correlation_uid"] = rec.decision_id
+    if rec.monitor:  # monitor mode: a SIEM can filter on it without reading unmapped data
+        ev["metadata"]["labels"] = ["monitor"]
     agent = rec.agent
     cedar: Mapping[str, Any] = rec.cedar or {}
     principal = cedar.get("principal") or {}
@@ -182,9 +185,14 @@ def decision_event(rec: DecisionRecord) -> dict[str, Any]:
         ev["status_code"] = str(status)
     ev["message"] = f"{agent or 'unauthenticated'} {rec.action or rec.method or '?'} " \
                     f"{rec.resource or host or ''}: {decision}".strip()
+    if rec.monitored is not None:
+        ev["message"] += " (monitor mode: not enforced, " + \
+            ("forwarded)" if rec.forwarded_monitored else "refused by a check monitor mode does not cover)")
     proctor = {
         "record": "decision",
         "decision": decision,
+        "monitor": rec.monitor,
+        "monitored": rec.monitored,
         "policy_decision": policy_decision,
         "reasons": reasons,
         "policy_revision": rec.policy_revision,
@@ -482,7 +490,8 @@ def _decision_of(ev: dict[str, Any], env: EventEnvelope, p: dict[str, Any]) -> D
         "refusal": refusal,
         "reasons": p.get("reasons") or [],
         "errors": p.get("errors") or [],
-        **{k: p.get(k) for k in ("decision", "policy_decision", "policy_revision", "risk", "upstream_status",
+        "monitor": p.get("monitor") is True,
+        **{k: p.get(k) for k in ("decision", "monitored", "policy_decision", "policy_revision", "risk", "upstream_status",
                                  "latency_ms", "decision_ms", "approval_id", "trace_id", "span_id", "shadow", "rpc",
                                  "error", "replica")},
     })

@@ -60,6 +60,7 @@ def build_app(runtime: "ProctorRuntime") -> web.Application:
             "policy": status.as_dict(),
             "engine_running": runtime.addon.running_event_seen,
             "ready": not reasons,
+            "monitor": runtime.monitor.describe(),  # monitor mode: where policies are not enforced
             "components": {name: c.as_dict() for name, c in components.items()},
         }
         return web.json_response(body, status=200)

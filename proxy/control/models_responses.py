@@ -344,6 +344,17 @@ class Components(_Out):
     identity: Component
 
 
+class MonitorMode(_Out):
+    """Monitor mode (docs/governance.md): where policies are not enforced (denies and holds are
+    recorded as what they would have been, and the request is forwarded)."""
+
+    enabled: bool = Field(description="false: every request is enforced.")
+    global_: bool = Field(alias="global", description="Every request is monitored.")
+    connectors: list[str]
+    agents: list[str]
+    groups: list[str]
+
+
 class Health(_Out):
     status: Literal["ok", "degraded"] = Field(
         description="degraded: the last policy reload was rejected, or a component is not ok.")
@@ -352,6 +363,7 @@ class Health(_Out):
     policy: ReloadStatus
     engine_running: bool
     ready: bool = Field(description="What /readyz answers.")
+    monitor: MonitorMode
     components: Components
 
 
@@ -426,7 +438,11 @@ class ActivityEvent(_Out):
     action: str | None = None
     resource: str | None = None
     connector: str | None = None
-    decision: str | None = Field(None, description="allow, deny or hold; for other records the state change.")
+    decision: str | None = Field(None, description="allow, deny or hold; for other records the state change. "
+                                 "Monitor mode: what it would have been.")
+    monitor: bool | None = Field(None, description="true: the request was in a monitor-mode scope (absent otherwise).")
+    monitored: dict[str, Any] | None = Field(None, description="Monitor mode: the refusal it would have got, not "
+                                             "enforced (decision, status, kind, title, detail, reasons, forwarded).")
     status: int | None = Field(None, description="The HTTP status the agent got.")
     reasons: list[str] | None = None
     decision_id: str | None = None

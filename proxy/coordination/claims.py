@@ -184,22 +184,41 @@ class ClaimConflict(Stage):
         self.clock = clock
         self.record = record
 
-    def on_request(self, ex: Exchange) -> None:
+    def _blocker(self, ex: Exchange) -> Claim | None:
+        """The claim that makes the pending deny a 409 (a deny decided only by @claim("conflict")
+        policies on a write another agent's claim blocks), else None."""
         state: ClaimState | None = ex.stage_data.get(STATE)
         pending = ex.pending_refusal
         if state is None or state.blocker is None or pending is None or not pending.reasons:
-            return
+            return None
         evaluation: PolicyEvaluation | None = ex.stage_data.get(EVALUATION)
         if evaluation is None:
-            return
+            return None
         policies = evaluation.bundle.policies
         if all(pid in policies and policies[pid].annotations.get(CLAIM_ANNOTATION) == "conflict"
                for pid in pending.reasons):
-            self.observer.conflict(state.connector)
-            now = self.clock()
-            if ex.identity is not None:
-                self.record(conflict_event(state.blocker, ex.identity.agent_id, ex.decision_id, now))
-            ex.settle_pending(conflict_refusal(state.blocker, now, list(pending.reasons)))
+            return state.blocker
+        return None
+
+    def would_settle(self, ex: Exchange) -> Refusal | None:
+        """The 409 this stage would answer, with no side effect (monitor mode: proxy/policy/monitor.py)."""
+        blocker = self._blocker(ex)
+        if blocker is None or ex.pending_refusal is None:
+            return None
+        return conflict_refusal(blocker, self.clock(), list(ex.pending_refusal.reasons))
+
+    def on_request(self, ex: Exchange) -> None:
+        blocker = self._blocker(ex)
+        if blocker is None:
+            return
+        state: ClaimState = ex.stage_data[STATE]
+        pending = ex.pending_refusal
+        assert pending is not None
+        self.observer.conflict(state.connector)
+        now = self.clock()
+        if ex.identity is not None:
+            self.record(conflict_event(blocker, ex.identity.agent_id, ex.decision_id, now))
+        ex.settle_pending(conflict_refusal(blocker, now, list(pending.reasons)))
 
 
 class ClaimAcquire(Stage):

@@ -142,6 +142,11 @@ class Exchange:
     # that an approval can turn into a hold or a release). The chain makes it the
     # refusal before any other stage runs, and at the end: it is never forwarded.
     pending_refusal: Refusal | None = None
+    # Monitor mode (proxy/policy/monitor.py, docs/governance.md "Monitor mode"): the request is in a
+    # monitored scope (globally, by its connector or by its agent); `monitored` is the refusal that
+    # was computed and recorded as what it would have been, but not enforced (the request went on).
+    monitor: bool = False
+    monitored: Refusal | None = None
     decided: bool = False  # every request stage passed (with no refusal): the request may be forwarded
     local_reply: LocalReply | None = None  # a stage answered the allowed request itself (not forwarded)
     # A response stage replaced the upstream's answer by `refusal` (see replace_response):

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 # 50 µs .. 10 s: decisions live in the sub-millisecond range, upstream calls far above.
 LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 NO_ACTION = "none"
+# the `enforcement` label: a request in a monitor-mode scope (proxy/policy/monitor.py), or not
+MONITOR, ENFORCE = "monitor", "enforce"
 
 
 class Metrics:
@@ -27,8 +29,10 @@ class Metrics:
         r = self.registry
         self.decisions = Counter(
             "proctor_decisions",
-            "Requests decided, by Cedar action, decision and refusal kind (allowed for allowed requests).",
-            ["action", "decision", "kind"],
+            "Requests decided, by Cedar action, decision and refusal kind (allowed for allowed requests); "
+            "enforcement is monitor for a request in a monitor-mode scope (decision and kind are then what it "
+            "would have been: it was forwarded unless something monitor mode does not cover refused it), else enforce.",
+            ["action", "decision", "kind", "enforcement"],
             registry=r,
         )
         self.stage_seconds = Histogram(
@@ -41,7 +45,7 @@ class Metrics:
         self.request_seconds = Histogram(
             "proctor_request_duration_seconds",
             "From the start of the decision to the agent's answer (includes the upstream for allowed requests).",
-            ["decision"],
+            ["decision", "enforcement"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -78,12 +82,13 @@ class Metrics:
         record never disagree; the timings are the exchange's, unrounded."""
         action = rec.action if rec.action is not None else NO_ACTION
         decision = rec.decision
-        self.decisions.labels(action, decision, rec.refusal_kind).inc()
+        enforcement = MONITOR if rec.monitor else ENFORCE
+        self.decisions.labels(action, decision, rec.refusal_kind, enforcement).inc()
         for stage, seconds in timings.items():
             self.stage_seconds.labels(stage).observe(seconds)
         if decision_ms is not None:
             self.stage_seconds.labels("decision").observe(decision_ms / 1000)
-        self.request_seconds.labels(decision).observe(total_seconds)
+        self.request_seconds.labels(decision, enforcement).observe(total_seconds)
         if rec.shadow is not None:
             self.shadow_disagreements.labels(action, decision, rec.shadow["decision"]).inc()
         if rec.refusal is None:
@@ -121,6 +126,16 @@ def runtime_families(runtime) -> list:
     reloads.add_metric(["ok"], status.reloads)
     reloads.add_metric(["rejected"], status.failed_reloads)
     out.append(reloads)
+    scope = getattr(runtime, "monitor", None)
+    if scope is not None and scope.enabled:
+        mon = GaugeMetricFamily("proctor_monitor_mode", "1 per monitor-mode scope: policies are not enforced there "
+                                "(scope global, connector, agent or group; docs/governance.md).", labels=["scope", "target"])
+        if scope.everything:
+            mon.add_metric(["global", ""], 1)
+        for kind, names in (("connector", scope.connectors), ("agent", scope.agents), ("group", scope.groups)):
+            for name in sorted(names):
+                mon.add_metric([kind, name], 1)
+        out.append(mon)
     rec = CounterMetricFamily("proctor_decision_records", "Decision-record lines by result.", labels=["result"])
     rec.add_metric(["written"], runtime.recorder.written)
     rec.add_metric(["failed"], runtime.recorder.failures)

@@ -47,7 +47,8 @@ class CountMetrics(Stage):
             self.stats["tunnels_refused"] += 1
         else:
             self.stats["requests"] += 1
-            self.stats["allowed" if rec.decision == "allow" else "refused"] += 1
+            # (what happened: a monitored request that was forwarded counts as allowed here)
+            self.stats["allowed" if rec.decision == "allow" or rec.forwarded_monitored else "refused"] += 1
         self.metrics.observe_request(rec, ex.timings, ex.decision_ms, time.perf_counter() - ex.started)
 
 

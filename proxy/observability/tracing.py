@@ -18,6 +18,8 @@ import os
 import time
 from typing import Any
 
+from ..core.exchange import HOLD_KIND
+
 log = logging.getLogger("proctor.tracing")
 
 _PROPAGATED = ("traceparent", "tracestate", "baggage")
@@ -117,6 +119,12 @@ class Tracing:
                 attrs["gen_ai.tool.name"] = cls.rpc["tool"]
         if refusal is not None:
             attrs["proctor.refusal.kind"] = refusal.kind
+        if getattr(outcome, "monitor", False):  # monitor mode: what it would have been (proxy/policy/monitor.py)
+            attrs["proctor.monitor"] = True
+            would = outcome.monitored
+            if would is not None:
+                attrs["proctor.monitor.decision"] = "hold" if would.kind == HOLD_KIND else "deny"
+                attrs["proctor.monitor.kind"] = would.kind
         span.set_attributes(attrs)
         if stage_spans:
             ctx = self._trace.set_span_in_context(span, trace.parent)

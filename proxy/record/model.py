@@ -44,7 +44,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar, Union
 from pydantic import BeforeValidator, Discriminator, Field, Tag, TypeAdapter, ValidationError
 from typing_extensions import NotRequired, TypedDict
 
-from ..core.exchange import Exchange, Kind
+from ..core.exchange import HOLD_KIND, Exchange, Kind
 from ..logredact import redact
 from ..store.models import Approval
 
@@ -129,6 +129,45 @@ RATE_LIMIT_RECORD = "rate_limit.record"
 BUDGET_RECORD = "budget.record"
 
 
+class MonitoredPart(TypedDict):
+    """Monitor mode (docs/governance.md): the refusal a request in a monitored scope would have
+    got, not enforced. `decision`, `status` (null for a sync hold: it would have waited for a
+    person), `kind`, `title`, `detail` (redacted) and `reasons` are the would-be answer's;
+    `forwarded` says whether the request then went to the upstream (false when something that
+    monitor mode does not cover refused it afterwards: its refusal is the line's `refusal`)."""
+
+    decision: DecisionValue
+    status: int | None
+    kind: str
+    title: str
+    detail: str
+    reasons: list[str]
+    forwarded: bool
+    approval_groups: NotRequired[dict[str, int]]  # a would-be hold: who would have been asked
+    approval_mode: NotRequired[str]  # sync | async
+
+
+def monitored_part(ex: Exchange) -> MonitoredPart | None:
+    would = ex.monitored
+    if would is None:
+        return None
+    hold = would.kind == HOLD_KIND
+    sync = hold and would.extra.get("approval_mode") == "sync"
+    part: MonitoredPart = {
+        "decision": "hold" if hold else "deny",
+        "status": None if sync else would.status,
+        "kind": would.kind,
+        "title": would.title,
+        "detail": redact(would.detail),
+        "reasons": list(would.reasons),
+        "forwarded": ex.forwardable,
+    }
+    if hold:
+        part["approval_groups"] = dict(would.extra.get("approval_groups") or {})
+        part["approval_mode"] = str(would.extra.get("approval_mode") or "")
+    return part
+
+
 class RpcPart(TypedDict):
     method: str
     tool: NotRequired[str]
@@ -183,6 +222,8 @@ class DecisionRecord:
     decision_id: str
     time: str
     decision: DecisionValue
+    # monitor mode: the request was in a monitored scope (written on every line; older lines: false)
+    monitor: bool = False
     agent: str | None = None
     issuer: str | None = None
     action: str | None = None
@@ -199,6 +240,7 @@ class DecisionRecord:
     connection: RecordedConnection | None = None
     # left out of the line when absent:
     refusal: RefusalPart | None = None
+    monitored: MonitoredPart | None = None  # monitor mode: the refusal it would have got, not enforced
     errors: list[str] = field(default_factory=list)
     shadow: ShadowPart | None = None
     rpc: RpcPart | None = None
@@ -244,8 +286,16 @@ class DecisionRecord:
 
     @property
     def refusal_kind(self) -> str:
-        """The refusal's kind, or `allowed` (the metrics label)."""
-        return self.refusal["kind"] if self.refusal is not None else "allowed"
+        """The refusal's kind, or `allowed` (the metrics label). A monitored request that was
+        forwarded counts with the kind of the refusal it would have got."""
+        if self.refusal is not None:
+            return self.refusal["kind"]
+        return self.monitored["kind"] if self.monitored is not None else "allowed"
+
+    @property
+    def forwarded_monitored(self) -> bool:
+        """Monitor mode: a would-be deny or hold that was forwarded all the same."""
+        return self.monitored is not None and bool(self.monitored.get("forwarded"))
 
     # -- from the exchange (the hot path: no validation) -------------------------------
     @classmethod
@@ -262,6 +312,7 @@ class DecisionRecord:
         identity = ex.identity
         inputs = ex.policy_inputs
         rpc = c.rpc if c is not None else None
+        monitored = monitored_part(ex) if ex.monitored is not None else None
         trace = ex.trace_ids
         if req is not None:
             where_req = RecordedRequest(req.method, req.host, req.port, req.path, req.mode, req.client_ip)
@@ -279,7 +330,9 @@ class DecisionRecord:
             resource=c.resource_uid if c is not None else None,
             connector=c.connector if c is not None else None,
             risk=c.risk if c is not None else None,
-            decision=ex.decision.value,  # (Decision's values are DecisionValue)
+            # (Decision's values are DecisionValue); monitor mode: what it would have been
+            decision=monitored["decision"] if monitored is not None else ex.decision.value,
+            monitor=ex.monitor,
             reasons=ex.reasons if refusal is None else refusal.reasons,
             policy_revision=ex.policy_revision or None,
             status=status,
@@ -292,6 +345,7 @@ class DecisionRecord:
             # no query string, userinfo or header value is recorded from it.
             refusal={"kind": refusal.kind, "title": refusal.title, "detail": redact(refusal.detail)}
             if refusal is not None else None,
+            monitored=monitored,
             errors=[redact(e) if isinstance(e, str) else e for e in ex.errors] if ex.errors else [],
             shadow=ex.shadow,  # type: ignore[arg-type]  # (ShadowResult.as_dict)
             rpc=rpc,  # type: ignore[arg-type]  # JSON-RPC method and tool (never the arguments)
@@ -319,6 +373,7 @@ class DecisionRecord:
             "connector": self.connector,
             "risk": self.risk,
             "decision": self.decision,
+            "monitor": self.monitor,
             "reasons": self.reasons,
             "policy_revision": self.policy_revision,
             "status": self.status,
@@ -341,6 +396,8 @@ class DecisionRecord:
             d["port"] = conn.port
         if self.refusal is not None:
             d["refusal"] = self.refusal
+        if self.monitored is not None:
+            d["monitored"] = self.monitored
         if self.errors:
             d["errors"] = self.errors
         if self.shadow is not None:

@@ -632,23 +632,30 @@ class WorkflowExceptionConflict(Stage):
     name = "workflow-exception-conflict"
     settles_pending = True
 
-    def on_request(self, ex: Exchange) -> None:
+    def would_settle(self, ex: Exchange) -> Refusal | None:
+        """The 409 this stage answers the pending deny with, else None (no side effect: monitor
+        mode asks it too, proxy/policy/monitor.py)."""
         state: WorkflowState | None = ex.stage_data.get(STATE)
         pending = ex.pending_refusal
         evaluation: PolicyEvaluation | None = ex.stage_data.get(EVALUATION)
         if state is None or pending is None or not pending.reasons or evaluation is None:
-            return
+            return None
         policies = evaluation.bundle.policies
         values = [policies[pid].annotations.get(ANNOTATION) if pid in policies else None for pid in pending.reasons]
         if any(v not in (*KINDS, "precondition") for v in values):
-            return
+            return None
         kind = next((k for k in PRECEDENCE if k in values), None)
         if kind is None:
-            return
+            return None
         cls = ex.classification
         assert cls is not None
         agent = ex.identity.agent_id if ex.identity is not None else ""
-        ex.settle_pending(exception_refusal(kind, state, cls.action, agent, list(pending.reasons)))
+        return exception_refusal(kind, state, cls.action, agent, list(pending.reasons))
+
+    def on_request(self, ex: Exchange) -> None:
+        refusal = self.would_settle(ex)
+        if refusal is not None:
+            ex.settle_pending(refusal)
 
 
 def exception_refusal(kind: str, state: WorkflowState, action: str, agent: str, reasons: list[str]) -> Refusal:

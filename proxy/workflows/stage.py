@@ -182,27 +182,36 @@ class WorkflowOrder(Stage):
         self.observer = observer or WorkflowObserver()
         self.clock = clock
 
-    async def on_request(self, ex: Exchange) -> None:
+    def would_settle(self, ex: Exchange) -> Refusal | None:
+        """The 409 this stage answers the pending deny with, else None; no side effect (the
+        stage itself records it on the instance; monitor mode asks only: proxy/policy/monitor.py)."""
         state: WorkflowState | None = ex.stage_data.get(STATE)
         pending = ex.pending_refusal
         if state is None or state.ready or pending is None or not pending.reasons:
-            return
+            return None
         evaluation: PolicyEvaluation | None = ex.stage_data.get(EVALUATION)
         if evaluation is None:
-            return
+            return None
         policies = evaluation.bundle.policies
         notes = [policies[pid].annotations if pid in policies else None for pid in pending.reasons]
         # Out of order comes first: a deny by precondition policies, possibly with @approval
         # ones (a hold would ask a person to approve a step that cannot be done yet), is the 409.
         if any(a is None for a in notes) or not any(a.get(ANNOTATION) == "precondition" for a in notes if a):
-            return
+            return None
         if not all(a.get(ANNOTATION) == "precondition" or "approval" in a for a in notes if a):
-            return
+            return None
         cls = ex.classification
         assert cls is not None
         refusal = order_refusal(state, cls.action, list(pending.reasons))
         if any("approval" in a for a in notes if a):
             refusal.detail += " Once they are done, this call also needs a person's approval."
+        return refusal
+
+    async def on_request(self, ex: Exchange) -> None:
+        refusal = self.would_settle(ex)
+        if refusal is None:
+            return
+        state: WorkflowState = ex.stage_data[STATE]
         ex.settle_pending(refusal)
         self.observer.step(state.workflow.name, state.step.name, "refused")
         if state.instance is not None:

@@ -748,7 +748,7 @@
   var EVENT_FIELDS = [
     ["sequence", "Sequence"], ["time", "Time"], ["record", "Record"], ["agent", "Agent"], ["operation", "Operation"],
     ["action", "Action"], ["resource", "Resource"], ["connector", "Connector"], ["decision", "Decision"],
-    ["status", "Status"], ["refusal", "Refusal"], ["detail", "Detail"], ["reasons", "Reasons"],
+    ["monitor", "Monitor mode"], ["monitored", "Would have been (not enforced)"], ["status", "Status"], ["refusal", "Refusal"], ["detail", "Detail"], ["reasons", "Reasons"],
     ["policy_decision", "Policy decision"], ["policy_revision", "Policy revision"], ["approval_id", "Approval"],
     ["decision_id", "Decision record"], ["method", "Method"], ["host", "Host"], ["path", "Path"], ["mode", "Mode"],
     ["risk", "Risk"], ["latency_ms", "Latency (ms)"], ["by", "By"], ["reason", "Reason"], ["kind", "Kind"],
@@ -875,6 +875,9 @@
   function activityRow(e) {
     var d = e.decision || e.event || "";
     var cls = "activity-row " + decisionClass(d);
+    // monitor mode: a would-be deny or hold that was not enforced is shown as such
+    var monitored = e.monitor && e.monitored;
+    if (monitored) cls += " is-monitor";
     if (S.act.fresh.has(e.sequence)) cls += " is-new";
     if (S.act.selected === e.sequence) cls += " is-selected";
     var tr = el("tr", {
@@ -886,7 +889,9 @@
       el("td", { cls: "agent", text: e.agent || "\u2014" }),
       el("td", { cls: "operation", text: e.operation || "\u2014" }),
       el("td", { cls: "resource", text: e.resource || requestLine(e) || "\u2014" }),
-      el("td", { cls: "decision" }, [el("span", { cls: "badge " + decisionClass(d), text: d || "?" })]),
+      el("td", { cls: "decision" }, [el("span", { cls: "badge " + decisionClass(d), text: d || "?" })].concat(
+        monitored ? [el("span", { cls: "badge monitor", text: "monitor: not enforced", data: { testid: "monitor-badge" } })]
+          : [])),
       el("td", { cls: "status", text: e.status === undefined ? "\u2014" : e.status }),
       el("td", { cls: "reasons", text: Array.isArray(e.reasons) && e.reasons.length ? e.reasons.join(", ") : (e.reason || "") }),
     ]);
