@@ -274,10 +274,21 @@ def test_monitored_traffic_is_learned_when_forwarded(tmp_path: Path) -> None:
     assert permit.policy_id == "suggested-newcomers-test.item.read"
     assert dict(permit.observed.verdicts) == {"monitored:deny": 3, "allow": 1}
     assert "verdicts: allow 1, monitored, would have been deny 3" in result.text
+    assert "refused by forbid policies" not in result.text  # (default denials: no permit then)
     proof = result.proof
     assert proof is not None and proof.ok and proof.covered == 4
     # under enforcement with the suggestion, the monitored requests would now be allowed
     assert dict(proof.monitored_outcome) == {"allow": 3}
+
+
+def test_monitored_denials_by_forbids_are_named(tmp_path: Path) -> None:
+    would = {"decision": "deny", "status": 403, "kind": "policy", "title": "Denied by policy", "detail": "x",
+             "reasons": ["no-item-deletes"], "forwarded": True}
+    lines = [line(action="test.item.delete", rtype="Item", rid=str(i), decision="deny", reasons=["no-item-deletes"],
+                  monitor=True, monitored=would) for i in range(2)]
+    result = run(tmp_path, lines)
+    assert "// monitored requests refused by forbid policies, which still apply: no-item-deletes (2)" in result.text
+    assert result.proof is not None and dict(result.proof.monitored_outcome) == {"deny": 2}
 
 
 def test_filters_and_rotated_files(tmp_path: Path) -> None:

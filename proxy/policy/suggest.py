@@ -402,11 +402,14 @@ class Observed:
     first: tuple[float, str] | None = None
     last: tuple[float, str] | None = None
     fields: dict[tuple[str, ...], FieldStats] = field(default_factory=dict)
+    # monitored requests a forbid policy (its @id) denied or held: they stay so with the permit
+    forbidden_by: Counter[str] = field(default_factory=Counter)
 
     def merge(self, other: Observed) -> None:
         self.count += other.count
         self.agents |= other.agents
         self.verdicts.update(other.verdicts)
+        self.forbidden_by.update(other.forbidden_by)
         for t in (other.first, other.last):
             if t is not None:
                 self.first = t if self.first is None or t[0] < self.first[0] else self.first
@@ -445,6 +448,8 @@ def _observe(obs: Observed, rec: DecisionRecord, monitored: bool, hints: Manifes
     obs.first = t if obs.first is None or t[0] < obs.first[0] else obs.first
     obs.last = t if obs.last is None or t[0] > obs.last[0] else obs.last
     obs.verdicts[f"monitored:{rec.decision}" if monitored else rec.decision] += 1
+    if monitored and rec.decision != "allow":
+        obs.forbidden_by.update(r for r in rec.reasons if isinstance(r, str))  # (a deny's reasons are forbids)
     if not bounds:
         return
     context, resource = cedar.get("context") or {}, cedar.get("resource") or {}
@@ -570,6 +575,7 @@ class SuggestedPermit:
             "first": o.first[1] if o.first else None,
             "last": o.last[1] if o.last else None,
             "verdicts": dict(sorted(o.verdicts.items())),
+            "monitored_forbidden_by": dict(sorted(o.forbidden_by.items())),
             "bounds": [b.as_dict() for b in self.bounds],
             "notes": self.notes,
         }
@@ -802,6 +808,9 @@ def _comment(p: SuggestedPermit) -> list[str]:
     verdicts = ", ".join(f"{k.replace('monitored:', 'monitored, would have been ')} {n}"
                          for k, n in sorted(o.verdicts.items()))
     lines.append(f"verdicts: {verdicts}")
+    if o.forbidden_by:
+        lines.append("monitored requests refused by forbid policies, which still apply: "
+                     + ", ".join(f"{comment_text(r, 80)} ({n})" for r, n in sorted(o.forbidden_by.items())))
     by_path = {b.path: b for b in p.bounds}
     for path, fs in sorted(o.fields.items()):
         b = by_path.get(path)
