@@ -31,6 +31,10 @@ test: $(STAMP) lint
 		echo "make test: installing Debian's chromium and chromium-driver (console browser tests)"; \
 		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; }
+	@PATH="$$PATH:/usr/sbin:/sbin"; command -v iptables-restore >/dev/null && command -v nft >/dev/null && command -v ip >/dev/null || { \
+		echo "make test: installing iptables, nftables and iproute2 (proctor netsetup in network namespaces)"; \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables nftables iproute2; }
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
