@@ -372,3 +372,59 @@ def test_the_banner_reaches_stderr_whatever_the_log_level(tmp_path, idp, pki, up
         assert "proctor: WARNING: MONITOR MODE: policies are NOT ENFORCED for agents trial-bot" in p.log()
     finally:
         p.stop()
+
+
+# -------------------------------------------------------------- monitor: a claim conflict
+CLAIMS_CEDAR = """
+@id("mon-claimsvc-anyone")
+permit (principal, action == Action::"claimsvc.ticket.update", resource);
+
+@id("claim-held-by-another-agent")
+@claim("conflict")
+forbid (principal, action, resource)
+when { context has claim && context.claim.conflict };
+"""
+
+
+@pytest.fixture(scope="module")
+def claims(tmp_path_factory, idp, pki, upstream, upstream_tls, crm):
+    d = tmp_path_factory.mktemp("mon-claim-policies") / "policies"
+    shutil.copytree(DATA / "policies", d)
+    (d / "claims.cedar").write_text(CLAIMS_CEDAR)
+    connector = {"name": "claimsvc", "hosts": [f"127.0.0.1:{crm.port}"], "routes": [
+        {"method": "PATCH", "path": "/tickets/{id}", "action": "claimsvc.ticket.update",
+         "resource": {"type": "Ticket", "id": "{id}"}, "claim": {"mode": "exclusive", "ttl_seconds": 300}}]}
+    p = start_proctor(tmp_path_factory.mktemp("mon-claims"), idp, pki, upstream, upstream_tls,
+                      {"monitor": {"agents": ["mon-writer"]}}, policies_src=d, extra_connectors=[connector])
+    yield p
+    p.stop()
+
+
+def test_a_would_be_claim_conflict_is_forwarded_without_taking_the_claim(claims, idp, crm):
+    p, t = claims, "T-" + uuid.uuid4().hex[:10]
+    url = f"http://127.0.0.1:{crm.port}/tickets/{t}"
+
+    def patch(agent: str) -> httpx.Response:
+        with client(p, agent, idp.token(agent, groups=["writers"], ttl=600)) as c:
+            return c.patch(url, json={"note": agent})
+
+    first = patch("holder-bot")
+    assert first.status_code == 200 and "proctor-claim" in first.headers, first.text
+    monitored = patch("mon-writer")  # another agent's claim: a 409 it would have been, forwarded
+    assert monitored.status_code == 200, monitored.text
+    assert monitored.headers["proctor-monitor"] == "deny; kind=claim-conflict; status=409"
+    assert "proctor-claim" not in monitored.headers  # the write took no claim
+    rec = record(p, monitored)
+    assert (rec["decision"], rec["monitored"]["kind"], rec["monitored"]["status"]) == ("deny", "claim-conflict", 409)
+    assert rec["reasons"] == ["claim-held-by-another-agent"] and "holder-bot" in rec["monitored"]["detail"]
+    # the claim stays the holder's; no conflict event was recorded for the monitored write
+    op = operator(idp)
+    listed = [c for c in httpx.get(f"{p.control_url}/v1/claims", headers={"Authorization": f"Bearer {op}"},
+                                   timeout=10).json()["claims"] if c["resource"] == f'Ticket::"{t}"']
+    assert [c["holder"] for c in listed] == ["holder-bot"]
+    assert not [d for d in p.decisions() if d.get("type") == "claim" and d.get("decision_id") == rec["decision_id"]]
+    # an agent outside the scope gets the 409, recorded as a conflict
+    enforced = patch("other-bot")
+    assert enforced.status_code == 409 and "proctor-monitor" not in enforced.headers
+    assert [json.loads(e["body"])["note"] for e in crm.received() if e["path"] == f"/tickets/{t}"] == [
+        "holder-bot", "mon-writer"]
