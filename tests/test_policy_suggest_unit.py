@@ -614,3 +614,26 @@ def test_cli_exit_codes_and_output(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "1 would change" in r.stderr
     r = runner.invoke(proctor_cli, ["policy", "suggest", "-c", str(cfg), "--records", str(broad), "--check"])
     assert r.exit_code == 1 and "deny -> allow" in r.stderr
+
+
+def test_has_tests_written_once_per_permit() -> None:
+    from proxy.policy.suggest import FieldStats, _bound_for, conjunction
+
+    stats = []
+    for name, values in (("amount", [dec("5.0"), dec("9.5")]), ("currency", ["EUR", "EUR"]), ("note", ["a", "a"])):
+        fs = FieldStats(("context", "fields", name))
+        for v in values:
+            fs.add(v, set())
+        stats.append(fs)
+    stats[2].present = 2
+    bounds = [b for b in (_bound_for(fs, 2)[0] for fs in stats) if b is not None]
+    text = conjunction(bounds)
+    assert text.count("context has fields") == 1 and text.count("context.fields has amount") == 1
+    assert text.index("context.fields has currency") < text.index('context.fields.currency == "EUR"')
+    # an optional value keeps its own guard inside its `if`
+    optional = FieldStats(("context", "fields", "ref"))
+    optional.add("x", set())
+    optional.add("x", set())
+    (b, _) = _bound_for(optional, 3)
+    assert b is not None and not b.required
+    assert conjunction([b]) == 'if context has fields && context.fields has ref then context.fields.ref == "x" else true'.join(["(", ")"])

@@ -355,7 +355,9 @@ class FieldStats:
         self.present += 1
         kv = _value_kind(value)
         if kv is None:
-            self.unusable = self.unusable or ("a set" if isinstance(value, list) else "not a plain value")
+            what = ("a set" if isinstance(value, list) else "an entity" if isinstance(value, dict) and "__entity" in value
+                    else "not a plain value")
+            self.unusable = self.unusable or what
             return
         kind, v = kv
         self.kinds.add(kind)
@@ -532,6 +534,8 @@ class Bound:
     lo: str | None = None
     hi: str | None = None
     values: list[Any] | None = None
+    guards: list[str] = field(default_factory=list)  # the `has` tests a required value needs
+    body: str = ""  # the bound itself (behind its own `if ... has` when the value is optional)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"path": path_text(self.path), "kind": self.kind, "required": self.required,
@@ -742,11 +746,20 @@ def _bound_for(fs: FieldStats, count: int) -> tuple[Bound | None, str | None]:
         bound = Bound(path, kind, "", required, values=values)
     body = " && ".join(conds)
     guard = has_chain(path)
-    if required:
-        bound.condition = f"{guard} && {body}" if guard else body
-    else:
-        bound.condition = f"(if {guard} then {body} else true)" if guard else body
+    bound.guards = guard.split(" && ") if guard and required else []
+    bound.body = body if required or not guard else f"(if {guard} then {body} else true)"
+    bound.condition = " && ".join([*bound.guards, bound.body])
     return bound, None
+
+
+def conjunction(bounds: list[Bound]) -> str:
+    """The bounds as one condition, each `has` test written once (before its first use)."""
+    terms: list[str] = []
+    for b in bounds:
+        for t in [*b.guards, b.body]:
+            if t not in terms:
+                terms.append(t)
+    return " && ".join(terms)
 
 
 def _observed_text(fs: FieldStats, count: int) -> str:
@@ -831,7 +844,7 @@ def _render(permits: list[SuggestedPermit], header: list[str]) -> str:
     rule = "// " + "-" * 77
     parts = ["\n".join(["// " + h if h else "//" for h in header] + [rule]), ""]
     for p in permits:
-        conds = " && ".join(b.condition for b in p.bounds)
+        conds = conjunction(p.bounds)
         when = f"\nwhen {{ {conds} }}" if conds else ""
         parts.append("\n".join(_comment(p)) + f"\n@id({cedar_string(p.policy_id)})\npermit ({p.scope}){when};\n")
     return "\n".join(parts)
@@ -949,7 +962,7 @@ def _finish(permit: SuggestedPermit, oracle: SchemaOracle, options: Options) -> 
                                 f"(the schema does not declare it as {bound.kind})")
             continue
         permit.bounds.append(bound)
-    conds = " && ".join(b.condition for b in permit.bounds)
+    conds = conjunction(permit.bounds)
     if conds and not oracle.accepts(scope, conds):  # (each was accepted alone: never expected)
         permit.notes.append("bounds left out: together they do not validate")
         permit.bounds = []
