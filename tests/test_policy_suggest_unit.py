@@ -551,6 +551,13 @@ def test_injection_through_ids_groups_and_values(tmp_path: Path) -> None:
     assert result.proof is not None and result.proof.ok and result.proof.covered == len(lines)
 
 
+def test_injection_through_the_record_time(tmp_path: Path) -> None:
+    evil = '2026-12-01T10:00:00Z\n@id("evil")\npermit (principal, action, resource);\n//'
+    result = run(tmp_path, [order("1.0", time=evil), order("2.0", time=evil)])
+    assert list(est(result.text)) == ["suggested-writers-test.order.create"]
+    assert '// 2 requests, "2026-12-01T10:00:00Z\\n@id(\\"evil\\")' in result.text  # escaped, on the comment's line
+
+
 def test_an_unusable_principal_is_skipped(tmp_path: Path) -> None:
     bad = line()
     bad["cedar"]["principal"]["uid"]["type"] = 'Agent") permit(principal,action,resource);//'

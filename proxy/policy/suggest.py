@@ -807,7 +807,7 @@ def _comment(p: SuggestedPermit) -> list[str]:
     if len(agents) > AGENTS_SHOWN:
         shown += f" and {len(agents) - AGENTS_SHOWN} more"
     lines = [f"{o.count} request{'s' if o.count != 1 else ''}, "
-             f"{o.first[1] if o.first else '?'} .. {o.last[1] if o.last else '?'}"]
+             f"{comment_text(o.first[1], 40) if o.first else '?'} .. {comment_text(o.last[1], 40) if o.last else '?'}"]
     if p.principal_kind == "group":
         lines.append(f"group {comment_text(p.principal_id, 60)}: agents {shown}")
         others = [m for m in p.members_seen if m not in o.agents]
@@ -1150,8 +1150,9 @@ def render_proof(proof: Proof) -> str:
         lines.append(f"{proof.unreplayable} decision(s) not replayed: Cedar cannot take their recorded inputs")
     for c in proof.uncovered + proof.changed + proof.others_changed:
         why = ", ".join(c["now_reasons"]) or ("error: " + "; ".join(c["errors"]) if c["errors"] else "default")
-        lines.append(f"  {c['time']}  {c['decision_id']}  {comment_text(c['agent'])}  {c['action']}  "
-                     f"{comment_text(c['resource'])}: {c['was']} -> {c['now']} ({comment_text(why)})")
+        lines.append(f"  {comment_text(c['time'], 40)}  {comment_text(c['decision_id'], 60)}  {comment_text(c['agent'])}  "
+                     f"{comment_text(c['action'])}  {comment_text(c['resource'])}: {c['was']} -> {c['now']} "
+                     f"({comment_text(why)})")
     return "\n".join(lines)
 
 
