@@ -547,7 +547,13 @@ def _save(runner: Runner, family: int) -> str:
     return "".join(runner.run([save, "-t", t]) for t in ("nat", "filter"))
 
 
-def apply(plan: Plan, backend: Backend, runner: Runner) -> str:
+def kernel_has_ipv6(marker: Path = Path("/proc/net/if_inet6")) -> bool:
+    """False only when the kernel has no IPv6 at all (booted with ipv6.disable=1): then no IPv6
+    packet can leave and ip6tables cannot load, so there is nothing to redirect."""
+    return marker.exists()
+
+
+def apply(plan: Plan, backend: Backend, runner: Runner, *, has_ipv6: bool | None = None) -> str:
     """Apply the rules (idempotent), check they landed; a one-line summary."""
     if backend == "nftables":
         runner.run(["nft", "-f", "-"], stdin=nft_ruleset(plan))
@@ -555,7 +561,9 @@ def apply(plan: Plan, backend: Backend, runner: Runner) -> str:
         if f"redirect to :{plan.proxy_port}" not in listed:
             raise SetupError(f"the table was applied but does not read back:\n{listed}")
         return f"applied: nftables table {'inet' if plan.ipv6 else 'ip'} {NFT_TABLE}"
-    for family in plan.families():
+    has_ipv6 = kernel_has_ipv6() if has_ipv6 is None else has_ipv6
+    families = [f for f in plan.families() if f == 4 or has_ipv6]
+    for family in families:
         _, restore = _tools(family)
         for attempt in range(2):
             jumps = jump_rules(_save(runner, family))
@@ -569,17 +577,19 @@ def apply(plan: Plan, backend: Backend, runner: Runner) -> str:
         counts = {t: len(v) for t, v in jump_rules(after).items()}
         if counts != {"nat": 1, "filter": 1} or f"--to-ports {plan.proxy_port}" not in after:
             raise SetupError(f"IPv{family}: the rules were applied but do not read back as expected:\n{after}")
-    fams = "IPv4+IPv6" if plan.ipv6 else "IPv4"
-    return f"applied: iptables {CHAIN} in nat and filter ({fams})"
+    fams = "IPv4+IPv6" if 6 in families else "IPv4"
+    note = "" if families == list(plan.families()) else " (this kernel has no IPv6: no IPv6 rules needed)"
+    return f"applied: iptables {CHAIN} in nat and filter ({fams}){note}"
 
 
-def remove(backend: Backend, runner: Runner, ipv6: bool = True) -> str:
+def remove(backend: Backend, runner: Runner, ipv6: bool = True, *, has_ipv6: bool | None = None) -> str:
     """Delete what apply added (nothing else); a one-line summary."""
     if backend == "nftables":
         runner.run(["nft", "-f", "-"], stdin=NFT_REMOVE)
         return f"removed: nftables tables inet/ip {NFT_TABLE}"
     removed = []
-    for family in (4, 6) if ipv6 else (4,):
+    has_ipv6 = kernel_has_ipv6() if has_ipv6 is None else has_ipv6
+    for family in (4, 6) if ipv6 and has_ipv6 else (4,):
         _, restore = _tools(family)
         text = iptables_remove_input(_save(runner, family))
         if text is not None:

@@ -313,3 +313,40 @@ def test_runner_failures_become_clear_errors():
     with pytest.raises(ns.SetupError, match="not found on PATH"):
         runner.run(["proctor-no-such-binary"])
     assert runner.run(["sh", "-c", "cat"], stdin="rules\n") == "rules\n"
+
+
+class FakeRunner(ns.Runner):
+    """Records the commands; iptables-save answers from a dict (what the rules would be)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[list[str], str | None]] = []
+        self.saved = {"iptables-save": "", "ip6tables-save": ""}
+
+    def run(self, argv: list[str], stdin: str | None = None) -> str:
+        self.calls.append((argv, stdin))
+        if argv[0].endswith("-save"):  # one table (-t T) of what the last restore left
+            table = argv[argv.index("-t") + 1]
+            return "".join(part for part in re.split(r"(?m)^(?=\*)", self.saved[argv[0]]) if part.startswith(f"*{table}"))
+        if argv[0].endswith("-restore"):
+            self.saved[argv[0].replace("restore", "save")] = (
+                "*nat\n-A OUTPUT -j PROCTOR_OUTPUT\n-A PROCTOR_OUTPUT -p tcp -j REDIRECT --to-ports 15001\nCOMMIT\n"
+                "*filter\n-A OUTPUT -j PROCTOR_OUTPUT\nCOMMIT\n"
+            )
+        return ""
+
+
+def test_a_kernel_without_ipv6_needs_no_ipv6_rules(tmp_path: Path):
+    assert ns.kernel_has_ipv6(tmp_path / "if_inet6") is False
+    runner = FakeRunner()
+    out = ns.apply(plan(), "iptables", runner, has_ipv6=False)
+    assert "no IPv6 rules needed" in out and "(IPv4)" in out
+    assert not any(argv[0].startswith("ip6tables") for argv, _ in runner.calls)
+    runner = FakeRunner()
+    assert "(IPv4+IPv6)" in ns.apply(plan(), "iptables", runner, has_ipv6=True)
+    assert any(argv[0] == "ip6tables-restore" for argv, _ in runner.calls)
+    # the read-back must find exactly one jump per table, or apply fails
+    bad = FakeRunner()
+    bad.run = lambda argv, stdin=None: ""  # type: ignore[method-assign]
+    with pytest.raises(ns.SetupError, match="do not read back"):
+        ns.apply(plan(), "iptables", bad, has_ipv6=False)
