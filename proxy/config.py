@@ -8,6 +8,7 @@ file, `default_config()` describes the embedded default: state in
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -189,6 +190,53 @@ class GatewayConfig(Strict):
     # What serves the gateway listener (docs/gateway-engines.md): mitmproxy (the default,
     # also the forward/CONNECT engine) or aiohttp (plain HTTP/1.1, same stage chain).
     engine: Literal["mitmproxy", "aiohttp"] = "mitmproxy"
+
+
+class TransparentConfig(Strict):
+    """Transparent mode (docs/transparent.md): the agent's connections are redirected to this
+    listener by the network (`proctor netsetup`), the original destination is recovered
+    (SO_ORIGINAL_DST), and every request is attributed to ONE workload identity, the agent
+    token read from `token_file`."""
+
+    enabled: bool = False
+    # Loopback only: whoever reaches this port speaks as the workload identity. The redirect
+    # sends IPv4 to 127.0.0.1 and IPv6 to ::1 (drop "::1" where the namespace has no IPv6).
+    hosts: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"], min_length=1)
+    port: int = Field(15001, ge=1, le=65535)
+    # The workload's agent token (a mounted secret or a projected service-account token):
+    # read at start, re-read when it changes (checked at most every token_check_seconds).
+    token_file: Path | None = None
+    token_check_seconds: float = Field(5.0, ge=0.1, le=300)
+    # Destination ports that must carry TLS: plain bytes redirected from them are refused.
+    tls_ports: list[int] = Field(default_factory=lambda: [443])
+
+    @field_validator("hosts")
+    @classmethod
+    def _loopback(cls, v: list[str]) -> list[str]:
+        for host in v:
+            try:
+                ip = ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"transparent.hosts: {host!r} is not an IP address (use 127.0.0.1 and ::1)") from None
+            if not ip.is_loopback:
+                raise ValueError(f"transparent.hosts: {host} is not a loopback address: anyone reaching the "
+                                 "transparent port speaks as the workload identity, so it listens on loopback only")
+        if len(set(v)) != len(v):
+            raise ValueError("transparent.hosts: an address is listed twice")
+        return v
+
+    @field_validator("tls_ports")
+    @classmethod
+    def _ports(cls, v: list[int]) -> list[int]:
+        if any(not 1 <= p <= 65535 for p in v):
+            raise ValueError("transparent.tls_ports: ports are 1..65535")
+        return v
+
+    @model_validator(mode="after")
+    def _identity(self) -> "TransparentConfig":
+        if self.enabled and self.token_file is None:
+            raise ValueError("transparent: enabled needs token_file (the workload identity's token)")
+        return self
 
 
 class EgressConfig(Strict):
@@ -546,6 +594,7 @@ class ProctorConfig(Strict):
     listen: Listen = Field(default_factory=Listen)
     control: ControlConfig = Field(default_factory=ControlConfig)
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    transparent: TransparentConfig = Field(default_factory=TransparentConfig)
     identity: IdentityConfig | None = None  # None: the dev issuer only
     dev_issuer: DevIssuerConfig = Field(default_factory=DevIssuerConfig)
     # The interception CA from files or secrets (shared by replicas); None: generated in state_dir/ca.
@@ -709,6 +758,9 @@ def _resolve_paths(raw: dict, base: Path) -> dict:
     rec = raw.get("record")
     if isinstance(rec, dict):
         fix(rec, "decisions_file")
+    tr = raw.get("transparent")
+    if isinstance(tr, dict):
+        fix(tr, "token_file")
     ca = raw.get("ca")
     if isinstance(ca, dict):
         fix(ca, "cert_file")
