@@ -270,6 +270,19 @@ def with_body_fields(cls: Classification, doc: Any) -> Classification:
     return replace(cls, fields=fields, resource_attrs=attrs)
 
 
+# A JSON-RPC response the agent sends back (an MCP client answering a server's request:
+# sampling, elicitation, roots/list, ping) has no method; operations name it by this one.
+# JSON-RPC reserves method names starting with "rpc." (JSON-RPC 2.0 section 4), so no call
+# can be mistaken for it.
+RESPONSE_METHOD = "rpc.response"
+
+
+def is_jsonrpc_response(doc: Any) -> bool:
+    """A JSON-RPC 2.0 response object: an id and exactly one of result and error, no method."""
+    return (isinstance(doc, dict) and doc.get("jsonrpc") == "2.0" and "method" not in doc and "id" in doc
+            and ("result" in doc) != ("error" in doc) and set(doc) <= {"jsonrpc", "id", "result", "error"})
+
+
 def resolve_jsonrpc(cls: Classification, doc: Any) -> Classification:
     """For a JSON-RPC route: the operation the body calls, with its action, resource and fields.
 
@@ -281,10 +294,15 @@ def resolve_jsonrpc(cls: Classification, doc: Any) -> Classification:
         return cls
     if isinstance(doc, list):
         raise ValueRejected("JSON-RPC batches are not accepted; send one call per request")
-    if not isinstance(doc, dict) or doc.get("jsonrpc") != "2.0" or not isinstance(doc.get("method"), str):
+    if is_jsonrpc_response(doc):
+        method, params = RESPONSE_METHOD, None
+    elif not isinstance(doc, dict) or doc.get("jsonrpc") != "2.0" or not isinstance(doc.get("method"), str):
         raise ValueRejected("this endpoint takes JSON-RPC 2.0 requests (an object with jsonrpc and method)")
-    method = doc["method"]
-    params = doc.get("params")
+    elif doc["method"] == RESPONSE_METHOD:
+        raise ValueRejected(f"{RESPONSE_METHOD} is reserved (JSON-RPC rpc.* names); it is not a method to call")
+    else:
+        method = doc["method"]
+        params = doc.get("params")
     tool = params.get("name") if isinstance(params, dict) and isinstance(params.get("name"), str) else None
     rpc = {"method": method} | ({"tool": tool} if tool is not None else {})
     # operations naming a tool are more specific than the method alone

@@ -1,0 +1,211 @@
+"""The official MCP Python SDK through Proctor, with the example MCP connector.
+
+A real `proctor run` with examples/mcp/helpdesk-mcp.yaml (its host swapped for the
+test server's) and examples/mcp/helpdesk-mcp.cedar beside the bundled schema, in
+front of the example FastMCP server (examples/mcp/server.py, the SDK's own
+Streamable HTTP server, recording what reaches it: tests/support/mcp_upstream.py),
+over http:// and https://. The agent is the SDK's client (`streamable_http_client` +
+`ClientSession`, tests/support/mcp_client.py) run as its own process, configured by
+the environment docs/agents.md gives and nothing else.
+
+Every message the client sends is governed and recorded: initialize, the
+notifications, tools/list, each tools/call, resources and prompts discovery, ping,
+the GET of the endpoint (the server's event stream) and the DELETE that ends the
+session. Denied tools come back as JSON-RPC errors carrying the policy and the
+decision id, and never reach the server.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, SUPPORT, free_port, port_open, start_proctor, wait_for
+from test_client_matrix import agent_env
+
+pytestmark = pytest.mark.integration
+
+EXAMPLE = ROOT / "examples" / "mcp"
+AGENT = "helpdesk-bot"
+
+# (test only) agents in quiet-agents may not send the roots notification
+QUIET_POLICY = """@id("test-quiet-agents-send-no-roots-notifications")
+forbid (
+  principal in AgentGroup::"quiet-agents",
+  action == Action::"mcp.session.notify",
+  resource
+)
+when { context.rpc.method == "notifications/roots/list_changed" };
+"""
+
+
+class McpServer:
+    def __init__(self, base: Path, pki=None) -> None:
+        self.port = free_port()
+        self.log = base / f"mcp-seen-{self.port}.jsonl"
+        self.log.write_text("")
+        cmd = [sys.executable, str(SUPPORT / "mcp_upstream.py"), "--port", str(self.port), "--log", str(self.log)]
+        if pki is not None:
+            cmd += ["--cert", str(pki.cert_pem), "--key", str(pki.key_pem)]
+        self.tls = pki is not None
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(base / f"mcp-{self.port}.err", "w"))
+        wait_for(lambda: port_open(self.port), what=f"MCP server on {self.port}")
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}/mcp" if self.tls else f"http://127.0.0.1:{self.port}/mcp"
+
+    def seen(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, pki):
+    base = tmp_path_factory.mktemp("mcp-servers")
+    started = {"http": McpServer(base), "https": McpServer(base, pki)}
+    yield started
+    for s in started.values():
+        s.stop()
+
+
+def example_connector(servers: dict[str, McpServer]) -> dict:
+    manifest = yaml.safe_load((EXAMPLE / "helpdesk-mcp.yaml").read_text())
+    assert "127.0.0.1:9110" in manifest["hosts"]
+    manifest["hosts"] = [f"127.0.0.1:{servers['http'].port}", f"localhost:{servers['https'].port}"]
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def mcp_proctor(tmp_path_factory, idp, pki, upstream, upstream_tls, servers):
+    base = tmp_path_factory.mktemp("mcp-proctor")
+    policies = base / "policies-src"
+    policies.mkdir()
+    shutil.copy(ROOT / "policies" / "schema.cedarschema", policies / "schema.cedarschema")
+    shutil.copy(EXAMPLE / "helpdesk-mcp.cedar", policies / "helpdesk-mcp.cedar")
+    (policies / "quiet.cedar").write_text(QUIET_POLICY)
+    p = start_proctor(base / "p", idp, pki, upstream, upstream_tls, policies_src=policies,
+                      extra_connectors=[example_connector(servers)])
+    yield p
+    p.stop()
+
+
+def run_agent(proctor, idp, url: str, agent: str = AGENT, groups: tuple[str, ...] = ("helpdesk-agents",)):
+    env = agent_env(proctor.proxy_url_with(agent, idp.token(agent, groups=list(groups))), proctor.ca_pem)
+    return subprocess.run([sys.executable, str(SUPPORT / "mcp_client.py"), url], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def records_for(proctor, agent: str, since: int) -> list[dict]:
+    return [r for r in proctor.decisions()[since:] if r.get("agent") == agent and "type" not in r]
+
+
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_the_official_client_through_the_example_connector(scheme, servers, mcp_proctor, idp):
+    server = servers[scheme]
+    server.log.write_text("")
+    before = len(mcp_proctor.decisions())
+    out = run_agent(mcp_proctor, idp, server.url)
+    assert out.returncode == 0, out.stderr[-4000:]
+    t = json.loads(out.stdout.strip().splitlines()[-1])
+
+    # initialize and discovery
+    assert t["server"] == "helpdesk" and t["session_id"]
+    assert t["tools"] == ["close_ticket", "create_ticket", "delete_ticket", "search_tickets"]
+    assert t["resources"] == ["helpdesk://queues"]
+    assert t["resource_templates"] == ["helpdesk://tickets/{ticket_id}"]
+    assert t["queues"] == ["hardware, network, access"]
+    assert t["prompts"] == ["triage"] and "Triage ticket T-2" in t["prompt"][0]
+    assert t["pinged"] and t["closed"]
+
+    # allowed tools: the server's real answers
+    search = t["search"]["result"]
+    assert not search["is_error"] and "Printer on floor 3 is jammed" in search["text"][0]
+    create = t["create"]["result"]
+    assert not create["is_error"] and create["structured"]["title"] == "Monitor flickers"
+    # a tool that asks the user first: the server's elicitation reached the client, and the
+    # client's answer (a JSON-RPC response, `rpc.response` in the connector) reached the server
+    assert t["asked"] == ["Close ticket T-2?"]
+    assert t["close"]["result"]["text"] == ["closed T-2"]
+
+    # denied tools: JSON-RPC errors with Proctor's reason and decision id
+    for key, reason in (("delete", "mcp-helpdesk-no-deletes"), ("create_p1", "mcp-helpdesk-no-p1-from-agents")):
+        err = t[key]["error"]
+        assert err["code"] == -32001, err
+        assert reason in err["message"]
+        data = err["data"]
+        assert data["reasons"] == [reason] and data["status"] == 403 and data["agent"] == AGENT
+        tool = "delete_ticket" if key == "delete" else "create_ticket"
+        assert data["resource"] == f'McpTool::"{tool}"'
+        rec = mcp_proctor.decision(data["decision_id"])
+        assert rec["decision"] == "deny" and rec["rpc"] == {"method": "tools/call", "tool": tool}
+
+    # what reached the server: everything allowed, nothing denied, no agent credential
+    wait_for(lambda: any(e["method"] == "DELETE" for e in server.seen()), timeout=10, what="the session's DELETE")
+    seen = server.seen()
+    calls = [e["tool"] for e in seen if e.get("rpc") == "tools/call"]
+    assert calls == ["search_tickets", "create_ticket", "close_ticket"]
+    assert any(e["method"] == "POST" and e.get("rpc") is None and e.get("id") is not None for e in seen)  # the answer
+    assert {e.get("rpc") for e in seen if e["method"] == "POST"} >= {
+        "initialize", "notifications/initialized", "tools/list", "tools/call", "resources/list",
+        "resources/templates/list", "resources/read", "prompts/list", "prompts/get", "ping",
+        "notifications/roots/list_changed"}
+    stream = [e for e in seen if e["method"] == "GET"]
+    assert stream and stream[0]["session"] == t["session_id"] and "text/event-stream" in stream[0]["accept"]
+    [end] = [e for e in seen if e["method"] == "DELETE"]
+    assert end["session"] == t["session_id"]
+    assert all(e["authorization"] is None and e["proxy_authorization"] is None for e in seen)
+
+    # and every one of them was decided and recorded for the agent
+    wait_for(lambda: any(r["action"] == "mcp.session.end" for r in records_for(mcp_proctor, AGENT, before)),
+             timeout=10, what="the DELETE in the record")
+    recs = records_for(mcp_proctor, AGENT, before)
+    allowed = {r["action"] for r in recs if r["decision"] == "allow"}
+    assert allowed == {
+        "mcp.session.initialize", "mcp.session.notify", "mcp.session.stream", "mcp.session.ping", "mcp.session.end",
+        "mcp.session.respond", "mcp.tools.list", "mcp.resources.list", "mcp.resources.read", "mcp.prompts.list",
+        "mcp.prompts.get", "helpdesk.tickets.search", "helpdesk.tickets.create", "helpdesk.tickets.close"}
+    assert sorted(r["action"] for r in recs if r["decision"] == "deny") == ["helpdesk.tickets.create",
+                                                                           "helpdesk.tickets.delete"]
+    notified = sorted(r["rpc"]["method"] for r in recs if r["action"] == "mcp.session.notify")
+    assert notified == ["notifications/initialized", "notifications/roots/list_changed"]
+
+
+def test_an_agent_outside_the_group_cannot_even_initialize(servers, mcp_proctor, idp):
+    server = servers["https"]
+    server.log.write_text("")
+    out = run_agent(mcp_proctor, idp, server.url, agent="stranger-bot", groups=("sales",))
+    assert out.returncode != 0
+    # the SDK raises McpError with Proctor's refusal as the message
+    assert ("McpError: Denied by policy: stranger-bot may not mcp.session.initialize on McpServer::\"helpdesk\""
+            in out.stderr), out.stderr[-3000:]
+    assert server.seen() == []
+
+
+def test_a_denied_notification_is_not_forwarded_and_the_session_goes_on(servers, mcp_proctor, idp):
+    """A notification gets no answer, so the client never reads Proctor's JSON-RPC error for it
+    (HTTP 200, id null): the session carries on, the server never sees the notification, and
+    the refusal is in the record."""
+    server = servers["http"]
+    server.log.write_text("")
+    before = len(mcp_proctor.decisions())
+    out = run_agent(mcp_proctor, idp, server.url, agent="quiet-bot", groups=("helpdesk-agents", "quiet-agents"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    t = json.loads(out.stdout.strip().splitlines()[-1])
+    assert t["pinged"] and t["closed"] and t["search"]["result"]["text"]
+    wait_for(lambda: any(e["method"] == "DELETE" for e in server.seen()), timeout=10, what="the session's DELETE")
+    assert "notifications/roots/list_changed" not in {e.get("rpc") for e in server.seen()}
+    assert "notifications/initialized" in {e.get("rpc") for e in server.seen()}
+    [denied] = [r for r in records_for(mcp_proctor, "quiet-bot", before) if r["decision"] == "deny"
+                and r["action"] == "mcp.session.notify"]
+    assert denied["rpc"] == {"method": "notifications/roots/list_changed"}
+    assert denied["reasons"] == ["test-quiet-agents-send-no-roots-notifications"]
