@@ -134,7 +134,8 @@ class MonitoredPart(TypedDict):
     got, not enforced. `decision`, `status` (null for a sync hold: it would have waited for a
     person), `kind`, `title`, `detail` (redacted) and `reasons` are the would-be answer's;
     `forwarded` says whether the request then went to the upstream (false when something that
-    monitor mode does not cover refused it afterwards: its refusal is the line's `refusal`)."""
+    monitor mode does not cover refused it afterwards: its refusal is the line's `refusal`; or
+    when a stored answer was replayed for an idempotent retry)."""
 
     decision: DecisionValue
     status: int | None
