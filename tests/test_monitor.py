@@ -90,7 +90,9 @@ def crm_connector(port: int) -> dict:
 @pytest.fixture(scope="module")
 def scoped(tmp_path_factory, idp, pki, upstream, upstream_tls, crm) -> Proctor:
     p = start_proctor(tmp_path_factory.mktemp("mon-scoped"), idp, pki, upstream, upstream_tls,
-                      {"monitor": {"connectors": ["crm"], "agents": ["trial-bot"], "groups": ["trial"]}},
+                      {"monitor": {"connectors": ["crm"], "agents": ["trial-bot"], "groups": ["trial"]},
+                       "rate_limits": [{"name": "crm-deletes", "limit": 2, "period": "1h",
+                                        "match": {"actions": ["test.item.delete"], "connectors": ["crm"]}}]},
                       extra_connectors=[crm_connector(crm.port)], env={"MON_CRM_TOKEN": CRM_SECRET})
     yield p
     p.stop()
@@ -321,6 +323,19 @@ def test_per_connector_monitor_forwards_only_that_connector_with_its_credential(
     assert (rec["connector"], rec["decision"], rec["monitor"], rec["refusal"]["kind"]) == (
         "testsvc", "deny", False, "policy")
     assert "monitored" not in rec
+
+
+def test_rate_limits_are_enforced_in_a_monitored_scope(scoped, idp, crm):
+    p, m = scoped, mark()
+    with client(p, "rl-bot", idp.token("rl-bot", groups=["readers"], ttl=600)) as c:
+        answers = [c.delete(f"http://127.0.0.1:{crm.port}/sobjects/{m}-{i}") for i in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[2].json()["type"].endswith("/rate-limited") and "proctor-monitor" not in answers[2].headers
+    assert len(hits(crm, m)) == 2
+    rec = record(p, answers[2])
+    assert rec["monitor"] is True and rec["refusal"]["kind"] == "rate-limited" and "monitored" not in rec
+    assert metric(p, "proctor_decisions_total", action="test.item.delete", decision="deny", kind="rate-limited",
+                  enforcement="monitor") == 1
 
 
 def test_per_agent_and_per_group_monitor(scoped, idp, upstream):
