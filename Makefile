@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 # Static checks: ruff (defects, not style) on everything; mypy strict on the core and the stages.
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests bench
+	$(BIN)/ruff check proxy tests bench examples
 	$(BIN)/mypy
 
 test: $(STAMP) lint
