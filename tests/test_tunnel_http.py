@@ -189,6 +189,7 @@ def test_credentials_inside_the_tunnel_do_not_change_the_identity(proctor, upstr
 )
 def test_another_target_inside_the_tunnel_is_misdirected(proctor, upstream, upstream_tls, token, request_head):
     upstream.clear()
+    upstream_tls.clear()
     s = _tunnel(proctor, "127.0.0.1", upstream.port, token)
     s.sendall(request_head.format(port=upstream.port, other=upstream_tls.port).encode())
     [(status, headers, body)] = _answers(s, 1)
