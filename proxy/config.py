@@ -639,6 +639,19 @@ class ProctorConfig(Strict):
             raise ValueError("a budget with cost {llm: true} needs llm_prices (the token price table)")
         return self
 
+    @model_validator(mode="after")
+    def _transparent_port(self) -> "ProctorConfig":
+        t = self.transparent
+        if t.enabled:
+            others = [("listen", self.listen.port), *([("gateway.listen", self.gateway.listen.port)]
+                                                      if self.gateway.enabled else []),
+                      *([("control.listen", self.control.listen.port)] if self.control.enabled else [])]
+            for name, port in others:
+                if port == t.port:
+                    raise ValueError(f"transparent.port {t.port} is also {name}'s port: give the transparent "
+                                     "listener a port of its own")
+        return self
+
     # -- derived paths ---------------------------------------------------------
     @property
     def effective_workflows_dir(self) -> Path | None:

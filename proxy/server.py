@@ -39,9 +39,11 @@ from .engine.aiohttp_gateway import AiohttpGateway
 from .engine.gateway import GatewayRouter
 from .engine.gateway_tls import ListenerCertificates
 from .engine.listeners import ListenerWatch
+from .engine.transparent import TransparentGuard
 from .engine.mitm import ProctorAddon
 from .engine.mitm_drain import MitmDrain
 from .identity.stage import Authenticator
+from .identity.workload import WorkloadIdentity
 from .limits.budget_setup import Budgets, build_budgets
 from .limits.setup import RateLimits, build_rate_limits
 from .request_path import Parts, RequestPath, build_request_path
@@ -94,6 +96,7 @@ class ProctorRuntime:
     rate_limits: RateLimits | None = None  # declared rate limits and their counters (docs/limits.md)
     budgets: Budgets | None = None  # declared budgets and their ledger (docs/limits.md, "Budgets")
     shutdown: Shutdown | None = None  # SIGTERM: drain, then stop (proxy/shutdown.py; set by build_runtime)
+    workload: WorkloadIdentity | None = None  # transparent mode's one identity (docs/transparent.md)
     monitor: MonitorScope = field(default_factory=MonitorScope)  # monitor mode: where policies are not enforced
 
     def stats(self) -> dict[str, int]:
@@ -162,9 +165,14 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     metrics = Metrics()
     tracing = Tracing()
+    workload = None
+    if config.transparent.enabled:
+        assert config.transparent.token_file is not None  # (config validation)
+        workload = WorkloadIdentity(config.transparent.token_file, verifier,
+                                    check_seconds=config.transparent.token_check_seconds, registry=metrics.registry)
     path = build_request_path(Parts(
         config=config,
-        authenticator=Authenticator(verifier, config.identity_settings()),
+        authenticator=Authenticator(verifier, config.identity_settings(), workload),
         classifier=classifier,
         policies=policies,
         recorder=recorder,
@@ -183,13 +191,16 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         rate_limits=rate_limits,
         budgets=budgets,
     ))
-    addon = ProctorAddon(path.requests, path.tunnels, router, config.limits)
+    addon = ProctorAddon(path.requests, path.tunnels, router, config.limits,
+                         transparent=TransparentGuard.from_config(config, workload.usable_identity)
+                         if workload is not None else None)
     runtime = ProctorRuntime(
         config, policies, path, recorder, addon, metrics, store, lookups, verifier, shadow, enricher,
         approvals, notifier, governance, audit, tracing=tracing, workflows=workflows, rate_limits=rate_limits,
         budgets=budgets,
     )
     runtime.shutdown = Shutdown(config.shutdown.grace_seconds)
+    runtime.workload = workload
     runtime.monitor = monitor
     if approvals is not None:
         approvals.on_settled = lambda outcome, seconds: metrics.approval_wait.labels(outcome).observe(seconds)
@@ -230,6 +241,7 @@ def mitm_options_for(config: ProctorConfig) -> dict:
         # The reverse target is a placeholder: every request is re-targeted by
         # the gateway router after it is allowed (lazy connect never dials it).
         modes.append(f"reverse:http://127.0.0.1:9@{gw.host}:{gw.port}")
+    modes.extend(transparent_specs(config))
     return dict(
         mode=modes,
         confdir=str(config.ca_dir),
@@ -248,6 +260,12 @@ def mitm_options_for(config: ProctorConfig) -> dict:
         http2=False,
         http3=False,
     )
+
+
+def transparent_specs(config: ProctorConfig) -> list[str]:
+    """mitmproxy transparent listeners (original destination by SO_ORIGINAL_DST), one per host."""
+    t = config.transparent
+    return [f"transparent@{host}:{t.port}" for host in t.hosts] if t.enabled else []
 
 
 def engine_master(options: dict, gating_addon: object) -> Master:
@@ -343,6 +361,9 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         )
     elif config.gateway.enabled:
         listened[options["mode"][1]] = ("gateway", f"{config.gateway.listen.host}:{config.gateway.listen.port}")
+    for spec, host in zip(transparent_specs(config), config.transparent.hosts):
+        listened[spec] = ("transparent", f"[{host}]:{config.transparent.port}" if ":" in host
+                          else f"{host}:{config.transparent.port}")
     runtime.listeners = ListenerWatch(master, listened, [gateway] if gateway is not None else [])
     master.addons.add(runtime.listeners)
 
@@ -374,6 +395,10 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
     ))
 
     watcher = asyncio.create_task(_watch_policies(runtime))
+    workload_watch = None
+    if runtime.workload is not None:  # read at build; verified before ready, then watched for rotation
+        await runtime.workload.check()
+        workload_watch = asyncio.create_task(runtime.workload.run())
     runtime.events = install_wakeups(runtime)  # LISTEN/NOTIFY between replicas (polling stays the fallback)
     governance_task = asyncio.create_task(runtime.governance.run())
     store_watch = asyncio.create_task(watch_store(runtime.store))
@@ -386,6 +411,9 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         await runtime.audit.start()
     b = runtime.policies.bundle
     gw = f", gateway on {config.gateway.listen.host}:{config.gateway.listen.port}" if config.gateway.enabled else ""
+    if config.transparent.enabled:  # (docs/transparent.md)
+        gw += (f", transparent on port {config.transparent.port} of {', '.join(config.transparent.hosts)} "
+               f"as the workload identity in {config.transparent.token_file}")
     log.info(
         "proctor starting: agents on %s:%d%s; control API on %s:%d; policy revision %s (%d policies); "
         "decisions -> %s; interception CA: %s",
@@ -423,6 +451,8 @@ async def serve(config: ProctorConfig, ready: asyncio.Event | None = None) -> No
         except Exception:
             log.exception("could not finish recording every refusal")
         watcher.cancel()
+        if workload_watch is not None:
+            workload_watch.cancel()
         governance_task.cancel()
         store_watch.cancel()
         if runtime.events is not None:

@@ -10,7 +10,10 @@ Ready means every part a request needs is up:
 - **policies**: a policy set is loaded (a rejected reload keeps the last good
   set: still ready, reported as degraded);
 - **audit**: no sink whose overflow policy holds or refuses requests
-  (`fail_closed`, `block`) is unhealthy, i.e. the audit gate would admit writes.
+  (`fail_closed`, `block`) is unhealthy, i.e. the audit gate would admit writes;
+- **workload_identity** (transparent mode only): the token file holds a valid,
+  unexpired token, so redirected requests are attributed (otherwise every one of
+  them is refused 503: docs/transparent.md).
 
 Identity (JWKS keys per issuer) is reported but does not decide readiness: a
 JWKS URL is fetched on the first token, and an issuer without keys refuses its
@@ -118,6 +121,16 @@ def identity_component(runtime: "ProctorRuntime") -> Component:
     return Component("ok", {"issuers": issuers})
 
 
+def workload_component(runtime: "ProctorRuntime") -> Component:
+    """Transparent mode's workload identity: agent, expiry, last reload, error (never the token)."""
+    workload = runtime.workload
+    if workload is None:
+        return Component("disabled")
+    status = workload.status()
+    error = status["error"]
+    return Component("down" if error else "ok", status, [error] if error else [])
+
+
 async def counters_component(runtime: "ProctorRuntime") -> Component:
     """Where rate-limit counters and budget ledgers live, and whether Redis answers a ping."""
     users = [name for name, part in (("rate_limits", runtime.rate_limits), ("budgets", runtime.budgets))
@@ -143,6 +156,7 @@ def health(runtime: "ProctorRuntime") -> dict[str, Component]:
         "policies": policies_component(runtime),
         "audit": audit_component(runtime),
         "identity": identity_component(runtime),
+        "workload_identity": workload_component(runtime),
     }
 
 

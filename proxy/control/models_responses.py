@@ -342,6 +342,9 @@ class Components(_Out):
     policies: Component
     audit: Component
     identity: Component
+    workload_identity: Component = Field(description="Transparent mode's workload identity (docs/transparent.md): "
+                                         "token_file, agent_id, issuer, expires_at, loaded_at, checked_at, rotations, "
+                                         "error; disabled without transparent mode.")
 
 
 class MonitorMode(_Out):

@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Mode = Literal["forward", "reverse"]
+# forward: HTTP(S)_PROXY; reverse: the gateway; transparent: redirected by the network (docs/transparent.md)
+Mode = Literal["forward", "reverse", "transparent"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,9 @@ class AgentRequest:
     # Gateway mode: no route matched this request (host and path are what the agent
     # addressed); the gateway-route stage refuses it after authentication.
     unrouted: bool = False
+    # Transparent mode: where the agent's connection was going before the network redirected
+    # it (SO_ORIGINAL_DST). Never dialled: host/port are what the request names (core/target.py).
+    original_destination: tuple[str, int] | None = None
 
     @property
     def url(self) -> str:

@@ -9,6 +9,11 @@ the request is refused (421) instead of being forwarded.
 
 Header values carrying CR, LF or NUL are refused too: a lenient upstream could
 read them as extra header lines (request smuggling past the decision).
+
+In transparent mode (a connection redirected by the network) the target is what
+the request names (`transparent_target`: Host, else the absolute-form authority,
+else SNI), never the address the connection was redirected from; the same checks
+then apply, and the named port must be the one the agent connected to.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ def canonicalise_target(req: AgentRequest) -> Refusal | None:
 
 def split_authority(value: str, scheme: str) -> tuple[str, int | None]:
     """'host', 'host:port', '[v6]:port' -> (canonical host, port or None); raises HostRejected."""
+    host, port = _split_raw(value)
+    if host.startswith("["):  # an unterminated IPv6 literal: names no target (as written)
+        return host, port
+    return canonical_host(host), port
+
+
+def _split_raw(value: str) -> tuple[str, int | None]:
+    """'host', 'host:port', '[v6]:port' -> (host as written, port or None; -1 for an invalid port)."""
     value = value.strip()
     if value.startswith("["):
         end = value.find("]")
@@ -54,7 +67,52 @@ def split_authority(value: str, scheme: str) -> tuple[str, int | None]:
         port = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 5 else -1
     elif rest:
         port = -1
-    return canonical_host(host), port
+    return host, port
+
+
+def transparent_target(host_header: str | None, request_authority: str, sni: str | None, scheme: str,
+                       original: tuple[str, int]) -> tuple[str, int]:
+    """Transparent mode: where a redirected request goes is what it names, never the address its
+    connection was redirected from (docs/transparent.md, "Where a request goes").
+
+    The Host header, else the absolute-form authority, else the TLS SNI (on the connection's
+    port); the port defaults to the scheme's. A request that names nothing keeps the original
+    destination, and `check_target` refuses it. The host is returned as written:
+    `canonicalise_target` canonicalises it (or refuses it), and `check_target` refuses a
+    request whose names disagree with each other or with the connection's port."""
+    for value in (host_header, request_authority):
+        if value is not None and value.strip():
+            host, port = _split_raw(value)
+            return host, DEFAULT_PORTS.get(scheme, original[1]) if port is None else port
+    if sni:
+        return sni, original[1]
+    return original
+
+
+def _check_transparent(req: AgentRequest) -> Refusal | None:
+    """What a redirected request names must be a destination, on the port its connection was made to."""
+    if req.host_header is None and req.http_version == "HTTP/1.1":
+        return Refusal(400, "Host header required",
+                       "an HTTP/1.1 request must carry a Host header; in transparent mode Proctor sends a request "
+                       "to the host it names, never to the address its connection was redirected from",
+                       kind="request")
+    if req.host_header is None and not req.request_authority and not req.tls_sni:
+        return Refusal(400, "Destination not named",
+                       "the request names no host (no Host header, no absolute-form target, no TLS SNI); in "
+                       "transparent mode Proctor sends a request to the host it names, never to the address its "
+                       "connection was redirected from", kind="request")
+    if not 0 < req.port <= 65535:
+        return Refusal(400, "Invalid host", "the Host header names an invalid port; the request was not forwarded",
+                       kind="request")
+    original = req.original_destination
+    if original is not None and original[1] != req.port:
+        return Refusal(
+            421, "Misdirected request",
+            f"the request names {req.host}:{req.port} but its connection was made to port {original[1]}; "
+            "Proctor sends the request where it names, so the port must be the one connected to "
+            "(an HTTP proxy configured in the agent? in transparent mode none is needed)",
+            kind="request")
+    return None
 
 
 def _misdirected(what: str, value: str, req: AgentRequest) -> Refusal:
@@ -189,8 +247,12 @@ def check_target(req: AgentRequest, policy_headers: frozenset[str] = frozenset()
                 "which policy judged; send the request with its real method",
                 kind="request",
             )
-    if req.mode != "forward":
+    if req.mode == "reverse":
         return None  # the gateway router re-targets every request itself
+    if req.mode == "transparent":
+        redirected = _check_transparent(req)
+        if redirected is not None:
+            return redirected
     target = req.host
     default_port = DEFAULT_PORTS.get(req.scheme)
 

@@ -16,6 +16,11 @@ the engine's plumbing:
   refused and recorded, never tunnelled uninspected; raw TCP relaying is disabled
   outright;
 - a client that rejects our certificate is recorded and disconnected;
+- transparent mode (a connection redirected by the network, docs/transparent.md):
+  the request goes where it names (core/target.py), never to the address the
+  connection was redirected from; a connection addressed to Proctor itself, plain
+  bytes from a TLS port and anything but HTTP/1 (plain or in TLS) are refused and
+  recorded (engine/transparent.py);
 - request bodies are always buffered so the decision happens before a single
   byte reaches the upstream (streaming is only enabled for responses);
 - an exception in a hook refuses the flow (mitmproxy would otherwise carry on
@@ -35,6 +40,7 @@ from mitmproxy.net.http import url as mitm_url
 from mitmproxy.net.http.http1 import expected_http_body_size
 from mitmproxy.proxy import commands, layer, layers, mode_specs
 from mitmproxy.proxy.layers.http import HTTPMode, HttpStream
+from mitmproxy.proxy.layers.modes import TransparentProxy
 from mitmproxy.tcp import TCPFlow
 from mitmproxy.udp import UDPFlow
 
@@ -45,10 +51,12 @@ from ..core.model import AgentIdentity, AgentRequest, Refusal
 from ..core.headers import PROCTOR_RESPONSE_HEADERS, flatten_headers
 from ..core.net import normalise_ip
 from ..core.problem import DECISION_HEADER, problem_response, refusal_answer
+from ..core.target import transparent_target
 from ..shutdown import CUT_AT_SHUTDOWN, shutting_down_refusal
 from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
 from .gateway import GatewayRouter
 from .patches import BODY_GUARD, EARLY_ANSWER, UPSTREAM_FAILURE, is_timeout
+from .transparent import TransparentGuard
 from .tunnel_http import admit_plain_http
 
 log = logging.getLogger("proctor.engine")
@@ -87,8 +95,12 @@ class ProctorAddon:
         router: GatewayRouter | None,
         limits: RequestLimits,
         body_budget: BodyBudget | None = None,
+        transparent: TransparentGuard | None = None,
     ) -> None:
         self.requests = requests
+        # Transparent mode's connection rules (None: no transparent listener; any redirected
+        # connection is then refused).
+        self.transparent = transparent
         self.tunnels = tunnels
         self.router = router
         self.limits = limits
@@ -148,11 +160,21 @@ class ProctorAddon:
     # -- helpers -------------------------------------------------------------------
     def _bound_identity(self, client: connection.Client) -> AgentIdentity | None:
         bound = self.tunnel_identity.get(client)
+        if bound is None and self.transparent is not None and isinstance(client.proxy_mode,
+                                                                         mode_specs.TransparentMode):
+            return self.transparent.workload_identity()  # a redirected connection is the workload's
         return bound[0] if bound else None
 
     @staticmethod
     def _is_reverse(flow: http.HTTPFlow) -> bool:
         return isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode)
+
+    @staticmethod
+    def _original_destination(client: connection.Client) -> tuple[str, int] | None:
+        """Transparent mode: where the connection was going before the redirect (mitmproxy
+        recovers it with SO_ORIGINAL_DST and keeps it as the client's sockname)."""
+        addr = client.sockname
+        return (normalise_ip(addr[0]), addr[1]) if addr else None
 
     def _finish_later(self, chain: Chain, ex: Exchange) -> None:
         """Run the response phase from a synchronous hook: now (so a refusal is recorded
@@ -187,17 +209,24 @@ class ProctorAddon:
         bound = self.tunnel_identity.get(flow.client_conn)
         path, _, query = r.path.partition("?")
         headers, header_problem, repeated = head if head is not None else _headers(r)
+        host, port, original = r.host, r.port, None
+        transparent = not reverse and isinstance(flow.client_conn.proxy_mode, mode_specs.TransparentMode)
+        if transparent:  # the target is what the request names, never where the connection went
+            original = self._original_destination(flow.client_conn) or (r.host, r.port)
+            host, port = transparent_target(headers.get("host"), r.authority if authority is None else authority,
+                                            flow.client_conn.sni if flow.client_conn.tls else None, r.scheme, original)
         return AgentRequest(
             method=r.data.method.decode("latin-1"),  # as sent (mitmproxy's .method upper-cases it): the target check refuses anything but the upper-case token policy judges
             scheme=r.scheme,
-            host=r.host,
-            port=r.port,
+            host=host,
+            port=port,
             path=path,
             query=query,
             headers=headers,
             body=r.raw_content or b"",
             client_ip=normalise_ip(flow.client_conn.peername[0]) if flow.client_conn.peername else "0.0.0.0",
-            mode="reverse" if reverse else "forward",
+            mode="reverse" if reverse else "transparent" if transparent else "forward",
+            original_destination=original,
             connection_identity=bound[0] if bound else None,
             connection_token_digest=bound[1] if bound else None,
             host_header=None if reverse else headers.get("host"),
@@ -320,6 +349,9 @@ class ProctorAddon:
         parent = ctx.layers[idx - 1] if idx > 0 else None
         # A CONNECT tunnel's payload sits on the HttpStream that handled the CONNECT.
         in_tunnel = isinstance(parent, HttpStream) and parent.mode == HTTPMode.regular
+        if isinstance(ctx.client.proxy_mode, mode_specs.TransparentMode) and self._redirected_layer(
+                nextlayer, chosen, isinstance(parent, TransparentProxy)):
+            return  # transparent mode: allowed as chosen, waiting for more bytes, or refused
         if in_tunnel and admit_plain_http(nextlayer, chosen, ctx.client in self.tunnel_identity):
             return  # plain HTTP/1 in the tunnel: decided per request with the tunnel's identity
         if isinstance(chosen, (layers.TCPLayer, layers.UDPLayer)) or (
@@ -351,6 +383,48 @@ class ProctorAddon:
                 ).encode() + body
             nextlayer.layer = _RefuseConnection(ctx, reply)
             self._finish_later(self.tunnels, ex)
+
+    def _redirected_layer(self, nextlayer: layer.NextLayer, chosen: layer.Layer, first: bool) -> bool:
+        """A layer on a connection redirected by the network (transparent mode). True when
+        decided here (HTTP/1 admitted, more bytes awaited, or the connection refused)."""
+        ctx = nextlayer.context
+        dst = ctx.server.address  # the original destination
+        guard = self.transparent
+        where = f"{dst[0]}:{dst[1]}" if dst else "?"
+        refusal: tuple[int, str, str, str, list[str]] | None = None
+        if first and (guard is None or guard.loops(dst)):
+            refusal = (508, "Loop refused",
+                       f"this connection was addressed to Proctor itself ({where}); it was closed, not looped: "
+                       "address the service you want to reach", "loop", ["transparent-loop"])
+        elif first and guard is not None and guard.needs_tls(dst) and not isinstance(chosen, layers.ServerTLSLayer):
+            refusal = (403, "Uninspectable traffic refused",
+                       f"port {dst[1] if dst else '?'} carries TLS only (transparent.tls_ports): the connection to "
+                       f"{where} sent something else; nothing was forwarded", "non-tls-on-tls-port",
+                       ["tls-interception-required"])
+        elif isinstance(chosen, layers.HttpLayer):
+            if admit_plain_http(nextlayer, chosen, True):
+                return True  # an HTTP/1 request line (or its beginning: wait for the rest)
+            refusal = (403, "Uninspectable traffic refused",
+                       f"only HTTP/1 (plain or in TLS) is accepted on a redirected connection (to {where}); raw TCP "
+                       "relaying is disabled, nothing was forwarded", "non-http", ["tls-interception-required"])
+        if refusal is None:
+            return False  # TLS: intercepted (a TCP/UDP layer is refused by the caller)
+        status, title, detail, reason, reasons = refusal
+        data = nextlayer.data_client()
+        spoke_http = data[:16].split(b" ")[0].isalpha() and b" " in data[:16]  # then it gets an answer
+        ex = self._connection_refusal(ctx.client, Refusal(status, title, detail, reasons=reasons,
+                                                          kind="loop" if reason == "loop" else "tls"),
+                                      dst[0] if dst else None, dst[1] if dst else None, reason,
+                                      status if spoke_http else None, title)
+        reply = b""
+        if spoke_http:
+            st, headers, body = problem_response(ex)
+            head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            reply = (f"HTTP/1.1 {st} {HTTPStatus(st).phrase}\r\n{head}Content-Length: {len(body)}\r\n"
+                     "Connection: close\r\n\r\n").encode() + body
+        nextlayer.layer = _RefuseConnection(ctx, reply)
+        self._finish_later(self.tunnels, ex)
+        return True
 
     def tcp_start(self, flow: TCPFlow) -> None:  # belt and braces: never relay raw TCP
         flow.kill()
@@ -499,6 +573,8 @@ class ProctorAddon:
             headers[name] = value
         flow.request.authority = ""
         flow.request.host = req.host
+        if req.mode == "transparent":
+            flow.request.port = req.port  # the name's port: never the redirected-from address
         flow.request.host_header = ex.host_header()
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

@@ -6,6 +6,11 @@ verifying the token again. A request inside a CONNECT tunnel carries the
 identity the CONNECT proved. Either way the agent's own credential is removed
 before forwarding (`Proxy-Authorization`, and any `Authorization` that carries
 the agent token or a token from a trusted issuer).
+
+A transparent request (redirected by the network) is attributed to the sidecar's
+workload identity (identity/workload.py) and to nothing else: it never selects
+an identity by what it carries (a `Proxy-Authorization` is refused), and no
+other listener ever falls back to the workload identity.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..core.model import AgentIdentity, AgentRequest, Refusal
 from .credentials import AUTHORIZATION, PROXY_AUTHORIZATION, extract_credential
 from .errors import AuthError, IdentityUnavailable
 from .verifier import TokenVerifier
+from .workload import WorkloadIdentity, WorkloadUnavailable
 
 _PROVEN = "authenticate"  # stage_data key: the Authentication proven from the head
 
@@ -52,11 +58,15 @@ def _credential(header_value: str) -> str | None:
 class Authenticator:
     """Verifies the credential a request (or its connection) carries."""
 
-    def __init__(self, verifier: TokenVerifier, settings: IdentityConfig) -> None:
+    def __init__(self, verifier: TokenVerifier, settings: IdentityConfig,
+                 workload: WorkloadIdentity | None = None) -> None:
         self.verifier = verifier
         self.settings = settings
+        self.workload = workload  # transparent mode's one identity (None: transparent mode is off)
 
     def refusal(self, req: AgentRequest, detail: str) -> Refusal:
+        if req.mode == "transparent":
+            return workload_refusal(detail)
         if req.mode == "reverse":
             return Refusal(401, "Agent authentication required", detail,
                            headers={"WWW-Authenticate": 'Bearer realm="proctor"'}, kind="authentication")
@@ -66,6 +76,8 @@ class Authenticator:
 
     async def authenticate(self, req: AgentRequest) -> Authentication:
         """The verified identity (or a refusal) and the headers that carried the agent's credential."""
+        if req.mode == "transparent":
+            return await self.authenticate_workload(req)
         if req.connection_identity is not None:
             return self.reuse(req, req.connection_identity, req.connection_token_digest)
         try:
@@ -85,6 +97,30 @@ class Authenticator:
             strip.append(AUTHORIZATION)
         return Authentication(identity, None, tuple(strip), digest)
 
+    async def authenticate_workload(self, req: AgentRequest) -> Authentication:
+        """A transparent request: the workload identity, whatever the request carries. A
+        `Proxy-Authorization` is refused (identities never mix); an `Authorization` carrying
+        the workload token or a trusted issuer's token is stripped."""
+        if PROXY_AUTHORIZATION in req.headers:
+            return Authentication(None, Refusal(
+                400, "Proxy credentials refused",
+                "this connection was redirected to Proctor by the network (transparent mode): every request on it "
+                "is attributed to this workload's identity, never to credentials it carries; remove "
+                "Proxy-Authorization (and any HTTP(S)_PROXY setting: none is needed here)",
+                reasons=["transparent-proxy-credentials"], kind="authentication"))
+        if self.workload is None:
+            return Authentication(None, workload_refusal("transparent mode has no workload identity configured"))
+        try:
+            identity, digest = await self.workload.current()
+        except WorkloadUnavailable as e:
+            return Authentication(None, workload_refusal(str(e)))
+        except IdentityUnavailable as e:
+            return Authentication(None, Refusal(503, "Identity provider unavailable", str(e), kind="fail-closed"))
+        strip = [PROXY_AUTHORIZATION]
+        if self.carries_agent_token(req.headers.get(AUTHORIZATION, ""), digest):
+            strip.append(AUTHORIZATION)
+        return Authentication(identity, None, tuple(strip), digest)
+
     def reuse(self, req: AgentRequest, identity: AgentIdentity, digest: bytes | None) -> Authentication:
         """An identity proven earlier (the CONNECT, or this request's head): expiry is re-checked,
         and an Authorization header carrying the same token is still stripped (by its digest)."""
@@ -96,7 +132,8 @@ class Authenticator:
         if identity.expires_at is not None and time.time() > identity.expires_at + leeway:
             return Authentication(
                 None,
-                self.refusal(req, "the token this connection was authenticated with has expired; reconnect with a fresh token"),
+                self.refusal(req, "the workload identity's token has expired" if req.mode == "transparent" else
+                             "the token this connection was authenticated with has expired; reconnect with a fresh token"),
                 tuple(strip),
             )
         return Authentication(identity, None, tuple(strip), digest)
@@ -119,6 +156,15 @@ class Authenticator:
             if self.verifier.looks_like_agent_token(token):
                 return True
         return False
+
+
+def workload_refusal(detail: str) -> Refusal:
+    """Transparent mode without a usable workload identity: nothing is attributed, nothing passes.
+    503 (the agent cannot fix it: the sidecar's token file must be), retried after a check."""
+    return Refusal(503, "Workload identity unavailable",
+                   f"{detail}; requests redirected to Proctor are refused until the sidecar's token file holds a "
+                   "valid token (nothing was forwarded)",
+                   reasons=["workload-identity-unavailable"], headers={"Retry-After": "5"}, kind="fail-closed")
 
 
 class Authenticate(Stage):
