@@ -231,8 +231,9 @@ def test_a_bad_rotation_refuses_and_a_good_one_restores(tmp_path, verifier, idp)
     f.write_text(idp.token(WORKLOAD))
     clock.now += 5
     assert _agent(w) == WORKLOAD and w.problem() is None
-    assert registry.get_sample_value("proctor_workload_identity_reloads_total", {"outcome": "ok"}) == 3
-    assert registry.get_sample_value("proctor_workload_identity_reloads_total", {"outcome": "error"}) == 1
+    # good, garbage (read, then refused by the verifier), missing, good
+    assert registry.get_sample_value("proctor_workload_identity_reloads_total", {"outcome": "ok"}) == 2
+    assert registry.get_sample_value("proctor_workload_identity_reloads_total", {"outcome": "error"}) == 2
     assert registry.get_sample_value("proctor_workload_identity_valid") == 1.0
 
 

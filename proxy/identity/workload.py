@@ -81,9 +81,11 @@ class WorkloadIdentity:
         # the last verification of the current token
         self.identity: AgentIdentity | None = None
         self.verify_error: str | None = None
+        self._uncounted = False  # a new token read, its reload not counted until it is verified
         self._reloads = (
             Counter("proctor_workload_identity_reloads",
-                    "Workload identity token file reads that changed the state: ok (a new token) or error.",
+                    "Workload identity reloads: ok (a new token, verified) or error (the file or its token "
+                    "is unusable; every transparent request is refused).",
                     ["outcome"], registry=registry)
             if registry is not None else None
         )
@@ -146,8 +148,7 @@ class WorkloadIdentity:
         if not first:
             self.rotations += 1
         log.info("workload identity: %s token file %s", "loaded the" if first else "reloaded the rotated", self.path)
-        if self._reloads is not None:
-            self._reloads.labels("ok").inc()
+        self._uncounted = True  # counted as ok or error once verified
         return True
 
     def _fail(self, reason: str) -> bool:
@@ -157,11 +158,15 @@ class WorkloadIdentity:
         self._key = None
         self.identity, self.verify_error = None, None
         self.file_error = error
+        self._uncounted = False
         if changed:
             log.error("%s: every transparent request is refused until it holds a valid token", error)
-            if self._reloads is not None:
-                self._reloads.labels("error").inc()
+            self._count("error")
         return changed
+
+    def _count(self, outcome: str) -> None:
+        if self._reloads is not None:
+            self._reloads.labels(outcome).inc()
 
     # -- the identity --------------------------------------------------------------
     async def current(self) -> tuple[AgentIdentity, bytes]:
@@ -183,6 +188,9 @@ class WorkloadIdentity:
     def _verified(self, digest: bytes, identity: AgentIdentity | None, error: str | None) -> None:
         if digest != self._digest:
             return  # the file rotated meanwhile: that token's result is not this one's
+        if self._uncounted:
+            self._uncounted = False
+            self._count("ok" if error is None else "error")
         if error is not None and error != self.verify_error:
             log.error("%s: every transparent request is refused until the file holds a valid token", error)
         elif identity is not None and (self.identity is None or self.identity.agent_id != identity.agent_id
