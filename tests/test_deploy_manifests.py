@@ -32,7 +32,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 import httpx
@@ -404,6 +404,8 @@ def test_transparent_init_container_redirects_to_the_sidecars_uid_and_port(tmp_p
     assert plan.proxy_uid == run_as(spec, proctor)[0] == 1337
     cfg = load_embedded(embedded_config(objs), tmp_path)
     assert cfg.transparent.enabled and plan.proxy_port == cfg.transparent.port == 15001
+    # the redirect sends IPv4 to 127.0.0.1 and IPv6 to ::1: the listener is on both, and only there
+    assert set(cfg.transparent.hosts) == {"127.0.0.1", "::1"}
     # no hole: nothing excluded, DNS pinned to the pod's resolvers, IPv6 covered
     assert (plan.exclude_uids, plan.exclude_ports, plan.exclude_cidrs) == ((), (), ())
     assert params["dns_servers"] == ("auto",) and plan.ipv6 and plan.warnings == ()
@@ -567,6 +569,23 @@ class Pod:
                     f = target / item["path"]
                     f.write_bytes(values[item["key"]])
                     f.chmod(v["secret"]["defaultMode"])
+            elif "projected" in v:
+                # a projected ServiceAccount token (secrets["serviceAccountToken/<audience>"]) and
+                # ConfigMaps, the cluster's own (kube-root-ca.crt: secrets["configMap/<name>"]) included
+                for src in v["projected"]["sources"]:
+                    if "serviceAccountToken" in src:
+                        sa = src["serviceAccountToken"]
+                        f = target / sa["path"]
+                        f.write_bytes(self.secrets[f"serviceAccountToken/{sa['audience']}"]["token"])
+                    else:
+                        name = src["configMap"]["name"]
+                        found = [o for o in self.objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name]
+                        data = found[0]["data"] if found else {k: b.decode() for k, b in self.secrets[f"configMap/{name}"].items()}
+                        for item in src["configMap"]["items"]:
+                            f = target / item["path"]
+                            f.write_text(data[item["key"]])
+                    if "defaultMode" in v["projected"]:
+                        f.chmod(v["projected"]["defaultMode"])
             else:
                 assert "emptyDir" in v, v
 
@@ -590,7 +609,7 @@ class Pod:
 
 
 # the mount points the manifests use, where a path starts (not /etc/proctor/ca inside another path)
-_POD_PATHS = re.compile(r"(?<![\w./-])(/etc/proctor|/var/lib/proctor|/ca)(?=/|\b)")
+_POD_PATHS = re.compile(r"(?<![\w./-])(/etc/proctor|/var/lib/proctor|/var/run/secrets/proctor|/ca)(?=/|\b)")
 
 
 @dataclass
@@ -602,9 +621,11 @@ class Booted:
 
 
 @contextmanager
-def boot(tmp_path: Path, folder: Path, secret_values: dict[str, dict[str, bytes]]) -> Iterator[Booted]:
+def boot(tmp_path: Path, folder: Path, secret_values: dict[str, dict[str, bytes]],
+         adjust: Callable[[dict], None] | None = None) -> Iterator[Booted]:
     """Mount the Deployment's volumes, run its init containers and its proctor container's args
-    (listeners on free loopback ports, paths moved under tmp_path), wait for /readyz; SIGTERM at exit."""
+    (listeners on free loopback ports, paths moved under tmp_path, then `adjust` on the parsed
+    config), wait for /readyz; SIGTERM at exit."""
     objs = objects(folder)
     deployment = one(objs, "Deployment")
     pod = Pod(tmp_path / "pod", objs, deployment, secret_values)
@@ -617,10 +638,16 @@ def boot(tmp_path: Path, folder: Path, secret_values: dict[str, dict[str, bytes]
     for section in (raw, raw["control"], raw.get("gateway") or {}):
         if "listen" in section:
             section["listen"] = {"host": "127.0.0.1", "port": free_port()}
+    if (raw.get("transparent") or {}).get("enabled"):
+        raw["transparent"]["port"] = free_port()
+    if adjust is not None:
+        adjust(raw)
     cfg_file.write_text(pod.relocate(yaml.safe_dump(raw)))
     control_url = f"http://127.0.0.1:{raw['control']['listen']['port']}"
     cli = [sys.executable, "-m", "proxy.cli"]
     for init in pod.spec.get("initContainers", []):
+        if init["command"][:2] == ["proctor", "netsetup"]:
+            continue  # the pod's packet filter, not this machine's (run in a namespace by its own test)
         assert init["command"][:2] == ["sh", "-c"] and init["command"][2].startswith("proctor ")
         command = " ".join(cli) + pod.relocate(init["command"][2].removeprefix("proctor"))
         done = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=60,
@@ -700,3 +727,37 @@ def test_the_sidecar_boots_from_the_manifest(tmp_path: Path):
         cfg = load_config(pod.pod.host("/etc/proctor/proctor.yaml"))
         # the agent trusts the CA this proctor intercepts with
         assert exported.read_bytes() == (cfg.ca_dir / "mitmproxy-ca-cert.pem").read_bytes()
+
+
+@pytest.mark.integration
+def test_the_transparent_sidecar_boots_with_its_workload_identity(tmp_path: Path, idp, pki):
+    """The transparent pod's Proctor becomes ready only with a valid workload identity: a token
+    shaped like the projected ServiceAccount token (the manifest's issuer and audience) in the
+    identity volume, verified against a JWKS served over TLS with the CA from the kube-ca volume."""
+    from dataclasses import replace
+
+    from support.jwks_server import JwksServer
+
+    raw = yaml.safe_load(embedded_config(objects(TRANSPARENT)))
+    (issuer,) = raw["identity"]["issuers"]
+    cluster = replace(idp, issuer=issuer["issuer"], audience=issuer["audience"])
+    sub = "system:serviceaccount:agents:support-agent"
+    token = cluster.token(sub, ttl=3600, **{"kubernetes.io": {"namespace": "agents", "serviceaccount": {"name": "support-agent"}}})
+    jwks = JwksServer(pki, json.loads(idp.jwks_path.read_text()))
+
+    def the_test_jwks(cfg: dict) -> None:  # (the cluster's DNS name does not resolve here)
+        cfg["identity"]["issuers"][0]["jwks_url"] = jwks.url
+
+    secret_values = {"serviceAccountToken/proctor": {"token": token.encode()},
+                     "configMap/kube-root-ca.crt": {"ca.crt": pki.ca_pem.read_bytes()}}
+    try:
+        with boot(tmp_path, TRANSPARENT, secret_values, the_test_jwks) as pod:
+            workload = pod.health["components"]["workload_identity"]
+            assert workload["status"] == "ok", workload
+            assert workload["agent_id"] == sub and workload["issuer"] == issuer["issuer"]
+            assert token not in json.dumps(pod.health) and token not in pod.log.read_text()
+            # the agent trusts the CA this proctor intercepts with
+            cfg = load_config(pod.pod.host("/etc/proctor/proctor.yaml"))
+            assert pod.pod.host("/ca/ca.pem").read_bytes() == (cfg.ca_dir / "mitmproxy-ca-cert.pem").read_bytes()
+    finally:
+        jwks.stop()
