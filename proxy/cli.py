@@ -649,6 +649,7 @@ def doctor(config_path: str | None, url: str | None, as_json: bool) -> None:
     click.echo(json.dumps(d.as_json(findings), indent=2) if as_json else d.render_text(findings))
     sys.exit(d.exit_code(findings))
 
+
 @main.command()
 @click.option("--backend", type=click.Choice(["iptables", "nftables"]), default="iptables", show_default=True)
 @click.option("--proxy-uid", default=None, metavar="UID", help="The uid Proctor runs as: its traffic is not redirected. Required.")
@@ -703,7 +704,6 @@ def netsetup(
     except ns.SetupError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
-
 
 
 def _register_subcommands() -> None:
