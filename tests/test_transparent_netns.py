@@ -186,6 +186,14 @@ def test_proctors_own_port_is_refused_not_looped(fresh: Netns):
     assert fresh.received("erp-http") == []
 
 
+def test_connect_on_a_redirected_connection_is_refused(fresh: Netns):
+    """A redirected connection is not a proxy: CONNECT is a protocol error (400), no tunnel opens."""
+    done = fresh.as_agent(["curl", "-sS", "-m", "10", "-o", "/dev/null", "-w", "%{http_code}", "-X", "CONNECT",
+                           "--request-target", f"erp.test:{HTTPS_PORT}", f"http://{ATTACKER_IP}:{HTTP_PORT}"])
+    assert done.stdout == "400", done
+    assert fresh.received("attacker-http") == [] and fresh.received("erp-https") == []
+
+
 def test_the_agent_cannot_undo_the_rules_or_read_the_token(fresh: Netns):
     for argv in (["iptables", "-t", "nat", "-F"], ["iptables", "-F"], ["nft", "flush", "ruleset"],
                  ["ip", "link", "set", "lo", "down"]):
