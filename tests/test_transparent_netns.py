@@ -54,7 +54,7 @@ DECISION = "x-proctor-decision-id"
 def env(request, idp) -> Iterator[Netns]:
     ns = Netns(request.param)
     try:
-        ns.build(idp, idp.token(WORKLOAD, groups=["readers"], ttl=3600), policies=DATA / "policies")
+        ns.build(idp, idp.token(WORKLOAD, groups=["readers", "writers"], ttl=3600), policies=DATA / "policies")
         yield ns
     finally:
         ns.close()
@@ -110,6 +110,21 @@ def test_denied_call_is_refused_and_never_reaches_the_upstream(fresh: Netns, cli
     rec = fresh.decision(body["decision_id"])
     assert (rec["agent"], rec["decision"], rec["mode"]) == (WORKLOAD, "deny", "transparent")
     assert fresh.received("erp-http") == []
+
+
+@pytest.mark.parametrize("client", ["node", "aiohttp"])
+def test_bodies_are_decided_before_a_byte_reaches_the_upstream(fresh: Netns, client: str):
+    """A request with a body is authenticated from its head (the workload identity), its body
+    read and judged: a small order passes with its body, a big one is refused."""
+    send = fresh.node if client == "node" else fresh.aiohttp
+    json_type = {"Content-Type": "application/json"}
+    ok = send(f"{ERP}/items", "POST", json_type, body=json.dumps({"amount": 10}))
+    assert ok.status == 200, ok
+    assert fresh.decision(ok.headers[DECISION])["agent"] == WORKLOAD
+    big = send(f"{ERP}/items", "POST", json_type, body=json.dumps({"amount": 5000}))
+    assert big.status == 403 and problem(big)["reasons"] == ["no-big-orders"], big
+    (got,) = fresh.received("erp-http")
+    assert json.loads(got["body"]) == {"amount": 10}
 
 
 @pytest.mark.parametrize("client", CLIENTS)
