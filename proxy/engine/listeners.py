@@ -27,7 +27,7 @@ log = logging.getLogger("proctor")
 
 @dataclass(frozen=True)
 class ListenerState:
-    name: str  # "agents" (forward proxy) | "gateway" (reverse)
+    name: str  # "agents" (forward proxy) | "gateway" (reverse) | "transparent" (docs/transparent.md)
     address: str  # host:port as configured
     up: bool
     error: str | None = None
