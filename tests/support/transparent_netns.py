@@ -510,6 +510,7 @@ class Netns:
                 except (ProcessLookupError, ValueError):
                     pass
             sh("ip", "netns", "del", ns, check=False)  # its veth end and rules go with it
+        sh("ip", "link", "del", f"pva{self.tag}", check=False)  # (left in the root namespace if a move failed)
         if self.hosts_dir is not None:
             shutil.rmtree(self.hosts_dir, ignore_errors=True)
         shutil.rmtree(self.base, ignore_errors=True)
