@@ -198,6 +198,8 @@ def test_proctors_own_port_is_refused_not_looped(fresh: Netns):
     reply = fresh.curl(f"http://127.0.0.1:{TRANSPARENT_PORT}/items/1", "-H", "Host: erp.test:8080")
     assert reply.status == 508, reply
     assert problem(reply)["reasons"] == ["transparent-loop"]
+    rec = fresh.decision(problem(reply)["decision_id"])
+    assert (rec["agent"], rec["host"], rec["port"]) == (WORKLOAD, "127.0.0.1", TRANSPARENT_PORT)  # the workload's
     assert fresh.received("erp-http") == []
 
 
