@@ -111,3 +111,49 @@ def test_readme_and_docs_links_resolve() -> None:
     assert ROOT / "README.md" in files and ROOT / "docs" / "agents.md" in files
     assert sum(len(links(f)) for f in files) > 100  # the checker sees the docs' links
     assert broken_links(files) == []
+
+
+def _cli_commands() -> set[str]:
+    import click
+
+    from proxy.cli import main
+
+    found: set[str] = set()
+
+    def walk(cmd: click.Command, path: str) -> None:
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                walk(sub, f"{path} {name}".strip())
+        else:
+            found.add(path)
+
+    walk(main, "")
+    return found
+
+
+def readme_cli_rows(text: str) -> set[str]:
+    """The commands the README's CLI table names: `proctor policy revisions` / `proctor policy
+    rollback REV`, `proctor agents list\\|show` (alternatives), arguments and options dropped."""
+    table = text.split("\n## CLI\n", 1)[1].split("\n## ", 1)[0]
+    named: set[str] = set()
+    for row in table.splitlines():
+        if not row.startswith("| `proctor"):
+            continue
+        first_cell = row.split(" | ", 1)[0]
+        for span in re.findall(r"`proctor ([^`]*)`", first_cell):
+            words = span.replace("\\|", "|").split()
+            if not words or words[0].startswith("-"):
+                continue
+            if len(words) > 1 and re.fullmatch(r"[a-z][a-z-]*(\|[a-z][a-z-]*)*", words[1]):
+                named.update(f"{words[0]} {sub}" for sub in words[1].split("|"))
+            else:
+                named.add(words[0])
+    return named
+
+
+def test_readme_cli_table_lists_every_command() -> None:
+    commands = _cli_commands()
+    named = readme_cli_rows((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert "policy suggest" in commands and "netsetup" in commands
+    assert sorted(commands - named) == [], "commands missing from the README's CLI table"
+    assert sorted(named - commands) == [], "the README's CLI table names commands that do not exist"
