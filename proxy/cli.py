@@ -528,6 +528,8 @@ def policy_suggest(
         filters = Filters(parse_time(since) if since else None, parse_time(until) if until else None,
                           frozenset(agents), frozenset(connectors))
         paths = [Path(r) for r in records] if records else decision_files(config.decisions_path)
+        if not paths:
+            raise SuggestInputError(f"no decision record at {config.decisions_path} (give the proxy's -c proctor.yaml, or --records FILE)")
         manifests = list(source.manifests) or load_manifests(config.connectors_dir)
         options = Options(filters, "agent" if group_by == "agent" else "group", not no_bounds, min_count)
         result = suggest(paths, source, options, manifests)
@@ -542,8 +544,13 @@ def policy_suggest(
         sys.exit(1)
     if output:
         tmp = Path(output).with_name(f".{Path(output).name}.tmp")
-        tmp.write_text(result.text)
-        tmp.replace(output)
+        try:
+            tmp.parent.mkdir(parents=True, exist_ok=True)  # -o candidate/suggested.cedar starts the candidate directory
+            tmp.write_text(result.text)
+            tmp.replace(output)
+        except OSError as e:
+            click.echo(f"error: cannot write {output}: {e.strerror or e}", err=True)
+            sys.exit(2)
     if as_json:
         click.echo(json.dumps(result.as_dict(), indent=2, default=str))
     elif not output:

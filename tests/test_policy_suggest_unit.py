@@ -623,6 +623,26 @@ def test_cli_exit_codes_and_output(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "deny -> allow" in r.stderr
 
 
+def test_cli_output_starts_the_candidate_directory_and_names_missing_records(tmp_path: Path) -> None:
+    """The rollout path's `-o candidate/suggested.cedar` (docs/policies.md) works in a fresh
+    directory; an unwritable output and a missing configured record are errors that say which file."""
+    cfg = cli_config(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(proctor_cli, ["policy", "suggest", "-c", str(cfg)])
+    assert r.exit_code == 2 and f"no decision record at {tmp_path / 'state' / 'decisions.jsonl'}" in r.stderr
+    recs = write(tmp_path, [order("10.0"), order("20.0")], "d.jsonl")
+    out = tmp_path / "candidate" / "suggested.cedar"
+    r = runner.invoke(proctor_cli, ["policy", "suggest", "-c", str(cfg), "--records", str(recs), "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    assert '@id("suggested-writers-test.order.create")' in out.read_text() and r.stdout == ""
+    assert [p.name for p in out.parent.iterdir()] == ["suggested.cedar"]  # no temporary file left
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    r = runner.invoke(proctor_cli, ["policy", "suggest", "-c", str(cfg), "--records", str(recs),
+                                    "-o", str(blocked / "suggested.cedar")])
+    assert r.exit_code == 2 and f"cannot write {blocked / 'suggested.cedar'}" in r.stderr
+    assert "Traceback" not in r.output
+
 def test_has_tests_written_once_per_permit() -> None:
     from proxy.policy.suggest import FieldStats, _bound_for, conjunction
 
