@@ -19,7 +19,10 @@ FILTERS = ("agent", "group", "connector", "action", "resource", "workflow")
 
 def _filter_options(f: Any) -> Any:
     for dim in reversed(FILTERS):
-        f = click.option(f"--{dim}", dim, default=None, metavar="VALUE",
+        # --group is taken by the connection options (the groups of an --as token), so the
+        # group filter is --ledger-group; two options of one name would leave one unreachable.
+        flag = "--ledger-group" if dim == "group" else f"--{dim}"
+        f = click.option(flag, dim, default=None, metavar="VALUE",
                          help=f"Only ledgers with this {dim} (budgets keyed on {dim}; others are shown whole).")(f)
     f = click.option("--window", default=None, metavar="WINDOW",
                      help="current (default), previous, or a window id such as month:2026-11@Europe/Berlin.")(f)
