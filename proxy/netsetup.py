@@ -8,10 +8,13 @@ nftables `inet` table), the way service-mesh init containers build theirs:
 * nat OUTPUT: every new TCP connection from any uid but Proctor's (and the excluded uids)
   is REDIRECTed to Proctor's transparent port on loopback, where Proctor recovers the
   original destination (SO_ORIGINAL_DST). Not redirected: destinations delivered inside
-  the pod or namespace (out the loopback interface), DNS over TCP, and the excluded
-  ports and CIDRs (exclusions are holes).
+  the pod or namespace (out the loopback interface), DNS over TCP to the pinned
+  resolvers (`--dns-server`; without pinned resolvers TCP to the DNS port is redirected
+  like any TCP, or any service listening on port 53 of any host would be reachable around
+  Proctor), and the excluded ports and CIDRs (exclusions are holes).
 * filter OUTPUT: for the same uids, nothing else leaves: a TCP connection that was not
-  redirected (and is not local, DNS or excluded), and every UDP datagram but DNS, are
+  redirected (and is not local, DNS to a pinned resolver or excluded), and every UDP
+  datagram but DNS, are
   dropped (so HTTP/3 and QUIC fall back to TCP, which is redirected). ICMP is allowed
   (errors, path MTU discovery, IPv6 neighbour discovery; a ping's payload is a small
   channel out). Answers on connections that came *into* the pod pass (probes, a port the
@@ -202,6 +205,11 @@ def build_plan(
         for s in names:
             for one in resolv_conf_servers(resolv_conf) if s == "auto" else [s]:
                 n = _network(one, "--dns-server")
+                if n.prefixlen == 0:
+                    raise InputError(f"--dns-server: {one!r} is every host, not a resolver: DNS (and whatever "
+                                     "else listens on the DNS port) would go anywhere around Proctor")
+                if s == "auto" and n.num_addresses != 1:
+                    raise InputError(f"--dns-server auto: {one!r} in resolv.conf is not one address")
                 if n not in servers:
                     servers.append(n)
     for x in uids:
@@ -212,7 +220,9 @@ def build_plan(
         warnings.append(f"TCP to {n} is not redirected: it bypasses Proctor")
     if servers is None:
         warnings.append(
-            f"DNS (UDP and TCP port {dport}) may go to any host; pin the resolvers with --dns-server (or auto)"
+            f"DNS over UDP (port {dport}) may go to any host, so can any other UDP protocol on that port (a "
+            f"tunnel); DNS over TCP is redirected to Proctor (refused); pin the resolvers with --dns-server "
+            f"(or auto)"
         )
     if not ipv6:
         warnings.append("--no-ipv6: no IPv6 rules; if this namespace has IPv6 connectivity, IPv6 bypasses Proctor")
@@ -243,9 +253,11 @@ def _iptables_chain_rules(plan: Plan, family: int, table: str) -> list[str]:
         rules.append(f"-A {c} -m owner --uid-owner {uid} {_cmt(what)} -j RETURN")
     dns = plan.dns(family)
     dns_dests = [""] if dns is None else [f"-d {n} " for n in dns]
+    # DNS over TCP only to pinned resolvers: "TCP to port 53 of any host" is a way around Proctor
+    tcp_dns_dests = [] if dns is None else dns_dests
     if table == "nat":
         rules.append(f"-A {c} -o lo {_cmt('local destinations, not governed')} -j RETURN")
-        for d in dns_dests:
+        for d in tcp_dns_dests:
             rules.append(f"-A {c} {d}-p tcp --dport {plan.dns_port} {_cmt('DNS over TCP')} -j RETURN")
         for n in plan.cidrs(family):
             rules.append(f"-A {c} -d {n} -p tcp {_cmt('EXCLUDED destination (a hole)')} -j RETURN")
@@ -260,7 +272,7 @@ def _iptables_chain_rules(plan: Plan, family: int, table: str) -> list[str]:
         f"-A {c} -p tcp -m conntrack --ctstate DNAT {_cmt('redirected to Proctor')} -j RETURN",
     ]
     for d in dns_dests:
-        for proto in ("udp", "tcp"):
+        for proto in ("udp", "tcp") if d in tcp_dns_dests else ("udp",):
             rules.append(f"-A {c} {d}-p {proto} --dport {plan.dns_port} {_cmt('DNS')} -j RETURN")
     for n in plan.cidrs(family):
         rules.append(f"-A {c} -d {n} -p tcp {_cmt('EXCLUDED destination (a hole)')} -j RETURN")
@@ -366,6 +378,9 @@ def nft_ruleset(plan: Plan) -> str:
             if nets:
                 dns.append(f"{'ip' if f == 4 else 'ip6'} daddr {_nft_set(nets)} ")
     for d in dns:
+        if plan.dns_servers is None:  # DNS over TCP only to pinned resolvers (see _iptables_chain_rules)
+            flt.append(f'udp dport {plan.dns_port} return comment "DNS"')
+            continue
         nat.append(f'{d}tcp dport {plan.dns_port} return comment "DNS over TCP"')
         flt.append(f'{d}meta l4proto {{ tcp, udp }} th dport {plan.dns_port} return comment "DNS"')
     for f in plan.families():
@@ -417,6 +432,9 @@ def _describe(plan: Plan) -> list[str]:
         + "), so HTTP/3 falls back to TCP; ICMP is allowed.",
         "Not redirected: destinations inside this namespace (loopback, the pod's own",
         "addresses): local services are not governed. Answers on inbound connections pass.",
+        f"DNS over TCP (port {plan.dns_port}) passes only to pinned resolvers (--dns-server);"
+        if plan.dns_servers is not None else
+        f"DNS over TCP (port {plan.dns_port}) is redirected like any TCP: no resolver is pinned.",
         "The agent must not run as Proctor's uid nor hold NET_ADMIN/NET_RAW (it could undo this).",
     ]
     if plan.warnings:

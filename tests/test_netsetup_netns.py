@@ -416,12 +416,16 @@ def test_agent_traffic_goes_to_proctor_and_nowhere_else(topo: Topology, backend:
 def test_defaults_redirect_everything_and_allow_dns_anywhere(topo: Topology, backend: str):
     applied(topo, backend)
     topo.run_as(PROXY_UID, LISTENER, str(PROXY_PORT))
-    upstream = topo.run_as(0, SERVERS, "UPSTREAM", f"{TCP_PORT},{EXCLUDED_PORT}",
+    upstream = topo.run_as(0, SERVERS, "UPSTREAM", f"{TCP_PORT},{EXCLUDED_PORT},53",
                            f"{UP4_OTHER}:53,{UP4}:{UDP_PORT}", netns=topo.upstream)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line.strip()) for line in upstream.stdout or []], daemon=True).start()
     for port in (TCP_PORT, EXCLUDED_PORT):
         assert topo.client(AGENT_UID, "tcp", UP4_OTHER, port) == f"PROXY {UP4_OTHER} {port} uid={PROXY_UID}"
+    # no resolver pinned: TCP to port 53 is redirected like any TCP (any service listening on
+    # port 53 of any host would otherwise be reachable around Proctor), over IPv4 and IPv6
+    assert topo.client(AGENT_UID, "tcp", UP4_OTHER, 53) == f"PROXY {UP4_OTHER} 53 uid={PROXY_UID}"
+    assert topo.client(AGENT_UID, "tcp", UP6, 53) == f"PROXY {UP6} 53 uid={PROXY_UID}"
     topo.client(AGENT_UID, "udp", UP4, UDP_PORT, "agent-quic")
     assert topo.client(AGENT_UID, "udp", UP4_OTHER, 53, "agent-dns") == "SENT"
     assert lines.get(timeout=5).endswith("agent-dns")

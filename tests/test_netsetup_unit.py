@@ -42,10 +42,10 @@ def test_iptables_defaults_redirect_every_tcp_but_proctors():
     assert not any("! --uid-owner" in r for r in nat)
     assert any(r.startswith("-A PROCTOR_OUTPUT -o lo ") and r.endswith("-j RETURN") for r in nat)
     assert nat[-1].startswith("-A PROCTOR_OUTPUT -p tcp ") and nat[-1].endswith("-j REDIRECT --to-ports 15001")
-    # DNS over TCP is the only destination port let past by default
-    assert [r for r in nat if "--dport" in r] == [
-        '-A PROCTOR_OUTPUT -p tcp --dport 53 -m comment --comment "proctor: DNS over TCP" -j RETURN'
-    ]
+    # no destination port is let past by default: DNS over TCP only to pinned resolvers
+    # (TCP to port 53 of any host would reach any service listening there, around Proctor)
+    assert [r for r in nat if "--dport" in r] == []
+    assert not any("-p tcp --dport 53" in r for r in restore_rules(v4, "filter"))
     flt = restore_rules(v4, "filter")
     assert flt[0].startswith("-A PROCTOR_OUTPUT -m owner --uid-owner 1337 ")
     assert flt[-1].endswith("-j DROP") and "-p" not in flt[-1]
@@ -133,7 +133,9 @@ def test_nft_one_inet_table_replaced_atomically():
     assert flt[0] == "type filter hook output priority 0; policy accept;"
     assert flt[1].startswith("meta skuid 1337 return")
     assert any(r.startswith("meta l4proto tcp ct status dnat return") for r in flt)
-    assert any(r.startswith("meta l4proto { tcp, udp } th dport 53 return") for r in flt)
+    # unpinned DNS: UDP only, TCP to port 53 is redirected like any TCP
+    assert any(r.startswith('udp dport 53 return comment "DNS"') for r in flt)
+    assert not any("dport 53" in r for r in nat) and not any("tcp, udp" in r for r in flt)
     assert any(r.startswith("meta l4proto { icmp, ipv6-icmp } return") for r in flt)
     assert flt[-3].startswith("counter drop")
 
@@ -159,7 +161,8 @@ def test_the_printed_form_explains_and_warns_about_holes(backend: str):
     text = ns.render(p, backend, netns="agent1")  # type: ignore[arg-type]
     comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert "WARNING: every exclusion is a hole around Proctor" in comments
-    for hole in ("uid 2000", "port 5432", "10.0.0.0/8", "DNS (UDP and TCP port 53) may go to any host"):
+    for hole in ("uid 2000", "port 5432", "10.0.0.0/8", "DNS over UDP (port 53) may go to any host",
+                 "DNS over TCP is redirected to Proctor"):
         assert hole in comments
     assert "must not run as Proctor's uid nor hold NET_ADMIN" in comments
     assert "ip netns exec agent1" in comments
@@ -206,6 +209,8 @@ def test_printed_script_is_valid_shell():
         ({"exclude_cidrs": ["fd00::/8"], "ipv6": False}, "IPv6 CIDR with --no-ipv6"),
         ({"dns_port": "-1"}, "--dns-port"),
         ({"dns_servers": ["10.0.0.300"]}, "--dns-server"),
+        ({"dns_servers": ["0.0.0.0/0"]}, "--dns-server: '0.0.0.0/0' is every host"),
+        ({"dns_servers": ["::/0"]}, "--dns-server: '::/0' is every host"),
     ],
 )
 def test_bad_input_is_refused_with_the_option_named(kw: dict, message: str):
@@ -223,6 +228,10 @@ def test_dns_server_auto_reads_the_resolvers(tmp_path: Path):
         ns.build_plan(proxy_uid=1337, dns_servers=["auto"], resolv_conf=conf)
     with pytest.raises(ns.InputError, match="cannot read"):
         ns.build_plan(proxy_uid=1337, dns_servers=["auto"], resolv_conf=tmp_path / "missing")
+    # resolv.conf names resolvers, never networks: a CIDR there would open the DNS port to all of it
+    conf.write_text("nameserver 10.0.0.0/8\n")
+    with pytest.raises(ns.InputError, match="not one address"):
+        ns.build_plan(proxy_uid=1337, dns_servers=["auto"], resolv_conf=conf)
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "-x", ".", "..", "x" * 64, "", "a b", "a;b"])
