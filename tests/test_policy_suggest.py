@@ -277,6 +277,13 @@ def test_monitor_mode_traffic_is_learned(tmp_path, idp, pki, upstream, upstream_
         text = doc["cedar"]
         assert 'context.fields.total.lessThanOrEqual(decimal("20.0"))' in text
         assert "monitored requests refused by forbid policies, which still apply: no-item-deletes (1)" in text
+        # the orders were denied by default (no permit): the permit that would allow them is flagged
+        # for review, never silently suggested; the delete stays denied by its forbid (not flagged)
+        assert by_id["suggested-newcomers-test.order.create"]["review"] is True
+        assert by_id["suggested-newcomers-test.order.create"]["monitored_denied_without_permit"] == 2
+        assert by_id["suggested-newcomers-test.item.delete"]["review"] is False
+        assert "REVIEW: 2 of these requests were DENIED by the active policies" in text
+        assert "REVIEW suggested-newcomers-test.order.create: allows 2 monitored request(s)" in r.stderr
         proof = doc["proof"]
         assert proof["ok"] and proof["covered"] == 3
         # enforced with the suggestion: the orders go through, the delete stays denied by its forbid

@@ -39,6 +39,7 @@ from proxy.policy.suggest import (
     decision_files,
     policy_id,
     suggest,
+    summary,
 )
 from proxy.record.model import parse_record
 
@@ -275,6 +276,14 @@ def test_monitored_traffic_is_learned_when_forwarded(tmp_path: Path) -> None:
     assert dict(permit.observed.verdicts) == {"monitored:deny": 3, "allow": 1}
     assert "verdicts: allow 1, monitored, would have been deny 3" in result.text
     assert "refused by forbid policies" not in result.text  # (default denials: no permit then)
+    # the permit ALLOWS what the active policies denied by default: flagged, not silently granted
+    assert permit.observed.denied_unpermitted == 3
+    assert permit.as_dict()["review"] is True and permit.as_dict()["monitored_denied_without_permit"] == 3
+    text = result.text
+    assert text.count("REVIEW: 3 of these requests were DENIED by the active policies") == 1
+    assert text.index("REVIEW: 3 of these") < text.index('@id("suggested-newcomers-test.item.read")')
+    assert "REVIEW: 1 permit (marked REVIEW below) allows requests the active policies DENIED" in text
+    assert "REVIEW suggested-newcomers-test.item.read: allows 3 monitored request(s)" in summary(result)
     proof = result.proof
     assert proof is not None and proof.ok and proof.covered == 4
     # under enforcement with the suggestion, the monitored requests would now be allowed
@@ -289,6 +298,8 @@ def test_monitored_denials_by_forbids_are_named(tmp_path: Path) -> None:
     result = run(tmp_path, lines)
     assert "// monitored requests refused by forbid policies, which still apply: no-item-deletes (2)" in result.text
     assert result.proof is not None and dict(result.proof.monitored_outcome) == {"deny": 2}
+    # still denied by the forbid with the permit: nothing newly allowed, nothing to flag
+    assert "REVIEW" not in result.text and not result.permits[0].as_dict()["review"]
 
 
 def test_filters_and_rotated_files(tmp_path: Path) -> None:

@@ -406,12 +406,17 @@ class Observed:
     fields: dict[tuple[str, ...], FieldStats] = field(default_factory=dict)
     # monitored requests a forbid policy (its @id) denied or held: they stay so with the permit
     forbidden_by: Counter[str] = field(default_factory=Counter)
+    # monitored requests denied because no permit covered them (default deny): the permit
+    # learned from them ALLOWS them, so it is flagged for review (what an agent did while
+    # nothing was enforced is not evidence that it should be allowed)
+    denied_unpermitted: int = 0
 
     def merge(self, other: Observed) -> None:
         self.count += other.count
         self.agents |= other.agents
         self.verdicts.update(other.verdicts)
         self.forbidden_by.update(other.forbidden_by)
+        self.denied_unpermitted += other.denied_unpermitted
         for t in (other.first, other.last):
             if t is not None:
                 self.first = t if self.first is None or t[0] < self.first[0] else self.first
@@ -451,7 +456,10 @@ def _observe(obs: Observed, rec: DecisionRecord, monitored: bool, hints: Manifes
     obs.last = t if obs.last is None or t[0] > obs.last[0] else obs.last
     obs.verdicts[f"monitored:{rec.decision}" if monitored else rec.decision] += 1
     if monitored and rec.decision != "allow":
-        obs.forbidden_by.update(r for r in rec.reasons if isinstance(r, str))  # (a deny's reasons are forbids)
+        forbids = [r for r in rec.reasons if isinstance(r, str)]  # (a deny's reasons are forbids)
+        obs.forbidden_by.update(forbids)
+        if not forbids:  # denied by default: no permit covered it, and the one learned here would
+            obs.denied_unpermitted += 1
     if not bounds:
         return
     context, resource = cedar.get("context") or {}, cedar.get("resource") or {}
@@ -580,6 +588,9 @@ class SuggestedPermit:
             "last": o.last[1] if o.last else None,
             "verdicts": dict(sorted(o.verdicts.items())),
             "monitored_forbidden_by": dict(sorted(o.forbidden_by.items())),
+            # monitored requests the active policies denied by default, which this permit allows
+            "monitored_denied_without_permit": o.denied_unpermitted,
+            "review": o.denied_unpermitted > 0,
             "bounds": [b.as_dict() for b in self.bounds],
             "notes": self.notes,
         }
@@ -806,8 +817,9 @@ def _comment(p: SuggestedPermit) -> list[str]:
     shown = ", ".join(comment_text(a, 60) for a in agents[:AGENTS_SHOWN])
     if len(agents) > AGENTS_SHOWN:
         shown += f" and {len(agents) - AGENTS_SHOWN} more"
-    lines = [f"{o.count} request{'s' if o.count != 1 else ''}, "
-             f"{comment_text(o.first[1], 40) if o.first else '?'} .. {comment_text(o.last[1], 40) if o.last else '?'}"]
+    lines = [review_text(o.denied_unpermitted)] if o.denied_unpermitted else []
+    lines.append(f"{o.count} request{'s' if o.count != 1 else ''}, "
+                 f"{comment_text(o.first[1], 40) if o.first else '?'} .. {comment_text(o.last[1], 40) if o.last else '?'}")
     if p.principal_kind == "group":
         lines.append(f"group {comment_text(p.principal_id, 60)}: agents {shown}")
         others = [m for m in p.members_seen if m not in o.agents]
@@ -838,6 +850,13 @@ def _comment(p: SuggestedPermit) -> list[str]:
     for note in p.notes:
         lines.append(note)
     return ["// " + line for line in lines]
+
+
+def review_text(n: int) -> str:
+    """The flag on a permit learned from monitored requests the active policies denied by default."""
+    return (f"REVIEW: {n} of these request{'s' if n != 1 else ''} {'were' if n != 1 else 'was'} DENIED by the "
+            "active policies (no permit covered them), forwarded only in monitor mode: this permit would ALLOW "
+            "them. Adopt it only if intended (what an agent did unenforced is no evidence it should be allowed).")
 
 
 def _render(permits: list[SuggestedPermit], header: list[str]) -> str:
@@ -991,6 +1010,11 @@ def header_lines(result: SuggestResult, options: Options) -> list[str]:
         "set stay in force on top of these. Review every permit before adopting it; the",
         "rollout path is monitor -> suggest -> review -> shadow -> enforce (docs/policies.md).",
     ]
+    flagged = review_flagged(result)
+    if flagged:
+        lines.append(f"REVIEW: {len(flagged)} permit{'s' if len(flagged) != 1 else ''} (marked REVIEW below) "
+                     f"{'allow' if len(flagged) != 1 else 'allows'} requests the active policies DENIED, forwarded "
+                     "only because of monitor mode.")
     if result.skipped:
         lines.append("Not learned from: " + "; ".join(f"{n} {why}" for why, n in sorted(result.skipped.items())) + ".")
     if result.left_out:
@@ -1156,10 +1180,18 @@ def render_proof(proof: Proof) -> str:
     return "\n".join(lines)
 
 
+def review_flagged(result: SuggestResult) -> list[SuggestedPermit]:
+    """The permits that allow monitored requests the active policies denied by default."""
+    return [p for p in result.permits if p.observed.denied_unpermitted]
+
+
 def summary(result: SuggestResult) -> str:
     n = len(result.permits)
     lines = [f"{n} permit{'s' if n != 1 else ''} suggested from {result.learned} forwarded requests "
              f"({result.considered} decisions read" + (f", {result.filtered_out} outside the filters" if result.filtered_out else "") + ")"]
+    for p in review_flagged(result):
+        lines.append(f"REVIEW {comment_text(p.policy_id, 120)}: allows {p.observed.denied_unpermitted} monitored "
+                     "request(s) the active policies denied (no permit covered them)")
     for why, count in sorted(result.skipped.items()):
         lines.append(f"skipped {count}: {why}")
     if result.left_out:
