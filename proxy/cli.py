@@ -640,10 +640,16 @@ def demo(keep_running: bool) -> None:
 @main.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("--url", default=None, help="URL for the live round trip (default: a connector host).")
+@click.option("--transparent", is_flag=True,
+              help="Expect transparent interception (docs/transparent.md): its absence fails even with proxy variables.")
+@click.option("--node", "node", default=None, metavar="PATH", help="The agent's node executable (default: node on PATH).")
+@click.option("--no-node", "no_node", is_flag=True, help="Skip the Node.js checks.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def doctor(config_path: str | None, url: str | None, as_json: bool) -> None:
+def doctor(config_path: str | None, url: str | None, transparent: bool, node: str | None, no_node: bool,
+           as_json: bool) -> None:
     """Check this environment routes agent traffic through Proctor: proxy variables, NO_PROXY,
-    CA trust, and a live round trip. Exits 1 on any bypass or misconfiguration."""
+    CA trust, a live round trip through the proxy and one straight to the host (transparent
+    interception), and Node.js. Exits 1 on any bypass or misconfiguration."""
     from . import doctor as d
     from .connectors.manifest import ManifestError
 
@@ -652,7 +658,8 @@ def doctor(config_path: str | None, url: str | None, as_json: bool) -> None:
         hosts = d.connector_hosts_of(config)
     except ManifestError as e:
         raise click.ClickException(str(e)) from None
-    findings = d.diagnose(d.environ(), hosts, d.proctor_ca_cert(config), url)
+    findings = d.diagnose(d.environ(), hosts, d.proctor_ca_cert(config), url, transparent=transparent, node=node,
+                          check_node_js=not no_node)
     click.echo(json.dumps(d.as_json(findings), indent=2) if as_json else d.render_text(findings))
     sys.exit(d.exit_code(findings))
 

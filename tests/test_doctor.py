@@ -1,26 +1,40 @@
 """`proctor doctor` run as an agent would run it: a subprocess with the agent's environment,
-against a real proxy (conftest `proctor`) and the recording upstream."""
+against a real proxy (conftest `proctor`) and the recording upstream; Node.js with and without
+the preload docs/agents.md gives (the client matrix's `npm ci` of tests/node); and transparent
+mode proven in network namespaces (tests/support/transparent_netns.py): the same command finds
+interception active for the redirected uid and a bypass for the exempt one."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import uuid
 
 import pytest
 
-from proxy.doctor import FAIL, OK, check_proxy_vars, entry_covers
+from conftest import DATA, wait_for
+from proxy.doctor import (
+    FAIL, NODE_RECIPE, OK, SKIP, WARN, _scrub, check_proxy_vars, entry_covers, node_preloads,
+)
+from support.transparent_netns import AGENT_UID, FORWARD_PORT, HTTP_PORT, HTTPS_PORT, PROXY_UID, Netns, python_for, \
+    why_no_netns
+from test_client_matrix import node_preload  # noqa: F401 - the fixture: tests/node's packages, npm ci'd once
 
 CLEARED = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "curl_ca_bundle", "ssl_cert_file",
-           "requests_ca_bundle", "node_extra_ca_certs"}
+           "requests_ca_bundle", "node_extra_ca_certs", "node_options", "ssl_cert_dir", "path"}
+NODE = shutil.which("node")
+NO_NODE_PATH = "/nonexistent"  # a PATH without node: the Node checks are skipped (a note)
 
 
 def run_doctor(proctor, env: dict[str, str], *args: str) -> tuple[int, dict]:
     base = {k: v for k, v in os.environ.items() if k.lower() not in CLEARED}
     out = subprocess.run(
         [sys.executable, "-m", "proxy.cli", "doctor", "-c", str(proctor.config_path), "--json", *args],
-        capture_output=True, text=True, env={**base, **env}, cwd=str(proctor.dir), timeout=60,
+        capture_output=True, text=True, env={**base, "PATH": NO_NODE_PATH, **env}, cwd=str(proctor.dir), timeout=90,
     )
     assert out.stdout, out.stderr
     return out.returncode, json.loads(out.stdout)
@@ -37,6 +51,10 @@ def of(report: dict, check: str, status: str | None = None) -> list[dict]:
     return [f for f in report["findings"] if f["check"] == check and (status is None or f["status"] == status)]
 
 
+def decision_in(message: str) -> str:
+    return re.search(r"X-Proctor-Decision-Id: ([0-9a-f-]+)", message).group(1)
+
+
 def test_all_good_environment_exits_0_and_sees_the_decision(proctor, reader_token):
     code, report = run_doctor(proctor, good_env(proctor, reader_token))
     assert code == 0, report
@@ -47,6 +65,28 @@ def test_all_good_environment_exits_0_and_sees_the_decision(proctor, reader_toke
     assert len(of(report, "ca", OK)) == 4
     assert reader_token not in json.dumps(report)  # the token is shown only as present
     assert any("<token hidden>" in f["message"] for f in of(report, "proxy"))
+    # forward mode on a host: the straight GET reached the upstream itself (no interception),
+    # which clients that ignore the variables would do too: a warning, not a failure
+    [direct] = of(report, "transparent", WARN)
+    assert direct["message"].startswith("no transparent interception: clients that ignore the proxy variables")
+    assert "without X-Proctor-Decision-Id" in direct["message"]
+    [node] = of(report, "node")
+    assert node["status"] == SKIP and "node is not on PATH" in node["message"]
+
+
+def test_the_straight_probe_sends_no_credential_and_the_proxied_one_is_stripped(proctor, reader_token, upstream):
+    """Never a token to a host that is not Proctor: the probe straight to the host carries none,
+    and the one through Proctor arrives without the proxy credential."""
+    path = f"/items/doctor-{uuid.uuid4().hex[:8]}"
+    code, report = run_doctor(proctor, good_env(proctor, reader_token), "--url", f"http://127.0.0.1:{upstream.port}{path}")
+    assert code == 0, report
+    got = [e for e in upstream.received() if e["path"] == path]
+    assert [e["method"] for e in got] == ["GET", "GET"]  # one straight, one through Proctor; no retries
+    names = [{k.lower() for k, _ in e["headers"]} for e in got]
+    assert all(not ({"authorization", "proxy-authorization", "cookie"} & n) for n in names), got
+    assert reader_token not in json.dumps(got)
+    [trip] = of(report, "roundtrip", OK)
+    assert proctor.decision(decision_in(trip["message"]))["agent"] == "reader-bot"
 
 
 def test_no_proxy_covering_a_connector_host_exits_1_with_the_entry_and_fix(proctor, reader_token):
@@ -76,10 +116,33 @@ def test_ca_variable_with_another_pem_is_a_finding(proctor, reader_token, pki):
     assert "proctor ca export" in bad["fix"]
 
 
-def test_no_proxy_variables_exits_1(proctor):
+def test_no_proxy_variables_and_no_redirect_is_a_bypass(proctor, upstream):
+    """Nothing routes this environment to Proctor: the straight GET reaches the upstream."""
     code, report = run_doctor(proctor, {})
     assert code == 1
-    assert of(report, "proxy", FAIL) and of(report, "roundtrip", FAIL)
+    [bypass] = of(report, "transparent", FAIL)
+    assert bypass["message"].startswith(f"traffic reaches 127.0.0.1:{upstream.port} around Proctor: no proxy variables "
+                                        "and no transparent interception")
+    assert "docs/agents.md" in bypass["fix"] and "docs/transparent.md" in bypass["fix"]
+    assert of(report, "proxy", FAIL) and not of(report, "roundtrip")  # no proxy to go through
+
+
+def test_transparent_flag_makes_missing_interception_a_failure(proctor, reader_token):
+    code, report = run_doctor(proctor, good_env(proctor, reader_token), "--transparent")
+    assert code == 1
+    [missing] = of(report, "transparent", FAIL)
+    assert missing["message"].startswith("no transparent interception (--transparent)")
+    assert of(report, "roundtrip", OK)  # the proxy path itself works
+
+
+def test_an_answer_from_proctors_own_listener_is_not_interception(proctor):
+    """A decision id from Proctor's gateway asking for credentials (401) proves nothing about
+    the network: only a redirected request is answered without credentials."""
+    code, report = run_doctor(proctor, {}, "--url", f"{proctor.gateway_url}/svc/items/1")
+    assert code == 1
+    [warn] = of(report, "transparent", WARN)
+    assert "asking for credentials" in warn["message"] and "active" not in warn["message"]
+    assert of(report, "proxy", FAIL)
 
 
 def test_a_proxy_that_is_not_proctor_is_a_bypass(proctor, reader_token, upstream):
@@ -133,3 +196,197 @@ def test_mismatched_cases_and_missing_credentials():
     assert any(f.status == FAIL and "differ" in f.message for f in findings)
     assert any(f.status != OK and "no credentials" in f.message for f in findings)
     assert not any("secret" in f.message for f in findings)
+
+
+def test_node_preload_parsing_and_scrubbing():
+    assert node_preloads('--require /opt/p.cjs --max-old-space-size=64 -r ./x.cjs --import=file:///y.mjs') == [
+        "/opt/p.cjs", "./x.cjs", "file:///y.mjs"]
+    assert node_preloads('--require "/opt/with space/p.cjs"') == ["/opt/with space/p.cjs"]
+    assert node_preloads("--max-old-space-size=64") == []
+    env = {"HTTPS_PROXY": "http://a:s3cr%2Ft@127.0.0.1:8080"}
+    assert _scrub("proxy said s3cr/t and s3cr%2Ft", env) == "proxy said <token hidden> and <token hidden>"
+
+
+# ------------------------------------------------------------------ Node.js
+needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (the Node checks need it)")
+
+
+@needs_node
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_node_with_the_preload_goes_through_proctor(proctor, reader_token, node_preload, upstream, upstream_tls,  # noqa: F811
+                                                   scheme):
+    env = {**good_env(proctor, reader_token), "PATH": os.environ["PATH"],
+           "NODE_OPTIONS": f"--require {node_preload}"}
+    url = (f"http://127.0.0.1:{upstream.port}/items/node-doc" if scheme == "http"
+           else f"https://localhost:{upstream_tls.port}/items/node-doc")
+    code, report = run_doctor(proctor, env, "--url", url)
+    assert code == 0, report
+    [preload, live] = of(report, "node", OK)
+    assert preload["message"].startswith(f"NODE_OPTIONS preloads {node_preload}")
+    assert "through the proxy variables" in live["message"]
+    rec = proctor.decision(decision_in(live["message"]))
+    assert (rec["agent"], rec["decision"], rec["path"]) == ("reader-bot", "allow", "/items/node-doc")
+
+
+@needs_node
+def test_node_without_the_preload_is_a_bypass_with_the_recipe(proctor, reader_token, upstream):
+    path = f"/items/node-bare-{uuid.uuid4().hex[:8]}"
+    env = {**good_env(proctor, reader_token), "PATH": os.environ["PATH"]}
+    code, report = run_doctor(proctor, env, "--url", f"http://127.0.0.1:{upstream.port}{path}")
+    assert code == 1
+    [warn] = of(report, "node", WARN)
+    assert warn["message"].startswith("NODE_OPTIONS is not set: Node's fetch ignores HTTP(S)_PROXY without it")
+    assert warn["fix"] == NODE_RECIPE and '--require /opt/proctor-node/proctor-proxy.cjs' in warn["fix"]
+    [bypass] = of(report, "node", FAIL)
+    assert "Node's fetch reached" in bypass["message"] and "around Proctor" in bypass["message"]
+    assert bypass["fix"] == NODE_RECIPE
+    assert [f for f in report["findings"] if f["status"] == FAIL] == [bypass]  # everything else is fine
+    got = [e for e in upstream.received() if e["path"] == path]
+    assert len(got) == 3  # doctor's straight GET, its GET through Proctor, and Node's straight one
+    assert reader_token not in json.dumps(got)
+
+
+@needs_node
+def test_node_preload_that_does_not_exist_is_a_failure(proctor, reader_token):
+    env = {**good_env(proctor, reader_token), "PATH": os.environ["PATH"],
+           "NODE_OPTIONS": "--require /nonexistent/proctor-proxy.cjs"}
+    code, report = run_doctor(proctor, env)
+    assert code == 1
+    missing, live = of(report, "node", FAIL)
+    assert "does not exist here: every node process fails to start" in missing["message"]
+    assert live["message"].startswith("Node's fetch GET") and "before fetching" in live["message"]
+    assert reader_token not in json.dumps(report)
+
+
+def test_node_explicit_path_must_be_executable(proctor, reader_token, tmp_path):
+    not_node = tmp_path / "node"
+    not_node.write_text("")
+    code, report = run_doctor(proctor, good_env(proctor, reader_token), "--node", str(not_node))
+    assert code == 1
+    [bad] = of(report, "node", FAIL)
+    assert bad["message"] == f"--node {not_node} is not an executable file"
+    code, report = run_doctor(proctor, good_env(proctor, reader_token), "--no-node")
+    assert code == 0 and not of(report, "node")
+
+
+# ------------------------------------------------------------------ transparent mode, in network namespaces
+NO_NETNS = why_no_netns()
+WORKLOAD = "support-agent"
+
+
+@pytest.fixture(scope="module")
+def pod(idp):
+    if NO_NETNS is not None:
+        pytest.skip(NO_NETNS)
+    ns = Netns("iptables")
+    try:
+        ns.build(idp, idp.token(WORKLOAD, groups=["readers", "writers"], ttl=3600), policies=DATA / "policies")
+        yield ns
+    finally:
+        ns.close()
+
+
+def doctor_in(pod: Netns, env: dict[str, str] | None = None, *args: str, uid: int = AGENT_UID) -> tuple[int, dict]:
+    """`proctor doctor` in the agent's pod, as `uid`, with the agent's clean environment and the
+    sidecar's config (readable: its connectors name the hosts; its state, CA key and token are not)."""
+    done = pod.as_agent([*python_for(uid), "-m", "proxy.cli", "doctor", "-c", str(pod.pdir / "proctor.yaml"),
+                         "--json", *args], env, uid=uid, timeout=120)
+    assert done.stdout, done.stderr
+    return done.returncode, json.loads(done.stdout)
+
+
+@pytest.mark.integration
+def test_transparent_interception_is_active_for_the_redirected_agent(pod: Netns):
+    pod.clear_logs()
+    code, report = doctor_in(pod)
+    assert code == 0, report
+    [active] = of(report, "transparent", OK)
+    assert active["message"].startswith(f"transparent interception: active (GET http://erp.test:{HTTP_PORT}/ "
+                                        "without a proxy answered 403 with X-Proctor-Decision-Id")
+    assert f"the sidecar's workload identity (agent {WORKLOAD})" in active["message"]
+    rec = pod.decision(decision_in(active["message"]))
+    assert (rec["agent"], rec["mode"]) == (WORKLOAD, "transparent")
+    [proxy] = of(report, "proxy")
+    assert proxy["status"] == OK and "none is needed" in proxy["message"]
+    [node] = of(report, "node", OK)  # Node's own fetch, no preload, no variable: intercepted too
+    assert "intercepted by the transparent redirect" in node["message"]
+    assert pod.decision(decision_in(node["message"]))["mode"] == "transparent"
+    assert pod.received("erp-http") == []  # GET / maps to no operation: refused, nothing forwarded
+
+
+@pytest.mark.integration
+def test_the_exempt_uid_is_not_redirected_and_doctor_says_bypass(pod: Netns):
+    """The same command in the same namespace, as the uid the rules exempt (Proctor's own):
+    no decision id, so a bypass, with both fixes."""
+    pod.clear_logs()
+    code, report = doctor_in(pod, None, "--no-node", uid=PROXY_UID)
+    assert code == 1
+    [bypass] = of(report, "transparent", FAIL)
+    assert bypass["message"].startswith(f"traffic reaches erp.test:{HTTP_PORT} around Proctor: no proxy variables and "
+                                        "no transparent interception")
+    [got] = pod.received("erp-http")
+    assert got["path"] == "/" and not ({k.lower() for k, _ in got["headers"]} & {"authorization", "x-erp-key"})
+
+
+@pytest.mark.integration
+def test_https_interception_with_and_without_trusting_proctors_ca(pod: Netns):
+    url = f"https://erp.test:{HTTPS_PORT}/items/1"
+    code, report = doctor_in(pod, {}, "--url", url)
+    assert code == 1
+    [untrusted] = of(report, "transparent", FAIL)
+    assert "presented a certificate issued by O=Proctor,CN=Proctor Interception CA" in untrusted["message"]
+    assert "does not trust Proctor's CA" in untrusted["message"] and "SSL_CERT_FILE" in untrusted["fix"]
+    assert of(report, "proxy", OK)  # interception is proven, by the certificate
+    ca = str(pod.proctor_ca)
+    code, report = doctor_in(pod, {"SSL_CERT_FILE": ca, "NODE_EXTRA_CA_CERTS": ca}, "--url", url)
+    assert code == 0, report
+    [active] = of(report, "transparent", OK)
+    assert "answered 200 with X-Proctor-Decision-Id" in active["message"]
+    assert pod.decision(decision_in(active["message"]))["agent"] == WORKLOAD
+
+
+@pytest.mark.integration
+def test_proxy_variables_in_the_pod_name_both_paths(pod: Netns, idp):
+    token = idp.token("forward-bot", groups=["readers"], ttl=3600)
+    proxy = f"http://forward-bot:{token}@127.0.0.1:{FORWARD_PORT}"  # the sidecar's forward listener (loopback)
+    code, report = doctor_in(pod, {v: proxy for v in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")})
+    assert code == 0, report
+    [trip] = of(report, "roundtrip", OK)
+    assert "decided as agent forward-bot" in trip["message"]
+    [paths] = of(report, "transparent", WARN)
+    assert "two paths: clients that read http_proxy go to Proctor's forward listener" in paths["message"]
+    assert "decided as agent forward-bot" in paths["message"] and f"(agent {WORKLOAD})" in paths["message"]
+    assert paths["fix"].startswith("unset http_proxy HTTP_PROXY")
+    live = [f for f in of(report, "node", OK) if "fetch" in f["message"]]
+    assert len(live) == 1 and f"as the workload identity {WORKLOAD}: it ignored the proxy variables" in live[0]["message"]
+    assert token not in json.dumps(report)
+
+
+@pytest.mark.integration
+def test_proxy_variables_to_another_proxy_are_redirected_and_refused(pod: Netns, idp):
+    token = idp.token("forward-bot", groups=["readers"], ttl=3600)
+    proxy = f"http://forward-bot:{token}@10.88.0.3:3128"  # any other proxy: the network sends it to Proctor
+    code, report = doctor_in(pod, {v: proxy for v in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")},
+                             "--no-node")
+    assert code == 1
+    [refused] = of(report, "roundtrip", FAIL)
+    assert "transparent-proxy-credentials" in refused["message"] and refused["fix"].startswith("unset http_proxy")
+    [paths] = of(report, "transparent", WARN)
+    assert "which the network redirects to the transparent listener: refused 400" in paths["message"]
+    assert token not in json.dumps(report)
+
+
+@pytest.mark.integration
+def test_an_unusable_workload_identity_is_a_failure(pod: Netns, idp):
+    good = idp.token(WORKLOAD, groups=["readers", "writers"], ttl=3600)
+    pod.write_token("not-a-jwt")
+    try:
+        wait_for(lambda: pod.control("/readyz")[0] == 503, timeout=10, what="the sidecar noticing the bad token")
+        code, report = doctor_in(pod, None, "--no-node")
+        assert code == 1
+        [down] = of(report, "transparent", FAIL)
+        assert "but the sidecar's workload identity is unavailable: every request is refused 503" in down["message"]
+        assert "token_file" in down["fix"]
+    finally:
+        pod.write_token(good)
+        wait_for(lambda: pod.control("/readyz")[0] == 200, timeout=10, what="the sidecar back with its token")
