@@ -24,6 +24,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -436,14 +437,14 @@ def probe(url: str, ctx: ssl.SSLContext, *, proxy: str | None = None, timeout: f
     try:
         with httpx.Client(proxy=proxy, verify=ctx, trust_env=False, timeout=timeout,
                           follow_redirects=False) as client, client.stream("GET", url) as resp:
-            body = b""
-            for chunk in resp.iter_bytes():
+            body, deadline = b"", time.monotonic() + timeout
+            for chunk in resp.iter_bytes():  # the headers decide; the body only names the agent
                 body += chunk
-                if len(body) >= BODY_LIMIT:
+                if len(body) >= BODY_LIMIT or time.monotonic() > deadline:
                     break
             return Probe(url, resp.status_code, resp.headers.get(DECISION_HEADER),
                          _problem(resp.headers.get("content-type", ""), body[:BODY_LIMIT]))
-    except httpx.HTTPError as e:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
         error = str(e) or type(e).__name__
         parts = urllib.parse.urlsplit(url)
         if proxy is None and parts.scheme == "https" and parts.hostname and _cert_verify_error(e):
@@ -758,6 +759,15 @@ def diagnose(env: Mapping[str, str], connector_hosts: Mapping[str, list[str]], p
     """Every check. `transparent`: transparent interception is expected (its absence is a
     failure even with proxy variables set); it is never assumed, only observed."""
     has_vars = has_proxy_vars(env)
+    if url is not None:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        except ValueError:
+            valid = False
+        if not valid:
+            return [Finding("roundtrip", FAIL, f"--url {url!r} is not an http:// or https:// URL with a host",
+                            "give --url a connector URL, e.g. https://erp.example.com/ping")]
     target = url or pick_target(connector_hosts)
     ctx = trust_context(env, proctor_ca)
     direct = probe(target, ctx, timeout=direct_timeout, proctor_ca=proctor_ca) if target else None

@@ -390,3 +390,12 @@ def test_an_unusable_workload_identity_is_a_failure(pod: Netns, idp):
     finally:
         pod.write_token(good)
         wait_for(lambda: pod.control("/readyz")[0] == 200, timeout=10, what="the sidecar back with its token")
+
+
+@pytest.mark.parametrize("bad", ["ftp://127.0.0.1/x", "http:///nohost", "127.0.0.1:8080/x", "http://h:99999/"])
+def test_a_url_that_is_not_http_is_refused_before_any_probe(proctor, bad):
+    code, report = run_doctor(proctor, {}, "--url", bad)
+    assert code == 1
+    assert report["findings"] == [{"check": "roundtrip", "status": FAIL,
+                                   "message": f"--url {bad!r} is not an http:// or https:// URL with a host",
+                                   "fix": "give --url a connector URL, e.g. https://erp.example.com/ping"}]
