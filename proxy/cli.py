@@ -301,8 +301,9 @@ def policy_test(
     source = _policy_source(config_path, policy_dir, schema_file)
     bundle = _load_bundle_or_exit(source, 2)
     paths = [Path(f) for f in files] or sorted((source.policy_dir / "tests").glob("*.test.json"))
-    if not paths:
-        raise click.ClickException(f"no test files given and none in {source.policy_dir / 'tests'}")
+    if not paths:  # unusable input (2), not a failed case (1)
+        click.echo(f"error: no test files given and none in {source.policy_dir / 'tests'}", err=True)
+        sys.exit(2)
     try:
         results = run_files(bundle, paths, validate_request=not no_validate_request)
     except TestFileError as e:

@@ -166,3 +166,11 @@ def test_policy_test_bad_file_exits_2(pdir, content, message):
 def test_bundled_policy_tests_pass():
     out = proctor("policy", "test")
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_no_test_files_is_unusable_input_exit_2(pdir):
+    """Nothing to run is not a failed case: exit 2 (as documented), naming where it looked."""
+    shutil.rmtree(pdir / "tests", ignore_errors=True)
+    r = proctor("policy", "test", "--dir", str(pdir))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "no test files given and none in" in r.stderr and str(pdir / "tests") in r.stderr
