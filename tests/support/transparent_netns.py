@@ -49,6 +49,9 @@ TRANSPARENT_PORT, FORWARD_PORT, CONTROL_PORT = 15001, 8080, 8081
 ERP_IP, ATTACKER_IP, AGENT_IP = "10.88.0.1", "10.88.0.3", "10.88.0.2"
 ERP6, AGENT6 = "fd88::1", "fd88::2"
 HTTP_PORT, HTTPS_PORT, RAW_PORT, UDP_PORT = 8080, 8443, 2222, 5353
+# A port of the ERP's the connector covers that mitmproxy, by the number alone, would take for DNS
+# (53 and 5353): no server listens there unless a test starts one.
+ERP_DNS_PORT = 5353
 ERP_KEY = "erp-secret-injected-by-proctor"
 
 
@@ -344,7 +347,7 @@ class Netns:
             "name": "erp",
             "description": "the ERP the agent may use",
             "hosts": [f"erp.test:{HTTP_PORT}", f"erp.test:{HTTPS_PORT}", f"{ERP_IP}:{HTTP_PORT}",
-                      f"{ERP_IP}:{HTTPS_PORT}"],
+                      f"{ERP_IP}:{HTTPS_PORT}", f"erp.test:{ERP_DNS_PORT}"],
             "auth": {"type": "api_key", "header": "X-Erp-Key", "value": {"file": str(p / "secrets" / "erp-key")}},
             "routes": [{"method": m, "path": path, "action": act, "resource": {"type": "Item", "id": rid},
                         "attributes": {"kind": "widget"}} for m, path, act, rid in items],
