@@ -50,6 +50,9 @@ CHAIN = "PROCTOR_OUTPUT"
 NFT_TABLE = "proctor"
 DEFAULT_PROXY_PORT = 15001
 DEFAULT_DNS_PORT = 53
+# Proctor's own listeners the agent must not reach inside the pod: forward proxy, control API and
+# gateway at their defaults (loopback is not redirected, so without this the agent could use them).
+DEFAULT_PROTECTED_PORTS = (8080, 8081, 8082)
 # The highest uid Linux hands out: (uid_t)-1 means "no uid".
 MAX_UID = 2**32 - 2
 NETNS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
@@ -81,6 +84,8 @@ class Plan:
     # None: DNS to any server; else only to these.
     dns_servers: tuple[Network, ...] | None = None
     ipv6: bool = True
+    # Local TCP ports the redirected uids may not connect to (Proctor's other listeners).
+    protect_ports: tuple[int, ...] = DEFAULT_PROTECTED_PORTS
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def exempt_uids(self) -> tuple[int, ...]:
@@ -171,6 +176,7 @@ def build_plan(
     dns_servers: Iterable[str] = (),
     ipv6: bool = True,
     resolv_conf: Path = RESOLV_CONF,
+    protect_ports: Iterable[str | int] | None = None,
 ) -> Plan:
     """Validate every option; InputError names the first bad one."""
     if proxy_uid is None:
@@ -198,6 +204,15 @@ def build_plan(
     if not ipv6 and any(n.version == 6 for n in cidrs):
         raise InputError("--exclude-cidr: an IPv6 CIDR with --no-ipv6 (no IPv6 rules are written)")
     dport = _port(dns_port, "--dns-port")
+    protected: list[int] = []
+    for p in DEFAULT_PROTECTED_PORTS if protect_ports is None else protect_ports:
+        if str(p) == "none":
+            continue
+        x = _port(p, "--protect-port")
+        if x == port:
+            raise InputError(f"--protect-port: {x} is the transparent port (--proxy-port): redirected traffic must reach it")
+        if x not in protected:
+            protected.append(x)
     servers: list[Network] | None = None
     names = list(dns_servers)
     if names:
@@ -229,7 +244,7 @@ def build_plan(
     return Plan(
         proxy_uid=uid, proxy_port=port, exclude_uids=tuple(uids), exclude_ports=tuple(ports),
         exclude_cidrs=tuple(cidrs), dns_port=dport, dns_servers=None if servers is None else tuple(servers),
-        ipv6=ipv6, warnings=tuple(warnings),
+        ipv6=ipv6, protect_ports=tuple(protected), warnings=tuple(warnings),
     )
 
 
@@ -266,8 +281,12 @@ def _iptables_chain_rules(plan: Plan, family: int, table: str) -> list[str]:
         rules.append(f"-A {c} -p tcp {_cmt('to the transparent listener')} -j REDIRECT --to-ports {plan.proxy_port}")
         return rules
     icmp = "icmp" if family == 4 else "ipv6-icmp"
+    rules.append(f"-A {c} -m conntrack --ctdir REPLY {_cmt('answers on inbound connections')} -j RETURN")
+    if plan.protect_ports:
+        ports = ",".join(map(str, plan.protect_ports))
+        rules.append(f"-A {c} -o lo -p tcp -m multiport --dports {ports} {_cmt('Proctor listeners, not for the agent')} "
+                     "-j REJECT --reject-with tcp-reset")
     rules += [
-        f"-A {c} -m conntrack --ctdir REPLY {_cmt('answers on inbound connections')} -j RETURN",
         f"-A {c} -o lo {_cmt('local destinations, not governed')} -j RETURN",
         f"-A {c} -p tcp -m conntrack --ctstate DNAT {_cmt('redirected to Proctor')} -j RETURN",
     ]
@@ -366,6 +385,9 @@ def nft_ruleset(plan: Plan) -> str:
         nat.append(f'meta skuid {uid} return comment "{what}"')
         flt.append(f'meta skuid {uid} return comment "{what}"')
     flt.append('ct direction reply return comment "answers on inbound connections"')
+    if plan.protect_ports:
+        flt.append(f'oifname "lo" tcp dport {_nft_set(plan.protect_ports)} reject with tcp reset '
+                   'comment "Proctor listeners, not for the agent"')
     nat.append('oifname "lo" return comment "local destinations, not governed"')
     flt.append('oifname "lo" return comment "local destinations, not governed"')
     flt.append('meta l4proto tcp ct status dnat return comment "redirected to Proctor"')
@@ -432,6 +454,10 @@ def _describe(plan: Plan) -> list[str]:
         + "), so HTTP/3 falls back to TCP; ICMP is allowed.",
         "Not redirected: destinations inside this namespace (loopback, the pod's own",
         "addresses): local services are not governed. Answers on inbound connections pass.",
+        ("Refused locally: Proctor's own listeners on TCP " + ", ".join(map(str, plan.protect_ports))
+         + " (forward proxy, control API, gateway): the agent's way in is the redirect.")
+        if plan.protect_ports else
+        "WARNING: Proctor's own listeners are reachable from the agent (--protect-port none).",
         f"DNS over TCP (port {plan.dns_port}) passes only to pinned resolvers (--dns-server);"
         if plan.dns_servers is not None else
         f"DNS over TCP (port {plan.dns_port}) is redirected like any TCP: no resolver is pinned.",
@@ -458,6 +484,9 @@ def _invocation(plan: Plan, backend: Backend) -> str:
         argv += ["--dns-server", str(n)]
     if not plan.ipv6:
         argv.append("--no-ipv6")
+    if plan.protect_ports != DEFAULT_PROTECTED_PORTS:
+        for port in [str(p) for p in plan.protect_ports] or ["none"]:
+            argv += ["--protect-port", port]
     return shlex.join(argv)
 
 

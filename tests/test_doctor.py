@@ -349,7 +349,11 @@ def test_https_interception_with_and_without_trusting_proctors_ca(pod: Netns):
 def test_proxy_variables_in_the_pod_name_both_paths(pod: Netns, idp):
     token = idp.token("forward-bot", groups=["readers"], ttl=3600)
     proxy = f"http://forward-bot:{token}@127.0.0.1:{FORWARD_PORT}"  # the sidecar's forward listener (loopback)
-    code, report = doctor_in(pod, {v: proxy for v in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")})
+    pod.netsetup("--protect-port", "none")  # (by default the rules refuse the agent that port)
+    try:
+        code, report = doctor_in(pod, {v: proxy for v in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")})
+    finally:
+        pod.netsetup()
     assert code == 0, report
     [trip] = of(report, "roundtrip", OK)
     assert "decided as agent forward-bot" in trip["message"]

@@ -444,3 +444,22 @@ def test_without_the_rules_the_agent_goes_straight_out(topo: Topology, backend: 
     assert topo.client(AGENT_UID, "tcp", UP4, TCP_PORT).startswith("PROXY ")
     assert cli("--backend", backend, "--netns", topo.agent, "--remove").returncode == 0
     assert topo.client(AGENT_UID, "tcp", UP4, TCP_PORT) == "UPSTREAM"
+
+
+@needs_netns
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_agent_cannot_reach_proctors_other_listeners_inside_the_pod(topo: Topology, backend: str):
+    """Loopback is not redirected, so without a rule the agent could talk to Proctor's forward proxy,
+    control API or gateway directly (the reload endpoint trusts loopback). By default those ports
+    (8080, 8081, 8082) are refused to every uid but Proctor's, on loopback and the pod's own address;
+    other local services stay reachable, and `--protect-port none` drops the rule."""
+    applied(topo, backend)
+    topo.run_as(0, SERVERS, "PROCTOR-LISTENER", "8080,8081,8082", "", netns=topo.agent)
+    topo.run_as(0, SERVERS, "LOCAL", str(LOCAL_PORT), "", netns=topo.agent)
+    for host in ("127.0.0.1", AGENT4, "::1"):
+        for port in (8080, 8081, 8082):
+            assert topo.client(AGENT_UID, "tcp", host, port).startswith("ERR ConnectionRefusedError"), (host, port)
+            assert topo.client(PROXY_UID, "tcp", host, port) == "PROCTOR-LISTENER", (host, port)
+        assert topo.client(AGENT_UID, "tcp", host, LOCAL_PORT) == "LOCAL"
+    applied(topo, backend, "--protect-port", "none")
+    assert topo.client(AGENT_UID, "tcp", "127.0.0.1", 8081) == "PROCTOR-LISTENER"

@@ -359,3 +359,33 @@ def test_a_kernel_without_ipv6_needs_no_ipv6_rules(tmp_path: Path):
     bad.run = lambda argv, stdin=None: ""  # type: ignore[method-assign]
     with pytest.raises(ns.SetupError, match="do not read back"):
         ns.apply(plan(), "iptables", bad, has_ipv6=False)
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_proctors_own_listeners_are_refused_to_the_agent_by_default(backend):
+    plan = ns.build_plan(proxy_uid=1337)
+    assert plan.protect_ports == (8080, 8081, 8082)
+    text = ns.render(plan, backend)
+    if backend == "iptables":
+        assert ("-o lo -p tcp -m multiport --dports 8080,8081,8082 -m comment --comment \"proctor: Proctor listeners, "
+                "not for the agent\" -j REJECT --reject-with tcp-reset") in text
+        # before the rule that lets local destinations through
+        assert text.index("--dports 8080,8081,8082") < text.index("local destinations, not governed\" -j RETURN\n-A "
+                                                                   "PROCTOR_OUTPUT -p tcp -m conntrack")
+    else:
+        assert 'oifname "lo" tcp dport { 8080, 8081, 8082 } reject with tcp reset' in text
+    assert "Refused locally: Proctor's own listeners on TCP 8080, 8081, 8082" in text
+    custom = ns.build_plan(proxy_uid=1337, protect_ports=["9090", "9091"])
+    assert custom.protect_ports == (9090, 9091)
+    assert "--protect-port 9090 --protect-port 9091" in ns.render(custom, backend)
+    none = ns.build_plan(proxy_uid=1337, protect_ports=["none"])
+    assert none.protect_ports == ()
+    assert "Proctor listeners" not in ns.render(none, backend).replace("Proctor's own listeners are reachable", "")
+    assert "--protect-port none" in ns.render(none, backend)
+
+
+def test_the_transparent_port_cannot_be_protected():
+    with pytest.raises(ns.InputError, match="is the transparent port"):
+        ns.build_plan(proxy_uid=1337, proxy_port=15001, protect_ports=["15001"])
+    r = CliRunner().invoke(main, ["netsetup", "--proxy-uid", "1337", "--protect-port", "99999"])
+    assert r.exit_code == 2 and "--protect-port" in r.output

