@@ -293,7 +293,8 @@ def test_metrics_count_the_outcomes(ep, svc, idp) -> None:
     metrics = httpx.get(f"{ep.control_url}/metrics", timeout=5).text
     for outcome in ("changed", "matched"):
         assert f'proctor_if_match_writes_total{{connector="etagsvc",outcome="{outcome}"}}' in metrics, outcome
-    assert 'action="etagsvc.record.update",decision="deny",kind="resource-changed"' in metrics
+    assert ('proctor_decisions_total{action="etagsvc.record.update",decision="deny",enforcement="enforce",'
+            'kind="resource-changed"}') in metrics
 
 
 def test_gateway_mode_both_engines(gw, svc, idp) -> None:
