@@ -97,6 +97,7 @@ def test_allowed_call_passes_attributed_to_the_workload(fresh: Netns, client: st
     assert (rec["agent"], rec["decision"], rec["mode"], rec["action"]) == (WORKLOAD, "allow", "transparent",
                                                                          "test.item.read")
     assert (rec["host"], rec["port"]) == ("erp.test", HTTP_PORT)
+    assert rec["original_dst"] == f"{ERP_IP}:{HTTP_PORT}"  # where the connection was going
     (got,) = fresh.received("erp-http")
     headers = {k.lower(): v for k, v in got["headers"]}
     assert headers["x-erp-key"] == ERP_KEY  # the connector's credential, injected by Proctor
@@ -371,6 +372,9 @@ def test_an_attackers_ip_naming_the_erp_never_gets_the_erp_credential(fresh: Net
     sends the request where it names (erp.test, resolved by Proctor), never to the attacker."""
     plain = fresh.curl(f"{ERP}/items/3", "--resolve", f"erp.test:{HTTP_PORT}:{ATTACKER_IP}")
     assert plain.status == 200, plain
+    # the record keeps both: where it went (the name) and where the agent tried to go
+    rec = fresh.decision(plain.headers[DECISION])
+    assert (rec["host"], rec["original_dst"]) == ("erp.test", f"{ATTACKER_IP}:{HTTP_PORT}")
     tls = fresh.curl(f"{ERPS}/items/4", "--resolve", f"erp.test:{HTTPS_PORT}:{ATTACKER_IP}", ca=True)
     assert tls.status == 200, tls
     assert fresh.received("attacker-http") == [] and fresh.received("attacker-https") == []

@@ -186,6 +186,9 @@ class RecordedRequest:
     path: str | None = None
     mode: str | None = None
     client_ip: str | None = None
+    # transparent mode: the address the agent's connection was redirected from ("ip:port"); the
+    # request went where it names (host, port), never there (docs/transparent.md)
+    original_dst: str | None = None
 
 
 @dataclass(slots=True)
@@ -197,7 +200,7 @@ class RecordedConnection:
     port: int | None = None
 
 
-_REQUEST_KEYS = ("method", "host", "port", "path", "mode", "client_ip")
+_REQUEST_KEYS = ("method", "host", "port", "path", "mode", "client_ip", "original_dst")
 _CONNECTION_KEYS = ("client_ip", "host", "port")
 
 
@@ -316,7 +319,9 @@ class DecisionRecord:
         monitored = monitored_part(ex) if ex.monitored is not None else None
         trace = ex.trace_ids
         if req is not None:
-            where_req = RecordedRequest(req.method, req.host, req.port, req.path, req.mode, req.client_ip)
+            od = req.original_destination
+            where_req = RecordedRequest(req.method, req.host, req.port, req.path, req.mode, req.client_ip,
+                                        None if od is None else f"[{od[0]}]:{od[1]}" if ":" in od[0] else f"{od[0]}:{od[1]}")
             where_conn = None
         else:
             conn = ex.connection
@@ -390,6 +395,8 @@ class DecisionRecord:
             d["path"] = req.path
             d["mode"] = req.mode
             d["client_ip"] = req.client_ip
+            if req.original_dst is not None:
+                d["original_dst"] = req.original_dst
         elif self.connection is not None:
             conn = self.connection
             d["client_ip"] = conn.client_ip
