@@ -15,7 +15,7 @@ import pytest
 
 from proxy.demo import MOCK_PORTS, port_free
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("demo-ports")]  # fixed ports: one worker
+pytestmark = pytest.mark.integration
 
 
 def run_demo(cwd) -> str:
