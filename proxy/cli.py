@@ -460,7 +460,8 @@ def _explain_recorded(config_path: str | None, decision_id: str, as_json: bool) 
               help="Decision record to replay (default: the config's).")
 @click.option("--limit", default=50, show_default=True, help="Changes listed in the text report.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
-@click.option("--fail-on-change", is_flag=True, help="Exit 1 when any decision would change (for CI).")
+@click.option("--fail-on-change", is_flag=True,
+              help="Exit 1 when any decision would change or cannot be replayed (for CI).")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 def policy_replay(
     candidate_dir: str, since: str | None, until: str | None, decisions_file: str | None, limit: int, as_json: bool,
@@ -485,7 +486,7 @@ def policy_replay(
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     click.echo(json.dumps(report.as_dict(), indent=2) if as_json else render_report(report, limit))
-    if fail_on_change and report.changes:
+    if fail_on_change and (report.changes or report.unevaluable):  # (one that cannot be replayed is no proof)
         sys.exit(1)
 
 

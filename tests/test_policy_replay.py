@@ -347,6 +347,25 @@ def test_replay_skips_and_names_lines_that_are_not_records(rp, mix, same, tmp_pa
     assert "unreadable" not in replay_json(rp, same)  # a clean file: the report's keys as always
 
 
+def test_replay_goes_on_past_a_record_cedar_refuses(rp, mix, same, tmp_path):
+    """A hand-edited line whose recorded inputs Cedar cannot read (an invalid entity type) is
+    skipped, counted and named; the other decisions are still replayed, and --fail-on-change
+    exits 1 (a decision that cannot be replayed proves nothing)."""
+    path = tmp_path / "decisions.jsonl"
+    lines = (rp.dir / "state" / "decisions.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines if '"cedar"' in line]
+    bad = dict(recs[0], decision_id="hand-edited")
+    bad["cedar"] = json.loads(json.dumps(bad["cedar"]))
+    bad["cedar"]["principal"]["uid"]["type"] = "Not A Type!"
+    path.write_text("\n".join([json.dumps(bad), *lines]) + "\n")
+    report = replay_json(rp, same, "--decisions", str(path))
+    assert report["unevaluable"] == 1 and report["replayed"] == len(recs) and report["changed"] == 0
+    code, out, _ = replay(rp, same, "--decisions", str(path))
+    assert code == 0 and "1 decision(s) skipped: Cedar refuses their recorded inputs (first: decision hand-edited:" in out
+    assert replay(rp, same, "--decisions", str(path), "--fail-on-change")[0] == 1
+    assert "unevaluable" not in replay_json(rp, same)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

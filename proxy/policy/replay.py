@@ -173,6 +173,9 @@ class ReplayReport:
     transitions: dict[str, int] = field(default_factory=dict)
     changes: list[Change] = field(default_factory=list)
     unreadable: Unreadable = field(default_factory=Unreadable)  # lines that are not records
+    # records whose recorded Cedar inputs Cedar refuses (a hand-edited line: an invalid entity type...)
+    unevaluable: int = 0
+    first_unevaluable: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = {
@@ -188,6 +191,8 @@ class ReplayReport:
         }
         if self.unreadable.count:  # (only then: the key set is otherwise what it always was)
             out["unreadable"] = self.unreadable.count
+        if self.unevaluable:
+            out["unevaluable"] = self.unevaluable
         return out
 
 
@@ -203,8 +208,14 @@ def replay(records: Iterator[DecisionRecord], candidate: PolicyStore, unreadable
         if cedar is None or was is None or not action:
             report.skipped_no_inputs += 1
             continue
+        try:
+            now, reasons, errors = evaluate(candidate, rec)
+        except ValueError as e:  # one bad line must not end the replay of the others
+            report.unevaluable += 1
+            if report.first_unevaluable is None:
+                report.first_unevaluable = f"decision {rec.decision_id}: {e}"
+            continue
         report.replayed += 1
-        now, reasons, errors = evaluate(candidate, rec)
         if action not in unrecorded_cache:
             unrecorded_cache[action] = unrecorded_reads(candidate.bundle, action)
         approximate = bool(unrecorded_cache[action] & set(cedar.get("unrecorded", [])))
@@ -261,4 +272,7 @@ def render_report(report: ReplayReport, limit: int = 50) -> str:
     if report.unreadable.count:
         lines.append(f"{report.unreadable.count} line(s) skipped: not decision records "
                      f"(first: {report.unreadable.first})")
+    if report.unevaluable:
+        lines.append(f"{report.unevaluable} decision(s) skipped: Cedar refuses their recorded inputs "
+                     f"(first: {report.first_unevaluable})")
     return "\n".join(lines)
