@@ -682,15 +682,17 @@ def _run_demo(keep_running: bool) -> int:
               f"{refused} refused ({out_of_order} out of order, {throttled} rate-limited), {duplicates} duplicate"
               f"{'' if duplicates == 1 else 's'} suppressed, {failed} failed at the ERP ({escalated} escalated).")
         if keep_running:
-            print(
-                f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on 127.0.0.1:{cfg.control.listen.port}, "
-                f"mock ticketing/CRM/ERP on 127.0.0.1:9101/9102/9103 (config: {config_path}). Try:\n"
-                f"  export TOKEN=$(proctor token issue --agent support-bot --claim 'groups=[\"support\"]')\n"
-                f"  curl -x http://support-bot:$TOKEN@127.0.0.1:{cfg.listen.port} http://127.0.0.1:{MOCK_PORT}/api/now/table/incident\n"
-                "Press Ctrl-C to stop (SIGTERM stops it too)."
-            )
-            sys.stdout.flush()
-            try:
+            try:  # (from the first word of the banner on: a signal right after it is a clean stop too)
+                print(
+                    f"\nStill running: proxy on 127.0.0.1:{cfg.listen.port}, control API on "
+                    f"127.0.0.1:{cfg.control.listen.port}, mock ticketing/CRM/ERP on 127.0.0.1:9101/9102/9103 "
+                    f"(config: {config_path}). Try:\n"
+                    f"  export TOKEN=$(proctor token issue --agent support-bot --claim 'groups=[\"support\"]')\n"
+                    f"  curl -x http://support-bot:$TOKEN@127.0.0.1:{cfg.listen.port} "
+                    f"http://127.0.0.1:{MOCK_PORT}/api/now/table/incident\n"
+                    "Press Ctrl-C to stop (SIGTERM stops it too)."
+                )
+                sys.stdout.flush()
                 while all(p.poll() is None for p in procs):
                     time.sleep(0.5)
             except (KeyboardInterrupt, _Terminated):
