@@ -136,6 +136,31 @@ def test_staleness_and_timeouts_reach_the_postgres_store():
     assert SQLiteStore.staleness_seconds == 10
 
 
+def test_a_check_that_asyncpg_times_out_first_still_names_the_store():
+    """asyncpg's own deadline (check_timeout) often fires just before check()'s: the reason on
+    /readyz must still say which store did not answer (seen in CI: 'check failed: TimeoutError: ')."""
+
+    class SilentPool:
+        async def fetchrow(self, *a, **kw):
+            raise asyncio.TimeoutError()
+
+    class RefusingPool:
+        async def fetchrow(self, *a, **kw):
+            raise ConnectionRefusedError(111, "Connect call failed")
+
+    async def main():
+        for pool, expected in ((SilentPool(), "did not answer a check within 5 s"),
+                               (RefusingPool(), "check failed: ConnectionRefusedError")):
+            store = PostgresStore("postgresql://u:pw@db.internal:6432/x?schema=s9")
+            store._p = lambda gated=True, pool=pool: pool  # type: ignore[method-assign]
+            await store.check()
+            problem = store.problem or ""
+            assert "db.internal:6432" in problem and "schema s9" in problem, problem
+            assert expected in problem and "pw" not in problem, problem
+
+    run(main())
+
+
 @pytest.mark.skipif(not PG_DSN, reason=PG_SKIP)
 def test_silent_store_check_returns_in_time_and_ends_the_calls_waiting_on_it(blackhole: Blackhole, pg_schema: str):
     async def main():

@@ -15,6 +15,7 @@ acknowledged one survives a server crash.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -531,8 +532,14 @@ class PostgresStore(Store):
             row = await pool.fetchrow(_SELECT_IDENTITY, timeout=self.check_timeout)
         except asyncpg.UndefinedTableError:
             raise StoreLostError(f"the state store {self.location} has no Proctor tables any more") from None
+        except (asyncio.TimeoutError, TimeoutError) as e:
+            # asyncpg's own deadline, often just before check()'s: the reason must still say
+            # which store (an operator reading /readyz has several replicas and stores)
+            raise StoreError(
+                f"the state store {self.location} did not answer a check within {self.check_timeout:g} s"
+            ) from e
         except Exception as e:  # noqa: BLE001 - unreachable, not lost
-            raise StoreError(f"state store: check failed: {type(e).__name__}: {e}") from e
+            raise StoreError(f"state store {self.location}: check failed: {type(e).__name__}: {e}") from e
         self._check_identity(None if row is None else str(row[0]))
 
     # ---- plumbing --------------------------------------------------------
