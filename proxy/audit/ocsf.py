@@ -137,16 +137,18 @@ def decision_event(rec: DecisionRecord) -> dict[str, Any]:
     reasons = rec.reasons or []
     policy_decision = rec.policy_decision
     if policy_decision is not None:
-        revision = rec.policy_revision
+        # OCSF's policy.version is a string: left out when the record names no revision
+        # (a record from before revisions, or hand-made) rather than sent as null
+        version = {"version": rec.policy_revision} if rec.policy_revision is not None else {}
         if reasons:
             actor["authorizations"] = [
-                {"decision": policy_decision, "policy": {"uid": pid, "name": pid, "version": revision, "is_applied": True}}
+                {"decision": policy_decision, "policy": {"uid": pid, "name": pid, **version, "is_applied": True}}
                 for pid in reasons
             ]
         else:
             actor["authorizations"] = [
                 {"decision": policy_decision, "policy": {"name": "default-deny" if policy_decision == "deny" else "none",
-                                                         "version": revision, "is_applied": True}}
+                                                         **version, "is_applied": True}}
             ]
     elif reasons:  # refused before Cedar, e.g. egress-default-deny
         actor["authorizations"] = [{"decision": "deny", "policy": {"uid": r, "name": r, "is_applied": True}} for r in reasons]
