@@ -676,8 +676,9 @@ def doctor(config_path: str | None, url: str | None, transparent: bool, node: st
 @click.option("--exclude-cidr", "exclude_cidrs", multiple=True, metavar="CIDR",
               help="A destination network not redirected (a hole; repeatable).")
 @click.option("--dns-port", default="53", show_default=True, metavar="PORT", help="The DNS port allowed out (UDP and TCP).")
-@click.option("--dns-server", "dns_servers", multiple=True, metavar="IP|auto",
-              help="Allow DNS only to these resolvers (repeatable; auto: the nameservers in /etc/resolv.conf).")
+@click.option("--dns-server", "dns_servers", multiple=True, metavar="IP|auto|any",
+              help="Allow DNS only to these resolvers (repeatable; default auto: the nameservers in the "
+                   "namespace's resolv.conf; any: UDP to the DNS port of every host, a hole).")
 @click.option("--ipv6/--no-ipv6", default=True, show_default=True, help="Also write the IPv6 rules.")
 @click.option("--protect-port", "protect_ports", multiple=True, metavar="PORT|none",
               help="A local TCP port of Proctor's the agent may not connect to (repeatable; default 8080, 8081 "

@@ -9,12 +9,13 @@ nftables `inet` table), the way service-mesh init containers build theirs:
   is REDIRECTed to Proctor's transparent port on loopback, where Proctor recovers the
   original destination (SO_ORIGINAL_DST). Not redirected: destinations delivered inside
   the pod or namespace (out the loopback interface), DNS over TCP to the pinned
-  resolvers (`--dns-server`; without pinned resolvers TCP to the DNS port is redirected
-  like any TCP, or any service listening on port 53 of any host would be reachable around
-  Proctor), and the excluded ports and CIDRs (exclusions are holes).
+  resolvers (`--dns-server`, by default the nameservers of the namespace's resolv.conf;
+  with the `--dns-server any` opt-out TCP to the DNS port is redirected like any TCP, or any
+  service listening on port 53 of any host would be reachable around Proctor), and the
+  excluded ports and CIDRs (exclusions are holes).
 * filter OUTPUT: for the same uids, nothing else leaves: a TCP connection that was not
   redirected (and is not local, DNS to a pinned resolver or excluded), and every UDP
-  datagram but DNS, are
+  datagram but DNS to the pinned resolvers (to any host only with `--dns-server any`), are
   dropped (so HTTP/3 and QUIC fall back to TCP, which is redirected). ICMP is allowed
   (errors, path MTU discovery, IPv6 neighbour discovery; a ping's payload is a small
   channel out). Answers on connections that came *into* the pod pass (probes, a port the
@@ -58,6 +59,7 @@ MAX_UID = 2**32 - 2
 NETNS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
 NETNS_DIR = Path("/run/netns")
 RESOLV_CONF = Path("/etc/resolv.conf")
+NETNS_ETC = Path("/etc/netns")  # `ip netns exec NAME` bind-mounts NETNS_ETC/NAME/* over /etc/*
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 
@@ -81,7 +83,7 @@ class Plan:
     exclude_ports: tuple[int, ...] = ()
     exclude_cidrs: tuple[Network, ...] = ()
     dns_port: int = DEFAULT_DNS_PORT
-    # None: DNS to any server; else only to these.
+    # None: DNS to any server (--dns-server any, a hole); else only to these.
     dns_servers: tuple[Network, ...] | None = None
     ipv6: bool = True
     # Local TCP ports the redirected uids may not connect to (Proctor's other listeners).
@@ -142,24 +144,26 @@ def _network(value: str, what: str) -> Network:
 
 def resolv_conf_servers(path: Path = RESOLV_CONF) -> list[str]:
     """The `nameserver` addresses of a resolv.conf."""
+    fix = ("name the resolvers with --dns-server IP (repeatable), or --dns-server any to let UDP to the DNS "
+           "port of every host out (a hole)")
     try:
         text = path.read_text()
     except OSError as e:
-        raise InputError(f"--dns-server auto: cannot read {path}: {e.strerror}") from None
+        raise InputError(f"--dns-server auto (the default): cannot read {path}: {e.strerror}; {fix}") from None
     out = []
     for line in text.splitlines():
         words = line.split()
         if len(words) >= 2 and words[0] == "nameserver":
             out.append(words[1])
     if not out:
-        raise InputError(f"--dns-server auto: {path} names no nameserver")
+        raise InputError(f"--dns-server auto (the default): {path} names no nameserver; {fix}")
     return out
 
 
 def resolv_conf_for(netns: str | None) -> Path:
     """The resolv.conf processes in the namespace see (`ip netns exec` bind-mounts /etc/netns/NAME/)."""
     if netns:
-        own = Path("/etc/netns") / netns / "resolv.conf"
+        own = NETNS_ETC / netns / "resolv.conf"
         if own.exists():
             return own
     return RESOLV_CONF
@@ -214,19 +218,35 @@ def build_plan(
         if x not in protected:
             protected.append(x)
     servers: list[Network] | None = None
-    names = list(dns_servers)
-    if names:
+    # Pinned resolvers by default (auto: the namespace's resolv.conf): "UDP to port 53 of any host"
+    # is a tunnel to a server the agent chooses. `any` is the explicit, warned opt-out.
+    names = [str(s).strip() for s in dns_servers] or ["auto"]
+    if "any" in names:
+        if len(names) > 1:
+            raise InputError("--dns-server any (DNS to every host) cannot be combined with resolvers: choose one")
+    else:
         servers = []
         for s in names:
             for one in resolv_conf_servers(resolv_conf) if s == "auto" else [s]:
                 n = _network(one, "--dns-server")
                 if n.prefixlen == 0:
                     raise InputError(f"--dns-server: {one!r} is every host, not a resolver: DNS (and whatever "
-                                     "else listens on the DNS port) would go anywhere around Proctor")
+                                     "else listens on the DNS port) would go anywhere around Proctor; "
+                                     "--dns-server any says so explicitly")
                 if s == "auto" and n.num_addresses != 1:
-                    raise InputError(f"--dns-server auto: {one!r} in resolv.conf is not one address")
+                    raise InputError(f"--dns-server auto: {one!r} in {resolv_conf} is not one address")
                 if n not in servers:
                     servers.append(n)
+    loopback = [n for n in servers or () if n.is_loopback]
+    if loopback:
+        warnings.append(
+            f"resolver {', '.join(str(n.network_address) for n in loopback)} is on loopback: a local stub "
+            "(systemd-resolved's 127.0.0.53, Docker's 127.0.0.11) forwards every query to its own upstreams, so "
+            "names, and whatever the agent encodes in them, still reach any DNS server through it (only a direct "
+            "UDP tunnel is stopped); loopback is the namespace's own (with --netns, a resolver must listen there), "
+            "and a stub running in this namespace under its own uid is dropped on its way out unless its "
+            "upstreams are pinned too"
+        )
     for x in uids:
         warnings.append(f"uid {x} is excluded: its traffic bypasses Proctor entirely")
     for x in ports:
@@ -235,9 +255,9 @@ def build_plan(
         warnings.append(f"TCP to {n} is not redirected: it bypasses Proctor")
     if servers is None:
         warnings.append(
-            f"DNS over UDP (port {dport}) may go to any host, so can any other UDP protocol on that port (a "
-            f"tunnel); DNS over TCP is redirected to Proctor (refused); pin the resolvers with --dns-server "
-            f"(or auto)"
+            f"--dns-server any: UDP to port {dport} of ANY host leaves around Proctor, and not only DNS: any "
+            f"protocol on that port (a tunnel to a server the agent chooses); DNS over TCP is redirected to "
+            f"Proctor (refused); drop --dns-server any to pin the namespace's resolvers (auto, the default)"
         )
     if not ipv6:
         warnings.append("--no-ipv6: no IPv6 rules; if this namespace has IPv6 connectivity, IPv6 bypasses Proctor")
@@ -460,7 +480,7 @@ def _describe(plan: Plan) -> list[str]:
         "WARNING: Proctor's own listeners are reachable from the agent (--protect-port none).",
         f"DNS over TCP (port {plan.dns_port}) passes only to pinned resolvers (--dns-server);"
         if plan.dns_servers is not None else
-        f"DNS over TCP (port {plan.dns_port}) is redirected like any TCP: no resolver is pinned.",
+        f"DNS over TCP (port {plan.dns_port}) is redirected like any TCP: no resolver is pinned (--dns-server any).",
         "The agent must not run as Proctor's uid nor hold NET_ADMIN/NET_RAW (it could undo this).",
     ]
     if plan.warnings:
@@ -480,8 +500,8 @@ def _invocation(plan: Plan, backend: Backend) -> str:
         argv += ["--exclude-cidr", str(n)]
     if plan.dns_port != DEFAULT_DNS_PORT:
         argv += ["--dns-port", str(plan.dns_port)]
-    for n in plan.dns_servers or ():
-        argv += ["--dns-server", str(n)]
+    for server in [str(n) for n in plan.dns_servers] if plan.dns_servers is not None else ["any"]:
+        argv += ["--dns-server", server]
     if not plan.ipv6:
         argv.append("--no-ipv6")
     if plan.protect_ports != DEFAULT_PROTECTED_PORTS:

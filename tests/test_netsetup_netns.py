@@ -202,6 +202,11 @@ def topo() -> Iterator[Topology]:
     python = _python_for_other_uids()
     t = Topology(agent, upstream, python, [])
     sh("ip", "netns", "add", agent)
+    # the agent namespace's resolver (`ip netns exec` mounts /etc/netns/<name>/resolv.conf over
+    # /etc/resolv.conf; `netsetup --netns` pins what it names by default)
+    etc = Path("/etc/netns") / agent
+    etc.mkdir(parents=True, exist_ok=True)
+    (etc / "resolv.conf").write_text(f"nameserver {UP4}\nnameserver {UP6}\n")
     try:
         sh("ip", "netns", "add", upstream)
         va, vu = f"pva{tag}", f"pvu{tag}"
@@ -221,6 +226,7 @@ def topo() -> Iterator[Topology]:
             p.wait(5)
         for ns in (agent, upstream):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(etc, ignore_errors=True)
 
 
 def ruleset(ns: str, backend: str) -> str:
@@ -411,19 +417,59 @@ def test_agent_traffic_goes_to_proctor_and_nowhere_else(topo: Topology, backend:
     assert got == expected
 
 
+def _collect(proc: subprocess.Popen[str]) -> queue.Queue[str]:
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line.strip()) for line in proc.stdout or []], daemon=True).start()
+    return lines
+
+
 @needs_netns
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_defaults_redirect_everything_and_allow_dns_anywhere(topo: Topology, backend: str):
+def test_defaults_pin_dns_to_the_namespaces_resolvers(topo: Topology, backend: str):
+    """No --dns-server: the resolvers the namespace's resolv.conf names (UP4, UP6) are the only
+    DNS destinations. UDP to port 53 of another host (a tunnel to a server the agent runs there) is
+    dropped; DNS over TCP to the resolver goes straight out, to another host it is redirected."""
     applied(topo, backend)
     topo.run_as(PROXY_UID, LISTENER, str(PROXY_PORT))
     upstream = topo.run_as(0, SERVERS, "UPSTREAM", f"{TCP_PORT},{EXCLUDED_PORT},53",
-                           f"{UP4_OTHER}:53,{UP4}:{UDP_PORT}", netns=topo.upstream)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line.strip()) for line in upstream.stdout or []], daemon=True).start()
+                           f"{UP4_OTHER}:53,{UP4_THIRD}:53,{UP4}:53,[{UP6}]:53,{UP4}:{UDP_PORT}", netns=topo.upstream)
+    lines = _collect(upstream)
     for port in (TCP_PORT, EXCLUDED_PORT):
         assert topo.client(AGENT_UID, "tcp", UP4_OTHER, port) == f"PROXY {UP4_OTHER} {port} uid={PROXY_UID}"
-    # no resolver pinned: TCP to port 53 is redirected like any TCP (any service listening on
-    # port 53 of any host would otherwise be reachable around Proctor), over IPv4 and IPv6
+    assert topo.client(AGENT_UID, "tcp", UP4, 53) == "UPSTREAM"
+    assert topo.client(AGENT_UID, "tcp", UP4_OTHER, 53) == f"PROXY {UP4_OTHER} 53 uid={PROXY_UID}"
+    tunnel = [topo.client(AGENT_UID, "udp", UP4_OTHER, 53, "tunnel-other"),
+              topo.client(AGENT_UID, "udp", UP4_THIRD, 53, "tunnel-third"),
+              topo.client(AGENT_UID, "udp", UP4, UDP_PORT, "agent-quic")]
+    assert all(r in ("SENT", "ERR PermissionError 1") for r in tunnel), tunnel
+    assert topo.client(AGENT_UID, "udp", UP4, 53, "dns-pinned4") == "SENT"
+    assert topo.client(AGENT_UID, "udp", UP6, 53, "dns-pinned6") == "SENT"
+    # Proctor's own uid is not limited
+    assert topo.client(PROXY_UID, "udp", UP4_OTHER, 53, "proctor-other") == "SENT"
+    got: set[str] = set()
+    deadline = time.monotonic() + 5
+    while len(got) < 3 and time.monotonic() < deadline:
+        try:
+            got.add(lines.get(timeout=0.2).rsplit(" ", 1)[-1])
+        except queue.Empty:
+            pass
+    time.sleep(0.3)
+    while not lines.empty():
+        got.add(lines.get().rsplit(" ", 1)[-1])
+    assert got == {"dns-pinned4", "dns-pinned6", "proctor-other"}
+
+
+@needs_netns
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dns_any_opt_out_lets_udp_53_anywhere_with_a_warning(topo: Topology, backend: str):
+    done = cli("--backend", backend, "--proxy-uid", str(PROXY_UID), "--dns-server", "any",
+               "--netns", topo.agent, "--apply")
+    assert done.returncode == 0, done.stderr
+    assert "WARNING: --dns-server any: UDP to port 53 of ANY host leaves around Proctor" in done.stderr
+    topo.run_as(PROXY_UID, LISTENER, str(PROXY_PORT))
+    upstream = topo.run_as(0, SERVERS, "UPSTREAM", "53", f"{UP4_OTHER}:53,{UP4}:{UDP_PORT}", netns=topo.upstream)
+    lines = _collect(upstream)
+    # TCP to port 53 is still redirected like any TCP (IPv4 and IPv6)
     assert topo.client(AGENT_UID, "tcp", UP4_OTHER, 53) == f"PROXY {UP4_OTHER} 53 uid={PROXY_UID}"
     assert topo.client(AGENT_UID, "tcp", UP6, 53) == f"PROXY {UP6} 53 uid={PROXY_UID}"
     topo.client(AGENT_UID, "udp", UP4, UDP_PORT, "agent-quic")
@@ -431,6 +477,14 @@ def test_defaults_redirect_everything_and_allow_dns_anywhere(topo: Topology, bac
     assert lines.get(timeout=5).endswith("agent-dns")
     time.sleep(0.3)
     assert lines.empty()
+
+
+@needs_netns
+def test_no_resolver_to_pin_refuses_to_apply(topo: Topology):
+    (Path("/etc/netns") / topo.agent / "resolv.conf").write_text("search example\n")
+    done = cli("--proxy-uid", str(PROXY_UID), "--netns", topo.agent, "--apply")
+    assert done.returncode == 2 and "names no nameserver" in done.stderr and "--dns-server any" in done.stderr
+    assert "PROCTOR" not in ruleset(topo.agent, "iptables")
 
 
 @needs_netns

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,14 @@ from proxy import netsetup as ns
 from proxy.cli import main
 
 
+# What a pod's resolv.conf names (the default --dns-server auto reads it): the tests do not depend
+# on the machine's own /etc/resolv.conf.
+POD_RESOLV = Path(tempfile.mkdtemp(prefix="proctor-resolv-")) / "resolv.conf"
+POD_RESOLV.write_text("search svc.cluster.local\nnameserver 10.96.0.10\n")
+
+
 def plan(**kw: object) -> ns.Plan:
-    return ns.build_plan(**{"proxy_uid": 1337, **kw})  # type: ignore[arg-type]
+    return ns.build_plan(**{"proxy_uid": 1337, "resolv_conf": POD_RESOLV, **kw})  # type: ignore[arg-type]
 
 
 def restore_rules(text: str, table: str) -> list[str]:
@@ -42,16 +49,18 @@ def test_iptables_defaults_redirect_every_tcp_but_proctors():
     assert not any("! --uid-owner" in r for r in nat)
     assert any(r.startswith("-A PROCTOR_OUTPUT -o lo ") and r.endswith("-j RETURN") for r in nat)
     assert nat[-1].startswith("-A PROCTOR_OUTPUT -p tcp ") and nat[-1].endswith("-j REDIRECT --to-ports 15001")
-    # no destination port is let past by default: DNS over TCP only to pinned resolvers
-    # (TCP to port 53 of any host would reach any service listening there, around Proctor)
-    assert [r for r in nat if "--dport" in r] == []
-    assert not any("-p tcp --dport 53" in r for r in restore_rules(v4, "filter"))
+    # by default DNS is pinned to the namespace's resolvers (resolv.conf): DNS over TCP and UDP to
+    # them only (UDP or TCP to port 53 of any host would reach any service listening there)
+    assert [r.split(" -m comment")[0] for r in nat if "--dport" in r] == [
+        "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p tcp --dport 53"]
     flt = restore_rules(v4, "filter")
+    assert [r.split(" -m comment")[0] for r in flt if "--dport 53" in r] == [
+        "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p udp --dport 53", "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p tcp --dport 53"]
+    assert p.warnings == ()
     assert flt[0].startswith("-A PROCTOR_OUTPUT -m owner --uid-owner 1337 ")
     assert flt[-1].endswith("-j DROP") and "-p" not in flt[-1]
     assert any("-p tcp -m conntrack --ctstate DNAT" in r for r in flt)
     assert any("--ctdir REPLY" in r for r in flt)
-    assert [r.split(" -m comment")[0] for r in flt if "-p udp" in r] == ["-A PROCTOR_OUTPUT -p udp --dport 53"]
     assert any(r.startswith("-A PROCTOR_OUTPUT -p icmp ") for r in flt)
     # both chains declared (created, or flushed when present); without `jumps`, no OUTPUT line
     assert v4.count(":PROCTOR_OUTPUT - [0:0]") == 2 and "OUTPUT 1" not in v4
@@ -133,11 +142,46 @@ def test_nft_one_inet_table_replaced_atomically():
     assert flt[0] == "type filter hook output priority 0; policy accept;"
     assert flt[1].startswith("meta skuid 1337 return")
     assert any(r.startswith("meta l4proto tcp ct status dnat return") for r in flt)
-    # unpinned DNS: UDP only, TCP to port 53 is redirected like any TCP
-    assert any(r.startswith('udp dport 53 return comment "DNS"') for r in flt)
-    assert not any("dport 53" in r for r in nat) and not any("tcp, udp" in r for r in flt)
+    # DNS pinned by default to the namespace's resolvers, UDP and TCP
+    assert [r for r in flt if "dport 53" in r] == [
+        'ip daddr 10.96.0.10/32 meta l4proto { tcp, udp } th dport 53 return comment "DNS"']
+    assert [r for r in nat if "dport 53" in r] == ['ip daddr 10.96.0.10/32 tcp dport 53 return comment "DNS over TCP"']
     assert any(r.startswith("meta l4proto { icmp, ipv6-icmp } return") for r in flt)
     assert flt[-3].startswith("counter drop")
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_dns_to_any_host_is_an_explicit_warned_opt_out(backend: str):
+    """`--dns-server any`: UDP to port 53 of every host (a tunnel to a server the agent picks) only
+    when asked for, with a warning; TCP to port 53 is still redirected like any TCP."""
+    p = plan(dns_servers=["any"])
+    assert p.dns_servers is None
+    assert any("--dns-server any: UDP to port 53 of ANY host leaves around Proctor" in w for w in p.warnings)
+    text = ns.render(p, backend)  # type: ignore[arg-type]
+    assert "--dns-server any" in text.splitlines()[1]  # the Generated-by line reproduces it
+    if backend == "iptables":
+        v4 = ns.iptables_restore_input(p, 4)
+        assert [r.split(" -m comment")[0] for r in restore_rules(v4, "filter") if "--dport 53" in r] == [
+            "-A PROCTOR_OUTPUT -p udp --dport 53"]
+        assert not any("--dport 53" in r for r in restore_rules(v4, "nat"))
+    else:
+        lines = [line.strip() for line in ns.nft_ruleset(p).splitlines()]
+        assert [r for r in lines if "dport 53" in r] == ['udp dport 53 return comment "DNS"']
+    with pytest.raises(ns.InputError, match="cannot be combined"):
+        plan(dns_servers=["any", "10.96.0.10"])
+
+
+def test_a_loopback_resolver_is_pinned_with_a_warning(tmp_path: Path):
+    """systemd-resolved's stub (127.0.0.53) or Docker's (127.0.0.11): loopback passes anyway, and the
+    stub forwards queries anywhere, so the rules say what pinning it does not stop."""
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 127.0.0.53\n")
+    p = plan(resolv_conf=conf)
+    assert [str(n) for n in p.dns_servers or ()] == ["127.0.0.53/32"]
+    (w,) = p.warnings
+    assert "127.0.0.53 is on loopback" in w and "forwards every query to its own upstreams" in w
+    assert "127.0.0.53 is on loopback" in ns.render(p, "iptables")
+    assert plan(dns_servers=["10.96.0.10"]).warnings == ()
 
 
 def test_nft_without_ipv6_uses_the_ip_family():
@@ -157,11 +201,11 @@ def test_nft_remove_deletes_both_of_proctors_tables_and_nothing_else():
 # -------------------------------------------------------------------- printed form
 @pytest.mark.parametrize("backend", ["iptables", "nftables"])
 def test_the_printed_form_explains_and_warns_about_holes(backend: str):
-    p = plan(exclude_uids=[2000], exclude_ports=[5432], exclude_cidrs=["10.0.0.0/8"])
+    p = plan(exclude_uids=[2000], exclude_ports=[5432], exclude_cidrs=["10.0.0.0/8"], dns_servers=["any"])
     text = ns.render(p, backend, netns="agent1")  # type: ignore[arg-type]
     comments = "\n".join(line for line in text.splitlines() if line.startswith("#"))
     assert "WARNING: every exclusion is a hole around Proctor" in comments
-    for hole in ("uid 2000", "port 5432", "10.0.0.0/8", "DNS over UDP (port 53) may go to any host",
+    for hole in ("uid 2000", "port 5432", "10.0.0.0/8", "UDP to port 53 of ANY host leaves around Proctor",
                  "DNS over TCP is redirected to Proctor"):
         assert hole in comments
     assert "must not run as Proctor's uid nor hold NET_ADMIN" in comments
@@ -276,12 +320,41 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
                           cwd=str(ROOT), env={**os.environ, **(env or {})}, timeout=60)
 
 
-def test_cli_prints_the_rules_by_default():
+def test_cli_prints_the_rules_by_default(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(ns, "RESOLV_CONF", POD_RESOLV)
     result = CliRunner().invoke(main, ["netsetup", "--proxy-uid", "1337"])
     assert result.exit_code == 0, result.output
     assert result.output == ns.render(plan(), "iptables")
     result = CliRunner().invoke(main, ["netsetup", "--backend", "nftables", "--proxy-uid", "1337", "--no-ipv6"])
     assert result.exit_code == 0 and result.output == ns.render(plan(ipv6=False), "nftables")
+
+
+def test_cli_without_resolvers_to_pin_exits_2(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The default pins the namespace's resolvers; with none to read, it stops (never falls back to
+    'DNS to any host') and says how to go on."""
+    empty = tmp_path / "resolv.conf"
+    empty.write_text("search example\n")
+    for conf in (empty, tmp_path / "missing"):
+        monkeypatch.setattr(ns, "RESOLV_CONF", conf)
+        result = CliRunner().invoke(main, ["netsetup", "--proxy-uid", "1337"])
+        assert result.exit_code == 2, result.output
+        assert "--dns-server auto (the default)" in result.output and "--dns-server IP" in result.output
+        assert "--dns-server any" in result.output and "PROCTOR_OUTPUT" not in result.output
+    result = CliRunner().invoke(main, ["netsetup", "--proxy-uid", "1337", "--dns-server", "any"])
+    assert result.exit_code == 0 and "-p udp --dport 53 -m comment" in result.output
+
+
+def test_cli_reads_the_named_namespaces_resolv_conf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """--netns X pins what processes in X resolve with: /etc/netns/X/resolv.conf (which `ip netns exec`
+    mounts over /etc/resolv.conf) when present, else /etc/resolv.conf."""
+    monkeypatch.setattr(ns, "RESOLV_CONF", POD_RESOLV)
+    monkeypatch.setattr(ns, "NETNS_ETC", tmp_path)
+    (tmp_path / "agent1").mkdir()
+    (tmp_path / "agent1" / "resolv.conf").write_text("nameserver 10.1.2.3\n")
+    own = CliRunner().invoke(main, ["netsetup", "--proxy-uid", "1337", "--netns", "agent1"])
+    assert own.exit_code == 0 and "-d 10.1.2.3/32 -p udp --dport 53" in own.output and "10.96.0.10" not in own.output
+    other = CliRunner().invoke(main, ["netsetup", "--proxy-uid", "1337", "--netns", "agent2"])
+    assert other.exit_code == 0 and "-d 10.96.0.10/32 -p udp --dport 53" in other.output
 
 
 @pytest.mark.parametrize(
