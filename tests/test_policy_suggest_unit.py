@@ -675,3 +675,41 @@ def test_has_tests_written_once_per_permit() -> None:
     (b, _) = _bound_for(optional, 3)
     assert b is not None and not b.required
     assert conjunction([b]) == 'if context has fields && context.fields has ref then context.fields.ref == "x" else true'.join(["(", ")"])
+
+
+# ------------------------------------------------------------------ generic egress: the host is what is granted
+def egress(host: str, **kw: Any) -> dict[str, Any]:
+    """A generic egress request (action http.request, resource HttpHost::"<host>"): the host is the agent's."""
+    rec = line(action="http.request", rtype="HttpHost", rid=host, params={}, connector="generic", host=host, **kw)
+    rec["cedar"]["context"]["host"] = host
+    return rec
+
+
+@pytest.mark.parametrize("hosts", [
+    ["api.partner.test"],  # one request: too few to "tell an enumeration", yet it must not grant every host
+    [f"h{i}.attacker.test" for i in range(7)] * 2,  # more distinct hosts than an enumeration holds
+    ["10.0.0.1", "h1000.attacker.test"],  # values shaped like identifiers
+])
+@pytest.mark.parametrize("bounds", [True, False])
+def test_generic_egress_permits_name_the_hosts_seen_never_every_host(tmp_path: Path, hosts: list[str],
+                                                                     bounds: bool) -> None:
+    """An agent chooses the hosts of its generic egress (monitored, or under a broad permit): the
+    suggestion from that traffic grants those hosts, not `resource is HttpHost` (every host), whatever
+    the number of hosts or requests, --no-bounds included."""
+    result = run(tmp_path, [egress(h) for h in hosts], bounds=bounds)
+    (permit,) = result.permits
+    assert permit.action == "http.request"
+    assert [b.values for b in permit.bounds if b.path == ("resource",)] == [sorted(set(hosts))]
+    text = when(result.text, permit.policy_id)
+    assert "resource" in text.split("resource is HttpHost", 1)[1]  # a condition on the resource follows the scope
+    d = tmp_path / "check"
+    d.mkdir()
+    shutil.copy(tmp_path / "policies" / "schema.cedarschema", d)
+    (d / "suggested.cedar").write_text(result.text)
+    store = PolicyStore(PolicySource(d / "schema.cedarschema", d, None))
+    for h in set(hosts):
+        assert evaluate(store, parse_record(egress(h)))[0] == "allow"
+    for other in ("exfil.attacker.test", "api.partner.test.attacker.test", "169.254.169.254"):
+        if other not in hosts:
+            assert evaluate(store, parse_record(egress(other)))[0] == "deny", other
+    assert result.proof is not None and result.proof.ok

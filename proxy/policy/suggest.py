@@ -19,8 +19,10 @@ a numeric value at most the largest seen (and not negative when none was), a
 string or Bool with few distinct values one of those values. A bound is only
 written for a value the schema declares with that type (checked with Cedar's
 validator, below), guarded by `has`, and never for identifiers (path parameters,
-values equal to the resource id, id-shaped values). Only permits: forbid policies
-and approval holds of the active set keep applying on top.
+values equal to the resource id, id-shaped values). Generic egress (`http.request`,
+resource `HttpHost::"<host>"`) is always granted to the hosts seen only, whatever the
+counts and options: the host is what is granted, and the agent chose it. Only
+permits: forbid policies and approval holds of the active set keep applying on top.
 
 The suggestion is refused (exit 1) unless it validates against the schema and a
 replay of the same traffic proves it: every request it learned from is allowed by
@@ -68,8 +70,13 @@ LONG_MIN, LONG_MAX = -(2**63), 2**63 - 1
 # Context groups a connector fills with declared typed values (docs/connectors.md). Path
 # parameters (`params`) are left out on purpose: they name the resource (identifiers).
 BOUNDED_CONTEXT_GROUPS = ("fields", "query_params")
-# For generic egress the host is what is granted (the resource is the host itself).
-EXTRA_CONTEXT_PATHS: dict[str, tuple[tuple[str, ...], ...]] = {"http.request": (("host",),)}
+# Actions whose resource is what is granted (generic egress: the resource is the host itself,
+# HttpHost::"<host>"): their permits are ALWAYS bounded to the resources seen (whatever the
+# counts, --no-bounds included), never `resource is HttpHost` alone, which would grant every host.
+# The host comes from the agent's request: one request to one host (or many to many) must not
+# teach "any host".
+GRANTED_BY_RESOURCE = frozenset({"http.request"})
+GRANTED_MAX = 1000  # more resources seen than this: no permit suggested (write it by hand)
 
 REDACTED_MARK = "[redacted]"  # what audit.redact leaves of a configured sensitive value
 
@@ -297,6 +304,8 @@ SKIP_NOT_FORWARDED = "not forwarded"
 SKIP_ERRORS = "Cedar evaluation errors"
 SKIP_UNUSABLE = "principal or resource unusable in Cedar source"
 SKIP_NOT_IN_SCHEMA = "action or resource type not in the current schema"
+SKIP_GRANTED_UNBOUNDED = (f"generic egress to more than {GRANTED_MAX} hosts (a permit must name them: "
+                          "write it by hand)")
 
 
 def skip_reason(rec: DecisionRecord, monitored: bool) -> str | None:
@@ -410,6 +419,8 @@ class Observed:
     # learned from them ALLOWS them, so it is flagged for review (what an agent did while
     # nothing was enforced is not evidence that it should be allowed)
     denied_unpermitted: int = 0
+    # the resource ids seen, for actions whose resource is what is granted (GRANTED_BY_RESOURCE)
+    resources: set[str] = field(default_factory=set)
 
     def merge(self, other: Observed) -> None:
         self.count += other.count
@@ -417,6 +428,7 @@ class Observed:
         self.verdicts.update(other.verdicts)
         self.forbidden_by.update(other.forbidden_by)
         self.denied_unpermitted += other.denied_unpermitted
+        self.resources |= other.resources
         for t in (other.first, other.last):
             if t is not None:
                 self.first = t if self.first is None or t[0] < self.first[0] else self.first
@@ -460,9 +472,11 @@ def _observe(obs: Observed, rec: DecisionRecord, monitored: bool, hints: Manifes
         obs.forbidden_by.update(forbids)
         if not forbids:  # denied by default: no permit covered it, and the one learned here would
             obs.denied_unpermitted += 1
+    context, resource = cedar.get("context") or {}, cedar.get("resource") or {}
+    if rec.action in GRANTED_BY_RESOURCE:  # (build checked the id is usable)
+        obs.resources.add(resource["uid"]["id"])
     if not bounds:
         return
-    context, resource = cedar.get("context") or {}, cedar.get("resource") or {}
     # identifiers of this request: the resource id and the path parameters
     ids: set[str] = set()
     uid = resource.get("uid") if isinstance(resource, dict) else None
@@ -483,10 +497,6 @@ def _observe(obs: Observed, rec: DecisionRecord, monitored: bool, hints: Manifes
         if isinstance(values, dict):
             for name, value in values.items():
                 see(("context", group, name), value, ids)
-    for path in EXTRA_CONTEXT_PATHS.get(rec.action, ()):
-        value = context.get(path[0])
-        if value is not None:
-            see(("context", *path), value, set())  # (the resource id itself: what is granted)
     attrs = resource.get("attrs") if isinstance(resource, dict) else None
     if isinstance(attrs, dict):
         skip = hints.skip_resource_attrs.get(rec.action, frozenset())
@@ -712,6 +722,13 @@ def _principal(cedar: dict[str, Any]) -> tuple[str, str, list[tuple[str, str]]] 
     return ptype, pid, groups
 
 
+def _resource_id(cedar: dict[str, Any]) -> str | None:
+    r = cedar.get("resource")
+    uid = r.get("uid") if isinstance(r, dict) else None
+    rid = uid.get("id") if isinstance(uid, dict) else None
+    return rid if isinstance(rid, str) and cedar_safe(rid) else None
+
+
 def _resource_type(cedar: dict[str, Any]) -> str | None:
     r = cedar.get("resource")
     uid = r.get("uid") if isinstance(r, dict) else None
@@ -837,6 +854,12 @@ def _comment(p: SuggestedPermit) -> list[str]:
         lines.append("monitored requests refused by forbid policies, which still apply: "
                      + ", ".join(f"{comment_text(r, 80)} ({n})" for r, n in sorted(o.forbidden_by.items())))
     by_path = {b.path: b for b in p.bounds}
+    granted = by_path.get(("resource",))
+    if granted is not None and granted.values is not None:
+        shown_ids = ", ".join(comment_text(v, 80) for v in granted.values[:AGENTS_SHOWN])
+        if len(granted.values) > AGENTS_SHOWN:
+            shown_ids += f" and {len(granted.values) - AGENTS_SHOWN} more"
+        lines.append(f"resource: only the {len(granted.values)} seen ({shown_ids}): the resource is what is granted")
     for path, fs in sorted(o.fields.items()):
         b = by_path.get(path)
         seen = _observed_text(fs, o.count)
@@ -902,7 +925,8 @@ def build(records: Iterable[tuple[DecisionRecord, bool]], bundle: PolicyBundle, 
         assert rec.cedar is not None and rec.action
         principal = _principal(dict(rec.cedar))
         rtype = _resource_type(dict(rec.cedar))
-        if principal is None or rtype is None or not cedar_safe(rec.action):
+        if principal is None or rtype is None or not cedar_safe(rec.action) or (
+                rec.action in GRANTED_BY_RESOURCE and _resource_id(dict(rec.cedar)) is None):
             result.skipped[SKIP_UNUSABLE] += 1
             continue
         seen_scope = (rec.action, rtype)
@@ -944,17 +968,27 @@ def build(records: Iterable[tuple[DecisionRecord, bool]], bundle: PolicyBundle, 
             if kind == "group":  # (a group type the schema does not have Agent in): per agent instead
                 for agent in sorted(obs.agents):
                     sub = per_agent[(agent, action, rtype)]
-                    permits.append(_finish(SuggestedPermit(
+                    finished = _finish(SuggestedPermit(
                         policy_id=policy_id("agent", agent, action, rtype if several else None),
                         principal_kind="agent", principal_type=agent_info[agent][0], principal_id=agent,
                         action=action, resource_type=rtype, observed=sub, members_seen=[],
                         notes=[f"per agent: the schema does not allow `principal in` group type {ptype}"]),
-                        oracle, options))
+                        oracle, options)
+                    if finished is None:
+                        result.skipped[SKIP_GRANTED_UNBOUNDED] += sub.count
+                        result.learned -= sub.count
+                    else:
+                        permits.append(finished)
                 continue
             result.skipped[SKIP_NOT_IN_SCHEMA] += obs.count
             result.learned -= obs.count
             continue
-        permits.append(_finish(permit, oracle, options))
+        finished = _finish(permit, oracle, options)
+        if finished is None:
+            result.skipped[SKIP_GRANTED_UNBOUNDED] += obs.count
+            result.learned -= obs.count
+            continue
+        permits.append(finished)
     # ids are unique by construction (lossy names carry a digest); make sure
     seen: dict[str, int] = Counter(p.policy_id for p in permits)
     for p in permits:
@@ -965,8 +999,25 @@ def build(records: Iterable[tuple[DecisionRecord, bool]], bundle: PolicyBundle, 
     return permits
 
 
-def _finish(permit: SuggestedPermit, oracle: SchemaOracle, options: Options) -> SuggestedPermit:
-    """Add the bounds the schema declares and Cedar accepts."""
+def _granted_bound(permit: SuggestedPermit) -> Bound:
+    """The resources seen, for an action whose resource is what is granted (the generic host)."""
+    ids = sorted(permit.observed.resources)
+    refs = [entity_ref(permit.resource_type, i) for i in ids]
+    cond = f"resource == {refs[0]}" if len(refs) == 1 else f"resource in [{', '.join(refs)}]"
+    return Bound(("resource",), "entity", cond, True, values=ids, body=cond)
+
+
+def _finish(permit: SuggestedPermit, oracle: SchemaOracle, options: Options) -> SuggestedPermit | None:
+    """Add the bounds the schema declares and Cedar accepts. None: no permit can be suggested
+    (an action whose resource is what is granted, and the resources seen cannot be written)."""
+    if permit.action in GRANTED_BY_RESOURCE:
+        resources = permit.observed.resources
+        if not resources or len(resources) > GRANTED_MAX:
+            return None
+        granted = _granted_bound(permit)
+        if not oracle.accepts(permit.scope, granted.condition):
+            return None
+        permit.bounds.append(granted)
     if not options.bounds:
         return permit
     scope = permit.scope
@@ -984,7 +1035,7 @@ def _finish(permit: SuggestedPermit, oracle: SchemaOracle, options: Options) -> 
     conds = conjunction(permit.bounds)
     if conds and not oracle.accepts(scope, conds):  # (each was accepted alone: never expected)
         permit.notes.append("bounds left out: together they do not validate")
-        permit.bounds = []
+        permit.bounds = [b for b in permit.bounds if b.path == ("resource",)]
     return permit
 
 
