@@ -199,7 +199,7 @@ def build_request_path(p: Parts) -> RequestPath:
         authenticate,                                              # who is calling (agent JWT)
         GatewayRoute(),                                            # gateway mode: 404 when no route matched
         agent_suspended,                                           # kill switch: the agent
-        TargetCheck(cfg.limits.context_headers),                   # one target, canonical host, no smuggling
+        TargetCheck(cfg.limits.context_headers, cfg.transparent.tls_ports),  # one target, canonical host, no smuggling
         Classify(p.classifier, cfg.limits),                        # connector, action, resource, body values
         ConnectorAlias(p.aliases) if p.aliases else None,          # generic egress to a connector's upstream
         TargetSuspended(gov) if gov else None,                     # kill switch: connector and action
@@ -227,7 +227,7 @@ def build_request_path(p: Parts) -> RequestPath:
                 ConcurrencyMetrics(p.metrics.registry)) if p.store and etag_paths else None,  # upstream 412 -> 409
         budget_reserve,                                            # reserve the cost (429 if it no longer fits);
                                                                    # on the way back: settle or release it
-        InjectCredential(p.injector) if p.injector else None,      # the connector's credential
+        InjectCredential(p.injector, p.classifier) if p.injector else None,  # the connector's credential
         ClaimAcquire(p.store, claim_observer, record=p.recorder.write),                     # atomic acquire/renew: the arbiter
         ClaimHandoff(p.store, p.recorder.write,                    # on the way back: a 2xx handoff
                      HandoffReporter(p.metrics, p.notifier)),      # moves the claim

@@ -26,7 +26,7 @@ from ..core.hosts import HostRejected, canonical_host
 from ..core.model import AgentRequest, Refusal
 from ..core.target import canonicalise_target
 from .aliases import AliasUnresolvable, ConnectorAliases
-from .classifier import GENERIC_CONNECTOR, Classifier
+from .classifier import GENERIC_CONNECTOR, Classifier, host_matches, split_host_pattern
 from .credentials import CredentialInjector, CredentialUnavailable
 from .derive import derive_request
 from .enrich import Enricher, created_id
@@ -147,18 +147,48 @@ class Enrich(Stage):
 
 
 class InjectCredential(Stage):
-    """Swap whatever credential the agent sent for the connector's own (fail closed if unavailable)."""
+    """Swap whatever credential the agent sent for the connector's own (fail closed if unavailable).
+
+    Over plain HTTP the credential would cross the network in the clear, so it is injected into an
+    `http://` request only for a host:port one of the connector's host patterns names explicitly
+    (the operator declared that endpoint, e.g. `127.0.0.1:9104`). A pattern without a port covers
+    every port of the host, and the agent chooses the scheme: `http://api.openai.com/` is refused
+    (use https://) rather than sending the connector's key in the clear to port 80."""
 
     name = "credential"
 
-    def __init__(self, injector: CredentialInjector) -> None:
+    def __init__(self, injector: CredentialInjector, classifier: Classifier | None = None) -> None:
         self.injector = injector
+        self.classifier = classifier
+
+    def _cleartext(self, ex: Exchange, connector: str) -> Refusal | None:
+        req = ex.request
+        if req is None or req.scheme != "http" or req.mode == "reverse" or self.classifier is None:
+            return None  # (gateway routes name their upstream's scheme themselves)
+        manifest = next((c for c in self.classifier.connectors if c.name == connector), None)
+        if manifest is None:
+            return None
+        if any(split_host_pattern(p)[1] == req.port and host_matches(p, req.host, req.port) for p in manifest.hosts):
+            return None
+        return Refusal(
+            400,
+            "Plain HTTP refused for this connector",
+            f"connector {connector!r} injects an upstream credential, which Proctor sends in the clear only to a "
+            f"host:port the connector names; {req.host}:{req.port} over plain HTTP is not one: use "
+            f"https://{req.host}/ (the request was not forwarded)",
+            reasons=["cleartext-credential"],
+            kind="request",
+        )
 
     async def on_request(self, ex: Exchange) -> None:
         cls = ex.classification
         assert cls is not None
         auth = self.injector.configured(cls.connector)
         if auth is None:
+            return
+        cleartext = self._cleartext(ex, cls.connector)
+        if cleartext is not None:
+            ex.refuse(cleartext)
             return
         try:
             headers = await self.injector.headers_for(cls.connector)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from .chain import Stage
 from .exchange import Exchange
 from .model import Refusal
-from .target import canonicalise_target, check_target
+from .target import TLS_PORTS, canonicalise_target, check_target
 
 
 class GatewayRoute(Stage):
@@ -32,12 +32,13 @@ class GatewayRoute(Stage):
 class TargetCheck(Stage):
     name = "target"
 
-    def __init__(self, policy_headers: Iterable[str]) -> None:
+    def __init__(self, policy_headers: Iterable[str], tls_ports: Iterable[int] = TLS_PORTS) -> None:
         self.policy_headers = frozenset(policy_headers)
+        self.tls_ports = frozenset(tls_ports) | TLS_PORTS
 
     def on_request(self, ex: Exchange) -> None:
         req = ex.request
         assert req is not None
-        refusal = canonicalise_target(req) or check_target(req, self.policy_headers)
+        refusal = canonicalise_target(req) or check_target(req, self.policy_headers, self.tls_ports)
         if refusal is not None:
             ex.refuse(refusal)

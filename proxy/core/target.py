@@ -178,9 +178,27 @@ def check_request_line(req: AgentRequest) -> Refusal | None:
     return None
 
 
-def check_target(req: AgentRequest, policy_headers: frozenset[str] = frozenset()) -> Refusal | None:
+# Ports that carry TLS (HTTPS): plain HTTP is never sent to them (transparent.tls_ports adds more).
+TLS_PORTS = frozenset({443})
+
+
+def plain_http_to_tls_port(req: AgentRequest, tls_ports: frozenset[int] = TLS_PORTS) -> Refusal | None:
+    """`http://host:443/...` (forward-proxied, or plain HTTP inside a CONNECT tunnel to :443): the
+    request, and the credential Proctor would inject into it, would cross the network in the
+    clear to a server that expects TLS. Refused; the agent means https://."""
+    if req.mode == "reverse" or req.scheme != "http" or req.port not in (tls_ports | TLS_PORTS):
+        return None
+    return Refusal(400, "Plain HTTP to a TLS port refused",
+                   f"the request is plain HTTP to port {req.port}, which carries TLS; Proctor never sends a request "
+                   f"(or an upstream credential) there in the clear: use https://{req.host}:{req.port}/ "
+                   "(or https:// with the default port)", reasons=["plain-http-to-tls-port"], kind="request")
+
+
+def check_target(req: AgentRequest, policy_headers: frozenset[str] = frozenset(),
+                 tls_ports: frozenset[int] = TLS_PORTS) -> Refusal | None:
     """Refusals for a request whose framing, headers or target could be read two ways.
-    `policy_headers`: headers policies read (limits.context_headers), guarded like the built-in ones."""
+    `policy_headers`: headers policies read (limits.context_headers), guarded like the built-in ones.
+    `tls_ports`: ports plain HTTP is never sent to (443 always)."""
     line = check_request_line(req)
     if line is not None:
         return line
@@ -253,6 +271,9 @@ def check_target(req: AgentRequest, policy_headers: frozenset[str] = frozenset()
         redirected = _check_transparent(req)
         if redirected is not None:
             return redirected
+    cleartext = plain_http_to_tls_port(req, tls_ports)
+    if cleartext is not None:
+        return cleartext
     target = req.host
     default_port = DEFAULT_PORTS.get(req.scheme)
 
