@@ -20,7 +20,11 @@ def _load(config_path: str | None) -> ProctorConfig:
     try:
         return load_config(config_path)
     except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+        hint = ""
+        if config_path is not None and not Path(config_path).exists():
+            hint = (" (pass the file `proctor run -c` uses, e.g. .proctor/demo.yaml for `proctor demo`, or leave out "
+                    "-c for the embedded default: state in ./.proctor)")
+        raise click.ClickException(f"{e}{hint}") from None
 
 
 def _parse_claims(claims: tuple[str, ...]) -> dict:

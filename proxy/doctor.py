@@ -16,9 +16,12 @@ around Proctor. Each check yields findings with a fix; any `fail` makes the exit
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import ipaddress
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -53,8 +56,14 @@ CA_VARS = {
     "NODE_EXTRA_CA_CERTS": "Node",
 }
 EXPORT_FIX = "proctor ca export ca.pem, then export {var}=$PWD/ca.pem"
-SET_PROXY_FIX = ("export HTTPS_PROXY=http://<agent-id>:<jwt>@127.0.0.1:8080 HTTP_PROXY=$HTTPS_PROXY "
-                 "https_proxy=$HTTPS_PROXY http_proxy=$HTTPS_PROXY")
+# Two commands: in one `export A=x B=$A`, $A is expanded before A is set.
+SET_PROXY_FIX = ("export HTTPS_PROXY=http://<agent-id>:<jwt>@127.0.0.1:8080; "
+                 "export HTTP_PROXY=$HTTPS_PROXY https_proxy=$HTTPS_PROXY http_proxy=$HTTPS_PROXY")
+# A token the proxy accepts, in the proxy URL (the dev issuer's; in production the IdP's).
+TOKEN_FIX = ("put the agent id and a valid token in the proxy variables: TOKEN=$(proctor token issue --agent "
+             "<agent-id>) (the dev issuer; in production a token from your IdP), then "
+             "export HTTPS_PROXY=http://<agent-id>:$TOKEN@127.0.0.1:8080; "
+             "export HTTP_PROXY=$HTTPS_PROXY https_proxy=$HTTPS_PROXY http_proxy=$HTTPS_PROXY")
 BYPASS_FIX = (f"set the proxy variables as docs/agents.md says ({SET_PROXY_FIX}), or deploy the transparent "
               "sidecar as docs/transparent.md says, so the network sends every connection to Proctor")
 UNSET_PROXY_FIX = ("unset http_proxy HTTP_PROXY https_proxy HTTPS_PROXY all_proxy ALL_PROXY: in a transparent "
@@ -146,6 +155,15 @@ def check_proxy_vars(env: Mapping[str, str]) -> list[Finding]:
                            "HTTP_PROXY is set but http_proxy is not: curl ignores upper-case HTTP_PROXY, "
                            "so curl's http:// requests bypass Proctor",
                            "export http_proxy=$HTTP_PROXY"))
+    # ...and the Node recipe's global-agent (http/https modules) reads only the upper-case names.
+    for lower in ("http_proxy", "https_proxy"):
+        upper = lower.upper()
+        if lower in present and upper not in present and "ALL_PROXY" not in present:
+            out.append(Finding("proxy", FAIL,
+                               f"{lower} is set but {upper} is not: clients that read only the upper-case name "
+                               "(Node's http/https modules through global-agent, as docs/agents.md#nodejs sets them "
+                               f"up) send their {lower[:-6]}:// requests around Proctor",
+                               f"export {upper}=${lower}"))
     if not any(v in present for v in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")):
         out.append(Finding("proxy", FAIL, "no https_proxy/HTTPS_PROXY: https:// requests bypass Proctor",
                            "export HTTPS_PROXY=$HTTP_PROXY https_proxy=$HTTP_PROXY"))
@@ -272,13 +290,25 @@ def _fingerprint(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-def check_ca_vars(env: Mapping[str, str], proctor_ca: x509.Certificate | None) -> list[Finding]:
+# The CA variable of a client that is not installed here: unset, a warning only.
+CA_CLIENT_EXE = {"CURL_CA_BUNDLE": "curl", "NODE_EXTRA_CA_CERTS": "node"}
+
+
+def check_ca_vars(env: Mapping[str, str], proctor_ca: x509.Certificate | None,
+                  absent: frozenset[str] = frozenset()) -> list[Finding]:
+    """Each CA variable names a PEM with Proctor's CA. Unset is a failure (that client's https://
+    calls through Proctor fail), a warning for a variable in `absent` (its client is not here)."""
     out: list[Finding] = []
     for var, who in CA_VARS.items():
         value = env.get(var)
         if not value:
-            out.append(Finding("ca", WARN, f"{var} is not set: {who} will not trust Proctor's CA for https://",
-                               EXPORT_FIX.format(var=var)))
+            if var in absent:
+                out.append(Finding("ca", WARN, f"{var} is not set ({CA_CLIENT_EXE.get(var, who)} is not on PATH here; "
+                                               f"set it where the agent runs {who})", EXPORT_FIX.format(var=var)))
+            else:
+                out.append(Finding("ca", FAIL, f"{var} is not set: {who} will not trust Proctor's CA, so its https:// "
+                                               "calls through Proctor fail (Proctor intercepts TLS with its own CA)",
+                                   EXPORT_FIX.format(var=var)))
             continue
         try:
             data = Path(value).read_bytes()
@@ -332,6 +362,8 @@ class Probe:
     # whether that is Proctor's CA (None: cannot tell).
     issuer: str | None = None
     issued_by_proctor: bool | None = None
+    # status, decision_id and problem are the proxy's answer to the CONNECT (the tunnel was refused)
+    connect: bool = False
 
     @property
     def host(self) -> str:
@@ -364,10 +396,18 @@ class Probe:
         reasons = self.problem.get("reasons")
         return [r for r in reasons if isinstance(r, str)] if isinstance(reasons, list) else []
 
+    @property
+    def auth_refused(self) -> bool:
+        """Proctor refused the credentials (401/407, an authentication problem)."""
+        kind = self.problem.get("type")
+        return (self.decision_id is not None and self.status in (401, 407) and isinstance(kind, str)
+                and kind.endswith("/authentication"))
+
     def answer(self) -> str:
+        what = "answered the CONNECT" if self.connect else "answered"
         if self.decision_id is None:
-            return f"answered {self.status} without {DECISION_HEADER}"
-        return f"answered {self.status} with {DECISION_HEADER}: {self.decision_id}"
+            return f"{what} {self.status} without {DECISION_HEADER}"
+        return f"{what} {self.status} with {DECISION_HEADER}: {self.decision_id}"
 
 
 def _problem(content_type: str, body: bytes) -> dict[str, Any]:
@@ -426,6 +466,53 @@ def issued_by_proctor(cert: x509.Certificate, proctor_ca: x509.Certificate | Non
     return True if names and names[0].value == CA_CN else None
 
 
+def connect_answer(proxy: str, url: str, timeout: float) -> Probe | None:
+    """The proxy's answer to the CONNECT of an https:// `url` it refused (httpx says only
+    "407 Proxy Authentication Required"): status, decision id and refusal body, read by one bare
+    CONNECT with the proxy URL's credentials, bounded; nothing is sent after it. None when
+    there is no such answer (not an http:// proxy, no HTTP answer, or the tunnel was opened)."""
+    try:
+        p, t = urllib.parse.urlsplit(proxy), urllib.parse.urlsplit(url)
+        if p.scheme != "http" or not p.hostname or not t.hostname:
+            return None
+        proxy_port, port = p.port or 80, t.port or 443
+    except ValueError:
+        return None
+    authority = f"[{t.hostname}]:{port}" if ":" in t.hostname else f"{t.hostname}:{port}"
+    head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+    if p.username is not None or p.password is not None:
+        cred = f"{urllib.parse.unquote(p.username or '')}:{urllib.parse.unquote(p.password or '')}"
+        head += f"Proxy-Authorization: Basic {base64.b64encode(cred.encode()).decode()}\r\n"
+    deadline, data = time.monotonic() + timeout, b""
+    try:
+        with socket.create_connection((p.hostname, proxy_port), timeout=timeout) as sock:
+            sock.sendall((head + "\r\n").encode())
+            while b"\r\n\r\n" not in data and len(data) < BODY_LIMIT and time.monotonic() < deadline:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            raw_head, sep, body = data.partition(b"\r\n\r\n")
+            lines = raw_head.decode("latin-1").split("\r\n")
+            status_words = lines[0].split(" ", 2)
+            if not sep or len(status_words) < 2 or not status_words[0].startswith("HTTP/"):
+                return None
+            status = int(status_words[1])
+            if 200 <= status < 300:
+                return None
+            headers = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:])}
+            length = min(int(headers.get("content-length") or 0), BODY_LIMIT)
+            while len(body) < length and time.monotonic() < deadline:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                body += chunk
+    except (OSError, ValueError):
+        return None
+    return Probe(url, status, headers.get(DECISION_HEADER.lower()),
+                 _problem(headers.get("content-type", ""), body[:length]), connect=True)
+
+
 def probe(url: str, ctx: ssl.SSLContext, *, proxy: str | None = None, timeout: float = PROBE_TIMEOUT,
           proctor_ca: x509.Certificate | None = None) -> Probe:
     """One GET of `url` (through `proxy`, else straight to the host): no credential but the
@@ -447,6 +534,10 @@ def probe(url: str, ctx: ssl.SSLContext, *, proxy: str | None = None, timeout: f
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as e:
         error = str(e) or type(e).__name__
         parts = urllib.parse.urlsplit(url)
+        if proxy is not None and parts.scheme == "https" and isinstance(e, httpx.ProxyError):
+            refused = connect_answer(proxy, url, timeout)  # the proxy refused the tunnel: what did it say?
+            if refused is not None:
+                return dataclasses.replace(refused, error=error)
         if proxy is None and parts.scheme == "https" and parts.hostname and _cert_verify_error(e):
             cert = presented_certificate(parts.hostname, parts.port or 443, timeout)
             if cert is not None:
@@ -476,10 +567,23 @@ def judge_proxy_trip(env: Mapping[str, str], var: str, proxy: str, via: Probe, d
                        f"{where} {via.answer()}: the network redirects the connection to that proxy to Proctor's "
                        "transparent listener, which refuses proxy requests (transparent-proxy-credentials), so every "
                        f"client that reads {var} is refused", UNSET_PROXY_FIX)
+    if via.auth_refused:
+        detail = via.problem.get("detail")
+        return Finding("roundtrip", FAIL,
+                       f"{where} {via.answer()}: Proctor refused the proxy credentials"
+                       + (f" ({_scrub(detail, env)})" if isinstance(detail, str) else "")
+                       + f", so every request of a client that reads {var} is refused", TOKEN_FIX)
     if via.decision_id is not None:
         who = f", decided as agent {via.agent}" if via.agent else ""
+        if via.connect:
+            why = ", ".join(via.reasons) or str(via.problem.get("title") or "refused")
+            kind = via.problem.get("type")
+            hint = (f"; no connector covers {via.host}: give --url a URL a connector covers to see a request decided"
+                    if isinstance(kind, str) and kind.endswith("/egress") else "")
+            return Finding("roundtrip", OK, f"GET {via.url} through {var}: Proctor refused the tunnel ({via.answer()}, "
+                                            f"{why}): the path goes through Proctor{who}{hint}")
         return Finding("roundtrip", OK, f"GET {via.url} through {var} {via.answer()} (Proctor decided it{who})")
-    if via.error is not None:
+    if via.error is not None and via.status is None:
         if direct is not None and direct.intercepted:
             return Finding("roundtrip", FAIL,
                            f"{where} failed: {_scrub(via.error, env)}; transparent interception is active here, and a "
@@ -593,8 +697,13 @@ if (typeof fetch !== 'function') { say({nofetch: true}); } else {
       say({status: r.status, decision: r.headers.get('x-proctor-decision-id'),
            content_type: r.headers.get('content-type') || '', body});
     })
-    .catch((e) => say({error: String((e && e.message) || e),
-                       cause: String((e && e.cause && (e.cause.code || e.cause.message)) || '')}));
+    .catch((e) => {
+      const causes = [];  // fetch failed <- Request was cancelled <- Proxy response (403) !== 200 ...
+      for (let c = e && e.cause, i = 0; c && i < 6; c = c.cause, i++) {
+        causes.push([c.code, c.message].filter((x) => x).join(': ') || String(c));
+      }
+      say({error: String((e && e.message) || e), cause: causes.join('; ')});
+    });
 }
 """
 
@@ -666,7 +775,7 @@ def node_fetch(node: str, env: Mapping[str, str], url: str, cwd: Path, timeout: 
     if out.get("nofetch"):
         return Probe(url), version, True
     if "error" in out:
-        error = f"{out['error']} {out.get('cause') or ''}".strip()
+        error = f"{out['error']} ({out['cause']})" if out.get("cause") else str(out["error"])
         return Probe(url, error=_scrub(error, env)), version, False
     decision = out.get("decision") if isinstance(out.get("decision"), str) else None
     return Probe(url, int(out["status"]), decision,
@@ -688,8 +797,12 @@ def _node_path(fetched: Probe, has_vars: bool, direct: Probe | None, via: Probe 
     return "through the proxy variables or the transparent redirect (the answer does not say which)"
 
 
+# undici's error when the proxy refuses the tunnel: the status only, not the answer.
+UNDICI_TUNNEL_REFUSED = re.compile(r"Proxy response \((\d{3})\) !== 200")
+
+
 def judge_node(fetched: Probe, version: str | None, no_fetch: bool, *, has_vars: bool, direct: Probe | None = None,
-               via: Probe | None = None) -> Finding:
+               via: Probe | None = None, preloaded: bool = True) -> Finding:
     node = f"Node {version}" if version else "Node"
     where = f"{node}'s fetch GET {fetched.url}"
     if no_fetch:
@@ -704,8 +817,25 @@ def judge_node(fetched: Probe, version: str | None, no_fetch: bool, *, has_vars:
     if fetched.decision_id is not None:
         path = _node_path(fetched, has_vars, direct, via)
         return Finding("node", OK, f"{where} {fetched.answer()} ({path}; Proctor decided it)")
+    tunnel = UNDICI_TUNNEL_REFUSED.search(fetched.error or "")
+    if tunnel is not None:
+        status = int(tunnel.group(1))
+        if via is not None and via.connect and via.decision_id is not None and via.status == status:
+            if via.auth_refused:
+                return Finding("node", FAIL, f"{where}: the proxy refused its tunnel with {status}: Proctor refused the "
+                                             "proxy credentials, as in the round trip above", TOKEN_FIX)
+            return Finding("node", OK, f"{where}: through the proxy variables; Proctor refused the tunnel with {status}, "
+                                       "as in the round trip above (it decided it)")
+        return Finding("node", FAIL, f"{where}: the proxy refused its tunnel with {status} ({fetched.error})",
+                       "point the proxy variables at Proctor's agent listener (default 127.0.0.1:8080) with a valid "
+                       "token: " + TOKEN_FIX)
     if fetched.error is not None:
         fix = NODE_RECIPE if has_vars else BYPASS_FIX
+        if has_vars and not preloaded:
+            fix = EXPORT_FIX.format(var="NODE_EXTRA_CA_CERTS") if any(
+                w in fetched.error for w in ("certificate", "CERT", "UNABLE_TO_VERIFY")) else NODE_RECIPE
+            return Finding("node", FAIL, f"{where} failed: {fetched.error}: without a preload in NODE_OPTIONS, Node's "
+                                         f"fetch ignores the proxy variables and went straight to {fetched.host}", fix)
         if any(w in fetched.error for w in ("certificate", "CERT", "UNABLE_TO_VERIFY")):
             fix = EXPORT_FIX.format(var="NODE_EXTRA_CA_CERTS")
         return Finding("node", FAIL, f"{where} failed: {fetched.error}", fix)
@@ -726,8 +856,13 @@ def check_node(env: Mapping[str, str], node: str | None, url: str | None, *, has
     if node is not None and not (os.path.isfile(node) and os.access(node, os.X_OK)):
         return [Finding("node", FAIL, f"--node {node} is not an executable file", "pass the path of the agent's node")]
     out = check_node_options(env, cwd, direct is not None and direct.intercepted) if has_vars else []
+    try:
+        preloaded = bool(node_preloads(env.get("NODE_OPTIONS", "")))
+    except ValueError:
+        preloaded = True  # reported above; node itself fails to start
     if url is not None:
-        out.append(judge_node(*node_fetch(exe, env, url, cwd, timeout), has_vars=has_vars, direct=direct, via=via))
+        out.append(judge_node(*node_fetch(exe, env, url, cwd, timeout), has_vars=has_vars, direct=direct, via=via,
+                              preloaded=preloaded))
     return out
 
 
@@ -780,7 +915,13 @@ def diagnose(env: Mapping[str, str], connector_hosts: Mapping[str, list[str]], p
     else:
         findings = [Finding("proxy", FAIL, "no proxy variable is set and no transparent interception: every client "
                                            "connects directly, past Proctor", BYPASS_FIX)]
-    findings += check_no_proxy(env, connector_hosts, intercepted) + check_ca_vars(env, proctor_ca)
+    path = env.get("PATH", os.defpath)
+    absent = {var for var, exe in CA_CLIENT_EXE.items() if shutil.which(exe, path=path) is None}
+    if node is not None and check_node_js:
+        absent.discard("NODE_EXTRA_CA_CERTS")
+    elif not check_node_js:
+        absent.add("NODE_EXTRA_CA_CERTS")
+    findings += check_no_proxy(env, connector_hosts, intercepted) + check_ca_vars(env, proctor_ca, frozenset(absent))
     via: Probe | None = None
     if target is None or direct is None:
         findings.append(Finding("roundtrip", WARN, "no concrete connector host to try", "give one with --url"))

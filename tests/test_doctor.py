@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import DATA, wait_for
 from proxy.doctor import (
-    FAIL, NODE_RECIPE, OK, SKIP, WARN, _scrub, check_proxy_vars, entry_covers, node_preloads,
+    FAIL, NODE_RECIPE, OK, SET_PROXY_FIX, SKIP, TOKEN_FIX, WARN, _scrub, check_proxy_vars, entry_covers, node_preloads,
 )
 from support.transparent_netns import AGENT_UID, FORWARD_PORT, HTTP_PORT, HTTPS_PORT, PROXY_UID, Netns, python_for, \
     why_no_netns
@@ -114,6 +115,101 @@ def test_ca_variable_with_another_pem_is_a_finding(proctor, reader_token, pki):
     [bad] = of(report, "ca", FAIL)
     assert bad["message"].startswith(f"SSL_CERT_FILE={pki.ca_pem} does not contain Proctor's CA")
     assert "proctor ca export" in bad["fix"]
+
+
+def test_an_unset_ca_variable_fails_where_its_client_runs(proctor, reader_token):
+    """A new user who leaves out one CA variable of docs/agents.md's export block: that client's
+    https:// calls through Proctor fail, so doctor fails with the export that fixes it. The
+    variable of a client not installed here (node, curl not on PATH) is a warning."""
+    env = {k: v for k, v in good_env(proctor, reader_token).items() if k != "SSL_CERT_FILE"}
+    code, report = run_doctor(proctor, env)
+    assert code == 1
+    [bad] = of(report, "ca", FAIL)
+    assert bad["message"].startswith("SSL_CERT_FILE is not set: Python ssl, httpx, aiohttp (OpenSSL) will not trust")
+    assert bad["fix"] == "proctor ca export ca.pem, then export SSL_CERT_FILE=$PWD/ca.pem"
+    curl = shutil.which("curl")
+    assert curl is not None
+    env = {k: v for k, v in good_env(proctor, reader_token).items() if k != "CURL_CA_BUNDLE"}
+    code, report = run_doctor(proctor, {**env, "PATH": os.path.dirname(curl)}, "--no-node")
+    assert code == 1
+    [bad] = of(report, "ca", FAIL)
+    assert bad["message"].startswith("CURL_CA_BUNDLE is not set: curl will not trust Proctor's CA")
+    assert bad["fix"] == "proctor ca export ca.pem, then export CURL_CA_BUNDLE=$PWD/ca.pem"
+    env = {k: v for k, v in good_env(proctor, reader_token).items() if k != "NODE_EXTRA_CA_CERTS"}
+    code, report = run_doctor(proctor, env)  # PATH without node
+    assert code == 0, report
+    [note] = of(report, "ca", WARN)
+    assert note["message"] == ("NODE_EXTRA_CA_CERTS is not set (node is not on PATH here; set it where the agent "
+                               "runs Node)")
+
+
+def test_lower_case_only_proxy_variables_are_flagged_for_node(proctor, reader_token):
+    url = proctor.proxy_url_with("reader-bot", reader_token)
+    env = {k: v for k, v in good_env(proctor, reader_token).items() if k not in ("HTTP_PROXY", "HTTPS_PROXY")}
+    code, report = run_doctor(proctor, {**env, "http_proxy": url, "https_proxy": url})
+    assert code == 1
+    fails = of(report, "proxy", FAIL)
+    assert [f["fix"] for f in fails] == ["export HTTP_PROXY=$http_proxy", "export HTTPS_PROXY=$https_proxy"]
+    assert all("global-agent" in f["message"] for f in fails)
+
+
+def test_the_fix_for_missing_proxy_variables_runs_as_written():
+    """Copy-pasted into a shell, the fix sets all four variables (one `export A=x B=$A` would
+    leave B empty: the shell expands $A before export runs)."""
+    script = SET_PROXY_FIX.replace("<agent-id>:<jwt>", "bot:tok") + '; echo "$HTTP_PROXY|$https_proxy|$http_proxy"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env={}, timeout=10)
+    assert out.stdout.strip() == "|".join(["http://bot:tok@127.0.0.1:8080"] * 3)
+    token_script = TOKEN_FIX.partition(": ")[2].replace("TOKEN=$(proctor token issue --agent <agent-id>) (the dev "
+                                                         "issuer; in production a token from your IdP), then ",
+                                                         "TOKEN=tok; ").replace("<agent-id>", "bot")
+    out = subprocess.run(["bash", "-c", token_script + '; echo "$HTTPS_PROXY|$http_proxy"'], capture_output=True,
+                         text=True, env={}, timeout=10)
+    assert out.stdout.strip() == "http://bot:tok@127.0.0.1:8080|http://bot:tok@127.0.0.1:8080"
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_credentials_proctor_refuses_fail_with_its_reason(proctor, idp, upstream, upstream_tls, scheme):
+    """A proxy URL without a token, with an expired one, or with another agent's name: Proctor
+    answers 407 (over https:// to the CONNECT, which the client only reports as an error).
+    That is not a working path: every request is refused, so doctor fails and says why."""
+    url = (f"http://127.0.0.1:{upstream.port}/items/1" if scheme == "http"
+           else f"https://localhost:{upstream_tls.port}/items/1")
+    expired = idp.token("reader-bot", groups=["readers"], ttl=-600)
+    cases = [("http://127.0.0.1:{port}", "no agent credential"),
+             (f"http://reader-bot:{expired}@127.0.0.1:{{port}}", "expired"),
+             (f"http://someone-else:{idp.token('reader-bot')}@127.0.0.1:{{port}}", "must equal the agent id")]
+    for proxy, why in cases:
+        proxy = proxy.format(port=proctor.port)
+        env = {**good_env(proctor, "x"), **{v: proxy for v in ("http_proxy", "HTTP_PROXY", "https_proxy",
+                                                                "HTTPS_PROXY")}}
+        code, report = run_doctor(proctor, env, "--url", url)
+        assert code == 1, report
+        [trip] = of(report, "roundtrip", FAIL)
+        assert "407 with X-Proctor-Decision-Id" in trip["message"], trip
+        assert "Proctor refused the proxy credentials" in trip["message"] and why in trip["message"], trip
+        assert ("answered the CONNECT" in trip["message"]) is (scheme == "https")
+        assert "[REDACTED]" not in trip["message"]  # the detail's advice survives redaction
+        assert trip["fix"] == TOKEN_FIX and "proctor token issue --agent <agent-id>" in trip["fix"]
+        assert proctor.decision(decision_in(trip["message"]))["status"] == 407
+        assert expired not in json.dumps(report)
+
+
+def test_a_tunnel_proctor_refuses_still_proves_the_path(proctor, reader_token):
+    """--url a host no connector covers: Proctor refuses the CONNECT (403 egress); that answer
+    comes from Proctor, so the path is proven, and the finding says what to try instead."""
+    code, report = run_doctor(proctor, good_env(proctor, reader_token), "--url", "https://nothing.invalid/ok")
+    assert code == 0, report
+    [trip] = of(report, "roundtrip", OK)
+    assert "Proctor refused the tunnel (answered the CONNECT 403 with X-Proctor-Decision-Id" in trip["message"]
+    assert "egress-default-deny" in trip["message"] and "no connector covers nothing.invalid: give --url" in trip["message"]
+    assert proctor.decision(decision_in(trip["message"]))["agent"] == "reader-bot"
+
+
+def test_a_missing_config_file_says_what_to_pass(proctor, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "doctor", "-c", str(tmp_path / "proctor.yaml")],
+                         capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
+    assert out.returncode == 1
+    assert "config file not found" in out.stderr and "leave out -c for the embedded default" in out.stderr
 
 
 def test_no_proxy_variables_and_no_redirect_is_a_bypass(proctor, upstream):
@@ -258,6 +354,32 @@ def test_node_preload_that_does_not_exist_is_a_failure(proctor, reader_token):
     assert reader_token not in json.dumps(report)
 
 
+@needs_node
+def test_node_through_the_preload_to_a_refused_tunnel_is_proctors_answer(proctor, reader_token, node_preload):  # noqa: F811
+    """undici reports a refused CONNECT only as `Proxy response (403) !== 200`: the same refusal
+    Proctor gave doctor's own CONNECT, so Node went through Proctor (not the recipe's fault)."""
+    env = {**good_env(proctor, reader_token), "PATH": os.environ["PATH"], "NODE_OPTIONS": f"--require {node_preload}"}
+    code, report = run_doctor(proctor, env, "--url", "https://nothing.invalid/ok")
+    assert code == 0, report
+    live = [f for f in of(report, "node", OK) if "fetch GET" in f["message"]]
+    assert len(live) == 1 and "through the proxy variables; Proctor refused the tunnel with 403" in live[0]["message"]
+
+
+@needs_node
+def test_node_without_the_preload_that_fails_says_it_went_straight(proctor, reader_token):
+    env = {**good_env(proctor, reader_token), "PATH": os.environ["PATH"]}
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code, report = run_doctor(proctor, env, "--url", f"http://127.0.0.1:{port}/nothing")
+    assert code == 1
+    [failed] = [f for f in of(report, "node", FAIL) if "fetch" in f["message"]]
+    assert "ECONNREFUSED" in failed["message"]
+    assert failed["message"].endswith("without a preload in NODE_OPTIONS, Node's fetch ignores the proxy variables and "
+                                      f"went straight to 127.0.0.1:{port}")
+    assert failed["fix"] == NODE_RECIPE
+
+
 def test_node_explicit_path_must_be_executable(proctor, reader_token, tmp_path):
     not_node = tmp_path / "node"
     not_node.write_text("")
@@ -286,9 +408,16 @@ def pod(idp):
         ns.close()
 
 
+def ca_env(pod: Netns) -> dict[str, str]:
+    ca = str(pod.proctor_ca)
+    return {v: ca for v in ("CURL_CA_BUNDLE", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS")}
+
+
 def doctor_in(pod: Netns, env: dict[str, str] | None = None, *args: str, uid: int = AGENT_UID) -> tuple[int, dict]:
     """`proctor doctor` in the agent's pod, as `uid`, with the agent's clean environment and the
     sidecar's config (readable: its connectors name the hosts; its state, CA key and token are not)."""
+    if env is None:  # the agent's environment as docs/agents.md sets it: every client trusts Proctor's CA
+        env = ca_env(pod)
     done = pod.as_agent([*python_for(uid), "-m", "proxy.cli", "doctor", "-c", str(pod.pdir / "proctor.yaml"),
                          "--json", *args], env, uid=uid, timeout=120)
     assert done.stdout, done.stderr
@@ -337,8 +466,7 @@ def test_https_interception_with_and_without_trusting_proctors_ca(pod: Netns):
     assert "presented a certificate issued by O=Proctor,CN=Proctor Interception CA" in untrusted["message"]
     assert "does not trust Proctor's CA" in untrusted["message"] and "SSL_CERT_FILE" in untrusted["fix"]
     assert of(report, "proxy", OK)  # interception is proven, by the certificate
-    ca = str(pod.proctor_ca)
-    code, report = doctor_in(pod, {"SSL_CERT_FILE": ca, "NODE_EXTRA_CA_CERTS": ca}, "--url", url)
+    code, report = doctor_in(pod, ca_env(pod), "--url", url)
     assert code == 0, report
     [active] = of(report, "transparent", OK)
     assert "answered 200 with X-Proctor-Decision-Id" in active["message"]
@@ -351,7 +479,8 @@ def test_proxy_variables_in_the_pod_name_both_paths(pod: Netns, idp):
     proxy = f"http://forward-bot:{token}@127.0.0.1:{FORWARD_PORT}"  # the sidecar's forward listener (loopback)
     pod.netsetup("--protect-port", "none")  # (by default the rules refuse the agent that port)
     try:
-        code, report = doctor_in(pod, {v: proxy for v in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")})
+        code, report = doctor_in(pod, {**ca_env(pod), **{v: proxy for v in ("http_proxy", "HTTP_PROXY", "https_proxy",
+                                                                            "HTTPS_PROXY")}})
     finally:
         pod.netsetup()
     assert code == 0, report

@@ -60,8 +60,9 @@ def extract_credential(headers: dict[str, str], reverse_mode: bool) -> Presented
         auth = headers.get(AUTHORIZATION)
         if auth:
             return _parse("Authorization", auth, allow_basic=False)
-        raise AuthError("no agent credential: send Authorization: Bearer <jwt>")
+        # (no "Name: value" in a detail: refusal details are redacted, and that reads as a header value)
+        raise AuthError("no agent credential: send an Authorization header with Bearer <jwt>")
     raise AuthError(
         "no agent credential: set HTTPS_PROXY/HTTP_PROXY to http://<agent-id>:<jwt>@<proxy> "
-        "or send Proxy-Authorization: Bearer <jwt>"
+        "or send a Proxy-Authorization header with Bearer <jwt>"
     )
