@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import jwt
 from jwt import PyJWK
+from jwt.algorithms import get_default_algorithms
 
 from ..config import IdentityConfig, IssuerConfig
 from ..core.model import AgentIdentity
@@ -23,6 +24,7 @@ from .errors import AuthError
 from .jwks import FileKeySource, KeySource, shared_url_source
 
 MAX_AGENT_ID_LENGTH = 256
+_JWS_ALGORITHMS = frozenset(get_default_algorithms())  # HS256, RS256, ES256, EdDSA, ... (and "none")
 
 
 @dataclass
@@ -138,7 +140,10 @@ class TokenVerifier:
             raise AuthError("token issuer is not trusted")
         cfg = issuer.config
         if alg not in cfg.algorithms:
-            raise AuthError(f"token algorithm {alg} is not allowed for this issuer")
+            # named only when it is a JWS algorithm: the header is the token's text (in transparent
+            # mode, a file's), and refusals, /readyz and logs never echo a token's contents
+            named = alg if alg in _JWS_ALGORITHMS else "(not a JWS algorithm name)"
+            raise AuthError(f"token algorithm {named} is not allowed for this issuer")
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise AuthError("token key id (kid) is malformed")
