@@ -664,8 +664,9 @@ def doctor(config_path: str | None, url: str | None, transparent: bool, node: st
         hosts = d.connector_hosts_of(config)
     except ManifestError as e:
         raise click.ClickException(str(e)) from None
-    findings = d.diagnose(d.environ(), hosts, d.proctor_ca_cert(config), url, transparent=transparent, node=node,
-                          check_node_js=not no_node)
+    proctor_ca, ca_unknown_fix = d.proctor_ca_lookup(config, config_given=config_path is not None)
+    findings = d.diagnose(d.environ(), hosts, proctor_ca, url, transparent=transparent, node=node,
+                          check_node_js=not no_node, ca_unknown_fix=ca_unknown_fix)
     click.echo(json.dumps(d.as_json(findings), indent=2) if as_json else d.render_text(findings))
     sys.exit(d.exit_code(findings))
 

@@ -294,8 +294,11 @@ def _fingerprint(cert: x509.Certificate) -> bytes:
 CA_CLIENT_EXE = {"CURL_CA_BUNDLE": "curl", "NODE_EXTRA_CA_CERTS": "node"}
 
 
+CA_UNKNOWN_FIX = "pass -c with the proxy's config to compare"
+
+
 def check_ca_vars(env: Mapping[str, str], proctor_ca: x509.Certificate | None,
-                  absent: frozenset[str] = frozenset()) -> list[Finding]:
+                  absent: frozenset[str] = frozenset(), unknown_fix: str = CA_UNKNOWN_FIX) -> list[Finding]:
     """Each CA variable names a PEM with Proctor's CA. Unset is a failure (that client's https://
     calls through Proctor fail), a warning for a variable in `absent` (its client is not here)."""
     out: list[Finding] = []
@@ -323,7 +326,7 @@ def check_ca_vars(env: Mapping[str, str], proctor_ca: x509.Certificate | None,
             continue
         if proctor_ca is None:
             out.append(Finding("ca", WARN, f"{var}={value}: {len(certs)} certificate(s); Proctor's CA unknown here, "
-                                           "not compared", "pass -c with the proxy's config to compare"))
+                                           "not compared", unknown_fix))
         elif any(_fingerprint(c) == _fingerprint(proctor_ca) for c in certs):
             out.append(Finding("ca", OK, f"{var}={value} contains Proctor's CA ({who})"))
         else:
@@ -870,15 +873,36 @@ def check_node(env: Mapping[str, str], node: str | None, url: str | None, *, has
 def proctor_ca_cert(config: ProctorConfig) -> x509.Certificate | None:
     """The CA the proxy serves, from its config, without creating one (`proctor ca export`
     would create it; here a missing one only means it cannot be compared)."""
+    return proctor_ca_lookup(config)[0]
+
+
+COMPARE_BY_HAND = ("compare the file with `proctor ca export` run where Proctor runs (as Proctor's user, "
+                   "with its config)")
+
+
+def proctor_ca_lookup(config: ProctorConfig, config_given: bool = True) -> tuple[x509.Certificate | None, str]:
+    """(the CA the proxy serves, or None and the fix for a CA variable that cannot be compared)."""
     from .ca import ca_cert_path, load_configured_ca
 
+    if config.ca is not None:
+        try:
+            return load_configured_ca(config.ca).cert, ""
+        except (OSError, ValueError) as e:
+            return None, f"the config's ca: cannot be read here ({e}): {COMPARE_BY_HAND}"
+    path = ca_cert_path(config.ca_dir)
     try:
-        if config.ca is not None:
-            return load_configured_ca(config.ca).cert
-        path = ca_cert_path(config.ca_dir)
-        return x509.load_pem_x509_certificate(path.read_bytes()) if path.exists() else None
-    except (OSError, ValueError):
-        return None
+        return x509.load_pem_x509_certificate(path.read_bytes()), ""
+    except FileNotFoundError:
+        if not config_given:
+            return None, (f"no Proctor CA in {config.ca_dir} (the embedded default's state directory, here): pass -c "
+                          "with the proxy's config, in the directory it runs from, to compare")
+        return None, (f"no Proctor CA in {config.ca_dir} yet (Proctor creates it when it first starts there): run "
+                      "doctor where that state directory is, or " + COMPARE_BY_HAND)
+    except OSError as e:
+        # the agent must not read Proctor's state (a transparent sidecar keeps it from the agent's uid)
+        return None, f"Proctor's CA {path} cannot be read here ({e.strerror or e}): {COMPARE_BY_HAND}"
+    except ValueError:
+        return None, f"{path} holds no PEM certificate: {COMPARE_BY_HAND}"
 
 
 def connector_hosts_of(config: ProctorConfig) -> dict[str, list[str]]:
@@ -890,7 +914,7 @@ def connector_hosts_of(config: ProctorConfig) -> dict[str, list[str]]:
 def diagnose(env: Mapping[str, str], connector_hosts: Mapping[str, list[str]], proctor_ca: x509.Certificate | None,
              url: str | None, *, transparent: bool = False, node: str | None = None, check_node_js: bool = True,
              cwd: Path | None = None, timeout: float = PROBE_TIMEOUT,
-             direct_timeout: float = DIRECT_TIMEOUT) -> list[Finding]:
+             direct_timeout: float = DIRECT_TIMEOUT, ca_unknown_fix: str = CA_UNKNOWN_FIX) -> list[Finding]:
     """Every check. `transparent`: transparent interception is expected (its absence is a
     failure even with proxy variables set); it is never assumed, only observed."""
     has_vars = has_proxy_vars(env)
@@ -921,7 +945,8 @@ def diagnose(env: Mapping[str, str], connector_hosts: Mapping[str, list[str]], p
         absent.discard("NODE_EXTRA_CA_CERTS")
     elif not check_node_js:
         absent.add("NODE_EXTRA_CA_CERTS")
-    findings += check_no_proxy(env, connector_hosts, intercepted) + check_ca_vars(env, proctor_ca, frozenset(absent))
+    findings += check_no_proxy(env, connector_hosts, intercepted) + check_ca_vars(env, proctor_ca, frozenset(absent),
+                                                                        ca_unknown_fix or CA_UNKNOWN_FIX)
     via: Probe | None = None
     if target is None or direct is None:
         findings.append(Finding("roundtrip", WARN, "no concrete connector host to try", "give one with --url"))

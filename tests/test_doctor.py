@@ -205,6 +205,29 @@ def test_a_tunnel_proctor_refuses_still_proves_the_path(proctor, reader_token):
     assert proctor.decision(decision_in(trip["message"]))["agent"] == "reader-bot"
 
 
+def test_a_ca_that_cannot_be_compared_says_why(proctor, reader_token, tmp_path):
+    """Proctor's CA not readable where doctor runs: the finding's fix says what to do there
+    (not 'pass -c' when -c was passed). In a transparent pod the agent's uid cannot read
+    Proctor's state at all: then the reason is the file's error."""
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(f"state_dir: {tmp_path / 'state'}\n")  # Proctor never started there: no CA yet
+    base = {k: v for k, v in os.environ.items() if k.lower() not in CLEARED}
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "doctor", "-c", str(fresh), "--json", "--no-node"],
+                         capture_output=True, text=True, env={**base, **good_env(proctor, reader_token)},
+                         cwd=str(tmp_path), timeout=90)
+    report = json.loads(out.stdout)
+    notes = of(report, "ca", WARN)
+    assert len(notes) == 4, report  # each variable is set, to a PEM doctor cannot compare
+    assert all(n["message"].endswith("Proctor's CA unknown here, not compared") for n in notes)
+    assert notes[0]["fix"].startswith(f"no Proctor CA in {tmp_path / 'state' / 'ca'} yet (Proctor creates it when it "
+                                      "first starts there)")
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "doctor", "--json", "--no-node"],
+                         capture_output=True, text=True, env={**base, **good_env(proctor, reader_token)},
+                         cwd=str(tmp_path), timeout=90)  # no -c, and no ./.proctor here
+    [first, *_] = of(json.loads(out.stdout), "ca", WARN)
+    assert "pass -c with the proxy's config, in the directory it runs from, to compare" in first["fix"]
+
+
 def test_a_missing_config_file_says_what_to_pass(proctor, tmp_path):
     out = subprocess.run([sys.executable, "-m", "proxy.cli", "doctor", "-c", str(tmp_path / "proctor.yaml")],
                          capture_output=True, text=True, cwd=str(tmp_path), timeout=60)
