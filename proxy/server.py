@@ -22,7 +22,7 @@ from mitmproxy.master import Master
 from .ca import prepare_ca
 from .config import ProctorConfig
 from .public_url import control_base_url
-from .connectors.aliases import ConnectorAliases
+from .connectors.aliases import ConnectorAliases, own_listeners
 from .connectors.classifier import GENERIC_CONNECTOR, build_classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
@@ -161,7 +161,7 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
     if approvals is not None:
         governance.on_change.append(approvals.wake_all)
         approvals.interrupt = lambda a: governance.suspension_for(a.agent_id, a.connector, a.action) is not None
-    aliases = ConnectorAliases(manifests) if classifier.has_generic_egress else None
+    aliases = ConnectorAliases(manifests, own_listeners(config)) if classifier.has_generic_egress else None
     router = GatewayRouter(config.gateway.routes) if config.gateway.enabled else None
     metrics = Metrics()
     tracing = Tracing()

@@ -12,6 +12,11 @@ addresses compared with the connectors' addresses (loopback addresses, and the
 unspecified address, count as one: a server bound to 0.0.0.0 answers on all of
 them). A match is refused, naming the host the agent should use instead.
 
+Proctor's own listeners (forward, control, gateway, transparent) are checked the same way:
+generic egress to one of them (`http://localhost:<control port>/...`, a name resolving to
+it) would reach Proctor from Proctor's own loopback address (where the control API trusts
+its caller) around every policy. It is refused as a loop.
+
 Resolution happens at decision time; a DNS answer that changes between the
 decision and the dial (rebinding) is not covered (see docs/security.md).
 """
@@ -21,12 +26,15 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from ..core.hosts import address_key, canonical_host, is_ip
 from .classifier import split_host_pattern
 from .manifest import ConnectorManifest
 
+PROCTOR = ""  # the connector name Proctor's own listeners are recorded under (no manifest has it)
 RESOLVE_TTL_SECONDS = 30.0
 RESOLVE_TIMEOUT_SECONDS = 5.0
 
@@ -49,9 +57,22 @@ class Alias:
     port: int | None
 
 
+def own_listeners(config: Any) -> list[tuple[str, int]]:
+    """(host, port) of every listener of Proctor's (from its config)."""
+    out = [(config.listen.host, config.listen.port)]
+    if config.control.enabled:
+        out.append((config.control.listen.host, config.control.listen.port))
+    if config.gateway.enabled:
+        out.append((config.gateway.listen.host, config.gateway.listen.port))
+    if config.transparent.enabled:
+        out += [(h, config.transparent.port) for h in config.transparent.hosts]
+    return out
+
+
 class ConnectorAliases:
-    def __init__(self, manifests: list[ConnectorManifest]) -> None:
-        self._targets: list[_ConnectorAddress] = []
+    def __init__(self, manifests: list[ConnectorManifest], own: Iterable[tuple[str, int]] = ()) -> None:
+        # Proctor's own listeners first: an alias of one of them is a loop, whatever else it is
+        self._targets: list[_ConnectorAddress] = [_ConnectorAddress(PROCTOR, canonical_host(h), p) for h, p in own]
         for m in manifests:
             for pattern in m.hosts:
                 host, port = split_host_pattern(pattern)

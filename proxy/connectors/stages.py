@@ -25,7 +25,7 @@ from ..core.exchange import Exchange
 from ..core.hosts import HostRejected, canonical_host
 from ..core.model import AgentRequest, Refusal
 from ..core.target import canonicalise_target
-from .aliases import AliasUnresolvable, ConnectorAliases
+from .aliases import PROCTOR, AliasUnresolvable, ConnectorAliases
 from .classifier import GENERIC_CONNECTOR, Classifier, host_matches, split_host_pattern
 from .credentials import CredentialInjector, CredentialUnavailable
 from .derive import derive_request
@@ -117,6 +117,13 @@ class ConnectorAlias(Stage):
                               reasons=["egress-unresolvable"], kind="egress"))
             return
         if alias is None:
+            return
+        if alias.connector == PROCTOR:
+            ex.refuse(Refusal(
+                508, "Loop refused",
+                f"{req.host}:{req.port} is one of Proctor's own listeners; requests are never sent back to "
+                "Proctor (from its own address the control API would trust them): address the service you "
+                "want to reach", reasons=["proxy-loop"], kind="loop"))
             return
         where = f"{alias.host}:{alias.port}" if alias.port is not None else alias.host
         ex.refuse(Refusal(
