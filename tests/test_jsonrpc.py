@@ -72,18 +72,19 @@ def test_generic_method_operation(proctor, upstream, reader_token):
 
 
 @pytest.mark.parametrize(
-    "payload, code",
+    "payload, status, id_",
     [
-        ([tool_call("create_ticket", {"priority": 3}), tool_call("create_ticket", {"priority": 1})], -32602),  # batch
-        ({"method": "tools/call"}, -32602),  # not JSON-RPC 2.0
-        (tool_call("create_ticket", {"priority": "high"}), -32602),  # wrong type for a declared field
+        # no single call a caller waits on: the refusal's HTTP status, id null (tests/test_jsonrpc_attacks.py)
+        ([tool_call("create_ticket", {"priority": 3}), tool_call("create_ticket", {"priority": 1})], 400, None),
+        ({"method": "tools/call"}, 400, None),  # not JSON-RPC 2.0
+        (tool_call("create_ticket", {"priority": "high"}), 200, 7),  # a call: wrong type for a declared field
     ],
     ids=["batch", "not-jsonrpc", "field-type"],
 )
-def test_malformed_calls_are_invalid_params(proctor, upstream, writer_token, payload, code):
+def test_malformed_calls_are_invalid_params(proctor, upstream, writer_token, payload, status, id_):
     upstream.clear()
     r = call(proctor, upstream, writer_token, payload)
-    assert r.status_code == 200 and r.json()["error"]["code"] == code
+    assert r.status_code == status and r.json()["error"]["code"] == -32602 and r.json()["id"] == id_
     assert upstream.received() == []
 
 

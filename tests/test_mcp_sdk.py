@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from conftest import ROOT, SUPPORT, free_port, port_open, start_proctor, wait_for
@@ -42,6 +43,25 @@ forbid (
   resource
 )
 when { context.rpc.method == "notifications/roots/list_changed" };
+
+// (test only) agents in mute-agents may not answer the server's requests (elicitation...)
+@id("test-mute-agents-answer-nothing")
+forbid (
+  principal in AgentGroup::"mute-agents",
+  action == Action::"mcp.session.respond",
+  resource
+);
+
+// (test only) a progress notification from held-agents waits for a helpdesk lead
+@id("test-held-agents-progress-needs-a-lead")
+@approval("helpdesk-leads")
+forbid (
+  principal in AgentGroup::"held-agents",
+  action == Action::"mcp.session.notify",
+  resource
+)
+when { context.rpc.method == "notifications/progress" }
+unless { context has approval && context.approval.groups.contains("helpdesk-leads") };
 """
 
 
@@ -94,7 +114,8 @@ def mcp_proctor(tmp_path_factory, idp, pki, upstream, upstream_tls, servers):
     shutil.copy(EXAMPLE / "helpdesk-mcp.cedar", policies / "helpdesk-mcp.cedar")
     (policies / "quiet.cedar").write_text(QUIET_POLICY)
     p = start_proctor(base / "p", idp, pki, upstream, upstream_tls, policies_src=policies,
-                      extra_connectors=[example_connector(servers)])
+                      extra_connectors=[example_connector(servers)],
+                      overrides={"approvals": {"mode": "async"}})  # a hold answers at once
     yield p
     p.stop()
 
@@ -191,21 +212,117 @@ def test_an_agent_outside_the_group_cannot_even_initialize(servers, mcp_proctor,
     assert server.seen() == []
 
 
-def test_a_denied_notification_is_not_forwarded_and_the_session_goes_on(servers, mcp_proctor, idp):
-    """A notification gets no answer, so the client never reads Proctor's JSON-RPC error for it
-    (HTTP 200, id null): the session carries on, the server never sees the notification, and
-    the refusal is in the record."""
+def run_refused(proctor, idp, url: str, scenario: str, agent: str, groups: tuple[str, ...]) -> dict:
+    env = agent_env(proctor.proxy_url_with(agent, idp.token(agent, groups=list(groups))), proctor.ca_pem)
+    out = subprocess.run([sys.executable, str(SUPPORT / "mcp_refused_client.py"), url, scenario], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def post_raw(proctor, idp, server: McpServer, doc: dict, agent: str, groups: tuple[str, ...]):
+    """One JSON-RPC message POSTed through Proctor as any HTTP client would (no MCP session:
+    Proctor decides before the server is asked)."""
+    return requests.post(server.url, json=doc, timeout=15,
+                         headers={"Accept": "application/json, text/event-stream"},
+                         proxies={"http": proctor.proxy_url_with(agent, idp.token(agent, groups=list(groups)))})
+
+
+def assert_refused_without_id(proctor, r, status: int, code: int, reason: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert set(body) == {"jsonrpc", "id", "error"} and body["jsonrpc"] == "2.0" and body["id"] is None
+    err = body["error"]
+    assert err["code"] == code and (reason in err["message"] or code == -32002)  # a hold names its approvers
+    assert err["data"]["reasons"] == [reason] and err["data"]["decision_id"] == r.headers["x-proctor-decision-id"]
+    return err
+
+
+def test_a_refused_notification_or_answer_is_an_http_error_with_a_jsonrpc_error_without_id(servers, mcp_proctor, idp):
+    """MCP Streamable HTTP: a POSTed notification or response the server accepts is answered
+    202 with no body; one it cannot accept, an HTTP error status whose body may be a JSON-RPC
+    error with no id. Proctor's refusal is that: 403, the reason and the decision id."""
+    server = servers["http"]
+    server.log.write_text("")
+    quiet = ("quiet-bot", ("helpdesk-agents", "quiet-agents"))
+    r = post_raw(mcp_proctor, idp, server, {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}, *quiet)
+    err = assert_refused_without_id(mcp_proctor, r, 403, -32001, "test-quiet-agents-send-no-roots-notifications")
+    assert mcp_proctor.decision(err["data"]["decision_id"])["rpc"] == {"method": "notifications/roots/list_changed"}
+
+    mute = ("mute-bot", ("helpdesk-agents", "mute-agents"))
+    answer = {"jsonrpc": "2.0", "id": 0, "result": {"action": "accept", "content": {"confirm": True}}}
+    r = post_raw(mcp_proctor, idp, server, answer, *mute)
+    err = assert_refused_without_id(mcp_proctor, r, 403, -32001, "test-mute-agents-answer-nothing")
+    rec = mcp_proctor.decision(err["data"]["decision_id"])
+    assert rec["action"] == "mcp.session.respond" and rec["rpc"] == {"method": "rpc.response"}
+    assert server.seen() == []
+
+    # allowed, they reach the server (which answers them itself: no session here, so 400)
+    r = post_raw(mcp_proctor, idp, server, {"jsonrpc": "2.0", "method": "notifications/roots/list_changed"}, *mute)
+    assert r.status_code == 400 and "x-proctor-decision-id" in r.headers
+    assert [e["rpc"] for e in server.seen()] == ["notifications/roots/list_changed"]
+
+
+def test_a_held_notification_is_not_answered_202(servers, mcp_proctor, idp):
+    """A hold is no acceptance (202 would tell the client the server took it): 429 with
+    Retry-After and the approval, the JSON-RPC error without id."""
+    server = servers["http"]
+    server.log.write_text("")
+    held = ("held-bot", ("helpdesk-agents", "held-agents"))
+    progress = {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": 1, "progress": 1}}
+    r = post_raw(mcp_proctor, idp, server, progress, *held)
+    err = assert_refused_without_id(mcp_proctor, r, 429, -32002, "test-held-agents-progress-needs-a-lead")
+    assert int(r.headers["retry-after"]) > 0
+    assert err["data"]["approval_id"] and err["data"]["approval_groups"] == {"helpdesk-leads": 1}
+    assert mcp_proctor.decision(err["data"]["decision_id"])["decision"] == "hold"
+    assert server.seen() == []
+
+
+def test_a_denied_notification_from_the_official_client(servers, mcp_proctor, idp):
+    """What the SDK (1.x) does with the 403: its transport cannot hand the error of a
+    notification to a caller, logs it (the 403) and ends, so the session's next call fails at
+    once (ClosedResourceError) instead of waiting; the server never saw the notification and
+    the refusal is in the record with its policy."""
     server = servers["http"]
     server.log.write_text("")
     before = len(mcp_proctor.decisions())
-    out = run_agent(mcp_proctor, idp, server.url, agent="quiet-bot", groups=("helpdesk-agents", "quiet-agents"))
-    assert out.returncode == 0, out.stderr[-3000:]
-    t = json.loads(out.stdout.strip().splitlines()[-1])
-    assert t["pinged"] and t["closed"] and t["search"]["result"]["text"]
-    wait_for(lambda: any(e["method"] == "DELETE" for e in server.seen()), timeout=10, what="the session's DELETE")
-    assert "notifications/roots/list_changed" not in {e.get("rpc") for e in server.seen()}
-    assert "notifications/initialized" in {e.get("rpc") for e in server.seen()}
-    [denied] = [r for r in records_for(mcp_proctor, "quiet-bot", before) if r["decision"] == "deny"
-                and r["action"] == "mcp.session.notify"]
-    assert denied["rpc"] == {"method": "notifications/roots/list_changed"}
-    assert denied["reasons"] == ["test-quiet-agents-send-no-roots-notifications"]
+    t = run_refused(mcp_proctor, idp, server.url, "notification", "quiet-bot", ("helpdesk-agents", "quiet-agents"))
+    assert t["initialize"]["ok"] and t["notify"]["ok"]  # send_notification returns once queued
+    after = t["after"]
+    assert not after["ok"] and not after.get("timeout") and after["seconds"] < 5, after
+    assert any("ClosedResourceError" in e for e in after["errors"]), after
+    logged = [rec for rec in t["log"] if rec["exception"] and "403 Forbidden" in rec["exception"]]
+    assert logged and logged[0]["logger"] == "mcp.client.streamable_http", t["log"]
+    assert t["exited"]["ok"], t["exited"]
+
+    seen = {e.get("rpc") for e in server.seen()}
+    assert "notifications/initialized" in seen and "notifications/roots/list_changed" not in seen
+    assert "tools/call" not in seen
+    [denied] = [r for r in records_for(mcp_proctor, "quiet-bot", before) if r["decision"] == "deny"]
+    assert denied["action"] == "mcp.session.notify" and denied["rpc"] == {"method": "notifications/roots/list_changed"}
+    assert denied["reasons"] == ["test-quiet-agents-send-no-roots-notifications"] and denied["status"] == 403
+
+
+def test_a_denied_answer_to_an_elicitation_fails_the_tool_call_instead_of_hanging(servers, mcp_proctor, idp):
+    """The server asks the user (elicitation) inside close_ticket; the client's answer is denied.
+    Answered HTTP 200 the SDK took it as delivered and the tool call waited for the server, which
+    waited for the answer. Answered 403, the SDK's transport ends and the waiting call fails at
+    once with McpError "Connection closed"; the answer never reached the server."""
+    server = servers["http"]
+    server.log.write_text("")
+    before = len(mcp_proctor.decisions())
+    t = run_refused(mcp_proctor, idp, server.url, "answer", "mute-bot", ("helpdesk-agents", "mute-agents"))
+    assert t["asked"] == ["Close ticket T-2?"]
+    close = t["close"]
+    assert not close["ok"] and not close.get("timeout") and close["seconds"] < 5, close
+    assert close["mcp_error"]["message"] == "Connection closed", close
+    assert not t["after"]["ok"] and not t["after"].get("timeout")
+    assert any(rec["exception"] and "403 Forbidden" in rec["exception"] for rec in t["log"]), t["log"]
+
+    seen = server.seen()
+    assert [e["tool"] for e in seen if e.get("rpc") == "tools/call"] == ["close_ticket"]
+    assert not [e for e in seen if e["method"] == "POST" and e.get("rpc") is None]  # no answer got through
+    [denied] = [r for r in records_for(mcp_proctor, "mute-bot", before) if r["decision"] == "deny"]
+    assert denied["action"] == "mcp.session.respond" and denied["rpc"] == {"method": "rpc.response"}
+    assert denied["reasons"] == ["test-mute-agents-answer-nothing"]

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from ..config import RequestLimits
 from .classifier import Classifier, PathRejected
-from .values import ValueRejected, with_body_fields
+from .values import ValueRejected, jsonrpc_request_id, with_body_fields
 from ..core.body import BodyRejected, ReadBody, read_body
 from ..core.context import body_to_cedar
 from ..core.hosts import HostRejected
@@ -30,7 +29,7 @@ class Derivation:
     classification: Classification | None = None  # set as soon as a route matched
     body: Any = None  # the body as Cedar JSON (context.body)
     payload: ReadBody | None = None  # how the body was read (context.payload)
-    jsonrpc_id: Any = None
+    jsonrpc_id: Any = None  # a call's id (None: no caller awaits an answer; values.jsonrpc_request_id)
     refusal: Refusal | None = None
 
     @property
@@ -90,8 +89,8 @@ def derive_request(classifier: Classifier, limits: RequestLimits, req: AgentRequ
         return d
     doc = read.doc
     try:
-        if d.is_jsonrpc and isinstance(doc, dict):
-            d.jsonrpc_id = _plain_id(doc.get("id"))
+        if d.is_jsonrpc:
+            d.jsonrpc_id = jsonrpc_request_id(doc)
         d.body = body_to_cedar(doc, limits.max_json_depth, limits.inexact_numbers)
         d.classification = cls = with_body_fields(cls, doc)
     except BodyRejected as e:
@@ -162,9 +161,3 @@ def _body_field_in_query(cls: Classification, query: str) -> Refusal | None:
                    f"the query parameter {clash[:60]!r} names a body field of this route; servers that merge "
                    "query and body parameters could act on it unseen: send it in the body only", kind="request")
 
-
-def _plain_id(value: Any) -> Any:
-    """A JSON-RPC id as plain JSON (ids are echoed in error responses; bodies parse numbers as Decimal)."""
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    return value

@@ -283,6 +283,44 @@ def is_jsonrpc_response(doc: Any) -> bool:
             and ("result" in doc) != ("error" in doc) and set(doc) <= {"jsonrpc", "id", "result", "error"})
 
 
+# An id written as a number with a fraction or an exponent is parsed as a Decimal (exact
+# numbers, core/body.py); one with more digits than this is no id anyone correlates on, and
+# turning `1e999999999` into an int would take the process's memory.
+_MAX_ID_DIGITS = 64
+
+
+def jsonrpc_request_id(doc: Any) -> Any:
+    """The id a refusal of this message echoes: a JSON-RPC 2.0 request's (a call with an id
+    its caller waits on: a string or an integer), else None (a notification, a response the
+    agent sends back, a batch or anything else that is no single call: no caller awaits an
+    answer to it, core/problem.py answers its refusal with an HTTP error status).
+
+    An id of no JSON-RPC type (object, array, boolean), a fractional one and an outsized
+    number are refused: ValueRejected."""
+    if not isinstance(doc, dict) or "id" not in doc:
+        return None
+    value = doc["id"]
+    if isinstance(value, Decimal):
+        if not value.is_finite() or value.adjusted() >= _MAX_ID_DIGITS or value != value.to_integral_value():
+            raise ValueRejected("a JSON-RPC id is a string, an integer or null; this one is a fraction or an "
+                                "outsized number")
+        value = int(value)
+    elif isinstance(value, bool) or not isinstance(value, (str, int, type(None))):
+        raise ValueRejected(f"a JSON-RPC id is a string, an integer or null, not a JSON {_json_type(value)}")
+    elif isinstance(value, int) and len(str(abs(value))) > _MAX_ID_DIGITS:
+        raise ValueRejected(f"a JSON-RPC id of more than {_MAX_ID_DIGITS} digits is refused")
+    if (value is None or doc.get("jsonrpc") != "2.0" or not isinstance(doc.get("method"), str)
+            or "result" in doc or "error" in doc):
+        return None
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return "object" if isinstance(value, dict) else "array" if isinstance(value, list) else type(value).__name__
+
+
 def resolve_jsonrpc(cls: Classification, doc: Any) -> Classification:
     """For a JSON-RPC route: the operation the body calls, with its action, resource and fields.
 
@@ -294,6 +332,10 @@ def resolve_jsonrpc(cls: Classification, doc: Any) -> Classification:
         return cls
     if isinstance(doc, list):
         raise ValueRejected("JSON-RPC batches are not accepted; send one call per request")
+    if isinstance(doc, dict) and "method" in doc and ("result" in doc or "error" in doc):
+        # servers differ on which it is (the MCP SDK reads a call; a dispatcher testing for `result` first,
+        # a response): an answer policy judged as an allowed call, or the reverse
+        raise ValueRejected("a JSON-RPC message is a request (method) or a response (result or error), not both")
     if is_jsonrpc_response(doc):
         method, params = RESPONSE_METHOD, None
     elif not isinstance(doc, dict) or doc.get("jsonrpc") != "2.0" or not isinstance(doc.get("method"), str):

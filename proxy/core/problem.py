@@ -63,16 +63,28 @@ JSONRPC_CODES = {
 }
 
 
-def jsonrpc_error_response(outcome: Exchange) -> tuple[int, dict[str, str], bytes]:
-    """A refusal on a JSON-RPC endpoint, as the JSON-RPC error object agent loops understand.
+# A held message no caller awaits an answer to: not 202 (MCP: "accepted"), it was not forwarded.
+JSONRPC_HOLD_STATUS = 429
 
-    HTTP 200 with `{"jsonrpc": "2.0", "id": <the call's id>, "error": {...}}`; the
-    problem fields (decision_id, action, resource, reasons, and the HTTP status the
-    refusal stands for) are in `error.data`.
+
+def jsonrpc_error_response(outcome: Exchange) -> tuple[int, dict[str, str], bytes]:
+    """A refusal on a JSON-RPC endpoint, as the JSON-RPC error object agent loops understand:
+    `{"jsonrpc": "2.0", "id": <the call's id>, "error": {...}}`, the problem fields
+    (decision_id, action, resource, reasons, and the HTTP status the refusal stands for)
+    in `error.data`.
+
+    A call (a request with an id) is answered HTTP 200, the error its caller waits on. A
+    message no caller awaits an answer to (a notification, a response the agent sends back,
+    anything that is no single call) has `"id": null` and the refusal's HTTP status (a hold:
+    429 with Retry-After), as MCP Streamable HTTP has a server that cannot accept one answer.
     """
     refusal = outcome.refusal
     assert refusal is not None
     problem = problem_body(outcome)
+    if outcome.jsonrpc_id is None:
+        status = refusal.status if refusal.status >= 400 else JSONRPC_HOLD_STATUS
+    else:
+        status = 200
     body = {
         "jsonrpc": "2.0",
         "id": outcome.jsonrpc_id,
@@ -83,7 +95,8 @@ def jsonrpc_error_response(outcome: Exchange) -> tuple[int, dict[str, str], byte
         },
     }
     headers = {"Content-Type": "application/json", "Cache-Control": "no-store", DECISION_HEADER: outcome.decision_id}
-    return 200, headers, json.dumps(body, separators=(",", ":")).encode()
+    headers.update(refusal.headers)
+    return status, headers, json.dumps(body, separators=(",", ":")).encode()
 
 
 # OpenAI's error object (`error_format: openai`): the `type` by the status answered. The SDKs
