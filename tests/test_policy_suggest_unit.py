@@ -587,6 +587,10 @@ def test_nothing_to_learn(tmp_path: Path) -> None:
         run(tmp_path, [denied, {"not": "a record"}])
     with pytest.raises(SuggestInputError, match="no decision record"):
         suggest([], policy_source(tmp_path), Options())
+    # every line filtered out: the message names the filters that did it
+    with pytest.raises(NothingToLearn, match=re.escape("2 outside the filters (--agent invoice-bot, --connector crm)")):
+        run(tmp_path, [order("1.0"), order("2.0")],
+            filters=Filters(agents=frozenset({"invoice-bot"}), connectors=frozenset({"crm"})))
 
 
 def cli_config(tmp_path: Path) -> Path:

@@ -1178,7 +1178,11 @@ def suggest(paths: list[Path], source: PolicySource, options: Options, manifests
     result.permits = build(read_decisions(paths, result.unreadable), bundle, options, hints, result)
     if not result.permits:
         why = "; ".join(f"{n} {reason}" for reason, n in sorted(result.skipped.items())) or "none"
-        extra = f"; {result.filtered_out} outside the filters" if result.filtered_out else ""
+        f = options.filters
+        named = [f"--agent {a}" for a in sorted(f.agents)] + [f"--connector {c}" for c in sorted(f.connectors)] + (
+            ["--since"] if f.since is not None else []) + (["--until"] if f.until is not None else [])
+        extra = (f"; {result.filtered_out} outside the filters ({', '.join(named) or 'none named'})"
+                 if result.filtered_out else "")
         left = f"; {len(result.left_out)} permits under --min-count" if result.left_out else ""
         raise NothingToLearn(
             f"nothing to learn from: {result.considered} decisions read{extra}{left}; not learned from: {why}"
