@@ -105,7 +105,17 @@ def run(config_path: str | None, log_level: str) -> None:
     try:
         asyncio.run(serve(config))
     except PolicyLoadError as e:
-        raise click.ClickException("policies cannot be loaded, refusing to start:\n  " + "\n  ".join(e.problems)) from None
+        hint = ""
+        if config.policies.schema_from_connectors and any(
+                "unrecognized action" in p or "unrecognized entity type" in p for p in e.problems):
+            # the schema comes from the connectors: a connectors_dir without the ones the policies are for
+            hint = (f"\nthe policies in {config.policies.dir} name actions or entity types that no connector in "
+                    f"connectors_dir ({config.connectors_dir}) declares (the schema is generated from the connector "
+                    "manifests): keep the connectors those policies are written for in connectors_dir (the bundled "
+                    "policies are for the bundled connectors: crm, erp, llm, ticketing), or point policies.dir at "
+                    "policies for your connectors (docs/configuration.md)")
+        raise click.ClickException("policies cannot be loaded, refusing to start:\n  " + "\n  ".join(e.problems)
+                                   + hint) from None
     except ManifestError as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
