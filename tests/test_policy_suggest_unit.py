@@ -717,3 +717,38 @@ def test_generic_egress_permits_name_the_hosts_seen_never_every_host(tmp_path: P
         if other not in hosts:
             assert evaluate(store, parse_record(egress(other)))[0] == "deny", other
     assert result.proof is not None and result.proof.ok
+
+
+def test_a_catch_all_mcp_tool_permit_names_the_tools_seen(tmp_path: Path) -> None:
+    """`tools/call` without `tool:` (docs/connectors.md: "any other tool"): the resource is
+    McpTool::"<the tool the agent named>". Learned from calls to two tools, the permit grants
+    those two, never `resource is McpTool` (every tool, a delete_repo never called included)."""
+    from proxy.connectors.manifest import ConnectorManifest
+
+    manifest = ConnectorManifest.model_validate({
+        "name": "testsvc", "hosts": ["127.0.0.1:8000"],
+        "routes": [{"method": "POST", "path": "/mcp", "jsonrpc": [
+            {"method": "tools/call", "action": "test.mcp.call", "resource": {"type": "McpTool"}}]}],
+    })
+    source = policy_source(tmp_path, schema_patch=(
+        'action "test.mcp.list"',
+        'action "test.mcp.call" appliesTo { principal: Agent, resource: McpTool, context: McpContext };\n'
+        'action "test.mcp.list"'))
+
+    def call(tool: str) -> dict[str, Any]:
+        return line(action="test.mcp.call", rtype="McpTool", rid=tool, params={})
+
+    path = write(tmp_path, [call("search"), call("search"), call("read_file")])
+    result = suggest([path], source, Options(), [manifest])
+    (permit,) = result.permits
+    assert [b.values for b in permit.bounds if b.path == ("resource",)] == [["read_file", "search"]]
+    d = tmp_path / "check"
+    d.mkdir()
+    shutil.copy(tmp_path / "policies" / "schema.cedarschema", d)
+    (d / "suggested.cedar").write_text(result.text)
+    store = PolicyStore(PolicySource(d / "schema.cedarschema", d, None))
+    assert evaluate(store, parse_record(call("search")))[0] == "allow"
+    assert evaluate(store, parse_record(call("delete_repo")))[0] == "deny"
+    # without the manifest (no way to know the id is the tool), ids are not listed, as for any resource
+    bare = suggest([path], source, Options())
+    assert [b for b in bare.permits[0].bounds if b.path == ("resource",)] == []

@@ -21,8 +21,9 @@ written for a value the schema declares with that type (checked with Cedar's
 validator, below), guarded by `has`, and never for identifiers (path parameters,
 values equal to the resource id, id-shaped values). Generic egress (`http.request`,
 resource `HttpHost::"<host>"`) is always granted to the hosts seen only, whatever the
-counts and options: the host is what is granted, and the agent chose it. Only
-permits: forbid policies and approval holds of the active set keep applying on top.
+counts and options: the host is what is granted, and the agent chose it; so is a
+catch-all MCP `tools/call` (no `tool:`) to the tools seen (its resource is the tool the
+agent named). Only permits: forbid policies and approval holds of the active set keep applying on top.
 
 The suggestion is refused (exit 1) unless it validates against the schema and a
 replay of the same traffic proves it: every request it learned from is allowed by
@@ -75,6 +76,8 @@ BOUNDED_CONTEXT_GROUPS = ("fields", "query_params")
 # counts, --no-bounds included), never `resource is HttpHost` alone, which would grant every host.
 # The host comes from the agent's request: one request to one host (or many to many) must not
 # teach "any host".
+# The same for the actions of catch-all MCP operations (`tools/call` without `tool:`, the
+# resource id the tool the agent named): the tool is the capability (ManifestHints).
 GRANTED_BY_RESOURCE = frozenset({"http.request"})
 GRANTED_MAX = 1000  # more resources seen than this: no permit suggested (write it by hand)
 
@@ -304,8 +307,8 @@ SKIP_NOT_FORWARDED = "not forwarded"
 SKIP_ERRORS = "Cedar evaluation errors"
 SKIP_UNUSABLE = "principal or resource unusable in Cedar source"
 SKIP_NOT_IN_SCHEMA = "action or resource type not in the current schema"
-SKIP_GRANTED_UNBOUNDED = (f"generic egress to more than {GRANTED_MAX} hosts (a permit must name them: "
-                          "write it by hand)")
+SKIP_GRANTED_UNBOUNDED = (f"more than {GRANTED_MAX} hosts (generic egress) or tools (a catch-all tools/call) "
+                          "seen for one permit: it must name them; write it by hand")
 
 
 def skip_reason(rec: DecisionRecord, monitored: bool) -> str | None:
@@ -446,17 +449,25 @@ class ManifestHints:
     request of a route) and copies of request values (bounded in the context already)."""
 
     skip_resource_attrs: dict[str, frozenset[str]] = field(default_factory=dict)
+    # actions whose resource id is the capability the agent named (GRANTED_BY_RESOURCE too)
+    granted: frozenset[str] = GRANTED_BY_RESOURCE
 
     @classmethod
     def of(cls, manifests: Iterable[Any]) -> ManifestHints:
         skip: dict[str, set[str]] = {}
+        granted = set(GRANTED_BY_RESOURCE)
         for m in manifests:
             for r in m.routes:
                 ops = r.jsonrpc if r.jsonrpc is not None else [r]
                 for op in ops:
                     names = skip.setdefault(op.action, set())
                     names |= set(op.attributes) | set(op.resource_attributes)
-        return cls({k: frozenset(v) for k, v in skip.items()})
+                for op in r.jsonrpc or []:
+                    # a catch-all tools/call: the resource is whichever tool the agent named
+                    if op.method == "tools/call" and op.tool is None and (
+                            op.resource.id is None or "{tool}" in op.resource.id):
+                        granted.add(op.action)
+        return cls({k: frozenset(v) for k, v in skip.items()}, frozenset(granted))
 
 
 def _observe(obs: Observed, rec: DecisionRecord, monitored: bool, hints: ManifestHints, bounds: bool) -> None:
@@ -473,7 +484,7 @@ def _observe(obs: Observed, rec: DecisionRecord, monitored: bool, hints: Manifes
         if not forbids:  # denied by default: no permit covered it, and the one learned here would
             obs.denied_unpermitted += 1
     context, resource = cedar.get("context") or {}, cedar.get("resource") or {}
-    if rec.action in GRANTED_BY_RESOURCE:  # (build checked the id is usable)
+    if rec.action in hints.granted:  # (build checked the id is usable)
         obs.resources.add(resource["uid"]["id"])
     if not bounds:
         return
@@ -859,7 +870,8 @@ def _comment(p: SuggestedPermit) -> list[str]:
         shown_ids = ", ".join(comment_text(v, 80) for v in granted.values[:AGENTS_SHOWN])
         if len(granted.values) > AGENTS_SHOWN:
             shown_ids += f" and {len(granted.values) - AGENTS_SHOWN} more"
-        lines.append(f"resource: only the {len(granted.values)} seen ({shown_ids}): the resource is what is granted")
+        lines.append(f"resource: only the {len(granted.values)} seen ({shown_ids}): the resource (a host, a tool) "
+                     "is what is granted")
     for path, fs in sorted(o.fields.items()):
         b = by_path.get(path)
         seen = _observed_text(fs, o.count)
@@ -926,7 +938,7 @@ def build(records: Iterable[tuple[DecisionRecord, bool]], bundle: PolicyBundle, 
         principal = _principal(dict(rec.cedar))
         rtype = _resource_type(dict(rec.cedar))
         if principal is None or rtype is None or not cedar_safe(rec.action) or (
-                rec.action in GRANTED_BY_RESOURCE and _resource_id(dict(rec.cedar)) is None):
+                rec.action in hints.granted and _resource_id(dict(rec.cedar)) is None):
             result.skipped[SKIP_UNUSABLE] += 1
             continue
         seen_scope = (rec.action, rtype)
@@ -973,7 +985,7 @@ def build(records: Iterable[tuple[DecisionRecord, bool]], bundle: PolicyBundle, 
                         principal_kind="agent", principal_type=agent_info[agent][0], principal_id=agent,
                         action=action, resource_type=rtype, observed=sub, members_seen=[],
                         notes=[f"per agent: the schema does not allow `principal in` group type {ptype}"]),
-                        oracle, options)
+                        oracle, options, hints.granted)
                     if finished is None:
                         result.skipped[SKIP_GRANTED_UNBOUNDED] += sub.count
                         result.learned -= sub.count
@@ -983,7 +995,7 @@ def build(records: Iterable[tuple[DecisionRecord, bool]], bundle: PolicyBundle, 
             result.skipped[SKIP_NOT_IN_SCHEMA] += obs.count
             result.learned -= obs.count
             continue
-        finished = _finish(permit, oracle, options)
+        finished = _finish(permit, oracle, options, hints.granted)
         if finished is None:
             result.skipped[SKIP_GRANTED_UNBOUNDED] += obs.count
             result.learned -= obs.count
@@ -1007,10 +1019,11 @@ def _granted_bound(permit: SuggestedPermit) -> Bound:
     return Bound(("resource",), "entity", cond, True, values=ids, body=cond)
 
 
-def _finish(permit: SuggestedPermit, oracle: SchemaOracle, options: Options) -> SuggestedPermit | None:
+def _finish(permit: SuggestedPermit, oracle: SchemaOracle, options: Options,
+            granted_actions: frozenset[str] = GRANTED_BY_RESOURCE) -> SuggestedPermit | None:
     """Add the bounds the schema declares and Cedar accepts. None: no permit can be suggested
     (an action whose resource is what is granted, and the resources seen cannot be written)."""
-    if permit.action in GRANTED_BY_RESOURCE:
+    if permit.action in granted_actions:
         resources = permit.observed.resources
         if not resources or len(resources) > GRANTED_MAX:
             return None
