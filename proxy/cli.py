@@ -698,13 +698,16 @@ def doctor(config_path: str | None, url: str | None, transparent: bool, node: st
 @click.option("--protect-port", "protect_ports", multiple=True, metavar="PORT|none",
               help="A local TCP port of Proctor's the agent may not connect to (repeatable; default 8080, 8081 "
                    "and 8082: the forward proxy, control API and gateway; none: no such rule).")
+@click.option("--status-port", default="8081", show_default=True, metavar="PORT|none",
+              help="Proctor's control API port: the agent's connections to it on a local address are redirected to "
+                   "the transparent listener, which answers only the approval status URL there (none: no redirect).")
 @click.option("--netns", default=None, metavar="NAME", help="A named network namespace (ip netns) instead of the current one.")
 @click.option("--apply", "do_apply", is_flag=True, help="Apply the rules (atomic, idempotent) instead of printing them.")
 @click.option("--remove", "do_remove", is_flag=True, help="Delete the rules --apply added.")
 def netsetup(
     backend: str, proxy_uid: str | None, proxy_port: str, exclude_uids: tuple[str, ...], exclude_ports: tuple[str, ...],
     exclude_cidrs: tuple[str, ...], dns_port: str, dns_servers: tuple[str, ...], ipv6: bool,
-    protect_ports: tuple[str, ...], netns: str | None, do_apply: bool, do_remove: bool,
+    protect_ports: tuple[str, ...], status_port: str, netns: str | None, do_apply: bool, do_remove: bool,
 ) -> None:
     """Print (or --apply) the iptables/nftables rules that redirect every TCP connection but
     Proctor's own to its transparent listener, and let nothing else out but DNS and ICMP
@@ -724,7 +727,7 @@ def netsetup(
         plan = ns.build_plan(
             proxy_uid=proxy_uid, proxy_port=proxy_port, exclude_uids=exclude_uids, exclude_ports=exclude_ports,
             exclude_cidrs=exclude_cidrs, dns_port=dns_port, dns_servers=dns_servers, ipv6=ipv6,
-            resolv_conf=ns.resolv_conf_for(netns), protect_ports=protect_ports or None,
+            resolv_conf=ns.resolv_conf_for(netns), protect_ports=protect_ports or None, status_port=status_port,
         )
         if not do_apply:
             click.echo(ns.render(plan, be, netns), nl=False)

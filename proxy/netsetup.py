@@ -12,7 +12,11 @@ nftables `inet` table), the way service-mesh init containers build theirs:
   resolvers (`--dns-server`, by default the nameservers of the namespace's resolv.conf;
   with the `--dns-server any` opt-out TCP to the DNS port is redirected like any TCP, or any
   service listening on port 53 of any host would be reachable around Proctor), and the
-  excluded ports and CIDRs (exclusions are holes).
+  excluded ports and CIDRs (exclusions are holes). One local destination is redirected:
+  the status address, the control API's port (`--status-port`, default 8081) on a local
+  address, so the status URL of a held request is one the agent can GET: the transparent
+  listener answers exactly `GET /v1/approvals/{id}/status` there, for the workload
+  identity's own approvals, and refuses anything else (docs/transparent.md).
 * filter OUTPUT: for the same uids, nothing else leaves: a TCP connection that was not
   redirected (and is not local, DNS to a pinned resolver or excluded), and every UDP
   datagram but DNS to the pinned resolvers (to any host only with `--dns-server any`), are
@@ -54,6 +58,10 @@ DEFAULT_DNS_PORT = 53
 # Proctor's own listeners the agent must not reach inside the pod: forward proxy, control API and
 # gateway at their defaults (loopback is not redirected, so without this the agent could use them).
 DEFAULT_PROTECTED_PORTS = (8080, 8081, 8082)
+# The control API's default port: the agent's connections to it on a local address are redirected to
+# the transparent listener, which answers approval status requests there (the status address).
+DEFAULT_STATUS_PORT = 8081
+STATUS_COMMENT = "approval status, answered by the transparent listener"
 # The highest uid Linux hands out: (uid_t)-1 means "no uid".
 MAX_UID = 2**32 - 2
 NETNS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}")
@@ -88,6 +96,8 @@ class Plan:
     ipv6: bool = True
     # Local TCP ports the redirected uids may not connect to (Proctor's other listeners).
     protect_ports: tuple[int, ...] = DEFAULT_PROTECTED_PORTS
+    # The local TCP port redirected to the transparent port (the status address); None: none.
+    status_port: int | None = DEFAULT_STATUS_PORT
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     def exempt_uids(self) -> tuple[int, ...]:
@@ -181,6 +191,7 @@ def build_plan(
     ipv6: bool = True,
     resolv_conf: Path = RESOLV_CONF,
     protect_ports: Iterable[str | int] | None = None,
+    status_port: str | int | None = DEFAULT_STATUS_PORT,
 ) -> Plan:
     """Validate every option; InputError names the first bad one."""
     if proxy_uid is None:
@@ -217,6 +228,12 @@ def build_plan(
             raise InputError(f"--protect-port: {x} is the transparent port (--proxy-port): redirected traffic must reach it")
         if x not in protected:
             protected.append(x)
+    status: int | None = None
+    if status_port is not None and str(status_port) != "none":
+        status = _port(status_port, "--status-port")
+        if status == port:
+            raise InputError(f"--status-port: {status} is the transparent port (--proxy-port); the status address "
+                             "is Proctor's control API port")
     servers: list[Network] | None = None
     # Pinned resolvers by default (auto: the namespace's resolv.conf): "UDP to port 53 of any host"
     # is a tunnel to a server the agent chooses. `any` is the explicit, warned opt-out.
@@ -264,7 +281,7 @@ def build_plan(
     return Plan(
         proxy_uid=uid, proxy_port=port, exclude_uids=tuple(uids), exclude_ports=tuple(ports),
         exclude_cidrs=tuple(cidrs), dns_port=dport, dns_servers=None if servers is None else tuple(servers),
-        ipv6=ipv6, protect_ports=tuple(protected), warnings=tuple(warnings),
+        ipv6=ipv6, protect_ports=tuple(protected), status_port=status, warnings=tuple(warnings),
     )
 
 
@@ -291,6 +308,9 @@ def _iptables_chain_rules(plan: Plan, family: int, table: str) -> list[str]:
     # DNS over TCP only to pinned resolvers: "TCP to port 53 of any host" is a way around Proctor
     tcp_dns_dests = [] if dns is None else dns_dests
     if table == "nat":
+        if plan.status_port is not None:  # (before the local RETURN: this local port is Proctor's)
+            rules.append(f"-A {c} -o lo -p tcp --dport {plan.status_port} {_cmt(STATUS_COMMENT)} "
+                         f"-j REDIRECT --to-ports {plan.proxy_port}")
         rules.append(f"-A {c} -o lo {_cmt('local destinations, not governed')} -j RETURN")
         for d in tcp_dns_dests:
             rules.append(f"-A {c} {d}-p tcp --dport {plan.dns_port} {_cmt('DNS over TCP')} -j RETURN")
@@ -408,6 +428,9 @@ def nft_ruleset(plan: Plan) -> str:
     if plan.protect_ports:
         flt.append(f'oifname "lo" tcp dport {_nft_set(plan.protect_ports)} reject with tcp reset '
                    'comment "Proctor listeners, not for the agent"')
+    if plan.status_port is not None:
+        nat.append(f'oifname "lo" tcp dport {plan.status_port} redirect to :{plan.proxy_port} '
+                   f'comment "{STATUS_COMMENT}"')
     nat.append('oifname "lo" return comment "local destinations, not governed"')
     flt.append('oifname "lo" return comment "local destinations, not governed"')
     flt.append('meta l4proto tcp ct status dnat return comment "redirected to Proctor"')
@@ -475,9 +498,15 @@ def _describe(plan: Plan) -> list[str]:
         "Not redirected: destinations inside this namespace (loopback, the pod's own",
         "addresses): local services are not governed. Answers on inbound connections pass.",
         ("Refused locally: Proctor's own listeners on TCP " + ", ".join(map(str, plan.protect_ports))
-         + " (forward proxy, control API, gateway): the agent's way in is the redirect.")
+         + " (forward proxy, control API, gateway): the agent's way in is the redirect"
+         + (" (but see the status port below)." if plan.status_port in plan.protect_ports else "."))
         if plan.protect_ports else
         "WARNING: Proctor's own listeners are reachable from the agent (--protect-port none).",
+        *([f"Redirected locally: TCP {plan.status_port} (the control API's port) on a local address goes to",
+           "the transparent listener, which answers only GET /v1/approvals/{id}/status there",
+           "(the status URL of the agent's held requests; --status-port)."]
+          if plan.status_port is not None else
+          ["No status address (--status-port none): the agent cannot read a held request's status URL."]),
         f"DNS over TCP (port {plan.dns_port}) passes only to pinned resolvers (--dns-server);"
         if plan.dns_servers is not None else
         f"DNS over TCP (port {plan.dns_port}) is redirected like any TCP: no resolver is pinned (--dns-server any).",
@@ -507,6 +536,8 @@ def _invocation(plan: Plan, backend: Backend) -> str:
     if plan.protect_ports != DEFAULT_PROTECTED_PORTS:
         for port in [str(p) for p in plan.protect_ports] or ["none"]:
             argv += ["--protect-port", port]
+    if plan.status_port != DEFAULT_STATUS_PORT:
+        argv += ["--status-port", "none" if plan.status_port is None else str(plan.status_port)]
     return shlex.join(argv)
 
 

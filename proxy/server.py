@@ -27,6 +27,7 @@ from .connectors.classifier import GENERIC_CONNECTOR, build_classifier
 from .connectors.credentials import CredentialInjector
 from .connectors.manifest import load_manifests
 from .workflows.spec import Workflows, load_workflows
+from .approvals.agent_status import AgentStatus
 from .approvals.notify import Notifier, WebhookConfig
 from .audit.setup import build_audit, replica_id
 from .audit.trail import AuditTrail
@@ -191,9 +192,12 @@ def build_runtime(config: ProctorConfig) -> ProctorRuntime:
         rate_limits=rate_limits,
         budgets=budgets,
     ))
-    addon = ProctorAddon(path.requests, path.tunnels, router, config.limits,
-                         transparent=TransparentGuard.from_config(config, workload.usable_identity)
-                         if workload is not None else None)
+    guard = TransparentGuard.from_config(config, workload.usable_identity) if workload is not None else None
+    if guard is not None and workload is not None and approvals is not None:
+        # a transparent agent's held request names the status address in its pod, answered there
+        approvals.transparent_status_base_url = guard.status_base_url
+        guard.approval_status = AgentStatus(approvals, workload).answer
+    addon = ProctorAddon(path.requests, path.tunnels, router, config.limits, transparent=guard)
     runtime = ProctorRuntime(
         config, policies, path, recorder, addon, metrics, store, lookups, verifier, shadow, enricher,
         approvals, notifier, governance, audit, tracing=tracing, workflows=workflows, rate_limits=rate_limits,

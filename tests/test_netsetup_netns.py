@@ -269,7 +269,7 @@ def test_apply_twice_is_once_and_remove_leaves_nothing(topo: Topology, backend: 
     once = ruleset(topo.agent, backend)
     if backend == "iptables":
         assert once.count("-A OUTPUT -j PROCTOR_OUTPUT") == 4  # nat and filter, IPv4 and IPv6
-        assert once.count("REDIRECT --to-ports 15001") == 2
+        assert once.count("REDIRECT --to-ports 15001") == 4  # every TCP and the status address, IPv4 and IPv6
         assert "--uid-owner 1337" in once and "--ctstate DNAT" in once and "-p ipv6-icmp" in once
     else:
         assert once.count("table inet proctor") == 1
@@ -506,14 +506,21 @@ def test_the_agent_cannot_reach_proctors_other_listeners_inside_the_pod(topo: To
     """Loopback is not redirected, so without a rule the agent could talk to Proctor's forward proxy,
     control API or gateway directly (the reload endpoint trusts loopback). By default those ports
     (8080, 8081, 8082) are refused to every uid but Proctor's, on loopback and the pod's own address;
-    other local services stay reachable, and `--protect-port none` drops the rule."""
+    other local services stay reachable, and `--protect-port none` drops the rule. The control port
+    (8081, --status-port) is the status address: the agent's connections to it land on the
+    transparent listener (which answers only approval status requests there), never on the control API."""
     applied(topo, backend)
+    topo.run_as(PROXY_UID, LISTENER, str(PROXY_PORT))
     topo.run_as(0, SERVERS, "PROCTOR-LISTENER", "8080,8081,8082", "", netns=topo.agent)
     topo.run_as(0, SERVERS, "LOCAL", str(LOCAL_PORT), "", netns=topo.agent)
     for host in ("127.0.0.1", AGENT4, "::1"):
-        for port in (8080, 8081, 8082):
+        for port in (8080, 8082):
             assert topo.client(AGENT_UID, "tcp", host, port).startswith("ERR ConnectionRefusedError"), (host, port)
+        assert topo.client(AGENT_UID, "tcp", host, 8081) == f"PROXY {host} 8081 uid={PROXY_UID}", host
+        for port in (8080, 8081, 8082):
             assert topo.client(PROXY_UID, "tcp", host, port) == "PROCTOR-LISTENER", (host, port)
         assert topo.client(AGENT_UID, "tcp", host, LOCAL_PORT) == "LOCAL"
-    applied(topo, backend, "--protect-port", "none")
+    applied(topo, backend, "--protect-port", "none", "--status-port", "none")
     assert topo.client(AGENT_UID, "tcp", "127.0.0.1", 8081) == "PROCTOR-LISTENER"
+    applied(topo, backend, "--status-port", "none")  # the control port refused like the others
+    assert topo.client(AGENT_UID, "tcp", "127.0.0.1", 8081).startswith("ERR ConnectionRefusedError")

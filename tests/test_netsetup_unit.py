@@ -51,8 +51,9 @@ def test_iptables_defaults_redirect_every_tcp_but_proctors():
     assert nat[-1].startswith("-A PROCTOR_OUTPUT -p tcp ") and nat[-1].endswith("-j REDIRECT --to-ports 15001")
     # by default DNS is pinned to the namespace's resolvers (resolv.conf): DNS over TCP and UDP to
     # them only (UDP or TCP to port 53 of any host would reach any service listening there)
+    # (and the status address, the control port on a local address, goes to the transparent port)
     assert [r.split(" -m comment")[0] for r in nat if "--dport" in r] == [
-        "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p tcp --dport 53"]
+        "-A PROCTOR_OUTPUT -o lo -p tcp --dport 8081", "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p tcp --dport 53"]
     flt = restore_rules(v4, "filter")
     assert [r.split(" -m comment")[0] for r in flt if "--dport 53" in r] == [
         "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p udp --dport 53", "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p tcp --dport 53"]
@@ -87,7 +88,7 @@ def test_iptables_exclusions_are_returns_before_the_redirect_and_the_drop():
         assert sum("-d 169.254.169.254/32 -p tcp" in r for r in rules) == 1
     redirect = nat.index(nat[-1])
     assert all(nat.index(r) < redirect for r in nat if "EXCLUDED" in r)
-    assert "-d 10.96.0.10/32 -p tcp --dport 5353" in nat[3]
+    assert "-d 10.96.0.10/32 -p tcp --dport 5353" in nat[4]  # (after the uids, the status address, lo)
     assert [r.split(" -m comment")[0] for r in flt if "5353" in r] == [
         "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p udp --dport 5353",
         "-A PROCTOR_OUTPUT -d 10.96.0.10/32 -p tcp --dport 5353",
@@ -455,6 +456,43 @@ def test_proctors_own_listeners_are_refused_to_the_agent_by_default(backend):
     assert none.protect_ports == ()
     assert "Proctor listeners" not in ns.render(none, backend).replace("Proctor's own listeners are reachable", "")
     assert "--protect-port none" in ns.render(none, backend)
+
+
+@pytest.mark.parametrize("backend", ["iptables", "nftables"])
+def test_the_status_address_is_redirected_to_the_transparent_port(backend):
+    """The control port on a local address (the status URL of a held request) goes to the transparent
+    listener for the redirected uids: before the rule that leaves local destinations alone, after
+    Proctor's own uid (which reaches the real control API)."""
+    plan = ns.build_plan(proxy_uid=1337, dns_servers=["10.96.0.10"])
+    assert plan.status_port == 8081
+    text = ns.render(plan, backend)
+    if backend == "iptables":
+        nat = restore_rules(ns.iptables_restore_input(plan, 4), "nat")
+        rule = ('-A PROCTOR_OUTPUT -o lo -p tcp --dport 8081 -m comment --comment "proctor: approval status, '
+                'answered by the transparent listener" -j REDIRECT --to-ports 15001')
+        assert nat[0].startswith("-A PROCTOR_OUTPUT -m owner --uid-owner 1337 ") and nat[1] == rule
+        assert nat[2].startswith("-A PROCTOR_OUTPUT -o lo ") and nat[2].endswith("-j RETURN")
+        assert rule in restore_rules(ns.iptables_restore_input(plan, 6), "nat")
+        assert "--status-port" not in text.splitlines()[1]  # the default: not in the invocation
+    else:
+        lines = [line.strip() for line in ns.nft_ruleset(plan).splitlines()]
+        rule = 'oifname "lo" tcp dport 8081 redirect to :15001 comment "approval status, answered by the transparent listener"'
+        assert lines.index(rule) == lines.index('meta skuid 1337 return comment "Proctor itself"') + 1
+        assert lines.index(rule) + 1 == lines.index('oifname "lo" return comment "local destinations, not governed"')
+    assert "Redirected locally: TCP 8081" in text
+    other = ns.build_plan(proxy_uid=1337, dns_servers=["10.96.0.10"], status_port="9091")
+    assert other.status_port == 9091 and "--status-port 9091" in ns.render(other, backend)
+    assert "dport 9091" in ns.render(other, backend) or "--dport 9091" in ns.render(other, backend)
+    off = ns.build_plan(proxy_uid=1337, dns_servers=["10.96.0.10"], status_port="none")
+    assert off.status_port is None
+    assert "approval status" not in ns.render(off, backend) and "--status-port none" in ns.render(off, backend)
+    with pytest.raises(ns.InputError, match="--status-port: 15001 is the transparent port"):
+        ns.build_plan(proxy_uid=1337, dns_servers=["10.96.0.10"], status_port="15001")
+    with pytest.raises(ns.InputError, match="--status-port"):
+        ns.build_plan(proxy_uid=1337, dns_servers=["10.96.0.10"], status_port="0")
+    r = CliRunner().invoke(main, ["netsetup", "--proxy-uid", "1337", "--dns-server", "10.96.0.10",
+                                  "--status-port", "none"])
+    assert r.exit_code == 0 and "approval status" not in r.output and "--status-port none" in r.output
 
 
 def test_the_transparent_port_cannot_be_protected():

@@ -438,8 +438,11 @@ def test_the_forward_listener_never_falls_back_to_the_workload_identity(fresh: N
     # the agent cannot reach it at all (netsetup refuses Proctor's own ports to every other uid) ...
     refused = fresh.curl(f"{ERP}/items/1", "-x", f"http://127.0.0.1:{FORWARD_PORT}")
     assert refused.status is None and "couldn't connect" in (refused.error or "").lower(), refused
-    for port in (FORWARD_PORT, CONTROL_PORT):
-        assert fresh.curl(f"http://127.0.0.1:{port}/healthz").status is None
+    assert fresh.curl(f"http://127.0.0.1:{FORWARD_PORT}/healthz").status is None
+    # the control port is the status address: the transparent listener answers there, only a held
+    # request's status (tests/test_transparent_holds_netns.py), never the control API
+    control = fresh.curl(f"http://127.0.0.1:{CONTROL_PORT}/healthz")
+    assert control.status == 508 and problem(control)["reasons"] == ["transparent-loop"], control
     # ... and whoever can (here Proctor's own uid) gets no identity without a token of its own
     reply = fresh.curl(f"{ERP}/items/1", "-x", f"http://127.0.0.1:{FORWARD_PORT}", uid=PROXY_UID)
     assert reply.status == 407, reply

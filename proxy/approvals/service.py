@@ -241,6 +241,9 @@ class ApprovalService:
         self.record = record
         self.notifier = notifier
         self.status_base_url = status_base_url.rstrip("/")
+        # Where a transparent agent reads its status (the status address in its pod, engine/transparent.py;
+        # control.public_url may be a place it cannot reach). None: no transparent listener.
+        self.transparent_status_base_url: str | None = None
         # With a store shared by replicas, a decision may be taken elsewhere: poll.
         self.poll_seconds = 2.0 if shared_store else None
         self.clock = clock
@@ -299,8 +302,12 @@ class ApprovalService:
         secret = SECRET_HEADERS | self.extra_secret_headers
         return all(shown.get(name) == req.headers.get(name) for name in self.fingerprint_headers if name not in secret)
 
-    def status_url(self, approval_id: str) -> str:
-        return f"{self.status_base_url}/v1/approvals/{approval_id}/status"
+    def status_url(self, approval_id: str, transparent: bool = False) -> str:
+        """The URL the held agent reads the approval's state at: the control API (with its own
+        token), or for a transparent agent (`transparent`) the status address in its pod."""
+        base = self.transparent_status_base_url if transparent and self.transparent_status_base_url \
+            else self.status_base_url
+        return f"{base}/v1/approvals/{approval_id}/status"
 
     def _event(self, approval: Approval, event: str, **extra: Any) -> None:
         """Record, notify and publish one state change."""

@@ -29,8 +29,12 @@ RELEASED = "approval"  # stage_data key: the approved Approval waiting to be spe
 SuspendedCheck = Callable[[str, str, str], Refusal | None]
 
 
-def _held(approvals: ApprovalService, config: ApprovalsConfig, approval: Any, status: int, title: str) -> Refusal:
+def _held(approvals: ApprovalService, config: ApprovalsConfig, approval: Any, status: int, title: str,
+          transparent: bool = False) -> Refusal:
+    """`transparent`: the request came through the transparent listener; its status URL is the
+    status address in the agent's pod (it has no token for the control API)."""
     retry = str(config.retry_after_seconds)
+    url = approvals.status_url(approval.id, transparent)
     groups = ", ".join(f"{g} ({n})" if n > 1 else g for g, n in approval.groups.items())
     if status == 202:
         detail = (
@@ -47,23 +51,24 @@ def _held(approvals: ApprovalService, config: ApprovalsConfig, approval: Any, st
         title,
         detail,
         reasons=list(approval.derived.get("policies", [])),
-        headers={"Retry-After": retry, "Location": approvals.status_url(approval.id)},
+        headers={"Retry-After": retry, "Location": url},
         kind=HOLD_KIND,
         extra={
             "approval_id": approval.id,
             "approval_state": approval.state,
-            "status_url": approvals.status_url(approval.id),
+            "status_url": url,
             "approval_groups": approval.groups,
             "expires_at": iso(approval.expires_at),
         },
     )
 
 
-def _handed_over(approvals: ApprovalService, config: ApprovalsConfig, approval: Any) -> Refusal:
+def _handed_over(approvals: ApprovalService, config: ApprovalsConfig, approval: Any,
+                 transparent: bool = False) -> Refusal:
     """A request held open when this process began shutting down: answered now (503, the
     status URL in Location), not forwarded; its approval stays pending in the store, and
     once approved the agent's retry is released by it on any replica."""
-    refusal = _held(approvals, config, approval, 503, "Proctor is shutting down")
+    refusal = _held(approvals, config, approval, 503, "Proctor is shutting down", transparent)
     groups = ", ".join(f"{g} ({n})" if n > 1 else g for g, n in approval.groups.items())
     refusal.detail = (
         f"this request is waiting for approval by {groups} and was not forwarded; this Proctor process is "
@@ -219,9 +224,10 @@ class HoldForApproval(Stage):
             return
         ex.approval_id = approval.id
         ex.policy_decision = "hold"
+        transparent = req.mode == "transparent"
         if approval.state == "pending":
             if mode == "async":
-                ex.settle_pending(_held(approvals, self.config, approval, 202, "Held for approval"))
+                ex.settle_pending(_held(approvals, self.config, approval, 202, "Held for approval", transparent))
                 return
             approval = await approvals.wait(approval, wait_seconds, req.client_alive)
             if self.suspended is not None:  # suspended while it waited: refuse at once
@@ -231,9 +237,9 @@ class HoldForApproval(Stage):
                     return
         if approval.state == "pending":
             if approvals.draining:  # shutting down: answered now, the approval stays pending
-                ex.settle_pending(_handed_over(approvals, self.config, approval))
+                ex.settle_pending(_handed_over(approvals, self.config, approval, transparent))
                 return
-            ex.settle_pending(_held(approvals, self.config, approval, 403, "Approval pending"))
+            ex.settle_pending(_held(approvals, self.config, approval, 403, "Approval pending", transparent))
             return
         refusal = _settled_refusal(approval, self.config)
         if refusal is not None:
@@ -281,7 +287,8 @@ class SpendApproval(Stage):
         for _ in range(8):  # a concurrent retry may race us for it; the store decides who wins
             if req.client_alive is not None and not req.client_alive():
                 # The agent hung up while waiting: keep the approval for its retry.
-                ex.refuse(_held(self.approvals, self.config, approval, 403, "Approval pending"))
+                ex.refuse(_held(self.approvals, self.config, approval, 403, "Approval pending",
+                                req.mode == "transparent"))
                 return
             claimed, approval = await self.approvals.claim_for_forwarding(approval)
             if claimed:

@@ -21,7 +21,9 @@ the engine's plumbing:
   the request goes where it names (core/target.py), never to the address the
   connection was redirected from; a connection addressed to Proctor itself, plain
   bytes from a TLS port and anything but HTTP/1 (plain or in TLS) are refused and
-  recorded (engine/transparent.py);
+  recorded (engine/transparent.py); at the status address (the control port in the
+  pod, redirected by netsetup) only `GET /v1/approvals/{id}/status` is answered, for
+  the workload identity (approvals/agent_status.py), every other request refused 508;
 - request bodies are always buffered so the decision happens before a single
   byte reaches the upstream (streaming is only enabled for responses);
 - an exception in a hook refuses the flow (mitmproxy would otherwise carry on
@@ -57,7 +59,7 @@ from ..shutdown import CUT_AT_SHUTDOWN, shutting_down_refusal
 from .bodylimits import BodyBudget, BodyGuard, Verdict, body_refusal
 from .gateway import GatewayRouter
 from .patches import BODY_GUARD, EARLY_ANSWER, UPSTREAM_FAILURE, is_timeout
-from .transparent import TransparentGuard
+from .transparent import TransparentGuard, status_request
 from .tunnel_http import Payload, admit_plain_http, classify
 
 log = logging.getLogger("proctor.engine")
@@ -423,7 +425,10 @@ class ProctorAddon:
         guard = self.transparent
         where = f"{dst[0]}:{dst[1]}" if dst else "?"
         refusal: tuple[int, str, str, str, list[str]] | None = None
-        if first and (guard is None or guard.loops(dst)):
+        # the status address takes plain HTTP/1 (its requests are answered or refused one by one)
+        status_address = guard is not None and guard.is_status_address(dst)
+        if first and (guard is None or guard.loops(dst) or status_address) and not (
+                status_address and isinstance(chosen, layers.HttpLayer)):
             refusal = (508, "Loop refused",
                        f"this connection was addressed to Proctor itself ({where}); it was closed, not looped: "
                        "address the service you want to reach", "loop", ["transparent-loop"])
@@ -511,6 +516,13 @@ class ProctorAddon:
         try:
             declared = expected_http_body_size(flow.request)  # 0: none, None: chunked
             if declared == 0:
+                return None  # (at the status address too: answered by the request phase)
+            if self._at_status_address(flow):
+                # a status request has no body: refused from the head, the body never read
+                fits = declared is None or declared <= self.limits.max_body_bytes
+                ex = self._status_address_refusal(flow)
+                flow.metadata[EARLY_ANSWER] = self.limits.max_body_bytes if fits else 0
+                self._finish_later(self.tunnels, ex)
                 return None
         except Exception:
             ex = self._fail_closed(flow, "requestheaders")
@@ -561,8 +573,48 @@ class ProctorAddon:
         self._answer(flow, ex)
         self._finish_later(self.requests, ex)
 
+    # -- the status address (transparent mode) -------------------------------------
+    def _at_status_address(self, flow: http.HTTPFlow) -> bool:
+        """A redirected request whose connection was addressed to the status address."""
+        return (self.transparent is not None and isinstance(flow.client_conn.proxy_mode, mode_specs.TransparentMode)
+                and self.transparent.is_status_address(self._original_destination(flow.client_conn)))
+
+    def _status_address_refusal(self, flow: http.HTTPFlow) -> Exchange:
+        """Anything but a status request at the status address: 508 (it is Proctor's own control
+        port), answered and recorded like a loop, never passed to the control API."""
+        dst = self._original_destination(flow.client_conn)
+        where = f"{dst[0]}:{dst[1]}" if dst else "?"
+        refusal = Refusal(
+            508, "Loop refused",
+            f"this request was addressed to Proctor's control API ({where}); from the agent only "
+            "GET /v1/approvals/{id}/status (the status URL of a held request, no body) is answered there, "
+            "nothing else: it was refused, not passed on. Address the service you want to reach",
+            reasons=["transparent-loop"], kind="loop")
+        ex = self._connection_refusal(flow.client_conn, refusal, dst[0] if dst else None, dst[1] if dst else None,
+                                      "loop", 508, "Loop refused")
+        flow.metadata[EXCHANGE] = ex
+        self._answer(flow, ex)
+        return ex
+
+    async def _status_request(self, flow: http.HTTPFlow) -> None:
+        guard = self.transparent
+        assert guard is not None
+        approval_id = status_request(flow.request.data.method.decode("latin-1"), flow.request.path)
+        if approval_id is None or guard.approval_status is None:
+            ex = self._status_address_refusal(flow)
+            await self.tunnels.response(ex)
+            return
+        status, headers, body = await guard.approval_status(approval_id)
+        flow.response = http.Response.make(status, body, headers)
+        if not flow.response.reason:
+            flow.response.reason = HTTPStatus(status).phrase
+        self._close_after(flow)
+
     async def _request(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or flow.error is not None:
+            return
+        if self._at_status_address(flow):
+            await self._status_request(flow)  # Proctor's own answer: nothing is decided or forwarded
             return
         reverse = self._is_reverse(flow)
         if reverse:

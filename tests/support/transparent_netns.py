@@ -254,13 +254,15 @@ class Netns:
         return p.read_text() if p.exists() else ""
 
     # -- building --------------------------------------------------------------------
-    def build(self, idp: Any, token: str, *, policies: Path, token_check_seconds: float = 0.2) -> None:
+    def build(self, idp: Any, token: str, *, policies: Path, token_check_seconds: float = 0.2,
+              config: dict[str, Any] | None = None) -> None:
+        """`config`: top-level keys added to (or replacing those of) the generated proctor.yaml."""
         self.base.chmod(0o755)
         for d in ("up", "agent"):
             (self.base / d).mkdir(mode=0o755)
         self._network()
         self._upstreams()
-        self._proctor_files(idp, token, policies, token_check_seconds)
+        self._proctor_files(idp, token, policies, token_check_seconds, config or {})
         self.netsetup()
         self.start_proctor()
         shutil.copy(self.state / "ca" / "mitmproxy-ca-cert.pem", self.proctor_ca)
@@ -333,7 +335,8 @@ class Netns:
                 raise TimeoutError(f"timed out waiting for {what}")
             time.sleep(0.1)
 
-    def _proctor_files(self, idp: Any, token: str, policies: Path, token_check_seconds: float) -> None:
+    def _proctor_files(self, idp: Any, token: str, policies: Path, token_check_seconds: float,
+                       extra: dict[str, Any]) -> None:
         p = self.pdir
         p.mkdir(mode=0o755)
         shutil.copytree(policies, p / "policies")
@@ -370,6 +373,7 @@ class Netns:
             "connectors_dir": "connectors",
             "policies": {"dir": "policies"},
             "upstream": {"ca_file": str(self.upstream_ca)},
+            **extra,
         }
         (p / "proctor.yaml").write_text(yaml.safe_dump(config))
         for path in (p / "secrets", p / "secrets" / "erp-key", self.state):
@@ -450,6 +454,11 @@ class Netns:
             return int(code), json.loads(body) if body else None
         except ValueError:
             return 0, None
+
+    def operator(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """`proctor ARGS...` as an operator in Proctor's container (Proctor's uid, in the agent
+        namespace: the only uid the rules let reach the control API)."""
+        return self.as_agent([*python_for(PROXY_UID), "-m", "proxy.cli", *args], env=env, uid=PROXY_UID)
 
     # -- running the agent -----------------------------------------------------------
     def as_agent(self, argv: list[str], env: dict[str, str] | None = None, timeout: float = 40,
