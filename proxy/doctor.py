@@ -592,8 +592,17 @@ def judge_proxy_trip(env: Mapping[str, str], var: str, proxy: str, via: Probe, d
                            f"{where} failed: {_scrub(via.error, env)}; transparent interception is active here, and a "
                            "connection to a proxy other than Proctor's own listener is redirected to the transparent "
                            "listener, which is not a proxy", UNSET_PROXY_FIX)
+        try:
+            parts = urllib.parse.urlsplit(proxy)
+            at = f"{parts.hostname}:{parts.port or 80}"
+        except ValueError:
+            at = "the proxy variable's address"
+        if "refused" in via.error.lower():
+            return Finding("roundtrip", FAIL, f"{where} failed: nothing listens at {at} ({_scrub(via.error, env)})",
+                           "start Proctor there (proctor run -c <its config>; to try it, proctor demo --keep-running), "
+                           "or point the proxy variables at where it listens (its agents' listen address)")
         return Finding("roundtrip", FAIL, f"{where} failed: {_scrub(via.error, env)}",
-                       "check that Proctor runs and listens where the proxy variable points")
+                       f"check that Proctor runs and listens at {at}, where the proxy variable points")
     return Finding("roundtrip", FAIL, f"{where} {via.answer()}: the proxy there is not Proctor, or it was bypassed",
                    "point the proxy variables at Proctor's agent listener (default 127.0.0.1:8080)")
 

@@ -194,6 +194,21 @@ def test_credentials_proctor_refuses_fail_with_its_reason(proctor, idp, upstream
         assert expired not in json.dumps(report)
 
 
+def test_proctor_not_running_says_to_start_it(proctor, reader_token):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = f"http://reader-bot:{reader_token}@127.0.0.1:{port}"
+    env = {**good_env(proctor, reader_token), **{v: dead for v in ("http_proxy", "HTTP_PROXY", "https_proxy",
+                                                                  "HTTPS_PROXY")}}
+    code, report = run_doctor(proctor, env)
+    assert code == 1
+    [trip] = of(report, "roundtrip", FAIL)
+    assert f"failed: nothing listens at 127.0.0.1:{port}" in trip["message"]
+    assert trip["fix"].startswith("start Proctor there (proctor run -c <its config>")
+    assert reader_token not in json.dumps(report)
+
+
 def test_a_tunnel_proctor_refuses_still_proves_the_path(proctor, reader_token):
     """--url a host no connector covers: Proctor refuses the CONNECT (403 egress); that answer
     comes from Proctor, so the path is proven, and the finding says what to try instead."""
