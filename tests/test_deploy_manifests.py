@@ -391,6 +391,7 @@ def netsetup_args(container: dict, tmp_path: Path):
         proxy_uid=p["proxy_uid"], proxy_port=p["proxy_port"], exclude_uids=p["exclude_uids"],
         exclude_ports=p["exclude_ports"], exclude_cidrs=p["exclude_cidrs"], dns_port=p["dns_port"],
         dns_servers=p["dns_servers"], ipv6=p["ipv6"], resolv_conf=resolv,
+        protect_ports=p["protect_ports"] or None, status_port=p["status_port"],
     )
     return argv, p, plan
 
@@ -406,6 +407,12 @@ def test_transparent_init_container_redirects_to_the_sidecars_uid_and_port(tmp_p
     assert cfg.transparent.enabled and plan.proxy_port == cfg.transparent.port == 15001
     # the redirect sends IPv4 to 127.0.0.1 and IPv6 to ::1: the listener is on both, and only there
     assert set(cfg.transparent.hosts) == {"127.0.0.1", "::1"}
+    # Proctor's own listeners are refused to the agent, and the status redirect names the port
+    # the control API really listens on (else a held call's status URL leads nowhere)
+    assert plan.status_port == cfg.control.listen.port
+    assert {cfg.listen.port, cfg.control.listen.port} <= set(plan.protect_ports)
+    if cfg.gateway.enabled:
+        assert cfg.gateway.listen.port in plan.protect_ports
     # no hole: nothing excluded, DNS pinned to the pod's resolvers, IPv6 covered
     assert (plan.exclude_uids, plan.exclude_ports, plan.exclude_cidrs) == ((), (), ())
     assert params["dns_servers"] == ("auto",) and plan.ipv6 and plan.warnings == ()
