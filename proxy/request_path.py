@@ -227,7 +227,7 @@ def build_request_path(p: Parts) -> RequestPath:
                 ConcurrencyMetrics(p.metrics.registry)) if p.store and etag_paths else None,  # upstream 412 -> 409
         budget_reserve,                                            # reserve the cost (429 if it no longer fits);
                                                                    # on the way back: settle or release it
-        InjectCredential(p.injector, p.classifier) if p.injector else None,  # the connector's credential
+        InjectCredential(p.injector) if p.injector else None,      # the connector's credential
         ClaimAcquire(p.store, claim_observer, record=p.recorder.write),                     # atomic acquire/renew: the arbiter
         ClaimHandoff(p.store, p.recorder.write,                    # on the way back: a 2xx handoff
                      HandoffReporter(p.metrics, p.notifier)),      # moves the claim

@@ -113,7 +113,7 @@ def test_a_portless_connector_host_never_gets_its_credential_over_plain_http(pro
     assert r.status_code == 400, r.text
     body = r.json()
     assert body["reasons"] == ["cleartext-credential"] and "'crm'" in body["detail"]
-    assert body["action"] == "test.item.read"  # decided, then refused instead of injecting
+    assert body["action"] == "test.item.read"  # classified, refused before policy (no approval asked for nothing)
     assert crm.received() == []
     # tunnelled plain HTTP to the same host:port: refused alike
     out = tunnelled(p, reader_token, "127.0.0.1", crm.port,

@@ -96,6 +96,36 @@ class Classify(Stage):
         ex.payload = derived.payload
         if derived.refusal is not None:
             ex.refuse(derived.refusal)
+            return
+        cls = ex.classification
+        if cls is not None:  # decided here, before policy: an approval would be asked for nothing
+            cleartext = cleartext_credential(self.classifier, ex.request, cls.connector)
+            if cleartext is not None:
+                ex.refuse(cleartext)
+
+
+def cleartext_credential(classifier: Classifier, req: AgentRequest, connector: str) -> Refusal | None:
+    """A connector with `auth:` injects its credential: over plain HTTP it would cross the network
+    in the clear, so that is refused unless one of the connector's host patterns names this
+    host:port explicitly (the operator declared that endpoint, e.g. `127.0.0.1:9104`). A pattern
+    without a port covers every port of the host, and the agent chooses the scheme:
+    `http://api.openai.com/` is refused (use https://) rather than sending the key to port 80."""
+    if req.scheme != "http" or req.mode == "reverse":
+        return None  # (gateway routes name their upstream's scheme themselves)
+    manifest = next((c for c in classifier.connectors if c.name == connector), None)
+    if manifest is None or manifest.auth is None:
+        return None
+    if any(split_host_pattern(p)[1] == req.port and host_matches(p, req.host, req.port) for p in manifest.hosts):
+        return None
+    return Refusal(
+        400,
+        "Plain HTTP refused for this connector",
+        f"connector {connector!r} injects an upstream credential, which Proctor sends in the clear only to a "
+        f"host:port the connector names; {req.host}:{req.port} over plain HTTP is not one: use "
+        f"https://{req.host}/ (the request was not forwarded)",
+        reasons=["cleartext-credential"],
+        kind="request",
+    )
 
 
 class ConnectorAlias(Stage):
@@ -155,47 +185,18 @@ class Enrich(Stage):
 
 class InjectCredential(Stage):
     """Swap whatever credential the agent sent for the connector's own (fail closed if unavailable).
-
-    Over plain HTTP the credential would cross the network in the clear, so it is injected into an
-    `http://` request only for a host:port one of the connector's host patterns names explicitly
-    (the operator declared that endpoint, e.g. `127.0.0.1:9104`). A pattern without a port covers
-    every port of the host, and the agent chooses the scheme: `http://api.openai.com/` is refused
-    (use https://) rather than sending the connector's key in the clear to port 80."""
+    (Plain HTTP that would carry it in the clear was refused at classification: `cleartext_credential`.)"""
 
     name = "credential"
 
-    def __init__(self, injector: CredentialInjector, classifier: Classifier | None = None) -> None:
+    def __init__(self, injector: CredentialInjector) -> None:
         self.injector = injector
-        self.classifier = classifier
-
-    def _cleartext(self, ex: Exchange, connector: str) -> Refusal | None:
-        req = ex.request
-        if req is None or req.scheme != "http" or req.mode == "reverse" or self.classifier is None:
-            return None  # (gateway routes name their upstream's scheme themselves)
-        manifest = next((c for c in self.classifier.connectors if c.name == connector), None)
-        if manifest is None:
-            return None
-        if any(split_host_pattern(p)[1] == req.port and host_matches(p, req.host, req.port) for p in manifest.hosts):
-            return None
-        return Refusal(
-            400,
-            "Plain HTTP refused for this connector",
-            f"connector {connector!r} injects an upstream credential, which Proctor sends in the clear only to a "
-            f"host:port the connector names; {req.host}:{req.port} over plain HTTP is not one: use "
-            f"https://{req.host}/ (the request was not forwarded)",
-            reasons=["cleartext-credential"],
-            kind="request",
-        )
 
     async def on_request(self, ex: Exchange) -> None:
         cls = ex.classification
         assert cls is not None
         auth = self.injector.configured(cls.connector)
         if auth is None:
-            return
-        cleartext = self._cleartext(ex, cls.connector)
-        if cleartext is not None:
-            ex.refuse(cleartext)
             return
         try:
             headers = await self.injector.headers_for(cls.connector)
