@@ -55,7 +55,9 @@ CA_VARS = {
     "REQUESTS_CA_BUNDLE": "Python requests",
     "NODE_EXTRA_CA_CERTS": "Node",
 }
-EXPORT_FIX = "proctor ca export ca.pem, then export {var}=$PWD/ca.pem"
+# `proctor ca export` elsewhere would create another CA (the embedded default's state is ./.proctor).
+EXPORT_FIX = ("proctor ca export ca.pem (where `proctor run` runs, or with its -c), then "
+              "export {var}=$PWD/ca.pem")
 # Two commands: in one `export A=x B=$A`, $A is expanded before A is set.
 SET_PROXY_FIX = ("export HTTPS_PROXY=http://<agent-id>:<jwt>@127.0.0.1:8080; "
                  "export HTTP_PROXY=$HTTPS_PROXY https_proxy=$HTTPS_PROXY http_proxy=$HTTPS_PROXY")

@@ -126,7 +126,7 @@ def test_an_unset_ca_variable_fails_where_its_client_runs(proctor, reader_token)
     assert code == 1
     [bad] = of(report, "ca", FAIL)
     assert bad["message"].startswith("SSL_CERT_FILE is not set: Python ssl, httpx, aiohttp (OpenSSL) will not trust")
-    assert bad["fix"] == "proctor ca export ca.pem, then export SSL_CERT_FILE=$PWD/ca.pem"
+    assert bad["fix"] == "proctor ca export ca.pem (where `proctor run` runs, or with its -c), then export SSL_CERT_FILE=$PWD/ca.pem"
     curl = shutil.which("curl")
     assert curl is not None
     env = {k: v for k, v in good_env(proctor, reader_token).items() if k != "CURL_CA_BUNDLE"}
@@ -134,7 +134,7 @@ def test_an_unset_ca_variable_fails_where_its_client_runs(proctor, reader_token)
     assert code == 1
     [bad] = of(report, "ca", FAIL)
     assert bad["message"].startswith("CURL_CA_BUNDLE is not set: curl will not trust Proctor's CA")
-    assert bad["fix"] == "proctor ca export ca.pem, then export CURL_CA_BUNDLE=$PWD/ca.pem"
+    assert bad["fix"] == "proctor ca export ca.pem (where `proctor run` runs, or with its -c), then export CURL_CA_BUNDLE=$PWD/ca.pem"
     env = {k: v for k, v in good_env(proctor, reader_token).items() if k != "NODE_EXTRA_CA_CERTS"}
     code, report = run_doctor(proctor, env)  # PATH without node
     assert code == 0, report
