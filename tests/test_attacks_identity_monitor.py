@@ -98,3 +98,43 @@ def test_a_token_file_pointing_at_another_secret_echoes_none_of_it(proctor_facto
     wait_for(lambda: httpx.get(f"{control}/readyz").status_code == 200, what="ready again")
     for s in secrets:
         assert s not in p.log()
+
+
+def test_forged_workload_tokens_are_refused(proctor_factory, idp, tmp_path):
+    """The token file is what the workload is: alg none, HS256 signed with the IdP's public key
+    (key confusion), an RS256 signature under the EC key's kid, another issuer's key: each makes
+    Proctor not ready (transparent requests refused), never attributed."""
+    import base64
+    import json as _json
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    def b64(obj: dict) -> str:
+        return base64.urlsafe_b64encode(_json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    claims = {"iss": idp.issuer, "aud": idp.audience, "sub": "support-agent", "exp": 4102444800}
+    token_file = tmp_path / "token"
+    token_file.write_text(idp.token("support-agent", ttl=600))
+    p = proctor_factory(_transparent(token_file))
+    control = f"http://127.0.0.1:{p.control_port}"
+    hs = pyjwt.algorithms.HMACAlgorithm(pyjwt.algorithms.HMACAlgorithm.SHA256)
+    signing_input = b64({"alg": "HS256", "kid": "rsa-1"}) + "." + b64(claims)
+    hs256_pubkey = signing_input + "." + base64.urlsafe_b64encode(
+        hs.sign(signing_input.encode(), idp.public_pem())).rstrip(b"=").decode()
+    forged = {
+        "alg none": b64({"alg": "none"}) + "." + b64(claims) + ".",
+        "alg None, kid": b64({"alg": "None", "kid": "rsa-1"}) + "." + b64(claims) + ".",
+        "HS256 with the public key": hs256_pubkey,
+        "RS256 under the EC kid": idp.token("support-agent", kid="ec-1"),
+        "an unknown key": idp.token("support-agent", key=rsa.generate_private_key(65537, 2048)),
+        "an unknown kid": idp.token("support-agent", kid="rsa-2"),
+    }
+    for what, token in forged.items():
+        token_file.write_text(idp.token("support-agent", ttl=600))
+        wait_for(lambda: httpx.get(f"{control}/readyz").status_code == 200, what="ready")
+        token_file.write_text(token)
+        wait_for(lambda: httpx.get(f"{control}/readyz").status_code == 503, what=f"not ready: {what}")
+        wl = p.health()["components"]["workload_identity"]
+        assert wl["status"] == "down" and wl["error"] and str(token_file) in wl["error"], (what, wl)
+        assert token not in httpx.get(f"{control}/readyz").text and token not in p.log()
