@@ -19,6 +19,7 @@ Needs root (namespaces): skipped with the reason otherwise; CI runs as root.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -178,3 +179,16 @@ def test_plain_http_from_a_tls_port_never_carries_the_credential(fresh: Netns):
     reply = raw(fresh, ERP_IP, HTTPS_PORT, f"GET /items/1 HTTP/1.1\r\nHost: erp.test:{HTTPS_PORT}\r\n\r\n".encode())
     assert reply == "" or status(reply) == 403, reply
     nothing_reached(fresh)
+
+
+def test_pipelined_requests_on_one_redirected_connection_are_each_decided(fresh: Netns):
+    """One connection, three requests written at once: an allowed read, a DELETE policy refuses
+    and a read naming the attacker. Each is decided on its own; only the first reaches anyone."""
+    req = (f"GET /items/1 HTTP/1.1\r\nHost: {ERP}\r\n\r\n"
+           f"DELETE /items/2 HTTP/1.1\r\nHost: {ERP}\r\n\r\n"
+           f"GET /items/3 HTTP/1.1\r\nHost: attacker.test:{HTTP_PORT}\r\nConnection: close\r\n\r\n").encode()
+    reply = raw(fresh, ERP_IP, HTTP_PORT, req)
+    statuses = [int(code) for code in re.findall(r"HTTP/1\.1 (\d{3}) ", reply)]
+    assert statuses == [200, 403, 403], reply[:2000]
+    assert [(r["method"], r["path"]) for r in fresh.received("erp-http")] == [("GET", "/items/1")]
+    assert fresh.received("attacker-http") == []
