@@ -326,3 +326,72 @@ def test_a_denied_answer_to_an_elicitation_fails_the_tool_call_instead_of_hangin
     [denied] = [r for r in records_for(mcp_proctor, "mute-bot", before) if r["decision"] == "deny"]
     assert denied["action"] == "mcp.session.respond" and denied["rpc"] == {"method": "rpc.response"}
     assert denied["reasons"] == ["test-mute-agents-answer-nothing"]
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+def test_a_body_on_the_stream_or_the_end_never_reaches_the_server(servers, mcp_proctor, idp, method):
+    """GET and DELETE of the endpoint are plain routes (mcp.session.stream / .end): a JSON-RPC
+    body on them is no call any operation judged, so it is refused (400 body-not-allowed) and
+    the server never sees it; without a body they pass (the session test above)."""
+    server = servers["http"]
+    server.log.write_text("")
+    call = {"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+            "params": {"name": "delete_ticket", "arguments": {"ticket_id": "T-1"}}}
+    r = requests.request(method, server.url, json=call, timeout=15,
+                         headers={"Accept": "application/json, text/event-stream"},
+                         proxies={"http": mcp_proctor.proxy_url_with(AGENT, idp.token(AGENT, groups=["helpdesk-agents"]))})
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["reasons"] == ["body-not-allowed"]
+    assert mcp_proctor.decision(r.headers["x-proctor-decision-id"])["action"] == (
+        "mcp.session.stream" if method == "GET" else "mcp.session.end")
+    assert server.seen() == []
+
+
+# (test only) in sync mode: answers from waiting-agents wait for a helpdesk lead
+WAIT_POLICY = """@id("test-waiting-agents-answers-need-a-lead")
+@approval("helpdesk-leads")
+forbid (
+  principal in AgentGroup::"waiting-agents",
+  action == Action::"mcp.session.respond",
+  resource
+)
+unless { context has approval && context.approval.groups.contains("helpdesk-leads") };
+"""
+
+
+@pytest.fixture(scope="module")
+def mcp_sync_proctor(tmp_path_factory, idp, pki, upstream, upstream_tls, servers):
+    base = tmp_path_factory.mktemp("mcp-sync-proctor")
+    policies = base / "policies-src"
+    policies.mkdir()
+    shutil.copy(ROOT / "policies" / "schema.cedarschema", policies / "schema.cedarschema")
+    shutil.copy(EXAMPLE / "helpdesk-mcp.cedar", policies / "helpdesk-mcp.cedar")
+    (policies / "wait.cedar").write_text(WAIT_POLICY)
+    p = start_proctor(base / "p", idp, pki, upstream, upstream_tls, policies_src=policies,
+                      extra_connectors=[example_connector(servers)],
+                      overrides={"approvals": {"mode": "sync", "sync_wait_seconds": 30}})
+    yield p
+    p.stop()
+
+
+def test_in_sync_mode_a_held_answer_is_answered_at_once(servers, mcp_sync_proctor, idp):
+    """A held call waits on its open POST in sync mode; an answer to the server's elicitation
+    awaits no answer itself, and held open it kept the tool call that asked waiting for the
+    whole sync wait (30 s here, beyond the client's 20 s step deadline). It is answered 429 at
+    once, its approval pending; the SDK's transport ends and the tool call fails fast."""
+    server = servers["http"]
+    server.log.write_text("")
+    before = len(mcp_sync_proctor.decisions())
+    t = run_refused(mcp_sync_proctor, idp, server.url, "answer", "waiting-bot", ("helpdesk-agents", "waiting-agents"))
+    assert t["asked"] == ["Close ticket T-2?"]
+    close = t["close"]
+    assert not close["ok"] and not close.get("timeout") and close["seconds"] < 5, close
+    assert any(rec["exception"] and "429" in rec["exception"] for rec in t["log"]), t["log"]
+    assert not [e for e in server.seen() if e["method"] == "POST" and e.get("rpc") is None]  # the answer: held
+    [held] = [r for r in records_for(mcp_sync_proctor, "waiting-bot", before) if r["decision"] == "hold"]
+    assert held["action"] == "mcp.session.respond" and held["status"] == 429
+    lead = idp.token("lead", aud="proctor-approvers", approval_groups=["helpdesk-leads"], ttl=600)
+    r = requests.get(f"{mcp_sync_proctor.control_url}/v1/approvals/{held['approval_id']}",
+                     headers={"Authorization": f"Bearer {lead}"}, timeout=10)
+    assert r.status_code == 200 and r.json()["state"] == "pending" and r.json()["mode"] == "async", r.text

@@ -256,6 +256,10 @@ class Classifier:
                         attrs[name] = params[name]
                     elif name in query_params:
                         attrs[name] = query_params[name]
+                # The path of one of the connector's JSON-RPC endpoints, reached with another method
+                # (an MCP GET stream or DELETE): its body would be no call any policy judged.
+                endpoint = next((f"{r.spec.method} {r.spec.path}" for r in self._routes[connector.name]
+                                 if r.spec.jsonrpc is not None and r.match(segs) is not None), "")
                 return Classification(
                     connector=connector.name,
                     action=spec.action,
@@ -271,6 +275,7 @@ class Classifier:
                     spec=spec,
                     approval_mode=route.approval,
                     opaque_body=spec.opaque_body,
+                    jsonrpc_endpoint=endpoint,
                 )
             return None
         if self.generic_default or any(host_matches(p, host, port) for p in self.unclassified_hosts):

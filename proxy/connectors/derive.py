@@ -9,11 +9,12 @@ of the wrong type, an unmapped JSON-RPC call) comes back as a `Refusal`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import RequestLimits
 from .classifier import Classifier, PathRejected
+from .manifest import ApprovalWait
 from .values import ValueRejected, jsonrpc_request_id, with_body_fields
 from ..core.body import BodyRejected, ReadBody, read_body
 from ..core.context import body_to_cedar
@@ -65,7 +66,7 @@ def derive_request(classifier: Classifier, limits: RequestLimits, req: AgentRequ
         )
         return d
     d.classification = cls
-    refusal = _body_field_in_query(cls, req.query)
+    refusal = _body_field_in_query(cls, req.query) or _body_on_jsonrpc_path(cls, req)
     if refusal is not None:
         d.refusal = refusal
         return d
@@ -99,6 +100,13 @@ def derive_request(classifier: Classifier, limits: RequestLimits, req: AgentRequ
     except ValueRejected as e:
         d.refusal = _value_refusal(e)
         return d
+    if d.is_jsonrpc and cls.action and d.jsonrpc_id is None:
+        # A notification or an answer the agent sends back awaits no answer: held, it is
+        # answered at once (429 + Retry-After, core/problem.py) even in sync mode, rather than
+        # keeping the POST open and the client's later messages behind it.
+        wait = cls.approval_mode
+        d.classification = cls = replace(cls, approval_mode=ApprovalWait(
+            mode="async", wait_seconds=wait.wait_seconds if wait is not None else None))
     if d.is_jsonrpc and not cls.action:
         rpc = cls.rpc or {}
         what = rpc.get("method", "?") + (f" (tool {rpc['tool']})" if "tool" in rpc else "")
@@ -145,6 +153,22 @@ def _unreadable(read: ReadBody, cls: Classification, is_jsonrpc: bool) -> Refusa
                            f"the body field {override[:40]!r} asks the server to use another HTTP method than "
                            "the one policy judged; send the request with its real method", kind="request")
     return None
+
+
+def _body_on_jsonrpc_path(cls: Classification, req: AgentRequest) -> Refusal | None:
+    """A body sent with another method than the JSON-RPC one to a JSON-RPC endpoint's path (an MCP
+    GET stream or DELETE with a body): it was classified by the plain route, so no policy judged the
+    call it may hold, and a server that runs any body it gets as JSON-RPC would run it."""
+    if not cls.jsonrpc_endpoint or not req.body:
+        return None
+    method = req.method.upper()
+    return Refusal(
+        400, "Request body not allowed",
+        f"{method} {req.path} is the path of the JSON-RPC endpoint {cls.jsonrpc_endpoint}, whose messages are "
+        f"judged from their body; this {method} is {cls.action}, which takes no body: send JSON-RPC messages "
+        f"as {cls.jsonrpc_endpoint}, and this request without a body (it was not forwarded)",
+        reasons=["body-not-allowed"], kind="request",
+    )
 
 
 def _body_field_in_query(cls: Classification, query: str) -> Refusal | None:

@@ -107,6 +107,9 @@ class Classification:
     resource_refs: dict[str, tuple[str, str]] = field(default_factory=dict)
     # The route lets bodies Proctor cannot read through as opaque (uploads); otherwise they are refused (415).
     opaque_body: bool = False
+    # A plain route on the path of a JSON-RPC route of the connector: that route ("POST /mcp").
+    # Its messages are judged from the body, so a body here is refused (connectors/derive.py).
+    jsonrpc_endpoint: str = ""
 
     @property
     def resource_uid(self) -> str:
