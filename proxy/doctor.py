@@ -30,7 +30,7 @@ import subprocess
 import time
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -875,8 +875,14 @@ def check_node(env: Mapping[str, str], node: str | None, url: str | None, *, has
     except ValueError:
         preloaded = True  # reported above; node itself fails to start
     if url is not None:
-        out.append(judge_node(*node_fetch(exe, env, url, cwd, timeout), has_vars=has_vars, direct=direct, via=via,
-                              preloaded=preloaded))
+        found = judge_node(*node_fetch(exe, env, url, cwd, timeout), has_vars=has_vars, direct=direct, via=via,
+                           preloaded=preloaded)
+        if found.status == FAIL and has_vars and not preloaded and node is None:
+            # node merely on PATH, and nothing says the agent runs Node (no preload, no --node):
+            # a Python or curl agent configured as documented must not fail on Node's account
+            found = replace(found, status=WARN, message=found.message + " - if this agent runs Node, that is a "
+                            "bypass (pass --node to make it a failure, --no-node to skip the Node checks)")
+        out.append(found)
     return out
 
 

@@ -364,10 +364,14 @@ def test_node_with_the_preload_goes_through_proctor(proctor, reader_token, node_
 
 @needs_node
 def test_node_without_the_preload_is_a_bypass_with_the_recipe(proctor, reader_token, upstream):
+    """With `--node` (the agent runs Node) the bypass is a failure; with node merely on PATH and
+    nothing saying the agent runs it (no preload), the same finding is a warning: a Python or curl
+    agent configured as documented passes."""
     path = f"/items/node-bare-{uuid.uuid4().hex[:8]}"
     env = {**good_env(proctor, reader_token), "PATH": os.environ["PATH"]}
-    code, report = run_doctor(proctor, env, "--url", f"http://127.0.0.1:{upstream.port}{path}")
-    assert code == 1
+    url = f"http://127.0.0.1:{upstream.port}{path}"
+    code, report = run_doctor(proctor, env, "--url", url, "--node", shutil.which("node"))
+    assert code == 1, report
     [warn] = of(report, "node", WARN)
     assert warn["message"].startswith("NODE_OPTIONS is not set: Node's fetch ignores HTTP(S)_PROXY without it")
     assert warn["fix"] == NODE_RECIPE and '--require /opt/proctor-node/proctor-proxy.cjs' in warn["fix"]
@@ -378,6 +382,13 @@ def test_node_without_the_preload_is_a_bypass_with_the_recipe(proctor, reader_to
     got = [e for e in upstream.received() if e["path"] == path]
     assert len(got) == 3  # doctor's straight GET, its GET through Proctor, and Node's straight one
     assert reader_token not in json.dumps(got)
+
+    code, report = run_doctor(proctor, env, "--url", url)  # node only found on PATH
+    assert code == 0, report
+    assert not of(report, "node", FAIL)
+    live = [f for f in of(report, "node", WARN) if "Node's fetch reached" in f["message"]]
+    assert len(live) == 1 and "if this agent runs Node, that is a bypass" in live[0]["message"]
+    assert live[0]["fix"] == NODE_RECIPE
 
 
 @needs_node
@@ -409,7 +420,7 @@ def test_node_without_the_preload_that_fails_says_it_went_straight(proctor, read
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code, report = run_doctor(proctor, env, "--url", f"http://127.0.0.1:{port}/nothing")
+    code, report = run_doctor(proctor, env, "--url", f"http://127.0.0.1:{port}/nothing", "--node", shutil.which("node"))
     assert code == 1
     [failed] = [f for f in of(report, "node", FAIL) if "fetch" in f["message"]]
     assert "ECONNREFUSED" in failed["message"]
