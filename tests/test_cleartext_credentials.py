@@ -104,24 +104,41 @@ def test_plain_http_to_a_tls_port_is_refused_before_any_dial(proctor_factory, cr
 
 
 def test_a_portless_connector_host_never_gets_its_credential_over_plain_http(proctor_factory, crm, reader_token):
-    """`hosts: [127.0.0.1]` covers every port of the host, and the agent picks the scheme: plain
-    HTTP there would carry the connector's bearer unencrypted (think `http://api.openai.com/`).
-    Refused, nothing reaches the upstream; the same connector naming the host:port gets it."""
-    # (the test connector of conftest names 127.0.0.1:<its own port>; crm listens on another)
-    p = proctor_factory(extra_connectors=[crm_connector(["127.0.0.1"])], env={"CRM_TOKEN": SECRET})
-    r = get(p, f"http://127.0.0.1:{crm.port}/sobjects/1", reader_token)
-    assert r.status_code == 400, r.text
-    body = r.json()
-    assert body["reasons"] == ["cleartext-credential"] and "'crm'" in body["detail"]
-    assert body["action"] == "test.item.read"  # classified, refused before policy (no approval asked for nothing)
-    assert crm.received() == []
+    """`hosts: [crm.example.test]` covers every port of the host, and the agent picks the scheme:
+    plain HTTP there would carry the connector's bearer unencrypted (think `http://api.openai.com/`).
+    Refused before anything is dialled (so the name need not resolve); the same connector naming the
+    host:port gets it, and so does a loopback upstream (its bytes never reach a network)."""
+    p = proctor_factory(extra_connectors=[crm_connector(["crm.example.test", "127.0.0.1", "localhost"])],
+                        env={"CRM_TOKEN": SECRET})
+    for port in (80, crm.port):
+        r = get(p, f"http://crm.example.test:{port}/sobjects/1", reader_token)
+        assert r.status_code == 400, r.text
+        body = r.json()
+        assert body["reasons"] == ["cleartext-credential"] and "'crm'" in body["detail"]
+        assert "https://crm.example.test/" in body["detail"]
+        assert body["action"] == "test.item.read"  # classified, refused before policy (no approval asked for nothing)
     # tunnelled plain HTTP to the same host:port: refused alike
-    out = tunnelled(p, reader_token, "127.0.0.1", crm.port,
-                    b"GET /sobjects/2 HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % crm.port)
+    out = tunnelled(p, reader_token, "crm.example.test", 80,
+                    b"GET /sobjects/2 HTTP/1.1\r\nHost: crm.example.test\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400") and b"cleartext-credential" in out, out[:300]
-    assert crm.received() == []
+    assert SECRET not in p.log() + json.dumps(p.decisions())
+    # loopback, listed without a port: the credential goes (it never leaves this machine)
+    for host in ("127.0.0.1", "localhost"):
+        r = get(p, f"http://{host}:{crm.port}/sobjects/3", reader_token)
+        assert r.status_code == 200, r.text
+        assert crm.headers_of(crm.last())["authorization"] == f"Bearer {SECRET}"
+    assert len(crm.received()) == 2
     p.stop()
     explicit = proctor_factory(extra_connectors=[crm_connector([f"127.0.0.1:{crm.port}"])], env={"CRM_TOKEN": SECRET})
     r = get(explicit, f"http://127.0.0.1:{crm.port}/sobjects/1", reader_token)
     assert r.status_code == 200, r.text
     assert crm.headers_of(crm.last())["authorization"] == f"Bearer {SECRET}"
+
+
+def test_only_loopback_is_exempt_from_the_cleartext_rule():
+    from proxy.connectors.stages import _loopback
+
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "::ffff:127.0.0.1", "localhost", "LOCALHOST."):
+        assert _loopback(host), host
+    for host in ("10.0.0.1", "192.0.2.2", "::2", "0.0.0.0", "localhost.evil.test", "api.openai.com", "127.0.0.1.nip.io"):
+        assert not _loopback(host), host
