@@ -147,10 +147,10 @@ def test_lower_case_only_proxy_variables_are_flagged_for_node(proctor, reader_to
     url = proctor.proxy_url_with("reader-bot", reader_token)
     env = {k: v for k, v in good_env(proctor, reader_token).items() if k not in ("HTTP_PROXY", "HTTPS_PROXY")}
     code, report = run_doctor(proctor, {**env, "http_proxy": url, "https_proxy": url})
-    assert code == 1
-    fails = of(report, "proxy", FAIL)
-    assert [f["fix"] for f in fails] == ["export HTTP_PROXY=$http_proxy", "export HTTPS_PROXY=$https_proxy"]
-    assert all("global-agent" in f["message"] for f in fails)
+    assert code == 0, report  # curl, Python and undici read the lower-case names: only Node's global-agent does not
+    warns = of(report, "proxy", WARN)
+    assert [f["fix"] for f in warns] == ["export HTTP_PROXY=$http_proxy", "export HTTPS_PROXY=$https_proxy"]
+    assert all("global-agent" in f["message"] for f in warns)
 
 
 def test_the_fix_for_missing_proxy_variables_runs_as_written():
