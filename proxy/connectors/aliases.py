@@ -10,7 +10,8 @@ generic `http.request` and reach the connector's upstream around its policies.
 So before a request is decided as generic egress, its host is resolved and its
 addresses compared with the connectors' addresses (loopback addresses, and the
 unspecified address, count as one: a server bound to 0.0.0.0 answers on all of
-them). A match is refused, naming the host the agent should use instead.
+them; so does this host's own address, a pod IP, which reaches a server bound to
+0.0.0.0 as well). A match is refused, naming the host the agent should use instead.
 
 Proctor's own listeners (forward, control, gateway, transparent) are checked the same way:
 generic egress to one of them (`http://localhost:<control port>/...`, a name resolving to
@@ -24,6 +25,7 @@ decision and the dial (rebinding) is not covered (see docs/security.md).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import time
 from collections.abc import Iterable
@@ -37,6 +39,22 @@ from .manifest import ConnectorManifest
 PROCTOR = ""  # the connector name Proctor's own listeners are recorded under (no manifest has it)
 RESOLVE_TTL_SECONDS = 30.0
 RESOLVE_TIMEOUT_SECONDS = 5.0
+
+
+LOOPBACK = "loopback"  # address_key of loopback and unspecified addresses
+
+
+def _this_hosts(ip: str) -> bool:
+    """Is `ip` one of this host's (network namespace's) own addresses? A UDP connect sends
+    nothing: it makes the kernel pick a source address, which for a local destination is the
+    destination itself (unlike a bind test, not fooled by ip_nonlocal_bind)."""
+    try:
+        addr = ipaddress.ip_address(ip)
+        with socket.socket(socket.AF_INET6 if addr.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((ip, 9))
+            return ipaddress.ip_address(str(s.getsockname()[0]).split("%")[0]) == addr
+    except (OSError, ValueError):
+        return False
 
 
 class AliasUnresolvable(Exception):
@@ -113,6 +131,7 @@ class ConnectorAliases:
         if not candidates:
             return None
         mine = await self._addresses(host)
+        local: bool | None = None  # does `host` name this host by one of its other addresses?
         for target in candidates:
             try:
                 theirs = await self._addresses(target.host)
@@ -120,4 +139,11 @@ class ConnectorAliases:
                 continue  # a connector host that does not resolve cannot be reached through it either
             if mine & theirs:
                 return Alias(target.connector, target.host, target.port)
+            if LOOPBACK in theirs:
+                # a listener on loopback or on every address (0.0.0.0: a container's usual choice)
+                # may answer on this host's own address too (a pod IP): the same listener
+                if local is None:
+                    local = any(_this_hosts(k) for k in mine if k != LOOPBACK)
+                if local:
+                    return Alias(target.connector, target.host, target.port)
         return None
