@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import time
@@ -105,30 +104,16 @@ class Classify(Stage):
                 ex.refuse(cleartext)
 
 
-def _loopback(host: str) -> bool:
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        addr = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
-
-
 def cleartext_credential(classifier: Classifier, req: AgentRequest, connector: str) -> Refusal | None:
     """A connector with `auth:` injects its credential: over plain HTTP it would cross the network
     in the clear, so that is refused unless one of the connector's host patterns names this
     host:port explicitly (the operator declared that endpoint, e.g. `127.0.0.1:9104`). A pattern
     without a port covers every port of the host, and the agent chooses the scheme:
     `http://api.openai.com/` is refused (use https://) rather than sending the key to port 80.
-    Loopback (127.0.0.0/8, ::1, `localhost`) is exempt: those bytes never reach a network, and a
-    local mock or sidecar upstream listed without a port keeps working."""
+    Loopback is not exempt: the agent shares it (in its pod, on a laptop), so a portless
+    `127.0.0.1` or `localhost` pattern would hand the credential to a listener of the agent's own."""
     if req.scheme != "http" or req.mode == "reverse":
         return None  # (gateway routes name their upstream's scheme themselves)
-    if _loopback(req.host):
-        return None
     manifest = next((c for c in classifier.connectors if c.name == connector), None)
     if manifest is None or manifest.auth is None:
         return None
