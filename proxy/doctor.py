@@ -160,9 +160,11 @@ def check_proxy_vars(env: Mapping[str, str]) -> list[Finding]:
     # ...and the Node recipe's global-agent (http/https modules) reads only the upper-case names.
     # A warning: curl, Python, Go and undici read the lower-case ones, so only a Node agent using
     # http/https is affected (the live Node check below fails for one that is).
+    # (global-agent 4.x never reads ALL_PROXY, and for https:// falls back to HTTP_PROXY)
     for lower in ("http_proxy", "https_proxy"):
         upper = lower.upper()
-        if lower in present and upper not in present and "ALL_PROXY" not in present:
+        covered = upper in present or (upper == "HTTPS_PROXY" and "HTTP_PROXY" in present)
+        if lower in present and not covered:
             out.append(Finding("proxy", WARN,
                                f"{lower} is set but {upper} is not: clients that read only the upper-case name "
                                "(Node's http/https modules through global-agent, as docs/agents.md#nodejs sets them "

@@ -581,3 +581,20 @@ def test_a_url_that_is_not_http_is_refused_before_any_probe(proctor, bad):
     assert report["findings"] == [{"check": "roundtrip", "status": FAIL,
                                    "message": f"--url {bad!r} is not an http:// or https:// URL with a host",
                                    "fix": "give --url a connector URL, e.g. https://erp.example.com/ping"}]
+
+
+def test_which_variables_the_node_recipes_global_agent_reads():
+    """global-agent 4.x reads HTTP_PROXY/HTTPS_PROXY only: never ALL_PROXY, and for https:// it
+    falls back to HTTP_PROXY. The lower-case-only warning follows exactly that (unit)."""
+    from proxy.doctor import check_proxy_vars
+
+    url = "http://bot:tok@127.0.0.1:8080"
+
+    def warned(env: dict[str, str]) -> list[str]:
+        return [f.fix for f in check_proxy_vars(env) if f.status == WARN and "global-agent" in f.message]
+
+    assert warned({"http_proxy": url, "https_proxy": url, "ALL_PROXY": url}) == [
+        "export HTTP_PROXY=$http_proxy", "export HTTPS_PROXY=$https_proxy"]
+    assert warned({"http_proxy": url, "https_proxy": url, "HTTP_PROXY": url}) == []
+    assert warned({"https_proxy": url, "HTTPS_PROXY": url, "http_proxy": url}) == ["export HTTP_PROXY=$http_proxy"]
+    assert warned({k: url for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")}) == []
