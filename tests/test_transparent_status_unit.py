@@ -45,7 +45,8 @@ WORKLOAD = "support-agent"
     ("GET", "/v1/approvals/a%2Fb/status", None),  # an encoded slash is no id
     ("GET", "/v1/approvals/..%2F..%2Fhealthz/status", None),
     ("GET", "//v1/approvals/apr_x/status", None),
-    ("GET", "http://127.0.0.1:8081/v1/approvals/apr_x/status", None),  # absolute form: not the status route
+    ("GET", "http://127.0.0.1:8081/v1/approvals/apr_x/status", None),  # (mitmproxy passes an absolute-form
+    # request's path alone, so that request IS answered as a status read; this string is never given)
     ("GET", "/healthz", None),
 ])
 def test_only_get_of_a_status_path_is_a_status_request(method, path, want):
