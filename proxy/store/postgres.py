@@ -447,6 +447,10 @@ class PostgresStore(Store):
     @property
     def location(self) -> str:
         parts = urlsplit(self._dsn)
+        if "@" in parts.path or "@" in parts.query or "@" in parts.fragment:
+            # a password with an unescaped '/', '?' or '#' ends the URL's authority early: what
+            # follows would print part of it as the path (the DSN must be percent-encoded anyway)
+            return "postgresql (address not shown: percent-encode the DSN's user and password)"
         try:
             port = parts.port or 5432
         except ValueError:
