@@ -161,9 +161,16 @@ def build_request_path(p: Parts) -> RequestPath:
     rate_limit = RateLimit(rl.table, rl.counters, groups_of, RateLimitMetrics(p.metrics.registry, [
         lim.name for lim in rl.table.limits]), sweep_interval_seconds=rl.sweep_interval_seconds) if rl else None
 
+    # the duplicate-work check (after the hold) answers a retry from the store; the budget check
+    # (before Cedar) asks it first, so a retry of a call that filled a budget is replayed, not
+    # held or refused for that call's spend (it stays after authorize: a replay needs the policy too)
+    idempotency = IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals),
+                                   duplicates) if p.store else None
+
     bg = p.budgets
     budget_report = BudgetReport(p.metrics.registry, bg.table.budgets, p.recorder.write, p.notifier) if bg else None
-    budget_check = BudgetCheck(bg.table, bg.ledger, groups_of, budget_report) if bg else None
+    budget_check = BudgetCheck(bg.table, bg.ledger, groups_of, budget_report,
+                               answered=idempotency.answers if idempotency else None) if bg else None
     budget_reserve = BudgetReserve(bg.ledger, bg.table.llm_prices, budget_report,
                                    sweep_interval_seconds=cfg.counters.sweep_interval_seconds) if bg else None
 
@@ -221,8 +228,7 @@ def build_request_path(p: Parts) -> RequestPath:
         hold,                                                      # deny -> hold
         WorkflowAdvance(p.store, workflow_metrics,                 # a person's part; on the way
                         lambda ex: ex.stage_data.get(RELEASED)) if workflows else None,  # back: the step
-        IdempotencyCheck(p.store, cfg.idempotency, _fingerprinter(p.approvals),
-                         duplicates) if p.store else None,  # replay/409/422
+        idempotency,                                               # replay/409/422 (the budget check asked first)
         IfMatch(p.store, cfg.concurrency, etag_paths,              # if_match writes: If-Match (last-seen ETag);
                 ConcurrencyMetrics(p.metrics.registry)) if p.store and etag_paths else None,  # upstream 412 -> 409
         budget_reserve,                                            # reserve the cost (429 if it no longer fits);

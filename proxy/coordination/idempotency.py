@@ -2,7 +2,9 @@
 
 Two stages, both thin over the store (docs/coordination.md, "Duplicate work"):
 
-- `IdempotencyCheck` runs after authorization and the approval hold. It answers a
+- `IdempotencyCheck` runs after authorization and the approval hold. (The budget check,
+  before authorization, asks it first whether the store holds the key (`answers`): such a
+  retry costs nothing, so a budget its first call filled neither refuses nor holds it.) It answers a
   retry from what the store already knows: the stored response replayed (a
   local reply marked `Idempotent-Replayed: true`), 409 while the first request
   is still in progress, 422 when the key was used for another request, 400 for
@@ -219,6 +221,21 @@ class IdempotencyCheck(Stage):
             digest = dedupe_key(cls, spec)
             subjects.append(Subject(dedupe_scope(cls), digest, digest, dedupe=spec))
         return subjects
+
+    async def answers(self, ex: Exchange) -> bool:
+        """Does the store already hold this write's key or dedupe key, so that this check will answer
+        it (replay, 409, 422) without forwarding it? Asked early by the budget check (a retry costs
+        nothing: it is not refused or held for the spend of its first call); read-only."""
+        if ex.approval_id is not None or ex.request is None:
+            return False
+        found = self._subjects(ex)
+        if isinstance(found, Refusal):
+            return False
+        now = time.time()
+        for subject in found:
+            if await self.store.get_idempotency(subject.scope, subject.key, now) is not None:
+                return True
+        return False
 
     async def on_request(self, ex: Exchange) -> None:
         if ex.approval_id is not None or ex.request is None:

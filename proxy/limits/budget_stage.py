@@ -12,6 +12,15 @@ reserve refuses it, after that check, so a retry of a call already charged is re
 `on_exceed: hold`, `context.budget.exceeded` is true and the bundled policy
 `budget-extension` (policies/budgets.cedar, `@approval`) holds the call for a person.
 
+A call over a budget that the duplicate-work store will answer (its Idempotency-Key or
+dedupe key is already held: a replay, or a 409/422 without forwarding) costs nothing:
+`BudgetCheck` asks the store (`answered`, only for such a write over a budget) and then
+counts it as free (`context.budget.exceeded` false, `estimated_cost` 0), so it is neither
+refused nor held for the spend its first call already made. Cedar still decides it, and
+everything before the check (authentication, kill switches) still applies. Should the
+entry be gone by the time the duplicate check looks (released, lapsed), the reserve
+still reserves the real estimate atomically and refuses it when it no longer fits.
+
 `BudgetReserve` runs late, after every refusal a policy, a claim or a duplicate check
 can give, and reserves the estimate, atomically (spend + reserved + estimate <= limit
 in the ledger itself, so concurrent calls on any replica never overspend). A call
@@ -33,7 +42,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation, localcontext
 from typing import Any
@@ -83,6 +92,9 @@ class Check:
     estimate: Decimal
     usage: BudgetUsage | None  # None: the ledger could not answer (fail-open budgets only)
     outcome: str = "reserved"
+    # the duplicate-work store answers this call (replay, 409, 422): it costs nothing unless it
+    # is forwarded after all (the entry released meanwhile), when the reserve takes `estimate`
+    duplicate: bool = False
     reservation: str | None = None
     actual: Decimal | None = None
     result: str | None = None  # settled | released | late
@@ -98,13 +110,19 @@ class Check:
         return u.spent + u.reserved if u is not None else Decimal(0)
 
     @property
+    def cost(self) -> Decimal:
+        """What this call would add to the window as decided: nothing when it is a duplicate."""
+        return Decimal(0) if self.duplicate else self.estimate
+
+    @property
     def exceeded(self) -> bool:
-        # (a free call never exceeds: a window already over its limit still serves a model list)
-        return self.usage is not None and self.estimate > 0 and self.committed + self.estimate > self.budget.limit
+        # (a free call never exceeds: a window already over its limit still serves a model list,
+        # and neither does a duplicate the store answers: it gets its replay)
+        return (self.usage is not None and self.cost > 0 and self.committed + self.cost > self.budget.limit)
 
     def headroom(self) -> Decimal:
         """The fraction of the limit left once this call is reserved (lower is tighter)."""
-        return (self.budget.limit - self.committed - self.estimate) / self.budget.limit
+        return (self.budget.limit - self.committed - self.cost) / self.budget.limit
 
     def rank(self) -> tuple[bool, bool, bool, Decimal, str]:
         return (self.budget.shadow, not self.exceeded, self.usage is None, self.headroom(), self.budget.name)
@@ -323,10 +341,10 @@ def budget_context(c: Check) -> dict[str, Any]:
         "spent": cedar_decimal(spent, ROUND_CEILING),
         "reserved": cedar_decimal(reserved, ROUND_CEILING),
         "remaining": cedar_decimal(left if left > 0 else Decimal(0), ROUND_FLOOR),
-        "estimated_cost": cedar_decimal(c.estimate, ROUND_CEILING),
+        "estimated_cost": cedar_decimal(c.cost, ROUND_CEILING),
         "used_percent": min(int(_exact(lambda: committed * 100 / b.limit)), 10**9),
         "exceeded": c.exceeded,
-        "soft_reached": soft is not None and u is not None and committed + c.estimate >= soft * b.limit,
+        "soft_reached": soft is not None and u is not None and committed + c.cost >= soft * b.limit,
         "on_exceed": b.on_exceed,
         "shadow": b.shadow,
         "known": u is not None,
@@ -391,12 +409,14 @@ class BudgetCheck(Stage):
     name = "budget"
 
     def __init__(self, table: BudgetTable, ledger: BudgetLedger, groups_of: GroupsOf,
-                 observer: BudgetObserver | None = None, clock: Callable[[], float] = time.time) -> None:
+                 observer: BudgetObserver | None = None, clock: Callable[[], float] = time.time,
+                 answered: Answered | None = None) -> None:
         self.table = table
         self.ledger = ledger
         self.groups_of = groups_of
         self.report = _Reporting(observer or NoBudgetObserver())
         self.clock = clock
+        self.answered = answered  # the duplicate-work store: does it answer this write (IdempotencyCheck.answers)?
 
     async def on_request(self, ex: Exchange) -> None:
         cls, identity, req = ex.classification, ex.identity, ex.request
@@ -452,6 +472,14 @@ class BudgetCheck(Stage):
                         c.outcome = "held"  # (until the policy holds it, or an approval releases it)
             if refusal is not None:
                 break
+        if (refusal is None and self.answered is not None and _may_be_replayed(ex)
+                and any(c.outcome in ("exhausted", "held") for c in checks) and await self.answered(ex)):
+            # a retry the duplicate-work check answers from its first call (replay, 409, 422): free,
+            # so neither refused nor held for the spend that first call made (Cedar still decides it)
+            for c in checks:
+                c.duplicate = True
+                if c.outcome in ("exhausted", "held", "shadow_exhausted"):
+                    c.outcome = "reserved"
         if checks:
             ex.stage_data[CHECKS] = checks
             ex.stage_data[BUDGET_RECORD] = record_part(checks)
@@ -478,6 +506,9 @@ class BudgetCheck(Stage):
             if c.outcome == "held" and c.reservation is None and c.usage is not None:
                 self.report.observer.checked(c.budget.name, "held")
                 self.report.event("exhausted", c, ex, "held", c.usage.spent, c.usage.reserved)
+
+
+Answered = Callable[[Exchange], Awaitable[bool]]
 
 
 def _may_be_replayed(ex: Exchange) -> bool:
