@@ -19,7 +19,9 @@ counts it as free (`context.budget.exceeded` false, `estimated_cost` 0), so it i
 refused nor held for the spend its first call already made. Cedar still decides it, and
 everything before the check (authentication, kill switches) still applies. Should the
 entry be gone by the time the duplicate check looks (released, lapsed), the reserve
-still reserves the real estimate atomically and refuses it when it no longer fits.
+refuses it (429, `retry_refusal`): it was decided as free, so it is not forwarded on that
+decision; its retry is decided afresh. (One an approval released skips the duplicate check:
+a person saw it; it reserves the real estimate atomically.)
 
 `BudgetReserve` runs late, after every refusal a policy, a claim or a duplicate check
 can give, and reserves the estimate, atomically (spend + reserved + estimate <= limit
@@ -93,8 +95,10 @@ class Check:
     usage: BudgetUsage | None  # None: the ledger could not answer (fail-open budgets only)
     outcome: str = "reserved"
     # the duplicate-work store answers this call (replay, 409, 422): it costs nothing unless it
-    # is forwarded after all (the entry released meanwhile), when the reserve takes `estimate`
+    # reaches the reserve after all (the entry released meanwhile): refused there, or, released by an
+    # approval, it reserves `estimate`
     duplicate: bool = False
+    over: str | None = None  # a duplicate's outcome before it was counted free (exhausted | held)
     reservation: str | None = None
     actual: Decimal | None = None
     result: str | None = None  # settled | released | late
@@ -306,6 +310,26 @@ def exhausted_refusal(c: Check, agent: str, now: float, held_before: bool = Fals
     )
 
 
+def retry_refusal(c: Check, agent: str) -> Refusal:
+    """429 for a call decided as a free retry whose earlier request's key was gone before the
+    duplicate check could answer it: send it again, to be decided as the new call it is."""
+    b = c.budget
+    detail = (f"this request was decided as a retry of an earlier request with the same Idempotency-Key (or "
+              f"dedupe key), which costs nothing, but that request's key was released before it could be "
+              f"answered (the earlier request failed or lapsed). As a new call {agent} would spend "
+              f"{_money(c.estimate, b.currency)} against budget '{b.name}' {_key_text(c.shown)}, which was over "
+              f"its limit of {_money(b.limit, b.currency)} when decided. This request was not forwarded; send it "
+              f"again to have it decided as a new call"
+              + (" (held for a person while the budget is over)." if b.on_exceed == "hold" else "."))
+    return Refusal(
+        429, "Budget exhausted", detail, reasons=[f"budget:{b.name}"], headers={"Retry-After": "1"},
+        kind=EXHAUSTED_KIND,
+        extra={"budget": {"name": b.name, "currency": b.currency, "limit": amount_text(b.limit),
+                          "estimated_cost": amount_text(c.estimate), "window": c.window.id,
+                          "key": dict(c.shown), "retry_after": 1, "retry_released": True}},
+    )
+
+
 def unavailable_refusal(b: Budget, backend: str) -> Refusal:
     return Refusal(
         503, "Budget unavailable",
@@ -478,6 +502,8 @@ class BudgetCheck(Stage):
             # so neither refused nor held for the spend that first call made (Cedar still decides it)
             for c in checks:
                 c.duplicate = True
+                if c.outcome in ("exhausted", "held"):
+                    c.over = c.outcome
                 if c.outcome in ("exhausted", "held", "shadow_exhausted"):
                     c.outcome = "reserved"
         if checks:
@@ -554,6 +580,20 @@ class BudgetReserve(Stage):
         extension = _extension_approved(ex)
         now = self.clock()
         obs = self.report.observer
+        over = [c for c in checks if c.duplicate and c.over is not None]
+        if over and ex.approval_id is None:
+            # Decided as a retry the duplicate-work store answers (free: neither refused nor held
+            # for a person), yet the store did not answer it: its key was released or lapsed
+            # meanwhile (the first request failed). It was never decided as the new call over the
+            # budget it is, so it is not forwarded on that decision, even where the spend released
+            # meanwhile would let it fit; its retry is decided afresh. (A call an approval released
+            # skips the duplicate check; a person saw it: it reserves its real estimate below.)
+            for c in over:
+                c.outcome = c.over or "exhausted"
+                obs.checked(c.budget.name, c.outcome)
+            ex.stage_data[BUDGET_RECORD] = record_part(checks)
+            ex.refuse(retry_refusal(over[0], identity.agent_id))
+            return
         refusal: Refusal | None = None
         for i, c in enumerate(checks):
             b = c.budget
