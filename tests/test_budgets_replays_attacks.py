@@ -11,19 +11,24 @@ forwarded; a key used for another URL is 422; nothing is forwarded uncharged."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import Proctor, wait_for
-from test_budgets import _port, billing, buyer, monthly  # noqa: F401
+from conftest import DATA, Proctor, start_proctor, wait_for
+from test_budgets import BILLING_POLICIES, _port, billing, billing_connector, buyer, monthly  # noqa: F401
 from test_budgets_attacks import spent_and_reserved
 from test_budgets_replays import ASYNC_APPROVALS, forwarded, gw, pending, replayed
+from test_store import PG_DSN, PG_SKIP, _pg_admin
 
 pytestmark = pytest.mark.integration
 
@@ -160,3 +165,104 @@ def test_a_key_in_progress_is_409_over_the_budget_and_charged_once_its_first_cal
     over_budget(via_proxy(p, token, port, "/charges/acme", body, key), on_exceed)
     assert len(handler.received) == 1
     assert spent_and_reserved(p, idp, "po-monthly") == ("45", "0")
+
+
+@pytest.fixture
+def dedupe_billing(tmp_path, idp, pki, upstream, upstream_tls):
+    """The billing connector with one more route: orders, deduplicated on account and amount
+    whoever sends them (a dedupe window), charged their amount."""
+    policies = tmp_path / "policies-src"
+    shutil.copytree(DATA / "policies", policies)
+    (policies / "billing.cedar").write_text(BILLING_POLICIES)
+    shutil.copy(Path(__file__).resolve().parents[1] / "policies" / "budgets.cedar", policies / "budgets.cedar")
+    conn = billing_connector(upstream.port)
+    conn["routes"].append(
+        {"method": "POST", "path": "/orders/{account}", "action": "test.charge.create",
+         "resource": {"type": "Charge", "id": "new"}, "params": {"account": {"type": "string"}},
+         "body": {"amount": {"path": "amount", "type": "decimal"}}, "cost": {"field": "amount"},
+         "dedupe": {"key": ["account", "amount"], "window_seconds": 120, "answer": "conflict"}})
+    started: list[Proctor] = []
+
+    def make(*budgets: dict, **overrides) -> Proctor:
+        p = start_proctor(tmp_path / f"d{len(started)}", idp, pki, upstream, upstream_tls,
+                          {"budgets": list(budgets), **overrides}, policies_src=policies, extra_connectors=[conn])
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        p.stop()
+
+
+def order(p: Proctor, token: str, agent: str, port: int, amount: int, marker: str) -> httpx.Response:
+    with httpx.Client(proxy=p.proxy_url_with(agent, token), timeout=30) as c:
+        return c.post(f"http://127.0.0.1:{port}/orders/acme", json={"amount": amount, "marker": marker})
+
+
+@pytest.mark.parametrize("on_exceed", ["hold", "refuse"])
+def test_a_dedupe_window_answers_another_agent_over_the_budget_but_never_forwards(dedupe_billing, idp, upstream,
+                                                                                   on_exceed) -> None:
+    """A dedupe window is shared by every agent: another agent's equivalent order over the (group)
+    budget is the 409 duplicate, free and not forwarded; an order that differs in a deduplicated
+    value is a new call, held or refused."""
+    p = dedupe_billing(monthly(limit="50", on_exceed=on_exceed, key=["group"]), approvals=ASYNC_APPROVALS)
+    a, b = buyer(idp), buyer(idp, agent="buy-bot-2")
+    m1, m2, m3 = (uuid.uuid4().hex for _ in range(3))
+    first = order(p, a, "buy-bot", upstream.port, 50, m1)
+    assert first.status_code == 200, first.text
+    dup = order(p, b, "buy-bot-2", upstream.port, 50, m2)  # (another body: only account and amount count)
+    assert dup.status_code == 409 and dup.json()["title"] == "Duplicate request", dup.text
+    assert pending(p, idp) == []
+    over_budget(order(p, b, "buy-bot-2", upstream.port, 49, m3), on_exceed)
+    assert forwarded(upstream, m1) == 1 and forwarded(upstream, m2) == 0 and forwarded(upstream, m3) == 0
+    assert spent_and_reserved(p, idp, "po-monthly") == ("50", "0")
+
+
+@pytest.mark.skipif(not PG_DSN, reason=PG_SKIP)
+@pytest.mark.parametrize("on_exceed", ["hold", "refuse"])
+def test_concurrent_retries_on_two_replicas_after_the_first_call_failed(billing, idp, upstream, slow_upstream,
+                                                                          on_exceed) -> None:
+    """Two replicas on one PostgreSQL store: while the first call of a key is in progress, retries on
+    both are 409; once it failed upstream, concurrent retries on both replicas (room for one) forward
+    it exactly once, charged once; the rest are answered from the store, never forwarded again."""
+    port, handler = slow_upstream
+    schema = "proctor_rpa_" + uuid.uuid4().hex[:12]
+    sep = "&" if "?" in PG_DSN else "?"
+    env = {"PROCTOR_TEST_BG_STORE": f"{PG_DSN}{sep}schema={schema}"}
+    try:
+        common = {"env": env, "store": {"url_env": "PROCTOR_TEST_BG_STORE"}, "approvals": ASYNC_APPROVALS,
+                  "more_ports": (port,)}
+        r1 = billing(monthly(limit="50", on_exceed=on_exceed), name="r1", **common)
+        r2 = billing(monthly(limit="50", on_exceed=on_exceed), name="r2", **common)
+        token = buyer(idp)
+        assert via_proxy(r1, token, upstream.port, "/charges/acme", {"amount": 40, "marker": uuid.uuid4().hex},
+                         "a-" + uuid.uuid4().hex).status_code == 200
+        key, marker = "pg-" + uuid.uuid4().hex, uuid.uuid4().hex
+        body = {"amount": 10, "marker": marker}
+        results: list[httpx.Response] = []
+        first = threading.Thread(target=lambda: results.append(via_proxy(r1, token, port, "/charges/acme", body,
+                                                                         key)))
+        first.start()
+        try:
+            wait_for(lambda: len(handler.received) == 1, timeout=10, what="the first call at the slow upstream")
+            with ThreadPoolExecutor(6) as pool:
+                during = list(pool.map(lambda i: via_proxy((r1, r2)[i % 2], token, port, "/charges/acme", body,
+                                                           key), range(6)))
+            assert [r.status_code for r in during] == [409] * 6, [(r.status_code, r.text) for r in during]
+        finally:
+            first.join(20)
+        assert results and results[0].status_code == 500
+        assert spent_and_reserved(r1, idp, "po-monthly") == ("40", "0") and pending(r1, idp) == []
+        handler.delay, handler.status = 0.5, 200  # the upstream recovers
+        with ThreadPoolExecutor(6) as pool:
+            after = list(pool.map(lambda i: via_proxy((r1, r2)[i % 2], token, port, "/charges/acme", body, key),
+                                  range(6)))
+        # (the others: 409 in progress or a replay once the store holds the key; before it does, a
+        # new call over the budget - held or refused - or one that lost the reservation race: 429)
+        codes = sorted(r.status_code for r in after)
+        assert set(codes) <= {200, 409, 429, OVER[on_exceed]}, [(r.status_code, r.text) for r in after]
+        assert sum(1 for r in after if r.status_code == 200 and r.headers.get("Idempotent-Replayed") is None) == 1
+        assert len(handler.received) == 2  # the failed first call and exactly one retry
+        wait_for(lambda: spent_and_reserved(r1, idp, "po-monthly") == ("50", "0"), timeout=10, what="50 spent")
+    finally:
+        asyncio.run(_pg_admin(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
