@@ -266,3 +266,31 @@ def test_concurrent_retries_on_two_replicas_after_the_first_call_failed(billing,
         wait_for(lambda: spent_and_reserved(r1, idp, "po-monthly") == ("50", "0"), timeout=10, what="50 spent")
     finally:
         asyncio.run(_pg_admin(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+
+
+def test_a_retry_after_an_approval_released_the_call_is_not_forwarded_again(billing, idp, upstream) -> None:
+    """A call over a hold budget, released once by a person's extension: its retries (same key and
+    body) are not forwarded again and not charged again; a GET carrying a key is no write at all."""
+    p = billing(monthly(limit="50", on_exceed="hold"), approvals=ASYNC_APPROVALS)
+    token = buyer(idp)
+    key, marker = "ext-" + uuid.uuid4().hex, uuid.uuid4().hex
+    held = gw(p, token, 60, key, marker)
+    assert held.status_code == 202, held.text
+    approver = idp.token("fiona", aud="proctor-approvers", approval_groups=["budget-approvers"], ttl=600)
+    r = httpx.post(f"{p.control_url}/v1/approvals/{held.json()['approval_id']}/approve", json={"reason": "once"},
+                   headers={"Authorization": f"Bearer {approver}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    released = gw(p, token, 60, key, marker)
+    assert released.status_code == 200, released.text
+    assert spent_and_reserved(p, idp, "po-monthly") == ("60", "0")
+    for _ in range(2):
+        again = gw(p, token, 60, key, marker)  # (the approval released one request: 409 already forwarded)
+        assert again.status_code == 409 and again.json()["title"] == "Already forwarded", again.text
+    assert forwarded(upstream, marker) == 1
+    assert spent_and_reserved(p, idp, "po-monthly") == ("60", "0")
+    assert pending(p, idp) == []
+    # a GET with a key is not a write: nothing for the store to answer, the route is not budgeted
+    g = httpx.get(f"{p.gateway_url}/svc/charges/acme", headers={"Authorization": f"Bearer {token}",
+                                                                  "Idempotency-Key": key}, timeout=30)
+    assert g.status_code == 403 and g.headers.get("Idempotent-Replayed") is None, g.text  # (no route: egress)
+    assert spent_and_reserved(p, idp, "po-monthly") == ("60", "0")
