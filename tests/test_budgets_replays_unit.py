@@ -1,8 +1,9 @@
 """The budget check asks the duplicate-work store about a write over a budget (docs/limits.md,
 "Reserve, settle, release"), without processes: the store is asked only for a write that has
 a key and is over a budget; a retry the store answers is free in context.budget; and should
-the key be gone before the duplicate check looks again (released, lapsed), the reserve still
-takes the real estimate atomically and refuses it: a retry never spends over a budget.
+the key be gone before the duplicate check looks again (released, lapsed), the reserve refuses
+it (429: it was decided as free, so no hold policy saw its cost; its retry is decided afresh):
+a retry never spends over a budget (tests/test_budgets_replays_race.py).
 (End to end, on both gateway engines: tests/test_budgets_replays.py.)"""
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def test_a_retry_the_store_answers_is_free_but_a_released_key_never_spends_over(
     assert ctx["exceeded"] is False and ctx["estimated_cost"] == {"__extn": {"fn": "decimal", "arg": "0.0"}}
     assert ex.refusal is None and ex.stage_data[BUDGET_RECORD]["outcome"] == "reserved"
     assert ex.stage_data[BUDGET_RECORD]["estimate"] == "100"  # (what it would cost, if forwarded after all)
-    # nothing answered it after all (the key was released meanwhile): the reserve takes the real estimate
+    # nothing answered it after all (the key was released meanwhile): the reserve refuses it
     ex = env.call(keyed("100"))
     assert ex.refusal is not None and ex.refusal.status == 429 and ex.refusal.kind == "budget-exhausted"
     assert env.spent() == (Decimal(100), Decimal(0))
