@@ -77,8 +77,10 @@ class _RefuseConnection(layer.Layer):
         self.reply = reply
 
     def _handle_event(self, event):
-        if self.reply:
-            yield commands.SendData(self.context.client, self.reply)
+        # once: later events (the bytes replayed by NextLayer, the close) must not send it again
+        reply, self.reply = self.reply, b""
+        if reply:
+            yield commands.SendData(self.context.client, reply)
         yield commands.CloseConnection(self.context.client)
 
 
@@ -427,11 +429,15 @@ class ProctorAddon:
         refusal: tuple[int, str, str, str, list[str]] | None = None
         # the status address takes plain HTTP/1 (its requests are answered or refused one by one)
         status_address = guard is not None and guard.is_status_address(dst)
-        if first and (guard is None or guard.loops(dst) or status_address) and not (
-                status_address and isinstance(chosen, layers.HttpLayer)):
-            refusal = (508, "Loop refused",
-                       f"this connection was addressed to Proctor itself ({where}); it was closed, not looped: "
-                       "address the service you want to reach", "loop", ["transparent-loop"])
+        loop = (508, "Loop refused",
+                f"this connection was addressed to Proctor itself ({where}); it was closed, not looped: "
+                "address the service you want to reach", "loop", ["transparent-loop"])
+        if first and status_address and isinstance(chosen, layers.HttpLayer):
+            if admit_plain_http(nextlayer, chosen, True):
+                return True  # an HTTP/1 request line (or its beginning): its requests are decided one by one
+            refusal = loop  # anything else there (an HTTP/2 preface...) is Proctor's own port too
+        elif first and (guard is None or guard.loops(dst) or status_address):
+            refusal = loop
         elif first and guard is not None and guard.needs_tls(dst) and not isinstance(chosen, layers.ServerTLSLayer):
             refusal = (403, "Uninspectable traffic refused",
                        f"port {dst[1] if dst else '?'} carries TLS only (transparent.tls_ports): the connection to "
