@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import httpx
 import pytest
 import requests
@@ -78,13 +81,20 @@ def test_a_token_file_pointing_at_another_secret_echoes_none_of_it(proctor_facto
                 "eyJpc3MiOiAiaHR0cHM6Ly9pZHAudGVzdCIsICJzZWNyZXQiOiAiUEFZTE9BRC1TRUNSRVQifQ"]
     good = tmp_path / "good-token"
     good.write_text(idp.token("support-agent", ttl=600))
+    def point_at(target: Path) -> None:
+        # swapped atomically (a rename, as the kubelet swaps ..data): an unlink then a symlink
+        # let Proctor read a missing file in between, and report that instead
+        tmp = token_file.with_name("token.next")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        os.replace(tmp, token_file)
+
     for target, why in ((ca_key, "whitespace"), (one_liner, "not a well-formed JWT"), (jwt_like, "is not accepted")):
-        token_file.unlink()
-        token_file.symlink_to(good)  # (a good token between two bad ones: each refusal is its own)
+        point_at(good)  # (a good token between two bad ones: each refusal is its own)
         wait_for(lambda: httpx.get(f"{control}/readyz").status_code == 200, what="ready")
-        token_file.unlink()
-        token_file.symlink_to(target)
-        wait_for(lambda: httpx.get(f"{control}/readyz").status_code == 503, what=f"not ready with {target.name}")
+        point_at(target)
+        wait_for(lambda why=why: (r := httpx.get(f"{control}/readyz")).status_code == 503 and why in r.text,
+                 what=f"not ready with {target.name}")
         ready = httpx.get(f"{control}/readyz").text
         health = httpx.get(f"{control}/healthz").text
         metrics = httpx.get(f"{control}/metrics").text
